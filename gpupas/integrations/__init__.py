@@ -1,0 +1,1 @@
+"""Adapters from framework objects (torch, safetensors) to NumPy tensor dicts and back."""

@@ -1,0 +1,85 @@
+"""Read and write safetensors files as NumPy dicts (bfloat16 and float8 included), no torch needed.
+
+The format is an 8-byte little-endian header length, a JSON header, then raw little-endian data.
+Reading never executes code and checks every offset against the file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from collections.abc import Mapping
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+
+from gpupas.errors import InvalidInputError, UnsupportedDtypeError
+
+_DTYPES: dict[str, Any] = {
+    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+    "F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2,
+    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8,
+    "U64": np.uint64, "U32": np.uint32, "U16": np.uint16, "U8": np.uint8, "BOOL": np.bool_,
+}
+_CODES = {np.dtype(t).name: code for code, t in _DTYPES.items()}
+
+
+def load_file(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
+    """Tensors of a safetensors file; InvalidInputError names the file if it is damaged."""
+    path = os.fspath(path)
+    with open(path, "rb") as f:
+        data = f.read()
+    bad = f"{path} is not a valid safetensors file"
+    if len(data) < 8:
+        raise InvalidInputError(f"{bad}: it is shorter than its 8-byte header length")
+    (n,) = struct.unpack("<Q", data[:8])
+    if n > len(data) - 8:
+        raise InvalidInputError(f"{bad}: header length {n} runs past the end of the file")
+    try:
+        header = json.loads(data[8 : 8 + n])
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InvalidInputError(f"{bad}: header is not JSON ({exc})") from None
+    if not isinstance(header, dict):
+        raise InvalidInputError(f"{bad}: header is not a JSON object")
+    body = memoryview(data)[8 + n :]
+    out = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype = np.dtype(_DTYPES[info["dtype"]])
+            shape = tuple(int(s) for s in info["shape"])
+            start, end = (int(o) for o in info["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise InvalidInputError(f"{bad}: entry {name!r} has a bad dtype, shape or offsets") from None
+        count = int(np.prod(shape, dtype=np.int64))
+        if min(shape, default=0) < 0 or not 0 <= start <= end <= len(body) or end - start != count * dtype.itemsize:
+            raise InvalidInputError(f"{bad}: tensor {name!r} does not fit its offsets (truncated file?)")
+        out[name] = np.frombuffer(body[start:end], dtype=dtype).reshape(shape).copy()
+    return out
+
+
+def save_file(tensors: Mapping[str, np.ndarray], path: str | os.PathLike[str],
+              metadata: Mapping[str, str] | None = None) -> None:
+    """Write NumPy tensors to a safetensors file (readable by the safetensors library)."""
+    header: dict[str, Any] = {"__metadata__": dict(metadata)} if metadata else {}
+    blobs, offset = [], 0
+    for name, arr in tensors.items():
+        arr = np.ascontiguousarray(arr)
+        if arr.dtype.name not in _CODES:
+            raise UnsupportedDtypeError(f"tensor {name!r}: safetensors has no dtype {arr.dtype.name}")
+        raw = arr.astype(arr.dtype.newbyteorder("<"), copy=False).tobytes()
+        header[name] = {"dtype": _CODES[arr.dtype.name], "shape": list(arr.shape),
+                        "data_offsets": [offset, offset + len(raw)]}
+        blobs.append(raw)
+        offset += len(raw)
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)
+    tmp = f"{os.fspath(path)}.tmp"
+    with open(tmp, "wb") as f:
+        f.write(struct.pack("<Q", len(head)) + head)
+        for b in blobs:
+            f.write(b)
+    os.replace(tmp, path)

@@ -1,0 +1,67 @@
+"""PyTorch tensors <-> NumPy arrays with the same bits (bfloat16 and float8 included)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+
+from gpupas.errors import BackendUnavailableError, UnsupportedDtypeError
+
+
+def _torch() -> Any:
+    try:
+        import torch
+    except ImportError as exc:
+        raise BackendUnavailableError("torch is not installed: pip install 'gpupas[torch]'") from exc
+    return torch
+
+
+def _views() -> dict[Any, tuple[Any, Any]]:
+    torch = _torch()
+    return {
+        torch.bfloat16: (torch.int16, ml_dtypes.bfloat16),
+        torch.float8_e4m3fn: (torch.uint8, ml_dtypes.float8_e4m3fn),
+        torch.float8_e5m2: (torch.uint8, ml_dtypes.float8_e5m2),
+    }
+
+
+def is_torch_tensor(obj: Any) -> bool:
+    """True for a torch.Tensor, without importing torch when it is not loaded."""
+    return type(obj).__module__.startswith("torch") and hasattr(obj, "detach")
+
+
+def tensor_to_numpy(t: Any) -> np.ndarray:
+    """A NumPy copy of a torch tensor (any device) with identical bits."""
+    t = t.detach().cpu().contiguous()
+    views = _views()
+    if t.dtype in views:
+        carrier, np_dtype = views[t.dtype]
+        return t.view(carrier).numpy().view(np_dtype).copy()
+    try:
+        return t.numpy().copy()
+    except TypeError as exc:
+        raise UnsupportedDtypeError(f"torch dtype {t.dtype} cannot be archived: {exc}") from None
+
+
+def numpy_to_tensor(a: np.ndarray) -> Any:
+    """A torch tensor with the bits of NumPy array ``a``."""
+    torch = _torch()
+    a = np.ascontiguousarray(a)
+    for tdtype, (carrier, np_dtype) in _views().items():
+        if a.dtype == np.dtype(np_dtype):
+            holder = np.dtype(torch.empty(0, dtype=carrier).numpy().dtype)
+            return torch.from_numpy(a.view(holder).copy()).view(tdtype)
+    return torch.from_numpy(a.copy())
+
+
+def state_dict_to_numpy(state: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """A torch state_dict as NumPy arrays (non-tensor entries are rejected by the caller)."""
+    return {k: tensor_to_numpy(v) if is_torch_tensor(v) else v for k, v in state.items()}
+
+
+def numpy_to_state_dict(arrays: Mapping[str, np.ndarray]) -> dict[str, Any]:
+    """NumPy arrays as a torch state_dict."""
+    return {k: numpy_to_tensor(v) for k, v in arrays.items()}

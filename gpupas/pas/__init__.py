@@ -1,0 +1,1 @@
+"""Parameter archival storage: byte planes, deltas, context split, chunk codecs, Zarr layout."""

@@ -1,0 +1,159 @@
+"""Chunk coders: standard formats only, each chunk checksummed (CRC32C, as Zarr's codec).
+
+Two stored kinds, one Zarr array each:
+- ``zstd``: a Zstandard frame (a real coder's frame, or one of raw blocks for bytes that will
+  not shrink, built here without running a coder);
+- ``deflate``: a gzip member of Huffman-only (or LZ) Deflate, the stream nvCOMP writes with
+  ``algorithm_type=0`` wrapped in the gzip header and trailer.
+Group boundaries inside a chunk end a block, so each group is coded with tables of its own.
+"""
+
+from __future__ import annotations
+
+import struct
+import threading
+import zlib
+from collections.abc import Sequence
+
+import google_crc32c
+import numpy as np
+import zstandard
+
+from gpupas.errors import IntegrityError
+from gpupas.pas.context import entropy
+from gpupas.pas.settings import Setting
+
+try:  # ISA-L inflates the same streams 2-3x faster than zlib; optional
+    from isal import isal_zlib as _inflater
+except ImportError:  # pragma: no cover - depends on the environment
+    _inflater = zlib
+
+CHUNK_SIZE = 1 << 18
+KINDS = ("zstd", "deflate")
+RAW_ABOVE = 0.97  # store a chunk raw when the coder could not save more than 3%
+SKEWED_BELOW = 1.6  # bits/byte under which Huffman's 1-bit floor loses to zstd's runs
+_ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+_ZSTD_BLOCK = 1 << 17
+_local = threading.local()
+
+
+def _zstd(level: int) -> zstandard.ZstdCompressor:
+    cache = _local.__dict__.setdefault("zstd", {})
+    if level not in cache:
+        params = zstandard.ZstdCompressionParameters.from_level(
+            level, min_match=7 if level <= 3 else 0, write_content_size=True
+        )
+        cache[level] = zstandard.ZstdCompressor(compression_params=params)
+    return cache[level]
+
+
+def _pieces(data: memoryview, bounds: Sequence[int]) -> list[memoryview]:
+    edges = [0, *bounds, len(data)]
+    return [data[a:b] for a, b in zip(edges, edges[1:]) if b > a]
+
+
+def code_zstd(data: memoryview, bounds: Sequence[int], size: int, level: int) -> bytes:
+    """A Zstandard frame of ``data`` zero-padded to ``size``, ending a block at each bound."""
+    cobj = _zstd(level).compressobj(size=size)
+    out = []
+    for piece in _pieces(data, bounds):
+        out.append(cobj.compress(piece))
+        out.append(cobj.flush(zstandard.COMPRESSOBJ_FLUSH_BLOCK))
+    if size > len(data):
+        out.append(cobj.compress(bytes(size - len(data))))
+    out.append(cobj.flush())
+    return b"".join(out)
+
+
+def raw_zstd(data: memoryview, size: int) -> bytes:
+    """A Zstandard frame of raw blocks (plus one RLE block of zero padding): no coder runs."""
+    out = [_ZSTD_MAGIC, bytes([0xA0]), struct.pack("<I", size)]
+    n = len(data)
+    starts = list(range(0, n, _ZSTD_BLOCK))
+    for i, s in enumerate(starts):
+        block = data[s : s + _ZSTD_BLOCK]
+        last = i == len(starts) - 1 and size == n
+        out.append((last | (len(block) << 3)).to_bytes(3, "little"))
+        out.append(block)
+    if size > n:
+        pad = size - n
+        while pad:  # RLE blocks regenerate up to one block size each
+            step = min(pad, _ZSTD_BLOCK)
+            pad -= step
+            out.append(((pad == 0) | (1 << 1) | (step << 3)).to_bytes(3, "little") + b"\0")
+    if size == 0:
+        out.append((1).to_bytes(3, "little"))  # one empty last raw block
+    return b"".join(out)
+
+
+def code_deflate(data: memoryview, bounds: Sequence[int], huffman_only: bool = True) -> bytes:
+    """A gzip member of Deflate, ending a block at each bound."""
+    strategy = zlib.Z_HUFFMAN_ONLY if huffman_only else zlib.Z_DEFAULT_STRATEGY
+    cobj = zlib.compressobj(9, zlib.DEFLATED, 31, 9, strategy)
+    out = []
+    for piece in _pieces(data, bounds):
+        out.append(cobj.compress(piece))
+        out.append(cobj.flush(zlib.Z_BLOCK))
+    out.append(cobj.flush(zlib.Z_FINISH))
+    return b"".join(out)
+
+
+def estimate_bits(data: np.ndarray, bounds: Sequence[int], sample: int = 4096) -> float:
+    """Sampled order-0 entropy of each group, weighted by its length, in bits per byte."""
+    total, n = 0.0, len(data)
+    if n == 0:
+        return 0.0
+    edges = [0, *bounds, n]
+    for a, b in zip(edges, edges[1:]):
+        if b > a:
+            step = max(1, (b - a) // sample)
+            total += (b - a) * entropy(data[a:b:step])
+    return total / n
+
+
+def encode_chunk(data: np.ndarray, bounds: Sequence[int], size: int, setting: Setting) -> tuple[str, bytes]:
+    """Code one chunk of ``data`` (uint8, at most ``size``); returns (kind, payload + CRC32C)."""
+    view = memoryview(data).cast("B")
+    padded = size > len(data)
+    if setting.try_all:
+        options = [("zstd", raw_zstd(view, size)), ("zstd", code_zstd(view, bounds, size, setting.zstd_level))]
+        if not padded:
+            options += [("deflate", code_deflate(view, bounds)), ("deflate", code_deflate(view, bounds, False))]
+        kind, body = min(options, key=lambda kb: len(kb[1]))
+    else:
+        bits = estimate_bits(data, bounds)
+        if bits >= 8 * RAW_ABOVE:
+            kind, body = "zstd", raw_zstd(view, size)
+        elif padded or bits < SKEWED_BELOW:
+            kind, body = "zstd", code_zstd(view, bounds, size, setting.zstd_level)
+        else:
+            kind, body = "deflate", code_deflate(view, bounds)
+        if len(body) > len(data) + 64:  # the coder lost: fall back to raw
+            kind, body = "zstd", raw_zstd(view, size)
+    return kind, body + struct.pack("<I", google_crc32c.value(body))
+
+
+def check_crc(payload: bytes) -> bytes:
+    """The body of a stored chunk after verifying its CRC32C; raises IntegrityError."""
+    body = bytes(payload[:-4])
+    if len(payload) < 4 or struct.unpack("<I", payload[-4:])[0] != google_crc32c.value(body):
+        raise IntegrityError("checksum mismatch")
+    return body
+
+
+def decode_chunk(kind: str, payload: bytes, size: int) -> bytes:
+    """The ``size`` bytes a stored chunk holds; raises IntegrityError on any damage."""
+    body = check_crc(payload)
+    try:
+        if kind == "zstd":
+            dctx = _local.__dict__.setdefault("dctx", zstandard.ZstdDecompressor())
+            out = dctx.decompress(body, max_output_size=size)
+        elif kind == "deflate":
+            out = _inflater.decompress(body, 31)
+        else:
+            raise IntegrityError(f"unknown chunk kind {kind!r}")
+    except (zstandard.ZstdError, zlib.error, OSError) as exc:
+        raise IntegrityError(f"undecodable {kind} chunk: {exc}") from exc
+    if len(out) != size:
+        raise IntegrityError(f"{kind} chunk holds {len(out)} bytes, expected {size}")
+    return out

@@ -1,0 +1,68 @@
+"""Context split: group a plane's bytes by a context byte the decoder already knows.
+
+The context is the value's own top (exponent) byte for its lower planes, or the base's top byte
+for every plane of a delta. Grouping is a stable sort by context; each group is then coded with
+statistics of its own (the coder restarts its tables at each group boundary).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from gpupas.xp import namespace
+
+SAMPLE = 65536
+
+
+def top_byte(bits: Any, bits_width: int) -> Any:
+    """The top byte of each bit pattern, as uint8."""
+    return (bits >> (bits_width - 8)).astype(np.uint8)
+
+
+def order_by(ctx: Any) -> Any:
+    """Stable permutation that groups equal context bytes together."""
+    return namespace(ctx).argsort(ctx, kind="stable")
+
+
+def group_bounds(ctx: Any, min_group: int) -> list[int]:
+    """Offsets (inside one sorted plane) where a group of at least ``min_group`` bytes ends.
+
+    Small neighbouring groups are merged; the last boundary (the plane's end) is left out.
+    """
+    counts = np.bincount(np.asarray(ctx), minlength=256)
+    bounds, start, pos = [], 0, 0
+    for c in counts[counts > 0]:
+        pos += int(c)
+        if pos - start >= min_group:
+            bounds.append(pos)
+            start = pos
+    n = int(counts.sum())
+    if bounds and (bounds[-1] == n or n - bounds[-1] < min_group):
+        bounds.pop()
+    return bounds
+
+
+def sample_index(n: int, size: int = SAMPLE) -> np.ndarray | slice:
+    """Evenly spaced positions for estimating statistics of ``n`` values."""
+    return slice(None) if n <= size else np.linspace(0, n - 1, size).astype(np.int64)
+
+
+def entropy(symbols: np.ndarray, ctx: np.ndarray | None = None) -> float:
+    """Order-0 entropy of a byte sample in bits per byte, conditioned on ``ctx`` if given."""
+    n = symbols.size
+    if n == 0:
+        return 0.0
+    if ctx is None:
+        hist = np.bincount(symbols, minlength=256)
+        return _h(hist) / n
+    joint = np.bincount(ctx.astype(np.int32) * 256 + symbols, minlength=65536).reshape(256, 256)
+    return _h(joint.ravel()) / n - _h(joint.sum(axis=1)) / n
+
+
+def _h(counts: np.ndarray) -> float:
+    """``n * H`` in bits for a histogram with total ``n``."""
+    c = counts[counts > 0].astype(np.float64)
+    n = c.sum()
+    return float(n * np.log2(n) - (c * np.log2(c)).sum())

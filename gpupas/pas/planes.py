@@ -1,0 +1,113 @@
+"""Bit layouts per dtype and the split of bit patterns into byte planes (high-order first).
+
+Floats are stored with their sign bit rotated to the bottom, so the exponent fills the top
+byte (float32, bfloat16) or its high bits (float16, float64): the top plane then holds the
+low-entropy exponent alone. Integers and bool keep their bits as they are.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+
+from gpupas.errors import UnsupportedDtypeError
+from gpupas.xp import namespace
+
+if sys.byteorder != "little":  # pragma: no cover - every platform we ship on is little-endian
+    raise ImportError("gpupas needs a little-endian machine")
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How one dtype's values become unsigned bit patterns."""
+
+    name: str
+    dtype: np.dtype
+    uint: np.dtype
+    rotate: bool
+
+    @property
+    def width(self) -> int:
+        """Bytes per value: the number of planes."""
+        return self.dtype.itemsize
+
+    @property
+    def bits(self) -> int:
+        return 8 * self.dtype.itemsize
+
+
+def _layouts() -> dict[str, Layout]:
+    uints = {1: np.dtype(np.uint8), 2: np.dtype(np.uint16), 4: np.dtype(np.uint32), 8: np.dtype(np.uint64)}
+    floats = [np.float64, np.float32, np.float16, ml_dtypes.bfloat16]
+    small_floats = [ml_dtypes.float8_e4m3fn, ml_dtypes.float8_e5m2]
+    ints = [np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint32, np.uint64, np.bool_]
+    out = {}
+    for t in floats + small_floats + ints:
+        dt = np.dtype(t)
+        out[dt.name] = Layout(dt.name, dt, uints[dt.itemsize], rotate=t in floats)
+    return out
+
+
+LAYOUTS: dict[str, Layout] = _layouts()
+
+
+def layout_of(dtype: Any) -> Layout:
+    """The layout of ``dtype`` (NumPy dtype or its name); raises for dtypes we cannot archive."""
+    try:
+        name = np.dtype(dtype).name
+    except TypeError:
+        name = str(dtype)
+    if name not in LAYOUTS:
+        raise UnsupportedDtypeError(
+            f"dtype {name!r} cannot be archived; supported: {', '.join(sorted(LAYOUTS))}. "
+            "Convert it first (complex: store .real and .imag; object/str: not tensor data)."
+        )
+    return LAYOUTS[name]
+
+
+def to_bits(values: Any, layout: Layout) -> Any:
+    """Flat, contiguous, native-order unsigned bit patterns of ``values`` (rotated for floats)."""
+    xp = namespace(values)
+    values = xp.ascontiguousarray(values)
+    if not values.dtype.isnative:
+        values = values.astype(values.dtype.newbyteorder("="))
+    u = values.reshape(-1).view(layout.uint)
+    return rotate(u, layout)
+
+
+def from_bits(bits: Any, layout: Layout, shape: tuple[int, ...]) -> Any:
+    """Inverse of :func:`to_bits`: values of ``layout.dtype`` with ``shape``."""
+    return unrotate(bits, layout).view(layout.dtype).reshape(shape)
+
+
+def rotate(u: Any, layout: Layout) -> Any:
+    """Move the sign bit to the bottom (floats); a copy either way."""
+    if not layout.rotate:
+        return u.copy()
+    return (u << 1) | (u >> (layout.bits - 1))
+
+
+def unrotate(r: Any, layout: Layout) -> Any:
+    """Inverse of :func:`rotate` (in place when it can)."""
+    if not layout.rotate:
+        return r
+    return (r >> 1) | (r << (layout.bits - 1))
+
+
+def split_planes(bits: Any, out: Any) -> None:
+    """Write the byte planes of ``bits`` (width w) into ``out`` of shape (w, n), high byte first."""
+    w = bits.dtype.itemsize
+    out[...] = bits.view(np.uint8).reshape(-1, w)[:, ::-1].T
+
+
+def join_planes(planes: Any, uint: np.dtype) -> Any:
+    """Inverse of :func:`split_planes`: bit patterns of width ``planes.shape[0]``."""
+    xp = namespace(planes)
+    w, n = planes.shape
+    rows = xp.empty((n, w), dtype=np.uint8)
+    rows[:, ::-1] = planes.T
+    return rows.reshape(-1).view(uint)
