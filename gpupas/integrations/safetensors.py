@@ -67,7 +67,7 @@ def save_file(tensors: Mapping[str, np.ndarray], path: str | os.PathLike[str],
     header: dict[str, Any] = {"__metadata__": dict(metadata)} if metadata else {}
     blobs, offset = [], 0
     for name, arr in tensors.items():
-        arr = np.ascontiguousarray(arr)
+        arr = np.asarray(arr)
         if arr.dtype.name not in _CODES:
             raise UnsupportedDtypeError(f"tensor {name!r}: safetensors has no dtype {arr.dtype.name}")
         raw = arr.astype(arr.dtype.newbyteorder("<"), copy=False).tobytes()

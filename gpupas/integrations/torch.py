@@ -49,7 +49,7 @@ def tensor_to_numpy(t: Any) -> np.ndarray:
 def numpy_to_tensor(a: np.ndarray) -> Any:
     """A torch tensor with the bits of NumPy array ``a``."""
     torch = _torch()
-    a = np.ascontiguousarray(a)
+    a = np.asarray(a)
     for tdtype, (carrier, np_dtype) in _views().items():
         if a.dtype == np.dtype(np_dtype):
             holder = np.dtype(torch.empty(0, dtype=carrier).numpy().dtype)

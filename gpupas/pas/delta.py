@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+
 from gpupas.pas.planes import Layout, rotate, unrotate
 
 ENCODINGS = ("mat", "sub", "xor")
@@ -16,15 +18,21 @@ ENCODINGS = ("mat", "sub", "xor")
 
 def encode_sub(r: Any, rb: Any, layout: Layout) -> Any:
     """Zigzag of ``value - base`` on raw bit patterns, from rotated ``r`` and base ``rb``."""
-    d = unrotate(r.copy(), layout) - unrotate(rb.copy(), layout)
-    signed = d.view(f"i{layout.width}")
-    return (d << 1) ^ (signed >> (layout.bits - 1)).view(layout.uint)
+    d = unrotate(r, layout) if layout.rotate else r.copy()
+    d -= unrotate(rb, layout)
+    sign = d.view(f"i{layout.width}") >> (layout.bits - 1)
+    d <<= 1
+    d ^= sign.view(layout.uint)
+    return d
 
 
 def decode_sub(z: Any, rb: Any, layout: Layout) -> Any:
     """Inverse of :func:`encode_sub`: rotated patterns of the value."""
-    d = (z >> 1) ^ (-(z & 1).view(f"i{layout.width}")).view(layout.uint)
-    d += unrotate(rb.copy(), layout)
+    sign = z & 1
+    np.negative(sign, out=sign)
+    d = z >> 1
+    d ^= sign
+    d += unrotate(rb, layout)
     return rotate(d, layout)
 
 

@@ -59,6 +59,8 @@ def encode_tensor(r: Any, rb: Any | None, layout: Layout, plan: Plan, out: Any, 
     Boundaries are offsets inside the flattened ``out`` where a coder should restart its tables.
     """
     n = r.size
+    if n == 0:
+        return []
     coded = r if plan.enc == "mat" else encode_delta(plan.enc, r, rb, layout)
     if not plan.ctx:
         split_planes(coded, out)

@@ -1,0 +1,247 @@
+"""The archive end to end on a real Zarr directory store: round trips, deltas, damage, bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+import pytest
+import zarr
+
+import gpupas
+from gpupas.errors import (
+    ArchiveExistsError,
+    ArchiveNotFoundError,
+    IntegrityError,
+    InvalidInputError,
+    SnapshotNotFoundError,
+    UnsupportedDtypeError,
+)
+from gpupas.pas.planes import LAYOUTS, unrotate
+from gpupas.pas.store import ArchiveStore
+from tests.conftest import adversarial
+
+
+@pytest.fixture
+def archive(tmp_path: Path) -> gpupas.Archive:
+    with gpupas.create_archive(tmp_path / "arc") as a:
+        yield a
+
+
+def _same(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].dtype == b[k].dtype and a[k].shape == b[k].shape, k
+        assert a[k].tobytes() == b[k].tobytes(), k
+
+
+def _model(seed: int, scale: float = 0.0, base: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    if base is not None:
+        return {k: (v + rng.standard_normal(v.shape) * scale).astype(v.dtype) for k, v in base.items()}
+    return {
+        "enc.w": (rng.standard_normal((300, 257)) * 0.02).astype(np.float32),
+        "enc.b": (rng.standard_normal(257) * 0.01).astype(np.float32),
+        "head.w": (rng.standard_normal((64, 300)) * 0.05).astype(ml_dtypes.bfloat16),
+        "steps": np.array(7, np.int64),
+    }
+
+
+def test_every_dtype_and_shape_roundtrips(archive: gpupas.Archive) -> None:
+    tensors = {}
+    for i, name in enumerate(sorted(LAYOUTS)):
+        tensors[f"{name}/odd"] = adversarial(name, 1001, i).reshape(7, 11, 13)
+        tensors[f"{name}/empty"] = adversarial(name, 0).reshape(0, 3)
+        tensors[f"{name}/scalar"] = adversarial(name, 1, i).reshape(())
+    tensors["many-dims"] = np.ones((1,) * 32, np.float32)
+    tensors["huge-empty"] = np.zeros((0, 2**40), np.float16)
+    m = archive.commit(tensors)
+    _same(archive.restore(m["id"]), tensors)
+    _same(gpupas.open_archive(archive.location).restore(m["id"]), tensors)
+
+
+def test_non_contiguous_and_big_endian_inputs(archive: gpupas.Archive) -> None:
+    base = np.arange(60, dtype=np.float32).reshape(6, 10)
+    tensors = {"t": base.T, "s": base[:, ::3], "be": base.astype(">f4"), "f": np.asfortranarray(base)}
+    m = archive.commit(tensors)
+    out = archive.restore(m["id"])
+    for k, v in tensors.items():
+        assert np.array_equal(out[k], v) and out[k].dtype == v.dtype.newbyteorder("=")
+
+
+def test_delta_chain_and_fallbacks(archive: gpupas.Archive) -> None:
+    s0 = _model(0)
+    s1 = _model(1, 1e-4, s0)
+    s1["new"] = np.ones(5, np.float32)  # not in base -> stored whole
+    s1["head.w"] = s1["head.w"][:32]  # reshaped -> stored whole
+    s2 = _model(2, 1e-4, s1)
+    m0 = archive.commit(s0)
+    m1 = archive.commit(s1, base=m0["id"])
+    m2 = archive.commit(s2, base=m1["id"])
+    enc1 = {e["name"]: e["enc"] for e in m1["tensors"]}
+    assert enc1["enc.w"] in ("sub", "xor") and enc1["new"] == "mat" and enc1["head.w"] == "mat"
+    assert m1["stored_bytes"] < 0.8 * m0["stored_bytes"]
+    fresh = gpupas.open_archive(archive.location)  # no cached bases
+    _same(fresh.restore(m2["id"]), s2)
+    _same(fresh.restore(m1["id"]), s1)
+    assert set(fresh.restore(m2["id"], names=["enc.b"])) == {"enc.b"}
+    assert fresh.snapshots() == [m0["id"], m1["id"], m2["id"]]
+
+
+def test_report_accounts_for_every_byte(archive: gpupas.Archive) -> None:
+    m = archive.commit(_model(0))
+    rows = archive.report(m["id"])
+    assert {r["name"] for r in rows} == set(_model(0))
+    assert abs(sum(r["stored"] for r in rows) - m["stored_bytes"]) <= len(rows)
+    for r in rows:
+        assert abs(sum(r["planes"]) - r["stored"]) <= len(r["planes"])
+    big = next(r for r in rows if r["name"] == "enc.w")
+    assert big["planes"][0] < big["planes"][3]  # exponent plane compresses, low mantissa does not
+
+
+def _chunk_files(root: Path, sid: str) -> list[Path]:
+    return sorted(p for p in (root / "snapshots" / sid).rglob("c/*") if p.is_file())
+
+
+def test_flipped_byte_names_tensor_and_snapshot(archive: gpupas.Archive) -> None:
+    m = archive.commit({"only": (np.random.default_rng(0).standard_normal(5000) * 0.02).astype(np.float32)})
+    victim = _chunk_files(Path(archive.location), m["id"])[0]
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    victim.write_bytes(bytes(data))
+    with pytest.raises(IntegrityError, match=rf"snapshot {m['id']}.*only"):
+        gpupas.open_archive(archive.location).restore(m["id"])
+    with pytest.raises(IntegrityError):
+        gpupas.open_archive(archive.location).verify(m["id"])
+
+
+def test_damaged_base_is_caught_through_delta(archive: gpupas.Archive) -> None:
+    s0 = _model(0)
+    m0 = archive.commit(s0)
+    m1 = archive.commit(_model(1, 1e-4, s0), base=m0["id"])
+    for f in _chunk_files(Path(archive.location), m0["id"]):
+        f.unlink()
+    with pytest.raises(IntegrityError, match=m0["id"]):
+        gpupas.open_archive(archive.location).restore(m1["id"])
+
+
+def test_planes_open_with_plain_zarr(archive: gpupas.Archive) -> None:
+    w = (np.random.default_rng(0).standard_normal(3000) * 0.02).astype(np.float32)
+    m = archive.commit({"w": w, "v": np.arange(10, dtype=np.int16)}, setting="fast")  # fast: no context split
+    group = zarr.open_group(archive.location, mode="r")
+    assert group.attrs["gpupas"]["format"] == 1
+    stream = np.zeros(m["length"], np.uint8)
+    for kind in ("zstd", "deflate"):
+        stream |= zarr.open_array(archive.location, path=f"snapshots/{m['id']}/{kind}", mode="r")[:]
+    entry = next(e for e in m["tensors"] if e["name"] == "w")
+    assert entry["enc"] == "mat" and not entry["ctx"]
+    planes = stream[entry["offset"] : entry["offset"] + w.nbytes].reshape(4, -1)
+    bits = (planes[0].astype(np.uint32) << 24) | (planes[1].astype(np.uint32) << 16)
+    bits |= (planes[2].astype(np.uint32) << 8) | planes[3]
+    assert unrotate(bits, LAYOUTS["float32"]).view(np.float32).tobytes() == w.tobytes()
+
+
+def test_failed_commit_leaves_nothing_visible(archive: gpupas.Archive, monkeypatch: pytest.MonkeyPatch) -> None:
+    s0 = _model(0)
+    m0 = archive.commit(s0)
+
+    def boom(*a: object, **k: object) -> None:
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ArchiveStore, "write_manifest", boom)
+    with pytest.raises(OSError):
+        archive.commit(_model(1, 1e-4, s0), base=m0["id"], snapshot="doomed")
+    monkeypatch.undo()
+    fresh = gpupas.open_archive(archive.location)
+    assert fresh.snapshots() == [m0["id"]]
+    _same(fresh.restore(m0["id"]), s0)
+    m2 = fresh.commit(_model(2, 1e-4, s0), base=m0["id"])
+    assert fresh.snapshots() == [m0["id"], m2["id"]]
+
+
+def test_bad_input_is_refused_and_changes_nothing(archive: gpupas.Archive, tmp_path: Path) -> None:
+    m0 = archive.commit(_model(0))
+    with pytest.raises(UnsupportedDtypeError, match="'c'"):
+        archive.commit({"c": np.zeros(3, np.complex64)})
+    with pytest.raises(UnsupportedDtypeError):
+        archive.commit({"s": np.array(["a", "b"])})
+    with pytest.raises(InvalidInputError, match="not a tensor"):
+        archive.commit({"x": [1.0, 2.0]})
+    with pytest.raises(InvalidInputError):
+        archive.commit({"": np.zeros(2)})
+    for bad in ("../escape", "a/b", "", ".hidden", "x" * 200):
+        with pytest.raises(InvalidInputError):
+            archive.commit({"w": np.zeros(2)}, snapshot=bad)
+    with pytest.raises(ArchiveExistsError):
+        archive.commit({"w": np.zeros(2)}, snapshot=m0["id"])
+    with pytest.raises(SnapshotNotFoundError, match="nope"):
+        archive.commit({"w": np.zeros(2)}, base="nope")
+    with pytest.raises(SnapshotNotFoundError):
+        archive.restore("nope")
+    assert archive.snapshots() == [m0["id"]]
+    _same(archive.restore(m0["id"]), _model(0))
+
+
+def test_missing_and_foreign_locations(tmp_path: Path) -> None:
+    with pytest.raises(ArchiveNotFoundError, match="gpupas init"):
+        gpupas.open_archive(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ArchiveNotFoundError):
+        gpupas.open_archive(tmp_path / "empty")
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "file.txt").write_text("not an archive")
+    with pytest.raises(ArchiveExistsError):
+        gpupas.create_archive(tmp_path / "busy")
+    zarr.create_group(str(tmp_path / "plainzarr"))
+    with pytest.raises(ArchiveNotFoundError, match="not a gpupas archive"):
+        gpupas.open_archive(tmp_path / "plainzarr")
+
+
+def test_manifest_is_plain_json_with_sizes(archive: gpupas.Archive) -> None:
+    m = archive.commit(_model(0), meta={"step": 10})
+    on_disk = json.loads((Path(archive.location) / "manifests" / f"{m['id']}.json").read_text())
+    assert on_disk == m
+    assert on_disk["meta"] == {"step": 10} and on_disk["raw_bytes"] == sum(v.nbytes for v in _model(0).values())
+
+
+def test_safetensors_file_input(archive: gpupas.Archive, tmp_path: Path) -> None:
+    from gpupas.integrations.safetensors import save_file
+
+    tensors = _model(0)
+    path = tmp_path / "ckpt.safetensors"
+    save_file(tensors, path)
+    m = archive.commit(path)
+    _same(archive.restore(m["id"]), tensors)
+    safetensors = pytest.importorskip("safetensors.numpy")
+    ref = safetensors.load_file(str(path))
+    assert np.array_equal(ref["enc.w"], tensors["enc.w"])
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(path.read_bytes()[:200])
+    with pytest.raises(InvalidInputError, match="bad.safetensors"):
+        archive.commit(bad)
+
+
+def test_torch_state_dict_roundtrip(archive: gpupas.Archive) -> None:
+    torch = pytest.importorskip("torch")
+    state = {
+        "w": torch.randn(33, 17),
+        "b16": torch.randn(40).to(torch.bfloat16),
+        "h": torch.randn(5, 5).half()[:, 1:],
+        "n": torch.tensor([float("nan"), -0.0, float("inf")]),
+        "i": torch.arange(10),
+    }
+    m = archive.commit(state)
+    out = archive.restore(m["id"], framework="torch")
+    for k, v in state.items():
+        assert out[k].dtype == v.dtype and out[k].shape == v.shape
+        assert torch.equal(out[k].contiguous().view(torch.uint8), v.contiguous().view(torch.uint8))
+
+
+def test_import_loads_no_optional_backend() -> None:
+    code = "import sys, gpupas; print(sorted(m for m in ('torch', 'cupy', 'nvidia.nvcomp') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

@@ -1,0 +1,78 @@
+"""Chunk coders: standard formats that stock libraries decode, checksums that catch damage."""
+
+from __future__ import annotations
+
+import gzip
+
+import numcodecs
+import numpy as np
+import pytest
+import zstandard
+
+from gpupas.errors import IntegrityError
+from gpupas.pas.codecs import CHUNK_SIZE, decode_chunk, encode_chunk, raw_zstd
+from gpupas.pas.settings import SETTINGS
+
+
+def _exponent_plane(n: int) -> np.ndarray:
+    rng = np.random.default_rng(0)
+    u = (rng.standard_normal(n) * 0.02).astype(np.float32).view(np.uint32)
+    return ((u << 1 | u >> 31) >> 24).astype(np.uint8)
+
+
+CASES = {
+    "exponent": _exponent_plane(CHUNK_SIZE),
+    "random": np.random.default_rng(1).integers(0, 256, CHUNK_SIZE, dtype=np.uint8),
+    "zeros": np.zeros(CHUNK_SIZE, np.uint8),
+    "short": _exponent_plane(1001),
+    "empty": np.zeros(0, np.uint8),
+    "odd-random": np.random.default_rng(2).integers(0, 256, 200_003, dtype=np.uint8),
+}
+
+
+@pytest.mark.parametrize("setting", sorted(SETTINGS))
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_roundtrip_and_stock_decoders(setting: str, case: str) -> None:
+    data = CASES[case]
+    bounds = [len(data) // 3, len(data) // 2] if len(data) > 10 else []
+    kind, payload = encode_chunk(data, bounds, CHUNK_SIZE, SETTINGS[setting])
+    expect = data.tobytes() + bytes(CHUNK_SIZE - len(data))
+    assert decode_chunk(kind, payload, CHUNK_SIZE) == expect
+    body = payload[:-4]
+    if kind == "zstd":  # both the zstandard library and numcodecs read it
+        assert zstandard.ZstdDecompressor().decompress(body) == expect
+        assert bytes(numcodecs.Zstd().decode(body)) == expect
+    else:
+        assert gzip.decompress(body) == expect
+        assert bytes(numcodecs.GZip().decode(body)) == expect
+
+
+def test_compressible_plane_shrinks_and_random_stays_raw() -> None:
+    _, small = encode_chunk(CASES["exponent"], [], CHUNK_SIZE, SETTINGS["default"])
+    assert len(small) < 0.4 * CHUNK_SIZE
+    kind, raw = encode_chunk(CASES["random"], [], CHUNK_SIZE, SETTINGS["default"])
+    assert kind == "zstd" and len(raw) < CHUNK_SIZE + 64
+
+
+def test_raw_frame_with_padding_is_valid_zstd() -> None:
+    data = np.arange(300_001, dtype=np.uint32).view(np.uint8)[:300_001]
+    frame = raw_zstd(memoryview(data), 2 * CHUNK_SIZE)
+    out = zstandard.ZstdDecompressor().decompress(frame)
+    assert out == data.tobytes() + bytes(2 * CHUNK_SIZE - data.size)
+
+
+@pytest.mark.parametrize("where", [0, 7, -5, -1])
+def test_flipped_byte_is_caught(where: int) -> None:
+    kind, payload = encode_chunk(CASES["exponent"], [], CHUNK_SIZE, SETTINGS["default"])
+    damaged = bytearray(payload)
+    damaged[where] ^= 0x40
+    with pytest.raises(IntegrityError):
+        decode_chunk(kind, bytes(damaged), CHUNK_SIZE)
+
+
+def test_truncated_chunk_is_caught() -> None:
+    kind, payload = encode_chunk(CASES["exponent"], [], CHUNK_SIZE, SETTINGS["default"])
+    with pytest.raises(IntegrityError):
+        decode_chunk(kind, payload[:100], CHUNK_SIZE)
+    with pytest.raises(IntegrityError):
+        decode_chunk(kind, b"", CHUNK_SIZE)

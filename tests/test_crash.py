@@ -1,0 +1,77 @@
+"""A commit killed at any moment leaves every earlier snapshot intact and no half snapshot visible."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+import gpupas
+
+CHILD = r"""
+import sys, time, numpy as np, gpupas
+from gpupas.pas.store import ArchiveStore
+write = ArchiveStore.write_chunks
+
+def slow_write(self, sid, chunks):  # the real writes, with a pause half way for the parent's kill
+    chunks = list(chunks)
+    write(self, sid, chunks[: len(chunks) // 2])
+    print("half", flush=True)
+    time.sleep(float(sys.argv[3]))
+    write(self, sid, chunks[len(chunks) // 2 :])
+
+ArchiveStore.write_chunks = slow_write
+path = sys.argv[1]
+a = gpupas.create_archive(path) if sys.argv[2] == "0" else gpupas.open_archive(path)
+base = None
+for i in range(100):
+    rng = np.random.default_rng(i)
+    t = {f"w{j}": (rng.standard_normal(200_000) * 0.02).astype(np.float32) for j in range(8)}
+    print("start", i, flush=True)
+    m = a.commit(t, base=base, snapshot=f"k{sys.argv[2]}-{i:03d}")
+    base = m["id"]
+    print("done", i, flush=True)
+"""
+
+
+def expected(i: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(i)
+    return {f"w{j}": (rng.standard_normal(200_000) * 0.02).astype(np.float32) for j in range(8)}
+
+
+def test_kill_during_commit(tmp_path: Path) -> None:
+    path = tmp_path / "arc"
+    # (line to wait for, its count, sleep before the kill): mid-chunk-writes, and at random moments
+    plans = [("half", 2, 0.0), ("half", 3, 0.0), ("start", 2, 0.05), ("start", 2, 0.15), ("done", 1, 0.0)]
+    for attempt, (signal_line, count, delay) in enumerate(plans):
+        pause = "5" if signal_line == "half" else "0"
+        proc = subprocess.Popen([sys.executable, "-c", CHILD, str(path), str(attempt), pause],
+                                stdout=subprocess.PIPE, text=True, env=os.environ | {"PYTHONUNBUFFERED": "1"})
+        assert proc.stdout is not None
+        seen = 0
+        for line in proc.stdout:
+            if line.startswith(signal_line):
+                seen += 1
+                if seen == count:
+                    break
+        time.sleep(delay)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        archive = gpupas.open_archive(path)
+        ids = archive.snapshots()
+        assert ids, "the first commit finished before the kill"
+        for sid in ids:  # every visible snapshot is whole and bit-exact
+            got = archive.restore(sid)
+            want = expected(900 + int(sid[5:]) if sid.startswith("after") else int(sid[-3:]))
+            assert all(got[k].tobytes() == want[k].tobytes() for k in want), sid
+        # the next commit works: no lock, no half state in the way
+        m = archive.commit(expected(900 + attempt), snapshot=f"after{attempt}")
+        assert archive.restore(m["id"])["w0"].tobytes() == expected(900 + attempt)["w0"].tobytes()
+    written = {p.name for p in (path / "snapshots").iterdir() if p.is_dir()}
+    orphans = written - set(gpupas.open_archive(path).snapshots())
+    assert {"k0-001", "k1-002"} <= orphans  # killed mid-write: chunks on disk, never visible

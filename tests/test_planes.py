@@ -1,0 +1,89 @@
+"""Bit layouts, deltas and context split: bit-exact round trips over every dtype."""
+
+from __future__ import annotations
+
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from gpupas.pas.context import group_bounds
+from gpupas.pas.delta import decode_delta, encode_delta
+from gpupas.pas.planes import LAYOUTS, from_bits, join_planes, split_planes, to_bits
+from gpupas.pas.settings import SETTINGS
+from gpupas.pas.transform import Plan, choose_plan, decode_tensor, encode_tensor
+from tests.conftest import adversarial
+
+PLANS = [Plan(e, c, 0.0) for e in ("mat", "sub", "xor") for c in (False, True)]
+
+
+def _roundtrip(values: np.ndarray, base: np.ndarray, plan: Plan, min_group: int = 64) -> None:
+    layout = LAYOUTS[values.dtype.name]
+    r, rb = to_bits(values, layout), to_bits(base, layout)
+    rb_arg = None if plan.enc == "mat" else rb
+    planes = np.empty((layout.width, r.size), np.uint8)
+    bounds = encode_tensor(r, rb_arg, layout, plan, planes, min_group)
+    assert all(0 < b < planes.size for b in bounds)
+    back = from_bits(decode_tensor(planes, rb_arg, layout, plan), layout, values.shape)
+    assert back.dtype == values.dtype and back.shape == values.shape
+    assert back.tobytes() == values.tobytes()
+
+
+def test_every_dtype_every_plan(dtype_name: str) -> None:
+    for n in (0, 1, 7, 4099):
+        values, base = adversarial(dtype_name, n, 1), adversarial(dtype_name, n, 2)
+        for plan in PLANS:
+            _roundtrip(values, base, plan)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    name=st.sampled_from(sorted(LAYOUTS)),
+    data=st.binary(min_size=0, max_size=600),
+    base=st.binary(min_size=600, max_size=600),
+    plan=st.sampled_from(PLANS),
+)
+def test_hypothesis_bit_patterns(name: str, data: bytes, base: bytes, plan: Plan) -> None:
+    layout = LAYOUTS[name]
+    n = len(data) // layout.width
+    values = np.frombuffer(data[: n * layout.width], dtype=layout.dtype)
+    base_values = np.frombuffer(base[: n * layout.width], dtype=layout.dtype)
+    _roundtrip(values, base_values, plan, min_group=8)
+
+
+def test_float32_layout_puts_exponent_in_top_plane() -> None:
+    values = np.array([1.0, -1.0, 2.0, -0.0], np.float32)
+    r = to_bits(values, LAYOUTS["float32"])
+    planes = np.empty((4, 4), np.uint8)
+    split_planes(r, planes)
+    assert planes[0].tolist() == [127, 127, 128, 0]  # exponent bytes, sign moved out
+    assert planes[3].tolist() == [0, 1, 0, 1]  # the sign now sits in the lowest bit
+    assert (join_planes(planes, np.uint32) == r).all()
+
+
+def test_sub_delta_of_close_values_is_small() -> None:
+    rng = np.random.default_rng(0)
+    a = (rng.standard_normal(1000) * 0.02).astype(np.float32)
+    b = a + np.float32(1e-7) * rng.standard_normal(1000).astype(np.float32)
+    layout = LAYOUTS["float32"]
+    ra, rb = to_bits(a, layout), to_bits(b.astype(np.float32), layout)
+    z = encode_delta("sub", ra, rb, layout)
+    assert np.median(z) < 1 << 12  # zigzag keeps both signs of change small
+    assert (decode_delta("sub", z, rb, layout) == ra).all()
+
+
+def test_choice_prefers_delta_for_fine_tune_and_mat_for_unrelated() -> None:
+    rng = np.random.default_rng(0)
+    layout = LAYOUTS["float32"]
+    a = (rng.standard_normal(50000) * 0.02).astype(np.float32)
+    near = (a + rng.standard_normal(50000).astype(np.float32) * 1e-5).astype(np.float32)
+    unrelated = (rng.standard_normal(50000) * 0.02).astype(np.float32)
+    cfg = SETTINGS["default"]
+    assert choose_plan(to_bits(near, layout), to_bits(a, layout), layout, cfg).enc in ("sub", "xor")
+    assert choose_plan(to_bits(unrelated, layout), to_bits(a, layout), layout, cfg).enc == "mat"
+
+
+def test_group_bounds_merge_small_groups() -> None:
+    ctx = np.repeat(np.arange(5, dtype=np.uint8), [10, 10, 100, 5, 200])
+    bounds = group_bounds(ctx, 50)
+    assert bounds == sorted(bounds) and all(0 < b < ctx.size for b in bounds)
+    assert all(b - a >= 50 for a, b in zip([0, *bounds], bounds))
