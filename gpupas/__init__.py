@@ -21,7 +21,16 @@ from gpupas.tensors import load_checkpoint
 
 __version__ = "0.1.0"
 __all__ = [
-    "Archive", "create_archive", "open_archive", "load_checkpoint",
-    "GpupasError", "ArchiveExistsError", "ArchiveNotFoundError", "BackendUnavailableError",
-    "IntegrityError", "InvalidInputError", "SnapshotNotFoundError", "UnsupportedDtypeError",
+    "Archive",
+    "ArchiveExistsError",
+    "ArchiveNotFoundError",
+    "BackendUnavailableError",
+    "GpupasError",
+    "IntegrityError",
+    "InvalidInputError",
+    "SnapshotNotFoundError",
+    "UnsupportedDtypeError",
+    "create_archive",
+    "load_checkpoint",
+    "open_archive",
 ]

@@ -142,7 +142,7 @@ def test_planes_open_with_plain_zarr(archive: gpupas.Archive) -> None:
     planes = stream[entry["offset"] : entry["offset"] + w.nbytes].reshape(4, -1)
     bits = (planes[0].astype(np.uint32) << 24) | (planes[1].astype(np.uint32) << 16)
     bits |= (planes[2].astype(np.uint32) << 8) | planes[3]
-    assert unrotate(bits, LAYOUTS["float32"]).view(np.float32).tobytes() == w.tobytes()
+    assert unrotate(bits, LAYOUTS["float32"]).view(np.float32).tobytes() == w.tobytes()  # sign back on top
 
 
 def test_failed_commit_leaves_nothing_visible(archive: gpupas.Archive, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -197,7 +197,7 @@ def test_missing_and_foreign_locations(tmp_path: Path) -> None:
     with pytest.raises(ArchiveExistsError):
         gpupas.create_archive(tmp_path / "busy")
     zarr.create_group(str(tmp_path / "plainzarr"))
-    with pytest.raises(ArchiveNotFoundError, match="not a gpupas archive"):
+    with pytest.raises(ArchiveNotFoundError, match=r"not a gpupas archive"):
         gpupas.open_archive(tmp_path / "plainzarr")
 
 
@@ -221,7 +221,7 @@ def test_safetensors_file_input(archive: gpupas.Archive, tmp_path: Path) -> None
     assert np.array_equal(ref["enc.w"], tensors["enc.w"])
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(path.read_bytes()[:200])
-    with pytest.raises(InvalidInputError, match="bad.safetensors"):
+    with pytest.raises(InvalidInputError, match=r"bad\.safetensors"):
         archive.commit(bad)
 
 

@@ -16,16 +16,18 @@ import gpupas
 CHILD = r"""
 import sys, time, numpy as np, gpupas
 from gpupas.pas.store import ArchiveStore
-write = ArchiveStore.write_chunks
+put = ArchiveStore.put
+written = [0]
 
-def slow_write(self, sid, chunks):  # the real writes, with a pause half way for the parent's kill
-    chunks = list(chunks)
-    write(self, sid, chunks[: len(chunks) // 2])
-    print("half", flush=True)
-    time.sleep(float(sys.argv[3]))
-    write(self, sid, chunks[len(chunks) // 2 :])
+def slow_put(self, key, data):  # the real writes, with a pause after a few chunks for the parent's kill
+    put(self, key, data)
+    if "/c/" in key:
+        written[0] += 1
+        if written[0] == 6:
+            print("half", flush=True)
+            time.sleep(float(sys.argv[3]))
 
-ArchiveStore.write_chunks = slow_write
+ArchiveStore.put = slow_put
 path = sys.argv[1]
 a = gpupas.create_archive(path) if sys.argv[2] == "0" else gpupas.open_archive(path)
 base = None
@@ -33,6 +35,7 @@ for i in range(100):
     rng = np.random.default_rng(i)
     t = {f"w{j}": (rng.standard_normal(200_000) * 0.02).astype(np.float32) for j in range(8)}
     print("start", i, flush=True)
+    written[0] = 0
     m = a.commit(t, base=base, snapshot=f"k{sys.argv[2]}-{i:03d}")
     base = m["id"]
     print("done", i, flush=True)

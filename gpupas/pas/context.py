@@ -16,11 +16,6 @@ from gpupas.xp import namespace
 SAMPLE = 65536
 
 
-def top_byte(bits: Any, bits_width: int) -> Any:
-    """The top byte of each bit pattern, as uint8."""
-    return (bits >> (bits_width - 8)).astype(np.uint8)
-
-
 def order_by(ctx: Any) -> Any:
     """Stable permutation that groups equal context bytes together."""
     return namespace(ctx).argsort(ctx, kind="stable")
@@ -51,15 +46,21 @@ def sample_index(n: int, size: int = SAMPLE) -> np.ndarray | slice:
 
 
 def entropy(symbols: np.ndarray, ctx: np.ndarray | None = None) -> float:
-    """Order-0 entropy of a byte sample in bits per byte, conditioned on ``ctx`` if given."""
+    """Order-0 entropy of a byte sample in bits per byte, conditioned on ``ctx`` if given.
+
+    Miller-Madow corrected: a small sample split over many contexts would otherwise look
+    more predictable than it is.
+    """
     n = symbols.size
     if n == 0:
         return 0.0
     if ctx is None:
         hist = np.bincount(symbols, minlength=256)
-        return _h(hist) / n
+        return (_h(hist) + (np.count_nonzero(hist) - 1) / (2 * np.log(2))) / n
     joint = np.bincount(ctx.astype(np.int32) * 256 + symbols, minlength=65536).reshape(256, 256)
-    return _h(joint.ravel()) / n - _h(joint.sum(axis=1)) / n
+    used = np.count_nonzero(joint.sum(axis=1))
+    bias = (np.count_nonzero(joint) - used) / (2 * np.log(2))
+    return (_h(joint.ravel()) - _h(joint.sum(axis=1)) + bias) / n
 
 
 def _h(counts: np.ndarray) -> float:

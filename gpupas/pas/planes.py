@@ -70,32 +70,42 @@ def layout_of(dtype: Any) -> Layout:
 
 
 def to_bits(values: Any, layout: Layout) -> Any:
-    """Flat, contiguous, native-order unsigned bit patterns of ``values`` (rotated for floats)."""
+    """Flat, native-order unsigned bit patterns of ``values``: a view where it can be."""
     xp = namespace(values)
-    values = xp.ascontiguousarray(values)
+    if not values.flags.c_contiguous:
+        values = xp.ascontiguousarray(values)
     if not values.dtype.isnative:
         values = values.astype(values.dtype.newbyteorder("="))
-    u = values.reshape(-1).view(layout.uint)
-    return rotate(u, layout)
+    return values.reshape(-1).view(layout.uint)
 
 
 def from_bits(bits: Any, layout: Layout, shape: tuple[int, ...]) -> Any:
-    """Inverse of :func:`to_bits`: values of ``layout.dtype`` with ``shape``."""
-    return unrotate(bits, layout).view(layout.dtype).reshape(shape)
+    """Inverse of :func:`to_bits`: values of ``layout.dtype`` with ``shape`` (a view)."""
+    return bits.view(layout.dtype).reshape(shape)
 
 
 def rotate(u: Any, layout: Layout) -> Any:
-    """Move the sign bit to the bottom (floats); a copy either way."""
+    """A new array with the sign bit moved to the bottom (floats; others copied as they are)."""
     if not layout.rotate:
         return u.copy()
-    return (u << 1) | (u >> (layout.bits - 1))
+    r = u << 1
+    r |= u >> (layout.bits - 1)
+    return r
 
 
 def unrotate(r: Any, layout: Layout) -> Any:
-    """Inverse of :func:`rotate`: a new array for floats, ``r`` itself for other dtypes."""
-    if not layout.rotate:
-        return r
-    return (r >> 1) | (r << (layout.bits - 1))
+    """Inverse of :func:`rotate`, in place: returns ``r``."""
+    if layout.rotate:
+        low = r >> 1
+        r <<= layout.bits - 1
+        r |= low
+    return r
+
+
+def top_byte(u: Any, layout: Layout) -> Any:
+    """The top byte of the rotated patterns of raw ``u`` (the exponent byte of floats), uint8."""
+    shift = layout.bits - 9 if layout.rotate else layout.bits - 8
+    return (u >> shift).astype(np.uint8)
 
 
 def split_planes(bits: Any, out: Any) -> None:

@@ -11,22 +11,24 @@ from gpupas.errors import InvalidInputError
 class Setting:
     """Knobs of one encoder setting.
 
-    ``context``: allow the context split; ``min_group``: smallest group (bytes) that gets
-    statistics of its own; ``zstd_level``: level for Zstandard chunks; ``try_all``: code every
-    chunk with each coder and keep the smallest (else pick one coder from the sampled entropy).
+    ``context``: the encodings ('mat', 'sub', 'xor') that may use the context split;
+    ``min_group``: smallest group (bytes) that gets coder tables of its own;
+    ``try_all``: code every chunk with each coder and keep the smallest (the compaction setting),
+    else code with fast literal-only Zstandard and try Huffman-only Deflate only where Zstandard
+    lands well above the sampled entropy; ``zstd_level``: the extra Zstandard level ``try_all`` runs.
     """
 
     name: str
-    context: bool = True
+    context: tuple[str, ...] = ("sub", "xor")
     min_group: int = 32768
-    zstd_level: int = 1
     try_all: bool = False
+    zstd_level: int = 19
 
 
 SETTINGS: dict[str, Setting] = {
-    "fast": Setting("fast", context=False),
+    "fast": Setting("fast", context=()),
     "default": Setting("default"),
-    "strong": Setting("strong", min_group=16384, zstd_level=19, try_all=True),
+    "strong": Setting("strong", context=("mat", "sub", "xor"), min_group=16384, try_all=True),
 }
 
 
