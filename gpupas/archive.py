@@ -29,6 +29,7 @@ from gpupas.pas.planes import from_bits, layout_of, to_bits
 from gpupas.pas.settings import Setting, get_setting
 from gpupas.pas.store import FORMAT, ArchiveStore, check_name, new_id
 from gpupas.pas.transform import SEGMENT, Plan, choose_plan, decode_segment, encode_segment, segments
+from gpupas.pas.workspace import workspace
 from gpupas.tensors import as_tensor_dict
 
 Manifest = dict[str, Any]
@@ -120,7 +121,32 @@ class Archive:
         prepared = list(self._pool.map(prepare, arrays.items()))
         offsets = np.cumsum([0] + [p[3].size * p[2].width for p in prepared]).tolist()
         length = offsets[-1]
-        buf = np.empty(length, np.uint8)
+        with workspace(length) as buf:
+            coded = self._encode(sid, prepared, offsets, buf, cfg)
+            tensors_meta = []
+            for i, (name, arr, layout, u, _ub, plan) in enumerate(prepared):
+                tensors_meta.append({
+                    "name": name, "dtype": layout.name, "shape": list(arr.shape), "offset": offsets[i],
+                    "enc": plan.enc, "ctx": plan.ctx, "crc32": _crc(u), "nbytes": int(arr.nbytes),
+                })
+            _attribute(tensors_meta, buf, [size for _, size in coded])
+        manifest: Manifest = {
+            "format": FORMAT, "id": sid, "created": datetime.now(UTC).isoformat(),
+            "base": base, "setting": cfg.name, "chunk_size": CHUNK_SIZE, "segment": SEGMENT,
+            "length": length, "chunks": "".join(_KIND_CODE[k] for k, _ in coded),
+            "raw_bytes": sum(int(a.nbytes) for a in arrays.values()),
+            "stored_bytes": sum(size for _, size in coded),
+            "commit_seconds": round(time.perf_counter() - t0, 6),
+            "tensors": tensors_meta, "meta": dict(meta or {}),
+        }
+        self.store.write_manifest(sid, manifest)
+        self._remember(sid, {p[0]: p[3] for p in prepared})  # no copy: checked by CRC before use
+        return manifest
+
+    def _encode(self, sid: str, prepared: list[tuple[Any, ...]], offsets: list[int], buf: np.ndarray,
+                cfg: Setting) -> list[tuple[str, int]]:
+        """Planes of every segment into ``buf``, then each chunk coded and written; (kind, size) per chunk."""
+        length = buf.size
         units = [(i, a, b) for i, p in enumerate(prepared) for a, b in segments(p[3].size)]
 
         def encode(unit: tuple[int, int, int]) -> list[int]:
@@ -142,26 +168,7 @@ class Archive:
             self.store.put(self.store.chunk_key(sid, kind, c), payload)
             return kind, len(payload)
 
-        coded = list(self._pool.map(code, range(nchunks)))
-        tensors_meta = []
-        for i, (name, arr, layout, u, _ub, plan) in enumerate(prepared):
-            tensors_meta.append({
-                "name": name, "dtype": layout.name, "shape": list(arr.shape), "offset": offsets[i],
-                "enc": plan.enc, "ctx": plan.ctx, "crc32": _crc(u), "nbytes": int(arr.nbytes),
-            })
-        _attribute(tensors_meta, buf, [size for _, size in coded])
-        manifest: Manifest = {
-            "format": FORMAT, "id": sid, "created": datetime.now(UTC).isoformat(),
-            "base": base, "setting": cfg.name, "chunk_size": CHUNK_SIZE, "segment": SEGMENT,
-            "length": length, "chunks": "".join(_KIND_CODE[k] for k, _ in coded),
-            "raw_bytes": sum(int(a.nbytes) for a in arrays.values()),
-            "stored_bytes": sum(size for _, size in coded),
-            "commit_seconds": round(time.perf_counter() - t0, 6),
-            "tensors": tensors_meta, "meta": dict(meta or {}),
-        }
-        self.store.write_manifest(sid, manifest)
-        self._remember(sid, {p[0]: p[3].copy() for p in prepared})
-        return manifest
+        return list(self._pool.map(code, range(nchunks)))
 
     # -- restore ---------------------------------------------------------------------------
     def restore(self, snapshot: str, names: Iterable[str] | None = None, *,
@@ -209,14 +216,32 @@ class Archive:
             entries = [by_name[n] for n in wanted]
         if use_cache and sid in self._cache:
             cached = self._cache[sid]
-            return {e["name"]: cached[e["name"]] for e in entries}
+            # the cache holds the caller's own arrays: use them only while their bits are unchanged
+            if all(_crc(cached[e["name"]]) == e["crc32"] for e in entries):
+                return {e["name"]: cached[e["name"]] for e in entries}
+            del self._cache[sid]
         deltas = [e["name"] for e in entries if e["enc"] != "mat"]
         base_bits = self._bits(m["base"], deltas, use_cache) if deltas else {}
         kinds = m["chunks"]
         spans = dict(zip((e["name"] for e in m["tensors"]), _spans(m)))
         needed = sorted({c for e in entries for lo, hi in [spans[e["name"]]] if hi > lo
                          for c in range(lo // CHUNK_SIZE, -(-hi // CHUNK_SIZE))})
-        buf = np.empty(len(kinds) * CHUNK_SIZE, np.uint8)
+        with workspace(len(kinds) * CHUNK_SIZE) as buf:
+            out = self._decode(sid, m, entries, spans, needed, buf, base_bits)
+        for e in entries:
+            if _crc(out[e["name"]]) != e["crc32"]:
+                raise IntegrityError(
+                    f"snapshot {sid}: tensor {e['name']!r} does not match its checksum after decoding"
+                    + (f" (is its base {m['base']} intact? run verify on it)" if e["enc"] != "mat" else "")
+                )
+        if names is None:
+            self._remember(sid, out)
+        return out
+
+    def _decode(self, sid: str, m: Manifest, entries: list[dict[str, Any]], spans: dict[str, tuple[int, int]],
+                needed: list[int], buf: np.ndarray, base_bits: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Read and decode chunks ``needed`` into ``buf``, then rebuild the raw bits of ``entries``."""
+        kinds = m["chunks"]
 
         def decode(c: int) -> None:
             kind = _CODE_KIND[kinds[c]]
@@ -249,14 +274,6 @@ class Archive:
                            out[e["name"]][a:b])
 
         list(self._pool.map(rebuild, units))
-        for e in entries:
-            if _crc(out[e["name"]]) != e["crc32"]:
-                raise IntegrityError(
-                    f"snapshot {sid}: tensor {e['name']!r} does not match its checksum after decoding"
-                    + (f" (is its base {m['base']} intact? run verify on it)" if e["enc"] != "mat" else "")
-                )
-        if names is None:
-            self._remember(sid, out)
         return out
 
     # -- reporting -------------------------------------------------------------------------

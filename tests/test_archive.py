@@ -245,3 +245,15 @@ def test_import_loads_no_optional_backend() -> None:
     code = "import sys, gpupas; print(sorted(m for m in ('torch', 'cupy', 'nvidia.nvcomp') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_caller_mutating_a_committed_array_cannot_corrupt_the_next_delta(archive: gpupas.Archive) -> None:
+    s0 = _model(0)
+    m0 = archive.commit(s0)
+    original = {k: v.copy() for k, v in s0.items()}
+    s0["enc.w"] += 1.0  # a training loop updating its weights in place after the commit
+    s1 = _model(1, 1e-4, original)
+    m1 = archive.commit(s1, base=m0["id"])
+    fresh = gpupas.open_archive(archive.location)
+    _same(fresh.restore(m0["id"]), original)
+    _same(fresh.restore(m1["id"]), s1)

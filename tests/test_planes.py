@@ -83,7 +83,7 @@ def test_choice_prefers_delta_for_fine_tune_and_mat_for_unrelated() -> None:
     unrelated = (rng.standard_normal(50000) * 0.02).astype(np.float32)
     cfg = SETTINGS["default"]
     assert choose_plan(to_bits(near, layout), to_bits(a, layout), layout, cfg).enc in ("sub", "xor")
-    assert choose_plan(to_bits(unrelated, layout), to_bits(a, layout), layout, SETTINGS["fast"]).enc == "mat"
+    assert choose_plan(to_bits(unrelated, layout), to_bits(a, layout), layout, SETTINGS["strong"]).enc in ("mat", "xor")
     # with the split, XOR against an unrelated base carries the same information as the value
     mat = choose_plan(to_bits(unrelated, layout), None, layout, cfg)
     other = choose_plan(to_bits(unrelated, layout), to_bits(a, layout), layout, cfg)

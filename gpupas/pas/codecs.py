@@ -108,31 +108,28 @@ def code_deflate(data: memoryview, bounds: Sequence[int], huffman_only: bool = T
 
 def estimate_bits(data: np.ndarray, bounds: Sequence[int], sample: int = 4096) -> float:
     """Sampled order-0 entropy of each group, weighted by its length, in bits per byte."""
-    total, n = 0.0, len(data)
+    n = len(data)
     if n == 0:
         return 0.0
-    edges = [0, *bounds, n]
-    for a, b in itertools.pairwise(edges):
-        if b > a:
-            step = max(1, (b - a) // sample)
-            total += (b - a) * entropy(data[a:b:step])
-    return total / n
+    pos = np.linspace(0, n - 1, min(n, sample)).astype(np.int64)
+    group = np.searchsorted(np.asarray(bounds, np.int64), pos, side="right")
+    return entropy(data[pos], group) if bounds else entropy(data[pos])
 
 
 def encode_chunk(data: np.ndarray, bounds: Sequence[int], size: int, setting: Setting) -> tuple[str, bytes]:
     """Code one chunk of ``data`` (uint8, at most ``size``); returns (kind, payload + CRC32C)."""
     view = memoryview(data).cast("B")
     padded = size > len(data)
-    bits = estimate_bits(data, bounds)
     options = [("zstd", raw_zstd(view, size))]
     if setting.try_all:
         options.append(("zstd", code_zstd(view, bounds, size, 0)))
         options.append(("zstd", code_zstd(view, bounds, size, setting.zstd_level)))
         if not padded:
             options += [("deflate", code_deflate(view, bounds)), ("deflate", code_deflate(view, bounds, False))]
-    elif bits < 8 * RAW_ABOVE:
+    else:  # literal zstd runs at GB/s on bytes that do not shrink, so no estimate decides "raw"
         options.append(("zstd", code_zstd(view, bounds, size, 0)))
-        if not padded and len(options[-1][1]) > len(data) * (bits / 8 + DEFLATE_MARGIN):
+        ratio = len(options[-1][1]) / max(1, len(data))
+        if not padded and 0.05 < ratio < RAW_ABOVE and ratio > estimate_bits(data, bounds) / 8 + DEFLATE_MARGIN:
             options.append(("deflate", code_deflate(view, bounds)))
     kind, body = min(options, key=lambda kb: len(kb[1]))
     return kind, body + struct.pack("<I", google_crc32c.value(body))

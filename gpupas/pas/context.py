@@ -13,7 +13,7 @@ import numpy as np
 
 from gpupas.xp import namespace
 
-SAMPLE = 65536
+SAMPLE = 16384
 
 
 def order_by(ctx: Any) -> Any:
@@ -46,7 +46,7 @@ def sample_index(n: int, size: int = SAMPLE) -> np.ndarray | slice:
 
 
 def entropy(symbols: np.ndarray, ctx: np.ndarray | None = None) -> float:
-    """Order-0 entropy of a byte sample in bits per byte, conditioned on ``ctx`` if given.
+    """Order-0 entropy of a byte sample in bits per byte, conditioned on ``ctx`` (ints) if given.
 
     Miller-Madow corrected: a small sample split over many contexts would otherwise look
     more predictable than it is.
@@ -57,10 +57,36 @@ def entropy(symbols: np.ndarray, ctx: np.ndarray | None = None) -> float:
     if ctx is None:
         hist = np.bincount(symbols, minlength=256)
         return (_h(hist) + (np.count_nonzero(hist) - 1) / (2 * np.log(2))) / n
-    joint = np.bincount(ctx.astype(np.int32) * 256 + symbols, minlength=65536).reshape(256, 256)
+    joint = np.bincount(ctx.astype(np.int64) * 256 + symbols, minlength=(int(ctx.max()) + 1) * 256).reshape(-1, 256)
     used = np.count_nonzero(joint.sum(axis=1))
     bias = (np.count_nonzero(joint) - used) / (2 * np.log(2))
     return (_h(joint.ravel()) - _h(joint.sum(axis=1)) + bias) / n
+
+
+def plane_entropies(planes: np.ndarray, ctx: np.ndarray | None = None) -> np.ndarray:
+    """:func:`entropy` of each row of ``planes`` (w, n) at once, conditioned on ``ctx`` if given."""
+    w, n = planes.shape
+    if n == 0:
+        return np.zeros(w)
+    k = 1 if ctx is None else int(ctx.max()) + 1
+    key = planes.astype(np.int32)
+    key += (np.arange(w, dtype=np.int32)[:, None] * k + (0 if ctx is None else ctx.astype(np.int32))) * 256
+    cnt = np.bincount(key.ravel(), minlength=w * k * 256)
+    rows = cnt.reshape(w * k, 256).sum(axis=1)
+    bias = (_count_by(cnt, w) - _count_by(rows, w)) / (2 * np.log(2))  # Miller-Madow
+    return (_nlogn_by(rows, w) - _nlogn_by(cnt, w) + bias) / n
+
+
+def _nlogn_by(counts: np.ndarray, w: int) -> np.ndarray:
+    """Sum of c*log2(c) over the nonzero counts of each of ``w`` equal slices."""
+    idx = np.flatnonzero(counts)
+    c = counts[idx].astype(np.float64)
+    return np.bincount(idx // (counts.size // w), weights=c * np.log2(c), minlength=w)
+
+
+def _count_by(counts: np.ndarray, w: int) -> np.ndarray:
+    """Number of nonzero counts in each of ``w`` equal slices."""
+    return np.bincount(np.flatnonzero(counts) // (counts.size // w), minlength=w)
 
 
 def _h(counts: np.ndarray) -> float:

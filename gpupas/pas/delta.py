@@ -9,31 +9,37 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
-
 from gpupas.pas.planes import Layout, rotate, unrotate
+from gpupas.xp import namespace
 
 ENCODINGS = ("mat", "sub", "xor")
 
 
-def encode_delta(enc: str, u: Any, ub: Any, layout: Layout) -> Any:
-    """Coded patterns of ``u`` against base ``ub`` for ``enc`` ('sub' or 'xor'): a new array."""
+def encode_delta(enc: str, u: Any, ub: Any, layout: Layout, out: Any = None, tmp: Any = None) -> Any:
+    """Coded patterns of ``u`` against base ``ub`` for ``enc`` ('sub' or 'xor').
+
+    Written into ``out`` (a new array if None); ``tmp`` is optional scratch of the same shape.
+    """
+    xp = namespace(u)
     if enc == "xor":
-        return rotate(u ^ ub, layout)
-    d = u - ub
-    sign = d.view(f"i{layout.width}") >> (layout.bits - 1)
+        x = xp.bitwise_xor(u, ub, out=tmp)
+        return rotate(x, layout, out=out, tmp=x)  # x is ours: rotate may clobber it
+    d = xp.subtract(u, ub, out=out)
+    signed = f"i{layout.width}"
+    sign = xp.right_shift(d.view(signed), layout.bits - 1, out=None if tmp is None else tmp.view(signed))
     d <<= 1
     d ^= sign.view(layout.uint)
     return d
 
 
-def decode_delta(enc: str, coded: Any, ub: Any, layout: Layout, out: Any) -> None:
+def decode_delta(enc: str, coded: Any, ub: Any, layout: Layout, out: Any, tmp: Any = None) -> None:
     """Inverse of :func:`encode_delta`, written into ``out`` (raw patterns); ``coded`` is consumed."""
+    xp = namespace(coded)
     if enc == "xor":
-        np.bitwise_xor(unrotate(coded, layout), ub, out=out)
+        xp.bitwise_xor(unrotate(coded, layout, tmp), ub, out=out)
         return
-    sign = coded & 1
-    np.negative(sign, out=sign)
+    sign = xp.bitwise_and(coded, 1, out=tmp)
+    xp.negative(sign, out=sign)
     coded >>= 1
     coded ^= sign
-    np.add(coded, ub, out=out)
+    xp.add(coded, ub, out=out)

@@ -84,19 +84,25 @@ def from_bits(bits: Any, layout: Layout, shape: tuple[int, ...]) -> Any:
     return bits.view(layout.dtype).reshape(shape)
 
 
-def rotate(u: Any, layout: Layout) -> Any:
-    """A new array with the sign bit moved to the bottom (floats; others copied as they are)."""
+def rotate(u: Any, layout: Layout, out: Any = None, tmp: Any = None) -> Any:
+    """Patterns with the sign bit moved to the bottom (floats; others copied as they are).
+
+    Written into ``out`` (a new array if None), with ``tmp`` as scratch of the same shape.
+    """
+    xp = namespace(u)
+    r = xp.empty_like(u) if out is None else out
     if not layout.rotate:
-        return u.copy()
-    r = u << 1
-    r |= u >> (layout.bits - 1)
+        r[...] = u
+        return r
+    xp.left_shift(u, 1, out=r)
+    r |= xp.right_shift(u, layout.bits - 1, out=tmp)
     return r
 
 
-def unrotate(r: Any, layout: Layout) -> Any:
-    """Inverse of :func:`rotate`, in place: returns ``r``."""
+def unrotate(r: Any, layout: Layout, tmp: Any = None) -> Any:
+    """Inverse of :func:`rotate`, in place (``tmp``: optional scratch): returns ``r``."""
     if layout.rotate:
-        low = r >> 1
+        low = namespace(r).right_shift(r, 1, out=tmp)
         r <<= layout.bits - 1
         r |= low
     return r

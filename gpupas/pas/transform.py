@@ -6,12 +6,13 @@ stored one after the other, so segments encode and decode independently (and in 
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from gpupas.pas.context import entropy, group_bounds, order_by, sample_index
+from gpupas.pas.context import group_bounds, order_by, plane_entropies, sample_index
 from gpupas.pas.delta import decode_delta, encode_delta
 from gpupas.pas.planes import Layout, rotate, split_planes, top_byte, unrotate
 from gpupas.pas.settings import Setting
@@ -36,26 +37,50 @@ def segments(n: int) -> list[tuple[int, int]]:
     return [(s, min(n, s + SEGMENT)) for s in range(0, n, SEGMENT)]
 
 
-def _coded(enc: str, u: Any, ub: Any, layout: Layout) -> Any:
-    return rotate(u, layout) if enc == "mat" else encode_delta(enc, u, ub, layout)
+_local = threading.local()
+
+
+def scratch(k: int, n: int, dtype: Any, xp: Any = np) -> Any:
+    """Thread-local scratch array ``k`` of ``n`` values: reused, so its pages stay warm."""
+    key = (k, np.dtype(dtype).str, xp.__name__)
+    have = _local.__dict__.get(key)
+    if have is None or have.size < n:
+        have = xp.empty(max(n, min(SEGMENT, 4 * n)), dtype)
+        _local.__dict__[key] = have
+    return have[:n]
+
+
+def _coded(enc: str, u: Any, ub: Any, layout: Layout, xp: Any = np) -> Any:
+    """Coded patterns in scratch 0 (scratch 1 used as temporary)."""
+    out, tmp = scratch(0, u.size, layout.uint, xp), scratch(1, u.size, layout.uint, xp)
+    return rotate(u, layout, out, tmp) if enc == "mat" else encode_delta(enc, u, ub, layout, out, tmp)
 
 
 def choose_plan(u: Any, ub: Any | None, layout: Layout, setting: Setting) -> Plan:
     """Pick the encoding (and context split) with the smallest sampled entropy."""
+    if ub is None and "mat" not in setting.context:
+        return Plan("mat", False)  # nothing to choose
     idx = sample_index(u.size)
     us = to_numpy(u[idx])
     ubs = None if ub is None else to_numpy(ub[idx])
     w = layout.width
     best: Plan | None = None
-    for enc in ("mat",) if ubs is None else ("mat", "sub", "xor"):
+    # with a base, XOR under the split carries the information a whole value does, so 'mat' is
+    # only worth estimating where the setting may split a whole value too
+    encs = ("mat",) if ubs is None else ("sub", "xor") + (("mat",) if "mat" in setting.context else ())
+    for enc in encs:
         planes = np.empty((w, us.size), np.uint8)
-        split_planes(_coded(enc, us, ubs, layout), planes)
-        plain = sum(min(8.0, entropy(p)) for p in planes)
+        coded = rotate(us, layout) if enc == "mat" else encode_delta(enc, us, ubs, layout)
+        split_planes(coded, planes)
+        h = plane_entropies(planes)
+        plain = float(np.minimum(h, 8.0).sum())
         plan = Plan(enc, False, plain)
         if enc in setting.context and u.size >= MIN_CONTEXT_VALUES and (enc != "mat" or w > 1):
             ctx = planes[0] if enc == "mat" else top_byte(ubs, layout)
-            split = sum(min(8.0, entropy(p, ctx)) for p in (planes[1:] if enc == "mat" else planes))
-            split += entropy(planes[0]) if enc == "mat" else 0.0
+            hc = plane_entropies(planes, ctx)
+            if enc == "mat":
+                hc[0] = h[0]
+            split = float(np.minimum(hc, 8.0).sum())
             if split < plain * (1 - MIN_CONTEXT_GAIN):
                 plan = Plan(enc, True, split)
         if best is None or plan.estimate < best.estimate:
@@ -72,12 +97,13 @@ def encode_segment(u: Any, ub: Any | None, layout: Layout, plan: Plan, out: Any,
     n = u.size
     if n == 0:
         return []
-    coded = _coded(plan.enc, u, ub, layout)
+    xp = namespace(u)
+    coded = _coded(plan.enc, u, ub, layout, xp)
     if not plan.ctx:
         split_planes(coded, out)
         return [p * n for p in range(1, layout.width)]
     ctx = top_byte(u if plan.enc == "mat" else ub, layout)
-    split_planes(coded[order_by(ctx)], out)
+    split_planes(xp.take(coded, order_by(ctx), out=scratch(1, n, layout.uint, xp)), out)
     groups = group_bounds(to_numpy(ctx), min_group)
     if plan.enc == "mat":
         out[0] = ctx  # the value's own context stays in natural order: the decoder reads it first
@@ -95,7 +121,7 @@ def decode_segment(planes: Any, ub: Any | None, layout: Layout, plan: Plan, out:
     xp = namespace(planes)
     w, n = planes.shape
     direct = plan.enc == "mat" and not plan.ctx
-    coded = out if direct else xp.empty(n, layout.uint)
+    coded = out if direct else scratch(0, n, layout.uint, xp)
     rows = coded.view(np.uint8).reshape(n, w)
     for p in range(w):  # one strided copy per plane: 3-4x faster than a transposing copy
         rows[:, w - 1 - p] = planes[p]
@@ -104,10 +130,11 @@ def decode_segment(planes: Any, ub: Any | None, layout: Layout, plan: Plan, out:
         order = order_by(ctx)
         if plan.enc == "mat":
             rows[:, w - 1] = ctx[order]
-        natural = out if plan.enc == "mat" else xp.empty_like(coded)
+        natural = out if plan.enc == "mat" else scratch(1, n, layout.uint, xp)
         natural[order] = coded
         coded = natural
+    tmp = scratch(2, n, layout.uint, xp)
     if plan.enc == "mat":
-        unrotate(out, layout)
+        unrotate(out, layout, tmp)
     else:
-        decode_delta(plan.enc, coded, ub, layout, out)
+        decode_delta(plan.enc, coded, ub, layout, out, tmp)
