@@ -33,7 +33,6 @@ crc32 = _inflater.crc32
 CHUNK_SIZE = 1 << 18
 KINDS = ("zstd", "deflate")
 RAW_ABOVE = 0.995  # store a chunk raw when a coder could not save even 0.5%
-DEFLATE_MARGIN = 0.02  # try Huffman-only Deflate where zstd lands this far above the entropy
 _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 _ZSTD_BLOCK = 1 << 17
 _local = threading.local()
@@ -129,7 +128,7 @@ def encode_chunk(data: np.ndarray, bounds: Sequence[int], size: int, setting: Se
     else:  # literal zstd runs at GB/s on bytes that do not shrink, so no estimate decides "raw"
         options.append(("zstd", code_zstd(view, bounds, size, 0)))
         ratio = len(options[-1][1]) / max(1, len(data))
-        if not padded and 0.05 < ratio < RAW_ABOVE and ratio > estimate_bits(data, bounds) / 8 + DEFLATE_MARGIN:
+        if not padded and 0.05 < ratio < RAW_ABOVE and ratio > estimate_bits(data, bounds) / 8 + setting.deflate_margin:
             options.append(("deflate", code_deflate(view, bounds)))
     kind, body = min(options, key=lambda kb: len(kb[1]))
     return kind, body + struct.pack("<I", google_crc32c.value(body))

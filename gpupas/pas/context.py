@@ -22,13 +22,13 @@ def order_by(ctx: Any) -> Any:
 
 
 def group_bounds(ctx: Any, min_group: int) -> list[int]:
-    """Offsets (inside one sorted plane) where a group of at least ``min_group`` bytes ends.
+    """Offsets (inside one plane sorted by ``ctx``) where a group of at least ``min_group`` bytes ends.
 
     Small neighbouring groups are merged; the last boundary (the plane's end) is left out.
     """
     n = ctx.size
     step = max(1, n // SAMPLE)  # bounds are hints for the coder: a sample places them well enough
-    counts = np.bincount(np.asarray(ctx[::step]), minlength=256) * (n / max(1, ctx[::step].size))
+    counts = np.bincount(np.asarray(ctx[::step])) * (n / max(1, ctx[::step].size))
     bounds, start, pos = [], 0, 0
     for c in counts[counts > 0]:
         pos = min(n, pos + round(c))

@@ -15,7 +15,8 @@ class Setting:
     ``min_group``: smallest group (bytes) that gets coder tables of its own;
     ``try_all``: code every chunk with each coder and keep the smallest (the compaction setting),
     else code with fast literal-only Zstandard and try Huffman-only Deflate only where Zstandard
-    lands well above the sampled entropy; ``zstd_level``: the extra Zstandard level ``try_all`` runs.
+    lands ``deflate_margin`` above the sampled entropy (bits/8); ``zstd_level``: the extra
+    Zstandard level ``try_all`` runs.
     """
 
     name: str
@@ -23,6 +24,7 @@ class Setting:
     min_group: int = 32768
     try_all: bool = False
     zstd_level: int = 19
+    deflate_margin: float = 0.005
 
 
 SETTINGS: dict[str, Setting] = {
