@@ -249,8 +249,7 @@ class Archive:
                 payload = self.store.get(self.store.chunk_key(sid, kind, c))
                 if payload is None:
                     raise IntegrityError("chunk file is missing")
-                buf[c * CHUNK_SIZE : (c + 1) * CHUNK_SIZE] = np.frombuffer(
-                    decode_chunk(kind, payload, CHUNK_SIZE), np.uint8)
+                decode_chunk(kind, payload, buf[c * CHUNK_SIZE : (c + 1) * CHUNK_SIZE])
             except IntegrityError as exc:
                 held = [n for n, (lo, hi) in spans.items() if lo < (c + 1) * CHUNK_SIZE and hi > c * CHUNK_SIZE]
                 raise IntegrityError(

@@ -142,19 +142,52 @@ def check_crc(payload: bytes) -> bytes:
     return body
 
 
-def decode_chunk(kind: str, payload: bytes, size: int) -> bytes:
-    """The ``size`` bytes a stored chunk holds; raises IntegrityError on any damage."""
+def _raw_blocks(body: bytes, size: int) -> list[tuple[int, int, int]] | None:
+    """(block type, start, length) of a frame that :func:`raw_zstd` wrote, else None."""
+    if len(body) < 12 or body[:4] != _ZSTD_MAGIC or body[4] != 0xA0 or struct.unpack("<I", body[5:9])[0] != size:
+        return None
+    blocks, pos, filled = [], 9, 0
+    while pos + 3 <= len(body):
+        head = int.from_bytes(body[pos : pos + 3], "little")
+        btype, n = (head >> 1) & 3, head >> 3
+        pos += 3
+        if btype not in (0, 1) or pos + (n if btype == 0 else 1) > len(body):
+            return None
+        blocks.append((btype, pos, n))
+        pos += n if btype == 0 else 1
+        filled += n
+        if head & 1:
+            return blocks if pos == len(body) and filled == size else None
+    return None
+
+
+def decode_chunk(kind: str, payload: bytes, out: np.ndarray) -> None:
+    """Decode a stored chunk into ``out`` (uint8, its full size); raises IntegrityError on damage.
+
+    Frames of raw blocks (incompressible bytes) are copied straight into ``out``.
+    """
     body = check_crc(payload)
+    size = out.size
     try:
         if kind == "zstd":
+            blocks = _raw_blocks(body, size)
+            if blocks is not None:
+                filled = 0
+                for btype, start, n in blocks:
+                    if btype == 0:
+                        out[filled : filled + n] = np.frombuffer(body, np.uint8, n, start)
+                    else:
+                        out[filled : filled + n] = body[start]
+                    filled += n
+                return
             dctx = _local.__dict__.setdefault("dctx", zstandard.ZstdDecompressor())
-            out = dctx.decompress(body, max_output_size=size)
+            data = dctx.decompress(body, max_output_size=size)
         elif kind == "deflate":
-            out = _inflater.decompress(body, 31)
+            data = _inflater.decompress(body, 31)
         else:
             raise IntegrityError(f"unknown chunk kind {kind!r}")
     except (zstandard.ZstdError, zlib.error, OSError) as exc:
         raise IntegrityError(f"undecodable {kind} chunk: {exc}") from exc
-    if len(out) != size:
-        raise IntegrityError(f"{kind} chunk holds {len(out)} bytes, expected {size}")
-    return out
+    if len(data) != size:
+        raise IntegrityError(f"{kind} chunk holds {len(data)} bytes, expected {size}")
+    out[:] = np.frombuffer(data, np.uint8)

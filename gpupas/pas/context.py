@@ -68,7 +68,10 @@ def plane_entropies(planes: np.ndarray, ctx: np.ndarray | None = None) -> np.nda
     w, n = planes.shape
     if n == 0:
         return np.zeros(w)
-    k = 1 if ctx is None else int(ctx.max()) + 1
+    if ctx is not None:  # number the context values that occur: keeps the histograms small
+        present = np.bincount(ctx, minlength=256) > 0
+        ctx = (np.cumsum(present) - 1)[ctx]
+    k = 1 if ctx is None else int(present.sum())
     key = planes.astype(np.int32)
     key += (np.arange(w, dtype=np.int32)[:, None] * k + (0 if ctx is None else ctx.astype(np.int32))) * 256
     cnt = np.bincount(key.ravel(), minlength=w * k * 256)

@@ -1,0 +1,309 @@
+"""The catalog: a SQLite index of versions, lineage, hyperparameters, metrics, layers and tensors.
+
+The archive's JSON records are the truth; the catalog (``catalog.sqlite`` at the archive root)
+is a cache that any reader brings up to date. Every record file has a fingerprint (inode, mtime,
+size) in the ``records`` table: :meth:`Catalog.sync` re-indexes exactly the records whose
+fingerprint changed, :meth:`Catalog.rebuild` (``gpupas reindex``) indexes everything again.
+A missing, damaged or outdated (schema) catalog is rebuilt on open.
+
+Several processes share it safely: WAL journal (readers never block and never see a partial
+transaction), a busy timeout for writers, every change in one ``BEGIN IMMEDIATE`` transaction.
+A writer killed mid-transaction leaves nothing: SQLite rolls the transaction back.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import sqlite3
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from gpupas.errors import GpupasError, SnapshotNotFoundError
+from gpupas.network import Network
+
+SCHEMA_VERSION = 1
+FILENAME = "catalog.sqlite"
+BUSY_TIMEOUT_S = 60.0
+
+SCHEMA = """
+CREATE TABLE records(key TEXT PRIMARY KEY, ino INTEGER, mtime_ns INTEGER, size INTEGER);
+CREATE TABLE versions(id INTEGER PRIMARY KEY, name TEXT NOT NULL, created TEXT NOT NULL, author TEXT,
+    message TEXT, latest TEXT, best TEXT, n_snapshots INTEGER, raw_bytes INTEGER, stored_bytes INTEGER,
+    network_source TEXT, n_layers INTEGER, rev INTEGER);
+CREATE TABLE parents(version INTEGER, pos INTEGER, parent INTEGER, PRIMARY KEY(version, pos));
+CREATE TABLE snapshots(version INTEGER, pos INTEGER, snapshot TEXT, created TEXT, step INTEGER, base TEXT,
+    raw_bytes INTEGER, stored_bytes INTEGER, source TEXT, PRIMARY KEY(version, pos));
+CREATE TABLE tensors(snapshot TEXT, name TEXT, dtype TEXT, shape TEXT, enc TEXT, nbytes INTEGER,
+    stored INTEGER, PRIMARY KEY(snapshot, name));
+CREATE TABLE hparams(version INTEGER, key TEXT, num REAL, text TEXT, PRIMARY KEY(version, key));
+CREATE TABLE metrics(version INTEGER, name TEXT, pos INTEGER, step INTEGER, value REAL,
+    PRIMARY KEY(version, name, pos));
+CREATE TABLE metric_summary(version INTEGER, name TEXT, last REAL, min REAL, max REAL, n INTEGER,
+    PRIMARY KEY(version, name));
+CREATE TABLE layers(version INTEGER, node INTEGER, name TEXT, type TEXT, kind TEXT, variant TEXT, attrs TEXT,
+    PRIMARY KEY(version, node));
+CREATE TABLE edges(version INTEGER, src INTEGER, dst INTEGER);
+CREATE TABLE flow(version INTEGER, src INTEGER, dst INTEGER);
+CREATE TABLE files(version INTEGER, path TEXT, sha256 TEXT, size INTEGER, PRIMARY KEY(version, path));
+CREATE TABLE tags(tag TEXT PRIMARY KEY, version INTEGER, created TEXT);
+CREATE INDEX hparams_key ON hparams(key, num);
+CREATE INDEX metric_name ON metric_summary(name, last);
+CREATE INDEX layers_version ON layers(version, name);
+CREATE INDEX edges_version ON edges(version, src);
+CREATE INDEX flow_version ON flow(version, src);
+CREATE INDEX snapshots_id ON snapshots(snapshot);
+CREATE INDEX versions_name ON versions(name);
+"""
+TABLES = [m.group(1) for m in re.finditer(r"CREATE TABLE (\w+)", SCHEMA)]
+_PER_VERSION = ["versions", "parents", "snapshots", "hparams", "metrics", "metric_summary", "layers", "edges",
+                "flow", "files"]
+
+Fingerprint = tuple[int, int, int]
+
+
+class CatalogError(GpupasError, RuntimeError):
+    """The catalog could not be opened or updated (disk full, permissions...)."""
+
+
+@lru_cache(maxsize=256)
+def _compiled(pattern: str) -> re.Pattern[str]:
+    return re.compile(pattern)
+
+
+def _regexp(pattern: str, value: Any) -> bool:
+    """SQLite REGEXP: the whole value must match (``conv[1-3]`` matches conv1, not conv10)."""
+    try:
+        return value is not None and _compiled(pattern).fullmatch(str(value)) is not None
+    except re.error:
+        return False
+
+
+def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested dicts as dotted keys: ``{"opt": {"lr": 1}}`` -> ``{"opt.lr": 1}``."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping) and v:
+            out |= flatten(v, key + ".")
+        else:
+            out[key] = v
+    return out
+
+
+def _num_text(v: Any) -> tuple[float | None, str]:
+    if isinstance(v, bool):
+        return float(v), json.dumps(v)
+    if isinstance(v, (int, float)):
+        f = float(v)
+        return (f if math.isfinite(f) else None), json.dumps(v)
+    if isinstance(v, str):
+        return None, v
+    return None, json.dumps(v, sort_keys=True)
+
+
+def _finite(v: Any) -> float | None:
+    return float(v) if isinstance(v, (int, float)) and math.isfinite(v) else None
+
+
+class Catalog:
+    """SQLite index over a :class:`gpupas.repo.Repository`; opened by ``Repository.catalog()``."""
+
+    def __init__(self, path: str | os.PathLike[str], source: Any):
+        self.path = Path(path)
+        self.source = source  # fingerprints(), read_record(key), archive.manifest(sid)
+        self.conn = self._connect()
+
+    # -- connection ------------------------------------------------------------------------
+    def _connect(self) -> sqlite3.Connection:
+        for attempt in (0, 1):
+            try:
+                conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None,
+                                       check_same_thread=False)
+                conn.execute(f"PRAGMA busy_timeout={int(BUSY_TIMEOUT_S * 1000)}")
+                conn.execute("PRAGMA journal_mode=WAL")
+                conn.execute("PRAGMA synchronous=NORMAL")
+                conn.create_function("regexp", 2, _regexp, deterministic=True)
+                if conn.execute("PRAGMA user_version").fetchone()[0] != SCHEMA_VERSION:
+                    self._create_schema(conn)
+                return conn
+            except sqlite3.DatabaseError as exc:
+                # only "file is not a database" (plain DatabaseError) means damage; locks, I/O errors do not
+                if attempt or type(exc) is not sqlite3.DatabaseError:
+                    raise CatalogError(f"cannot open the catalog {self.path}: {exc}; remove it and run "
+                                       "`gpupas reindex` (the archive holds everything it indexes)") from None
+                # not a database (damaged): it is only a cache, start a new one
+                for suffix in ("", "-wal", "-shm"):
+                    Path(f"{self.path}{suffix}").unlink(missing_ok=True)
+        raise AssertionError("unreachable")
+
+    @staticmethod
+    def _create_schema(conn: sqlite3.Connection) -> None:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            if conn.execute("PRAGMA user_version").fetchone()[0] != SCHEMA_VERSION:
+                for (name,) in conn.execute("SELECT name FROM sqlite_master WHERE type='table'").fetchall():
+                    conn.execute(f'DROP TABLE IF EXISTS "{name}"')
+                for stmt in SCHEMA.split(";"):  # not executescript: it would commit the transaction
+                    if stmt.strip():
+                        conn.execute(stmt)
+                conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+
+    def close(self) -> None:
+        self.conn.close()
+
+    def __enter__(self) -> Catalog:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction (``BEGIN IMMEDIATE``): all of it or nothing."""
+        self.conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield self.conn
+        except BaseException:
+            self.conn.execute("ROLLBACK")
+            raise
+        self.conn.execute("COMMIT")
+
+    def query(self, sql: str, params: Iterable[Any] = ()) -> list[sqlite3.Row]:
+        """Rows of a read-only SQL statement (rows behave like dicts)."""
+        cur = self.conn.cursor()
+        cur.row_factory = sqlite3.Row
+        return cur.execute(sql, tuple(params)).fetchall()
+
+    # -- keeping it up to date -------------------------------------------------------------
+    def _known(self) -> dict[str, Fingerprint]:
+        return {k: (i, m, s) for k, i, m, s in self.conn.execute("SELECT key, ino, mtime_ns, size FROM records")}
+
+    def is_fresh(self) -> bool:
+        """True when every record file is indexed with its current fingerprint."""
+        return self._known() == self.source.fingerprints()
+
+    def sync(self) -> int:
+        """Index the records that changed since the last sync; returns how many were (re)indexed."""
+        if self.is_fresh():
+            return 0
+        with self.transaction():
+            return self._apply(self.source.fingerprints(), self._known())
+
+    def rebuild(self) -> dict[str, int]:
+        """Forget everything and index the whole archive again; returns row counts per table."""
+        with self.transaction() as conn:
+            for t in TABLES:
+                conn.execute(f"DELETE FROM {t}")
+            self._apply(self.source.fingerprints(), {})
+        return self.counts()
+
+    def counts(self) -> dict[str, int]:
+        return {t: self.conn.execute(f"SELECT count(*) FROM {t}").fetchone()[0] for t in TABLES if t != "records"}
+
+    def dump(self) -> dict[str, list[tuple[Any, ...]]]:
+        """Every row of every table, sorted: two catalogs of one archive dump equal."""
+        out = {}
+        for t in TABLES:
+            rows = self.conn.execute(f"SELECT * FROM {t}").fetchall()
+            out[t] = sorted(rows, key=lambda r: tuple((x is None, "" if x is None else str(x)) for x in r))
+        return out
+
+    def _apply(self, disk: dict[str, Fingerprint], known: dict[str, Fingerprint]) -> int:
+        conn = self.conn
+        gone = [k for k in known if k not in disk]
+        todo = sorted((k for k, fp in disk.items() if known.get(k) != fp), key=_key_order)
+        for key in gone:
+            self._forget(key)
+            conn.execute("DELETE FROM records WHERE key=?", (key,))
+        for key in todo:
+            got = self.source.read_record(key)
+            self._forget(key)
+            if got is None:  # vanished between listing and reading
+                conn.execute("DELETE FROM records WHERE key=?", (key,))
+                continue
+            record, fp = got
+            if key.startswith("v/"):
+                self._index_version(record)
+            else:
+                conn.execute("INSERT INTO tags VALUES (?, ?, ?)", (key[2:], record["version"], record.get("created")))
+            conn.execute("INSERT OR REPLACE INTO records VALUES (?, ?, ?, ?)", (key, *fp))
+        if gone or todo:
+            conn.execute("DELETE FROM tensors WHERE snapshot NOT IN (SELECT snapshot FROM snapshots)")
+        return len(todo) + len(gone)
+
+    def _forget(self, key: str) -> None:
+        if key.startswith("v/"):
+            vid = int(key[2:])
+            for t in _PER_VERSION:
+                self.conn.execute(f"DELETE FROM {t} WHERE {'id' if t == 'versions' else 'version'}=?", (vid,))
+        else:
+            self.conn.execute("DELETE FROM tags WHERE tag=?", (key[2:],))
+
+    def _index_version(self, r: Mapping[str, Any]) -> None:
+        conn, vid = self.conn, int(r["id"])
+        snaps = r.get("snapshots", [])
+        net = Network.from_dict(r.get("network"))
+        conn.execute(
+            "INSERT INTO versions VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            (vid, r["name"], r["created"], r.get("author"), r.get("message"), r.get("latest"), r.get("best"),
+             len(snaps), sum(s.get("raw_bytes", 0) for s in snaps), sum(s.get("stored_bytes", 0) for s in snaps),
+             net.source, len(net.nodes), r.get("rev", 0)))
+        conn.executemany("INSERT INTO parents VALUES (?,?,?)", [(vid, i, int(p)) for i, p in enumerate(r["parents"])])
+        conn.executemany("INSERT INTO snapshots VALUES (?,?,?,?,?,?,?,?,?)", [
+            (vid, i, s["id"], s.get("created"), s.get("step"), s.get("base"), s.get("raw_bytes"),
+             s.get("stored_bytes"), s.get("source")) for i, s in enumerate(snaps)])
+        conn.executemany("INSERT INTO hparams VALUES (?,?,?,?)", [
+            (vid, k, *_num_text(v)) for k, v in flatten(r.get("hyperparameters") or {}).items()])
+        for name, series in (r.get("metrics") or {}).items():
+            conn.executemany("INSERT INTO metrics VALUES (?,?,?,?,?)",
+                             [(vid, name, i, step, _finite(v)) for i, (step, v) in enumerate(series)])
+            vals = [f for _, v in series if (f := _finite(v)) is not None]
+            if vals:
+                conn.execute("INSERT INTO metric_summary VALUES (?,?,?,?,?,?)",
+                             (vid, name, vals[-1], min(vals), max(vals), len(vals)))
+        conn.executemany("INSERT INTO layers VALUES (?,?,?,?,?,?,?)", [
+            (vid, n.id, n.name, n.type, n.kind, n.variant, json.dumps(n.attrs, sort_keys=True)) for n in net.nodes])
+        conn.executemany("INSERT INTO edges VALUES (?,?,?)", [(vid, a, b) for a, b in net.edges])
+        conn.executemany("INSERT INTO flow VALUES (?,?,?)", [(vid, a, b) for a, b in net.flow_edges()])
+        conn.executemany("INSERT INTO files VALUES (?,?,?,?)", [
+            (vid, path, f["sha256"], f["size"]) for path, f in (r.get("files") or {}).items()])
+        have = {row[0] for row in conn.execute(
+            "SELECT DISTINCT snapshot FROM tensors WHERE snapshot IN (SELECT snapshot FROM snapshots WHERE version=?)",
+            (vid,))}
+        for s in snaps:
+            if s["id"] in have:
+                continue
+            have.add(s["id"])
+            try:
+                m = self.source.archive.manifest(s["id"])
+            except SnapshotNotFoundError:
+                continue  # a damaged archive: `gpupas verify` reports it
+            conn.executemany("INSERT OR REPLACE INTO tensors VALUES (?,?,?,?,?,?,?)", [
+                (s["id"], e["name"], e["dtype"], json.dumps(e["shape"]), e["enc"], e["nbytes"], e.get("stored"))
+                for e in m["tensors"]])
+
+
+def _key_order(key: str) -> tuple[int, int, str]:
+    return (0, int(key[2:]), "") if key.startswith("v/") else (1, 0, key)
+
+
+def open_catalog(root: Path, source: Any) -> Catalog:
+    """The catalog of the archive at ``root``, brought up to date."""
+    cat = Catalog(root / FILENAME, source)
+    try:
+        cat.sync()
+    except sqlite3.Error as exc:
+        cat.close()
+        raise CatalogError(f"the catalog {cat.path} cannot be updated ({exc}); remove it and run "
+                           "`gpupas reindex`") from None
+    return cat

@@ -1,0 +1,116 @@
+"""A training-loop hook: one call per checkpoint, each snapshot a delta against the previous one.
+
+>>> import numpy as np, tempfile
+>>> hook = CheckpointHook(tempfile.mkdtemp() + "/arc", "mlp", hyperparameters={"lr": 0.1})
+>>> w = np.zeros(4, np.float32)
+>>> for step in (10, 20):
+...     w += 0.5
+...     v = hook({"w": w}, step=step, metrics={"loss": 1.0 / step})
+>>> (v.id, len(v.snapshots), v.metrics["loss"])
+(1, 2, [[10, 0.1], [20, 0.05]])
+>>> hook.close()
+
+With PyTorch::
+
+    hook = CheckpointHook("runs/archive", "resnet-ft", model=model, hyperparameters=cfg)
+    for step, batch in enumerate(loader):
+        ...
+        if step % 500 == 0:
+            hook(model, step=step, metrics={"loss": loss.item(), "lr": sched.get_last_lr()[0]})
+    hook.close()
+
+The first call publishes the version (network read off ``model`` with torch.fx, or off the
+state_dict); every later call appends a snapshot to it. The archive keeps the last committed
+tensors in host memory, so the delta base is never read back from disk; nothing stays on the GPU.
+Metric points given between checkpoints (:meth:`CheckpointHook.log`) are written with the next one.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from gpupas.repo import Repository, Version, create_repository, normalize_metrics, open_repository
+
+
+def _state_dict(obj: Any) -> Mapping[str, Any]:
+    if hasattr(obj, "state_dict") and callable(obj.state_dict):
+        return obj.state_dict()
+    if isinstance(obj, Mapping):
+        return obj
+    from gpupas.errors import InvalidInputError
+
+    raise InvalidInputError(f"a checkpoint is a torch module or a mapping of tensors, not a {type(obj).__name__}")
+
+
+class CheckpointHook:
+    """Commit checkpoints of one training run as the snapshots of one version.
+
+    Parameters
+    ----------
+    archive
+        A :class:`~gpupas.repo.Repository` or the location of an archive (created if missing).
+    name
+        The version's name. ``parents`` (ids, tags or names) give its lineage; the first
+        snapshot is a delta against the first parent's latest one (fine-tuning).
+    model
+        The torch module, for the network definition; optional.
+    """
+
+    def __init__(self, archive: Repository | str | os.PathLike[str], name: str, *, model: Any = None,
+                 parents: Iterable[str | int] = (), hyperparameters: Mapping[str, Any] | None = None,
+                 files: Any = None, message: str = "", setting: str = "default"):
+        if isinstance(archive, Repository):
+            self.repo, self._own = archive, False
+        else:
+            exists = (Path(os.fspath(archive)).expanduser() / "zarr.json").exists()
+            self.repo = open_repository(archive) if exists else create_repository(archive)
+            self._own = True
+        self.name, self.model, self.parents = name, model, list(parents)
+        self.hyperparameters, self.files, self.message, self.setting = hyperparameters, files, message, setting
+        self.version: Version | None = None
+        self._pending: dict[str, list[list[Any]]] = {}
+
+    def log(self, step: int | None = None, **metrics: float) -> None:
+        """Record metric values at ``step`` (written with the next checkpoint, or on close)."""
+        for k, v in metrics.items():
+            self._pending.setdefault(k, []).append([step if step is not None else 0, v])
+
+    def _take(self, step: int | None, metrics: Mapping[str, Any] | None) -> dict[str, list[list[Any]]]:
+        if metrics:
+            self.log(step, **{k: v for k, v in metrics.items()})
+        pending, self._pending = normalize_metrics(self._pending), {}
+        return pending
+
+    def __call__(self, model_or_state: Any, *, step: int | None = None, metrics: Mapping[str, Any] | None = None,
+                 best: bool = False) -> Version:
+        """Commit one checkpoint (a module or a state_dict); returns the version as it now stands."""
+        state = _state_dict(model_or_state)
+        series = self._take(step, metrics)
+        if self.version is None:
+            module = self.model if self.model is not None else (model_or_state if hasattr(model_or_state,
+                                                                                          "named_modules") else None)
+            self.version = self.repo.commit(
+                self.name, state, parents=self.parents, message=self.message, hyperparameters=self.hyperparameters,
+                metrics=series, files=self.files, network=module, setting=self.setting, step=step,
+                best=1 if best else None)
+        else:
+            self.version = self.repo.add_snapshot(self.version.id, state, step=step, metrics=series, best=best,
+                                                  setting=self.setting)
+        return self.version
+
+    def close(self) -> Version | None:
+        """Write metric points still pending and release the archive; returns the version."""
+        if self._pending and self.version is not None:
+            self.version = self.repo.log_metrics(self.version.id, self._take(None, None))
+        if self._own:
+            self.repo.close()
+        return self.version
+
+    def __enter__(self) -> CheckpointHook:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,355 @@
+"""DQL's ``select``: versions chosen by name, time, lineage, hyperparameters, metrics and network shape.
+
+A hand-written tokenizer and recursive-descent parser turn one statement into one
+parameterized SQL query over the catalog (never ``eval``, never string-pasted values)::
+
+    select m where m.name like "cnn_%" and m.created > "2026-01-01"
+        and m.hp.lr < 0.01 and m.metric.accuracy >= 0.9
+        and m["conv[1-3]"].next has POOL("MAX")
+        order by m.created desc limit 10
+
+Grammar (keywords in any case)::
+
+    query     := SELECT var [WHERE expr] [ORDER BY field [ASC|DESC]] [LIMIT int]
+    expr      := term (OR term)* ;  term := factor (AND factor)* ;  factor := NOT factor | '(' expr ')' | pred
+    pred      := field op literal | field [NOT] LIKE string
+               | var ['[' string ']'] [.next | .prev] HAS template | var '[' string ']'
+    field     := var.id | var.name | var.created | var.author | var.message | var.snapshots | var.layers
+               | var.raw_bytes | var.stored_bytes | var.parent | var.tag
+               | var.hp.KEY[.KEY...] | var.hp[string]               (hyperparameters; nested keys dotted)
+               | var.metric.NAME[.last|.min|.max|.count] | var.metric[string][...]   (default: last value)
+    op        := = | == | != | <> | < | <= | > | >=
+    template  := NAME ['(' [string] ')']   e.g. POOL("MAX"), CONV, RELU, FC, NORM("batch"), TYPE("MaxPool2d")
+
+``var["re"]`` selects the layers whose name matches the regular expression as a whole;
+``.next`` follows the data flow to the following layers, also through activations and
+dropout (``conv1 -> relu -> max_pool``: conv1's next layers are the relu and the max pooling);
+``.prev`` goes the other way. ``LIKE`` is SQL's (``%`` any run, ``_`` any one character).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from gpupas.catalog import Catalog
+from gpupas.errors import InvalidInputError
+from gpupas.network import _ACTIVATIONS
+
+_TOKEN = re.compile(r"""
+    (?P<ws>\s+)
+  | (?P<str>"(?:[^"\\]|\\.)*"|'(?:[^'\\]|\\.)*')
+  | (?P<num>-?(?:\d+\.\d*|\.\d+|\d+)(?:[eE][-+]?\d+)?)
+  | (?P<name>[A-Za-z_][A-Za-z0-9_]*)
+  | (?P<op>==|!=|<>|<=|>=|[=<>()\[\].,])
+""", re.VERBOSE)
+_KEYWORDS = {"select", "where", "and", "or", "not", "like", "has", "order", "by", "asc", "desc", "limit",
+             "true", "false", "null"}
+_COLUMNS = {"id": "id", "name": "name", "created": "created", "author": "author", "message": "message",
+            "snapshots": "n_snapshots", "layers": "n_layers", "raw_bytes": "raw_bytes", "stored_bytes": "stored_bytes",
+            "latest": "latest", "best": "best"}
+_OPS = {"=": "=", "==": "=", "!=": "!=", "<>": "!=", "<": "<", "<=": "<=", ">": ">", ">=": ">="}
+_AGGS = {"last", "min", "max", "count"}
+_KINDS = {"conv", "pool", "linear", "norm", "act", "dropout", "embedding", "attention", "reshape", "io", "op",
+          "other"}
+_KIND_ALIASES = {"fc": "linear", "dense": "linear", "innerproduct": "linear", "batchnorm": ("norm", "batch"),
+                 "layernorm": ("norm", "layer"), "activation": "act", "input": ("io", "input"),
+                 "output": ("io", "output")}
+RESULT_COLUMNS = "id, name, created, author, message, n_snapshots, raw_bytes, stored_bytes, latest, best"
+
+
+@dataclass
+class Token:
+    kind: str  # str, num, name, kw, op, end
+    value: Any
+    pos: int
+
+
+def tokenize(text: str) -> list[Token]:
+    """Tokens of a DQL statement; InvalidInputError points at the first character it cannot read."""
+    out, pos = [], 0
+    while pos < len(text):
+        m = _TOKEN.match(text, pos)
+        if not m:
+            raise InvalidInputError(f"DQL: cannot read {text[pos:pos + 12]!r} at position {pos}")
+        kind = m.lastgroup or ""
+        raw = m.group()
+        if kind == "str":
+            out.append(Token("str", re.sub(r"\\(.)", r"\1", raw[1:-1]), pos))
+        elif kind == "num":
+            out.append(Token("num", float(raw) if any(c in raw for c in ".eE") else int(raw), pos))
+        elif kind == "name":
+            low = raw.lower()
+            out.append(Token("kw", low, pos) if low in _KEYWORDS else Token("name", raw, pos))
+        elif kind == "op":
+            out.append(Token("op", raw, pos))
+        pos = m.end()
+    out.append(Token("end", None, len(text)))
+    return out
+
+
+class _Parser:
+    def __init__(self, text: str):
+        self.text = text
+        self.toks = tokenize(text)
+        self.i = 0
+        self.params: list[Any] = []
+        self.var = ""
+
+    # -- token helpers -------------------------------------------------------------------
+    @property
+    def tok(self) -> Token:
+        return self.toks[self.i]
+
+    def fail(self, what: str, tok: Token | None = None) -> InvalidInputError:
+        t = tok or self.tok
+        near = self.text[t.pos:t.pos + 20] or "the end"
+        return InvalidInputError(f"DQL: {what} at position {t.pos} (near {near!r}); see `gpupas query --help`")
+
+    def accept(self, kind: str, value: Any = None) -> Token | None:
+        t = self.tok
+        if t.kind == kind and (value is None or t.value == value):
+            self.i += 1
+            return t
+        return None
+
+    def expect(self, kind: str, value: Any = None, what: str = "") -> Token:
+        t = self.accept(kind, value)
+        if t is None:
+            raise self.fail(f"expected {what or value or kind}")
+        return t
+
+    def lookahead_is(self, kind: str, value: Any = None, k: int = 0) -> bool:
+        t = self.toks[min(self.i + k, len(self.toks) - 1)]
+        return t.kind == kind and (value is None or t.value == value)
+
+    # -- grammar -------------------------------------------------------------------------
+    def query(self) -> tuple[str, list[Any]]:
+        self.expect("kw", "select")
+        self.var = str(self.expect("name", what="a variable name after select").value)
+        where = "1"
+        if self.accept("kw", "where"):
+            where = self.expr()
+        order = "id"
+        if self.accept("kw", "order"):
+            self.expect("kw", "by")
+            col = self.column_field()
+            direction = "DESC" if self.accept("kw", "desc") else "ASC"
+            self.accept("kw", "asc")
+            order = f"{col} {direction}, id"
+        limit = ""
+        if self.accept("kw", "limit"):
+            n = self.expect("num", what="a row count")
+            if not isinstance(n.value, int) or n.value < 0:
+                raise self.fail("LIMIT takes a whole number", n)
+            limit = f" LIMIT {n.value}"
+        if self.tok.kind != "end":
+            raise self.fail("unexpected text")
+        return f"SELECT {RESULT_COLUMNS} FROM versions v WHERE {where} ORDER BY {order}{limit}", self.params
+
+    def expr(self) -> str:
+        parts = [self.term()]
+        while self.accept("kw", "or"):
+            parts.append(self.term())
+        return parts[0] if len(parts) == 1 else "(" + " OR ".join(parts) + ")"
+
+    def term(self) -> str:
+        parts = [self.factor()]
+        while self.accept("kw", "and"):
+            parts.append(self.factor())
+        return parts[0] if len(parts) == 1 else "(" + " AND ".join(parts) + ")"
+
+    def factor(self) -> str:
+        if self.accept("kw", "not"):
+            return f"NOT {self.factor()}"
+        if self.accept("op", "("):
+            e = self.expr()
+            self.expect("op", ")")
+            return f"({e})"
+        return self.predicate()
+
+    def var_name(self) -> None:
+        t = self.expect("name", what=f"{self.var!r} (the selected variable)")
+        if t.value != self.var:
+            raise self.fail(f"unknown variable {t.value!r}; the statement selects {self.var!r}", t)
+
+    def predicate(self) -> str:
+        start = self.tok
+        self.var_name()
+        if self.accept("op", "["):  # a layer selector
+            pattern = str(self.expect("str", what="a quoted layer name pattern").value)
+            self.expect("op", "]")
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise self.fail(f"bad layer pattern {pattern!r} ({exc})", start) from None
+            direction = None
+            if self.lookahead_is("op", ".") and self.lookahead_is("name", k=1):
+                self.i += 1
+                d = self.expect("name").value.lower()
+                if d not in ("next", "prev"):
+                    raise self.fail(f"a layer selector has .next or .prev, not .{d}", self.toks[self.i - 1])
+                direction = d
+            if not self.accept("kw", "has"):
+                if direction:
+                    raise self.fail(f"expected HAS after .{direction}")
+                self.params.append(pattern)
+                return "EXISTS (SELECT 1 FROM layers a WHERE a.version=v.id AND a.name REGEXP ?)"
+            return self.has(pattern, direction)
+        if self.accept("kw", "has"):
+            return self.has(None, None)
+        self.expect("op", ".", "'.' and a field")
+        return self.comparison()
+
+    def template(self) -> tuple[str, list[Any]]:
+        t = self.expect("name", what='a layer template such as POOL("MAX")')
+        name = str(t.value).lower()
+        arg = None
+        if self.accept("op", "("):
+            if not self.accept("op", ")"):
+                a = self.expect("str", what="a quoted template argument")
+                arg = str(a.value)
+                self.expect("op", ")")
+        if name == "type":
+            if arg is None:
+                raise self.fail('TYPE needs a type name, as in TYPE("MaxPool2d")', t)
+            return "lower(b.type)=?", [arg.lower()]
+        alias = _KIND_ALIASES.get(name, name)
+        if isinstance(alias, tuple):
+            kind, variant = alias
+            return "b.kind=? AND b.variant=?", [kind, variant]
+        if alias in _KINDS:
+            if arg is None:
+                return "b.kind=?", [alias]
+            return "b.kind=? AND b.variant=?", [alias, arg.lower().replace("_", "")]
+        if name in _ACTIVATIONS:
+            return "b.kind='act' AND b.variant=?", [name.replace("_", "")]
+        raise self.fail(f"unknown layer template {t.value!r}; use one of "
+                        f"{', '.join(sorted(k.upper() for k in _KINDS | set(_KIND_ALIASES)))}, RELU..., TYPE(\"...\")",
+                        t)
+
+    def has(self, pattern: str | None, direction: str | None) -> str:
+        cond, args = self.template()
+        if pattern is None:
+            self.params.extend(args)
+            return f"EXISTS (SELECT 1 FROM layers b WHERE b.version=v.id AND {cond})"
+        if direction is None:
+            self.params.extend([pattern, *args])
+            return (f"EXISTS (SELECT 1 FROM layers b WHERE b.version=v.id AND b.name REGEXP ? AND {cond})")
+        src, dst = ("src", "dst") if direction == "next" else ("dst", "src")
+        self.params.extend([pattern, *args])
+        return ("EXISTS (SELECT 1 FROM layers a JOIN flow f ON f.version=a.version AND f." + src + "=a.node "
+                "JOIN layers b ON b.version=f.version AND b.node=f." + dst + " "
+                f"WHERE a.version=v.id AND a.name REGEXP ? AND {cond})")
+
+    def dotted(self) -> str:
+        """KEY(.KEY)* or ["key"] after hp/metric."""
+        if self.accept("op", "["):
+            key = str(self.expect("str", what="a quoted key").value)
+            self.expect("op", "]")
+            parts = [key]
+        else:
+            self.expect("op", ".", "'.' and a key")
+            parts = [str(self.expect("name", what="a key").value)]
+        while self.lookahead_is("op", ".") and (self.lookahead_is("name", k=1) or self.lookahead_is("kw", k=1)):
+            self.i += 1
+            parts.append(str(self.tok.value))
+            self.i += 1
+        return ".".join(parts)
+
+    def column_field(self) -> str:
+        self.var_name()
+        self.expect("op", ".", "'.' and a field")
+        t = self.expect("name", what="a field")
+        if t.value not in _COLUMNS:
+            raise self.fail(f"cannot order by {t.value!r}; use one of {', '.join(_COLUMNS)}", t)
+        return _COLUMNS[t.value]
+
+    def literal(self) -> Any:
+        t = self.tok
+        if t.kind in ("str", "num"):
+            self.i += 1
+            return t.value
+        if t.kind == "kw" and t.value in ("true", "false"):
+            self.i += 1
+            return t.value == "true"
+        raise self.fail("expected a value (a number or a quoted string)")
+
+    def operator(self) -> tuple[str, bool]:
+        if self.accept("kw", "not"):
+            self.expect("kw", "like")
+            return "NOT LIKE", True
+        if self.accept("kw", "like"):
+            return "LIKE", True
+        t = self.expect("op", what="a comparison (=, !=, <, <=, >, >=, like)")
+        if t.value not in _OPS:
+            raise self.fail(f"expected a comparison, not {t.value!r}", t)
+        return _OPS[t.value], False
+
+    def comparison(self) -> str:
+        t = self.expect("name", what="a field (name, created, hp..., metric..., parent, tag...)")
+        field = str(t.value)
+        if field == "hp":
+            key = self.dotted()
+            op, like = self.operator()
+            val = self.literal()
+            if like and not isinstance(val, str):
+                raise self.fail("LIKE needs a quoted pattern")
+            if isinstance(val, str):
+                self.params.extend([key, val])
+                return f"EXISTS (SELECT 1 FROM hparams h WHERE h.version=v.id AND h.key=? AND h.text {op} ?)"
+            self.params.extend([key, float(val)])
+            return f"EXISTS (SELECT 1 FROM hparams h WHERE h.version=v.id AND h.key=? AND h.num {op} ?)"
+        if field == "metric":
+            key = self.dotted()
+            name, _, agg = key.rpartition(".")
+            if not (name and agg in _AGGS):
+                name, agg = key, "last"
+            op, like = self.operator()
+            val = self.literal()
+            if like or isinstance(val, (str, bool)):
+                raise self.fail("metrics compare with numbers")
+            col = "n" if agg == "count" else agg
+            self.params.extend([name, val])
+            return (f'EXISTS (SELECT 1 FROM metric_summary s WHERE s.version=v.id AND s.name=? AND s."{col}" {op} ?)')
+        if field in ("parent", "tag"):
+            op, like = self.operator()
+            val = self.literal()
+            self.params.append(val)
+            if field == "parent":
+                return f"EXISTS (SELECT 1 FROM parents p WHERE p.version=v.id AND p.parent {op} ?)"
+            return f"EXISTS (SELECT 1 FROM tags t WHERE t.version=v.id AND t.tag {op} ?)"
+        if field not in _COLUMNS:
+            raise self.fail(f"unknown field {field!r}; use {', '.join([*_COLUMNS, 'parent', 'tag', 'hp', 'metric'])}",
+                            t)
+        op, like = self.operator()
+        val = self.literal()
+        if like and not isinstance(val, str):
+            raise self.fail("LIKE needs a quoted pattern")
+        self.params.append(val)
+        return f"v.{_COLUMNS[field]} {op} ?"
+
+
+def compile_query(text: str) -> tuple[str, list[Any]]:
+    """The SQL (with ``?`` parameters) that a DQL ``select`` statement runs on the catalog.
+
+    >>> sql, params = compile_query('select m where m.hp.lr < 0.01')
+    >>> params
+    ['lr', 0.01]
+    """
+    if not isinstance(text, str) or not text.strip():
+        raise InvalidInputError('DQL: empty statement; write e.g. select m where m.name like "cnn%"')
+    return _Parser(text).query()
+
+
+def run_query(catalog: Catalog, text: str) -> list[dict[str, Any]]:
+    """The versions a DQL ``select`` statement picks, as dicts (id, name, created, ... parents)."""
+    sql, params = compile_query(text)
+    rows = [dict(r) for r in catalog.query(sql, params)]
+    parents: dict[int, list[int]] = {}
+    for r in catalog.query("SELECT version, parent FROM parents ORDER BY version, pos"):
+        parents.setdefault(r["version"], []).append(r["parent"])
+    for r in rows:
+        r["parents"] = parents.get(r["id"], [])
+    return rows
