@@ -60,6 +60,7 @@ class Archive:
         self.workers = workers or os.cpu_count() or 1
         self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="gpupas")
         self._cache: OrderedDict[str, dict[str, np.ndarray]] = OrderedDict()
+        self._borrowed: set[str] = set()  # cached snapshots whose arrays are the committer's own
         self._cache_size = cache_size
 
     def __enter__(self) -> Archive:
@@ -72,6 +73,7 @@ class Archive:
         """Stop the worker threads and drop cached snapshots."""
         self._pool.shutdown()
         self._cache.clear()
+        self._borrowed.clear()
 
     @property
     def location(self) -> str:
@@ -140,7 +142,7 @@ class Archive:
             "tensors": tensors_meta, "meta": dict(meta or {}),
         }
         self.store.write_manifest(sid, manifest)
-        self._remember(sid, {p[0]: p[3] for p in prepared})  # no copy: checked by CRC before use
+        self._remember(sid, {p[0]: p[3] for p in prepared}, borrowed=True)  # checked by CRC before use
         return manifest
 
     def _encode(self, sid: str, prepared: list[tuple[Any, ...]], offsets: list[int], buf: np.ndarray,
@@ -175,11 +177,13 @@ class Archive:
                 framework: str = "numpy") -> dict[str, Any]:
         """The tensors of ``snapshot`` (all, or ``names``), bit-exact, as NumPy or torch."""
         bits = self._bits(snapshot, names)
+        lent = self._cache.get(snapshot, {}) if snapshot in self._borrowed else {}
         entries = {e["name"]: e for e in self.manifest(snapshot)["tensors"]}
         out = {}
         for name, r in bits.items():
             e = entries[name]
-            out[name] = from_bits(r, layout_of(e["dtype"]), tuple(e["shape"]))
+            values = from_bits(r, layout_of(e["dtype"]), tuple(e["shape"]))
+            out[name] = values.copy() if lent.get(name) is r else values  # never hand out the caller's arrays
         if framework == "torch":
             from gpupas.integrations.torch import numpy_to_state_dict
 
@@ -194,11 +198,12 @@ class Archive:
         n = len(self._bits(snapshot, use_cache=False))
         return n
 
-    def _remember(self, sid: str, bits: dict[str, np.ndarray]) -> None:
+    def _remember(self, sid: str, bits: dict[str, np.ndarray], borrowed: bool = False) -> None:
         self._cache[sid] = bits
         self._cache.move_to_end(sid)
+        (self._borrowed.add if borrowed else self._borrowed.discard)(sid)
         while len(self._cache) > self._cache_size:
-            self._cache.popitem(last=False)
+            self._borrowed.discard(self._cache.popitem(last=False)[0])
 
     def _bits(self, sid: str, names: Iterable[str] | None = None, use_cache: bool = True) -> dict[str, np.ndarray]:
         """Raw bit patterns (flat) of the tensors of ``sid``, checked against their CRC-32."""
@@ -220,6 +225,7 @@ class Archive:
             if all(_crc(cached[e["name"]]) == e["crc32"] for e in entries):
                 return {e["name"]: cached[e["name"]] for e in entries}
             del self._cache[sid]
+            self._borrowed.discard(sid)
         deltas = [e["name"] for e in entries if e["enc"] != "mat"]
         base_bits = self._bits(m["base"], deltas, use_cache) if deltas else {}
         kinds = m["chunks"]

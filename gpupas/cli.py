@@ -80,7 +80,7 @@ def _command(fn: F) -> F:
                 msg = str(exc) or type(exc).__name__
                 if isinstance(exc, OSError) and not isinstance(exc, GpupasError):
                     msg = f"{exc.strerror or exc}: {exc.filename}" if exc.filename else str(exc)
-                err.print(f"error: {msg}", markup=False, soft_wrap=True)
+                err.print("error: " + " ".join(msg.split()), markup=False, soft_wrap=True)  # one line
                 raise typer.Exit(_exit_code(exc)) from None
             except KeyboardInterrupt:
                 err.print("error: interrupted; nothing half-written is visible", markup=False)

@@ -257,3 +257,6 @@ def test_caller_mutating_a_committed_array_cannot_corrupt_the_next_delta(archive
     fresh = gpupas.open_archive(archive.location)
     _same(fresh.restore(m0["id"]), original)
     _same(fresh.restore(m1["id"]), s1)
+    got = archive.restore(m1["id"])  # served from memory: a copy, never the caller's own array
+    got["enc.w"] += 1.0
+    _same(archive.restore(m1["id"]), s1)
