@@ -304,14 +304,12 @@ def _attribute(entries: list[dict[str, Any]], buf: np.ndarray, chunk_sizes: list
 
     Exact for planes that fill their chunks; an estimate where small planes share one.
     """
-    segs = []  # (start, end, entry index, plane)
+    segs = []  # (start, end, entry index, plane), in stream order
     for i, e in enumerate(entries):
-        layout = layout_of(e["dtype"])
-        n = e["nbytes"] // layout.width
-        e["planes"] = [0] * layout.width
-        for p in range(layout.width):
-            if n:
-                segs.append((e["offset"] + p * n, e["offset"] + (p + 1) * n, i, p))
+        w = layout_of(e["dtype"]).width
+        for a, b in segments(e["nbytes"] // w):
+            lo = e["offset"] + a * w
+            segs.extend((lo + p * (b - a), lo + (p + 1) * (b - a), i, p) for p in range(w))
     starts = [s[0] for s in segs]
     shares = [[0.0] * layout_of(e["dtype"]).width for e in entries]
     for c, size in enumerate(chunk_sizes):
@@ -322,10 +320,13 @@ def _attribute(entries: list[dict[str, Any]], buf: np.ndarray, chunk_sizes: list
                 break
             a, b = max(lo, s[0]), min(hi, s[1])
             if b > a:
-                sample = buf[a:b:max(1, (b - a) // 2048)]
-                parts.append((s[2], s[3], (b - a) * max(0.05, entropy(sample))))
-        total = sum(w for *_, w in parts) or 1.0
-        for i, p, w in parts:
+                parts.append((s[2], s[3], a, b))
+        if len(parts) == 1:  # the common case: one plane fills the chunk
+            shares[parts[0][0]][parts[0][1]] += size
+            continue
+        weights = [(b - a) * max(0.05, entropy(buf[a:b:max(1, (b - a) // 2048)])) for *_, a, b in parts]
+        total = sum(weights) or 1.0
+        for (i, p, _, _), w in zip(parts, weights):
             shares[i][p] += size * w / total
     for e, sh in zip(entries, shares):
         e["planes"] = [round(x) for x in sh]

@@ -260,3 +260,15 @@ def test_caller_mutating_a_committed_array_cannot_corrupt_the_next_delta(archive
     got = archive.restore(m1["id"])  # served from memory: a copy, never the caller's own array
     got["enc.w"] += 1.0
     _same(archive.restore(m1["id"]), s1)
+
+
+def test_per_plane_report_of_a_multi_segment_tensor(archive: gpupas.Archive) -> None:
+    from gpupas.pas.transform import SEGMENT
+
+    rng = np.random.default_rng(0)
+    big = (rng.standard_normal(SEGMENT * 2 + 12345) * 0.02).astype(np.float32)
+    m = archive.commit({"big": big})
+    row = archive.report(m["id"])[0]
+    assert row["planes"][0] < 0.45 * big.nbytes / 4  # exponent plane: about a third of its bytes
+    assert row["planes"][3] > 0.99 * big.nbytes / 4  # lowest mantissa byte: incompressible
+    assert archive.restore(m["id"])["big"].tobytes() == big.tobytes()
