@@ -79,6 +79,16 @@ class Archive:
     def location(self) -> str:
         return self.store.location
 
+    def discard(self, snapshot: str) -> None:
+        """Delete ``snapshot`` for good (a snapshot nothing references, e.g. of a failed version).
+
+        Snapshots committed as deltas against it can no longer be restored: the caller must know
+        that none exist.
+        """
+        self._cache.pop(snapshot, None)
+        self._borrowed.discard(snapshot)
+        self.store.discard(snapshot)
+
     # -- listing ---------------------------------------------------------------------------
     def manifest(self, snapshot: str) -> Manifest:
         """The manifest of ``snapshot`` (tensors, encodings, sizes)."""

@@ -24,7 +24,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from gpupas.errors import GpupasError, SnapshotNotFoundError
+from gpupas.errors import GpupasError, IntegrityError, SnapshotNotFoundError
 from gpupas.network import Network
 
 SCHEMA_VERSION = 1
@@ -194,10 +194,14 @@ class Catalog:
 
     def sync(self) -> int:
         """Index the records that changed since the last sync; returns how many were (re)indexed."""
-        if self.is_fresh():
-            return 0
-        with self.transaction():
-            return self._apply(self.source.fingerprints(), self._known())
+        try:
+            if self.is_fresh():
+                return 0
+            with self.transaction():
+                return self._apply(self.source.fingerprints(), self._known())
+        except sqlite3.Error as exc:
+            raise CatalogError(f"the catalog {self.path} cannot be updated ({exc}); if this persists, remove it "
+                               "and run `gpupas reindex`") from None
 
     def rebuild(self) -> dict[str, int]:
         """Forget everything and index the whole archive again; returns row counts per table."""
@@ -226,16 +230,27 @@ class Catalog:
             self._forget(key)
             conn.execute("DELETE FROM records WHERE key=?", (key,))
         for key in todo:
-            got = self.source.read_record(key)
             self._forget(key)
+            conn.execute("DELETE FROM records WHERE key=?", (key,))
+            try:
+                got = self.source.read_record(key)
+            except IntegrityError:  # damaged: stays out of the catalog, retried next time; verify reports it
+                continue
             if got is None:  # vanished between listing and reading
-                conn.execute("DELETE FROM records WHERE key=?", (key,))
                 continue
             record, fp = got
-            if key.startswith("v/"):
-                self._index_version(record)
-            else:
-                conn.execute("INSERT INTO tags VALUES (?, ?, ?)", (key[2:], record["version"], record.get("created")))
+            conn.execute("SAVEPOINT one")
+            try:
+                if key.startswith("v/"):
+                    self._index_version(record)
+                else:
+                    conn.execute("INSERT INTO tags VALUES (?, ?, ?)",
+                                 (key[2:], int(record["version"]), record.get("created")))
+            except (KeyError, TypeError, ValueError, AttributeError, GpupasError):  # malformed record: as above
+                conn.execute("ROLLBACK TO one")
+                conn.execute("RELEASE one")
+                continue
+            conn.execute("RELEASE one")
             conn.execute("INSERT OR REPLACE INTO records VALUES (?, ?, ?, ?)", (key, *fp))
         if gone or todo:
             conn.execute("DELETE FROM tensors WHERE snapshot NOT IN (SELECT snapshot FROM snapshots)")
@@ -302,8 +317,7 @@ def open_catalog(root: Path, source: Any) -> Catalog:
     cat = Catalog(root / FILENAME, source)
     try:
         cat.sync()
-    except sqlite3.Error as exc:
+    except BaseException:
         cat.close()
-        raise CatalogError(f"the catalog {cat.path} cannot be updated ({exc}); remove it and run "
-                           "`gpupas reindex`") from None
+        raise
     return cat

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import json
+import sqlite3
 import sys
 import warnings
 from collections.abc import Callable, Iterator
@@ -47,14 +48,14 @@ out = Console(highlight=False, soft_wrap=False)
 err = Console(stderr=True, highlight=False)
 
 ArchiveOpt = Annotated[Path | None, typer.Option("--archive", "-A", envvar="GPUPAS_ARCHIVE", show_envvar=True,
-                                                 help="Archive directory [default: ./gpupas-archive].")]
+                                                 help="Archive directory (default: ./gpupas-archive).")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document instead of tables.")]
 SnapOpt = Annotated[str | None, typer.Option("--snapshot", "-s", help="latest (default), best, 1-based index or id.")]
 F = TypeVar("F", bound=Callable[..., Any])
 
 
 def _exit_code(exc: BaseException) -> int:
-    from gpupas.repo import VersionNotFoundError
+    from gpupas.errors import VersionNotFoundError
 
     if isinstance(exc, (VersionNotFoundError, SnapshotNotFoundError, ArchiveNotFoundError)):
         return NOT_FOUND
@@ -76,7 +77,7 @@ def _command(fn: F) -> F:
                 return fn(*args, **kwargs)
             except (typer.Exit, typer.Abort, SystemExit):
                 raise
-            except (GpupasError, OSError) as exc:
+            except (GpupasError, OSError, sqlite3.Error) as exc:
                 msg = str(exc) or type(exc).__name__
                 if isinstance(exc, OSError) and not isinstance(exc, GpupasError):
                     msg = f"{exc.strerror or exc}: {exc.filename}" if exc.filename else str(exc)
@@ -408,7 +409,12 @@ def list_(ref: Annotated[str | None, typer.Argument(help="Only versions connecte
     _log(ref, archive, as_json)
 
 
-def _show(ref: str, snapshot: str | None, tensors: bool, archive: Path | None, as_json: bool) -> None:
+_MAX_NODES = 25
+_SHOWN_ATTRS = ("in_features", "out_features", "in_channels", "out_channels", "kernel_size", "stride", "num_features",
+                "normalized_shape", "num_embeddings", "embedding_dim", "p")
+
+
+def _show(ref: str, snapshot: str | None, tensors: bool, network: bool, archive: Path | None, as_json: bool) -> None:
     with _repo(archive) as repo:
         d = repo.describe(ref, snapshot)
     if as_json:
@@ -458,7 +464,24 @@ def _show(ref: str, snapshot: str | None, tensors: bool, archive: Path | None, a
         out.print(t)
     net = d.get("network") or {}
     nodes = net.get("nodes", [])
-    p(f"network: {len(nodes)} nodes, {len(net.get('edges', []))} edges (from {net.get('source', 'none')})")
+    types: dict[str, int] = {}
+    for n in nodes:
+        types[n["type"]] = types.get(n["type"], 0) + 1
+    p(f"network: {len(nodes)} nodes, {len(net.get('edges', []))} edges (from {net.get('source', 'none')}): "
+      + " ".join(f"{t}×{c}" if c > 1 else t for t, c in sorted(types.items(), key=lambda x: -x[1])))
+    if nodes and (network or len(nodes) <= _MAX_NODES):
+        names = {n["id"]: n["name"] for n in nodes}
+        nxt: dict[int, list[str]] = {}
+        for a, b in net.get("edges", []):
+            nxt.setdefault(a, []).append(names[b])
+        t = Table()
+        for c in ("node", "type", "next", "attributes"):
+            t.add_column(c)
+        for n in nodes:
+            attrs = {k: v for k, v in n.get("attrs", {}).items() if k in _SHOWN_ATTRS}
+            t.add_row(n["name"], n["type"], ", ".join(nxt.get(n["id"], [])),
+                      " ".join(f"{k}={json.dumps(v, separators=(',', ':'))}" for k, v in attrs.items()))
+        out.print(t)
     if d.get("snapshot"):
         s = d["snapshot"]
         p(f"storage per layer, snapshot {s['index']} ({s['id']}, delta base {s['base'] or 'none'}):")
@@ -491,18 +514,21 @@ def _show(ref: str, snapshot: str | None, tensors: bool, archive: Path | None, a
 def show(ref: Annotated[str, typer.Argument(help="Version: id, tag or name (its newest version).")],
          snapshot: SnapOpt = None,
          tensors: Annotated[bool, typer.Option("--tensors", "-t", help="Also list every tensor.")] = False,
+         network: Annotated[bool, typer.Option("--network", "-N", help="List every network node (shown by "
+                                                                        "default up to 25 nodes).")] = False,
          archive: ArchiveOpt = None, as_json: JsonOpt = False) -> None:
     """Metadata, network, sizes and per-layer storage of a version."""
-    _show(ref, snapshot, tensors, archive, as_json)
+    _show(ref, snapshot, tensors, network, archive, as_json)
 
 
 @app.command()
 @_command
 def desc(ref: Annotated[str, typer.Argument(help="Version: id, tag or name.")], snapshot: SnapOpt = None,
          tensors: Annotated[bool, typer.Option("--tensors", "-t")] = False,
+         network: Annotated[bool, typer.Option("--network", "-N")] = False,
          archive: ArchiveOpt = None, as_json: JsonOpt = False) -> None:
     """Same as show."""
-    _show(ref, snapshot, tensors, archive, as_json)
+    _show(ref, snapshot, tensors, network, archive, as_json)
 
 
 @app.command()
@@ -673,8 +699,8 @@ def stats(archive: ArchiveOpt = None, as_json: JsonOpt = False) -> None:
     p(f"archive {s['location']}: {s['versions']} versions ({s['names']} names, {s['tags']} tags), "
       f"{s['snapshots']} snapshots, {s['tensors']} tensors")
     p(f"weights: {_size(s['raw_bytes'])} raw -> {_size(s['stored_bytes'])} stored "
-      f"({_pct(s['stored_bytes'], s['raw_bytes'])}), saves {_size(s['saved_bytes'])}; enc mat: stored whole, "
-      "sub/xor: delta to the base snapshot")
+      f"({_pct(s['stored_bytes'], s['raw_bytes'])}), saves {_size(s['saved_bytes'])}")
+    p("encodings: mat = stored whole, sub/xor = delta to the base snapshot")
     for key, col in (("by_encoding", "enc"), ("by_dtype", "dtype")):
         t = Table()
         for c in (col, "tensors", "raw", "stored", "%"):

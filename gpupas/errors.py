@@ -22,6 +22,13 @@ class SnapshotNotFoundError(GpupasError, KeyError):
         return str(self.args[0]) if self.args else ""
 
 
+class VersionNotFoundError(GpupasError, KeyError):
+    """No model version has that id, tag or name."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
 class UnsupportedDtypeError(GpupasError, TypeError):
     """A tensor's dtype cannot be archived."""
 

@@ -40,7 +40,6 @@ import json
 import math
 import os
 import re
-import shutil
 import sqlite3
 import uuid
 import warnings
@@ -60,6 +59,7 @@ from gpupas.errors import (
     IntegrityError,
     InvalidInputError,
     SnapshotNotFoundError,
+    VersionNotFoundError,
 )
 from gpupas.network import Network, diff_networks, extract_network
 from gpupas.pas.store import check_name
@@ -72,13 +72,6 @@ _STEP_NAMES = ("step", "global_step", "iteration", "iter", "epoch")
 
 Progress = Callable[[str, int, int], None]
 Record = dict[str, Any]
-
-
-class VersionNotFoundError(GpupasError, KeyError):
-    """No version has that id, tag or name."""
-
-    def __str__(self) -> str:  # KeyError quotes its argument; keep the message readable
-        return str(self.args[0]) if self.args else ""
 
 
 # -- small helpers ------------------------------------------------------------------------------
@@ -361,7 +354,7 @@ class Repository:
     """
 
     def __init__(self, archive: Archive, *, own_archive: bool = True):
-        root = getattr(archive.store, "_local_root", None)
+        root = archive.store.local_root
         if root is None:
             raise InvalidInputError(f"{archive.location}: versions need a local archive directory; remote stores "
                                     "hold snapshots only (use Archive directly)")
@@ -520,9 +513,13 @@ class Repository:
         tag = self.read_record(f"t/{ref}")
         if tag is not None:
             return int(tag[0]["version"])
-        rows = self.catalog().query("SELECT max(id) AS id FROM versions WHERE name=?", (ref,))
-        if rows and rows[0]["id"] is not None:
-            return int(rows[0]["id"])
+        try:
+            rows = self.catalog().query("SELECT max(id) AS id FROM versions WHERE name=?", (ref,))
+            found = rows[0]["id"] if rows else None
+        except (CatalogError, sqlite3.Error):  # no usable catalog (read-only place?): read the records
+            found = max((v.id for v in self.versions() if v.name == ref), default=None)
+        if found is not None:
+            return int(found)
         raise VersionNotFoundError(f"no version, tag or name {ref!r} in archive {self.location}; "
                                    "list them with `gpupas log`")
 
@@ -612,11 +609,7 @@ class Repository:
     def _discard(self, sids: Iterable[str]) -> None:
         """Remove snapshots this process wrote for a version that was never published."""
         for sid in sids:
-            check_name(sid)
-            with suppress(FileNotFoundError):
-                (self.root / "manifests" / f"{sid}.json").unlink()
-            shutil.rmtree(self.root / "snapshots" / sid, ignore_errors=True)
-            self.archive._cache.pop(sid, None)
+            self.archive.discard(sid)
 
     def _commit_snapshots(self, sources: Sequence[tuple[Any, str | None, int | None]], base: str | None,
                           name: str, setting: str, progress: Progress | None,
@@ -826,7 +819,8 @@ class Repository:
                 records.append({
                     "format": RECORD_FORMAT, "id": 0, "name": name, "parents": [], "created": "",
                     "author": author if author is not None else _default_author(),
-                    "message": message or f"imported {p.name}", "rev": 0, "snapshots": entries,
+                    "message": f"{message}: {p.name}" if message else f"imported {p.name}", "rev": 0,
+                    "snapshots": entries,
                     "latest": base, "best": None, "network": extract_network(tensors).to_dict(),
                     "hyperparameters": hp, "metrics": _upto(series, step, prev), "files": {},
                 })
@@ -1036,6 +1030,10 @@ class Repository:
             sids = []
         ids = set(self._version_ids())
         blobs: dict[str, str] = {}
+        malformed = [r for r in records if not _well_formed(r)]
+        problems += [f"version record {r.get('id', '?')} is malformed (missing or bad id, name, parents, created "
+                     "or snapshots); restore it from a copy" for r in malformed]
+        records = [r for r in records if _well_formed(r)]
         for rec in records:
             for p in rec.get("parents", []):
                 if p not in ids:
@@ -1107,6 +1105,15 @@ class Repository:
             "per_version": [dict(r) for r in q("SELECT id, name, n_snapshots, raw_bytes, stored_bytes FROM versions "
                                                "ORDER BY id")],
         }
+
+
+def _well_formed(r: Any) -> bool:
+    try:
+        return (isinstance(r, dict) and int(r["id"]) > 0 and isinstance(r["name"], str)
+                and isinstance(r["created"], str) and all(isinstance(p, int) for p in r["parents"])
+                and all(isinstance(s["id"], str) for s in r["snapshots"]))
+    except (KeyError, TypeError, ValueError):
+        return False
 
 
 def _pick_best(entries: list[dict[str, Any]], series: Mapping[str, Any], best: str | int | None,

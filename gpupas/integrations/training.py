@@ -8,7 +8,7 @@
 ...     v = hook({"w": w}, step=step, metrics={"loss": 1.0 / step})
 >>> (v.id, len(v.snapshots), v.metrics["loss"])
 (1, 2, [[10, 0.1], [20, 0.05]])
->>> hook.close()
+>>> _ = hook.close()
 
 With PyTorch::
 

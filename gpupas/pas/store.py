@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import uuid
 from pathlib import Path
 from typing import Any
@@ -104,6 +105,24 @@ class ArchiveStore:
             if fmt > FORMAT:
                 raise GpupasError(f"archive {loc} has format {fmt}; this gpupas reads up to {FORMAT}: upgrade gpupas")
         return self
+
+    @property
+    def local_root(self) -> Path | None:
+        """The archive's directory for a local store, else None."""
+        return self._local_root
+
+    def discard(self, sid: str) -> None:
+        """Remove snapshot ``sid``: its manifest first (so it disappears at once), then its chunks."""
+        check_name(sid)
+        if self._local_root is not None:
+            (self._local_root / "manifests" / f"{sid}.json").unlink(missing_ok=True)
+            shutil.rmtree(self._local_root / "snapshots" / sid, ignore_errors=True)
+            return
+
+        async def remove_all() -> None:
+            await self.store.delete(f"manifests/{sid}.json")
+            await self.store.delete_dir(f"snapshots/{sid}")
+        sync(remove_all())
 
     # -- raw key access ------------------------------------------------------------------
     def _get(self, key: str) -> bytes | None:

@@ -1,0 +1,193 @@
+"""The SQLite catalog (a cache rebuilt from the archive) and DQL select queries served from it."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from gpupas.catalog import FILENAME
+from gpupas.errors import InvalidInputError
+from gpupas.query import compile_query, tokenize
+from gpupas.repo import Repository, create_repository, open_repository
+
+
+def net(*layers: tuple[str, str], extra_edges: tuple[tuple[int, int], ...] = ()) -> dict:
+    """A network dict: a chain of (name, type) layers."""
+    nodes = [{"id": i, "name": n, "type": t, "attrs": {}} for i, (n, t) in enumerate(layers)]
+    return {"source": "given", "nodes": nodes, "edges": [[i, i + 1] for i in range(len(layers) - 1)]
+            + [list(e) for e in extra_edges]}
+
+
+CNN_MAX = net(("x", "input"), ("conv1", "Conv2d"), ("relu1", "ReLU"), ("pool1", "MaxPool2d"), ("conv2", "Conv2d"),
+              ("drop", "Dropout"), ("pool2", "AvgPool2d"), ("fc", "Linear"), ("output", "output"))
+CNN_AVG = net(("conv1", "Conv2d"), ("relu", "relu"), ("avg_pool2d", "avg_pool2d"), ("conv4", "Conv2d"),
+              ("max_pool2d", "max_pool2d"), ("fc", "Linear"))
+MLP = net(("fc1", "Linear"), ("act", "GELU"), ("fc2", "Linear"), ("bn", "BatchNorm1d"))
+
+
+@pytest.fixture
+def repo(tmp_path: Path) -> Repository:
+    r = create_repository(tmp_path / "arc")
+    w = {"w": np.zeros(4, np.float32)}
+    r.commit("cnn_max", w, network=CNN_MAX, hyperparameters={"lr": 0.001, "opt": {"name": "adam"}, "aug": True},
+             metrics={"accuracy": [[1, 0.5], [2, 0.93]], "loss": [[1, 1.0], [2, 0.2]]}, author="ana")
+    r.commit("cnn_avg", w, network=CNN_AVG, parents=[1], hyperparameters={"lr": 0.05, "opt": {"name": "sgd"}},
+             metrics={"accuracy": [[1, 0.95], [2, 0.85]]}, author="bo", message="avg pooling first")
+    r.commit("mlp-1", w, network=MLP, hyperparameters={"lr": 0.01, "opt": {"name": "sgd"}, "layers": [64, 32]},
+             metrics={"loss": [[1, 0.7]]})
+    r.commit("cnnXmax", w, network=CNN_MAX, parents=[1, 2], hyperparameters={"lr": "auto"})
+    r.tag("prod", 2)
+    yield r
+    r.close()
+
+
+def ids(repo: Repository, q: str) -> list[int]:
+    return [row["id"] for row in repo.query(q)]
+
+
+@pytest.mark.parametrize(("q", "want"), [
+    ("select m", [1, 2, 3, 4]),
+    ('select m where m.name like "cnn_%"', [1, 2, 4]),  # SQL LIKE: _ is any one character
+    ('select m where m.name like "cnn\\_%"', [1, 2, 4]),
+    ('select m where m.name not like "cnn%"', [3]),
+    ('select m where m.name = "mlp-1"', [3]),
+    ('select m where m.created > "2020-01-01" and m.created < "2999-01-01"', [1, 2, 3, 4]),
+    ('select m where m.created > "2999-01-01"', []),
+    ("select m where m.hp.lr < 0.01", [1]),
+    ("select m where m.hp.lr <= 0.01", [1, 3]),
+    ('select m where m.hp.lr = "auto"', [4]),
+    ('select m where m.hp.opt.name = "sgd"', [2, 3]),
+    ('select m where m.hp["opt.name"] != "sgd"', [1]),
+    ("select m where m.hp.aug = true", [1]),
+    ("select m where m.metric.accuracy >= 0.9", [1]),  # the last value
+    ("select m where m.metric.accuracy.max >= 0.9", [1, 2]),
+    ("select m where m.metric.loss.min < 0.5 or m.metric.accuracy.count = 2", [1, 2]),
+    ('select m where m["conv[1-3]"].next has POOL("MAX")', [1, 4]),  # through relu
+    ('select m where m["conv[1-3]"].next has POOL("AVG")', [1, 2, 4]),  # through dropout
+    ('select m where m["conv4"].next has POOL("max")', [2]),
+    ('select m where m["conv[1,3,5]"].next has RELU', [1, 2, 4]),
+    ('select m where m["pool.*"].prev has CONV', [1, 4]),
+    ('select m where m["fc2"].next has NORM("batch")', [3]),
+    ('select m where m["fc1"].next has NORM("batch")', []),
+    ('select m where m["fc1"].next has FC', [3]),  # through GELU
+    ('select m where m has TYPE("MaxPool2d")', [1, 4]),
+    ('select m where m has POOL and not m has POOL("AVG")', []),
+    ('select m where m["conv1"]', [1, 2, 4]),
+    ('select m where m["conv"]', []),  # whole-name match
+    ('select m where m["bn"] has NORM', [3]),
+    ("select m where m.parent = 1", [2, 4]),
+    ('select m where m.tag = "prod"', [2]),
+    ('select m where m.author = "bo" or (m.snapshots = 1 and m.id > 3)', [2, 4]),
+    ('SELECT m WHERE m.message LIKE "%pooling%"', [2]),
+    ("select m order by m.name desc limit 2", [3, 1]),  # "_" sorts after "X"
+    ("select v where v.id != 2 order by v.id desc", [4, 3, 1]),
+])
+def test_select(repo: Repository, q: str, want: list[int]) -> None:
+    assert ids(repo, q) == want
+
+
+@pytest.mark.parametrize(("q", "msg"), [
+    ("", "empty statement"),
+    ("delete m", "expected select"),
+    ("select m where", "expected 'm'"),
+    ("select m where x.name = 1", "unknown variable 'x'"),
+    ("select m where m.color = 1", "unknown field 'color'"),
+    ('select m where m["conv("] has CONV', "bad layer pattern"),
+    ('select m where m["a"].next has WIDGET', "unknown layer template 'WIDGET'"),
+    ('select m where m["a"].next', "expected HAS"),
+    ('select m where m["a"].sideways has CONV', ".next or .prev"),
+    ('select m where m.name = "a" "b"', "unexpected text"),
+    ("select m where m.name = ", "expected a value"),
+    ('select m where m.metric.loss < "low"', "metrics compare with numbers"),
+    ("select m where m.id like 3", "LIKE needs a quoted pattern"),
+    ("select m limit -1", "LIMIT takes a whole number"),
+    ("select m where m.name = 'a' ; drop table versions", "cannot read"),
+    ("select m where m.name = @", "cannot read"),
+])
+def test_bad_statements_say_where(repo: Repository, q: str, msg: str) -> None:
+    with pytest.raises(InvalidInputError, match="DQL") as exc:
+        repo.query(q)
+    assert msg in str(exc.value)
+
+
+def test_values_are_parameters_not_sql(repo: Repository) -> None:
+    sql, params = compile_query("select m where m.name = \"x' OR 1=1 --\" and m.hp.lr > 1e-3")
+    assert "OR 1=1" not in sql and params == ["x' OR 1=1 --", "lr", 0.001]
+    assert ids(repo, "select m where m.name = \"x' OR 1=1 --\"") == []
+    assert [t.kind for t in tokenize('m["a\\"b"]')] == ["name", "op", "str", "op", "end"]
+
+
+def _dump(repo: Repository) -> dict:
+    return repo.catalog().dump()
+
+
+def test_rebuilt_catalog_equals_the_live_one(repo: Repository) -> None:
+    repo.add_snapshot(3, {"w": np.ones(4, np.float32)}, step=2, metrics={"loss": [[2, 0.5]]}, best=True)
+    repo.tag("old", 1)
+    repo.tag("prod", 3, force=True)
+    repo.untag("old")
+    repo.copy(2, "copy-of-2")
+    live = _dump(repo)
+    assert live["versions"] and live["layers"] and live["tensors"] and live["metric_summary"]
+    counts = repo.reindex()
+    assert counts["versions"] == 5 and counts["tags"] == 1
+    assert _dump(repo) == live
+    # and a catalog built from scratch in another file, from the archive alone
+    (repo.root / FILENAME).rename(repo.root / "old.sqlite")
+    for suffix in ("-wal", "-shm"):
+        (repo.root / f"{FILENAME}{suffix}").unlink(missing_ok=True)
+    with open_repository(repo.root) as fresh:
+        assert _dump(fresh) == live
+
+
+def test_catalog_catches_up_with_other_writers(repo: Repository) -> None:
+    with open_repository(repo.root) as other:
+        other.commit("late", {"w": np.ones(2, np.float32)}, hyperparameters={"lr": 1e-5})
+        other.tag("late-tag", "late")
+    assert ids(repo, "select m where m.hp.lr < 0.0001") == [5]
+    assert repo.tags()["late-tag"] == 5
+    # a record rewritten behind the catalog's back (another process, no catalog update) is re-read
+    rec = repo.version(5).to_dict()
+    rec["hyperparameters"]["lr"] = 0.5
+    repo._replace("versions/5.json", __import__("json").dumps(rec).encode())
+    assert ids(repo, "select m where m.hp.lr = 0.5") == [5]
+    assert repo.catalog().is_fresh()
+
+
+def test_missing_or_damaged_catalog_is_rebuilt(repo: Repository) -> None:
+    live = _dump(repo)
+    root = repo.root
+    repo.close()
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{root / FILENAME}{suffix}").unlink(missing_ok=True)
+    with open_repository(root) as r:
+        assert _dump(r) == live
+    for suffix in ("-wal", "-shm"):
+        Path(f"{root / FILENAME}{suffix}").unlink(missing_ok=True)
+    (root / FILENAME).write_bytes(b"this is not a database" * 100)
+    with open_repository(root) as r:
+        assert _dump(r) == live
+    con = sqlite3.connect(root / FILENAME)  # an older schema version
+    con.execute("PRAGMA user_version=0")
+    con.close()
+    with open_repository(root) as r:
+        assert _dump(r) == live
+
+
+def test_log_is_served_from_the_catalog(repo: Repository) -> None:
+    rows = repo.lineage()
+    assert [(r["id"], r["parents"], r["tags"]) for r in rows] == [(1, [], []), (2, [1], ["prod"]), (3, [], []),
+                                                                   (4, [1, 2], [])]
+
+
+def test_a_damaged_record_does_not_take_the_catalog_down(repo: Repository) -> None:
+    (repo.root / "versions" / "5.json").write_text("{not json")
+    (repo.root / "versions" / "6.json").write_text('{"id": 6}')
+    assert ids(repo, "select m") == [1, 2, 3, 4]  # the others are still served
+    problems = repo.verify()["problems"]
+    assert any("versions/5.json" in p and "damaged" in p for p in problems)
+    assert any("version record 6 is malformed" in p for p in problems)
+    assert repo.commit("after", {"w": np.ones(1, np.float32)}).id == 7

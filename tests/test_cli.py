@@ -1,0 +1,259 @@
+"""The gpupas command line, run as a user runs it: a subprocess per command, outputs and exit codes checked."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import realdata
+
+from gpupas.tensors import load_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+PYTHONPATH = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+
+
+def _cmd(args: tuple[str | Path, ...], archive: Path | None, env: dict[str, str] | None) -> tuple[list[str], dict]:
+    cmd = [sys.executable, "-m", "gpupas.cli", *map(str, args)]
+    if archive is not None:
+        cmd += ["-A", str(archive)]
+    base = {k: v for k, v in os.environ.items() if k != "GPUPAS_ARCHIVE"}
+    return cmd, base | {"PYTHONPATH": PYTHONPATH, "COLUMNS": "200", "GPUPAS_AUTHOR": "tester"} | (env or {})
+
+
+def gp(*args: str | Path, archive: Path | None = None, env: dict[str, str] | None = None,
+       cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """Run ``gpupas ARGS [-A archive]`` in a fresh interpreter."""
+    cmd, full = _cmd(args, archive, env)
+    return subprocess.run(cmd, capture_output=True, text=True, env=full, cwd=cwd or ROOT, timeout=120)
+
+
+def gp_all(*calls: tuple[str | Path, ...], archive: Path) -> list[subprocess.CompletedProcess[str]]:
+    """Run several commands at once (they must not depend on each other); results in order."""
+    procs = []
+    for args in calls:
+        cmd, full = _cmd(args, archive, None)
+        procs.append((cmd, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=full,
+                                            cwd=ROOT)))
+    out = []
+    for cmd, p in procs:
+        so, se = p.communicate(timeout=120)
+        out.append(subprocess.CompletedProcess(cmd, p.returncode, so, se))
+    return out
+
+
+def ok(res: subprocess.CompletedProcess[str]) -> str:
+    assert res.returncode == 0, f"rc={res.returncode}\nstdout={res.stdout}\nstderr={res.stderr}"
+    return res.stdout
+
+
+def js(res: subprocess.CompletedProcess[str]) -> object:
+    return json.loads(ok(res))
+
+
+def fails(res: subprocess.CompletedProcess[str], code: int, *words: str) -> str:
+    assert res.returncode == code, f"rc={res.returncode} (want {code})\nstdout={res.stdout}\nstderr={res.stderr}"
+    lines = [x for x in res.stderr.splitlines() if x.strip()]
+    assert lines and lines[-1].startswith("error: "), res.stderr
+    if code != 2 or "Usage" not in res.stderr:  # our own errors: one line, no traceback
+        assert "Traceback" not in res.stderr and len(lines) == 1, res.stderr
+    for w in words:
+        assert w in res.stderr, (w, res.stderr)
+    return res.stderr
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return realdata.training_run(tmp_path_factory.mktemp("run"))
+
+
+def files_of(root: Path) -> dict[str, int]:
+    return {str(p.relative_to(root)): p.stat().st_size for p in root.rglob("*")
+            if p.is_file() and not p.name.startswith("catalog.sqlite")}
+
+
+def test_end_to_end_session(tmp_path: Path, run: Path) -> None:
+    arc = tmp_path / "arc"
+    ckpts = sorted(run.glob("step-*.safetensors"))
+    assert "created archive" in ok(gp("init", arc))
+    fails(gp("init", arc), 2, "already an archive")
+
+    out = ok(gp("import", run, "--name", "digits", "--metrics", run / "train_log.csv", "--hparams",
+                run / "config.json", "-f", run / "config.json", "-m", "digits run", archive=arc))
+    assert "imported 4 versions of digits: 1..4" in out
+
+    rows = js(gp("log", "--json", archive=arc))
+    assert [(r["id"], r["name"], r["parents"]) for r in rows] == [(1, "digits", []), (2, "digits", [1]),
+                                                                   (3, "digits", [2]), (4, "digits", [3])]
+    text = ok(gp("log", archive=arc))
+    assert "#1 digits" in text and "#4 digits ← #3" in text and "digits run" in text
+    assert ok(gp("list", archive=arc)) == text
+
+    d = js(gp("show", "digits", "--json", archive=arc))
+    assert d["id"] == 4 and d["parents"] == [3] and d["hyperparameters"]["lr"] == 0.01
+    assert d["files"]["config.json"]["size"] > 0 and d["network"]["nodes"]
+    assert {r["layer"] for r in d["layers"]} >= {"fc1", "fc2"}
+    assert all(0 < r["stored_bytes"] for r in d["layers"])
+    assert d["snapshot"]["base"] == js(gp("show", "3", "--json", archive=arc))["latest"]  # delta to its parent
+    text = ok(gp("show", "2", "--tensors", archive=arc))
+    for word in ("version 2", "snapshots", "hyperparameters", "metrics", "storage per layer", "fc1.weight", "total"):
+        assert word in text
+    assert ok(gp("desc", "2", "--tensors", archive=arc)) == text
+
+    diff = js(gp("diff", "1", "4", "--json", archive=arc))
+    assert diff["hyperparameters"] == {} and diff["network"]["added"] == []
+    assert diff["metrics"]["loss"][1] < diff["metrics"]["loss"][0]
+    assert diff["weights"]["identical"] == 0 and diff["weights"]["rel_l2"] > 0
+    text = ok(gp("diff", "1", "4", "--top", "3", archive=arc))
+    assert "weights: " in text and "rel L2" in text and "network: same" in text
+
+    assert "tagged version 2 as v1" in ok(gp("tag", "v1", "2", archive=arc))
+    assert js(gp("tag", "--json", archive=arc)) == {"v1": 2}
+    assert "(v1)" in ok(gp("log", archive=arc))
+    assert js(gp("show", "v1", "--json", archive=arc))["tags"] == ["v1"]
+
+    co = tmp_path / "co"
+    ok(gp("checkout", "v1", "-o", co, archive=arc))
+    got, want = load_checkpoint(co / "model.safetensors"), load_checkpoint(ckpts[1])
+    assert got.keys() == want.keys() and all(got[k].tobytes() == want[k].tobytes() for k in want)
+    assert (co / "config.json").read_bytes() == (run / "config.json").read_bytes()
+    assert json.loads((co / "gpupas-version.json").read_text())["id"] == 2
+    ok(gp("export", "4", "-o", tmp_path / "v4.safetensors", archive=arc))
+    got = load_checkpoint(tmp_path / "v4.safetensors")
+    assert all(np.array_equal(got[k], v) for k, v in load_checkpoint(ckpts[3]).items())
+
+    # one version holding a whole run as time-ordered snapshots, fine-tuned from v1
+    out = ok(gp("commit", run, "-n", "digits-ft", "-p", "v1", "--hp", "lr=0.02", "--hp", "sched=cosine",
+                "--metrics", run / "train_log.csv", "--metric", "test_accuracy=0.91", "--best-by", "loss:min",
+                "--network", run / "network.json", "-m", "fine-tune", archive=arc))
+    assert "committed version 5 (digits-ft): 4 snapshot(s)" in out and "parents 2" in out
+    v5 = js(gp("show", "5", "--json", archive=arc))
+    assert len(v5["snapshots"]) == 4 and v5["best"] in {s["id"] for s in v5["snapshots"]}
+    assert v5["hyperparameters"] == {"lr": 0.02, "sched": "cosine"}
+    assert v5["metrics"]["test_accuracy"] == [[60, 0.91]]
+    assert v5["snapshots"][0]["base"] == js(gp("show", "2", "--json", archive=arc))["latest"]
+    assert "created version 6 (scaffold) from version 5" in ok(gp("copy", "5", "-n", "scaffold", archive=arc))
+
+    q = js(gp("query", 'select m where m.name like "digits%" and m.hp.lr > 0.015 and m.metric.test_accuracy >= 0.9',
+              "--json", archive=arc))
+    assert [r["id"] for r in q] == [5]
+    q = js(gp("query", "select m where m.parent = 5 or m.tag = \"v1\"", "--json", archive=arc))
+    assert [r["id"] for r in q] == [2, 6]
+    text = ok(gp("query", 'select m where m["fc[12]"]', archive=arc))
+    assert "digits-ft" in text
+    q = js(gp("query", 'select m where m["conv[1-3]"].next has POOL("MAX") or m["fc1"].next has RELU', "--json",
+              archive=arc))
+    assert [r["id"] for r in q] == [5, 6]  # the versions with a real network graph (6 is a copy of 5)
+    assert [r["id"] for r in js(gp("log", "3", "--json", archive=arc))] == [1, 2, 3, 4]  # ancestors, descendants
+
+    assert ok(gp("verify", archive=arc)).startswith("ok: 6 versions, 8 snapshots")
+    assert js(gp("verify", "5", "--json", archive=arc))["checked"]["snapshots"] == 4
+    st = js(gp("stats", "--json", archive=arc))
+    assert st["versions"] == 6 and st["snapshots"] == 8 and 0 < st["ratio"] < 1 and st["saved_bytes"] > 0
+    assert {r["enc"] for r in st["by_encoding"]} >= {"mat"} and len({r["enc"] for r in st["by_encoding"]}) >= 2
+    assert st["files"]["blobs"] == 1 and st["files"]["references"] == 4
+    assert "weights:" in ok(gp("stats", archive=arc))
+    counts = js(gp("reindex", "--json", archive=arc))
+    assert counts["versions"] == 6 and counts["tags"] == 1
+
+    # damage one chunk: verify finds it, exit code 3
+    chunk = next(p for p in sorted((arc / "snapshots").rglob("c/0")))
+    data = bytearray(chunk.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    chunk.write_bytes(bytes(data))
+    res = gp("verify", archive=arc)
+    assert res.returncode == 3 and "damaged:" in res.stderr and res.stderr.strip().splitlines()[-1].startswith("error:")
+    assert js(gp("log", "--json", archive=arc))  # reading the rest still works
+
+
+def test_bad_input_gives_a_clear_message_and_changes_nothing(tmp_path: Path, run: Path) -> None:
+    arc = tmp_path / "arc"
+    ok(gp("init", arc))
+    ckpts = sorted(run.glob("step-*.safetensors"))
+    ok(gp("commit", ckpts[0], "-n", "good", archive=arc))
+    before, log_before = files_of(arc), ok(gp("log", "--json", archive=arc))
+
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for p in ckpts:
+        (bad / p.name).write_bytes(p.read_bytes())
+    broken = bad / ckpts[-1].name
+    broken.write_bytes(broken.read_bytes()[:200])  # truncated, last in order: earlier files were already stored
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not a checkpoint")
+
+    expected = [  # (arguments, exit code, words in the message)
+        (("show", "99"), 1, ["no version 99", "gpupas log"]),
+        (("show", "nope"), 1, ["no version, tag or name 'nope'"]),
+        (("diff", "1", "99"), 1, []),
+        (("checkout", "99", "-o", tmp_path / "co"), 1, []),
+        (("verify", "99"), 1, []),
+        (("show", "1", "--snapshot", "7"), 1, ["snapshots 1..1"]),
+        (("commit", notes, "-n", "x"), 2, ["unknown checkpoint type '.txt'"]),
+        (("commit", tmp_path / "missing.safetensors", "-n", "x"), 2, ["does not exist"]),
+        (("commit", broken, "-n", "x"), 2, ["not a valid safetensors file"]),
+        (("commit", bad, "-n", "x"), 2, ["not a valid safetensors file"]),
+        (("import", bad, "-n", "chain"), 2, ["not a valid safetensors file"]),
+        (("import", bad / ckpts[0].name, "-n", "chain"), 2, ["import takes a directory"]),
+        (("commit", ckpts[0], "-n", "../evil"), 2, ["version name '../evil' is not allowed"]),
+        (("commit", ckpts[0], "-n", "x y"), 2, ["not allowed"]),
+        (("commit", ckpts[0], "-n", "ok", "-p", "99"), 1, []),
+        (("commit", ckpts[0], "-n", "ok", "--hp", "novalue"), 2, ["KEY=VALUE"]),
+        (("commit", ckpts[0], "-n", "ok", "--metrics", notes), 2, ["unknown type"]),
+        (("tag", "bad/tag", "1"), 2, ["not allowed"]),
+        (("tag", "42", "1"), 2, ["digits only"]),
+        (("show", "../../etc/passwd"), 2, ["not allowed"]),
+        (("query", "select m where"), 2, ["DQL"]),
+        (("checkout", "1", "-o", tmp_path / "co", "--format", "zip"), 2, []),
+    ]
+    results = gp_all(*(args for args, _, _ in expected), archive=arc)  # all at once: none may change anything
+    for (_, code, words), res in zip(expected, results):
+        fails(res, code, *words)
+    fails(gp("log", archive=tmp_path / "nowhere"), 1, "no archive", "gpupas init")
+    assert not (tmp_path / "co").exists()
+    res = gp("commit", ckpts[0], archive=arc)  # no --name: Typer's own usage error
+    assert res.returncode == 2 and "--name" in res.stderr
+
+    assert files_of(arc) == before
+    assert ok(gp("log", "--json", archive=arc)) == log_before
+    assert ok(gp("verify", archive=arc)).startswith("ok: 1 versions, 1 snapshots")
+
+
+@pytest.mark.skipif(not realdata.have_torch(), reason="torch is not installed")
+def test_torch_files_are_read_without_executing_code(tmp_path: Path, run: Path) -> None:
+    import torch
+
+    arc = tmp_path / "arc"
+    ok(gp("init", arc))
+    state = {k: torch.from_numpy(v) for k, v in load_checkpoint(sorted(run.glob("*.safetensors"))[0]).items()}
+    torch.save(state, tmp_path / "good.pt")
+    ok(gp("commit", tmp_path / "good.pt", "-n", "from-torch", archive=arc))
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    torch.save({"w": torch.zeros(2), "evil": Evil()}, tmp_path / "evil.pt", _use_new_zipfile_serialization=True)
+    fails(gp("commit", tmp_path / "evil.pt", "-n", "evil", archive=arc), 2, "weights only")
+    assert not marker.exists()
+    (tmp_path / "garbage.pt").write_bytes(b"\x00garbage" * 50)
+    fails(gp("commit", tmp_path / "garbage.pt", "-n", "garbage", archive=arc), 2, "not a loadable torch checkpoint")
+    ok(gp("export", "from-torch", "-o", tmp_path / "out.pt", archive=arc))
+    back = torch.load(tmp_path / "out.pt", weights_only=True)
+    assert all(torch.equal(back[k], state[k]) for k in state)
+    assert [r["id"] for r in js(gp("log", "--json", archive=arc))] == [1]
+
+
+def test_archive_from_environment(tmp_path: Path, run: Path) -> None:
+    env = {"GPUPAS_ARCHIVE": str(tmp_path / "envarc")}
+    ok(gp("init", env=env))
+    ok(gp("commit", sorted(run.glob("*.safetensors"))[0], "-n", "e", env=env))
+    assert [r["name"] for r in js(gp("log", "--json", env=env))] == ["e"]
+    ok(gp("init", cwd=tmp_path))  # default: ./gpupas-archive
+    assert (tmp_path / "gpupas-archive" / "zarr.json").is_file()

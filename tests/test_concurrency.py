@@ -1,0 +1,209 @@
+"""Several processes writing one archive at once, and processes killed in the middle of a commit."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from gpupas.repo import Repository, create_repository, open_repository
+
+ROOT = Path(__file__).resolve().parents[1]
+PYTHONPATH = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+ENV = os.environ | {"PYTHONPATH": PYTHONPATH, "PYTHONUNBUFFERED": "1"}
+
+
+def tensors(tag: str) -> dict[str, np.ndarray]:
+    """Deterministic tensors for a label such as ``w1-2`` or ``big-0@200000`` (@: size), so the
+    parent can recompute what any child committed."""
+    n = int(tag.partition("@")[2] or 3000)
+    rng = np.random.default_rng([ord(c) for c in tag])
+    return {"fc1.weight": (rng.standard_normal((n // 10, 10)) * 0.02).astype(np.float32),
+            "fc1.bias": rng.standard_normal(n // 10).astype(np.float32),
+            "fc2.weight": (rng.standard_normal((10, n // 10)) * 0.02).astype(np.float32)}
+
+
+PRELUDE = f"""
+import json, os, sys, time
+import numpy as np
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+from test_concurrency import tensors
+from gpupas.repo import open_repository
+"""
+
+WORKER = PRELUDE + r"""
+path, worker, n, flag = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+while not os.path.exists(flag):
+    time.sleep(0.005)
+out = []
+with open_repository(path) as repo:
+    if worker >= 0:  # a line of work: each version the parent of the next
+        parent = []
+        for i in range(n):
+            v = repo.commit(f"w{worker}", tensors(f"{worker}-{i}"), parents=parent, message=f"{worker}-{i}",
+                            hyperparameters={"worker": worker, "i": i})
+            parent = [v.id]
+            out.append(v.id)
+        repo.tag(f"t{worker}", parent[0])
+    else:  # append snapshots to the shared version 1
+        for i in range(n):
+            v = repo.add_snapshot(1, tensors(f"add{worker}-{i}"), step=i, source=f"add{worker}-{i}")
+            out.append(v.latest)
+print(json.dumps(out))
+"""
+
+
+def check_archive(repo: Repository) -> None:
+    """Every visible version is whole and bit-exact, and the catalog equals a rebuild from the archive."""
+    for v in repo.versions():
+        for s in v.snapshots:
+            assert repo.archive.store.has_manifest(s["id"]), (v.id, s["id"])
+        label = v.snapshot()["source"] or v.message  # the label the latest snapshot was made from
+        want, got = tensors(label), repo.restore(v.id)
+        assert all(got[k].tobytes() == want[k].tobytes() for k in want), v.id
+    live = repo.catalog().dump()
+    repo.reindex()
+    assert repo.catalog().dump() == live
+    assert repo.verify()["ok"]
+
+
+def test_processes_committing_at_once_get_distinct_ids(tmp_path: Path) -> None:
+    arc, flag = tmp_path / "arc", tmp_path / "go"
+    with create_repository(arc) as repo:
+        repo.commit("shared", tensors("shared-0"), message="shared-0")
+    workers, per = 4, 3
+    procs = [subprocess.Popen([sys.executable, "-c", WORKER, str(arc), str(w), str(per), str(flag)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+             for w in [*range(workers), -1, -2]]
+    time.sleep(0.5)
+    flag.touch()
+    seen_max = 0
+    with open_repository(arc) as reader:  # reads while they write: never a partial version
+        while any(p.poll() is None for p in procs):
+            for v in reader.versions():
+                assert all(reader.archive.store.has_manifest(s["id"]) for s in v.snapshots)
+            rows = reader.query("select m")
+            assert [r["id"] for r in rows] == sorted(r["id"] for r in rows)
+            seen_max = max([seen_max, *(r["id"] for r in rows)])
+            time.sleep(0.05)
+    results = []
+    for p in procs:
+        so, se = p.communicate()
+        assert p.returncode == 0, se
+        results.append(json.loads(so))
+    ids = [i for r in results[:workers] for i in r]
+    assert sorted(ids) == list(range(2, 2 + workers * per))  # distinct, no gaps
+    with open_repository(arc) as repo:
+        for w in range(workers):
+            chain = [repo.version(i) for i in results[w]]
+            assert [v.name for v in chain] == [f"w{w}"] * per
+            assert [v.parents for v in chain] == [[], *[[x] for x in results[w][:-1]]]
+            assert repo.tags()[f"t{w}"] == results[w][-1]
+        shared = repo.version(1)
+        assert len(shared.snapshots) == 1 + 2 * per  # no append lost under the record lock
+        assert {s["source"] for s in shared.snapshots[1:]} == {f"add{k}-{i}" for k in (-1, -2) for i in range(per)}
+        for s in shared.snapshots[1:]:
+            got = repo.archive.restore(s["id"])
+            assert got["fc1.bias"].tobytes() == tensors(s["source"])["fc1.bias"].tobytes()
+        check_archive(repo)
+
+
+KILLED = PRELUDE + r"""
+from gpupas.pas.store import ArchiveStore
+from gpupas.catalog import Catalog
+from gpupas.repo import Repository
+path, mode = sys.argv[1], sys.argv[2]
+
+def pause(word):
+    print(word, flush=True)
+    time.sleep(30)
+
+if mode == "chunks":  # in the middle of the second snapshot's chunk writes
+    put, count = ArchiveStore.put, [0]
+    def slow_put(self, key, data):
+        put(self, key, data)
+        if "/c/" in key:
+            count[0] += 1
+            if count[0] == 4:
+                pause("chunks")
+    ArchiveStore.put = slow_put
+elif mode == "link":  # version record written to a temporary file, not yet linked into place
+    link = os.link
+    def slow_link(src, dst, *a, **k):
+        if "versions" in str(dst):
+            pause("link")
+        return link(src, dst, *a, **k)
+    os.link = slow_link
+elif mode == "catalog":  # inside the catalog transaction
+    index = Catalog._index_version
+    def slow_index(self, rec):
+        index(self, rec)
+        if rec["name"] == "killed":
+            pause("catalog")
+    Catalog._index_version = slow_index
+elif mode == "after":  # record published, catalog not yet told
+    Repository._after_publish = lambda self: pause("after")
+elif mode == "replace":  # appending a snapshot: the record lock is held
+    replace = os.replace
+    def slow_replace(src, dst, *a, **k):
+        if "versions" in str(dst):
+            pause("replace")
+        return replace(src, dst, *a, **k)
+    os.replace = slow_replace
+
+with open_repository(path) as repo:
+    if mode == "replace":
+        repo.add_snapshot(1, tensors("killed-add"), step=9, source="killed-add")
+    else:
+        big = [tensors(f"killed-{i}@200000") for i in range(3)]
+        repo.commit("killed", big, message="killed-2@200000")
+print("finished", flush=True)
+"""
+
+
+@pytest.mark.parametrize("mode", ["chunks", "link", "catalog", "after", "replace"])
+def test_kill_during_commit(tmp_path: Path, mode: str) -> None:
+    arc = tmp_path / "arc"
+    with create_repository(arc) as repo:
+        repo.commit("before", tensors("before-0"), message="before-0")
+        repo.tag("keep", 1)
+    proc = subprocess.Popen([sys.executable, "-c", KILLED, str(arc), mode], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=ENV)
+    assert proc.stdout is not None
+    line = proc.stdout.readline().strip()
+    assert line == mode, (line, proc.stderr.read() if proc.poll() is not None else "")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    with open_repository(arc) as repo:
+        names = [v.name for v in repo.versions()]
+        if mode in ("chunks", "link"):  # killed before publishing: no version, nothing half visible
+            assert names == ["before"]
+        elif mode in ("catalog", "after"):  # published whole; the catalog catches up on the next read
+            assert names == ["before", "killed"]
+            assert len(repo.version("killed").snapshots) == 3
+            assert [r["name"] for r in repo.query("select m")] == ["before", "killed"]
+        else:  # the append never happened; the version is as before
+            assert names == ["before"] and len(repo.version(1).snapshots) == 1
+        check_archive(repo)
+        # no lock is left that blocks the next writer: the record lock died with the process
+        lock = repo.root / "versions" / ".locks" / "1.lock"
+        assert lock.exists() == (mode == "replace")
+        if lock.exists():
+            fd = os.open(lock, os.O_RDWR)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # raises BlockingIOError if still held
+            os.close(fd)
+        v = repo.add_snapshot(1, tensors("before-1"), step=1, source="before-1")
+        assert len(v.snapshots) == 2
+        nxt = repo.commit("next", tensors("next-0"), message="next-0")
+        assert nxt.id == len(names) + 1 and repo.tags() == {"keep": 1}
+        check_archive(repo)
+        if mode == "chunks":
+            assert repo.stats()["incomplete_snapshots"] or repo.stats()["unreferenced_snapshots"]

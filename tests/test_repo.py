@@ -1,0 +1,349 @@
+"""The version layer (gpupas.repo): versions, lineage, snapshots, metadata, files, tags, safety."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import realdata
+
+from gpupas.errors import ArchiveExistsError, IntegrityError, InvalidInputError, SnapshotNotFoundError
+from gpupas.network import Network, diff_networks, network_from_state_dict
+from gpupas.repo import (
+    Repository,
+    VersionNotFoundError,
+    create_repository,
+    normalize_metrics,
+    open_repository,
+    read_training_log,
+)
+from gpupas.tensors import load_checkpoint
+
+needs_torch = pytest.mark.skipif(not realdata.have_torch(), reason="torch is not installed")
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder of real checkpoints (digits, 4 checkpoints) and its training log."""
+    return realdata.training_run(tmp_path_factory.mktemp("run"))
+
+
+@pytest.fixture
+def repo(tmp_path: Path) -> Repository:
+    r = create_repository(tmp_path / "arc")
+    yield r
+    r.close()
+
+
+def ckpts(run: Path) -> list[Path]:
+    return sorted(run.glob("step-*.safetensors"))
+
+
+def test_commit_directory_makes_time_ordered_snapshots(repo: Repository, run: Path) -> None:
+    v = repo.commit("digits", run, hyperparameters={"lr": 0.01, "opt": {"name": "adam", "betas": [0.9, 0.99]}},
+                    metrics=run / "train_log.csv", files=[run / "config.json"], message="first run", author="ana",
+                    best_by="accuracy")
+    assert (v.id, v.name, v.parents, v.author, v.message) == (1, "digits", [], "ana", "first run")
+    assert [s["step"] for s in v.snapshots] == [15, 30, 45, 60]
+    assert [s["source"] for s in v.snapshots] == [p.name for p in ckpts(run)]
+    # each snapshot is a delta against the previous one
+    assert [s["base"] for s in v.snapshots] == [None] + [s["id"] for s in v.snapshots[:-1]]
+    assert v.latest == v.snapshots[-1]["id"]
+    acc = {p[0]: p[1] for p in v.metrics["accuracy"]}
+    best_step = max((s["step"] for s in v.snapshots), key=lambda st: acc.get(st, -1))
+    assert v.best == next(s["id"] for s in v.snapshots if s["step"] == best_step)
+    assert v.hyperparameters["opt"]["betas"] == [0.9, 0.99]
+    assert v.files["config.json"]["size"] == (run / "config.json").stat().st_size
+    for i, p in enumerate(ckpts(run), 1):  # every snapshot restores bit-exactly
+        want, got = load_checkpoint(p), repo.restore(v.id, i)
+        assert want.keys() == got.keys() and all(got[k].tobytes() == want[k].tobytes() for k in want)
+    assert repo.restore("digits", "best")["fc2.bias"].dtype == np.float32
+
+
+def test_lineage_refs_tags_and_first_snapshot_delta(repo: Repository, run: Path) -> None:
+    a = repo.commit("base", ckpts(run)[0])
+    b = repo.commit("ft", ckpts(run)[1], parents=["base"])
+    c = repo.commit("merge", ckpts(run)[2], parents=[a.id, "ft"])
+    assert b.snapshots[0]["base"] == a.latest  # fine-tune stored as a delta to its parent
+    assert c.parents == [1, 2]
+    assert repo.tag("prod", b) == 2
+    assert repo.tag("prod", 2) == 2  # same target: fine
+    with pytest.raises(ArchiveExistsError):
+        repo.tag("prod", 3)
+    repo.tag("prod", 3, force=True)
+    assert repo.resolve("prod") == 3 and repo.tags() == {"prod": 3}
+    assert repo.resolve("base") == 1 and repo.resolve("3") == 3 and repo.resolve(2) == 2
+    repo.commit("base", ckpts(run)[3])
+    assert repo.resolve("base") == 4  # a name means its newest version
+    assert repo.untag("prod") == 3 and repo.tags() == {}
+    with pytest.raises(VersionNotFoundError, match="no version, tag or name 'nope'"):
+        repo.resolve("nope")
+    with pytest.raises(VersionNotFoundError):
+        repo.version(99)
+    rows = {r["id"]: r for r in repo.lineage()}
+    assert rows[3]["parents"] == [1, 2] and rows[4]["parents"] == []
+    assert repo.describe(1)["children"] == [2, 3]
+
+
+def test_files_are_deduplicated_and_checked(repo: Repository, tmp_path: Path) -> None:
+    d = tmp_path / "scripts"
+    (d / "sub").mkdir(parents=True)
+    (d / "train.py").write_text("print('train')\n")
+    (d / "sub" / "cfg.yaml").write_text("lr: 0.1\n")
+    w = {"w": np.arange(4, dtype=np.float32)}
+    v1 = repo.commit("a", w, files=[d])
+    v2 = repo.commit("b", w, files={"train.py": b"print('train')\n", "notes/readme.txt": b"hi"})
+    assert set(v1.files) == {"scripts/train.py", "scripts/sub/cfg.yaml"}
+    assert v1.files["scripts/train.py"]["sha256"] == v2.files["train.py"]["sha256"]
+    blobs = list((repo.root / "files").iterdir())
+    assert len(blobs) == 3  # the shared script is stored once
+    out = repo.checkout(2, tmp_path / "co")
+    assert (tmp_path / "co" / "notes" / "readme.txt").read_bytes() == b"hi"
+    assert {p.name for p in out} >= {"model.safetensors", "train.py", "readme.txt", "gpupas-version.json"}
+    sha = v2.files["notes/readme.txt"]["sha256"]
+    (repo.root / "files" / sha).write_bytes(b"ho")  # damage
+    with pytest.raises(IntegrityError, match="damaged"):
+        repo.file_bytes(sha)
+    assert not repo.verify()["ok"]
+
+
+@pytest.mark.parametrize("bad", ["../evil", "a/b", "", "x" * 200, ".hidden", "123", "a\0b", "con fig"])
+def test_names_cannot_leave_the_archive(repo: Repository, bad: str) -> None:
+    w = {"w": np.zeros(2, np.float32)}
+    with pytest.raises(InvalidInputError):
+        repo.commit(bad, w)
+    v = repo.commit("ok", w)
+    with pytest.raises(InvalidInputError):
+        repo.tag(bad, v.id)
+    if bad and not bad.isdigit():
+        with pytest.raises((InvalidInputError, VersionNotFoundError)):
+            repo.resolve(bad)
+    assert [x.id for x in repo.versions()] == [1]
+    assert not list((repo.root / "refs" / "tags").iterdir())
+
+
+@pytest.mark.parametrize("bad", ["../x.py", "/etc/passwd", "a/../../b", "a\\b", "ok/.."])
+def test_file_names_cannot_leave_the_archive_or_checkout(repo: Repository, bad: str) -> None:
+    with pytest.raises(InvalidInputError):
+        repo.commit("v", {"w": np.zeros(2, np.float32)}, files={bad: b"x"})
+    assert repo.versions() == []
+
+
+def test_bad_input_changes_nothing(repo: Repository, run: Path, tmp_path: Path) -> None:
+    repo.commit("good", ckpts(run)[0])
+    before = sorted(p.relative_to(repo.root) for p in repo.root.rglob("*") if p.is_file()
+                    and not p.name.startswith("catalog.sqlite"))
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for p in ckpts(run):
+        (bad / p.name).write_bytes(p.read_bytes())
+    last = sorted(bad.iterdir())[-1]
+    last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])  # truncated checkpoint, written last
+    with pytest.raises(InvalidInputError, match="not a valid safetensors file"):
+        repo.commit("dir", bad)
+    with pytest.raises(InvalidInputError):
+        repo.import_folder(bad, "chain")
+    with pytest.raises(InvalidInputError, match="unknown checkpoint type"):
+        repo.commit("txt", run / "config.json")
+    with pytest.raises(InvalidInputError, match="hyperparameters"):
+        repo.commit("hp", ckpts(run)[0], hyperparameters={"lr": float("nan")})
+    with pytest.raises(VersionNotFoundError):
+        repo.commit("orphan", ckpts(run)[0], parents=[42])
+    after = sorted(p.relative_to(repo.root) for p in repo.root.rglob("*") if p.is_file()
+                   and not p.name.startswith("catalog.sqlite"))
+    assert after == before
+    assert [v.id for v in repo.versions()] == [1]
+
+
+def test_import_folder_is_a_lineage_chain_with_metrics_per_step(repo: Repository, run: Path) -> None:
+    vs = repo.import_folder(run, "digits", metrics=run / "train_log.csv", hyperparameters={"lr": 0.01},
+                            files=[run / "config.json"])
+    assert [v.id for v in vs] == [1, 2, 3, 4]
+    assert [v.parents for v in vs] == [[], [1], [2], [3]]
+    assert vs[1].snapshots[0]["base"] == vs[0].latest
+    steps = [[p[0] for p in v.metrics["loss"]] for v in vs]
+    assert steps[0] == list(range(1, 16)) and steps[3] == list(range(46, 61))
+    d = repo.diff(1, 4)
+    assert d["hyperparameters"] == {} and not any(d["network"].values())
+    assert d["metrics"]["loss"][1] < d["metrics"]["loss"][0]
+    w = d["weights"]
+    assert w["identical"] == 0 and 0 < w["rel_l2"] < 10
+    row = next(r for r in w["tensors"] if r["name"] == "fc2.weight")
+    assert row["changed"] > 0.5 and row["max_abs"] >= row["mean_abs"] > 0
+
+
+def test_diff_reports_network_and_hyperparameter_changes(repo: Repository) -> None:
+    rng = np.random.default_rng(0)
+    a = {"fc1.weight": rng.standard_normal((8, 4)).astype(np.float32), "fc2.weight": np.ones((2, 8), np.float32)}
+    b = {"fc1.weight": a["fc1.weight"], "fc2.weight": np.ones((3, 8), np.float32),
+         "fc3.weight": np.ones((3, 3), np.float32)}
+    repo.commit("a", a, hyperparameters={"lr": 0.1, "opt": {"name": "sgd"}})
+    repo.commit("b", b, parents=[1], hyperparameters={"lr": 0.01, "opt": {"name": "sgd"}, "wd": 1e-4})
+    d = repo.diff("a", "b")
+    assert d["hyperparameters"] == {"lr": [0.1, 0.01], "wd": [None, 1e-4]}
+    assert [x["name"] for x in d["network"]["added"]] == ["fc3"]
+    assert d["network"]["changed"][0]["attrs"]["out_features"] == [2, 3]
+    rows = {r["name"]: r for r in d["weights"]["tensors"]}
+    assert rows["fc1.weight"]["changed"] == 0.0 and rows["fc1.weight"]["rel_l2"] == 0.0
+    assert rows["fc2.weight"]["shape"] == [[2, 8], [3, 8]]
+    assert d["weights"]["added"] == ["fc3.weight"]
+
+
+def test_copy_scaffolds_and_add_snapshot_continues(repo: Repository, run: Path) -> None:
+    src = repo.commit("base", ckpts(run)[0], hyperparameters={"lr": 0.01}, files={"a.txt": b"a"})
+    v = repo.copy("base", "ft")
+    assert (v.id, v.parents, v.latest, v.hyperparameters, v.files) == (2, [1], src.latest, {"lr": 0.01}, src.files)
+    v = repo.add_snapshot("ft", ckpts(run)[1], metrics={"loss": [[30, 0.5]]}, best=True)
+    assert len(v.snapshots) == 2 and v.snapshots[1]["base"] == src.latest and v.best == v.latest
+    assert v.snapshots[1]["step"] == 30 and v.rev == 1
+    v = repo.log_metrics("ft", {"loss": [[31, 0.4]]})
+    assert v.metrics["loss"] == [[30, 0.5], [31, 0.4]]
+    v = repo.mark_best("ft", 1)
+    assert v.best == src.latest
+    with pytest.raises(SnapshotNotFoundError):
+        v.snapshot(7)
+    with pytest.raises(SnapshotNotFoundError):
+        repo.version(1).snapshot("best")
+
+
+def test_export_safetensors_and_refuse_overwrite(repo: Repository, run: Path, tmp_path: Path) -> None:
+    repo.commit("m", ckpts(run)[2])
+    out = repo.export("m", tmp_path / "m.safetensors")
+    want = load_checkpoint(ckpts(run)[2])
+    got = load_checkpoint(out)
+    assert all(got[k].tobytes() == want[k].tobytes() for k in want)
+    with pytest.raises(ArchiveExistsError):
+        repo.export("m", out)
+    with pytest.raises(ArchiveExistsError):
+        repo.checkout("m", tmp_path)  # not empty
+
+
+@needs_torch
+def test_torch_export_and_network_from_module(repo: Repository, run: Path, tmp_path: Path) -> None:
+    import torch
+
+    model = realdata.make_cnn()
+    model.load_state_dict({k: torch.from_numpy(v) for k, v in load_checkpoint(ckpts(run)[-1]).items()})
+    v = repo.commit("cnn", model.state_dict(), network=model)
+    net = v.network
+    assert net.source == "fx"
+    kinds = [(n.name, n.kind, n.variant) for n in net.nodes]
+    assert ("conv1", "conv", None) in kinds and ("pool", "pool", "max") in kinds
+    p = repo.export(v.id, tmp_path / "cnn.pt")
+    sd = torch.load(p, weights_only=True)
+    assert all(torch.equal(sd[k], model.state_dict()[k]) for k in sd)
+    repo.checkout(v.id, tmp_path / "co", format="torch")
+    assert (tmp_path / "co" / "model.pt").is_file()
+
+
+@needs_torch
+def test_network_from_untraceable_module_uses_module_tree() -> None:
+    from torch import nn
+
+    from gpupas.network import network_from_module
+
+    class Branchy(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 2)
+
+        def forward(self, x):  # data-dependent control flow: fx cannot trace it
+            return self.b(self.a(x)) if x.sum() > 0 else self.b(x)
+
+    net = network_from_module(Branchy())
+    assert net.source == "modules" and [n.name for n in net.nodes] == ["a", "b"] and net.edges == [(0, 1)]
+
+
+def test_network_from_state_dict_guesses_types() -> None:
+    net = network_from_state_dict({
+        "embeddings.word_embeddings.weight": (100, 8), "encoder.0.attention.query.weight": (8, 8),
+        "encoder.0.attention.query.bias": (8,), "encoder.0.LayerNorm.weight": (8,), "encoder.0.LayerNorm.bias": (8,),
+        "features.0.weight": (4, 3, 3, 3), "bn.weight": (4,), "bn.running_mean": (4,), "bn.running_var": (4,),
+    })
+    types = {n.name: n.type for n in net.nodes}
+    assert types == {"embeddings.word_embeddings": "Embedding", "encoder.0.attention.query": "Linear",
+                     "encoder.0.LayerNorm": "LayerNorm", "features.0": "Conv2d", "bn": "BatchNorm"}
+    assert Network.from_dict(net.to_dict()).to_dict() == net.to_dict()
+    assert diff_networks(net, net) == {"added": [], "removed": [], "changed": [], "edges_added": [],
+                                       "edges_removed": []}
+    with pytest.raises(InvalidInputError):
+        Network.from_dict({"nodes": [{"id": 0, "name": "a", "type": "x"}], "edges": [[0, 5]]})
+
+
+def test_training_hook_commits_each_checkpoint_against_the_previous(tmp_path: Path, run: Path) -> None:
+    from gpupas.integrations.training import CheckpointHook
+
+    hook = CheckpointHook(tmp_path / "arc", "run1", hyperparameters={"lr": 0.01})
+    for i, p in enumerate(ckpts(run)):
+        step = 15 * (i + 1)
+        hook.log(step - 1, loss=1.0 / step)
+        v = hook(load_checkpoint(p), step=step, metrics={"accuracy": 0.5 + i / 10}, best=(i == 2))
+    hook.log(61, loss=0.001)
+    v = hook.close()
+    assert v is not None and v.id == 1 and len(v.snapshots) == 4 and v.rev == 4
+    assert [s["base"] for s in v.snapshots] == [None] + [s["id"] for s in v.snapshots[:-1]]
+    assert v.best == v.snapshots[2]["id"] and v.latest == v.snapshots[3]["id"]
+    assert [p[0] for p in v.metrics["loss"]] == [14, 29, 44, 59, 61]
+    with open_repository(tmp_path / "arc") as repo:
+        assert repo.query("select m where m.metric.accuracy > 0.75")[0]["id"] == 1
+        assert repo.verify()["ok"]
+
+
+@needs_torch
+def test_training_hook_with_a_torch_loop(tmp_path: Path) -> None:
+    import torch
+
+    from gpupas.integrations.training import CheckpointHook
+
+    torch.manual_seed(0)
+    model = realdata.make_cnn()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = torch.randn(32, 1, 8, 8), torch.randint(0, 10, (32,))
+    with CheckpointHook(tmp_path / "arc", "loop", model=model, hyperparameters={"lr": 0.1}) as hook:
+        for step in range(1, 7):
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            if step % 2 == 0:
+                hook(model, step=step, metrics={"loss": loss.item()})
+    with open_repository(tmp_path / "arc") as repo:
+        v = repo.version("loop")
+        assert len(v.snapshots) == 3 and v.network.source == "fx"
+        got = repo.restore("loop")
+        assert all(np.array_equal(got[k], t.numpy()) for k, t in model.state_dict().items())
+        assert [r["id"] for r in repo.query('select m where m["conv[1-3]"].next has POOL("MAX")')] == [1]
+
+
+def test_metrics_parsing(tmp_path: Path) -> None:
+    assert normalize_metrics({"loss": [0.5, float("nan")], "acc": {"10": 0.9}, "final": 3}) == {
+        "loss": [[0, 0.5], [1, None]], "acc": [[10, 0.9]], "final": [[0, 3.0]]}
+    (tmp_path / "log.jsonl").write_text('{"iteration": 1, "loss": 2.0, "phase": "train"}\n'
+                                        '{"iteration": 2, "loss": 1.5}\n')
+    assert read_training_log(tmp_path / "log.jsonl") == {"loss": [[1, 2.0], [2, 1.5]]}
+    (tmp_path / "log.json").write_text(json.dumps([{"epoch": 0, "acc": 0.1}, {"epoch": 1, "acc": 0.2}]))
+    assert read_training_log(tmp_path / "log.json") == {"acc": [[0, 0.1], [1, 0.2]]}
+    (tmp_path / "bad.csv").write_text("step,loss\n1,abc\n")
+    with pytest.raises(InvalidInputError):
+        read_training_log(tmp_path / "bad.csv")
+    (tmp_path / "log.txt").write_text("x")
+    with pytest.raises(InvalidInputError, match="unknown type"):
+        read_training_log(tmp_path / "log.txt")
+
+
+def test_create_refuses_an_existing_archive(tmp_path: Path) -> None:
+    create_repository(tmp_path / "a").close()
+    with pytest.raises(ArchiveExistsError):
+        create_repository(tmp_path / "a")
+
+
+def test_import_gpupas_does_not_import_torch() -> None:
+    code = ("import sys, gpupas, gpupas.repo, gpupas.catalog, gpupas.query, gpupas.network, gpupas.cli, "
+            "gpupas.integrations.training; print('torch' in sys.modules)")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).parents[1])
+    assert res.stdout.strip() == "False"
