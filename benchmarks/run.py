@@ -180,7 +180,7 @@ def main() -> None:
             pct, enc, dec = r.row()
             each = ", ".join(f"{x:.1f}" for x in r.per_snapshot) if len(r.per_snapshot) > 1 else ""
             table.append(f"| {case.label} | {tool} | {pct:.2f} | {each} | {enc:.0f} | {dec:.0f} | "
-                         f"{r.stored / zipnn.stored:.3f} |")
+                         f"{r.stored / zipnn.stored:.4f} |")
         d = results.get("gpupas default")
         if d is not None:
             worst = max(a / z for a, z in zip(d.per_snapshot, zipnn.per_snapshot))
