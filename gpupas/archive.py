@@ -14,14 +14,14 @@ import bisect
 import os
 import time
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor, wait
 from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
 
-from gpupas.errors import ArchiveExistsError, IntegrityError
+from gpupas.errors import ArchiveExistsError, IntegrityError, SnapshotNotFoundError
 from gpupas.pas.codecs import CHUNK_SIZE, decode_chunk, encode_chunk
 from gpupas.pas.codecs import crc32 as _crc32
 from gpupas.pas.context import entropy
@@ -47,6 +47,16 @@ def open_archive(location: str | os.PathLike[str], **kw: Any) -> Archive:
     return Archive(ArchiveStore.open(location, **kw))
 
 
+def _run_all(pool: ThreadPoolExecutor, fn: Callable[[Any], Any], items: Iterable[Any]) -> list[Any]:
+    """``fn`` over ``items`` in ``pool``; waits for every task before raising the first error.
+
+    (``Executor.map`` raises at once while running tasks still write into shared buffers.)
+    """
+    futures = [pool.submit(fn, x) for x in items]
+    wait(futures)
+    return [f.result() for f in futures]
+
+
 def _crc(bits: np.ndarray) -> int:
     """CRC-32 of a tensor's bytes (ISA-L: ~25 GB/s here), no copy."""
     return _crc32(memoryview(bits).cast("B"))
@@ -55,8 +65,9 @@ def _crc(bits: np.ndarray) -> int:
 class Archive:
     """Snapshots of named tensors in one store. Thread pool sized to the machine's cores."""
 
-    def __init__(self, store: ArchiveStore, workers: int | None = None, cache_size: int = 2):
+    def __init__(self, store: ArchiveStore, workers: int | None = None, cache_size: int = 2, max_chain: int = 16):
         self.store = store
+        self.max_chain = max_chain  # a snapshot whose delta chain would grow longer is stored whole
         self.workers = workers or os.cpu_count() or 1
         self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="gpupas")
         self._cache: OrderedDict[str, dict[str, np.ndarray]] = OrderedDict()
@@ -117,9 +128,15 @@ class Archive:
             raise ArchiveExistsError(f"snapshot {sid!r} already exists in {self.location}; choose another id")
         base_bits: dict[str, np.ndarray] = {}
         base_entries: dict[str, dict[str, Any]] = {}
+        depth = 0
         if base is not None:
-            base_entries = {e["name"]: e for e in self.manifest(base)["tensors"]}
-            base_bits = self._bits(base)
+            base_m = self.manifest(base)
+            depth = base_m.get("depth", 0) + 1
+            if depth > self.max_chain:  # keep restores bounded: start a new chain
+                base, depth = None, 0
+            else:
+                base_entries = {e["name"]: e for e in base_m["tensors"]}
+                base_bits = self._bits(base)
 
         def prepare(item: tuple[str, np.ndarray]) -> tuple[Any, ...]:
             name, arr = item
@@ -128,23 +145,26 @@ class Archive:
             b = base_entries.get(name)
             same = b is not None and b["dtype"] == layout.name and tuple(b["shape"]) == arr.shape
             ub = base_bits[name] if same else None
-            return name, arr, layout, u, ub, choose_plan(u, ub, layout, cfg)
+            return name, arr, layout, u, ub, choose_plan(u, ub, layout, cfg), _crc(u)
 
-        prepared = list(self._pool.map(prepare, arrays.items()))
+        prepared = _run_all(self._pool, prepare, arrays.items())
+        data = f"{sid}.{new_id()[:8]}"  # a folder of its own: concurrent commits never share one
         offsets = np.cumsum([0] + [p[3].size * p[2].width for p in prepared]).tolist()
         length = offsets[-1]
         with workspace(length) as buf:
-            coded = self._encode(sid, prepared, offsets, buf, cfg)
+            coded = self._encode(data, prepared, offsets, buf, cfg)
             tensors_meta = []
-            for i, (name, arr, layout, u, _ub, plan) in enumerate(prepared):
+            for i, (name, arr, layout, _u, _ub, plan, crc) in enumerate(prepared):
                 tensors_meta.append({
                     "name": name, "dtype": layout.name, "shape": list(arr.shape), "offset": offsets[i],
-                    "enc": plan.enc, "ctx": plan.ctx, "crc32": _crc(u), "nbytes": int(arr.nbytes),
+                    "enc": plan.enc, "ctx": plan.ctx, "crc32": crc, "nbytes": int(arr.nbytes),
                 })
             _attribute(tensors_meta, buf, [size for _, size in coded])
+        self.store.sync_dirs(data)
         manifest: Manifest = {
             "format": FORMAT, "id": sid, "created": datetime.now(UTC).isoformat(),
-            "base": base, "setting": cfg.name, "chunk_size": CHUNK_SIZE, "segment": SEGMENT,
+            "base": base, "depth": depth, "data": data, "setting": cfg.name, "chunk_size": CHUNK_SIZE,
+            "segment": SEGMENT,
             "length": length, "chunks": "".join(_KIND_CODE[k] for k, _ in coded),
             "raw_bytes": sum(int(a.nbytes) for a in arrays.values()),
             "stored_bytes": sum(size for _, size in coded),
@@ -155,7 +175,7 @@ class Archive:
         self._remember(sid, {p[0]: p[3] for p in prepared}, borrowed=True)  # checked by CRC before use
         return manifest
 
-    def _encode(self, sid: str, prepared: list[tuple[Any, ...]], offsets: list[int], buf: np.ndarray,
+    def _encode(self, data: str, prepared: list[tuple[Any, ...]], offsets: list[int], buf: np.ndarray,
                 cfg: Setting) -> list[tuple[str, int]]:
         """Planes of every segment into ``buf``, then each chunk coded and written; (kind, size) per chunk."""
         length = buf.size
@@ -163,37 +183,39 @@ class Archive:
 
         def encode(unit: tuple[int, int, int]) -> list[int]:
             i, a, b = unit
-            _, _, layout, u, ub, plan = prepared[i]
+            _, _, layout, u, ub, plan, _ = prepared[i]
             lo = offsets[i] + a * layout.width
             region = buf[lo : lo + (b - a) * layout.width].reshape(layout.width, b - a)
             inner = encode_segment(u[a:b], None if ub is None else ub[a:b], layout, plan, region, cfg.min_group)
             return [lo, *(lo + x for x in inner)]
 
-        bounds = sorted({x for xs in self._pool.map(encode, units) for x in xs})
+        bounds = sorted({x for xs in _run_all(self._pool, encode, units) for x in xs})
         nchunks = -(-length // CHUNK_SIZE)
-        self.store.create_arrays(sid, length)
+        self.store.create_arrays(data, length)
 
         def code(c: int) -> tuple[str, int]:
             lo, hi = c * CHUNK_SIZE, min(length, (c + 1) * CHUNK_SIZE)
             inner = [b - lo for b in bounds[bisect.bisect_right(bounds, lo) : bisect.bisect_left(bounds, hi)]]
             kind, payload = encode_chunk(buf[lo:hi], inner, CHUNK_SIZE, cfg)
-            self.store.put(self.store.chunk_key(sid, kind, c), payload)
+            self.store.put(self.store.chunk_key(data, kind, c), payload)
             return kind, len(payload)
 
-        return list(self._pool.map(code, range(nchunks)))
+        return _run_all(self._pool, code, range(nchunks))
 
     # -- restore ---------------------------------------------------------------------------
     def restore(self, snapshot: str, names: Iterable[str] | None = None, *,
                 framework: str = "numpy") -> dict[str, Any]:
         """The tensors of ``snapshot`` (all, or ``names``), bit-exact, as NumPy or torch."""
+        held = self._cache.get(snapshot, {})  # arrays someone else may already hold
         bits = self._bits(snapshot, names)
-        lent = self._cache.get(snapshot, {}) if snapshot in self._borrowed else {}
         entries = {e["name"]: e for e in self.manifest(snapshot)["tensors"]}
         out = {}
         for name, r in bits.items():
             e = entries[name]
             values = from_bits(r, layout_of(e["dtype"]), tuple(e["shape"]))
-            out[name] = values.copy() if lent.get(name) is r else values  # never hand out the caller's arrays
+            out[name] = values.copy() if held.get(name) is r else values  # never hand out shared arrays
+        if snapshot in self._cache:
+            self._borrowed.add(snapshot)  # the caller now holds the cached arrays
         if framework == "torch":
             from gpupas.integrations.torch import numpy_to_state_dict
 
@@ -237,7 +259,11 @@ class Archive:
             del self._cache[sid]
             self._borrowed.discard(sid)
         deltas = [e["name"] for e in entries if e["enc"] != "mat"]
-        base_bits = self._bits(m["base"], deltas, use_cache) if deltas else {}
+        try:
+            base_bits = self._bits(m["base"], deltas, use_cache) if deltas else {}
+        except (SnapshotNotFoundError, KeyError) as exc:
+            raise IntegrityError(
+                f"snapshot {sid}: its delta base {m['base']} is missing or incomplete ({exc})") from None
         kinds = m["chunks"]
         spans = dict(zip((e["name"] for e in m["tensors"]), _spans(m)))
         needed = sorted({c for e in entries for lo, hi in [spans[e["name"]]] if hi > lo
@@ -262,7 +288,7 @@ class Archive:
         def decode(c: int) -> None:
             kind = _CODE_KIND[kinds[c]]
             try:
-                payload = self.store.get(self.store.chunk_key(sid, kind, c))
+                payload = self.store.get(self.store.chunk_key(m.get("data", sid), kind, c))
                 if payload is None:
                     raise IntegrityError("chunk file is missing")
                 decode_chunk(kind, payload, buf[c * CHUNK_SIZE : (c + 1) * CHUNK_SIZE])
@@ -274,7 +300,7 @@ class Archive:
                     "from a copy or commit that snapshot again."
                 ) from None
 
-        list(self._pool.map(decode, needed))
+        _run_all(self._pool, decode, needed)
         out = {e["name"]: np.empty(int(np.prod(e["shape"], dtype=np.int64)), layout_of(e["dtype"]).uint)
                for e in entries}
         units = [(e, a, b) for e in entries for a, b in segments(out[e["name"]].size)]
@@ -288,7 +314,7 @@ class Archive:
             decode_segment(planes, None if ub is None else ub[a:b], layout, Plan(e["enc"], e["ctx"]),
                            out[e["name"]][a:b])
 
-        list(self._pool.map(rebuild, units))
+        _run_all(self._pool, rebuild, units)
         return out
 
     # -- reporting -------------------------------------------------------------------------

@@ -86,6 +86,10 @@ def _command(fn: F) -> F:
             except KeyboardInterrupt:
                 err.print("error: interrupted; nothing half-written is visible", markup=False)
                 raise typer.Exit(130) from None
+            except Exception as exc:  # a bug or an unforeseen state: never exit 1 ("not found")
+                err.print(f"error: unexpected {type(exc).__name__}: {' '.join(str(exc).split())}; please "
+                          "report it with the command that failed", markup=False, soft_wrap=True)
+                raise typer.Exit(FAILURE) from None
             finally:
                 for w in caught:
                     err.print(f"warning: {w.message}", markup=False, soft_wrap=True)
@@ -355,11 +359,13 @@ def _log(ref: str | None, archive: Path | None, as_json: bool) -> None:
                 if x not in keep and x in by_id:
                     keep.add(x)
                     stack += by_id[x]["parents"]
-            stack = [vid]
+            stack, below = [vid], set()
             while stack:
                 x = stack.pop()
-                keep.add(x)
-                stack += children.get(x, [])
+                if x not in below:
+                    below.add(x)
+                    stack += children.get(x, [])
+            keep |= below
             rows = [r for r in rows if r["id"] in keep]
         location = repo.location
     if as_json:
@@ -379,17 +385,15 @@ def _log(ref: str | None, archive: Path | None, as_json: bool) -> None:
             kids.setdefault(first, []).append(r["id"])
     tree = Tree(f"[bold]{location}[/]")
 
-    def place(vid: int, container: Tree) -> None:
+    todo = [(r, tree) for r in reversed(roots)]  # a loop, not recursion: chains can be long
+    while todo:
+        vid, container = todo.pop()
         item = container.add(_label(by_id[vid]))
         ks = kids.get(vid, [])
         if len(ks) == 1:  # a straight line of work stays at one level; branches indent
-            place(ks[0], container)
+            todo.append((ks[0], container))
         else:
-            for k in ks:
-                place(k, item)
-
-    for r in roots:
-        place(r, tree)
+            todo.extend((k, item) for k in reversed(ks))
     out.print(tree)
 
 

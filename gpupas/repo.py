@@ -711,14 +711,22 @@ class Repository:
             if self._create(f"versions/{record['id']}.json", _dumps(record)):
                 return int(record["id"])
 
-    def _update(self, ref: str | int | Version, change: Callable[[Record], None]) -> Version:
+    def _update(self, ref: str | int | Version, change: Callable[[Record], None],
+                on_failure: Callable[[], None] | None = None) -> Version:
+        """Apply ``change`` to a version's record and publish it; ``on_failure`` runs only if the
+        record was not replaced (after that, the record references what the change added)."""
         vid = self.resolve(ref)
-        with self._locked(vid):
-            rec = self._record(vid)
-            change(rec)
-            rec["rev"] = int(rec.get("rev", 0)) + 1
-            rec["updated"] = _now()
-            self._replace(f"versions/{vid}.json", _dumps(rec))
+        try:
+            with self._locked(vid):
+                rec = self._record(vid)
+                change(rec)
+                rec["rev"] = int(rec.get("rev", 0)) + 1
+                rec["updated"] = _now()
+                self._replace(f"versions/{vid}.json", _dumps(rec))
+        except BaseException:
+            if on_failure is not None:
+                on_failure()
+            raise
         self._after_publish()
         return Version(rec)
 
@@ -751,11 +759,7 @@ class Repository:
             if rec.get("network", {}).get("source") in (None, "none"):
                 rec["network"] = extract_network(tensors).to_dict()
 
-        try:
-            return self._update(vid, change)
-        except BaseException:
-            self._discard([m["id"]])
-            raise
+        return self._update(vid, change, on_failure=lambda: self._discard([m["id"]]))
 
     def log_metrics(self, ref: str | int | Version, metrics: Any) -> Version:
         """Append metric points (see :func:`normalize_metrics`) to a version."""

@@ -103,13 +103,14 @@ def test_report_accounts_for_every_byte(archive: gpupas.Archive) -> None:
     assert big["planes"][0] < big["planes"][3]  # exponent plane compresses, low mantissa does not
 
 
-def _chunk_files(root: Path, sid: str) -> list[Path]:
-    return sorted(p for p in (root / "snapshots" / sid).rglob("c/*") if p.is_file())
+def _chunk_files(archive: gpupas.Archive, sid: str) -> list[Path]:
+    folder = Path(archive.location) / "snapshots" / archive.manifest(sid)["data"]
+    return sorted(p for p in folder.rglob("c/*") if p.is_file())
 
 
 def test_flipped_byte_names_tensor_and_snapshot(archive: gpupas.Archive) -> None:
     m = archive.commit({"only": (np.random.default_rng(0).standard_normal(5000) * 0.02).astype(np.float32)})
-    victim = _chunk_files(Path(archive.location), m["id"])[0]
+    victim = _chunk_files(archive, m["id"])[0]
     data = bytearray(victim.read_bytes())
     data[len(data) // 2] ^= 0x01
     victim.write_bytes(bytes(data))
@@ -123,7 +124,7 @@ def test_damaged_base_is_caught_through_delta(archive: gpupas.Archive) -> None:
     s0 = _model(0)
     m0 = archive.commit(s0)
     m1 = archive.commit(_model(1, 1e-4, s0), base=m0["id"])
-    for f in _chunk_files(Path(archive.location), m0["id"]):
+    for f in _chunk_files(archive, m0["id"]):
         f.unlink()
     with pytest.raises(IntegrityError, match=m0["id"]):
         gpupas.open_archive(archive.location).restore(m1["id"])
@@ -136,7 +137,7 @@ def test_planes_open_with_plain_zarr(archive: gpupas.Archive) -> None:
     assert group.attrs["gpupas"]["format"] == 1
     stream = np.zeros(m["length"], np.uint8)
     for kind in ("zstd", "deflate"):
-        stream |= zarr.open_array(archive.location, path=f"snapshots/{m['id']}/{kind}", mode="r")[:]
+        stream |= zarr.open_array(archive.location, path=f"snapshots/{m['data']}/{kind}", mode="r")[:]
     entry = next(e for e in m["tensors"] if e["name"] == "w")
     assert entry["enc"] == "mat" and not entry["ctx"]
     planes = stream[entry["offset"] : entry["offset"] + w.nbytes].reshape(4, -1)
@@ -272,3 +273,44 @@ def test_per_plane_report_of_a_multi_segment_tensor(archive: gpupas.Archive) -> 
     assert row["planes"][0] < 0.45 * big.nbytes / 4  # exponent plane: about a third of its bytes
     assert row["planes"][3] > 0.99 * big.nbytes / 4  # lowest mantissa byte: incompressible
     assert archive.restore(m["id"])["big"].tobytes() == big.tobytes()
+
+
+def test_restores_never_share_arrays(archive: gpupas.Archive) -> None:
+    m = archive.commit(_model(0))
+    fresh = gpupas.open_archive(archive.location)
+    first, second = fresh.restore(m["id"]), fresh.restore(m["id"])
+    first["enc.w"][:] = -1.0  # e.g. keep the initial weights while training a copy in place
+    _same(second, _model(0))
+    _same(fresh.restore(m["id"]), _model(0))
+
+
+def test_delta_chains_are_capped(tmp_path: Path) -> None:
+    arc = gpupas.Archive(gpupas.create_archive(tmp_path / "arc").store, max_chain=3)
+    state, prev, depths = _model(0), None, []
+    for i in range(8):
+        state = _model(i + 1, 1e-4, state)
+        m = arc.commit(state, base=prev)
+        depths.append(m["depth"])
+        prev = m["id"]
+    assert depths == [0, 1, 2, 3, 0, 1, 2, 3]
+    _same(gpupas.open_archive(arc.location).restore(prev), state)
+
+
+def test_same_explicit_id_from_two_threads(archive: gpupas.Archive) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    models = [_model(1), _model(2)]
+
+    def commit(i: int) -> str:
+        with gpupas.open_archive(archive.location) as a:
+            try:
+                a.commit(models[i], snapshot="same")
+                return "won"
+            except ArchiveExistsError:
+                return "lost"
+
+    with ThreadPoolExecutor(2) as pool:
+        outcome = sorted(pool.map(commit, [0, 1]))
+    assert outcome == ["lost", "won"]
+    got = gpupas.open_archive(archive.location).restore("same")  # the winner's bits, whole
+    assert any(all(got[k].tobytes() == m[k].tobytes() for k in m) for m in models)

@@ -180,13 +180,13 @@ def decode_chunk(kind: str, payload: bytes, out: np.ndarray) -> None:
                         out[filled : filled + n] = body[start]
                     filled += n
                 return
-            dctx = _local.__dict__.setdefault("dctx", zstandard.ZstdDecompressor())
+            dctx = _local.__dict__.get("dctx") or _local.__dict__.setdefault("dctx", zstandard.ZstdDecompressor())
             data = dctx.decompress(body, max_output_size=size)
         elif kind == "deflate":
             data = _inflater.decompress(body, 31)
         else:
             raise IntegrityError(f"unknown chunk kind {kind!r}")
-    except (zstandard.ZstdError, zlib.error, OSError) as exc:
+    except (zstandard.ZstdError, zlib.error, _inflater.error, OSError) as exc:
         raise IntegrityError(f"undecodable {kind} chunk: {exc}") from exc
     if len(data) != size:
         raise IntegrityError(f"{kind} chunk holds {len(data)} bytes, expected {size}")

@@ -33,6 +33,7 @@ from gpupas.errors import (
     ArchiveExistsError,
     ArchiveNotFoundError,
     GpupasError,
+    IntegrityError,
     InvalidInputError,
     SnapshotNotFoundError,
 )
@@ -48,12 +49,20 @@ _CODECS = {  # what stock zarr reads the chunks with (the levels only matter to 
 
 def check_name(name: str, what: str = "snapshot id") -> str:
     """``name`` if it is safe as one path component of the store, else InvalidInputError."""
-    if not isinstance(name, str) or not NAME_RE.match(name) or ".." in name:
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name) or ".." in name:
         raise InvalidInputError(
             f"{what} {name!r} is not allowed: use 1-128 letters, digits, '.', '_' or '-', "
             "starting with a letter or digit, without '..'"
         )
     return name
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def new_id() -> str:
@@ -64,15 +73,16 @@ def new_id() -> str:
 class ArchiveStore:
     """Reads and writes chunks and manifests of one archive; knows nothing of tensors."""
 
-    def __init__(self, store: Store, location: str):
+    def __init__(self, store: Store, location: str, durable: bool = True):
         self.store = store
         self.location = location
+        self.durable = durable  # fsync chunks and folders before a manifest names them
         self._local_root = Path(store.root) if isinstance(store, LocalStore) else None
 
     # -- opening -------------------------------------------------------------------------
     @classmethod
     def open(cls, location: str | os.PathLike[str], *, create: bool = False,
-             storage_options: dict[str, Any] | None = None) -> ArchiveStore:
+             storage_options: dict[str, Any] | None = None, durable: bool = True) -> ArchiveStore:
         """Open the archive at ``location`` (a directory or an fsspec URL such as s3://b/a)."""
         loc = os.fspath(location)
         if "://" in loc and not loc.startswith("file://"):
@@ -87,7 +97,7 @@ class ArchiveStore:
                     f"`gpupas init {loc}` or gpupas.create_archive({loc!r})"
                 )
             store = LocalStore(path)
-        self = cls(store, loc)
+        self = cls(store, loc, durable)
         meta = self._get("zarr.json")
         if meta is None:
             if not create:
@@ -113,15 +123,17 @@ class ArchiveStore:
 
     def discard(self, sid: str) -> None:
         """Remove snapshot ``sid``: its manifest first (so it disappears at once), then its chunks."""
-        check_name(sid)
+        data = self.read_manifest(sid).get("data", sid) if self.has_manifest(sid) else None
         if self._local_root is not None:
             (self._local_root / "manifests" / f"{sid}.json").unlink(missing_ok=True)
-            shutil.rmtree(self._local_root / "snapshots" / sid, ignore_errors=True)
+            if data is not None:
+                shutil.rmtree(self._local_root / "snapshots" / data, ignore_errors=True)
             return
 
         async def remove_all() -> None:
             await self.store.delete(f"manifests/{sid}.json")
-            await self.store.delete_dir(f"snapshots/{sid}")
+            if data is not None:
+                await self.store.delete_dir(f"snapshots/{data}")
         sync(remove_all())
 
     # -- raw key access ------------------------------------------------------------------
@@ -133,11 +145,13 @@ class ArchiveStore:
         return [k async for k in self.store.list_dir(prefix)]
 
     # -- chunks ----------------------------------------------------------------------------
-    def create_arrays(self, sid: str, length: int) -> None:
-        """Zarr metadata of a snapshot's group and chunk arrays (before any chunk is written).
+    def create_arrays(self, data: str, length: int) -> None:
+        """Zarr metadata of a snapshot's group and chunk arrays under ``snapshots/<data>``.
 
+        ``data`` is the snapshot id plus a unique suffix, so two commits never write one folder.
         Written as plain Zarr v3 documents: zarr's own API costs ~3 ms per array here.
         """
+        sid = data
         docs = {f"snapshots/{sid}/zarr.json": {"zarr_format": 3, "node_type": "group", "attributes": {}}}
         for kind in KINDS:
             docs[f"snapshots/{sid}/{kind}/zarr.json"] = {
@@ -146,21 +160,21 @@ class ArchiveStore:
                 "chunk_key_encoding": {"name": "default", "configuration": {"separator": "/"}},
                 "fill_value": 0, "codecs": [{"name": "bytes"}, *_CODECS[kind]], "attributes": {},
             }
-        for key, doc in docs.items():
-            self.put(key, json.dumps(doc).encode())
         if self._local_root is not None:
             for kind in KINDS:
                 (self._local_root / "snapshots" / sid / kind / "c").mkdir(parents=True, exist_ok=True)
+        for key, doc in docs.items():
+            self.put(key, json.dumps(doc).encode())
 
     def put(self, key: str, data: bytes) -> None:
         """Write one whole key (a plain file write on local stores)."""
         if self._local_root is not None:
             path = self._local_root / key
-            try:
-                path.write_bytes(data)
-            except FileNotFoundError:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                path.write_bytes(data)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(path, "wb") as f:
+                f.write(data)
+                if self.durable:
+                    os.fsync(f.fileno())
         else:
             sync(self.store.set(key, Buffer.from_bytes(data)))
 
@@ -173,9 +187,17 @@ class ArchiveStore:
                 return None
         return self._get(key)
 
+    def sync_dirs(self, data: str) -> None:
+        """fsync the folders of a snapshot's chunks, so their entries survive a power loss."""
+        if self._local_root is None or not self.durable:
+            return
+        base = self._local_root / "snapshots" / data
+        for d in [base, *(base / k for k in KINDS), *(base / k / "c" for k in KINDS), base.parent]:
+            _fsync_dir(d)
+
     @staticmethod
-    def chunk_key(sid: str, kind: str, index: int) -> str:
-        return f"snapshots/{sid}/{kind}/c/{index}"
+    def chunk_key(data: str, kind: str, index: int) -> str:
+        return f"snapshots/{data}/{kind}/c/{index}"
 
     # -- manifests ---------------------------------------------------------------------------
     def write_manifest(self, sid: str, manifest: dict[str, Any]) -> None:
@@ -196,6 +218,8 @@ class ArchiveStore:
                 raise ArchiveExistsError(f"snapshot {sid!r} already exists; choose another id") from None
             finally:
                 tmp.unlink()
+            if self.durable:
+                _fsync_dir(final.parent)
         else:
             if self._get(key) is not None:
                 raise ArchiveExistsError(f"snapshot {sid!r} already exists; choose another id")
@@ -211,7 +235,11 @@ class ArchiveStore:
         if data is None:
             raise SnapshotNotFoundError(f"no snapshot {sid!r} in archive {self.location}; "
                                         "list them with Archive.snapshots()")
-        return json.loads(data)
+        try:
+            return json.loads(data)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise IntegrityError(f"manifest of snapshot {sid!r} in {self.location} is damaged ({exc}); "
+                                 "restore the archive from a copy") from None
 
     def list_snapshots(self) -> list[str]:
         """Ids of every committed snapshot, in no particular order."""
