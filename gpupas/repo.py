@@ -1085,10 +1085,6 @@ class Repository:
         blob_sizes = {r["sha256"]: r["size"] for r in q("SELECT DISTINCT sha256, size FROM files")}
         all_sids = set(self.archive.store.list_snapshots())
         orphans = sorted(all_sids - referenced)
-        try:
-            dirs = {p.name for p in (self.root / "snapshots").iterdir() if p.is_dir()}
-        except FileNotFoundError:
-            dirs = set()
         disk = sum(f.stat().st_size for f in self.root.rglob("*") if f.is_file())
         raw, stored = int(tot["raw"]), int(tot["stored"])
         for row in by_enc + by_dtype:
@@ -1104,7 +1100,7 @@ class Repository:
             "files": {"references": files["refs"], "logical_bytes": files["logical"], "blobs": len(blob_sizes),
                       "stored_bytes": sum(blob_sizes.values()),
                       "saved_bytes": files["logical"] - sum(blob_sizes.values())},
-            "unreferenced_snapshots": orphans, "incomplete_snapshots": sorted(dirs - all_sids),
+            "unreferenced_snapshots": orphans, "incomplete_snapshots": self.archive.store.orphan_folders(),
             "disk_bytes": disk,
             "per_version": [dict(r) for r in q("SELECT id, name, n_snapshots, raw_bytes, stored_bytes FROM versions "
                                                "ORDER BY id")],

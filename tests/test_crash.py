@@ -78,3 +78,25 @@ def test_kill_during_commit(tmp_path: Path) -> None:
     written = {p.name.rsplit(".", 1)[0] for p in (path / "snapshots").iterdir() if p.is_dir()}
     orphans = written - set(gpupas.open_archive(path).snapshots())
     assert {"k0-001", "k1-002"} <= orphans  # killed mid-write: chunks on disk, never visible
+
+
+def test_orphan_folders_are_listed(tmp_path: Path) -> None:
+    from gpupas.pas.store import ArchiveStore
+
+    archive = gpupas.create_archive(tmp_path / "arc")
+    m = archive.commit(expected(0), snapshot="kept")
+    original = ArchiveStore.write_manifest
+
+    def fail(*a: object, **k: object) -> None:
+        raise OSError("power cut")
+
+    ArchiveStore.write_manifest = fail  # type: ignore[method-assign]
+    try:
+        try:
+            archive.commit(expected(1), snapshot="lost")
+        except OSError:
+            pass
+    finally:
+        ArchiveStore.write_manifest = original  # type: ignore[method-assign]
+    orphans = archive.store.orphan_folders()
+    assert len(orphans) == 1 and orphans[0].startswith("lost.") and m["data"] not in orphans

@@ -241,6 +241,12 @@ class ArchiveStore:
             raise IntegrityError(f"manifest of snapshot {sid!r} in {self.location} is damaged ({exc}); "
                                  "restore the archive from a copy") from None
 
+    def orphan_folders(self) -> list[str]:
+        """Chunk folders under ``snapshots/`` that no manifest names (killed or failed commits)."""
+        folders = set(sync(self._list("snapshots"))) - {"zarr.json"}
+        named = {self.read_manifest(s).get("data", s) for s in self.list_snapshots()}
+        return sorted(folders - named)
+
     def list_snapshots(self) -> list[str]:
         """Ids of every committed snapshot, in no particular order."""
         names = sync(self._list("manifests"))
