@@ -27,6 +27,7 @@ from gpupas.pas.codecs import crc32 as _crc32
 from gpupas.pas.context import entropy
 from gpupas.pas.planes import from_bits, layout_of, to_bits
 from gpupas.pas.settings import Setting, get_setting
+from gpupas.pas.shards import ShardReader, ShardWriter, shard_chunks
 from gpupas.pas.store import FORMAT, ArchiveStore, check_name, new_id
 from gpupas.pas.transform import SEGMENT, Plan, choose_plan, decode_segment, encode_segment, segments
 from gpupas.pas.workspace import workspace
@@ -191,16 +192,23 @@ class Archive:
 
         bounds = sorted({x for xs in _run_all(self._pool, encode, units) for x in xs})
         nchunks = -(-length // CHUNK_SIZE)
-        self.store.create_arrays(data, length)
+        self.store.create_arrays(data, length, shard_chunks(nchunks))
+        shards = ShardWriter(self.store, data, nchunks)
 
         def code(c: int) -> tuple[str, int]:
             lo, hi = c * CHUNK_SIZE, min(length, (c + 1) * CHUNK_SIZE)
             inner = [b - lo for b in bounds[bisect.bisect_right(bounds, lo) : bisect.bisect_left(bounds, hi)]]
             kind, payload = encode_chunk(buf[lo:hi], inner, CHUNK_SIZE, cfg)
-            self.store.put(self.store.chunk_key(data, kind, c), payload)
+            shards.add(kind, c, payload)
             return kind, len(payload)
 
-        return _run_all(self._pool, code, range(nchunks))
+        try:
+            coded = _run_all(self._pool, code, range(nchunks))
+            shards.close()
+        except BaseException:
+            shards.abort()
+            raise
+        return coded
 
     # -- restore ---------------------------------------------------------------------------
     def restore(self, snapshot: str, names: Iterable[str] | None = None, *,
@@ -284,23 +292,28 @@ class Archive:
                 needed: list[int], buf: np.ndarray, base_bits: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Read and decode chunks ``needed`` into ``buf``, then rebuild the raw bits of ``entries``."""
         kinds = m["chunks"]
+        shards = ShardReader(self.store, m.get("data", sid), len(kinds))
 
         def decode(c: int) -> None:
             kind = _CODE_KIND[kinds[c]]
             try:
-                payload = self.store.get(self.store.chunk_key(m.get("data", sid), kind, c))
+                payload = shards.get(kind, c)
                 if payload is None:
-                    raise IntegrityError("chunk file is missing")
+                    raise IntegrityError("chunk is missing")
                 decode_chunk(kind, payload, buf[c * CHUNK_SIZE : (c + 1) * CHUNK_SIZE])
             except IntegrityError as exc:
                 held = [n for n, (lo, hi) in spans.items() if lo < (c + 1) * CHUNK_SIZE and hi > c * CHUNK_SIZE]
                 raise IntegrityError(
-                    f"snapshot {sid} in {self.location}: chunk {kind}/c/{c} is damaged ({exc}); it holds "
+                    f"snapshot {sid} in {self.location}: chunk {c} (in shard file {kind}/c/{c // shards.per}) "
+                    f"is damaged ({exc}); it holds "
                     f"tensor(s) {', '.join(held[:5])}{'...' if len(held) > 5 else ''}. Restore the archive "
                     "from a copy or commit that snapshot again."
                 ) from None
 
-        _run_all(self._pool, decode, needed)
+        try:
+            _run_all(self._pool, decode, needed)
+        finally:
+            shards.close()
         out = {e["name"]: np.empty(int(np.prod(e["shape"], dtype=np.int64)), layout_of(e["dtype"]).uint)
                for e in entries}
         units = [(e, a, b) for e in entries for a, b in segments(out[e["name"]].size)]

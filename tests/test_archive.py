@@ -314,3 +314,13 @@ def test_same_explicit_id_from_two_threads(archive: gpupas.Archive) -> None:
     assert outcome == ["lost", "won"]
     got = gpupas.open_archive(archive.location).restore("same")  # the winner's bits, whole
     assert any(all(got[k].tobytes() == m[k].tobytes() for k in m) for m in models)
+
+
+def test_damaged_shard_index_is_caught(archive: gpupas.Archive) -> None:
+    m = archive.commit(_model(0))
+    shard = _chunk_files(archive, m["id"])[0]
+    data = bytearray(shard.read_bytes())
+    data[-10] ^= 0xFF  # inside the index at the end of the shard file
+    shard.write_bytes(bytes(data))
+    with pytest.raises(IntegrityError, match=rf"snapshot {m['id']}.*index"):
+        gpupas.open_archive(archive.location).restore(m["id"])

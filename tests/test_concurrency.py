@@ -127,14 +127,14 @@ def pause(word):
     time.sleep(30)
 
 if mode == "chunks":  # in the middle of the second snapshot's chunk writes
-    put, count = ArchiveStore.put, [0]
-    def slow_put(self, key, data):
-        put(self, key, data)
-        if "/c/" in key:
-            count[0] += 1
-            if count[0] == 4:
-                pause("chunks")
-    ArchiveStore.put = slow_put
+    from gpupas.pas.shards import ShardWriter
+    add, count = ShardWriter.add, [0]
+    def slow_add(self, kind, c, payload):
+        add(self, kind, c, payload)
+        count[0] += 1
+        if count[0] == 4:
+            pause("chunks")
+    ShardWriter.add = slow_add
 elif mode == "link":  # version record written to a temporary file, not yet linked into place
     link = os.link
     def slow_link(src, dst, *a, **k):

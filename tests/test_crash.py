@@ -15,19 +15,18 @@ import gpupas
 
 CHILD = r"""
 import sys, time, numpy as np, gpupas
-from gpupas.pas.store import ArchiveStore
-put = ArchiveStore.put
+from gpupas.pas.shards import ShardWriter
+add = ShardWriter.add
 written = [0]
 
-def slow_put(self, key, data):  # the real writes, with a pause after a few chunks for the parent's kill
-    put(self, key, data)
-    if "/c/" in key:
-        written[0] += 1
-        if written[0] == 6:
-            print("half", flush=True)
-            time.sleep(float(sys.argv[3]))
+def slow_add(self, kind, c, payload):  # the real writes, with a pause after a few chunks for the kill
+    add(self, kind, c, payload)
+    written[0] += 1
+    if written[0] == 6:
+        print("half", flush=True)
+        time.sleep(float(sys.argv[3]))
 
-ArchiveStore.put = slow_put
+ShardWriter.add = slow_add
 path = sys.argv[1]
 a = gpupas.create_archive(path) if sys.argv[2] == "0" else gpupas.open_archive(path)
 base = None

@@ -57,6 +57,14 @@ def check_name(name: str, what: str = "snapshot id") -> str:
     return name
 
 
+def sharding_codecs(inner: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The Zarr v3 codec list of a sharded uint8 array whose inner chunks use codecs ``inner``."""
+    return [{"name": "sharding_indexed", "configuration": {
+        "chunk_shape": [CHUNK_SIZE], "codecs": [{"name": "bytes"}, *inner],
+        "index_codecs": [{"name": "bytes", "configuration": {"endian": "little"}}, {"name": "crc32c"}],
+        "index_location": "end"}}]
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -145,8 +153,8 @@ class ArchiveStore:
         return [k async for k in self.store.list_dir(prefix)]
 
     # -- chunks ----------------------------------------------------------------------------
-    def create_arrays(self, data: str, length: int) -> None:
-        """Zarr metadata of a snapshot's group and chunk arrays under ``snapshots/<data>``.
+    def create_arrays(self, data: str, length: int, per_shard: int) -> None:
+        """Zarr metadata of a snapshot's group and sharded chunk arrays under ``snapshots/<data>``.
 
         ``data`` is the snapshot id plus a unique suffix, so two commits never write one folder.
         Written as plain Zarr v3 documents: zarr's own API costs ~3 ms per array here.
@@ -156,9 +164,9 @@ class ArchiveStore:
         for kind in KINDS:
             docs[f"snapshots/{sid}/{kind}/zarr.json"] = {
                 "zarr_format": 3, "node_type": "array", "shape": [length], "data_type": "uint8",
-                "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": [CHUNK_SIZE]}},
+                "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": [per_shard * CHUNK_SIZE]}},
                 "chunk_key_encoding": {"name": "default", "configuration": {"separator": "/"}},
-                "fill_value": 0, "codecs": [{"name": "bytes"}, *_CODECS[kind]], "attributes": {},
+                "fill_value": 0, "codecs": sharding_codecs(_CODECS[kind]), "attributes": {},
             }
         if self._local_root is not None:
             for kind in KINDS:
@@ -197,6 +205,7 @@ class ArchiveStore:
 
     @staticmethod
     def chunk_key(data: str, kind: str, index: int) -> str:
+        """Key of Zarr chunk ``index`` (a shard file) of a snapshot's ``kind`` array."""
         return f"snapshots/{data}/{kind}/c/{index}"
 
     # -- manifests ---------------------------------------------------------------------------
