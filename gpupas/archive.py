@@ -73,6 +73,7 @@ class Archive:
         self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="gpupas")
         self._cache: OrderedDict[str, dict[str, np.ndarray]] = OrderedDict()
         self._borrowed: set[str] = set()  # cached snapshots whose arrays are the committer's own
+        self._manifests: OrderedDict[str, Manifest] = OrderedDict()
         self._cache_size = cache_size
 
     def __enter__(self) -> Archive:
@@ -99,12 +100,18 @@ class Archive:
         """
         self._cache.pop(snapshot, None)
         self._borrowed.discard(snapshot)
+        self._manifests.pop(snapshot, None)
         self.store.discard(snapshot)
 
     # -- listing ---------------------------------------------------------------------------
     def manifest(self, snapshot: str) -> Manifest:
-        """The manifest of ``snapshot`` (tensors, encodings, sizes)."""
-        return self.store.read_manifest(snapshot)
+        """The manifest of ``snapshot`` (tensors, encodings, sizes); do not modify it."""
+        m = self._manifests.get(snapshot)
+        if m is None:  # published manifests never change: read each once
+            m = self._manifests[snapshot] = self.store.read_manifest(snapshot)
+            while len(self._manifests) > 1024:
+                self._manifests.popitem(last=False)
+        return m
 
     def snapshots(self) -> list[str]:
         """Committed snapshot ids, oldest first."""

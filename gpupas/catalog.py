@@ -301,7 +301,7 @@ class Catalog:
             have.add(s["id"])
             try:
                 m = self.source.archive.manifest(s["id"])
-            except SnapshotNotFoundError:
+            except (SnapshotNotFoundError, IntegrityError):
                 continue  # a damaged archive: `gpupas verify` reports it
             conn.executemany("INSERT OR REPLACE INTO tensors VALUES (?,?,?,?,?,?,?)", [
                 (s["id"], e["name"], e["dtype"], json.dumps(e["shape"]), e["enc"], e["nbytes"], e.get("stored"))

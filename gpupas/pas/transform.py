@@ -20,6 +20,7 @@ from gpupas.xp import namespace, to_numpy
 
 SEGMENT = 1 << 20  # values per segment
 MIN_CONTEXT_VALUES = 16384  # below this the split's statistics cost more than they save
+MIN_ESTIMATE_VALUES = 2048  # smaller deltas are stored as SUB without estimating
 MIN_CONTEXT_GAIN = 0.005  # keep the split only if the estimate shrinks by this fraction
 
 
@@ -60,6 +61,8 @@ def choose_plan(u: Any, ub: Any | None, layout: Layout, setting: Setting) -> Pla
     """Pick the encoding (and context split) with the smallest sampled entropy."""
     if ub is None and "mat" not in setting.context:
         return Plan("mat", False)  # nothing to choose
+    if ub is not None and u.size < MIN_ESTIMATE_VALUES:
+        return Plan("sub", False)  # too small for the choice to matter, or for a fair estimate
     idx = sample_index(u.size)
     us = to_numpy(u[idx])
     ubs = None if ub is None else to_numpy(ub[idx])
