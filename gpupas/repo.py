@@ -44,7 +44,7 @@ import sqlite3
 import uuid
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -62,7 +62,7 @@ from gpupas.errors import (
     VersionNotFoundError,
 )
 from gpupas.network import Network, diff_networks, extract_network
-from gpupas.pas.store import check_name
+from gpupas.pas.store import check_name, publish_file
 from gpupas.tensors import TORCH_SUFFIXES, load_checkpoint
 
 RECORD_FORMAT = 1
@@ -381,41 +381,12 @@ class Repository:
             self.archive.close()
 
     # -- low-level record I/O (local, atomic) ------------------------------------------------
-    def _tmp(self, final: Path, data: bytes) -> Path:
-        final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = final.with_name(f".{final.name}.{uuid.uuid4().hex}.tmp")
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        return tmp
-
-    @staticmethod
-    def _sync_dir(d: Path) -> None:
-        with suppress(OSError):
-            fd = os.open(d, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-
     def _create(self, rel: str, data: bytes) -> bool:
         """Publish ``data`` at ``rel`` unless something is there already (atomic). True if written."""
-        final = self.root / rel
-        tmp = self._tmp(final, data)
-        try:
-            os.link(tmp, final)
-        except FileExistsError:
-            return False
-        finally:
-            tmp.unlink()
-        self._sync_dir(final.parent)
-        return True
+        return publish_file(self.root / rel, data)
 
     def _replace(self, rel: str, data: bytes) -> None:
-        final = self.root / rel
-        os.replace(self._tmp(final, data), final)
-        self._sync_dir(final.parent)
+        publish_file(self.root / rel, data, replace=True)
 
     @contextmanager
     def _locked(self, vid: int) -> Iterator[None]:

@@ -73,6 +73,33 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def publish_file(final: Path, data: bytes, *, replace: bool = False, durable: bool = True) -> bool:
+    """Put ``data`` at ``final`` atomically: readers see the old state or all of ``data``.
+
+    A temporary file (fsync'd when ``durable``) is linked into place, which refuses an existing
+    ``final`` (returns False), or with ``replace`` renamed over it; then the folder is fsync'd.
+    """
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f".{final.name}.{uuid.uuid4().hex}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        if durable:
+            f.flush()
+            os.fsync(f.fileno())
+    if replace:
+        os.replace(tmp, final)
+    else:
+        try:
+            os.link(tmp, final)  # atomic create-if-absent
+        except FileExistsError:
+            return False
+        finally:
+            tmp.unlink()
+    if durable:
+        _fsync_dir(final.parent)
+    return True
+
+
 def new_id() -> str:
     """A fresh, unique snapshot id."""
     return uuid.uuid4().hex[:16]
@@ -214,21 +241,8 @@ class ArchiveStore:
         data = json.dumps(manifest, separators=(",", ":")).encode()
         key = f"manifests/{sid}.json"
         if self._local_root is not None:
-            final = self._local_root / key
-            final.parent.mkdir(parents=True, exist_ok=True)
-            tmp = final.with_name(f".{sid}.{uuid.uuid4().hex}.tmp")
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            try:
-                os.link(tmp, final)  # atomic create-if-absent
-            except FileExistsError:
-                raise ArchiveExistsError(f"snapshot {sid!r} already exists; choose another id") from None
-            finally:
-                tmp.unlink()
-            if self.durable:
-                _fsync_dir(final.parent)
+            if not publish_file(self._local_root / key, data, durable=self.durable):
+                raise ArchiveExistsError(f"snapshot {sid!r} already exists; choose another id")
         else:
             if self._get(key) is not None:
                 raise ArchiveExistsError(f"snapshot {sid!r} already exists; choose another id")
