@@ -59,7 +59,7 @@ def test_float32_layout_puts_exponent_in_top_plane() -> None:
     split_planes(r, planes)
     assert planes[0].tolist() == [127, 127, 128, 0]  # exponent bytes, sign moved out
     assert planes[3].tolist() == [0, 1, 0, 1]  # the sign now sits in the lowest bit
-    assert (join_planes(planes, np.uint32) == r).all()
+    assert (join_planes(planes, np.empty(4, np.uint32)) == r).all()
 
 
 def test_sub_delta_of_close_values_is_small() -> None:

@@ -12,8 +12,6 @@ from typing import Any
 from gpupas.pas.planes import Layout, rotate, unrotate
 from gpupas.xp import namespace
 
-ENCODINGS = ("mat", "sub", "xor")
-
 
 def encode_delta(enc: str, u: Any, ub: Any, layout: Layout, out: Any = None, tmp: Any = None) -> Any:
     """Coded patterns of ``u`` against base ``ub`` for ``enc`` ('sub' or 'xor').

@@ -14,7 +14,7 @@ import numpy as np
 
 from gpupas.pas.context import group_bounds, order_by, plane_entropies, sample_index
 from gpupas.pas.delta import decode_delta, encode_delta
-from gpupas.pas.planes import Layout, rotate, split_planes, top_byte, unrotate
+from gpupas.pas.planes import Layout, join_planes, rotate, split_planes, top_byte, unrotate
 from gpupas.pas.settings import Setting
 from gpupas.xp import namespace, to_numpy
 
@@ -125,14 +125,12 @@ def decode_segment(planes: Any, ub: Any | None, layout: Layout, plan: Plan, out:
     w, n = planes.shape
     direct = plan.enc == "mat" and not plan.ctx
     coded = out if direct else scratch(0, n, layout.uint, xp)
-    rows = coded.view(np.uint8).reshape(n, w)
-    for p in range(w):  # one strided copy per plane: 3-4x faster than a transposing copy
-        rows[:, w - 1 - p] = planes[p]
+    join_planes(planes, coded)
     if plan.ctx:
         ctx = planes[0] if plan.enc == "mat" else top_byte(ub, layout)
         order = order_by(ctx)
         if plan.enc == "mat":
-            rows[:, w - 1] = ctx[order]
+            coded.view(np.uint8).reshape(n, w)[:, w - 1] = ctx[order]  # the sorted context, on top
         natural = out if plan.enc == "mat" else scratch(1, n, layout.uint, xp)
         natural[order] = coded
         coded = natural
