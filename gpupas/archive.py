@@ -103,6 +103,11 @@ class Archive:
         self._manifests.pop(snapshot, None)
         self.store.discard(snapshot)
 
+    def gc(self, min_age: float = 3600.0) -> list[str]:
+        """Delete the chunk folders of commits that never published (killed or failed), once they
+        are ``min_age`` seconds old; returns their names."""
+        return self.store.remove_orphans(min_age)
+
     # -- listing ---------------------------------------------------------------------------
     def manifest(self, snapshot: str) -> Manifest:
         """The manifest of ``snapshot`` (tensors, encodings, sizes); do not modify it."""

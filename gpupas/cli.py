@@ -724,6 +724,20 @@ def stats(archive: ArchiveOpt = None, as_json: JsonOpt = False) -> None:
 
 @app.command()
 @_command
+def gc(min_age: Annotated[float, typer.Option("--min-age", help="Only folders untouched for this many seconds "
+                                                               "(commits in progress stay safe).")] = 3600.0,
+       archive: ArchiveOpt = None, as_json: JsonOpt = False) -> None:
+    """Delete the chunk folders of interrupted commits (never visible, listed by `stats`)."""
+    with _repo(archive) as repo:
+        removed = repo.archive.gc(min_age)
+    if as_json:
+        _print_json({"removed": removed})
+    else:
+        out.print(f"removed {len(removed)} incomplete snapshot folder(s)", markup=False)
+
+
+@app.command()
+@_command
 def reindex(archive: ArchiveOpt = None, as_json: JsonOpt = False) -> None:
     """Rebuild the SQLite catalog from the archive's records and manifests."""
     with _repo(archive) as repo:

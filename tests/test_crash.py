@@ -99,3 +99,7 @@ def test_orphan_folders_are_listed(tmp_path: Path) -> None:
         ArchiveStore.write_manifest = original  # type: ignore[method-assign]
     orphans = archive.store.orphan_folders()
     assert len(orphans) == 1 and orphans[0].startswith("lost.") and m["data"] not in orphans
+    assert archive.gc(min_age=3600) == []  # too young: might be a commit still in progress
+    assert archive.gc(min_age=0) == orphans
+    assert archive.store.orphan_folders() == []
+    assert archive.restore("kept")["w0"].tobytes() == expected(0)["w0"].tobytes()

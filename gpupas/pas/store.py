@@ -18,6 +18,7 @@ import json
 import os
 import re
 import shutil
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -269,6 +270,27 @@ class ArchiveStore:
         folders = set(sync(self._list("snapshots"))) - {"zarr.json"}
         named = {self.read_manifest(s).get("data", s) for s in self.list_snapshots()}
         return sorted(folders - named)
+
+    def remove_orphans(self, min_age: float) -> list[str]:
+        """Delete orphan chunk folders last written at least ``min_age`` seconds ago; their names.
+
+        The age keeps commits still in progress (another process's) safe. Object stores do not
+        say when a folder was written, so there only ``min_age=0`` removes anything.
+        """
+        removed = []
+        for name in self.orphan_folders():
+            if self._local_root is not None:
+                folder = self._local_root / "snapshots" / name
+                newest = max((p.stat().st_mtime for p in [folder, *folder.rglob("*")]), default=0.0)
+                if time.time() - newest < min_age:
+                    continue
+                shutil.rmtree(folder, ignore_errors=True)
+            elif min_age > 0:
+                continue
+            else:
+                sync(self.store.delete_dir(f"snapshots/{name}"))
+            removed.append(name)
+        return removed
 
     def list_snapshots(self) -> list[str]:
         """Ids of every committed snapshot, in no particular order."""
