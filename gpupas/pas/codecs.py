@@ -134,12 +134,14 @@ def encode_chunk(data: np.ndarray, bounds: Sequence[int], size: int, setting: Se
     return kind, body + struct.pack("<I", google_crc32c.value(body))
 
 
-def check_crc(payload: bytes) -> bytes:
-    """The body of a stored chunk after verifying its CRC32C; raises IntegrityError."""
-    body = bytes(payload[:-4])
-    if len(payload) < 4 or struct.unpack("<I", payload[-4:])[0] != google_crc32c.value(body):
+_CRC32C_RESIDUE = 0x48674BC7  # CRC-32C of any bytes followed by their own CRC-32C (little-endian)
+
+
+def check_crc(payload: bytes) -> memoryview:
+    """The body of a stored chunk after verifying its CRC32C (no copy); raises IntegrityError."""
+    if len(payload) < 4 or google_crc32c.value(payload) != _CRC32C_RESIDUE:
         raise IntegrityError("checksum mismatch")
-    return body
+    return memoryview(payload)[:-4]
 
 
 def _raw_blocks(body: bytes, size: int) -> list[tuple[int, int, int]] | None:
