@@ -9,6 +9,7 @@ the CRC32C of that index.
 
 from __future__ import annotations
 
+import io
 import os
 import struct
 import threading
@@ -36,20 +37,19 @@ class ShardWriter:
     def __init__(self, store: ArchiveStore, data: str, nchunks: int):
         self.store, self.data, self.per = store, data, shard_chunks(nchunks)
         self._lock = threading.Lock()
-        self._open: dict[tuple[str, int], list[Any]] = {}  # key -> [file or bytearray, index, size]
+        self._open: dict[tuple[str, int], list[Any]] = {}  # key -> [file or BytesIO, index, size]
 
     def add(self, kind: str, c: int, payload: bytes) -> None:
         key = (kind, c // self.per)
         with self._lock:
             entry = self._open.get(key)
-            if entry is None:
-                sink: Any = bytearray()
+            if entry is None:  # a file on local stores; memory (one PUT at close) on remote ones
                 root = self.store.local_root
-                if root is not None:
-                    sink = open(root / self.store.chunk_key(self.data, kind, key[1]), "wb")
+                sink: Any = io.BytesIO() if root is None else open(
+                    root / self.store.chunk_key(self.data, kind, key[1]), "wb")
                 entry = self._open[key] = [sink, np.full((self.per, 2), _EMPTY, np.uint64), 0]
             sink, index, size = entry
-            sink.write(payload) if not isinstance(sink, bytearray) else sink.extend(payload)
+            sink.write(payload)
             index[c % self.per] = (size, len(payload))
             entry[2] = size + len(payload)
 
@@ -58,8 +58,8 @@ class ShardWriter:
         for (kind, shard), (sink, index, _) in self._open.items():
             tail = index.astype("<u8").tobytes()
             tail += struct.pack("<I", google_crc32c.value(tail))
-            if isinstance(sink, bytearray):
-                self.store.put(self.store.chunk_key(self.data, kind, shard), bytes(sink + tail))
+            if isinstance(sink, io.BytesIO):
+                self.store.put(self.store.chunk_key(self.data, kind, shard), sink.getvalue() + tail)
                 continue
             with sink:
                 sink.write(tail)
@@ -71,8 +71,7 @@ class ShardWriter:
     def abort(self) -> None:
         """Close open files without an index (the snapshot is never published)."""
         for sink, _, _ in self._open.values():
-            if not isinstance(sink, bytearray):
-                sink.close()
+            sink.close()
         self._open.clear()
 
 

@@ -159,7 +159,10 @@ class ArchiveStore:
 
     def discard(self, sid: str) -> None:
         """Remove snapshot ``sid``: its manifest first (so it disappears at once), then its chunks."""
-        data = self.read_manifest(sid).get("data", sid) if self.has_manifest(sid) else None
+        try:
+            data = self.read_manifest(sid).get("data", sid)
+        except SnapshotNotFoundError:
+            data = None
         if self._local_root is not None:
             (self._local_root / "manifests" / f"{sid}.json").unlink(missing_ok=True)
             if data is not None:
