@@ -6,8 +6,8 @@ Cases: MiniLM fp32 pretrained (materialized), its Adam fine-tune snapshots each 
 one, MiniLM bf16 pretrained and its bf16 fine-tunes against it, and a CNN trained with SGD on
 scikit-learn digits, each epoch against the previous one. gpupas writes a real archive on disk
 (local Zarr store; chunks, folders and manifest fsync'd, plus a row without fsync); peers
-compress in memory. Delta restores of every tool get
-the base in memory. Timings are the best of ``--repeat`` runs.
+compress in memory. Delta restores of every tool get the base in memory (gpupas: also the base's
+own base, which its 'pred' tensors extrapolate from). Timings are the best of ``--repeat`` runs.
 """
 
 from __future__ import annotations
@@ -92,8 +92,10 @@ def run_gpupas(snaps: list[tuple[str, Tensors]], case: Case, setting: str, repea
                     t = time.perf_counter()
                     m = arc.commit(snaps[i][1], base=base, setting=setting, snapshot=f"s{i}")
                     enc_s += time.perf_counter() - t
-                    if base is not None:
-                        arc.restore(base)  # the base in memory, as the peers get it
+                    if base is not None:  # the base in memory, as the peers get it; and the base's own
+                        grand = arc.manifest(base)["base"]  # base, which 'pred' tensors extrapolate from
+                        for s in ([grand] if grand else []) + [base]:
+                            arc.restore(s)
                     arc._cache.pop(m["id"], None)
                     t = time.perf_counter()
                     out = arc.restore(m["id"])

@@ -16,6 +16,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -25,11 +26,21 @@ from gpupas.errors import ArchiveExistsError, IntegrityError, SnapshotNotFoundEr
 from gpupas.pas.codecs import CHUNK_SIZE, decode_chunk, encode_chunk
 from gpupas.pas.codecs import crc32 as _crc32
 from gpupas.pas.context import entropy
-from gpupas.pas.planes import from_bits, layout_of, to_bits
+from gpupas.pas.planes import Layout, from_bits, layout_of, to_bits
+from gpupas.pas.predict import alpha_from_planes, alpha_planes, fit, predict, supports
+from gpupas.pas.rows import changed_rows, gather, mask_bytes, mask_from_bytes, rows_of
 from gpupas.pas.settings import Setting, get_setting
 from gpupas.pas.shards import ShardReader, ShardWriter, shard_chunks
 from gpupas.pas.store import FORMAT, ArchiveStore, check_name, new_id
-from gpupas.pas.transform import SEGMENT, Plan, choose_plan, decode_segment, encode_segment, segments
+from gpupas.pas.transform import (
+    MIN_ESTIMATE_VALUES,
+    SEGMENT,
+    Plan,
+    choose_plan,
+    decode_segment,
+    encode_segment,
+    segments,
+)
 from gpupas.pas.workspace import workspace
 from gpupas.tensors import as_tensor_dict
 
@@ -61,6 +72,31 @@ def _run_all(pool: ThreadPoolExecutor, fn: Callable[[Any], Any], items: Iterable
 def _crc(bits: np.ndarray) -> int:
     """CRC-32 of a tensor's bytes (ISA-L: ~25 GB/s here), no copy."""
     return _crc32(memoryview(bits).cast("B"))
+
+
+@dataclass
+class _Staged:
+    """One tensor on its way into a snapshot: its bits, and what gets coded (the changed rows only,
+    where a row mask pays; against the base, or a prediction from it and its own base)."""
+
+    name: str
+    arr: Any
+    layout: Layout
+    bits: np.ndarray  # all its raw patterns
+    crc: int
+    u: Any  # the patterns that get coded
+    ub: Any | None  # what they are coded against
+    shape: tuple[int, ...]  # the shape of ``u``
+    plan: Plan = field(default_factory=lambda: Plan("mat", False))
+    changed: np.ndarray | None = None  # bool per row, where a row mask is stored
+    alpha: np.ndarray | None = None  # prediction factors, for 'pred'
+
+    def extra(self) -> np.ndarray:
+        """What is stored after the planes: the row mask, then the prediction factors."""
+        parts = [] if self.changed is None else [mask_bytes(self.changed)]
+        if self.alpha is not None:
+            parts.append(alpha_planes(self.alpha))
+        return np.concatenate(parts) if parts else np.empty(0, np.uint8)
 
 
 class Archive:
@@ -140,6 +176,7 @@ class Archive:
         if self.store.has_manifest(sid):
             raise ArchiveExistsError(f"snapshot {sid!r} already exists in {self.location}; choose another id")
         base_bits: dict[str, np.ndarray] = {}
+        grand_bits: dict[str, np.ndarray] = {}
         base_entries: dict[str, dict[str, Any]] = {}
         depth = 0
         if base is not None:
@@ -149,29 +186,48 @@ class Archive:
                 base, depth = None, 0
             else:
                 base_entries = {e["name"]: e for e in base_m["tensors"]}
-                base_bits = self._bits(base)
+                memo: dict[str, dict[str, np.ndarray]] = {}
+                base_bits = self._bits(base, memo=memo)
+                grand_bits = self._grand_bits(base_m, arrays, cfg, memo)
 
-        def prepare(item: tuple[str, np.ndarray]) -> tuple[Any, ...]:
+        def prepare(item: tuple[str, np.ndarray]) -> _Staged:
             name, arr = item
             layout = layout_of(arr.dtype)
             u = to_bits(arr, layout)
             b = base_entries.get(name)
             same = b is not None and b["dtype"] == layout.name and tuple(b["shape"]) == arr.shape
-            ub = base_bits[name] if same else None
-            return name, arr, layout, u, ub, choose_plan(u, ub, layout, cfg), _crc(u)
+            st = _Staged(name, arr, layout, u, _crc(u), u, base_bits[name] if same else None, arr.shape)
+            if st.ub is not None:
+                st.changed = changed_rows(u, st.ub, arr.shape)
+                if st.changed is not None:  # code the changed rows only
+                    per = rows_of(arr.shape)[1]
+                    st.u, st.ub = gather(u, st.changed, per), gather(st.ub, st.changed, per)
+                    st.shape = (int(st.changed.sum()), per)
+            st.plan = choose_plan(st.u, st.ub, layout, cfg)
+            ub2 = grand_bits.get(name) if same else None
+            if ub2 is not None and ub2.size == u.size and supports(layout) and st.u.size >= MIN_ESTIMATE_VALUES:
+                if st.changed is not None:
+                    ub2 = gather(ub2, st.changed, st.shape[1])
+                alpha = fit(st.u, st.ub, ub2, layout, st.shape)
+                if alpha is not None:  # keep the prediction only where it beats the plain delta
+                    pred = predict(st.ub, ub2, alpha, layout, rows_of(st.shape)[1])
+                    alt = choose_plan(st.u, pred, layout, cfg, encs=("sub",))
+                    if alt.estimate * st.u.size + 16 * alpha.size < st.plan.estimate * st.u.size:
+                        st.plan, st.ub, st.alpha = Plan("pred", alt.ctx, alt.estimate), pred, alpha
+            return st
 
         prepared = _run_all(self._pool, prepare, arrays.items())
         data = f"{sid}.{new_id()[:8]}"  # a folder of its own: concurrent commits never share one
-        offsets = np.cumsum([0] + [p[3].size * p[2].width for p in prepared]).tolist()
+        offsets = np.cumsum([0] + [st.u.size * st.layout.width + st.extra().size for st in prepared]).tolist()
         length = offsets[-1]
         with workspace(length) as buf:
             coded = self._encode(data, prepared, offsets, buf, cfg)
             tensors_meta = []
-            for i, (name, arr, layout, _u, _ub, plan, crc) in enumerate(prepared):
+            for i, st in enumerate(prepared):
                 tensors_meta.append({
-                    "name": name, "dtype": layout.name, "shape": list(arr.shape), "offset": offsets[i],
-                    "enc": plan.enc, "ctx": plan.ctx, "crc32": crc, "nbytes": int(arr.nbytes),
-                })
+                    "name": st.name, "dtype": st.layout.name, "shape": list(st.arr.shape), "offset": offsets[i],
+                    "enc": st.plan.enc, "ctx": st.plan.ctx, "crc32": st.crc, "nbytes": int(st.arr.nbytes),
+                } | ({} if st.changed is None else {"kept": st.shape[0]}))
             _attribute(tensors_meta, buf, [size for _, size in coded])
         self.store.sync_dirs(data)
         manifest: Manifest = {
@@ -185,24 +241,32 @@ class Archive:
             "tensors": tensors_meta, "meta": dict(meta or {}),
         }
         self.store.write_manifest(sid, manifest)
-        self._remember(sid, {p[0]: p[3] for p in prepared}, borrowed=True)  # checked by CRC before use
+        self._remember(sid, {st.name: st.bits for st in prepared}, borrowed=True)  # checked by CRC before use
         return manifest
 
-    def _encode(self, data: str, prepared: list[tuple[Any, ...]], offsets: list[int], buf: np.ndarray,
+    def _encode(self, data: str, prepared: list[_Staged], offsets: list[int], buf: np.ndarray,
                 cfg: Setting) -> list[tuple[str, int]]:
         """Planes of every segment into ``buf``, then each chunk coded and written; (kind, size) per chunk."""
         length = buf.size
-        units = [(i, a, b) for i, p in enumerate(prepared) for a, b in segments(p[3].size)]
+        units = [(i, a, b) for i, st in enumerate(prepared) for a, b in segments(st.u.size)]
+        starts = []  # a tensor's row mask and prediction factors follow its planes
+        for i, st in enumerate(prepared):
+            extra = st.extra()
+            if extra.size:
+                lo = offsets[i] + st.u.size * st.layout.width
+                buf[lo : lo + extra.size] = extra
+                starts.append(lo)
 
         def encode(unit: tuple[int, int, int]) -> list[int]:
             i, a, b = unit
-            _, _, layout, u, ub, plan, _ = prepared[i]
-            lo = offsets[i] + a * layout.width
-            region = buf[lo : lo + (b - a) * layout.width].reshape(layout.width, b - a)
-            inner = encode_segment(u[a:b], None if ub is None else ub[a:b], layout, plan, region, cfg.min_group)
+            st = prepared[i]
+            lo = offsets[i] + a * st.layout.width
+            region = buf[lo : lo + (b - a) * st.layout.width].reshape(st.layout.width, b - a)
+            ub = None if st.ub is None else st.ub[a:b]
+            inner = encode_segment(st.u[a:b], ub, st.layout, st.plan, region, cfg.min_group)
             return [lo, *(lo + x for x in inner)]
 
-        bounds = sorted({x for xs in _run_all(self._pool, encode, units) for x in xs})
+        bounds = sorted({*starts, *(x for xs in _run_all(self._pool, encode, units) for x in xs)})
         nchunks = -(-length // CHUNK_SIZE)
         self.store.create_arrays(data, length, shard_chunks(nchunks))
         shards = ShardWriter(self.store, data, nchunks)
@@ -250,6 +314,18 @@ class Archive:
         n = len(self._bits(snapshot, use_cache=False))
         return n
 
+    def _grand_bits(self, base_m: Manifest, arrays: Mapping[str, Any], cfg: Setting,
+                    memo: dict[str, dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+        """Bits of the base's own base for the tensors the base stores as deltas (what a 'pred'
+        encoding extrapolates from); empty where there is none or the setting does not predict."""
+        names = [e["name"] for e in base_m["tensors"] if e["enc"] != "mat" and e["name"] in arrays]
+        if not (cfg.predict and names and base_m["base"] is not None):
+            return {}
+        try:
+            return self._bits(base_m["base"], names, memo=memo)
+        except (SnapshotNotFoundError, IntegrityError, KeyError):
+            return {}  # the base cannot be restored either; store plain deltas, which need only it
+
     def _remember(self, sid: str, bits: dict[str, np.ndarray], borrowed: bool = False) -> None:
         self._cache[sid] = bits
         self._cache.move_to_end(sid)
@@ -257,8 +333,14 @@ class Archive:
         while len(self._cache) > self._cache_size:
             self._borrowed.discard(self._cache.popitem(last=False)[0])
 
-    def _bits(self, sid: str, names: Iterable[str] | None = None, use_cache: bool = True) -> dict[str, np.ndarray]:
-        """Raw bit patterns (flat) of the tensors of ``sid``, checked against their CRC-32."""
+    def _bits(self, sid: str, names: Iterable[str] | None = None, use_cache: bool = True,
+              memo: dict[str, dict[str, np.ndarray]] | None = None) -> dict[str, np.ndarray]:
+        """Raw bit patterns (flat) of the tensors of ``sid``, checked against their CRC-32.
+
+        ``memo`` keeps, during one restore, the two snapshots below the one being decoded, so a
+        chain of 'pred' deltas (which read a base and its base) decodes each link once.
+        """
+        memo = {} if memo is None else memo
         m = self.manifest(sid)
         if m.get("segment", SEGMENT) != SEGMENT:
             raise IntegrityError(f"snapshot {sid} uses segments of {m['segment']} values; this gpupas reads "
@@ -271,6 +353,8 @@ class Archive:
             if missing:
                 raise KeyError(f"snapshot {sid} has no tensor(s) {missing}")
             entries = [by_name[n] for n in wanted]
+        if sid in memo and all(e["name"] in memo[sid] for e in entries):
+            return {e["name"]: memo[sid][e["name"]] for e in entries}
         if use_cache and sid in self._cache:
             cached = self._cache[sid]
             # the cache holds the caller's own arrays: use them only while their bits are unchanged
@@ -279,29 +363,38 @@ class Archive:
             del self._cache[sid]
             self._borrowed.discard(sid)
         deltas = [e["name"] for e in entries if e["enc"] != "mat"]
+        preds = [e["name"] for e in entries if e["enc"] == "pred"]
+        grand = self.manifest(m["base"])["base"] if preds else None
         try:
-            base_bits = self._bits(m["base"], deltas, use_cache) if deltas else {}
+            base_bits = self._bits(m["base"], deltas, use_cache, memo) if deltas else {}
+            grand_bits = self._bits(grand, preds, use_cache, memo) if preds else {}
         except (SnapshotNotFoundError, KeyError) as exc:
             raise IntegrityError(
-                f"snapshot {sid}: its delta base {m['base']} is missing or incomplete ({exc})") from None
+                f"snapshot {sid}: its delta base {m['base']} (or that one's base) is missing or incomplete "
+                f"({exc})") from None
         kinds = m["chunks"]
         spans = dict(zip((e["name"] for e in m["tensors"]), _spans(m)))
         needed = sorted({c for e in entries for lo, hi in [spans[e["name"]]] if hi > lo
                          for c in range(lo // CHUNK_SIZE, -(-hi // CHUNK_SIZE))})
         with workspace(len(kinds) * CHUNK_SIZE) as buf:
-            out = self._decode(sid, m, entries, spans, needed, buf, base_bits)
+            out = self._decode(sid, m, entries, spans, needed, buf, base_bits, grand_bits)
         for e in entries:
             if _crc(out[e["name"]]) != e["crc32"]:
                 raise IntegrityError(
                     f"snapshot {sid}: tensor {e['name']!r} does not match its checksum after decoding"
                     + (f" (is its base {m['base']} intact? run verify on it)" if e["enc"] != "mat" else "")
                 )
+        memo.clear()  # what the caller can still need: this snapshot and its base
+        memo[sid] = out
+        if m["base"] is not None:
+            memo[m["base"]] = base_bits
         if names is None:
             self._remember(sid, out)
         return out
 
     def _decode(self, sid: str, m: Manifest, entries: list[dict[str, Any]], spans: dict[str, tuple[int, int]],
-                needed: list[int], buf: np.ndarray, base_bits: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+                needed: list[int], buf: np.ndarray, base_bits: dict[str, np.ndarray],
+                grand_bits: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Read and decode chunks ``needed`` into ``buf``, then rebuild the raw bits of ``entries``."""
         kinds = m["chunks"]
         shards = ShardReader(self.store, m.get("data", sid), len(kinds))
@@ -328,18 +421,42 @@ class Archive:
             shards.close()
         out = {e["name"]: np.empty(int(np.prod(e["shape"], dtype=np.int64)), layout_of(e["dtype"]).uint)
                for e in entries}
-        units = [(e, a, b) for e in entries for a, b in segments(out[e["name"]].size)]
+        jobs = {}  # name: (where its coded values go, their base, the base's base, factors, row mask)
+        for e in entries:
+            name, width = e["name"], layout_of(e["dtype"]).width
+            values, mask_n, alpha_n = _stored(e)
+            rows, per = rows_of(e["shape"])
+            lo = e["offset"] + values * width
+            ub, ub2, target, changed, alpha = base_bits.get(name), grand_bits.get(name), out[name], None, None
+            if "kept" in e:
+                changed = mask_from_bytes(buf[lo : lo + mask_n], rows)
+                if int(changed.sum()) != e["kept"]:
+                    raise IntegrityError(f"snapshot {sid}: the row mask of tensor {name!r} is damaged")
+                ub = gather(ub, changed, per)
+                ub2 = None if ub2 is None else gather(ub2, changed, per)
+                target = np.empty(values, out[name].dtype)
+            if e["enc"] == "pred":
+                alpha = alpha_from_planes(buf[lo + mask_n : lo + mask_n + alpha_n])
+            jobs[name] = (target, ub, ub2, alpha, changed)
+        units = [(e, a, b) for e in entries for a, b in segments(_stored(e)[0])]
 
         def rebuild(unit: tuple[dict[str, Any], int, int]) -> None:
             e, a, b = unit
+            target, ub, ub2, alpha, _ = jobs[e["name"]]
             layout = layout_of(e["dtype"])
             lo = e["offset"] + a * layout.width
             planes = buf[lo : lo + (b - a) * layout.width].reshape(layout.width, b - a)
-            ub = base_bits.get(e["name"])
-            decode_segment(planes, None if ub is None else ub[a:b], layout, Plan(e["enc"], e["ctx"]),
-                           out[e["name"]][a:b])
+            base = None if ub is None else ub[a:b]
+            if e["enc"] == "pred":
+                base = predict(base, ub2[a:b], alpha, layout, rows_of(e["shape"])[1], a)
+            decode_segment(planes, base, layout, Plan(e["enc"], e["ctx"]), target[a:b])
 
         _run_all(self._pool, rebuild, units)
+        for name, (target, _, _, _, changed) in jobs.items():
+            if changed is not None:  # unchanged rows are the base's
+                whole = out[name].reshape(changed.size, -1)
+                whole[...] = base_bits[name].reshape(changed.size, -1)
+                whole[changed] = target.reshape(-1, whole.shape[1])
         return out
 
     # -- reporting -------------------------------------------------------------------------
@@ -352,27 +469,43 @@ class Archive:
         return rows
 
 
+def _stored(e: dict[str, Any]) -> tuple[int, int, int]:
+    """(values coded, row-mask bytes, factor bytes) of a manifest entry: a tensor with a row mask
+    codes its changed rows only and stores a bit per row; a 'pred' tensor two bytes per coded row."""
+    rows, per = rows_of(e["shape"])
+    kept = e.get("kept")
+    coded_rows = rows if kept is None else kept
+    return coded_rows * per, (0 if kept is None else -(-rows // 8)), (2 * coded_rows if e["enc"] == "pred" else 0)
+
+
 def _spans(m: Manifest) -> list[tuple[int, int]]:
+    """The byte range of each tensor (planes, then row mask and factors) in the snapshot's stream."""
     out = []
     for e in m["tensors"]:
+        values, mask_n, alpha_n = _stored(e)
         lo = e["offset"]
-        out.append((lo, lo + layout_of(e["dtype"]).width * int(np.prod(e["shape"], dtype=np.int64))))
+        out.append((lo, lo + values * layout_of(e["dtype"]).width + mask_n + alpha_n))
     return out
 
 
 def _attribute(entries: list[dict[str, Any]], buf: np.ndarray, chunk_sizes: list[int]) -> None:
     """Share each chunk's stored bytes among the tensor planes in it, weighted by sampled entropy.
 
-    Exact for planes that fill their chunks; an estimate where small planes share one.
+    Exact for planes that fill their chunks; an estimate where small planes share one. A 'pred'
+    tensor's factors and a row mask count in its "stored" bytes, not in its "planes".
     """
     segs = []  # (start, end, entry index, plane), in stream order
     for i, e in enumerate(entries):
         w = layout_of(e["dtype"]).width
-        for a, b in segments(e["nbytes"] // w):
+        values, mask_n, alpha_n = _stored(e)
+        for a, b in segments(values):
             lo = e["offset"] + a * w
             segs.extend((lo + p * (b - a), lo + (p + 1) * (b - a), i, p) for p in range(w))
+        if mask_n + alpha_n:
+            end = e["offset"] + values * w
+            segs.append((end, end + mask_n + alpha_n, i, w))
     starts = [s[0] for s in segs]
-    shares = [[0.0] * layout_of(e["dtype"]).width for e in entries]
+    shares = [[0.0] * (layout_of(e["dtype"]).width + 1) for e in entries]
     for c, size in enumerate(chunk_sizes):
         lo, hi = c * CHUNK_SIZE, min(len(buf), (c + 1) * CHUNK_SIZE)
         parts = []
@@ -390,5 +523,5 @@ def _attribute(entries: list[dict[str, Any]], buf: np.ndarray, chunk_sizes: list
         for (i, p, _, _), w in zip(parts, weights):
             shares[i][p] += size * w / total
     for e, sh in zip(entries, shares):
-        e["planes"] = [round(x) for x in sh]
+        e["planes"] = [round(x) for x in sh[:-1]]
         e["stored"] = round(sum(sh))

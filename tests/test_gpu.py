@@ -53,3 +53,24 @@ def test_cupy_arrays_commit_and_restore(tmp_path) -> None:
     with gpupas.create_archive(tmp_path / "arc") as a:
         m = a.commit({"w": cp.asarray(w)})
         assert a.restore(m["id"])["w"].tobytes() == w.tobytes()
+
+
+@pytest.mark.parametrize("name", ["float32", "float16", "bfloat16"])
+def test_cupy_predicts_the_numpy_bits(name: str) -> None:
+    from gpupas.pas.predict import fit, predict
+
+    layout = LAYOUTS[name]
+    rng = np.random.default_rng(3)
+    shape = (700, 129)
+    w0 = rng.standard_normal(shape) * 0.05
+    step = rng.standard_normal(shape) * 2e-3
+    chain = [w.astype(layout.dtype) for w in (w0, w0 + step, w0 + 1.4 * step)]
+    chain[2].reshape(-1)[:300] = adversarial(name, 300, 4)
+    u, ub, ub2 = (to_bits(w, layout) for w in reversed(chain))
+    alpha = fit(u, ub, ub2, layout, shape)
+    assert alpha is not None
+    per = shape[1]
+    for a, b in [(0, u.size), (1000, 5000), (129 * 3, 129 * 4 + 1)]:
+        host = predict(ub[a:b], ub2[a:b], alpha, layout, per, a)
+        dev = predict(cp.asarray(ub[a:b]), cp.asarray(ub2[a:b]), cp.asarray(alpha), layout, per, a)
+        assert cp.asnumpy(dev).tobytes() == host.tobytes(), (name, a, b)

@@ -14,7 +14,7 @@ from gpupas.xp import namespace
 
 
 def encode_delta(enc: str, u: Any, ub: Any, layout: Layout, out: Any = None, tmp: Any = None) -> Any:
-    """Coded patterns of ``u`` against base ``ub`` for ``enc`` ('sub' or 'xor').
+    """Coded patterns of ``u`` against base ``ub`` for ``enc`` ('xor', else SUB).
 
     Written into ``out`` (a new array if None); ``tmp`` is optional scratch of the same shape.
     """

@@ -16,21 +16,23 @@ class Setting:
     ``try_all``: code every chunk with each coder and keep the smallest (the compaction setting),
     else code with fast literal-only Zstandard and try Huffman-only Deflate only where Zstandard
     lands ``deflate_margin`` above the sampled entropy (bits/8); ``zstd_level``: the extra
-    Zstandard level ``try_all`` runs.
+    Zstandard level ``try_all`` runs; ``predict``: try the row-wise extrapolation of
+    :mod:`gpupas.pas.predict` where the base is itself a delta.
     """
 
     name: str
     context: tuple[str, ...] = ("sub", "xor")
-    min_group: int = 32768
+    min_group: int = 8192
     try_all: bool = False
     zstd_level: int = 19
     deflate_margin: float = 0.005
+    predict: bool = True
 
 
 SETTINGS: dict[str, Setting] = {
-    "fast": Setting("fast", context=()),
+    "fast": Setting("fast", context=(), predict=False),
     "default": Setting("default"),
-    "strong": Setting("strong", context=("mat", "sub", "xor"), min_group=16384, try_all=True),
+    "strong": Setting("strong", context=("mat", "sub", "xor"), min_group=4096, try_all=True),
 }
 
 

@@ -26,7 +26,8 @@ MIN_CONTEXT_GAIN = 0.005  # keep the split only if the estimate shrinks by this 
 
 @dataclass(frozen=True)
 class Plan:
-    """How one tensor is stored: ``enc`` is 'mat', 'sub' or 'xor'; ``ctx`` whether it is split."""
+    """How one tensor is stored: ``enc`` is 'mat', 'sub', 'xor' or 'pred' (SUB against the
+    prediction of :mod:`gpupas.pas.predict`, passed as the base); ``ctx`` whether it is split."""
 
     enc: str
     ctx: bool
@@ -57,8 +58,9 @@ def _coded(enc: str, u: Any, ub: Any, layout: Layout, xp: Any = np) -> Any:
     return rotate(u, layout, out, tmp) if enc == "mat" else encode_delta(enc, u, ub, layout, out, tmp)
 
 
-def choose_plan(u: Any, ub: Any | None, layout: Layout, setting: Setting) -> Plan:
-    """Pick the encoding (and context split) with the smallest sampled entropy."""
+def choose_plan(u: Any, ub: Any | None, layout: Layout, setting: Setting,
+                encs: tuple[str, ...] | None = None) -> Plan:
+    """Pick the encoding (and context split) with the smallest sampled entropy (among ``encs``)."""
     if ub is None and "mat" not in setting.context:
         return Plan("mat", False)  # nothing to choose
     if ub is not None and u.size < MIN_ESTIMATE_VALUES:
@@ -70,7 +72,8 @@ def choose_plan(u: Any, ub: Any | None, layout: Layout, setting: Setting) -> Pla
     best: Plan | None = None
     # with a base, XOR under the split carries the information a whole value does, so 'mat' is
     # only worth estimating where the setting may split a whole value too
-    encs = ("mat",) if ubs is None else ("sub", "xor") + (("mat",) if "mat" in setting.context else ())
+    if encs is None:
+        encs = ("mat",) if ubs is None else ("sub", "xor") + (("mat",) if "mat" in setting.context else ())
     for enc in encs:
         planes = np.empty((w, us.size), np.uint8)
         coded = rotate(us, layout) if enc == "mat" else encode_delta(enc, us, ubs, layout)
