@@ -183,7 +183,15 @@ def decode_chunk(kind: str, payload: bytes, out: np.ndarray) -> None:
                     filled += n
                 return
             dctx = _local.__dict__.get("dctx") or _local.__dict__.setdefault("dctx", zstandard.ZstdDecompressor())
-            data = dctx.decompress(body, max_output_size=size)
+            reader, view, filled = dctx.stream_reader(body), memoryview(out), 0
+            while filled < size:  # straight into ``out``: no intermediate bytes object
+                got = reader.readinto(view[filled:])
+                if not got:
+                    break
+                filled += got
+            if filled != size or reader.read(1):
+                raise IntegrityError(f"zstd chunk does not hold exactly {size} bytes")
+            return
         elif kind == "deflate":
             data = _inflater.decompress(body, 31)
         else:

@@ -114,18 +114,24 @@ def top_byte(u: Any, layout: Layout) -> Any:
     return (u >> shift).astype(np.uint8)
 
 
-def split_planes(bits: Any, out: Any) -> None:
-    """Write the byte planes of ``bits`` (width w) into ``out`` of shape (w, n), high byte first."""
+def split_planes(bits: Any, out: Any, tmp: Any = None) -> None:
+    """Write the byte planes of ``bits`` (width w) into ``out`` of shape (w, n), high byte first.
+
+    Shifts and truncating copies (``tmp``: optional scratch like ``bits``): about twice as fast
+    as strided byte copies.
+    """
+    xp = namespace(bits)
     w = bits.dtype.itemsize
-    rows = bits.view(np.uint8).reshape(-1, w)
     for p in range(w):
-        out[p] = rows[:, w - 1 - p]
+        shift = 8 * (w - 1 - p)
+        src = xp.right_shift(bits, shift, out=tmp) if shift else bits
+        xp.copyto(out[p], src, casting="unsafe")  # keeps the low byte
 
 
 def join_planes(planes: Any, out: Any) -> Any:
     """Inverse of :func:`split_planes`: write the bit patterns into ``out`` (uint, flat); return it."""
-    w, n = planes.shape
-    rows = out.view(np.uint8).reshape(n, w)
-    for p in range(w):  # one strided copy per plane: 3-4x faster than a transposing copy
-        rows[:, w - 1 - p] = planes[p]
+    out[...] = planes[0]
+    for p in range(1, planes.shape[0]):
+        out <<= 8
+        out |= planes[p]
     return out

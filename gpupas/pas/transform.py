@@ -106,10 +106,10 @@ def encode_segment(u: Any, ub: Any | None, layout: Layout, plan: Plan, out: Any,
     xp = namespace(u)
     coded = _coded(plan.enc, u, ub, layout, xp)
     if not plan.ctx:
-        split_planes(coded, out)
+        split_planes(coded, out, scratch(1, n, layout.uint, xp))
         return [p * n for p in range(1, layout.width)]
     ctx = top_byte(u if plan.enc == "mat" else ub, layout)
-    split_planes(xp.take(coded, order_by(ctx), out=scratch(1, n, layout.uint, xp)), out)
+    split_planes(xp.take(coded, order_by(ctx), out=scratch(1, n, layout.uint, xp)), out, coded)
     groups = group_bounds(to_numpy(ctx), min_group)
     if plan.enc == "mat":
         out[0] = ctx  # the value's own context stays in natural order: the decoder reads it first
