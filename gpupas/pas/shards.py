@@ -41,38 +41,51 @@ class ShardWriter:
 
     def add(self, kind: str, c: int, payload: bytes) -> None:
         key = (kind, c // self.per)
-        with self._lock:
+        with self._lock:  # only the place is decided under the lock; the bytes go in outside it
             entry = self._open.get(key)
             if entry is None:  # a file on local stores; memory (one PUT at close) on remote ones
                 root = self.store.local_root
-                sink: Any = io.BytesIO() if root is None else open(
-                    root / self.store.chunk_key(self.data, kind, key[1]), "wb")
+                sink: Any = io.BytesIO() if root is None else os.open(
+                    root / self.store.chunk_key(self.data, kind, key[1]), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
                 entry = self._open[key] = [sink, np.full((self.per, 2), _EMPTY, np.uint64), 0]
-            sink, index, size = entry
-            sink.write(payload)
-            index[c % self.per] = (size, len(payload))
-            entry[2] = size + len(payload)
+            sink, index, offset = entry
+            index[c % self.per] = (offset, len(payload))
+            entry[2] = offset + len(payload)
+            if isinstance(sink, io.BytesIO):
+                sink.seek(offset)
+                sink.write(payload)
+                return
+        _pwrite_all(sink, payload, offset)
 
     def close(self) -> None:
         """Write each shard's index and make it durable (fsync where the store asks for it)."""
-        for (kind, shard), (sink, index, _) in self._open.items():
+        while self._open:
+            (kind, shard), (sink, index, size) = self._open.popitem()
             tail = index.astype("<u8").tobytes()
             tail += struct.pack("<I", google_crc32c.value(tail))
             if isinstance(sink, io.BytesIO):
                 self.store.put(self.store.chunk_key(self.data, kind, shard), sink.getvalue() + tail)
                 continue
-            with sink:
-                sink.write(tail)
+            try:
+                _pwrite_all(sink, tail, size)
                 if self.store.durable:
-                    sink.flush()
-                    os.fsync(sink.fileno())
-        self._open.clear()
+                    os.fsync(sink)
+            finally:
+                os.close(sink)
 
     def abort(self) -> None:
         """Close open files without an index (the snapshot is never published)."""
         for sink, _, _ in self._open.values():
-            sink.close()
+            if not isinstance(sink, io.BytesIO):
+                os.close(sink)
         self._open.clear()
+
+
+def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view, offset = view[n:], offset + n
 
 
 class ShardReader:
