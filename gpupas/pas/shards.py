@@ -23,6 +23,7 @@ from gpupas.errors import IntegrityError
 from gpupas.pas.store import ArchiveStore
 
 SHARD_CHUNKS = 4096  # chunks per shard file: 1 GiB of planes
+FLUSH_EVERY = 16 << 20  # durable stores: start writing a shard to disk after this many new bytes
 _EMPTY = np.uint64(2**64 - 1)
 
 
@@ -37,7 +38,8 @@ class ShardWriter:
     def __init__(self, store: ArchiveStore, data: str, nchunks: int):
         self.store, self.data, self.per = store, data, shard_chunks(nchunks)
         self._lock = threading.Lock()
-        self._open: dict[tuple[str, int], list[Any]] = {}  # key -> [file or BytesIO, index, size]
+        self._open: dict[tuple[str, int], list[Any]] = {}  # key -> [fd or BytesIO, index, size, unsynced]
+        self._syncs: list[threading.Thread] = []  # fdatasyncs running while the coders go on
 
     def add(self, kind: str, c: int, payload: bytes) -> None:
         key = (kind, c // self.per)
@@ -47,20 +49,33 @@ class ShardWriter:
                 root = self.store.local_root
                 sink: Any = io.BytesIO() if root is None else os.open(
                     root / self.store.chunk_key(self.data, kind, key[1]), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-                entry = self._open[key] = [sink, np.full((self.per, 2), _EMPTY, np.uint64), 0]
-            sink, index, offset = entry
+                entry = self._open[key] = [sink, np.full((self.per, 2), _EMPTY, np.uint64), 0, 0]
+            sink, index, offset, unsynced = entry
             index[c % self.per] = (offset, len(payload))
             entry[2] = offset + len(payload)
             if isinstance(sink, io.BytesIO):
                 sink.seek(offset)
                 sink.write(payload)
                 return
+            flush = self.store.durable and unsynced + len(payload) >= FLUSH_EVERY
+            entry[3] = 0 if flush else unsynced + len(payload)
         _pwrite_all(sink, payload, offset)
+        if flush:  # the disk writes overlap the coding; close() then has little left to wait for
+            sync = threading.Thread(target=os.fdatasync, args=(sink,), daemon=True)
+            sync.start()
+            with self._lock:
+                self._syncs.append(sync)
+
+    def _join_syncs(self) -> None:
+        for sync in self._syncs:
+            sync.join()
+        self._syncs.clear()
 
     def close(self) -> None:
         """Write each shard's index and make it durable (fsync where the store asks for it)."""
+        self._join_syncs()
         while self._open:
-            (kind, shard), (sink, index, size) = self._open.popitem()
+            (kind, shard), (sink, index, size, _) = self._open.popitem()
             tail = index.astype("<u8").tobytes()
             tail += struct.pack("<I", google_crc32c.value(tail))
             if isinstance(sink, io.BytesIO):
@@ -75,7 +90,8 @@ class ShardWriter:
 
     def abort(self) -> None:
         """Close open files without an index (the snapshot is never published)."""
-        for sink, _, _ in self._open.values():
+        self._join_syncs()
+        for sink, *_ in self._open.values():
             if not isinstance(sink, io.BytesIO):
                 os.close(sink)
         self._open.clear()
