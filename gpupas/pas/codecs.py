@@ -16,7 +16,6 @@ import threading
 import zlib
 from collections.abc import Sequence
 
-import google_crc32c
 import numpy as np
 import zstandard
 
@@ -29,6 +28,13 @@ try:  # ISA-L inflates the same streams 2-3x faster than zlib, and its CRC-32 ru
 except ImportError:  # pragma: no cover - depends on the environment
     _inflater = zlib
 crc32 = _inflater.crc32
+try:  # CRC-32C that reads any buffer (a view of a memory-mapped shard) in place
+    from crc32c import crc32c
+except ImportError:  # pragma: no cover - depends on the environment
+    import google_crc32c
+
+    def crc32c(data: bytes | memoryview) -> int:
+        return google_crc32c.value(bytes(data))
 try:  # zlib-ng writes the same Huffman-only stream as zlib, twice as fast
     from zlib_ng import zlib_ng as _deflater
 except ImportError:  # pragma: no cover - depends on the environment
@@ -135,15 +141,15 @@ def encode_chunk(data: np.ndarray, bounds: Sequence[int], size: int, setting: Se
         if not padded and 0.05 < ratio < RAW_ABOVE and ratio > estimate_bits(data, bounds) / 8 + setting.deflate_margin:
             options.append(("deflate", code_deflate(view, bounds)))
     kind, body = min(options, key=lambda kb: len(kb[1]))
-    return kind, body + struct.pack("<I", google_crc32c.value(body))
+    return kind, body + struct.pack("<I", crc32c(body))
 
 
 _CRC32C_RESIDUE = 0x48674BC7  # CRC-32C of any bytes followed by their own CRC-32C (little-endian)
 
 
-def check_crc(payload: bytes) -> memoryview:
+def check_crc(payload: bytes | memoryview) -> memoryview:
     """The body of a stored chunk after verifying its CRC32C (no copy); raises IntegrityError."""
-    if len(payload) < 4 or google_crc32c.value(payload) != _CRC32C_RESIDUE:
+    if len(payload) < 4 or crc32c(payload) != _CRC32C_RESIDUE:
         raise IntegrityError("checksum mismatch")
     return memoryview(payload)[:-4]
 
@@ -167,7 +173,7 @@ def _raw_blocks(body: bytes, size: int) -> list[tuple[int, int, int]] | None:
     return None
 
 
-def decode_chunk(kind: str, payload: bytes, out: np.ndarray) -> None:
+def decode_chunk(kind: str, payload: bytes | memoryview, out: np.ndarray) -> None:
     """Decode a stored chunk into ``out`` (uint8, its full size); raises IntegrityError on damage.
 
     Frames of raw blocks (incompressible bytes) are copied straight into ``out``.
