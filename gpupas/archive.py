@@ -197,7 +197,7 @@ class Archive:
             b = base_entries.get(name)
             same = b is not None and b["dtype"] == layout.name and tuple(b["shape"]) == arr.shape
             st = _Staged(name, arr, layout, u, _crc(u), u, base_bits[name] if same else None, arr.shape)
-            if st.ub is not None:
+            if st.ub is not None and cfg.row_mask:
                 st.changed = changed_rows(u, st.ub, arr.shape)
                 if st.changed is not None:  # code the changed rows only
                     per = rows_of(arr.shape)[1]

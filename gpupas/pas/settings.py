@@ -17,7 +17,8 @@ class Setting:
     else code with fast literal-only Zstandard and try Huffman-only Deflate only where Zstandard
     lands ``deflate_margin`` above the sampled entropy (bits/8); ``zstd_level``: the extra
     Zstandard level ``try_all`` runs; ``predict``: try the row-wise extrapolation of
-    :mod:`gpupas.pas.predict` where the base is itself a delta.
+    :mod:`gpupas.pas.predict` where the base is itself a delta; ``row_mask``: code only the rows
+    of a delta that changed, where enough did not (:mod:`gpupas.pas.rows`).
     """
 
     name: str
@@ -27,6 +28,7 @@ class Setting:
     zstd_level: int = 19
     deflate_margin: float = 0.005
     predict: bool = True
+    row_mask: bool = True
 
 
 SETTINGS: dict[str, Setting] = {
