@@ -46,6 +46,7 @@ from gpupas.tensors import as_tensor_dict
 
 Manifest = dict[str, Any]
 _KIND_CODE = {"zstd": "z", "deflate": "d"}
+_ENCODINGS = {"mat", "sub", "xor", "pred"}
 _CODE_KIND = {v: k for k, v in _KIND_CODE.items()}
 
 
@@ -131,8 +132,8 @@ class Archive:
     def discard(self, snapshot: str) -> None:
         """Delete ``snapshot`` for good (a snapshot nothing references, e.g. of a failed version).
 
-        Snapshots committed as deltas against it can no longer be restored: the caller must know
-        that none exist.
+        Snapshots committed as deltas against it, or against a delta on it ('pred' tensors read
+        the base's base), can no longer be restored: the caller must know that none exist.
         """
         self._cache.pop(snapshot, None)
         self._borrowed.discard(snapshot)
@@ -217,6 +218,8 @@ class Archive:
             return st
 
         prepared = _run_all(self._pool, prepare, arrays.items())
+        if any(st.plan.enc == "pred" or st.changed is not None for st in prepared):
+            self.store.upgrade_format()  # older readers must refuse this archive, not misread it
         data = f"{sid}.{new_id()[:8]}"  # a folder of its own: concurrent commits never share one
         offsets = np.cumsum([0] + [st.u.size * st.layout.width + st.extra().size for st in prepared]).tolist()
         length = offsets[-1]
@@ -362,10 +365,14 @@ class Archive:
                 return {e["name"]: cached[e["name"]] for e in entries}
             del self._cache[sid]
             self._borrowed.discard(sid)
-        deltas = [e["name"] for e in entries if e["enc"] != "mat"]
+        unknown = {e["enc"] for e in entries} - _ENCODINGS
+        if unknown:
+            raise IntegrityError(f"snapshot {sid} uses encoding(s) {sorted(unknown)} that this gpupas does not "
+                                 "know: upgrade gpupas")
+        deltas = [e["name"] for e in entries if e["enc"] != "mat" or "kept" in e]  # masked: rows from the base
         preds = [e["name"] for e in entries if e["enc"] == "pred"]
-        grand = self.manifest(m["base"])["base"] if preds else None
         try:
+            grand = self.manifest(m["base"])["base"] if preds else None
             base_bits = self._bits(m["base"], deltas, use_cache, memo) if deltas else {}
             grand_bits = self._bits(grand, preds, use_cache, memo) if preds else {}
         except (SnapshotNotFoundError, KeyError) as exc:
@@ -389,6 +396,8 @@ class Archive:
         if m["base"] is not None:
             memo[m["base"]] = base_bits
         if names is None:
+            if m["base"] is not None and len(base_bits) == len(self.manifest(m["base"])["tensors"]):
+                self._remember(m["base"], base_bits)  # the next snapshot's 'pred' tensors read it
             self._remember(sid, out)
         return out
 

@@ -134,7 +134,7 @@ def test_planes_open_with_plain_zarr(archive: gpupas.Archive) -> None:
     w = (np.random.default_rng(0).standard_normal(3000) * 0.02).astype(np.float32)
     m = archive.commit({"w": w, "v": np.arange(10, dtype=np.int16)}, setting="fast")  # fast: no context split
     group = zarr.open_group(archive.location, mode="r")
-    assert group.attrs["gpupas"]["format"] == 1
+    assert group.attrs["gpupas"]["format"] == 2
     stream = np.zeros(m["length"], np.uint8)
     for kind in ("zstd", "deflate"):
         stream |= zarr.open_array(archive.location, path=f"snapshots/{m['data']}/{kind}", mode="r")[:]
@@ -162,6 +162,26 @@ def test_failed_commit_leaves_nothing_visible(archive: gpupas.Archive, monkeypat
     _same(fresh.restore(m0["id"]), s0)
     m2 = fresh.commit(_model(2, 1e-4, s0), base=m0["id"])
     assert fresh.snapshots() == [m0["id"], m2["id"]]
+
+
+def test_failed_background_flush_fails_the_commit(archive: gpupas.Archive, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A write-back error seen by a flush while coding goes on is not lost to a later fsync."""
+    import gpupas.pas.shards as shards
+
+    s0 = _model(0)
+    m0 = archive.commit(s0)
+
+    def eio(fd: int) -> None:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(shards, "FLUSH_EVERY", 1)  # a flush after every chunk
+    monkeypatch.setattr(shards, "_datasync", eio)
+    with pytest.raises(OSError, match="Input/output"):
+        archive.commit(_model(1), snapshot="doomed")
+    monkeypatch.undo()
+    fresh = gpupas.open_archive(archive.location)
+    assert fresh.snapshots() == [m0["id"]]
+    _same(fresh.restore(m0["id"]), s0)
 
 
 def test_bad_input_is_refused_and_changes_nothing(archive: gpupas.Archive, tmp_path: Path) -> None:

@@ -157,3 +157,26 @@ def test_real_adam_training_uses_pred(tmp_path: Path) -> None:
         for i, s in enumerate(snaps):
             out = cold.restore(f"s{i}")
             assert all(out[k].tobytes() == v.tobytes() for k, v in s.items())
+
+
+def test_unknown_encoding_asks_for_an_upgrade(tmp_path: Path) -> None:
+    import json
+
+    snaps = [{"w": w} for w in _chain("float32")]
+    with gpupas.create_archive(tmp_path / "a") as a:
+        _commit_chain(a, snaps)
+    path = tmp_path / "a" / "manifests" / "s2.json"
+    m = json.loads(path.read_text())
+    m["tensors"][0]["enc"] = "future"
+    path.write_text(json.dumps(m))
+    with gpupas.open_archive(tmp_path / "a") as cold, pytest.raises(IntegrityError, match="upgrade gpupas"):
+        cold.restore("s2")
+
+
+def test_missing_base_of_pred_snapshot_is_an_integrity_error(tmp_path: Path) -> None:
+    snaps = [{"w": w} for w in _chain("float32")]
+    with gpupas.create_archive(tmp_path / "a") as a:
+        _commit_chain(a, snaps)
+        a.discard("s1")
+    with gpupas.open_archive(tmp_path / "a") as cold, pytest.raises(IntegrityError, match="s1"):
+        cold.restore("s2")

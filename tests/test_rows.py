@@ -72,3 +72,32 @@ def test_mask_is_skipped_where_most_rows_change() -> None:
     got = changed_rows(new.reshape(-1).view(np.uint32), base.reshape(-1).view(np.uint32), new.shape)
     assert got is not None and np.array_equal(got, hit)
     assert np.array_equal(mask_from_bytes(mask_bytes(got), got.size), got)
+
+
+def test_masked_tensor_stored_whole_restores_cold(tmp_path: Path) -> None:
+    """strong may store the changed rows whole ('mat'); the unchanged rows still come from the base."""
+    rng = np.random.default_rng(5)
+    base = (rng.standard_normal((1000, 64)) * 0.05).astype(np.float32)
+    new = base.copy()
+    new[:500] = 0.0
+    with gpupas.create_archive(tmp_path / "a") as a:
+        a.commit({"w": base}, snapshot="b")
+        m = a.commit({"w": new}, snapshot="n", base="b", setting="strong")
+        assert m["tensors"][0]["kept"] == 500
+    with gpupas.open_archive(tmp_path / "a") as cold:
+        assert cold.restore("n")["w"].tobytes() == new.tobytes()
+
+
+def test_archive_with_masks_is_marked_for_newer_readers(tmp_path: Path) -> None:
+    import json
+
+    base, new, _ = _embedding("float32")
+    with gpupas.create_archive(tmp_path / "a") as a:
+        root = json.loads((tmp_path / "a" / "zarr.json").read_text())
+        root["attributes"]["gpupas"]["format"] = 1  # as an older gpupas made it
+        (tmp_path / "a" / "zarr.json").write_text(json.dumps(root))
+    with gpupas.open_archive(tmp_path / "a") as a:
+        a.commit({"e": base}, snapshot="b")
+        assert json.loads((tmp_path / "a" / "zarr.json").read_text())["attributes"]["gpupas"]["format"] == 1
+        a.commit({"e": new}, snapshot="n", base="b")  # a row mask: older readers must refuse now
+    assert json.loads((tmp_path / "a" / "zarr.json").read_text())["attributes"]["gpupas"]["format"] == 2

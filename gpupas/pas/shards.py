@@ -41,6 +41,7 @@ class ShardWriter:
         self._lock = threading.Lock()
         self._open: dict[tuple[str, int], list[Any]] = {}  # key -> [fd or BytesIO, index, size, unsynced]
         self._syncs: list[threading.Thread] = []  # fdatasyncs running while the coders go on
+        self._sync_errors: list[OSError] = []
 
     def add(self, kind: str, c: int, payload: bytes) -> None:
         key = (kind, c // self.per)
@@ -62,15 +63,24 @@ class ShardWriter:
             entry[3] = 0 if flush else unsynced + len(payload)
         _pwrite_all(sink, payload, offset)
         if flush:  # the disk writes overlap the coding; close() then has little left to wait for
-            sync = threading.Thread(target=os.fdatasync, args=(sink,), daemon=True)
+            sync = threading.Thread(target=self._flush, args=(sink,), daemon=True)
             sync.start()
             with self._lock:
-                self._syncs.append(sync)
+                self._syncs = [t for t in self._syncs if t.is_alive()] + [sync]
+
+    def _flush(self, fd: int) -> None:
+        try:
+            _datasync(fd)
+        except OSError as exc:  # a later fsync may not report it again: close() must
+            with self._lock:
+                self._sync_errors.append(exc)
 
     def _join_syncs(self) -> None:
         for sync in self._syncs:
             sync.join()
         self._syncs.clear()
+        if self._sync_errors:
+            raise self._sync_errors[0]
 
     def close(self) -> None:
         """Write each shard's index and make it durable (fsync where the store asks for it)."""
@@ -91,17 +101,25 @@ class ShardWriter:
 
     def abort(self) -> None:
         """Close open files without an index (the snapshot is never published)."""
-        self._join_syncs()
+        try:
+            self._join_syncs()
+        except OSError:
+            pass  # the snapshot is being dropped anyway
         for sink, *_ in self._open.values():
             if not isinstance(sink, io.BytesIO):
                 os.close(sink)
         self._open.clear()
 
 
+_datasync = getattr(os, "fdatasync", os.fsync)  # macOS has no fdatasync
+
+
 def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
     view = memoryview(data)
     while view:
         n = os.pwrite(fd, view, offset)
+        if n <= 0:
+            raise OSError(f"could not write shard data at offset {offset}")
         view, offset = view[n:], offset + n
 
 
@@ -136,7 +154,10 @@ class ShardReader:
                 return None, None
             try:
                 end = os.fstat(fd).st_size
-                source: Any = mmap.mmap(fd, 0, access=mmap.ACCESS_READ) if end else b""
+                try:
+                    source: Any = mmap.mmap(fd, 0, access=mmap.ACCESS_READ) if end else b""
+                except (OSError, ValueError):  # a file system without mmap: read the file
+                    source = os.pread(fd, end, 0)
             finally:
                 os.close(fd)
             tail = source[max(0, end - size) : end]

@@ -40,7 +40,7 @@ from gpupas.errors import (
 )
 from gpupas.pas.codecs import CHUNK_SIZE, KINDS
 
-FORMAT = 1
+FORMAT = 2  # 2: manifests may hold 'pred' tensors and row masks ("kept")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _CODECS = {  # what stock zarr reads the chunks with (the levels only matter to writers)
     "zstd": [{"name": "zstd", "configuration": {"level": 1, "checksum": False}}, {"name": "crc32c"}],
@@ -134,6 +134,7 @@ class ArchiveStore:
                 )
             store = LocalStore(path)
         self = cls(store, loc, durable)
+        self.format = FORMAT
         meta = self._get("zarr.json")
         if meta is None:
             if not create:
@@ -150,7 +151,14 @@ class ArchiveStore:
                 raise ArchiveNotFoundError(f"{loc} holds a Zarr hierarchy that is not a gpupas archive")
             if fmt > FORMAT:
                 raise GpupasError(f"archive {loc} has format {fmt}; this gpupas reads up to {FORMAT}: upgrade gpupas")
+            self.format = fmt
         return self
+
+    def upgrade_format(self) -> None:
+        """Mark the archive with this gpupas's format before writing what older readers cannot read."""
+        if self.format < FORMAT:
+            zarr.open_group(store=self.store, mode="r+").attrs["gpupas"] = {"format": FORMAT}
+            self.format = FORMAT
 
     @property
     def local_root(self) -> Path | None:
