@@ -25,7 +25,7 @@ import numpy as np
 from gpupas.errors import ArchiveExistsError, IntegrityError, SnapshotNotFoundError
 from gpupas.pas.codecs import CHUNK_SIZE, decode_chunk, encode_chunk
 from gpupas.pas.codecs import crc32 as _crc32
-from gpupas.pas.context import entropy
+from gpupas.pas.context import entropy, sample_index
 from gpupas.pas.planes import Layout, from_bits, layout_of, to_bits
 from gpupas.pas.predict import alpha_from_planes, alpha_planes, fit, predict, supports
 from gpupas.pas.rows import changed_rows, gather, mask_bytes, mask_from_bytes, rows_of
@@ -91,6 +91,7 @@ class _Staged:
     plan: Plan = field(default_factory=lambda: Plan("mat", False))
     changed: np.ndarray | None = None  # bool per row, where a row mask is stored
     alpha: np.ndarray | None = None  # prediction factors, for 'pred'
+    ub2: Any | None = None  # the base's base (rows as ``u``), for 'pred': predicted segment by segment
 
     def extra(self) -> np.ndarray:
         """What is stored after the planes: the row mask, then the prediction factors."""
@@ -210,11 +211,13 @@ class Archive:
                 if st.changed is not None:
                     ub2 = gather(ub2, st.changed, st.shape[1])
                 alpha = fit(st.u, st.ub, ub2, layout, st.shape)
-                if alpha is not None:  # keep the prediction only where it beats the plain delta
-                    pred = predict(st.ub, ub2, alpha, layout, rows_of(st.shape)[1])
-                    alt = choose_plan(st.u, pred, layout, cfg, encs=("sub",))
+                if alpha is not None:  # keep the prediction only where it beats the plain delta (on a sample)
+                    idx = sample_index(st.u.size)
+                    rows = np.arange(st.u.size)[idx] // rows_of(st.shape)[1]
+                    pred = predict(st.ub[idx], ub2[idx], alpha[rows], layout, 1)  # one value per "row"
+                    alt = choose_plan(st.u[idx], pred, layout, cfg, encs=("sub",))
                     if alt.estimate * st.u.size + 16 * alpha.size < st.plan.estimate * st.u.size:
-                        st.plan, st.ub, st.alpha = Plan("pred", alt.ctx, alt.estimate), pred, alpha
+                        st.plan, st.alpha, st.ub2 = Plan("pred", alt.ctx, alt.estimate), alpha, ub2
             return st
 
         prepared = _run_all(self._pool, prepare, arrays.items())
@@ -266,6 +269,8 @@ class Archive:
             lo = offsets[i] + a * st.layout.width
             region = buf[lo : lo + (b - a) * st.layout.width].reshape(st.layout.width, b - a)
             ub = None if st.ub is None else st.ub[a:b]
+            if st.alpha is not None:
+                ub = predict(ub, st.ub2[a:b], st.alpha, st.layout, rows_of(st.shape)[1], a)
             inner = encode_segment(st.u[a:b], ub, st.layout, st.plan, region, cfg.min_group)
             return [lo, *(lo + x for x in inner)]
 
