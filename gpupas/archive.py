@@ -47,6 +47,7 @@ from gpupas.tensors import as_tensor_dict
 Manifest = dict[str, Any]
 _KIND_CODE = {"zstd": "z", "deflate": "d"}
 _ENCODINGS = {"mat", "sub", "xor", "pred"}
+SMALL = 1 << 20  # snapshots (or reads) up to this many bytes run on the calling thread
 _CODE_KIND = {v: k for k, v in _KIND_CODE.items()}
 
 
@@ -60,11 +61,15 @@ def open_archive(location: str | os.PathLike[str], **kw: Any) -> Archive:
     return Archive(ArchiveStore.open(location, **kw))
 
 
-def _run_all(pool: ThreadPoolExecutor, fn: Callable[[Any], Any], items: Iterable[Any]) -> list[Any]:
-    """``fn`` over ``items`` in ``pool``; waits for every task before raising the first error.
+def _run_all(pool: ThreadPoolExecutor, fn: Callable[[Any], Any], items: Iterable[Any],
+             inline: bool = False) -> list[Any]:
+    """``fn`` over ``items`` in ``pool`` (or here, ``inline``: for small snapshots the hand-offs
+    cost more than the work); waits for every task before raising the first error.
 
     (``Executor.map`` raises at once while running tasks still write into shared buffers.)
     """
+    if inline:
+        return [fn(x) for x in items]
     futures = [pool.submit(fn, x) for x in items]
     wait(futures)
     return [f.result() for f in futures]
@@ -220,14 +225,15 @@ class Archive:
                         st.plan, st.alpha, st.ub2 = Plan("pred", alt.ctx, alt.estimate), alpha, ub2
             return st
 
-        prepared = _run_all(self._pool, prepare, arrays.items())
+        small = sum(int(a.nbytes) for a in arrays.values()) <= SMALL
+        prepared = _run_all(self._pool, prepare, arrays.items(), small)
         if any(st.plan.enc == "pred" or st.changed is not None for st in prepared):
             self.store.upgrade_format()  # older readers must refuse this archive, not misread it
         data = f"{sid}.{new_id()[:8]}"  # a folder of its own: concurrent commits never share one
         offsets = np.cumsum([0] + [st.u.size * st.layout.width + st.extra().size for st in prepared]).tolist()
         length = offsets[-1]
         with workspace(length) as buf:
-            coded = self._encode(data, prepared, offsets, buf, cfg)
+            coded = self._encode(data, prepared, offsets, buf, cfg, small)
             tensors_meta = []
             for i, st in enumerate(prepared):
                 tensors_meta.append({
@@ -251,7 +257,7 @@ class Archive:
         return manifest
 
     def _encode(self, data: str, prepared: list[_Staged], offsets: list[int], buf: np.ndarray,
-                cfg: Setting) -> list[tuple[str, int]]:
+                cfg: Setting, small: bool = False) -> list[tuple[str, int]]:
         """Planes of every segment into ``buf``, then each chunk coded and written; (kind, size) per chunk."""
         length = buf.size
         units = [(i, a, b) for i, st in enumerate(prepared) for a, b in segments(st.u.size)]
@@ -274,7 +280,7 @@ class Archive:
             inner = encode_segment(st.u[a:b], ub, st.layout, st.plan, region, cfg.min_group)
             return [lo, *(lo + x for x in inner)]
 
-        bounds = sorted({*starts, *(x for xs in _run_all(self._pool, encode, units) for x in xs)})
+        bounds = sorted({*starts, *(x for xs in _run_all(self._pool, encode, units, small) for x in xs)})
         nchunks = -(-length // CHUNK_SIZE)
         self.store.create_arrays(data, length, shard_chunks(nchunks))
         shards = ShardWriter(self.store, data, nchunks)
@@ -287,7 +293,7 @@ class Archive:
             return kind, len(payload)
 
         try:
-            coded = _run_all(self._pool, code, range(nchunks))
+            coded = _run_all(self._pool, code, range(nchunks), small)
             shards.close()
         except BaseException:
             shards.abort()
@@ -430,7 +436,7 @@ class Archive:
                 ) from None
 
         try:
-            _run_all(self._pool, decode, needed)
+            _run_all(self._pool, decode, needed, len(needed) * CHUNK_SIZE <= SMALL)
         finally:
             shards.close()
         out = {e["name"]: np.empty(int(np.prod(e["shape"], dtype=np.int64)), layout_of(e["dtype"]).uint)
@@ -465,7 +471,7 @@ class Archive:
                 base = predict(base, ub2[a:b], alpha, layout, rows_of(e["shape"])[1], a)
             decode_segment(planes, base, layout, Plan(e["enc"], e["ctx"]), target[a:b])
 
-        _run_all(self._pool, rebuild, units)
+        _run_all(self._pool, rebuild, units, len(needed) * CHUNK_SIZE <= SMALL)
         for name, (target, _, _, _, changed) in jobs.items():
             if changed is not None:  # unchanged rows are the base's
                 whole = out[name].reshape(changed.size, -1)
