@@ -332,7 +332,7 @@ class Archive:
                     memo: dict[str, dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
         """Bits of the base's own base for the tensors the base stores as deltas (what a 'pred'
         encoding extrapolates from); empty where there is none or the setting does not predict."""
-        names = [e["name"] for e in base_m["tensors"] if e["enc"] != "mat" and e["name"] in arrays]
+        names = [e["name"] for e in base_m["tensors"] if (e["enc"] != "mat" or "kept" in e) and e["name"] in arrays]
         if not (cfg.predict and names and base_m["base"] is not None):
             return {}
         try:
