@@ -57,6 +57,8 @@ LAYOUTS: dict[str, Layout] = _layouts()
 
 def layout_of(dtype: Any) -> Layout:
     """The layout of ``dtype`` (NumPy dtype or its name); raises for dtypes we cannot archive."""
+    if isinstance(dtype, str) and dtype in LAYOUTS:  # manifest names: the common case, kept cheap
+        return LAYOUTS[dtype]
     try:
         name = np.dtype(dtype).name
     except TypeError:

@@ -7,6 +7,7 @@ changed rows only; the others are the base's.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -19,7 +20,7 @@ MIN_ROWS = 8
 
 def rows_of(shape: tuple[int, ...] | list[int]) -> tuple[int, int]:
     """(rows, values per row): rows are the first axis (a token's embedding, a neuron's weights)."""
-    n = int(np.prod(shape, dtype=np.int64))
+    n = math.prod(int(d) for d in shape)
     if len(shape) >= 2 and shape[0] > 0:
         return int(shape[0]), n // int(shape[0])
     return 1, n
