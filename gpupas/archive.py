@@ -303,7 +303,11 @@ class Archive:
     # -- restore ---------------------------------------------------------------------------
     def restore(self, snapshot: str, names: Iterable[str] | None = None, *,
                 framework: str = "numpy") -> dict[str, Any]:
-        """The tensors of ``snapshot`` (all, or ``names``), bit-exact, as NumPy or torch."""
+        """The tensors of ``snapshot`` (all, or ``names``), bit-exact, as NumPy or torch.
+
+        The arrays of one restore are views of one allocation (huge pages, so fewer page faults);
+        copy a tensor that should outlive the others without keeping them in memory.
+        """
         held = self._cache.get(snapshot, {})  # arrays someone else may already hold
         bits = self._bits(snapshot, names)
         entries = {e["name"]: e for e in self.manifest(snapshot)["tensors"]}
@@ -439,8 +443,11 @@ class Archive:
             _run_all(self._pool, decode, needed, len(needed) * CHUNK_SIZE <= SMALL)
         finally:
             shards.close()
-        out = {e["name"]: np.empty(int(np.prod(e["shape"], dtype=np.int64)), layout_of(e["dtype"]).uint)
-               for e in entries}
+        nbytes = [int(e["nbytes"]) for e in entries]
+        block = np.empty(sum(-(-n // 64) * 64 for n in nbytes), np.uint8)  # one allocation: huge pages
+        starts = np.cumsum([0] + [-(-n // 64) * 64 for n in nbytes]).tolist()  # 64-byte aligned tensors
+        out = {e["name"]: block[lo : lo + n].view(layout_of(e["dtype"]).uint)
+               for e, lo, n in zip(entries, starts, nbytes)}
         jobs = {}  # name: (where its coded values go, their base, the base's base, factors, row mask)
         for e in entries:
             name, width = e["name"], layout_of(e["dtype"]).width
