@@ -230,10 +230,11 @@ class Archive:
         if any(st.plan.enc == "pred" or st.changed is not None for st in prepared):
             self.store.upgrade_format()  # older readers must refuse this archive, not misread it
         data = f"{sid}.{new_id()[:8]}"  # a folder of its own: concurrent commits never share one
-        offsets = np.cumsum([0] + [st.u.size * st.layout.width + st.extra().size for st in prepared]).tolist()
+        extras = [st.extra() for st in prepared]
+        offsets = np.cumsum([0] + [st.u.size * st.layout.width + x.size for st, x in zip(prepared, extras)]).tolist()
         length = offsets[-1]
         with workspace(length) as buf:
-            coded = self._encode(data, prepared, offsets, buf, cfg, small)
+            coded = self._encode(data, prepared, extras, offsets, buf, cfg, small)
             tensors_meta = []
             for i, st in enumerate(prepared):
                 tensors_meta.append({
@@ -256,14 +257,13 @@ class Archive:
         self._remember(sid, {st.name: st.bits for st in prepared}, borrowed=True)  # checked by CRC before use
         return manifest
 
-    def _encode(self, data: str, prepared: list[_Staged], offsets: list[int], buf: np.ndarray,
-                cfg: Setting, small: bool = False) -> list[tuple[str, int]]:
+    def _encode(self, data: str, prepared: list[_Staged], extras: list[np.ndarray], offsets: list[int],
+                buf: np.ndarray, cfg: Setting, small: bool = False) -> list[tuple[str, int]]:
         """Planes of every segment into ``buf``, then each chunk coded and written; (kind, size) per chunk."""
         length = buf.size
         units = [(i, a, b) for i, st in enumerate(prepared) for a, b in segments(st.u.size)]
         starts = []  # a tensor's row mask and prediction factors follow its planes
-        for i, st in enumerate(prepared):
-            extra = st.extra()
+        for i, (st, extra) in enumerate(zip(prepared, extras)):
             if extra.size:
                 lo = offsets[i] + st.u.size * st.layout.width
                 buf[lo : lo + extra.size] = extra
@@ -336,7 +336,7 @@ class Archive:
                     memo: dict[str, dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
         """Bits of the base's own base for the tensors the base stores as deltas (what a 'pred'
         encoding extrapolates from); empty where there is none or the setting does not predict."""
-        names = [e["name"] for e in base_m["tensors"] if (e["enc"] != "mat" or "kept" in e) and e["name"] in arrays]
+        names = [e["name"] for e in base_m["tensors"] if _reads_base(e) and e["name"] in arrays]
         if not (cfg.predict and names and base_m["base"] is not None):
             return {}
         try:
@@ -384,7 +384,7 @@ class Archive:
         if unknown:
             raise IntegrityError(f"snapshot {sid} uses encoding(s) {sorted(unknown)} that this gpupas does not "
                                  "know: upgrade gpupas")
-        deltas = [e["name"] for e in entries if e["enc"] != "mat" or "kept" in e]  # masked: rows from the base
+        deltas = [e["name"] for e in entries if _reads_base(e)]
         preds = [e["name"] for e in entries if e["enc"] == "pred"]
         try:
             grand = self.manifest(m["base"])["base"] if preds else None
@@ -439,16 +439,18 @@ class Archive:
                     "from a copy or commit that snapshot again."
                 ) from None
 
+        small = len(needed) * CHUNK_SIZE <= SMALL
         try:
-            _run_all(self._pool, decode, needed, len(needed) * CHUNK_SIZE <= SMALL)
+            _run_all(self._pool, decode, needed, small)
         finally:
             shards.close()
         nbytes = [int(e["nbytes"]) for e in entries]
-        block = np.empty(sum(-(-n // 64) * 64 for n in nbytes), np.uint8)  # one allocation: huge pages
         starts = np.cumsum([0] + [-(-n // 64) * 64 for n in nbytes]).tolist()  # 64-byte aligned tensors
+        block = np.empty(starts[-1], np.uint8)  # one allocation: huge pages
         out = {e["name"]: block[lo : lo + n].view(layout_of(e["dtype"]).uint)
                for e, lo, n in zip(entries, starts, nbytes)}
         jobs = {}  # name: (where its coded values go, their base, the base's base, factors, row mask)
+        units = []
         for e in entries:
             name, width = e["name"], layout_of(e["dtype"]).width
             values, mask_n, alpha_n = _stored(e)
@@ -465,7 +467,7 @@ class Archive:
             if e["enc"] == "pred":
                 alpha = alpha_from_planes(buf[lo + mask_n : lo + mask_n + alpha_n])
             jobs[name] = (target, ub, ub2, alpha, changed)
-        units = [(e, a, b) for e in entries for a, b in segments(_stored(e)[0])]
+            units.extend((e, a, b) for a, b in segments(values))
 
         def rebuild(unit: tuple[dict[str, Any], int, int]) -> None:
             e, a, b = unit
@@ -478,7 +480,7 @@ class Archive:
                 base = predict(base, ub2[a:b], alpha, layout, rows_of(e["shape"])[1], a)
             decode_segment(planes, base, layout, Plan(e["enc"], e["ctx"]), target[a:b])
 
-        _run_all(self._pool, rebuild, units, len(needed) * CHUNK_SIZE <= SMALL)
+        _run_all(self._pool, rebuild, units, small)
         for name, (target, _, _, _, changed) in jobs.items():
             if changed is not None:  # unchanged rows are the base's
                 whole = out[name].reshape(changed.size, -1)
@@ -494,6 +496,11 @@ class Archive:
             rows.append({k: e[k] for k in ("name", "dtype", "shape", "enc", "ctx", "nbytes", "stored", "planes")}
                         | {"ratio": e["stored"] / e["nbytes"] if e["nbytes"] else 0.0})
         return rows
+
+
+def _reads_base(e: dict[str, Any]) -> bool:
+    """Whether restoring manifest entry ``e`` reads its snapshot's base (a delta, or a row mask)."""
+    return e["enc"] != "mat" or "kept" in e
 
 
 def _stored(e: dict[str, Any]) -> tuple[int, int, int]:
