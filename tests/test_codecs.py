@@ -10,7 +10,15 @@ import pytest
 import zstandard
 
 from gpupas.errors import IntegrityError
-from gpupas.pas.codecs import CHUNK_SIZE, decode_chunk, encode_chunk, raw_zstd
+from gpupas.pas.codecs import (
+    CHUNK_SIZE,
+    code_deflate,
+    code_zstd,
+    decode_chunk,
+    encode_chunk,
+    huffman_floor,
+    raw_zstd,
+)
 from gpupas.pas.settings import SETTINGS
 
 
@@ -58,6 +66,28 @@ def test_compressible_plane_shrinks_and_random_stays_raw() -> None:
     assert len(small) < 0.4 * CHUNK_SIZE
     kind, raw = encode_chunk(CASES["random"], [], CHUNK_SIZE, SETTINGS["default"])
     assert kind == "zstd" and len(raw) < CHUNK_SIZE + 64
+
+
+@pytest.mark.parametrize("case", ["exponent", "random", "zeros", "odd-random", "short"])
+def test_huffman_floor_is_what_deflate_needs_at_least(case: str) -> None:
+    data = CASES[case]
+    bounds = [len(data) // 3, len(data) // 2]
+    need = len(code_deflate(memoryview(data), bounds))
+    floor = huffman_floor(data, bounds)
+    assert floor <= 1.01 * need  # a sampled bound: never much above what Deflate writes
+    if case not in ("zeros", "short"):  # tight where bytes are independent and headers are small
+        assert floor >= 0.97 * need - 64
+
+
+def test_default_keeps_the_smaller_of_zstd_and_deflate() -> None:
+    data, bounds = CASES["exponent"], [CHUNK_SIZE // 3]
+    view = memoryview(data)
+    best = min(len(code_zstd(view, bounds, CHUNK_SIZE, 0)), len(code_deflate(view, bounds)))
+    kind, payload = encode_chunk(data, bounds, CHUNK_SIZE, SETTINGS["default"])
+    assert len(payload) == best + 4
+    runs = np.repeat(np.arange(64, dtype=np.uint8), CHUNK_SIZE // 64)  # under one bit a byte: Deflate cannot win
+    kind, payload = encode_chunk(runs, [], CHUNK_SIZE, SETTINGS["default"])
+    assert kind == "zstd" and len(payload) < CHUNK_SIZE / 64
 
 
 def test_raw_frame_with_padding_is_valid_zstd() -> None:

@@ -15,7 +15,7 @@ class Setting:
     ``min_group``: smallest group (bytes) that gets coder tables of its own;
     ``try_all``: code every chunk with each coder and keep the smallest (the compaction setting),
     else code with fast literal-only Zstandard and try Huffman-only Deflate only where Zstandard
-    lands ``deflate_margin`` above the sampled entropy (bits/8); ``zstd_level``: the extra
+    lands above the least Deflate could need (:func:`gpupas.pas.codecs.huffman_floor`); ``zstd_level``: the extra
     Zstandard level ``try_all`` runs; ``predict``: try the row-wise extrapolation of
     :mod:`gpupas.pas.predict` where the base is itself a delta; ``row_mask``: code only the rows
     of a delta that changed, where enough did not (:mod:`gpupas.pas.rows`).
@@ -26,7 +26,6 @@ class Setting:
     min_group: int = 8192
     try_all: bool = False
     zstd_level: int = 19
-    deflate_margin: float = 0.005
     predict: bool = True
     row_mask: bool = True
 
