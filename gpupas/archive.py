@@ -218,7 +218,8 @@ class Archive:
                 alpha = fit(st.u, st.ub, ub2, layout, st.shape)
                 if alpha is not None:  # keep the prediction only where it beats the plain delta (on a sample)
                     idx = sample_index(st.u.size)
-                    rows = np.arange(st.u.size)[idx] // rows_of(st.shape)[1]
+                    pos = idx if isinstance(idx, np.ndarray) else np.arange(st.u.size)  # a slice: few values
+                    rows = pos // rows_of(st.shape)[1]
                     pred = predict(st.ub[idx], ub2[idx], alpha[rows], layout, 1)  # one value per "row"
                     alt = choose_plan(st.u[idx], pred, layout, cfg, encs=("sub",))
                     if alt.estimate * st.u.size + 16 * alpha.size < st.plan.estimate * st.u.size:
