@@ -118,7 +118,7 @@ def code_deflate(data: memoryview, bounds: Sequence[int], huffman_only: bool = T
 def huffman_floor(data: np.ndarray, bounds: Sequence[int], stride: int = 4) -> float:
     """Bytes that Huffman-only Deflate needs at least for ``data`` (every ``stride``-th byte
     sampled): per group, its order-0 entropy, but never under one bit a byte (a Huffman code's
-    shortest). A plain-sample estimate, so a little low if anything: it never stops a try that pays."""
+    shortest). A plug-in estimate from a sample is biased low, so it seldom stops a try that pays."""
     edges = [0, *bounds, len(data)]
     counts = [np.bincount(data[a:b:stride], minlength=256) for a, b in itertools.pairwise(edges) if b > a]
     if not counts:
