@@ -142,10 +142,10 @@ def encode_chunk(data: np.ndarray, bounds: Sequence[int], size: int, setting: Se
     else:  # literal zstd runs at GB/s on bytes that do not shrink, so no estimate decides "raw";
         # Deflate (5x slower) runs only where Zstandard is above what Huffman-only Deflate could reach
         options.append(("zstd", code_zstd(view, bounds, size, 0)))
-        ratio = len(options[-1][1]) / max(1, len(data))
-        if not padded and 0.05 < ratio < RAW_ABOVE and len(options[-1][1]) > huffman_floor(data, bounds):
+        zstd_size = len(options[-1][1])
+        if not padded and 0.05 < zstd_size / max(1, len(data)) < RAW_ABOVE and zstd_size > huffman_floor(data, bounds):
             deflated = code_deflate(view, bounds)
-            if len(deflated) + DEFLATE_MIN_GAIN * len(data) <= len(options[-1][1]):
+            if len(deflated) + DEFLATE_MIN_GAIN * len(data) <= zstd_size:
                 options.append(("deflate", deflated))
     kind, body = min(options, key=lambda kb: len(kb[1]))
     return kind, body + struct.pack("<I", crc32c(body))
