@@ -7,8 +7,9 @@ one, MiniLM bf16 pretrained and its bf16 fine-tunes against it, and a CNN traine
 scikit-learn digits, each epoch against the previous one. gpupas writes a real archive on disk
 (local Zarr store; chunks, folders and manifest fsync'd, plus a row without fsync); peers
 compress in memory. Delta restores of every tool get the base in memory (gpupas: also the base's
-own base, which its 'pred' tensors extrapolate from). Timings are the best of ``--repeat`` runs
-(gpupas: after one untimed warm-up run of the whole case).
+own base, which its 'pred' tensors extrapolate from). Every tool's time for a snapshot is its best
+of ``--repeat`` runs after one untimed warm-up run (gpupas: of the whole case, each run into a
+fresh archive); a case's time is the sum over its snapshots.
 """
 
 from __future__ import annotations
@@ -81,18 +82,20 @@ def _check(got: Tensors, want: Tensors, who: str) -> None:
 
 def run_gpupas(snaps: list[tuple[str, Tensors]], case: Case, setting: str, repeat: int,
                layers: dict[str, list[dict[str, Any]]], durable: bool = True) -> Result:
-    res = Result(enc_s=float("inf"), dec_s=float("inf"))
+    res = Result()
+    enc_s = [float("inf")] * len(case.pairs)  # per snapshot, the best over the timed runs (as the peers get)
+    dec_s = [float("inf")] * len(case.pairs)
     with tempfile.TemporaryDirectory(dir=os.environ.get("GPUPAS_BENCH_TMP")) as tmp:
-        for rep in range(repeat + 1):  # a fresh archive each time; rep 0 warms up, the fastest other total is kept
-            enc_s = dec_s = 0.0
+        for rep in range(repeat + 1):  # a fresh archive each time; rep 0 warms up
             with gpupas.create_archive(Path(tmp) / f"arc{rep}", durable=durable) as arc:
-                for i, b in case.pairs:
+                for k, (i, b) in enumerate(case.pairs):
                     if b is not None and not arc.store.has_manifest(f"s{b}"):
                         arc.commit(snaps[b][1], snapshot=f"s{b}")
                     base = None if b is None else f"s{b}"
                     t = time.perf_counter()
                     m = arc.commit(snaps[i][1], base=base, setting=setting, snapshot=f"s{i}")
-                    enc_s += time.perf_counter() - t
+                    if rep:
+                        enc_s[k] = min(enc_s[k], time.perf_counter() - t)
                     if base is not None:  # the base in memory, as the peers get it; and the base's own
                         grand = arc.manifest(base)["base"]  # base, which 'pred' tensors extrapolate from
                         for s in ([grand] if grand else []) + [base]:
@@ -100,15 +103,15 @@ def run_gpupas(snaps: list[tuple[str, Tensors]], case: Case, setting: str, repea
                     arc._cache.pop(m["id"], None)
                     t = time.perf_counter()
                     out = arc.restore(m["id"])
-                    dec_s += time.perf_counter() - t
+                    if rep:
+                        dec_s[k] = min(dec_s[k], time.perf_counter() - t)
                     _check(out, snaps[i][1], f"gpupas {setting}")
                     if rep == 0:
                         res.raw += m["raw_bytes"]
                         res.stored += m["stored_bytes"]
                         res.per_snapshot.append(100 * m["stored_bytes"] / m["raw_bytes"])
                         layers.setdefault(f"{setting}:{snaps[i][0]}", arc.report(m["id"]))
-            if rep:
-                res.enc_s, res.dec_s = min(res.enc_s, enc_s), min(res.dec_s, dec_s)
+    res.enc_s, res.dec_s = sum(enc_s), sum(dec_s)
     return res
 
 
