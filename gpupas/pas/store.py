@@ -172,13 +172,13 @@ class ArchiveStore:
         except SnapshotNotFoundError:
             data = None
         if self._local_root is not None:
-            (self._local_root / "manifests" / f"{sid}.json").unlink(missing_ok=True)
+            (self._local_root / self.manifest_key(sid)).unlink(missing_ok=True)
             if data is not None:
                 shutil.rmtree(self._local_root / "snapshots" / data, ignore_errors=True)
             return
 
         async def remove_all() -> None:
-            await self.store.delete(f"manifests/{sid}.json")
+            await self.store.delete(self.manifest_key(sid))
             if data is not None:
                 await self.store.delete_dir(f"snapshots/{data}")
         sync(remove_all())
@@ -247,11 +247,16 @@ class ArchiveStore:
         """Key of Zarr chunk ``index`` (a shard file) of a snapshot's ``kind`` array."""
         return f"snapshots/{data}/{kind}/c/{index}"
 
+    @staticmethod
+    def manifest_key(sid: str) -> str:
+        """Key of snapshot ``sid``'s manifest."""
+        return f"manifests/{sid}.json"
+
     # -- manifests ---------------------------------------------------------------------------
     def write_manifest(self, sid: str, manifest: dict[str, Any]) -> None:
         """Publish ``manifest``: atomic, and never over an existing snapshot."""
         data = json.dumps(manifest, separators=(",", ":")).encode()
-        key = f"manifests/{sid}.json"
+        key = self.manifest_key(sid)
         if self._local_root is not None:
             if not publish_file(self._local_root / key, data, durable=self.durable):
                 raise ArchiveExistsError(f"snapshot {sid!r} already exists; choose another id")
@@ -262,13 +267,13 @@ class ArchiveStore:
 
     def has_manifest(self, sid: str) -> bool:
         if self._local_root is not None:  # a file test; Zarr's store API costs ~0.3 ms a call here
-            return (self._local_root / "manifests" / f"{sid}.json").is_file()
-        return self._get(f"manifests/{sid}.json") is not None
+            return (self._local_root / self.manifest_key(sid)).is_file()
+        return self._get(self.manifest_key(sid)) is not None
 
     def read_manifest(self, sid: str) -> dict[str, Any]:
         """The manifest of ``sid``; SnapshotNotFoundError if it was never committed."""
         check_name(sid)
-        data = self.get(f"manifests/{sid}.json")
+        data = self.get(self.manifest_key(sid))
         if data is None:
             raise SnapshotNotFoundError(f"no snapshot {sid!r} in archive {self.location}; "
                                         "list them with Archive.snapshots()")
