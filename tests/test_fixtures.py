@@ -1,0 +1,81 @@
+"""Golden archives of every format version ever written, read and compared bit for bit on every run.
+
+Each ``tests/fixtures/format<N>/archive`` was written once by the gpupas that wrote format N
+(``tests/fixtures/make_fixture.py``); ``expected.npz`` holds the tensors they must restore to.
+These files are never regenerated: a change that breaks one breaks users' archives.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+import gpupas
+
+FIXTURES = Path(__file__).parent / "fixtures"
+FORMATS = sorted(p.name for p in FIXTURES.glob("format*") if (p / "archive").is_dir())
+
+
+def _dtype(name: str) -> np.dtype:
+    return np.dtype(getattr(ml_dtypes, name)) if hasattr(ml_dtypes, name) else np.dtype(name)
+
+
+def expected(fmt: str) -> dict[str, dict[str, np.ndarray]]:
+    """Snapshot id -> tensor name -> the array it must restore to."""
+    index = json.loads((FIXTURES / fmt / "expected.json").read_text())
+    out: dict[str, dict[str, np.ndarray]] = {}
+    with np.load(FIXTURES / "expected.npz") as raw:
+        for key, t in index["tensors"].items():
+            sid, name = key.split("|", 1)
+            out.setdefault(sid, {})[name] = raw[t["npz"]].view(_dtype(t["dtype"])).reshape(t["shape"])
+    return out
+
+
+@pytest.fixture(params=FORMATS)
+def golden(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[str, Path]:
+    """A private copy of one golden archive (reading a repository writes its catalog)."""
+    dst = tmp_path / request.param
+    shutil.copytree(FIXTURES / request.param / "archive", dst)
+    return request.param, dst
+
+
+def test_formats_one_and_two_are_present() -> None:
+    assert {"format1", "format2"} <= set(FORMATS)
+
+
+def test_every_snapshot_restores_bit_exactly(golden: tuple[str, Path]) -> None:
+    fmt, path = golden
+    want = expected(fmt)
+    with gpupas.open_archive(path) as archive:
+        assert sorted(archive.snapshots()) == sorted(want)
+        for sid, tensors in want.items():
+            got = archive.restore(sid)
+            assert got.keys() == tensors.keys()
+            for name, arr in tensors.items():
+                assert got[name].dtype == arr.dtype and got[name].shape == arr.shape, (sid, name)
+                assert got[name].tobytes() == arr.tobytes(), (fmt, sid, name)
+            archive.verify(sid)
+
+
+def test_versions_tags_and_files_read(golden: tuple[str, Path]) -> None:
+    fmt, path = golden
+    index = json.loads((FIXTURES / fmt / "expected.json").read_text())
+    want = expected(fmt)
+    with gpupas.open_repository(path) as repo:
+        versions = repo.versions()
+        assert [v.name for v in versions] == ["fixture", "fixture-strong"]
+        for v in versions:
+            assert [s["id"] for s in v.snapshots] == index["versions"][str(v.id)]
+        v1 = repo.version("golden")
+        assert v1.hyperparameters == {"lr": 0.01, "opt": {"name": "adam"}}
+        assert repo.file_bytes(v1.files["notes/readme.txt"]["sha256"]) == b"golden fixture\n"
+        latest = repo.restore("golden")
+        assert all(latest[k].tobytes() == a.tobytes() for k, a in want[v1.latest].items())
+        result = repo.verify()
+        assert result["ok"], result["problems"]
+        assert result["checked"]["snapshots"] == 4
