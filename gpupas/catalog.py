@@ -24,7 +24,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from gpupas.errors import GpupasError, IntegrityError, SnapshotNotFoundError
+from gpupas.errors import CatalogError, GpupasError, IntegrityError, SnapshotNotFoundError
 from gpupas.network import Network
 
 SCHEMA_VERSION = 1
@@ -65,10 +65,6 @@ _PER_VERSION = ["versions", "parents", "snapshots", "hparams", "metrics", "metri
                 "flow", "files"]
 
 Fingerprint = tuple[int, int, int]
-
-
-class CatalogError(GpupasError, RuntimeError):
-    """The catalog could not be opened or updated (disk full, permissions...)."""
 
 
 @lru_cache(maxsize=256)
@@ -304,8 +300,8 @@ class Catalog:
             except (SnapshotNotFoundError, IntegrityError):
                 continue  # a damaged archive: `gpupas verify` reports it
             conn.executemany("INSERT OR REPLACE INTO tensors VALUES (?,?,?,?,?,?,?)", [
-                (s["id"], e["name"], e["dtype"], json.dumps(e["shape"]), e["enc"], e["nbytes"], e.get("stored"))
-                for e in m["tensors"]])
+                (s["id"], e.name, e.dtype, json.dumps(list(e.shape)), e.enc, e.nbytes, e.stored)
+                for e in m.tensors])
 
 
 def _key_order(key: str) -> tuple[int, int, str]:

@@ -1,10 +1,24 @@
-"""Every error gpupas raises: one root, subclasses that also inherit the builtin a caller catches."""
+"""Every error gpupas raises: one root, subclasses that also inherit the builtin a caller catches.
+
+The command line maps each to a stable exit code (:data:`EXIT_CODES`, first match wins).
+"""
 
 from __future__ import annotations
 
 
 class GpupasError(Exception):
     """Root of all gpupas errors."""
+
+
+class _Plain:
+    """For subclasses of KeyError: print the message, not its repr."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+class NotFoundError(_Plain, GpupasError, KeyError):
+    """Something named does not exist (root of the not-found errors)."""
 
 
 class ArchiveNotFoundError(GpupasError, FileNotFoundError):
@@ -15,18 +29,16 @@ class ArchiveExistsError(GpupasError, FileExistsError):
     """An archive (or other data) already occupies the location."""
 
 
-class SnapshotNotFoundError(GpupasError, KeyError):
+class SnapshotNotFoundError(NotFoundError):
     """No committed snapshot has that id."""
 
-    def __str__(self) -> str:  # KeyError quotes its argument; keep the message readable
-        return str(self.args[0]) if self.args else ""
 
-
-class VersionNotFoundError(GpupasError, KeyError):
+class VersionNotFoundError(NotFoundError):
     """No model version has that id, tag or name."""
 
-    def __str__(self) -> str:
-        return str(self.args[0]) if self.args else ""
+
+class TensorNotFoundError(NotFoundError):
+    """A snapshot has no tensor of that name."""
 
 
 class UnsupportedDtypeError(GpupasError, TypeError):
@@ -38,8 +50,49 @@ class InvalidInputError(GpupasError, ValueError):
 
 
 class IntegrityError(GpupasError, ValueError):
-    """Stored bytes do not match their checksum or their manifest."""
+    """Stored bytes do not match their checksum or their manifest: damaged (or hostile) data."""
+
+
+class FormatError(GpupasError, ValueError):
+    """Data written by a newer gpupas (a format, field, encoding or codec this one does not know)."""
+
+
+class ConflictError(GpupasError, RuntimeError):
+    """Another writer changed the same thing first (a revision raced another); retry."""
 
 
 class BackendUnavailableError(GpupasError, ImportError):
     """An optional backend (CuPy, nvCOMP, torch) is needed but not installed."""
+
+
+class CodecUnavailableError(BackendUnavailableError):
+    """A chunk codec gpupas knows but that cannot run here (a GPU-only codec on a CPU machine)."""
+
+
+class CatalogError(GpupasError, RuntimeError):
+    """The catalog could not be opened or updated (disk full, permissions...)."""
+
+
+class ReadOnlyError(GpupasError, PermissionError):
+    """A write to an archive that can only be read here (read-only mount, another user's files)."""
+
+
+OK, NOT_FOUND, BAD_INPUT, INTEGRITY, FAILURE, NEEDS_UPGRADE = 0, 1, 2, 3, 4, 5
+EXIT_CODES: list[tuple[type[BaseException], int]] = [
+    (NotFoundError, NOT_FOUND),
+    (ArchiveNotFoundError, NOT_FOUND),
+    (FormatError, NEEDS_UPGRADE),
+    (IntegrityError, INTEGRITY),
+    (InvalidInputError, BAD_INPUT),
+    (UnsupportedDtypeError, BAD_INPUT),
+    (ArchiveExistsError, BAD_INPUT),
+]
+
+
+def exit_code(exc: BaseException) -> int:
+    """The command line's exit code for ``exc``: 1 not found, 2 bad input, 3 damaged data,
+    4 any other failure, 5 needs a newer gpupas."""
+    for kind, code in EXIT_CODES:
+        if isinstance(exc, kind):
+            return code
+    return FAILURE

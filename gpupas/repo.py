@@ -52,17 +52,19 @@ from typing import Any
 import numpy as np
 
 from gpupas.archive import Archive, create_archive, open_archive
-from gpupas.catalog import Catalog, CatalogError, flatten, open_catalog
+from gpupas.catalog import Catalog, flatten, open_catalog
 from gpupas.errors import (
     ArchiveExistsError,
+    CatalogError,
     GpupasError,
     IntegrityError,
     InvalidInputError,
     SnapshotNotFoundError,
     VersionNotFoundError,
 )
+from gpupas.format.keys import check_name
 from gpupas.network import Network, diff_networks, extract_network
-from gpupas.pas.store import check_name, publish_file
+from gpupas.store.local import publish_file
 from gpupas.tensors import TORCH_SUFFIXES, load_checkpoint
 
 RECORD_FORMAT = 1
@@ -594,11 +596,11 @@ class Repository:
                 first = tensors
             m = self.archive.commit(tensors, base=base, setting=setting,
                                     meta={"version_name": name, "source": label, "step": step})
-            written.append(m["id"])
-            entries.append({"id": m["id"], "created": m["created"], "step": step, "source": label,
-                            "base": m["base"], "raw_bytes": m["raw_bytes"], "stored_bytes": m["stored_bytes"],
-                            "tensors": len(m["tensors"])})
-            base = m["id"]
+            written.append(m.id)
+            entries.append({"id": m.id, "created": m.created, "step": step, "source": label,
+                            "base": m.base, "raw_bytes": m.raw_bytes, "stored_bytes": m.stored_bytes,
+                            "tensors": len(m.tensors)})
+            base = m.id
         if progress:
             progress(f"{name}: done", len(sources), len(sources))
         return entries, first
@@ -718,8 +720,8 @@ class Repository:
             tensors = load_checkpoint(path)
         m = self.archive.commit(tensors, base=latest, setting=setting,
                                 meta={"version_id": vid, "source": source, "step": step})
-        entry = {"id": m["id"], "created": m["created"], "step": step, "source": source, "base": m["base"],
-                 "raw_bytes": m["raw_bytes"], "stored_bytes": m["stored_bytes"], "tensors": len(m["tensors"])}
+        entry = {"id": m.id, "created": m.created, "step": step, "source": source, "base": m.base,
+                 "raw_bytes": m.raw_bytes, "stored_bytes": m.stored_bytes, "tensors": len(m.tensors)}
 
         def change(rec: Record) -> None:
             rec["snapshots"].append(entry)
@@ -730,7 +732,7 @@ class Repository:
             if rec.get("network", {}).get("source") in (None, "none"):
                 rec["network"] = extract_network(tensors).to_dict()
 
-        return self._update(vid, change, on_failure=lambda: self._discard([m["id"]]))
+        return self._update(vid, change, on_failure=lambda: self._discard([m.id]))
 
     def log_metrics(self, ref: str | int | Version, metrics: Any) -> Version:
         """Append metric points (see :func:`normalize_metrics`) to a version."""
@@ -917,19 +919,19 @@ class Repository:
         m = self.archive.manifest(snap["id"])
         types = {n.name: n.type for n in v.network.nodes}
         layers: dict[str, dict[str, Any]] = {}
-        for e in m["tensors"]:
-            prefix = e["name"].rpartition(".")[0] or e["name"]
+        for e in m.tensors:
+            prefix = e.name.rpartition(".")[0] or e.name
             row = layers.setdefault(prefix, {"layer": prefix, "type": types.get(prefix, ""), "tensors": 0,
                                              "params": 0, "raw_bytes": 0, "stored_bytes": 0, "enc": {}})
             row["tensors"] += 1
-            row["params"] += int(np.prod(e["shape"], dtype=np.int64))
-            row["raw_bytes"] += e["nbytes"]
-            row["stored_bytes"] += e.get("stored", 0)
-            row["enc"][e["enc"]] = row["enc"].get(e["enc"], 0) + 1
+            row["params"] += int(np.prod(e.shape, dtype=np.int64))
+            row["raw_bytes"] += e.nbytes
+            row["stored_bytes"] += e.stored
+            row["enc"][e.enc] = row["enc"].get(e.enc, 0) + 1
         for row in layers.values():
             row["ratio"] = row["stored_bytes"] / row["raw_bytes"] if row["raw_bytes"] else 0.0
-        d["snapshot"] = {"index": v.snapshots.index(snap) + 1, **snap, "base": m["base"],
-                         "setting": m.get("setting"), "commit_seconds": m.get("commit_seconds")}
+        d["snapshot"] = {"index": v.snapshots.index(snap) + 1, **snap, "base": m.base,
+                         "setting": m.setting, "commit_seconds": m.commit_seconds}
         d["layers"] = list(layers.values())
         d["tensors"] = self.archive.report(snap["id"])
         return d

@@ -9,10 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from gpupas.errors import InvalidInputError, UnsupportedDtypeError
-from gpupas.integrations.torch import is_torch_tensor, tensor_to_numpy
-from gpupas.pas.planes import layout_of
-from gpupas.xp import namespace, to_numpy
+from gpupas.errors import InvalidInputError
 
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 
@@ -45,10 +42,15 @@ def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
     )
 
 
-def as_tensor_dict(tensors: Any, source: str = "input") -> dict[str, np.ndarray]:
-    """Named tensors as NumPy arrays; accepts a mapping of NumPy/CuPy/torch arrays or a file path."""
+def as_tensor_dict(tensors: Any, source: str = "input", backend: Any = None) -> dict[str, Any]:
+    """Named tensors as arrays of ``backend`` (NumPy by default); accepts a mapping of
+    NumPy/CuPy/torch arrays or a checkpoint file path."""
+    if backend is None:
+        from gpupas.backend import get_backend
+
+        backend = get_backend("numpy")
     if isinstance(tensors, (str, os.PathLike)):
-        return load_checkpoint(tensors)
+        return {k: backend.as_array(v, k) for k, v in load_checkpoint(tensors).items()}
     if not isinstance(tensors, Mapping):
         raise InvalidInputError(
             f"{source}: expected a mapping of name -> tensor or a checkpoint path, got {type(tensors).__name__}"
@@ -57,22 +59,8 @@ def as_tensor_dict(tensors: Any, source: str = "input") -> dict[str, np.ndarray]
     for name, value in tensors.items():
         if not isinstance(name, str) or not name or "\0" in name:
             raise InvalidInputError(f"{source}: tensor name {name!r} must be a non-empty string without NUL")
-        if is_torch_tensor(value):
-            arr = tensor_to_numpy(value)
-        elif isinstance(value, (np.ndarray, np.generic)) or namespace(value) is not np:
-            arr = np.asarray(to_numpy(value))
-        else:
-            raise InvalidInputError(
-                f"{source}: {name!r} is a {type(value).__name__}, not a tensor; archive tensors only "
-                "(put other values in the version's metadata)"
-            )
         try:
-            layout_of(arr.dtype)
-        except UnsupportedDtypeError as exc:
-            raise UnsupportedDtypeError(f"tensor {name!r}: {exc}") from None
-        if not arr.flags.c_contiguous:
-            arr = arr.copy(order="C")  # ascontiguousarray would turn 0-d into 1-d
-        if not arr.dtype.isnative:
-            arr = arr.astype(arr.dtype.newbyteorder("="))
-        out[name] = arr
+            out[name] = backend.as_array(value, name)
+        except InvalidInputError as exc:
+            raise InvalidInputError(f"{source}: {exc}") from None
     return out

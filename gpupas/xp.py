@@ -1,7 +1,8 @@
-"""Array backend: NumPy or CuPy, picked from the array itself; CuPy is never imported up front."""
+"""Array namespaces: NumPy or CuPy, picked from the array itself; CuPy is never imported up front."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from types import ModuleType
 from typing import Any
 
@@ -22,3 +23,18 @@ def to_numpy(array: Any) -> np.ndarray:
     if namespace(array) is np:
         return np.asarray(array)
     return array.get()
+
+
+def is_device_array(value: Any) -> bool:
+    """A CuPy array, a CUDA torch tensor, or anything else that says it lives on a CUDA device."""
+    module = type(value).__module__.split(".")[0]
+    if module == "cupy":
+        return True
+    if module == "torch":
+        return getattr(getattr(value, "device", None), "type", "cpu") == "cuda"
+    return hasattr(value, "__cuda_array_interface__")
+
+
+def any_device_array(tensors: Any) -> bool:
+    """Whether a mapping of tensors holds any device array (a path or other input: no)."""
+    return isinstance(tensors, Mapping) and any(is_device_array(v) for v in tensors.values())

@@ -117,7 +117,7 @@ def top_byte(u: Any, layout: Layout) -> Any:
 
 
 def split_planes(bits: Any, out: Any, tmp: Any = None) -> None:
-    """Write the byte planes of ``bits`` (width w) into ``out`` of shape (w, n), high byte first.
+    """Write the byte planes of ``bits`` (width w) into ``out`` ((w, n), or w views of n), high byte first.
 
     Shifts and truncating copies (``tmp``: optional scratch like ``bits``): about twice as fast
     as strided byte copies.
@@ -133,7 +133,7 @@ def split_planes(bits: Any, out: Any, tmp: Any = None) -> None:
 def join_planes(planes: Any, out: Any) -> Any:
     """Inverse of :func:`split_planes`: write the bit patterns into ``out`` (uint, flat); return it."""
     out[...] = planes[0]
-    for p in range(1, planes.shape[0]):
+    for p in range(1, len(planes)):
         out <<= 8
         out |= planes[p]
     return out

@@ -15,10 +15,11 @@ class Setting:
     ``min_group``: smallest group (bytes) that gets coder tables of its own;
     ``try_all``: code every chunk with each coder and keep the smallest (the compaction setting),
     else code with fast literal-only Zstandard and try Huffman-only Deflate only where Zstandard
-    lands above the least Deflate could need (:func:`gpupas.pas.codecs.huffman_floor`); ``zstd_level``: the extra
+    lands above the least Deflate could need (:func:`gpupas.codecs.policy.huffman_floor`); ``zstd_level``: the extra
     Zstandard level ``try_all`` runs; ``predict``: try the row-wise extrapolation of
     :mod:`gpupas.pas.predict` where the base is itself a delta; ``row_mask``: code only the rows
-    of a delta that changed, where enough did not (:mod:`gpupas.pas.rows`).
+    of a delta that changed, where enough did not (:mod:`gpupas.pas.rows`); ``codecs``: the chunk
+    codecs to choose among (:mod:`gpupas.codecs.policy`).
     """
 
     name: str
@@ -28,6 +29,7 @@ class Setting:
     zstd_level: int = 19
     predict: bool = True
     row_mask: bool = True
+    codecs: tuple[str, ...] = ("zstd", "deflate")  # chunk codec ids the chunk policy chooses among
 
 
 SETTINGS: dict[str, Setting] = {

@@ -34,11 +34,6 @@ class Plan:
     estimate: float = 0.0  # estimated stored bits per value
 
 
-def segments(n: int) -> list[tuple[int, int]]:
-    """(start, stop) value ranges of the segments of an ``n``-value tensor."""
-    return [(s, min(n, s + SEGMENT)) for s in range(0, n, SEGMENT)]
-
-
 _local = threading.local()
 
 
@@ -95,37 +90,34 @@ def choose_plan(u: Any, ub: Any | None, layout: Layout, setting: Setting,
     return best
 
 
-def encode_segment(u: Any, ub: Any | None, layout: Layout, plan: Plan, out: Any, min_group: int) -> list[int]:
-    """Write the planes of raw patterns ``u`` into ``out`` (w, n); return group boundaries.
-
-    Boundaries are offsets inside the flattened ``out`` where a coder should restart its tables.
-    """
+def encode_segment(u: Any, ub: Any | None, layout: Layout, plan: Plan, out: Any, min_group: int) -> list[list[int]]:
+    """Write the planes of raw patterns ``u`` into ``out`` (w planes of n bytes: a (w, n) array or a
+    list of w views); return, per plane, the offsets inside it where a coder should restart its
+    tables (context groups)."""
     n = u.size
+    w = layout.width
     if n == 0:
-        return []
+        return [[] for _ in range(w)]
     xp = namespace(u)
     coded = _coded(plan.enc, u, ub, layout, xp)
     if not plan.ctx:
         split_planes(coded, out, scratch(1, n, layout.uint, xp))
-        return [p * n for p in range(1, layout.width)]
+        return [[] for _ in range(w)]
     ctx = top_byte(u if plan.enc == "mat" else ub, layout)
     split_planes(xp.take(coded, order_by(ctx), out=scratch(1, n, layout.uint, xp)), out, coded)
     groups = group_bounds(to_numpy(ctx), min_group)
     if plan.enc == "mat":
-        out[0] = ctx  # the value's own context stays in natural order: the decoder reads it first
-    bounds = []
-    for p in range(layout.width):
-        if p:
-            bounds.append(p * n)
-        if p or plan.enc != "mat":
-            bounds.extend(p * n + g for g in groups)
-    return bounds
+        out[0][...] = ctx  # the value's own context stays in natural order: the decoder reads it first
+    return [groups if p or plan.enc != "mat" else [] for p in range(w)]
 
 
 def decode_segment(planes: Any, ub: Any | None, layout: Layout, plan: Plan, out: Any) -> None:
-    """Inverse of :func:`encode_segment`: write the raw patterns into ``out`` (uint, flat)."""
-    xp = namespace(planes)
-    w, n = planes.shape
+    """Inverse of :func:`encode_segment`: write the raw patterns into ``out`` (uint, flat).
+
+    ``planes``: the w planes of the segment, a (w, n) array or a list of views.
+    """
+    xp = namespace(planes[0])
+    w, n = len(planes), planes[0].size
     direct = plan.enc == "mat" and not plan.ctx
     coded = out if direct else scratch(0, n, layout.uint, xp)
     join_planes(planes, coded)

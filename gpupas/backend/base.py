@@ -1,0 +1,102 @@
+"""The backend protocol, and the choice of a backend for a device.
+
+CuPy is imported only when a GPU backend is asked for (``device="cuda"``, or device arrays as
+input). Where it cannot run (no CuPy, no nvCOMP, no GPU) the NumPy backend is used instead, and
+that is said once in a log line, never silently per call.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager
+from typing import Any, Protocol
+
+from gpupas.errors import BackendUnavailableError, InvalidInputError
+
+log = logging.getLogger("gpupas")
+
+
+class Backend(Protocol):
+    """What the engine asks of a device."""
+
+    name: str  # "numpy" or "cupy"
+    codec_backend: str  # which chunk-codec implementations run here: "cpu" or "gpu"
+    xp: Any  # the array module
+    to_host_bytes: int  # bytes copied from the device to the host so far
+
+    def as_array(self, value: Any, name: str) -> Any:
+        """An input tensor as an array of this backend (zero-copy where it can), contiguous."""
+        ...
+
+    def to_host(self, x: Any) -> Any:
+        """A host (NumPy) copy of ``x``: the one function through which bytes leave the device."""
+        ...
+
+    def crc32(self, bits: Any) -> int:
+        """CRC-32 of an array's bytes."""
+        ...
+
+    def workspace(self, nbytes: int) -> AbstractContextManager[Any]:
+        """A uint8 buffer of ``nbytes`` on the device for the duration of a ``with`` block."""
+        ...
+
+    def empty(self, nbytes: int) -> Any:
+        """A fresh uint8 array (64-byte aligned) that outlives the call."""
+        ...
+
+    def run(self, fn: Callable[[Any], Any], items: Sequence[Any], executor: Any, small: bool) -> list[Any]:
+        """``fn`` over segment jobs (host: the executor's threads; a GPU: its stream)."""
+        ...
+
+    def encode_chunks(self, policy: Any, buf: Any, bounds: Sequence[int], chunk_size: int, executor: Any,
+                      small: bool) -> Iterator[tuple[int, str, Any]]:
+        """(chunk, codec letter, stored bytes) of every chunk of ``buf``, as each is ready."""
+        ...
+
+    def decode_chunks(self, stream: Any, stored: dict[int, Any], buf: Any, executor: Any, small: bool) -> None:
+        """Decode stored chunks (payload + CRC-32C) into their places in ``buf``."""
+        ...
+
+
+_BACKENDS: dict[str, Backend] = {}
+_warned: set[str] = set()
+
+
+def resolve_device(device: str | None, inputs: Any = None) -> str:
+    """The backend name for ``device`` ("cpu", "cuda", "cuda:N", None: from the inputs)."""
+    if device is None:
+        from gpupas.xp import any_device_array
+
+        return "cupy" if inputs is not None and any_device_array(inputs) else "numpy"
+    if device in ("cpu", "numpy"):
+        return "numpy"
+    if device == "cupy" or device.startswith("cuda"):
+        return "cupy"
+    raise InvalidInputError(f"device must be 'cpu' or 'cuda', not {device!r}")
+
+
+def get_backend(name: str = "numpy", *, fallback: bool = True) -> Backend:
+    """The backend called ``name``; a GPU backend that cannot run falls back to NumPy (said once)."""
+    if name in _BACKENDS:
+        return _BACKENDS[name]
+    if name == "numpy":
+        from gpupas.backend.numpy import NumpyBackend
+
+        backend: Backend = NumpyBackend()
+    elif name == "cupy":
+        try:
+            from gpupas.backend.cupy import CupyBackend
+
+            backend = CupyBackend()
+        except BackendUnavailableError as exc:
+            if not fallback:
+                raise
+            if name not in _warned:
+                _warned.add(name)
+                log.warning("gpupas: the GPU backend is unavailable (%s); using the NumPy backend on the CPU", exc)
+            return get_backend("numpy")
+    else:
+        raise InvalidInputError(f"unknown backend {name!r}; use 'numpy' or 'cupy'")
+    _BACKENDS[name] = backend
+    return backend

@@ -1,0 +1,94 @@
+"""Which codec codes each chunk: the rules, apart from the coders.
+
+The rules (the same on every backend): store a chunk raw (a Zstandard frame of raw blocks) when no
+candidate saves 0.5%; keep Deflate only where it saves at least 1/2048 of the chunk over
+Zstandard (it decodes ~3x slower); ``try_all`` (the ``strong`` setting) keeps the smallest of
+every candidate. On the CPU, Deflate runs only where Zstandard's output is above the least
+Huffman-only Deflate could need (:func:`huffman_floor`): a shortcut, not a rule.
+"""
+
+from __future__ import annotations
+
+import itertools
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from gpupas.codecs import registry
+from gpupas.format.checksum import crc32c
+
+RAW_ABOVE = 0.995  # store a chunk raw when a coder could not save even 0.5%
+DEFLATE_MIN_GAIN = 1 / 2048
+
+
+@dataclass(frozen=True)
+class ChunkPolicy:
+    """The codec choice of a setting: candidate codec ids and how hard to try."""
+
+    codecs: tuple[str, ...] = ("zstd", "deflate")
+    try_all: bool = False
+    zstd_level: int = 19  # the extra Zstandard level ``try_all`` runs
+
+    def table(self) -> dict[str, str]:
+        return registry.table(list(self.codecs))
+
+
+def huffman_floor(data: np.ndarray, bounds: Sequence[int], stride: int = 4) -> float:
+    """Bytes that Huffman-only Deflate needs at least for ``data`` (every ``stride``-th byte
+    sampled): per group, its order-0 entropy, but never under one bit a byte (a Huffman code's
+    shortest). A plug-in estimate from a sample is biased low, so it seldom stops a try that pays."""
+    edges = [0, *bounds, len(data)]
+    counts = [np.bincount(data[a:b:stride], minlength=256) for a, b in itertools.pairwise(edges) if b > a]
+    if not counts:
+        return 0.0
+    cnt = np.array(counts, np.float64)
+    tot = cnt.sum(axis=1)
+    bits = np.log2(tot) - (cnt * np.log2(np.maximum(cnt, 1))).sum(axis=1) / tot
+    return float((tot * np.maximum(bits, 1.0)).sum()) * stride / 8
+
+
+def with_crc(body: bytes) -> bytes:
+    """A stored chunk: its body, then the body's CRC-32C (Zarr's ``crc32c`` codec)."""
+    return body + struct.pack("<I", crc32c(body))
+
+
+def encode_cpu(policy: ChunkPolicy, chunks: Sequence[np.ndarray], bounds: Sequence[Sequence[int]],
+               size: int) -> list[tuple[str, bytes]]:
+    """(letter, stored bytes) of each chunk (uint8, at most ``size`` bytes), coded on the CPU."""
+    zstd = registry.get("zstd", "cpu")
+    deflate = registry.get("deflate", "cpu") if "deflate" in policy.codecs else None
+    out = []
+    for data, b in zip(chunks, bounds):
+        view = memoryview(data).cast("B")
+        padded = size > len(data)
+        options: list[tuple[Any, bytes]] = [(zstd, zstd.raw_batch([view], size)[0])]
+        options.append((zstd, zstd.encode_batch([view], [b], size)[0]))
+        if policy.try_all:
+            options.append((zstd, _zstd_level(policy.zstd_level, view, b, size)))
+            if deflate is not None and not padded:
+                options += [(deflate, deflate.encode_batch([view], [b], size)[0]),
+                            (deflate, _deflate_lz(view, b))]
+        elif deflate is not None and not padded:
+            zsize = len(options[-1][1])
+            if 0.05 < zsize / max(1, len(data)) < RAW_ABOVE and zsize > huffman_floor(data, b):
+                body = deflate.encode_batch([view], [b], size)[0]
+                if len(body) + DEFLATE_MIN_GAIN * len(data) <= zsize:
+                    options.append((deflate, body))
+        codec, body = min(options, key=lambda cb: len(cb[1]))
+        out.append((codec.letter, with_crc(body)))
+    return out
+
+
+def _zstd_level(level: int, view: memoryview, bounds: Sequence[int], size: int) -> bytes:
+    from gpupas.codecs.zstd import code
+
+    return code(view, bounds, size, level)
+
+
+def _deflate_lz(view: memoryview, bounds: Sequence[int]) -> bytes:
+    from gpupas.codecs.deflate import code
+
+    return code(view, bounds, huffman_only=False)

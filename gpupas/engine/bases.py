@@ -1,0 +1,83 @@
+"""Delta bases kept in memory: the one place that decides what stays, and checks it before use.
+
+A commit keeps the caller's own arrays (no copy) as the next commit's base; a restore keeps what
+it decoded. Either may be changed afterwards by whoever holds the arrays (a training loop steps
+its weights in place), so a cached snapshot is used only while each tensor still matches its
+CRC-32. At most ``max_snapshots`` snapshots, and, where ``max_bytes`` is set, at most that many
+bytes of arrays the cache owns (the caller's arrays cost nothing extra).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from gpupas.format.manifest import TensorEntry
+
+
+class BaseCache:
+    def __init__(self, max_snapshots: int = 2, max_bytes: int | None = None):
+        self.max_snapshots, self.max_bytes = max_snapshots, max_bytes
+        self._items: OrderedDict[str, dict[str, Any]] = OrderedDict()
+        self._owned: dict[str, int] = {}  # snapshot -> bytes the cache itself holds (not the caller's)
+        self._shared: set[str] = set()  # snapshots whose arrays were handed to a caller
+        self._lock = threading.Lock()
+
+    def put(self, sid: str, bits: Mapping[str, Any], *, borrowed: bool = False) -> None:
+        """Keep ``bits`` (raw patterns by name) of snapshot ``sid``; ``borrowed``: they are the
+        caller's own arrays."""
+        with self._lock:
+            self._items[sid] = dict(bits)
+            self._items.move_to_end(sid)
+            self._owned[sid] = 0 if borrowed else sum(int(b.nbytes) for b in bits.values())
+            (self._shared.add if borrowed else self._shared.discard)(sid)
+            while len(self._items) > self.max_snapshots or (
+                    self.max_bytes is not None and len(self._items) > 1 and sum(self._owned.values()) > self.max_bytes):
+                self._forget(next(iter(self._items)))
+
+    def get(self, sid: str, entries: Sequence[TensorEntry], crc32: Callable[[Any], int]) -> dict[str, Any] | None:
+        """The cached bits of ``entries`` if all are there and unchanged (else None, and the stale
+        snapshot is dropped)."""
+        with self._lock:
+            have = self._items.get(sid)
+        if have is None or any(e.name not in have for e in entries):
+            return None
+        if all(crc32(have[e.name]) == e.crc32 for e in entries):
+            return {e.name: have[e.name] for e in entries}
+        self.drop(sid)
+        return None
+
+    def holds(self, sid: str, name: str, array: Any) -> bool:
+        """Whether ``array`` is the cache's own array of tensor ``name`` of ``sid``."""
+        with self._lock:
+            return self._items.get(sid, {}).get(name) is array
+
+    def share(self, sid: str) -> None:
+        """The arrays of ``sid`` were handed to a caller: hand out copies from now on."""
+        with self._lock:
+            if sid in self._items:
+                self._shared.add(sid)
+
+    def shared(self, sid: str) -> bool:
+        with self._lock:
+            return sid in self._shared
+
+    def drop(self, sid: str) -> None:
+        with self._lock:
+            self._forget(sid)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+            self._owned.clear()
+            self._shared.clear()
+
+    def __contains__(self, sid: str) -> bool:
+        return sid in self._items
+
+    def _forget(self, sid: str) -> None:
+        self._items.pop(sid, None)
+        self._owned.pop(sid, None)
+        self._shared.discard(sid)

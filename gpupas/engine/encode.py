@@ -1,0 +1,168 @@
+"""Writing a snapshot's streams: planes of every segment into the workspace, chunks coded and sharded.
+
+:func:`write_streams` is a function of (store, staged tensors, setting, backend, executor): a commit
+and a revision (re-encoding an existing snapshot with another setting, codec or plane grouping)
+both call it, and so can a Dask task. It writes folders that nothing references yet; the caller
+publishes the manifest that names them.
+"""
+
+from __future__ import annotations
+
+import bisect
+import itertools
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+import numpy as np
+
+from gpupas.codecs import registry
+from gpupas.codecs.policy import ChunkPolicy
+from gpupas.engine.stage import Staged
+from gpupas.format.layout import Placement, place, plane_ranges, segments
+from gpupas.format.manifest import Stream, TensorEntry
+from gpupas.pas.context import entropy
+from gpupas.pas.settings import Setting
+from gpupas.pas.transform import SEGMENT, encode_segment
+from gpupas.store.archive import ArchiveStore
+
+CHUNK_SIZE = 1 << 18  # bytes per chunk (CPU): the coders' block size and the unit of parallel work
+SHARD_CHUNKS = 4096  # chunks per shard file at most: 1 GiB of planes
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How a snapshot's bytes are laid out: plane groups (one stream each) and chunk size."""
+
+    groups: tuple[int, ...] = ()  # first plane of each stream after the first, e.g. (1,): exponents alone
+    chunk_size: int = CHUNK_SIZE
+    segment: int = SEGMENT
+
+
+def new_folder(sid: str) -> str:
+    """A fresh folder name for a stream of ``sid``: concurrent writers never share one."""
+    return f"{sid}.{uuid.uuid4().hex[:8]}"
+
+
+def write_streams(store: ArchiveStore, sid: str, staged: Sequence[Staged], setting: Setting, backend: Any,
+                  executor: Any, layout: Layout = Layout(), small: bool = False
+                  ) -> tuple[tuple[Stream, ...], tuple[TensorEntry, ...]]:
+    """Write the streams of a snapshot of ``staged`` tensors; returns them and the tensor entries."""
+    extras = [st.extra() for st in staged]
+    placements, lengths = place([(st.layout.width, st.u.size, x.size) for st, x in zip(staged, extras)],
+                                layout.groups)
+    policy = ChunkPolicy(setting.codecs, setting.try_all, setting.zstd_level)
+    table = policy.table()
+    inner = {cid: list(registry.info(cid).zarr_codecs) for cid in table.values()}
+    streams: list[Stream] = []
+    chunk_sizes: list[list[int]] = []
+    with backend.workspace(sum(lengths)) as ws:
+        starts = np.cumsum([0, *lengths]).tolist()
+        bufs = [ws[a:b] for a, b in itertools.pairwise(starts)]
+        bounds = _planes(staged, extras, placements, bufs, layout.segment, setting.min_group, backend, executor,
+                         small)
+        written: list[Stream] = []
+        try:
+            for s, length in enumerate(lengths):
+                nchunks = -(-length // layout.chunk_size)
+                stream = Stream(new_folder(sid), length, layout.chunk_size, max(1, min(SHARD_CHUNKS, nchunks)),
+                                table, "")
+                store.create_stream(stream, inner)
+                written.append(stream)
+                sink = store.sink(stream, executor.background)
+                try:
+                    coded = backend.encode_chunks(policy, bufs[s], bounds[s], layout.chunk_size, sink.add, executor,
+                                                  small)
+                    sink.close()
+                except BaseException:
+                    sink.abort()
+                    raise
+                stream = replace(stream, chunks="".join(letter for letter, _ in coded),
+                                 stored=sum(n for _, n in coded))
+                store.sync_stream(stream)
+                streams.append(stream)
+                chunk_sizes.append([n for _, n in coded])
+        except BaseException:
+            for stream in written:  # never published: remove now rather than leave it to gc
+                try:
+                    store.delete_folder(stream.folder)
+                except OSError:
+                    pass
+            raise
+        entries = [TensorEntry(name=st.name, dtype=st.layout.name, shape=st.shape, nbytes=st.nbytes, crc32=st.crc,
+                               enc=st.plan.enc, ctx=st.plan.ctx, parts=pl.parts,
+                               rows=None if st.changed is None else st.coded_shape[0], extras=pl.extras)
+                   for st, pl in zip(staged, placements)]
+        entries = attribute(entries, streams, bufs, chunk_sizes, layout.segment)
+    return tuple(streams), tuple(entries)
+
+
+def _planes(staged: Sequence[Staged], extras: Sequence[np.ndarray], placements: Sequence[Placement],
+            bufs: Sequence[Any], segment: int, min_group: int, backend: Any, executor: Any,
+            small: bool) -> list[list[int]]:
+    """Fill the stream buffers with every tensor's planes and extras; returns, per stream, the sorted
+    offsets where a coder should end a block (plane starts, context groups, extras)."""
+    cuts: list[set[int]] = [set() for _ in bufs]
+    for x, pl in zip(extras, placements):
+        if x.size:
+            s, off = pl.extras
+            bufs[s][off : off + x.size] = x
+            cuts[s].add(off)
+    units = [(i, a, b) for i, st in enumerate(staged) for a, b in segments(st.u.size, segment)]
+
+    def encode(unit: tuple[int, int, int]) -> list[tuple[int, int]]:
+        i, a, b = unit
+        st, pl = staged[i], placements[i]
+        n = b - a
+        views, where = [], []
+        for p in pl.parts:
+            start = p.offset + a * p.count
+            block = bufs[p.stream][start : start + p.count * n]
+            for k in range(p.count):
+                views.append(block[k * n : (k + 1) * n])
+                where.append((p.stream, start + k * n))
+        groups = encode_segment(st.u[a:b], st.base_for(a, b), st.layout, st.plan, views, min_group)
+        return [(s, lo + g) for (s, lo), gs in zip(where, groups) for g in (0, *gs)]
+
+    for found in backend.run(encode, units, executor, small):
+        for s, off in found:
+            cuts[s].add(off)
+    return [sorted(c) for c in cuts]
+
+
+def attribute(entries: list[TensorEntry], streams: Sequence[Stream], bufs: Sequence[Any],
+              chunk_sizes: Sequence[Sequence[int]], segment: int) -> list[TensorEntry]:
+    """Share each chunk's stored bytes among the tensor planes in it, weighted by sampled entropy.
+
+    Exact for planes that fill their chunks; an estimate where small planes share one. Row masks
+    and 'pred' factors count in a tensor's ``stored`` bytes, not in its ``plane_bytes``.
+    """
+    shares = [[0.0] * (e.width + 1) for e in entries]
+    for s, stream in enumerate(streams):
+        segs = []  # (start, end, entry index, plane) in this stream, in stream order
+        for i, e in enumerate(entries):
+            segs.extend((lo, lo + b - a, i, p) for st, lo, p, a, b in plane_ranges(e, segment) if st == s)
+            if e.extras is not None and e.extras[0] == s:
+                segs.append((e.extras[1], e.extras[1] + e.extras_nbytes, i, e.width))
+        segs.sort()
+        starts = [x[0] for x in segs]
+        buf, size = bufs[s], stream.chunk_size
+        for c, stored in enumerate(chunk_sizes[s]):
+            lo, hi = c * size, min(len(buf), (c + 1) * size)
+            parts = []
+            for x in segs[max(0, bisect.bisect_right(starts, lo) - 1) :]:
+                if x[0] >= hi:
+                    break
+                a, b = max(lo, x[0]), min(hi, x[1])
+                if b > a:
+                    parts.append((x[2], x[3], a, b))
+            if len(parts) == 1:  # the common case: one plane fills the chunk
+                shares[parts[0][0]][parts[0][1]] += stored
+                continue
+            weights = [(b - a) * max(0.05, entropy(buf[a:b:max(1, (b - a) // 2048)])) for *_, a, b in parts]
+            total = sum(weights) or 1.0
+            for (i, p, _, _), w in zip(parts, weights):
+                shares[i][p] += stored * w / total
+    return [replace(e, plane_bytes=tuple(round(x) for x in sh[:-1]), stored=round(sum(sh)))
+            for e, sh in zip(entries, shares)]

@@ -1,0 +1,67 @@
+"""The only place gpupas starts threads: a bounded pool for coding work, one thread for background I/O."""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor, wait
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+class Executor:
+    """Runs work items on ``workers`` threads (created on first use); ``workers=1`` runs them inline
+    (inside a Dask task, say, where the cluster already uses the cores)."""
+
+    def __init__(self, workers: int | None = None):
+        self.workers = max(1, workers or os.cpu_count() or 1)
+        self._pool: ThreadPoolExecutor | None = None
+        self._io: ThreadPoolExecutor | None = None
+        self._lock = threading.Lock()
+
+    def _get(self, io: bool) -> ThreadPoolExecutor:
+        with self._lock:
+            if io:
+                if self._io is None:
+                    self._io = ThreadPoolExecutor(1, thread_name_prefix="gpupas-io")
+                return self._io
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="gpupas")
+            return self._pool
+
+    def map(self, fn: Callable[[T], R], items: Iterable[T], inline: bool = False) -> list[R]:
+        """``fn`` over ``items``; waits for every item before raising the first error (so no task is
+        still writing into a shared buffer when the caller unwinds). ``inline``: on this thread
+        (for small work, the hand-offs cost more than they save)."""
+        if inline or self.workers == 1:
+            return [fn(x) for x in items]
+        futures = [self._get(False).submit(fn, x) for x in items]
+        wait(futures)
+        return [f.result() for f in futures]
+
+    def background(self, fn: Callable[..., Any], *args: Any) -> Future[Any]:
+        """Run ``fn(*args)`` on the I/O thread (durable writes overlapping the coding)."""
+        if self.workers == 1:
+            fut: Future[Any] = Future()
+            try:
+                fut.set_result(fn(*args))
+            except BaseException as exc:
+                fut.set_exception(exc)
+            return fut
+        return self._get(True).submit(fn, *args)
+
+    def close(self) -> None:
+        with self._lock:
+            pools, self._pool, self._io = [self._pool, self._io], None, None
+        for p in pools:
+            if p is not None:
+                p.shutdown()
+
+    def __enter__(self) -> Executor:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

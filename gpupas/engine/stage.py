@@ -1,0 +1,106 @@
+"""Planning a snapshot: each tensor's bits, what of it gets coded, and against what.
+
+A tensor of the same dtype and shape as in the base is a delta candidate: rows that did not
+change are masked out where enough of them did not (:mod:`gpupas.pas.rows`), then the encoding
+(mat / SUB / XOR, context split or not) with the smallest sampled entropy is chosen
+(:func:`gpupas.pas.transform.choose_plan`), and where the base is itself a delta on its own base,
+the row extrapolation ('pred', :mod:`gpupas.pas.predict`) is kept when a sample says it pays.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from gpupas.format.manifest import TensorEntry
+from gpupas.pas.context import sample_index
+from gpupas.pas.planes import Layout, layout_of, to_bits
+from gpupas.pas.predict import alpha_planes, fit, predict, supports
+from gpupas.pas.rows import changed_rows, gather, mask_bytes, rows_of
+from gpupas.pas.settings import Setting
+from gpupas.pas.transform import MIN_ESTIMATE_VALUES, Plan, choose_plan
+
+
+@dataclass
+class Staged:
+    """One tensor on its way into a snapshot: its bits, and what gets coded (the changed rows only,
+    where a row mask pays; against the base, or a prediction from it and its own base)."""
+
+    name: str
+    layout: Layout
+    shape: tuple[int, ...]  # the tensor's
+    bits: Any  # all its raw patterns (flat)
+    crc: int
+    u: Any  # the patterns that get coded
+    ub: Any | None  # what they are coded against
+    coded_shape: tuple[int, ...]  # the shape of ``u`` (rows kept, values per row)
+    plan: Plan = field(default_factory=lambda: Plan("mat", False))
+    changed: np.ndarray | None = None  # bool per row, where a row mask is stored
+    alpha: np.ndarray | None = None  # prediction factors, for 'pred'
+    ub2: Any | None = None  # the base's base (rows as ``u``), for 'pred': predicted segment by segment
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.bits.nbytes)
+
+    def extra(self) -> np.ndarray:
+        """What is stored at the tensor's extras: the row mask, then the prediction factors."""
+        parts = [] if self.changed is None else [mask_bytes(self.changed)]
+        if self.alpha is not None:
+            parts.append(alpha_planes(self.alpha))
+        return np.concatenate(parts) if parts else np.empty(0, np.uint8)
+
+    def base_for(self, a: int, b: int) -> Any | None:
+        """What values ``a:b`` of ``u`` are coded against (the prediction, for 'pred')."""
+        if self.ub is None:
+            return None
+        if self.alpha is None:
+            return self.ub[a:b]
+        return predict(self.ub[a:b], self.ub2[a:b], self.alpha, self.layout, rows_of(self.coded_shape)[1], a)
+
+
+def stage(name: str, arr: Any, crc32: Any, setting: Setting, base: TensorEntry | None = None,
+          base_bits: Any = None, grand_bits: Any = None) -> Staged:
+    """Plan one tensor ``arr`` (against ``base_bits`` where the base has it with the same dtype and
+    shape; ``grand_bits``: the base's own base, for 'pred')."""
+    layout = layout_of(arr.dtype)
+    u = to_bits(arr, layout)
+    same = base is not None and base_bits is not None and base.dtype == layout.name and base.shape == arr.shape
+    st = Staged(name, layout, tuple(arr.shape), u, crc32(u), u, base_bits if same else None, tuple(arr.shape))
+    if st.ub is not None and setting.row_mask:
+        st.changed = changed_rows(u, st.ub, arr.shape)
+        if st.changed is not None:  # code the changed rows only
+            per = rows_of(arr.shape)[1]
+            st.u, st.ub = gather(u, st.changed, per), gather(st.ub, st.changed, per)
+            st.coded_shape = (int(st.changed.sum()), per)
+    st.plan = choose_plan(st.u, st.ub, layout, setting)
+    ub2 = grand_bits if same else None
+    if ub2 is not None and ub2.size == u.size and supports(layout) and st.u.size >= MIN_ESTIMATE_VALUES:
+        if st.changed is not None:
+            ub2 = gather(ub2, st.changed, st.coded_shape[1])
+        alpha = fit(st.u, st.ub, ub2, layout, st.coded_shape)
+        if alpha is not None:  # keep the prediction only where it beats the plain delta (on a sample)
+            idx = sample_index(st.u.size)
+            pos = idx if isinstance(idx, np.ndarray) else np.arange(st.u.size)  # a slice: few values
+            rows = pos // rows_of(st.coded_shape)[1]
+            pred = predict(st.ub[idx], ub2[idx], alpha[rows], layout, 1)  # one value per "row"
+            alt = choose_plan(st.u[idx], pred, layout, setting, encs=("sub",))
+            if alt.estimate * st.u.size + 16 * alpha.size < st.plan.estimate * st.u.size:
+                st.plan, st.alpha, st.ub2 = Plan("pred", alt.ctx, alt.estimate), alpha, ub2
+    return st
+
+
+def stage_all(arrays: Mapping[str, Any], setting: Setting, crc32: Any, executor: Any, small: bool,
+              base: Mapping[str, TensorEntry] | None = None, base_bits: Mapping[str, Any] | None = None,
+              grand_bits: Mapping[str, Any] | None = None) -> list[Staged]:
+    """:func:`stage` every tensor (in parallel on the executor)."""
+    base, base_bits, grand_bits = base or {}, base_bits or {}, grand_bits or {}
+
+    def one(item: tuple[str, Any]) -> Staged:
+        name, arr = item
+        return stage(name, arr, crc32, setting, base.get(name), base_bits.get(name), grand_bits.get(name))
+
+    return executor.map(one, list(arrays.items()), inline=small)

@@ -1,0 +1,371 @@
+"""A local directory as a store.
+
+Every path is opened component by component below the archive root without following symbolic
+links (a link planted inside an archive is refused, never followed), and only regular files are
+read (a FIFO or device in place of a file is refused instead of hanging). Atomic writes: a
+temporary file is fsync'd, then linked into place (create-if-absent) or renamed over the old
+one under an exclusive ``flock`` of its folder (read-modify-write); then the folder is fsync'd.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import mmap
+import os
+import shutil
+import stat
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from gpupas.errors import ArchiveNotFoundError, IntegrityError, ReadOnlyError
+
+_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_READ = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+_WRITE_ERRORS = (errno.EACCES, errno.EPERM, errno.EROFS)
+_datasync = getattr(os, "fdatasync", os.fsync)  # macOS has no fdatasync
+
+
+def _parts(key: str) -> list[str]:
+    parts = key.split("/")
+    if not key or any(p in ("", ".", "..") or "\0" in p for p in parts):
+        raise ValueError(f"bad store key {key!r}")
+    return parts
+
+
+class LocalStore:
+    """Keys are files under ``root`` (the archive directory)."""
+
+    def __init__(self, root: str | os.PathLike[str], *, create: bool = False, durable: bool = True):
+        path = Path(root).expanduser()
+        if create:
+            try:
+                path.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise self._write_error(exc, str(path)) from None
+        elif not path.is_dir():
+            raise ArchiveNotFoundError(f"no archive at {root}: the directory does not exist; create one with "
+                                       f"`gpupas init {root}`")
+        self.root = path
+        self.location = os.fspath(root)
+        self.local_root: str | None = str(path)
+        self.durable = durable
+
+    # -- opening below the root, never through a link ------------------------------------------------
+    def _walk(self, parts: list[str], create: bool = False) -> int:
+        """A descriptor of the folder ``parts`` below the root (made if ``create``)."""
+        fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            for p in parts:
+                try:
+                    nfd = os.open(p, _DIR, dir_fd=fd)
+                except FileNotFoundError:
+                    if not create:
+                        raise
+                    try:
+                        os.mkdir(p, 0o755, dir_fd=fd)
+                    except FileExistsError:
+                        pass
+                    nfd = os.open(p, _DIR, dir_fd=fd)
+                except OSError as exc:
+                    if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+                        raise IntegrityError(f"{self.location}: {'/'.join(parts)} is not a plain folder (a "
+                                             "symbolic link or a file); gpupas does not follow links inside an "
+                                             "archive") from None
+                    raise
+                os.close(fd)
+                fd = nfd
+            return fd
+        except BaseException:
+            os.close(fd)
+            raise
+
+    @contextmanager
+    def _folder(self, key: str, create: bool = False) -> Iterator[tuple[int, str]]:
+        parts = _parts(key)
+        fd = self._walk(parts[:-1], create)
+        try:
+            yield fd, parts[-1]
+        finally:
+            os.close(fd)
+
+    def _open_read(self, key: str) -> int | None:
+        """A descriptor of the regular file at ``key``, or None where nothing is there."""
+        try:
+            with self._folder(key) as (dfd, name):
+                fd = os.open(name, _READ, dir_fd=dfd)
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise IntegrityError(f"{self.location}: {key} is a symbolic link; gpupas does not follow links "
+                                     "inside an archive") from None
+            raise
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            os.close(fd)
+            raise IntegrityError(f"{self.location}: {key} is not a regular file")
+        return fd
+
+    def _write_error(self, exc: OSError, what: str) -> Exception:
+        if exc.errno in _WRITE_ERRORS:
+            return ReadOnlyError(f"cannot write {what} in archive {self.location}: {exc.strerror}; the archive is "
+                                 "read-only here (read commands still work)")
+        return exc
+
+    @contextmanager
+    def _writing(self, what: str) -> Iterator[None]:
+        try:
+            yield
+        except OSError as exc:
+            err = self._write_error(exc, what)
+            if err is exc:
+                raise
+            raise err from None
+
+    # -- reads ---------------------------------------------------------------------------------------------
+    def get(self, key: str) -> bytes | None:
+        fd = self._open_read(key)
+        if fd is None:
+            return None
+        try:
+            size = os.fstat(fd).st_size
+            chunks, got = [], 0
+            while True:
+                b = os.read(fd, max(size - got, 1 << 16))
+                if not b:
+                    break
+                chunks.append(b)
+                got += len(b)
+            return b"".join(chunks)
+        finally:
+            os.close(fd)
+
+    def get_range(self, key: str, start: int, length: int | None) -> bytes | None:
+        fd = self._open_read(key)
+        if fd is None:
+            return None
+        try:
+            size = os.fstat(fd).st_size
+            if start < 0:
+                start = max(0, size + start)
+            n = size - start if length is None else min(length, max(0, size - start))
+            return os.pread(fd, n, start) if n > 0 else b""
+        finally:
+            os.close(fd)
+
+    def get_ranges(self, key: str, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
+        fd = self._open_read(key)
+        if fd is None:
+            raise FileNotFoundError(key)
+        try:
+            return [os.pread(fd, n, s) for s, n in ranges]
+        finally:
+            os.close(fd)
+
+    def view(self, key: str) -> Any | None:
+        """A read-only memory map of the file (it never changes once written), or bytes where the
+        file system cannot map it."""
+        fd = self._open_read(key)
+        if fd is None:
+            return None
+        try:
+            size = os.fstat(fd).st_size
+            if size == 0:
+                return b""
+            try:
+                return mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
+            except (OSError, ValueError):
+                return os.pread(fd, size, 0)
+        finally:
+            os.close(fd)
+
+    def exists(self, key: str) -> bool:
+        try:
+            with self._folder(key) as (dfd, name):
+                return stat.S_ISREG(os.stat(name, dir_fd=dfd, follow_symlinks=False).st_mode)
+        except (FileNotFoundError, NotADirectoryError, IntegrityError):
+            return False
+
+    def size(self, key: str) -> int | None:
+        try:
+            with self._folder(key) as (dfd, name):
+                return os.stat(name, dir_fd=dfd, follow_symlinks=False).st_size
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+
+    def list(self, prefix: str) -> list[str]:
+        try:
+            fd = self._walk(_parts(prefix)) if prefix else os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+        try:
+            with os.scandir(fd) as it:
+                return [e.name for e in it]
+        finally:
+            os.close(fd)
+
+    def age(self, prefix: str) -> float | None:
+        path = self.root / prefix
+        try:
+            st = path.lstat()
+        except FileNotFoundError:
+            return None
+        newest = st.st_mtime
+        if stat.S_ISDIR(st.st_mode):
+            for dirpath, dirnames, filenames in os.walk(path, followlinks=False):
+                for n in dirnames + filenames:
+                    try:
+                        newest = max(newest, os.lstat(os.path.join(dirpath, n)).st_mtime)
+                    except FileNotFoundError:
+                        pass
+        return max(0.0, time.time() - newest)
+
+    # -- writes --------------------------------------------------------------------------------------------
+    def _write_tmp(self, dfd: int, name: str, data: bytes) -> str:
+        tmp = f".{name}.{uuid.uuid4().hex}.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644, dir_fd=dfd)
+        try:
+            _write_all(fd, data)
+            if self.durable:
+                os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            os.unlink(tmp, dir_fd=dfd)
+            raise
+        os.close(fd)
+        return tmp
+
+    def put(self, key: str, data: bytes) -> None:
+        with self._writing(key), self._folder(key, create=True) as (dfd, name):
+            fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644,
+                         dir_fd=dfd)
+            try:
+                _write_all(fd, data)
+                if self.durable:
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
+
+    def create(self, key: str, data: bytes) -> bool:
+        with self._writing(key), self._folder(key, create=True) as (dfd, name):
+            tmp = self._write_tmp(dfd, name, data)
+            try:
+                os.link(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd, follow_symlinks=False)  # atomic create-if-absent
+            except FileExistsError:
+                return False
+            finally:
+                os.unlink(tmp, dir_fd=dfd)
+            if self.durable:
+                os.fsync(dfd)
+            return True
+
+    def update(self, key: str, change: Callable[[bytes | None], bytes | None]) -> bytes | None:
+        with self._writing(key), self._folder(key, create=True) as (dfd, name):
+            fcntl.flock(dfd, fcntl.LOCK_EX)  # dropped by the kernel if this process dies
+            try:
+                old = self.get(key)
+                new = change(old)
+                if new is None:
+                    return old
+                tmp = self._write_tmp(dfd, name, new)
+                os.replace(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
+                if self.durable:
+                    os.fsync(dfd)
+                return new
+            finally:
+                fcntl.flock(dfd, fcntl.LOCK_UN)
+
+    def delete(self, key: str) -> None:
+        with self._writing(key):
+            try:
+                with self._folder(key) as (dfd, name):
+                    os.unlink(name, dir_fd=dfd)
+            except (FileNotFoundError, NotADirectoryError):
+                pass
+
+    def delete_prefix(self, prefix: str) -> None:
+        parts = _parts(prefix)
+        with self._writing(prefix):
+            try:
+                with self._folder(prefix) as (dfd, name):
+                    st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+                    if stat.S_ISDIR(st.st_mode):
+                        shutil.rmtree(name, dir_fd=dfd)  # never follows links inside
+                    else:
+                        os.unlink(name, dir_fd=dfd)
+            except (FileNotFoundError, NotADirectoryError):
+                pass
+        del parts
+
+    def writer(self, key: str) -> LocalWriter:
+        with self._writing(key), self._folder(key, create=True) as (dfd, name):
+            fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644,
+                         dir_fd=dfd)
+        return LocalWriter(fd, self.durable)
+
+    def sync(self, prefixes: Sequence[str]) -> None:
+        if not self.durable:
+            return
+        for p in prefixes:
+            fd = self._walk(_parts(p)) if p else os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+
+class LocalWriter:
+    """A file appended from many threads: the place is taken under a lock, the bytes go in outside it."""
+
+    def __init__(self, fd: int, durable: bool):
+        self.fd, self.durable = fd, durable
+        self._lock = threading.Lock()
+        self._size = 0
+
+    def append(self, data: Any) -> int:
+        view = memoryview(data).cast("B")
+        with self._lock:
+            offset = self._size
+            self._size += len(view)
+        _write_all(self.fd, view, offset)
+        return offset
+
+    def flush(self) -> None:
+        if self.durable:
+            _datasync(self.fd)
+
+    def close(self) -> None:
+        try:
+            if self.durable:
+                os.fsync(self.fd)
+        finally:
+            os.close(self.fd)
+
+    def abort(self) -> None:
+        os.close(self.fd)
+
+
+def _write_all(fd: int, data: Any, offset: int | None = None) -> None:
+    view = memoryview(data).cast("B")
+    while view:
+        n = os.write(fd, view) if offset is None else os.pwrite(fd, view, offset)
+        if n <= 0:
+            raise OSError(errno.EIO, "short write")
+        view = view[n:]
+        if offset is not None:
+            offset += n
+
+
+def publish_file(final: Path, data: bytes, *, replace: bool = False, durable: bool = True) -> bool:
+    """Put ``data`` at ``final`` atomically (create-if-absent, or ``replace``); False if it existed."""
+    store = LocalStore(final.parent, create=True, durable=durable)
+    if replace:
+        store.update(final.name, lambda _old: data)
+        return True
+    return store.create(final.name, data)

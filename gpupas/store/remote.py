@@ -1,0 +1,238 @@
+"""A remote store through fsspec (S3 and S3-compatible servers first).
+
+Reads fetch byte ranges, never a whole shard to get one chunk. Atomic writes use S3's
+conditional requests: create-if-absent is a PUT with ``If-None-Match: *``; read-modify-write is a
+GET that remembers the ETag and a PUT with ``If-Match`` (retried when another writer won).
+Filesystems without conditional writes can be read but refuse those two operations.
+"""
+
+from __future__ import annotations
+
+import io
+import threading
+import time
+from collections.abc import Callable, Sequence
+from datetime import datetime
+from typing import Any
+
+from gpupas.errors import ArchiveNotFoundError, GpupasError
+
+_RETRIES = 50
+
+
+def _precondition_failed(exc: BaseException) -> bool:
+    text = f"{type(exc).__name__} {exc}"
+    return any(s in text for s in ("PreconditionFailed", "412", "ConditionalRequestConflict", "409"))
+
+
+class RemoteStore:
+    """Keys are objects under the URL's path."""
+
+    def __init__(self, url: str, *, storage_options: dict[str, Any] | None = None, durable: bool = True):
+        import fsspec
+
+        opts = {"use_listings_cache": False, "skip_instance_cache": True} | dict(storage_options or {})
+        try:
+            self.fs, path = fsspec.core.url_to_fs(url, **opts)
+        except (ImportError, ValueError) as exc:
+            raise ArchiveNotFoundError(f"cannot open {url}: {exc} (for s3:// install gpupas[s3])") from None
+        self.root = path.rstrip("/")
+        self.location = url
+        self.local_root: str | None = None
+        self.durable = durable
+        protocols = self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,)
+        self.s3 = any(p in ("s3", "s3a") for p in protocols)
+        self.requests = 0  # calls made to the server: tests count them
+
+    def _p(self, key: str) -> str:
+        return f"{self.root}/{key}" if key else self.root
+
+    def _call(self, name: str, **kwargs: Any) -> Any:
+        from fsspec.asyn import sync
+
+        self.requests += 1
+        return sync(self.fs.loop, self.fs._call_s3, name, **kwargs)
+
+    def _bucket_key(self, key: str) -> tuple[str, str]:
+        bucket, _, rest = self._p(key).partition("/")
+        return bucket, rest
+
+    # -- reads -------------------------------------------------------------------------------------------
+    def get(self, key: str) -> bytes | None:
+        self.requests += 1
+        try:
+            return self.fs.cat_file(self._p(key))
+        except (FileNotFoundError, IsADirectoryError):
+            return None
+
+    def get_range(self, key: str, start: int, length: int | None) -> bytes | None:
+        self.requests += 1
+        try:
+            if start < 0:
+                return self.fs.cat_file(self._p(key), start=start)
+            return self.fs.cat_file(self._p(key), start=start, end=None if length is None else start + length)
+        except FileNotFoundError:
+            return None
+
+    def get_ranges(self, key: str, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
+        if not ranges:
+            return []
+        self.requests += len(ranges)
+        path = self._p(key)
+        out = self.fs.cat_ranges([path] * len(ranges), [s for s, _ in ranges], [s + n for s, n in ranges])
+        for r in out:
+            if isinstance(r, BaseException):
+                raise r
+        return out
+
+    def view(self, key: str) -> Any | None:
+        return self.get(key)
+
+    def exists(self, key: str) -> bool:
+        self.requests += 1
+        try:
+            return self.fs.isfile(self._p(key))
+        except FileNotFoundError:
+            return False
+
+    def size(self, key: str) -> int | None:
+        self.requests += 1
+        try:
+            return int(self.fs.size(self._p(key)))
+        except FileNotFoundError:
+            return None
+
+    def list(self, prefix: str) -> list[str]:
+        self.requests += 1
+        try:
+            return [p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(self._p(prefix), detail=False, refresh=True)]
+        except FileNotFoundError:
+            return []
+
+    def age(self, prefix: str) -> float | None:
+        self.requests += 1
+        try:
+            found = self.fs.find(self._p(prefix), detail=True, withdirs=False)
+        except FileNotFoundError:
+            return None
+        stamps = []
+        for info in found.values():
+            t = info.get("LastModified") or info.get("mtime") or info.get("last_modified")
+            if isinstance(t, datetime):
+                stamps.append(t.timestamp())
+            elif isinstance(t, (int, float)):
+                stamps.append(float(t))
+        return max(0.0, time.time() - max(stamps)) if stamps else None
+
+    # -- writes ------------------------------------------------------------------------------------------
+    def put(self, key: str, data: bytes) -> None:
+        self.requests += 1
+        self.fs.pipe_file(self._p(key), data)
+
+    def create(self, key: str, data: bytes) -> bool:
+        if self.s3:
+            bucket, k = self._bucket_key(key)
+            try:
+                self._call("put_object", Bucket=bucket, Key=k, Body=data, IfNoneMatch="*")
+            except Exception as exc:
+                if _precondition_failed(exc):
+                    return False
+                raise
+            return True
+        self.requests += 1
+        try:
+            with self.fs.open(self._p(key), "xb") as f:
+                f.write(data)
+        except FileExistsError:
+            return False
+        except (NotImplementedError, ValueError) as exc:
+            raise GpupasError(f"{self.location}: this file system cannot create a file atomically ({exc}); "
+                              "use a local directory or S3") from None
+        return True
+
+    def update(self, key: str, change: Callable[[bytes | None], bytes | None]) -> bytes | None:
+        if not self.s3:
+            raise GpupasError(f"{self.location}: atomic replace needs S3 conditional writes; use a local directory "
+                              "or S3 for archives that are written")
+        bucket, k = self._bucket_key(key)
+        for _ in range(_RETRIES):
+            old, etag = self._get_with_etag(bucket, k)
+            new = change(old)
+            if new is None:
+                return old
+            cond = {"IfMatch": etag} if etag is not None else {"IfNoneMatch": "*"}
+            try:
+                self._call("put_object", Bucket=bucket, Key=k, Body=new, **cond)
+                return new
+            except Exception as exc:
+                if not _precondition_failed(exc):
+                    raise
+        raise GpupasError(f"{self.location}: {key} kept changing under {_RETRIES} tries to update it")
+
+    def _get_with_etag(self, bucket: str, key: str) -> tuple[bytes | None, str | None]:
+        from fsspec.asyn import sync
+
+        async def get() -> tuple[bytes | None, str | None]:
+            try:
+                resp = await self.fs._call_s3("get_object", Bucket=bucket, Key=key)
+            except FileNotFoundError:
+                return None, None
+            body = resp["Body"]
+            try:
+                data = await body.read()
+            finally:
+                body.close()
+            return data, resp["ETag"]
+
+        self.requests += 1
+        return sync(self.fs.loop, get)
+
+    def delete(self, key: str) -> None:
+        self.requests += 1
+        try:
+            self.fs.rm_file(self._p(key))
+        except FileNotFoundError:
+            pass
+
+    def delete_prefix(self, prefix: str) -> None:
+        self.requests += 1
+        try:
+            self.fs.rm(self._p(prefix), recursive=True)
+        except FileNotFoundError:
+            pass
+
+    def writer(self, key: str) -> RemoteWriter:
+        self.requests += 1
+        return RemoteWriter(self.fs.open(self._p(key), "wb"))
+
+    def sync(self, prefixes: Sequence[str]) -> None:
+        """Nothing to do: an object is durable once its PUT returned."""
+
+
+class RemoteWriter:
+    """One object written front to back (fsspec streams it in parts); appends are serialized."""
+
+    def __init__(self, f: io.IOBase):
+        self.f = f
+        self._lock = threading.Lock()
+        self._size = 0
+
+    def append(self, data: Any) -> int:
+        with self._lock:
+            offset = self._size
+            self.f.write(bytes(memoryview(data).cast("B")))
+            self._size += memoryview(data).nbytes
+            return offset
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        self.f.close()
+
+    def abort(self) -> None:
+        discard = getattr(self.f, "discard", None)  # fsspec buffered files: drop a multipart upload
+        if discard is not None:
+            discard()
+        elif not self.f.closed:
+            self.f.close()
