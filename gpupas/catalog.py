@@ -1,10 +1,12 @@
 """The catalog: a SQLite index of versions, lineage, hyperparameters, metrics, layers and tensors.
 
-The archive's JSON records are the truth; the catalog (``catalog.sqlite`` at the archive root)
-is a cache that any reader brings up to date. Every record file has a fingerprint (inode, mtime,
-size) in the ``records`` table: :meth:`Catalog.sync` re-indexes exactly the records whose
-fingerprint changed, :meth:`Catalog.rebuild` (``gpupas reindex``) indexes everything again.
-A missing, damaged or outdated (schema) catalog is rebuilt on open.
+The archive's records and manifests are the truth; the catalog (``catalog.sqlite`` at the root of
+a local archive, or in the user's cache folder for a remote or read-only one) is a cache that any
+reader brings up to date. Every version record, tag and manifest has a fingerprint in the
+``records`` table: :meth:`Catalog.sync` re-indexes exactly those whose fingerprint changed (a
+revised manifest included), :meth:`Catalog.rebuild` (``gpupas reindex``) builds a fresh database
+from scratch. A missing, damaged or outdated (schema) catalog is rebuilt on open; the catalog is
+never opened through a symbolic link.
 
 Several processes share it safely: WAL journal (readers never block and never see a partial
 transaction), a busy timeout for writers, every change in one ``BEGIN IMMEDIATE`` transaction.
@@ -13,6 +15,7 @@ A writer killed mid-transaction leaves nothing: SQLite rolls the transaction bac
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -22,12 +25,12 @@ from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
-from gpupas.errors import CatalogError, GpupasError, IntegrityError, SnapshotNotFoundError
+from gpupas.errors import CatalogError, FormatError, GpupasError, IntegrityError
 from gpupas.network import Network
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 FILENAME = "catalog.sqlite"
 BUSY_TIMEOUT_S = 60.0
 
@@ -65,6 +68,16 @@ _PER_VERSION = ["versions", "parents", "snapshots", "hparams", "metrics", "metri
                 "flow", "files"]
 
 Fingerprint = tuple[int, int, int]
+
+
+class RecordSource(Protocol):
+    """What the catalog indexes: keys ``v/<id>``, ``t/<tag>``, ``m/<snapshot>`` with fingerprints."""
+
+    def fingerprints(self) -> dict[str, Fingerprint]: ...
+
+    def read(self, key: str) -> tuple[dict[str, Any], Fingerprint] | None: ...
+
+    def read_manifest(self, sid: str) -> tuple[Any, Fingerprint] | None: ...
 
 
 @lru_cache(maxsize=256)
@@ -108,11 +121,14 @@ def _finite(v: Any) -> float | None:
 
 
 class Catalog:
-    """SQLite index over a :class:`gpupas.repo.Repository`; opened by ``Repository.catalog()``."""
+    """SQLite index over an archive's records (a :class:`RecordSource`); opened by ``Repository.catalog()``."""
 
-    def __init__(self, path: str | os.PathLike[str], source: Any):
+    def __init__(self, path: str | os.PathLike[str], source: RecordSource):
         self.path = Path(path)
-        self.source = source  # fingerprints(), read_record(key), archive.manifest(sid)
+        self.source = source
+        if self.path.is_symlink():
+            raise CatalogError(f"the catalog {self.path} is a symbolic link; gpupas never opens its catalog through "
+                               "one: remove it (`gpupas reindex` builds a new one)")
         self.conn = self._connect()
 
     # -- connection ------------------------------------------------------------------------
@@ -200,11 +216,27 @@ class Catalog:
                                "and run `gpupas reindex`") from None
 
     def rebuild(self) -> dict[str, int]:
-        """Forget everything and index the whole archive again; returns row counts per table."""
-        with self.transaction() as conn:
-            for t in TABLES:
-                conn.execute(f"DELETE FROM {t}")
-            self._apply(self.source.fingerprints(), {})
+        """Build a fresh database from the archive alone and put it in place of this one atomically
+        (nothing of the old file survives: no tables, views or triggers it did not create)."""
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.{id(self)}.tmp")
+        for suffix in ("", "-wal", "-shm", "-journal"):
+            Path(f"{tmp}{suffix}").unlink(missing_ok=True)
+        fresh = Catalog(tmp, self.source)
+        try:
+            with fresh.transaction():
+                fresh._apply(self.source.fingerprints(), {})
+            fresh.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            fresh.conn.execute("PRAGMA journal_mode=DELETE")  # one self-contained file to move into place
+            fresh.close()
+            self.conn.close()
+            os.replace(tmp, self.path)
+            for suffix in ("-wal", "-shm"):
+                Path(f"{self.path}{suffix}").unlink(missing_ok=True)
+        except BaseException:
+            fresh.close()
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        self.conn = self._connect()
         return self.counts()
 
     def counts(self) -> dict[str, int]:
@@ -229,9 +261,9 @@ class Catalog:
             self._forget(key)
             conn.execute("DELETE FROM records WHERE key=?", (key,))
             try:
-                got = self.source.read_record(key)
-            except IntegrityError:  # damaged: stays out of the catalog, retried next time; verify reports it
-                continue
+                got = (self.source.read_manifest(key[2:]) if key.startswith("m/") else self.source.read(key))
+            except (IntegrityError, FormatError):  # damaged: stays out of the catalog, retried next time; verify
+                continue  # reports it
             if got is None:  # vanished between listing and reading
                 continue
             record, fp = got
@@ -239,17 +271,19 @@ class Catalog:
             try:
                 if key.startswith("v/"):
                     self._index_version(record)
+                elif key.startswith("m/"):
+                    conn.executemany("INSERT OR REPLACE INTO tensors VALUES (?,?,?,?,?,?,?)", [
+                        (record.id, e.name, e.dtype, json.dumps(list(e.shape)), e.enc, e.nbytes, e.stored)
+                        for e in record.tensors])
                 else:
                     conn.execute("INSERT INTO tags VALUES (?, ?, ?)",
                                  (key[2:], int(record["version"]), record.get("created")))
-            except (KeyError, TypeError, ValueError, AttributeError, GpupasError):  # malformed record: as above
-                conn.execute("ROLLBACK TO one")
+            except (KeyError, TypeError, ValueError, AttributeError, GpupasError, sqlite3.Error):
+                conn.execute("ROLLBACK TO one")  # malformed record: as above
                 conn.execute("RELEASE one")
                 continue
             conn.execute("RELEASE one")
             conn.execute("INSERT OR REPLACE INTO records VALUES (?, ?, ?, ?)", (key, *fp))
-        if gone or todo:
-            conn.execute("DELETE FROM tensors WHERE snapshot NOT IN (SELECT snapshot FROM snapshots)")
         return len(todo) + len(gone)
 
     def _forget(self, key: str) -> None:
@@ -257,6 +291,8 @@ class Catalog:
             vid = int(key[2:])
             for t in _PER_VERSION:
                 self.conn.execute(f"DELETE FROM {t} WHERE {'id' if t == 'versions' else 'version'}=?", (vid,))
+        elif key.startswith("m/"):
+            self.conn.execute("DELETE FROM tensors WHERE snapshot=?", (key[2:],))
         else:
             self.conn.execute("DELETE FROM tags WHERE tag=?", (key[2:],))
 
@@ -288,29 +324,26 @@ class Catalog:
         conn.executemany("INSERT INTO flow VALUES (?,?,?)", [(vid, a, b) for a, b in net.flow_edges()])
         conn.executemany("INSERT INTO files VALUES (?,?,?,?)", [
             (vid, path, f["sha256"], f["size"]) for path, f in (r.get("files") or {}).items()])
-        have = {row[0] for row in conn.execute(
-            "SELECT DISTINCT snapshot FROM tensors WHERE snapshot IN (SELECT snapshot FROM snapshots WHERE version=?)",
-            (vid,))}
-        for s in snaps:
-            if s["id"] in have:
-                continue
-            have.add(s["id"])
-            try:
-                m = self.source.archive.manifest(s["id"])
-            except (SnapshotNotFoundError, IntegrityError):
-                continue  # a damaged archive: `gpupas verify` reports it
-            conn.executemany("INSERT OR REPLACE INTO tensors VALUES (?,?,?,?,?,?,?)", [
-                (s["id"], e.name, e.dtype, json.dumps(list(e.shape)), e.enc, e.nbytes, e.stored)
-                for e in m.tensors])
 
 
 def _key_order(key: str) -> tuple[int, int, str]:
     return (0, int(key[2:]), "") if key.startswith("v/") else (1, 0, key)
 
 
-def open_catalog(root: Path, source: Any) -> Catalog:
-    """The catalog of the archive at ``root``, brought up to date."""
-    cat = Catalog(root / FILENAME, source)
+def catalog_path(location: str, local_root: str | None) -> Path:
+    """Where the catalog of an archive lives: at its root where that can be written, else in the
+    user's cache folder (remote archives, read-only mounts, another user's archive)."""
+    if local_root is not None and os.access(local_root, os.W_OK):
+        return Path(local_root) / FILENAME
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "gpupas" / "catalogs"
+    cache.mkdir(parents=True, exist_ok=True)
+    name = hashlib.sha256((os.path.realpath(location) if local_root else location).encode()).hexdigest()[:24]
+    return cache / f"{name}.sqlite"
+
+
+def open_catalog(path: Path, source: RecordSource) -> Catalog:
+    """The catalog at ``path``, brought up to date."""
+    cat = Catalog(path, source)
     try:
         cat.sync()
     except BaseException:

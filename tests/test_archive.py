@@ -22,7 +22,7 @@ from gpupas.errors import (
     UnsupportedDtypeError,
 )
 from gpupas.pas.planes import LAYOUTS, unrotate
-from gpupas.pas.store import ArchiveStore
+from gpupas.store.archive import ArchiveStore
 from tests.conftest import adversarial
 
 
@@ -60,15 +60,15 @@ def test_every_dtype_and_shape_roundtrips(archive: gpupas.Archive) -> None:
     tensors["many-dims"] = np.ones((1,) * 32, np.float32)
     tensors["huge-empty"] = np.zeros((0, 2**40), np.float16)
     m = archive.commit(tensors)
-    _same(archive.restore(m["id"]), tensors)
-    _same(gpupas.open_archive(archive.location).restore(m["id"]), tensors)
+    _same(archive.restore(m.id), tensors)
+    _same(gpupas.open_archive(archive.location).restore(m.id), tensors)
 
 
 def test_non_contiguous_and_big_endian_inputs(archive: gpupas.Archive) -> None:
     base = np.arange(60, dtype=np.float32).reshape(6, 10)
     tensors = {"t": base.T, "s": base[:, ::3], "be": base.astype(">f4"), "f": np.asfortranarray(base)}
     m = archive.commit(tensors)
-    out = archive.restore(m["id"])
+    out = archive.restore(m.id)
     for k, v in tensors.items():
         assert np.array_equal(out[k], v) and out[k].dtype == v.dtype.newbyteorder("=")
 
@@ -80,23 +80,23 @@ def test_delta_chain_and_fallbacks(archive: gpupas.Archive) -> None:
     s1["head.w"] = s1["head.w"][:32]  # reshaped -> stored whole
     s2 = _model(2, 1e-4, s1)
     m0 = archive.commit(s0)
-    m1 = archive.commit(s1, base=m0["id"])
-    m2 = archive.commit(s2, base=m1["id"])
-    enc1 = {e["name"]: e["enc"] for e in m1["tensors"]}
+    m1 = archive.commit(s1, base=m0.id)
+    m2 = archive.commit(s2, base=m1.id)
+    enc1 = {e.name: e.enc for e in m1.tensors}
     assert enc1["enc.w"] in ("sub", "xor") and enc1["new"] == "mat" and enc1["head.w"] == "mat"
-    assert m1["stored_bytes"] < 0.8 * m0["stored_bytes"]
+    assert m1.stored_bytes < 0.8 * m0.stored_bytes
     fresh = gpupas.open_archive(archive.location)  # no cached bases
-    _same(fresh.restore(m2["id"]), s2)
-    _same(fresh.restore(m1["id"]), s1)
-    assert set(fresh.restore(m2["id"], names=["enc.b"])) == {"enc.b"}
-    assert fresh.snapshots() == [m0["id"], m1["id"], m2["id"]]
+    _same(fresh.restore(m2.id), s2)
+    _same(fresh.restore(m1.id), s1)
+    assert set(fresh.restore(m2.id, names=["enc.b"])) == {"enc.b"}
+    assert fresh.snapshots() == [m0.id, m1.id, m2.id]
 
 
 def test_report_accounts_for_every_byte(archive: gpupas.Archive) -> None:
     m = archive.commit(_model(0))
-    rows = archive.report(m["id"])
+    rows = archive.report(m.id)
     assert {r["name"] for r in rows} == set(_model(0))
-    assert abs(sum(r["stored"] for r in rows) - m["stored_bytes"]) <= len(rows)
+    assert abs(sum(r["stored"] for r in rows) - m.stored_bytes) <= len(rows)
     for r in rows:
         assert abs(sum(r["planes"]) - r["stored"]) <= len(r["planes"])
     big = next(r for r in rows if r["name"] == "enc.w")
@@ -104,43 +104,47 @@ def test_report_accounts_for_every_byte(archive: gpupas.Archive) -> None:
 
 
 def _chunk_files(archive: gpupas.Archive, sid: str) -> list[Path]:
-    folder = Path(archive.location) / "snapshots" / archive.manifest(sid)["data"]
-    return sorted(p for p in folder.rglob("c/*") if p.is_file())
+    files = []
+    for f in archive.manifest(sid).folders():
+        files += sorted(p for p in (Path(archive.location) / "snapshots" / f).rglob("c/*") if p.is_file())
+    return files
 
 
 def test_flipped_byte_names_tensor_and_snapshot(archive: gpupas.Archive) -> None:
     m = archive.commit({"only": (np.random.default_rng(0).standard_normal(5000) * 0.02).astype(np.float32)})
-    victim = _chunk_files(archive, m["id"])[0]
+    victim = _chunk_files(archive, m.id)[0]
     data = bytearray(victim.read_bytes())
     data[len(data) // 2] ^= 0x01
     victim.write_bytes(bytes(data))
-    with pytest.raises(IntegrityError, match=rf"snapshot {m['id']}.*only"):
-        gpupas.open_archive(archive.location).restore(m["id"])
+    with pytest.raises(IntegrityError, match=rf"snapshot {m.id}.*only"):
+        gpupas.open_archive(archive.location).restore(m.id)
     with pytest.raises(IntegrityError):
-        gpupas.open_archive(archive.location).verify(m["id"])
+        gpupas.open_archive(archive.location).verify(m.id)
 
 
 def test_damaged_base_is_caught_through_delta(archive: gpupas.Archive) -> None:
     s0 = _model(0)
     m0 = archive.commit(s0)
-    m1 = archive.commit(_model(1, 1e-4, s0), base=m0["id"])
-    for f in _chunk_files(archive, m0["id"]):
+    m1 = archive.commit(_model(1, 1e-4, s0), base=m0.id)
+    for f in _chunk_files(archive, m0.id):
         f.unlink()
-    with pytest.raises(IntegrityError, match=m0["id"]):
-        gpupas.open_archive(archive.location).restore(m1["id"])
+    with pytest.raises(IntegrityError, match=m0.id):
+        gpupas.open_archive(archive.location).restore(m1.id)
 
 
 def test_planes_open_with_plain_zarr(archive: gpupas.Archive) -> None:
     w = (np.random.default_rng(0).standard_normal(3000) * 0.02).astype(np.float32)
     m = archive.commit({"w": w, "v": np.arange(10, dtype=np.int16)}, setting="fast")  # fast: no context split
     group = zarr.open_group(archive.location, mode="r")
-    assert group.attrs["gpupas"]["format"] == 2
-    stream = np.zeros(m["length"], np.uint8)
+    assert group.attrs["gpupas"]["format"] == 3
+    (st,) = m.streams
+    stream = np.zeros(st.length, np.uint8)
     for kind in ("zstd", "deflate"):
-        stream |= zarr.open_array(archive.location, path=f"snapshots/{m['data']}/{kind}", mode="r")[:]
-    entry = next(e for e in m["tensors"] if e["name"] == "w")
-    assert entry["enc"] == "mat" and not entry["ctx"]
-    planes = stream[entry["offset"] : entry["offset"] + w.nbytes].reshape(4, -1)
+        stream |= zarr.open_array(archive.location, path=f"snapshots/{st.folder}/{kind}", mode="r")[:]
+    entry = m.tensor("w")
+    assert entry.enc == "mat" and not entry.ctx
+    (part,) = entry.parts
+    planes = stream[part.offset : part.offset + w.nbytes].reshape(4, -1)
     bits = (planes[0].astype(np.uint32) << 24) | (planes[1].astype(np.uint32) << 16)
     bits |= (planes[2].astype(np.uint32) << 8) | planes[3]
     assert unrotate(bits, LAYOUTS["float32"]).view(np.float32).tobytes() == w.tobytes()  # sign back on top
@@ -153,20 +157,22 @@ def test_failed_commit_leaves_nothing_visible(archive: gpupas.Archive, monkeypat
     def boom(*a: object, **k: object) -> None:
         raise OSError("disk full")
 
-    monkeypatch.setattr(ArchiveStore, "write_manifest", boom)
+    monkeypatch.setattr(ArchiveStore, "publish_manifest", boom)
     with pytest.raises(OSError):
-        archive.commit(_model(1, 1e-4, s0), base=m0["id"], snapshot="doomed")
+        archive.commit(_model(1, 1e-4, s0), base=m0.id, snapshot="doomed")
     monkeypatch.undo()
     fresh = gpupas.open_archive(archive.location)
-    assert fresh.snapshots() == [m0["id"]]
-    _same(fresh.restore(m0["id"]), s0)
-    m2 = fresh.commit(_model(2, 1e-4, s0), base=m0["id"])
-    assert fresh.snapshots() == [m0["id"], m2["id"]]
+    assert fresh.snapshots() == [m0.id]
+    assert fresh.store.orphan_folders() == []  # the failed commit removed what it wrote
+    _same(fresh.restore(m0.id), s0)
+    m2 = fresh.commit(_model(2, 1e-4, s0), base=m0.id)
+    assert fresh.snapshots() == [m0.id, m2.id]
 
 
 def test_failed_background_flush_fails_the_commit(archive: gpupas.Archive, monkeypatch: pytest.MonkeyPatch) -> None:
     """A write-back error seen by a flush while coding goes on is not lost to a later fsync."""
-    import gpupas.pas.shards as shards
+    import gpupas.store.local as local
+    import gpupas.store.shards as shards
 
     s0 = _model(0)
     m0 = archive.commit(s0)
@@ -175,13 +181,13 @@ def test_failed_background_flush_fails_the_commit(archive: gpupas.Archive, monke
         raise OSError(5, "Input/output error")
 
     monkeypatch.setattr(shards, "FLUSH_EVERY", 1)  # a flush after every chunk
-    monkeypatch.setattr(shards, "_datasync", eio)
+    monkeypatch.setattr(local, "_datasync", eio)
     with pytest.raises(OSError, match="Input/output"):
         archive.commit(_model(1), snapshot="doomed")
     monkeypatch.undo()
     fresh = gpupas.open_archive(archive.location)
-    assert fresh.snapshots() == [m0["id"]]
-    _same(fresh.restore(m0["id"]), s0)
+    assert fresh.snapshots() == [m0.id]
+    _same(fresh.restore(m0.id), s0)
 
 
 def test_bad_input_is_refused_and_changes_nothing(archive: gpupas.Archive, tmp_path: Path) -> None:
@@ -198,13 +204,13 @@ def test_bad_input_is_refused_and_changes_nothing(archive: gpupas.Archive, tmp_p
         with pytest.raises(InvalidInputError):
             archive.commit({"w": np.zeros(2)}, snapshot=bad)
     with pytest.raises(ArchiveExistsError):
-        archive.commit({"w": np.zeros(2)}, snapshot=m0["id"])
+        archive.commit({"w": np.zeros(2)}, snapshot=m0.id)
     with pytest.raises(SnapshotNotFoundError, match="nope"):
         archive.commit({"w": np.zeros(2)}, base="nope")
     with pytest.raises(SnapshotNotFoundError):
         archive.restore("nope")
-    assert archive.snapshots() == [m0["id"]]
-    _same(archive.restore(m0["id"]), _model(0))
+    assert archive.snapshots() == [m0.id]
+    _same(archive.restore(m0.id), _model(0))
 
 
 def test_missing_and_foreign_locations(tmp_path: Path) -> None:
@@ -224,8 +230,9 @@ def test_missing_and_foreign_locations(tmp_path: Path) -> None:
 
 def test_manifest_is_plain_json_with_sizes(archive: gpupas.Archive) -> None:
     m = archive.commit(_model(0), meta={"step": 10})
-    on_disk = json.loads((Path(archive.location) / "manifests" / f"{m['id']}.json").read_text())
-    assert on_disk == m
+    on_disk = json.loads((Path(archive.location) / "manifests" / f"{m.id}.json").read_text())
+    assert on_disk.pop("checksum").startswith("crc32c:")
+    assert on_disk == json.loads(json.dumps(m.to_dict()))
     assert on_disk["meta"] == {"step": 10} and on_disk["raw_bytes"] == sum(v.nbytes for v in _model(0).values())
 
 
@@ -236,7 +243,7 @@ def test_safetensors_file_input(archive: gpupas.Archive, tmp_path: Path) -> None
     path = tmp_path / "ckpt.safetensors"
     save_file(tensors, path)
     m = archive.commit(path)
-    _same(archive.restore(m["id"]), tensors)
+    _same(archive.restore(m.id), tensors)
     safetensors = pytest.importorskip("safetensors.numpy")
     ref = safetensors.load_file(str(path))
     assert np.array_equal(ref["enc.w"], tensors["enc.w"])
@@ -256,7 +263,7 @@ def test_torch_state_dict_roundtrip(archive: gpupas.Archive) -> None:
         "i": torch.arange(10),
     }
     m = archive.commit(state)
-    out = archive.restore(m["id"], framework="torch")
+    out = archive.restore(m.id, framework="torch")
     for k, v in state.items():
         assert out[k].dtype == v.dtype and out[k].shape == v.shape
         assert torch.equal(out[k].contiguous().view(torch.uint8), v.contiguous().view(torch.uint8))
@@ -274,13 +281,13 @@ def test_caller_mutating_a_committed_array_cannot_corrupt_the_next_delta(archive
     original = {k: v.copy() for k, v in s0.items()}
     s0["enc.w"] += 1.0  # a training loop updating its weights in place after the commit
     s1 = _model(1, 1e-4, original)
-    m1 = archive.commit(s1, base=m0["id"])
+    m1 = archive.commit(s1, base=m0.id)
     fresh = gpupas.open_archive(archive.location)
-    _same(fresh.restore(m0["id"]), original)
-    _same(fresh.restore(m1["id"]), s1)
-    got = archive.restore(m1["id"])  # served from memory: a copy, never the caller's own array
+    _same(fresh.restore(m0.id), original)
+    _same(fresh.restore(m1.id), s1)
+    got = archive.restore(m1.id)  # served from memory: a copy, never the caller's own array
     got["enc.w"] += 1.0
-    _same(archive.restore(m1["id"]), s1)
+    _same(archive.restore(m1.id), s1)
 
 
 def test_per_plane_report_of_a_multi_segment_tensor(archive: gpupas.Archive) -> None:
@@ -289,19 +296,19 @@ def test_per_plane_report_of_a_multi_segment_tensor(archive: gpupas.Archive) -> 
     rng = np.random.default_rng(0)
     big = (rng.standard_normal(SEGMENT * 2 + 12345) * 0.02).astype(np.float32)
     m = archive.commit({"big": big})
-    row = archive.report(m["id"])[0]
+    row = archive.report(m.id)[0]
     assert row["planes"][0] < 0.45 * big.nbytes / 4  # exponent plane: about a third of its bytes
     assert row["planes"][3] > 0.99 * big.nbytes / 4  # lowest mantissa byte: incompressible
-    assert archive.restore(m["id"])["big"].tobytes() == big.tobytes()
+    assert archive.restore(m.id)["big"].tobytes() == big.tobytes()
 
 
 def test_restores_never_share_arrays(archive: gpupas.Archive) -> None:
     m = archive.commit(_model(0))
     fresh = gpupas.open_archive(archive.location)
-    first, second = fresh.restore(m["id"]), fresh.restore(m["id"])
+    first, second = fresh.restore(m.id), fresh.restore(m.id)
     first["enc.w"][:] = -1.0  # e.g. keep the initial weights while training a copy in place
     _same(second, _model(0))
-    _same(fresh.restore(m["id"]), _model(0))
+    _same(fresh.restore(m.id), _model(0))
 
 
 def test_delta_chains_are_capped(tmp_path: Path) -> None:
@@ -310,8 +317,8 @@ def test_delta_chains_are_capped(tmp_path: Path) -> None:
     for i in range(8):
         state = _model(i + 1, 1e-4, state)
         m = arc.commit(state, base=prev)
-        depths.append(m["depth"])
-        prev = m["id"]
+        depths.append(arc.depth(m.id))
+        prev = m.id
     assert depths == [0, 1, 2, 3, 0, 1, 2, 3]
     _same(gpupas.open_archive(arc.location).restore(prev), state)
 
@@ -338,9 +345,9 @@ def test_same_explicit_id_from_two_threads(archive: gpupas.Archive) -> None:
 
 def test_damaged_shard_index_is_caught(archive: gpupas.Archive) -> None:
     m = archive.commit(_model(0))
-    shard = _chunk_files(archive, m["id"])[0]
+    shard = _chunk_files(archive, m.id)[0]
     data = bytearray(shard.read_bytes())
     data[-10] ^= 0xFF  # inside the index at the end of the shard file
     shard.write_bytes(bytes(data))
-    with pytest.raises(IntegrityError, match=rf"snapshot {m['id']}.*index"):
-        gpupas.open_archive(archive.location).restore(m["id"])
+    with pytest.raises(IntegrityError, match=rf"snapshot {m.id}.*index"):
+        gpupas.open_archive(archive.location).restore(m.id)

@@ -11,7 +11,7 @@ import pytest
 from gpupas.catalog import FILENAME
 from gpupas.errors import InvalidInputError
 from gpupas.query import compile_query, tokenize
-from gpupas.repo import Repository, create_repository, open_repository
+from gpupas.versions.repository import Repository, create_repository, open_repository
 
 
 def net(*layers: tuple[str, str], extra_edges: tuple[tuple[int, int], ...] = ()) -> dict:
@@ -152,7 +152,7 @@ def test_catalog_catches_up_with_other_writers(repo: Repository) -> None:
     # a record rewritten behind the catalog's back (another process, no catalog update) is re-read
     rec = repo.version(5).to_dict()
     rec["hyperparameters"]["lr"] = 0.5
-    repo._replace("versions/5.json", __import__("json").dumps(rec).encode())
+    repo.records.store.update("versions/5.json", lambda _old: __import__("json").dumps(rec).encode())
     assert ids(repo, "select m where m.hp.lr = 0.5") == [5]
     assert repo.catalog().is_fresh()
 

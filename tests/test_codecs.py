@@ -9,18 +9,25 @@ import numpy as np
 import pytest
 import zstandard
 
-from gpupas.errors import IntegrityError
-from gpupas.pas.codecs import (
-    CHUNK_SIZE,
-    DEFLATE_MIN_GAIN,
-    code_deflate,
-    code_zstd,
-    decode_chunk,
-    encode_chunk,
-    huffman_floor,
-    raw_zstd,
-)
-from gpupas.pas.settings import SETTINGS
+from gpupas.codecs import registry
+from gpupas.codecs.deflate import code as code_deflate
+from gpupas.codecs.policy import DEFLATE_MIN_GAIN, ChunkPolicy, encode_cpu, huffman_floor
+from gpupas.codecs.zstd import code as code_zstd
+from gpupas.codecs.zstd import raw_frame as raw_zstd
+from gpupas.engine.encode import CHUNK_SIZE
+from gpupas.errors import CodecUnavailableError, FormatError, IntegrityError
+from gpupas.format.checksum import check_crc32c_suffix
+from gpupas.pas.settings import SETTINGS, Setting
+
+
+def encode_chunk(data: np.ndarray, bounds: list[int], size: int, setting: Setting) -> tuple[str, bytes]:
+    policy = ChunkPolicy(setting.codecs, setting.try_all, setting.zstd_level)
+    ((letter, payload),) = encode_cpu(policy, [data], [bounds], size)
+    return policy.table()[letter], payload
+
+
+def decode_chunk(codec_id: str, payload: bytes, out: np.ndarray) -> None:
+    registry.get(codec_id, "cpu").decode_batch([check_crc32c_suffix(payload)], [out])
 
 
 def _exponent_plane(n: int) -> np.ndarray:
@@ -116,3 +123,51 @@ def test_truncated_chunk_is_caught() -> None:
         _decoded(kind, payload[:100])
     with pytest.raises(IntegrityError):
         _decoded(kind, b"")
+
+
+# -- the registry: ids on disk, implementations per backend ------------------------------------------------------
+# Each codec id's CPU implementation and the stock implementation readers use (numcodecs, as stock Zarr
+# does) must decode each other's output: that is what sharing an id means.
+STOCK = {"zstd": numcodecs.Zstd(level=3), "deflate": numcodecs.GZip(level=6)}
+
+
+@pytest.mark.parametrize("codec_id", ["zstd", "deflate"])
+@pytest.mark.parametrize("case", ["exponent", "random", "zeros"])
+def test_implementations_sharing_an_id_decode_each_other(codec_id: str, case: str) -> None:
+    data = CASES[case]
+    ours = registry.get(codec_id, "cpu")
+    body = ours.encode_batch([data], [[len(data) // 2]], CHUNK_SIZE)[0]
+    assert bytes(STOCK[codec_id].decode(body)) == data.tobytes()
+    stock_body = STOCK[codec_id].encode(data)
+    out = np.empty(CHUNK_SIZE, np.uint8)
+    ours.decode_batch([stock_body], [out])
+    assert out.tobytes() == data.tobytes()
+
+
+def test_every_known_portable_codec_has_a_stock_twin() -> None:
+    portable = [c for c in registry.known() if registry.info(c).portable]
+    assert sorted(portable) == sorted(STOCK)
+
+
+def test_unknown_codec_asks_for_an_upgrade() -> None:
+    with pytest.raises(FormatError, match="upgrade gpupas"):
+        registry.get("lz77-from-the-future", "cpu")
+
+
+def test_gpu_only_codec_on_a_cpu_names_the_remedy() -> None:
+    with pytest.raises(CodecUnavailableError, match=r"CUDA GPU.*compact --codec zstd"):
+        registry.get("nvcomp-ans", "cpu")
+
+
+def test_inflation_bomb_stops_at_the_declared_size() -> None:
+    import resource
+
+    bomb = gzip.compress(bytes(256 << 20), 9)  # 256 MiB of zeros in ~250 KiB
+    out = np.empty(CHUNK_SIZE, np.uint8)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(IntegrityError, match="exactly"):
+        registry.get("deflate", "cpu").decode_batch([bomb], [out])
+    with pytest.raises(IntegrityError, match="exactly"):
+        registry.get("zstd", "cpu").decode_batch([zstandard.ZstdCompressor().compress(bytes(64 << 20))], [out])
+    grown_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+    assert grown_kib < 64 << 10  # never inflated to the bomb's size

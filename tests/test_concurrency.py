@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gpupas.repo import Repository, create_repository, open_repository
+from gpupas.versions.repository import Repository, create_repository, open_repository
 
 ROOT = Path(__file__).resolve().parents[1]
 PYTHONPATH = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
@@ -36,7 +36,7 @@ import json, os, sys, time
 import numpy as np
 sys.path.insert(0, {str(Path(__file__).parent)!r})
 from test_concurrency import tensors
-from gpupas.repo import open_repository
+from gpupas.versions.repository import open_repository
 """
 
 WORKER = PRELUDE + r"""
@@ -117,9 +117,9 @@ def test_processes_committing_at_once_get_distinct_ids(tmp_path: Path) -> None:
 
 
 KILLED = PRELUDE + r"""
-from gpupas.pas.store import ArchiveStore
+import re
 from gpupas.catalog import Catalog
-from gpupas.repo import Repository
+from gpupas.versions.repository import Repository
 path, mode = sys.argv[1], sys.argv[2]
 
 def pause(word):
@@ -127,18 +127,18 @@ def pause(word):
     time.sleep(30)
 
 if mode == "chunks":  # in the middle of the second snapshot's chunk writes
-    from gpupas.pas.shards import ShardWriter
-    add, count = ShardWriter.add, [0]
-    def slow_add(self, kind, c, payload):
-        add(self, kind, c, payload)
+    from gpupas.store.shards import ShardSink
+    add, count = ShardSink.add, [0]
+    def slow_add(self, c, letter, payload):
+        add(self, c, letter, payload)
         count[0] += 1
         if count[0] == 4:
             pause("chunks")
-    ShardWriter.add = slow_add
+    ShardSink.add = slow_add
 elif mode == "link":  # version record written to a temporary file, not yet linked into place
     link = os.link
     def slow_link(src, dst, *a, **k):
-        if "versions" in str(dst):
+        if re.fullmatch(r"[0-9]+[.]json", str(dst)):
             pause("link")
         return link(src, dst, *a, **k)
     os.link = slow_link
@@ -154,7 +154,7 @@ elif mode == "after":  # record published, catalog not yet told
 elif mode == "replace":  # appending a snapshot: the record lock is held
     replace = os.replace
     def slow_replace(src, dst, *a, **k):
-        if "versions" in str(dst):
+        if re.fullmatch(r"[0-9]+[.]json", str(dst)):
             pause("replace")
         return replace(src, dst, *a, **k)
     os.replace = slow_replace
@@ -194,12 +194,9 @@ def test_kill_during_commit(tmp_path: Path, mode: str) -> None:
             assert names == ["before"] and len(repo.version(1).snapshots) == 1
         check_archive(repo)
         # no lock is left that blocks the next writer: the record lock died with the process
-        lock = repo.root / "versions" / ".locks" / "1.lock"
-        assert lock.exists() == (mode == "replace")
-        if lock.exists():
-            fd = os.open(lock, os.O_RDWR)
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # raises BlockingIOError if still held
-            os.close(fd)
+        fd = os.open(repo.root / "versions", os.O_RDONLY | os.O_DIRECTORY)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # raises BlockingIOError if still held
+        os.close(fd)
         v = repo.add_snapshot(1, tensors("before-1"), step=1, source="before-1")
         assert len(v.snapshots) == 2
         nxt = repo.commit("next", tensors("next-0"), message="next-0")

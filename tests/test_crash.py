@@ -15,18 +15,18 @@ import gpupas
 
 CHILD = r"""
 import sys, time, numpy as np, gpupas
-from gpupas.pas.shards import ShardWriter
-add = ShardWriter.add
+from gpupas.store.shards import ShardSink
+add = ShardSink.add
 written = [0]
 
-def slow_add(self, kind, c, payload):  # the real writes, with a pause after a few chunks for the kill
-    add(self, kind, c, payload)
+def slow_add(self, c, letter, payload):  # the real writes, with a pause after a few chunks for the kill
+    add(self, c, letter, payload)
     written[0] += 1
     if written[0] == 6:
         print("half", flush=True)
         time.sleep(float(sys.argv[3]))
 
-ShardWriter.add = slow_add
+ShardSink.add = slow_add
 path = sys.argv[1]
 a = gpupas.create_archive(path) if sys.argv[2] == "0" else gpupas.open_archive(path)
 base = None
@@ -36,7 +36,7 @@ for i in range(100):
     print("start", i, flush=True)
     written[0] = 0
     m = a.commit(t, base=base, snapshot=f"k{sys.argv[2]}-{i:03d}")
-    base = m["id"]
+    base = m.id
     print("done", i, flush=True)
 """
 
@@ -73,33 +73,38 @@ def test_kill_during_commit(tmp_path: Path) -> None:
             assert all(got[k].tobytes() == want[k].tobytes() for k in want), sid
         # the next commit works: no lock, no half state in the way
         m = archive.commit(expected(900 + attempt), snapshot=f"after{attempt}")
-        assert archive.restore(m["id"])["w0"].tobytes() == expected(900 + attempt)["w0"].tobytes()
+        assert archive.restore(m.id)["w0"].tobytes() == expected(900 + attempt)["w0"].tobytes()
     written = {p.name.rsplit(".", 1)[0] for p in (path / "snapshots").iterdir() if p.is_dir()}
     orphans = written - set(gpupas.open_archive(path).snapshots())
     assert {"k0-001", "k1-002"} <= orphans  # killed mid-write: chunks on disk, never visible
 
 
 def test_orphan_folders_are_listed(tmp_path: Path) -> None:
-    from gpupas.pas.store import ArchiveStore
+    from gpupas.store.archive import ArchiveStore
 
     archive = gpupas.create_archive(tmp_path / "arc")
     m = archive.commit(expected(0), snapshot="kept")
-    original = ArchiveStore.write_manifest
+    original = ArchiveStore.publish_manifest
 
     def fail(*a: object, **k: object) -> None:
-        raise OSError("power cut")
+        raise OSError("disk full")
 
-    ArchiveStore.write_manifest = fail  # type: ignore[method-assign]
+    ArchiveStore.publish_manifest = fail  # type: ignore[method-assign]
     try:
         try:
             archive.commit(expected(1), snapshot="lost")
         except OSError:
             pass
     finally:
-        ArchiveStore.write_manifest = original  # type: ignore[method-assign]
+        ArchiveStore.publish_manifest = original  # type: ignore[method-assign]
+    assert archive.store.orphan_folders() == []  # a failed commit removes what it wrote
+    partial = tmp_path / "arc" / "snapshots" / "lost.0badf00d" / "zstd" / "c"  # what a killed one leaves
+    partial.mkdir(parents=True)
+    (partial / "0").write_bytes(b"partial")
     orphans = archive.store.orphan_folders()
-    assert len(orphans) == 1 and orphans[0].startswith("lost.") and m["data"] not in orphans
+    assert orphans == ["lost.0badf00d"] and not set(m.folders()) & set(orphans)
     assert archive.gc(min_age=3600) == []  # too young: might be a commit still in progress
+    assert archive.gc(min_age=0, dry_run=True) == orphans and archive.store.orphan_folders() == orphans
     assert archive.gc(min_age=0) == orphans
     assert archive.store.orphan_folders() == []
     assert archive.restore("kept")["w0"].tobytes() == expected(0)["w0"].tobytes()

@@ -52,7 +52,7 @@ def test_cupy_arrays_commit_and_restore(tmp_path) -> None:
     w = (rng.standard_normal((512, 300)) * 0.02).astype(np.float32)
     with gpupas.create_archive(tmp_path / "arc") as a:
         m = a.commit({"w": cp.asarray(w)})
-        assert a.restore(m["id"])["w"].tobytes() == w.tobytes()
+        assert a.restore(m.id)["w"].tobytes() == w.tobytes()
 
 
 @pytest.mark.parametrize("name", ["float32", "float16", "bfloat16"])

@@ -22,8 +22,8 @@ def _roundtrip(values: np.ndarray, base: np.ndarray, plan: Plan, min_group: int 
     before = u.copy(), ub.copy()
     ub_arg = None if plan.enc == "mat" else ub
     planes = np.empty((layout.width, u.size), np.uint8)
-    bounds = encode_segment(u, ub_arg, layout, plan, planes, min_group)
-    assert all(0 < b < planes.size for b in bounds)
+    groups = encode_segment(u, ub_arg, layout, plan, planes, min_group)
+    assert len(groups) == layout.width and all(0 < b < u.size for g in groups for b in g)
     back = np.empty_like(u)
     decode_segment(planes.copy(), ub_arg, layout, plan, back)
     assert back.tobytes() == values.tobytes()

@@ -35,7 +35,7 @@ def _chain(dtype: str, rows: int = 600, per: int = 96, links: int = 3, seed: int
 
 
 def _commit_chain(arc: gpupas.Archive, snaps: list[dict[str, np.ndarray]], setting: str | Setting = "default"
-                  ) -> list[dict]:
+                  ) -> list[gpupas.Manifest]:
     ms, base = [], None
     for i, s in enumerate(snaps):
         ms.append(arc.commit(s, snapshot=f"s{i}", base=base, setting=setting))
@@ -49,9 +49,9 @@ def test_pred_chain_is_bit_exact_and_smaller(tmp_path: Path, dtype: str) -> None
     with gpupas.create_archive(tmp_path / "a") as a, gpupas.create_archive(tmp_path / "b") as b:
         ms = _commit_chain(a, snaps)
         plain = _commit_chain(b, snaps, NO_PREDICT)
-    assert [m["tensors"][0]["enc"] for m in ms] == ["mat", "sub", "pred"]
-    assert ms[2]["tensors"][1]["enc"] in ("sub", "pred")
-    assert ms[2]["stored_bytes"] < 0.85 * plain[2]["stored_bytes"], (ms[2]["stored_bytes"], plain[2]["stored_bytes"])
+    assert [m.tensors[0].enc for m in ms] == ["mat", "sub", "pred"]
+    assert ms[2].tensors[1].enc in ("sub", "pred")
+    assert ms[2].stored_bytes < 0.85 * plain[2].stored_bytes, (ms[2].stored_bytes, plain[2].stored_bytes)
     with gpupas.open_archive(tmp_path / "a") as cold:  # nothing cached: the chain is decoded from disk
         for i, s in enumerate(snaps):
             got = cold.restore(f"s{i}")
@@ -70,7 +70,7 @@ def test_pred_with_adversarial_values(tmp_path: Path, dtype: str) -> None:
     snaps = [{"w": w} for w in chain]
     with gpupas.create_archive(tmp_path / "a") as a:
         ms = _commit_chain(a, snaps)
-    assert ms[2]["tensors"][0]["enc"] == "pred"
+    assert ms[2].tensors[0].enc == "pred"
     with gpupas.open_archive(tmp_path / "a") as cold:
         assert cold.restore("s2")["w"].tobytes() == snaps[2]["w"].tobytes()
 
@@ -98,7 +98,7 @@ def test_pred_across_segments(tmp_path: Path) -> None:
     snaps = [{"big": w, "small": w[:3, :5].copy()} for w in _chain("float32", rows, per)]
     with gpupas.create_archive(tmp_path / "a") as a:
         ms = _commit_chain(a, snaps)
-    assert ms[2]["tensors"][0]["enc"] == "pred"
+    assert ms[2].tensors[0].enc == "pred"
     with gpupas.open_archive(tmp_path / "a") as cold:
         out = cold.restore("s2")
     assert all(out[k].tobytes() == snaps[2][k].tobytes() for k in out)
@@ -108,15 +108,17 @@ def test_cold_restore_decodes_each_link_once(tmp_path: Path, monkeypatch: pytest
     snaps = [{"w": w} for w in _chain("float32", rows=200, per=64, links=8)]
     with gpupas.create_archive(tmp_path / "a") as a:
         ms = _commit_chain(a, snaps)
-    assert sum(m["tensors"][0]["enc"] == "pred" for m in ms) >= 5
+    assert sum(m.tensors[0].enc == "pred" for m in ms) >= 5
+    from gpupas.engine import decode
+
     calls: list[str] = []
-    real = gpupas.Archive._decode
+    real = decode.decode_snapshot
 
-    def counting(self: gpupas.Archive, sid: str, *args: object) -> object:
-        calls.append(sid)
-        return real(self, sid, *args)
+    def counting(store: object, m: gpupas.Manifest, *args: object) -> object:
+        calls.append(m.id)
+        return real(store, m, *args)
 
-    monkeypatch.setattr(gpupas.Archive, "_decode", counting)
+    monkeypatch.setattr(decode, "decode_snapshot", counting)
     with gpupas.open_archive(tmp_path / "a") as cold:
         assert cold.restore("s7")["w"].tobytes() == snaps[7]["w"].tobytes()
     assert sorted(calls) == [f"s{i}" for i in range(8)]  # each once, not once per path to it
@@ -151,9 +153,9 @@ def test_real_adam_training_uses_pred(tmp_path: Path) -> None:
     with gpupas.create_archive(tmp_path / "a") as a, gpupas.create_archive(tmp_path / "b") as b:
         ms = _commit_chain(a, snaps)
         plain = _commit_chain(b, snaps, NO_PREDICT)
-    encs = {e["name"]: e["enc"] for e in ms[3]["tensors"]}
+    encs = {e.name: e.enc for e in ms[3].tensors}
     assert encs["0.weight"] == "pred"
-    assert sum(m["stored_bytes"] for m in ms[2:]) < sum(m["stored_bytes"] for m in plain[2:])
+    assert sum(m.stored_bytes for m in ms[2:]) < sum(m.stored_bytes for m in plain[2:])
     with gpupas.open_archive(tmp_path / "a") as cold:
         for i, s in enumerate(snaps):
             out = cold.restore(f"s{i}")
@@ -161,14 +163,19 @@ def test_real_adam_training_uses_pred(tmp_path: Path) -> None:
 
 
 def test_unknown_encoding_asks_for_an_upgrade(tmp_path: Path) -> None:
-    import json
+    from gpupas.errors import FormatError
+    from gpupas.format.sealed import seal, unseal
 
     snaps = [{"w": w} for w in _chain("float32")]
     with gpupas.create_archive(tmp_path / "a") as a:
         _commit_chain(a, snaps)
     path = tmp_path / "a" / "manifests" / "s2.json"
-    m = json.loads(path.read_text())
-    m["tensors"][0]["enc"] = "future"
-    path.write_text(json.dumps(m))
-    with gpupas.open_archive(tmp_path / "a") as cold, pytest.raises(IntegrityError, match="upgrade gpupas"):
+    m = unseal(path.read_bytes(), "s2")
+    m["tensors"][0]["enc"] = "future"  # as a newer gpupas would write it
+    path.write_bytes(seal(m))
+    with gpupas.open_archive(tmp_path / "a") as cold, pytest.raises(FormatError, match="upgrade gpupas"):
+        cold.restore("s2")
+    m["tensors"][0]["enc"] = "sub"
+    path.write_bytes(seal(m)[:-30] + b"}")  # damaged, not newer: its checksum is gone
+    with gpupas.open_archive(tmp_path / "a") as cold, pytest.raises(IntegrityError, match="s2"):
         cold.restore("s2")

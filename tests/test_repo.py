@@ -1,4 +1,4 @@
-"""The version layer (gpupas.repo): versions, lineage, snapshots, metadata, files, tags, safety."""
+"""The version layer (gpupas.versions): versions, lineage, snapshots, metadata, files, tags, safety."""
 
 from __future__ import annotations
 
@@ -11,17 +11,17 @@ import numpy as np
 import pytest
 import realdata
 
-from gpupas.errors import ArchiveExistsError, IntegrityError, InvalidInputError, SnapshotNotFoundError
-from gpupas.network import Network, diff_networks, network_from_state_dict
-from gpupas.repo import (
-    Repository,
+from gpupas.errors import (
+    ArchiveExistsError,
+    IntegrityError,
+    InvalidInputError,
+    SnapshotNotFoundError,
     VersionNotFoundError,
-    create_repository,
-    normalize_metrics,
-    open_repository,
-    read_training_log,
 )
+from gpupas.network import Network, diff_networks, network_from_state_dict
 from gpupas.tensors import load_checkpoint
+from gpupas.versions.metrics import normalize_metrics, read_training_log
+from gpupas.versions.repository import Repository, create_repository, open_repository
 
 needs_torch = pytest.mark.skipif(not realdata.have_torch(), reason="torch is not installed")
 
@@ -86,7 +86,7 @@ def test_lineage_refs_tags_and_first_snapshot_delta(repo: Repository, run: Path)
         repo.version(99)
     rows = {r["id"]: r for r in repo.lineage()}
     assert rows[3]["parents"] == [1, 2] and rows[4]["parents"] == []
-    assert repo.describe(1)["children"] == [2, 3]
+    assert repo.show(1)["children"] == [2, 3]
 
 
 def test_files_are_deduplicated_and_checked(repo: Repository, tmp_path: Path) -> None:
@@ -123,7 +123,7 @@ def test_names_cannot_leave_the_archive(repo: Repository, bad: str) -> None:
         with pytest.raises((InvalidInputError, VersionNotFoundError)):
             repo.resolve(bad)
     assert [x.id for x in repo.versions()] == [1]
-    assert not list((repo.root / "refs" / "tags").iterdir())
+    assert not list((repo.root / "refs").rglob("*.json")) and repo.tags() == {}
 
 
 @pytest.mark.parametrize("bad", ["../x.py", "/etc/passwd", "a/../../b", "a\\b", "ok/.."])
@@ -342,7 +342,7 @@ def test_create_refuses_an_existing_archive(tmp_path: Path) -> None:
 
 
 def test_import_gpupas_does_not_import_torch() -> None:
-    code = ("import sys, gpupas, gpupas.repo, gpupas.catalog, gpupas.query, gpupas.network, gpupas.cli, "
+    code = ("import sys, gpupas, gpupas.versions.repository, gpupas.catalog, gpupas.query, gpupas.network, gpupas.cli, "
             "gpupas.integrations.training; print('torch' in sys.modules)")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=Path(__file__).parents[1])

@@ -28,9 +28,9 @@ def test_only_changed_rows_are_coded(tmp_path: Path, dtype: str) -> None:
     with gpupas.create_archive(tmp_path / "a") as a:
         a.commit({"e": base}, snapshot="b")
         m = a.commit({"e": new}, snapshot="n", base="b")
-        e = m["tensors"][0]
-        assert e["kept"] == int(hit.sum()) > 400
-        assert m["stored_bytes"] < 0.35 * new.nbytes
+        e = m.tensors[0]
+        assert e.rows == int(hit.sum()) > 400
+        assert m.stored_bytes < 0.35 * new.nbytes
     with gpupas.open_archive(tmp_path / "a") as cold:
         assert cold.restore("n")["e"].tobytes() == new.tobytes()
         assert cold.verify("n") == 1
@@ -48,7 +48,7 @@ def test_nan_payloads_and_signed_zeros_count_as_changes(tmp_path: Path) -> None:
     with gpupas.create_archive(tmp_path / "a") as a:
         a.commit({"e": base}, snapshot="b")
         m = a.commit({"e": new}, snapshot="n", base="b")
-        assert m["tensors"][0]["kept"] == 3  # rows 7, 9 and 11; the NaN rows 0-4 are unchanged
+        assert m.tensors[0].rows == 3  # rows 7, 9 and 11; the NaN rows 0-4 are unchanged
     with gpupas.open_archive(tmp_path / "a") as cold:
         assert cold.restore("n")["e"].tobytes() == new.tobytes()
 
@@ -58,8 +58,8 @@ def test_identical_tensor_stores_no_planes(tmp_path: Path) -> None:
     with gpupas.create_archive(tmp_path / "a") as a:
         a.commit({"e": base}, snapshot="b")
         m = a.commit({"e": base.copy()}, snapshot="same", base="b")
-        assert m["tensors"][0]["kept"] == 0
-        assert m["stored_bytes"] < 600  # the mask and chunk overhead
+        assert m.tensors[0].rows == 0
+        assert m.stored_bytes < 600  # the mask and chunk overhead
     with gpupas.open_archive(tmp_path / "a") as cold:
         assert cold.restore("same")["e"].tobytes() == base.tobytes()
 
@@ -83,21 +83,21 @@ def test_masked_tensor_stored_whole_restores_cold(tmp_path: Path) -> None:
     with gpupas.create_archive(tmp_path / "a") as a:
         a.commit({"w": base}, snapshot="b")
         m = a.commit({"w": new}, snapshot="n", base="b", setting="strong")
-        assert m["tensors"][0]["kept"] == 500
+        assert m.tensors[0].rows == 500
     with gpupas.open_archive(tmp_path / "a") as cold:
         assert cold.restore("n")["w"].tobytes() == new.tobytes()
 
 
-def test_archive_with_masks_is_marked_for_newer_readers(tmp_path: Path) -> None:
+def test_older_archive_is_marked_before_a_newer_snapshot_lands(tmp_path: Path) -> None:
     import json
 
-    base, new, _ = _embedding("float32")
+    base, _, _ = _embedding("float32")
     with gpupas.create_archive(tmp_path / "a") as a:
         root = json.loads((tmp_path / "a" / "zarr.json").read_text())
         root["attributes"]["gpupas"]["format"] = 1  # as an older gpupas made it
         (tmp_path / "a" / "zarr.json").write_text(json.dumps(root))
     with gpupas.open_archive(tmp_path / "a") as a:
-        a.commit({"e": base}, snapshot="b")
         assert json.loads((tmp_path / "a" / "zarr.json").read_text())["attributes"]["gpupas"]["format"] == 1
-        a.commit({"e": new}, snapshot="n", base="b")  # a row mask: older readers must refuse now
-    assert json.loads((tmp_path / "a" / "zarr.json").read_text())["attributes"]["gpupas"]["format"] == 2
+        a.commit({"e": base}, snapshot="b")  # a format-3 manifest: older readers must refuse the archive now
+    assert json.loads((tmp_path / "a" / "zarr.json").read_text())["attributes"]["gpupas"]["format"] == 3
+    assert (tmp_path / "a" / "snapshots" / "zarr.json").is_file()  # formats 1, 2 had no group document there

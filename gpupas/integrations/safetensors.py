@@ -62,24 +62,28 @@ def load_file(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
 
 
 def save_file(tensors: Mapping[str, np.ndarray], path: str | os.PathLike[str],
-              metadata: Mapping[str, str] | None = None) -> None:
-    """Write NumPy tensors to a safetensors file (readable by the safetensors library)."""
+              metadata: Mapping[str, str] | None = None, *, replace: bool = True) -> None:
+    """Write NumPy tensors to a safetensors file (readable by the safetensors library), whole or not at all."""
+    from gpupas.outputs import write_file
+
     header: dict[str, Any] = {"__metadata__": dict(metadata)} if metadata else {}
-    blobs, offset = [], 0
+    arrays, offset = [], 0
     for name, arr in tensors.items():
         arr = np.asarray(arr)
+        arr = arr if arr.flags.c_contiguous else arr.copy()  # (ascontiguousarray would make 0-d 1-d)
         if arr.dtype.name not in _CODES:
             raise UnsupportedDtypeError(f"tensor {name!r}: safetensors has no dtype {arr.dtype.name}")
-        raw = arr.astype(arr.dtype.newbyteorder("<"), copy=False).tobytes()
+        arr = arr.astype(arr.dtype.newbyteorder("<"), copy=False)
         header[name] = {"dtype": _CODES[arr.dtype.name], "shape": list(arr.shape),
-                        "data_offsets": [offset, offset + len(raw)]}
-        blobs.append(raw)
-        offset += len(raw)
+                        "data_offsets": [offset, offset + arr.nbytes]}
+        arrays.append(arr)
+        offset += arr.nbytes
     head = json.dumps(header, separators=(",", ":")).encode()
     head += b" " * (-len(head) % 8)
-    tmp = f"{os.fspath(path)}.tmp"
-    with open(tmp, "wb") as f:
+
+    def fill(f: Any) -> None:
         f.write(struct.pack("<Q", len(head)) + head)
-        for b in blobs:
-            f.write(b)
-    os.replace(tmp, path)
+        for a in arrays:
+            f.write(memoryview(a.reshape(-1).view(np.uint8)) if a.size else b"")
+
+    write_file(path, fill, replace=replace)

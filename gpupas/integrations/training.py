@@ -29,10 +29,12 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Mapping
-from pathlib import Path
 from typing import Any
 
-from gpupas.repo import Repository, Version, create_repository, normalize_metrics, open_repository
+from gpupas.errors import ArchiveNotFoundError
+from gpupas.versions.metrics import normalize_metrics
+from gpupas.versions.model import Version
+from gpupas.versions.repository import Repository, create_repository, open_repository
 
 
 def _state_dict(obj: Any) -> Mapping[str, Any]:
@@ -51,7 +53,7 @@ class CheckpointHook:
     Parameters
     ----------
     archive
-        A :class:`~gpupas.repo.Repository` or the location of an archive (created if missing).
+        A :class:`~gpupas.versions.repository.Repository` or the location of an archive (created if missing).
     name
         The version's name. ``parents`` (ids, tags or names) give its lineage; the first
         snapshot is a delta against the first parent's latest one (fine-tuning).
@@ -65,8 +67,10 @@ class CheckpointHook:
         if isinstance(archive, Repository):
             self.repo, self._own = archive, False
         else:
-            exists = (Path(os.fspath(archive)).expanduser() / "zarr.json").exists()
-            self.repo = open_repository(archive) if exists else create_repository(archive)
+            try:
+                self.repo = open_repository(archive)
+            except ArchiveNotFoundError:
+                self.repo = create_repository(archive)
             self._own = True
         self.name, self.model, self.parents = name, model, list(parents)
         self.hyperparameters, self.files, self.message, self.setting = hyperparameters, files, message, setting

@@ -92,6 +92,18 @@ class Store(Protocol):
         """Make the listed folders' entries durable (local: fsync the directories)."""
         ...
 
+    def get_stat(self, key: str) -> tuple[bytes, tuple[int, int, int]] | None:
+        """The value and a fingerprint that changes whenever the value is replaced (one read)."""
+        ...
+
+    def stat_children(self, prefix: str) -> dict[str, tuple[int, int, int]]:
+        """The fingerprint of each value directly under ``prefix``."""
+        ...
+
+    def usage(self, prefix: str) -> int:
+        """Bytes stored under ``prefix``."""
+        ...
+
 
 def is_remote(location: str | os.PathLike[str]) -> bool:
     loc = os.fspath(location)

@@ -55,6 +55,17 @@ class LocalStore:
         self.location = os.fspath(root)
         self.local_root: str | None = str(path)
         self.durable = durable
+        self.requests = 0  # files opened for reading: tests count them
+        self.bytes_read = 0  # bytes the read calls returned (a memory map copies nothing: see view)
+        self._counter = threading.Lock()
+
+    def _count(self, data: Any) -> Any:
+        """``data`` (bytes, or a list of them) after counting one read of its bytes."""
+        n = sum(len(b) for b in data) if isinstance(data, list) else len(data)
+        with self._counter:
+            self.requests += 1
+            self.bytes_read += n
+        return data
 
     # -- opening below the root, never through a link ------------------------------------------------
     def _walk(self, parts: list[str], create: bool = False) -> int:
@@ -142,7 +153,7 @@ class LocalStore:
                     break
                 chunks.append(b)
                 got += len(b)
-            return b"".join(chunks)
+            return self._count(b"".join(chunks))
         finally:
             os.close(fd)
 
@@ -155,7 +166,7 @@ class LocalStore:
             if start < 0:
                 start = max(0, size + start)
             n = size - start if length is None else min(length, max(0, size - start))
-            return os.pread(fd, n, start) if n > 0 else b""
+            return self._count(os.pread(fd, n, start) if n > 0 else b"")
         finally:
             os.close(fd)
 
@@ -164,7 +175,7 @@ class LocalStore:
         if fd is None:
             raise FileNotFoundError(key)
         try:
-            return [os.pread(fd, n, s) for s, n in ranges]
+            return self._count([os.pread(fd, n, s) for s, n in ranges])
         finally:
             os.close(fd)
 
@@ -179,9 +190,12 @@ class LocalStore:
             if size == 0:
                 return b""
             try:
-                return mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
+                view = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
+                with self._counter:  # mapped, not read: the pages a reader touches are read then
+                    self.requests += 1
+                return view
             except (OSError, ValueError):
-                return os.pread(fd, size, 0)
+                return self._count(os.pread(fd, size, 0))
         finally:
             os.close(fd)
 
@@ -241,10 +255,30 @@ class LocalStore:
         os.close(fd)
         return tmp
 
+    def _open_write(self, dfd: int, name: str, key: str) -> int:
+        """A descriptor of the regular file ``name`` in folder ``dfd``, made or emptied for writing.
+
+        A link there is refused, never followed; so is a FIFO (O_NONBLOCK: opening one without a
+        reader fails at once instead of waiting for one) or a device.
+        """
+        try:
+            fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+                         0o644, dir_fd=dfd)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise IntegrityError(f"{self.location}: {key} is a symbolic link; gpupas does not follow links "
+                                     "inside an archive") from None
+            if exc.errno == errno.ENXIO:
+                raise IntegrityError(f"{self.location}: {key} is not a regular file") from None
+            raise
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise IntegrityError(f"{self.location}: {key} is not a regular file")
+        return fd
+
     def put(self, key: str, data: bytes) -> None:
         with self._writing(key), self._folder(key, create=True) as (dfd, name):
-            fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644,
-                         dir_fd=dfd)
+            fd = self._open_write(dfd, name, key)
             try:
                 _write_all(fd, data)
                 if self.durable:
@@ -305,8 +339,7 @@ class LocalStore:
 
     def writer(self, key: str) -> LocalWriter:
         with self._writing(key), self._folder(key, create=True) as (dfd, name):
-            fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644,
-                         dir_fd=dfd)
+            fd = self._open_write(dfd, name, key)
         return LocalWriter(fd, self.durable)
 
     def sync(self, prefixes: Sequence[str]) -> None:
@@ -318,6 +351,52 @@ class LocalStore:
                 os.fsync(fd)
             finally:
                 os.close(fd)
+
+    # -- what the catalog and stats need ---------------------------------------------------------------
+    def get_stat(self, key: str) -> tuple[bytes, tuple[int, int, int]] | None:
+        """The value of ``key`` and its fingerprint (inode, mtime_ns, size), from one open file."""
+        fd = self._open_read(key)
+        if fd is None:
+            return None
+        try:
+            st = os.fstat(fd)
+            data = os.pread(fd, st.st_size, 0) if st.st_size else b""
+        finally:
+            os.close(fd)
+        return data, (st.st_ino, st.st_mtime_ns, st.st_size)
+
+    def stat_children(self, prefix: str) -> dict[str, tuple[int, int, int]]:
+        """Fingerprint (inode, mtime_ns, size) of each regular file directly under ``prefix``."""
+        try:
+            fd = self._walk(_parts(prefix))
+        except (FileNotFoundError, NotADirectoryError):
+            return {}
+        out = {}
+        try:
+            with os.scandir(fd) as it:
+                for e in it:
+                    if e.name.startswith("."):
+                        continue
+                    try:
+                        st = e.stat(follow_symlinks=False)
+                    except FileNotFoundError:
+                        continue
+                    if stat.S_ISREG(st.st_mode):
+                        out[e.name] = (st.st_ino, st.st_mtime_ns, st.st_size)
+        finally:
+            os.close(fd)
+        return out
+
+    def usage(self, prefix: str) -> int:
+        """Bytes of every file under ``prefix`` ("" for the whole archive)."""
+        total = 0
+        for dirpath, _, filenames in os.walk(self.root / prefix if prefix else self.root, followlinks=False):
+            for n in filenames:
+                try:
+                    total += os.lstat(os.path.join(dirpath, n)).st_size
+                except FileNotFoundError:
+                    pass
+        return total
 
 
 class LocalWriter:

@@ -20,9 +20,39 @@ from gpupas.errors import ArchiveNotFoundError, GpupasError
 _RETRIES = 50
 
 
+def _codes(exc: BaseException) -> set[str]:
+    """The S3 error codes and HTTP statuses of ``exc`` and of the errors it was raised from (s3fs
+    turns a botocore ClientError into a builtin OSError and keeps the original as its cause)."""
+    codes: set[str] = set()
+    seen: BaseException | None = exc
+    for _ in range(8):
+        if seen is None:
+            break
+        response = getattr(seen, "response", None)
+        if isinstance(response, dict):
+            codes.add(str(response.get("Error", {}).get("Code", "")))
+            codes.add(str(response.get("ResponseMetadata", {}).get("HTTPStatusCode", "")))
+        seen = seen.__cause__ or seen.__context__
+    return codes
+
+
+def _conflict(exc: BaseException) -> bool:
+    """A concurrent conditional write to the same key (409): try again."""
+    return bool(_codes(exc) & {"ConditionalRequestConflict", "409"}) or "ConditionalRequestConflict" in str(exc)
+
+
 def _precondition_failed(exc: BaseException) -> bool:
+    """The condition did not hold (412: the key exists, or its ETag moved), or a concurrent
+    conditional write (409). s3fs raises FileExistsError or OSError(EINVAL) for these."""
+    if _codes(exc) & {"PreconditionFailed", "412"} or _conflict(exc):
+        return True
     text = f"{type(exc).__name__} {exc}"
-    return any(s in text for s in ("PreconditionFailed", "412", "ConditionalRequestConflict", "409"))
+    return any(s in text for s in ("PreconditionFailed", "pre-conditions you specified did not hold"))
+
+
+def _unsatisfiable(exc: BaseException) -> bool:
+    """A range that starts at or past the end of the object (416): no bytes there."""
+    return bool(_codes(exc) & {"InvalidRange", "416"}) or "range is not satisfiable" in str(exc)
 
 
 class RemoteStore:
@@ -43,6 +73,15 @@ class RemoteStore:
         protocols = self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,)
         self.s3 = any(p in ("s3", "s3a") for p in protocols)
         self.requests = 0  # calls made to the server: tests count them
+        self.bytes_read = 0  # bytes the read calls returned (object bodies fetched)
+        self._counter = threading.Lock()
+
+    def _count(self, data: Any) -> Any:
+        """``data`` (bytes, or a list of them) after counting its bytes as read."""
+        n = sum(len(b) for b in data) if isinstance(data, list) else len(data)
+        with self._counter:
+            self.bytes_read += n
+        return data
 
     def _p(self, key: str) -> str:
         return f"{self.root}/{key}" if key else self.root
@@ -61,29 +100,44 @@ class RemoteStore:
     def get(self, key: str) -> bytes | None:
         self.requests += 1
         try:
-            return self.fs.cat_file(self._p(key))
+            return self._count(self.fs.cat_file(self._p(key)))
         except (FileNotFoundError, IsADirectoryError):
             return None
 
     def get_range(self, key: str, start: int, length: int | None) -> bytes | None:
+        if length is not None and length <= 0:  # an HTTP Range cannot ask for no bytes (S3 sends them all)
+            return b"" if self.exists(key) else None
         self.requests += 1
         try:
-            if start < 0:
-                return self.fs.cat_file(self._p(key), start=start)
-            return self.fs.cat_file(self._p(key), start=start, end=None if length is None else start + length)
+            if start < 0:  # a suffix range: the last -start bytes, then at most length of them
+                data = self.fs.cat_file(self._p(key), start=start)
+                data = data if length is None else data[:length]
+            else:
+                data = self.fs.cat_file(self._p(key), start=start, end=None if length is None else start + length)
         except FileNotFoundError:
             return None
+        except OSError as exc:
+            if not _unsatisfiable(exc):
+                raise
+            data = b""  # the range starts past the end (or the object is empty), as a local file reads
+        return self._count(data)
 
     def get_ranges(self, key: str, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
-        if not ranges:
-            return []
-        self.requests += len(ranges)
+        out = [b""] * len(ranges)
+        wanted = [i for i, (_, n) in enumerate(ranges) if n > 0]  # an empty range is not asked for (see get_range)
+        if not wanted:
+            return out
+        self.requests += len(wanted)
         path = self._p(key)
-        out = self.fs.cat_ranges([path] * len(ranges), [s for s, _ in ranges], [s + n for s, n in ranges])
-        for r in out:
+        got = self.fs.cat_ranges([path] * len(wanted), [ranges[i][0] for i in wanted],
+                                 [ranges[i][0] + ranges[i][1] for i in wanted])
+        for i, r in zip(wanted, got):
             if isinstance(r, BaseException):
-                raise r
-        return out
+                if not _unsatisfiable(r):
+                    raise r
+                r = b""
+            out[i] = r
+        return self._count(out)
 
     def view(self, key: str) -> Any | None:
         return self.get(key)
@@ -132,13 +186,17 @@ class RemoteStore:
     def create(self, key: str, data: bytes) -> bool:
         if self.s3:
             bucket, k = self._bucket_key(key)
-            try:
-                self._call("put_object", Bucket=bucket, Key=k, Body=data, IfNoneMatch="*")
-            except Exception as exc:
-                if _precondition_failed(exc):
-                    return False
-                raise
-            return True
+            for _ in range(_RETRIES):
+                try:
+                    self._call("put_object", Bucket=bucket, Key=k, Body=data, IfNoneMatch="*")
+                except Exception as exc:
+                    if _conflict(exc):  # raced another conditional write that may yet fail: ask again
+                        continue
+                    if _precondition_failed(exc):
+                        return False
+                    raise
+                return True
+            raise GpupasError(f"{self.location}: {key} kept conflicting under {_RETRIES} tries to create it")
         self.requests += 1
         try:
             with self.fs.open(self._p(key), "xb") as f:
@@ -185,7 +243,10 @@ class RemoteStore:
             return data, resp["ETag"]
 
         self.requests += 1
-        return sync(self.fs.loop, get)
+        data, etag = sync(self.fs.loop, get)
+        if data is not None:
+            self._count(data)
+        return data, etag
 
     def delete(self, key: str) -> None:
         self.requests += 1
@@ -208,6 +269,61 @@ class RemoteStore:
     def sync(self, prefixes: Sequence[str]) -> None:
         """Nothing to do: an object is durable once its PUT returned."""
 
+    # -- what the catalog and stats need ---------------------------------------------------------------
+    def get_stat(self, key: str) -> tuple[bytes, tuple[int, int, int]] | None:
+        """The value of ``key`` and a fingerprint (ETag hash, mtime in ns, size) from one GET."""
+        if not self.s3:
+            data = self.get(key)
+            return None if data is None else (data, (hash(data) & (2**62 - 1), 0, len(data)))
+        from fsspec.asyn import sync
+
+        bucket, k = self._bucket_key(key)
+
+        async def get() -> tuple[bytes, tuple[int, int, int]] | None:
+            try:
+                resp = await self.fs._call_s3("get_object", Bucket=bucket, Key=k)
+            except FileNotFoundError:
+                return None
+            body = resp["Body"]
+            try:
+                data = await body.read()
+            finally:
+                body.close()
+            return data, _fingerprint(resp.get("ETag"), resp.get("LastModified"), len(data))
+
+        self.requests += 1
+        return sync(self.fs.loop, get)
+
+    def stat_children(self, prefix: str) -> dict[str, tuple[int, int, int]]:
+        """Fingerprint (ETag hash, mtime in ns, size) of each object directly under ``prefix``."""
+        self.requests += 1
+        try:
+            found = self.fs.ls(self._p(prefix), detail=True, refresh=True)
+        except FileNotFoundError:
+            return {}
+        out = {}
+        for info in found:
+            if info.get("type") != "file":
+                continue
+            name = info["name"].rstrip("/").rsplit("/", 1)[-1]
+            out[name] = _fingerprint(info.get("ETag"), info.get("LastModified"), int(info.get("size", 0)))
+        return out
+
+    def usage(self, prefix: str) -> int:
+        """Bytes of every object under ``prefix`` ("" for the whole archive)."""
+        self.requests += 1
+        try:
+            return int(self.fs.du(self._p(prefix), total=True))
+        except FileNotFoundError:
+            return 0
+
+
+def _fingerprint(etag: Any, modified: Any, size: int) -> tuple[int, int, int]:
+    import zlib
+
+    tag = zlib.crc32(str(etag).encode())
+    ns = int(modified.timestamp() * 1e9) if isinstance(modified, datetime) else 0
+    return tag, ns, size
 
 class RemoteWriter:
     """One object written front to back (fsspec streams it in parts); appends are serialized."""
@@ -234,5 +350,6 @@ class RemoteWriter:
         discard = getattr(self.f, "discard", None)  # fsspec buffered files: drop a multipart upload
         if discard is not None:
             discard()
+            self.f.closed = True  # else collecting it closes it: an upload of the discarded buffer (s3fs: an error)
         elif not self.f.closed:
             self.f.close()

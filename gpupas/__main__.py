@@ -1,0 +1,5 @@
+"""``python -m gpupas``: the command line."""
+
+from gpupas.cli import main
+
+main()

@@ -1,0 +1,3 @@
+from gpupas.cli import main
+
+main()

@@ -1,0 +1,532 @@
+"""The ``gpupas`` commands: each parses its options, calls the library function of the same name
+(:class:`~gpupas.versions.repository.Repository`), and hands the result to :mod:`~gpupas.cli.render`.
+
+The archive is ``--archive/-A`` (before or after the command, as git's ``-C``), else
+``$GPUPAS_ARCHIVE``, else ``./gpupas-archive``; every read command takes ``--json``. Exit codes,
+stable for scripts: 0 ok; 1 not found; 2 bad usage or bad input (nothing changed); 3 damaged
+data; 4 other failures (missing optional backend, I/O, catalog); 5 needs a newer gpupas.
+Errors are one line on stderr: ``error: <what happened and how to fix it>``.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sqlite3
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+
+from gpupas.cli import render
+from gpupas.errors import BAD_INPUT, FAILURE, INTEGRITY, GpupasError, InvalidInputError, exit_code
+
+DEFAULT_ARCHIVE = "gpupas-archive"
+F = TypeVar("F", bound=Callable[..., Any])
+
+app = typer.Typer(
+    name="gpupas", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+    help="Versions, lineage and compact storage of deep-learning checkpoints (ModelHub's dlv + PAS).\n\n"
+         "Archive: --archive/-A (before or after the command), else $GPUPAS_ARCHIVE, else ./gpupas-archive. "
+         "Exit codes: 0 ok, 1 not found, 2 bad input, 3 damaged data, 4 other failure, 5 needs a newer gpupas.",
+)
+
+
+class State:
+    archive: Path | None = None
+    quiet: bool = False
+
+
+STATE = State()
+
+GlobalArchiveOpt = Annotated[Path | None, typer.Option(
+    "--archive", "-A", envvar="GPUPAS_ARCHIVE", show_envvar=True, metavar="DIR",
+    help="Archive directory or URL (default: ./gpupas-archive).")]
+ArchiveOpt = Annotated[Path | None, typer.Option(
+    "--archive", "-A", metavar="DIR", help="Archive directory or URL (as before the command).")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document instead of tables.")]
+SnapOpt = Annotated[str | None, typer.Option("--snapshot", "-s", metavar="SNAPSHOT",
+                                             help="Which snapshot: latest (default), best, a 1-based index or an id.")]
+RefArg = Annotated[str, typer.Argument(metavar="VERSION", help="Version: id, tag or name (its newest version).")]
+
+
+def _version(value: bool) -> None:
+    if value:
+        from gpupas import __version__
+
+        typer.echo(f"gpupas {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(archive: GlobalArchiveOpt = None,
+         quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only requested data and errors.")] = False,
+         version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                               help="Print the version and exit.")] = False) -> None:
+    """Versions, lineage and compact storage of deep-learning checkpoints (ModelHub's dlv + PAS)."""
+    STATE.archive, STATE.quiet = archive, quiet
+
+
+def _out() -> render.Output:
+    return render.Output(quiet=STATE.quiet)
+
+
+def _command(fn: F) -> F:
+    """Turn library errors into one ``error:`` line and a stable exit code."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        o = _out()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                return fn(*args, **kwargs)
+            except (typer.Exit, typer.Abort, SystemExit):
+                raise
+            except (GpupasError, OSError, sqlite3.Error) as exc:
+                msg = str(exc) or type(exc).__name__
+                if isinstance(exc, OSError) and not isinstance(exc, GpupasError):
+                    msg = f"{exc.strerror or exc}: {exc.filename}" if exc.filename else str(exc)
+                o.error(msg)
+                raise typer.Exit(exit_code(exc)) from None
+            except KeyboardInterrupt:
+                o.error("interrupted; nothing half-written is visible")
+                raise typer.Exit(130) from None
+            except Exception as exc:  # a bug or an unforeseen state: never exit 1 ("not found")
+                o.error(f"unexpected {type(exc).__name__}: {exc}; please report it with the command that failed")
+                raise typer.Exit(FAILURE) from None
+            finally:
+                if not STATE.quiet:
+                    for w in caught:
+                        o.warn(str(w.message))
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _location(archive: Path | None) -> str:
+    loc = archive if archive is not None else STATE.archive
+    return str(loc) if loc is not None else DEFAULT_ARCHIVE
+
+
+@contextmanager
+def _repo(archive: Path | None) -> Iterator[Any]:
+    from gpupas.versions.repository import open_repository
+
+    repo = open_repository(_location(archive))
+    try:
+        yield repo
+    finally:
+        repo.close()
+
+
+@contextmanager
+def _progress(what: str) -> Iterator[Callable[[str, int, int], None]]:
+    """A progress bar on stderr (only on a terminal) fed by the library's progress callback."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    o = _out()
+    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                   console=o.err, transient=True, disable=not o.err.is_terminal or STATE.quiet)
+    with bar:
+        task = bar.add_task(what, total=None)
+
+        def update(desc: str, done: int, total: int) -> None:
+            bar.update(task, description=desc, completed=done, total=total)
+
+        yield update
+
+
+def _kv(pairs: list[str], what: str) -> dict[str, Any]:
+    """KEY=VALUE strings; values parse as JSON where they can (0.1, true, [1,2]), else stay strings."""
+    out: dict[str, Any] = {}
+    for p in pairs:
+        key, sep, val = p.partition("=")
+        if not sep or not key:
+            raise InvalidInputError(f"{what} {p!r} must look like KEY=VALUE")
+        try:
+            out[key] = json.loads(val)
+        except json.JSONDecodeError:
+            out[key] = val
+    return out
+
+
+def _json_file(path: Path, what: str) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise InvalidInputError(f"{what} file {path} does not exist") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InvalidInputError(f"{what} file {path} is not JSON: {exc}") from None
+
+
+def _hparams(hp: list[str], hparams: Path | None) -> dict[str, Any]:
+    d: dict[str, Any] = {}
+    if hparams is not None:
+        loaded = _json_file(hparams, "hyperparameters")
+        if not isinstance(loaded, dict):
+            raise InvalidInputError(f"hyperparameters file {hparams} must hold a JSON object")
+        d |= loaded
+    return d | _kv(hp, "--hp")
+
+
+def _summary(v: Any) -> dict[str, Any]:
+    return {"id": v.id, "name": v.name, "parents": v.parents, "snapshots": len(v.snapshots), "latest": v.latest,
+            "best": v.best, "created": v.created}
+
+
+def _sizes(snapshots: list[dict[str, Any]]) -> str:
+    raw, stored = sum(s["raw_bytes"] for s in snapshots), sum(s["stored_bytes"] for s in snapshots)
+    return f"{render.size(raw)} -> {render.size(stored)} ({render.pct(stored, raw)})"
+
+
+MessageOpt = Annotated[str, typer.Option("--message", "-m", metavar="TEXT", help="What this version is.")]
+AuthorOpt = Annotated[str | None, typer.Option("--author", metavar="NAME",
+                                               help="Who made it (default: $GPUPAS_AUTHOR or the user name).")]
+HpOpt = Annotated[list[str] | None, typer.Option("--hp", metavar="KEY=VALUE",
+                                                 help="A hyperparameter (JSON values); repeatable.")]
+HparamsOpt = Annotated[Path | None, typer.Option("--hparams", metavar="FILE",
+                                                 help="Hyperparameters from a JSON file.")]
+FileOpt = Annotated[list[Path] | None, typer.Option("--file", "-f", metavar="PATH",
+                                                    help="A file or directory to keep with the version; repeatable.")]
+SettingOpt = Annotated[str, typer.Option("--setting", metavar="NAME",
+                                         help="Encoder setting: fast, default or strong.")]
+
+
+# -- versions -------------------------------------------------------------------------------------------------
+@app.command()
+@_command
+def init(path: Annotated[Path | None, typer.Argument(metavar="DIR", help="Where to create the archive.")] = None,
+         archive: ArchiveOpt = None) -> None:
+    """Create an empty archive."""
+    from gpupas.versions.repository import create_repository
+
+    with create_repository(str(path) if path is not None else _location(archive)) as repo:
+        _out().line(f"created archive {repo.location}")
+
+
+@app.command()
+@_command
+def commit(
+    checkpoints: Annotated[list[Path], typer.Argument(metavar="CHECKPOINT...", help=(
+        "Checkpoint files (.safetensors, .pt, .pth, .bin, .ckpt) or directories of them: the version's "
+        "snapshots, in natural order of their names."))],
+    name: Annotated[str, typer.Option("--name", "-n", metavar="NAME", help="Version name (letters, digits, . _ -).")],
+    parent: Annotated[list[str] | None, typer.Option("--parent", "-p", metavar="VERSION", help=(
+        "Parent version (id, tag or name); repeat for several."))] = None,
+    message: MessageOpt = "", author: AuthorOpt = None, hp: HpOpt = None, hparams: HparamsOpt = None,
+    metrics: Annotated[Path | None, typer.Option("--metrics", metavar="FILE",
+                                                 help="Training log: CSV, JSON or JSON lines.")] = None,
+    metric: Annotated[list[str] | None, typer.Option("--metric", metavar="NAME=VALUE",
+                                                     help="A final metric value; repeatable.")] = None,
+    file: FileOpt = None,
+    network: Annotated[Path | None, typer.Option("--network", metavar="FILE",
+                                                 help="Network definition JSON (default: from tensor names).")] = None,
+    best_by: Annotated[str | None, typer.Option("--best-by", metavar="METRIC[:min|:max]",
+                                                help="Mark the best snapshot by a metric: accuracy, loss:min.")] = None,
+    setting: SettingOpt = "default", archive: ArchiveOpt = None, as_json: JsonOpt = False,
+) -> None:
+    """Commit checkpoints as a new version (a directory: its files become time-ordered snapshots)."""
+    from gpupas.versions.metrics import final_metrics, normalize_metrics
+    from gpupas.versions.model import checkpoint_files, step_of
+
+    paths = [p for c in checkpoints for p in checkpoint_files(c)]  # checked before anything is written
+    series = normalize_metrics(metrics) if metrics is not None else {}
+    if metric:
+        final_metrics(series, _kv(metric, "--metric"), step_of(paths[-1]) if paths else None)
+    net = None
+    if network is not None:
+        from gpupas.network import Network
+
+        net = Network.from_dict(_json_file(network, "network"))
+    with _repo(archive) as repo, _progress("commit") as progress:
+        v = repo.commit(name, paths, parents=parent or [], message=message, author=author,
+                        hyperparameters=_hparams(hp or [], hparams), metrics=series, files=file or [], network=net,
+                        best_by=best_by, setting=setting, progress=progress)
+    if as_json:
+        _out().json(v.to_dict())
+        return
+    _out().line(f"committed version {v.id} ({v.name}): {len(v.snapshots)} snapshot(s), {_sizes(v.snapshots)}"
+                + (f", parents {', '.join(map(str, v.parents))}" if v.parents else ""))
+
+
+@app.command("import")
+@_command
+def import_folder(
+    folder: Annotated[Path, typer.Argument(metavar="DIR", help=(
+        "Directory of checkpoint files, taken in natural name order."))],
+    name: Annotated[str, typer.Option("--name", "-n", metavar="NAME", help="Name of the versions.")],
+    parent: Annotated[str | None, typer.Option("--parent", "-p", metavar="VERSION",
+                                               help="Parent of the first version.")] = None,
+    message: MessageOpt = "", author: AuthorOpt = None, hp: HpOpt = None, hparams: HparamsOpt = None,
+    metrics: Annotated[Path | None, typer.Option("--metrics", metavar="FILE", help=(
+        "Training log (CSV/JSON): each version gets the points up to its step."))] = None,
+    file: FileOpt = None, setting: SettingOpt = "default", archive: ArchiveOpt = None, as_json: JsonOpt = False,
+) -> None:
+    """Import a folder of existing checkpoints as a lineage chain (one version per file)."""
+    from gpupas.versions.model import checkpoint_files
+
+    checkpoint_files(folder)
+    with _repo(archive) as repo, _progress("import") as progress:
+        versions = repo.import_folder(folder, name, parent=parent, hyperparameters=_hparams(hp or [], hparams),
+                                      metrics=metrics, files=file or [], message=message, author=author,
+                                      setting=setting, progress=progress)
+    if as_json:
+        _out().json([_summary(v) for v in versions])
+        return
+    _out().line(f"imported {len(versions)} versions of {name}: {versions[0].id}..{versions[-1].id}, "
+                f"{_sizes([s for v in versions for s in v.snapshots])}")
+
+
+@app.command()
+@_command
+def copy(ref: RefArg,
+         name: Annotated[str, typer.Option("--name", "-n", metavar="NAME", help="Name of the new version.")],
+         message: MessageOpt = "", archive: ArchiveOpt = None, as_json: JsonOpt = False) -> None:
+    """Scaffold a new version from an old one (same network, hyperparameters, files and weights)."""
+    with _repo(archive) as repo:
+        v = repo.copy(ref, name, message=message)
+    if as_json:
+        _out().json(v.to_dict())
+    else:
+        _out().line(f"created version {v.id} ({v.name}) from version {v.parents[0]}")
+
+
+@app.command()
+@_command
+def tag(tag_name: Annotated[str | None, typer.Argument(metavar="TAG", help="Tag name; none: list tags.")] = None,
+        ref: Annotated[str | None, typer.Argument(metavar="VERSION", help="Version to tag (id, tag or name).")] = None,
+        delete: Annotated[bool, typer.Option("--delete", "-d", help="Delete the tag.")] = False,
+        force: Annotated[bool, typer.Option("--force", help="Move an existing tag.")] = False,
+        archive: ArchiveOpt = None, as_json: JsonOpt = False) -> None:
+    """Tag a version (gpupas tag v1.0 3), delete a tag (-d), or list tags (no arguments)."""
+    o = _out()
+    with _repo(archive) as repo:
+        if tag_name is None:
+            tags = repo.tags()
+            if as_json:
+                o.json(tags)
+            elif not tags:
+                o.note("no tags yet; tag a version with `gpupas tag NAME VERSION`")
+            else:
+                for t, vid in tags.items():
+                    o.data(f"{t}\t{vid}")
+            return
+        if delete:
+            vid = repo.untag(tag_name)
+            msg = f"deleted tag {tag_name} (was version {vid})"
+        else:
+            if ref is None:
+                raise InvalidInputError("give the version to tag: gpupas tag TAG VERSION")
+            vid = repo.tag(tag_name, ref, force=force)
+            msg = f"tagged version {vid} as {tag_name}"
+    if as_json:
+        o.json({"tag": tag_name, "version": vid, "deleted": delete})
+    else:
+        o.line(msg)
+
+
+# -- exploration ------------------------------------------------------------------------------------------------
+@app.command()
+@_command
+def log(ref: Annotated[str | None, typer.Argument(metavar="VERSION", help=(
+            "Only versions connected to this one (its ancestors and descendants)."))] = None,
+        archive: ArchiveOpt = None, as_json: JsonOpt = False) -> None:
+    """Versions and their lineage as a tree (a straight chain stays at one level, branches indent)."""
+    with _repo(archive) as repo:
+        rows = repo.log(ref)
+        location = repo.location
+    o = _out()
+    if as_json:
+        o.json(rows)
+    elif not rows:
+        o.note("no versions yet; add one with `gpupas commit` or `gpupas import`")
+    else:
+        o.table(render.log_tree(rows, location))
+
+
+app.command("list", help="Same as log.")(log)
+
+
+@app.command()
+@_command
+def show(ref: RefArg, snapshot: SnapOpt = None,
+         tensors: Annotated[bool, typer.Option("--tensors", "-t", help="Also list every tensor.")] = False,
+         network: Annotated[bool, typer.Option("--network", "-N", help=(
+             f"List every network node (shown by default up to {render.MAX_NODES} nodes)."))] = False,
+         archive: ArchiveOpt = None, as_json: JsonOpt = False) -> None:
+    """Metadata, network, sizes and per-layer storage of a version."""
+    with _repo(archive) as repo:
+        d = repo.show(ref, snapshot)
+    if as_json:
+        _out().json(d)
+    else:
+        render.show(_out(), d, tensors, network)
+
+
+app.command("desc", help="Same as show.")(show)
+
+
+@app.command()
+@_command
+def diff(a: Annotated[str, typer.Argument(metavar="VERSION_A", help="First version.")],
+         b: Annotated[str, typer.Argument(metavar="VERSION_B", help="Second version.")],
+         snapshot_a: Annotated[str | None, typer.Option("--snapshot-a", metavar="SNAPSHOT", help=(
+             "Snapshot of the first version (default: latest).")) ] = None,
+         snapshot_b: Annotated[str | None, typer.Option("--snapshot-b", metavar="SNAPSHOT", help=(
+             "Snapshot of the second version (default: latest).")) ] = None,
+         weights: Annotated[bool, typer.Option("--weights/--no-weights", help="Compare the weights too.")] = True,
+         top: Annotated[int, typer.Option("--top", metavar="N", help=(
+             "Tensors (and added/removed names) to list, most changed first; 0: all."))] = 10,
+         archive: ArchiveOpt = None, as_json: JsonOpt = False) -> None:
+    """Two versions side by side: network, hyperparameters, metrics and per-tensor weight changes."""
+    with _repo(archive) as repo:
+        d = repo.diff(a, b, snapshot_a=snapshot_a, snapshot_b=snapshot_b, weights=weights)
+    if as_json:
+        _out().json(d)
+    else:
+        render.diff(_out(), d, top)
+
+
+@app.command()
+@_command
+def query(statement: Annotated[str, typer.Argument(metavar="DQL", help=(
+              'A DQL select, e.g. \'select m where m.name like "cnn%" and m.hp.lr < 0.01 and '
+              'm["conv[1-3]"].next has POOL("MAX")\''))],
+          archive: ArchiveOpt = None, as_json: JsonOpt = False) -> None:
+    """Select versions with DQL: name, time, hyperparameter, metric and network conditions.
+
+    Fields: m.id m.name m.created m.author m.message m.snapshots m.parent m.tag m.hp.KEY
+    m.metric.NAME[.last|.min|.max|.count]; layer predicates: m["regex"] [.next|.prev] has POOL("MAX"),
+    CONV, FC, NORM("batch"), RELU, TYPE("MaxPool2d"); and / or / not / parentheses; order by m.FIELD
+    [desc]; limit N.
+    """
+    with _repo(archive) as repo:
+        rows = repo.query(statement)
+    if as_json:
+        _out().json(rows)
+    else:
+        render.query(_out(), rows)
+
+
+# -- weights out ------------------------------------------------------------------------------------------------
+@app.command()
+@_command
+def checkout(ref: RefArg,
+             output: Annotated[Path, typer.Option("--output", "-o", metavar="DIR",
+                                                  help="Directory to write (empty or new).")],
+             snapshot: SnapOpt = None,
+             fmt: Annotated[str, typer.Option("--format", metavar="FORMAT",
+                                              help="safetensors or torch.")] = "safetensors",
+             weights_name: Annotated[str | None, typer.Option("--weights-name", metavar="FILE", help=(
+                 "File name of the weights (default: model.safetensors, or model.pt for torch)."))] = None,
+             force: Annotated[bool, typer.Option("--force", help="Write into a non-empty directory.")] = False,
+             archive: ArchiveOpt = None, as_json: JsonOpt = False) -> None:
+    """Write a version's weights, files and metadata (gpupas-version.json) to a directory."""
+    if fmt not in ("safetensors", "torch"):
+        raise InvalidInputError(f"--format must be safetensors or torch, not {fmt!r}")
+    with _repo(archive) as repo:
+        paths = repo.checkout(ref, output, snapshot=snapshot, format=fmt, force=force, weights_name=weights_name)
+    if as_json:
+        _out().json([str(x) for x in paths])
+    else:
+        _out().line(f"checked out to {output}: " + ", ".join(str(x.relative_to(output)) for x in paths))
+
+
+@app.command()
+@_command
+def export(ref: RefArg,
+           output: Annotated[Path, typer.Option("--output", "-o", metavar="FILE",
+                                                help="File: .safetensors, or .pt/.pth for torch.")],
+           snapshot: SnapOpt = None,
+           fmt: Annotated[str | None, typer.Option("--format", metavar="FORMAT",
+                                                   help="safetensors or torch (default: from the suffix).")] = None,
+           force: Annotated[bool, typer.Option("--force", help="Overwrite the file.")] = False,
+           archive: ArchiveOpt = None) -> None:
+    """Write a version's weights to one safetensors or torch file."""
+    with _repo(archive) as repo:
+        path = repo.export(ref, output, snapshot=snapshot, format=fmt, force=force)
+    _out().line(f"exported to {path}")
+
+
+# -- archive-wide -------------------------------------------------------------------------------------------------
+@app.command()
+@_command
+def verify(refs: Annotated[list[str] | None, typer.Argument(metavar="VERSION...", help=(
+               "Versions to check (default: everything)."))] = None,
+           archive: ArchiveOpt = None, as_json: JsonOpt = False) -> None:
+    """Re-read and check every chunk, tensor, record and file; exit code 3 if anything is damaged."""
+    with _repo(archive) as repo, _progress("verify") as progress:
+        result = repo.verify(refs or None, progress=progress)
+    o = _out()
+    if as_json:
+        o.json(result)
+    else:
+        c = result["checked"]
+        summary = (f"{c['versions']} versions, {c['snapshots']} snapshots, {c['tensors']} tensors, "
+                   f"{c['files']} files checked")
+        if result["ok"]:
+            o.line(f"ok: {summary}")
+        else:
+            for problem in result["problems"]:
+                o.err.print(render.Text(f"damaged: {problem}"))
+            o.error(f"{len(result['problems'])} problem(s) in {summary}; restore the damaged parts from a copy")
+    if not result["ok"]:
+        raise typer.Exit(INTEGRITY)
+
+
+@app.command()
+@_command
+def stats(archive: ArchiveOpt = None, as_json: JsonOpt = False) -> None:
+    """What the archive stores, how it is encoded, and what that saves."""
+    with _repo(archive) as repo:
+        s = repo.stats()
+    if as_json:
+        _out().json(s)
+    else:
+        render.stats(_out(), s)
+
+
+@app.command()
+@_command
+def gc(min_age: Annotated[float, typer.Option("--min-age", metavar="SECONDS", help=(
+           "Only folders untouched for this many seconds (commits in progress stay safe)."))] = 3600.0,
+       dry_run: Annotated[bool, typer.Option("--dry-run", "-n", help="List what would be removed; remove nothing.")
+                          ] = False,
+       archive: ArchiveOpt = None, as_json: JsonOpt = False) -> None:
+    """Delete the chunk folders no snapshot references (interrupted commits, revised snapshots)."""
+    with _repo(archive) as repo:
+        removed = repo.gc(min_age, dry_run=dry_run)
+    if as_json:
+        _out().json({"removed": removed, "dry_run": dry_run})
+    else:
+        verb = "would remove" if dry_run else "removed"
+        for name in removed:
+            _out().data(f"{verb} {name}")
+        _out().line(f"{verb} {len(removed)} unreferenced folder(s)")
+
+
+@app.command()
+@_command
+def reindex(archive: ArchiveOpt = None, as_json: JsonOpt = False) -> None:
+    """Rebuild the SQLite catalog from the archive's records and manifests."""
+    with _repo(archive) as repo:
+        counts = repo.reindex()
+    if as_json:
+        _out().json(counts)
+    else:
+        _out().line("catalog rebuilt: " + ", ".join(f"{v} {k}" for k, v in counts.items()))
+
+
+def run() -> None:
+    """Entry point of the ``gpupas`` script."""
+    try:
+        app()
+    except KeyboardInterrupt:  # pragma: no cover
+        raise SystemExit(130) from None
+
+
+__all__ = ["BAD_INPUT", "app", "run"]

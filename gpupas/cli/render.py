@@ -1,0 +1,298 @@
+"""How the command line shows results: tables, trees and one-line summaries (no library logic here).
+
+User text (names, messages, file names) is always printed as plain text, never as rich markup.
+Piped or redirected output is never cut to a terminal's width.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Iterable
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+from rich.tree import Tree
+
+
+def _console(stderr: bool = False) -> Console:
+    stream = sys.stderr if stderr else sys.stdout
+    wide = None if stream.isatty() or os.environ.get("COLUMNS") else 100_000  # piped: never cut
+    return Console(file=stream, highlight=False, soft_wrap=True, width=wide, emoji=False)
+
+
+class Output:
+    """Where results go: stdout (tables, JSON), stderr (progress, warnings, errors)."""
+
+    def __init__(self, quiet: bool = False):
+        self.quiet = quiet
+        self.out = _console()
+        self.err = _console(stderr=True)
+
+    def line(self, text: str) -> None:
+        """A result line (suppressed by --quiet where it only confirms what happened)."""
+        if not self.quiet:
+            self.out.print(Text(text))
+
+    def data(self, text: str) -> None:
+        """A line of requested data (printed even with --quiet)."""
+        self.out.print(Text(text))
+
+    def table(self, t: Table | Tree) -> None:
+        self.out.print(t)
+
+    def json(self, obj: Any) -> None:
+        sys.stdout.write(json.dumps(obj, indent=1, default=str) + "\n")
+
+    def note(self, text: str) -> None:
+        """A side note on stderr (counts, hints), suppressed by --quiet."""
+        if not self.quiet:
+            self.err.print(Text(text))
+
+    def warn(self, text: str) -> None:
+        self.err.print(Text(f"warning: {text}"))
+
+    def error(self, text: str) -> None:
+        self.err.print(Text("error: " + " ".join(text.split())))
+
+
+def size(n: float | None) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def pct(stored: float | None, raw: float | None) -> str:
+    return f"{100 * stored / raw:.1f}%" if raw and stored is not None else "-"
+
+
+def num(x: Any) -> str:
+    if x is None:
+        return "-"
+    if isinstance(x, float):
+        return f"{x:.4g}"
+    return str(x)
+
+
+def table(columns: Iterable[str], right: Iterable[str] = (), title: str | None = None) -> Table:
+    right = set(right)
+    t = Table(title=title, title_justify="left")
+    for c in columns:
+        t.add_column(c, justify="right" if c in right else "left")
+    return t
+
+
+def row(t: Table, *cells: Any, style: str | None = None) -> None:
+    """Add a row of plain-text cells (never markup)."""
+    t.add_row(*(c if isinstance(c, Text) else Text(str(c)) for c in cells), style=style)
+
+
+# -- commands' views ----------------------------------------------------------------------------------------------
+def version_line(r: dict[str, Any]) -> Text:
+    t = Text()
+    t.append(f"#{r['id']}", style="bold cyan")
+    t.append(f" {r['name']}")
+    if r["tags"]:
+        t.append(f" ({', '.join(r['tags'])})", style="bold yellow")
+    if r["parents"]:
+        t.append(f" ← {', '.join(f'#{p}' for p in r['parents'])}")
+    t.append(f"  {r['n_snapshots']} snap  {size(r['stored_bytes'])} ({pct(r['stored_bytes'], r['raw_bytes'])})  "
+             f"{r['created'][:16].replace('T', ' ')}")
+    if r["message"]:
+        t.append(f"  {r['message']}", style="dim")
+    return t
+
+
+def log_tree(rows: list[dict[str, Any]], location: str) -> Tree:
+    """Versions as a tree: a straight chain stays at one level, branches indent."""
+    by_id = {r["id"]: r for r in rows}
+    kids: dict[int, list[int]] = {}
+    roots = []
+    for r in rows:
+        first = next((p for p in r["parents"] if p in by_id and p < r["id"]), None)
+        if first is None:
+            roots.append(r["id"])
+        else:
+            kids.setdefault(first, []).append(r["id"])
+    tree = Tree(Text(location, style="bold"))
+    todo = [(r, tree) for r in reversed(roots)]  # a loop, not recursion: chains can be long
+    while todo:
+        vid, container = todo.pop()
+        item = container.add(version_line(by_id[vid]))
+        ks = kids.get(vid, [])
+        if len(ks) == 1:  # a straight line of work stays at one level; branches indent
+            todo.append((ks[0], container))
+        else:
+            todo.extend((k, item) for k in reversed(ks))
+    return tree
+
+
+MAX_NODES = 25
+SHOWN_ATTRS = ("in_features", "out_features", "in_channels", "out_channels", "kernel_size", "stride", "num_features",
+               "normalized_shape", "num_embeddings", "embedding_dim", "p")
+
+
+def show(o: Output, d: dict[str, Any], tensors: bool, network: bool) -> None:
+    from gpupas.catalog import flatten
+
+    o.data(f"version {d['id']}  {d['name']}" + (f"  tags: {', '.join(d['tags'])}" if d["tags"] else ""))
+    o.data(f"  parents: {', '.join(map(str, d['parents'])) or '-'}   "
+           f"children: {', '.join(map(str, d['children'])) or '-'}")
+    o.data(f"  author: {d.get('author')}   created: {d['created']}"
+           + (f"   updated: {d['updated']}" if "updated" in d else ""))
+    if d.get("message"):
+        o.data(f"  message: {d['message']}")
+    t = table(("#", "id", "step", "source", "raw", "stored", "%", ""), ("#", "step", "raw", "stored", "%"),
+              "snapshots")
+    for i, s in enumerate(d["snapshots"], 1):
+        marks = " ".join(m for m, sid in (("latest", d["latest"]), ("best", d["best"])) if sid == s["id"])
+        row(t, i, s["id"], num(s.get("step")), s.get("source") or "", size(s["raw_bytes"]), size(s["stored_bytes"]),
+            pct(s["stored_bytes"], s["raw_bytes"]), marks)
+    o.table(t)
+    if d["hyperparameters"]:
+        t = table(("key", "value"), title="hyperparameters")
+        for k, v in flatten(d["hyperparameters"]).items():
+            row(t, k, json.dumps(v))
+        o.table(t)
+    if d["metrics"]:
+        t = table(("name", "points", "first step", "last step", "last", "min", "max"),
+                  ("points", "first step", "last step", "last", "min", "max"), "metrics")
+        for k, series in d["metrics"].items():
+            vals = [v for _, v in series if v is not None]
+            steps = [num(series[0][0]), num(series[-1][0])] if series else ["-", "-"]
+            summary = [num(vals[-1]), num(min(vals)), num(max(vals))] if vals else ["-", "-", "-"]
+            row(t, k, len(series), *steps, *summary)
+        o.table(t)
+    if d["files"]:
+        t = table(("name", "size", "sha256"), ("size",), "files")
+        for k, f in d["files"].items():
+            row(t, k, size(f["size"]), f["sha256"][:16])
+        o.table(t)
+    net = d.get("network") or {}
+    nodes = net.get("nodes", [])
+    types: dict[str, int] = {}
+    for n in nodes:
+        types[n["type"]] = types.get(n["type"], 0) + 1
+    o.data(f"network: {len(nodes)} nodes, {len(net.get('edges', []))} edges (from {net.get('source', 'none')}): "
+           + " ".join(f"{t}×{c}" if c > 1 else t for t, c in sorted(types.items(), key=lambda x: -x[1])))
+    if nodes and (network or len(nodes) <= MAX_NODES):
+        names = {n["id"]: n["name"] for n in nodes}
+        nxt: dict[int, list[str]] = {}
+        for a, b in net.get("edges", []):
+            nxt.setdefault(a, []).append(names.get(b, "?"))
+        t = table(("node", "type", "next", "attributes"))
+        for n in nodes:
+            attrs = {k: v for k, v in n.get("attrs", {}).items() if k in SHOWN_ATTRS}
+            row(t, n["name"], n["type"], ", ".join(nxt.get(n["id"], [])),
+                " ".join(f"{k}={json.dumps(v, separators=(',', ':'))}" for k, v in attrs.items()))
+        o.table(t)
+    if d.get("snapshot"):
+        s = d["snapshot"]
+        o.data(f"storage per layer, snapshot {s['index']} ({s['id']}, delta base {s['base'] or 'none'}):")
+        t = table(("layer", "type", "tensors", "params", "raw", "stored", "%", "encoding"),
+                  ("tensors", "params", "raw", "stored", "%"))
+        for r in d["layers"]:
+            row(t, r["layer"], r["type"], r["tensors"], f"{r['params']:,}", size(r["raw_bytes"]),
+                size(r["stored_bytes"]), pct(r["stored_bytes"], r["raw_bytes"]),
+                " ".join(f"{k}×{n}" if n > 1 else k for k, n in r["enc"].items()))
+        raw = sum(r["raw_bytes"] for r in d["layers"])
+        stored = sum(r["stored_bytes"] for r in d["layers"])
+        count, params = sum(r["tensors"] for r in d["layers"]), sum(r["params"] for r in d["layers"])
+        row(t, "total", "", count, f"{params:,}", size(raw), size(stored), pct(stored, raw), "", style="bold")
+        o.table(t)
+        if tensors:
+            t = table(("name", "dtype", "shape", "enc", "raw", "stored", "%", "per plane"), ("raw", "stored", "%"),
+                      "tensors")
+            for r in d["tensors"]:
+                row(t, r["name"], r["dtype"], "x".join(map(str, r["shape"])), r["enc"] + ("+ctx" if r["ctx"] else ""),
+                    size(r["nbytes"]), size(r["stored"]), pct(r["stored"], r["nbytes"]),
+                    " ".join(size(x) for x in r["planes"]))
+            o.table(t)
+
+
+def diff(o: Output, d: dict[str, Any], top: int) -> None:
+    o.data(f"diff version {d['a']['id']} ({d['a']['name']}) -> version {d['b']['id']} ({d['b']['name']})")
+    n = d["network"]
+    if any(n.values()):
+        o.data(f"network: +{len(n['added'])} layers, -{len(n['removed'])} layers, {len(n['changed'])} changed, "
+               f"+{len(n['edges_added'])}/-{len(n['edges_removed'])} edges")
+        for x in n["added"]:
+            o.data(f"  + {x['name']} ({x['type']})")
+        for x in n["removed"]:
+            o.data(f"  - {x['name']} ({x['type']})")
+        for x in n["changed"]:
+            o.data(f"  ~ {x['name']} {x['type']}: " + ", ".join(f"{k} {v[0]} -> {v[1]}" for k, v in x["attrs"].items()))
+    else:
+        o.data("network: same")
+    if d["hyperparameters"]:
+        t = table(("key", "a", "b"), title="hyperparameters")
+        for k, (x, y) in d["hyperparameters"].items():
+            row(t, k, json.dumps(x), json.dumps(y))
+        o.table(t)
+    else:
+        o.data("hyperparameters: same")
+    if d["metrics"]:
+        t = table(("metric", "a", "b"), ("a", "b"), "metrics (last value)")
+        for k, (x, y) in d["metrics"].items():
+            row(t, k, num(x), num(y))
+        o.table(t)
+    for k, (x, y) in d["files"].items():
+        o.data(f"file {k}: {(x or '-')[:12]} -> {(y or '-')[:12]}")
+    w = d.get("weights")
+    if not w:
+        return
+    rows = sorted(w["tensors"], key=lambda r: -(r.get("rel_l2") or 0.0))
+    o.data(f"weights: {len(rows)} common tensors, {w['identical']} identical, overall relative L2 change "
+           f"{w['rel_l2']:.4g}; most changed first:")
+    t = table(("tensor", "shape", "changed", "max |Δ|", "mean |Δ|", "rel L2"), ("changed", "max |Δ|", "mean |Δ|",
+                                                                              "rel L2"))
+    for r in rows[: top or None]:
+        if isinstance(r["shape"][0], list):
+            row(t, r["name"], f"{r['shape'][0]} -> {r['shape'][1]}", "-", "-", "-", "-")
+            continue
+        row(t, r["name"], "x".join(map(str, r["shape"])), f"{100 * r['changed']:.1f}%", num(r.get("max_abs")),
+            num(r.get("mean_abs")), num(r.get("rel_l2")))
+    o.table(t)
+    for sign, names in (("+", w["added"]), ("-", w["removed"])):
+        for k in names[: top or None]:
+            o.data(f"  {sign} tensor {k}")
+        if top and len(names) > top:
+            o.data(f"  ... and {len(names) - top} more {'added' if sign == '+' else 'removed'} (--top 0 lists all)")
+
+
+def query(o: Output, rows: list[dict[str, Any]]) -> None:
+    t = table(("id", "name", "parents", "snapshots", "stored", "created", "message"), ("id", "snapshots", "stored"))
+    for r in rows:
+        row(t, r["id"], r["name"], ", ".join(map(str, r["parents"])) or "-", r["n_snapshots"], size(r["stored_bytes"]),
+            r["created"][:19].replace("T", " "), r["message"] or "")
+    o.table(t)
+    o.note(f"{len(rows)} version(s)")
+
+
+def stats(o: Output, s: dict[str, Any]) -> None:
+    o.data(f"archive {s['location']}: {s['versions']} versions ({s['names']} names, {s['tags']} tags), "
+           f"{s['snapshots']} snapshots, {s['tensors']} tensors")
+    o.data(f"weights: {size(s['raw_bytes'])} raw -> {size(s['stored_bytes'])} stored "
+           f"({pct(s['stored_bytes'], s['raw_bytes'])}), saves {size(s['saved_bytes'])}")
+    o.data("encodings: mat = stored whole, sub/xor = delta to the base snapshot, pred = delta to an extrapolation")
+    for key, col in (("by_encoding", "enc"), ("by_dtype", "dtype")):
+        t = table((col, "tensors", "raw", "stored", "%"), ("tensors", "raw", "stored", "%"))
+        for r in s[key]:
+            row(t, r[col], r["tensors"], size(r["raw_bytes"]), size(r["stored_bytes"]),
+                pct(r["stored_bytes"], r["raw_bytes"]))
+        o.table(t)
+    f = s["files"]
+    o.data(f"files: {f['references']} references to {f['blobs']} stored blobs, {size(f['logical_bytes'])} -> "
+           f"{size(f['stored_bytes'])} (deduplication saves {size(f['saved_bytes'])})")
+    if s["unreferenced_snapshots"] or s["incomplete_snapshots"]:
+        o.data(f"not part of any version: {len(s['unreferenced_snapshots'])} complete and "
+               f"{len(s['incomplete_snapshots'])} incomplete snapshot(s) (interrupted commits or plain Archive use; "
+               "`gpupas gc` removes what nothing references)")
+    o.data(f"on disk: {size(s['disk_bytes'])} in all (chunks, manifests, records, files, catalog)")

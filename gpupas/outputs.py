@@ -1,0 +1,41 @@
+"""Files written for the user outside the archive (exports, checkouts): whole or not at all.
+
+Each file is written to a new temporary file in the target's folder (created exclusively, never
+through a link), then moved into place by a rename (which replaces a planted link itself rather
+than writing through it) or, without ``replace``, linked into place (which refuses an existing file).
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import BinaryIO
+
+from gpupas.errors import ArchiveExistsError
+
+
+def write_file(path: str | os.PathLike[str], fill: Callable[[BinaryIO], None], *, replace: bool = False) -> Path:
+    """Write ``path`` with ``fill(file)``; ArchiveExistsError if it exists and not ``replace``."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(f".{p.name}.{uuid.uuid4().hex}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            fill(f)
+            f.flush()
+            os.fsync(f.fileno())
+        if replace:
+            os.replace(tmp, p)
+        else:
+            try:
+                os.link(tmp, p, follow_symlinks=False)
+            except FileExistsError:
+                raise ArchiveExistsError(f"{p} exists; nothing written (use --force to overwrite)") from None
+            os.unlink(tmp)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return p

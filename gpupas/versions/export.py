@@ -1,0 +1,85 @@
+"""Weights out of the archive: one file (``export``), or a version's folder (``checkout``)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from gpupas.errors import ArchiveExistsError, InvalidInputError
+from gpupas.outputs import write_file
+from gpupas.tensors import TORCH_SUFFIXES
+from gpupas.versions.model import Version, check_file_name
+
+if TYPE_CHECKING:
+    from gpupas.versions.repository import Repository
+
+METADATA = "gpupas-version.json"
+
+
+def export(repo: Repository, ref: str | int | Version, path: str | os.PathLike[str], *,
+           snapshot: str | int | None = None, format: str | None = None, force: bool = False) -> Path:
+    """Write a version's weights to one safetensors or torch file (format from the suffix)."""
+    p = Path(path)
+    fmt = format or ("torch" if p.suffix in TORCH_SUFFIXES else "safetensors")
+    if fmt not in ("safetensors", "torch"):
+        raise InvalidInputError(f"format must be 'safetensors' or 'torch', not {fmt!r}")
+    if (p.exists() or p.is_symlink()) and not force:
+        raise ArchiveExistsError(f"{p} exists; nothing written (use --force to overwrite)")
+    vid = repo.resolve(ref)
+    tensors = repo.restore(vid, snapshot)
+    if fmt == "safetensors":
+        from gpupas.integrations.safetensors import save_file
+
+        save_file(tensors, p, metadata={"gpupas_version": str(vid)}, replace=force)
+    else:
+        from gpupas.integrations.torch import _torch, numpy_to_state_dict
+
+        torch = _torch()
+        write_file(p, lambda f: torch.save(numpy_to_state_dict(tensors), f), replace=force)
+    return p
+
+
+def checkout(repo: Repository, ref: str | int | Version, out_dir: str | os.PathLike[str], *,
+             snapshot: str | int | None = None, format: str = "safetensors", force: bool = False,
+             weights_name: str | None = None) -> list[Path]:
+    """Write a version to a directory: its weights (``model.safetensors``, or ``model.pt`` for torch,
+    or ``weights_name``), its files under their names, and ``gpupas-version.json`` (metadata and
+    network). Returns the paths. A new directory appears whole or not at all."""
+    v = repo.version(ref)
+    snap = v.snapshot(snapshot)
+    out = Path(out_dir)
+    weights = weights_name or ("model.pt" if format == "torch" else "model.safetensors")
+    check_file_name(weights)
+    if out.exists() and any(out.iterdir()) and not force:
+        raise ArchiveExistsError(f"{out} is not empty; nothing written (use --force to write into it)")
+    names = [check_file_name(f) for f in v.files]
+    for reserved in (weights, METADATA):
+        if reserved in names:
+            raise InvalidInputError(f"version {v.id} has an attached file named {reserved!r}, where the checkout "
+                                    "writes " + ("its weights" if reserved == weights else "its metadata")
+                                    + "; choose another name for the weights (--weights-name)")
+    blobs = {f: repo.file_bytes(r["sha256"]) for f, r in v.files.items()}  # all checked before writing
+    fresh = not out.exists()
+    target = out.with_name(f".{out.name}.{uuid.uuid4().hex}.tmp") if fresh else out
+    written: list[Path] = []
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+        export(repo, v, target / weights, snapshot=snap["id"], format=format, force=True)
+        written.append(out / weights)
+        for fname, data in blobs.items():
+            write_file(target / fname, lambda f, d=data: f.write(d), replace=True)
+            written.append(out / fname)
+        meta: dict[str, Any] = v.to_dict() | {"checked_out_snapshot": snap["id"]}
+        write_file(target / METADATA, lambda f: f.write(json.dumps(meta, indent=1).encode()), replace=True)
+        written.append(out / METADATA)
+        if fresh:
+            os.rename(target, out)
+    except BaseException:
+        if fresh:
+            shutil.rmtree(target, ignore_errors=True)
+        raise
+    return written

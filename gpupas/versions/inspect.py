@@ -1,0 +1,193 @@
+"""Looking at versions: show one, diff two, the lineage (log), what the archive stores (stats).
+
+Functions of a :class:`~gpupas.versions.repository.Repository`; the command line and notebooks
+call these (through the repository's methods of the same names).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from gpupas.catalog import flatten
+from gpupas.network import diff_networks
+from gpupas.versions.metrics import value_at
+from gpupas.versions.model import Version
+
+if TYPE_CHECKING:
+    from gpupas.versions.repository import Repository
+
+
+def show(repo: Repository, ref: str | int | Version, snapshot: str | int | None = None) -> dict[str, Any]:
+    """Metadata, network, sizes and per-layer storage of a version (``gpupas show``)."""
+    v = repo.version(ref)
+    d = v.to_dict()
+    d["tags"] = [t for t, vid in repo.tags().items() if vid == v.id]
+    d["children"] = [r["version"] for r in repo.catalog().query(
+        "SELECT version FROM parents WHERE parent=? ORDER BY version", (v.id,))]
+    if not v.snapshots:
+        d["layers"], d["snapshot"] = [], None
+        return d
+    snap = v.snapshot(snapshot)
+    m = repo.archive.manifest(snap["id"])
+    types = {n.name: n.type for n in v.network.nodes}
+    layers: dict[str, dict[str, Any]] = {}
+    for e in m.tensors:
+        prefix = e.name.rpartition(".")[0] or e.name
+        row = layers.setdefault(prefix, {"layer": prefix, "type": types.get(prefix, ""), "tensors": 0,
+                                         "params": 0, "raw_bytes": 0, "stored_bytes": 0, "enc": {}})
+        row["tensors"] += 1
+        row["params"] += int(np.prod(e.shape, dtype=np.int64))
+        row["raw_bytes"] += e.nbytes
+        row["stored_bytes"] += e.stored
+        row["enc"][e.enc] = row["enc"].get(e.enc, 0) + 1
+    for row in layers.values():
+        row["ratio"] = row["stored_bytes"] / row["raw_bytes"] if row["raw_bytes"] else 0.0
+    d["snapshot"] = {"index": v.snapshots.index(snap) + 1, **snap, "base": m.base,
+                     "setting": m.setting, "commit_seconds": m.commit_seconds}
+    d["layers"] = list(layers.values())
+    d["tensors"] = repo.archive.report(snap["id"])
+    return d
+
+
+
+def diff(repo: Repository, a: str | int | Version, b: str | int | Version, *, snapshot_a: str | int | None = None,
+         snapshot_b: str | int | None = None, weights: bool = True) -> dict[str, Any]:
+    """Two versions side by side: network, hyperparameter, metric and per-tensor weight changes."""
+    va, vb = repo.version(a), repo.version(b)
+    ha, hb = flatten(va.hyperparameters), flatten(vb.hyperparameters)
+    hp = {k: [ha.get(k), hb.get(k)] for k in sorted(ha.keys() | hb.keys()) if ha.get(k) != hb.get(k)}
+    ma, mb = va.metrics, vb.metrics
+    metrics = {k: [value_at(ma.get(k, []), None), value_at(mb.get(k, []), None)]
+               for k in sorted(ma.keys() | mb.keys())}
+    out: dict[str, Any] = {
+        "a": {"id": va.id, "name": va.name}, "b": {"id": vb.id, "name": vb.name},
+        "network": diff_networks(va.network, vb.network), "hyperparameters": hp, "metrics": metrics,
+        "files": {k: [va.files.get(k, {}).get("sha256"), vb.files.get(k, {}).get("sha256")]
+                  for k in sorted(va.files.keys() | vb.files.keys())
+                  if va.files.get(k, {}).get("sha256") != vb.files.get(k, {}).get("sha256")},
+    }
+    if weights and va.snapshots and vb.snapshots:
+        sa, sb = va.snapshot(snapshot_a)["id"], vb.snapshot(snapshot_b)["id"]
+        out["snapshots"] = [sa, sb]
+        out["weights"] = diff_tensors(repo.archive.restore(sa), repo.archive.restore(sb))
+    return out
+
+
+
+def lineage(repo: Repository) -> list[dict[str, Any]]:
+    """Every version's summary (id, name, parents, tags, snapshots, sizes), from the catalog, by id."""
+    cat = repo.catalog()
+    parents: dict[int, list[int]] = {}
+    for r in cat.query("SELECT version, parent FROM parents ORDER BY version, pos"):
+        parents.setdefault(r["version"], []).append(r["parent"])
+    tags: dict[int, list[str]] = {}
+    for r in cat.query("SELECT tag, version FROM tags ORDER BY tag"):
+        tags.setdefault(r["version"], []).append(r["tag"])
+    return [dict(r) | {"parents": parents.get(r["id"], []), "tags": tags.get(r["id"], [])}
+            for r in cat.query("SELECT id, name, created, author, message, n_snapshots, raw_bytes, stored_bytes,"
+                               " latest, best FROM versions ORDER BY id")]
+
+
+
+def log(repo: Repository, ref: str | int | Version | None = None) -> list[dict[str, Any]]:
+    """:func:`lineage`, or only the versions connected to ``ref`` (its ancestors and descendants)."""
+    rows = lineage(repo)
+    if ref is None:
+        return rows
+    vid = repo.resolve(ref)
+    by_id = {r["id"]: r for r in rows}
+    children: dict[int, list[int]] = {}
+    for r in rows:
+        for p in r["parents"]:
+            children.setdefault(p, []).append(r["id"])
+    keep: set[int] = set()
+    for start, step in ((vid, lambda x: by_id[x]["parents"] if x in by_id else []),
+                        (vid, lambda x: children.get(x, []))):
+        stack, seen = [start], set()
+        while stack:  # a loop, not recursion: chains can be long (and parents may form a cycle)
+            x = stack.pop()
+            if x not in seen:
+                seen.add(x)
+                stack += step(x)
+        keep |= seen
+    return [r for r in rows if r["id"] in keep]
+
+
+def stats(repo: Repository) -> dict[str, Any]:
+    """What the archive stores, how (encodings, dtypes), and what that saves (``gpupas stats``)."""
+    cat = repo.catalog()
+    q = cat.query
+    referenced = {r["snapshot"] for r in q("SELECT DISTINCT snapshot FROM snapshots")}
+    uniq = "(SELECT DISTINCT snapshot FROM snapshots)"
+    tot = q(f"SELECT count(*) AS n, coalesce(sum(nbytes),0) AS raw, coalesce(sum(stored),0) AS stored "
+            f"FROM tensors WHERE snapshot IN {uniq}")[0]
+    by_enc = [dict(r) for r in q(f"SELECT enc, count(*) AS tensors, sum(nbytes) AS raw_bytes, sum(stored) AS "
+                                 f"stored_bytes FROM tensors WHERE snapshot IN {uniq} GROUP BY enc ORDER BY enc")]
+    by_dtype = [dict(r) for r in q(f"SELECT dtype, count(*) AS tensors, sum(nbytes) AS raw_bytes, sum(stored) AS "
+                                   f"stored_bytes FROM tensors WHERE snapshot IN {uniq} GROUP BY dtype "
+                                   "ORDER BY dtype")]
+    files = q("SELECT count(*) AS refs, coalesce(sum(size),0) AS logical FROM files")[0]
+    blob_sizes = {r["sha256"]: r["size"] for r in q("SELECT DISTINCT sha256, size FROM files")}
+    all_sids = set(repo.archive.store.list_snapshots())
+    orphans = sorted(all_sids - referenced)
+    disk = repo.archive.store.store.usage("")
+    raw, stored = int(tot["raw"]), int(tot["stored"])
+    for row in by_enc + by_dtype:
+        row["ratio"] = row["stored_bytes"] / row["raw_bytes"] if row["raw_bytes"] else 0.0
+    return {
+        "location": repo.location,
+        "versions": q("SELECT count(*) AS n FROM versions")[0]["n"],
+        "names": q("SELECT count(DISTINCT name) AS n FROM versions")[0]["n"],
+        "tags": q("SELECT count(*) AS n FROM tags")[0]["n"],
+        "snapshots": len(referenced), "tensors": tot["n"], "raw_bytes": raw, "stored_bytes": stored,
+        "ratio": stored / raw if raw else 0.0, "saved_bytes": raw - stored,
+        "by_encoding": by_enc, "by_dtype": by_dtype,
+        "files": {"references": files["refs"], "logical_bytes": files["logical"], "blobs": len(blob_sizes),
+                  "stored_bytes": sum(blob_sizes.values()),
+                  "saved_bytes": files["logical"] - sum(blob_sizes.values())},
+        "unreferenced_snapshots": orphans, "incomplete_snapshots": repo.archive.store.orphan_folders(),
+        "disk_bytes": disk,
+        "per_version": [dict(r) for r in q("SELECT id, name, n_snapshots, raw_bytes, stored_bytes FROM versions "
+                                           "ORDER BY id")],
+    }
+
+
+
+
+def diff_tensors(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray]) -> dict[str, Any]:
+    """Per-tensor change statistics from ``a`` to ``b`` (same name and shape), plus totals.
+
+    Rows: ``name, shape, changed`` (fraction of elements whose bits differ), and for float
+    tensors ``max_abs``, ``mean_abs`` and ``rel_l2 = ||b - a|| / ||a||``.
+    """
+    rows, d2, n2 = [], 0.0, 0.0
+    for name in [k for k in b if k in a]:
+        x, y = a[name], b[name]
+        if x.shape != y.shape or x.dtype != y.dtype:
+            rows.append({"name": name, "shape": [list(x.shape), list(y.shape)], "dtype": [str(x.dtype), str(y.dtype)]})
+            continue
+        row: dict[str, Any] = {"name": name, "shape": list(x.shape), "dtype": str(x.dtype)}
+        xb = x.reshape(-1).view(np.uint8).reshape(x.size, -1) if x.size else np.zeros((0, 1), np.uint8)
+        yb = y.reshape(-1).view(np.uint8).reshape(y.size, -1) if y.size else np.zeros((0, 1), np.uint8)
+        row["changed"] = float(np.any(xb != yb, axis=1).mean()) if x.size else 0.0
+        if x.dtype.kind == "f" or x.dtype.name in ("bfloat16", "float8_e4m3fn", "float8_e5m2"):
+            xf, yf = x.astype(np.float64).reshape(-1), y.astype(np.float64).reshape(-1)
+            with np.errstate(all="ignore"):
+                d = yf - xf
+                ok = np.isfinite(d)
+                dd, nn = float(np.sum(d[ok] ** 2)), float(np.sum(xf[ok] ** 2))
+                row["max_abs"] = float(np.max(np.abs(d[ok]))) if ok.any() else None
+                row["mean_abs"] = float(np.mean(np.abs(d[ok]))) if ok.any() else None
+                row["rel_l2"] = math.sqrt(dd / nn) if nn else (0.0 if dd == 0 else None)
+            d2, n2 = d2 + dd, n2 + nn
+        rows.append(row)
+    return {
+        "tensors": rows,
+        "added": [k for k in b if k not in a], "removed": [k for k in a if k not in b],
+        "identical": sum(1 for r in rows if r.get("changed") == 0.0),
+        "rel_l2": math.sqrt(d2 / n2) if n2 else 0.0,
+    }

@@ -1,0 +1,164 @@
+"""Learning measurements: metric series from training logs and dicts, and picking the best snapshot."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from gpupas.errors import InvalidInputError
+from gpupas.versions.model import select_snapshot
+
+_STEP_NAMES = ("step", "global_step", "iteration", "iter", "epoch")
+Series = dict[str, list[list[Any]]]
+
+
+def _value(v: Any) -> float | None:
+    if v is None or v == "":
+        return None
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        raise InvalidInputError(f"metric value {v!r} is not a number") from None
+    return f if math.isfinite(f) else None
+
+
+def _step(v: Any) -> int | float:
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        raise InvalidInputError(f"step {v!r} is not a number") from None
+    if not math.isfinite(f):
+        raise InvalidInputError(f"step {v!r} is not finite")
+    return int(f) if f.is_integer() else f
+
+
+def _from_rows(rows: Iterable[Mapping[str, Any]], source: str) -> dict[str, list[list[Any]]]:
+    """Series from per-step records; columns holding any text (timestamps, phase names) are skipped."""
+    rows = [r for r in rows if isinstance(r, Mapping)]
+    cols = list(dict.fromkeys(k for r in rows for k in r if k is not None))
+    step_key = next((k for k in _STEP_NAMES if k in cols), None)
+
+    def numeric(v: Any) -> bool:
+        if v is None or v == "" or isinstance(v, bool):
+            return v is not True and v is not False
+        try:
+            float(v)
+        except (TypeError, ValueError):
+            return False
+        return True
+
+    metrics = [k for k in cols if k != step_key and all(numeric(r.get(k)) for r in rows)]
+    out: dict[str, list[list[Any]]] = {}
+    for i, row in enumerate(rows):
+        raw_step = row.get(step_key) if step_key else None
+        step = _step(raw_step) if raw_step not in (None, "") else i
+        for k in metrics:
+            if row.get(k) not in (None, ""):
+                out.setdefault(k, []).append([step, _value(row[k])])
+    if not out and rows:
+        raise InvalidInputError(f"{source}: no numeric metric columns found")
+    return out
+
+
+def read_training_log(path: str | os.PathLike[str]) -> dict[str, list[list[Any]]]:
+    """Metric series from a training log: CSV with a header, JSON or JSON lines.
+
+    A ``step`` (or ``global_step``, ``iteration``, ``iter``, ``epoch``) column gives the step,
+    else the row number; every other numeric column is a series. JSON may also be an object of
+    series (``{"loss": [0.9, 0.5]}`` or ``{"loss": [[step, value], ...]}``).
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise InvalidInputError(f"training log {p} does not exist")
+    text = p.read_text(errors="replace")
+    try:
+        if p.suffix == ".csv":
+            return _from_rows(csv.DictReader(io.StringIO(text)), str(p))
+        if p.suffix == ".jsonl":
+            return _from_rows([json.loads(line) for line in text.splitlines() if line.strip()], str(p))
+        if p.suffix == ".json":
+            return normalize_metrics(json.loads(text), str(p))
+    except (json.JSONDecodeError, csv.Error, AttributeError) as exc:
+        raise InvalidInputError(f"training log {p} cannot be read: {exc}") from None
+    raise InvalidInputError(f"training log {p}: unknown type {p.suffix!r}; give .csv, .json or .jsonl")
+
+
+def normalize_metrics(metrics: Any, source: str = "metrics") -> dict[str, list[list[Any]]]:
+    """Metric series as ``{name: [[step, value], ...]}`` (values NaN/Inf -> None).
+
+    Accepts a path (see :func:`read_training_log`), a list of per-step records, or a mapping of
+    name to a number, a list of numbers, a list of ``[step, value]`` pairs or ``{step: value}``.
+    """
+    if metrics is None:
+        return {}
+    if isinstance(metrics, (str, os.PathLike)):
+        return read_training_log(metrics)
+    if isinstance(metrics, list):
+        if not all(isinstance(r, Mapping) for r in metrics):
+            raise InvalidInputError(f"{source}: a list of metrics must hold one object per step")
+        return _from_rows(metrics, source)
+    if not isinstance(metrics, Mapping):
+        raise InvalidInputError(f"{source}: metrics must be a mapping of name -> series, a list of records or a path")
+    out: dict[str, list[list[Any]]] = {}
+    for name, series in metrics.items():
+        if not isinstance(name, str) or not name:
+            raise InvalidInputError(f"{source}: metric name {name!r} must be a non-empty string")
+        if isinstance(series, Mapping):
+            pts = [[_step(k), _value(v)] for k, v in series.items()]
+        elif isinstance(series, (list, tuple)):
+            pts = [[_step(x[0]), _value(x[1])] if isinstance(x, (list, tuple)) and len(x) == 2 else [i, _value(x)]
+                   for i, x in enumerate(series)]
+        else:
+            pts = [[0, _value(series)]]
+        out[name] = pts
+    return out
+
+
+def merge_metrics(into: dict[str, list[list[Any]]], more: Mapping[str, list[list[Any]]]) -> None:
+    for name, pts in more.items():
+        into.setdefault(name, []).extend(pts)
+
+
+def upto(metrics: Mapping[str, list[list[Any]]], step: int | None, after: int | None) -> dict[str, Any]:
+    """The points of each series in (after, step]; all of them when step is unknown."""
+    if step is None:
+        return {k: list(v) for k, v in metrics.items()}
+    out = {k: [p for p in v if p[0] <= step and (after is None or p[0] > after)] for k, v in metrics.items()}
+    return {k: v for k, v in out.items() if v}
+
+
+def value_at(series: Sequence[Sequence[Any]], step: int | None) -> float | None:
+    pts = [p for p in series if p[1] is not None and (step is None or p[0] <= step)]
+    return max(pts, key=lambda p: p[0])[1] if pts else None
+
+
+def pick_best(entries: list[dict[str, Any]], series: Mapping[str, Any], best: str | int | None,
+               best_by: str | None) -> str | None:
+    if best is not None:
+        return select_snapshot(entries, best, entries[-1]["id"] if entries else None, None, "the version")["id"]
+    if not best_by or not entries:
+        return None
+    metric, _, mode = best_by.partition(":")
+    if metric not in series:
+        raise InvalidInputError(f"best_by: no metric {metric!r}; the metrics are {', '.join(series) or 'none'}")
+    mode = mode or ("min" if re.search(r"loss|err|perplex", metric) else "max")
+    if mode not in ("min", "max"):
+        raise InvalidInputError(f"best_by mode must be 'min' or 'max', not {mode!r}")
+    scored = [(v, i) for i, e in enumerate(entries) if (v := value_at(series[metric], e.get("step"))) is not None]
+    if not scored:
+        return None
+    sign = 1 if mode == "min" else -1
+    return entries[min(scored, key=lambda t: (sign * t[0], t[1]))[1]]["id"]
+
+
+def final_metrics(into: dict[str, list[list[Any]]], values: Mapping[str, Any], step: int | None) -> None:
+    """Add one point per metric ``values`` (name -> value) at ``step`` (0 when unknown)."""
+    for k, v in values.items():
+        into.setdefault(k, []).extend(normalize_metrics({k: [[step or 0, v]]})[k])

@@ -1,0 +1,220 @@
+"""What a model version is: its record (built here, in one place), the read-only :class:`Version` view,
+and the checks on names a version, tag, file or checkpoint may have.
+
+A version is ``(name, id, parents, network, snapshots, hyperparameters, metrics, files)`` plus
+author, message, creation time and a revision counter for later changes (snapshots appended, a
+best mark). Records are sealed JSON (:mod:`gpupas.format.sealed`).
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+import math
+import os
+import re
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from gpupas.errors import InvalidInputError, SnapshotNotFoundError
+from gpupas.format.keys import check_name
+from gpupas.format.manifest import Manifest
+from gpupas.network import Network
+from gpupas.tensors import TORCH_SUFFIXES
+
+RECORD_FORMAT = 1
+CHECKPOINT_SUFFIXES = (".safetensors", *TORCH_SUFFIXES)
+MAX_VERSION_ID = 10**18 - 1
+Record = dict[str, Any]
+
+
+def now() -> str:
+    return datetime.now(UTC).isoformat()
+
+
+def default_author() -> str:
+    try:
+        return os.environ.get("GPUPAS_AUTHOR") or getpass.getuser()
+    except (KeyError, OSError):
+        return "unknown"
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray) and obj.size <= 1024:
+        return obj.tolist()
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    raise TypeError(f"{type(obj).__name__} is not JSON")
+
+
+def check_text(value: Any, what: str) -> None:
+    """Every string in ``value`` must be valid Unicode text (no lone surrogates from undecodable bytes)."""
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, str):
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError:
+                raise InvalidInputError(f"{what} holds text that is not valid UTF-8 ({v!r}); give it as UTF-8") \
+                    from None
+        elif isinstance(v, Mapping):
+            stack.extend(v.keys())
+            stack.extend(v.values())
+        elif isinstance(v, (list, tuple)):
+            stack.extend(v)
+
+
+def to_json(obj: Any, what: str) -> Any:
+    """``obj`` as plain JSON values; InvalidInputError names ``what`` when it is not JSON."""
+    try:
+        out = json.loads(json.dumps(obj, default=_json_default, allow_nan=False))
+    except (TypeError, ValueError) as exc:
+        raise InvalidInputError(f"{what} must be JSON values (numbers, strings, lists, objects; no NaN): {exc}") \
+            from None
+    check_text(out, what)
+    return out
+
+
+def natural_key(name: str) -> list[Any]:
+    """Sort key that orders ``step-9`` before ``step-10``."""
+    return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", name)]
+
+
+def step_of(path: str | os.PathLike[str]) -> int | None:
+    """The training step in a checkpoint's file name (its last number), if any."""
+    nums = re.findall(r"\d+", Path(path).stem)
+    return int(nums[-1]) if nums else None
+
+
+def check_version_name(name: str, what: str = "version name") -> str:
+    """``name`` if it can name a version or tag: a safe path component that is not only digits."""
+    check_name(name, what)
+    if name.isdigit():
+        raise InvalidInputError(f"{what} {name!r} is not allowed: names of digits only would read as version ids")
+    return name
+
+
+def check_file_name(name: str) -> str:
+    """A file's logical name: relative, '/'-separated, every part a safe name."""
+    if not isinstance(name, str) or not name or name.startswith("/") or "\\" in name:
+        raise InvalidInputError(f"file name {name!r} is not allowed: give a relative path with '/' separators")
+    for part in name.split("/"):
+        check_name(part, f"file name part of {name!r}:")
+    return name
+
+
+def checkpoint_files(path: str | os.PathLike[str]) -> list[Path]:
+    """A checkpoint file, or the checkpoint files of a directory in natural order of their names."""
+    p = Path(path)
+    if p.is_dir():
+        found = sorted((f for f in p.iterdir() if f.is_file() and f.suffix in CHECKPOINT_SUFFIXES),
+                       key=lambda f: natural_key(f.name))
+        if not found:
+            raise InvalidInputError(f"{p} holds no checkpoint files ({', '.join(CHECKPOINT_SUFFIXES)})")
+        return found
+    if not p.is_file():
+        raise InvalidInputError(f"checkpoint {p} does not exist")
+    if p.suffix not in CHECKPOINT_SUFFIXES:
+        raise InvalidInputError(f"{p}: unknown checkpoint type {p.suffix!r}; give a .safetensors file, a torch "
+                                f"state_dict file ({', '.join(TORCH_SUFFIXES)}) or a directory of them")
+    return [p]
+
+
+def snapshot_entry(m: Manifest, step: int | None, source: str | None) -> dict[str, Any]:
+    """A version's entry for snapshot ``m``."""
+    return {"id": m.id, "created": m.created, "step": step, "source": source, "base": m.base,
+            "raw_bytes": m.raw_bytes, "stored_bytes": m.stored_bytes, "tensors": len(m.tensors)}
+
+
+def new_record(name: str, *, parents: list[int], snapshots: list[dict[str, Any]], network: Any,
+               hyperparameters: Any, metrics: Any, files: Any, message: str = "", author: str | None = None,
+               best: str | None = None) -> Record:
+    """A version record (its id is given when it is published)."""
+    record: Record = {
+        "format": RECORD_FORMAT, "id": 0, "name": name, "parents": parents, "created": now(),
+        "author": author if author is not None else default_author(), "message": message, "rev": 0,
+        "snapshots": snapshots, "latest": snapshots[-1]["id"] if snapshots else None, "best": best,
+        "network": network, "hyperparameters": hyperparameters, "metrics": metrics, "files": files,
+    }
+    check_text(record, f"version {name!r}")
+    return record
+
+
+def well_formed(r: Any) -> bool:
+    """Whether ``r`` has the fields every reader relies on, with the right types."""
+    try:
+        return (isinstance(r, dict) and 0 < int(r["id"]) <= MAX_VERSION_ID and isinstance(r["name"], str)
+                and isinstance(r["created"], str) and all(isinstance(p, int) for p in r["parents"])
+                and all(isinstance(s["id"], str) for s in r["snapshots"]))
+    except (KeyError, TypeError, ValueError):
+        return False
+
+
+class Version:
+    """One committed model version (a read-only view of its record)."""
+
+    def __init__(self, record: Record):
+        self.record = record
+
+    def __repr__(self) -> str:
+        return f"Version(id={self.id}, name={self.name!r}, parents={self.parents}, snapshots={len(self.snapshots)})"
+
+    id = property(lambda self: int(self.record["id"]))
+    name = property(lambda self: str(self.record["name"]))
+    parents = property(lambda self: [int(p) for p in self.record["parents"]])
+    created = property(lambda self: str(self.record["created"]))
+    author = property(lambda self: self.record.get("author"))
+    message = property(lambda self: self.record.get("message", ""))
+    snapshots = property(lambda self: list(self.record["snapshots"]))
+    latest = property(lambda self: self.record.get("latest"))
+    best = property(lambda self: self.record.get("best"))
+    hyperparameters = property(lambda self: dict(self.record.get("hyperparameters") or {}))
+    metrics = property(lambda self: dict(self.record.get("metrics") or {}))
+    files = property(lambda self: dict(self.record.get("files") or {}))
+    rev = property(lambda self: int(self.record.get("rev", 0)))
+
+    @property
+    def network(self) -> Network:
+        return Network.from_dict(self.record.get("network"))
+
+    def snapshot(self, selector: str | int | None = None) -> dict[str, Any]:
+        """A snapshot entry: ``None``/"latest", "best", a 1-based index, or a snapshot id."""
+        return select_snapshot(self.record["snapshots"], selector, self.latest, self.best, f"version {self.id}")
+
+    def to_dict(self) -> Record:
+        return json.loads(json.dumps(self.record))
+
+
+def select_snapshot(snaps: list[dict[str, Any]], selector: str | int | None, latest: str | None, best: str | None,
+                    what: str) -> dict[str, Any]:
+    """The entry of ``snaps`` that ``selector`` names ("latest", "best", a 1-based index, an id)."""
+    if not snaps:
+        raise SnapshotNotFoundError(f"{what} has no snapshots")
+    sel = "latest" if selector is None else str(selector)
+    if sel in ("latest", "best"):
+        sid = latest if sel == "latest" else best
+        if sid is None:
+            raise SnapshotNotFoundError(f"{what} has no snapshot marked best; pick one with --snapshot N "
+                                        f"(1..{len(snaps)}) or mark one with Repository.mark_best")
+        sel = sid
+    if sel.isdigit() and len(sel) < 6:
+        i = int(sel)
+        if not 1 <= i <= len(snaps):
+            raise SnapshotNotFoundError(f"{what} has snapshots 1..{len(snaps)}, not {i}")
+        return snaps[i - 1]
+    for s in snaps:
+        if s["id"] == sel:
+            return s
+    raise SnapshotNotFoundError(f"{what} has no snapshot {sel!r}; it has "
+                                f"{', '.join(s['id'] for s in snaps[:5])}{'...' if len(snaps) > 5 else ''}")
+
+
+def finite(v: Any) -> float | None:
+    return float(v) if isinstance(v, (int, float)) and math.isfinite(v) else None

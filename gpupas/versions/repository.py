@@ -1,0 +1,518 @@
+"""Model versions, lineage, tags, files and metadata on top of the PAS archive (the dlv layer).
+
+A **version** is ``(name, id, parents, network, snapshots, metadata, files)``: a running integer
+id, any number of parent versions (lineage), a network definition (a DAG of layers), one or
+more time-ordered snapshots of its weights (PAS snapshots; one is latest, one may be marked
+best), hyperparameters and metric series, and files stored by content hash. Everything lives in
+the archive's store (a local directory or S3); a SQLite catalog indexes it for queries.
+
+>>> import numpy as np, tempfile
+>>> repo = create_repository(tempfile.mkdtemp() + "/arc")
+>>> v1 = repo.commit("mlp", {"fc.weight": np.ones((4, 3), np.float32)}, hyperparameters={"lr": 0.1})
+>>> v2 = repo.commit("mlp", {"fc.weight": np.full((4, 3), 2, np.float32)}, parents=[v1.id])
+>>> (v2.id, v2.parents, repo.version("mlp").id)
+(2, [1], 2)
+>>> repo.restore(1)["fc.weight"].sum()
+np.float32(12.0)
+>>> repo.close()
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import warnings
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from gpupas.archive import Archive, create_archive, open_archive
+from gpupas.catalog import Catalog, catalog_path, open_catalog
+from gpupas.errors import ArchiveExistsError, CatalogError, IntegrityError, InvalidInputError, VersionNotFoundError
+from gpupas.format import keys
+from gpupas.network import Network, extract_network
+from gpupas.tensors import load_checkpoint
+from gpupas.versions import export as _export
+from gpupas.versions import inspect as _inspect
+from gpupas.versions import verify as _verify
+from gpupas.versions.metrics import merge_metrics, normalize_metrics, pick_best, upto
+from gpupas.versions.model import (
+    Record,
+    Version,
+    check_file_name,
+    check_text,
+    check_version_name,
+    checkpoint_files,
+    new_record,
+    now,
+    snapshot_entry,
+    step_of,
+    to_json,
+)
+from gpupas.versions.records import Records
+
+Progress = Callable[[str, int, int], None]
+
+
+def create_repository(location: str | os.PathLike[str], **kw: Any) -> Repository:
+    """Create a new archive with versions at ``location``; ArchiveExistsError if one is there."""
+    loc = os.fspath(location)
+    try:
+        open_archive(loc, **kw).close()
+    except (FileNotFoundError, OSError):  # ArchiveNotFoundError is one: nothing there yet
+        pass
+    else:
+        raise ArchiveExistsError(f"{location} is already an archive; nothing changed")
+    return Repository(create_archive(loc, **kw))
+
+
+def open_repository(location: str | os.PathLike[str], **kw: Any) -> Repository:
+    """Open the archive at ``location`` for versions (it may hold plain snapshots too)."""
+    return Repository(open_archive(location, **kw))
+
+
+class Repository:
+    """Versions, lineage, tags and files of one archive (local or remote), with its SQLite catalog.
+
+    Use :func:`create_repository` / :func:`open_repository`; close it (or use ``with``).
+    """
+
+    def __init__(self, archive: Archive, *, own_archive: bool = True):
+        self.archive = archive
+        self.records = Records(archive.store)
+        root = archive.store.local_root
+        self.root = Path(root) if root is not None else None
+        self._own = own_archive
+        self._catalog: Catalog | None = None
+
+    @property
+    def location(self) -> str:
+        return self.archive.location
+
+    def __enter__(self) -> Repository:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._catalog is not None:
+            self._catalog.close()
+            self._catalog = None
+        if self._own:
+            self.archive.close()
+
+    # -- catalog ---------------------------------------------------------------------------------------------
+    def catalog(self) -> Catalog:
+        """The SQLite catalog, brought up to date with the records (rebuilt if missing or damaged)."""
+        if self._catalog is None:
+            self._catalog = open_catalog(catalog_path(self.location, self.archive.store.local_root), self.records)
+        else:
+            self._catalog.sync()
+        return self._catalog
+
+    def reindex(self) -> dict[str, int]:
+        """Build the catalog from scratch from the archive alone; returns the row count of each table."""
+        return self.catalog().rebuild()
+
+    def _after_publish(self) -> None:
+        try:
+            self.catalog()
+        except (CatalogError, OSError, sqlite3.Error) as exc:  # the record is the truth; the next reader catches up
+            warnings.warn(f"version published, but the catalog was not updated ({exc}); it will be on next use",
+                          stacklevel=3)
+
+    # -- reading versions ------------------------------------------------------------------------------------
+    def _record(self, vid: int) -> Record:
+        rec = self.records.version(vid)
+        if rec is None:
+            raise VersionNotFoundError(f"no version {vid} in archive {self.location}; list them with `gpupas log`")
+        return rec
+
+    def resolve(self, ref: str | int | Version) -> int:
+        """The id a reference names: a Version, an id, a tag, or a name (its newest version)."""
+        if isinstance(ref, Version):
+            return ref.id
+        if isinstance(ref, (int, np.integer)) or (isinstance(ref, str) and ref.isdigit()):
+            vid = int(ref)
+            if not self.records.has_version(vid):
+                raise VersionNotFoundError(f"no version {vid} in archive {self.location}; list them with `gpupas log`")
+            return vid
+        if not isinstance(ref, str):
+            raise InvalidInputError(f"a version reference is an id, a tag or a name, not a {type(ref).__name__}")
+        keys.check_name(ref, "version reference")
+        tag = self.records.tag(ref)
+        if tag is not None:
+            return tag
+        try:
+            rows = self.catalog().query("SELECT max(id) AS id FROM versions WHERE name=?", (ref,))
+            found = rows[0]["id"] if rows else None
+        except (CatalogError, sqlite3.Error):  # no usable catalog: read the records
+            found = max((v.id for v in self.versions() if v.name == ref), default=None)
+        if found is not None:
+            return int(found)
+        raise VersionNotFoundError(f"no version, tag or name {ref!r} in archive {self.location}; "
+                                   "list them with `gpupas log`")
+
+    def version(self, ref: str | int | Version) -> Version:
+        """The version a reference names (see :meth:`resolve`)."""
+        return Version(self._record(self.resolve(ref)))
+
+    def versions(self) -> list[Version]:
+        """Every version, by id (records that cannot be read are skipped; `verify` reports them)."""
+        out = []
+        for vid in self.records.version_ids():
+            try:
+                rec = self.records.version(vid)
+            except IntegrityError:
+                continue
+            if rec is not None:
+                out.append(Version(rec))
+        return out
+
+    def tags(self) -> dict[str, int]:
+        """Tag name -> version id."""
+        return {r["tag"]: r["version"] for r in self.catalog().query("SELECT tag, version FROM tags ORDER BY tag")}
+
+    def file_bytes(self, sha256: str) -> bytes:
+        """A stored file's bytes, checked against their hash."""
+        return self.records.blob(sha256)
+
+    # -- writing versions ------------------------------------------------------------------------------------
+    def _sources(self, checkpoints: Any) -> list[tuple[Any, str | None, int | None]]:
+        """(tensors or path, source name, step) per snapshot to commit."""
+        if checkpoints is None:
+            return []
+        if isinstance(checkpoints, (str, os.PathLike)):
+            return [(p, p.name, step_of(p)) for p in checkpoint_files(checkpoints)]
+        if isinstance(checkpoints, Mapping):
+            return [(checkpoints, None, None)]
+        if isinstance(checkpoints, (list, tuple)):
+            out = []
+            for c in checkpoints:
+                out.extend(self._sources(c))
+            return out
+        raise InvalidInputError(f"checkpoints must be a path, a directory, a mapping of tensors or a list of those, "
+                                f"not {type(checkpoints).__name__}")
+
+    def _store_files(self, files: Any) -> dict[str, dict[str, Any]]:
+        """Check and store files (paths, dirs, or {logical name: path or bytes}); returns the refs."""
+        items: list[tuple[str, Any]] = []
+        if files is None:
+            files = []
+        if isinstance(files, (str, os.PathLike)):
+            files = [files]
+        if isinstance(files, Mapping):
+            items = [(check_file_name(k), v) for k, v in files.items()]
+        else:
+            for f in files:
+                p = Path(f)
+                if p.is_dir():
+                    items += [(check_file_name(f"{p.name}/{q.relative_to(p).as_posix()}"), q)
+                              for q in sorted(p.rglob("*")) if q.is_file()]
+                elif p.is_file():
+                    items.append((check_file_name(p.name), p))
+                else:
+                    raise InvalidInputError(f"file {p} does not exist")
+        blobs = []
+        for name, src in items:
+            if isinstance(src, (bytes, bytearray, memoryview)):
+                data = bytes(src)
+            else:
+                try:
+                    data = Path(src).read_bytes()
+                except OSError as exc:
+                    raise InvalidInputError(f"file {src} cannot be read: {exc}") from None
+            blobs.append((name, data))
+        return {name: {"sha256": self.records.put_blob(data), "size": len(data)} for name, data in blobs}
+
+    def _discard(self, sids: Iterable[str]) -> None:
+        """Remove snapshots this process wrote for a version that was never published."""
+        for sid in sids:
+            self.archive.discard(sid)
+
+    def _commit_snapshots(self, sources: Sequence[tuple[Any, str | None, int | None]], base: str | None,
+                          name: str, setting: str, progress: Progress | None,
+                          written: list[str]) -> tuple[list[dict[str, Any]], Any]:
+        entries, first = [], None
+        for i, (src, label, step) in enumerate(sources):
+            if progress:
+                progress(f"{name}: {label or 'tensors'}", i, len(sources))
+            tensors = load_checkpoint(src) if isinstance(src, (str, os.PathLike)) else src
+            if first is None:
+                first = tensors
+            m = self.archive.commit(tensors, base=base, setting=setting,
+                                    meta={"version_name": name, "source": label, "step": step})
+            written.append(m.id)
+            entries.append(snapshot_entry(m, step, label))
+            base = m.id
+        if progress:
+            progress(f"{name}: done", len(sources), len(sources))
+        return entries, first
+
+    def commit(self, name: str, checkpoints: Any = None, *, parents: Iterable[str | int | Version] = (),
+               message: str = "", author: str | None = None, hyperparameters: Mapping[str, Any] | None = None,
+               metrics: Any = None, files: Any = None, network: Any = None, setting: str = "default",
+               best: str | int | None = None, best_by: str | None = None, step: int | None = None,
+               progress: Progress | None = None) -> Version:
+        """Commit a new version of ``name`` and return it.
+
+        Parameters
+        ----------
+        checkpoints
+            A checkpoint file (safetensors or torch, read without executing code), a directory
+            of them (time-ordered snapshots in natural name order), a mapping of tensor names to
+            arrays, or a list of those. Each snapshot is delta-encoded against the previous one,
+            the first against the first parent's latest snapshot.
+        parents
+            Versions this one derives from (ids, tags, names).
+        hyperparameters, metrics, files
+            Any JSON object; metric series (see :func:`~gpupas.versions.metrics.normalize_metrics`;
+            a path reads a training log); files as paths, directories or ``{name: path or bytes}``.
+        network
+            A torch module, a network dict, or None: then it is read off the first
+            checkpoint's tensor names and shapes.
+        best, best_by
+            Mark a snapshot best: a 1-based index or snapshot id, or the one with the best value
+            of a metric (``"accuracy"``: highest; ``"loss:min"``: lowest).
+        step
+            The training step of an in-memory checkpoint (files take it from their name).
+
+        Nothing is visible until the version record is published; on any error the snapshots
+        written so far are removed again.
+
+        Examples
+        --------
+        >>> import numpy as np, tempfile
+        >>> repo = create_repository(tempfile.mkdtemp() + "/a")
+        >>> repo.commit("net", {"w": np.zeros(3, np.float32)}, metrics={"loss": [0.9, 0.5]}).metrics["loss"]
+        [[0, 0.9], [1, 0.5]]
+        """
+        check_version_name(name)
+        check_text([message, author], "the message or author")
+        parent_ids = list(dict.fromkeys(self.resolve(p) for p in parents))
+        hp = to_json(dict(hyperparameters or {}), "hyperparameters")
+        series = normalize_metrics(metrics)
+        sources = self._sources(checkpoints)
+        if step is not None:
+            sources = [(src, label, step if st is None else st) for src, label, st in sources]
+        base = Version(self._record(parent_ids[0])).latest if parent_ids else None
+        net = extract_network(network) if network is not None else None
+        written: list[str] = []
+        try:
+            entries, first = self._commit_snapshots(sources, base, name, setting, progress, written)
+            if net is None:
+                net = extract_network(first) if first is not None else Network(source="none")
+            record = new_record(name, parents=parent_ids, snapshots=entries, network=net.to_dict(),
+                                hyperparameters=hp, metrics=series, files=self._store_files(files),
+                                message=message, author=author, best=pick_best(entries, series, best, best_by))
+            vid = self.records.publish_version(record)
+        except BaseException:
+            self._discard(written)
+            raise
+        self._after_publish()
+        return Version(self._record(vid))
+
+    def _update(self, ref: str | int | Version, change: Callable[[Record], None],
+                on_failure: Callable[[], None] | None = None) -> Version:
+        """Apply ``change`` to a version's record and publish it; ``on_failure`` runs only if the
+        record was not replaced (after that, the record references what the change added)."""
+        vid = self.resolve(ref)
+
+        def bump(rec: Record) -> None:
+            change(rec)
+            rec["rev"] = int(rec.get("rev", 0)) + 1
+            rec["updated"] = now()
+
+        try:
+            rec = self.records.update_version(vid, bump)
+        except BaseException:
+            if on_failure is not None:
+                on_failure()
+            raise
+        self._after_publish()
+        return Version(rec)
+
+    def add_snapshot(self, ref: str | int | Version, tensors: Any, *, step: int | None = None,
+                     metrics: Any = None, best: bool = False, source: str | None = None,
+                     setting: str = "default") -> Version:
+        """Append a snapshot to an existing version, delta-encoded against its latest one.
+
+        Records are replaced atomically (no concurrent append is lost), so readers see the version
+        before or after, never in between.
+        """
+        vid = self.resolve(ref)
+        series = normalize_metrics(metrics)
+        latest = Version(self._record(vid)).latest
+        if isinstance(tensors, (str, os.PathLike)):
+            (path,) = checkpoint_files(tensors)
+            source, step = source or path.name, step if step is not None else step_of(path)
+            tensors = load_checkpoint(path)
+        check_text(source, "the source name")
+        m = self.archive.commit(tensors, base=latest, setting=setting,
+                                meta={"version_id": vid, "source": source, "step": step})
+        entry = snapshot_entry(m, step, source)
+
+        def change(rec: Record) -> None:
+            rec["snapshots"].append(entry)
+            rec["latest"] = entry["id"]
+            if best:
+                rec["best"] = entry["id"]
+            merge_metrics(rec.setdefault("metrics", {}), series)
+            if rec.get("network", {}).get("source") in (None, "none"):
+                rec["network"] = extract_network(tensors).to_dict()
+
+        return self._update(vid, change, on_failure=lambda: self._discard([m.id]))
+
+    def log_metrics(self, ref: str | int | Version, metrics: Any) -> Version:
+        """Append metric points (see :func:`~gpupas.versions.metrics.normalize_metrics`) to a version."""
+        series = normalize_metrics(metrics)
+        return self._update(ref, lambda rec: merge_metrics(rec.setdefault("metrics", {}), series))
+
+    def mark_best(self, ref: str | int | Version, snapshot: str | int) -> Version:
+        """Mark one of a version's snapshots (1-based index or id) as its best."""
+        sid = self.version(ref).snapshot(snapshot)["id"]
+        return self._update(ref, lambda rec: rec.__setitem__("best", sid))
+
+    def copy(self, ref: str | int | Version, name: str, *, message: str = "", author: str | None = None) -> Version:
+        """Scaffold a new version from ``ref``: same network, hyperparameters, files and latest weights.
+
+        The weights are shared (no bytes copied); the new version's parent is ``ref``. Train
+        it further with :meth:`add_snapshot` or the training hook.
+        """
+        check_version_name(name)
+        src = self.version(ref)
+        snaps = [src.snapshot()] if src.snapshots else []
+        record = new_record(name, parents=[src.id], snapshots=snaps, network=src.record.get("network"),
+                            hyperparameters=src.hyperparameters, metrics={}, files=src.files,
+                            message=message or f"copy of version {src.id} ({src.name})", author=author)
+        vid = self.records.publish_version(record)
+        self._after_publish()
+        return Version(self._record(vid))
+
+    def import_folder(self, folder: str | os.PathLike[str], name: str, *, parent: str | int | None = None,
+                      hyperparameters: Mapping[str, Any] | None = None, metrics: Any = None, files: Any = None,
+                      message: str = "", author: str | None = None, setting: str = "default",
+                      progress: Progress | None = None) -> list[Version]:
+        """Make a folder of checkpoints a lineage chain: one version per file, each the parent of the next.
+
+        Files are taken in natural name order; the last number in a file name is its step, and
+        each version gets the metric points logged up to its step. Each snapshot is a delta
+        against the previous one. On an error, no version of the chain is published.
+        """
+        check_version_name(name)
+        check_text([message, author], "the message or author")
+        paths = checkpoint_files(folder)
+        if len(paths) == 1 and Path(folder).is_file():
+            raise InvalidInputError(f"{folder} is a file; import takes a directory (commit takes files)")
+        parent_ids = [self.resolve(parent)] if parent is not None else []
+        hp = to_json(dict(hyperparameters or {}), "hyperparameters")
+        series = normalize_metrics(metrics)
+        base = Version(self._record(parent_ids[0])).latest if parent_ids else None
+        written: list[str] = []
+        records: list[Record] = []
+        try:  # 1: every snapshot; nothing is visible yet
+            for i, p in enumerate(paths):
+                entries, tensors = self._commit_snapshots([(p, p.name, step_of(p))], base, name, setting, None,
+                                                          written)
+                if progress:
+                    progress(f"{name}: {p.name}", i + 1, len(paths))
+                base = entries[0]["id"]
+                step, prev = step_of(p), (records[-1]["snapshots"][0]["step"] if records else None)
+                records.append(new_record(
+                    name, parents=[], snapshots=entries, network=extract_network(tensors).to_dict(),
+                    hyperparameters=hp, metrics=upto(series, step, prev), files={}, author=author,
+                    message=f"{message}: {p.name}" if message else f"imported {p.name}"))
+            file_refs = self._store_files(files)
+        except BaseException:
+            self._discard(written)
+            raise
+        out: list[int] = []
+        try:  # 2: publish the chain, parents first
+            for rec in records:
+                rec["parents"], rec["created"], rec["files"] = parent_ids, now(), file_refs
+                parent_ids = [self.records.publish_version(rec)]
+                out.append(parent_ids[0])
+        except BaseException:
+            self._discard(s["id"] for rec in records[len(out):] for s in rec["snapshots"])
+            raise
+        self._after_publish()
+        return [Version(self._record(v)) for v in out]
+
+    # -- tags ------------------------------------------------------------------------------------------------
+    def tag(self, tag: str, ref: str | int | Version, *, force: bool = False) -> int:
+        """Point ``tag`` at a version; ArchiveExistsError if it points elsewhere (unless ``force``)."""
+        check_version_name(tag, "tag")
+        vid = self.resolve(ref)
+        record = {"tag": tag, "version": vid, "created": now()}
+        if not self.records.create_tag(tag, record):
+            old = self.records.tag(tag)
+            if old == vid:
+                return vid
+            if not force:
+                raise ArchiveExistsError(f"tag {tag!r} already points at version {old}; use --force to move it")
+            self.records.replace_tag(tag, record)
+        self._after_publish()
+        return vid
+
+    def untag(self, tag: str) -> int:
+        """Delete a tag; returns the version it pointed at."""
+        check_version_name(tag, "tag")
+        vid = self.records.tag(tag)
+        if vid is None:
+            raise VersionNotFoundError(f"no tag {tag!r} in archive {self.location}")
+        self.records.delete_tag(tag)
+        self._after_publish()
+        return vid
+
+    # -- weights out -----------------------------------------------------------------------------------------
+    def restore(self, ref: str | int | Version, snapshot: str | int | None = None, *,
+                names: Iterable[str] | None = None, framework: str = "numpy") -> dict[str, Any]:
+        """The tensors of a version's snapshot (latest by default), bit-exact."""
+        sid = self.version(ref).snapshot(snapshot)["id"]
+        return self.archive.restore(sid, names, framework=framework)
+
+    def export(self, ref: str | int | Version, path: str | os.PathLike[str], **kw: Any) -> Path:
+        """Write a version's weights to one safetensors or torch file (see :func:`gpupas.versions.export.export`)."""
+        return _export.export(self, ref, path, **kw)
+
+    def checkout(self, ref: str | int | Version, out_dir: str | os.PathLike[str], **kw: Any) -> list[Path]:
+        """Write a version to a directory (see :func:`gpupas.versions.export.checkout`)."""
+        return _export.checkout(self, ref, out_dir, **kw)
+
+    # -- exploration -----------------------------------------------------------------------------------------
+    def show(self, ref: str | int | Version, snapshot: str | int | None = None) -> dict[str, Any]:
+        """Metadata, network, sizes and per-layer storage of a version (``gpupas show``)."""
+        return _inspect.show(self, ref, snapshot)
+
+    def diff(self, a: str | int | Version, b: str | int | Version, **kw: Any) -> dict[str, Any]:
+        """Two versions side by side (``gpupas diff``; see :func:`gpupas.versions.inspect.diff`)."""
+        return _inspect.diff(self, a, b, **kw)
+
+    def log(self, ref: str | int | Version | None = None) -> list[dict[str, Any]]:
+        """Every version's summary, or only those connected to ``ref`` (``gpupas log``)."""
+        return _inspect.log(self, ref)
+
+    def lineage(self) -> list[dict[str, Any]]:
+        """Every version's summary (id, name, parents, tags, snapshots, sizes), by id."""
+        return _inspect.lineage(self)
+
+    def stats(self) -> dict[str, Any]:
+        """What the archive stores, how, and what that saves (``gpupas stats``)."""
+        return _inspect.stats(self)
+
+    def query(self, dql: str) -> list[dict[str, Any]]:
+        """Versions selected by a DQL ``select`` statement (see :mod:`gpupas.query`), from the catalog."""
+        from gpupas.query import run_query
+
+        return run_query(self.catalog(), dql)
+
+    def verify(self, refs: Iterable[str | int] | None = None, progress: Progress | None = None) -> dict[str, Any]:
+        """Check every chunk, tensor, record, tag and file (``gpupas verify``; see :mod:`gpupas.versions.verify`)."""
+        return _verify.verify(self, refs, progress)
+
+    def gc(self, min_age: float = 3600.0, dry_run: bool = False) -> list[str]:
+        """Delete chunk folders nothing references (``gpupas gc``)."""
+        return self.archive.gc(min_age, dry_run)

@@ -1,0 +1,82 @@
+"""Checking a repository: every record, tag, file blob and snapshot, each snapshot decoded once."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
+
+from gpupas.errors import FormatError, IntegrityError, NotFoundError
+from gpupas.versions.model import well_formed
+
+if TYPE_CHECKING:
+    from gpupas.versions.repository import Repository
+
+Progress = Callable[[str, int, int], None]
+
+
+def verify(repo: Repository, refs: Iterable[str | int] | None = None, progress: Progress | None = None
+           ) -> dict[str, Any]:
+    """Re-read and check every chunk, tensor, record, tag and file of the versions (all of the archive
+    by default, plain snapshots included). Returns ``{"ok", "checked": {...}, "problems": [...]}``;
+    never raises on damage found."""
+    problems: list[str] = []
+    records: list[dict[str, Any]] = []
+    sids: list[str] = []
+    if refs is None:
+        for vid in repo.records.version_ids():
+            try:
+                rec = repo.records.version(vid)
+            except (IntegrityError, FormatError) as exc:
+                problems.append(str(exc))
+                continue
+            if rec is not None:
+                records.append(rec)
+        for key in (k for k in repo.records.fingerprints() if k.startswith("t/")):
+            try:
+                target = repo.records.tag(key[2:])
+                if target is not None and not repo.records.has_version(target):
+                    problems.append(f"tag {key[2:]!r} points at missing version {target}")
+            except (IntegrityError, FormatError) as exc:
+                problems.append(f"tag {key[2:]!r}: {exc}")
+        try:
+            sids = sorted(repo.archive.store.list_snapshots())
+        except OSError as exc:
+            problems.append(f"cannot list the snapshots: {exc}")
+    else:
+        records = [repo.version(r).record for r in refs]
+    ids = set(repo.records.version_ids())
+    problems += [f"version record {r.get('id', '?') if isinstance(r, dict) else '?'} is malformed (missing or bad "
+                 "id, name, parents, created or snapshots); restore it from a copy"
+                 for r in records if not well_formed(r)]
+    records = [r for r in records if well_formed(r)]
+    listed = set(repo.archive.store.list_snapshots())
+    blobs: dict[str, str] = {}
+    for rec in records:
+        for p in rec.get("parents", []):
+            if p not in ids:
+                problems.append(f"version {rec['id']}: parent {p} is missing")
+        for s in rec.get("snapshots", []):
+            if s["id"] in listed:
+                sids.append(s["id"])
+            else:
+                problems.append(f"version {rec['id']}: snapshot {s['id']} is missing")
+        for fname, f in (rec.get("files") or {}).items():
+            blobs.setdefault(f.get("sha256", ""), f"version {rec['id']} file {fname!r}")
+    sids = list(dict.fromkeys(sids))
+    tensors = 0
+    for i, (sid, result) in enumerate(repo.archive.verify_all(sids)):
+        if progress:
+            progress(f"snapshot {sid}", i, len(sids))
+        if isinstance(result, Exception):
+            problems.append(f"snapshot {sid}: {result}" if sid not in str(result) else str(result))
+        else:
+            tensors += result
+    if progress:
+        progress("files", len(sids), len(sids))
+    for h, where in blobs.items():
+        try:
+            repo.records.blob(h)
+        except (IntegrityError, NotFoundError, ValueError) as exc:
+            problems.append(f"{where}: {exc}")
+    return {"ok": not problems, "problems": problems,
+            "checked": {"versions": len(records), "snapshots": len(sids), "tensors": tensors, "files": len(blobs)}}
