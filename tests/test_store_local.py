@@ -1,0 +1,251 @@
+"""The store suite on a local directory, plus what only a local store meets: links, FIFOs, processes
+racing, read-only directories."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from suites.store import StoreTests, chunky_archive, shard_facts
+
+from gpupas.errors import IntegrityError, ReadOnlyError
+from gpupas.store.base import open_store
+from gpupas.store.local import LocalStore
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> LocalStore:
+    st = open_store(tmp_path / "store", create=True)
+    assert isinstance(st, LocalStore)
+    return st
+
+
+@pytest.fixture
+def archive_location(tmp_path: Path) -> tuple[str, dict[str, Any]]:
+    return str(tmp_path / "arc"), {}
+
+
+class TestLocalStore(StoreTests):
+    pass
+
+
+# -- processes racing ----------------------------------------------------------------------------------------
+_RACER = """
+import os, sys, time
+sys.path.insert(0, {root!r})
+from gpupas.store.local import LocalStore
+store, go, what, i = LocalStore({path!r}, durable=False), {go!r}, {what!r}, {i}
+while not os.path.exists(go):
+    time.sleep(0.001)
+if what == "create":
+    print(store.create("race/key", b"process %d" % i))
+else:
+    for _ in range(10):
+        store.update("count", lambda old: b"%d" % (int(old or b"0") + 1))
+"""
+
+
+def _race_processes(store: LocalStore, tmp_path: Path, what: str, n: int) -> list[str]:
+    go = tmp_path / "go"
+    procs = [subprocess.Popen([sys.executable, "-c", _RACER.format(root=str(ROOT), path=str(store.root), go=str(go),
+                                                                   what=what, i=i)],
+                              stdout=subprocess.PIPE, text=True) for i in range(n)]
+    time.sleep(0.3)  # let them start and wait at the line
+    go.touch()
+    outs = [p.communicate(timeout=60)[0].strip() for p in procs]
+    assert [p.returncode for p in procs] == [0] * n
+    return outs
+
+
+def test_concurrent_create_processes(store: LocalStore, tmp_path: Path) -> None:
+    won = _race_processes(store, tmp_path, "create", 6)
+    assert won.count("True") == 1 and won.count("False") == 5, won
+    assert store.get("race/key") == b"process %d" % won.index("True")
+    assert store.list("race") == ["key"]  # no temporary file left behind
+
+
+def test_concurrent_update_processes(store: LocalStore, tmp_path: Path) -> None:
+    _race_processes(store, tmp_path, "update", 4)
+    assert store.get("count") == b"40"
+
+
+# -- links planted in an archive are refused, never followed -------------------------------------------------
+def _reads(store: LocalStore, key: str) -> list[Callable[[], Any]]:
+    return [lambda: store.get(key), lambda: store.get_range(key, 0, 4), lambda: store.get_range(key, -4, None),
+            lambda: store.get_ranges(key, [(0, 4)]), lambda: store.view(key)]
+
+
+def test_symlinked_file_is_refused(store: LocalStore, tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    outside.write_bytes(b"secret outside the archive")
+    store.put("d/real", b"inside")
+    os.symlink(outside, store.root / "d" / "link")
+    for read in _reads(store, "d/link"):
+        with pytest.raises(IntegrityError, match="link"):
+            read()
+    assert not store.exists("d/link")
+    with pytest.raises(IntegrityError):
+        store.put("d/link", b"overwrite")
+    with pytest.raises(IntegrityError):
+        store.writer("d/link")
+    with pytest.raises(IntegrityError):
+        store.update("d/link", lambda old: b"overwrite")
+    assert store.create("d/link", b"x") is False  # the name is taken
+    assert outside.read_bytes() == b"secret outside the archive"
+    assert store.get("d/real") == b"inside"
+    store.delete("d/link")  # removes the link, not its target
+    assert outside.exists() and not os.path.lexists(store.root / "d" / "link")
+
+
+def test_symlinked_folder_is_refused(store: LocalStore, tmp_path: Path) -> None:
+    outside = tmp_path / "outside_dir"
+    outside.mkdir()
+    (outside / "x").write_bytes(b"secret")
+    os.symlink(outside, store.root / "e")
+    for read in _reads(store, "e/x"):
+        with pytest.raises(IntegrityError, match="link"):
+            read()
+    assert not store.exists("e/x")
+    with pytest.raises(IntegrityError):
+        store.list("e")
+    for write in (lambda: store.put("e/y", b"1"), lambda: store.create("e/y", b"1"),
+                  lambda: store.update("e/y", lambda old: b"1"), lambda: store.writer("e/y")):
+        with pytest.raises(IntegrityError):
+            write()
+    assert sorted(os.listdir(outside)) == ["x"]  # nothing was written through the link
+    store.delete_prefix("e")  # removes the link only
+    assert (outside / "x").read_bytes() == b"secret" and not os.path.lexists(store.root / "e")
+
+
+# -- a FIFO in place of a file is refused at once ------------------------------------------------------------
+def _within(seconds: float, fn: Callable[[], Any], fifo: Path) -> BaseException | None:
+    """Run ``fn`` in a thread; the error it raised (None if none). Fails if it is still running
+    after ``seconds`` (blocked on the FIFO: we then open its other end to free the thread)."""
+    result: list[BaseException | None] = []
+
+    def run() -> None:
+        try:
+            fn()
+            result.append(None)
+        except BaseException as exc:
+            result.append(exc)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(seconds)
+    if t.is_alive():
+        for flags in (os.O_RDONLY | os.O_NONBLOCK, os.O_WRONLY | os.O_NONBLOCK):
+            try:
+                os.close(os.open(fifo, flags))
+            except OSError:
+                pass
+        t.join(5)
+        pytest.fail(f"{fn} blocked on a FIFO")
+    return result[0]
+
+
+def test_fifo_is_refused_promptly(store: LocalStore) -> None:
+    store.put("f/real", b"x")
+    fifo = store.root / "f" / "pipe"
+    os.mkfifo(fifo)
+    ops: list[Callable[[], Any]] = [*_reads(store, "f/pipe"), lambda: store.put("f/pipe", b"data"),
+                                    lambda: store.writer("f/pipe"), lambda: store.update("f/pipe", lambda old: b"1")]
+    for op in ops:
+        err = _within(5, op, fifo)
+        assert isinstance(err, IntegrityError), err
+    assert not store.exists("f/pipe")
+    assert store.create("f/pipe", b"x") is False
+    assert os.path.exists(fifo)
+
+
+# -- a read-only directory -----------------------------------------------------------------------------------
+_READ_ONLY = """
+import sys
+sys.path.insert(0, {root!r})
+from gpupas.errors import ReadOnlyError
+from gpupas.store.local import LocalStore
+store = LocalStore({path!r})
+assert store.get("k") == b"v" and store.list("") == ["k"]
+for name, write in [("put", lambda: store.put("new", b"x")), ("put over", lambda: store.put("k", b"x")),
+                    ("put below", lambda: store.put("sub/new", b"x")), ("create", lambda: store.create("new", b"x")),
+                    ("update", lambda: store.update("k", lambda old: b"x")), ("writer", lambda: store.writer("new"))]:
+    try:
+        write()
+    except ReadOnlyError:
+        continue
+    raise SystemExit(f"{{name}} did not raise ReadOnlyError")
+assert store.update("k", lambda old: None) == b"v"  # no change asked: nothing to write
+assert store.get("k") == b"v" and store.list("") == ["k"]
+print("ok")
+"""
+
+
+def test_read_only_directory_raises_read_only_error() -> None:
+    base = Path(tempfile.mkdtemp(prefix="gpupas-ro-"))  # not under tmp_path: its parents are private to root
+    try:
+        base.chmod(0o755)
+        root = base / "arc"
+        LocalStore(root, create=True).put("k", b"v")
+        os.chmod(root / "k", 0o444)
+        root.chmod(0o555)
+        script = _READ_ONLY.format(root=str(ROOT), path=str(root))
+        if os.geteuid() != 0:
+            prefix: list[str] = []
+        elif shutil.which("setpriv"):  # root ignores permissions: run it as nobody
+            prefix = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups"]
+        elif shutil.which("runuser"):
+            prefix = ["runuser", "-u", "nobody", "--"]
+        else:
+            pytest.skip("running as root without setpriv or runuser: permissions cannot be tested")
+        probe = subprocess.run([*prefix, sys.executable, "-c", f"import sys; sys.path.insert(0, {str(ROOT)!r}); "
+                                "import gpupas.store.local"], capture_output=True, text=True, timeout=60)
+        if probe.returncode != 0:
+            pytest.skip(f"cannot run gpupas as another user here: {probe.stderr.strip()[-300:]}")
+        done = subprocess.run([*prefix, sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0 and done.stdout.strip() == "ok", done.stdout + done.stderr
+    finally:
+        for p in (base / "arc", base):
+            if p.exists():
+                p.chmod(0o755)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def test_read_only_error_in_process(store: LocalStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Errors the kernel gives for a read-only file system become ReadOnlyError (as root, too)."""
+    import errno
+
+    def refuse(*args: Any, **kwargs: Any) -> Any:
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(os, "mkdir", refuse)
+    with pytest.raises(ReadOnlyError):
+        store.put("new/folder/k", b"x")
+
+
+# -- a memory-mapped restore reads no more than the ranged one -----------------------------------------------
+def test_mapped_restore_copies_nothing(tmp_path: Path) -> None:
+    import gpupas
+
+    m = chunky_archive(str(tmp_path / "arc"), {})
+    with gpupas.open_archive(tmp_path / "arc") as fresh:
+        store = fresh.store.store
+        assert store.local_root is not None
+        fresh.manifest(m.id)
+        before = store.bytes_read
+        out = fresh.restore(m.id, names=["small"])
+        read = store.bytes_read - before
+        shards, _, _ = shard_facts(store, m)
+    assert out["small"].tobytes() == np.arange(16, dtype=np.float32).tobytes()
+    assert read < shards / 10
