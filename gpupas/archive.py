@@ -172,8 +172,9 @@ class Archive:
                            None if base_m is None else base_m.by_name, base_bits, grand_bits)
         streams, entries = write_streams(self.store, sid, staged, cfg, backend, self.executor, layout or Layout(),
                                          small)
-        m = Manifest(id=sid, created=_now(), base=base, streams=streams, tensors=entries, setting=cfg.name,
-                     segment=(layout or Layout()).segment, raw_bytes=sum(st.nbytes for st in staged),
+        grand = base_m.base if base_m is not None and any(st.plan.enc == "pred" for st in staged) else None
+        m = Manifest(id=sid, created=_now(), base=base, grand=grand, streams=streams, tensors=entries,
+                     setting=cfg.name, segment=(layout or Layout()).segment, raw_bytes=sum(st.nbytes for st in staged),
                      stored_bytes=sum(s.stored for s in streams), meta=dict(meta or {}),
                      commit_seconds=round(time.perf_counter() - t0, 6))
         try:
@@ -213,6 +214,8 @@ class Archive:
         new_base = old.base if base is _KEEP else base
         if new_base is not None:
             self._check_base(snapshot, new_base)
+        if new_base != old.base:
+            self._check_no_implicit_children(snapshot)
         bits = self._read(snapshot, None, backend)[0]
         arrays = {e.name: from_bits(bits[e.name], e.layout, e.shape) for e in old.tensors}
         base_m = None if new_base is None else self.manifest(new_base)
@@ -221,10 +224,12 @@ class Archive:
         small = old.raw_bytes <= SMALL
         staged = stage_all(arrays, cfg, backend.crc32, self.executor, small,
                            None if base_m is None else base_m.by_name, base_bits, grand)
-        streams, entries = write_streams(self.store, snapshot, staged, cfg, backend, self.executor,
-                                         layout or Layout(), small)
+        layout = layout or Layout()
+        streams, entries = write_streams(self.store, snapshot, staged, cfg, backend, self.executor, layout, small)
         try:
-            new = old.revise(streams, entries, _now(), cfg.name, new_base)
+            grand = base_m.base if base_m is not None and any(st.plan.enc == "pred" for st in staged) else None
+            new = old.revise(streams, entries, _now(), setting=cfg.name, segment=layout.segment, base=new_base,
+                             grand=grand)
             for e, e_old in zip(new.tensors, old.tensors):
                 if e.crc32 != e_old.crc32:
                     raise IntegrityError(f"snapshot {snapshot}: tensor {e.name!r} changed while being revised")
@@ -258,12 +263,20 @@ class Archive:
             raise InvalidInputError(f"a delta on {base} would make a chain of {self.depth(base) + 1} links; at most "
                                     f"{self.max_chain} are allowed")
 
+    def _check_no_implicit_children(self, snapshot: str) -> None:
+        """Snapshots of formats 1 and 2 that extrapolate ('pred') along ``snapshot``'s current base
+        name it only implicitly: re-basing ``snapshot`` would cut them off."""
+        for sid in self.store.list_snapshots():
+            m = self.manifest(sid)
+            if m.format < 3 and m.base == snapshot and m.has_pred:
+                raise InvalidInputError(f"snapshot {sid} (format {m.format}) extrapolates along {snapshot}'s delta "
+                                        f"base; re-encode it first (revise it), then change the base of {snapshot}")
+
     def _pred_bits(self, m: Manifest, backend: Any) -> dict[str, Any]:
         names = [e.name for e in m.tensors if e.enc == "pred"]
-        if not names:
+        if not names or m.grand is None:
             return {}
-        grand = self.manifest(m.base).base  # type: ignore[arg-type]
-        return self._read(grand, names, backend)[0]  # type: ignore[arg-type]
+        return self._read(m.grand, names, backend)[0]
 
     # -- restore -----------------------------------------------------------------------------------------------
     def _read(self, snapshot: str, names: Iterable[str] | None, backend: Any,

@@ -1,10 +1,12 @@
 """Which codec codes each chunk: the rules, apart from the coders.
 
-The rules (the same on every backend): store a chunk raw (a Zstandard frame of raw blocks) when no
-candidate saves 0.5%; keep Deflate only where it saves at least 1/2048 of the chunk over
-Zstandard (it decodes ~3x slower); ``try_all`` (the ``strong`` setting) keeps the smallest of
-every candidate. On the CPU, Deflate runs only where Zstandard's output is above the least
-Huffman-only Deflate could need (:func:`huffman_floor`): a shortcut, not a rule.
+The rules (the same on every backend): each chunk is stored as the smallest of a frame of raw
+blocks (no coder; read back with a copy), a coded Zstandard frame, and Deflate where Deflate is
+tried; Deflate is kept only where it saves at least 1/2048 of the chunk over Zstandard (it decodes
+~3x slower) and is never used for a zero-padded last chunk; ``try_all`` (the ``strong`` setting)
+also tries a high Zstandard level and LZ Deflate. On the CPU, Deflate is tried only where
+Zstandard's output lies between 5% and :data:`RAW_ABOVE` of the chunk and above the least
+Huffman-only Deflate could need (:func:`huffman_floor`): shortcuts, not rules.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import numpy as np
 from gpupas.codecs import registry
 from gpupas.format.checksum import crc32c
 
-RAW_ABOVE = 0.995  # store a chunk raw when a coder could not save even 0.5%
+RAW_ABOVE = 0.995  # Zstandard saving less than this: Deflate will not save enough either
 DEFLATE_MIN_GAIN = 1 / 2048
 
 

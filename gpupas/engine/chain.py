@@ -1,10 +1,12 @@
-"""Delta chains: which links a read needs, decoded oldest first, each link once.
+"""Delta chains: which snapshots a read needs, decoded oldest first, each once.
 
-A snapshot's delta tensors need its base's bits, its 'pred' tensors also the base's base's.
-:func:`read_bits` walks down from the snapshot asked for, collecting per link exactly the tensors
-the links above need, stops at a link whose bits are cached or that reads no base, then decodes
-upward keeping only the two links below the one being decoded. :func:`read_all` decodes every
-snapshot of an archive once (verifying a chain of 17 links decodes 17 snapshots, not 153).
+A snapshot's delta tensors need its base's bits; its 'pred' tensors also the bits of the snapshot
+they extrapolate from (its ``grand``: the base's base when it was encoded, named in the manifest,
+so re-encoding or re-basing the base never changes what a child reads). :func:`read_bits`
+collects per snapshot exactly the tensors its dependents need, stops where bits are cached,
+then decodes dependencies first, keeping each snapshot's bits only while a dependent still needs
+them. :func:`read_all` decodes every snapshot of an archive once (verifying a chain of 17 links
+decodes 17 snapshots, not 153).
 """
 
 from __future__ import annotations
@@ -14,64 +16,119 @@ from typing import Any
 
 from gpupas.engine import decode
 from gpupas.engine.bases import BaseCache
-from gpupas.errors import FormatError, IntegrityError, SnapshotNotFoundError
-from gpupas.format.manifest import Manifest, TensorEntry
+from gpupas.errors import FormatError, IntegrityError, NotFoundError, SnapshotNotFoundError
+from gpupas.format.manifest import Manifest
 from gpupas.store.archive import ArchiveStore
 
 Manifests = Callable[[str], Manifest]
 
 
-Below = tuple[dict[str, Any], dict[str, Any]]
+def grand_of(m: Manifest, manifests: Manifests) -> str | None:
+    """The snapshot ``m``'s 'pred' tensors extrapolate from (formats 1 and 2: the base's base)."""
+    if m.format >= 3 or m.base is None:
+        return m.grand
+    return manifests(m.base).base
 
 
-def _links(sid: str, names: Iterable[str] | None, manifests: Manifests, cache: BaseCache | None,
-           crc32: Callable[[Any], int]) -> tuple[list[tuple[Manifest, list[TensorEntry]]], Below]:
-    """The links to decode, newest first, with the entries each needs; and the cached bits of the
-    two links below the last one (empty where the chain ends)."""
-    links: list[tuple[Manifest, list[TensorEntry]]] = []
-    want: list[str] | None = None if names is None else list(names)
-    from_above: set[str] = set()  # names the link two above needs from this one ('pred')
-    seen = {sid}
-    cur = sid
-    while True:
+def dependencies(m: Manifest, names: set[str] | None, manifests: Manifests) -> list[tuple[str, set[str]]]:
+    """(snapshot, tensor names) that decoding ``names`` of ``m`` (all when None) reads."""
+    entries = m.tensors if names is None else [m.by_name[n] for n in names]
+    base = {e.name for e in entries if e.reads_base}
+    pred = {e.name for e in entries if e.enc == "pred"}
+    out = []
+    for sid, want, what in ((m.base, base, "delta base"), (grand_of(m, manifests) if pred else None, pred,
+                                                             "'pred' base")):
+        if want:
+            if sid is None:
+                raise IntegrityError(f"snapshot {m.id} has tensors that read its {what}, but names none (damaged "
+                                     "manifest)")
+            out.append((sid, want))
+    return out
+
+
+def _plan(sid: str, names: set[str] | None, manifests: Manifests, cache: BaseCache | None,
+          crc32: Callable[[Any], int]) -> tuple[dict[str, Manifest], dict[str, set[str] | None],
+                                               dict[str, list[tuple[str, set[str]]]], dict[str, dict[str, Any]]]:
+    """The snapshots a read of ``names`` of ``sid`` needs: manifests, tensor names per snapshot, their
+    dependencies, and the bits the cache already holds."""
+    need: dict[str, set[str] | None] = {sid: names}
+    found: dict[str, Manifest] = {}
+    deps: dict[str, list[tuple[str, set[str]]]] = {}
+    hits: dict[str, dict[str, Any]] = {}
+    work = [sid]
+    while work:  # a fixpoint: a snapshot is visited again when a new dependent asks it for more tensors
+        x = work.pop()
+        if x not in found:
+            try:
+                found[x] = manifests(x)
+            except SnapshotNotFoundError:
+                if x == sid:
+                    raise
+                users = [y for y, ds in deps.items() if any(d == x for d, _ in ds)]
+                raise IntegrityError(f"snapshot {users[0] if users else sid}: the snapshot {x} it is a delta on is "
+                                     "missing; restore the archive from a copy") from None
+        m = found[x]
         try:
-            m = manifests(cur)
+            entries = m.select(None if need[x] is None else sorted(need[x]))  # type: ignore[arg-type]
+        except NotFoundError as exc:
+            if x == sid:
+                raise
+            raise IntegrityError(f"snapshot {x} lacks tensors that snapshots built on it need ({exc})") from None
+        if cache is not None and x != sid:
+            hit = cache.get(x, entries, crc32)
+            if hit is not None:
+                hits[x], deps[x] = hit, []
+                continue
+        hits.pop(x, None)
+        try:
+            deps[x] = dependencies(m, need[x], manifests)
         except SnapshotNotFoundError:
-            if not links:
-                raise
-            raise IntegrityError(f"snapshot {links[0][0].id}: its delta base {cur} (down the chain from "
-                                 f"{links[-1][0].id}) is missing; restore the archive from a copy") from None
-        try:
-            entries = m.select(want)
-        except KeyError as exc:
-            if not links:
-                raise
-            raise IntegrityError(f"snapshot {links[-1][0].id} needs tensors its base {cur} does not have "
-                                 f"({exc})") from None
-        if cache is not None and links:
-            hit = cache.get(cur, entries, crc32)
-            if hit is not None and not from_above:
-                return links, (hit, {})
-            if hit is not None and m.base is not None:  # the link above predicts from this one's base too
-                try:
-                    grand = cache.get(m.base, manifests(m.base).select(sorted(from_above)), crc32)
-                except (KeyError, SnapshotNotFoundError, IntegrityError):
-                    grand = None
-                if grand is not None:
-                    return links, (hit, grand)
-        links.append((m, entries))
-        below = {e.name for e in entries if e.reads_base} | from_above
-        from_above = {e.name for e in entries if e.enc == "pred"}
-        if not below:
-            return links, ({}, {})
-        if m.base is None:
-            raise IntegrityError(f"snapshot {m.id} reads a base but names none (damaged manifest)")
-        if m.base in seen:
-            raise IntegrityError(f"snapshot {sid}: its delta chain loops back to {m.base} (damaged or hostile "
-                                 "manifests)")
-        seen.add(m.base)
-        cur = m.base
-        want = sorted(below)
+            raise IntegrityError(f"snapshot {x}: the base of its base is missing; restore the archive from a "
+                                 "copy") from None
+        for y, want in deps[x]:
+            have = need.get(y, set())
+            if y not in need or (have is not None and not want <= have):
+                need[y] = None if have is None else have | want
+                work.append(y)
+    _check_acyclic(sid, deps)
+    return found, need, deps, hits
+
+
+def _check_acyclic(sid: str, deps: dict[str, list[tuple[str, set[str]]]]) -> None:
+    state: dict[str, int] = {}  # 1: on the path, 2: done
+    stack: list[tuple[str, Iterator[tuple[str, set[str]]]]] = [(sid, iter(deps.get(sid, [])))]
+    state[sid] = 1
+    while stack:
+        x, it = stack[-1]
+        nxt = next(it, None)
+        if nxt is None:
+            state[x] = 2
+            stack.pop()
+            continue
+        y = nxt[0]
+        if state.get(y) == 1:
+            raise IntegrityError(f"snapshot {sid}: its delta chain loops back to {y} (damaged or hostile manifests)")
+        if y not in state:
+            state[y] = 1
+            stack.append((y, iter(deps.get(y, []))))
+
+
+def _postorder(sid: str, deps: dict[str, list[tuple[str, set[str]]]]) -> list[str]:
+    """Every snapshot ``sid`` depends on, dependencies before dependents, ``sid`` last."""
+    out: list[str] = []
+    done: set[str] = set()
+    stack: list[tuple[str, bool]] = [(sid, False)]
+    while stack:
+        x, expanded = stack.pop()
+        if x in done:
+            continue
+        if expanded:
+            done.add(x)
+            out.append(x)
+            continue
+        stack.append((x, True))
+        stack.extend((y, False) for y, _ in reversed(deps.get(x, [])) if y not in done)
+    return out
 
 
 def read_bits(store: ArchiveStore, sid: str, names: Iterable[str] | None, *, manifests: Manifests,
@@ -81,30 +138,45 @@ def read_bits(store: ArchiveStore, sid: str, names: Iterable[str] | None, *, man
 
     With a cache, a fully decoded snapshot and its fully decoded base are remembered.
     """
+    wanted = None if names is None else set(names)
+    top = manifests(sid)
     if cache is not None:
-        m = manifests(sid)
-        hit = cache.get(sid, m.select(names), backend.crc32)
+        hit = cache.get(sid, top.select(None if wanted is None else sorted(wanted)), backend.crc32)
         if hit is not None:
-            return hit, True
-    links, below = _links(sid, names, manifests, cache, backend.crc32)
-    bits: list[dict[str, Any]] = list(below)  # the link below, and the one below that
-    for m, entries in reversed(links):
-        base, grand = bits[0], bits[1]
+            return ({n: hit[n] for n in names} if names is not None else hit), True
+    found, need, deps, hits = _plan(sid, wanted, manifests, cache, backend.crc32)
+    order = _postorder(sid, deps)
+    users: dict[str, int] = {}
+    for x in order:
+        for y, _ in deps.get(x, []):
+            users[y] = users.get(y, 0) + 1
+    bits: dict[str, dict[str, Any]] = dict(hits)
+    for x in order:
+        if x in hits:
+            continue
+        m = found[x]
+        entries = m.select(None if need[x] is None else sorted(need[x]))  # type: ignore[arg-type]
+        base = bits.get(m.base, {}) if m.base is not None else {}
+        pred = [e for e in entries if e.enc == "pred"]
+        grand = bits.get(grand_of(m, manifests), {}) if pred else {}  # type: ignore[arg-type]
         got = decode.decode_snapshot(store, m, entries, {e.name: base[e.name] for e in entries if e.reads_base},
-                                     {e.name: grand[e.name] for e in entries if e.enc == "pred"}, backend, executor)
-        if cache is not None and len(got) == len(m.tensors) and m.id in (sid, links[0][0].base):
-            cache.put(m.id, got)
-        bits = [got, base]
-    return bits[0], False
+                                     {e.name: grand[e.name] for e in pred}, backend, executor)
+        bits[x] = got
+        if cache is not None and len(got) == len(m.tensors) and x in (sid, top.base):
+            cache.put(x, got)
+        for y, _ in deps.get(x, []):
+            users[y] -= 1
+            if users[y] == 0 and y != sid:
+                bits.pop(y, None)
+    out = bits[sid]
+    return ({n: out[n] for n in names} if names is not None else out), False
 
 
 def read_all(store: ArchiveStore, sids: Iterable[str], *, manifests: Manifests, backend: Any, executor: Any,
              ) -> Iterator[tuple[str, int | Exception]]:
-    """Decode every snapshot of ``sids`` (and the bases they need) once, parents before children;
-    yields (snapshot, tensors checked) or (snapshot, the error) for each of ``sids``.
-
-    Bits are kept only while a child or grandchild still needs them.
-    """
+    """Decode every snapshot of ``sids`` (and the snapshots they depend on) whole, each once,
+    dependencies first; yields (snapshot, tensors checked) or (snapshot, the error) for each of
+    ``sids``. Bits are kept only while a dependent still needs them."""
     wanted = list(dict.fromkeys(sids))
     known: dict[str, Manifest | Exception] = {}
 
@@ -116,57 +188,68 @@ def read_all(store: ArchiveStore, sids: Iterable[str], *, manifests: Manifests, 
                 known[s] = exc
         return known[s]
 
-    # the forest: every wanted snapshot and its bases
-    order: list[str] = []
-    for s in wanted:
-        chain, cur, seen = [], s, set()
-        while cur is not None and cur not in order and cur not in seen:
-            seen.add(cur)
-            chain.append(cur)
-            m = manifest(cur)
-            cur = m.base if isinstance(m, Manifest) else None
-        order.extend(reversed(chain))
-    children: dict[str, list[str]] = {}
-    for s in order:
+    def deps_of(s: str) -> list[str]:
         m = manifest(s)
-        if isinstance(m, Manifest) and m.base is not None:
-            children.setdefault(m.base, []).append(s)
-    # how many later decodes read each snapshot's bits (children, and grandchildren through 'pred')
-    users = {s: len(children.get(s, [])) + sum(len(children.get(c, [])) for c in children.get(s, []))
-             for s in order}
+        if isinstance(m, Exception):
+            return []
+        try:
+            return [d for d, _ in dependencies(m, None, manifests)]
+        except (IntegrityError, SnapshotNotFoundError, FormatError):
+            return [d for d in (m.base,) if d is not None]
+
+    order: list[str] = []  # dependencies first
+    placed: set[str] = set()
+    for s in wanted:
+        stack: list[tuple[str, bool]] = [(s, False)]
+        path: set[str] = set()
+        while stack:
+            x, expanded = stack.pop()
+            if x in placed:
+                continue
+            if expanded:
+                path.discard(x)
+                placed.add(x)
+                order.append(x)
+                continue
+            if x in path:  # a loop: reported when the snapshots in it are decoded
+                continue
+            path.add(x)
+            stack.append((x, True))
+            stack.extend((d, False) for d in deps_of(x) if d not in placed and d not in path)
+    users: dict[str, int] = {}
+    for x in order:
+        for d in deps_of(x):
+            users[d] = users.get(d, 0) + 1
     bits: dict[str, dict[str, Any] | Exception] = {}
-
-    def release(s: str | None) -> None:
-        if s is not None and s in users:
-            users[s] -= 1
-            if users[s] <= 0:
-                bits.pop(s, None)
-
     for s in order:
         m = manifest(s)
         result: dict[str, Any] | Exception
         if isinstance(m, Exception):
             result = m
         else:
-            base = bits.get(m.base) if m.base is not None else {}
-            grand_id = manifest(m.base).base if m.base is not None and isinstance(manifest(m.base), Manifest) else None
-            grand = bits.get(grand_id, {}) if grand_id is not None else {}
-            if isinstance(base, Exception) or (m.base is not None and base is None):
-                result = IntegrityError(f"snapshot {s}: its delta base {m.base} cannot be restored"
-                                        + (f" ({base})" if isinstance(base, Exception) else ""))
-            elif isinstance(grand, Exception) and any(e.enc == "pred" for e in m.tensors):
-                result = IntegrityError(f"snapshot {s}: the base of its base, {grand_id}, cannot be restored")
-            else:
-                try:
-                    grand = grand if isinstance(grand, dict) else {}
-                    result = decode.decode_snapshot(
-                        store, m, m.tensors, {e.name: base[e.name] for e in m.tensors if e.reads_base},
-                        {e.name: grand[e.name] for e in m.tensors if e.enc == "pred"}, backend, executor)
-                except (IntegrityError, FormatError, KeyError, OSError) as exc:
-                    result = exc if isinstance(exc, (IntegrityError, FormatError)) else IntegrityError(
-                        f"snapshot {s}: {type(exc).__name__}: {exc}")
-            release(m.base)
-            release(grand_id)
+            try:
+                needed = dependencies(m, None, manifests)
+                inputs = []
+                for d, _ in needed:
+                    got = bits.get(d)
+                    if not isinstance(got, dict):
+                        why = f" ({got})" if isinstance(got, Exception) else " (it depends on itself)"
+                        raise IntegrityError(f"snapshot {s}: the snapshot {d} it is a delta on cannot be restored"
+                                             + why)
+                    inputs.append(got)
+                base = inputs[0] if m.base is not None and needed and needed[0][0] == m.base else {}
+                grand = inputs[-1] if m.has_pred else {}
+                result = decode.decode_snapshot(
+                    store, m, m.tensors, {e.name: base[e.name] for e in m.tensors if e.reads_base},
+                    {e.name: grand[e.name] for e in m.tensors if e.enc == "pred"}, backend, executor)
+            except (IntegrityError, FormatError, SnapshotNotFoundError) as exc:
+                result = exc if not isinstance(exc, SnapshotNotFoundError) else IntegrityError(str(exc))
+            except (KeyError, OSError) as exc:
+                result = IntegrityError(f"snapshot {s}: {type(exc).__name__}: {exc}")
+        for d in deps_of(s):
+            users[d] -= 1
+            if users[d] <= 0:
+                bits.pop(d, None)
         if users.get(s, 0) > 0:
             bits[s] = result
         if s in wanted:

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from gpupas.codecs import registry
 from gpupas.errors import IntegrityError
 from gpupas.format.layout import holders, needed_chunks, segments
 from gpupas.format.manifest import Manifest, TensorEntry
@@ -32,6 +33,10 @@ def decode_snapshot(store: ArchiveStore, m: Manifest, entries: Sequence[TensorEn
     base's base's bits of every 'pred' entry.
     """
     need = needed_chunks(m, entries)
+    for s, chunks in need.items():  # a codec this gpupas does not know (or cannot run here) says so first
+        stream = m.streams[s]
+        for letter in {stream.chunks[c] for c in chunks}:
+            registry.get(stream.codecs[letter], backend.codec_backend)
     small = sum(len(cs) * m.streams[s].chunk_size for s, cs in need.items()) <= SMALL
     sizes = {s: m.streams[s].nchunks * m.streams[s].chunk_size for s in need}
     with backend.workspace(sum(sizes.values())) as ws:

@@ -15,6 +15,7 @@ import re
 from gpupas.errors import InvalidInputError
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+FOLDER_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,159}$")  # a snapshot id, '.', a unique tag
 ROOT = "zarr.json"
 SNAPSHOTS = "snapshots"
 MANIFESTS = "manifests"
@@ -36,6 +37,11 @@ def check_name(name: object, what: str = "snapshot id") -> str:
 def is_name(name: object) -> bool:
     """Whether ``name`` is a valid path component (see :func:`check_name`)."""
     return isinstance(name, str) and NAME_RE.fullmatch(name) is not None and ".." not in name
+
+
+def is_folder(name: object) -> bool:
+    """Whether ``name`` may name a stream folder under ``snapshots/`` (a snapshot id plus a tag)."""
+    return isinstance(name, str) and FOLDER_RE.fullmatch(name) is not None and ".." not in name
 
 
 def manifest(sid: str) -> str:

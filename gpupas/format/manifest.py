@@ -30,8 +30,8 @@ LEGACY_CODECS = {"z": "zstd", "d": "deflate"}
 MAX_LENGTH = 1 << 50  # bytes in one stream; far beyond any model, small enough for exact float math
 MAX_NDIM = 64
 
-_TOP = {"format", "id", "revision", "created", "revised", "base", "setting", "segment", "streams", "tensors",
-        "raw_bytes", "stored_bytes", "commit_seconds", "meta"}
+_TOP = {"format", "id", "revision", "created", "revised", "base", "grand", "setting", "segment", "streams",
+        "tensors", "raw_bytes", "stored_bytes", "commit_seconds", "meta"}
 _STREAM = {"folder", "length", "chunk_size", "shard_chunks", "codecs", "chunks", "stored"}
 _TENSOR = {"name", "dtype", "shape", "nbytes", "crc32", "enc", "ctx", "rows", "parts", "extras", "stored",
            "plane_bytes"}
@@ -62,7 +62,8 @@ class Stream:
         return self.codecs[self.chunks[c]]
 
     def codec_ids(self) -> list[str]:
-        """The codec ids (one Zarr array each) this stream's chunks use, in table order."""
+        """The codec ids this stream's chunks use, in table order (every codec of the table has an
+        array in the folder; arrays of the others hold no chunk)."""
         used = set(self.chunks)
         return [cid for letter, cid in self.codecs.items() if letter in used]
 
@@ -164,6 +165,7 @@ class Manifest:
     streams: tuple[Stream, ...]
     tensors: tuple[TensorEntry, ...]
     format: int = FORMAT
+    grand: str | None = None  # what 'pred' tensors extrapolate from with the base (format 3; see grand_id)
     revision: int = 0
     revised: str | None = None
     setting: str = "default"
@@ -194,20 +196,26 @@ class Manifest:
                                       f"{'...' if len(missing) > 5 else ''}")
         return [self.by_name[n] for n in wanted]
 
+    @property
+    def has_pred(self) -> bool:
+        return any(e.enc == "pred" for e in self.tensors)
+
     def folders(self) -> list[str]:
         return [s.folder for s in self.streams]
 
-    def revise(self, streams: tuple[Stream, ...], tensors: tuple[TensorEntry, ...], revised: str,
-               setting: str | None = None, base: str | None = None) -> Manifest:
-        """The next revision: same id and tensors' bits; new streams, layout and (optionally) base."""
+    def revise(self, streams: tuple[Stream, ...], tensors: tuple[TensorEntry, ...], revised: str, *,
+               setting: str, segment: int, base: str | None, grand: str | None) -> Manifest:
+        """The next revision: same id and tensors' bits; new streams, layout and (optionally) bases."""
         stored = sum(s.stored for s in streams)
         return replace(self, format=FORMAT, revision=self.revision + 1, revised=revised, streams=streams,
-                       tensors=tensors, stored_bytes=stored, setting=setting or self.setting, base=base)
+                       tensors=tensors, stored_bytes=stored, setting=setting, segment=segment, base=base,
+                       grand=grand)
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "format": FORMAT, "id": self.id, "revision": self.revision, "created": self.created,
-            "revised": self.revised, "base": self.base, "setting": self.setting, "segment": self.segment,
+            "revised": self.revised, "base": self.base, "grand": self.grand, "setting": self.setting,
+            "segment": self.segment,
             "streams": [s.to_dict() for s in self.streams], "tensors": [e.to_dict() for e in self.tensors],
             "raw_bytes": self.raw_bytes, "stored_bytes": self.stored_bytes, "commit_seconds": self.commit_seconds,
             "meta": self.meta,
@@ -262,6 +270,12 @@ def _unknown(d: dict[str, Any], allowed: set[str], what: str, where: str) -> Non
                           "by a newer gpupas): upgrade gpupas")
 
 
+def _list(v: Any, what: str) -> list[Any]:
+    if not isinstance(v, list):
+        raise _fail(what, "a per-plane size list is not a list")
+    return v
+
+
 def _name_list(d: dict[str, Any], key: str, what: str) -> list[Any]:
     v = d.get(key)
     if not isinstance(v, list):
@@ -297,7 +311,7 @@ def _stream(d: Any, what: str, i: int) -> Stream:
         raise _fail(what, f"stream {i} is not an object")
     _unknown(d, _STREAM, what, f"stream {i}")
     folder = d.get("folder")
-    if not keys.is_name(folder):
+    if not keys.is_folder(folder):
         raise _fail(what, f"stream {i} names folder {folder!r}, not one folder inside the archive")
     length = _int(d.get("length"), what, f"length of stream {i}")
     chunk = _int(d.get("chunk_size"), what, f"chunk_size of stream {i}", 1, 1 << 30)
@@ -322,6 +336,9 @@ def _parse(d: dict[str, Any], sid: str, what: str) -> Manifest:
     base = d.get("base")
     if base is not None and (not keys.is_name(base) or base == sid):
         raise _fail(what, f"base {base!r} is not another snapshot's id")
+    grand = d.get("grand")
+    if grand is not None and (not keys.is_name(grand) or grand == sid):
+        raise _fail(what, f"grand {grand!r} is not another snapshot's id")
     segment = _int(d.get("segment"), what, "segment", 1, 1 << 31)
     streams = tuple(_stream(s, what, i) for i, s in enumerate(_name_list(d, "streams", what)))
     tensors = []
@@ -352,14 +369,15 @@ def _parse(d: dict[str, Any], sid: str, what: str) -> Manifest:
             parts=tuple(Part(*(_int(x, what, f"parts of {name!r}") for x in p)) for p in parts),
             extras=None if extras is None else tuple(_int(x, what, f"extras of {name!r}") for x in extras),
             stored=_int(t.get("stored", 0), what, f"stored of {name!r}"),
-            plane_bytes=tuple(_int(x, what, "plane_bytes") for x in t.get("plane_bytes", [])),
+            plane_bytes=tuple(_int(x, what, "plane_bytes") for x in _list(t.get("plane_bytes", []), what)),
         )
         if not isinstance(t.get("ctx", False), bool):
             raise _fail(what, f"ctx of tensor {name!r} is not true or false")
         tensors.append(entry)
     m = Manifest(
         id=sid, created=_str(d.get("created"), what, "created"), base=base, streams=streams,
-        tensors=tuple(tensors), format=FORMAT, revision=_int(d.get("revision"), what, "revision", 0, 1 << 40),
+        tensors=tuple(tensors), format=FORMAT, grand=grand,
+        revision=_int(d.get("revision"), what, "revision", 0, 1 << 40),
         revised=None if d.get("revised") is None else _str(d.get("revised"), what, "revised"),
         setting=_str(d.get("setting", ""), what, "setting"), segment=segment,
         raw_bytes=_int(d.get("raw_bytes", 0), what, "raw_bytes"),
@@ -376,7 +394,7 @@ def _parse_legacy(d: dict[str, Any], sid: str, what: str) -> Manifest:
     if d.get("id", sid) != sid:
         raise _fail(what, f"it names snapshot {d.get('id')!r}")
     folder = d.get("data", sid)
-    if not keys.is_name(folder):
+    if not keys.is_folder(folder):
         raise _fail(what, f"its data folder {folder!r} is not one folder inside the archive")
     length = _int(d.get("length"), what, "length")
     chunk = _int(d.get("chunk_size", LEGACY_CHUNK), what, "chunk_size", 1, 1 << 30)
@@ -405,7 +423,7 @@ def _parse_legacy(d: dict[str, Any], sid: str, what: str) -> Manifest:
                             crc32=_int(t.get("crc32"), what, "crc32", 0, 2**32 - 1), enc=enc, ctx=t.get("ctx") is True,
                             parts=(Part(0, offset, 0, LAYOUTS[dtype].width),), rows=kept,
                             stored=_int(t.get("stored", 0), what, "stored"),
-                            plane_bytes=tuple(_int(x, what, "planes") for x in t.get("planes", [])))
+                            plane_bytes=tuple(_int(x, what, "planes") for x in _list(t.get("planes", []), what)))
         if entry.extras_nbytes:  # the row mask and factors followed the planes
             entry = replace(entry, extras=(0, offset + entry.values * entry.width))
         tensors.append(entry)
@@ -424,6 +442,8 @@ def check(m: Manifest, what: str) -> None:
     """Cross-field checks: sizes agree with shapes, every byte a tensor names lies inside its stream."""
     if m.base is None and any(e.reads_base for e in m.tensors):
         raise _fail(what, "a tensor is a delta but the snapshot has no base")
+    if m.format >= FORMAT and m.has_pred != (m.grand is not None):
+        raise _fail(what, "'pred' tensors and the snapshot they extrapolate from ('grand') go together")
     for e in m.tensors:
         w = e.width
         if e.nbytes != math.prod(e.shape) * w:

@@ -51,9 +51,13 @@ def is_sealed(data: bytes) -> bool:
 
 def _parse(data: bytes, what: str) -> dict[str, Any]:
     try:
-        obj = json.loads(data)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        obj = json.loads(data, parse_constant=_no_constant)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError, ValueError) as exc:
         raise IntegrityError(f"{what} is not valid JSON ({exc})") from None
     if not isinstance(obj, dict):
         raise IntegrityError(f"{what} is not a JSON object")
     return obj
+
+
+def _no_constant(name: str) -> None:
+    raise ValueError(f"{name} is not JSON")

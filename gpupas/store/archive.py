@@ -12,6 +12,7 @@ import json
 import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
+from datetime import UTC, datetime
 from typing import Any
 
 from gpupas.errors import (
@@ -26,8 +27,6 @@ from gpupas.format import keys, zarr_meta
 from gpupas.format.manifest import FORMAT, Manifest, Stream
 from gpupas.store.base import Store, open_store
 from gpupas.store.shards import ShardReader, ShardSink
-
-SUPERSEDED = "superseded.json"  # written into a folder a revision replaced: its age counts from then
 
 
 class ArchiveStore:
@@ -139,12 +138,14 @@ class ArchiveStore:
         self.mark_superseded([f for f in replaced[0].folders() if f not in kept])
 
     def mark_superseded(self, folders: Sequence[str]) -> None:
-        """Note in each folder that a revision replaced it: gc waits its grace period from now."""
+        """Note in each folder's group document that a revision replaced it: gc's grace period counts
+        from now (the folder's last write)."""
+        when = datetime.now(UTC).isoformat()
         for f in folders:
             try:
-                self.store.put(f"{keys.folder(f)}/{SUPERSEDED}", b"{}")
+                self.store.put(f"{keys.folder(f)}/zarr.json", _json(zarr_meta.group({"gpupas": {"superseded": when}})))
             except OSError:
-                pass  # best effort: gc then counts from the folder's last write
+                pass  # best effort: gc then counts from the folder's first write
 
     def list_snapshots(self) -> list[str]:
         """Ids of every committed snapshot, in no particular order (stray files are skipped)."""
@@ -165,10 +166,12 @@ class ArchiveStore:
 
     # -- folders -------------------------------------------------------------------------------------------
     def delete_folder(self, folder: str) -> None:
-        self.store.delete_prefix(keys.folder(keys.check_name(folder, "folder")))
+        if not keys.is_folder(folder):
+            raise ValueError(f"bad folder name {folder!r}")
+        self.store.delete_prefix(keys.folder(folder))
 
     def folders(self) -> list[str]:
-        return [n for n in self.store.list(keys.SNAPSHOTS) if n != "zarr.json" and keys.is_name(n)]
+        return [n for n in self.store.list(keys.SNAPSHOTS) if n != "zarr.json" and keys.is_folder(n)]
 
     def referenced_folders(self) -> set[str]:
         named: set[str] = set()

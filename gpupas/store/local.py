@@ -207,15 +207,48 @@ class LocalStore:
             return False
 
     def size(self, key: str) -> int | None:
-        try:
-            with self._folder(key) as (dfd, name):
-                return os.stat(name, dir_fd=dfd, follow_symlinks=False).st_size
-        except (FileNotFoundError, NotADirectoryError):
+        """Bytes of the regular file at ``key`` (None if missing; a link or non-file is refused)."""
+        fd = self._open_read(key)
+        if fd is None:
             return None
+        try:
+            return os.fstat(fd).st_size
+        finally:
+            os.close(fd)
+
+    def _root_fd(self) -> int:
+        return os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+
+    def _tree(self, prefix: str) -> Iterator[os.stat_result]:
+        """The stat of ``prefix`` (a file or a folder) and of everything below it, never through a link."""
+        try:
+            if not prefix:
+                fd = self._root_fd()
+            else:
+                with self._folder(prefix) as (dfd, name):
+                    st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+                    if not stat.S_ISDIR(st.st_mode):
+                        if stat.S_ISREG(st.st_mode):
+                            yield st
+                        return
+                    fd = os.open(name, _DIR, dir_fd=dfd)
+        except (FileNotFoundError, NotADirectoryError, IntegrityError):
+            return
+        try:
+            yield os.fstat(fd)
+            for _, _, files, dfd in os.fwalk(".", dir_fd=fd, follow_symlinks=False):
+                yield os.fstat(dfd)
+                for n in files:
+                    try:
+                        yield os.stat(n, dir_fd=dfd, follow_symlinks=False)
+                    except FileNotFoundError:
+                        pass
+        finally:
+            os.close(fd)
 
     def list(self, prefix: str) -> list[str]:
         try:
-            fd = self._walk(_parts(prefix)) if prefix else os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)
+            fd = self._walk(_parts(prefix)) if prefix else self._root_fd()
         except (FileNotFoundError, NotADirectoryError):
             return []
         try:
@@ -225,20 +258,8 @@ class LocalStore:
             os.close(fd)
 
     def age(self, prefix: str) -> float | None:
-        path = self.root / prefix
-        try:
-            st = path.lstat()
-        except FileNotFoundError:
-            return None
-        newest = st.st_mtime
-        if stat.S_ISDIR(st.st_mode):
-            for dirpath, dirnames, filenames in os.walk(path, followlinks=False):
-                for n in dirnames + filenames:
-                    try:
-                        newest = max(newest, os.lstat(os.path.join(dirpath, n)).st_mtime)
-                    except FileNotFoundError:
-                        pass
-        return max(0.0, time.time() - newest)
+        newest = max((st.st_mtime for st in self._tree(prefix)), default=None)
+        return None if newest is None else max(0.0, time.time() - newest)
 
     # -- writes --------------------------------------------------------------------------------------------
     def _write_tmp(self, dfd: int, name: str, data: bytes) -> str:
@@ -324,7 +345,7 @@ class LocalStore:
                 pass
 
     def delete_prefix(self, prefix: str) -> None:
-        parts = _parts(prefix)
+        _parts(prefix)  # checks the key
         with self._writing(prefix):
             try:
                 with self._folder(prefix) as (dfd, name):
@@ -335,7 +356,6 @@ class LocalStore:
                         os.unlink(name, dir_fd=dfd)
             except (FileNotFoundError, NotADirectoryError):
                 pass
-        del parts
 
     def writer(self, key: str) -> LocalWriter:
         with self._writing(key), self._folder(key, create=True) as (dfd, name):
@@ -346,7 +366,7 @@ class LocalStore:
         if not self.durable:
             return
         for p in prefixes:
-            fd = self._walk(_parts(p)) if p else os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)
+            fd = self._walk(_parts(p)) if p else self._root_fd()
             try:
                 os.fsync(fd)
             finally:
@@ -360,7 +380,7 @@ class LocalStore:
             return None
         try:
             st = os.fstat(fd)
-            data = os.pread(fd, st.st_size, 0) if st.st_size else b""
+            data = self._count(os.pread(fd, st.st_size, 0) if st.st_size else b"")
         finally:
             os.close(fd)
         return data, (st.st_ino, st.st_mtime_ns, st.st_size)
@@ -389,14 +409,7 @@ class LocalStore:
 
     def usage(self, prefix: str) -> int:
         """Bytes of every file under ``prefix`` ("" for the whole archive)."""
-        total = 0
-        for dirpath, _, filenames in os.walk(self.root / prefix if prefix else self.root, followlinks=False):
-            for n in filenames:
-                try:
-                    total += os.lstat(os.path.join(dirpath, n)).st_size
-                except FileNotFoundError:
-                    pass
-        return total
+        return sum(st.st_size for st in self._tree(prefix) if stat.S_ISREG(st.st_mode))
 
 
 class LocalWriter:

@@ -9,6 +9,7 @@ Filesystems without conditional writes can be read but refuse those two operatio
 from __future__ import annotations
 
 import io
+import random
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -186,11 +187,12 @@ class RemoteStore:
     def create(self, key: str, data: bytes) -> bool:
         if self.s3:
             bucket, k = self._bucket_key(key)
-            for _ in range(_RETRIES):
+            for attempt in range(_RETRIES):
                 try:
                     self._call("put_object", Bucket=bucket, Key=k, Body=data, IfNoneMatch="*")
                 except Exception as exc:
                     if _conflict(exc):  # raced another conditional write that may yet fail: ask again
+                        time.sleep(random.uniform(0, min(1.0, 0.01 * 2**attempt)))
                         continue
                     if _precondition_failed(exc):
                         return False
@@ -213,7 +215,7 @@ class RemoteStore:
             raise GpupasError(f"{self.location}: atomic replace needs S3 conditional writes; use a local directory "
                               "or S3 for archives that are written")
         bucket, k = self._bucket_key(key)
-        for _ in range(_RETRIES):
+        for attempt in range(_RETRIES):
             old, etag = self._get_with_etag(bucket, k)
             new = change(old)
             if new is None:
@@ -225,6 +227,7 @@ class RemoteStore:
             except Exception as exc:
                 if not _precondition_failed(exc):
                     raise
+            time.sleep(random.uniform(0, min(1.0, 0.01 * 2**attempt)))  # jittered backoff under contention
         raise GpupasError(f"{self.location}: {key} kept changing under {_RETRIES} tries to update it")
 
     def _get_with_etag(self, bucket: str, key: str) -> tuple[bytes | None, str | None]:
@@ -292,7 +295,10 @@ class RemoteStore:
             return data, _fingerprint(resp.get("ETag"), resp.get("LastModified"), len(data))
 
         self.requests += 1
-        return sync(self.fs.loop, get)
+        got = sync(self.fs.loop, get)
+        if got is not None:
+            self.bytes_read += len(got[0])
+        return got
 
     def stat_children(self, prefix: str) -> dict[str, tuple[int, int, int]]:
         """Fingerprint (ETag hash, mtime in ns, size) of each object directly under ``prefix``."""
