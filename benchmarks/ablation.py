@@ -36,9 +36,9 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp, gpupas.create_archive(Path(tmp) / "a") as arc:
             for i, (_, tensors) in enumerate(snaps):
                 m = arc.commit(tensors, snapshot=f"s{i}", base=base, setting=setting)
-                base = m["id"]
+                base = m.id
                 if i:
-                    sizes.append(100 * m["stored_bytes"] / m["raw_bytes"])
+                    sizes.append(100 * m.stored_bytes / m.raw_bytes)
         print(f"| {label} | " + " | ".join(f"{x:.2f}" for x in sizes) + " |")
 
 

@@ -97,20 +97,20 @@ def run_gpupas(snaps: list[tuple[str, Tensors]], case: Case, setting: str, repea
                     if rep:
                         enc_s[k] = min(enc_s[k], time.perf_counter() - t)
                     if base is not None:  # the base in memory, as the peers get it; and the base's own
-                        grand = arc.manifest(base)["base"]  # base, which 'pred' tensors extrapolate from
+                        grand = arc.manifest(base).base  # base, which 'pred' tensors extrapolate from
                         for s in ([grand] if grand else []) + [base]:
                             arc.restore(s)
-                    arc._cache.pop(m["id"], None)
+                    arc.bases.drop(m.id)
                     t = time.perf_counter()
-                    out = arc.restore(m["id"])
+                    out = arc.restore(m.id)
                     if rep:
                         dec_s[k] = min(dec_s[k], time.perf_counter() - t)
                     _check(out, snaps[i][1], f"gpupas {setting}")
                     if rep == 0:
-                        res.raw += m["raw_bytes"]
-                        res.stored += m["stored_bytes"]
-                        res.per_snapshot.append(100 * m["stored_bytes"] / m["raw_bytes"])
-                        layers.setdefault(f"{setting}:{snaps[i][0]}", arc.report(m["id"]))
+                        res.raw += m.raw_bytes
+                        res.stored += m.stored_bytes
+                        res.per_snapshot.append(100 * m.stored_bytes / m.raw_bytes)
+                        layers.setdefault(f"{setting}:{snaps[i][0]}", arc.report(m.id))
     res.enc_s, res.dec_s = sum(enc_s), sum(dec_s)
     return res
 

@@ -131,7 +131,7 @@ def test_killed_revisions_never_show_a_mix(chain: tuple[Path, list[dict[str, np.
                     seen.append(r.manifest("s1").revision)
                     same(r.restore("s1"), snaps[1])
                     same(r.restore("s2"), snaps[2])
-            except BaseException as exc:  # noqa: BLE001 - reported below
+            except BaseException as exc:
                 errors.append(exc)
                 return
 
