@@ -234,7 +234,7 @@ class Archive:
                 if e.crc32 != e_old.crc32:
                     raise IntegrityError(f"snapshot {snapshot}: tensor {e.name!r} changed while being revised")
             check = decode.decode_snapshot(self.store, new, new.tensors,
-                                                 {k: base_bits[k] for k in base_bits},
+                                                 {e.name: base_bits[e.name] for e in new.tensors if e.reads_base},
                                                  self._pred_bits(new, backend), backend, self.executor)
             for name, b in bits.items():
                 if check[name].tobytes() != b.tobytes():

@@ -100,7 +100,9 @@ def _rebuild(m: Manifest, entries: Sequence[TensorEntry], bufs: Mapping[int, Any
     for e in entries:
         values = e.values
         rows, per = rows_of(e.shape)
-        ub, ub2, target, changed, alpha = base_bits.get(e.name), grand_bits.get(e.name), out[e.name], None, None
+        ub = base_bits.get(e.name) if e.reads_base else None
+        ub2 = grand_bits.get(e.name) if e.enc == "pred" else None
+        target, changed, alpha = out[e.name], None, None
         if e.reads_base and ub is None:
             raise IntegrityError(f"snapshot {m.id}: the base's bits of tensor {e.name!r} are missing")
         if e.enc == "pred" and ub2 is None:
