@@ -72,3 +72,30 @@ def test_damage_and_missing_on_s3(s3_options: dict[str, Any]) -> None:
         fresh.restore(m.id)
     with _archive(s3_options, create=False) as fresh, pytest.raises(IntegrityError, match=m.id):
         fresh.verify(m.id)
+
+
+def test_versions_tags_files_and_catalog_on_s3(s3_options: dict[str, Any], tmp_path: Any,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """Records, tags and files go through the store too; the catalog lives in the user's cache."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    url, opts = split(s3_options)
+    rng = np.random.default_rng(1)
+    w = (rng.standard_normal((64, 32)) * 0.02).astype(np.float32)
+    with gpupas.create_repository(url, storage_options=opts) as repo:
+        v1 = repo.commit("net", {"fc.weight": w}, hyperparameters={"lr": 0.1}, files={"cfg.json": b"{}"})
+        v2 = repo.add_snapshot(v1.id, {"fc.weight": w + 1e-3})
+        repo.tag("base", v1.id)
+        c = repo.copy(v1.id, "net-copy")
+    with gpupas.open_repository(url, storage_options=opts) as repo:
+        assert [v.id for v in repo.versions()] == [v1.id, c.id] and repo.tags() == {"base": v1.id}
+        assert [r["id"] for r in repo.query("select m where m.hp.lr > 0.05")] == [v1.id, c.id]
+        assert repo.restore("base")["fc.weight"].tobytes() == (w + 1e-3).astype(np.float32).tobytes()
+        assert repo.file_bytes(repo.version(v1.id).files["cfg.json"]["sha256"]) == b"{}"
+        assert len(v2.snapshots) == 2
+        result = repo.verify()
+        assert result["ok"] and result["checked"]["snapshots"] == 2, result
+        assert list((tmp_path / "cache" / "gpupas" / "catalogs").glob("*.sqlite"))  # not in the bucket
+        with pytest.raises(gpupas.ArchiveExistsError):
+            repo.tag("base", c.id)
+        repo.tag("base", c.id, force=True)
+        assert repo.tags() == {"base": c.id}

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import functools
 import json
-import sqlite3
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -87,7 +86,10 @@ def _command(fn: F) -> F:
                 return fn(*args, **kwargs)
             except (typer.Exit, typer.Abort, SystemExit):
                 raise
-            except (GpupasError, OSError, sqlite3.Error) as exc:
+            except Exception as exc:
+                if not isinstance(exc, (GpupasError, OSError)) and type(exc).__module__ != "sqlite3":
+                    o.error(f"unexpected {type(exc).__name__}: {exc}; please report it with the command that failed")
+                    raise typer.Exit(FAILURE) from None
                 msg = str(exc) or type(exc).__name__
                 if isinstance(exc, OSError) and not isinstance(exc, GpupasError):
                     msg = f"{exc.strerror or exc}: {exc.filename}" if exc.filename else str(exc)
@@ -96,9 +98,6 @@ def _command(fn: F) -> F:
             except KeyboardInterrupt:
                 o.error("interrupted; nothing half-written is visible")
                 raise typer.Exit(130) from None
-            except Exception as exc:  # a bug or an unforeseen state: never exit 1 ("not found")
-                o.error(f"unexpected {type(exc).__name__}: {exc}; please report it with the command that failed")
-                raise typer.Exit(FAILURE) from None
             finally:
                 if not STATE.quiet:
                     for w in caught:
