@@ -49,6 +49,17 @@ def _now() -> str:
     return datetime.now(UTC).isoformat()
 
 
+def _unchanged(staged: Any, backend: Any) -> None:
+    """Every tensor still has the bits it was staged with: a tensor that another thread changed while
+    it was being coded (a training step) would publish planes that restore to no state it ever had."""
+    for st in staged:
+        if backend.crc32(st.bits) != st.crc:
+            raise InvalidInputError(
+                f"tensor {st.name!r} changed while it was being committed (another thread updated it in place); "
+                "nothing was stored: commit between optimizer steps, or commit a copy (e.g. "
+                "{k: v.clone() for k, v in model.state_dict().items()})")
+
+
 def create_archive(location: str | os.PathLike[str], **kw: Any) -> Archive:
     """Create an archive at ``location`` (an empty or missing directory, or an fsspec URL)."""
     store_kw = {k: kw.pop(k) for k in ("storage_options", "durable") if k in kw}
@@ -125,15 +136,15 @@ class Archive:
             m = self.manifest(m.base)
         return depth
 
-    def discard(self, snapshot: str) -> None:
+    def discard(self, snapshot: str, *, force: bool = False) -> None:
         """Delete ``snapshot`` for good (a snapshot nothing references, e.g. of a failed version).
 
-        Snapshots committed as deltas against it, or against a delta on it ('pred' tensors read
-        the base's base), can no longer be restored: the caller must know that none exist.
+        Refused while other snapshots are deltas on it or extrapolate from it; ``force`` deletes it
+        anyway, and those can then no longer be restored.
         """
+        self.store.discard(snapshot, force=force)
         self.bases.drop(snapshot)
         self._forget(snapshot)
-        self.store.discard(snapshot)
 
     def gc(self, min_age: float = 3600.0, dry_run: bool = False) -> list[str]:
         """Delete the chunk folders no manifest names (interrupted commits, revised snapshots) once
@@ -156,33 +167,40 @@ class Archive:
         backend = get_backend(resolve_device(device, tensors))
         arrays = as_tensor_dict(tensors, backend=backend)
         cfg = get_setting(setting)
+        layout = layout or Layout()
         sid = check_name(snapshot) if snapshot is not None else new_id()
         if self.store.has_manifest(sid):
             raise ArchiveExistsError(f"snapshot {sid!r} already exists in {self.location}; choose another id")
-        base_m, base_bits, grand_bits = None, {}, {}
-        if base is not None:
-            base_m = self.manifest(base)
-            if self.depth(base) + 1 > self.max_chain:  # keep restores bounded: start a new chain
-                base, base_m = None, None
-            else:
-                base_bits = self._read(base, None, backend)[0]
-                grand_bits = self._grand_bits(base_m, arrays, cfg, backend)
-        small = sum(int(a.nbytes) for a in arrays.values()) <= SMALL
-        staged = stage_all(arrays, cfg, backend.crc32, self.executor, small,
-                           None if base_m is None else base_m.by_name, base_bits, grand_bits)
-        streams, entries = write_streams(self.store, sid, staged, cfg, backend, self.executor, layout or Layout(),
-                                         small)
-        grand = base_m.base if base_m is not None and any(st.plan.enc == "pred" for st in staged) else None
-        m = Manifest(id=sid, created=_now(), base=base, grand=grand, streams=streams, tensors=entries,
-                     setting=cfg.name, segment=(layout or Layout()).segment, raw_bytes=sum(st.nbytes for st in staged),
-                     stored_bytes=sum(s.stored for s in streams), meta=dict(meta or {}),
-                     commit_seconds=round(time.perf_counter() - t0, 6))
-        try:
-            self.store.publish_manifest(m)
-        except BaseException:
-            for s in streams:
-                self.store.delete_folder(s.folder)
-            raise
+        with self.store.writing():  # a discard or gc of the base waits until this is published
+            base_m, base_bits, grand_bits = None, {}, {}
+            if base is not None:
+                self._forget(base)
+                base_m = self.manifest(base)  # read again under the lock: still there
+                if self.depth(base) + 1 > self.max_chain:  # keep restores bounded: start a new chain
+                    base, base_m = None, None
+                else:
+                    base_bits = self._read(base, None, backend)[0]
+                    grand_bits = self._grand_bits(base_m, arrays, cfg, backend)
+            small = sum(int(a.nbytes) for a in arrays.values()) <= SMALL
+            staged = stage_all(arrays, cfg, backend.crc32, self.executor, small,
+                               None if base_m is None else base_m.by_name, base_bits, grand_bits)
+            streams, entries = write_streams(self.store, sid, staged, cfg, backend, self.executor, layout, small)
+            grand = base_m.base if base_m is not None and any(st.plan.enc == "pred" for st in staged) else None
+            m = Manifest(id=sid, created=_now(), base=base, grand=grand, streams=streams, tensors=entries,
+                         setting=cfg.name, segment=layout.segment, raw_bytes=sum(st.nbytes for st in staged),
+                         stored_bytes=sum(s.stored for s in streams), meta=dict(meta or {}),
+                         commit_seconds=round(time.perf_counter() - t0, 6))
+            try:
+                _unchanged(staged, backend)
+                for needed in {base, grand} - {None}:
+                    if not self.store.has_manifest(needed):  # type: ignore[arg-type]
+                        raise SnapshotNotFoundError(f"snapshot {needed}, the base of this commit, was discarded "
+                                                    "while it was being committed; nothing was stored")
+                self.store.publish_manifest(m)
+            except BaseException:
+                for s in streams:
+                    self.store.delete_folder(s.folder)
+                raise
         self.bases.put(sid, {st.name: st.bits for st in staged}, borrowed=True)  # checked by CRC before use
         return m
 
@@ -207,10 +225,13 @@ class Archive:
         see the old form or the new one, never a mix; the old folders become garbage for
         :meth:`gc`. Its bits do not change, so snapshots that use it as a base are unaffected.
         """
+        with self.store.writing():
+            return self._revise(snapshot, get_setting(setting), layout or Layout(), base)
+
+    def _revise(self, snapshot: str, cfg: Setting, layout: Layout, base: Any) -> Manifest:
         backend = get_backend("numpy")
         self._forget(snapshot)
         old = self.manifest(snapshot)
-        cfg = get_setting(setting)
         new_base = old.base if base is _KEEP else base
         if new_base is not None:
             self._check_base(snapshot, new_base)
@@ -220,11 +241,10 @@ class Archive:
         arrays = {e.name: from_bits(bits[e.name], e.layout, e.shape) for e in old.tensors}
         base_m = None if new_base is None else self.manifest(new_base)
         base_bits = {} if base_m is None else self._read(new_base, None, backend)[0]
-        grand = {} if base_m is None else self._grand_bits(base_m, arrays, cfg, backend)
+        grand_bits = {} if base_m is None else self._grand_bits(base_m, arrays, cfg, backend)
         small = old.raw_bytes <= SMALL
         staged = stage_all(arrays, cfg, backend.crc32, self.executor, small,
-                           None if base_m is None else base_m.by_name, base_bits, grand)
-        layout = layout or Layout()
+                           None if base_m is None else base_m.by_name, base_bits, grand_bits)
         streams, entries = write_streams(self.store, snapshot, staged, cfg, backend, self.executor, layout, small)
         try:
             grand = base_m.base if base_m is not None and any(st.plan.enc == "pred" for st in staged) else None
@@ -234,8 +254,8 @@ class Archive:
                 if e.crc32 != e_old.crc32:
                     raise IntegrityError(f"snapshot {snapshot}: tensor {e.name!r} changed while being revised")
             check = decode.decode_snapshot(self.store, new, new.tensors,
-                                                 {e.name: base_bits[e.name] for e in new.tensors if e.reads_base},
-                                                 self._pred_bits(new, backend), backend, self.executor)
+                                           {e.name: base_bits[e.name] for e in new.tensors if e.reads_base},
+                                           self._pred_bits(new, backend), backend, self.executor)
             for name, b in bits.items():
                 if check[name].tobytes() != b.tobytes():
                     raise IntegrityError(f"snapshot {snapshot}: the revised form of {name!r} does not decode to "

@@ -21,6 +21,7 @@ import math
 import os
 import re
 import sqlite3
+import uuid
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from functools import lru_cache
@@ -216,27 +217,11 @@ class Catalog:
                                "and run `gpupas reindex`") from None
 
     def rebuild(self) -> dict[str, int]:
-        """Build a fresh database from the archive alone and put it in place of this one atomically
-        (nothing of the old file survives: no tables, views or triggers it did not create)."""
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.{id(self)}.tmp")
-        for suffix in ("", "-wal", "-shm", "-journal"):
-            Path(f"{tmp}{suffix}").unlink(missing_ok=True)
-        fresh = Catalog(tmp, self.source)
-        try:
-            with fresh.transaction():
-                fresh._apply(self.source.fingerprints(), {})
-            fresh.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-            fresh.conn.execute("PRAGMA journal_mode=DELETE")  # one self-contained file to move into place
-            fresh.close()
-            self.conn.close()
-            os.replace(tmp, self.path)
-            for suffix in ("-wal", "-shm"):
-                Path(f"{self.path}{suffix}").unlink(missing_ok=True)
-        except BaseException:
-            fresh.close()
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        self.conn = self._connect()
+        """Build a fresh database from the archive alone and put it in place of this one (see
+        :func:`rebuild_catalog`); returns row counts per table."""
+        self.conn.close()
+        fresh = rebuild_catalog(self.path, self.source)
+        self.conn = fresh.conn
         return self.counts()
 
     def counts(self) -> dict[str, int]:
@@ -339,6 +324,30 @@ def catalog_path(location: str, local_root: str | None) -> Path:
     cache.mkdir(parents=True, exist_ok=True)
     name = hashlib.sha256((os.path.realpath(location) if local_root else location).encode()).hexdigest()[:24]
     return cache / f"{name}.sqlite"
+
+
+def rebuild_catalog(path: Path, source: RecordSource) -> Catalog:
+    """A fresh catalog at ``path`` built from ``source`` alone, moved into place atomically: nothing of
+    an old file there (tables, views or triggers it did not create) survives, and it is never read."""
+    if path.is_symlink():
+        path.unlink()  # never write through a link; the new catalog takes its place
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    fresh = Catalog(tmp, source)
+    try:
+        with fresh.transaction():
+            fresh._apply(source.fingerprints(), {})
+        fresh.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        fresh.conn.execute("PRAGMA journal_mode=DELETE")  # one self-contained file to move into place
+        fresh.close()
+        os.replace(tmp, path)
+        for suffix in ("-wal", "-shm"):
+            Path(f"{path}{suffix}").unlink(missing_ok=True)
+    except BaseException:
+        fresh.close()
+        for suffix in ("", "-wal", "-shm", "-journal"):
+            Path(f"{tmp}{suffix}").unlink(missing_ok=True)
+        raise
+    return Catalog(path, source)
 
 
 def open_catalog(path: Path, source: RecordSource) -> Catalog:

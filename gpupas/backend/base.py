@@ -8,7 +8,7 @@ that is said once in a log line, never silently per call.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from typing import Any, Protocol
 
@@ -45,17 +45,28 @@ class Backend(Protocol):
         """A fresh uint8 array (64-byte aligned) that outlives the call."""
         ...
 
-    def run(self, fn: Callable[[Any], Any], items: Sequence[Any], executor: Any, small: bool) -> list[Any]:
-        """``fn`` over segment jobs (host: the executor's threads; a GPU: its stream)."""
+    def encode_planes(self, staged: Sequence[Any], extras: Sequence[Any], placements: Sequence[Any],
+                      bufs: Sequence[Any], segment: int, min_group: int, executor: Any, small: bool
+                      ) -> list[list[int]]:
+        """Write every staged tensor's planes (segment by segment) and extras into the stream buffers;
+        return, per stream, the sorted offsets where a coder should end a block."""
         ...
 
-    def encode_chunks(self, policy: Any, buf: Any, bounds: Sequence[int], chunk_size: int, executor: Any,
-                      small: bool) -> Iterator[tuple[int, str, Any]]:
-        """(chunk, codec letter, stored bytes) of every chunk of ``buf``, as each is ready."""
+    def encode_chunks(self, policy: Any, buf: Any, bounds: Sequence[int], chunk_size: int,
+                      emit: Callable[[int, str, Any], None], executor: Any, small: bool) -> list[tuple[str, int]]:
+        """Code every chunk of stream buffer ``buf``, handing (chunk, codec letter, stored bytes) to
+        ``emit`` as each is ready (the stored bytes are on the host); returns (letter, size) per chunk."""
         ...
 
-    def decode_chunks(self, stream: Any, stored: dict[int, Any], buf: Any, executor: Any, small: bool) -> None:
-        """Decode stored chunks (payload + CRC-32C) into their places in ``buf``."""
+    def decode_chunks(self, stream: Any, stored: dict[int, Any], buf: Any, executor: Any, small: bool,
+                      on_error: Callable[[int, Exception], Exception]) -> None:
+        """Check and decode stored chunks (payload + CRC-32C, on the host) into their places in ``buf``."""
+        ...
+
+    def decode_planes(self, m: Any, entries: Sequence[Any], bufs: Any, base_bits: Any, grand_bits: Any,
+                      executor: Any, small: bool) -> dict[str, Any]:
+        """The raw bits of ``entries`` from their decoded planes (``bufs``: stream -> bytes) and the
+        bases' bits, as arrays of this backend."""
         ...
 
 

@@ -93,10 +93,7 @@ class NumpyBackend:
         skip = -raw.ctypes.data % 64
         return raw[skip : skip + nbytes]
 
-    # -- work over the segment table ------------------------------------------------------------------------
-    def run(self, fn: Callable[[Any], Any], items: Sequence[Any], executor: Any, small: bool) -> list[Any]:
-        return executor.map(fn, items, inline=small)
-
+    # -- chunks ------------------------------------------------------------------------------------------------
     def encode_chunks(self, policy: Any, buf: np.ndarray, bounds: Sequence[int], chunk_size: int,
                       emit: Callable[[int, str, Any], None], executor: Any, small: bool) -> list[tuple[str, int]]:
         """Code every chunk of ``buf`` (one task per chunk), handing each to ``emit`` when ready."""
@@ -131,3 +128,108 @@ class NumpyBackend:
                 raise on_error(c, exc) from None
 
         executor.map(decode, sorted(stored), inline=small)
+
+    # -- planes of every segment, both ways --------------------------------------------------------------------
+    def encode_planes(self, staged: Sequence[Any], extras: Sequence[np.ndarray], placements: Sequence[Any],
+                      bufs: Sequence[np.ndarray], segment: int, min_group: int, executor: Any,
+                      small: bool) -> list[list[int]]:
+        """Fill the stream buffers with every tensor's planes and extras (one task per segment); returns,
+        per stream, the sorted offsets where a coder should end a block (plane starts, context groups,
+        extras)."""
+        from gpupas.format.layout import segments
+        from gpupas.pas.transform import encode_segment
+
+        cuts: list[set[int]] = [set() for _ in bufs]
+        for x, pl in zip(extras, placements):
+            if x.size:
+                s, off = pl.extras
+                bufs[s][off : off + x.size] = x
+                cuts[s].add(off)
+        units = [(i, a, b) for i, st in enumerate(staged) for a, b in segments(st.u.size, segment)]
+
+        def encode(unit: tuple[int, int, int]) -> list[tuple[int, int]]:
+            i, a, b = unit
+            st, pl = staged[i], placements[i]
+            n = b - a
+            views, where = [], []
+            for p in pl.parts:
+                start = p.offset + a * p.count
+                block = bufs[p.stream][start : start + p.count * n]
+                for k in range(p.count):
+                    views.append(block[k * n : (k + 1) * n])
+                    where.append((p.stream, start + k * n))
+            groups = encode_segment(st.u[a:b], st.base_for(a, b), st.layout, st.plan, views, min_group)
+            return [(s, lo + g) for (s, lo), gs in zip(where, groups) for g in (0, *gs)]
+
+        for found in executor.map(encode, units, inline=small):
+            for s, off in found:
+                cuts[s].add(off)
+        return [sorted(c) for c in cuts]
+
+    def decode_planes(self, m: Any, entries: Sequence[Any], bufs: Any, base_bits: Any, grand_bits: Any,
+                      executor: Any, small: bool) -> dict[str, np.ndarray]:
+        """The raw bits of ``entries`` of manifest ``m`` from their decoded planes (``bufs``: stream
+        index -> bytes) and the bases' bits; one allocation for all, one task per segment."""
+        from gpupas.errors import IntegrityError
+        from gpupas.format.layout import segments
+        from gpupas.pas.predict import alpha_from_planes, predict
+        from gpupas.pas.rows import gather, mask_from_bytes, rows_of
+        from gpupas.pas.transform import Plan, decode_segment
+
+        nbytes = [e.nbytes for e in entries]
+        starts = np.cumsum([0] + [-(-n // 64) * 64 for n in nbytes]).tolist()  # 64-byte aligned tensors
+        block = self.empty(starts[-1])  # one allocation: huge pages
+        out = {e.name: block[lo : lo + n].view(e.layout.uint) for e, lo, n in zip(entries, starts, nbytes)}
+        jobs: dict[str, tuple[Any, Any, Any, Any, Any]] = {}  # name: (target, base, base's base, factors, mask)
+        units = []
+        for e in entries:
+            values = e.values
+            rows, per = rows_of(e.shape)
+            ub = base_bits.get(e.name) if e.reads_base else None
+            ub2 = grand_bits.get(e.name) if e.enc == "pred" else None
+            target, changed, alpha = out[e.name], None, None
+            if e.reads_base and ub is None:
+                raise IntegrityError(f"snapshot {m.id}: the base's bits of tensor {e.name!r} are missing")
+            if e.enc == "pred" and ub2 is None:
+                raise IntegrityError(f"snapshot {m.id}: the bits tensor {e.name!r} extrapolates from are missing")
+            for name, arr in (("base", ub), ("grand-base", ub2)):
+                if arr is not None and arr.size != rows * per:
+                    raise IntegrityError(f"snapshot {m.id}: tensor {e.name!r} has {rows * per} values, its {name} "
+                                         f"{arr.size}")
+            if e.extras is not None:
+                s, off = e.extras
+                extra = bufs[s][off : off + e.extras_nbytes]
+                if e.masked:
+                    changed = mask_from_bytes(extra[: e.mask_nbytes], rows)
+                    if int(changed.sum()) != e.rows:
+                        raise IntegrityError(f"snapshot {m.id}: the row mask of tensor {e.name!r} is damaged")
+                    ub = gather(ub, changed, per)
+                    ub2 = None if ub2 is None else gather(ub2, changed, per)
+                    target = np.empty(values, out[e.name].dtype)
+                if e.enc == "pred":
+                    alpha = alpha_from_planes(extra[e.mask_nbytes :])
+            jobs[e.name] = (target, ub, ub2, alpha, changed)
+            units.extend((e, a, b) for a, b in segments(values, m.segment))
+
+        def rebuild(unit: tuple[Any, int, int]) -> None:
+            e, a, b = unit
+            target, ub, ub2, alpha, _ = jobs[e.name]
+            n = b - a
+            planes = []
+            for p in e.parts:
+                start = p.offset + a * p.count
+                block = bufs[p.stream][start : start + p.count * n]
+                planes.extend(block[k * n : (k + 1) * n] for k in range(p.count))
+            base = None if ub is None else ub[a:b]
+            if e.enc == "pred":
+                base = predict(base, ub2[a:b], alpha, e.layout, rows_of(e.shape)[1], a)
+            decode_segment(planes, base, e.layout, Plan(e.enc, e.ctx), target[a:b])
+
+        executor.map(rebuild, units, inline=small)
+        for e in entries:
+            target, _, _, _, changed = jobs[e.name]
+            if changed is not None:  # unchanged rows are the base's
+                whole = out[e.name].reshape(changed.size, -1)
+                whole[...] = base_bits[e.name].reshape(changed.size, -1)
+                whole[changed] = target.reshape(-1, whole.shape[1])
+        return out

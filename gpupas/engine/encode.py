@@ -20,11 +20,11 @@ import numpy as np
 from gpupas.codecs import registry
 from gpupas.codecs.policy import ChunkPolicy
 from gpupas.engine.stage import Staged
-from gpupas.format.layout import Placement, place, plane_ranges, segments
+from gpupas.format.layout import place, plane_ranges
 from gpupas.format.manifest import Stream, TensorEntry
 from gpupas.pas.context import entropy
 from gpupas.pas.settings import Setting
-from gpupas.pas.transform import SEGMENT, encode_segment
+from gpupas.pas.transform import SEGMENT
 from gpupas.store.archive import ArchiveStore
 
 CHUNK_SIZE = 1 << 18  # bytes per chunk (CPU): the coders' block size and the unit of parallel work
@@ -60,8 +60,8 @@ def write_streams(store: ArchiveStore, sid: str, staged: Sequence[Staged], setti
     with backend.workspace(sum(lengths)) as ws:
         starts = np.cumsum([0, *lengths]).tolist()
         bufs = [ws[a:b] for a, b in itertools.pairwise(starts)]
-        bounds = _planes(staged, extras, placements, bufs, layout.segment, setting.min_group, backend, executor,
-                         small)
+        bounds = backend.encode_planes(staged, extras, placements, bufs, layout.segment, setting.min_group, executor,
+                                       small)
         written: list[Stream] = []
         try:
             for s, length in enumerate(lengths):
@@ -96,39 +96,6 @@ def write_streams(store: ArchiveStore, sid: str, staged: Sequence[Staged], setti
                    for st, pl in zip(staged, placements)]
         entries = attribute(entries, streams, bufs, chunk_sizes, layout.segment)
     return tuple(streams), tuple(entries)
-
-
-def _planes(staged: Sequence[Staged], extras: Sequence[np.ndarray], placements: Sequence[Placement],
-            bufs: Sequence[Any], segment: int, min_group: int, backend: Any, executor: Any,
-            small: bool) -> list[list[int]]:
-    """Fill the stream buffers with every tensor's planes and extras; returns, per stream, the sorted
-    offsets where a coder should end a block (plane starts, context groups, extras)."""
-    cuts: list[set[int]] = [set() for _ in bufs]
-    for x, pl in zip(extras, placements):
-        if x.size:
-            s, off = pl.extras
-            bufs[s][off : off + x.size] = x
-            cuts[s].add(off)
-    units = [(i, a, b) for i, st in enumerate(staged) for a, b in segments(st.u.size, segment)]
-
-    def encode(unit: tuple[int, int, int]) -> list[tuple[int, int]]:
-        i, a, b = unit
-        st, pl = staged[i], placements[i]
-        n = b - a
-        views, where = [], []
-        for p in pl.parts:
-            start = p.offset + a * p.count
-            block = bufs[p.stream][start : start + p.count * n]
-            for k in range(p.count):
-                views.append(block[k * n : (k + 1) * n])
-                where.append((p.stream, start + k * n))
-        groups = encode_segment(st.u[a:b], st.base_for(a, b), st.layout, st.plan, views, min_group)
-        return [(s, lo + g) for (s, lo), gs in zip(where, groups) for g in (0, *gs)]
-
-    for found in backend.run(encode, units, executor, small):
-        for s, off in found:
-            cuts[s].add(off)
-    return [sorted(c) for c in cuts]
 
 
 def attribute(entries: list[TensorEntry], streams: Sequence[Stream], bufs: Sequence[Any],

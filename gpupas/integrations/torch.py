@@ -35,6 +35,13 @@ def is_torch_tensor(obj: Any) -> bool:
 
 def tensor_to_numpy(t: Any) -> np.ndarray:
     """A NumPy copy of a torch tensor (any device) with identical bits."""
+    torch = _torch()
+    if t.device.type == "meta":
+        raise UnsupportedDtypeError("a tensor on the meta device has no data to archive; materialize the model "
+                                    "first (e.g. load its weights)")
+    if t.layout != torch.strided:
+        raise UnsupportedDtypeError(f"a {t.layout} tensor cannot be archived as it is; store t.to_dense(), or its "
+                                    "indices and values as two tensors")
     t = t.detach().cpu().contiguous()
     views = _views()
     if t.dtype in views:

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any
 
@@ -21,12 +22,15 @@ from gpupas.errors import (
     ConflictError,
     FormatError,
     IntegrityError,
+    InvalidInputError,
     SnapshotNotFoundError,
 )
 from gpupas.format import keys, zarr_meta
 from gpupas.format.manifest import FORMAT, Manifest, Stream
 from gpupas.store.base import Store, open_store
 from gpupas.store.shards import ShardReader, ShardSink
+
+REMOTE_MIN_AGE = 3600.0  # object stores have no locks: gc there leaves folders younger than this
 
 
 class ArchiveStore:
@@ -152,17 +156,52 @@ class ArchiveStore:
         return [n[:-5] for n in self.store.list(keys.MANIFESTS)
                 if n.endswith(".json") and keys.is_name(n[:-5]) and not n.startswith(".")]
 
-    def discard(self, sid: str) -> None:
-        """Remove snapshot ``sid``: its manifest first (so it disappears at once), then its folders."""
+    @contextmanager
+    def writing(self) -> Iterator[None]:
+        """Held while a commit or revision reads its bases, writes folders and publishes: gc and
+        discard (which take it exclusively) wait, so they never win against a commit in flight."""
+        with self.store.lock(keys.SNAPSHOTS):
+            yield
+
+    def children(self, sid: str) -> list[str]:
+        """Snapshots that read ``sid``'s bits: deltas on it, and 'pred' tensors that extrapolate from it."""
+        out = []
+        for other in self.list_snapshots():
+            try:
+                m = self.read_manifest(other)
+            except (SnapshotNotFoundError, IntegrityError, FormatError):
+                continue
+            if sid in (m.base, m.grand) or (m.format < FORMAT and m.has_pred and m.base is not None
+                                             and self._base_of(m.base) == sid):
+                out.append(other)
+        return sorted(out)
+
+    def _base_of(self, sid: str) -> str | None:
         try:
-            folders = self.read_manifest(sid).folders()
-        except SnapshotNotFoundError:
-            return
-        except (IntegrityError, FormatError):
-            folders = []  # its folders become orphans for gc
-        self.store.delete(keys.manifest(sid))
-        for f in folders:
-            self.store.delete_prefix(keys.folder(f))
+            return self.read_manifest(sid).base
+        except (SnapshotNotFoundError, IntegrityError, FormatError):
+            return None
+
+    def discard(self, sid: str, *, force: bool = False) -> None:
+        """Remove snapshot ``sid``: its manifest first (so it disappears at once), then its folders.
+
+        Refused while other snapshots read its bits (``force``: remove it anyway, they become
+        unrestorable); waits for commits in flight, which may be using it as their base.
+        """
+        with self.store.lock(keys.SNAPSHOTS, exclusive=True):
+            try:
+                folders = self.read_manifest(sid).folders()
+            except SnapshotNotFoundError:
+                return
+            except (IntegrityError, FormatError):
+                folders = []  # its folders become orphans for gc
+            users = [] if force else self.children(sid)
+            if users:
+                raise InvalidInputError(f"snapshot {sid} is the base of {', '.join(users[:5])}"
+                                        f"{'...' if len(users) > 5 else ''}: discard those first (or force it)")
+            self.store.delete(keys.manifest(sid))
+            for f in folders:
+                self.store.delete_prefix(keys.folder(f))
 
     # -- folders -------------------------------------------------------------------------------------------
     def delete_folder(self, folder: str) -> None:
@@ -187,21 +226,24 @@ class ArchiveStore:
         return sorted(set(self.folders()) - self.referenced_folders())
 
     def remove_orphans(self, min_age: float, dry_run: bool = False) -> list[str]:
-        """Delete orphan folders untouched for ``min_age`` seconds; their names.
+        """Delete folders no manifest names that were untouched for ``min_age`` seconds; their names.
 
-        The age keeps commits still writing (another process's) and readers of a just-revised
-        snapshot safe.
+        Commits and revisions in flight hold a shared lock that this takes exclusively, so a folder
+        being written is never taken for garbage, whatever ``min_age``; the age keeps readers of a
+        just-revised snapshot safe. Object stores have no locks: there the age is at least
+        :data:`REMOTE_MIN_AGE`, longer than a commit takes.
         """
+        if self.store.local_root is None:
+            min_age = max(min_age, REMOTE_MIN_AGE)
         removed = []
-        for name in self.orphan_folders():
-            age = self.store.age(keys.folder(name))
-            if age is not None and age < min_age:
-                continue
-            if name in self.referenced_folders():  # published meanwhile
-                continue
-            if not dry_run:
-                self.store.delete_prefix(keys.folder(name))
-            removed.append(name)
+        with self.store.lock(keys.SNAPSHOTS, exclusive=True):
+            for name in self.orphan_folders():
+                age = self.store.age(keys.folder(name))
+                if age is not None and age < min_age:
+                    continue
+                if not dry_run:
+                    self.store.delete_prefix(keys.folder(name))
+                removed.append(name)
         return removed
 
     def create_stream(self, stream: Stream, inner: dict[str, list[dict[str, Any]]]) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from typing import Any, Protocol
 
 
@@ -102,6 +103,11 @@ class Store(Protocol):
 
     def usage(self, prefix: str) -> int:
         """Bytes stored under ``prefix``."""
+        ...
+
+    def lock(self, prefix: str, exclusive: bool = False) -> AbstractContextManager[None]:
+        """A lock on folder ``prefix`` held for a ``with`` block (shared, or exclusive), released if the
+        process dies; a no-op where the store has no locks (object stores)."""
         ...
 
 

@@ -18,6 +18,7 @@ import stat
 import threading
 import time
 import uuid
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -313,11 +314,12 @@ class LocalStore:
             try:
                 os.link(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd, follow_symlinks=False)  # atomic create-if-absent
             except FileExistsError:
-                return False
-            finally:
                 os.unlink(tmp, dir_fd=dfd)
-            if self.durable:
-                os.fsync(dfd)
+                return False
+            except BaseException:
+                os.unlink(tmp, dir_fd=dfd)
+                raise
+            self._settle(dfd, key, tmp)
             return True
 
     def update(self, key: str, change: Callable[[bytes | None], bytes | None]) -> bytes | None:
@@ -329,12 +331,39 @@ class LocalStore:
                 if new is None:
                     return old
                 tmp = self._write_tmp(dfd, name, new)
-                os.replace(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
-                if self.durable:
-                    os.fsync(dfd)
+                try:
+                    os.replace(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
+                except BaseException:
+                    os.unlink(tmp, dir_fd=dfd)
+                    raise
+                self._settle(dfd, key)
                 return new
             finally:
                 fcntl.flock(dfd, fcntl.LOCK_UN)
+
+    def _settle(self, dfd: int, key: str, tmp: str | None = None) -> None:
+        """What follows a value's atomic appearance (drop the temporary name, fsync the folder): it
+        is visible now, so a failure here is a warning, never an error that would make the caller
+        undo what others may already read."""
+        try:
+            if tmp is not None:
+                os.unlink(tmp, dir_fd=dfd)
+            if self.durable:
+                os.fsync(dfd)
+        except OSError as exc:
+            warnings.warn(f"{self.location}: {key} was written but may not survive a power loss ({exc})",
+                          stacklevel=3)
+
+    @contextmanager
+    def lock(self, prefix: str, exclusive: bool = False) -> Iterator[None]:
+        """Hold a shared or exclusive ``flock`` on folder ``prefix`` (made if missing); the kernel drops
+        it if this process dies."""
+        fd = self._walk(_parts(prefix), create=True)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+            yield
+        finally:
+            os.close(fd)
 
     def delete(self, key: str) -> None:
         with self._writing(key):

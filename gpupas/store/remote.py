@@ -12,7 +12,8 @@ import io
 import random
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from datetime import datetime
 from typing import Any
 
@@ -229,6 +230,11 @@ class RemoteStore:
                     raise
             time.sleep(random.uniform(0, min(1.0, 0.01 * 2**attempt)))  # jittered backoff under contention
         raise GpupasError(f"{self.location}: {key} kept changing under {_RETRIES} tries to update it")
+
+    @contextmanager
+    def lock(self, prefix: str, exclusive: bool = False) -> Iterator[None]:
+        """Object stores have no locks: callers that need one fall back to ages (see ArchiveStore.gc)."""
+        yield
 
     def _get_with_etag(self, bucket: str, key: str) -> tuple[bytes | None, str | None]:
         from fsspec.asyn import sync

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from gpupas.archive import Archive, create_archive, open_archive
-from gpupas.catalog import Catalog, catalog_path, open_catalog
+from gpupas.catalog import Catalog, catalog_path, open_catalog, rebuild_catalog
 from gpupas.errors import ArchiveExistsError, CatalogError, IntegrityError, InvalidInputError, VersionNotFoundError
 from gpupas.format import keys
 from gpupas.network import Network, extract_network
@@ -114,8 +114,13 @@ class Repository:
         return self._catalog
 
     def reindex(self) -> dict[str, int]:
-        """Build the catalog from scratch from the archive alone; returns the row count of each table."""
-        return self.catalog().rebuild()
+        """Build the catalog from scratch from the archive alone (the old one is never read: whatever it
+        holds, no table, view or trigger of it survives); returns the row count of each table."""
+        if self._catalog is not None:
+            self._catalog.close()
+            self._catalog = None
+        self._catalog = rebuild_catalog(catalog_path(self.location, self.archive.store.local_root), self.records)
+        return self._catalog.counts()
 
     def _after_publish(self) -> None:
         try:
@@ -229,8 +234,9 @@ class Repository:
         return {name: {"sha256": self.records.put_blob(data), "size": len(data)} for name, data in blobs}
 
     def _discard(self, sids: Iterable[str]) -> None:
-        """Remove snapshots this process wrote for a version that was never published."""
-        for sid in sids:
+        """Remove snapshots this process wrote for a version that was never published (newest first:
+        each is the base of the next)."""
+        for sid in reversed(list(sids)):
             self.archive.discard(sid)
 
     def _commit_snapshots(self, sources: Sequence[tuple[Any, str | None, int | None]], base: str | None,
