@@ -148,7 +148,8 @@ class Archive:
 
     def gc(self, min_age: float = 3600.0, dry_run: bool = False) -> list[str]:
         """Delete the chunk folders no manifest names (interrupted commits, revised snapshots) once
-        untouched for ``min_age`` seconds; returns their names."""
+        untouched for ``min_age`` seconds; returns their names. (Every published snapshot is kept:
+        :meth:`gpupas.versions.repository.Repository.gc` also removes snapshots no version needs.)"""
         return self.store.remove_orphans(min_age, dry_run)
 
     # -- commit ------------------------------------------------------------------------------------------------

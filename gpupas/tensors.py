@@ -12,11 +12,29 @@ import numpy as np
 from gpupas.errors import InvalidInputError
 
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "adapter_model.safetensors", "adapter_model.bin")
+INDEX_SUFFIX = ".index.json"  # model.safetensors.index.json, pytorch_model.bin.index.json
+# keys under which training code keeps a model's weights inside a larger checkpoint dict
+WRAPPERS = ("state_dict", "model_state_dict", "model", "module", "net", "network", "weights", "params",
+            "ema_state_dict", "model_ema")
 
 
-def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
-    """Tensors of a safetensors or torch checkpoint file, read without executing code."""
+def is_model_folder(path: Path) -> bool:
+    """A folder that holds one model's weights: an index of shards, or a model weights file (Hugging Face)."""
+    return path.is_dir() and (any(path.glob(f"*{INDEX_SUFFIX}")) or any((path / f).is_file() for f in WEIGHT_FILES))
+
+
+def load_checkpoint(path: str | os.PathLike[str], notes: list[str] | None = None) -> dict[str, np.ndarray]:
+    """Tensors of a checkpoint, read without executing code: a safetensors file, a torch file (a state_dict,
+    or a training checkpoint that wraps one: ``{"model": ..., "optimizer": ...}``, Lightning's
+    ``{"state_dict": ...}``), or a model folder (sharded safetensors or torch files with their index,
+    as Hugging Face writes them). What is left out (optimizer state, counters) is said in ``notes``."""
     p = Path(path)
+    if p.is_dir():
+        if not is_model_folder(p):
+            raise InvalidInputError(f"{p} is a folder without model weights (no *{INDEX_SUFFIX}, "
+                                    f"{', '.join(WEIGHT_FILES[:2])})")
+        return _load_folder(p, notes)
     if not p.is_file():
         raise InvalidInputError(f"checkpoint file {p} does not exist")
     if p.suffix == ".safetensors":
@@ -30,16 +48,80 @@ def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
         try:
             obj = torch.load(p, map_location="cpu", weights_only=True)
         except Exception as exc:  # torch raises many types for damaged or unsafe files
-            raise InvalidInputError(f"{p} is not a loadable torch checkpoint (weights only): {exc}") from None
-        if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
-            obj = obj["state_dict"]
-        if not isinstance(obj, Mapping):
-            raise InvalidInputError(f"{p} holds a {type(obj).__name__}, not a state_dict")
-        return as_tensor_dict(obj, source=str(p))
+            raise InvalidInputError(f"{p} is not a loadable torch checkpoint (weights only; no code is run): "
+                                    f"{exc}") from None
+        return as_tensor_dict(_unwrap(obj, str(p), notes), source=str(p))
     raise InvalidInputError(
-        f"{p}: unknown checkpoint type {p.suffix!r}; give a .safetensors file or a torch "
-        f"state_dict file ({', '.join(TORCH_SUFFIXES)})"
+        f"{p}: unknown checkpoint type {p.suffix!r}; give a .safetensors file, a torch checkpoint "
+        f"({', '.join(TORCH_SUFFIXES)}) or a model folder"
     )
+
+
+def _is_tensor(v: Any) -> bool:
+    from gpupas.integrations.torch import is_torch_tensor
+
+    return is_torch_tensor(v) or isinstance(v, np.ndarray)
+
+
+def _unwrap(obj: Any, source: str, notes: list[str] | None) -> Mapping[str, Any]:
+    """The state_dict inside a torch checkpoint object (see :func:`load_checkpoint`)."""
+    if not isinstance(obj, Mapping):
+        raise InvalidInputError(f"{source} holds a {type(obj).__name__}, not a state_dict or a dict that holds one")
+    if obj and all(_is_tensor(v) for v in obj.values()):
+        return _strip_ddp(obj)
+    for key in WRAPPERS:
+        inner = obj.get(key)
+        if isinstance(inner, Mapping) and inner and all(_is_tensor(v) for v in inner.values()):
+            skipped = [k for k in obj if k != key]
+            if skipped and notes is not None:
+                notes.append(f"{source}: took the weights under {key!r}; left out {', '.join(map(str, skipped[:6]))}"
+                             + ("..." if len(skipped) > 6 else "") + " (optimizer state and counters are not archived)")
+            return _strip_ddp(inner)
+    tensors = {k: v for k, v in obj.items() if _is_tensor(v)}
+    if not tensors:
+        raise InvalidInputError(f"{source} holds no tensors a model could be rebuilt from: its keys are "
+                                f"{', '.join(map(str, list(obj)[:8]))}; save model.state_dict() (or a dict with it "
+                                f"under one of {', '.join(WRAPPERS[:4])})")
+    if notes is not None and len(tensors) < len(obj):
+        notes.append(f"{source}: left out {len(obj) - len(tensors)} entries that are not tensors")
+    return _strip_ddp(tensors)
+
+
+def _strip_ddp(tensors: Mapping[str, Any]) -> Mapping[str, Any]:
+    """Names without the ``module.`` prefix that DistributedDataParallel adds to every one."""
+    names = [k for k in tensors if isinstance(k, str)]
+    if names and all(k.startswith("module.") for k in names):
+        return {k[len("module."):]: v for k, v in tensors.items()}
+    return tensors
+
+
+def _load_folder(folder: Path, notes: list[str] | None) -> dict[str, np.ndarray]:
+    """A model folder: its shards by its index (the union of every shard's tensors), or its weights file."""
+    import json
+
+    indexes = sorted(folder.glob(f"*{INDEX_SUFFIX}"))
+    if indexes:
+        try:
+            weight_map = json.loads(indexes[0].read_text())["weight_map"]
+            shards = sorted(set(weight_map.values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise InvalidInputError(f"{indexes[0]} is not a shard index (no weight_map): {exc}") from None
+        out: dict[str, np.ndarray] = {}
+        for name in shards:
+            shard = (folder / name).resolve()
+            if folder.resolve() not in shard.parents:
+                raise InvalidInputError(f"{indexes[0]} names a shard outside its folder: {name!r}")
+            part = load_checkpoint(shard, notes)
+            clash = set(part) & set(out)
+            if clash:
+                raise InvalidInputError(f"{folder}: tensor {sorted(clash)[0]!r} is in more than one shard")
+            out.update(part)
+        missing = set(weight_map) - set(out)
+        if missing:
+            raise InvalidInputError(f"{folder}: the index names tensors no shard holds: {sorted(missing)[:5]}")
+        return out
+    weights = next(folder / f for f in WEIGHT_FILES if (folder / f).is_file())
+    return load_checkpoint(weights, notes)
 
 
 def as_tensor_dict(tensors: Any, source: str = "input", backend: Any = None) -> dict[str, Any]:

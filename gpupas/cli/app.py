@@ -496,16 +496,20 @@ def gc(min_age: Annotated[float, typer.Option("--min-age", metavar="SECONDS", he
        dry_run: Annotated[bool, typer.Option("--dry-run", "-n", help="List what would be removed; remove nothing.")
                           ] = False,
        archive: ArchiveOpt = None, as_json: JsonOpt = False) -> None:
-    """Delete the chunk folders no snapshot references (interrupted commits, revised snapshots)."""
+    """Delete what no version and no kept snapshot needs: snapshots of commits that never published (a
+    killed commit), chunk folders no snapshot names (interrupted commits, revised snapshots)."""
     with _repo(archive) as repo:
         removed = repo.gc(min_age, dry_run=dry_run)
+    o = _out()
     if as_json:
-        _out().json({"removed": removed, "dry_run": dry_run})
-    else:
-        verb = "would remove" if dry_run else "removed"
-        for name in removed:
-            _out().data(f"{verb} {name}")
-        _out().line(f"{verb} {len(removed)} unreferenced folder(s)")
+        o.json({"removed": removed, "dry_run": dry_run})
+        return
+    verb = "would remove" if dry_run else "removed"
+    for r in removed:
+        o.data(f"{verb} {r['kind']} {r['name']} ({render.size(r['bytes'])})")
+    total = sum(r["bytes"] for r in removed)
+    o.line(f"{verb} {len(removed)} unreferenced item(s), {render.size(total)}"
+           + ("" if removed or min_age <= 0 else f" (only what is older than {min_age:g} s: --min-age 0 for all)"))
 
 
 @app.command()

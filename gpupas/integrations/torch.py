@@ -15,7 +15,9 @@ def _torch() -> Any:
     try:
         import torch
     except ImportError as exc:
-        raise BackendUnavailableError("torch is not installed: pip install 'gpupas[torch]'") from exc
+        raise BackendUnavailableError(
+            "torch is not installed (needed for .pt/.pth/.bin/.ckpt files and torch tensors): pip install torch "
+            "(a CPU-only build: pip install torch --index-url https://download.pytorch.org/whl/cpu)") from exc
     return torch
 
 

@@ -226,25 +226,62 @@ class ArchiveStore:
         return sorted(set(self.folders()) - self.referenced_folders())
 
     def remove_orphans(self, min_age: float, dry_run: bool = False) -> list[str]:
-        """Delete folders no manifest names that were untouched for ``min_age`` seconds; their names.
+        """Delete folders no manifest names that were untouched for ``min_age`` seconds; their names."""
+        return [name for kind, name, _ in self.collect(None, min_age, dry_run) if kind == "folder"]
 
-        Commits and revisions in flight hold a shared lock that this takes exclusively, so a folder
-        being written is never taken for garbage, whatever ``min_age``; the age keeps readers of a
+    def collect(self, is_root: Callable[[Manifest], bool] | None, min_age: float, dry_run: bool = False
+                ) -> list[tuple[str, str, int]]:
+        """Delete what nothing needs, untouched for ``min_age`` seconds: folders no manifest names, and
+        (where ``is_root`` is given) snapshots that no root snapshot depends on. Returns (kind, name,
+        bytes) of each: kind "snapshot" or "folder".
+
+        Commits and revisions in flight hold a shared lock that this takes exclusively, so what they
+        are writing is never taken for garbage, whatever ``min_age``; the age keeps readers of a
         just-revised snapshot safe. Object stores have no locks: there the age is at least
         :data:`REMOTE_MIN_AGE`, longer than a commit takes.
         """
         if self.store.local_root is None:
             min_age = max(min_age, REMOTE_MIN_AGE)
-        removed = []
+        out: list[tuple[str, str, int]] = []
         with self.store.lock(keys.SNAPSHOTS, exclusive=True):
-            for name in self.orphan_folders():
+            manifests: dict[str, Manifest] = {}
+            unreadable: list[str] = []
+            for sid in self.list_snapshots():
+                try:
+                    manifests[sid] = self.read_manifest(sid)
+                except (SnapshotNotFoundError, IntegrityError, FormatError):
+                    unreadable.append(sid)  # kept, with its folders: verify reports it
+            if is_root is not None:
+                young = {sid for sid in manifests if (self.store.age(keys.manifest(sid)) or 0.0) < min_age}
+                todo = [sid for sid, m in manifests.items() if sid in young or is_root(m)]
+                reachable: set[str] = set()
+                while todo:
+                    sid = todo.pop()
+                    if sid in reachable or sid not in manifests:
+                        continue
+                    reachable.add(sid)
+                    m = manifests[sid]
+                    todo += [d for d in (m.base, m.grand) if d is not None]
+                    if m.format < FORMAT and m.base in manifests:  # formats 1, 2: 'pred' reads the base's base
+                        todo += [d for d in (manifests[m.base].base,) if d is not None]
+                for sid in sorted(set(manifests) - reachable):
+                    m = manifests.pop(sid)
+                    out.append(("snapshot", sid, sum(st.stored for st in m.streams)))
+                    if not dry_run:
+                        self.store.delete(keys.manifest(sid))
+                        for f in m.folders():
+                            self.store.delete_prefix(keys.folder(f))
+            named = {f for m in manifests.values() for f in m.folders()}
+            if unreadable:
+                named |= {f for f in self.folders() if f.split(".", 1)[0] in unreadable}
+            for name in sorted(set(self.folders()) - named):
                 age = self.store.age(keys.folder(name))
                 if age is not None and age < min_age:
                     continue
+                out.append(("folder", name, self.store.usage(keys.folder(name))))
                 if not dry_run:
                     self.store.delete_prefix(keys.folder(name))
-                removed.append(name)
-        return removed
+        return out
 
     def create_stream(self, stream: Stream, inner: dict[str, list[dict[str, Any]]]) -> None:
         """Write the Zarr documents of a stream's folder: a group and one sharded array per codec."""

@@ -110,20 +110,33 @@ def check_file_name(name: str) -> str:
     return name
 
 
-def checkpoint_files(path: str | os.PathLike[str]) -> list[Path]:
-    """A checkpoint file, or the checkpoint files of a directory in natural order of their names."""
+def checkpoint_files(path: str | os.PathLike[str], skipped: list[str] | None = None) -> list[Path]:
+    """The checkpoints at ``path``, in natural order of their names: a checkpoint file, a model folder
+    (sharded weights with their index), or a folder of those (e.g. a training run's ``checkpoint-500/``
+    folders). Other files in a folder are listed in ``skipped``."""
+    from gpupas.tensors import is_model_folder
+
     p = Path(path)
     if p.is_dir():
-        found = sorted((f for f in p.iterdir() if f.is_file() and f.suffix in CHECKPOINT_SUFFIXES),
-                       key=lambda f: natural_key(f.name))
+        if is_model_folder(p):
+            return [p]
+        found, other = [], []
+        for f in sorted(p.iterdir(), key=lambda f: natural_key(f.name)):
+            if (f.is_file() and f.suffix in CHECKPOINT_SUFFIXES) or is_model_folder(f):
+                found.append(f)
+            elif not f.name.startswith("."):
+                other.append(f.name)
         if not found:
-            raise InvalidInputError(f"{p} holds no checkpoint files ({', '.join(CHECKPOINT_SUFFIXES)})")
+            raise InvalidInputError(f"{p} holds no checkpoints ({', '.join(CHECKPOINT_SUFFIXES)} files or model "
+                                    "folders)")
+        if skipped is not None and other:
+            skipped.append(f"{p}: not checkpoints, left out: {', '.join(other[:8])}{'...' if len(other) > 8 else ''}")
         return found
     if not p.is_file():
         raise InvalidInputError(f"checkpoint {p} does not exist")
     if p.suffix not in CHECKPOINT_SUFFIXES:
         raise InvalidInputError(f"{p}: unknown checkpoint type {p.suffix!r}; give a .safetensors file, a torch "
-                                f"state_dict file ({', '.join(TORCH_SUFFIXES)}) or a directory of them")
+                                f"checkpoint ({', '.join(TORCH_SUFFIXES)}), a model folder or a folder of those")
     return [p]
 
 

@@ -22,7 +22,8 @@ from __future__ import annotations
 import os
 import sqlite3
 import warnings
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -191,7 +192,11 @@ class Repository:
         if checkpoints is None:
             return []
         if isinstance(checkpoints, (str, os.PathLike)):
-            return [(p, p.name, step_of(p)) for p in checkpoint_files(checkpoints)]
+            skipped: list[str] = []
+            found = checkpoint_files(checkpoints, skipped)
+            for note in skipped:
+                warnings.warn(note, stacklevel=3)
+            return [(p, p.name, step_of(p)) for p in found]
         if isinstance(checkpoints, Mapping):
             return [(checkpoints, None, None)]
         if isinstance(checkpoints, (list, tuple)):
@@ -233,6 +238,26 @@ class Repository:
             blobs.append((name, data))
         return {name: {"sha256": self.records.put_blob(data), "size": len(data)} for name, data in blobs}
 
+    @staticmethod
+    def _load(path: str | os.PathLike[str]) -> dict[str, Any]:
+        notes: list[str] = []
+        tensors = load_checkpoint(path, notes)
+        for note in notes:
+            warnings.warn(note, stacklevel=4)
+        return tensors
+
+    @contextmanager
+    def _publishing(self) -> Iterator[list[str]]:
+        """Around writing snapshots for a version and publishing it: gc waits meanwhile (it would take
+        them for garbage); on an error, the snapshots listed in the yielded list are removed again."""
+        written: list[str] = []
+        try:
+            with self.archive.store.writing():
+                yield written
+        except BaseException:
+            self._discard(written)  # after the lock is released: discard takes it exclusively
+            raise
+
     def _discard(self, sids: Iterable[str]) -> None:
         """Remove snapshots this process wrote for a version that was never published (newest first:
         each is the base of the next)."""
@@ -246,7 +271,7 @@ class Repository:
         for i, (src, label, step) in enumerate(sources):
             if progress:
                 progress(f"{name}: {label or 'tensors'}", i, len(sources))
-            tensors = load_checkpoint(src) if isinstance(src, (str, os.PathLike)) else src
+            tensors = self._load(src) if isinstance(src, (str, os.PathLike)) else src
             if first is None:
                 first = tensors
             m = self.archive.commit(tensors, base=base, setting=setting,
@@ -306,8 +331,7 @@ class Repository:
             sources = [(src, label, step if st is None else st) for src, label, st in sources]
         base = Version(self._record(parent_ids[0])).latest if parent_ids else None
         net = extract_network(network) if network is not None else None
-        written: list[str] = []
-        try:
+        with self._publishing() as written:
             entries, first = self._commit_snapshots(sources, base, name, setting, progress, written)
             if net is None:
                 net = extract_network(first) if first is not None else Network(source="none")
@@ -315,16 +339,12 @@ class Repository:
                                 hyperparameters=hp, metrics=series, files=self._store_files(files),
                                 message=message, author=author, best=pick_best(entries, series, best, best_by))
             vid = self.records.publish_version(record)
-        except BaseException:
-            self._discard(written)
-            raise
+            written.clear()  # published: nothing to take back
         self._after_publish()
         return Version(self._record(vid))
 
-    def _update(self, ref: str | int | Version, change: Callable[[Record], None],
-                on_failure: Callable[[], None] | None = None) -> Version:
-        """Apply ``change`` to a version's record and publish it; ``on_failure`` runs only if the
-        record was not replaced (after that, the record references what the change added)."""
+    def _update(self, ref: str | int | Version, change: Callable[[Record], None]) -> Version:
+        """Apply ``change`` to a version's record and publish it atomically (no concurrent update is lost)."""
         vid = self.resolve(ref)
 
         def bump(rec: Record) -> None:
@@ -332,12 +352,7 @@ class Repository:
             rec["rev"] = int(rec.get("rev", 0)) + 1
             rec["updated"] = now()
 
-        try:
-            rec = self.records.update_version(vid, bump)
-        except BaseException:
-            if on_failure is not None:
-                on_failure()
-            raise
+        rec = self.records.update_version(vid, bump)
         self._after_publish()
         return Version(rec)
 
@@ -355,11 +370,8 @@ class Repository:
         if isinstance(tensors, (str, os.PathLike)):
             (path,) = checkpoint_files(tensors)
             source, step = source or path.name, step if step is not None else step_of(path)
-            tensors = load_checkpoint(path)
+            tensors = self._load(path)
         check_text(source, "the source name")
-        m = self.archive.commit(tensors, base=latest, setting=setting,
-                                meta={"version_id": vid, "source": source, "step": step})
-        entry = snapshot_entry(m, step, source)
 
         def change(rec: Record) -> None:
             rec["snapshots"].append(entry)
@@ -370,7 +382,14 @@ class Repository:
             if rec.get("network", {}).get("source") in (None, "none"):
                 rec["network"] = extract_network(tensors).to_dict()
 
-        return self._update(vid, change, on_failure=lambda: self._discard([m.id]))
+        with self._publishing() as written:
+            m = self.archive.commit(tensors, base=latest, setting=setting,
+                                    meta={"version_id": vid, "source": source, "step": step})
+            written.append(m.id)
+            entry = snapshot_entry(m, step, source)
+            version = self._update(vid, change)
+            written.clear()
+        return version
 
     def log_metrics(self, ref: str | int | Version, metrics: Any) -> Version:
         """Append metric points (see :func:`~gpupas.versions.metrics.normalize_metrics`) to a version."""
@@ -410,17 +429,20 @@ class Repository:
         """
         check_version_name(name)
         check_text([message, author], "the message or author")
-        paths = checkpoint_files(folder)
+        skipped: list[str] = []
+        paths = checkpoint_files(folder, skipped)
+        for note in skipped:
+            warnings.warn(note, stacklevel=2)
         if len(paths) == 1 and Path(folder).is_file():
             raise InvalidInputError(f"{folder} is a file; import takes a directory (commit takes files)")
         parent_ids = [self.resolve(parent)] if parent is not None else []
         hp = to_json(dict(hyperparameters or {}), "hyperparameters")
         series = normalize_metrics(metrics)
         base = Version(self._record(parent_ids[0])).latest if parent_ids else None
-        written: list[str] = []
         records: list[Record] = []
-        try:  # 1: every snapshot; nothing is visible yet
-            for i, p in enumerate(paths):
+        out: list[int] = []
+        with self._publishing() as written:
+            for i, p in enumerate(paths):  # 1: every snapshot; nothing is visible yet
                 entries, tensors = self._commit_snapshots([(p, p.name, step_of(p))], base, name, setting, None,
                                                           written)
                 if progress:
@@ -432,18 +454,12 @@ class Repository:
                     hyperparameters=hp, metrics=upto(series, step, prev), files={}, author=author,
                     message=f"{message}: {p.name}" if message else f"imported {p.name}"))
             file_refs = self._store_files(files)
-        except BaseException:
-            self._discard(written)
-            raise
-        out: list[int] = []
-        try:  # 2: publish the chain, parents first
-            for rec in records:
+            for rec in records:  # 2: publish the chain, parents first
                 rec["parents"], rec["created"], rec["files"] = parent_ids, now(), file_refs
                 parent_ids = [self.records.publish_version(rec)]
                 out.append(parent_ids[0])
-        except BaseException:
-            self._discard(s["id"] for rec in records[len(out):] for s in rec["snapshots"])
-            raise
+                for s in rec["snapshots"]:  # published: not to be taken back on a later error
+                    written.remove(s["id"])
         self._after_publish()
         return [Version(self._record(v)) for v in out]
 
@@ -519,6 +535,29 @@ class Repository:
         """Check every chunk, tensor, record, tag and file (``gpupas verify``; see :mod:`gpupas.versions.verify`)."""
         return _verify.verify(self, refs, progress)
 
-    def gc(self, min_age: float = 3600.0, dry_run: bool = False) -> list[str]:
-        """Delete chunk folders nothing references (``gpupas gc``)."""
-        return self.archive.gc(min_age, dry_run)
+    def gc(self, min_age: float = 3600.0, dry_run: bool = False) -> list[dict[str, Any]]:
+        """Delete what no published version and no kept snapshot needs (``gpupas gc``), once untouched for
+        ``min_age`` seconds: snapshots written for versions that never published (a killed commit) and
+        chunk folders no snapshot names. Snapshots committed without a version (``Archive.commit``) are
+        kept, with everything they are built on. Returns ``{"kind", "name", "bytes"}`` per item removed
+        (or, with ``dry_run``, that would be)."""
+
+        def is_root(m: Any) -> bool:
+            return m.id in referenced or not ({"version_name", "version_id"} & set(m.meta))
+
+        referenced: set[str] = set()
+
+        class _Roots:  # evaluated under the archive's exclusive lock: no commit is between its steps then
+            def __call__(self, m: Any) -> bool:
+                if not referenced:
+                    referenced.update(s["id"] for v in repo_versions() for s in v.snapshots)
+                    referenced.add("")
+                return is_root(m)
+
+        repo_versions = self.versions
+        found = self.archive.store.collect(_Roots(), min_age, dry_run)
+        for kind, name, _ in found:
+            if kind == "snapshot":
+                self.archive.bases.drop(name)
+                self.archive._forget(name)
+        return [{"kind": k, "name": n, "bytes": b} for k, n, b in found]
