@@ -84,7 +84,7 @@ def test_concurrent_update_processes(store: LocalStore, tmp_path: Path) -> None:
 # -- links planted in an archive are refused, never followed -------------------------------------------------
 def _reads(store: LocalStore, key: str) -> list[Callable[[], Any]]:
     return [lambda: store.get(key), lambda: store.get_range(key, 0, 4), lambda: store.get_range(key, -4, None),
-            lambda: store.get_ranges(key, [(0, 4)]), lambda: store.view(key)]
+            lambda: store.get_ranges(key, [(0, 4)]), lambda: store.open_file(key)]
 
 
 def test_symlinked_file_is_refused(store: LocalStore, tmp_path: Path) -> None:
@@ -234,8 +234,8 @@ def test_read_only_error_in_process(store: LocalStore, monkeypatch: pytest.Monke
         store.put("new/folder/k", b"x")
 
 
-# -- a memory-mapped restore reads no more than the ranged one -----------------------------------------------
-def test_mapped_restore_copies_nothing(tmp_path: Path) -> None:
+# -- a local restore reads its chunks only (pread, chunk by chunk) -------------------------------------------
+def test_local_restore_reads_only_its_chunks(tmp_path: Path) -> None:
     import gpupas
 
     m = chunky_archive(str(tmp_path / "arc"), {})

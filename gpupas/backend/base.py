@@ -58,9 +58,10 @@ class Backend(Protocol):
         ``emit`` as each is ready (the stored bytes are on the host); returns (letter, size) per chunk."""
         ...
 
-    def decode_chunks(self, stream: Any, stored: dict[int, Any], buf: Any, executor: Any, small: bool,
-                      on_error: Callable[[int, Exception], Exception]) -> None:
-        """Check and decode stored chunks (payload + CRC-32C, on the host) into their places in ``buf``."""
+    def decode_chunks(self, stream: Any, chunks: Sequence[int], fetch: Callable[[int], Any], buf: Any, executor: Any,
+                      small: bool, on_error: Callable[[int, Exception], Exception]) -> None:
+        """Check and decode chunks (``fetch(c)``: the stored payload + CRC-32C, on the host) into their
+        places in ``buf``; ``on_error(c, exc)`` gives the error to raise for a damaged one."""
         ...
 
     def decode_planes(self, m: Any, entries: Sequence[Any], bufs: Any, base_bits: Any, grand_bits: Any,

@@ -110,24 +110,25 @@ class NumpyBackend:
 
         return executor.map(code, range(-(-length // chunk_size)), inline=small)
 
-    def decode_chunks(self, stream: Any, stored: dict[int, Any], buf: np.ndarray, executor: Any, small: bool,
-                      on_error: Callable[[int, Exception], Exception]) -> None:
-        """Check and decode each stored chunk into ``buf`` (chunk ``c`` at ``c * chunk_size``)."""
+    def decode_chunks(self, stream: Any, chunks: Sequence[int], fetch: Callable[[int], Any], buf: np.ndarray,
+                      executor: Any, small: bool, on_error: Callable[[int, Exception], Exception]) -> None:
+        """Fetch, check and decode each chunk into ``buf`` (chunk ``c`` at ``c * chunk_size``), one task
+        per chunk."""
         from gpupas.codecs import registry
         from gpupas.errors import IntegrityError
 
         size = stream.chunk_size
-        codecs = {letter: registry.get(cid, "cpu") for letter, cid in stream.codecs.items()
-                  if letter in set(stream.chunks[c] for c in stored)}
+        used = {stream.chunks[c] for c in chunks}
+        codecs = {letter: registry.get(cid, "cpu") for letter, cid in stream.codecs.items() if letter in used}
 
         def decode(c: int) -> None:
             try:
-                body = check_crc32c_suffix(stored[c])
+                body = check_crc32c_suffix(fetch(c))
                 codecs[stream.chunks[c]].decode_batch([body], [buf[c * size : (c + 1) * size]])
             except IntegrityError as exc:
                 raise on_error(c, exc) from None
 
-        executor.map(decode, sorted(stored), inline=small)
+        executor.map(decode, sorted(chunks), inline=small)
 
     # -- planes of every segment, both ways --------------------------------------------------------------------
     def encode_planes(self, staged: Sequence[Any], extras: Sequence[np.ndarray], placements: Sequence[Any],

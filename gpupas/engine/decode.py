@@ -89,14 +89,12 @@ def _read_stream(store: ArchiveStore, m: Manifest, s: int, chunks: list[int], bu
 
     try:
         try:
-            stored = reader.get_many(chunks)
+            missing = reader.prepare(chunks)
         except IntegrityError as exc:
             raise IntegrityError(f"snapshot {m.id} in {store.location}, stream {s}: {exc}; restore the archive "
                                  "from a copy or commit that snapshot again") from None
-        missing = [c for c, v in stored.items() if v is None]
         if missing:
             raise damaged(missing[0], IntegrityError("chunk is missing"))
-        backend.decode_chunks(stream, stored, buf, executor, small, damaged)
-        del stored
+        backend.decode_chunks(stream, chunks, reader.fetch, buf, executor, small, damaged)
     finally:
         reader.close()

@@ -1,6 +1,6 @@
 """Checksums the format uses: CRC-32 of tensors (gzip's polynomial), CRC-32C of chunks and metadata.
 
-Both read any buffer (a view of a memory-mapped shard, a NumPy array) in place, without a copy.
+Both read any buffer (a chunk just read, a NumPy array) in place, without a copy.
 """
 
 from __future__ import annotations

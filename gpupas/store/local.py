@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import mmap
 import os
 import shutil
 import stat
@@ -57,7 +56,7 @@ class LocalStore:
         self.local_root: str | None = str(path)
         self.durable = durable
         self.requests = 0  # files opened for reading: tests count them
-        self.bytes_read = 0  # bytes the read calls returned (a memory map copies nothing: see view)
+        self.bytes_read = 0  # bytes the read calls returned
         self._counter = threading.Lock()
 
     def _count(self, data: Any) -> Any:
@@ -105,6 +104,27 @@ class LocalStore:
             yield fd, parts[-1]
         finally:
             os.close(fd)
+
+    def open_file(self, key: str) -> int | None:
+        """A descriptor of the regular file at ``key`` (not through a link), or None; close it."""
+        return self._open_read(key)
+
+    def read_at(self, fd: int, n: int, offset: int) -> bytes:
+        """``n`` bytes from ``offset`` of an open file (fewer at its end)."""
+        return self._count(os.pread(fd, n, offset))
+
+    def read_into(self, fd: int, view: memoryview, offset: int) -> int:
+        """Fill ``view`` from ``offset`` of an open file; returns the bytes read (fewer at its end)."""
+        got = 0
+        while got < len(view):
+            n = os.preadv(fd, [view[got:]], offset + got)
+            if n <= 0:
+                break
+            got += n
+        with self._counter:
+            self.requests += 1
+            self.bytes_read += got
+        return got
 
     def _open_read(self, key: str) -> int | None:
         """A descriptor of the regular file at ``key``, or None where nothing is there."""
@@ -177,26 +197,6 @@ class LocalStore:
             raise FileNotFoundError(key)
         try:
             return self._count([os.pread(fd, n, s) for s, n in ranges])
-        finally:
-            os.close(fd)
-
-    def view(self, key: str) -> Any | None:
-        """A read-only memory map of the file (it never changes once written), or bytes where the
-        file system cannot map it."""
-        fd = self._open_read(key)
-        if fd is None:
-            return None
-        try:
-            size = os.fstat(fd).st_size
-            if size == 0:
-                return b""
-            try:
-                view = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
-                with self._counter:  # mapped, not read: the pages a reader touches are read then
-                    self.requests += 1
-                return view
-            except (OSError, ValueError):
-                return self._count(os.pread(fd, size, 0))
         finally:
             os.close(fd)
 

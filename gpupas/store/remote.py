@@ -141,9 +141,6 @@ class RemoteStore:
             out[i] = r
         return self._count(out)
 
-    def view(self, key: str) -> Any | None:
-        return self.get(key)
-
     def exists(self, key: str) -> bool:
         self.requests += 1
         try:

@@ -2,12 +2,13 @@
 
 The writer appends coded chunks from any thread, in any order (the spec allows it), and starts
 making the data durable while coding goes on; the index goes at the end on close. The reader
-takes a shard's index from its tail and each chunk by its range: a view of a memory map locally,
+takes a shard's index from its tail and each chunk by its range: a ``pread`` locally,
 a ranged GET remotely.
 """
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future
@@ -85,12 +86,19 @@ class ShardSink:
 
 
 class ShardReader:
-    """Reads chunks of one stream (thread-safe)."""
+    """Reads chunks of one stream (thread-safe).
+
+    Locally each chunk is read with ``pread`` into a per-thread buffer when its decoder asks for it
+    (as fast as a memory map here, and a file truncated under a reader costs an IntegrityError, never
+    a SIGBUS); remotely the chunks are fetched by ranged GETs up front (:meth:`prepare`).
+    """
 
     def __init__(self, store: Store, stream: Stream):
         self.store, self.stream, self.per = store, stream, stream.shard_chunks
         self._lock = threading.Lock()
         self._shards: dict[tuple[str, int], tuple[np.ndarray | None, Any]] = {}
+        self._fetched: dict[int, Any] = {}
+        self._local = threading.local()
         self.local = store.local_root is not None
 
     def _key(self, c: int) -> tuple[str, int]:
@@ -107,17 +115,20 @@ class ShardReader:
         path = keys.shard(self.stream.folder, codec_id, shard)
         size = index_nbytes(self.per)
         if self.local:
-            source = self.store.view(path)
-            if source is None:
+            fd = self.store.open_file(path)  # type: ignore[attr-defined]
+            if fd is None:
                 return None, None
-            end = len(source)
-            tail = source[max(0, end - size) : end]
-        else:
-            tail = self.store.get_range(path, -size, None)
-            if tail is None:
-                return None, None
-            source, end = None, self.store.size(path) or 0
-        return decode_index(tail, self.per, end - size, path), source
+            try:
+                end = os.fstat(fd).st_size
+                tail = self.store.read_at(fd, size, max(0, end - size))  # type: ignore[attr-defined]
+                return decode_index(tail, self.per, end - size, path), fd
+            except BaseException:
+                os.close(fd)
+                raise
+        tail = self.store.get_range(path, -size, None)
+        if tail is None:
+            return None, None
+        return decode_index(tail, self.per, (self.store.size(path) or 0) - size, path), None
 
     def locate(self, c: int) -> tuple[str, int, int] | None:
         """(shard key, offset, nbytes) of chunk ``c``, or None where its shard does not hold it."""
@@ -128,33 +139,46 @@ class ShardReader:
         off, n = (int(x) for x in index[c % self.per])
         return keys.shard(self.stream.folder, codec_id, shard), off, n
 
-    def get_many(self, chunks: Iterable[int]) -> dict[int, Any]:
-        """The stored bytes (payload + CRC) of each chunk (None where its shard does not list it),
-        as views where the store can map files. A damaged shard index raises IntegrityError."""
-        out: dict[int, Any] = {}
+    def prepare(self, chunks: Iterable[int]) -> list[int]:
+        """Read the indexes of the shards that hold ``chunks`` (and, remotely, fetch the chunks by
+        ranged GETs); returns the chunks that no shard lists. A damaged index raises IntegrityError."""
+        missing = []
         remote: dict[str, list[tuple[int, int, int]]] = {}
         for c in chunks:
             where = self.locate(c)
             if where is None:
-                out[c] = None
-                continue
-            path, off, n = where
-            if self.local:
-                out[c] = memoryview(self._shard(self._key(c))[1])[off : off + n]
-            else:
-                remote.setdefault(path, []).append((c, off, n))
+                missing.append(c)
+            elif not self.local:
+                remote.setdefault(where[0], []).append((c, where[1], where[2]))
         for path, wanted in remote.items():
             for (c, _, _), data in zip(wanted, self.store.get_ranges(path, [(o, n) for _, o, n in wanted])):
-                out[c] = data
-        return out
+                self._fetched[c] = data
+        return missing
+
+    def fetch(self, c: int) -> Any:
+        """The stored bytes (payload + CRC) of chunk ``c`` (after :meth:`prepare`); locally a view of a
+        per-thread buffer, valid until the same thread fetches again."""
+        if not self.local:
+            return self._fetched[c]
+        _, off, n = self.locate(c)  # type: ignore[misc]
+        _, fd = self._shard(self._key(c))
+        buf = getattr(self._local, "buf", None)
+        if buf is None or len(buf) < n:
+            buf = self._local.buf = bytearray(max(n, 1 << 19))
+        view = memoryview(buf)[:n]
+        got = self.store.read_into(fd, view, off)  # type: ignore[attr-defined]
+        return view[:got]  # short (a file truncated since): its CRC check fails
+
+    def get_many(self, chunks: Iterable[int]) -> dict[int, Any]:
+        """The stored bytes of each chunk as copies (None where no shard lists it): for callers that
+        keep them."""
+        chunks = list(chunks)
+        missing = set(self.prepare(chunks))
+        return {c: None if c in missing else bytes(self.fetch(c)) for c in chunks}
 
     def close(self) -> None:
-        for _, source in self._shards.values():
-            close = getattr(source, "close", None)
-            if close is not None:
-                try:
-                    close()
-                except BufferError:  # a view is still held (an error's traceback): unmapped when freed
-                    pass
+        for _, fd in self._shards.values():
+            if isinstance(fd, int):
+                os.close(fd)
         self._shards.clear()
-
+        self._fetched.clear()

@@ -87,7 +87,6 @@ class StoreTests:
         assert store.get("no/such/key") is None
         assert store.get_range("nope", 0, 10) is None
         assert store.get_range("nope", -10, None) is None
-        assert store.view("nope") is None
         assert store.exists("nope") is False
         assert store.exists("no/such/key") is False
         assert store.size("nope") is None
@@ -107,7 +106,6 @@ class StoreTests:
             store.put(k, v)
         for k, v in values.items():
             assert store.get(k) == v
-            assert bytes(store.view(k)) == v
             assert store.size(k) == len(v)
             assert store.exists(k)
         store.put("one", b"replaced, longer")
