@@ -2,4 +2,5 @@
 
 from gpupas.cli import main
 
-main()
+if __name__ == "__main__":  # (not when a worker process of a local Dask cluster imports it)
+    main()

@@ -168,7 +168,7 @@ class Archive:
         backend = get_backend(resolve_device(device, tensors))
         arrays = as_tensor_dict(tensors, backend=backend)
         cfg = get_setting(setting)
-        layout = layout or Layout()
+        layout = layout or Layout(**getattr(backend, "layout", {}))  # the device's chunk size (GPU: 64 KiB)
         sid = check_name(snapshot) if snapshot is not None else new_id()
         if self.store.has_manifest(sid):
             raise ArchiveExistsError(f"snapshot {sid!r} already exists in {self.location}; choose another id")
@@ -324,7 +324,8 @@ class Archive:
 
     def restore(self, snapshot: str, names: Iterable[str] | None = None, *, framework: str = "numpy",
                 device: str | None = None) -> dict[str, Any]:
-        """The tensors of ``snapshot`` (all, or ``names``), bit-exact, as NumPy or torch.
+        """The tensors of ``snapshot`` (all, or ``names``), bit-exact: NumPy arrays (or ``framework="torch"``
+        tensors); with ``device="cuda"``, decoded on the GPU into CuPy arrays or torch CUDA tensors.
 
         The arrays of one restore are views of one allocation (huge pages, so fewer page faults);
         copy a tensor that should outlive the others without keeping them in memory.
@@ -333,19 +334,9 @@ class Archive:
             raise InvalidInputError(f"framework must be 'numpy' or 'torch', not {framework!r}")
         backend = get_backend(resolve_device(device))
         bits, cached = self._read(snapshot, names, backend)
-        m = self.manifest(snapshot)
-        out = {}
-        for name, r in bits.items():
-            e = m.tensor(name)
-            values = from_bits(r, e.layout, e.shape)
-            out[name] = values.copy() if cached else values  # never hand out arrays someone else holds
         if not cached:
             self.bases.share(snapshot)  # the caller now holds the cached arrays
-        if framework == "torch":
-            from gpupas.integrations.torch import numpy_to_state_dict
-
-            return numpy_to_state_dict(out)
-        return out
+        return backend.outputs(self.manifest(snapshot), bits, framework, copy=cached)  # never share held arrays
 
     def verify(self, snapshot: str) -> int:
         """Re-read every chunk and tensor of ``snapshot`` (and what it needs of its chain); raises

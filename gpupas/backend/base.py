@@ -29,12 +29,24 @@ class Backend(Protocol):
         """An input tensor as an array of this backend (zero-copy where it can), contiguous."""
         ...
 
-    def to_host(self, x: Any) -> Any:
-        """A host (NumPy) copy of ``x``: the one function through which bytes leave the device."""
+    layout: dict[str, int]  # this device's default stream layout (e.g. {"chunk_size": 65536} on a GPU)
+
+    def to_host(self, x: Any, out: Any = None, *, stream: Any = None, meta: bool = False) -> Any:
+        """A host (NumPy) copy of ``x`` (into ``out`` where given): the one function through which bytes
+        leave the device; counted in ``to_host_bytes`` (``meta``: sizes, checksums, masks, counted apart)."""
         ...
 
     def crc32(self, bits: Any) -> int:
         """CRC-32 of an array's bytes."""
+        ...
+
+    def crc32_many(self, arrays: Sequence[Any]) -> list[int]:
+        """CRC-32 of each array (one launch and one copy on a GPU, not one per tensor)."""
+        ...
+
+    def outputs(self, m: Any, bits: Any, framework: str, copy: bool) -> dict[str, Any]:
+        """Restored tensors of manifest ``m`` from their raw ``bits``, as this device's arrays (``framework``:
+        "numpy" for the backend's own, "torch" for torch tensors); ``copy`` where the bits are shared."""
         ...
 
     def workspace(self, nbytes: int) -> AbstractContextManager[Any]:

@@ -12,7 +12,7 @@ import os
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -27,6 +27,7 @@ class NumpyBackend:
     name = "numpy"
     codec_backend = "cpu"
     xp = np
+    layout: ClassVar[dict[str, int]] = {}  # the default layout (256 KiB chunks)
 
     def __init__(self) -> None:
         self.to_host_bytes = 0
@@ -57,17 +58,40 @@ class NumpyBackend:
             arr = arr.astype(arr.dtype.newbyteorder("="))
         return arr
 
-    def to_host(self, x: Any) -> np.ndarray:
+    def to_host(self, x: Any, out: np.ndarray | None = None, *, stream: Any = None, meta: bool = False) -> np.ndarray:
         if isinstance(x, np.ndarray):
+            if out is not None:
+                out[...] = x
+                return out
             return x
         from gpupas.xp import to_numpy
 
-        out = to_numpy(x)
-        self.to_host_bytes += out.nbytes
-        return out
+        got = to_numpy(x)
+        self.to_host_bytes += got.nbytes
+        if out is not None:
+            out[...] = got
+            return out
+        return got
 
     def crc32(self, bits: Any) -> int:
         return crc32(memoryview(bits).cast("B"))
+
+    def crc32_many(self, arrays: Sequence[Any]) -> list[int]:
+        return [self.crc32(a) for a in arrays]
+
+    def outputs(self, m: Any, bits: Any, framework: str, copy: bool) -> dict[str, Any]:
+        from gpupas.pas.planes import from_bits
+
+        out = {}
+        for name, r in bits.items():
+            e = m.tensor(name)
+            values = from_bits(r, e.layout, e.shape)
+            out[name] = values.copy() if copy else values
+        if framework == "torch":
+            from gpupas.integrations.torch import numpy_to_state_dict
+
+            return numpy_to_state_dict(out)
+        return out
 
     @contextmanager
     def workspace(self, nbytes: int) -> Iterator[np.ndarray]:

@@ -1,3 +1,4 @@
 from gpupas.cli import main
 
-main()
+if __name__ == "__main__":  # (not when a worker process of a local Dask cluster imports it)
+    main()

@@ -456,10 +456,14 @@ def export(ref: RefArg,
 @_command
 def verify(refs: Annotated[list[str] | None, typer.Argument(metavar="VERSION...", help=(
                "Versions to check (default: everything)."))] = None,
+           scheduler: Annotated[str | None, typer.Option("--scheduler", metavar="ADDRESS", help=(
+               "Run the checks on a Dask cluster: a scheduler address, or 'local' for a cluster of worker "
+               "processes here (default: in this process)."))] = None,
            archive: ArchiveOpt = None, as_json: JsonOpt = False) -> None:
     """Re-read and check every chunk, tensor, record and file; exit code 3 if anything is damaged."""
     with _repo(archive) as repo, _progress("verify") as progress:
-        result = repo.verify(refs or None, progress=progress)
+        result = repo.verify(refs or None, progress=progress,
+                             scheduler=None if scheduler == "local" else (scheduler or "sync"))
     o = _out()
     if as_json:
         o.json(result)
@@ -531,5 +535,7 @@ def run() -> None:
     except KeyboardInterrupt:  # pragma: no cover
         raise SystemExit(130) from None
 
+
+from gpupas.cli import jobs as _jobs  # noqa: E402, F401  (registers `gpupas plan` and `gpupas compact`)
 
 __all__ = ["BAD_INPUT", "app", "run"]

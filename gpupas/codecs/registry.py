@@ -77,10 +77,13 @@ def table(codec_ids: list[str]) -> dict[str, str]:
     return {info(c).letter: c for c in codec_ids}
 
 
-register(CodecInfo("zstd", "z", True, {"cpu": "gpupas.codecs.zstd:Zstd"},
+register(CodecInfo("zstd", "z", True, {"cpu": "gpupas.codecs.zstd:Zstd", "gpu": "gpupas.codecs.nvcomp:NvcompZstd"},
                    ({"name": "zstd", "configuration": {"level": 1, "checksum": False}},)))
-register(CodecInfo("deflate", "d", True, {"cpu": "gpupas.codecs.deflate:Deflate"},
+register(CodecInfo("deflate", "d", True, {"cpu": "gpupas.codecs.deflate:Deflate",
+                                          "gpu": "gpupas.codecs.nvcomp:NvcompDeflate"},
                    ({"name": "gzip", "configuration": {"level": 6}},)))
-register(CodecInfo("nvcomp-ans", "a", False, {}, ({"name": "gpupas.nvcomp_ans"},),
-                   remedy="restore it on a machine with a CUDA GPU and nvCOMP (pip install 'gpupas[gpu-cu12]'), or "
-                          "convert the archive there to a portable codec: gpupas compact --codec zstd"))
+register(CodecInfo("nvcomp-ans", "a", False, {"gpu": "gpupas.codecs.nvcomp:NvcompAns"},
+                   ({"name": "gpupas.nvcomp_ans"},),
+                   remedy="restore it on a machine with a CUDA GPU and nvCOMP (pip install 'gpupas[gpu-cu12]', "
+                          "device='cuda'), or convert the archive there to a portable codec: "
+                          "gpupas compact --codec zstd"))

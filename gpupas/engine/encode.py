@@ -26,6 +26,7 @@ from gpupas.pas.context import entropy
 from gpupas.pas.settings import Setting
 from gpupas.pas.transform import SEGMENT
 from gpupas.store.archive import ArchiveStore
+from gpupas.xp import to_numpy
 
 CHUNK_SIZE = 1 << 18  # bytes per chunk (CPU): the coders' block size and the unit of parallel work
 SHARD_CHUNKS = 4096  # chunks per shard file at most: 1 GiB of planes
@@ -127,7 +128,7 @@ def attribute(entries: list[TensorEntry], streams: Sequence[Stream], bufs: Seque
             if len(parts) == 1:  # the common case: one plane fills the chunk
                 shares[parts[0][0]][parts[0][1]] += stored
                 continue
-            weights = [(b - a) * max(0.05, entropy(buf[a:b:max(1, (b - a) // 2048)])) for *_, a, b in parts]
+            weights = [(b - a) * max(0.05, entropy(to_numpy(buf[a:b:max(1, (b - a) // 2048)]))) for *_, a, b in parts]
             total = sum(weights) or 1.0
             for (i, p, _, _), w in zip(parts, weights):
                 shares[i][p] += stored * w / total

@@ -21,8 +21,11 @@ With PyTorch::
 
 The first call publishes the version (network read off ``model`` with torch.fx, or off the
 state_dict); every later call appends a snapshot to it. The archive keeps the last committed
-tensors in host memory, so the delta base is never read back from disk; nothing stays on the GPU.
-Metric points given between checkpoints (:meth:`CheckpointHook.log`) are written with the next one.
+tensors in memory as the next delta base, so it is never read back from disk. With
+``asynchronous=True`` a call copies the weights (on their device) and returns; the commit runs in
+the background, one at a time (see :mod:`gpupas.integrations.async_commit`); a crash loses at most
+the snapshot in flight. Metric points given between checkpoints (:meth:`CheckpointHook.log`) are
+written with the next one.
 """
 
 from __future__ import annotations
@@ -63,7 +66,7 @@ class CheckpointHook:
 
     def __init__(self, archive: Repository | str | os.PathLike[str], name: str, *, model: Any = None,
                  parents: Iterable[str | int] = (), hyperparameters: Mapping[str, Any] | None = None,
-                 files: Any = None, message: str = "", setting: str = "default"):
+                 files: Any = None, message: str = "", setting: str = "default", asynchronous: bool = False):
         if isinstance(archive, Repository):
             self.repo, self._own = archive, False
         else:
@@ -76,6 +79,11 @@ class CheckpointHook:
         self.hyperparameters, self.files, self.message, self.setting = hyperparameters, files, message, setting
         self.version: Version | None = None
         self._pending: dict[str, list[list[Any]]] = {}
+        self._async = None
+        if asynchronous:
+            from gpupas.integrations.async_commit import AsyncCommitter
+
+            self._async = AsyncCommitter(self._append)
 
     def log(self, step: int | None = None, **metrics: float) -> None:
         """Record metric values at ``step`` (written with the next checkpoint, or on close)."""
@@ -100,13 +108,22 @@ class CheckpointHook:
                 self.name, state, parents=self.parents, message=self.message, hyperparameters=self.hyperparameters,
                 metrics=series, files=self.files, network=module, setting=self.setting, step=step,
                 best=1 if best else None)
+        elif self._async is not None:
+            self._async.submit(state, step=step, metrics=series, best=best)
         else:
-            self.version = self.repo.add_snapshot(self.version.id, state, step=step, metrics=series, best=best,
-                                                  setting=self.setting)
+            self.version = self._append(state, step=step, metrics=series, best=best)
+        return self.version
+
+    def _append(self, state: Mapping[str, Any], **kw: Any) -> Version:
+        assert self.version is not None
+        self.version = self.repo.add_snapshot(self.version.id, state, setting=self.setting, **kw)
         return self.version
 
     def close(self) -> Version | None:
-        """Write metric points still pending and release the archive; returns the version."""
+        """Finish the commit in flight, write metric points still pending and release the archive;
+        returns the version."""
+        if self._async is not None:
+            self._async.close()
         if self._pending and self.version is not None:
             self.version = self.repo.log_metrics(self.version.id, self._take(None, None))
         if self._own:

@@ -54,6 +54,7 @@ class LocalStore:
         self.root = path
         self.location = os.fspath(root)
         self.local_root: str | None = str(path)
+        self.storage_options: dict[str, Any] | None = None
         self.durable = durable
         self.requests = 0  # files opened for reading: tests count them
         self.bytes_read = 0  # bytes the read calls returned

@@ -63,7 +63,8 @@ class RemoteStore:
     def __init__(self, url: str, *, storage_options: dict[str, Any] | None = None, durable: bool = True):
         import fsspec
 
-        opts = {"use_listings_cache": False, "skip_instance_cache": True} | dict(storage_options or {})
+        self.storage_options = dict(storage_options or {})  # as given: what a worker process opens it with
+        opts = {"use_listings_cache": False, "skip_instance_cache": True} | self.storage_options
         try:
             self.fs, path = fsspec.core.url_to_fs(url, **opts)
         except (ImportError, ValueError) as exc:

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from gpupas.catalog import flatten
+from gpupas.errors import GpupasError
 from gpupas.network import diff_networks
 from gpupas.versions.metrics import value_at
 from gpupas.versions.model import Version
@@ -33,6 +34,12 @@ def show(repo: Repository, ref: str | int | Version, snapshot: str | int | None 
         return d
     snap = v.snapshot(snapshot)
     m = repo.archive.manifest(snap["id"])
+    for s in d["snapshots"]:  # what the manifests say now (a compaction may have re-encoded or re-based one)
+        try:
+            cur = repo.archive.manifest(s["id"])
+            s["stored_bytes"], s["base"] = cur.stored_bytes, cur.base
+        except GpupasError:
+            pass
     types = {n.name: n.type for n in v.network.nodes}
     layers: dict[str, dict[str, Any]] = {}
     for e in m.tensors:
@@ -88,8 +95,10 @@ def lineage(repo: Repository) -> list[dict[str, Any]]:
     for r in cat.query("SELECT tag, version FROM tags ORDER BY tag"):
         tags.setdefault(r["version"], []).append(r["tag"])
     return [dict(r) | {"parents": parents.get(r["id"], []), "tags": tags.get(r["id"], [])}
-            for r in cat.query("SELECT id, name, created, author, message, n_snapshots, raw_bytes, stored_bytes,"
-                               " latest, best FROM versions ORDER BY id")]
+            for r in cat.query(
+                "SELECT id, name, created, author, message, n_snapshots, raw_bytes, coalesce((SELECT sum(t.stored) "
+                "FROM tensors t WHERE t.snapshot IN (SELECT snapshot FROM snapshots WHERE version=versions.id)), "
+                "stored_bytes) AS stored_bytes, latest, best FROM versions ORDER BY id")]
 
 
 

@@ -269,8 +269,6 @@ class Repository:
                           written: list[str]) -> tuple[list[dict[str, Any]], Any]:
         entries, first = [], None
         for i, (src, label, step) in enumerate(sources):
-            if progress:
-                progress(f"{name}: {label or 'tensors'}", i, len(sources))
             tensors = self._load(src) if isinstance(src, (str, os.PathLike)) else src
             if first is None:
                 first = tensors
@@ -279,8 +277,8 @@ class Repository:
             written.append(m.id)
             entries.append(snapshot_entry(m, step, label))
             base = m.id
-        if progress:
-            progress(f"{name}: done", len(sources), len(sources))
+            if progress:
+                progress(f"{name}: {label or 'tensors'}", i + 1, len(sources))
         return entries, first
 
     def commit(self, name: str, checkpoints: Any = None, *, parents: Iterable[str | int | Version] = (),
@@ -531,9 +529,10 @@ class Repository:
 
         return run_query(self.catalog(), dql)
 
-    def verify(self, refs: Iterable[str | int] | None = None, progress: Progress | None = None) -> dict[str, Any]:
+    def verify(self, refs: Iterable[str | int] | None = None, progress: Progress | None = None,
+               scheduler: Any = "sync") -> dict[str, Any]:
         """Check every chunk, tensor, record, tag and file (``gpupas verify``; see :mod:`gpupas.versions.verify`)."""
-        return _verify.verify(self, refs, progress)
+        return _verify.verify(self, refs, progress, scheduler)
 
     def gc(self, min_age: float = 3600.0, dry_run: bool = False) -> list[dict[str, Any]]:
         """Delete what no published version and no kept snapshot needs (``gpupas gc``), once untouched for

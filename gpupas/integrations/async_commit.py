@@ -1,0 +1,146 @@
+"""Training-loop commits that do not stall training (the asynchronous mode of the checkpoint hook).
+
+What a call costs the training loop: one device copy of the weights. :meth:`AsyncCommitter.submit`
+copies every tensor on the training stream (``torch._foreach_copy_``: a few fused launches, ~1 ms per
+GB on an H100), records an event and returns; the commit itself (planes and nvCOMP on the GPU,
+compressed bytes to pinned host memory, store writes, the manifest) runs on a background thread,
+on CUDA streams of its own.
+
+Why a copy: the optimizer step overwrites the weights in place, so without one the call would have
+to wait until the GPU had produced every compressed byte (at best ~30 ms per GB), and the commit
+would fail its changed-tensor check if it did not. The copy also serves as the next commit's delta
+base, on the device: the archive's base cache keeps (borrows) the committed arrays and checks them
+by CRC-32 before use, and this class keeps the copy unchanged until the next commit has been
+published, so no base is read back from disk. GPU memory: one model copy, two while a commit is in
+flight. Host memory: the backend's two pinned staging buffers and the compressed bytes in flight,
+not the model size.
+
+At most one commit is in flight: a call waits for the previous commit first (its error is raised
+there), so a training loop that checkpoints faster than the store takes the bytes is slowed rather
+than filled up. A crash loses at most the snapshot in flight: a snapshot exists once its manifest is
+published, atomically, and every earlier one is complete.
+
+>>> import numpy as np, tempfile, gpupas
+>>> arc = gpupas.create_archive(tempfile.mkdtemp() + "/arc")
+>>> committer = AsyncCommitter(arc.commit)
+>>> _ = committer.submit({"w": np.zeros(4, np.float32)})
+>>> committer.wait().tensors[0].name
+'w'
+>>> committer.close(); arc.close()
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from concurrent.futures import Future
+from contextlib import ExitStack
+from typing import Any
+
+from gpupas.engine.executor import Executor
+
+
+def _is_cuda_torch(t: Any) -> bool:
+    from gpupas.integrations.torch import is_torch_tensor
+
+    return is_torch_tensor(t) and t.device.type == "cuda"
+
+
+def copy_state(state: Mapping[str, Any]) -> tuple[dict[str, Any], Any]:
+    """A copy of every tensor of ``state`` (CUDA tensors on the device, fused) and a CUDA event that
+    completes when the device copies have (None without CUDA tensors)."""
+    names = [k for k, v in state.items() if _is_cuda_torch(v)]
+    out: dict[str, Any] = {}
+    event = None
+    if names:
+        import torch
+
+        srcs = [state[k].detach() for k in names]
+        dsts = [torch.empty_like(t, memory_format=torch.contiguous_format) for t in srcs]
+        with torch.no_grad():
+            if hasattr(torch, "_foreach_copy_"):
+                torch._foreach_copy_(dsts, srcs)
+            else:  # pragma: no cover - torch < 2.1
+                for d, s in zip(dsts, srcs):
+                    d.copy_(s)
+        event = torch.cuda.Event()
+        event.record()
+        out.update(zip(names, dsts))
+    for k, v in state.items():
+        if k not in out:
+            out[k] = v.detach().clone() if hasattr(v, "detach") else v.copy()
+    return {k: out[k] for k in state}, event
+
+
+class _SideStreams:
+    """A torch CUDA stream of its own for the background thread, so that what the commit waits for
+    (the backend synchronizes the caller's current stream before reading a tensor) is the commit's
+    own work, never the training loop's queue."""
+
+    def __enter__(self) -> _SideStreams:
+        self._stack = ExitStack()
+        try:
+            import torch
+
+            if torch.cuda.is_available():
+                self._stack.enter_context(torch.cuda.stream(torch.cuda.Stream()))
+        except ImportError:
+            pass
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stack.close()
+
+
+class AsyncCommitter:
+    """Run ``commit(state, *args, **kwargs)`` on a copy of ``state`` in the background.
+
+    ``commit`` is e.g. ``archive.commit`` or ``lambda s, **kw: repo.add_snapshot(version, s, **kw)``.
+    :attr:`blocking_seconds` records what each :meth:`submit` cost its caller.
+    """
+
+    def __init__(self, commit: Callable[..., Any]):
+        self._commit = commit
+        self._executor = Executor(2)  # its single background thread runs the commits, one at a time
+        self._future: Future[Any] | None = None
+        self._base: dict[str, Any] | None = None  # the last committed copy: the next commit's delta base
+        self.blocking_seconds: list[float] = []
+        self.last: Any = None
+
+    def submit(self, state: Mapping[str, Any], *args: Any, **kwargs: Any) -> Future[Any]:
+        """Copy ``state`` and commit the copy in the background; returns the commit's future. Waits
+        for the previous commit first (raising its error, if it failed)."""
+        t0 = time.perf_counter()
+        self.wait()
+        snapshot, event = copy_state(state)
+        self._future = self._executor.background(self._run, snapshot, event, args, kwargs)
+        self.blocking_seconds.append(time.perf_counter() - t0)
+        return self._future
+
+    def _run(self, snapshot: dict[str, Any], event: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        if event is not None:
+            event.synchronize()  # the copies are complete (the training stream may have moved on)
+        with _SideStreams():
+            result = self._commit(snapshot, *args, **kwargs)
+        self._base = snapshot  # kept unchanged until the next commit is published: the device-resident base
+        self.last = result
+        return result
+
+    def wait(self) -> Any:
+        """The result of the commit in flight (None if there is none), once it is published."""
+        fut, self._future = self._future, None
+        return None if fut is None else fut.result()
+
+    def close(self) -> Any:
+        """Wait for the commit in flight, then stop the thread and drop the base copy."""
+        try:
+            return self.wait()
+        finally:
+            self._executor.close()
+            self._base = None
+
+    def __enter__(self) -> AsyncCommitter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,87 @@
+"""Compaction end to end: plan an archive (or take a plan), build the job, run it where asked."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from gpupas.errors import InvalidInputError
+from gpupas.jobs.graph import Job, compact_graph
+from gpupas.jobs.run import run
+from gpupas.jobs.tasks import ArchiveSpec, Reencode
+
+
+@dataclass
+class Compaction:
+    """What a compaction changes (or would, in a dry run), and the stored bytes before and after."""
+
+    job: Job
+    target: dict[str, str | None]
+    results: list[Any] = field(default_factory=list)
+    dry_run: bool = False
+    stored_before: int = 0
+    stored_after: int = 0
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        revised = [r for r in self.results if hasattr(r, "snapshot")]
+        removed = [x for r in self.results if isinstance(r, list) for x in r]
+        return {"dry_run": self.dry_run, "stored_before": self.stored_before, "stored_after": self.stored_after,
+                "decodes": self.job.decodes, "notes": self.notes,
+                "changes": [{"snapshot": c.snapshot, "old_base": c.old_base, "base": c.base, "why": c.why}
+                            for c in self.job.changes],
+                "revised": [{"snapshot": r.snapshot, "base": r.base, "stored_before": r.stored_before,
+                             "stored_after": r.stored_after, "done": r.done, "note": r.note} for r in revised],
+                "removed": removed}
+
+
+def load_target(path: str | os.PathLike[str]) -> dict[str, str | None]:
+    """A plan saved by ``gpupas plan --json`` (its ``target``), or a bare {snapshot: base or null}."""
+    try:
+        doc = json.loads(open(path).read())
+    except (OSError, ValueError) as exc:
+        raise InvalidInputError(f"cannot read the plan {path}: {exc}") from None
+    target = doc.get("target", doc) if isinstance(doc, dict) else None
+    if not isinstance(target, dict) or not all(isinstance(k, str) and (v is None or isinstance(v, str))
+                                               for k, v in target.items()):
+        raise InvalidInputError(f"{path} holds no plan: expected {{snapshot: base or null}} or gpupas plan --json")
+    return target
+
+
+def compact_archive(location: str, *, target: Mapping[str, str | None] | None = None, alpha: float | None = 2.0,
+                    scheme: str = "independent", budgets: Mapping[str, float] | None = None,
+                    pairs: Iterable[tuple[str, str]] = (), fraction: float = 1 / 16, setting: str | None = None,
+                    codecs: Iterable[str] | None = None, dry_run: bool = False, scheduler: Any = None,
+                    workers: int = 2, gc_min_age: float | None = None,
+                    storage_options: dict[str, Any] | None = None) -> Compaction:
+    """Carry a storage plan out: ``target`` (snapshot -> base) or the PAS plan at ``alpha``; with
+    ``setting``/``codecs``, every snapshot is also re-encoded in that form. ``dry_run``: build the
+    job and say what would change, change nothing. ``scheduler``: see :func:`gpupas.jobs.run.run`."""
+    spec = ArchiveSpec(location, storage_options)
+    notes: list[str] = []
+    with spec.open() as a:
+        if target is None:
+            from gpupas.plan.archive import plan_archive
+
+            planned = plan_archive(a, alpha, scheme=scheme, budgets=budgets, pairs=pairs, fraction=fraction,
+                                   setting=setting or "default")
+            target = planned.target
+            notes += [str(v) for v in planned.plan.violations]
+        unknown = sorted((set(target) | {b for b in target.values() if b is not None}) - set(a.store.list_snapshots()))
+        if unknown:
+            raise InvalidInputError(f"the plan names snapshots not in {location}: {', '.join(unknown[:5])}")
+        before = sum(a.manifest(s).stored_bytes for s in a.store.list_snapshots())
+    how = Reencode(setting or "default", None if codecs is None else tuple(codecs),
+                   force=setting is not None or codecs is not None)
+    how.setting_object()  # an unknown setting fails before any work
+    job = compact_graph(spec, dict(target), how=how, gc_min_age=None if dry_run else gc_min_age)
+    out = Compaction(job, dict(target), dry_run=dry_run, stored_before=before, stored_after=before, notes=notes)
+    if dry_run:
+        return out
+    out.results = run(job, scheduler, workers=workers)
+    with spec.open() as a:
+        out.stored_after = sum(a.manifest(s).stored_bytes for s in a.store.list_snapshots())
+    return out

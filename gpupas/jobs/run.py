@@ -1,0 +1,34 @@
+"""Running a built job on a scheduler chosen late.
+
+``scheduler``: None -> a ``LocalCluster`` of ``workers`` worker processes (one thread each) for this
+run; ``"sync"`` -> inline on this thread (small archives, tests, ``gpupas verify``); ``"threads"``
+-> Dask's thread pool; an address (``tcp://host:8786``) -> ``Client(address)``; a
+``distributed.Client`` -> that client.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+LOCAL = ("sync", "synchronous", "inline", "threads")
+
+
+def run(job: Any, scheduler: Any = None, *, workers: int = 2) -> list[Any]:
+    """Compute ``job``'s targets; returns their results in order (raises the first task error)."""
+    import dask
+
+    if not job.targets:
+        return []
+    if isinstance(scheduler, str) and scheduler in LOCAL:
+        name = "sync" if scheduler != "threads" else "threads"
+        return list(dask.compute(*job.targets, scheduler=name))
+    from distributed import Client, LocalCluster
+
+    if scheduler is not None and not isinstance(scheduler, str):
+        return list(scheduler.gather(scheduler.compute(job.targets)))
+    if scheduler is None:
+        with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
+                Client(cluster) as client:
+            return list(client.gather(client.compute(job.targets)))
+    with Client(scheduler) as client:
+        return list(client.gather(client.compute(job.targets)))

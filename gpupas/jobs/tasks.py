@@ -1,0 +1,125 @@
+"""The task functions of the jobs: pure, module-level, over (archive spec, snapshot ids, inputs).
+
+Each opens the archive itself with an inline executor (``workers=1``: the cluster already uses
+the cores) and hands the bits its inputs decoded to the archive's base cache, so a snapshot whose
+bases came in is decoded alone (each link of a chain once). Bits are checked by CRC-32 before
+any use (the cache does it), so an input can never corrupt a result.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any
+
+from gpupas.errors import GpupasError
+
+
+@dataclass(frozen=True)
+class ArchiveSpec:
+    """Where an archive is: a location (directory or fsspec URL) and its storage options."""
+
+    location: str
+    storage_options: dict[str, Any] | None = None
+
+    def open(self, cache_size: int = 8) -> Any:
+        from gpupas.archive import open_archive
+
+        return open_archive(self.location, storage_options=self.storage_options, workers=1, cache_size=cache_size)
+
+
+@dataclass
+class Link:
+    """A decoded snapshot (its raw bits by tensor name), or why it could not be decoded."""
+
+    sid: str
+    bits: dict[str, Any] | None = None
+    error: str | None = None
+    tensors: int = 0
+
+
+@dataclass(frozen=True)
+class Reencode:
+    """How a compaction re-encodes: a setting name, and optionally the chunk codecs to choose among."""
+
+    setting: str = "default"
+    codecs: tuple[str, ...] | None = None
+    force: bool = False  # re-encode every snapshot not yet in this form, whatever its base
+
+    def setting_object(self) -> Any:
+        from gpupas.pas.settings import get_setting
+
+        cfg = get_setting(self.setting)
+        return cfg if self.codecs is None else replace(cfg, codecs=tuple(self.codecs))
+
+    def needed(self, m: Any) -> bool:
+        """Whether snapshot manifest ``m`` is not yet in this form (setting, codecs)."""
+        if m.setting != self.setting or m.format < 3:
+            return True
+        allowed = set(self.setting_object().codecs)
+        return any(not set(s.codec_ids()) <= allowed for s in m.streams)
+
+
+def _feed(archive: Any, inputs: tuple[Any, ...]) -> None:
+    for x in inputs:
+        if isinstance(x, Link) and x.bits is not None:
+            archive.bases.put(x.sid, x.bits)
+
+
+def decode_link(spec: ArchiveSpec, sid: str, *inputs: Link) -> Link:
+    """Decode snapshot ``sid`` given its bases' links (what is missing is decoded here)."""
+    from gpupas.backend import get_backend
+    from gpupas.engine.chain import read_bits
+
+    try:
+        with spec.open(cache_size=max(8, len(inputs) + 2)) as a:
+            _feed(a, inputs)
+            bits, _ = read_bits(a.store, sid, None, manifests=a.manifest, backend=get_backend("numpy"),
+                                executor=a.executor, cache=a.bases)
+            return Link(sid, dict(bits), None, len(bits))
+    except (GpupasError, OSError, KeyError) as exc:
+        failed = [x.sid for x in inputs if isinstance(x, Link) and x.error]
+        why = f"{exc}" + (f" (its base {failed[0]} could not be decoded either)" if failed else "")
+        return Link(sid, None, why, 0)
+
+
+def check_link(link: Link) -> tuple[str, int | str]:
+    """The result of verifying a snapshot: its tensor count, or what is wrong."""
+    return link.sid, (link.error if link.error is not None else link.tensors)
+
+
+@dataclass
+class Revised:
+    """What a revision task did."""
+
+    snapshot: str
+    old_base: str | None
+    base: str | None
+    why: str
+    stored_before: int = 0
+    stored_after: int = 0
+    done: bool = True
+    note: str = ""
+
+
+def revise_link(spec: ArchiveSpec, sid: str, base: str | None, why: str, how: Reencode, *inputs: Any) -> Revised:
+    """Revise ``sid`` onto ``base`` (None: whole) in the form ``how``; the inputs carry the bits of
+    the snapshot and of its new bases (and earlier revisions it must follow). Skipped where the
+    snapshot is already in that form (a rerun after a kill). ``Archive.revise`` decodes the new
+    form and compares it bit for bit before it switches, atomically."""
+    with spec.open(cache_size=max(8, len(inputs) + 2)) as a:
+        old = a.store.read_manifest(sid)
+        grand_ok = old.grand is None or base is None or old.grand == a.store.read_manifest(base).base
+        if old.base == base and grand_ok and old.format >= 3 and not (how.force and how.needed(old)):
+            return Revised(sid, old.base, base, why, old.stored_bytes, old.stored_bytes, False, "already in that form")
+        _feed(a, inputs)
+        new = a.revise(sid, setting=how.setting_object(), base=base)
+        return Revised(sid, old.base, new.base, why, old.stored_bytes, new.stored_bytes)
+
+
+def gc_archive(spec: ArchiveSpec, min_age: float, *after: Any) -> list[dict[str, Any]]:
+    """Delete what nothing needs (see ``Repository.gc``), after the tasks ``after``."""
+    from gpupas.versions.repository import Repository
+
+    with spec.open() as a:
+        return Repository(a, own_archive=False).gc(min_age)
+

@@ -1,0 +1,94 @@
+"""Planning a whole archive: its storage graph, every planner's plan, and the one to carry out.
+
+Plans are made at snapshot granularity: a snapshot is one vertex (its storage: the sum over its
+tensors, each whole or a delta on the base as the encoder chooses; its recreation: decoding it
+whole once its base is decoded), because gpupas gives each snapshot one base (``Manifest.base``)
+and decodes along it. The model counts the whole base chain even where some tensors are stored
+whole, so it errs on the slow side: a budget met in the model is met by the archive.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from gpupas.plan.costs import DEFAULT, CostModel
+from gpupas.plan.graph import ROOT, Plan, StorageGraph, evaluate
+from gpupas.plan.measure import Estimates, storage_graph
+from gpupas.plan.planners import plan_all
+
+COMPARE = ("materialized", "mst", "spt", "last", "pas-mt", "pas-pt")
+
+
+@dataclass
+class ArchivePlan:
+    """Every planner's plan of an archive, the current layout, and the chosen plan (``"pas"``)."""
+
+    graph: StorageGraph
+    plans: dict[str, Plan]
+    current: Plan
+    estimates: Estimates
+    model: CostModel
+    alpha: float | None
+    scheme: str
+    chosen: str = "pas"
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def plan(self) -> Plan:
+        return self.plans[self.chosen]
+
+    @property
+    def target(self) -> dict[str, str | None]:
+        """Snapshot -> the base the chosen plan gives it (None: stored whole)."""
+        return {v: (None if p == ROOT else p) for v, p in self.plan.parent.items()}
+
+    def rows(self) -> list[dict[str, Any]]:
+        """Per snapshot: base, depth and recreation now and in the plan, and its budget."""
+        p, now = self.plan, self.current
+        out = []
+        for sid in self.graph.vertices:
+            out.append({"snapshot": sid, "base_now": _base(now.parent[sid]), "depth_now": now.depth[sid],
+                        "recreation_now": now.recreation[sid], "base": _base(p.parent[sid]), "depth": p.depth[sid],
+                        "recreation": p.recreation[sid],
+                        "budget": None if p.budgets is None else p.budgets.get(sid),
+                        "stored": self.graph.edges[sid][p.parent[sid]].storage,
+                        "measured": self.graph.edges[sid][p.parent[sid]].measured})
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"alpha": self.alpha, "scheme": self.scheme, "model": self.model.describe(),
+                "estimate": self.estimates.describe(), "chosen": self.chosen, "notes": self.notes,
+                "current": self.current.summary(), "plans": {k: v.summary() for k, v in self.plans.items()},
+                "snapshots": self.rows(), "target": self.target}
+
+
+def _base(p: Any) -> str | None:
+    return None if p == ROOT else p
+
+
+def plan_archive(archive: Any, alpha: float | None = 2.0, *, scheme: str = "independent",
+                 budgets: Mapping[str, float] | None = None, pairs: Iterable[tuple[str, str]] = (),
+                 fraction: float = 1 / 16, model: CostModel = DEFAULT, setting: str = "default",
+                 planner: str = "pas") -> ArchivePlan:
+    """Plan ``archive`` (an open :class:`~gpupas.archive.Archive`): budgets of ``alpha`` x each
+    snapshot's recreation under the shortest-path tree and/or ``budgets`` (snapshot -> seconds);
+    ``pairs`` (base, snapshot) are extra candidate edges; sizes sampled at ``fraction`` (1: exact).
+    Chains stay within the archive's ``max_chain``.
+
+    >>> import numpy as np, gpupas, tempfile
+    >>> a = gpupas.create_archive(tempfile.mkdtemp() + "/arc")
+    >>> w = np.random.default_rng(0).standard_normal(20000).astype(np.float32)
+    >>> s = [a.commit({"w": w}).id]
+    >>> s += [a.commit({"w": w + 1e-3 * k}, base=s[-1]).id for k in (1, 2, 3)]
+    >>> p = plan_archive(a, alpha=1.0)
+    >>> [p.target[x] for x in s] == [None] * 4  # alpha 1: every snapshot as fast as can be: whole
+    True
+    """
+    g, est = storage_graph(archive, model=model, fraction=fraction, pairs=pairs, setting=setting)
+    plans = plan_all(g, alpha, scheme=scheme, absolute=budgets, max_depth=archive.max_chain)
+    current = evaluate(g, g.current, "current", scheme, plans["pas-mt"].budgets)
+    if planner not in plans:
+        raise ValueError(f"planner must be one of {', '.join(plans)}, not {planner!r}")
+    return ArchivePlan(g, plans, current, est, model, alpha, scheme, planner, list(g.notes))

@@ -1,0 +1,1462 @@
+"""Issue 15, case by case: what an attacker or an unlucky user does to an archive.
+
+Data loss (a commit says OK, the snapshot cannot be restored), archives someone hands you (every
+byte attacker-controlled: nothing may escape the archive, explode in memory or hang), and everyday
+faults (read-only archives, files truncated under a reader). Each test asserts the clear error (its
+class, the snapshot or file it names, the remedy) or the correct result; reads that could hang run
+with a deadline, memory is measured in a child process, and files outside the archive are checked
+unchanged. Tests marked xfail(strict) pin bugs that are still open.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import shutil
+import sqlite3
+import stat
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import warnings
+import zlib
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+import gpupas
+from gpupas import archive as archive_mod
+from gpupas import catalog as catalog_mod
+from gpupas.errors import (
+    IntegrityError,
+    InvalidInputError,
+    SnapshotNotFoundError,
+    UnsupportedDtypeError,
+)
+from gpupas.format.checksum import crc32c
+from gpupas.format.sealed import seal, unseal
+from gpupas.format.sharding import empty_index, encode_index
+from gpupas.versions.records import Records
+from gpupas.versions.repository import Repository, create_repository, open_repository
+
+ROOT = Path(__file__).resolve().parents[1]
+PYTHONPATH = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+ENV = {k: v for k, v in os.environ.items() if k != "GPUPAS_ARCHIVE"} | {
+    "PYTHONPATH": PYTHONPATH, "COLUMNS": "200", "GPUPAS_AUTHOR": "tester", "PYTHONUNBUFFERED": "1"}
+Arg = str | bytes | Path
+
+
+# -- helpers ----------------------------------------------------------------------------------------------------
+def _argv(args: tuple[Arg, ...], archive: Arg | None) -> list[str | bytes]:
+    out: list[str | bytes] = [sys.executable, "-m", "gpupas"]
+    out += [a if isinstance(a, bytes) else str(a) for a in args]
+    if archive is not None:
+        out += ["-A", archive if isinstance(archive, bytes) else str(archive)]
+    return out
+
+
+def gp(*args: Arg, archive: Arg | None = None, timeout: float = 120, prefix: tuple[str, ...] = (),
+       env: dict[str, str] | None = None, cwd: Path | None = None,
+       preexec: Callable[[], None] | None = None) -> subprocess.CompletedProcess[str]:
+    """``gpupas ARGS -A archive`` in a fresh interpreter (arguments may be bytes: not UTF-8 on purpose)."""
+    res = subprocess.run([*prefix, *_argv(args, archive)], capture_output=True, env=ENV | (env or {}),
+                         cwd=cwd or ROOT, timeout=timeout, preexec_fn=preexec)
+    return subprocess.CompletedProcess(res.args, res.returncode, res.stdout.decode(errors="replace"),
+                                       res.stderr.decode(errors="replace"))
+
+
+def gp_popen(*args: Arg, archive: Arg) -> subprocess.Popen[str]:
+    return subprocess.Popen(_argv(args, archive), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
+                            cwd=ROOT)
+
+
+def ok(res: subprocess.CompletedProcess[str]) -> str:
+    assert res.returncode == 0, f"rc={res.returncode}\nstdout={res.stdout[-2000:]}\nstderr={res.stderr[-2000:]}"
+    return res.stdout
+
+
+def js(res: subprocess.CompletedProcess[str]) -> Any:
+    return json.loads(ok(res))
+
+
+def fails(res: subprocess.CompletedProcess[str], code: int, *words: str) -> str:
+    """Exit ``code``, one ``error:`` line on stderr (after any ``damaged:`` lines of verify) naming each of
+    ``words`` somewhere on stderr, no traceback."""
+    assert res.returncode == code, f"rc={res.returncode} (want {code})\nstdout={res.stdout}\nstderr={res.stderr}"
+    lines = [x for x in res.stderr.splitlines() if x.strip() and not x.startswith(("warning:", "damaged:"))]
+    assert lines and lines[-1].startswith("error: "), res.stderr
+    assert "Traceback" not in res.stderr and len(lines) == 1, res.stderr
+    for w in words:
+        assert w in res.stderr, (w, res.stderr)
+    return res.stderr
+
+
+def run_py(code: str, *args: str, timeout: float = 120, prefix: tuple[str, ...] = (),
+           env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*prefix, sys.executable, "-c", code, *args], capture_output=True, text=True,
+                          env=ENV | (env or {}), cwd=ROOT, timeout=timeout)
+
+
+def last_json(res: subprocess.CompletedProcess[str]) -> Any:
+    assert res.returncode == 0, f"rc={res.returncode}\nstdout={res.stdout[-3000:]}\nstderr={res.stderr[-3000:]}"
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def model(seed: int, rows: int = 64, shift: float = 0.0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {"fc1.weight": (rng.standard_normal((rows, 16)) * 0.02 + shift).astype(np.float32),
+            "fc1.bias": (rng.standard_normal(rows) + shift).astype(np.float32)}
+
+
+def same(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> bool:
+    return sorted(a) == sorted(b) and all(a[k].tobytes() == b[k].tobytes() for k in a)
+
+
+def within(seconds: float, fn: Callable[[], Any]) -> Any:
+    """``fn()`` on a thread; its result (its exception re-raised); fails if it is still running after ``seconds``."""
+    box: list[tuple[bool, Any]] = []
+
+    def run() -> None:
+        try:
+            box.append((True, fn()))
+        except BaseException as exc:  # handed to the caller
+            box.append((False, exc))
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(seconds)
+    if t.is_alive():
+        pytest.fail(f"{fn} did not return within {seconds} s (a hang)")
+    good, value = box[0]
+    if not good:
+        raise value
+    return value
+
+
+class Background(threading.Thread):
+    """Runs ``fn`` on a thread; :meth:`result` joins and returns its value or raises its exception."""
+
+    def __init__(self, fn: Callable[[], Any]):
+        super().__init__(daemon=True)
+        self.fn, self.value, self.error = fn, None, None
+        self.start()
+
+    def run(self) -> None:
+        try:
+            self.value = self.fn()
+        except BaseException as exc:  # handed to result()
+            self.error = exc
+
+    def result(self, timeout: float = 120) -> Any:
+        self.join(timeout)
+        assert not self.is_alive(), "background work did not finish"
+        if self.error is not None:
+            raise self.error
+        return self.value
+
+
+def pause_after(monkeypatch: pytest.MonkeyPatch, owner: Any, name: str) -> tuple[threading.Event, threading.Event]:
+    """Make ``owner.name`` stop after it ran, until ``go`` is set; ``inside`` is set when it got there."""
+    inside, go = threading.Event(), threading.Event()
+    real = getattr(owner, name)
+
+    def paused(*args: Any, **kwargs: Any) -> Any:
+        out = real(*args, **kwargs)
+        inside.set()
+        assert go.wait(120), "never released"
+        return out
+
+    monkeypatch.setattr(owner, name, paused)
+    return inside, go
+
+
+def tree_digest(path: Path) -> dict[str, str]:
+    """Every file under ``path`` (links as their target) with a hash of its bytes: to check it was left alone."""
+    out = {}
+    for p in sorted(path.rglob("*")):
+        if p.is_symlink():
+            out[str(p.relative_to(path))] = "-> " + os.readlink(p)
+        elif p.is_file():
+            out[str(p.relative_to(path))] = hashlib.sha256(p.read_bytes()).hexdigest()
+        else:
+            out[str(p.relative_to(path))] = "dir"
+    return out
+
+
+def sentinel(tmp: Path) -> tuple[Path, dict[str, str]]:
+    """A folder outside the archive with files an escaping read or delete would touch; and its digest."""
+    out = tmp / "outside"
+    (out / "snapshots").mkdir(parents=True)
+    (out / "secret.txt").write_bytes(b"not yours")
+    (out / "snapshots" / "zarr.json").write_bytes(b"{}")
+    return out, tree_digest(out)
+
+
+def manifest_path(arc: Path, sid: str) -> Path:
+    return arc / "manifests" / f"{sid}.json"
+
+
+def read_doc(arc: Path, sid: str) -> dict[str, Any]:
+    return unseal(manifest_path(arc, sid).read_bytes(), sid)
+
+
+def write_doc(arc: Path, sid: str, doc: dict[str, Any]) -> None:
+    doc = dict(doc, id=sid)
+    manifest_path(arc, sid).write_bytes(seal(doc))
+
+
+def shard_files(arc: Path, m: Any) -> list[Path]:
+    return sorted(p for s in m.streams for p in (arc / "snapshots" / s.folder).rglob("c/*") if p.is_file())
+
+
+def small_repo(path: Path) -> Repository:
+    """Two versions of "m" (the second a delta on the first) and a tag."""
+    repo = create_repository(path)
+    repo.commit("m", model(1), hyperparameters={"lr": 0.1}, message="first")
+    repo.commit("m", model(1, shift=0.001), parents=[1], hyperparameters={"lr": 0.05}, message="second")
+    repo.tag("t1", 1)
+    return repo
+
+
+# -- data loss: a commit says OK, the snapshot cannot be restored ------------------------------------------------
+def test_gc_waits_for_commits_in_flight(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`gpupas gc --min-age 0` from another process while a commit is between writing its chunks and
+    publishing them (a plain snapshot; a version between its snapshot and its record): gc waits, and
+    removes nothing the commit publishes."""
+    arc = tmp_path / "arc"
+    repo = create_repository(arc)
+    v1 = repo.commit("m", model(1))
+    (arc / "snapshots" / "dead.0123abcd").mkdir()  # garbage gc may remove
+
+    inside, go = pause_after(monkeypatch, archive_mod, "write_streams")
+    work = Background(lambda: repo.archive.commit(model(2), base=v1.latest))
+    assert inside.wait(60)
+    gc = gp_popen("gc", "--min-age", "0", "--json", archive=arc)
+    time.sleep(2.5)
+    assert gc.poll() is None, f"gc finished while a commit was writing: {gc.communicate()}"
+    go.set()
+    m = work.result()
+    out, err = gc.communicate(timeout=120)
+    assert gc.returncode == 0, err
+    removed = {r["name"] for r in json.loads(out)["removed"]}
+    assert "dead.0123abcd" in removed and not any(n.startswith(m.id) for n in removed), removed
+    monkeypatch.undo()
+
+    inside, go = pause_after(monkeypatch, Records, "publish_version")
+    work = Background(lambda: repo.commit("m", model(3), parents=[1]))
+    assert inside.wait(60)
+    gc = gp_popen("gc", "--min-age", "0", "--json", archive=arc)
+    time.sleep(2.5)
+    assert gc.poll() is None, f"gc finished while a version was being published: {gc.communicate()}"
+    go.set()
+    v3 = work.result()
+    out, err = gc.communicate(timeout=120)
+    assert gc.returncode == 0, err
+    assert json.loads(out)["removed"] == []
+    monkeypatch.undo()
+    repo.close()
+    with open_repository(arc) as fresh:
+        assert same(fresh.archive.restore(m.id), model(2))
+        assert same(fresh.restore(v3.id), model(3))
+        assert fresh.verify()["ok"]
+
+
+def _fail_folder_fsync_after(monkeypatch: pytest.MonkeyPatch, folder: str) -> dict[str, bool]:
+    """From the moment a file appears in ``folder`` (link or rename), every fsync of a folder fails with EIO."""
+    armed = {"on": False}
+    real_link, real_replace, real_fsync = os.link, os.replace, os.fsync
+
+    def in_folder(dir_fd: int | None) -> bool:
+        return dir_fd is not None and os.readlink(f"/proc/self/fd/{dir_fd}").endswith("/" + folder)
+
+    def link(src: Any, dst: Any, *args: Any, **kwargs: Any) -> None:
+        real_link(src, dst, *args, **kwargs)
+        armed["on"] |= in_folder(kwargs.get("dst_dir_fd"))
+
+    def replace(src: Any, dst: Any, *args: Any, **kwargs: Any) -> None:
+        real_replace(src, dst, *args, **kwargs)
+        armed["on"] |= in_folder(kwargs.get("dst_dir_fd"))
+
+    def fsync(fd: int) -> None:
+        if armed["on"] and stat.S_ISDIR(os.fstat(fd).st_mode):
+            raise OSError(errno.EIO, "Input/output error")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "link", link)
+    monkeypatch.setattr(os, "replace", replace)
+    monkeypatch.setattr(os, "fsync", fsync)
+    return armed
+
+
+@pytest.mark.parametrize("how", ["commit", "add_snapshot"])
+def test_io_error_after_a_version_is_published_keeps_its_snapshots(tmp_path: Path, how: str,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """The folder fsync fails (EIO) right after the version record appeared: what was published stays
+    published and restorable (a warning says it may not survive a power loss)."""
+    arc = tmp_path / "arc"
+    with create_repository(arc) as repo:
+        repo.commit("m", model(1))
+        armed = _fail_folder_fsync_after(monkeypatch, "versions")
+        with warnings.catch_warnings(record=True):
+            warnings.simplefilter("always")
+            try:
+                if how == "commit":
+                    repo.commit("m", model(2), parents=[1])
+                else:
+                    repo.add_snapshot(1, model(2), step=2)
+            except OSError:
+                pass  # an error is allowed; losing what is visible is not
+        assert armed["on"], "the version record was never published"
+        monkeypatch.undo()
+    with open_repository(arc) as fresh:
+        for v in fresh.versions():
+            for s in v.snapshots:
+                assert fresh.archive.store.has_manifest(s["id"]), f"version {v.id} lost snapshot {s['id']}"
+        newest = fresh.versions()[-1]
+        assert same(fresh.restore(newest.id), model(2))
+        assert fresh.verify()["ok"], fresh.verify()["problems"]
+
+
+@pytest.mark.parametrize("how", [
+    "commit",
+    pytest.param("add_snapshot", marks=pytest.mark.xfail(strict=True, reason=(
+        "repository.py add_snapshot: written.clear() runs only after self._update(), which also updates the "
+        "catalog (_after_publish); an interrupt or unexpected error there, after the record was replaced, makes "
+        "_publishing discard the snapshot the published record names"))),
+])
+def test_interrupt_after_a_version_is_published_keeps_its_snapshots(tmp_path: Path, how: str,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C while the catalog is brought up to date, after the version record was published: the
+    version must still restore (its snapshots were published with it)."""
+    arc = tmp_path / "arc"
+    with create_repository(arc) as repo:
+        repo.commit("m", model(1))
+
+        def interrupted(self: Any) -> int:
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(catalog_mod.Catalog, "sync", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            if how == "commit":
+                repo.commit("m", model(2), parents=[1])
+            else:
+                repo.add_snapshot(1, model(2), step=2)
+        monkeypatch.undo()
+    with open_repository(arc) as fresh:
+        newest = max(fresh.versions(), key=lambda v: (v.id, len(v.snapshots)))
+        target = newest if how == "commit" else fresh.version(1)
+        assert fresh.archive.store.has_manifest(target.latest), f"published snapshot {target.latest} was deleted"
+        assert same(fresh.restore(target.id), model(2))
+
+
+def test_full_verify_fails_when_versions_lost_their_snapshots(tmp_path: Path) -> None:
+    arc = tmp_path / "arc"
+    with small_repo(arc) as repo:
+        v2 = repo.add_snapshot(2, model(1, shift=0.002), step=3)
+        lost = v2.latest
+    manifest_path(arc, lost).unlink()
+    err = fails(gp("verify", archive=arc), 3, lost, "version 2")
+    assert "ok:" not in err
+    fails(gp("verify", "2", archive=arc), 3, lost)
+    for p in (arc / "manifests").iterdir():  # every snapshot gone: never "ok ... 0 tensors"
+        p.unlink()
+    res = gp("verify", archive=arc)
+    fails(res, 3, "missing")
+    assert "ok:" not in res.stdout
+
+
+def test_checkout_refuses_an_attached_file_named_like_its_outputs(tmp_path: Path) -> None:
+    from safetensors.numpy import load_file, save_file
+
+    arc, src = tmp_path / "arc", tmp_path / "src"
+    src.mkdir()
+    save_file(model(1), src / "ck.safetensors")
+    (src / "model.safetensors").write_bytes(b"an attachment, not the weights")
+    (src / "gpupas-version.json").write_bytes(b"{}")
+    ok(gp("init", archive=arc))
+    ok(gp("commit", src / "ck.safetensors", "-n", "m", "-f", src / "model.safetensors", archive=arc))
+    fails(gp("checkout", "m", "-o", tmp_path / "out", archive=arc), 2, "model.safetensors", "--weights-name")
+    assert not (tmp_path / "out").exists()
+    ok(gp("checkout", "m", "-o", tmp_path / "out", "--weights-name", "weights.safetensors", archive=arc))
+    assert (tmp_path / "out" / "model.safetensors").read_bytes() == b"an attachment, not the weights"
+    assert same(load_file(tmp_path / "out" / "weights.safetensors"), model(1))
+    ok(gp("commit", src / "ck.safetensors", "-n", "n", "-f", src / "gpupas-version.json", archive=arc))
+    fails(gp("checkout", "n", "-o", tmp_path / "out2", archive=arc), 2, "gpupas-version.json")
+    assert not (tmp_path / "out2").exists()
+
+
+def _listing(arc: Path) -> set[str]:
+    return {str(p.relative_to(arc)) for d in ("manifests", "snapshots") for p in (arc / d).iterdir()}
+
+
+def _no_new_files(arc: Path, before: set[str]) -> None:
+    now = _listing(arc)
+    assert now == before, f"left behind: {sorted(now - before)}"
+
+
+def test_tensor_changed_in_place_during_its_commit_fails_the_commit(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """A training step lands while the checkpoint is coded: the commit fails clearly, stores nothing."""
+    arc = tmp_path / "arc"
+    a = gpupas.create_archive(arc)
+    w = model(1, rows=4096)
+    s1 = a.commit(w)
+    real = archive_mod.write_streams
+
+    def stepped(*args: Any, **kwargs: Any) -> Any:
+        w["fc1.weight"] += np.float32(0.5)  # the optimizer step, in place
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(archive_mod, "write_streams", stepped)
+    for base in (None, s1.id):
+        before = _listing(arc)
+        with pytest.raises(InvalidInputError, match="changed while it was being committed") as err:
+            a.commit(w, base=base)
+        assert "fc1.weight" in str(err.value) and "copy" in str(err.value)
+        _no_new_files(arc, before)
+    monkeypatch.undo()
+    a.close()
+
+
+def test_training_thread_stepping_while_commits_run(tmp_path: Path) -> None:
+    """A thread steps the weights in place (+=) while another commits them: every commit raises the clear
+    error or publishes a snapshot that restores bit-exact (its CRC-32s, checked on decode, are the manifest's)."""
+    arc = tmp_path / "arc"
+    a = gpupas.create_archive(arc)
+    w = {"w": np.random.default_rng(0).standard_normal(1 << 19).astype(np.float32),
+         "b": np.zeros(1 << 16, np.float32)}
+    stop = threading.Event()
+
+    def train() -> None:
+        while not stop.is_set():
+            w["w"] += np.float32(1e-3)
+            w["b"] += np.float32(1.0)
+
+    t = threading.Thread(target=train, daemon=True)
+    t.start()
+    published, refused, base = [], 0, None
+    try:
+        for _ in range(6):
+            try:
+                m = a.commit(w, base=base)
+            except InvalidInputError as exc:
+                assert "changed while it was being committed" in str(exc)
+                refused += 1
+                continue
+            published.append(m)
+            base = m.id
+    finally:
+        stop.set()
+        t.join(30)
+    a.close()
+    with gpupas.open_archive(arc) as fresh:
+        for m in published:
+            assert fresh.verify(m.id) == 2
+            got = fresh.restore(m.id)
+            assert {k: zlib.crc32(v.tobytes()) for k, v in got.items()} == {
+                e.name: e.crc32 for e in m.tensors}
+    assert len(published) + refused == 6
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "archive.py commit keeps the caller's own arrays as the next delta base (bases.put(..., borrowed=True)); "
+    "chain.read_bits checks them by CRC once (BaseCache.get) and then codes against them while the training "
+    "loop may still step them; _unchanged re-checks the committed tensors only, not the base bits, so a commit "
+    "of a copy publishes deltas against bits that are not the base's: restore fails its checksum"))
+def test_base_stepped_in_place_while_a_copy_is_committed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The recommended pattern (commit a copy) while the training loop keeps stepping the live weights that
+    the previous commit handed to the archive: the snapshot must restore to the copy, or the commit fail."""
+    arc = tmp_path / "arc"
+    a = gpupas.create_archive(arc)
+    live = {"w": np.random.default_rng(0).standard_normal((64, 1024)).astype(np.float32)}
+    s1 = a.commit(live)  # checkpoint 1 of the live weights
+    copy = {"w": live["w"] + np.float32(0.01)}  # checkpoint 2: a copy, every row changed
+    real = archive_mod.write_streams
+
+    def stepping(*args: Any, **kwargs: Any) -> Any:
+        live["w"] += np.float32(0.5)  # the training thread steps the live weights meanwhile
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(archive_mod, "write_streams", stepping)
+    try:
+        s2 = a.commit(copy, base=s1.id)
+    except (InvalidInputError, IntegrityError):
+        return  # refusing is fine
+    finally:
+        monkeypatch.undo()
+        a.close()
+    with gpupas.open_archive(arc) as fresh:
+        assert same(fresh.restore(s2.id), copy)
+
+
+_DISCARD = """
+import sys, gpupas
+a = gpupas.open_archive(sys.argv[1])
+try:
+    a.discard(sys.argv[2])
+    print("discarded")
+except gpupas.GpupasError as exc:
+    print(type(exc).__name__, exc)
+"""
+
+
+def test_base_discarded_by_another_process_before_or_during_a_commit(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    arc = tmp_path / "arc"
+    a = gpupas.create_archive(arc)
+    s1 = a.commit(model(1))
+    s2 = a.commit(model(1, shift=0.01), base=s1.id)
+    assert a.snapshots() == [s1.id, s2.id]  # this process has s2 cached as a base
+    res = run_py(_DISCARD, str(arc), s2.id)  # a leaf: another process may discard it
+    assert res.stdout.strip() == "discarded", res.stdout + res.stderr
+    before = _listing(arc)
+    with pytest.raises(SnapshotNotFoundError, match=s2.id):
+        a.commit(model(1, shift=0.02), base=s2.id)
+    _no_new_files(arc, before)
+
+    inside, go = pause_after(monkeypatch, archive_mod, "write_streams")
+    work = Background(lambda: a.commit(model(1, shift=0.03), base=s1.id))
+    assert inside.wait(60)
+    proc = subprocess.Popen([sys.executable, "-c", _DISCARD, str(arc), s1.id], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=ENV)
+    time.sleep(2.5)
+    assert proc.poll() is None, f"discard did not wait for the commit using its snapshot: {proc.communicate()}"
+    go.set()
+    s3 = work.result()
+    out, err = proc.communicate(timeout=120)
+    assert out.startswith("InvalidInputError") and "is the base of" in out and s3.id in out, out + err
+    monkeypatch.undo()
+    a.close()
+    with gpupas.open_archive(arc) as fresh:
+        assert same(fresh.restore(s3.id), model(1, shift=0.03))
+        assert s3.base == s1.id and fresh.verify(s3.id) == 2
+
+
+ODD = ["wéird ☃ \u202e rtl", "[/]", "[bold red]x[/bold red]", "tab\tnew\nline", "quote\"'`", "100%_sq\\l';--",
+       "ends with space ", "e\u0301 (combining)", "\U0001f600 emoji", "[link=file:///etc/passwd]x[/link]"]
+
+
+def test_unusual_names_and_messages_are_listed_or_refused(tmp_path: Path) -> None:
+    """Whatever text a commit accepts is listed by log, found by query and kept by a rebuilt catalog;
+    what it cannot keep is refused with a clear error (nothing published)."""
+    arc = tmp_path / "arc"
+    with create_repository(arc) as repo:
+        for i, text in enumerate(ODD):
+            repo.commit(f"odd{i}", {text: np.full(3, i, np.float32), f"x.{text}": np.zeros(2, np.int8)},
+                        message=text, author=text, hyperparameters={text: text, "i": i}, metrics={text: [0.5, 0.25]})
+        for bad in ("caf\udce9", "bad\ud800"):  # lone surrogates: not text
+            with pytest.raises(InvalidInputError, match="UTF-8"):
+                repo.commit("bad", {bad: np.zeros(2, np.float32)})
+            with pytest.raises(InvalidInputError, match="UTF-8"):
+                repo.commit("bad", {"w": np.zeros(2, np.float32)}, message=bad)
+        for fname in ("notes [v1].txt", "caf\udce9.txt", "../escape.txt", "a//b"):
+            with pytest.raises(InvalidInputError, match="file name"):
+                repo.commit("bad", {"w": np.zeros(2, np.float32)}, files={fname: b"x"})
+        assert len(repo.versions()) == len(ODD)
+    for fresh_catalog in (False, True):
+        with open_repository(arc) as repo:
+            if fresh_catalog:
+                repo.reindex()
+            rows = {r["name"]: r for r in repo.log()}
+            assert sorted(rows) == sorted(f"odd{i}" for i in range(len(ODD)))
+            for i, text in enumerate(ODD):
+                assert rows[f"odd{i}"]["message"] == text and rows[f"odd{i}"]["author"] == text
+                sid = repo.version(f"odd{i}").latest
+                names = {r["name"] for r in repo.catalog().query("SELECT name FROM tensors WHERE snapshot=?", (sid,))}
+                assert names == {text, f"x.{text}"}
+                found = repo.query(f"select m where m.name = \"odd{i}\" and m.hp.i = {i}")
+                assert [r["id"] for r in found] == [repo.version(f"odd{i}").id]
+            assert len(repo.query("select m where m.hp.i >= 0")) == len(ODD)
+    logged = js(gp("log", "--json", archive=arc))
+    assert sorted(r["message"] for r in logged) == sorted(ODD)
+
+
+def test_latin1_bytes_from_the_command_line(tmp_path: Path) -> None:
+    """Arguments that are not UTF-8 (a Latin-1 terminal): refused clearly (exit 2, nothing stored), or stored
+    and then listed by log."""
+    from safetensors.numpy import save_file
+
+    arc, src = tmp_path / "arc", tmp_path / "src"
+    src.mkdir()
+    save_file(model(1), src / "ck.safetensors")
+    notes = os.fsencode(src) + b"/caf\xe9 notes.txt"
+    Path(os.fsdecode(notes)).write_bytes(b"notes")
+    ok(gp("init", archive=arc))
+    ck = src / "ck.safetensors"
+    for i, extra in enumerate(([b"-m", b"caf\xe9 na\xefve"], [b"--author", b"J\xf6rg"], [b"--hp", b"caf\xe9=1"],
+                               [b"--hp", b"lr=caf\xe9"], [b"--metric", b"acc\xe9=0.5"], [b"-f", notes])):
+        res = gp("commit", ck, "-n", f"latin{i}", *extra, archive=arc)
+        if res.returncode == 0:
+            assert f"latin{i}" in {r["name"] for r in js(gp("log", "--json", archive=arc))}
+        else:
+            fails(res, 2)
+    assert not (arc / "versions").exists() or len(js(gp("log", "--json", archive=arc))) == sum(
+        1 for _ in (arc / "versions").glob("*.json"))
+    fails(gp("query", b"select m where m.hp.caf\xe9 > 0", archive=arc), 2)
+    fails(gp("show", b"caf\xe9", archive=arc), 2)  # not a name: bad input, not a crash
+    # an archive whose own path is not UTF-8
+    latin = os.fsencode(tmp_path) + b"/caf\xe9/arc"
+    ok(gp("init", archive=latin))
+    ok(gp("commit", ck, "-n", "m", archive=latin))
+    assert [r["name"] for r in js(gp("log", "--json", archive=latin))] == ["m"]
+    ok(gp("verify", archive=latin))
+
+
+# -- an archive someone hands you ------------------------------------------------------------------------------
+def test_manifest_folders_outside_the_archive_are_refused(tmp_path: Path) -> None:
+    arc = tmp_path / "arc"
+    out, digest = sentinel(tmp_path)
+    a = gpupas.create_archive(arc)
+    s1 = a.commit(model(1))
+    doc = read_doc(arc, s1.id)
+    bad_folders = ["../../outside", "../outside/snapshots", str(out), "/etc", "..", ".", "", "a/b", "x/../..",
+                   "snapshots/../../outside", "\u0000x", "x" * 300, 7, None]
+    for i, folder in enumerate(bad_folders):
+        d = json.loads(json.dumps(doc))
+        d["streams"][0]["folder"] = folder
+        write_doc(arc, f"evil{i}", d)
+    legacy = {"format": 2, "id": "legacy", "created": "2020-01-01", "base": None, "data": "../../outside",
+              "length": 4, "chunks": "z", "tensors": [{"name": "w", "dtype": "float32", "shape": [1], "offset": 0,
+                                                         "enc": "mat", "crc32": 0, "nbytes": 4}]}
+    manifest_path(arc, "legacy").write_text(json.dumps(legacy))
+    a.close()
+    with gpupas.open_archive(arc) as fresh:
+        for sid in [f"evil{i}" for i in range(len(bad_folders))] + ["legacy"]:
+            for op in (fresh.restore, fresh.verify):
+                with pytest.raises(IntegrityError, match=sid) as err:
+                    within(30, lambda op=op, sid=sid: op(sid))
+                assert "restore the archive from a copy" in str(err.value) or "damaged" in str(err.value)
+            within(30, lambda sid=sid: fresh.discard(sid))
+            assert not manifest_path(arc, sid).exists()
+        results = dict(within(60, lambda: list(fresh.verify_all())))
+        assert results == {s1.id: 2}
+        assert same(fresh.restore(s1.id), model(1))
+    assert tree_digest(out) == digest
+    ok(gp("gc", "--min-age", "0", archive=arc))
+    assert tree_digest(out) == digest
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "store/archive.py ArchiveStore.discard deletes every folder the discarded manifest names "
+    "(delete_prefix(keys.folder(f))) without checking that no other manifest names it: a hostile manifest "
+    "that names another snapshot's folder (or 'zarr.json', the snapshots group document) makes its discard "
+    "delete that snapshot's chunks"))
+def test_discard_of_a_hostile_manifest_spares_other_snapshots(tmp_path: Path) -> None:
+    arc = tmp_path / "arc"
+    a = gpupas.create_archive(arc)
+    victim = a.commit(model(1))
+    other = a.commit(model(2))
+    doc = read_doc(arc, other.id)
+    doc["streams"][0]["folder"] = victim.streams[0].folder
+    write_doc(arc, "evil", doc)
+    doc["streams"][0]["folder"] = "zarr.json"
+    write_doc(arc, "evil2", doc)
+    a.close()
+    with gpupas.open_archive(arc) as fresh:
+        with pytest.raises(IntegrityError):
+            fresh.restore("evil")
+        fresh.discard("evil")
+        assert same(fresh.restore(victim.id), model(1))
+        fresh.discard("evil2")
+        assert (arc / "snapshots" / "zarr.json").is_file()
+
+
+def _template(arc: Path) -> tuple[gpupas.Manifest, dict[str, Any]]:
+    """A snapshot of one float32 tensor of 65536 values: one stream, one 256 KiB chunk, one shard."""
+    with gpupas.create_archive(arc) as a:
+        m = a.commit({"w": np.arange(65536, dtype=np.float32)})
+    return m, read_doc(arc, m.id)
+
+
+def plant_chunk(arc: Path, template: gpupas.Manifest, doc: dict[str, Any], sid: str, body: bytes,
+                letter: str) -> None:
+    """Snapshot ``sid``: the template's manifest, its only chunk replaced by ``body`` coded as ``letter``."""
+    d = json.loads(json.dumps(doc))
+    folder = f"{sid}.0000abcd"
+    d["streams"][0]["folder"] = folder
+    d["streams"][0]["chunks"] = letter
+    dst = arc / "snapshots" / folder
+    shutil.copytree(arc / "snapshots" / template.streams[0].folder, dst)
+    for c in dst.glob("*/c"):
+        shutil.rmtree(c)
+    codec = d["streams"][0]["codecs"][letter]
+    (dst / codec / "c").mkdir()
+    payload = body + struct.pack("<I", crc32c(body))
+    index = empty_index(d["streams"][0]["shard_chunks"])
+    index[0] = (0, len(payload))
+    (dst / codec / "c" / "0").write_bytes(payload + encode_index(index))
+    write_doc(arc, sid, d)
+
+
+_PROBE = r"""
+import json, os, resource, sys, time
+limit = int(os.environ.get("PROBE_RLIMIT_AS", "0"))
+if limit:
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+import gpupas
+root, sids = sys.argv[1], sys.argv[2:]
+out = {}
+for sid in sids:
+    for op in ("restore", "verify"):
+        t = time.time()
+        try:
+            with gpupas.open_archive(root) as a:
+                getattr(a, op)(sid)
+            res = ["ok", ""]
+        except BaseException as exc:
+            res = [type(exc).__name__, str(exc)]
+        out[op + " " + sid] = res + [time.time() - t]
+out["maxrss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+print(json.dumps(out))
+"""
+
+
+def probe(arc: Path, *sids: str, rlimit_as: int = 0, timeout: float = 120) -> dict[str, Any]:
+    """Restore and verify each snapshot in a child process: the error (class, message, seconds) and its peak memory."""
+    return last_json(run_py(_PROBE, str(arc), *sids, timeout=timeout, env={"PROBE_RLIMIT_AS": str(rlimit_as)}))
+
+
+def test_declared_shapes_beyond_memory_are_refused_before_allocating(tmp_path: Path) -> None:
+    arc = tmp_path / "arc"
+    _, doc = _template(arc)
+    for sid, n, chunk in (("huge44", 1 << 44, 1 << 30), ("huge40", 1 << 40, 1 << 30)):
+        d = json.loads(json.dumps(doc))
+        st, t = d["streams"][0], d["tensors"][0]
+        st.update(length=4 * n, chunk_size=chunk, chunks="z" * (4 * n // chunk), shard_chunks=4096)
+        t.update(shape=[n], nbytes=4 * n)
+        write_doc(arc, sid, d)
+    got = probe(arc, "huge44", "huge40")
+    for key in ("restore huge44", "verify huge44", "restore huge40", "verify huge40"):
+        kind, msg, seconds = got[key]
+        assert kind == "IntegrityError", got
+        assert key.split()[1] in msg and "damaged or hostile" in msg
+        assert seconds < 30
+    assert got["maxrss_mb"] < 400, got
+    res = gp("verify", archive=arc, timeout=120)
+    fails(res, 3, "huge44", "huge40")
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "engine/decode.py decode_snapshot bounds a manifest only by the machine's physical memory (_fits) and "
+    "allocates the stream workspace (backend.workspace) before reading any shard index: a manifest declaring "
+    "4 GiB that stores nothing dies with MemoryError under an address-space limit (ulimit -v, a job's memory "
+    "cap); `gpupas verify` then stops at it with exit 4 'unexpected MemoryError' instead of reporting that "
+    "snapshot as damaged (exit 3) and checking the rest"))
+def test_declared_size_is_bounded_by_the_stored_bytes_under_a_memory_limit(tmp_path: Path) -> None:
+    import resource
+
+    arc = tmp_path / "arc"
+    _, doc = _template(arc)
+    n = 1 << 30  # 4 GiB of float32, below this machine's memory; the shard holds 4 KiB
+    d = json.loads(json.dumps(doc))
+    d["streams"][0].update(length=4 * n, chunk_size=1 << 30, chunks="z" * 4, shard_chunks=4)
+    d["tensors"][0].update(shape=[n], nbytes=4 * n)
+    write_doc(arc, "declares4g", d)
+    limit = 2 << 30
+    got = probe(arc, "declares4g", rlimit_as=limit)
+    assert got["restore declares4g"][0] == "IntegrityError", got
+    assert got["verify declares4g"][0] == "IntegrityError", got
+
+    def cap() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+    res = gp("verify", archive=arc, preexec=cap)
+    fails(res, 3, "declares4g")
+
+
+def test_inflation_bombs_stop_at_the_declared_chunk_size(tmp_path: Path) -> None:
+    """Chunks of 256 KiB whose bodies inflate to 1 GiB: refused after at most one byte past the chunk size."""
+    import zstandard
+    from isal import isal_zlib
+
+    arc = tmp_path / "arc"
+    template, doc = _template(arc)
+    mib = bytes(1 << 20)
+    gz = isal_zlib.compressobj(1, isal_zlib.DEFLATED, 31)
+    plant_chunk(arc, template, doc, "deflatebomb", b"".join([gz.compress(mib) for _ in range(1024)] + [gz.flush()]),
+                "d")
+    zs = zstandard.ZstdCompressor(level=1, write_content_size=False).compressobj()
+    plant_chunk(arc, template, doc, "zstdbomb", b"".join([zs.compress(mib) for _ in range(1024)] + [zs.flush()]), "z")
+    zs = zstandard.ZstdCompressor(level=1).compressobj(size=1 << 30)  # a frame that declares 1 GiB of content
+    plant_chunk(arc, template, doc, "zstdsized", b"".join([zs.compress(mib) for _ in range(1024)] + [zs.flush()]),
+                "z")
+    raw = b"\x28\xb5\x2f\xfd\xa0" + struct.pack("<I", 1 << 18)  # gpupas's raw frame, then RLE blocks past the size
+    rle = [((1 << 1) | ((1 << 17) << 3)).to_bytes(3, "little") + b"\0" for _ in range(8191)]  # 1 GiB of zeros
+    last = (1 | (1 << 1) | ((1 << 17) << 3)).to_bytes(3, "little") + b"\0"
+    plant_chunk(arc, template, doc, "rlebomb", raw + b"".join(rle) + last, "z")
+    sids = ["deflatebomb", "zstdbomb", "zstdsized", "rlebomb"]
+    got = probe(arc, *sids)
+    for sid in sids:
+        for op in ("restore", "verify"):
+            kind, msg, seconds = got[f"{op} {sid}"]
+            assert kind == "IntegrityError" and sid in msg and "chunk 0" in msg, got
+            assert seconds < 20, got
+    assert got["maxrss_mb"] < 300, got  # never 1 GiB
+
+
+def _cycle(arc: Path) -> tuple[gpupas.Manifest, gpupas.Manifest]:
+    a = gpupas.create_archive(arc)
+    s1 = a.commit(model(1, rows=256))
+    s2 = a.commit(model(1, rows=256, shift=0.01), base=s1.id)
+    a.close()
+    doc = read_doc(arc, s2.id)
+    assert any(t["enc"] != "mat" for t in doc["tensors"])
+    write_doc(arc, "loopa", dict(doc, base="loopb"))
+    write_doc(arc, "loopb", dict(doc, base="loopa"))
+    write_doc(arc, "loopc", dict(doc, base="loopd"))  # a chain into the loop
+    write_doc(arc, "loopd", dict(doc, base="loopa"))
+    return s1, s2
+
+
+def test_delta_chains_that_loop_are_damage_not_recursion(tmp_path: Path) -> None:
+    arc = tmp_path / "arc"
+    s1, s2 = _cycle(arc)
+    doc = read_doc(arc, s2.id)
+    write_doc(arc, "selfbase", dict(doc, base="selfbase"))
+    write_doc(arc, "selfgrand", dict(doc, grand="selfgrand"))
+    with gpupas.open_archive(arc) as a:
+        for sid in ("loopa", "loopb", "loopc"):
+            for op in (a.restore, a.verify, a.depth):
+                with pytest.raises(IntegrityError, match="loop"):
+                    within(30, lambda op=op, sid=sid: op(sid))
+            with pytest.raises(IntegrityError):
+                within(30, lambda sid=sid: a.commit(model(2, rows=256), base=sid))
+        for sid in ("selfbase", "selfgrand"):
+            with pytest.raises(IntegrityError, match=sid):
+                a.restore(sid)
+        results = dict(within(60, lambda: list(a.verify_all())))
+        assert results[s1.id] == 2 and results[s2.id] == 2
+        assert all(isinstance(results[s], IntegrityError) for s in ("loopa", "loopb", "loopc", "loopd", "selfbase"))
+        assert same(a.restore(s2.id), model(1, rows=256, shift=0.01))
+    res = gp("verify", archive=arc)
+    err = fails(res, 3, "loopa", "loopb")
+    assert "Recursion" not in err
+
+
+def _edit_record(arc: Path, key: str, change: Callable[[dict[str, Any]], None]) -> None:
+    path = arc / key
+    doc = unseal(path.read_bytes(), key)
+    change(doc)
+    path.write_bytes(seal(doc))
+
+
+def test_version_parents_in_a_cycle_are_all_listed(tmp_path: Path) -> None:
+    arc = tmp_path / "arc"
+    with small_repo(arc) as repo:
+        repo.commit("n", model(3), parents=[2])
+    _edit_record(arc, "versions/1.json", lambda d: d.__setitem__("parents", [3]))  # 1 <- 3 <- 2 <- 1
+    _edit_record(arc, "versions/2.json", lambda d: d.__setitem__("parents", [2, 1]))  # and its own parent
+    assert sorted(r["id"] for r in js(gp("log", "--json", archive=arc))) == [1, 2, 3]
+    for ref in ("1", "2", "n"):
+        assert sorted(r["id"] for r in js(gp("log", ref, "--json", archive=arc, timeout=60))) == [1, 2, 3]
+    ok(gp("log", archive=arc, timeout=60))
+    assert js(gp("show", "2", "--json", archive=arc))["id"] == 2
+    assert sorted(r["id"] for r in js(gp("query", "select m where m.parent = 1", "--json", archive=arc))) == [2]
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "versions/verify.py checks that each parent exists but not that the parent graph is acyclic: versions that "
+    "are their own ancestors (a damaged or hostile record) pass `gpupas verify` (exit 0, 'ok'); the issue asks "
+    "for parent graphs checked for cycles with a clear error"))
+def test_verify_reports_version_parents_in_a_cycle(tmp_path: Path) -> None:
+    arc = tmp_path / "arc"
+    with small_repo(arc) as repo:
+        repo.commit("n", model(3), parents=[2])
+    _edit_record(arc, "versions/1.json", lambda d: d.__setitem__("parents", [3]))
+    fails(gp("verify", archive=arc), 3, "cycle")
+
+
+_NON_REGULAR = r"""
+import json, os, sys, threading, time
+import gpupas
+root, child, target, kind = sys.argv[1:5]
+keep = target + ".keep"
+os.rename(target, keep)
+if kind == "fifo":
+    os.mkfifo(target)
+elif kind == "dir":
+    os.mkdir(target)
+elif kind == "devzero":
+    os.symlink("/dev/zero", target)
+elif kind == "outside":
+    os.symlink(sys.argv[5], target)
+out = {}
+for op in ("restore", "verify", "verify_all", "snapshots"):
+    box = []
+    def run():
+        try:
+            with gpupas.open_archive(root) as a:
+                if op == "verify_all":
+                    r = [v for _, v in a.verify_all() if isinstance(v, Exception)]
+                    box.append(["errors", [f"{type(e).__name__}: {e}" for e in r]])
+                elif op == "snapshots":
+                    box.append(["ok", a.snapshots()])
+                else:
+                    getattr(a, op)(child)
+                    box.append(["ok", ""])
+        except BaseException as exc:
+            box.append([type(exc).__name__, str(exc)])
+    t = threading.Thread(target=run, daemon=True)
+    t0 = time.time()
+    t.start()
+    t.join(20)
+    out[op] = box[0] if box else ["HANG", ""]
+    out[op].append(time.time() - t0)
+if kind == "dir":
+    os.rmdir(target)
+else:
+    os.unlink(target)
+os.rename(keep, target)
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.parametrize("kind", ["fifo", "dir", "devzero", "outside"])
+def test_shards_and_manifests_replaced_by_non_regular_files(tmp_path: Path, kind: str) -> None:
+    """A FIFO, a directory, a link to /dev/zero or to a file outside, in place of a shard or of a base's
+    manifest: a clear integrity error naming the file, promptly, without reading it; the rest still reads."""
+    arc = tmp_path / "arc"
+    out, digest = sentinel(tmp_path)
+    a = gpupas.create_archive(arc)
+    s1 = a.commit(model(1, rows=1024))
+    s2 = a.commit(model(1, rows=1024, shift=0.01), base=s1.id)
+    s3 = a.commit(model(3))
+    a.close()
+    shutil.copy(shard_files(arc, s1)[0], out / "copy-of-shard")
+    shutil.copy(manifest_path(arc, s1.id), out / "copy-of-manifest")
+    digest = tree_digest(out)
+    for target, outside in ((shard_files(arc, s1)[0], out / "copy-of-shard"),
+                            (manifest_path(arc, s1.id), out / "copy-of-manifest")):
+        got = last_json(run_py(_NON_REGULAR, str(arc), s2.id, str(target), kind, str(outside), timeout=180))
+        for op in ("restore", "verify"):
+            what, msg, seconds = got[op]
+            assert what == "IntegrityError", got
+            assert str(target.relative_to(arc)) in msg and ("link" in msg or "not a regular file" in msg), got
+            assert seconds < 10, got
+        errors = got["verify_all"][1]
+        assert len(errors) == 2 and all(e.startswith("IntegrityError") for e in errors), got  # s1 and s2, not s3
+        assert got["snapshots"][0] in ("ok", "IntegrityError"), got
+    assert tree_digest(out) == digest
+    with gpupas.open_archive(arc) as fresh:
+        assert fresh.verify(s2.id) == 2 and same(fresh.restore(s3.id), model(3))
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "archive.py Archive.snapshots sorts every id by its parsed manifest (self.manifest(s).created): one damaged "
+    "or hostile manifest (bad checksum, FIFO, link) makes the listing of the whole archive raise IntegrityError, "
+    "although the issue asks that a damaged file cost an error for its own snapshot only"))
+def test_snapshot_listing_survives_one_damaged_manifest(tmp_path: Path) -> None:
+    arc = tmp_path / "arc"
+    with gpupas.create_archive(arc) as a:
+        s1, s2 = a.commit(model(1)), a.commit(model(2))
+    data = bytearray(manifest_path(arc, s1.id).read_bytes())
+    data[30] ^= 1
+    manifest_path(arc, s1.id).write_bytes(bytes(data))
+    with gpupas.open_archive(arc) as fresh:
+        assert s2.id in fresh.snapshots()
+
+
+def test_symlinks_planted_in_and_around_the_archive(tmp_path: Path) -> None:
+    arc = tmp_path / "arc"
+    out, _ = sentinel(tmp_path)
+    (out / "victim.safetensors").write_bytes(b"VICTIM")
+    with small_repo(arc):
+        pass
+    (out / "folder").mkdir()
+    (out / "folder" / "keep").write_bytes(b"keep")
+    os.symlink(out / "folder", arc / "snapshots" / "evil.0123abcd")  # a link where gc looks for garbage
+    os.symlink(out / "secret.txt", arc / "manifests" / "linked.json")
+    digest = tree_digest(out)
+    gone = js(gp("gc", "--min-age", "0", "--json", archive=arc))["removed"]
+    reported = {r["name"] for r in gone}
+    assert ("evil.0123abcd" in reported) == (not os.path.lexists(arc / "snapshots" / "evil.0123abcd")), reported
+    assert tree_digest(out) == digest
+    ok(gp("log", archive=arc))
+    fails(gp("verify", archive=arc), 3, "linked")
+    (arc / "manifests" / "linked.json").unlink()
+    # exports never write through a link at the output path or at a temporary name beside it
+    dst = tmp_path / "exports"
+    dst.mkdir()
+    os.symlink(out / "victim.safetensors", dst / "w.safetensors.tmp")
+    os.symlink(out / "victim.safetensors", dst / ".w.safetensors.tmp")
+    ok(gp("export", "1", "-o", dst / "w.safetensors", archive=arc))
+    os.symlink(out / "victim.safetensors", dst / "linked.safetensors")
+    fails(gp("export", "1", "-o", dst / "linked.safetensors", archive=arc), 2, "exists")
+    ok(gp("export", "1", "-o", dst / "linked.safetensors", "--force", archive=arc))
+    assert not (dst / "linked.safetensors").is_symlink()
+    co = tmp_path / "co"
+    co.mkdir()
+    os.symlink(out / "victim.safetensors", co / "model.safetensors")
+    ok(gp("checkout", "1", "-o", co, "--force", archive=arc))
+    assert not (co / "model.safetensors").is_symlink()
+    assert tree_digest(out) == digest
+
+
+@contextmanager
+def sqlite(path: Path) -> Iterator[sqlite3.Connection]:
+    """A connection to ``path`` that commits and is closed on leaving (no lock outlives the block)."""
+    c = sqlite3.connect(path)
+    try:
+        with c:
+            yield c
+    finally:
+        c.close()
+
+
+def _sqlite_dump(path: Path) -> list[Any]:
+    with sqlite(path) as c:
+        return sorted(c.execute("SELECT type, name, sql FROM sqlite_master").fetchall(), key=str) + sorted(
+            c.execute("SELECT * FROM precious").fetchall())
+
+
+def test_catalog_link_to_another_database_is_never_written(tmp_path: Path) -> None:
+    arc = tmp_path / "arc"
+    with small_repo(arc):
+        pass
+    other = tmp_path / "other.sqlite"
+    with sqlite(other) as c:
+        c.execute("CREATE TABLE precious(x)")
+        c.execute("CREATE TABLE versions(id)")  # a name gpupas uses too
+        c.execute("INSERT INTO precious VALUES (42)")
+    before, raw = _sqlite_dump(other), other.read_bytes()
+    (arc / "catalog.sqlite").unlink()
+    os.symlink(other, arc / "catalog.sqlite")
+    for cmd in (("log",), ("query", "select m where m.id > 0"), ("stats",), ("show", "1")):
+        res = gp(*cmd, archive=arc)
+        if res.returncode != 0:
+            fails(res, 4, "symbolic link", "reindex")
+    with open_repository(arc) as repo:
+        repo.commit("m", model(5), parents=[2])  # publishing updates the catalog: never through the link
+    assert other.read_bytes() == raw and _sqlite_dump(other) == before
+    ok(gp("reindex", archive=arc))
+    assert not (arc / "catalog.sqlite").is_symlink()
+    assert sorted(r["id"] for r in js(gp("log", "--json", archive=arc))) == [1, 2, 3]
+    assert other.read_bytes() == raw and _sqlite_dump(other) == before
+
+
+# -- metadata carries checksums ---------------------------------------------------------------------------------
+def _flips_escaping_verify(arc: Path, path: Path, positions: range) -> list[tuple[int, bytes]]:
+    data = path.read_bytes()
+    escaped = []
+    try:
+        for i in positions:
+            flipped = bytearray(data)
+            flipped[i] ^= 1
+            path.write_bytes(bytes(flipped))
+            with open_repository(arc) as repo:  # a fresh reader, as the command line is
+                if repo.verify()["ok"]:
+                    escaped.append((i, data[max(0, i - 6) : i + 6]))
+    finally:
+        path.write_bytes(data)
+    return escaped
+
+
+def _seal_start(path: Path) -> int:
+    return path.read_bytes().rindex(b',"checksum":"crc32c:')
+
+
+def test_flipped_bits_in_manifests_records_and_tags_are_caught_by_verify(tmp_path: Path) -> None:
+    """One bit flipped anywhere in the body of a manifest, a version record or a tag (a tensor renamed, a tag
+    re-pointed, a network attribute changed...): `verify` fails. (The manifest's seal is checked too.)"""
+    arc = tmp_path / "arc"
+    with small_repo(arc) as repo:
+        sid = repo.version(2).latest
+    man, rec, tag = manifest_path(arc, sid), arc / "versions" / "2.json", arc / "refs" / "tags" / "t1.json"
+    assert _flips_escaping_verify(arc, man, range(len(man.read_bytes()) - 1)) == []  # not the final newline
+    assert _flips_escaping_verify(arc, rec, range(_seal_start(rec))) == []
+    assert _flips_escaping_verify(arc, tag, range(_seal_start(tag))) == []
+    # the named cases, through the command line
+    data = man.read_bytes()
+    man.write_bytes(data.replace(b'"name":"fc1.bias"', b'"name":"fc1.biat"'))
+    fails(gp("verify", archive=arc), 3, sid)
+    man.write_bytes(data)
+    data = tag.read_bytes()
+    tag.write_bytes(data.replace(b'"version":1', b'"version":2'))
+    fails(gp("verify", archive=arc), 3, "t1")
+    tag.write_bytes(data)
+    ok(gp("verify", archive=arc))
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "versions/records.py reads records and tags with unseal(required=False): a flipped bit inside the seal text "
+    "itself (',\"checksum\":\"crc32c:...') stops the seal from matching, and the document is then taken for a "
+    "record written before sealing and accepted; verify says ok for a file that is visibly damaged (it carries a "
+    "'checksum' member that is not a valid seal)"))
+def test_flipped_bits_in_the_seal_of_records_and_tags_are_caught(tmp_path: Path) -> None:
+    arc = tmp_path / "arc"
+    with small_repo(arc):
+        pass
+    for path in (arc / "versions" / "2.json", arc / "refs" / "tags" / "t1.json"):
+        end = len(path.read_bytes()) - 1  # the final newline may flip to other whitespace
+        assert _flips_escaping_verify(arc, path, range(_seal_start(path), end)) == []
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "Archive.verify_all / Repository.verify decode through Archive.manifest, which serves manifests from the "
+    "in-memory cache: in a long-running process (a notebook, a service) a manifest damaged on disk after it was "
+    "first read passes verify"))
+def test_verify_in_a_long_running_process_rereads_manifests(tmp_path: Path) -> None:
+    arc = tmp_path / "arc"
+    with small_repo(arc) as repo:
+        assert repo.verify()["ok"]
+        man = manifest_path(arc, repo.version(2).latest)
+        data = man.read_bytes()
+        man.write_bytes(data.replace(b'"name":"fc1.bias"', b'"name":"fc1.biat"'))
+        assert not repo.verify()["ok"]
+
+
+def test_version_ids_of_19_digits_and_the_last_id(tmp_path: Path) -> None:
+    from safetensors.numpy import save_file
+
+    arc = tmp_path / "arc"
+    with small_repo(arc):
+        pass
+    save_file(model(7), tmp_path / "ck.safetensors")
+    for name in ("1234567890123456789.json", "99999999999999999999999.json", "0003.json", "-4.json", "5.json.bak"):
+        shutil.copy(arc / "versions" / "1.json", arc / "versions" / name)
+    t0 = time.time()
+    out = ok(gp("commit", tmp_path / "ck.safetensors", "-n", "next", archive=arc, timeout=60))
+    assert "committed version 3 " in out and time.time() - t0 < 60
+    assert sorted(r["id"] for r in js(gp("log", "--json", archive=arc))) == [1, 2, 3]
+    fails(gp("show", "1234567890123456789", archive=arc), 1, "1234567890123456789")
+    shutil.copy(arc / "versions" / "3.json", arc / "versions" / "999999999999999999.json")  # the largest id
+    fails(gp("commit", tmp_path / "ck.safetensors", "-n", "more", archive=arc, timeout=60), 2, "used up")
+    ok(gp("log", archive=arc))
+
+
+def test_rich_markup_in_user_text_is_printed_as_it_is(tmp_path: Path) -> None:
+    arc = tmp_path / "arc"
+    markup = "[/] [bold red]x[/bold red] [link=file:///etc/passwd]y[/link] [/nope]"
+    with create_repository(arc) as repo:
+        repo.commit("m", {"[/]": np.ones(3, np.float32), "a.[bold]b": np.zeros(3, np.float32)}, message=markup,
+                    author="[/]", hyperparameters={"[/]": "[/]", "lr": 0.1}, metrics={"[/]loss": [1.0, 0.5]})
+        repo.commit("m", {"[/]": np.full(3, 2, np.float32)}, parents=[1], message="[/]")
+        repo.tag("v1", 1)
+    for cmd in (("log",), ("log", "1"), ("show", "1"), ("show", "1", "-t", "-N"), ("diff", "1", "2"),
+                ("query", "select m where m.id > 0"), ("query", 'select m where m.message like "%[/]%"'), ("stats",),
+                ("tag",), ("verify",)):
+        out = ok(gp(*cmd, archive=arc))
+        if cmd[0] in ("log", "show", "query"):
+            assert "[/]" in out, (cmd, out)
+    assert "[bold red]x[/bold red]" in ok(gp("show", "1", archive=arc))
+
+
+def _catalog_objects(path: Path) -> list[tuple[str, str]]:
+    with sqlite(path) as c:
+        return sorted(c.execute("SELECT type, name FROM sqlite_master WHERE name NOT LIKE 'sqlite_%'").fetchall())
+
+
+def _plant_triggers(cat: Path) -> list[tuple[str, str]]:
+    clean = _catalog_objects(cat)
+    with sqlite(cat) as c:
+        c.execute("CREATE TRIGGER hide AFTER INSERT ON versions BEGIN DELETE FROM versions WHERE name='m1'; END")
+        c.execute("CREATE TRIGGER lie AFTER INSERT ON hparams BEGIN UPDATE hparams SET num=999; END")
+        c.execute("CREATE TRIGGER slow AFTER INSERT ON parents BEGIN SELECT count(*) FROM (WITH RECURSIVE "
+                  "r(x) AS (SELECT 1 UNION ALL SELECT x+1 FROM r WHERE x < 2000000000) SELECT x FROM r); END")
+        c.execute("CREATE VIEW extra AS SELECT 1")
+        c.execute("CREATE TABLE foreign_rows(x)")
+        c.execute("DELETE FROM versions WHERE name='m2'")
+    return clean
+
+
+def _three(arc: Path) -> None:
+    with create_repository(arc) as repo:
+        for i in range(3):
+            repo.commit(f"m{i}", model(i), parents=[i] if i else [], hyperparameters={"lr": 0.1 * (i + 1)})
+
+
+def test_reindex_drops_triggers_views_and_tables_of_the_old_catalog(tmp_path: Path) -> None:
+    arc = tmp_path / "arc"
+    _three(arc)
+    cat = arc / "catalog.sqlite"
+    clean = _plant_triggers(cat)
+    t0 = time.time()
+    ok(gp("reindex", archive=arc, timeout=60))
+    assert time.time() - t0 < 30  # the slow trigger never runs
+    assert _catalog_objects(cat) == clean
+    with open_repository(arc) as repo:
+        repo.commit("m3", model(3), parents=[3], hyperparameters={"lr": 0.5})  # inserts: no trigger fires
+    assert [r["name"] for r in js(gp("log", "--json", archive=arc))] == ["m0", "m1", "m2", "m3"]
+    rows = js(gp("query", "select m where m.hp.lr > 0.25", "--json", archive=arc))
+    assert sorted(r["name"] for r in rows) == ["m2", "m3"]
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "catalog.py Catalog._connect/open_catalog trust any catalog.sqlite whose user_version matches: a catalog "
+    "handed over with the archive and carrying triggers (or rows removed) hides versions from `log` and "
+    "falsifies `query` until someone runs `gpupas reindex`; it is a cache and should be checked for objects it "
+    "did not create (sqlite_master) and rebuilt"))
+def test_log_does_not_trust_a_catalog_with_foreign_triggers(tmp_path: Path) -> None:
+    arc = tmp_path / "arc"
+    _three(arc)
+    with sqlite(arc / "catalog.sqlite") as c:
+        c.execute("CREATE TRIGGER hide AFTER INSERT ON versions BEGIN DELETE FROM versions WHERE name='m1'; END")
+    with open_repository(arc) as repo:
+        repo.commit("m3", model(3))
+    assert [r["name"] for r in js(gp("log", "--json", archive=arc))] == ["m0", "m1", "m2", "m3"]
+
+
+_HOT_JOURNAL = """
+import os, sqlite3, sys
+c = sqlite3.connect(sys.argv[1], isolation_level=None)
+c.execute("PRAGMA journal_mode=DELETE")
+c.execute("PRAGMA cache_size=1")
+c.execute("BEGIN IMMEDIATE")
+c.execute("DROP TRIGGER hide")
+c.execute("CREATE TABLE junk(x)")
+for i in range(2000):
+    c.execute("INSERT INTO junk VALUES (?)", (os.urandom(200),))
+os._exit(0)  # killed mid-transaction: a hot journal is left beside the database
+"""
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "catalog.py rebuild_catalog moves the fresh database into place and deletes only '-wal' and '-shm': a "
+    "'catalog.sqlite-journal' left beside it (a writer killed mid-transaction, or planted) is a hot journal that "
+    "SQLite rolls back into the fresh database when it is opened, resurrecting the old schema (a trigger that "
+    "hides versions survives `gpupas reindex`)"))
+def test_reindex_is_not_undone_by_a_stale_hot_journal(tmp_path: Path) -> None:
+    arc = tmp_path / "arc"
+    _three(arc)
+    cat = arc / "catalog.sqlite"
+    clean = _catalog_objects(cat)
+    with sqlite(cat) as c:
+        c.execute("PRAGMA journal_mode=DELETE")
+        c.execute("CREATE TRIGGER hide AFTER INSERT ON versions BEGIN DELETE FROM versions WHERE name='m1'; END")
+    subprocess.run([sys.executable, "-c", _HOT_JOURNAL, str(cat)], check=True, timeout=60)
+    assert (arc / "catalog.sqlite-journal").exists()
+    ok(gp("reindex", archive=arc))
+    assert _catalog_objects(cat) == clean
+    with open_repository(arc) as repo:
+        repo.commit("m3", model(3))
+    assert [r["name"] for r in js(gp("log", "--json", archive=arc))] == ["m0", "m1", "m2", "m3"]
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "catalog.py: a planted 'catalog.sqlite-journal' symbolic link makes SQLite refuse the catalog; log, query, "
+    "stats and show fail (exit 4) telling the user to run `gpupas reindex`, but rebuild_catalog removes only the "
+    "'-wal' and '-shm' names, so reindex fails the same way and the archive's catalog stays unusable"))
+def test_reindex_removes_a_planted_journal_link(tmp_path: Path) -> None:
+    arc = tmp_path / "arc"
+    _three(arc)
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"VICTIM " * 100)
+    os.symlink(victim, arc / "catalog.sqlite-journal")
+    res = gp("log", archive=arc)
+    if res.returncode != 0:
+        fails(res, 4, "reindex")
+    ok(gp("reindex", archive=arc))
+    assert [r["name"] for r in js(gp("log", "--json", archive=arc))] == ["m0", "m1", "m2"]
+    assert victim.read_bytes() == b"VICTIM " * 100
+
+
+def test_stray_files_in_manifests_do_not_break_the_archive(tmp_path: Path) -> None:
+    arc = tmp_path / "arc"
+    with small_repo(arc) as repo:
+        sid = repo.version(1).latest
+    man = manifest_path(arc, sid)
+    shutil.copy(man, arc / "manifests" / "backup copy.json")
+    shutil.copy(man, arc / "manifests" / f"{sid}.json.bak")
+    shutil.copy(man, arc / "manifests" / f"{sid}.json~")
+    shutil.copy(man, arc / "manifests" / "Copy of (2).json")
+    (arc / "manifests" / "notes dir.json").mkdir()
+    (arc / "manifests" / "README").write_text("hello")
+    for cmd in (("gc", "--min-age", "0"), ("stats",), ("log",), ("verify",), ("reindex",), ("show", "2")):
+        ok(gp(*cmd, archive=arc))
+    assert js(gp("stats", "--json", archive=arc))["snapshots"] == 2
+    assert (arc / "manifests" / "backup copy.json").exists()  # not ours: left alone
+
+
+def test_torch_sparse_and_meta_tensors_are_refused_clearly(tmp_path: Path) -> None:
+    torch = pytest.importorskip("torch")
+    arc = tmp_path / "arc"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cases = {"sparse_coo": torch.sparse_coo_tensor([[0, 2]], [1.0, 2.0], (4,)),
+                 "sparse_csr": torch.eye(3).to_sparse_csr(), "meta": torch.empty(3, 4, device="meta")}
+    with gpupas.create_archive(arc) as a:
+        for what, t in cases.items():
+            with pytest.raises(UnsupportedDtypeError, match="meta" if what == "meta" else "sparse"):
+                a.commit({"ok": torch.ones(2), "bad": t})
+        assert a.snapshots() == []
+    ok(gp("init", archive=tmp_path / "cli"))
+    for what in ("sparse_coo", "meta"):
+        torch.save({"w": torch.ones(2), "x": cases[what]}, tmp_path / f"{what}.pt")
+        fails(gp("commit", tmp_path / f"{what}.pt", "-n", what, archive=tmp_path / "cli"), 2,
+              "meta" if what == "meta" else "sparse")
+    assert js(gp("log", "--json", archive=tmp_path / "cli")) == []
+
+
+# -- everyday faults --------------------------------------------------------------------------------------------
+def _as_nobody() -> tuple[str, ...]:
+    if os.geteuid() != 0:
+        return ()
+    if shutil.which("setpriv"):  # root ignores permissions: run it as nobody
+        return ("setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups")
+    if shutil.which("runuser"):
+        return ("runuser", "-u", "nobody", "--")
+    pytest.skip("running as root without setpriv or runuser: permissions cannot be tested")
+
+
+@contextmanager
+def read_only_archive() -> Iterator[tuple[Path, Path, dict[str, str], tuple[str, ...]]]:
+    """An archive nobody may write (files 0444, folders 0555, owned by root), a place the user may write,
+    and how to run a command as that user."""
+    base = Path(tempfile.mkdtemp(prefix="gpupas-ro-"))  # not under tmp_path: its parents are private to root
+    try:
+        base.chmod(0o755)
+        arc = base / "arc"
+        with small_repo(arc) as repo:
+            repo.add_snapshot(2, model(1, shift=0.002), step=3)
+            repo.commit("f", model(4), files={"notes.txt": b"notes"})
+        (arc / "snapshots" / "dead.0123abcd").mkdir()  # garbage only gc would remove
+        mine = base / "mine"
+        mine.mkdir()
+        from safetensors.numpy import save_file
+
+        save_file(model(9), mine / "ck.safetensors")
+        prefix = _as_nobody()
+        for p in [arc, *arc.rglob("*")]:
+            p.chmod(0o555 if p.is_dir() else 0o444)
+        if prefix:
+            os.chown(mine, 65534, 65534)
+            os.chown(mine / "ck.safetensors", 65534, 65534)
+        probe = run_py("import sys, gpupas.cli.app", prefix=prefix, timeout=60)
+        if probe.returncode != 0:
+            pytest.skip(f"cannot run gpupas as another user here: {probe.stderr.strip()[-300:]}")
+        env = {"XDG_CACHE_HOME": str(mine / "cache"), "HOME": str(mine)}
+        yield arc, mine, env, prefix
+    finally:
+        for p in [base, *base.rglob("*")]:
+            if p.is_dir() and not p.is_symlink():
+                p.chmod(0o755)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def test_read_only_archive_reads_work_and_writes_fail_clearly() -> None:
+    with read_only_archive() as (arc, mine, env, prefix):
+        before = tree_digest(arc)
+
+        def run(*args: Arg) -> subprocess.CompletedProcess[str]:
+            return gp(*args, archive=arc, prefix=prefix, env=env, cwd=mine)
+
+        assert [r["id"] for r in js(run("log", "--json"))] == [1, 2, 3]
+        ok(run("log"))
+        ok(run("log", "m"))
+        assert js(run("show", "2", "--json"))["id"] == 2
+        ok(run("show", "m", "-t"))
+        assert "ok:" in ok(run("verify"))
+        assert js(run("stats", "--json"))["versions"] == 3
+        ok(run("diff", "1", "2"))
+        assert len(js(run("query", "select m where m.hp.lr < 0.08", "--json"))) == 1
+        assert js(run("tag", "--json")) == {"t1": 1}
+        written = js(run("checkout", "f", "-o", mine / "co", "--json"))
+        assert sorted(Path(p).name for p in written) == ["gpupas-version.json", "model.safetensors", "notes.txt"]
+        ok(run("export", "2", "-o", mine / "w.safetensors"))
+        ok(run("gc", "--dry-run", "--min-age", "0"))
+        for cmd in (("commit", mine / "ck.safetensors", "-n", "x"), ("commit", mine / "ck.safetensors", "-n", "m",
+                                                                      "-p", "2"),
+                    ("import", mine, "-n", "imp"), ("tag", "t2", "2"), ("tag", "-d", "t1"), ("copy", "1", "-n", "cp"),
+                    ("gc", "--min-age", "0")):
+            err = fails(run(*cmd), 4, "read-only", str(arc))
+            assert "Permission denied" in err or "Read-only" in err, err
+        assert tree_digest(arc) == before
+        assert list((mine / "cache" / "gpupas" / "catalogs").glob("*.sqlite"))  # the catalog went to the cache
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "catalog.py catalog_path hashes the archive location with str.encode(): a location that is not UTF-8 "
+    "(Latin-1 bytes on the command line, decoded with surrogateescape) raises UnicodeEncodeError, so on a "
+    "read-only archive (catalog in the cache) log and show fail with exit 4 'unexpected UnicodeEncodeError'; "
+    "os.fsencode would do"))
+def test_read_only_archive_whose_path_is_not_utf8() -> None:
+    with read_only_archive() as (arc, mine, env, prefix):
+        parent = arc.parent
+        latin = parent / os.fsdecode(b"caf\xe9")
+        parent.chmod(0o755)
+        os.rename(arc, latin)
+        try:
+            res = gp("log", "--json", archive=os.fsencode(latin), prefix=prefix, env=env, cwd=mine)
+            assert [r["id"] for r in js(res)] == [1, 2, 3]
+            ok(gp("show", "1", archive=os.fsencode(latin), prefix=prefix, env=env, cwd=mine))
+        finally:
+            os.rename(latin, arc)
+
+
+_TRUNCATE = r"""
+import json, os, sys
+import gpupas
+from gpupas.cli.app import app
+from gpupas.store import shards
+
+root, sid = sys.argv[1], sys.argv[2]
+real = shards.ShardReader.prepare
+cut = []
+
+def prepare(self, chunks):
+    missing = real(self, chunks)  # the shard indexes are read; now the files shrink under the reader
+    for (codec, k), (index, fd) in list(self._shards.items()):
+        if index is not None:
+            path = os.path.join(root, "snapshots", self.stream.folder, codec, "c", str(k))
+            data = open(path, "rb").read()
+            cut.append((path, data))
+            os.truncate(path, len(data) // 3)
+    return missing
+
+def restore_files():
+    while cut:
+        path, data = cut.pop()
+        with open(path, "wb") as f:
+            f.write(data)
+
+shards.ShardReader.prepare = prepare
+out = {}
+for op in ("restore", "verify", "verify_all"):
+    try:
+        with gpupas.open_archive(root) as a:
+            if op == "verify_all":
+                out[op] = [[s, type(r).__name__, str(r)] for s, r in a.verify_all()]
+            else:
+                getattr(a, op)(sid)
+                out[op] = ["ok", ""]
+    except BaseException as exc:
+        out[op] = [type(exc).__name__, str(exc)]
+    restore_files()
+try:
+    app(["verify", "-A", root])
+except SystemExit as exc:
+    out["cli"] = exc.code
+restore_files()
+print(json.dumps(out))
+"""
+
+
+def test_shard_truncated_while_it_is_read(tmp_path: Path) -> None:
+    """The shard shrinks between the index read and the chunk reads: an integrity error naming the snapshot,
+    the chunk and the shard file; never SIGBUS; exit 3 from `gpupas verify`."""
+    arc = tmp_path / "arc"
+    with create_repository(arc) as repo:
+        rng = np.random.default_rng(0)
+        w = {"w": rng.standard_normal((512, 1024)).astype(np.float32)}
+        v = repo.commit("m", w)
+        sid = v.latest
+    res = run_py(_TRUNCATE, str(arc), sid, timeout=180)
+    assert res.returncode == 0, f"child died (rc={res.returncode}: a signal?)\n{res.stdout}\n{res.stderr[-3000:]}"
+    got = json.loads(res.stdout.strip().splitlines()[-1])
+    for op in ("restore", "verify"):
+        kind, msg = got[op]
+        assert kind == "IntegrityError", got
+        assert sid in msg and "shard" in msg and "restore the archive from a copy" in msg.lower(), got
+    assert got["verify_all"][0][:2] == [sid, "IntegrityError"], got
+    assert got["cli"] == 3, got
+    with gpupas.open_archive(arc) as fresh:
+        assert same(fresh.restore(sid), w)

@@ -1,0 +1,166 @@
+"""Archive-wide jobs on Dask: compaction along chains (inline and on a LocalCluster of 2 worker processes),
+re-encoding, verification, 30 random kills of a compaction then a rerun, and compaction on S3 (moto)."""
+
+from __future__ import annotations
+
+import multiprocessing
+import random
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from s3server import s3_endpoint, s3_options, split  # noqa: F401  (fixtures)
+
+import gpupas
+from gpupas.jobs import ArchiveSpec, compact_graph, reencode_graph, run, verify_graph
+from gpupas.jobs.compact import compact_archive
+
+N = 7
+
+
+def snapshots(seed: int = 0) -> list[dict[str, np.ndarray]]:
+    """A run whose weights drift steadily (so 'pred' pays), with rows that never change."""
+    rng = np.random.default_rng(seed)
+    w0 = {"w": (rng.standard_normal((128, 96)) * 0.02).astype(np.float32),
+          "e": (rng.standard_normal((256, 32)) * 0.02).astype(np.float32),
+          "h": rng.standard_normal(200).astype(np.float16), "n": np.arange(5, dtype=np.int64)}
+    drift = {k: rng.standard_normal(v.shape) * 1e-3 for k, v in w0.items() if v.dtype != np.int64}
+    out = []
+    for k in range(N):
+        s = {name: (v + k * drift[name] + rng.standard_normal(v.shape) * 1e-6).astype(v.dtype) if name in drift
+             else v.copy() for name, v in w0.items()}
+        s["e"][:128] = w0["e"][:128]
+        out.append(s)
+    return out
+
+
+def build(location: str, snaps: list[dict[str, np.ndarray]], **kw: Any) -> list[str]:
+    with gpupas.create_archive(location, **kw) as a:
+        ids: list[str] = []
+        for i, s in enumerate(snaps):
+            ids.append(a.commit(s, snapshot=f"s{i}", base=ids[-1] if ids else None).id)
+    return ids
+
+
+def same_everywhere(location: str, snaps: list[dict[str, np.ndarray]], **kw: Any) -> None:
+    with gpupas.open_archive(location, **kw) as a:
+        for i, s in enumerate(snaps):
+            got = a.restore(f"s{i}")
+            assert got.keys() == s.keys()
+            assert all(got[k].dtype == s[k].dtype and got[k].tobytes() == s[k].tobytes() for k in s), i
+
+
+TARGET_A = {"s0": None, "s1": "s0", "s2": "s0", "s3": None, "s4": "s3", "s5": "s4", "s6": "s3"}
+TARGET_B = {"s0": None, "s1": "s0", "s2": "s1", "s3": "s2", "s4": None, "s5": "s4", "s6": "s5"}
+
+
+@pytest.fixture
+def arc(tmp_path: Path) -> tuple[str, list[dict[str, np.ndarray]]]:
+    snaps = snapshots()
+    build(str(tmp_path / "a"), snaps)
+    with gpupas.open_archive(tmp_path / "a") as a:
+        assert any(a.manifest(s).has_pred for s in a.snapshots())  # 'grand' matters in these tests
+    return str(tmp_path / "a"), snaps
+
+
+def test_compaction_follows_the_plan_and_keeps_every_bit(arc: tuple[str, list[dict[str, np.ndarray]]]) -> None:
+    path, snaps = arc
+    job = compact_graph(path, TARGET_A, gc_min_age=0)
+    assert job.decodes == N  # each link once
+    first = [c.snapshot for c in job.changes]
+    assert first.index("s3") < first.index("s6") and "s5" not in first  # s5: same base, its grand s3 stays
+    results = run(job, "sync")
+    assert any(isinstance(r, list) for r in results)  # the gc ran last
+    with gpupas.open_archive(path) as a:
+        assert {s: a.manifest(s).base for s in a.snapshots()} == TARGET_A
+        for s in a.snapshots():  # a 'pred' tensor reads the base's base: on the planned chain
+            m = a.manifest(s)
+            assert m.grand is None or m.grand == a.manifest(m.base).base
+        assert a.store.orphan_folders() == []
+    same_everywhere(path, snaps)
+    assert compact_graph(path, TARGET_A).changes == []  # nothing left to do
+
+
+def test_reencode_with_another_codec_and_setting(arc: tuple[str, list[dict[str, np.ndarray]]]) -> None:
+    path, snaps = arc
+    results = run(reencode_graph(path, "strong", codecs=["zstd"], gc_min_age=0), "sync")
+    assert sum(1 for r in results if getattr(r, "done", False)) == N
+    with gpupas.open_archive(path) as a:
+        for s in a.snapshots():
+            m = a.manifest(s)
+            assert m.setting == "strong" and all(set(st.codec_ids()) <= {"zstd"} for st in m.streams)
+    same_everywhere(path, snaps)
+    assert reencode_graph(path, "strong", codecs=["zstd"]).changes == []
+
+
+def _compact_forever(path: str) -> None:
+    targets = [TARGET_B, TARGET_A]
+    i = 0
+    while True:
+        run(compact_graph(path, targets[i % 2]), "sync")
+        i += 1
+
+
+def test_killed_compactions_lose_nothing(arc: tuple[str, list[dict[str, np.ndarray]]]) -> None:
+    path, snaps = arc
+    ctx = multiprocessing.get_context("fork")  # a real process, killed; forked so that 30 starts stay cheap
+    rng = random.Random(3)
+    revisions = []
+    for _ in range(30):
+        p = ctx.Process(target=_compact_forever, args=(path,), daemon=True)
+        p.start()
+        time.sleep(rng.uniform(0.05, 0.6))
+        p.kill()
+        p.join()
+        assert p.exitcode == -9
+        with gpupas.open_archive(path) as a:  # after each kill: every snapshot whole, in its old or new form
+            revisions.append(sum(a.manifest(s).revision for s in a.snapshots()))
+            assert not [(s, r) for s, r in a.verify_all() if isinstance(r, Exception)]
+    assert revisions[-1] > revisions[0] > 0  # the kills landed while revisions were being made
+    run(compact_graph(path, TARGET_A, gc_min_age=0), "sync")  # the rerun finishes the job
+    with gpupas.open_archive(path) as a:
+        assert {s: a.manifest(s).base for s in a.snapshots()} == TARGET_A
+        assert a.gc(min_age=0) == [] and a.store.orphan_folders() == []  # no garbage after gc
+        assert all(not isinstance(r, Exception) for _, r in a.verify_all())
+    same_everywhere(path, snaps)
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[Any]:
+    from distributed import Client, LocalCluster
+
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as lc, \
+            Client(lc) as client:
+        yield client
+
+
+def test_verify_on_a_local_cluster_finds_damage(arc: tuple[str, list[dict[str, np.ndarray]]], cluster: Any) -> None:
+    path, _ = arc
+    assert len(cluster.scheduler_info()["workers"]) == 2
+    job = verify_graph(path)
+    assert job.decodes == N
+    assert dict(run(job, cluster)) == {f"s{i}": 4 for i in range(N)}
+    with gpupas.open_archive(path) as a:
+        folder = Path(path) / "snapshots" / a.manifest("s3").folders()[0]
+    shard = max((p for p in folder.rglob("*") if p.is_file() and p.name != "zarr.json"), key=lambda p: p.stat().st_size)
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 3] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    got = dict(run(verify_graph(path), "sync"))
+    assert all(got[f"s{i}"] == 4 for i in range(3))
+    assert all(isinstance(got[f"s{i}"], str) for i in range(3, N))  # s3, and what is built on it
+
+
+def test_compaction_on_s3_with_a_process_cluster(s3_options: dict[str, Any], cluster: Any) -> None:  # noqa: F811
+    url, opts = split(s3_options)
+    snaps = snapshots(1)
+    build(url, snaps, storage_options=opts)
+    res = compact_archive(url, target=TARGET_A, scheduler=cluster, storage_options=opts)
+    assert res.stored_before > 0 and len(res.job.changes) == 4
+    with gpupas.open_archive(url, storage_options=opts) as a:
+        assert {s: a.manifest(s).base for s in a.snapshots()} == TARGET_A
+    same_everywhere(url, snaps, storage_options=opts)
+    assert dict(run(verify_graph(ArchiveSpec(url, opts)), cluster)) == {f"s{i}": 4 for i in range(N)}

@@ -1,0 +1,249 @@
+"""Storage plans: the arborescence against networkx, planners against brute force, budgets as properties,
+the storage graph of a real archive (measured and sampled sizes), and plans as revisions."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import random
+from pathlib import Path
+
+import networkx as nx
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import gpupas
+from gpupas.plan.arborescence import min_arborescence
+from gpupas.plan.costs import CostModel, fit
+from gpupas.plan.graph import ROOT, StorageGraph, evaluate
+from gpupas.plan.measure import storage_graph
+from gpupas.plan.planners import Problem, plan_all
+from gpupas.plan.realize import changes, project
+from gpupas.plan.synthetic import paper_graph
+
+
+def random_graph(rng: random.Random, n: int, groups: bool) -> StorageGraph:
+    g = StorageGraph()
+    vs = [f"s{i}" for i in range(n)]
+    for v in vs:
+        g.add_vertex(v, rng.uniform(80, 120), rng.uniform(1, 2))
+    for _ in range(rng.randint(1, 3 * n)):
+        a, b = rng.sample(vs, 2)
+        g.add_edge(a, b, rng.uniform(5, 95), rng.uniform(0.1, 1.5))
+    if groups:
+        k = rng.randint(1, n)
+        g.groups = {f"g{j}": sorted(set(rng.sample(vs, rng.randint(1, n)))) for j in range(k)}
+    return g
+
+
+def brute(g: StorageGraph, budgets: dict | None, scheme: str) -> float:
+    """The least storage of any spanning tree that meets ``budgets`` (inf if none does)."""
+    vs = g.vertices
+    best = float("inf")
+    for combo in itertools.product(*(list(g.edges[v]) for v in vs)):
+        try:
+            p = evaluate(g, dict(zip(vs, combo)), scheme=scheme, budgets=budgets)
+        except ValueError:  # a cycle
+            continue
+        if not p.violations:
+            best = min(best, p.storage)
+    return best
+
+
+def test_arborescence_matches_networkx() -> None:
+    rng = random.Random(0)
+    for _ in range(300):
+        n = rng.randint(2, 10)
+        edges = [(0, v, rng.randint(20, 40)) for v in range(1, n)]
+        edges += [(u, v, rng.randint(1, 40)) for u, v in ((rng.randrange(n), rng.randrange(1, n))
+                                                           for _ in range(rng.randint(0, 4 * n))) if u != v]
+        chosen = min_arborescence(n, 0, edges)
+        assert chosen[0] == -1 and all(edges[chosen[v]][1] == v for v in range(1, n))
+        g = nx.DiGraph()
+        for u, v, w in edges:
+            if not g.has_edge(u, v) or g[u][v]["weight"] > w:
+                g.add_edge(u, v, weight=w)
+        want = sum(d["weight"] for *_, d in nx.minimum_spanning_arborescence(g).edges(data=True))
+        assert sum(edges[chosen[v]][2] for v in range(1, n)) == want
+
+
+@pytest.mark.parametrize("scheme", ["independent", "parallel"])
+def test_planners_against_brute_force(scheme: str) -> None:
+    rng = random.Random(1 if scheme == "independent" else 2)
+    optimal = total = 0
+    for _ in range(120):
+        g = random_graph(rng, rng.randint(2, 6), groups=rng.random() < 0.5)
+        alpha = rng.choice([1.0, 1.2, 1.5, 2.0, 3.0])
+        plans = plan_all(g, alpha, scheme=scheme)
+        budgets = plans["pas-mt"].budgets
+        assert plans["mst"].storage == pytest.approx(brute(g, None, scheme))
+        d = nx.single_source_dijkstra_path_length(g.to_networkx(), ROOT, weight="recreation")
+        spt = evaluate(g, plans["spt"].parent, scheme=scheme)
+        assert all(spt.recreation[v] == pytest.approx(d[v]) for v in g.vertices if [v] == g.group_list().get(v))
+        best = brute(g, budgets, scheme)
+        for name in ("last", "pas-mt", "pas-pt"):
+            assert plans[name].feasible, (name, plans[name].violations)
+            assert plans[name].storage >= best - 1e-6
+        assert plans["pas"].storage <= plans["last"].storage + 1e-6
+        total += 1
+        optimal += plans["pas"].storage <= best + 1e-6
+    assert optimal >= 0.9 * total  # PAS is a heuristic; on small graphs it is nearly always optimal
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 2**32 - 1), n=st.integers(2, 30), scheme=st.sampled_from(["independent", "parallel"]),
+       alpha=st.floats(1.0, 4.0), tight=st.floats(0.3, 1.5), depth=st.one_of(st.none(), st.integers(1, 4)))
+def test_no_plan_exceeds_a_budget_it_reports_met(seed: int, n: int, scheme: str, alpha: float, tight: float,
+                                                 depth: int | None) -> None:
+    rng = random.Random(seed)
+    g = random_graph(rng, n, groups=rng.random() < 0.5)
+    spt = plan_all(g, 1.0, scheme=scheme, planners=("spt",))["spt"]
+    absolute = {gr: c * tight for gr, c in spt.recreation.items() if rng.random() < 0.3}  # some below the SPT's
+    plans = plan_all(g, alpha, scheme=scheme, absolute=absolute, max_depth=depth)
+    budgets = plans["pas-mt"].budgets
+    for name in ("pas-mt", "pas-pt"):
+        p = plans[name]
+        flagged = {v.group for v in p.violations}
+        for gr, cost in p.recreation.items():
+            if gr not in flagged:
+                assert cost <= budgets[gr] * (1 + 1e-9) + 1e-12, (name, gr)
+        for v in p.violations:  # said, with a reason: below the SPT's recreation, or chains too deep
+            assert v.reason
+            if v.reason.startswith("no plan can meet it"):
+                assert spt.recreation[v.group] > budgets[v.group]
+        if depth is not None and not any(str(v.group).startswith("chain") for v in p.violations):
+            assert p.max_depth <= depth
+        if depth is None and not absolute:
+            assert p.feasible  # alpha >= 1: the SPT meets every budget, so PAS does too
+    if depth is None and not absolute:
+        assert plans["last"].feasible
+
+
+def test_unmeetable_budget_is_named_with_its_reason() -> None:
+    g = StorageGraph()
+    for v in "abc":
+        g.add_vertex(v, 100, 1.0)
+    g.add_edge("a", "b", 10, 0.5)
+    g.add_edge("b", "c", 10, 0.5)
+    plans = plan_all(g, None, absolute={"c": 0.5})
+    for name in ("pas-mt", "pas-pt"):
+        (v,) = plans[name].violations
+        assert v.group == "c" and "even the shortest-path tree takes 1 s" in v.reason
+    deep = plan_all(g, 4.0, max_depth=1)["pas"]
+    assert deep.feasible and deep.max_depth <= 1 and deep.storage == 210  # a -> b, c whole (or b whole, b -> c)
+
+
+def test_paper_graph_plans_are_within_budget() -> None:
+    g = paper_graph(8, 10, 16)  # 1,280 tensor vertices (benchmarks/plan.py times 4,800)
+    for scheme in ("independent", "parallel"):
+        plans = plan_all(g, 1.5, scheme=scheme)
+        assert all(plans[k].feasible for k in ("last", "pas-mt", "pas-pt"))
+        assert min(plans["pas-mt"].storage, plans["pas-pt"].storage) <= plans["last"].storage
+        assert plans["mst"].storage <= plans["pas"].storage <= plans["spt"].storage
+
+
+def test_cost_model_fit_recovers_coefficients() -> None:
+    truth = CostModel(4e-9, 1e-9, 3e-9, 2e-3)
+    rng = random.Random(0)
+    samples = []
+    for _ in range(20):
+        raw = rng.randint(1 << 16, 1 << 27)
+        delta = raw * rng.choice([0, 1])
+        stored = int(raw * rng.uniform(0.2, 0.9))
+        samples.append((stored, raw, delta, truth.seconds(stored, raw, delta)))
+    got = fit(samples)
+    for a, b in zip((got.per_stored, got.per_raw, got.per_delta, got.per_link),
+                    (truth.per_stored, truth.per_raw, truth.per_delta, truth.per_link)):
+        assert a == pytest.approx(b, rel=1e-3)
+
+
+# -- a real archive ---------------------------------------------------------------------------------------------
+def run_archive(path: Path, n: int = 6) -> list[dict[str, np.ndarray]]:
+    rng = np.random.default_rng(0)
+    w = {"w": (rng.standard_normal((256, 128)) * 0.02).astype(np.float32),
+         "e": (rng.standard_normal((512, 64)) * 0.02).astype(np.float32),
+         "b": rng.standard_normal(300).astype(np.float16)}
+    snaps = []
+    with gpupas.create_repository(path) as repo:
+        for _ in range(n):
+            w = {k: (v + rng.standard_normal(v.shape).astype(v.dtype) * np.asarray(1e-4, v.dtype)).astype(v.dtype)
+                 for k, v in w.items()}
+            w["e"][rng.random(512) < 0.5] = snaps[-1]["e"][0] if snaps else 0  # rows that do not change
+            snaps.append({k: v.copy() for k, v in w.items()})
+        v1 = repo.commit("run", snaps[: n // 2])
+        repo.commit("ft", snaps[n // 2:], parents=[v1.id])
+    return snaps
+
+
+def test_storage_graph_of_an_archive(tmp_path: Path) -> None:
+    run_archive(tmp_path / "a")
+    with gpupas.open_archive(tmp_path / "a") as a:
+        sids = a.snapshots()
+        g, est = storage_graph(a, fraction=1 / 4)
+        assert set(g.vertices) == set(sids)
+        for sid in sids:
+            m = a.manifest(sid)
+            e = g.edge(m.base or ROOT, sid)  # the stored edge: measured
+            assert e.measured and e.storage == m.stored_bytes
+        assert (sids[0], sids[2]) in {(u, v) for v in g.edges for u in g.edges[v] if u != ROOT}  # two back
+        assert len(est.errors()) == len(sids) and max(abs(x) for x in est.errors()) < 0.5
+        exact, _ = storage_graph(a, fraction=1.0)
+        for v, ins in exact.edges.items():
+            for u, e in ins.items():
+                if not g.edge(u, v).measured:
+                    assert g.edge(u, v).storage == pytest.approx(e.storage, rel=0.5)
+        tg, _ = storage_graph(a, granularity="tensor", fraction=1 / 4)
+        assert set(tg.groups) == set(sids) and len(tg.vertices) == 3 * len(sids)
+        plans = plan_all(tg, 2.0)
+        assert set(project(plans["pas"].parent)) == set(sids)
+
+
+def test_plan_maps_to_revisions_parents_first(tmp_path: Path) -> None:
+    run_archive(tmp_path / "a")
+    with gpupas.open_archive(tmp_path / "a") as a:
+        s = a.snapshots()
+        target = {x: a.manifest(x).base for x in s}
+        target[s[1]] = None
+        target[s[2]] = s[0]
+        target[s[4]] = s[1]
+        chs = changes(target, a.manifest)
+        order = [c.snapshot for c in chs]
+        assert set(order) >= {s[1], s[2], s[4]}
+        assert order.index(s[1]) < order.index(s[4])
+        assert next(c for c in chs if c.snapshot == s[4]).after == (s[1],)
+        with pytest.raises(ValueError, match="loop"):
+            changes({s[0]: s[1], s[1]: s[0]}, a.manifest)
+
+
+def test_cli_plan_and_dry_run(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    import gpupas.cli.jobs  # registers plan and compact
+    from gpupas.cli.app import app
+
+    run_archive(tmp_path / "a")
+    runner = CliRunner()
+    res = runner.invoke(app, ["-A", str(tmp_path / "a"), "plan", "--alpha", "3", "--json"])
+    assert res.exit_code == 0, res.output
+    doc = json.loads(res.stdout)
+    assert set(doc["plans"]) >= {"materialized", "mst", "spt", "last", "pas-mt", "pas-pt"}
+    assert all(not p["violations"] for k, p in doc["plans"].items() if k not in ("mst", "materialized"))
+    (tmp_path / "plan.json").write_text(res.stdout)
+    res = runner.invoke(app, ["-A", str(tmp_path / "a"), "compact", "--plan", str(tmp_path / "plan.json"),
+                              "--dry-run"])
+    assert res.exit_code == 0, res.output
+    assert "nothing was changed" in res.stdout
+    res = runner.invoke(app, ["-A", str(tmp_path / "a"), "compact", "--plan", str(tmp_path / "plan.json"),
+                              "--scheduler", "sync", "--json"])
+    assert res.exit_code == 0, res.output
+    with gpupas.open_archive(tmp_path / "a") as a:
+        assert {s: a.manifest(s).base for s in a.snapshots()} == doc["target"]
+    res = runner.invoke(app, ["-A", str(tmp_path / "a"), "plan", "--alpha", "0.5"])
+    assert res.exit_code == 2 and "at least 1" in res.output
+
+
+def test_problem_rejects_unknown_scheme() -> None:
+    with pytest.raises(ValueError, match="scheme"):
+        Problem(StorageGraph(), "serial")
