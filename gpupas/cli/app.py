@@ -19,12 +19,15 @@ from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
+import typer.core
 
 from gpupas.cli import render
 from gpupas.errors import BAD_INPUT, FAILURE, INTEGRITY, GpupasError, InvalidInputError, exit_code
 
 DEFAULT_ARCHIVE = "gpupas-archive"
 F = TypeVar("F", bound=Callable[..., Any])
+# Arguments are shown by their metavar alone (DIR, VERSION...), not followed by a Python type (<list[Path]>)
+typer.core.TyperArgument.display_type_rich = lambda self, ctx: None  # type: ignore[method-assign, assignment]
 
 app = typer.Typer(
     name="gpupas", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
@@ -210,7 +213,7 @@ def init(path: Annotated[Path | None, typer.Argument(metavar="DIR", help="Where 
 @app.command()
 @_command
 def commit(
-    checkpoints: Annotated[list[Path], typer.Argument(metavar="CHECKPOINT...", help=(
+    checkpoints: Annotated[list[Path], typer.Argument(metavar="CHECKPOINT", help=(
         "Checkpoint files (.safetensors, .pt, .pth, .bin, .ckpt) or directories of them: the version's "
         "snapshots, in natural order of their names."))],
     name: Annotated[str, typer.Option("--name", "-n", metavar="NAME", help="Version name (letters, digits, . _ -).")],
@@ -232,7 +235,10 @@ def commit(
     from gpupas.versions.metrics import final_metrics, normalize_metrics
     from gpupas.versions.model import checkpoint_files, step_of
 
-    paths = [p for c in checkpoints for p in checkpoint_files(c)]  # checked before anything is written
+    skipped: list[str] = []
+    paths = [p for c in checkpoints for p in checkpoint_files(c, skipped)]  # checked before anything is written
+    for note in skipped:
+        warnings.warn(note, stacklevel=1)
     series = normalize_metrics(metrics) if metrics is not None else {}
     if metric:
         final_metrics(series, _kv(metric, "--metric"), step_of(paths[-1]) if paths else None)
@@ -454,7 +460,7 @@ def export(ref: RefArg,
 # -- archive-wide -------------------------------------------------------------------------------------------------
 @app.command()
 @_command
-def verify(refs: Annotated[list[str] | None, typer.Argument(metavar="VERSION...", help=(
+def verify(refs: Annotated[list[str] | None, typer.Argument(metavar="VERSION", help=(
                "Versions to check (default: everything)."))] = None,
            scheduler: Annotated[str | None, typer.Option("--scheduler", metavar="ADDRESS", help=(
                "Run the checks on a Dask cluster: a scheduler address, or 'local' for a cluster of worker "

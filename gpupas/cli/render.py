@@ -38,8 +38,9 @@ class Output:
             self.out.print(Text(text))
 
     def data(self, text: str) -> None:
-        """A line of requested data (printed even with --quiet)."""
-        self.out.print(Text(text))
+        """A line of requested data (printed even with --quiet; tabs kept, for scripts)."""
+        self.out.file.write(text + "\n")
+        self.out.file.flush()
 
     def table(self, t: Table | Tree) -> None:
         self.out.print(t)

@@ -246,6 +246,7 @@ class ArchiveStore:
         with self.store.lock(keys.SNAPSHOTS, exclusive=True):
             manifests: dict[str, Manifest] = {}
             unreadable: list[str] = []
+            gone: set[str] = set()
             for sid in self.list_snapshots():
                 try:
                     manifests[sid] = self.read_manifest(sid)
@@ -267,11 +268,12 @@ class ArchiveStore:
                 for sid in sorted(set(manifests) - reachable):
                     m = manifests.pop(sid)
                     out.append(("snapshot", sid, sum(st.stored for st in m.streams)))
+                    gone.update(m.folders())  # removed with it, not counted again below
                     if not dry_run:
                         self.store.delete(keys.manifest(sid))
                         for f in m.folders():
                             self.store.delete_prefix(keys.folder(f))
-            named = {f for m in manifests.values() for f in m.folders()}
+            named = {f for m in manifests.values() for f in m.folders()} | gone
             if unreadable:
                 named |= {f for f in self.folders() if f.split(".", 1)[0] in unreadable}
             for name in sorted(set(self.folders()) - named):

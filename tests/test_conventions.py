@@ -1,0 +1,244 @@
+"""What a new user expects: the command line's conventions (git/DVC/MLflow habits), checkpoints in the
+layouts training code writes, and gc after a killed commit."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import gpupas
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def gp(*args: object, cwd: Path | None = None, env: dict[str, str] | None = None,
+       tty_columns: str | None = None) -> subprocess.CompletedProcess[str]:
+    full = {k: v for k, v in os.environ.items() if k not in ("GPUPAS_ARCHIVE", "COLUMNS")} | {"GPUPAS_AUTHOR": "t"}
+    if tty_columns:
+        full["COLUMNS"] = tty_columns
+    return subprocess.run([sys.executable, "-m", "gpupas", *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd or ROOT, env=full | (env or {}), timeout=120)
+
+
+def tensors(seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {"fc.weight": (rng.standard_normal((64, 32)) * 0.02).astype(np.float32),
+            "fc.bias": np.zeros(64, np.float32)}
+
+
+@pytest.fixture
+def arc(tmp_path: Path) -> Path:
+    with gpupas.create_repository(tmp_path / "arc") as repo:
+        repo.commit("net", tensors(0), message="a long message " + "x" * 150)
+        repo.commit("net", tensors(1), parents=[1])
+    return tmp_path / "arc"
+
+
+def test_global_options_before_the_command_and_version(arc: Path) -> None:
+    res = gp("-A", arc, "log", "--json")  # as git -C
+    assert res.returncode == 0 and [r["id"] for r in json.loads(res.stdout)] == [1, 2]
+    assert json.loads(gp("log", "-A", arc, "--json").stdout) == json.loads(res.stdout)  # after it, too
+    v = gp("--version")
+    assert v.returncode == 0 and v.stdout.strip() == f"gpupas {gpupas.__version__}"
+    assert subprocess.run(["gpupas", "--version"], capture_output=True, text=True).stdout == v.stdout
+
+
+def test_every_option_has_help_and_a_human_metavar() -> None:
+    import click
+    import typer.main
+
+    from gpupas.cli.app import app
+
+    group = typer.main.get_command(app)
+    ctx = click.Context(group)
+    for name, cmd in group.commands.items():
+        for p in cmd.params:
+            if isinstance(p, click.Option):
+                assert p.help, f"gpupas {name} {p.opts}: no help text"
+            text = cmd.get_help(ctx)
+            assert "<list" not in text and "<str>" not in text and "<path>" not in text, (name, text)
+    for p in group.params:
+        assert not isinstance(p, click.Option) or p.help, p.opts
+
+
+def test_piped_tables_are_never_cut(arc: Path) -> None:
+    piped = gp("-A", arc, "log").stdout  # no terminal, no COLUMNS: the full line
+    assert "a long message " + "x" * 150 in piped
+    assert "…" not in piped and "..." not in piped
+
+
+def test_quiet_prints_only_what_was_asked(arc: Path, tmp_path: Path) -> None:
+    quiet = gp("-q", "-A", arc, "tag", "t", "1")
+    assert quiet.returncode == 0 and quiet.stdout == "" and quiet.stderr == ""
+    assert gp("-q", "-A", arc, "tag").stdout.strip() == "t\t1"  # requested data still prints
+
+
+def test_tag_list_gc_dry_run_and_diff_top(arc: Path, tmp_path: Path) -> None:
+    none = gp("-A", arc, "tag")
+    assert none.returncode == 0 and "no tags yet" in none.stderr
+    planted = arc / "snapshots" / "orphan.0badf00d" / "zstd" / "c"
+    planted.mkdir(parents=True)
+    (planted / "0").write_bytes(b"x" * 1000)
+    dry = gp("-A", arc, "gc", "--dry-run", "--min-age", "0")
+    assert dry.returncode == 0 and "would remove folder orphan.0badf00d (1000 B)" in dry.stdout
+    assert planted.exists()
+    assert "removed folder orphan.0badf00d" in gp("-A", arc, "gc", "--min-age", "0").stdout
+    assert not planted.exists()
+    with gpupas.open_repository(arc) as repo:
+        repo.commit("wide", {f"t{i}": np.ones(4, np.float32) for i in range(8)})
+    top = gp("-A", arc, "diff", "1", "3", "--top", "2")
+    assert top.returncode == 0 and top.stdout.count("+ tensor t") == 2 and "and 6 more added" in top.stdout
+
+
+def test_directory_commit_says_what_it_left_out(tmp_path: Path) -> None:
+    from gpupas.integrations.safetensors import save_file
+
+    run = tmp_path / "run"
+    run.mkdir()
+    save_file(tensors(0), run / "step-1.safetensors")
+    (run / "notes.txt").write_text("hello")
+    gp("init", tmp_path / "arc")
+    res = gp("-A", tmp_path / "arc", "commit", run, "-n", "r")
+    assert res.returncode == 0 and "warning:" in res.stderr and "notes.txt" in res.stderr
+
+
+def test_a_failed_checkout_leaves_no_folder(arc: Path, tmp_path: Path) -> None:
+    shard = next((arc / "snapshots").rglob("c/0"))
+    data = bytearray(shard.read_bytes())
+    data[10] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    res = gp("-A", arc, "checkout", "1", "-o", tmp_path / "out")
+    assert res.returncode == 3 and not (tmp_path / "out").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]  # no temporary folder left
+
+
+def test_torch_hint_names_a_cpu_build() -> None:
+    code = ("import builtins, sys\nreal = builtins.__import__\n"
+            "def fake(name, *a, **k):\n    if name == 'torch': raise ImportError('no torch')\n"
+            "    return real(name, *a, **k)\nbuiltins.__import__ = fake\n"
+            "from gpupas.integrations.torch import _torch\ntry:\n    _torch()\nexcept ImportError as e:\n"
+            "    print(e)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT).stdout
+    assert "download.pytorch.org/whl/cpu" in out and "gpupas[torch]" not in out
+
+
+# -- checkpoint layouts --------------------------------------------------------------------------------------------
+torch = pytest.importorskip("torch")
+
+
+def _state(seed: int = 0) -> dict[str, object]:
+    return {k: torch.from_numpy(v.copy()) for k, v in tensors(seed).items()}
+
+
+@pytest.mark.parametrize("layout", ["plain", "model", "model_state_dict", "state_dict", "lightning", "ddp",
+                                    "module-prefix-in-model"])
+def test_training_checkpoint_layouts(tmp_path: Path, layout: str) -> None:
+    sd = _state()
+    obj: object = {
+        "plain": sd,
+        "model": {"model": sd, "optimizer": {"state": {}, "param_groups": [{"lr": 0.1}]}, "epoch": 3},
+        "model_state_dict": {"model_state_dict": sd, "optimizer_state_dict": {}, "step": 10},
+        "state_dict": {"state_dict": sd, "hyper_parameters": {"lr": 1e-3}},
+        "lightning": {"state_dict": sd, "optimizer_states": [{}], "lr_schedulers": [], "epoch": 1,
+                      "global_step": 100, "pytorch-lightning_version": "2.4.0"},
+        "ddp": {f"module.{k}": v for k, v in sd.items()},
+        "module-prefix-in-model": {"model": {f"module.{k}": v for k, v in sd.items()}, "optimizer": {}},
+    }[layout]
+    path = tmp_path / "ckpt.pt"
+    torch.save(obj, path)
+    with gpupas.create_repository(tmp_path / "arc") as repo, pytest.warns() if layout not in ("plain", "ddp") else \
+            _no_warning():
+        v = repo.commit("m", path)
+        got = repo.restore(v.id)
+    assert sorted(got) == sorted(sd) and all(got[k].tobytes() == sd[k].numpy().tobytes() for k in sd)
+
+
+class _no_warning:
+    def __enter__(self) -> None:
+        import warnings
+
+        self._w = warnings.catch_warnings()
+        self._w.__enter__()
+        warnings.simplefilter("error")
+
+    def __exit__(self, *exc: object) -> None:
+        self._w.__exit__(*exc)
+
+
+def test_a_checkpoint_without_weights_says_what_it_holds(tmp_path: Path) -> None:
+    path = tmp_path / "opt.pt"
+    torch.save({"optimizer": {"state": {}}, "epoch": 3}, path)
+    with gpupas.create_repository(tmp_path / "arc") as repo, pytest.raises(gpupas.InvalidInputError,
+                                                                          match=r"holds no tensors.*optimizer"):
+        repo.commit("m", path)
+
+
+def test_hugging_face_folders_sharded_and_not(tmp_path: Path) -> None:
+    from gpupas.integrations.safetensors import save_file
+
+    sd = tensors(0) | {"emb.weight": np.arange(12, dtype=np.float32).reshape(3, 4)}
+    sharded = tmp_path / "run" / "checkpoint-500"
+    sharded.mkdir(parents=True)
+    save_file({k: sd[k] for k in ("fc.weight",)}, sharded / "model-00001-of-00002.safetensors")
+    save_file({k: sd[k] for k in ("fc.bias", "emb.weight")}, sharded / "model-00002-of-00002.safetensors")
+    weight_map = {"fc.weight": "model-00001-of-00002.safetensors", "fc.bias": "model-00002-of-00002.safetensors",
+                  "emb.weight": "model-00002-of-00002.safetensors"}
+    (sharded / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    (sharded / "trainer_state.json").write_text("{}")
+    single = tmp_path / "run" / "checkpoint-1000"
+    single.mkdir()
+    torch.save({k: torch.from_numpy(v + 1) for k, v in sd.items()}, single / "pytorch_model.bin")
+    with gpupas.create_repository(tmp_path / "arc") as repo:
+        v = repo.commit("hf", tmp_path / "run")  # a training run's folder of checkpoint folders
+        assert [s["source"] for s in v.snapshots] == ["checkpoint-500", "checkpoint-1000"]
+        assert [s["step"] for s in v.snapshots] == [500, 1000]
+        first, last = repo.restore(v.id, 1), repo.restore(v.id)
+        assert all(first[k].tobytes() == sd[k].tobytes() for k in sd)
+        assert all(last[k].tobytes() == (sd[k] + 1).tobytes() for k in sd)
+        one = repo.commit("hf-one", sharded)  # one model folder: one snapshot
+        assert len(one.snapshots) == 1
+    (sharded / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"x": "../../etc/passwd"}}))
+    with gpupas.open_repository(tmp_path / "arc") as repo, pytest.raises(gpupas.InvalidInputError, match="outside"):
+        repo.commit("evil", sharded)
+
+
+# -- gc after a killed commit ----------------------------------------------------------------------------------------
+def test_gc_after_a_killed_cli_commit(tmp_path: Path) -> None:
+    from gpupas.integrations.safetensors import save_file
+
+    run = tmp_path / "run"
+    run.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        save_file({"w": (rng.standard_normal((512, 512)) * 0.02).astype(np.float32)}, run / f"step-{i}.safetensors")
+    arc = tmp_path / "arc"
+    gp("init", arc)
+    gp("-A", arc, "commit", run / "step-0.safetensors", "-n", "kept")
+    env = {k: v for k, v in os.environ.items() if k != "GPUPAS_ARCHIVE"}
+    code = ("import sys, time\nfrom gpupas.versions import records\nreal = records.Records.publish_version\n"
+            "def slow(self, rec):\n    print('publishing', flush=True)\n    time.sleep(60)\n"
+            "records.Records.publish_version = slow\nfrom gpupas.cli import main\n"
+            f"sys.argv = ['gpupas', '-A', {str(arc)!r}, 'commit', {str(run)!r}, '-n', 'killed']\nmain()\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "publishing"  # every snapshot written
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    with gpupas.open_repository(arc) as repo:
+        assert [v.name for v in repo.versions()] == ["kept"]
+        assert len(repo.archive.snapshots()) == 7  # the killed commit's six snapshots, complete but unreferenced
+        assert repo.gc(min_age=3600) == []  # young: could be a commit still in progress
+        dry = repo.gc(min_age=0, dry_run=True)
+        assert [r["kind"] for r in dry] == ["snapshot"] * 6 and all(r["bytes"] > 0 for r in dry)
+        removed = repo.gc(min_age=0)
+        assert sorted(r["name"] for r in removed) == sorted(r["name"] for r in dry)
+        assert len(repo.archive.snapshots()) == 1 and repo.verify()["ok"]
+        assert repo.restore("kept")["w"].shape == (512, 512)
+    time.sleep(0)  # (nothing else left running)
