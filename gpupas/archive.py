@@ -31,7 +31,8 @@ from gpupas.engine.stage import stage_all
 from gpupas.errors import ArchiveExistsError, IntegrityError, InvalidInputError, SnapshotNotFoundError
 from gpupas.format.keys import check_name
 from gpupas.format.manifest import Manifest
-from gpupas.pas.planes import from_bits
+from gpupas.pas import schemes
+from gpupas.pas.planes import from_bits, layout_of
 from gpupas.pas.settings import Setting, get_setting
 from gpupas.store.archive import ArchiveStore
 from gpupas.tensors import as_tensor_dict
@@ -49,11 +50,32 @@ def _now() -> str:
     return datetime.now(UTC).isoformat()
 
 
+def lossy_schemes(arrays: Mapping[str, Any], lossy: str | Mapping[str, Any] | None) -> dict[str, dict[str, Any]]:
+    """Schemes by tensor name from a commit's ``lossy`` option: one scheme for every float tensor it makes
+    smaller, or a mapping of tensor names to schemes."""
+    if lossy is None:
+        return {}
+    if isinstance(lossy, str) or lossy.get("name") in schemes.NAMES:  # one scheme ("cast" etc. name no tensor's)
+        scheme = schemes.parse(lossy)  # type: ignore[arg-type]
+        return {n: scheme for n, a in arrays.items() if schemes.applies(scheme, layout_of(a.dtype).name)}
+    out = {}
+    for name, spec in lossy.items():
+        if name not in arrays:
+            raise InvalidInputError(f"lossy: there is no tensor {name!r} in this commit")
+        scheme = schemes.parse(spec)
+        dtype = layout_of(arrays[name].dtype).name
+        if dtype not in schemes.FLOATS:
+            raise InvalidInputError(f"lossy: tensor {name!r} is {dtype}; lossy schemes apply to float tensors only")
+        out[name] = scheme
+    return out
+
+
 def _unchanged(staged: Any, backend: Any) -> None:
     """Every tensor still has the bits it was staged with: a tensor that another thread changed while
     it was being coded (a training step) would publish planes that restore to no state it ever had."""
     for st in staged:
-        if backend.crc32(st.bits) != st.crc:
+        bits, crc = st.unchanged
+        if backend.crc32(bits) != crc:
             raise InvalidInputError(
                 f"tensor {st.name!r} changed while it was being committed (another thread updated it in place); "
                 "nothing was stored: commit between optimizer steps, or commit a copy (e.g. "
@@ -155,14 +177,18 @@ class Archive:
     # -- commit ------------------------------------------------------------------------------------------------
     def commit(self, tensors: Any, *, base: str | None = None, snapshot: str | None = None,
                setting: str | Setting = "default", meta: Mapping[str, Any] | None = None,
-               device: str | None = None, layout: Layout | None = None) -> Manifest:
+               device: str | None = None, layout: Layout | None = None,
+               lossy: str | Mapping[str, Any] | None = None) -> Manifest:
         """Store ``tensors`` as a new snapshot, as deltas against snapshot ``base`` where that pays.
 
         ``tensors`` is a mapping of names to NumPy/CuPy arrays or torch tensors, or the path of a
         safetensors/torch checkpoint. Tensors missing from ``base`` or of another shape or dtype
         are stored whole. The snapshot becomes visible only once all of it is written.
         ``device``: where to encode ("cpu", "cuda"; default: where the tensors are).
-        Returns the manifest.
+        ``lossy``: store float tensors in a smaller representation (see :mod:`gpupas.pas.schemes`:
+        "bf16", "fp16", "fixed:16", "quant:8", "kmeans:4", ...; a dict of tensor names to schemes
+        for some tensors only); such tensors are stored whole and restore to what the scheme kept,
+        not bit-exactly. Returns the manifest.
         """
         t0 = time.perf_counter()
         backend = get_backend(resolve_device(device, tensors))
@@ -170,6 +196,7 @@ class Archive:
         cfg = get_setting(setting)
         layout = layout or Layout(**getattr(backend, "layout", {}))  # the device's chunk size (GPU: 64 KiB)
         sid = check_name(snapshot) if snapshot is not None else new_id()
+        plan_lossy = lossy_schemes(arrays, lossy)
         if self.store.has_manifest(sid):
             raise ArchiveExistsError(f"snapshot {sid!r} already exists in {self.location}; choose another id")
         with self.store.writing():  # a discard or gc of the base waits until this is published
@@ -184,7 +211,8 @@ class Archive:
                     grand_bits = self._grand_bits(base_m, arrays, cfg, backend)
             small = sum(int(a.nbytes) for a in arrays.values()) <= SMALL
             staged = stage_all(arrays, cfg, backend.crc32, self.executor, small,
-                               None if base_m is None else base_m.by_name, base_bits, grand_bits)
+                               None if base_m is None else base_m.by_name, base_bits, grand_bits, layout.rotate,
+                               plan_lossy)
             streams, entries = write_streams(self.store, sid, staged, cfg, backend, self.executor, layout, small)
             grand = base_m.base if base_m is not None and any(st.plan.enc == "pred" for st in staged) else None
             m = Manifest(id=sid, created=_now(), base=base, grand=grand, streams=streams, tensors=entries,
@@ -244,8 +272,9 @@ class Archive:
         base_bits = {} if base_m is None else self._read(new_base, None, backend)[0]
         grand_bits = {} if base_m is None else self._grand_bits(base_m, arrays, cfg, backend)
         small = old.raw_bytes <= SMALL
+        keep = {e.name: e.scheme for e in old.tensors if e.scheme is not None}  # the same representation again
         staged = stage_all(arrays, cfg, backend.crc32, self.executor, small,
-                           None if base_m is None else base_m.by_name, base_bits, grand_bits)
+                           None if base_m is None else base_m.by_name, base_bits, grand_bits, layout.rotate, keep)
         streams, entries = write_streams(self.store, snapshot, staged, cfg, backend, self.executor, layout, small)
         try:
             grand = base_m.base if base_m is not None and any(st.plan.enc == "pred" for st in staged) else None
@@ -356,5 +385,7 @@ class Archive:
         """Per-tensor rows: name, dtype, shape, encoding, raw and stored bytes, stored per plane."""
         return [{"name": e.name, "dtype": e.dtype, "shape": list(e.shape), "enc": e.enc, "ctx": e.ctx,
                  "nbytes": e.nbytes, "stored": e.stored, "planes": list(e.plane_bytes),
-                 "ratio": e.stored / e.nbytes if e.nbytes else 0.0}
+                 "ratio": e.stored / e.nbytes if e.nbytes else 0.0,
+                 "lossy": None if e.scheme is None else schemes.describe(e.scheme),
+                 "error": None if e.scheme is None else e.scheme.get("error")}
                 for e in self.manifest(snapshot).tensors]

@@ -30,8 +30,9 @@ from typing import Any, Protocol
 
 from gpupas.errors import CatalogError, FormatError, GpupasError, IntegrityError
 from gpupas.network import Network
+from gpupas.pas.schemes import describe
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 FILENAME = "catalog.sqlite"
 BUSY_TIMEOUT_S = 60.0
 
@@ -44,7 +45,7 @@ CREATE TABLE parents(version INTEGER, pos INTEGER, parent INTEGER, PRIMARY KEY(v
 CREATE TABLE snapshots(version INTEGER, pos INTEGER, snapshot TEXT, created TEXT, step INTEGER, base TEXT,
     raw_bytes INTEGER, stored_bytes INTEGER, source TEXT, PRIMARY KEY(version, pos));
 CREATE TABLE tensors(snapshot TEXT, name TEXT, dtype TEXT, shape TEXT, enc TEXT, nbytes INTEGER,
-    stored INTEGER, PRIMARY KEY(snapshot, name));
+    stored INTEGER, lossy TEXT, PRIMARY KEY(snapshot, name));
 CREATE TABLE hparams(version INTEGER, key TEXT, num REAL, text TEXT, PRIMARY KEY(version, key));
 CREATE TABLE metrics(version INTEGER, name TEXT, pos INTEGER, step INTEGER, value REAL,
     PRIMARY KEY(version, name, pos));
@@ -257,9 +258,9 @@ class Catalog:
                 if key.startswith("v/"):
                     self._index_version(record)
                 elif key.startswith("m/"):
-                    conn.executemany("INSERT OR REPLACE INTO tensors VALUES (?,?,?,?,?,?,?)", [
-                        (record.id, e.name, e.dtype, json.dumps(list(e.shape)), e.enc, e.nbytes, e.stored)
-                        for e in record.tensors])
+                    conn.executemany("INSERT OR REPLACE INTO tensors VALUES (?,?,?,?,?,?,?,?)", [
+                        (record.id, e.name, e.dtype, json.dumps(list(e.shape)), e.enc, e.nbytes, e.stored,
+                         None if e.scheme is None else describe(e.scheme)) for e in record.tensors])
                 else:
                     conn.execute("INSERT INTO tags VALUES (?, ?, ?)",
                                  (key[2:], int(record["version"]), record.get("created")))

@@ -463,7 +463,7 @@ class CupyBackend:
                 keep += [ub, ub2, target]
                 rows += K.tensor_rows(target.data.ptr, 0 if e.enc == "mat" or ub is None else ub.data.ptr,
                                       0 if ub2 is None else ub2.data.ptr, alpha_ptr if e.enc == "pred" else 0,
-                                      e.values, e.width, e.enc, e.layout.rotate, e.ctx, per,
+                                      e.values, e.width, e.enc, e.coding.rotate, e.ctx, per,
                                       [(p.stream, p.offset, p.first, p.count) for p in e.parts],
                                       lambda stream, off: bufs[stream].data.ptr + off, m.segment)
             self._launch_planes(rows, decode=True)

@@ -247,8 +247,8 @@ class NumpyBackend:
                 planes.extend(block[k * n : (k + 1) * n] for k in range(p.count))
             base = None if ub is None else ub[a:b]
             if e.enc == "pred":
-                base = predict(base, ub2[a:b], alpha, e.layout, rows_of(e.shape)[1], a)
-            decode_segment(planes, base, e.layout, Plan(e.enc, e.ctx), target[a:b])
+                base = predict(base, ub2[a:b], alpha, e.coding, rows_of(e.shape)[1], a)
+            decode_segment(planes, base, e.coding, Plan(e.enc, e.ctx), target[a:b])
 
         executor.map(rebuild, units, inline=small)
         for e in entries:

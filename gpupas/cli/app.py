@@ -229,7 +229,11 @@ def commit(
                                                  help="Network definition JSON (default: from tensor names).")] = None,
     best_by: Annotated[str | None, typer.Option("--best-by", metavar="METRIC[:min|:max]",
                                                 help="Mark the best snapshot by a metric: accuracy, loss:min.")] = None,
-    setting: SettingOpt = "default", archive: ArchiveOpt = None, as_json: JsonOpt = False,
+    setting: SettingOpt = "default",
+    lossy: Annotated[str | None, typer.Option("--lossy", metavar="SCHEME", help=(
+        "Store float tensors lossily: bf16, fp16 (add :truncate), fixed:BITS, quant:BITS or kmeans:BITS "
+        "(BITS <= 8). Restores are then not bit-exact; log and show say so."))] = None,
+    archive: ArchiveOpt = None, as_json: JsonOpt = False,
 ) -> None:
     """Commit checkpoints as a new version (a directory: its files become time-ordered snapshots)."""
     from gpupas.versions.metrics import final_metrics, normalize_metrics
@@ -250,12 +254,13 @@ def commit(
     with _repo(archive) as repo, _progress("commit") as progress:
         v = repo.commit(name, paths, parents=parent or [], message=message, author=author,
                         hyperparameters=_hparams(hp or [], hparams), metrics=series, files=file or [], network=net,
-                        best_by=best_by, setting=setting, progress=progress)
+                        best_by=best_by, setting=setting, progress=progress, lossy=lossy)
     if as_json:
         _out().json(v.to_dict())
         return
     _out().line(f"committed version {v.id} ({v.name}): {len(v.snapshots)} snapshot(s), {_sizes(v.snapshots)}"
-                + (f", parents {', '.join(map(str, v.parents))}" if v.parents else ""))
+                + (f", parents {', '.join(map(str, v.parents))}" if v.parents else "")
+                + (f", LOSSY ({lossy}): restores are not bit-exact" if lossy else ""))
 
 
 @app.command("import")
@@ -435,10 +440,17 @@ def checkout(ref: RefArg,
         raise InvalidInputError(f"--format must be safetensors or torch, not {fmt!r}")
     with _repo(archive) as repo:
         paths = repo.checkout(ref, output, snapshot=snapshot, format=fmt, force=force, weights_name=weights_name)
+        note = _lossy_note(repo, ref, snapshot)
     if as_json:
         _out().json([str(x) for x in paths])
     else:
-        _out().line(f"checked out to {output}: " + ", ".join(str(x.relative_to(output)) for x in paths))
+        _out().line(f"checked out to {output}: " + ", ".join(str(x.relative_to(output)) for x in paths) + note)
+
+
+def _lossy_note(repo: Any, ref: str, snapshot: str | None) -> str:
+    """What to add where weights of a lossy snapshot are written: they are not the committed bits."""
+    scheme = repo.version(ref).snapshot(snapshot).get("lossy")
+    return f" (LOSSY snapshot, {scheme}: not bit-exact)" if scheme else ""
 
 
 @app.command()
@@ -454,7 +466,8 @@ def export(ref: RefArg,
     """Write a version's weights to one safetensors or torch file."""
     with _repo(archive) as repo:
         path = repo.export(ref, output, snapshot=snapshot, format=fmt, force=force)
-    _out().line(f"exported to {path}")
+        note = _lossy_note(repo, ref, snapshot)
+    _out().line(f"exported to {path}{note}")
 
 
 # -- archive-wide -------------------------------------------------------------------------------------------------

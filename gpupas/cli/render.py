@@ -106,6 +106,8 @@ def version_line(r: dict[str, Any]) -> Text:
         t.append(f" ← {', '.join(f'#{p}' for p in r['parents'])}")
     t.append(f"  {r['n_snapshots']} snap  {size(r['stored_bytes'])} ({pct(r['stored_bytes'], r['raw_bytes'])})  "
              f"{r['created'][:16].replace('T', ' ')}")
+    if r.get("lossy"):
+        t.append(f"  lossy ({r['lossy']})", style="bold red")
     if r["message"]:
         t.append(f"  {r['message']}", style="dim")
     return t
@@ -153,7 +155,8 @@ def show(o: Output, d: dict[str, Any], tensors: bool, network: bool) -> None:
     t = table(("#", "id", "step", "source", "raw", "stored", "%", ""), ("#", "step", "raw", "stored", "%"),
               "snapshots")
     for i, s in enumerate(d["snapshots"], 1):
-        marks = " ".join(m for m, sid in (("latest", d["latest"]), ("best", d["best"])) if sid == s["id"])
+        marks = " ".join([m for m, sid in (("latest", d["latest"]), ("best", d["best"])) if sid == s["id"]]
+                         + ([f"lossy ({s['lossy']})"] if s.get("lossy") else []))
         row(t, i, s["id"], num(s.get("step")), s.get("source") or "", size(s["raw_bytes"]), size(s["stored_bytes"]),
             pct(s["stored_bytes"], s["raw_bytes"]), marks)
     o.table(t)
@@ -212,7 +215,8 @@ def show(o: Output, d: dict[str, Any], tensors: bool, network: bool) -> None:
             t = table(("name", "dtype", "shape", "enc", "raw", "stored", "%", "per plane"), ("raw", "stored", "%"),
                       "tensors")
             for r in d["tensors"]:
-                row(t, r["name"], r["dtype"], "x".join(map(str, r["shape"])), r["enc"] + ("+ctx" if r["ctx"] else ""),
+                row(t, r["name"], r["dtype"], "x".join(map(str, r["shape"])),
+                    r["enc"] + ("+ctx" if r["ctx"] else "") + (f" lossy {r['lossy']}" if r.get("lossy") else ""),
                     size(r["nbytes"]), size(r["stored"]), pct(r["stored"], r["nbytes"]),
                     " ".join(size(x) for x in r["planes"]))
             o.table(t)

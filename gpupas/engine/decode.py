@@ -10,12 +10,16 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 from gpupas.codecs import registry
 from gpupas.errors import IntegrityError
 from gpupas.format.layout import holders, needed_chunks
 from gpupas.format.manifest import Manifest, TensorEntry
+from gpupas.pas import schemes
+from gpupas.pas.planes import LAYOUTS, from_bits, to_bits
+from gpupas.pas.schemes import repr_dtype
 from gpupas.store.archive import ArchiveStore
 
 SMALL = 1 << 20  # reads of up to this many bytes run on the calling thread
@@ -44,13 +48,34 @@ def decode_snapshot(store: ArchiveStore, m: Manifest, entries: Sequence[TensorEn
             at += sizes[s]
         for s, chunks in need.items():
             _read_stream(store, m, s, chunks, bufs[s], backend, executor, small)
-        out = backend.decode_planes(m, entries, bufs, base_bits, grand_bits, executor, small)
+        coded = [_coded(e) for e in entries]
+        out = backend.decode_planes(m, coded, bufs, base_bits, grand_bits, executor, small)
     for e in entries:
+        if e.scheme is not None:
+            out[e.name] = _restore(e, out[e.name], backend)
         if backend.crc32(out[e.name]) != e.crc32:
             raise IntegrityError(
                 f"snapshot {m.id}: tensor {e.name!r} does not match its checksum after decoding"
                 + (f" (is its base {m.base} intact? run verify on it)" if e.reads_base else ""))
     return out
+
+
+def _coded(e: TensorEntry) -> TensorEntry:
+    """The entry whose planes the backend decodes: a lossy tensor's representation."""
+    if e.scheme is None:
+        return e
+    rep = repr_dtype(e.scheme)
+    return replace(e, dtype=rep, nbytes=e.values * LAYOUTS[rep].width, scheme=None)
+
+
+def _restore(e: TensorEntry, rep_bits: Any, backend: Any) -> Any:
+    """The bits a lossy tensor restores to, from its representation's bits (on the host: the schemes are
+    NumPy code; a GPU backend gets them back on the device)."""
+    coding = e.coding
+    host = backend.to_host(rep_bits, meta=True) if backend.name != "numpy" else rep_bits
+    rep = from_bits(host, LAYOUTS[coding.name], e.shape)
+    bits = to_bits(schemes.restore(rep, e.scheme, e.dtype), e.layout).reshape(-1)  # type: ignore[arg-type]
+    return bits if backend.name == "numpy" else backend.xp.asarray(bits)
 
 
 def memory_bytes() -> int:

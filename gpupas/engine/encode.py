@@ -23,6 +23,7 @@ from gpupas.engine.stage import Staged
 from gpupas.format.layout import place, plane_ranges
 from gpupas.format.manifest import Stream, TensorEntry
 from gpupas.pas.context import entropy
+from gpupas.pas.planes import LAYOUTS
 from gpupas.pas.settings import Setting
 from gpupas.pas.transform import SEGMENT
 from gpupas.store.archive import ArchiveStore
@@ -39,6 +40,7 @@ class Layout:
     groups: tuple[int, ...] = ()  # first plane of each stream after the first, e.g. (1,): exponents alone
     chunk_size: int = CHUNK_SIZE
     segment: int = SEGMENT
+    rotate: bool = True  # floats' sign bit rotated to the bottom plane (False: kept on top, for bounded reads)
 
 
 def new_folder(sid: str) -> str:
@@ -91,9 +93,11 @@ def write_streams(store: ArchiveStore, sid: str, staged: Sequence[Staged], setti
                 except OSError:
                     pass
             raise
-        entries = [TensorEntry(name=st.name, dtype=st.layout.name, shape=st.shape, nbytes=st.nbytes, crc32=st.crc,
-                               enc=st.plan.enc, ctx=st.plan.ctx, parts=pl.parts,
-                               rows=None if st.changed is None else st.coded_shape[0], extras=pl.extras)
+        entries = [TensorEntry(name=st.name, dtype=st.dtype or st.layout.name, shape=st.shape, nbytes=st.nbytes,
+                               crc32=st.crc, enc=st.plan.enc, ctx=st.plan.ctx, parts=pl.parts,
+                               rows=None if st.changed is None else st.coded_shape[0], extras=pl.extras,
+                               rot=st.layout.rotate or not LAYOUTS[st.layout.name].rotate,
+                               scheme=st.scheme)
                    for st, pl in zip(staged, placements)]
         entries = attribute(entries, streams, bufs, chunk_sizes, layout.segment)
     return tuple(streams), tuple(entries)

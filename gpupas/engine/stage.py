@@ -16,8 +16,9 @@ from typing import Any
 import numpy as np
 
 from gpupas.format.manifest import TensorEntry
+from gpupas.pas import schemes
 from gpupas.pas.context import sample_index
-from gpupas.pas.planes import Layout, layout_of, to_bits
+from gpupas.pas.planes import Layout, coding_layout, layout_of, to_bits
 from gpupas.pas.predict import alpha_planes, fit, predict, supports
 from gpupas.pas.rows import changed_rows, gather, mask_bytes, rows_of
 from gpupas.pas.settings import Setting
@@ -30,10 +31,10 @@ class Staged:
     where a row mask pays; against the base, or a prediction from it and its own base)."""
 
     name: str
-    layout: Layout
+    layout: Layout  # what its planes are coded with (a lossy tensor's: its representation's)
     shape: tuple[int, ...]  # the tensor's
-    bits: Any  # all its raw patterns (flat)
-    crc: int
+    bits: Any  # all its raw patterns (flat), as restored
+    crc: int  # of ``bits``
     u: Any  # the patterns that get coded
     ub: Any | None  # what they are coded against
     coded_shape: tuple[int, ...]  # the shape of ``u`` (rows kept, values per row)
@@ -41,10 +42,18 @@ class Staged:
     changed: np.ndarray | None = None  # bool per row, where a row mask is stored
     alpha: np.ndarray | None = None  # prediction factors, for 'pred'
     ub2: Any | None = None  # the base's base (rows as ``u``), for 'pred': predicted segment by segment
+    dtype: str = ""  # the tensor's (default: the layout's)
+    scheme: dict[str, Any] | None = None  # the lossy scheme with its parameters; ``u`` is its representation
+    source: tuple[Any, int] | None = None  # (input bits, CRC-32) where ``bits`` are not the input's
 
     @property
     def nbytes(self) -> int:
         return int(self.bits.nbytes)
+
+    @property
+    def unchanged(self) -> tuple[Any, int]:
+        """The input's bits and their CRC-32 as staged (to check nothing changed them since)."""
+        return self.source or (self.bits, self.crc)
 
     def extra(self) -> np.ndarray:
         """What is stored at the tensor's extras: the row mask, then the prediction factors."""
@@ -63,13 +72,18 @@ class Staged:
 
 
 def stage(name: str, arr: Any, crc32: Any, setting: Setting, base: TensorEntry | None = None,
-          base_bits: Any = None, grand_bits: Any = None) -> Staged:
+          base_bits: Any = None, grand_bits: Any = None, rotate: bool = True,
+          scheme: dict[str, Any] | None = None) -> Staged:
     """Plan one tensor ``arr`` (against ``base_bits`` where the base has it with the same dtype and
-    shape; ``grand_bits``: the base's own base, for 'pred')."""
-    layout = layout_of(arr.dtype)
+    shape; ``grand_bits``: the base's own base, for 'pred'). ``rotate=False`` codes floats with the
+    sign in the top plane; ``scheme``: store it in that lossy representation (whole)."""
+    if scheme is not None:
+        return _stage_lossy(name, arr, crc32, setting, scheme, rotate)
+    layout = coding_layout(layout_of(arr.dtype).name, rotate)
     u = to_bits(arr, layout)
     same = base is not None and base_bits is not None and base.dtype == layout.name and base.shape == arr.shape
-    st = Staged(name, layout, tuple(arr.shape), u, crc32(u), u, base_bits if same else None, tuple(arr.shape))
+    st = Staged(name, layout, tuple(arr.shape), u, crc32(u), u, base_bits if same else None, tuple(arr.shape),
+                dtype=layout.name)
     if st.ub is not None and setting.row_mask:
         st.changed = changed_rows(u, st.ub, arr.shape)
         if st.changed is not None:  # code the changed rows only
@@ -93,14 +107,36 @@ def stage(name: str, arr: Any, crc32: Any, setting: Setting, base: TensorEntry |
     return st
 
 
+def _stage_lossy(name: str, arr: Any, crc32: Any, setting: Setting, scheme: dict[str, Any], rotate: bool) -> Staged:
+    """Stage the lossy representation of ``arr`` (on the host: the schemes are NumPy code); the
+    snapshot records the bits it restores to, and what the scheme cost (``error``)."""
+    from gpupas.xp import to_numpy
+
+    layout = layout_of(arr.dtype)
+    src = to_bits(arr, layout)
+    host = to_numpy(arr)
+    rep, params = schemes.apply(host, scheme)
+    restored = schemes.restore(rep, params, layout.name)
+    params.setdefault("error", schemes.error(host, restored))
+    coding = coding_layout(rep.dtype.name, rotate)
+    u = to_bits(rep, coding)
+    bits = to_bits(restored, layout)
+    st = Staged(name, coding, tuple(arr.shape), bits, crc32(bits), u, None, tuple(arr.shape), dtype=layout.name,
+                scheme=params, source=(src, crc32(src)))
+    st.plan = choose_plan(u, None, coding, setting)
+    return st
+
+
 def stage_all(arrays: Mapping[str, Any], setting: Setting, crc32: Any, executor: Any, small: bool,
               base: Mapping[str, TensorEntry] | None = None, base_bits: Mapping[str, Any] | None = None,
-              grand_bits: Mapping[str, Any] | None = None) -> list[Staged]:
-    """:func:`stage` every tensor (in parallel on the executor)."""
-    base, base_bits, grand_bits = base or {}, base_bits or {}, grand_bits or {}
+              grand_bits: Mapping[str, Any] | None = None, rotate: bool = True,
+              lossy: Mapping[str, dict[str, Any]] | None = None) -> list[Staged]:
+    """:func:`stage` every tensor (in parallel on the executor); ``lossy``: schemes by tensor name."""
+    base, base_bits, grand_bits, lossy = base or {}, base_bits or {}, grand_bits or {}, lossy or {}
 
     def one(item: tuple[str, Any]) -> Staged:
         name, arr = item
-        return stage(name, arr, crc32, setting, base.get(name), base_bits.get(name), grand_bits.get(name))
+        return stage(name, arr, crc32, setting, base.get(name), base_bits.get(name), grand_bits.get(name), rotate,
+                     lossy.get(name))
 
     return executor.map(one, list(arrays.items()), inline=small)

@@ -17,8 +17,10 @@ from typing import Any
 from gpupas.errors import FormatError, IntegrityError, TensorNotFoundError
 from gpupas.format import keys
 from gpupas.format.sealed import is_sealed, seal, unseal
-from gpupas.pas.planes import LAYOUTS, Layout
+from gpupas.pas.planes import LAYOUTS, Layout, coding_layout
 from gpupas.pas.rows import rows_of
+from gpupas.pas.schemes import parse as parse_scheme
+from gpupas.pas.schemes import repr_dtype
 from gpupas.pas.transform import SEGMENT
 
 FORMAT = 3  # what this gpupas writes
@@ -32,9 +34,9 @@ MAX_NDIM = 64
 
 _TOP = {"format", "id", "revision", "created", "revised", "base", "grand", "setting", "segment", "streams",
         "tensors", "raw_bytes", "stored_bytes", "commit_seconds", "meta"}
-_STREAM = {"folder", "length", "chunk_size", "shard_chunks", "codecs", "chunks", "stored"}
+_STREAM = {"folder", "length", "chunk_size", "shard_chunks", "codecs", "chunks", "stored", "tier"}
 _TENSOR = {"name", "dtype", "shape", "nbytes", "crc32", "enc", "ctx", "rows", "parts", "extras", "stored",
-           "plane_bytes"}
+           "plane_bytes", "rot", "scheme"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +54,7 @@ class Stream:
     codecs: dict[str, str]
     chunks: str
     stored: int = 0
+    tier: str | None = None  # the store it lives in: one of the archive's tiers (None: the archive itself)
 
     @property
     def nchunks(self) -> int:
@@ -68,9 +71,10 @@ class Stream:
         return [cid for letter, cid in self.codecs.items() if letter in used]
 
     def to_dict(self) -> dict[str, Any]:
-        return {"folder": self.folder, "length": self.length, "chunk_size": self.chunk_size,
-                "shard_chunks": self.shard_chunks, "codecs": dict(self.codecs), "chunks": self.chunks,
-                "stored": self.stored}
+        d = {"folder": self.folder, "length": self.length, "chunk_size": self.chunk_size,
+             "shard_chunks": self.shard_chunks, "codecs": dict(self.codecs), "chunks": self.chunks,
+             "stored": self.stored}
+        return d | ({"tier": self.tier} if self.tier is not None else {})
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,14 +107,27 @@ class TensorEntry:
     extras: tuple[int, int] | None = None  # (stream, offset) of the row mask, then the 'pred' factors
     stored: int = 0  # stored bytes attributed to this tensor (an estimate where tensors share chunks)
     plane_bytes: tuple[int, ...] = ()  # of which, per plane
+    rot: bool = True  # floats coded with their sign bit rotated to the bottom (False: patterns as they are)
+    scheme: dict[str, Any] | None = None  # a lossy representation (see gpupas.pas.schemes); None: lossless
 
     @property
     def layout(self) -> Layout:
+        """The layout of the tensor as restored (its dtype)."""
         return LAYOUTS[self.dtype]
 
     @property
+    def coding(self) -> Layout:
+        """The layout its planes were coded with: of the lossy representation, rotated or not."""
+        return coding_layout(self.dtype if self.scheme is None else repr_dtype(self.scheme), self.rot)
+
+    @property
     def width(self) -> int:
-        return LAYOUTS[self.dtype].width
+        """Planes: bytes per coded value."""
+        return self.coding.width
+
+    @property
+    def lossy(self) -> bool:
+        return self.scheme is not None
 
     @property
     def reads_base(self) -> bool:
@@ -150,6 +167,10 @@ class TensorEntry:
         d["parts"] = [[p.stream, p.offset, p.first, p.count] for p in self.parts]
         if self.extras is not None:
             d["extras"] = list(self.extras)
+        if not self.rot:
+            d["rot"] = False
+        if self.scheme is not None:
+            d["scheme"] = dict(self.scheme)
         d["stored"] = self.stored
         d["plane_bytes"] = list(self.plane_bytes)
         return d
@@ -195,6 +216,11 @@ class Manifest:
             raise TensorNotFoundError(f"snapshot {self.id} has no tensor(s) {missing[:5]}"
                                       f"{'...' if len(missing) > 5 else ''}")
         return [self.by_name[n] for n in wanted]
+
+    @property
+    def lossy(self) -> bool:
+        """Whether any tensor is stored in a lossy representation (restores are then not bit-exact)."""
+        return any(e.scheme is not None for e in self.tensors)
 
     @property
     def has_pred(self) -> bool:
@@ -306,6 +332,25 @@ def _enc(v: Any, what: str, name: str) -> str:
     return v
 
 
+def _scheme(v: Any, what: str, name: str) -> dict[str, Any] | None:
+    if v is None:
+        return None
+    if not isinstance(v, dict) or v.get("name") not in ("cast", "fixed", "quant"):
+        raise FormatError(f"{what}: tensor {name!r} is stored in a lossy scheme this gpupas does not know: "
+                          "upgrade gpupas")
+    try:
+        s = parse_scheme(v)
+    except ValueError as exc:
+        raise _fail(what, f"lossy scheme of tensor {name!r}: {exc}") from None
+    if s["name"] == "fixed" and not (isinstance(s.get("exponent"), int) and -1100 <= s["exponent"] <= 1100):
+        raise _fail(what, f"fixed-point exponent of tensor {name!r} is missing or out of range")
+    if s["name"] == "quant" and not (isinstance(s.get("levels"), list) and 1 <= len(s["levels"]) <= 2 ** s["bits"]
+                                     and all(isinstance(x, (int, float)) and not isinstance(x, bool)
+                                             for x in s["levels"])):
+        raise _fail(what, f"the levels of quantized tensor {name!r} are not a list of at most 2**bits numbers")
+    return s
+
+
 def _stream(d: Any, what: str, i: int) -> Stream:
     if not isinstance(d, dict):
         raise _fail(what, f"stream {i} is not an object")
@@ -326,7 +371,10 @@ def _stream(d: Any, what: str, i: int) -> Stream:
                           f"{-(-length // chunk)}")
     if not set(chunks) <= set(codecs):
         raise _fail(what, f"stream {i} has chunk codes {sorted(set(chunks) - set(codecs))} not in its codec table")
-    return Stream(folder, length, chunk, per, dict(codecs), chunks, _int(d.get("stored", 0), what, "stored"))
+    tier = d.get("tier")
+    if tier is not None and not keys.is_name(tier):
+        raise _fail(what, f"stream {i} names tier {tier!r}, not a tier name")
+    return Stream(folder, length, chunk, per, dict(codecs), chunks, _int(d.get("stored", 0), what, "stored"), tier)
 
 
 def _parse(d: dict[str, Any], sid: str, what: str) -> Manifest:
@@ -370,8 +418,10 @@ def _parse(d: dict[str, Any], sid: str, what: str) -> Manifest:
             extras=None if extras is None else tuple(_int(x, what, f"extras of {name!r}") for x in extras),
             stored=_int(t.get("stored", 0), what, f"stored of {name!r}"),
             plane_bytes=tuple(_int(x, what, "plane_bytes") for x in _list(t.get("plane_bytes", []), what)),
+            rot=t.get("rot", True) is not False,
+            scheme=_scheme(t.get("scheme"), what, name),
         )
-        if not isinstance(t.get("ctx", False), bool):
+        if not isinstance(t.get("ctx", False), bool) or not isinstance(t.get("rot", True), bool):
             raise _fail(what, f"ctx of tensor {name!r} is not true or false")
         tensors.append(entry)
     m = Manifest(
@@ -446,8 +496,11 @@ def check(m: Manifest, what: str) -> None:
         raise _fail(what, "'pred' tensors and the snapshot they extrapolate from ('grand') go together")
     for e in m.tensors:
         w = e.width
-        if e.nbytes != math.prod(e.shape) * w:
+        if e.nbytes != math.prod(e.shape) * e.layout.width:
             raise _fail(what, f"tensor {e.name!r}: {e.nbytes} bytes do not fit shape {list(e.shape)} of {e.dtype}")
+        if e.scheme is not None and (e.enc != "mat" or e.rows is not None or e.layout.name not in
+                                     ("float64", "float32", "float16", "bfloat16")):
+            raise _fail(what, f"tensor {e.name!r}: a lossy tensor is a float tensor stored whole")
         rows, _per = rows_of(e.shape)
         if e.rows is not None and not (0 <= e.rows <= rows):
             raise _fail(what, f"tensor {e.name!r} codes {e.rows} of {rows} rows")

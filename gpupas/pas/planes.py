@@ -71,6 +71,20 @@ def layout_of(dtype: Any) -> Layout:
     return LAYOUTS[name]
 
 
+_RAW: dict[str, Layout] = {}
+
+
+def coding_layout(name: str, rotate: bool = True) -> Layout:
+    """The layout values of dtype ``name`` are coded with: as :data:`LAYOUTS`, or with ``rotate=False``
+    a float's patterns as they are (the sign stays in the top plane: partial reads can bound values)."""
+    layout = LAYOUTS[name]
+    if rotate or not layout.rotate:
+        return layout
+    if name not in _RAW:
+        _RAW[name] = Layout(layout.name, layout.dtype, layout.uint, rotate=False)
+    return _RAW[name]
+
+
 def to_bits(values: Any, layout: Layout) -> Any:
     """Flat, native-order unsigned bit patterns of ``values``: a view where it can be."""
     xp = namespace(values)

@@ -15,6 +15,7 @@ import numpy as np
 from gpupas.catalog import flatten
 from gpupas.errors import GpupasError
 from gpupas.network import diff_networks
+from gpupas.pas.schemes import describe
 from gpupas.versions.metrics import value_at
 from gpupas.versions.model import Version
 
@@ -38,6 +39,8 @@ def show(repo: Repository, ref: str | int | Version, snapshot: str | int | None 
         try:
             cur = repo.archive.manifest(s["id"])
             s["stored_bytes"], s["base"] = cur.stored_bytes, cur.base
+            if cur.lossy:
+                s["lossy"] = ",".join(sorted({describe(e.scheme) for e in cur.tensors if e.scheme is not None}))
         except GpupasError:
             pass
     types = {n.name: n.type for n in v.network.nodes}
@@ -98,7 +101,9 @@ def lineage(repo: Repository) -> list[dict[str, Any]]:
             for r in cat.query(
                 "SELECT id, name, created, author, message, n_snapshots, raw_bytes, coalesce((SELECT sum(t.stored) "
                 "FROM tensors t WHERE t.snapshot IN (SELECT snapshot FROM snapshots WHERE version=versions.id)), "
-                "stored_bytes) AS stored_bytes, latest, best FROM versions ORDER BY id")]
+                "stored_bytes) AS stored_bytes, latest, best, (SELECT group_concat(DISTINCT t.lossy) FROM tensors t "
+                "WHERE t.lossy IS NOT NULL AND t.snapshot IN (SELECT snapshot FROM snapshots WHERE "
+                "version=versions.id)) AS lossy FROM versions ORDER BY id")]
 
 
 

@@ -24,6 +24,7 @@ from gpupas.errors import InvalidInputError, SnapshotNotFoundError
 from gpupas.format.keys import check_name
 from gpupas.format.manifest import Manifest
 from gpupas.network import Network
+from gpupas.pas.schemes import describe
 from gpupas.tensors import TORCH_SUFFIXES
 
 RECORD_FORMAT = 1
@@ -142,8 +143,11 @@ def checkpoint_files(path: str | os.PathLike[str], skipped: list[str] | None = N
 
 def snapshot_entry(m: Manifest, step: int | None, source: str | None) -> dict[str, Any]:
     """A version's entry for snapshot ``m``."""
-    return {"id": m.id, "created": m.created, "step": step, "source": source, "base": m.base,
-            "raw_bytes": m.raw_bytes, "stored_bytes": m.stored_bytes, "tensors": len(m.tensors)}
+    entry = {"id": m.id, "created": m.created, "step": step, "source": source, "base": m.base,
+             "raw_bytes": m.raw_bytes, "stored_bytes": m.stored_bytes, "tensors": len(m.tensors)}
+    if m.lossy:  # said in every listing: it does not restore bit-exactly
+        entry["lossy"] = ",".join(sorted({describe(e.scheme) for e in m.tensors if e.scheme is not None}))
+    return entry
 
 
 def new_record(name: str, *, parents: list[int], snapshots: list[dict[str, Any]], network: Any,

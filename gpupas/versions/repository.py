@@ -266,13 +266,13 @@ class Repository:
 
     def _commit_snapshots(self, sources: Sequence[tuple[Any, str | None, int | None]], base: str | None,
                           name: str, setting: str, progress: Progress | None,
-                          written: list[str]) -> tuple[list[dict[str, Any]], Any]:
+                          written: list[str], lossy: Any = None) -> tuple[list[dict[str, Any]], Any]:
         entries, first = [], None
         for i, (src, label, step) in enumerate(sources):
             tensors = self._load(src) if isinstance(src, (str, os.PathLike)) else src
             if first is None:
                 first = tensors
-            m = self.archive.commit(tensors, base=base, setting=setting,
+            m = self.archive.commit(tensors, base=base, setting=setting, lossy=lossy,
                                     meta={"version_name": name, "source": label, "step": step})
             written.append(m.id)
             entries.append(snapshot_entry(m, step, label))
@@ -285,7 +285,7 @@ class Repository:
                message: str = "", author: str | None = None, hyperparameters: Mapping[str, Any] | None = None,
                metrics: Any = None, files: Any = None, network: Any = None, setting: str = "default",
                best: str | int | None = None, best_by: str | None = None, step: int | None = None,
-               progress: Progress | None = None) -> Version:
+               progress: Progress | None = None, lossy: Any = None) -> Version:
         """Commit a new version of ``name`` and return it.
 
         Parameters
@@ -308,6 +308,9 @@ class Repository:
             of a metric (``"accuracy"``: highest; ``"loss:min"``: lowest).
         step
             The training step of an in-memory checkpoint (files take it from their name).
+        lossy
+            Store float tensors in a lossy scheme ("bf16", "fp16", "fixed:16", "quant:8",
+            "kmeans:4", ...; see :mod:`gpupas.pas.schemes`); the version then says so everywhere.
 
         Nothing is visible until the version record is published; on any error the snapshots
         written so far are removed again.
@@ -330,7 +333,7 @@ class Repository:
         base = Version(self._record(parent_ids[0])).latest if parent_ids else None
         net = extract_network(network) if network is not None else None
         with self._publishing() as written:
-            entries, first = self._commit_snapshots(sources, base, name, setting, progress, written)
+            entries, first = self._commit_snapshots(sources, base, name, setting, progress, written, lossy)
             if net is None:
                 net = extract_network(first) if first is not None else Network(source="none")
             record = new_record(name, parents=parent_ids, snapshots=entries, network=net.to_dict(),
@@ -356,7 +359,7 @@ class Repository:
 
     def add_snapshot(self, ref: str | int | Version, tensors: Any, *, step: int | None = None,
                      metrics: Any = None, best: bool = False, source: str | None = None,
-                     setting: str = "default") -> Version:
+                     setting: str = "default", lossy: Any = None) -> Version:
         """Append a snapshot to an existing version, delta-encoded against its latest one.
 
         Records are replaced atomically (no concurrent append is lost), so readers see the version
@@ -381,7 +384,7 @@ class Repository:
                 rec["network"] = extract_network(tensors).to_dict()
 
         with self._publishing() as written:
-            m = self.archive.commit(tensors, base=latest, setting=setting,
+            m = self.archive.commit(tensors, base=latest, setting=setting, lossy=lossy,
                                     meta={"version_id": vid, "source": source, "step": step})
             written.append(m.id)
             entry = snapshot_entry(m, step, source)
@@ -490,7 +493,8 @@ class Repository:
     # -- weights out -----------------------------------------------------------------------------------------
     def restore(self, ref: str | int | Version, snapshot: str | int | None = None, *,
                 names: Iterable[str] | None = None, framework: str = "numpy") -> dict[str, Any]:
-        """The tensors of a version's snapshot (latest by default), bit-exact."""
+        """The tensors of a version's snapshot (latest by default): bit-exact, except tensors committed with a
+        lossy scheme (they restore to what the scheme kept; ``show`` and ``log`` say which)."""
         sid = self.version(ref).snapshot(snapshot)["id"]
         return self.archive.restore(sid, names, framework=framework)
 

@@ -1,0 +1,168 @@
+"""Lossy schemes (PAPER.md section 3): a float tensor kept as a smaller representation, on request only.
+
+- ``cast``: float16 or bfloat16, rounded to nearest (even) or truncated toward zero;
+- ``fixed``: one exponent per tensor and ``bits``-bit signed integers (``x ~ q * 2**exponent``);
+- ``quant``: ``bits``-bit codes (``bits <= 8``) into a table of levels, spaced uniformly between the
+  tensor's extremes or placed by k-means on its values.
+
+:func:`apply` turns values into (representation, parameters); :func:`restore` turns a
+representation back into values of the original dtype, deterministically, so a lossy snapshot
+restores to the same bits every time (and other snapshots can be deltas on it).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+
+from gpupas.errors import InvalidInputError
+
+FLOATS = ("float64", "float32", "float16", "bfloat16")
+NAMES = ("cast", "fixed", "quant")
+_SHORT = {"fp16": {"name": "cast", "to": "float16"}, "bf16": {"name": "cast", "to": "bfloat16"}}
+
+
+def parse(spec: str | dict[str, Any]) -> dict[str, Any]:
+    """A scheme from its short form: ``"bf16"``, ``"fp16"``, ``"bf16:truncate"``, ``"fixed:16"``,
+    ``"quant:8"`` (uniform levels), ``"kmeans:4"`` (k-means levels), or a dict."""
+    if isinstance(spec, dict):
+        s = dict(spec)
+    else:
+        name, _, arg = str(spec).partition(":")
+        if name in _SHORT:
+            s = dict(_SHORT[name]) | {"round": arg or "nearest"}
+        elif name in ("fixed", "quant", "kmeans") and arg.isdigit():
+            s = ({"name": "fixed", "bits": int(arg)} if name == "fixed" else
+                 {"name": "quant", "bits": int(arg), "method": "kmeans" if name == "kmeans" else "uniform"})
+        else:
+            raise InvalidInputError(f"lossy scheme {spec!r} is not one of bf16, fp16 (':truncate'), fixed:BITS, "
+                                    "quant:BITS, kmeans:BITS")
+    name = s.get("name")
+    if name == "cast":
+        if s.get("to") not in ("float16", "bfloat16") or s.setdefault("round", "nearest") not in ("nearest",
+                                                                                                   "truncate"):
+            raise InvalidInputError(f"cast scheme {s}: 'to' is float16 or bfloat16, 'round' nearest or truncate")
+    elif name == "fixed":
+        if not isinstance(s.get("bits"), int) or not 2 <= s["bits"] <= 32:
+            raise InvalidInputError(f"fixed-point scheme {s}: bits must be 2..32")
+    elif name == "quant":
+        if not isinstance(s.get("bits"), int) or not 1 <= s["bits"] <= 8:
+            raise InvalidInputError(f"quantization scheme {s}: bits must be 1..8")
+        if s.setdefault("method", "uniform") not in ("uniform", "kmeans"):
+            raise InvalidInputError(f"quantization scheme {s}: method is uniform or kmeans")
+    else:
+        raise InvalidInputError(f"unknown lossy scheme {name!r}; use one of {', '.join(NAMES)}")
+    return s
+
+
+def describe(scheme: dict[str, Any]) -> str:
+    """A scheme in its short form (``bf16``, ``fp16:truncate``, ``fixed:16``, ``quant:4``, ``kmeans:4``)."""
+    if scheme["name"] == "cast":
+        short = "bf16" if scheme["to"] == "bfloat16" else "fp16"
+        return short + (":truncate" if scheme.get("round") == "truncate" else "")
+    if scheme["name"] == "fixed":
+        return f"fixed:{scheme['bits']}"
+    return f"{'kmeans' if scheme.get('method') == 'kmeans' else 'quant'}:{scheme['bits']}"
+
+
+def applies(scheme: dict[str, Any], dtype: str) -> bool:
+    """Whether ``scheme`` makes a tensor of ``dtype`` smaller (a cast never widens)."""
+    if dtype not in FLOATS:
+        return False
+    return np.dtype(_np(repr_dtype(scheme))).itemsize < np.dtype(_np(dtype)).itemsize
+
+
+def repr_dtype(scheme: dict[str, Any]) -> str:
+    """The dtype the representation is stored as."""
+    if scheme["name"] == "cast":
+        return scheme["to"]
+    if scheme["name"] == "fixed":
+        return "int8" if scheme["bits"] <= 8 else "int16" if scheme["bits"] <= 16 else "int32"
+    return "uint8"
+
+
+def _np(name: str) -> Any:
+    return ml_dtypes.bfloat16 if name == "bfloat16" else np.dtype(name)
+
+
+def apply(values: np.ndarray, scheme: dict[str, Any], sample: int = 1 << 16) -> tuple[np.ndarray, dict[str, Any]]:
+    """(representation, the scheme with its parameters) of float ``values`` under ``scheme``.
+
+    Parameters already in ``scheme`` (a fixed-point exponent, a table of levels) are used as they
+    are: applied to values it restored, a scheme gives back the same representation."""
+    name = scheme["name"]
+    if name == "cast":
+        x = values.astype(np.float64) if values.dtype.name == "bfloat16" else values
+        y = x.astype(_np(scheme["to"]))
+        if scheme.get("round") == "truncate":  # toward zero: step back where rounding went up in magnitude
+            up = np.abs(y.astype(np.float64)) > np.abs(x.astype(np.float64))
+            if up.any():
+                bits = y.view(np.uint16).copy()
+                bits[up] -= 1  # the next representable value toward zero (same sign)
+                y = bits.view(y.dtype)
+        return y, dict(scheme)
+    x = values.astype(np.float64).reshape(-1)
+    if x.size and not np.isfinite(x).all():
+        raise InvalidInputError(f"the {name} scheme cannot hold NaN or Inf; store this tensor losslessly or cast it")
+    bits = scheme["bits"]
+    if name == "fixed":
+        top = 2 ** (bits - 1) - 1
+        peak = float(np.abs(x).max()) if x.size else 0.0
+        exponent = scheme.get("exponent")  # given: the parameters of a stored tensor (a revision keeps them)
+        if exponent is None:
+            exponent = int(np.ceil(np.log2(peak / top))) if peak > 0 else 0
+        q = np.clip(np.rint(np.ldexp(x, -exponent)), -top, top).astype(repr_dtype(scheme))
+        return q.reshape(values.shape), dict(scheme) | {"exponent": exponent}
+    levels = _levels(x, 2**bits, scheme.get("levels", scheme.get("method", "uniform")), sample)
+    mids = (levels[1:] + levels[:-1]) / 2
+    codes = np.searchsorted(mids, x).astype(np.uint8)
+    table = [float(v) for v in levels.astype(_np(values.dtype.name)).astype(np.float64)]
+    return codes.reshape(values.shape), dict(scheme) | {"levels": table}
+
+
+def _levels(x: np.ndarray, n: int, how: Any, sample: int) -> np.ndarray:
+    """``n`` sorted levels (fewer where the tensor has fewer distinct values)."""
+    if x.size == 0:
+        return np.zeros(1)
+    if isinstance(how, list):
+        return np.sort(np.asarray(how, np.float64))
+    lo, hi = float(x.min()), float(x.max())
+    if how == "uniform" or hi == lo:
+        return np.linspace(lo, hi, n) if hi > lo else np.array([lo])
+    s = x[np.linspace(0, x.size - 1, min(x.size, sample)).astype(np.int64)]
+    centers = np.unique(np.quantile(s, (np.arange(n) + 0.5) / n))
+    for _ in range(25):  # Lloyd's algorithm in one dimension
+        cut = np.searchsorted((centers[1:] + centers[:-1]) / 2, s)
+        sums, counts = np.bincount(cut, s, centers.size), np.bincount(cut, minlength=centers.size)
+        moved = np.where(counts > 0, sums / np.maximum(counts, 1), centers)
+        if np.allclose(moved, centers, rtol=0, atol=1e-12 * max(1.0, hi - lo)):
+            break
+        centers = np.unique(moved)
+    return centers
+
+
+def restore(rep: np.ndarray, scheme: dict[str, Any], dtype: str) -> np.ndarray:
+    """Values of ``dtype`` from representation ``rep`` (the inverse of :func:`apply`, up to its loss)."""
+    name, out = scheme["name"], _np(dtype)
+    if name == "cast":
+        return rep.astype(np.float64).astype(out) if dtype == "bfloat16" else rep.astype(out)
+    if name == "fixed":
+        return np.ldexp(rep.astype(np.float64), int(scheme["exponent"])).astype(out)
+    table = np.asarray(scheme["levels"], np.float64)
+    if rep.size and int(rep.max(initial=0)) >= table.size:
+        from gpupas.errors import IntegrityError
+
+        raise IntegrityError(f"a quantized tensor has codes beyond its {table.size} levels (damaged)")
+    return table[rep].astype(out)
+
+
+def error(values: np.ndarray, restored: np.ndarray) -> dict[str, float]:
+    """What a scheme cost a tensor: max and RMS absolute error, and RMS relative to the values' RMS."""
+    x, y = values.astype(np.float64).reshape(-1), restored.astype(np.float64).reshape(-1)
+    ok = np.isfinite(x) & np.isfinite(y)
+    d = (y - x)[ok]
+    rms = float(np.sqrt(np.mean(x[ok] ** 2))) if ok.any() else 0.0
+    err = float(np.sqrt(np.mean(d**2))) if d.size else 0.0
+    return {"max_abs": float(np.abs(d).max()) if d.size else 0.0, "rms": err, "rel_rms": err / rms if rms else 0.0}

@@ -1,0 +1,156 @@
+"""Lossy schemes (issue 12) and planes coded with the sign on top (``Layout(rotate=False)``).
+
+A lossy tensor restores to exactly what its scheme kept (the same bits on every restore, after a
+revision, as a delta base), its error is measured and recorded, and every listing says it is lossy.
+"""
+
+from __future__ import annotations
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+import gpupas
+from gpupas.engine.encode import Layout
+from gpupas.errors import InvalidInputError
+from gpupas.pas import schemes
+from tests.conftest import adversarial
+
+SCHEMES = ["bf16", "bf16:truncate", "fp16", "fp16:truncate", "fixed:8", "fixed:16", "fixed:32", "quant:1",
+           "quant:4", "quant:8", "kmeans:2", "kmeans:4", "kmeans:8"]
+
+
+@pytest.fixture
+def arc(tmp_path):
+    with gpupas.create_archive(tmp_path / "arc") as a:
+        yield a
+
+
+def _weights(seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {"w": (rng.standard_t(4, size=(257, 33)) * 0.02).astype(np.float32),
+            "h": rng.normal(size=(5, 7)).astype(np.float64),
+            "b": rng.normal(size=9).astype(np.float16), "steps": np.arange(11, dtype=np.int64),
+            "empty": np.zeros((0, 4), np.float32)}
+
+
+@pytest.mark.parametrize("spec", SCHEMES)
+def test_lossy_restores_what_the_scheme_kept(arc, spec):
+    t = _weights()
+    m = arc.commit(t, lossy=spec)
+    scheme = schemes.parse(spec)
+    lossy = {e.name for e in m.tensors if e.scheme is not None}
+    assert lossy == {n for n, a in t.items() if schemes.applies(scheme, a.dtype.name)}
+    assert "steps" not in lossy and m.lossy
+    r = arc.restore(m.id)
+    for name, a in t.items():
+        assert r[name].dtype == a.dtype and r[name].shape == a.shape
+        if name not in lossy:
+            assert r[name].tobytes() == a.tobytes()
+            continue
+        e = m.tensor(name)
+        rep, _ = schemes.apply(a, e.scheme)  # its own parameters: the same representation again
+        expect = schemes.restore(rep, e.scheme, a.dtype.name)
+        assert r[name].tobytes() == expect.tobytes()
+        err = np.abs(r[name].astype(np.float64) - a.astype(np.float64))
+        recorded = e.scheme["error"]
+        assert recorded["max_abs"] == pytest.approx(float(err.max()) if err.size else 0.0, rel=1e-9, abs=1e-300)
+        if scheme["name"] == "fixed" and a.size:  # half a step at most
+            assert err.max() <= 2.0 ** e.scheme["exponent"] / 2
+        if scheme["name"] == "cast" and scheme["round"] == "truncate":
+            assert np.all(np.abs(r[name].astype(np.float64)) <= np.abs(a.astype(np.float64)))
+    arc.bases.clear()
+    again = arc.restore(m.id)
+    assert all(again[k].tobytes() == r[k].tobytes() for k in r)
+
+
+def test_cast_rounds_like_the_dtype(arc):
+    x = adversarial(np.dtype(np.float32), 4096, seed=2)
+    x = x[np.isfinite(x)]
+    m = arc.commit({"x": x}, lossy="bf16")
+    assert arc.restore(m.id)["x"].tobytes() == x.astype(ml_dtypes.bfloat16).astype(np.float32).tobytes()
+    m = arc.commit({"x": x}, lossy="fp16")
+    with np.errstate(over="ignore"):
+        assert arc.restore(m.id)["x"].tobytes() == x.astype(np.float16).astype(np.float32).tobytes()
+
+
+def test_nan_and_inf_survive_a_cast_and_are_refused_by_fixed_point(arc):
+    x = np.array([np.nan, np.inf, -np.inf, -0.0, 1e-45, 3.0], np.float32)
+    r = arc.restore(arc.commit({"x": x}, lossy="bf16").id)["x"]
+    assert np.isnan(r[0]) and r[1] == np.inf and r[2] == -np.inf and np.signbit(r[3])
+    for spec in ("fixed:8", "quant:4"):
+        with pytest.raises(InvalidInputError, match="NaN or Inf"):
+            arc.commit({"x": x}, lossy=spec)
+    assert len(arc.snapshots()) == 1
+
+
+def test_quantization_error_shrinks_with_bits_and_kmeans_beats_uniform_on_heavy_tails(arc):
+    w = _weights()["w"]
+    rms = {}
+    for spec in ("quant:2", "quant:4", "quant:8", "kmeans:4"):
+        rms[spec] = arc.commit({"w": w}, lossy=spec).tensor("w").scheme["error"]["rms"]
+    assert rms["quant:2"] > rms["quant:4"] > rms["quant:8"]
+    assert rms["kmeans:4"] < rms["quant:4"]
+    sizes = {s: arc.commit({"w": w}, lossy=s).stored_bytes for s in ("quant:2", "quant:8", "bf16")}
+    lossless = arc.commit({"w": w}).stored_bytes
+    assert sizes["quant:2"] < sizes["quant:8"] < lossless and sizes["bf16"] < lossless
+
+
+def test_revision_and_children_keep_the_restored_bits(arc):
+    t = _weights()
+    m = arc.commit(t, lossy="kmeans:4")
+    before = arc.restore(m.id)
+    before = {k: v.copy() for k, v in before.items()}
+    child = arc.commit({k: v + 1 if v.dtype.kind == "f" else v for k, v in before.items()}, base=m.id)
+    new = arc.revise(m.id, setting="strong", layout=Layout(groups=(1,), rotate=False))
+    assert new.revision > m.revision and [e.scheme for e in new.tensors] == [e.scheme for e in m.tensors]
+    arc.bases.clear()
+    after = arc.restore(m.id)
+    assert all(after[k].tobytes() == before[k].tobytes() for k in before)
+    got = arc.restore(child.id)
+    assert got["w"].tobytes() == (before["w"] + 1).tobytes()
+
+
+def test_per_tensor_schemes_and_bad_specs(arc):
+    t = _weights()
+    m = arc.commit(t, lossy={"w": "fixed:12", "h": {"name": "cast", "to": "float16"}})
+    assert {e.name: e.scheme and schemes.describe(e.scheme) for e in m.tensors} == {
+        "w": "fixed:12", "h": "fp16", "b": None, "steps": None, "empty": None}
+    with pytest.raises(InvalidInputError, match="float tensors only"):
+        arc.commit(t, lossy={"steps": "bf16"})
+    with pytest.raises(InvalidInputError, match="no tensor 'nope'"):
+        arc.commit(t, lossy={"nope": "bf16"})
+    for bad in ("int4", "quant:9", "fixed:1", "kmeans", "bf16:sideways"):
+        with pytest.raises(InvalidInputError):
+            arc.commit(t, lossy=bad)
+
+
+def test_lossy_versions_say_so_everywhere(tmp_path):
+    from gpupas.versions.inspect import lineage, show
+    from gpupas.versions.repository import create_repository
+
+    repo = create_repository(tmp_path / "arc")
+    repo.commit("exact", _weights())
+    repo.commit("small", _weights(), lossy="bf16")
+    rows = {r["name"]: r for r in lineage(repo)}
+    assert rows["exact"]["lossy"] is None and rows["small"]["lossy"] == "bf16"
+    d = show(repo, "small")
+    assert d["snapshots"][0]["lossy"] == "bf16"
+    assert {r["name"]: r["lossy"] for r in d["tensors"]}["w"] == "bf16"
+    assert show(repo, "exact")["snapshots"][0].get("lossy") is None
+
+
+def test_sign_on_top_planes_restore_bit_exact(arc):
+    t = {d: adversarial(np.dtype(d), 3001, seed=i) for i, d in enumerate(
+        ["float32", "float64", "float16", ml_dtypes.bfloat16, "int32", "uint8"])}
+    t = {np.dtype(k).name: v for k, v in t.items()}
+    m = arc.commit(t, layout=Layout(rotate=False))
+    assert {e.name: e.rot for e in m.tensors} == {n: not n.startswith(("float", "bfloat")) for n in t}
+    t2 = {k: v.copy() for k, v in t.items()}
+    for v in t2.values():
+        v.view(np.uint8)[::7] ^= 1
+    c = arc.commit(t2, base=m.id, layout=Layout(rotate=False))
+    arc.bases.clear()
+    for sid, want in ((m.id, t), (c.id, t2)):
+        got = arc.restore(sid)
+        assert all(got[k].tobytes() == want[k].tobytes() for k in want)
