@@ -35,7 +35,7 @@ TOP_FIELDS = {"format", "id", "revision", "created", "revised", "base", "grand",
               "tensors", "raw_bytes", "stored_bytes", "commit_seconds", "meta"}
 STREAM_FIELDS = {"folder", "length", "chunk_size", "shard_chunks", "codecs", "chunks", "stored"}
 TENSOR_FIELDS = {"name", "dtype", "shape", "nbytes", "crc32", "enc", "ctx", "rows", "parts", "extras", "stored",
-                 "plane_bytes"}
+                 "plane_bytes", "rot", "scheme"}
 
 ROTATED = ("float64", "float32", "float16", "bfloat16")  # sign bit rotated to the bottom
 DTYPES = {name: np.dtype(getattr(ml_dtypes, name)) for name in ("bfloat16", "float8_e4m3fn", "float8_e5m2")}
@@ -225,9 +225,11 @@ def _check(m: dict[str, Any]) -> None:
     if m["base"] is None and any(reads_base(e) for e in m["tensors"]):
         raise DamagedError("a delta without a base")
     for e in m["tensors"]:
-        w = dtype_of(e["dtype"]).itemsize
-        if e["nbytes"] != math.prod(e["shape"]) * w:
+        if e["nbytes"] != math.prod(e["shape"]) * dtype_of(e["dtype"]).itemsize:
             raise DamagedError(f"{e['name']}: nbytes does not fit shape and dtype")
+        if e.get("scheme") is not None and (e["enc"] != "mat" or e["rows"] is not None):
+            raise DamagedError(f"{e['name']}: a lossy tensor is stored whole")
+        w = dtype_of(coded_dtype(e)).itemsize
         first = 0
         for s, offset, p0, count in e["parts"]:
             if p0 != first or count < 1 or offset + count * values(e) > m["streams"][s]["length"]:
@@ -304,23 +306,54 @@ def _shift(x: np.ndarray, k: int) -> Any:
     return x.dtype.type(k)
 
 
-def rotate(u: np.ndarray, name: str) -> np.ndarray:
-    if name not in ROTATED:
+def rotate(u: np.ndarray, rot: bool) -> np.ndarray:
+    if not rot:
         return u.copy()
     bits = 8 * u.dtype.itemsize
     return (u << _shift(u, 1)) | (u >> _shift(u, bits - 1))
 
 
-def unrotate(r: np.ndarray, name: str) -> np.ndarray:
-    if name not in ROTATED:
+def unrotate(r: np.ndarray, rot: bool) -> np.ndarray:
+    if not rot:
         return r
     bits = 8 * r.dtype.itemsize
     return (r >> _shift(r, 1)) | (r << _shift(r, bits - 1))
 
 
-def top_byte(u: np.ndarray, name: str) -> np.ndarray:
-    """The top byte of the rotated patterns of raw ``u``: the context byte."""
-    return plane(rotate(u, name), 0)
+def top_byte(u: np.ndarray, rot: bool) -> np.ndarray:
+    """The top byte of the (rotated, where ``rot``) patterns of raw ``u``: the context byte."""
+    return plane(rotate(u, rot), 0)
+
+
+
+def coded_dtype(e: dict[str, Any]) -> str:
+    """The dtype whose patterns a tensor's planes code: its own, or its lossy representation's."""
+    sc = e.get("scheme")
+    if sc is None:
+        return e["dtype"]
+    if sc["name"] == "cast":
+        return sc["to"]
+    if sc["name"] == "fixed":
+        return "int8" if sc["bits"] <= 8 else "int16" if sc["bits"] <= 16 else "int32"
+    if sc["name"] == "quant":
+        return "uint8"
+    raise FormatError(f"lossy scheme {sc['name']!r} is unknown: upgrade")
+
+
+def rotated(e: dict[str, Any]) -> bool:
+    return coded_dtype(e) in ROTATED and e.get("rot", True) is not False
+
+
+def restore_lossy(q: np.ndarray, sc: dict[str, Any], dtype: np.dtype) -> np.ndarray:
+    """Values of ``dtype`` from representation ``q`` (FORMAT.md 9.9)."""
+    if sc["name"] == "cast":
+        return q.astype(dtype)
+    if sc["name"] == "fixed":
+        return np.ldexp(q.astype(np.float64), int(sc["exponent"])).astype(dtype)
+    levels = np.asarray(sc["levels"], np.float64)
+    if q.size and int(q.max()) >= levels.size:
+        raise DamagedError("a quantized code beyond the table of levels")
+    return levels[q].astype(dtype)
 
 
 def plane(coded: np.ndarray, k: int) -> np.ndarray:
@@ -351,13 +384,14 @@ def prediction(ub: np.ndarray, ub2: np.ndarray, alpha: np.ndarray, row: np.ndarr
     return ub + (adj % (1 << (8 * w))).astype(ub.dtype)
 
 
-def decode_segment(planes: list[np.ndarray], enc: str, ctx: bool, name: str, base: np.ndarray | None) -> np.ndarray:
+def decode_segment(planes: list[np.ndarray], enc: str, ctx: bool, name: str, base: np.ndarray | None,
+                   rot: bool) -> np.ndarray:
     """Raw patterns of one segment from its planes (natural order restored, delta undone); ``base``
-    is what the segment was coded against (the prediction, for 'pred')."""
+    is what the segment was coded against (the prediction, for 'pred'); ``name``: the coded dtype."""
     uint = uint_of(name)
     n = planes[0].size
     if ctx:
-        key = planes[0] if enc == "mat" else top_byte(base, name)
+        key = planes[0] if enc == "mat" else top_byte(base, rot)
         order = np.argsort(key, kind="stable")
         if enc == "mat":  # plane 0 is stored in natural order; the others sorted by it
             planes = [key[order], *planes[1:]]
@@ -366,9 +400,9 @@ def decode_segment(planes: list[np.ndarray], enc: str, ctx: bool, name: str, bas
     else:
         coded = join(planes, uint)
     if enc == "mat":
-        return unrotate(coded, name)
+        return unrotate(coded, rot)
     if enc == "xor":
-        return unrotate(coded, name) ^ base
+        return unrotate(coded, rot) ^ base
     return unzigzag(coded) + base  # 'sub', and 'pred' against its prediction
 
 
@@ -376,7 +410,7 @@ def decode_tensor(e: dict[str, Any], streams: list[np.ndarray], segment: int, ba
                   grand: np.ndarray | None) -> np.ndarray:
     """The raw patterns (flat) of tensor entry ``e`` given its streams' bytes, its base's patterns and
     (for 'pred') its base's base's patterns."""
-    uint = uint_of(e["dtype"])
+    uint = uint_of(coded_dtype(e))
     rows, per = rows_of(e["shape"])
     n = values(e)
     changed = None
@@ -406,7 +440,10 @@ def decode_tensor(e: dict[str, Any], streams: list[np.ndarray], segment: int, ba
         against = None if ub is None else ub[a:b]
         if e["enc"] == "pred":
             against = prediction(against, ub2[a:b], alpha, np.arange(a, b) // per)
-        coded[a:b] = decode_segment(planes, e["enc"], e["ctx"], e["dtype"], against)
+        coded[a:b] = decode_segment(planes, e["enc"], e["ctx"], coded_dtype(e), against, rotated(e))
+    if e.get("scheme") is not None:  # a lossy representation: the values it restores to
+        q = coded.view(dtype_of(coded_dtype(e)))
+        return restore_lossy(q, e["scheme"], dtype_of(e["dtype"])).reshape(-1).view(uint_of(e["dtype"]))
     if changed is None:
         return coded
     out = base.reshape(rows, per).copy()  # unchanged rows are the base's

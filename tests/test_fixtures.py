@@ -79,3 +79,15 @@ def test_versions_tags_and_files_read(golden: tuple[str, Path]) -> None:
         result = repo.verify()
         assert result["ok"], result["problems"]
         assert result["checked"]["snapshots"] == len(want)
+
+
+def test_format3_fixture_holds_every_v3_feature() -> None:
+    """Plane groups, a revision, the sign on top (rot: false) and every lossy scheme are read forever."""
+    with gpupas.open_archive(FIXTURES / "format3" / "archive") as a:
+        ms = [a.manifest(s) for s in a.snapshots()]
+    tensors = [e for m in ms for e in m.tensors]
+    assert any(len(m.streams) == 3 for m in ms) and any(m.revision == 1 for m in ms)
+    assert any(not e.rot and e.enc == "sub" for e in tensors) and any(not e.rot and e.lossy for e in tensors)
+    assert {e.scheme["name"] for e in tensors if e.scheme} == {"cast", "fixed", "quant"}
+    assert {e.scheme.get("method") for e in tensors if e.scheme and e.scheme["name"] == "quant"} == {"uniform",
+                                                                                                    "kmeans"}

@@ -125,6 +125,15 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> Built:
         b.commit(a, "revised", s1, base="whole")
         b.old_folders = a.manifest("revised").folders()
         a.revise("revised", setting="strong", layout=SMALL)
+        signed = gpupas.Layout(groups=(1,), rotate=False)  # planes with the sign on top (rot: false)
+        b.commit(a, "raw", s0, setting="strong", layout=signed)
+        b.commit(a, "rawdelta", s1, base="raw", layout=signed)
+        for k, spec in enumerate(("bf16", "fp16:truncate", "fixed:12", "quant:3", "kmeans:5")):  # FORMAT.md 9.9
+            sid = f"lossy{k}"
+            finite = {n: s0[n] for n in ("dense", "emb", "head")} | {"f64": s0["dense"][:7].astype(np.float64) * k}
+            a.commit(s0 if k < 2 else finite, snapshot=sid, lossy=spec,  # casts keep NaN, Inf, -0.0
+                     layout=signed if k % 2 else gpupas.Layout())
+            b.want[sid] = {n: v.copy() for n, v in a.restore(sid).items()}  # what the scheme kept
     return b
 
 
@@ -165,11 +174,13 @@ def test_every_feature_occurs(built: Built) -> None:
     letters = "".join(s["chunks"] for m in ms.values() for s in m["streams"])
     assert "z" in letters and "d" in letters
     assert any(s["length"] == 0 for m in ms.values() for s in m["streams"])
+    assert any(e.get("rot") is False and e["enc"] == "sub" for _, e in tensors)
+    assert {e["scheme"]["name"] for _, e in tensors if e.get("scheme")} == {"cast", "fixed", "quant"}
 
 
 # -- decoding ---------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("sid", ["whole", "groups", "delta", "edge", "nothing", "p0", "p1", "p2", "huge0", "huge1",
-                                 "revised"])
+                                 "revised", "raw", "rawdelta", "lossy0", "lossy1", "lossy2", "lossy3", "lossy4"])
 def test_recipe_restores_bit_for_bit(built: Built, sid: str) -> None:
     got = recipe.restore(built.root, sid)
     want = built.want[sid]

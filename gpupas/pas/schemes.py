@@ -95,9 +95,11 @@ def apply(values: np.ndarray, scheme: dict[str, Any], sample: int = 1 << 16) -> 
     name = scheme["name"]
     if name == "cast":
         x = values.astype(np.float64) if values.dtype.name == "bfloat16" else values
-        y = x.astype(_np(scheme["to"]))
+        with np.errstate(over="ignore", invalid="ignore"):  # beyond the target's range: Inf, as a cast does
+            y = x.astype(_np(scheme["to"]))
         if scheme.get("round") == "truncate":  # toward zero: step back where rounding went up in magnitude
-            up = np.abs(y.astype(np.float64)) > np.abs(x.astype(np.float64))
+            with np.errstate(invalid="ignore"):
+                up = np.abs(y.astype(np.float64)) > np.abs(x.astype(np.float64))
             if up.any():
                 bits = y.view(np.uint16).copy()
                 bits[up] -= 1  # the next representable value toward zero (same sign)
@@ -147,7 +149,7 @@ def restore(rep: np.ndarray, scheme: dict[str, Any], dtype: str) -> np.ndarray:
     """Values of ``dtype`` from representation ``rep`` (the inverse of :func:`apply`, up to its loss)."""
     name, out = scheme["name"], _np(dtype)
     if name == "cast":
-        return rep.astype(np.float64).astype(out) if dtype == "bfloat16" else rep.astype(out)
+        return rep.astype(out)  # widening: exact (NaN payloads as NumPy/ml_dtypes convert them)
     if name == "fixed":
         return np.ldexp(rep.astype(np.float64), int(scheme["exponent"])).astype(out)
     table = np.asarray(scheme["levels"], np.float64)
@@ -159,10 +161,18 @@ def restore(rep: np.ndarray, scheme: dict[str, Any], dtype: str) -> np.ndarray:
 
 
 def error(values: np.ndarray, restored: np.ndarray) -> dict[str, float]:
-    """What a scheme cost a tensor: max and RMS absolute error, and RMS relative to the values' RMS."""
+    """What a scheme cost a tensor, over the values finite in both: max and RMS absolute error, RMS
+    relative to the values' RMS; and ``overflow``, how many finite values became Inf or NaN."""
     x, y = values.astype(np.float64).reshape(-1), restored.astype(np.float64).reshape(-1)
-    ok = np.isfinite(x) & np.isfinite(y)
-    d = (y - x)[ok]
-    rms = float(np.sqrt(np.mean(x[ok] ** 2))) if ok.any() else 0.0
-    err = float(np.sqrt(np.mean(d**2))) if d.size else 0.0
-    return {"max_abs": float(np.abs(d).max()) if d.size else 0.0, "rms": err, "rel_rms": err / rms if rms else 0.0}
+    fin = np.isfinite(x)
+    ok = fin & np.isfinite(y)
+    scale = float(np.abs(x[ok]).max()) if ok.any() else 0.0
+    with np.errstate(over="ignore", invalid="ignore"):
+        d = (y - x)[ok]
+        def rms(v: np.ndarray) -> float:  # scaled: no overflow for values near the float64 limit
+            return scale * float(np.sqrt(np.mean((v / scale) ** 2))) if scale > 0 and v.size else 0.0
+
+        err, ref = rms(d), rms(x[ok])
+        peak = float(np.abs(d).max()) if d.size else 0.0
+    out = {"max_abs": peak, "rms": err, "rel_rms": err / ref if ref else 0.0, "overflow": int((fin & ~ok).sum())}
+    return {k: v if np.isfinite(v) else float(np.finfo(np.float64).max) for k, v in out.items()}
