@@ -22,6 +22,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
+from gpupas import tiers
 from gpupas.backend import get_backend, resolve_device
 from gpupas.engine import chain, decode
 from gpupas.engine.bases import BaseCache
@@ -82,15 +83,19 @@ def _unchanged(staged: Any, backend: Any) -> None:
                 "{k: v.clone() for k, v in model.state_dict().items()})")
 
 
+_STORE_KW = ("storage_options", "durable", "tier_options")
+
+
 def create_archive(location: str | os.PathLike[str], **kw: Any) -> Archive:
     """Create an archive at ``location`` (an empty or missing directory, or an fsspec URL)."""
-    store_kw = {k: kw.pop(k) for k in ("storage_options", "durable") if k in kw}
+    store_kw = {k: kw.pop(k) for k in _STORE_KW if k in kw}
     return Archive(ArchiveStore.open(location, create=True, **store_kw), **kw)
 
 
 def open_archive(location: str | os.PathLike[str], **kw: Any) -> Archive:
-    """Open the existing archive at ``location``; ArchiveNotFoundError says how to create one."""
-    store_kw = {k: kw.pop(k) for k in ("storage_options", "durable") if k in kw}
+    """Open the existing archive at ``location``; ArchiveNotFoundError says how to create one.
+    ``tier_options``: storage options (credentials) of its tiers by name, for this session."""
+    store_kw = {k: kw.pop(k) for k in _STORE_KW if k in kw}
     return Archive(ArchiveStore.open(location, **store_kw), **kw)
 
 
@@ -228,7 +233,7 @@ class Archive:
                 self.store.publish_manifest(m)
             except BaseException:
                 for s in streams:
-                    self.store.delete_folder(s.folder)
+                    self.store.delete_folder(s.folder, s.tier)
                 raise
         self.bases.put(sid, {st.name: st.bits for st in staged}, borrowed=True)  # checked by CRC before use
         return m
@@ -253,14 +258,17 @@ class Archive:
         The new form is decoded and compared bit for bit before it replaces the old one; readers
         see the old form or the new one, never a mix; the old folders become garbage for
         :meth:`gc`. Its bits do not change, so snapshots that use it as a base are unaffected.
+        Without ``layout``, planes that live in a tier stay there (see :meth:`tier`).
         """
         with self.store.writing():
-            return self._revise(snapshot, get_setting(setting), layout or Layout(), base)
+            return self._revise(snapshot, get_setting(setting), layout, base)
 
-    def _revise(self, snapshot: str, cfg: Setting, layout: Layout, base: Any) -> Manifest:
+    def _revise(self, snapshot: str, cfg: Setting, layout: Layout | None, base: Any) -> Manifest:
         backend = get_backend("numpy")
         self._forget(snapshot)
         old = self.manifest(snapshot)
+        if layout is None:  # planes in tiers stay where they are (a compaction must not bring them back)
+            layout = tiers.layout_of(old) if tiers.tiered(old) else Layout()
         new_base = old.base if base is _KEEP else base
         if new_base is not None:
             self._check_base(snapshot, new_base)
@@ -293,11 +301,40 @@ class Archive:
             self.store.replace_manifest(new, old.revision)
         except BaseException:
             for s in streams:
-                self.store.delete_folder(s.folder)
+                self.store.delete_folder(s.folder, s.tier)
             raise
         finally:
             self._forget(snapshot)
         return new
+
+    # -- tiers -------------------------------------------------------------------------------------------------
+    def add_tier(self, name: str, url: str | os.PathLike[str], storage_options: Mapping[str, Any] | None = None, *,
+                 force: bool = False) -> dict[str, Any]:
+        """Define storage tier ``name`` at ``url`` (a directory, or an fsspec URL such as s3://bucket/cold).
+
+        Storage options that are not secrets are written into the archive; keys, secrets and tokens are
+        used for this session only (later: ``$GPUPAS_TIER_OPTIONS_<NAME>``, the filesystem's own variables,
+        or ``open_archive(..., tier_options=...)``). ``force``: point the tier at a copy of its data.
+        """
+        return self.store.add_tier(name, os.fspath(url), storage_options, force=force)
+
+    def tiers(self) -> dict[str, dict[str, Any]]:
+        """The archive's tiers: name -> {"url", "options" (written non-secret storage options), "id"}."""
+        return self.store.tier_table()
+
+    def remove_tier(self, name: str) -> None:
+        """Forget tier ``name`` (its data is left where it is); refused while a snapshot has planes there."""
+        self.store.remove_tier(name)
+
+    def tier(self, snapshot: str, *, planes_from: int | None = 2, to: str | None = "cold") -> Manifest:
+        """Move planes ``planes_from..`` of ``snapshot`` into tier ``to`` (None or "local": back into the
+        archive); planes ``0..planes_from-1`` stay local, in a stream of their own, so a read of only
+        those never opens the tier. A revision: checked bit for bit, then switched atomically; nothing
+        is done where the snapshot is already in that form. Returns the manifest.
+
+        >>> archive.tier(sid, planes_from=2, to="cold")  # doctest: +SKIP
+        """
+        return tiers.move(self, snapshot, planes_from=planes_from, to=to)
 
     def _check_base(self, snapshot: str, base: str) -> None:
         m = self.manifest(base)

@@ -47,7 +47,7 @@ def dependencies(m: Manifest, names: set[str] | None, manifests: Manifests) -> l
 
 
 def _plan(sid: str, names: set[str] | None, manifests: Manifests, cache: BaseCache | None,
-          crc32: Callable[[Any], int]) -> tuple[dict[str, Manifest], dict[str, set[str] | None],
+          crc32_many: Callable[[Any], list[int]]) -> tuple[dict[str, Manifest], dict[str, set[str] | None],
                                                dict[str, list[tuple[str, set[str]]]], dict[str, dict[str, Any]]]:
     """The snapshots a read of ``names`` of ``sid`` needs: manifests, tensor names per snapshot, their
     dependencies, and the bits the cache already holds."""
@@ -75,7 +75,7 @@ def _plan(sid: str, names: set[str] | None, manifests: Manifests, cache: BaseCac
                 raise
             raise IntegrityError(f"snapshot {x} lacks tensors that snapshots built on it need ({exc})") from None
         if cache is not None and x != sid:
-            hit = cache.get(x, entries, crc32)
+            hit = cache.get(x, entries, crc32_many)
             if hit is not None:
                 hits[x], deps[x] = hit, []
                 continue
@@ -141,10 +141,10 @@ def read_bits(store: ArchiveStore, sid: str, names: Iterable[str] | None, *, man
     wanted = None if names is None else set(names)
     top = manifests(sid)
     if cache is not None:
-        hit = cache.get(sid, top.select(None if wanted is None else sorted(wanted)), backend.crc32)
+        hit = cache.get(sid, top.select(None if wanted is None else sorted(wanted)), backend.crc32_many)
         if hit is not None:
             return ({n: hit[n] for n in names} if names is not None else hit), True
-    found, need, deps, hits = _plan(sid, wanted, manifests, cache, backend.crc32)
+    found, need, deps, hits = _plan(sid, wanted, manifests, cache, backend.crc32_many)
     order = _postorder(sid, deps)
     users: dict[str, int] = {}
     for x in order:

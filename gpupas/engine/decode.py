@@ -53,7 +53,9 @@ def decode_snapshot(store: ArchiveStore, m: Manifest, entries: Sequence[TensorEn
     for e in entries:
         if e.scheme is not None:
             out[e.name] = _restore(e, out[e.name], backend)
-        if backend.crc32(out[e.name]) != e.crc32:
+    crcs = backend.crc32_many([out[e.name] for e in entries])  # one launch on a GPU
+    for e, crc in zip(entries, crcs):
+        if crc != e.crc32:
             raise IntegrityError(
                 f"snapshot {m.id}: tensor {e.name!r} does not match its checksum after decoding"
                 + (f" (is its base {m.base} intact? run verify on it)" if e.reads_base else ""))
