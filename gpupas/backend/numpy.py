@@ -1,5 +1,9 @@
 """The NumPy backend: everything on the host, the executor's threads doing the work in parallel.
 
+The transforms run compiled and fused (:mod:`gpupas.backend.fast`: the same bytes as the NumPy
+reference of :mod:`gpupas.pas`, which runs where the kernels were not built or ``GPUPAS_FAST=0``); a
+restore then rebuilds its tensors through a bounded window of decoded planes (:meth:`decode_windows`).
+
 Its reusable workspace keeps at most :data:`KEEP_AT_MOST` bytes between operations (fresh pages
 cost a page fault each on first write, which halves the speed of a commit or restore); set
 ``GPUPAS_WORKSPACE_MAX`` (bytes) to change the cap, 0 to keep nothing.
@@ -161,9 +165,14 @@ class NumpyBackend:
         """Fill the stream buffers with every tensor's planes and extras (one task per segment); returns,
         per stream, the sorted offsets where a coder should end a block (plane starts, context groups,
         extras)."""
+        from gpupas.backend import fast
         from gpupas.format.layout import segments
         from gpupas.pas.transform import encode_segment
 
+        if fast.enabled():
+            got = fast.encode_planes(staged, extras, placements, bufs, segment, min_group, executor, small)
+            if got is not None:
+                return got
         cuts: list[set[int]] = [set() for _ in bufs]
         for x, pl in zip(extras, placements):
             if x.size:
@@ -191,15 +200,31 @@ class NumpyBackend:
                 cuts[s].add(off)
         return [sorted(c) for c in cuts]
 
+    def decode_windows(self, m: Any, entries: Sequence[Any], read: Callable[[int, list[int], Any, int], None],
+                       base_bits: Any, grand_bits: Any, executor: Any, small: bool) -> dict[str, np.ndarray] | None:
+        """A restore through a bounded window of decoded planes (the compiled path; None where that does not
+        run, and the caller decodes every chunk first): see :func:`gpupas.backend.fast.decode_windows`."""
+        from gpupas.backend import fast
+
+        if not fast.enabled():
+            return None
+        return fast.decode_windows(self, m, entries, read, base_bits, grand_bits, executor, small)
+
     def decode_planes(self, m: Any, entries: Sequence[Any], bufs: Any, base_bits: Any, grand_bits: Any,
                       executor: Any, small: bool) -> dict[str, np.ndarray]:
         """The raw bits of ``entries`` of manifest ``m`` from their decoded planes (``bufs``: stream
         index -> bytes) and the bases' bits; one allocation for all, one task per segment."""
+        from gpupas.backend import fast
         from gpupas.errors import IntegrityError
         from gpupas.format.layout import segments
         from gpupas.pas.predict import alpha_from_planes, predict
         from gpupas.pas.rows import gather, mask_from_bytes, rows_of
         from gpupas.pas.transform import Plan, decode_segment
+
+        if fast.enabled():
+            got = fast.decode_planes(self, m, entries, bufs, base_bits, grand_bits, executor, small)
+            if got is not None:
+                return got
 
         nbytes = [e.nbytes for e in entries]
         starts = np.cumsum([0] + [-(-n // 64) * 64 for n in nbytes]).tolist()  # 64-byte aligned tensors

@@ -11,7 +11,9 @@ Huffman-only Deflate could need (:func:`huffman_floor`): shortcuts, not rules.
 
 from __future__ import annotations
 
+import importlib
 import itertools
+import os
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -20,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from gpupas.codecs import registry
+from gpupas.codecs.zstd import raw_size
 from gpupas.format.checksum import crc32c
 
 RAW_ABOVE = 0.995  # Zstandard saving less than this: Deflate will not save enough either
@@ -66,22 +69,50 @@ def encode_cpu(policy: ChunkPolicy, chunks: Sequence[np.ndarray], bounds: Sequen
     for data, b in zip(chunks, bounds):
         view = memoryview(data).cast("B")
         padded = size > len(data)
-        options: list[tuple[Any, bytes]] = [(zstd, zstd.raw_batch([view], size)[0])]
-        options.append((zstd, zstd.encode_batch([view], [b], size)[0]))
+        options: list[tuple[Any, bytes | None, int]] = [(zstd, None, raw_size(len(view), size))]  # built if kept
+        z = zstd.encode_batch([view], [b], size)[0]
+        options.append((zstd, z, len(z)))
         if policy.try_all:
-            options.append((zstd, _zstd_level(policy.zstd_level, view, b, size)))
+            options += [(zstd, x, len(x)) for x in [_zstd_level(policy.zstd_level, view, b, size)]]
             if deflate is not None and not padded:
-                options += [(deflate, deflate.encode_batch([view], [b], size)[0]),
-                            (deflate, _deflate_lz(view, b))]
+                options += [(deflate, x, len(x)) for x in [deflate.encode_batch([view], [b], size)[0],
+                                                            _deflate_lz(view, b)]]
         elif deflate is not None and not padded:
-            zsize = len(options[-1][1])
-            if 0.05 < zsize / max(1, len(data)) < RAW_ABOVE and zsize > huffman_floor(data, b):
+            zsize = len(z)
+            if 0.05 < zsize / max(1, len(data)) < RAW_ABOVE and _above_floor(zsize, data, b):
                 body = deflate.encode_batch([view], [b], size)[0]
                 if len(body) + DEFLATE_MIN_GAIN * len(data) <= zsize:
-                    options.append((deflate, body))
-        codec, body = min(options, key=lambda cb: len(cb[1]))
-        out.append((codec.letter, with_crc(body)))
+                    options.append((deflate, body, len(body)))
+        codec, kept, _ = min(options, key=lambda cb: cb[2])  # the first of the smallest: raw over coded on a tie
+        out.append((codec.letter, with_crc(zstd.raw_batch([view], size)[0] if kept is None else kept)))
     return out
+
+
+def _above_floor(zsize: int, data: np.ndarray, bounds: Sequence[int]) -> bool:
+    """``zsize > huffman_floor(data, bounds)``, with gpupas's compiled floor where it is built: its float
+    differs from NumPy's only by rounding, so a size within a millionth of it is decided by NumPy's."""
+    fast = _compiled()
+    if fast is not None:
+        floor = fast.huffman_floor(data, np.clip(np.asarray(bounds, np.int64), 0, len(data)), 4)
+        if abs(zsize - floor) > 1e-6 * max(1.0, floor):
+            return zsize > floor
+    return zsize > huffman_floor(data, bounds)
+
+
+_FAST: list[Any] = []
+
+
+def _compiled() -> Any:
+    """``gpupas._fastc`` where it was built and ``GPUPAS_FAST`` is not 0, else None."""
+    if not _FAST:
+        mod = None
+        if os.environ.get("GPUPAS_FAST", "1") != "0":
+            try:
+                mod = importlib.import_module("gpupas._fastc")
+            except ImportError:
+                pass
+        _FAST[:] = [mod]
+    return _FAST[0]
 
 
 def _zstd_level(level: int, view: memoryview, bounds: Sequence[int], size: int) -> bytes:

@@ -75,6 +75,12 @@ def raw_frame(data: memoryview, size: int) -> bytes:
     return b"".join(out)
 
 
+def raw_size(n: int, size: int) -> int:
+    """``len(raw_frame(data, size))`` for ``n`` bytes of data, without building the frame."""
+    pad = size - n
+    return 9 + 3 * -(-n // BLOCK) + n + 4 * -(-pad // BLOCK) + (3 if size == 0 else 0)
+
+
 def raw_blocks(body: Any, size: int) -> list[tuple[int, int, int]] | None:
     """(block type, start, length) of a frame that :func:`raw_frame` wrote, else None."""
     if len(body) < 12 or bytes(body[:4]) != MAGIC or body[4] != 0xA0 or struct.unpack("<I", body[5:9])[0] != size:

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from gpupas.backend import fast
 from gpupas.format.manifest import TensorEntry
 from gpupas.pas import schemes
 from gpupas.pas.context import sample_index
@@ -45,6 +46,17 @@ class Staged:
     dtype: str = ""  # the tensor's (default: the layout's)
     scheme: dict[str, Any] | None = None  # the lossy scheme with its parameters; ``u`` is its representation
     source: tuple[Any, int] | None = None  # (input bits, CRC-32) where ``bits`` are not the input's
+    rows: np.ndarray | None = None  # the compiled path's row mask: the coded rows (see _RowStaged)
+
+    @property
+    def values(self) -> int:
+        """Values coded (the changed rows' only, where a row mask is stored)."""
+        return int(self.u.size) if self.rows is None else int(self.rows.size) * self.coded_shape[1]
+
+    def full(self, name: str) -> Any:
+        """``u``, ``ub`` or ``ub2`` with every row of the tensor where ``rows`` lists the coded ones (the
+        compiled kernels read them through ``rows``), else as they are."""
+        return getattr(self, name)
 
     @property
     def nbytes(self) -> int:
@@ -84,6 +96,8 @@ def stage(name: str, arr: Any, crc32: Any, setting: Setting, base: TensorEntry |
     same = base is not None and base_bits is not None and base.dtype == layout.name and base.shape == arr.shape
     st = Staged(name, layout, tuple(arr.shape), u, crc32(u), u, base_bits if same else None, tuple(arr.shape),
                 dtype=layout.name)
+    if fast.applies(u, st.ub, grand_bits if same else None):
+        return _stage_fast(st, setting, grand_bits if same else None)
     if st.ub is not None and setting.row_mask:
         st.changed = changed_rows(u, st.ub, arr.shape)
         if st.changed is not None:  # code the changed rows only
@@ -105,6 +119,59 @@ def stage(name: str, arr: Any, crc32: Any, setting: Setting, base: TensorEntry |
             if alt.estimate * st.u.size + 16 * alpha.size < st.plan.estimate * st.u.size:
                 st.plan, st.alpha, st.ub2 = Plan("pred", alt.ctx, alt.estimate), alpha, ub2
     return st
+
+
+def _stage_fast(st: Staged, setting: Setting, ub2: Any) -> Staged:
+    """:func:`stage` on the compiled path: the same mask, plan and factors, with the changed rows read
+    through ``st.rows`` instead of gathered."""
+    st.__class__ = _RowStaged
+    layout, u = st.layout, st.full("u")
+    if st.full("ub") is not None and setting.row_mask:
+        st.changed = fast.changed_rows(u, st.full("ub"), st.shape)
+        if st.changed is not None:
+            st.rows = np.flatnonzero(st.changed)
+            st.coded_shape = (int(st.rows.size), rows_of(st.shape)[1])
+    per = rows_of(st.coded_shape)[1]
+    st.plan = fast.choose_plan(u, st.full("ub"), layout, setting, rows=st.rows, per=per)
+    n = st.values
+    if ub2 is not None and ub2.size == u.size and supports(layout) and n >= MIN_ESTIMATE_VALUES:
+        alpha = fast.fit(u, st.full("ub"), ub2, layout, st.coded_shape, st.rows)
+        if alpha is not None:  # keep the prediction only where it beats the plain delta (on a sample)
+            idx = sample_index(n)
+            pos = idx if isinstance(idx, np.ndarray) else np.arange(n)  # a slice: few values
+            rows = pos // per
+            us, ubs, ub2s = (fast.gather(x, pos, st.rows, per) for x in (u, st.full("ub"), ub2))
+            pred = predict(ubs, ub2s, alpha[rows], layout, 1)  # one value per "row"
+            alt = fast.choose_plan(us, pred, layout, setting, encs=("sub",))
+            if alt.estimate * n + 16 * alpha.size < st.plan.estimate * n:
+                st.plan, st.alpha, st.ub2 = Plan("pred", alt.ctx, alt.estimate), alpha, ub2
+    return st
+
+
+class _RowStaged(Staged):
+    """A tensor staged by the compiled path with a row mask: ``u``, ``ub`` and ``ub2`` are kept with every
+    row and gathered to the coded rows only when something reads them (the NumPy reference, the GPU
+    backend); the compiled kernels read :meth:`full` through ``rows`` and never gather a copy."""
+
+    def full(self, name: str) -> Any:
+        return self.__dict__[name]
+
+    def _coded(self, name: str) -> Any:
+        x = self.__dict__[name]
+        if x is None or self.rows is None:
+            return x
+        got = self.__dict__.get("_gathered_" + name)
+        if got is None:
+            got = self.__dict__["_gathered_" + name] = x.reshape(-1, self.coded_shape[1])[self.rows].reshape(-1)
+        return got
+
+    def _keep(self, name: str, value: Any) -> None:
+        self.__dict__[name] = value
+        self.__dict__.pop("_gathered_" + name, None)
+
+    u = property(lambda self: self._coded("u"), lambda self, v: self._keep("u", v))  # type: ignore[assignment]
+    ub = property(lambda self: self._coded("ub"), lambda self, v: self._keep("ub", v))  # type: ignore[assignment]
+    ub2 = property(lambda self: self._coded("ub2"), lambda self, v: self._keep("ub2", v))  # type: ignore[assignment]
 
 
 def _stage_lossy(name: str, arr: Any, crc32: Any, setting: Setting, scheme: dict[str, Any], rotate: bool) -> Staged:

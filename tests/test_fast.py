@@ -1,0 +1,310 @@
+"""The compiled CPU path (gpupas.backend.fast) against the NumPy reference, bit for bit.
+
+Every kernel is checked on adversarial values (NaN payloads, -0.0, Inf, subnormals, random bits)
+for every dtype, encoding ('mat', 'sub', 'xor', 'pred'), context split on and off, rotation on and
+off, row masks, segment starts inside a row, empty and odd sizes; then whole archives: the same
+bytes from both paths, each path reading the other's.
+"""
+
+from __future__ import annotations
+
+import logging
+import zlib
+
+import numpy as np
+import pytest
+from conftest import adversarial
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import gpupas
+from gpupas.backend import fast
+from gpupas.pas import context, predict, rows, transform
+from gpupas.pas.planes import LAYOUTS, coding_layout
+from gpupas.pas.settings import SETTINGS
+from gpupas.pas.transform import Plan
+
+pytestmark = pytest.mark.skipif(not fast.enabled(), reason="the compiled kernels are unavailable")
+NAMES = sorted(LAYOUTS)
+HYP = settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def _values(layout, n, seed, base=None, kind="random"):
+    """Patterns of ``n`` values: adversarial bits, or near ``base`` (small deltas, unchanged runs)."""
+    rng = np.random.default_rng(seed)
+    u = adversarial(layout.dtype, max(n, 1), seed).view(layout.uint)[:n].copy()
+    if base is not None and kind != "random":
+        step = rng.integers(-40, 41, n).astype(np.int64)
+        u = (base.astype(np.int64) + step).astype(layout.uint) if layout.width < 8 else base + step.astype(layout.uint)
+        keep = rng.random(n) < 0.3
+        u[keep] = base[keep]
+        if n > 10:
+            u[rng.integers(0, n, 3)] = adversarial(layout.dtype, 3, seed + 1).view(layout.uint)
+    return u
+
+
+def _case(data):
+    """A tensor's values, base, base's base, shape, row mask and factors, and a segment of it."""
+    name = data.draw(st.sampled_from(NAMES), label="dtype")
+    rotate = data.draw(st.booleans(), label="rotate")
+    layout = coding_layout(name, rotate)
+    nrows = data.draw(st.integers(0, 40), label="rows")
+    per = data.draw(st.sampled_from([1, 3, 7, 64, 129]), label="per")
+    n = nrows * per
+    seed = data.draw(st.integers(0, 2**31), label="seed")
+    ub2 = _values(layout, n, seed + 7)
+    ub = _values(layout, n, seed + 3, ub2, data.draw(st.sampled_from(["random", "near"]), label="base kind"))
+    u = _values(layout, n, seed, ub, data.draw(st.sampled_from(["random", "near"]), label="kind"))
+    masked = nrows > 0 and data.draw(st.booleans(), label="masked")
+    sel = None
+    if masked:
+        pick = np.random.default_rng(seed).random(nrows) < 0.6
+        sel = np.flatnonzero(pick)
+    coded_rows = nrows if sel is None else sel.size
+    values = coded_rows * per
+    a = data.draw(st.integers(0, values), label="a")
+    b = data.draw(st.integers(a, values), label="b")
+    encs = ["mat", "sub", "xor"] + (["pred"] if layout.width <= 4 else [])
+    enc = data.draw(st.sampled_from(encs), label="enc")
+    ctx = data.draw(st.booleans(), label="ctx")
+    alpha = None
+    if enc == "pred":
+        alpha = np.random.default_rng(seed).integers(-32768, 32768, coded_rows).astype(np.int16)
+        alpha[: min(3, coded_rows)] = np.array([0, -32768, 32767], np.int16)[: min(3, coded_rows)]
+    return layout, u, ub, ub2, (nrows, per), sel, alpha, a, b, Plan(enc, ctx)
+
+
+def _gathered(x, sel, per):
+    return x if sel is None else x.reshape(-1, per)[sel].reshape(-1)
+
+
+@HYP
+@given(st.data())
+def test_segments_match_the_reference(data) -> None:
+    layout, u, ub, ub2, (_nrows, per), sel, alpha, a, b, plan = _case(data)
+    min_group = data.draw(st.sampled_from([1, 16, 8192]), label="min_group")
+    n, w = b - a, layout.width
+    gu, gub, gub2 = (_gathered(x, sel, per) for x in (u, ub, ub2))
+    base = None if plan.enc == "mat" else gub[a:b]
+    if plan.enc == "pred":
+        base = predict.predict(gub[a:b], gub2[a:b], alpha, layout, per, a)
+    want = np.zeros((w, n), np.uint8)
+    want_groups = transform.encode_segment(gu[a:b], base, layout, plan, want, min_group)
+    flat = np.full(w * n + 5, 0xAB, np.uint8)
+    offs = np.arange(w, dtype=np.int64) * n + 5
+    got_groups = fast.encode_segment(u, None if plan.enc == "mat" else ub, ub2 if plan.enc == "pred" else None,
+                                     alpha, sel, per, a, b, layout, plan, flat, offs, min_group)
+    assert flat[5:].tobytes() == want.tobytes()
+    assert got_groups == want_groups
+    # decoding: the fast path writes the values into their places in the whole tensor
+    out = np.zeros_like(u)
+    fast.decode_segment(flat, offs, None if plan.enc == "mat" else ub, ub2 if plan.enc == "pred" else None, alpha,
+                        sel, per, a, b, layout, plan, out)
+    assert _gathered(out, sel, per)[a:b].tobytes() == gu[a:b].tobytes()
+    ref = np.empty(n, layout.uint)
+    transform.decode_segment(list(want), base, layout, plan, ref)
+    assert ref.tobytes() == gu[a:b].tobytes()
+
+
+@HYP
+@given(st.data())
+def test_plans_and_factors_match_the_reference(data) -> None:
+    name = data.draw(st.sampled_from(NAMES), label="dtype")
+    layout = coding_layout(name, data.draw(st.booleans(), label="rotate"))
+    per = data.draw(st.sampled_from([1, 5, 64, 300]), label="per")
+    nrows = data.draw(st.sampled_from([1, 7, 40, 200, 700]), label="rows")
+    seed = data.draw(st.integers(0, 2**31), label="seed")
+    n = nrows * per
+    ub2 = _values(layout, n, seed + 7)
+    ub = _values(layout, n, seed + 3, ub2, "near")
+    u = _values(layout, n, seed, ub, data.draw(st.sampled_from(["random", "near"]), label="kind"))
+    sel = np.flatnonzero(np.random.default_rng(seed).random(nrows) < 0.5) if data.draw(st.booleans()) else None
+    gu, gub, gub2 = (_gathered(x, sel, per) for x in (u, ub, ub2))
+    setting = SETTINGS[data.draw(st.sampled_from(sorted(SETTINGS)), label="setting")]
+    for base in (None, ub):
+        want = transform.choose_plan(gu, None if base is None else gub, layout, setting)
+        got = fast.choose_plan(u, base, layout, setting, rows=sel, per=per)
+        assert got == want
+    coded = (nrows if sel is None else sel.size, per)
+    want_alpha = predict.fit(gu, gub, gub2, layout, coded)
+    got_alpha = fast.fit(u, ub, ub2, layout, coded, sel)
+    assert (want_alpha is None) == (got_alpha is None)
+    if want_alpha is not None:
+        assert got_alpha.tobytes() == want_alpha.tobytes()
+    want_rows = rows.changed_rows(u, ub, (nrows, per))
+    got_rows = fast.changed_rows(u, ub, (nrows, per))
+    assert (want_rows is None) == (got_rows is None)
+    if want_rows is not None:
+        assert got_rows.tobytes() == want_rows.tobytes()
+
+
+def test_factors_of_adam_like_rows() -> None:
+    """Rows that keep moving by an exact ratio (a factor that pays) and rows at the cost threshold."""
+    rng = np.random.default_rng(1)
+    layout = LAYOUTS["float32"]
+    base2 = rng.normal(0, 0.02, (300, 128)).astype(np.float32)
+    step = rng.normal(0, 1e-4, base2.shape).astype(np.float32)
+    base = base2 + step
+    new = base + step * np.float32(0.234)
+    new[::3] += rng.normal(0, 1e-6, new[::3].shape).astype(np.float32)
+    u, ub, ub2 = (x.reshape(-1).view(np.uint32) for x in (new, base, base2))
+    want = predict.fit(u, ub, ub2, layout, base.shape)
+    got = fast.fit(u, ub, ub2, layout, base.shape)
+    assert want is not None and got is not None and got.tobytes() == want.tobytes()
+
+
+@given(st.lists(st.integers(0, 255), max_size=5000), st.sampled_from([1, 64, 8192]))
+@settings(max_examples=60, deadline=None)
+def test_group_bounds_from_the_sample(keys, min_group) -> None:
+    ctx = np.array(keys, np.uint8)
+    n = ctx.size
+    step = max(1, n // context.SAMPLE)
+    counts = np.bincount(ctx[::step], minlength=256)
+    assert fast.bounds_of_sample(counts, -(-n // step), n, min_group) == context.group_bounds(ctx, min_group)
+
+
+@given(st.data())
+@settings(max_examples=400, deadline=None)
+def test_huffman_deflate_is_zlib_ngs(data) -> None:
+    """The compiled Huffman-only Deflate writes zlib-ng's very stream: block ends every 32767 literals and at
+    each bound, stored/fixed/dynamic as zlib-ng picks them (window slides included: sizes near 64 KiB)."""
+    from gpupas.codecs import deflate
+
+    n = data.draw(st.sampled_from([0, 1, 3, 300, 32766, 32767, 32768, 65273, 65274, 65300, 98301, 131072, 262144]))
+    seed = data.draw(st.integers(0, 2**31))
+    rng = np.random.default_rng(seed)
+    kind = data.draw(st.sampled_from(["random", "skewed", "runs", "mixed"]))
+    if kind == "random":
+        d = rng.integers(0, 256, n, dtype=np.uint8)
+    elif kind == "skewed":
+        d = rng.geometric(data.draw(st.sampled_from([0.01, 0.3, 0.9])), n).clip(0, 255).astype(np.uint8)
+    elif kind == "runs":
+        d = np.repeat(rng.integers(0, 4, n // 50 + 1, dtype=np.uint8), 50)[:n]
+    else:
+        d = rng.geometric(0.1, n).clip(0, 255).astype(np.uint8)
+        d[: n // 3] = rng.integers(0, 256, n // 3, dtype=np.uint8)
+    bounds = sorted(set(data.draw(st.lists(st.integers(0, max(n, 1)), max_size=40))))
+    got = deflate.code(memoryview(d), bounds)
+    assert deflate._compiled() is not None
+    saved = list(deflate._FAST)
+    try:
+        deflate._FAST[:] = [None]
+        want = deflate.code(memoryview(d), bounds)
+    finally:
+        deflate._FAST[:] = saved
+    assert got == want
+
+
+def test_huffman_deflate_after_a_stored_block() -> None:
+    """A regression: long codes right after a block header that left many bits pending."""
+    from gpupas.codecs import deflate
+
+    rng = np.random.default_rng(1)
+    for n, cut in ((32767, 10287), (40000, 5000), (70000, 33333)):
+        d = rng.geometric(0.1, n).clip(0, 255).astype(np.uint8)
+        d[: n // 3] = rng.integers(0, 256, n // 3, dtype=np.uint8)
+        got = deflate.code(memoryview(d), [cut])
+        assert zlib.decompress(got, 31) == d.tobytes()
+        saved = list(deflate._FAST)
+        try:
+            deflate._FAST[:] = [None]
+            assert deflate.code(memoryview(d), [cut]) == got
+        finally:
+            deflate._FAST[:] = saved
+
+
+def _chain(seed: int = 0):
+    """Snapshots of every dtype with a base and a base's base: masks, 'pred', context split."""
+    rng = np.random.default_rng(seed)
+    first = {f"t.{name}": adversarial(LAYOUTS[name].dtype, 3001, seed + i) for i, name in enumerate(NAMES)}
+    first["emb"] = rng.normal(0, 0.02, (600, 96)).astype(np.float32)
+    first["dense"] = rng.normal(0, 0.02, (200, 300)).astype(np.float32)
+    first["scalar"] = np.float32(1.5)
+    first["empty"] = np.zeros((0, 4), np.float32)
+    snaps = [first]
+    velocity = {k: rng.normal(0, 1e-4, np.shape(first[k])).astype(np.float32) for k in ("emb", "dense")}
+    for _ in range(3):
+        nxt = dict(snaps[-1])
+        for k, v in velocity.items():
+            moved = v.copy()
+            if k == "emb":
+                moved[rng.random(v.shape[0]) < 0.5] = 0  # untouched rows: a row mask
+            nxt[k] = snaps[-1][k] + moved
+            velocity[k] = v * np.float32(0.9)
+        snaps.append(nxt)
+    return snaps
+
+
+def _commit_all(path, snaps, setting):
+    with gpupas.create_archive(path, durable=False) as arc:
+        ms = [arc.commit(s, snapshot=f"s{i}", base=None if i == 0 else f"s{i - 1}", setting=setting)
+              for i, s in enumerate(snaps)]
+    return ms
+
+
+def _shape_of(m):
+    return ([(s.length, s.chunks, s.stored) for s in m.streams],
+            [(e.name, e.enc, e.ctx, e.rows, e.parts, e.extras, e.stored, e.plane_bytes, e.crc32) for e in m.tensors])
+
+
+@pytest.mark.parametrize("setting", ["fast", "default", "strong"])
+def test_archives_are_the_same_and_read_each_other(tmp_path, setting) -> None:
+    snaps = _chain()
+    with fast.use(False):
+        ref = _commit_all(tmp_path / "ref", snaps, setting)
+    with fast.use(True):
+        got = _commit_all(tmp_path / "fast", snaps, setting)
+    assert [_shape_of(m) for m in got] == [_shape_of(m) for m in ref]
+    assert any(e.enc == "pred" for m in got for e in m.tensors) or setting == "fast"
+    assert any(e.rows is not None for m in got for e in m.tensors)
+    for on in (False, True):
+        for where in ("ref", "fast"):
+            with fast.use(on), gpupas.open_archive(tmp_path / where) as arc:
+                for i, s in enumerate(snaps):
+                    out = arc.restore(f"s{i}")
+                    for k, v in s.items():
+                        assert out[k].tobytes() == np.asarray(v).tobytes(), (on, where, i, k)
+
+
+def test_without_the_compiled_kernels_the_reference_runs_and_says_so(tmp_path, monkeypatch, caplog) -> None:
+    import sys
+
+    from gpupas.codecs import deflate
+
+    monkeypatch.setattr(deflate, "_FAST", [])
+    monkeypatch.setitem(fast._state, "kernels", None)
+    monkeypatch.setitem(sys.modules, "gpupas._fastc", None)  # importing it now raises ImportError
+    monkeypatch.delattr(gpupas, "_fastc", raising=False)
+    with caplog.at_level(logging.WARNING, logger="gpupas"):
+        assert not fast.enabled()
+        assert not fast.enabled()
+        snaps = _chain()[:3]
+        ms = _commit_all(tmp_path / "a", snaps, "default")
+        assert deflate._compiled() is None  # zlib-ng coded the Deflate chunks
+    said = [r for r in caplog.records if "compiled CPU kernels are unavailable" in r.getMessage()]
+    assert len(said) == 1
+    monkeypatch.undo()
+    assert fast.enabled()
+    with gpupas.open_archive(tmp_path / "a") as arc:
+        assert arc.restore(ms[2].id)["emb"].tobytes() == snaps[2]["emb"].tobytes()
+
+
+@pytest.mark.parametrize("window", [1, 20000, 1 << 30])
+@pytest.mark.parametrize("layout", [{}, {"groups": (1,), "chunk_size": 4096}, {"chunk_size": 4096, "segment": 1000},
+                                    {"groups": (1, 2), "chunk_size": 1024, "segment": 777}])
+def test_restores_through_small_windows(tmp_path, monkeypatch, window, layout) -> None:
+    """Restores one window of decoded planes at a time: segments, row masks and factors across windows and
+    plane groups (streams), masks read apart where they lie outside their tensor's first window."""
+    monkeypatch.setattr(fast, "WINDOW", window)
+    snaps = _chain(1)
+    with gpupas.create_archive(tmp_path / "a", durable=False) as arc:
+        for i, s in enumerate(snaps):
+            arc.commit(s, snapshot=f"s{i}", base=None if i == 0 else f"s{i - 1}", layout=gpupas.Layout(**layout))
+    with gpupas.open_archive(tmp_path / "a") as arc:
+        assert any(e.rows is not None for e in arc.manifest("s3").tensors)
+        for i, s in enumerate(snaps):
+            out = arc.restore(f"s{i}")
+            for k, v in s.items():
+                assert out[k].tobytes() == np.asarray(v).tobytes(), (i, k)
+            part = arc.restore(f"s{i}", ["emb"])  # one tensor: only its chunks, its window
+            assert part["emb"].tobytes() == s["emb"].tobytes()
