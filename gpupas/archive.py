@@ -29,7 +29,7 @@ from gpupas.engine.bases import BaseCache
 from gpupas.engine.encode import Layout, write_streams
 from gpupas.engine.executor import Executor
 from gpupas.engine.stage import stage_all
-from gpupas.errors import ArchiveExistsError, IntegrityError, InvalidInputError, SnapshotNotFoundError
+from gpupas.errors import ArchiveExistsError, GpupasError, IntegrityError, InvalidInputError, SnapshotNotFoundError
 from gpupas.format.keys import check_name
 from gpupas.format.manifest import Manifest
 from gpupas.pas import schemes
@@ -148,9 +148,19 @@ class Archive:
         with self._lock:
             self._manifests.pop(snapshot, None)
 
+    def _forget_all(self) -> None:
+        with self._lock:
+            self._manifests.clear()
+
     def snapshots(self) -> list[str]:
-        """Committed snapshot ids, oldest first."""
-        return sorted(self.store.list_snapshots(), key=lambda s: (self.manifest(s).created, s))
+        """Committed snapshot ids, oldest first (those whose manifest cannot be read, first)."""
+        def created(sid: str) -> tuple[str, str]:
+            try:
+                return self.manifest(sid).created, sid
+            except GpupasError:  # a damaged manifest is still listed (first): verify says what is wrong
+                return "", sid
+
+        return sorted(self.store.list_snapshots(), key=created)
 
     def depth(self, snapshot: str) -> int:
         """Links below ``snapshot`` in its delta chain (0: stored whole), derived from the manifests."""
@@ -175,7 +185,8 @@ class Archive:
 
     def gc(self, min_age: float = 3600.0, dry_run: bool = False) -> list[str]:
         """Delete the chunk folders no manifest names (interrupted commits, revised snapshots) once
-        untouched for ``min_age`` seconds; returns their names. (Every published snapshot is kept:
+        untouched for ``min_age`` seconds, in the archive and in its tiers (``tier:folder``); returns their
+        names. (Every published snapshot is kept:
         :meth:`gpupas.versions.repository.Repository.gc` also removes snapshots no version needs.)"""
         return self.store.remove_orphans(min_age, dry_run)
 
@@ -205,47 +216,71 @@ class Archive:
         if self.store.has_manifest(sid):
             raise ArchiveExistsError(f"snapshot {sid!r} already exists in {self.location}; choose another id")
         with self.store.writing():  # a discard or gc of the base waits until this is published
-            base_m, base_bits, grand_bits = None, {}, {}
-            if base is not None:
-                self._forget(base)
-                base_m = self.manifest(base)  # read again under the lock: still there
-                if self.depth(base) + 1 > self.max_chain:  # keep restores bounded: start a new chain
-                    base, base_m = None, None
-                else:
-                    base_bits = self._read(base, None, backend)[0]
-                    grand_bits = self._grand_bits(base_m, arrays, cfg, backend)
-            small = sum(int(a.nbytes) for a in arrays.values()) <= SMALL
-            staged = stage_all(arrays, cfg, backend.crc32, self.executor, small,
-                               None if base_m is None else base_m.by_name, base_bits, grand_bits, layout.rotate,
-                               plan_lossy)
-            streams, entries = write_streams(self.store, sid, staged, cfg, backend, self.executor, layout, small)
-            grand = base_m.base if base_m is not None and any(st.plan.enc == "pred" for st in staged) else None
-            m = Manifest(id=sid, created=_now(), base=base, grand=grand, streams=streams, tensors=entries,
-                         setting=cfg.name, segment=layout.segment, raw_bytes=sum(st.nbytes for st in staged),
-                         stored_bytes=sum(s.stored for s in streams), meta=dict(meta or {}),
-                         commit_seconds=round(time.perf_counter() - t0, 6))
-            try:
-                _unchanged(staged, backend)
-                for needed in {base, grand} - {None}:
-                    if not self.store.has_manifest(needed):  # type: ignore[arg-type]
-                        raise SnapshotNotFoundError(f"snapshot {needed}, the base of this commit, was discarded "
-                                                    "while it was being committed; nothing was stored")
-                self.store.publish_manifest(m)
-            except BaseException:
-                for s in streams:
-                    self.store.delete_folder(s.folder, s.tier)
-                raise
+            for attempt in range(2):  # a second time with the base read from the store, where a cached one changed
+                base_m, base_bits, grand_bits = None, {}, {}
+                if base is not None:
+                    self._forget(base)
+                    base_m = self.manifest(base)  # read again under the lock: still there
+                    if self.depth(base) + 1 > self.max_chain:  # keep restores bounded: start a new chain
+                        base, base_m = None, None
+                    else:
+                        base_bits = self._read(base, None, backend, cache=attempt == 0)[0]
+                        grand_bits = self._grand_bits(base_m, arrays, cfg, backend, cache=attempt == 0)
+                small = sum(int(a.nbytes) for a in arrays.values()) <= SMALL
+                staged = stage_all(arrays, cfg, backend.crc32, self.executor, small,
+                                   None if base_m is None else base_m.by_name, base_bits, grand_bits, layout.rotate,
+                                   plan_lossy)
+                streams, entries = write_streams(self.store, sid, staged, cfg, backend, self.executor, layout, small)
+                grand = base_m.base if base_m is not None and any(st.plan.enc == "pred" for st in staged) else None
+                m = Manifest(id=sid, created=_now(), base=base, grand=grand, streams=streams, tensors=entries,
+                             setting=cfg.name, segment=layout.segment, raw_bytes=sum(st.nbytes for st in staged),
+                             stored_bytes=sum(s.stored for s in streams), meta=dict(meta or {}),
+                             commit_seconds=round(time.perf_counter() - t0, 6))
+                try:
+                    _unchanged(staged, backend)
+                    if not self._bases_unchanged(m, base_bits, grand_bits, backend):
+                        if attempt:
+                            raise IntegrityError(f"the base {base} of this commit changed while it was read from "
+                                                 "the store; nothing was stored")
+                        for s in streams:
+                            self.store.delete_folder(s.folder, s.tier)
+                        self.bases.drop(base)  # type: ignore[arg-type]
+                        continue
+                    for needed in {base, grand} - {None}:
+                        if not self.store.has_manifest(needed):  # type: ignore[arg-type]
+                            raise SnapshotNotFoundError(f"snapshot {needed}, the base of this commit, was discarded "
+                                                        "while it was being committed; nothing was stored")
+                    self.store.publish_manifest(m)
+                except BaseException:
+                    for s in streams:
+                        self.store.delete_folder(s.folder, s.tier)
+                    raise
+                break
         self.bases.put(sid, {st.name: st.bits for st in staged}, borrowed=True)  # checked by CRC before use
         return m
 
-    def _grand_bits(self, base_m: Manifest, arrays: Mapping[str, Any], cfg: Setting, backend: Any) -> dict[str, Any]:
+    def _bases_unchanged(self, m: Manifest, base_bits: Mapping[str, Any], grand_bits: Mapping[str, Any],
+                         backend: Any) -> bool:
+        """Whether the base (and grand-base) bits the tensors of ``m`` were coded against still match their
+        checksums: a cached base can be the caller's live arrays, which a training step may have changed."""
+        for sid, bits, used in ((m.base, base_bits, [e.name for e in m.tensors if e.reads_base]),
+                                (m.grand, grand_bits, [e.name for e in m.tensors if e.enc == "pred"])):
+            if sid is None or not used:
+                continue
+            by_name = self.manifest(sid).by_name
+            if backend.crc32_many([bits[n] for n in used]) != [by_name[n].crc32 for n in used]:
+                return False
+        return True
+
+    def _grand_bits(self, base_m: Manifest, arrays: Mapping[str, Any], cfg: Setting, backend: Any,
+                    cache: bool = True) -> dict[str, Any]:
         """Bits of the base's own base for the tensors the base stores as deltas (what a 'pred'
         encoding extrapolates from); empty where there is none or the setting does not predict."""
         names = [e.name for e in base_m.tensors if e.reads_base and e.name in arrays]
         if not (cfg.predict and names and base_m.base is not None):
             return {}
         try:
-            return self._read(base_m.base, names, backend)[0]
+            return self._read(base_m.base, names, backend, cache)[0]
         except (SnapshotNotFoundError, IntegrityError, KeyError):
             return {}  # the base cannot be restored either; store plain deltas, which need only it
 
@@ -404,16 +439,40 @@ class Archive:
             self.bases.share(snapshot)  # the caller now holds the cached arrays
         return backend.outputs(self.manifest(snapshot), bits, framework, copy=cached)  # never share held arrays
 
+    def read_planes(self, snapshot: str, planes: int = 1, names: Iterable[str] | None = None, *,
+                    base_planes: int | None = None) -> Any:
+        """The tensors of ``snapshot`` (all, or ``names``) from their highest ``planes`` byte planes only:
+        a :class:`gpupas.engine.partial.PlaneRead` with ``approx`` (missing bits at their midpoint),
+        guaranteed bounds ``lo``/``hi`` (and ``unbounded`` where a NaN was possible), ``bytes_read`` and
+        ``bytes_total`` (bases included). Only the chunks holding those planes are fetched; a delta's
+        bases are read with as many planes (at least ``base_planes``, if given). Floats
+        committed with ``layout=Layout(rotate=False)`` bound tightly (their sign is in the top plane);
+        see docs/partial-reads.md.
+
+        >>> import numpy as np, gpupas, tempfile
+        >>> a = gpupas.create_archive(tempfile.mkdtemp() + "/arc")
+        >>> m = a.commit({"w": np.linspace(-1, 1, 5, dtype=np.float32)}, layout=gpupas.Layout(rotate=False))
+        >>> r = a.read_planes(m.id, planes=2)
+        >>> bool(np.all((r.lo["w"] <= a.restore(m.id)["w"]) & (a.restore(m.id)["w"] <= r.hi["w"])))
+        True
+        """
+        from gpupas.engine.partial import PartialReader
+
+        with PartialReader(self.store, self.manifest, get_backend("numpy"), self.executor, base_planes) as reader:
+            return reader.read(snapshot, planes, names)
+
     def verify(self, snapshot: str) -> int:
         """Re-read every chunk and tensor of ``snapshot`` (and what it needs of its chain); raises
         IntegrityError. Returns the tensor count."""
         self.bases.drop(snapshot)
+        self._forget_all()  # manifests are read again: one damaged since it was first read is found
         return len(self._read(snapshot, None, get_backend("numpy"), cache=False)[0])
 
     def verify_all(self, snapshots: Iterable[str] | None = None) -> Iterator[tuple[str, int | Exception]]:
         """Check every snapshot (default: all), decoding each once, parents before children; yields
         (snapshot, tensor count or the error found)."""
         sids = self.store.list_snapshots() if snapshots is None else list(snapshots)
+        self._forget_all()
         return chain.read_all(self.store, sids, manifests=self.manifest, backend=get_backend("numpy"),
                               executor=self.executor)
 

@@ -33,6 +33,10 @@ class SnapshotNotFoundError(NotFoundError):
     """No committed snapshot has that id."""
 
 
+class TierNotFoundError(NotFoundError):
+    """A manifest or a command names a storage tier that the archive does not define."""
+
+
 class VersionNotFoundError(NotFoundError):
     """No model version has that id, tag or name."""
 
@@ -67,6 +71,11 @@ class BackendUnavailableError(GpupasError, ImportError):
 
 class CodecUnavailableError(BackendUnavailableError):
     """A chunk codec gpupas knows but that cannot run here (a GPU-only codec on a CPU machine)."""
+
+
+class TierUnavailableError(GpupasError, OSError):
+    """A storage tier the archive defines cannot be reached or is not the tier it names (wrong URL,
+    missing credentials, a server down)."""
 
 
 class CatalogError(GpupasError, RuntimeError):

@@ -556,5 +556,6 @@ def run() -> None:
 
 
 from gpupas.cli import jobs as _jobs  # noqa: E402, F401  (registers `gpupas plan` and `gpupas compact`)
+from gpupas.cli import storage as _storage  # noqa: E402, F401  (registers `gpupas tier` and `gpupas inspect`)
 
 __all__ = ["BAD_INPUT", "app", "run"]

@@ -40,16 +40,34 @@ def decode_snapshot(store: ArchiveStore, m: Manifest, entries: Sequence[TensorEn
     small = sum(len(cs) * m.streams[s].chunk_size for s, cs in need.items()) <= SMALL
     sizes = {s: m.streams[s].nchunks * m.streams[s].chunk_size for s in need}
     _fits(sum(sizes.values()) + sum(e.nbytes for e in entries), m)
-    with backend.workspace(sum(sizes.values())) as ws:
-        bufs: dict[int, Any] = {}
-        at = 0
-        for s in sorted(need):
-            bufs[s] = ws[at : at + sizes[s]]
-            at += sizes[s]
-        for s, chunks in need.items():
-            _read_stream(store, m, s, chunks, bufs[s], backend, executor, small)
-        coded = [_coded(e) for e in entries]
-        out = backend.decode_planes(m, coded, bufs, base_bits, grand_bits, executor, small)
+    try:
+        return _decode(store, m, entries, need, sizes, base_bits, grand_bits, backend, executor, small)
+    except MemoryError:
+        raise IntegrityError(f"snapshot {m.id} declares {sum(sizes.values()) + sum(e.nbytes for e in entries)} "
+                             "bytes of tensors and planes and this process could not allocate them: its manifest "
+                             "is damaged or hostile, or restore it with more memory (ulimit -v)") from None
+
+
+def _decode(store: ArchiveStore, m: Manifest, entries: Sequence[TensorEntry], need: Mapping[int, list[int]],
+            sizes: Mapping[int, int], base_bits: Mapping[str, Any], grand_bits: Mapping[str, Any], backend: Any,
+            executor: Any, small: bool) -> dict[str, Any]:
+    coded = [_coded(e) for e in entries]
+    windows = getattr(backend, "decode_windows", None)  # the NumPy backend: planes through a bounded window
+
+    def read(s: int, chunks: list[int], buf: Any, first: int) -> None:
+        _read_stream(store, m, s, chunks, buf, backend, executor, small, first)
+
+    out = None if windows is None else windows(m, coded, read, base_bits, grand_bits, executor, small)
+    if out is None:
+        with backend.workspace(sum(sizes.values())) as ws:
+            bufs: dict[int, Any] = {}
+            at = 0
+            for s in sorted(need):
+                bufs[s] = ws[at : at + sizes[s]]
+                at += sizes[s]
+            for s, chunks in need.items():
+                _read_stream(store, m, s, chunks, bufs[s], backend, executor, small)
+            out = backend.decode_planes(m, coded, bufs, base_bits, grand_bits, executor, small)
     for e in entries:
         if e.scheme is not None:
             out[e.name] = _restore(e, out[e.name], backend)
@@ -98,7 +116,8 @@ def _fits(nbytes: int, m: Manifest) -> None:
 
 
 def _read_stream(store: ArchiveStore, m: Manifest, s: int, chunks: list[int], buf: Any, backend: Any, executor: Any,
-                 small: bool) -> None:
+                 small: bool, first: int = 0) -> None:
+    """Decode ``chunks`` of stream ``s`` into ``buf``, chunk ``c`` at ``(c - first) * chunk_size``."""
     stream = m.streams[s]
     reader = store.reader(stream)
 
@@ -122,6 +141,11 @@ def _read_stream(store: ArchiveStore, m: Manifest, s: int, chunks: list[int], bu
                                  "from a copy or commit that snapshot again") from None
         if missing:
             raise damaged(missing[0], IntegrityError("chunk is missing"))
-        backend.decode_chunks(stream, chunks, reader.fetch, buf, executor, small, damaged)
+        if first:  # the same chunks, numbered from ``first``
+            backend.decode_chunks(replace(stream, chunks=stream.chunks[first:]), [c - first for c in chunks],
+                                  lambda c: reader.fetch(c + first), buf, executor, small,
+                                  lambda c, exc: damaged(c + first, exc))
+        else:
+            backend.decode_chunks(stream, chunks, reader.fetch, buf, executor, small, damaged)
     finally:
         reader.close()

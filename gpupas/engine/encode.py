@@ -20,7 +20,7 @@ import numpy as np
 from gpupas.codecs import registry
 from gpupas.codecs.policy import ChunkPolicy
 from gpupas.engine.stage import Staged
-from gpupas.format.layout import place, plane_ranges
+from gpupas.format.layout import group_bounds, place, plane_ranges
 from gpupas.format.manifest import Stream, TensorEntry
 from gpupas.pas.context import entropy
 from gpupas.pas.planes import LAYOUTS
@@ -41,6 +41,14 @@ class Layout:
     chunk_size: int = CHUNK_SIZE
     segment: int = SEGMENT
     rotate: bool = True  # floats' sign bit rotated to the bottom plane (False: kept on top, for bounded reads)
+    tiers: tuple[str | None, ...] = ()  # the tier of each plane group's stream, first group first (None: local)
+
+    def tier_of(self, first_plane: int) -> str | None:
+        """The tier of the stream whose planes start at ``first_plane`` (None: the archive's own store)."""
+        for g, (lo, hi) in enumerate(group_bounds(self.groups)):
+            if lo <= first_plane < hi:
+                return self.tiers[g] if g < len(self.tiers) else None
+        return None
 
 
 def new_folder(sid: str) -> str:
@@ -53,11 +61,15 @@ def write_streams(store: ArchiveStore, sid: str, staged: Sequence[Staged], setti
                   ) -> tuple[tuple[Stream, ...], tuple[TensorEntry, ...]]:
     """Write the streams of a snapshot of ``staged`` tensors; returns them and the tensor entries."""
     extras = [st.extra() for st in staged]
-    placements, lengths = place([(st.layout.width, st.u.size, x.size) for st, x in zip(staged, extras)],
+    placements, lengths = place([(st.layout.width, st.values, x.size) for st, x in zip(staged, extras)],
                                 layout.groups)
     policy = ChunkPolicy(setting.codecs, setting.try_all, setting.zstd_level)
     table = policy.table()
     inner = {cid: list(registry.info(cid).zarr_codecs) for cid in table.values()}
+    firsts: dict[int, int] = {}  # the first plane of each stream: which plane group, so which tier
+    for pl in placements:
+        for p in pl.parts:
+            firsts[p.stream] = min(p.first, firsts.get(p.stream, p.first))
     streams: list[Stream] = []
     chunk_sizes: list[list[int]] = []
     with backend.workspace(sum(lengths)) as ws:
@@ -70,7 +82,7 @@ def write_streams(store: ArchiveStore, sid: str, staged: Sequence[Staged], setti
             for s, length in enumerate(lengths):
                 nchunks = -(-length // layout.chunk_size)
                 stream = Stream(new_folder(sid), length, layout.chunk_size, max(1, min(SHARD_CHUNKS, nchunks)),
-                                table, "")
+                                table, "", tier=layout.tier_of(firsts.get(s, 0)))
                 store.create_stream(stream, inner)
                 written.append(stream)
                 sink = store.sink(stream, executor.background)
@@ -89,7 +101,7 @@ def write_streams(store: ArchiveStore, sid: str, staged: Sequence[Staged], setti
         except BaseException:
             for stream in written:  # never published: remove now rather than leave it to gc
                 try:
-                    store.delete_folder(stream.folder)
+                    store.delete_folder(stream.folder, stream.tier)
                 except OSError:
                     pass
             raise

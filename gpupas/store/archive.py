@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Iterator, Sequence
+import threading
+import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -24,21 +26,30 @@ from gpupas.errors import (
     IntegrityError,
     InvalidInputError,
     SnapshotNotFoundError,
+    TierNotFoundError,
+    TierUnavailableError,
 )
 from gpupas.format import keys, zarr_meta
 from gpupas.format.manifest import FORMAT, Manifest, Stream
-from gpupas.store.base import Store, open_store
+from gpupas.store import tiers as _tiers
+from gpupas.store.base import Store, is_remote, open_store
 from gpupas.store.shards import ShardReader, ShardSink
 
 REMOTE_MIN_AGE = 3600.0  # object stores have no locks: gc there leaves folders younger than this
 
 
 class ArchiveStore:
-    """Manifests and chunk folders of one archive."""
+    """Manifests and chunk folders of one archive, and the tiers (second stores) some streams live in.
 
-    def __init__(self, store: Store, fmt: int = FORMAT):
+    ``tier_options``: storage options per tier name for this session (credentials; never written).
+    """
+
+    def __init__(self, store: Store, fmt: int = FORMAT, tier_options: Mapping[str, Mapping[str, Any]] | None = None):
         self.store = store
         self.format = fmt
+        self.tier_options = {k: dict(v) for k, v in (tier_options or {}).items()}
+        self._tier_stores: dict[str, Store] = {}
+        self._tier_lock = threading.Lock()
 
     @property
     def location(self) -> str:
@@ -55,8 +66,10 @@ class ArchiveStore:
     # -- opening -------------------------------------------------------------------------------------------
     @classmethod
     def open(cls, location: str | os.PathLike[str], *, create: bool = False,
-             storage_options: dict[str, Any] | None = None, durable: bool = True) -> ArchiveStore:
-        """The archive at ``location`` (a directory or an fsspec URL such as s3://bucket/path)."""
+             storage_options: dict[str, Any] | None = None, durable: bool = True,
+             tier_options: Mapping[str, Mapping[str, Any]] | None = None) -> ArchiveStore:
+        """The archive at ``location`` (a directory or an fsspec URL such as s3://bucket/path);
+        ``tier_options``: storage options (credentials) of its tiers, by tier name."""
         loc = os.fspath(location)
         store = open_store(loc, create=create, durable=durable, storage_options=storage_options)
         meta = store.get(keys.ROOT)
@@ -66,7 +79,7 @@ class ArchiveStore:
                                            f"`gpupas init {loc}`")
             if store.list(""):
                 raise ArchiveExistsError(f"{loc} is not empty and not an archive; pick an empty location")
-            self = cls(store, FORMAT)
+            self = cls(store, FORMAT, tier_options)
             self._write_groups()
             return self
         try:
@@ -79,7 +92,7 @@ class ArchiveStore:
         if fmt > FORMAT:
             raise FormatError(f"archive {loc} has format {fmt}; this gpupas reads formats up to {FORMAT}: "
                               "upgrade gpupas (pip install -U gpupas)")
-        return cls(store, fmt)
+        return cls(store, fmt, tier_options)
 
     def _write_groups(self) -> None:
         self.store.put(keys.ROOT, _json(zarr_meta.group({"gpupas": {"format": FORMAT}})))
@@ -138,17 +151,19 @@ class ArchiveStore:
             return new.to_bytes()
 
         self.store.update(keys.manifest(new.id), change)
-        kept = set(new.folders())
-        self.mark_superseded([f for f in replaced[0].folders() if f not in kept])
+        kept = {(s.tier, s.folder) for s in new.streams}
+        self.mark_superseded([s for s in replaced[0].streams if (s.tier, s.folder) not in kept])
 
-    def mark_superseded(self, folders: Sequence[str]) -> None:
-        """Note in each folder's group document that a revision replaced it: gc's grace period counts
-        from now (the folder's last write)."""
+    def mark_superseded(self, folders: Sequence[str | Stream]) -> None:
+        """Note in each folder's group document (a stream's folder, in its tier) that a revision replaced
+        it: gc's grace period counts from now (the folder's last write)."""
         when = datetime.now(UTC).isoformat()
         for f in folders:
+            folder, tier = (f.folder, f.tier) if isinstance(f, Stream) else (f, None)
             try:
-                self.store.put(f"{keys.folder(f)}/zarr.json", _json(zarr_meta.group({"gpupas": {"superseded": when}})))
-            except OSError:
+                self.tier_store(tier).put(f"{keys.folder(folder)}/zarr.json",
+                                          _json(zarr_meta.group({"gpupas": {"superseded": when}})))
+            except (OSError, GpupasTierError):
                 pass  # best effort: gc then counts from the folder's first write
 
     def list_snapshots(self) -> list[str]:
@@ -190,24 +205,52 @@ class ArchiveStore:
         """
         with self.store.lock(keys.SNAPSHOTS, exclusive=True):
             try:
-                folders = self.read_manifest(sid).folders()
+                streams: Sequence[Stream] = self.read_manifest(sid).streams
             except SnapshotNotFoundError:
                 return
             except (IntegrityError, FormatError):
-                folders = []  # its folders become orphans for gc
+                streams = []  # its folders become orphans for gc
             users = [] if force else self.children(sid)
             if users:
                 raise InvalidInputError(f"snapshot {sid} is the base of {', '.join(users[:5])}"
                                         f"{'...' if len(users) > 5 else ''}: discard those first (or force it)")
             self.store.delete(keys.manifest(sid))
-            for f in folders:
-                self.store.delete_prefix(keys.folder(f))
+            self._delete_streams(self._owned(sid, streams))
+
+    def _owned(self, sid: str, streams: Sequence[Stream]) -> list[Stream]:
+        """The streams of ``sid`` whose folders are its own: named after it (``<sid>`` or ``<sid>.<tag>``) and
+        named by no other manifest (a damaged or hostile manifest naming another snapshot's folder must not
+        make a discard delete it)."""
+        mine = [s for s in streams if s.folder == sid or s.folder.startswith(sid + ".")]
+        ids = set(self.list_snapshots()) - {sid}
+        others: set[str] = set()
+        for s in mine:  # only snapshots whose ids prefix the folder's name could name it as theirs
+            parts = s.folder.split(".")
+            for k in range(1, len(parts) + 1):
+                other = ".".join(parts[:k])
+                if other in ids:
+                    try:
+                        others.update(self.read_manifest(other).folders())
+                    except (SnapshotNotFoundError, IntegrityError, FormatError):
+                        continue
+        return [s for s in mine if s.folder not in others]
+
+    def _delete_streams(self, streams: Sequence[Stream]) -> None:
+        """Delete the folders of streams whose manifest is gone; a tier that cannot be reached keeps
+        its folders (orphans for gc once it is back) and says so."""
+        for s in streams:
+            try:
+                self.delete_folder(s.folder, s.tier)
+            except GpupasTierError as exc:
+                warnings.warn(f"folder {s.folder} stays in tier {s.tier!r} until `gpupas gc` runs with the tier "
+                              f"reachable ({exc})", stacklevel=3)
 
     # -- folders -------------------------------------------------------------------------------------------
-    def delete_folder(self, folder: str) -> None:
+    def delete_folder(self, folder: str, tier: str | None = None) -> None:
+        """Delete a stream folder (in tier ``tier``; None: the archive's own store)."""
         if not keys.is_folder(folder):
             raise ValueError(f"bad folder name {folder!r}")
-        self.store.delete_prefix(keys.folder(folder))
+        self.tier_store(tier).delete_prefix(keys.folder(folder))
 
     def folders(self) -> list[str]:
         return [n for n in self.store.list(keys.SNAPSHOTS) if n != "zarr.json" and keys.is_folder(n)]
@@ -222,8 +265,23 @@ class ArchiveStore:
         return named
 
     def orphan_folders(self) -> list[str]:
-        """Chunk folders under ``snapshots/`` that no manifest names (killed commits, revised snapshots)."""
-        return sorted(set(self.folders()) - self.referenced_folders())
+        """Chunk folders under ``snapshots/`` that no manifest names (killed commits, revised snapshots);
+        those in a tier as ``tier:folder`` (tiers that cannot be reached are left out, with a warning)."""
+        out = sorted(set(self.folders()) - self.referenced_folders())
+        named: dict[str, set[str]] = {}
+        for sid in self.list_snapshots():
+            try:
+                for s in self.read_manifest(sid).streams:
+                    if s.tier is not None:
+                        named.setdefault(s.tier, set()).add(s.folder)
+            except (SnapshotNotFoundError, IntegrityError, FormatError):
+                continue
+        for name in sorted(self.tier_table()):
+            try:
+                out += [f"{name}:{f}" for f in sorted(set(self.tier_folders(name)) - named.get(name, set()))]
+            except GpupasTierError as exc:
+                warnings.warn(f"orphans in tier {name!r} not listed: {exc}", stacklevel=2)
+        return out
 
     def remove_orphans(self, min_age: float, dry_run: bool = False) -> list[str]:
         """Delete folders no manifest names that were untouched for ``min_age`` seconds; their names."""
@@ -268,43 +326,194 @@ class ArchiveStore:
                 for sid in sorted(set(manifests) - reachable):
                     m = manifests.pop(sid)
                     out.append(("snapshot", sid, sum(st.stored for st in m.streams)))
-                    gone.update(m.folders())  # removed with it, not counted again below
+                    gone.update((s.tier, s.folder) for s in m.streams)  # removed with it, not counted again below
                     if not dry_run:
                         self.store.delete(keys.manifest(sid))
-                        for f in m.folders():
-                            self.store.delete_prefix(keys.folder(f))
-            named = {f for m in manifests.values() for f in m.folders()} | gone
-            if unreadable:
-                named |= {f for f in self.folders() if f.split(".", 1)[0] in unreadable}
-            for name in sorted(set(self.folders()) - named):
-                age = self.store.age(keys.folder(name))
-                if age is not None and age < min_age:
-                    continue
-                out.append(("folder", name, self.store.usage(keys.folder(name))))
-                if not dry_run:
-                    self.store.delete_prefix(keys.folder(name))
+                        self._delete_streams(m.streams)
+            named = {(s.tier, s.folder) for m in manifests.values() for s in m.streams} | gone
+            for tier in [None, *sorted(self.tier_table())]:
+                try:
+                    out += self._sweep(tier, named, unreadable, min_age, dry_run)
+                except GpupasTierError as exc:
+                    warnings.warn(f"tier {tier!r} was not swept: {exc}", stacklevel=2)
+        return out
+
+    def _sweep(self, tier: str | None, named: set[tuple[str | None, str]], unreadable: list[str], min_age: float,
+               dry_run: bool) -> list[tuple[str, str, int]]:
+        """Delete (or list) the folders of one store (the archive's, or a tier's) that nothing names."""
+        store = self.tier_store(tier)
+        have = self.folders() if tier is None else self.tier_folders(tier)
+        out = []
+        for name in sorted(have):
+            if (tier, name) in named or name.split(".", 1)[0] in unreadable:
+                continue
+            age = store.age(keys.folder(name))
+            if age is not None and age < min_age:
+                continue
+            out.append(("folder", name if tier is None else f"{tier}:{name}", store.usage(keys.folder(name))))
+            if not dry_run:
+                store.delete_prefix(keys.folder(name))
         return out
 
     def create_stream(self, stream: Stream, inner: dict[str, list[dict[str, Any]]]) -> None:
-        """Write the Zarr documents of a stream's folder: a group and one sharded array per codec."""
+        """Write the Zarr documents of a stream's folder (in its tier): a group and one sharded array per codec."""
+        store = self.tier_store(stream.tier)
         base = keys.folder(stream.folder)
-        self.store.put(f"{base}/zarr.json", _json(zarr_meta.group()))
+        store.put(f"{base}/zarr.json", _json(zarr_meta.group()))
         for codec_id in stream.codecs.values():
             doc = zarr_meta.sharded_array(stream.length, stream.chunk_size, stream.shard_chunks,
                                           [*inner[codec_id], {"name": "crc32c"}])
-            self.store.put(f"{keys.array(stream.folder, codec_id)}/zarr.json", _json(doc))
+            store.put(f"{keys.array(stream.folder, codec_id)}/zarr.json", _json(doc))
 
     def sync_stream(self, stream: Stream) -> None:
         """Make a written stream's folder entries durable (before a manifest names it)."""
+        store = self.tier_store(stream.tier)
         base = keys.folder(stream.folder)
         arrays = [keys.array(stream.folder, c) for c in stream.codecs.values()]
-        self.store.sync([*(f"{a}/c" for a in arrays if self.store.list(f"{a}/c")), *arrays, base, keys.SNAPSHOTS])
+        store.sync([*(f"{a}/c" for a in arrays if store.list(f"{a}/c")), *arrays, base, keys.SNAPSHOTS])
 
     def sink(self, stream: Stream, background: Callable[..., Future[Any]] | None = None) -> ShardSink:
-        return ShardSink(self.store, stream, background)
+        return ShardSink(self.tier_store(stream.tier), stream, background)
 
     def reader(self, stream: Stream) -> ShardReader:
-        return ShardReader(self.store, stream)
+        """A reader of ``stream``'s chunks, from the store it lives in (a tier is opened on first use)."""
+        return ShardReader(self.tier_store(stream.tier), stream)
+
+    # -- tiers ---------------------------------------------------------------------------------------------
+    def tier_table(self) -> dict[str, dict[str, Any]]:
+        """The archive's tiers: name -> {"url", "options" (non-secret storage options), "id"}."""
+        data = self.store.get(keys.ROOT)
+        try:
+            got = json.loads(data or b"{}").get("attributes", {}).get("gpupas", {}).get("tiers", {})
+        except (ValueError, AttributeError):
+            got = {}
+        return {k: v for k, v in got.items()
+                if keys.is_name(k) and isinstance(v, dict) and isinstance(v.get("url"), str)}
+
+    def tier_store(self, tier: str | None) -> Store:
+        """The store of tier ``tier`` (None: the archive's own), opened on first use and kept.
+
+        TierNotFoundError where the archive defines no such tier; TierUnavailableError where it cannot
+        be opened or does not hold that tier (names the remedy).
+        """
+        if tier is None:
+            return self.store
+        with self._tier_lock:
+            got = self._tier_stores.get(tier)
+            if got is None:
+                got = self._tier_stores[tier] = self._open_tier(tier)
+            return got
+
+    def _open_tier(self, name: str) -> Store:
+        entry = self.tier_table().get(name)
+        if entry is None:
+            raise TierNotFoundError(f"archive {self.location} has no tier {name!r} (its data names it): add it with "
+                                    f"`gpupas tier add {name} URL` pointing at where that tier's data is")
+        url = entry["url"]
+        options = _tiers.merge(entry.get("options"), _tiers.env_options(name), self.tier_options.get(name))
+        if not is_remote(url) and not os.path.isdir(url):
+            raise _tiers.unreachable(name, url, TierUnavailableError("the directory does not exist"))
+        try:
+            store = open_store(url, storage_options=options if is_remote(url) else None,
+                               durable=self.store.durable)
+            found = _tiers.read_marker(store)
+        except GpupasTierError:
+            raise
+        except Exception as exc:
+            raise _tiers.unreachable(name, url, exc) from exc
+        if found is None or found.get("id") != entry.get("id"):
+            why = ("it holds no gpupas tier" if found is None
+                   else f"it holds tier {found.get('name')!r} of another archive")
+            raise _tiers.unreachable(name, url, TierUnavailableError(why))
+        return _tiers.GuardedStore(store, name, url)  # type: ignore[return-value]
+
+    def add_tier(self, name: str, url: str, storage_options: Mapping[str, Any] | None = None, *,
+                 force: bool = False) -> dict[str, Any]:
+        """Define tier ``name`` at ``url`` (a directory or an fsspec URL), creating its root there.
+
+        Only storage options that are not secrets are written into the archive; secrets given here
+        are used for this session only. ``force``: point an existing tier at a new location that holds
+        a copy of its data (same tier id). Returns the tier's entry.
+        """
+        _tiers.check_tier_name(name)
+        url = _tiers.normalize_url(url)
+        keep, secret = _tiers.split_secrets(storage_options)
+        old = self.tier_table().get(name)
+        if old is not None and not force:
+            if old["url"] == url and not keep:
+                return old
+            raise InvalidInputError(f"tier {name!r} already points at {old['url']}; to point it at a copy of its data "
+                                    "elsewhere, add it again with force (`--force`)")
+        options = _tiers.merge(keep, secret, _tiers.env_options(name), self.tier_options.get(name))
+        try:
+            store = open_store(url, create=True, storage_options=options if is_remote(url) else None,
+                               durable=self.store.durable)
+            found = _tiers.read_marker(store)
+        except (InvalidInputError, TierNotFoundError):
+            raise
+        except Exception as exc:
+            raise _tiers.unreachable(name, url, exc) from exc
+        if old is not None:  # re-pointing: the new location must hold this tier
+            if found is None or found.get("id") != old.get("id"):
+                raise InvalidInputError(f"{url} does not hold a copy of tier {name!r} (id {old.get('id')}); copy the "
+                                        "tier's data there first")
+            tier_id = old["id"]
+        elif found is not None:
+            raise InvalidInputError(f"{url} already holds tier {found.get('name')!r} of another archive; a tier needs "
+                                    "a location of its own")
+        else:
+            tier_id = _tiers.new_id()
+            try:
+                store.put(keys.ROOT, _json(_tiers.marker(name, tier_id)))
+                store.put(f"{keys.SNAPSHOTS}/zarr.json", _json(zarr_meta.group()))
+            except Exception as exc:
+                raise _tiers.unreachable(name, url, exc) from exc
+        entry = {"url": url, "options": keep, "id": tier_id}
+
+        def change(data: bytes | None) -> bytes:
+            doc = json.loads(data) if data else zarr_meta.group()
+            doc.setdefault("attributes", {}).setdefault("gpupas", {}).setdefault("tiers", {})[name] = entry
+            return _json(doc)
+
+        self.store.update(keys.ROOT, change)
+        if secret:
+            self.tier_options[name] = _tiers.merge(self.tier_options.get(name), secret)
+        with self._tier_lock:
+            self._tier_stores.pop(name, None)
+        return entry
+
+    def remove_tier(self, name: str) -> None:
+        """Forget tier ``name`` (its location is left as it is); refused while a snapshot has data there."""
+        if name not in self.tier_table():
+            raise TierNotFoundError(f"archive {self.location} has no tier {name!r}; list them with `gpupas tier list`")
+        users = [sid for sid in self.list_snapshots() if any(s.tier == name for s in self._streams_of(sid))]
+        if users:
+            raise InvalidInputError(f"snapshot(s) {', '.join(sorted(users)[:5])}{'...' if len(users) > 5 else ''} "
+                                    f"have planes in tier {name!r}: move them back first (`gpupas tier move ... "
+                                    "--to local`)")
+
+        def change(data: bytes | None) -> bytes:
+            doc = json.loads(data) if data else zarr_meta.group()
+            doc.get("attributes", {}).get("gpupas", {}).get("tiers", {}).pop(name, None)
+            return _json(doc)
+
+        self.store.update(keys.ROOT, change)
+        with self._tier_lock:
+            self._tier_stores.pop(name, None)
+
+    def _streams_of(self, sid: str) -> tuple[Stream, ...]:
+        try:
+            return self.read_manifest(sid).streams
+        except (SnapshotNotFoundError, IntegrityError, FormatError):
+            return ()
+
+    def tier_folders(self, name: str) -> list[str]:
+        """Stream folders in tier ``name`` (those of snapshots and any orphans)."""
+        store = self.tier_store(name)
+        return [n for n in store.list(keys.SNAPSHOTS) if n != "zarr.json" and keys.is_folder(n)]
+
+
+GpupasTierError = (TierNotFoundError, TierUnavailableError)
 
 
 def _json(doc: dict[str, Any]) -> bytes:

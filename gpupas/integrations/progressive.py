@@ -1,0 +1,589 @@
+"""Progressive evaluation of a PyTorch classifier from a snapshot's highest byte planes (PAPER.md section 4).
+
+:func:`evaluate_progressive` reads the top plane of every weight (guaranteed bounds, see
+:mod:`gpupas.engine.partial`), propagates intervals through the network for every input, decides
+each input's top-1 label (or top-k set) where the logits' intervals separate it, and reads the next
+plane only for the inputs still undecided; at the last plane the weights are exact and the
+remaining inputs run through the model itself. Labels therefore always equal full-precision
+inference (``check=True`` asserts it).
+
+Supported (traced with :func:`torch.fx.symbolic_trace`): Linear, Conv1d/2d, BatchNorm1d/2d in eval
+mode, ReLU and other monotone activations (ReLU6, Hardtanh, LeakyReLU, ELU, Sigmoid, Tanh,
+Softplus, Hardsigmoid), max and average pooling (adaptive too), flatten/view/reshape, residual adds
+(and subtraction, scaling by a constant, concatenation), Dropout and Identity. Anything else is
+refused before anything is read, naming the operation.
+
+Soundness: intervals are propagated in float64 in center-radius form, every layer widened by a bound
+on the rounding error of the reference computation (IEEE arithmetic at the weights' precision:
+``gamma_n = n u`` for a dot product of ``n`` terms; 16 ulps for library activations) and of the
+float64 propagation itself. That holds for ordinary CPU kernels; on CUDA turn TF32 off
+(``torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False``).
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from gpupas.errors import InvalidInputError
+
+U64 = 2.0**-53
+TINY = 2.0**-120  # absolute slack: results near underflow (flushed or subnormal) in the reference
+UNIT = {torch.float64: 2.0**-53, torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
+SUPPORTED = ("Linear, Conv1d/2d, BatchNorm (eval), ReLU and other monotone activations, max/avg pooling, "
+             "flatten/view/reshape and residual adds")
+
+
+# -- intervals -------------------------------------------------------------------------------------------------
+@dataclass
+class Box:
+    """Elementwise intervals [lo, hi] (float64 tensors of one shape)."""
+
+    lo: torch.Tensor
+    hi: torch.Tensor
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.lo.shape
+
+    def sup(self) -> torch.Tensor:
+        """The largest magnitude in each interval."""
+        return torch.maximum(self.lo.abs(), self.hi.abs())
+
+    def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> Box:
+        """A structural or monotone (nondecreasing) function applied to both ends."""
+        return Box(fn(self.lo), fn(self.hi))
+
+    def widen(self, r: torch.Tensor) -> Box:
+        r = torch.nan_to_num(r, nan=math.inf)
+        return Box(_nan(self.lo - r, -math.inf), _nan(self.hi + r, math.inf))
+
+
+def _nan(x: torch.Tensor, fill: float) -> torch.Tensor:
+    return torch.nan_to_num(x, nan=fill, posinf=math.inf, neginf=-math.inf)
+
+
+def _mid_rad(b: Box) -> tuple[torch.Tensor, torch.Tensor]:
+    """Center and radius with ``[c - r, c + r]`` holding ``[lo, hi]`` (rounded outward; c = 0 and r = Inf
+    where unbounded)."""
+    if b.lo is b.hi:
+        return b.lo, torch.zeros_like(b.lo)
+    c = (b.lo + b.hi) * 0.5
+    r = (b.hi - b.lo) * (0.5 + 2.0**-50) + c.abs() * 2.0**-51  # covers the rounding of c and of hi - lo
+    return torch.nan_to_num(c, nan=0.0, posinf=0.0, neginf=0.0), torch.nan_to_num(r, nan=math.inf)
+
+
+def _gamma(n: int, u: float) -> float:
+    """Bound on the relative rounding error of an n-term dot product at unit roundoff ``u``, plus the
+    float64 propagation's own."""
+    return 1.01 * (n + 2) * (u + 4 * U64)
+
+
+def _mul(a: Box, b: Box) -> Box:
+    """Interval product (0 * Inf counts as unbounded)."""
+    p = torch.stack([a.lo * b.lo, a.lo * b.hi, a.hi * b.lo, a.hi * b.hi])
+    return Box(_nan(p, -math.inf).amin(0), _nan(p, math.inf).amax(0))
+
+
+@dataclass
+class _Affine:
+    """A layer's weights prepared for interval propagation: ``op(x, w) + b`` is in
+    ``op(xc, wc) + bc ± (op(xr, wx) + op(|xc| + xr, ws) + bs)``."""
+
+    wc: torch.Tensor
+    wx: torch.Tensor  # |wc|, scaled up for the propagation's own rounding
+    ws: torch.Tensor  # the weights' radius and the reference's rounding
+    bc: torch.Tensor | None
+    bs: torch.Tensor | None
+
+
+def _prepare(w: Box, b: Box | None, n: int, u: float, bias_shape: tuple[int, ...]) -> _Affine:
+    wc, wr = _mid_rad(w)
+    grow, g = 1 + 4 * (n + 2) * U64, _gamma(n, u)
+    wa = wc.abs()
+    bc = bs = None
+    if b is not None:
+        bcc, br = _mid_rad(b)
+        bc, bs = bcc.reshape(bias_shape), ((br * grow) + g * b.sup()).reshape(bias_shape)
+    return _Affine(wc, wa * grow, torch.nan_to_num(wr * (grow * (1 + g)), nan=math.inf) + g * wa, bc, bs)
+
+
+def _affine(x: Box, p: _Affine, op: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> Box:
+    """``op(x, w) + b`` for a bilinear ``op`` (linear, convolution) over intervals, center-radius form."""
+    xc, xr = _mid_rad(x)
+    c = op(xc, p.wc)
+    r = op(xc.abs() + xr, p.ws)
+    if x.lo is not x.hi:
+        r = r + op(xr, p.wx)
+    if p.bc is not None:
+        c = c + p.bc
+        r = r + p.bs  # type: ignore[operator]
+    r = torch.nan_to_num(r, nan=math.inf)
+    return Box(c - r, c + r)
+
+
+def _add(a: Box, b: Box, u: float) -> Box:
+    out = Box(a.lo + b.lo, a.hi + b.hi)
+    return out.widen((u + 2 * U64) * (a.sup() + b.sup()))
+
+
+def _monotone(x: Box, fn: Callable[[torch.Tensor], torch.Tensor], u: float, exact: bool = False) -> Box:
+    out = x.map(fn)
+    return out if exact else out.widen(16 * u * out.sup() + TINY)
+
+
+def _as_box(v: Any) -> Box:
+    if isinstance(v, Box):
+        return v
+    t = torch.as_tensor(v, dtype=torch.float64)
+    return Box(t, t)
+
+
+# -- the network as a graph of interval operations -------------------------------------------------------------
+_EXACT_ACT: dict[type, Callable[[nn.Module], Callable[[torch.Tensor], torch.Tensor]]] = {
+    nn.ReLU: lambda m: F.relu,
+    nn.ReLU6: lambda m: lambda t: t.clamp(0, 6),
+    nn.Hardtanh: lambda m: lambda t: t.clamp(m.min_val, m.max_val),  # type: ignore[attr-defined]
+}
+_ACT: dict[type, Callable[[nn.Module], Callable[[torch.Tensor], torch.Tensor] | None]] = {
+    nn.Sigmoid: lambda m: torch.sigmoid,
+    nn.Tanh: lambda m: torch.tanh,
+    nn.Hardsigmoid: lambda m: F.hardsigmoid,
+    nn.LeakyReLU: lambda m: (lambda t: F.leaky_relu(t, m.negative_slope)) if m.negative_slope >= 0 else None,  # type: ignore[attr-defined]
+    nn.ELU: lambda m: (lambda t: F.elu(t, m.alpha)) if m.alpha >= 0 else None,  # type: ignore[attr-defined]
+    nn.Softplus: lambda m: (lambda t: F.softplus(t, m.beta, m.threshold)) if m.beta > 0 else None,  # type: ignore[attr-defined]
+}
+_FN_EXACT = {F.relu: F.relu, torch.relu: torch.relu, F.relu6: F.relu6, F.hardtanh: F.hardtanh}
+_FN_ACT = {torch.sigmoid: torch.sigmoid, F.sigmoid: torch.sigmoid, torch.tanh: torch.tanh, F.tanh: torch.tanh,
+           F.hardsigmoid: F.hardsigmoid, F.softplus: F.softplus, F.elu: F.elu, F.leaky_relu: F.leaky_relu}
+_FN_POOL_MAX = (F.max_pool1d, F.max_pool2d, F.adaptive_max_pool1d, F.adaptive_max_pool2d)
+_FN_POOL_AVG = (F.avg_pool1d, F.avg_pool2d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d)
+_FN_SHAPE = (torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze)
+_ADD = (operator.add, operator.iadd, torch.add)
+_METHOD_SHAPE = {"flatten", "view", "reshape", "squeeze", "unsqueeze", "contiguous", "permute", "transpose"}
+_METHOD_ACT = {"relu": (F.relu, True), "sigmoid": (torch.sigmoid, False), "tanh": (torch.tanh, False)}
+_MODULES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.BatchNorm1d, nn.BatchNorm2d, nn.MaxPool1d, nn.MaxPool2d,
+            nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool1d,
+            nn.AdaptiveMaxPool2d, nn.Flatten, nn.Dropout, nn.Identity, *_EXACT_ACT, *_ACT)
+
+
+def _describe(node: fx.Node, gm: fx.GraphModule) -> str:
+    if node.op == "call_module":
+        return f"module {node.target} ({type(gm.get_submodule(str(node.target))).__name__})"
+    if node.op == "call_method":
+        return f"method .{node.target}()"
+    return f"function {getattr(node.target, '__name__', node.target)}"
+
+
+class IntervalNet:
+    """A traced model whose every operation has an interval counterpart (checked on construction)."""
+
+    def __init__(self, model: nn.Module):
+        if model.training:
+            raise InvalidInputError("progressive evaluation needs the model in eval mode: call model.eval() first")
+        try:
+            self.gm = fx.symbolic_trace(model)
+        except Exception as exc:  # tracing failures come in many types
+            raise InvalidInputError(f"the model cannot be traced by torch.fx ({type(exc).__name__}: {exc}); "
+                                    f"progressive evaluation supports {SUPPORTED}") from exc
+        self.model = model
+        self.weights: list[str] = []  # parameters and buffers read: module-qualified names
+        inputs = 0
+        for node in self.gm.graph.nodes:
+            if node.op == "placeholder":
+                inputs += 1
+            elif node.op == "get_attr":
+                self.weights.append(str(node.target))
+            elif node.op == "call_module":
+                mod = self.gm.get_submodule(str(node.target))
+                if not isinstance(mod, _MODULES) or (type(mod) in _ACT and _ACT[type(mod)](mod) is None):
+                    raise InvalidInputError(f"progressive evaluation cannot bound {_describe(node, self.gm)}: it "
+                                            f"supports {SUPPORTED}")
+                if isinstance(mod, (nn.Conv1d, nn.Conv2d)) and mod.padding_mode != "zeros":
+                    raise InvalidInputError(f"progressive evaluation cannot bound {_describe(node, self.gm)}: "
+                                            "padding_mode must be 'zeros'")
+                if isinstance(mod, (nn.BatchNorm1d, nn.BatchNorm2d)) and not mod.track_running_stats:
+                    raise InvalidInputError(f"{_describe(node, self.gm)} has no running statistics")
+                if isinstance(mod, (nn.MaxPool1d, nn.MaxPool2d)) and mod.return_indices:
+                    raise InvalidInputError(f"{_describe(node, self.gm)} returns indices")
+                self.weights.extend(f"{node.target}.{n}" for n, t in
+                                    [*mod.named_parameters(recurse=False), *mod.named_buffers(recurse=False)]
+                                    if t is not None and t.is_floating_point())
+            elif node.op == "call_function":
+                ok = (node.target in _FN_EXACT or node.target in _FN_ACT or node.target in _FN_POOL_MAX
+                      or node.target in _FN_POOL_AVG or node.target in _FN_SHAPE or node.target in _ADD
+                      or node.target in (operator.sub, torch.sub, operator.mul, torch.mul, torch.cat, F.linear,
+                                         F.conv1d, F.conv2d, getattr, operator.getitem, F.dropout))
+                if node.target is F.leaky_relu and len(node.args) > 1 and node.args[1] < 0:
+                    ok = False
+                if not ok:
+                    raise InvalidInputError(f"progressive evaluation cannot bound {_describe(node, self.gm)}: it "
+                                            f"supports {SUPPORTED}")
+            elif node.op == "call_method":
+                if node.target not in _METHOD_SHAPE | set(_METHOD_ACT) | {"size", "add", "dim"}:
+                    raise InvalidInputError(f"progressive evaluation cannot bound {_describe(node, self.gm)}: it "
+                                            f"supports {SUPPORTED}")
+        if inputs != 1:
+            raise InvalidInputError(f"progressive evaluation needs a model of one input, not {inputs}")
+        self.weights = list(dict.fromkeys(self.weights))
+        self._source: Any = None
+        self._unit = 0.0
+        self._prep: dict[str, _Affine] = {}
+
+    def _prepared(self, target: str, make: Callable[[], _Affine]) -> _Affine:
+        if target not in self._prep:
+            self._prep[target] = make()
+        return self._prep[target]
+
+    def propagate(self, weights: Mapping[str, Box], x: Box, u: float) -> Box:
+        """Intervals of the outputs for inputs in ``x`` and weights in ``weights`` (by qualified name);
+        ``u``: the unit roundoff of the reference computation."""
+        env: dict[fx.Node, Any] = {}
+        if self._source is not weights or self._unit != u:
+            self._source, self._unit, self._prep = weights, u, {}
+
+        def val(a: Any) -> Any:
+            return fx.node.map_arg(a, lambda n: env[n])
+
+        def get(name: str) -> Box:
+            return weights[name]
+
+        for node in self.gm.graph.nodes:
+            args, kwargs = val(node.args), val(node.kwargs)
+            if node.op == "placeholder":
+                out: Any = x
+            elif node.op == "get_attr":
+                out = get(str(node.target))
+            elif node.op == "call_module":
+                out = self._module(str(node.target), args[0], get, u)
+            elif node.op == "call_function":
+                out = self._function(node.target, args, kwargs, u)
+            elif node.op == "call_method":
+                out = self._method(str(node.target), args, kwargs, u)
+            else:  # output
+                out = args[0]
+                return out if isinstance(out, Box) else _as_box(out)
+            env[node] = out
+        raise InvalidInputError("the traced model has no output")
+
+    def _module(self, target: str, x: Box, get: Callable[[str], Box], u: float) -> Box:
+        mod = self.gm.get_submodule(target)
+        w = lambda n: get(f"{target}.{n}")  # noqa: E731
+        if isinstance(mod, nn.Linear):
+            p = self._prepared(target, lambda: _prepare(w("weight"), None if mod.bias is None else w("bias"),
+                                                        mod.in_features + 1, u, (mod.out_features,)))
+            return _affine(x, p, F.linear)
+        if isinstance(mod, (nn.Conv1d, nn.Conv2d)):
+            conv = F.conv1d if isinstance(mod, nn.Conv1d) else F.conv2d
+            kw = dict(stride=mod.stride, padding=mod.padding, dilation=mod.dilation, groups=mod.groups)
+            n = mod.in_channels // mod.groups * math.prod(mod.kernel_size) + 1
+            shape = (1, mod.out_channels) + (1,) * (x.lo.dim() - 2)
+            p = self._prepared(target, lambda: _prepare(w("weight"), None if mod.bias is None else w("bias"), n, u,
+                                                        shape))
+            return _affine(x, p, lambda a, b: conv(a, b, **kw))
+        if isinstance(mod, (nn.BatchNorm1d, nn.BatchNorm2d)):
+            one = Box(torch.ones(mod.num_features, dtype=torch.float64), torch.ones(mod.num_features,
+                                                                                     dtype=torch.float64))
+            zero = Box(torch.zeros(mod.num_features, dtype=torch.float64), torch.zeros(mod.num_features,
+                                                                                        dtype=torch.float64))
+            g = w("weight") if mod.affine else one
+            beta = w("bias") if mod.affine else zero
+            return _batch_norm(x, w("running_mean"), w("running_var"), g, beta, mod.eps, u)
+        if type(mod) in _EXACT_ACT:
+            return x.map(_EXACT_ACT[type(mod)](mod))
+        if type(mod) in _ACT:
+            return _monotone(x, _ACT[type(mod)](mod), u)  # type: ignore[arg-type]
+        if isinstance(mod, (nn.MaxPool1d, nn.MaxPool2d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d)):
+            return x.map(mod)
+        if isinstance(mod, (nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d)):
+            return _avg(x, mod, u)
+        return x.map(mod)  # Flatten, Dropout (eval), Identity
+
+    def _function(self, fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any], u: float) -> Any:
+        boxes = [a for a in args if isinstance(a, Box)]
+        if not boxes and fn not in (torch.cat,):
+            return fn(*args, **kwargs)  # arithmetic on sizes
+        x = args[0]
+        if fn in _FN_EXACT:
+            return x.map(lambda t: _FN_EXACT[fn](t, *args[1:], **kwargs))
+        if fn in _FN_ACT:
+            if fn is F.leaky_relu and (args[1:] or [kwargs.get("negative_slope", 0.01)])[0] < 0:
+                raise InvalidInputError("progressive evaluation cannot bound leaky_relu with a negative slope")
+            return _monotone(x, lambda t: _FN_ACT[fn](t, *args[1:], **kwargs), u)
+        if fn in _FN_POOL_MAX:
+            return x.map(lambda t: fn(t, *args[1:], **kwargs))
+        if fn in _FN_POOL_AVG:
+            return _avg(x, lambda t: fn(t, *args[1:], **kwargs), u)
+        if fn in _FN_SHAPE or fn is operator.getitem or fn is F.dropout:
+            if fn is F.dropout:
+                return x
+            return x.map(lambda t: fn(t, *args[1:], **kwargs))
+        if fn is getattr:
+            return getattr(x.lo, args[1])
+        if fn in _ADD or fn in (operator.sub, torch.sub):
+            a, b = _as_box(args[0]), _as_box(args[1])
+            if fn in (operator.sub, torch.sub):
+                b = Box(-b.hi, -b.lo)
+            return _add(a, b, u)
+        if fn in (operator.mul, torch.mul):
+            a, b = args[0], args[1]
+            if isinstance(a, Box) and isinstance(b, Box):
+                p = _mul(a, b)
+            else:
+                box, c = (a, b) if isinstance(a, Box) else (b, a)
+                p = _mul(box, _as_box(c))
+            return p.widen(u * p.sup())
+        if fn is torch.cat:
+            parts = [_as_box(a) for a in args[0]]
+            return Box(torch.cat([p.lo for p in parts], *args[1:], **kwargs),
+                       torch.cat([p.hi for p in parts], *args[1:], **kwargs))
+        if fn is F.linear:
+            wgt = _as_box(args[1])
+            bias = args[2] if len(args) > 2 else kwargs.get("bias")
+            p = _prepare(wgt, None if bias is None else _as_box(bias), wgt.shape[1] + 1, u, (wgt.shape[0],))
+            return _affine(x, p, F.linear)
+        if fn in (F.conv1d, F.conv2d):
+            wgt = _as_box(args[1])
+            bias = args[2] if len(args) > 2 else kwargs.pop("bias", None)
+            rest = dict(zip(("stride", "padding", "dilation", "groups"), args[3:])) | kwargs
+            n = wgt.shape[1] * math.prod(wgt.shape[2:]) + 1
+            shape = (1, wgt.shape[0]) + (1,) * (x.lo.dim() - 2)
+            p = _prepare(wgt, None if bias is None else _as_box(bias), n, u, shape)
+            return _affine(x, p, lambda a, b: fn(a, b, **rest))
+        raise InvalidInputError(f"progressive evaluation cannot bound function {getattr(fn, '__name__', fn)}")
+
+    def _method(self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any], u: float) -> Any:
+        x = args[0]
+        if not isinstance(x, Box):
+            return getattr(x, name)(*args[1:], **kwargs)
+        if name in ("size", "dim"):
+            return getattr(x.lo, name)(*args[1:], **kwargs)
+        if name in _METHOD_SHAPE:
+            return x.map(lambda t: getattr(t, name)(*args[1:], **kwargs))
+        if name == "add":
+            return _add(x, _as_box(args[1]), u)
+        fn, exact = _METHOD_ACT[name]
+        return _monotone(x, fn, u, exact)
+
+
+def _avg(x: Box, pool: Callable[[torch.Tensor], torch.Tensor], u: float) -> Box:
+    out = x.map(pool)
+    n = math.prod(x.shape[2:]) + 1  # at most the whole plane is averaged
+    return out.widen(_gamma(n, u) * pool(x.sup()))
+
+
+def _batch_norm(x: Box, mean: Box, var: Box, g: Box, b: Box, eps: float, u: float) -> Box:
+    """``(x - mean) / sqrt(var + eps) * g + b`` per channel (dimension 1) over intervals."""
+    shape = (1, -1) + (1,) * (x.lo.dim() - 2)
+    inv_lo = 1 / torch.sqrt(var.hi + eps)
+    inv_hi = torch.where(var.lo + eps > 0, 1 / torch.sqrt((var.lo + eps).clamp_min(1e-300)),
+                         torch.full_like(var.lo, math.inf))
+    scale = _mul(g, Box(inv_lo, inv_hi))
+    scale = Box(scale.lo.reshape(shape), scale.hi.reshape(shape))
+    m = Box(mean.lo.reshape(shape), mean.hi.reshape(shape))
+    beta = Box(b.lo.reshape(shape), b.hi.reshape(shape))
+    centered = Box(x.lo - m.hi, x.hi - m.lo)
+    y = _mul(centered, scale)
+    y = Box(y.lo + beta.lo, y.hi + beta.hi)
+    return y.widen(8 * (u + 4 * U64) * ((x.sup() + m.sup()) * scale.sup() + beta.sup()) + TINY)
+
+
+# -- deciding labels -------------------------------------------------------------------------------------------
+def decide(lo: torch.Tensor, hi: torch.Tensor, k: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row of logit intervals: whether the top-``k`` set is decided (its lowest lower bound above
+    every other class's upper bound), and the set (sorted class ids; (N,) for k=1, (N, k) otherwise)."""
+    if k == 1:
+        best = lo.argmax(1)
+        others = hi.scatter(1, best[:, None], -math.inf).amax(1)
+        return lo.gather(1, best[:, None])[:, 0] > others, best
+    top = lo.topk(k, 1).indices
+    low = lo.gather(1, top).amin(1)
+    others = hi.scatter(1, top, -math.inf).amax(1)
+    return low > others, top.sort(1).values
+
+
+def top_labels(logits: torch.Tensor, k: int = 1) -> torch.Tensor:
+    """Full-precision labels in the form :func:`decide` returns: argmax, or the sorted top-k set."""
+    if k == 1:
+        return logits.argmax(1)
+    return logits.topk(k, 1).indices.sort(1).values
+
+
+# -- the evaluation --------------------------------------------------------------------------------------------
+@dataclass
+class Step:
+    """One plane count of a progressive evaluation."""
+
+    planes: int
+    bytes_read: int  # stored bytes fetched so far (cumulative, bases included)
+    bytes_total: int  # what a full restore of the same weights fetches
+    evaluated: int  # inputs evaluated at this plane count
+    undecided: int  # of which still undecided afterwards
+    read_seconds: float
+    eval_seconds: float
+
+
+@dataclass
+class ProgressiveResult:
+    """Labels (argmax, or sorted top-k sets) and how they were reached."""
+
+    labels: torch.Tensor
+    planes: torch.Tensor  # per input, the plane count that decided it
+    steps: list[Step] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def bytes_read(self) -> int:
+        return self.steps[-1].bytes_read if self.steps else 0
+
+    @property
+    def bytes_total(self) -> int:
+        return self.steps[-1].bytes_total if self.steps else 0
+
+
+def _weight_names(net: IntervalNet, names: Mapping[str, str] | Callable[[str], str] | None) -> dict[str, str]:
+    if names is None:
+        return {w: w for w in net.weights}
+    if callable(names):
+        return {w: names(w) for w in net.weights}
+    return {w: names.get(w, w) for w in net.weights}
+
+
+def _unit(dtypes: Iterable[str], inputs: torch.Tensor) -> float:
+    """Unit roundoff of the reference computation: that of the least precise weights or inputs."""
+    from gpupas.integrations.torch import numpy_to_tensor
+    from gpupas.pas.bounds import np_dtype
+
+    found = [numpy_to_tensor(np.zeros(0, np_dtype(d))).dtype for d in dtypes] + [inputs.dtype]
+    return max(UNIT.get(d, 2.0**-8) for d in found)
+
+
+def _boxes(net: IntervalNet, read: Any, mapping: Mapping[str, str]) -> dict[str, Box]:
+    return {w: Box(torch.from_numpy(np.asarray(read.lo[mapping[w]], np.float64)),
+                   torch.from_numpy(np.asarray(read.hi[mapping[w]], np.float64))) for w in net.weights}
+
+
+def _propagate(net: IntervalNet, boxes: Mapping[str, Box], x: torch.Tensor, u: float, batch_size: int) -> Box:
+    los, his = [], []
+    for i in range(0, x.shape[0], batch_size):
+        xb = x[i : i + batch_size].to(torch.float64)
+        with torch.no_grad():
+            out = net.propagate(boxes, Box(xb, xb), u)
+        los.append(out.lo)
+        his.append(out.hi)
+    return Box(torch.cat(los), torch.cat(his))
+
+
+def bound_outputs(model: nn.Module, read: Any, inputs: torch.Tensor, *,
+                  names: Mapping[str, str] | Callable[[str], str] | None = None, batch_size: int = 1024) -> Box:
+    """Guaranteed intervals of ``model``'s outputs on ``inputs`` with weights bounded by ``read`` (an
+    :meth:`gpupas.Archive.read_planes` result): they hold what the model computes with the true weights.
+
+    >>> import torch, gpupas, tempfile
+    >>> net = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Tanh()).eval()
+    >>> a = gpupas.create_archive(tempfile.mkdtemp() + "/arc")
+    >>> m = a.commit(net.state_dict(), layout=gpupas.Layout(rotate=False))
+    >>> x = torch.randn(5, 4)
+    >>> box = bound_outputs(net, a.read_planes(m.id, planes=2), x)
+    >>> bool(((box.lo <= net(x)) & (net(x) <= box.hi)).all())
+    True
+    """
+    net = IntervalNet(model)
+    mapping = _weight_names(net, names)
+    u = _unit([read.lo[t].dtype.name for t in mapping.values()], inputs)
+    return _propagate(net, _boxes(net, read, mapping), inputs.detach(), u, batch_size)
+
+
+def evaluate_progressive(model: nn.Module, archive: Any, snapshot: str, inputs: torch.Tensor, *, topk: int = 1,
+                         names: Mapping[str, str] | Callable[[str], str] | None = None, batch_size: int = 1024,
+                         check: bool = False, base_planes: int | None = None, probe: int = 64) -> ProgressiveResult:
+    """Labels of ``inputs`` under ``model`` with the weights of ``snapshot``, reading planes only while some
+    input is undecided.
+
+    ``names``: the snapshot's tensor name of each of the model's parameters and buffers (a mapping or a
+    function of the qualified name; default: the same name, as in ``model.state_dict()``); ``topk``: decide
+    top-1 labels (default) or top-k sets; ``check``: afterwards run the full-precision model on every input
+    and raise AssertionError if any label differs (costs a full evaluation); ``base_planes``: planes of a
+    delta snapshot's bases read at least (see :class:`gpupas.engine.partial.PartialReader`); ``probe``: at each
+    plane count, bound this many inputs first and, where none of them is decided, go on to the next plane
+    without bounding the others (0: bound every input at every plane count).
+
+    >>> import torch, gpupas, tempfile
+    >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3)).eval()
+    >>> a = gpupas.create_archive(tempfile.mkdtemp() + "/arc")
+    >>> m = a.commit(net.state_dict(), layout=gpupas.Layout(rotate=False))
+    >>> r = evaluate_progressive(net, a, m.id, torch.randn(50, 4), check=True)
+    >>> r.labels.shape, r.steps[0].planes
+    (torch.Size([50]), 1)
+    """
+    from gpupas.backend import get_backend
+    from gpupas.engine.partial import PartialReader
+    from gpupas.integrations.torch import numpy_to_tensor
+
+    t_start = time.perf_counter()
+    net = IntervalNet(model)
+    mapping = _weight_names(net, names)
+    tensors = list(dict.fromkeys(mapping.values()))
+    entries = archive.manifest(snapshot).select(tensors)
+    width = max((e.width for e in entries), default=1)
+    u = _unit([e.dtype for e in entries], inputs)
+    x = inputs.detach()
+    n = x.shape[0]
+    labels = torch.full((n,) if topk == 1 else (n, topk), -1, dtype=torch.long)
+    result = ProgressiveResult(labels, torch.zeros(n, dtype=torch.long))
+    todo = torch.arange(n)
+
+    def exact_labels(read: Any, idx: torch.Tensor) -> torch.Tensor:
+        weights = {w: numpy_to_tensor(read.approx[mapping[w]]) for w in net.weights}
+        with torch.no_grad():
+            return torch.cat([top_labels(torch.func.functional_call(model, weights, (x[idx[i : i + batch_size]],)),
+                                         topk) for i in range(0, len(idx), batch_size)])
+
+    with PartialReader(archive.store, archive.manifest, get_backend("numpy"), archive.executor,
+                       base_planes) as reader:
+        for k in range(1, width + 1):
+            t0 = time.perf_counter()
+            r = reader.read(snapshot, k, tensors)
+            t1 = time.perf_counter()
+            evaluated = len(todo)
+            if r.all_exact or k == width:  # the weights themselves: the model decides the rest
+                labels[todo] = exact_labels(r, todo)
+                result.planes[todo] = k
+                todo = todo[:0]
+            else:
+                boxes = _boxes(net, r, mapping)
+                parts = [todo[:probe], todo[probe:]] if 0 < probe < len(todo) else [todo]
+                left: list[torch.Tensor] = []
+                evaluated = 0
+                for part in parts:
+                    if evaluated and sum(len(t) for t in left) == evaluated:  # the probe decided nothing
+                        left.append(part)
+                        continue
+                    out = _propagate(net, boxes, x[part], u, batch_size)
+                    ok, lab = decide(out.lo, out.hi, topk)
+                    labels[part[ok]] = lab[ok]
+                    result.planes[part[ok]] = k
+                    left.append(part[~ok])
+                    evaluated += len(part)
+                todo = torch.cat(left)
+            result.steps.append(Step(k, r.bytes_read, r.bytes_total, evaluated, len(todo), t1 - t0,
+                                     time.perf_counter() - t1))
+            if not len(todo):
+                break
+        result.seconds = time.perf_counter() - t_start
+        if check:
+            ref = exact_labels(reader.read(snapshot, width, tensors), torch.arange(n))
+            bad = (ref != labels).reshape(n, -1).any(1)
+            if bool(bad.any()):
+                raise AssertionError(f"progressive labels differ from full-precision inference for {int(bad.sum())} "
+                                     f"of {n} inputs (first: {int(bad.nonzero()[0, 0])})")
+    return result

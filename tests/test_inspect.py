@@ -1,0 +1,117 @@
+"""gpupas.inspect: DataFrame-ready records per snapshot, tensor, layer and plane, consistent with the
+manifests, and the CLI printing the same records."""
+
+from __future__ import annotations
+
+import doctest
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import gpupas
+from gpupas import inspect
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def repo(tmp_path: Path) -> Iterator[gpupas.Repository]:
+    rng = np.random.default_rng(0)
+    w = {"enc.0.weight": (rng.standard_normal((128, 96)) * 0.05).astype(np.float32),
+         "enc.0.bias": np.zeros(128, np.float32),
+         "head.weight": (rng.standard_normal((10, 128)) * 0.1).astype(np.float32),
+         "step": np.arange(3, dtype=np.int32)}
+    w2 = {k: v.copy() for k, v in w.items()}
+    w2["enc.0.weight"][:64] += 1e-3  # half the rows change
+    w2["head.weight"][3, 5] = 7.0  # one value
+    with gpupas.create_repository(tmp_path / "arc") as r:
+        r.commit("net", [w, w2])
+    r = gpupas.open_repository(tmp_path / "arc")
+    yield r
+    r.close()
+
+
+def test_snapshot_tensor_and_layer_records_add_up(repo: gpupas.Repository) -> None:
+    rows = inspect.snapshots(repo)
+    assert [(r["version_name"], r["index"], r["depth"]) for r in rows] == [("net", 1, 0), ("net", 2, 1)]
+    assert rows[1]["base"] == rows[0]["snapshot"] and rows[1]["delta_tensors"] >= 2
+    assert [r["snapshot"] for r in inspect.snapshots(repo.archive)] == [r["snapshot"] for r in rows]
+    for r in rows:
+        m = repo.archive.manifest(r["snapshot"])
+        assert r["stored_bytes"] == m.stored_bytes == r["local_bytes"] and r["tier_bytes"] == 0
+        tensors = inspect.tensors(repo, r["snapshot"])
+        assert sum(t["nbytes"] for t in tensors) == m.raw_bytes
+        layers = inspect.layers(repo, r["snapshot"])
+        assert [x["layer"] for x in layers] == ["enc.0", "head", "step"]
+        assert sum(x["stored"] for x in layers) == sum(t["stored"] for t in tensors)
+        assert all(json.dumps(x) for x in [*tensors, *layers, r])  # flat, plain values
+    assert inspect.layer_of("encoder.layer.0.attention.self.query.weight") == "encoder.layer.0.attention.self.query"
+
+
+def test_plane_records(repo: gpupas.Repository) -> None:
+    sid = inspect.snapshots(repo)[0]["snapshot"]
+    m = repo.archive.manifest(sid)
+    rows = inspect.planes(repo, sid)
+    assert len(rows) == sum(e.width for e in m.tensors)
+    assert all(0 <= r["entropy"] <= 8.1 and r["tier"] == "local" for r in rows if r["entropy"] is not None)
+    zeros = [r for r in rows if r["tensor"] == "enc.0.bias"]
+    assert all(r["entropy"] == 0.0 for r in zeros)  # a zero tensor's planes: one symbol
+    top = inspect.planes(repo, sid, planes=1)
+    assert {r["plane"] for r in top} == {0} and len(top) == len(m.tensors)
+    assert [r["entropy"] for r in top] == [r["entropy"] for r in rows if r["plane"] == 0]
+    summary = inspect.plane_summary(repo, sid, entropy=True)
+    assert [r["plane"] for r in summary] == [0, 1, 2, 3]
+    assert summary[0]["bytes"] == sum(e.values for e in m.tensors)
+    assert sum(r["stored"] for r in summary) == sum(sum(e.plane_bytes) for e in m.tensors)
+    exact = inspect.read_plane_bytes(repo.archive, sid, planes=2)
+    w = repo.restore("net", 1)["head.weight"].reshape(-1)
+    assert len(exact[("head.weight", 0)]) == w.size  # the coded planes of a whole tensor, one byte per value
+
+
+def test_changes_against_the_base(repo: gpupas.Repository) -> None:
+    first, second = (r["snapshot"] for r in inspect.snapshots(repo))
+    rows = {r["tensor"]: r for r in inspect.changes(repo, second)}
+    assert rows["enc.0.weight"]["rows_changed"] == 0.5 and rows["enc.0.weight"]["changed"] == 0.5
+    assert rows["head.weight"]["rows_changed"] == 0.1 and rows["head.weight"]["changed"] == pytest.approx(1 / 1280)
+    assert rows["enc.0.bias"]["changed"] == 0.0 and rows["enc.0.bias"]["enc"] is not None
+    assert inspect.changes(repo, first) == []  # stored whole: no base to compare with
+    back = {r["tensor"]: r for r in inspect.changes(repo, first, base=second)}
+    assert back["enc.0.weight"]["changed"] == 0.5 and back["enc.0.weight"]["enc"] is None
+
+
+def test_savings_and_tradeoff(repo: gpupas.Repository) -> None:
+    saved = inspect.savings(repo)
+    assert saved[0]["whole_measured"] and saved[0]["saved_bytes"] == 0
+    assert not saved[1]["whole_measured"] and saved[1]["saved_bytes"] > 0
+    rows = inspect.tradeoff(repo, alphas=(1.0, 4.0))
+    planners = {r["planner"] for r in rows}
+    assert {"materialized", "mst", "spt", "pas-mt", "pas-pt", "current"} <= planners
+    spt = [r for r in rows if r["planner"] == "spt"]
+    assert all(r["over_budget"] == 0 for r in spt) and len(rows) == 2 * len(planners)
+
+
+def test_docstring_examples_run() -> None:
+    import gpupas.tiers
+
+    for module in (inspect, gpupas.tiers):
+        result = doctest.testmod(module)
+        assert result.failed == 0 and result.attempted > 0, module.__name__
+
+
+def test_cli_inspect_prints_the_same_records(repo: gpupas.Repository) -> None:
+    def gp(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "gpupas", "-A", repo.location, *args], capture_output=True,
+                              text=True, timeout=120, cwd=ROOT)
+
+    sid = inspect.snapshots(repo)[1]["snapshot"]
+    got = json.loads(gp("inspect", "net", "--by", "tensor", "--json").stdout)
+    assert got == inspect.tensors(repo, sid)
+    table = gp("inspect", "net", "--by", "plane")
+    assert table.returncode == 0 and "bits/byte" in table.stdout and "entropy" in table.stdout
+    bad = gp("inspect", "net", "--by", "row")
+    assert bad.returncode == 2 and "--by must be one of" in bad.stderr

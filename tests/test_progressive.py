@@ -1,0 +1,170 @@
+"""Progressive evaluation: interval propagation holds the true outputs for every supported operation, and the
+labels always equal full-precision inference (gpupas/integrations/progressive.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+from torch import nn  # noqa: E402
+from torch.nn import functional as F  # noqa: E402
+
+import gpupas  # noqa: E402
+from gpupas import Layout  # noqa: E402
+from gpupas.errors import InvalidInputError  # noqa: E402
+from gpupas.integrations.progressive import Box, IntervalNet, bound_outputs, decide, evaluate_progressive, top_labels  # noqa: E402
+
+BOUNDED = Layout(rotate=False, groups=(1, 2, 3))
+
+
+class ResidualNet(nn.Module):
+    """Conv, batch norm, ReLU, a residual add, max pooling, flatten, Linear, Tanh."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU())
+        self.conv = nn.Conv2d(8, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.pool = nn.MaxPool2d(2)
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(8 * 4 * 4, 32), nn.Tanh(), nn.Linear(32, 10))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        x = F.relu(x + self.bn(self.conv(x)))
+        return self.head(self.pool(x))
+
+
+class Zoo(nn.Module):
+    """Every other supported operation once."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(2, 6, 3, padding=1)
+        self.bn = nn.BatchNorm2d(6)
+        self.act = nn.LeakyReLU(0.1)
+        self.avg = nn.AvgPool2d(2)
+        self.c2 = nn.Conv2d(6, 6, 1, bias=False)
+        self.ada = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(12, 5)
+        self.bn1 = nn.BatchNorm1d(5)
+        self.out = nn.Linear(5, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.avg(self.act(self.bn(self.c1(x))))
+        z = torch.sigmoid(self.c2(y)) - 0.5 * y
+        pooled = torch.cat([self.ada(y).flatten(1), F.adaptive_max_pool2d(z, 1).view(z.size(0), -1)], 1)
+        h = F.elu(self.bn1(self.fc(pooled)))
+        return self.out(torch.tanh(h) + h.relu())
+
+
+def _digits() -> tuple[torch.Tensor, torch.Tensor]:
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    return torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0, torch.tensor(d.target)
+
+
+@pytest.fixture(scope="module")
+def trained() -> tuple[nn.Module, torch.Tensor]:
+    pytest.importorskip("sklearn")
+    torch.manual_seed(0)
+    x, y = _digits()
+    model = ResidualNet()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(30):
+        idx = torch.randint(0, len(x), (64,), generator=g)
+        loss = F.cross_entropy(model(x[idx]), y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval(), x[::2]
+
+
+def _reference(model: nn.Module, weights: dict[str, np.ndarray], x: torch.Tensor, k: int) -> torch.Tensor:
+    fresh = type(model)()
+    fresh.load_state_dict({n: torch.from_numpy(v.copy()) for n, v in weights.items()})
+    with torch.no_grad():
+        return top_labels(fresh.eval()(x), k)
+
+
+def test_labels_equal_full_precision_and_planes_are_saved(tmp_path: Path, trained: tuple) -> None:
+    model, x = trained
+    with gpupas.create_archive(tmp_path / "a") as arc:
+        m = arc.commit(model.state_dict(), layout=BOUNDED)
+        weights = arc.restore(m.id)
+        for k in (1, 3):
+            res = evaluate_progressive(model, arc, m.id, x, topk=k, check=True, batch_size=700)
+            assert torch.equal(res.labels, _reference(model, weights, x, k))
+            assert all(a.bytes_read < b.bytes_read for a, b in zip(res.steps, res.steps[1:]))
+            assert all(a.undecided >= b.undecided for a, b in zip(res.steps, res.steps[1:]))
+            assert res.steps[-1].undecided == 0 and int(res.planes.min()) <= 3  # some decided before the end
+            assert res.bytes_read <= res.bytes_total
+        # a delta snapshot: its bases are read along
+        model2 = ResidualNet()
+        state = {n: v + 1e-3 * torch.randn_like(v) if v.is_floating_point() else v
+                 for n, v in model.state_dict().items()}
+        model2.load_state_dict(state)
+        m2 = arc.commit(model2.state_dict(), base=m.id, layout=BOUNDED)
+        assert any(e.reads_base for e in arc.manifest(m2.id).tensors)
+        for base_planes in (None, 4):
+            res = evaluate_progressive(model2.eval(), arc, m2.id, x[:300], check=True, base_planes=base_planes)
+            assert torch.equal(res.labels, _reference(model2, arc.restore(m2.id), x[:300], 1))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_propagated_intervals_hold_sampled_weights(tmp_path: Path, seed: int) -> None:
+    torch.manual_seed(seed)
+    model = Zoo().eval()
+    with torch.no_grad():
+        model.bn.running_var.uniform_(0.5, 2)
+        model.bn.running_mean.normal_()
+        model.bn1.running_var.uniform_(0.5, 2)
+    x = torch.randn(16, 2, 8, 8)
+    with gpupas.create_archive(tmp_path / "a") as arc:
+        m = arc.commit(model.state_dict(), layout=BOUNDED)
+        for planes in (2, 3):
+            r = arc.read_planes(m.id, planes)
+            box = bound_outputs(model, r, x, batch_size=5)
+            gen = np.random.default_rng(seed)
+            for _ in range(4):  # weights anywhere in their bounds: the outputs stay in the box
+                w = {n: torch.from_numpy(np.clip((r.lo[n] + gen.random(r.lo[n].shape) * (r.hi[n] - r.lo[n]))
+                                                 .astype(np.float32), r.lo[n], r.hi[n]))
+                     for n, v in model.state_dict().items() if v.is_floating_point()}
+                with torch.no_grad():
+                    out = torch.func.functional_call(model, w, (x,)).double()
+                assert bool(((box.lo <= out) & (out <= box.hi)).all()), planes
+            exact = bound_outputs(model, arc.read_planes(m.id, 4), x)
+            with torch.no_grad():
+                out = model(x).double()
+            assert bool(((exact.lo <= out) & (out <= exact.hi)).all())
+            assert float((exact.hi - exact.lo).max()) < 1e-3 * float(out.abs().max())  # rounding slack only
+
+
+def test_unsupported_operations_are_refused_by_name() -> None:
+    class Attention(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.softmax(x @ x.transpose(0, 1), 1)
+
+    cases = [(nn.Sequential(nn.Linear(4, 4), nn.GELU()).eval(), "GELU"),
+             (nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4)).eval(), "LayerNorm"),
+             (nn.Sequential(nn.Linear(4, 4), nn.LeakyReLU(-0.5)).eval(), "LeakyReLU"),
+             (Attention().eval(), "matmul"),
+             (nn.Sequential(nn.Linear(4, 4)).train(), "eval mode")]
+    for model, name in cases:
+        with pytest.raises(InvalidInputError, match=name):
+            IntervalNet(model)
+
+
+def test_decide() -> None:
+    lo = torch.tensor([[0.0, 2.0, 1.0], [0.0, 2.0, 1.0], [3.0, 2.0, -5.0]], dtype=torch.float64)
+    hi = torch.tensor([[0.5, 3.0, 1.9], [0.5, 3.0, 2.5], [4.0, 2.5, -4.0]], dtype=torch.float64)
+    ok, lab = decide(lo, hi, 1)
+    assert ok.tolist() == [True, False, True] and lab.tolist() == [1, 1, 0]
+    ok, lab = decide(lo, hi, 2)
+    assert ok.tolist() == [True, True, True] and lab.tolist() == [[1, 2], [1, 2], [0, 1]]
+    nan = Box(torch.full((1, 3), float("nan"), dtype=torch.float64), torch.zeros(1, 3, dtype=torch.float64))
+    assert not decide(nan.lo, nan.hi, 1)[0].any()

@@ -1,0 +1,272 @@
+"""Storage tiers: low-order planes of chosen snapshots in a second store (a directory, or S3 on a
+request-counting server on 127.0.0.1), high-order planes local; moves are bit-checked revisions; a
+read of only the high planes never touches the tier; gc sweeps tiers; clear errors when a tier is gone."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import recipe
+from s3counting import CountingS3, counting_s3
+
+import gpupas
+from gpupas import inspect
+from gpupas.backend import get_backend
+from gpupas.engine.partial import PartialReader
+from gpupas.errors import InvalidInputError, TierNotFoundError, TierUnavailableError
+
+__all__ = ["counting_s3"]  # fixtures this module uses
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def chain(seed: int = 0, n: int = 3) -> list[dict[str, np.ndarray]]:
+    """``n`` checkpoints of a small model, each a small step from the one before."""
+    rng = np.random.default_rng(seed)
+    first = {"fc1.weight": (rng.standard_normal((256, 320)) * 0.02).astype(np.float32),
+             "fc1.bias": np.zeros(256, np.float32), "emb.weight": (rng.standard_normal((300, 64))).astype(np.float16),
+             "steps": np.arange(4, dtype=np.int64)}
+    out = [first]
+    for _ in range(n - 1):
+        prev = out[-1]
+        out.append({k: (v + (rng.standard_normal(v.shape) * 1e-3).astype(v.dtype)) if v.dtype.kind == "f" else v + 1
+                    for k, v in prev.items()})
+    return out
+
+
+def commit_chain(a: gpupas.Archive, ckpts: list[dict[str, np.ndarray]]) -> list[str]:
+    sids: list[str] = []
+    for c in ckpts:
+        sids.append(a.commit(c, base=sids[-1] if sids else None).id)
+    return sids
+
+
+def same(got: dict[str, Any], want: dict[str, np.ndarray]) -> bool:
+    return sorted(got) == sorted(want) and all(got[k].tobytes() == want[k].tobytes() for k in want)
+
+
+def test_move_planes_to_a_directory_tier_and_back(tmp_path: Path) -> None:
+    ckpts = chain()
+    with gpupas.create_archive(tmp_path / "arc") as a:
+        sids = commit_chain(a, ckpts)
+        a.add_tier("cold", tmp_path / "cold")
+        for sid in sids:
+            m = a.tier(sid, planes_from=2, to="cold")
+            assert [s.tier for s in m.streams] == [None, "cold"] and m.revision == 1
+            parts = {e.name: [(p.stream, p.first, p.count) for p in e.parts] for e in m.tensors}
+            assert parts["fc1.weight"] == [(0, 0, 2), (1, 2, 2)] and parts["emb.weight"] == [(0, 0, 2)]
+            assert a.tier(sid, planes_from=2, to="cold").revision == 1  # already there: nothing done
+        assert a.manifest(sids[1]).base == sids[0]  # a revision keeps the delta base
+        assert sorted(p.name for p in (tmp_path / "cold" / "snapshots").iterdir()) == sorted(
+            ["zarr.json", *(a.manifest(s).streams[1].folder for s in sids)])
+    for sid, c in zip(sids, ckpts):  # the spec's reader (FORMAT.md 18), which never imports gpupas
+        assert same(recipe.restore(tmp_path / "arc", sid), c)
+    with gpupas.open_archive(tmp_path / "arc") as b:
+        assert all(same(b.restore(s), c) for s, c in zip(sids, ckpts))
+        assert all(b.verify(s) == 4 for s in sids)
+        swept = b.gc(min_age=0)  # the forms before the move: one local folder each
+        assert len(swept) == 3 and not any(":" in f for f in swept)
+        b.revise(sids[2], setting="fast")  # a compaction or re-encode leaves the planes in the tier
+        assert [s.tier for s in b.manifest(sids[2]).streams] == [None, "cold"]
+        swept = b.gc(min_age=0)  # its old form: a folder here and one in the tier
+        assert len(swept) == 2 and sum(f.startswith(f"cold:{sids[2]}.") for f in swept) == 1
+        with pytest.raises(InvalidInputError, match="move them back"):
+            b.remove_tier("cold")
+        for sid in sids:
+            m = b.tier(sid, to=None, planes_from=None)
+            assert [s.tier for s in m.streams] == [None, None]
+        assert all(same(b.restore(s), c) for s, c in zip(sids, ckpts))
+        swept = b.gc(min_age=0)
+        assert sum(f.startswith("cold:") for f in swept) == 3  # the tier's folders, swept from the tier
+        assert [p.name for p in (tmp_path / "cold" / "snapshots").iterdir()] == ["zarr.json"]
+        b.remove_tier("cold")
+        assert b.tiers() == {}
+
+
+def test_commit_straight_into_a_tier_and_bad_moves(tmp_path: Path) -> None:
+    with gpupas.create_archive(tmp_path / "arc") as a:
+        a.add_tier("cold", tmp_path / "cold")
+        w = np.linspace(-2, 2, 10000, dtype=np.float32)
+        m = a.commit({"w": w}, layout=gpupas.Layout(groups=(1,), tiers=(None, "cold")))
+        assert [s.tier for s in m.streams] == [None, "cold"]
+        assert a.restore(m.id)["w"].tobytes() == w.tobytes()
+        with pytest.raises(InvalidInputError, match="planes_from"):
+            a.tier(m.id, planes_from=4, to="cold")
+        with pytest.raises(TierNotFoundError, match="gpupas tier add warm"):
+            a.tier(m.id, planes_from=2, to="warm")
+        with pytest.raises(TierNotFoundError):
+            a.commit({"w": w}, layout=gpupas.Layout(groups=(1,), tiers=(None, "warm")))
+        assert a.gc(min_age=0) == []  # the refused commit left nothing behind
+
+
+def test_a_missing_tier_says_which_and_what_to_do_while_high_planes_still_read(tmp_path: Path) -> None:
+    ckpts = chain(1, 2)
+    with gpupas.create_archive(tmp_path / "arc") as a:
+        sids = commit_chain(a, ckpts)
+        a.add_tier("cold", tmp_path / "cold")
+        for sid in sids:
+            a.tier(sid, planes_from=2, to="cold")
+    shutil.move(tmp_path / "cold", tmp_path / "moved")
+    with gpupas.open_archive(tmp_path / "arc") as b:
+        with pytest.raises(TierUnavailableError, match=r"'cold' .*not exist.*gpupas tier add cold NEW_URL --force"):
+            b.restore(sids[1])
+        top = inspect.read_plane_bytes(b, sids[1], planes=2)  # the local planes alone: no tier needed
+        assert {k for k in top} == {(n, p) for n in ckpts[0] for p in range(2)}
+        rows = inspect.planes(b, sids[1], planes=1)
+        assert {r["plane"] for r in rows} == {0} and all(r["entropy"] is not None for r in rows)
+        with pytest.raises(InvalidInputError, match="copy of tier"):
+            b.add_tier("cold", tmp_path / "elsewhere", force=True)  # not a copy of the tier
+        b.add_tier("cold", tmp_path / "moved", force=True)  # the copy: same tier id
+    with gpupas.open_archive(tmp_path / "arc") as c:
+        assert same(c.restore(sids[1]), ckpts[1])
+        doc = json.loads((tmp_path / "arc" / "zarr.json").read_text())
+        del doc["attributes"]["gpupas"]["tiers"]["cold"]
+        (tmp_path / "arc" / "zarr.json").write_text(json.dumps(doc))
+    with gpupas.open_archive(tmp_path / "arc") as d, pytest.raises(TierNotFoundError,
+                                                                    match=r"no tier 'cold'.*gpupas tier add cold"):
+        d.restore(sids[0])
+
+
+def test_tier_locations_are_checked_and_secrets_never_written(tmp_path: Path) -> None:
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "notes.txt").write_text("x")
+    with gpupas.create_archive(tmp_path / "arc") as a, gpupas.create_archive(tmp_path / "other") as other:
+        with pytest.raises(InvalidInputError, match="local"):
+            a.add_tier("local", tmp_path / "t")
+        with pytest.raises(InvalidInputError, match="not empty"):
+            a.add_tier("cold", tmp_path / "busy")
+        with pytest.raises(InvalidInputError, match="archive"):
+            a.add_tier("cold", tmp_path / "other")
+        a.add_tier("cold", tmp_path / "t", {"endpoint_url": "http://127.0.0.1:1", "key": "AKIA-SECRET",
+                                            "client_kwargs": {"region_name": "r", "aws_secret_access_key": "S3CR3T"}})
+        with pytest.raises(InvalidInputError, match="another archive"):
+            other.add_tier("cold", tmp_path / "t")
+        with pytest.raises(InvalidInputError, match="already points"):
+            a.add_tier("cold", tmp_path / "t2")
+    text = (tmp_path / "arc" / "zarr.json").read_text()
+    assert "endpoint_url" in text and "region_name" in text
+    assert "AKIA-SECRET" not in text and "S3CR3T" not in text and '"key"' not in text
+
+
+def test_cli_tier_commands(tmp_path: Path) -> None:
+    with gpupas.create_repository(tmp_path / "arc") as repo:
+        ckpts = chain(2, 2)
+        v = repo.commit("net", ckpts[0])
+        repo.add_snapshot(v.id, ckpts[1])
+    env = {k: v for k, v in os.environ.items() if k != "GPUPAS_ARCHIVE"} | {"GPUPAS_AUTHOR": "t"}
+
+    def gp(*args: object) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "gpupas", "-A", str(tmp_path / "arc"), *map(str, args)],
+                              capture_output=True, text=True, env=env, timeout=120, cwd=ROOT)
+
+    assert gp("tier", "add", "cold", tmp_path / "cold").returncode == 0
+    moved = gp("tier", "move", "net", "--to", "cold", "--planes-from", "2", "--json")
+    assert moved.returncode == 0, moved.stderr
+    rows = json.loads(moved.stdout)
+    assert len(rows) == 2 and all(r["changed"] and r["tiers"]["cold"] > 0 for r in rows)
+    listed = json.loads(gp("tier", "list", "--json").stdout)
+    assert [r["tier"] for r in listed] == ["local", "cold"] and listed[1]["snapshots"] == 2
+    planes = json.loads(gp("inspect", "net", "--by", "plane", "--json").stdout)
+    assert [r["tier"] for r in planes] == ["local"] * 2 + ["cold"] * 6  # an int64 tensor has 8 planes
+    gc = gp("gc", "--min-age", "0")
+    assert gc.returncode == 0 and "removed 2 unreferenced" in gc.stdout
+    assert gp("verify").returncode == 0
+    refused = gp("tier", "remove", "cold")
+    assert refused.returncode == 2 and "move them back" in refused.stderr
+    assert gp("tier", "move", "net", "--to", "local").returncode == 0
+    assert "removed folder cold:" in gp("gc", "--min-age", "0").stdout
+    assert gp("tier", "remove", "cold").returncode == 0
+    unknown = gp("tier", "move", "net", "--to", "warm")
+    assert unknown.returncode == 1 and "gpupas tier add warm" in unknown.stderr
+
+
+# -- S3: the tier in its own bucket of a server that counts requests ----------------------------------------------
+def test_s3_tier_high_planes_read_makes_no_request_to_it(counting_s3: CountingS3, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    bucket = counting_s3.bucket()
+    ckpts = chain(3, 3)
+    with gpupas.create_archive(tmp_path / "arc") as a:
+        sids = commit_chain(a, ckpts)
+        a.add_tier("cold", f"s3://{bucket}/cold", counting_s3.options())  # credentials: this session only
+        for sid in sids:
+            a.tier(sid, planes_from=2, to="cold")
+    assert "test" not in json.dumps(json.loads((tmp_path / "arc" / "zarr.json").read_text())["attributes"])
+    monkeypatch.setenv("GPUPAS_TIER_OPTIONS_COLD", json.dumps({"key": "test", "secret": "test"}))
+
+    counting_s3.reset()
+    with gpupas.open_archive(tmp_path / "arc") as b:
+        for sid in sids:  # the coded high planes of every snapshot (whole, delta, delta on a delta)
+            top = inspect.read_plane_bytes(b, sid, planes=2)
+            assert len(top) == 2 * len(ckpts[0])
+            inspect.planes(b, sid, planes=2)
+        # values from their top 2 planes (the partial reader's data path), of the whole snapshot and of the
+        # delta on it: both need nothing below plane 2 (a delta on a delta may: its context split can need
+        # more of its base's planes)
+        with PartialReader(b.store, b.manifest, get_backend("numpy"), b.executor) as reader:
+            for sid in sids[:2]:
+                for name in ckpts[0]:
+                    assert reader.knowledge(sid, name, 2).slots is not None
+            assert all(k <= 2 for t in reader.planes_read.values() for k in t.values())
+        assert counting_s3.count(bucket) == 0  # the tier was never asked for anything
+        assert "cold" not in b.store._tier_stores  # nor even opened
+
+        got = b.restore(sids[2])  # a full restore reads the low planes from the tier, by ranged GETs
+        assert same(got, ckpts[2])
+        seen = counting_s3.requests(bucket)
+        assert seen and {m for m, *_ in seen} <= {"GET", "HEAD"}
+        assert any(r is not None for *_, r in seen)  # chunks by byte ranges, not whole shards
+        assert all(k.startswith("cold/") for _, _, k, _ in seen if k)
+        before = counting_s3.count(bucket)
+        assert same(b.restore(sids[0]), ckpts[0]) and counting_s3.count(bucket) > before
+        assert b.verify(sids[1]) == 4
+
+        # gc sweeps the tier too: move one snapshot back, its folder in the bucket becomes garbage
+        b.tier(sids[0], to=None, planes_from=None)
+        swept = b.gc(min_age=0)
+        cold = [f for f in swept if f.startswith("cold:")]
+        assert len(cold) == 1 and cold[0].startswith(f"cold:{sids[0]}.")
+        assert same(b.restore(sids[1]), ckpts[1])
+
+
+def test_s3_tier_that_cannot_be_reached(counting_s3: CountingS3, tmp_path: Path) -> None:
+    with gpupas.create_archive(tmp_path / "arc") as a:
+        with pytest.raises(TierUnavailableError, match="tier 'cold'"):
+            a.add_tier("cold", "s3://no-such-bucket-here/cold", counting_s3.options())
+        bucket = counting_s3.bucket()
+        a.add_tier("cold", f"s3://{bucket}/cold", counting_s3.options())
+        sid = a.commit(chain(4, 1)[0]).id
+        a.tier(sid, planes_from=1, to="cold")
+    import boto3
+
+    s3 = boto3.client("s3", endpoint_url=counting_s3.endpoint, aws_access_key_id="test",
+                      aws_secret_access_key="test", region_name="us-east-1")
+    for obj in s3.list_objects_v2(Bucket=bucket).get("Contents", []):
+        s3.delete_object(Bucket=bucket, Key=obj["Key"])
+    with gpupas.open_archive(tmp_path / "arc", tier_options={"cold": counting_s3.options()}) as b:
+        with pytest.raises(TierUnavailableError, match=r"tier 'cold' \(s3://.*no gpupas tier"):
+            b.restore(sid)
+        assert len(inspect.read_plane_bytes(b, sid, planes=1)) == 4  # the local plane still reads
+
+
+def test_s3_tier_read_planes_of_a_whole_snapshot_makes_no_request_to_it(counting_s3: CountingS3,
+                                                                         tmp_path: Path) -> None:
+    bucket = counting_s3.bucket()
+    with gpupas.create_archive(tmp_path / "arc") as a:
+        sid = a.commit(chain(5, 1)[0]).id
+        a.add_tier("cold", f"s3://{bucket}/cold", counting_s3.options())
+        a.tier(sid, planes_from=2, to="cold")
+    counting_s3.reset()
+    with gpupas.open_archive(tmp_path / "arc", tier_options={"cold": counting_s3.options()}) as b:
+        got = b.read_planes(sid, planes=2)
+        assert counting_s3.count(bucket) == 0
+        assert 0 < got.bytes_read < got.bytes_total  # the tier's share estimated from the manifest
+        full = b.restore(sid)
+    assert counting_s3.count(bucket) > 0
+    assert all(np.all((got.lo[k] <= v) & (v <= got.hi[k])) for k, v in full.items() if v.dtype.kind == "f")
