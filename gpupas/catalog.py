@@ -323,7 +323,7 @@ def catalog_path(location: str, local_root: str | None) -> Path:
         return Path(local_root) / FILENAME
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "gpupas" / "catalogs"
     cache.mkdir(parents=True, exist_ok=True)
-    name = hashlib.sha256((os.path.realpath(location) if local_root else location).encode()).hexdigest()[:24]
+    name = hashlib.sha256(os.fsencode(os.path.realpath(location) if local_root else location)).hexdigest()[:24]
     return cache / f"{name}.sqlite"
 
 
@@ -340,8 +340,10 @@ def rebuild_catalog(path: Path, source: RecordSource) -> Catalog:
         fresh.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         fresh.conn.execute("PRAGMA journal_mode=DELETE")  # one self-contained file to move into place
         fresh.close()
+        for suffix in ("-journal", "-wal", "-shm"):  # a stale journal would be rolled back into the new file
+            Path(f"{path}{suffix}").unlink(missing_ok=True)  # a link is removed, never followed
         os.replace(tmp, path)
-        for suffix in ("-wal", "-shm"):
+        for suffix in ("-journal", "-wal", "-shm"):
             Path(f"{path}{suffix}").unlink(missing_ok=True)
     except BaseException:
         fresh.close()
@@ -352,11 +354,22 @@ def rebuild_catalog(path: Path, source: RecordSource) -> Catalog:
 
 
 def open_catalog(path: Path, source: RecordSource) -> Catalog:
-    """The catalog at ``path``, brought up to date."""
+    """The catalog at ``path``, brought up to date; rebuilt where it holds what gpupas did not put there
+    (triggers, views or tables of a catalog handed over with an archive)."""
     cat = Catalog(path, source)
     try:
+        if _foreign(cat.conn):
+            cat.close()
+            return rebuild_catalog(path, source)
         cat.sync()
     except BaseException:
         cat.close()
         raise
     return cat
+
+
+def _foreign(conn: sqlite3.Connection) -> bool:
+    """Whether the database holds schema objects other than the catalog's own tables and indexes."""
+    own = set(TABLES) | {m.group(1) for m in re.finditer(r"CREATE INDEX (\w+)", SCHEMA)}
+    rows = conn.execute("SELECT type, name FROM sqlite_master WHERE name NOT LIKE 'sqlite_%'").fetchall()
+    return any(kind not in ("table", "index") or name not in own for kind, name in rows)

@@ -33,7 +33,7 @@ LEGACY_SEGMENT = 1 << 20
 
 TOP_FIELDS = {"format", "id", "revision", "created", "revised", "base", "grand", "setting", "segment", "streams",
               "tensors", "raw_bytes", "stored_bytes", "commit_seconds", "meta"}
-STREAM_FIELDS = {"folder", "length", "chunk_size", "shard_chunks", "codecs", "chunks", "stored"}
+STREAM_FIELDS = {"folder", "length", "chunk_size", "shard_chunks", "codecs", "chunks", "stored", "tier"}
 TENSOR_FIELDS = {"name", "dtype", "shape", "nbytes", "crc32", "enc", "ctx", "rows", "parts", "extras", "stored",
                  "plane_bytes", "rot", "scheme"}
 
@@ -252,6 +252,21 @@ def depth(root: Path, sid: str) -> int:
 
 
 # -- streams --------------------------------------------------------------------------------------------------------
+def stream_root(root: Path, stream: dict[str, Any]) -> Path:
+    """Where a stream's folder lies: the archive, or the root of the tier it names (section 18; local tiers)."""
+    name = stream.get("tier")
+    if name is None:
+        return Path(root)
+    entry = json.loads((Path(root) / "zarr.json").read_bytes())["attributes"]["gpupas"].get("tiers", {}).get(name)
+    if entry is None:
+        raise FormatError(f"the stream names tier {name!r}, which the archive does not define")
+    tier = Path(entry["url"])
+    mark = json.loads((tier / "zarr.json").read_bytes())["attributes"]["gpupas"]["tier"]
+    if mark.get("id") != entry.get("id"):
+        raise DamagedError(f"{tier} is not tier {name!r} of this archive")
+    return tier
+
+
 def read_stream(root: Path, stream: dict[str, Any]) -> np.ndarray:
     """The stream's bytes: the bitwise OR of its codec arrays (each chunk is in exactly one; the
     others read as zeros there)."""
@@ -261,7 +276,7 @@ def read_stream(root: Path, stream: dict[str, Any]) -> np.ndarray:
             raise FormatError(f"chunk codec {cid!r} is unknown: upgrade")
         if cid not in PORTABLE:
             raise FormatError(f"chunk codec {cid!r} needs a GPU reader")
-        arr = zarr.open_array(Path(root) / "snapshots" / stream["folder"] / cid, mode="r")
+        arr = zarr.open_array(stream_root(root, stream) / "snapshots" / stream["folder"] / cid, mode="r")
         if arr.shape != (stream["length"],) or arr.dtype != np.uint8:
             raise DamagedError(f"array {cid} of {stream['folder']} does not match its stream")
         out |= arr[:]
@@ -287,7 +302,7 @@ def stored_chunks(root: Path, stream: dict[str, Any]) -> dict[int, tuple[str, by
     per = stream["shard_chunks"]
     out: dict[int, tuple[str, bytes]] = {}
     for cid in stream["codecs"].values():
-        folder = Path(root) / "snapshots" / stream["folder"] / cid / "c"
+        folder = stream_root(root, stream) / "snapshots" / stream["folder"] / cid / "c"
         for f in sorted(folder.iterdir()) if folder.is_dir() else []:
             shard = int(f.name)
             data = f.read_bytes()

@@ -10,6 +10,7 @@ import pytest
 
 from gpupas.catalog import FILENAME
 from gpupas.errors import InvalidInputError
+from gpupas.format.sealed import seal
 from gpupas.query import compile_query, tokenize
 from gpupas.versions.repository import Repository, create_repository, open_repository
 
@@ -152,7 +153,7 @@ def test_catalog_catches_up_with_other_writers(repo: Repository) -> None:
     # a record rewritten behind the catalog's back (another process, no catalog update) is re-read
     rec = repo.version(5).to_dict()
     rec["hyperparameters"]["lr"] = 0.5
-    repo.records.store.update("versions/5.json", lambda _old: __import__("json").dumps(rec).encode())
+    repo.records.store.update("versions/5.json", lambda _old: seal(rec))
     assert ids(repo, "select m where m.hp.lr = 0.5") == [5]
     assert repo.catalog().is_fresh()
 
@@ -185,7 +186,7 @@ def test_log_is_served_from_the_catalog(repo: Repository) -> None:
 
 def test_a_damaged_record_does_not_take_the_catalog_down(repo: Repository) -> None:
     (repo.root / "versions" / "5.json").write_text("{not json")
-    (repo.root / "versions" / "6.json").write_text('{"id": 6}')
+    (repo.root / "versions" / "6.json").write_bytes(seal({"id": 6}))  # intact, but not a version
     assert ids(repo, "select m") == [1, 2, 3, 4]  # the others are still served
     problems = repo.verify()["problems"]
     assert any("versions/5.json" in p and "damaged" in p for p in problems)

@@ -248,7 +248,13 @@ def confined(root: Path) -> Iterator[list[str]]:
     """Every ``os.open`` must name a path inside ``root`` (resolved through its ``dir_fd``) and only read;
     nothing may be created, renamed or removed. Yields the list of violations."""
     roots = {os.path.normpath(str(root)), os.path.realpath(root)}
+    # caches of compiled code (Python's __pycache__, numba's kernel cache) are the library's, not the archive's
+    caches = tuple(os.path.normpath(c) for c in (os.environ.get("NUMBA_CACHE_DIR") or "",
+                                                 os.path.expanduser("~/.cache")) if c)
     bad: list[str] = []
+
+    def cache(p: str) -> bool:
+        return "__pycache__" in p.split(os.sep) or p.startswith(caches)
     real = {n: getattr(os, n) for n in ("open", "mkdir", "unlink", "rmdir", "rename", "replace", "link", "symlink")}
 
     def inside(path: Any, dir_fd: int | None) -> str | None:
@@ -260,15 +266,16 @@ def confined(root: Path) -> Iterator[list[str]]:
 
     def guarded_open(path: Any, flags: int, mode: int = 0o777, *, dir_fd: int | None = None) -> int:
         where = inside(path, dir_fd)
-        if where is not None:
+        if where is not None and not cache(where):
             bad.append(f"opened {where}")
-        if flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND):
+        if flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND) and not cache(where or ""):
             bad.append(f"opened {os.fsdecode(path)} for writing")
         return real["open"](path, flags, mode, dir_fd=dir_fd)
 
     def refuse(name: str) -> Any:
         def call(*args: Any, **kwargs: Any) -> Any:
-            bad.append(f"os.{name}{args}")
+            if not all(cache(os.fsdecode(a)) for a in args[:2] if isinstance(a, (str, bytes, os.PathLike))):
+                bad.append(f"os.{name}{args}")
             return real[name](*args, **kwargs)
 
         return call
@@ -353,11 +360,6 @@ def test_mutated_archives_restore_exactly_or_fail_cleanly(golden: Golden, data: 
         shutil.rmtree(work, ignore_errors=True)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "format/manifest.py check accepts a row mask ('rows') on a tensor with no values per row (shape [0, 4]); "
-    "decoding it then fails in pas/rows.py gather (x.reshape(-1, 0)) with ValueError, called from "
-    "backend/numpy.py decode_planes: restore raises ValueError (CLI: 'unexpected ValueError', exit 4) and "
-    "Archive.verify_all (chain.read_all catches IntegrityError, FormatError, KeyError, OSError only) stops at it"))
 def test_row_mask_on_an_empty_tensor_is_damage(golden: Golden, tmp_path: Path) -> None:
     root = tmp_path / "arc"
     shutil.copytree(golden.root, root)

@@ -16,7 +16,7 @@ from typing import Any
 
 from gpupas.engine import decode
 from gpupas.engine.bases import BaseCache
-from gpupas.errors import FormatError, IntegrityError, NotFoundError, SnapshotNotFoundError
+from gpupas.errors import FormatError, GpupasError, IntegrityError, NotFoundError, SnapshotNotFoundError
 from gpupas.format.manifest import Manifest
 from gpupas.store.archive import ArchiveStore
 
@@ -244,7 +244,9 @@ def read_all(store: ArchiveStore, sids: Iterable[str], *, manifests: Manifests, 
                     {e.name: grand[e.name] for e in m.tensors if e.enc == "pred"}, backend, executor)
             except (IntegrityError, FormatError, SnapshotNotFoundError) as exc:
                 result = exc if not isinstance(exc, SnapshotNotFoundError) else IntegrityError(str(exc))
-            except (KeyError, OSError) as exc:
+            except GpupasError as exc:  # e.g. a codec that cannot run here: that snapshot's result, not the end
+                result = exc
+            except (KeyError, OSError, MemoryError) as exc:
                 result = IntegrityError(f"snapshot {s}: {type(exc).__name__}: {exc}")
         for d in deps_of(s):
             users[d] -= 1

@@ -41,7 +41,8 @@ def is_name(name: object) -> bool:
 
 def is_folder(name: object) -> bool:
     """Whether ``name`` may name a stream folder under ``snapshots/`` (a snapshot id plus a tag)."""
-    return isinstance(name, str) and FOLDER_RE.fullmatch(name) is not None and ".." not in name
+    return (isinstance(name, str) and FOLDER_RE.fullmatch(name) is not None and ".." not in name
+            and name != "zarr.json")  # the group document of snapshots/
 
 
 def manifest(sid: str) -> str:

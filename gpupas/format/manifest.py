@@ -501,9 +501,11 @@ def check(m: Manifest, what: str) -> None:
         if e.scheme is not None and (e.enc != "mat" or e.rows is not None or e.layout.name not in
                                      ("float64", "float32", "float16", "bfloat16")):
             raise _fail(what, f"tensor {e.name!r}: a lossy tensor is a float tensor stored whole")
-        rows, _per = rows_of(e.shape)
+        rows, per = rows_of(e.shape)
         if e.rows is not None and not (0 <= e.rows <= rows):
             raise _fail(what, f"tensor {e.name!r} codes {e.rows} of {rows} rows")
+        if e.rows is not None and per == 0:
+            raise _fail(what, f"tensor {e.name!r} has no values but a row mask")
         n = e.values
         first = 0
         for p in e.parts:

@@ -28,17 +28,21 @@ def seal(obj: dict[str, Any]) -> bytes:
     return body[:-1] + b',"checksum":"crc32c:%08x"}\n' % crc32c(body)
 
 
-def unseal(data: bytes, what: str, *, required: bool = True) -> dict[str, Any]:
+def unseal(data: bytes, what: str, *, required: bool = True, legacy: bytes = b"") -> dict[str, Any]:
     """The object of sealed JSON ``data`` after checking its checksum; IntegrityError names ``what``.
 
     With ``required=False`` a document without a checksum (written before sealing existed) is
-    accepted as it is.
+    accepted as it is, if it starts with ``legacy`` (how the old writer began: a sealed document whose
+    seal was damaged is then not taken for an old one).
     """
     m = _SEAL.search(data)
     if m is None:
-        if required:
-            raise IntegrityError(f"{what} has no checksum (damaged, or not written by gpupas)")
-        return _parse(data, what)
+        if required or not data.startswith(legacy):
+            raise IntegrityError(f"{what} has no valid checksum (damaged, or not written by gpupas)")
+        obj = _parse(data, what)
+        if "checksum" in obj:
+            raise IntegrityError(f"{what} has a damaged checksum")
+        return obj
     body = data[: m.start()] + b"}"
     if crc32c(body) != int(m.group(1), 16):
         raise IntegrityError(f"{what} does not match its checksum (damaged)")

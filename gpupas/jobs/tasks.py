@@ -16,15 +16,18 @@ from gpupas.errors import GpupasError
 
 @dataclass(frozen=True)
 class ArchiveSpec:
-    """Where an archive is: a location (directory or fsspec URL) and its storage options."""
+    """Where an archive is: a location (directory or fsspec URL), its storage options, and its tiers'
+    (credentials given at open time; see :mod:`gpupas.store.tiers`)."""
 
     location: str
     storage_options: dict[str, Any] | None = None
+    tier_options: dict[str, Any] | None = None
 
     def open(self, cache_size: int = 8) -> Any:
         from gpupas.archive import open_archive
 
-        return open_archive(self.location, storage_options=self.storage_options, workers=1, cache_size=cache_size)
+        return open_archive(self.location, storage_options=self.storage_options, workers=1, cache_size=cache_size,
+                            tier_options=self.tier_options)
 
 
 @dataclass

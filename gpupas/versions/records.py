@@ -21,6 +21,7 @@ from gpupas.store.archive import ArchiveStore
 from gpupas.versions.model import MAX_VERSION_ID, Record
 
 Fingerprint = tuple[int, int, int]
+LEGACY = b"{\n"  # records written before sealing: indented JSON (sealed ones are compact)
 _VERSION_FILE = re.compile(r"^([1-9][0-9]{0,17})\.json$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
@@ -67,7 +68,7 @@ class Records:
         if got is None:
             return None
         data, fp = got
-        rec = unseal(data, f"{path} in {self.location}", required=False)
+        rec = unseal(data, f"{path} in {self.location}", required=False, legacy=LEGACY)
         return rec, fp
 
     def version_ids(self) -> list[int]:
@@ -115,7 +116,7 @@ class Records:
         def apply(old: bytes | None) -> bytes:
             if old is None:
                 raise IntegrityError(f"version {vid} disappeared while being updated")
-            rec = unseal(old, f"{keys.version(vid)} in {self.location}", required=False)
+            rec = unseal(old, f"{keys.version(vid)} in {self.location}", required=False, legacy=LEGACY)
             change(rec)
             result[:] = [rec]
             return seal(rec)

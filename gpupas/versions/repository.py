@@ -344,8 +344,10 @@ class Repository:
         self._after_publish()
         return Version(self._record(vid))
 
-    def _update(self, ref: str | int | Version, change: Callable[[Record], None]) -> Version:
-        """Apply ``change`` to a version's record and publish it atomically (no concurrent update is lost)."""
+    def _update(self, ref: str | int | Version, change: Callable[[Record], None],
+                published: Callable[[], None] | None = None) -> Version:
+        """Apply ``change`` to a version's record and publish it atomically (no concurrent update is lost);
+        ``published`` runs as soon as the record is replaced, before anything else can fail."""
         vid = self.resolve(ref)
 
         def bump(rec: Record) -> None:
@@ -354,6 +356,8 @@ class Repository:
             rec["updated"] = now()
 
         rec = self.records.update_version(vid, bump)
+        if published is not None:
+            published()
         self._after_publish()
         return Version(rec)
 
@@ -388,8 +392,7 @@ class Repository:
                                     meta={"version_id": vid, "source": source, "step": step})
             written.append(m.id)
             entry = snapshot_entry(m, step, source)
-            version = self._update(vid, change)
-            written.clear()
+            version = self._update(vid, change, published=written.clear)  # from then on the record names it
         return version
 
     def log_metrics(self, ref: str | int | Version, metrics: Any) -> Version:

@@ -67,6 +67,8 @@ def verify(repo: Repository, refs: Iterable[str | int] | None = None, progress: 
                 problems.append(f"version {rec['id']}: snapshot {s['id']} is missing")
         for fname, f in (rec.get("files") or {}).items():
             blobs.setdefault(f.get("sha256", ""), f"version {rec['id']} file {fname!r}")
+    problems += [f"version {v}: its parents form a cycle ({path}); restore the records from "
+                 "a copy" for v, path in _parent_loops(records)]
     sids = list(dict.fromkeys(sids))
     tensors = 0
     if progress:
@@ -98,5 +100,32 @@ def _check_snapshots(repo: Repository, sids: list[str], scheduler: Any) -> list[
     from gpupas.jobs.run import run
     from gpupas.jobs.tasks import ArchiveSpec
 
-    spec = ArchiveSpec(repo.location, dict(repo.archive.store.store.storage_options or {}))
+    spec = ArchiveSpec(repo.location, dict(repo.archive.store.store.storage_options or {}),
+                       dict(repo.archive.store.tier_options) or None)
     return list(run(verify_graph(spec, sids), scheduler))
+
+
+def _parent_loops(records: list[Any]) -> list[tuple[int, str]]:
+    """(version, its loop) for each version that is its own ancestor (a damaged or hostile record)."""
+    parents = {r["id"]: [p for p in r.get("parents", []) if isinstance(p, int)] for r in records}
+    state: dict[int, int] = {}  # 1: on the current path, 2: done
+    loops: list[tuple[int, str]] = []
+    for root in sorted(parents):
+        if root in state:
+            continue
+        path, stack = [root], [iter(parents[root])]
+        state[root] = 1
+        while stack:
+            nxt = next(stack[-1], None)
+            if nxt is None:
+                state[path.pop()] = 2
+                stack.pop()
+            elif state.get(nxt) == 1:
+                cycle = path[path.index(nxt):]
+                loops.append((nxt, " -> ".join(map(str, [*cycle, nxt]))))
+            elif nxt not in state and nxt in parents:
+                state[nxt] = 1
+                path.append(nxt)
+                stack.append(iter(parents[nxt]))
+    return loops
+
