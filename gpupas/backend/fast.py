@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from gpupas.pas.context import SAMPLE, sample_index
+from gpupas.pas.context import SAMPLE, bounds_from_counts, sample_index
 from gpupas.pas.planes import Layout
 from gpupas.pas.predict import FRAC, ROW_COST_BITS, SAMPLE_COLS, _adjust, _steps
 from gpupas.pas.rows import MIN_ROWS, MIN_UNCHANGED, rows_of
@@ -147,16 +147,7 @@ def bounds_of_sample(counts: np.ndarray, nsample: int, n: int, min_group: int) -
     """:func:`gpupas.pas.context.group_bounds` from the histogram of its sample (every ``n // SAMPLE``-th
     context byte): the same float arithmetic, so the same bounds."""
     top = int(np.flatnonzero(counts)[-1]) + 1 if counts.any() else 0
-    scaled = counts[:top] * (n / max(1, nsample))
-    bounds, start, pos = [], 0, 0
-    for c in scaled[scaled > 0]:
-        pos = min(n, pos + round(c))
-        if pos - start >= min_group:
-            bounds.append(pos)
-            start = pos
-    if bounds and (bounds[-1] == n or n - bounds[-1] < min_group):
-        bounds.pop()
-    return bounds
+    return bounds_from_counts(counts[:top] * (n / max(1, nsample)), n, min_group)
 
 
 def _kernels_mod() -> Any:

@@ -22,7 +22,7 @@ from gpupas.errors import IntegrityError
 
 def code(data: memoryview, bounds: Sequence[int], huffman_only: bool = True) -> bytes:
     """A gzip member of Deflate of ``data``, ending a block at each bound."""
-    if huffman_only and _compiled() is not None:  # the same bytes, ~3x faster (gpupas/_fastc_deflate.h)
+    if huffman_only and compiled() is not None:  # the same bytes, ~3x faster (gpupas/_fastc_deflate.h)
         cuts = np.clip(np.asarray(bounds, np.int64), 0, len(data))  # as pieces() cuts: sorted, inside
         return _HEADER[0] + _FAST[0].deflate_huffman(data, cuts) + struct.pack(
             "<II", zlib_ng.crc32(data), len(data) & 0xFFFFFFFF)
@@ -40,7 +40,7 @@ _FAST: list[Any] = []
 _HEADER: list[bytes] = []
 
 
-def _compiled() -> Any:
+def compiled() -> Any:
     """gpupas's compiled Huffman-only encoder (``gpupas._fastc``), where it was built and ``GPUPAS_FAST`` is
     not 0; it writes exactly zlib-ng's stream (tests/test_fast.py compares them)."""
     if not _FAST:

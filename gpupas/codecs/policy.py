@@ -11,9 +11,7 @@ Huffman-only Deflate could need (:func:`huffman_floor`): shortcuts, not rules.
 
 from __future__ import annotations
 
-import importlib
 import itertools
-import os
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -91,7 +89,9 @@ def encode_cpu(policy: ChunkPolicy, chunks: Sequence[np.ndarray], bounds: Sequen
 def _above_floor(zsize: int, data: np.ndarray, bounds: Sequence[int]) -> bool:
     """``zsize > huffman_floor(data, bounds)``, with gpupas's compiled floor where it is built: its float
     differs from NumPy's only by rounding, so a size within a millionth of it is decided by NumPy's."""
-    fast = _compiled()
+    from gpupas.codecs.deflate import compiled
+
+    fast = compiled()
     if fast is not None:
         floor = fast.huffman_floor(data, np.clip(np.asarray(bounds, np.int64), 0, len(data)), 4)
         if abs(zsize - floor) > 1e-6 * max(1.0, floor):
@@ -99,20 +99,6 @@ def _above_floor(zsize: int, data: np.ndarray, bounds: Sequence[int]) -> bool:
     return zsize > huffman_floor(data, bounds)
 
 
-_FAST: list[Any] = []
-
-
-def _compiled() -> Any:
-    """``gpupas._fastc`` where it was built and ``GPUPAS_FAST`` is not 0, else None."""
-    if not _FAST:
-        mod = None
-        if os.environ.get("GPUPAS_FAST", "1") != "0":
-            try:
-                mod = importlib.import_module("gpupas._fastc")
-            except ImportError:
-                pass
-        _FAST[:] = [mod]
-    return _FAST[0]
 
 
 def _zstd_level(level: int, view: memoryview, bounds: Sequence[int], size: int) -> bytes:

@@ -28,7 +28,11 @@ def group_bounds(ctx: Any, min_group: int) -> list[int]:
     """
     n = ctx.size
     step = max(1, n // SAMPLE)  # bounds are hints for the coder: a sample places them well enough
-    counts = np.bincount(np.asarray(ctx[::step])) * (n / max(1, ctx[::step].size))
+    return bounds_from_counts(np.bincount(np.asarray(ctx[::step])) * (n / max(1, ctx[::step].size)), n, min_group)
+
+
+def bounds_from_counts(counts: np.ndarray, n: int, min_group: int) -> list[int]:
+    """:func:`group_bounds` from the estimated size of each context group (in context order)."""
     bounds, start, pos = [], 0, 0
     for c in counts[counts > 0]:
         pos = min(n, pos + round(c))
