@@ -236,6 +236,10 @@ def _spt(pb: Problem) -> tuple[list[int], list[Violation]]:
 def _last(pb: Problem) -> tuple[list[int], list[Violation]]:
     """LAST: walk the MST depth first, relaxing its edges (both ways where the graph has both); a
     vertex reached over its bound (its share of the budget) gets its shortest path added."""
+    return _last_parent(pb), []
+
+
+def _last_parent(pb: Problem) -> list[int]:
     d_s, spt_par = pb.spt()
     bound = pb.vertex_bound()
     mst = _mst_parent(pb)
@@ -271,7 +275,7 @@ def _last(pb: Problem) -> tuple[list[int], list[Violation]]:
             stack.append((c, 0))
         elif v != 0:
             relax(v, mst[v])  # back up the MST edge, reversed
-    return par, []
+    return par
 
 
 # -- PAS -------------------------------------------------------------------------------------------------------
@@ -462,13 +466,34 @@ def _tighten(pb: Problem, t: Tree, passes: int = 4) -> None:
 
 @_timed
 def _pas_mt(pb: Problem) -> tuple[list[int], list[Violation]]:
-    """PAS-MT: the MST, repaired until every budget holds, then tightened."""
+    """PAS-MT: the MST, repaired until every budget holds, then tightened; LAST's tree, tightened the same
+    way, where that meets the budgets and stores less (both are heuristics, and on some graphs LAST's
+    walk finds the better start)."""
     skip, why = _infeasible(pb)
-    t = Tree(pb, _mst_parent(pb))
+    t = _fitted(pb, _mst_parent(pb), skip)
+    alt = _fitted(pb, _last_parent(pb), skip)
+    if _meets(pb, alt, skip) and (not _meets(pb, t, skip) or _stored(pb, alt) < _stored(pb, t) * (1 - 1e-12)):
+        t = alt
+    return t.parent, why
+
+
+def _fitted(pb: Problem, parent: list[int], skip: set[int]) -> Tree:
+    """The tree of ``parent`` with its chains cut to the depth limit, repaired and tightened."""
+    t = Tree(pb, parent)
     _limit_depth(pb, t)
     _repair(pb, t, skip)
     _tighten(pb, t)
-    return t.parent, why
+    return t
+
+
+def _meets(pb: Problem, t: Tree, skip: set[int]) -> bool:
+    """Whether ``t`` meets every budget that can be met, within the depth limit."""
+    return max(t.depth) <= pb.max_depth and all(
+        g in skip or not over(c, th) for g, (c, th) in enumerate(zip(t.costs(), pb.theta)))
+
+
+def _stored(pb: Problem, t: Tree) -> float:
+    return sum(t.cs(v) for v in range(1, pb.n))
 
 
 def _limit_depth(pb: Problem, t: Tree) -> None:
