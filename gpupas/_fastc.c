@@ -155,13 +155,19 @@ static int fail(const char *msg) {
 
 static int width_ok(int w) { return w == 1 || w == 2 || w == 4 || w == 8; }
 
+/* a * b <= cap for non-negative a, b, without overflowing */
+static int product_fits(Py_ssize_t a, Py_ssize_t b, Py_ssize_t cap) {
+    return a >= 0 && b >= 0 && (b == 0 || a <= cap / b);
+}
+
 /* The segment's values and what they are read against, checked: every index the loops use lies in
  * its buffer (a damaged or hostile manifest must not make a kernel read or write outside). */
 static int check_seg(Seg *g, int w, int kind, Py_buffer *u, Py_buffer *ub, Py_buffer *ub2, Py_buffer *alpha,
                      Py_buffer *rowmap) {
     if (!width_ok(w)) return fail("width must be 1, 2, 4 or 8");
     if (kind < 0 || kind > 3 || (kind == 3 && w > 4)) return fail("bad encoding");
-    if (g->n < 0 || g->start < 0 || (g->n > 0 && g->per <= 0)) return fail("bad segment");
+    if (g->n < 0 || g->start < 0 || (g->n > 0 && g->per <= 0) || g->start > PY_SSIZE_T_MAX - g->n)
+        return fail("bad segment");
     g->nrowmap = rowmap->len / 8;
     g->rowmap = (const int64_t *)rowmap->buf;
     if (g->n == 0) return 0;
@@ -174,6 +180,7 @@ static int check_seg(Seg *g, int w, int kind, Py_buffer *u, Py_buffer *ub, Py_bu
             if (g->rowmap[r] < 0) return fail("bad row map");
             if (g->rowmap[r] > top) top = g->rowmap[r];
         }
+        if (top >= PY_SSIZE_T_MAX / g->per) return fail("bad row map");
         need = ((Py_ssize_t)top + 1) * g->per;
     }
     if (u && u->len / w < need) return fail("values out of range");
@@ -187,7 +194,7 @@ static int check_planes(uint8_t **p, int w, Py_buffer *flat, Py_buffer *offs, Py
     const int64_t *o = (const int64_t *)offs->buf;
     for (int k = 0; k < 8; k++) p[k] = (uint8_t *)flat->buf;
     for (int k = 0; k < w; k++) {
-        if (o[k] < 0 || o[k] + n > flat->len) return fail("plane out of range");
+        if (o[k] < 0 || n > flat->len || o[k] > flat->len - n) return fail("plane out of range");
         p[k] = (uint8_t *)flat->buf + o[k];
     }
     return 0;
@@ -220,7 +227,7 @@ static PyObject *encode(PyObject *self, PyObject *args) {
         goto error;
     }
     g.u = bs.b[0].buf; g.ub = bs.b[1].buf; g.ub2 = bs.b[2].buf; g.alpha = (const int16_t *)bs.b[3].buf;
-    s = s ? 1 : 0;
+    s = s && w > 1 ? 1 : 0;  /* one-byte values are never rotated */
     Py_BEGIN_ALLOW_THREADS
     int64_t *sample = (int64_t *)bs.b[7].buf;
     void *cs = bs.b[8].buf, *srt = bs.b[10].buf;
@@ -263,7 +270,7 @@ static PyObject *decode(PyObject *self, PyObject *args) {
         goto error;
     }
     g.u = bs.b[6].buf; g.ub = bs.b[2].buf; g.ub2 = bs.b[3].buf; g.alpha = (const int16_t *)bs.b[4].buf;
-    s = s ? 1 : 0;
+    s = s && w > 1 ? 1 : 0;  /* one-byte values are never rotated */
     Py_BEGIN_ALLOW_THREADS
     const uint8_t *const *cp = (const uint8_t *const *)p;
     void *out = bs.b[6].buf, *sb = bs.b[7].buf, *sj = bs.b[9].buf;
@@ -293,7 +300,7 @@ static PyObject *copy_rows(PyObject *self, PyObject *args) {
     Bufs bs = {0};
     if (!PyArg_ParseTuple(args, "iw*y*y*nn", &w, &bs.b[0], &bs.b[1], &bs.b[2], &rows, &per)) return NULL;
     bs.used = 3;
-    if (!width_ok(w) || rows < 0 || per < 0 || bs.b[0].len / w < rows * per || bs.b[1].len / w < rows * per) {
+    if (!width_ok(w) || !product_fits(rows, per, bs.b[0].len / w) || !product_fits(rows, per, bs.b[1].len / w)) {
         fail("bad rows");
         release(&bs);
         return NULL;
@@ -331,7 +338,7 @@ static PyObject *sample_entropies(PyObject *self, PyObject *args) {
     const int64_t *idx = (const int64_t *)bs.b[2].buf;
     if (m > 0) {  /* checked as the segment of every coded value up to the largest sampled one */
         for (Py_ssize_t t = 1; t < m; t++) if (idx[t] < idx[t - 1]) { fail("unsorted sample"); goto error; }
-        if (idx[0] < 0) { fail("bad sample"); goto error; }
+        if (idx[0] < 0 || idx[m - 1] >= PY_SSIZE_T_MAX) { fail("bad sample"); goto error; }
         g.n = (Py_ssize_t)idx[m - 1] + 1;
     }
     if (kind == 3) { fail("bad encoding"); goto error; }
@@ -342,7 +349,7 @@ static PyObject *sample_entropies(PyObject *self, PyObject *args) {
         goto error;
     }
     g.u = bs.b[0].buf; g.ub = kind ? bs.b[1].buf : bs.b[0].buf;
-    s = s ? 1 : 0;
+    s = s && w > 1 ? 1 : 0;  /* one-byte values are never rotated */
     Py_BEGIN_ALLOW_THREADS
     const double *nlogn = (const double *)bs.b[4].buf;
     double *hp = (double *)bs.b[5].buf, *hj = bs.b[6].len ? (double *)bs.b[6].buf : NULL;
@@ -375,7 +382,7 @@ static PyObject *gather(PyObject *self, PyObject *args) {
     const int64_t *idx = (const int64_t *)bs.b[1].buf;
     if (m > 0) {
         for (Py_ssize_t t = 1; t < m; t++) if (idx[t] < idx[t - 1]) { fail("unsorted sample"); goto error; }
-        if (idx[0] < 0) { fail("bad sample"); goto error; }
+        if (idx[0] < 0 || idx[m - 1] >= PY_SSIZE_T_MAX) { fail("bad sample"); goto error; }
         g.n = (Py_ssize_t)idx[m - 1] + 1;
     }
     if (check_seg(&g, w, 0, &bs.b[0], NULL, NULL, NULL, &bs.b[2]) || (bs.b[3].len / w < m && fail("out too small")))
@@ -413,12 +420,12 @@ static PyObject *fit_rows(PyObject *self, PyObject *args) {
     Py_ssize_t nc = bs.b[4].len / 8;
     const int64_t *cols = (const int64_t *)bs.b[4].buf;
     g.start = 0;
+    if (w > 4 || nc < 1 || !product_fits(rows, g.per, PY_SSIZE_T_MAX)) { fail("bad fit"); goto error; }
     g.n = rows * g.per;
-    if (w > 4 || rows < 0 || nc < 1) { fail("bad fit"); goto error; }
     for (Py_ssize_t j = 0; j < nc; j++) if (cols[j] < 0 || cols[j] >= g.per) { fail("bad columns"); goto error; }
     if (check_seg(&g, w, 1, &bs.b[0], &bs.b[1], NULL, NULL, &bs.b[3]) ||
         (bs.b[2].len < bs.b[1].len && fail("grand-base out of range")) ||
-        ((bs.b[5].len < 2 * rows || bs.b[6].len < 8 * rows || bs.b[7].len < 8 * rows) && fail("outputs too small")))
+        ((bs.b[5].len / 2 < rows || bs.b[6].len / 8 < rows || bs.b[7].len / 8 < rows) && fail("outputs too small")))
         goto error;
     g.u = bs.b[0].buf; g.ub = bs.b[1].buf; g.ub2 = bs.b[2].buf;
     int64_t *nw = PyMem_Malloc(sizeof(int64_t) * 2 * nc);
@@ -452,7 +459,7 @@ static PyObject *row_changes(PyObject *self, PyObject *args) {
     Bufs bs = {0};
     if (!PyArg_ParseTuple(args, "iy*y*nnw*", &w, &bs.b[0], &bs.b[1], &rows, &per, &bs.b[2])) return NULL;
     bs.used = 3;
-    if (!width_ok(w) || rows < 0 || per < 0 || bs.b[0].len / w < rows * per || bs.b[1].len / w < rows * per ||
+    if (!width_ok(w) || !product_fits(rows, per, bs.b[0].len / w) || !product_fits(rows, per, bs.b[1].len / w) ||
         bs.b[2].len < rows) {
         fail("bad rows");
         release(&bs);
@@ -523,7 +530,7 @@ static PyObject *huffman_floor(PyObject *self, PyObject *args) {
     Py_ssize_t n = bs.b[0].len, nb = bs.b[1].len / 8;
     const int64_t *bounds = (const int64_t *)bs.b[1].buf;
     const uint8_t *data = (const uint8_t *)bs.b[0].buf;
-    if (stride < 1) { fail("stride must be positive"); release(&bs); return NULL; }
+    if (stride < 1 || stride > PY_SSIZE_T_MAX / 4) { fail("stride must be positive and sane"); release(&bs); return NULL; }
     for (Py_ssize_t k = 0; k < nb; k++) {
         if (bounds[k] < 0 || bounds[k] > n || (k && bounds[k] < bounds[k - 1])) {
             fail("bounds must be sorted offsets inside the data");

@@ -111,10 +111,10 @@ def test_directory_commit_says_what_it_left_out(tmp_path: Path) -> None:
 
 
 def test_a_failed_checkout_leaves_no_folder(arc: Path, tmp_path: Path) -> None:
-    shard = next((arc / "snapshots").rglob("c/0"))
-    data = bytearray(shard.read_bytes())
-    data[10] ^= 0xFF
-    shard.write_bytes(bytes(data))
+    for shard in (arc / "snapshots").rglob("c/0"):  # every snapshot's: whichever version 1 reads
+        data = bytearray(shard.read_bytes())
+        data[10] ^= 0xFF
+        shard.write_bytes(bytes(data))
     res = gp("-A", arc, "checkout", "1", "-o", tmp_path / "out")
     assert res.returncode == 3 and not (tmp_path / "out").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]  # no temporary folder left

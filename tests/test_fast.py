@@ -8,6 +8,7 @@ bytes from both paths, each path reading the other's.
 
 from __future__ import annotations
 
+import json
 import logging
 import zlib
 
@@ -308,3 +309,36 @@ def test_restores_through_small_windows(tmp_path, monkeypatch, window, layout) -
                 assert out[k].tobytes() == np.asarray(v).tobytes(), (i, k)
             part = arc.restore(f"s{i}", ["emb"])  # one tensor: only its chunks, its window
             assert part["emb"].tobytes() == s["emb"].tobytes()
+
+
+_OVERFLOWS = {  # sizes whose products or sums overflow 64 bits: each once crashed the kernels
+    "huffman_floor stride": "K.huffman_floor(b'x' * 10, E, 2**62)",
+    "copy_rows rows*per": "K.copy_rows(1, bytearray(16), bytes(16), E, 2**62, 4)",
+    "row_changes rows*per": "K.row_changes(1, bytes(8), bytes(8), 4, 2**62, bytearray(4))",
+    "fit_rows rows*per": "K.fit_rows(1, bytes(16), bytes(16), bytes(16), E, 2**62, 4, np.array([0]), bytearray(2), "
+                         "bytearray(8), bytearray(8))",
+    "decode plane offset": "o = bytearray(1); K.decode(1, 0, 0, 0, bytes(8), np.array([2**63 - 1]), o, o, E16, E, "
+                           "1, 0, 1, o, bytearray(0), bytearray(0), bytearray(0))",
+    "decode start": "o = bytearray(1); K.decode(1, 0, 0, 0, bytes(8), np.array([0]), o, o, E16, E, 1, 2**63 - 1, 1, o, "
+                    "bytearray(0), bytearray(0), bytearray(0))",
+    "decode row map": "o = bytearray(6); K.decode(1, 0, 0, 0, bytes(8), np.array([0]), o, o, E16, np.array([2**62]), "
+                      "6, 0, 6, o, bytearray(0), bytearray(0), bytearray(0))",
+    "gather row map": "K.gather(1, bytes(6), np.arange(6), np.array([2**62]), 6, bytearray(6))",
+}
+
+
+def test_sizes_that_overflow_are_refused_not_crashed_on() -> None:
+    """Every kernel checks its sizes without overflowing (run in a child: a crash must not take pytest down)."""
+    import subprocess
+    import sys
+
+    code = ("import json, numpy as np\nfrom gpupas import _fastc as K\nE = np.zeros(0, np.int64)\n"
+            "E16 = np.zeros(0, np.int16)\nout = {}\n")
+    for name, call in _OVERFLOWS.items():
+        code += (f"try:\n    {call}\n    out[{name!r}] = 'ran'\n"
+                 f"except ValueError as exc:\n    out[{name!r}] = str(exc)\n")
+    code += "print(json.dumps(out))\n"
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    got = json.loads(res.stdout.strip().splitlines()[-1])
+    assert set(got) == set(_OVERFLOWS) and "ran" not in got.values(), got

@@ -1460,3 +1460,25 @@ def test_shard_truncated_while_it_is_read(tmp_path: Path) -> None:
     assert got["cli"] == 3, got
     with gpupas.open_archive(arc) as fresh:
         assert same(fresh.restore(sid), w)
+
+
+def test_tiny_segments_and_wide_pred_are_refused_by_the_manifest(tmp_path: Path) -> None:
+    """A segment of a few values would cost a reader Python objects per value (a hostile manifest's
+    denial of service), and 'pred' is defined for values of up to 4 bytes: both are refused up front."""
+    arc = tmp_path / "arc"
+    _, doc = _template(arc)
+    d = json.loads(json.dumps(doc))
+    d["segment"] = 1
+    write_doc(arc, "tiny", d)
+    with gpupas.create_archive(tmp_path / "wide") as a:
+        m = a.commit({"w": np.arange(64, dtype=np.float64)})
+    wide = read_doc(tmp_path / "wide", m.id)
+    wide["tensors"][0]["enc"] = "pred"
+    write_doc(arc, "wide", dict(wide, base=doc["id"], grand=doc["id"]))
+    with gpupas.open_archive(arc) as a:
+        with pytest.raises(gpupas.IntegrityError, match=r"segment is 1, not an integer in \[64"):
+            a.restore("tiny")
+        with pytest.raises(gpupas.IntegrityError, match="'pred' is defined for values of up to 4 bytes"):
+            a.restore("wide")
+    with pytest.raises(gpupas.InvalidInputError, match="a segment holds 64"):
+        gpupas.Layout(segment=8)

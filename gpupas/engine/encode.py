@@ -25,7 +25,7 @@ from gpupas.format.manifest import Stream, TensorEntry
 from gpupas.pas.context import entropy
 from gpupas.pas.planes import LAYOUTS
 from gpupas.pas.settings import Setting
-from gpupas.pas.transform import SEGMENT
+from gpupas.pas.transform import MIN_SEGMENT, SEGMENT
 from gpupas.store.archive import ArchiveStore
 from gpupas.xp import to_numpy
 
@@ -42,6 +42,13 @@ class Layout:
     segment: int = SEGMENT
     rotate: bool = True  # floats' sign bit rotated to the bottom plane (False: kept on top, for bounded reads)
     tiers: tuple[str | None, ...] = ()  # the tier of each plane group's stream, first group first (None: local)
+
+    def __post_init__(self) -> None:
+        from gpupas.errors import InvalidInputError
+
+        if not MIN_SEGMENT <= self.segment <= 1 << 31:
+            raise InvalidInputError(f"Layout(segment={self.segment}): a segment holds {MIN_SEGMENT} to 2^31 values "
+                                    f"(default {SEGMENT})")
 
     def tier_of(self, first_plane: int) -> str | None:
         """The tier of the stream whose planes start at ``first_plane`` (None: the archive's own store)."""

@@ -21,7 +21,7 @@ from gpupas.pas.planes import LAYOUTS, Layout, coding_layout
 from gpupas.pas.rows import rows_of
 from gpupas.pas.schemes import parse as parse_scheme
 from gpupas.pas.schemes import repr_dtype
-from gpupas.pas.transform import SEGMENT
+from gpupas.pas.transform import MIN_SEGMENT, SEGMENT
 
 FORMAT = 3  # what this gpupas writes
 READS = (1, 2, 3)  # what it reads
@@ -387,7 +387,7 @@ def _parse(d: dict[str, Any], sid: str, what: str) -> Manifest:
     grand = d.get("grand")
     if grand is not None and (not keys.is_name(grand) or grand == sid):
         raise _fail(what, f"grand {grand!r} is not another snapshot's id")
-    segment = _int(d.get("segment"), what, "segment", 1, 1 << 31)
+    segment = _int(d.get("segment"), what, "segment", MIN_SEGMENT, 1 << 31)
     streams = tuple(_stream(s, what, i) for i, s in enumerate(_name_list(d, "streams", what)))
     tensors = []
     seen: set[str] = set()
@@ -479,7 +479,7 @@ def _parse_legacy(d: dict[str, Any], sid: str, what: str) -> Manifest:
         tensors.append(entry)
     m = Manifest(id=sid, created=_str(d.get("created", ""), what, "created"), base=base, streams=(stream,),
                  tensors=tuple(tensors), format=d["format"], setting=str(d.get("setting", "")),
-                 segment=_int(d.get("segment", SEGMENT), what, "segment", 1, 1 << 31),
+                 segment=_int(d.get("segment", SEGMENT), what, "segment", MIN_SEGMENT, 1 << 31),
                  raw_bytes=_int(d.get("raw_bytes", 0), what, "raw_bytes"),
                  stored_bytes=_int(d.get("stored_bytes", 0), what, "stored_bytes"),
                  commit_seconds=_seconds(d.get("commit_seconds")),
@@ -501,6 +501,8 @@ def check(m: Manifest, what: str) -> None:
         if e.scheme is not None and (e.enc != "mat" or e.rows is not None or e.layout.name not in
                                      ("float64", "float32", "float16", "bfloat16")):
             raise _fail(what, f"tensor {e.name!r}: a lossy tensor is a float tensor stored whole")
+        if e.enc == "pred" and w > 4:
+            raise _fail(what, f"tensor {e.name!r}: 'pred' is defined for values of up to 4 bytes, not {e.dtype}")
         rows, per = rows_of(e.shape)
         if e.rows is not None and not (0 <= e.rows <= rows):
             raise _fail(what, f"tensor {e.name!r} codes {e.rows} of {rows} rows")

@@ -19,6 +19,7 @@ from gpupas.pas.settings import Setting
 from gpupas.xp import namespace, to_numpy
 
 SEGMENT = 1 << 20  # values per segment
+MIN_SEGMENT = 64  # the least a manifest may declare: a reader's work per segment stays small per value
 MIN_CONTEXT_VALUES = 16384  # below this the split's statistics cost more than they save
 MIN_ESTIMATE_VALUES = 2048  # smaller deltas are stored as SUB without estimating
 MIN_CONTEXT_GAIN = 0.005  # keep the split only if the estimate shrinks by this fraction
