@@ -17,6 +17,28 @@ from gpupas.errors import BackendUnavailableError, InvalidInputError
 log = logging.getLogger("gpupas")
 
 
+def bases_of(m: Any, e: Any, base_bits: Any, grand_bits: Any, device: Callable[[Any], Any] = lambda x: x,
+             ) -> tuple[Any, Any]:
+    """The bits entry ``e`` of snapshot ``m`` decodes against: its base's (where it reads one) and its
+    grand-base's (a 'pred' tensor), each on this backend via ``device``; IntegrityError where one is
+    missing or not the tensor's size."""
+    from gpupas.errors import IntegrityError
+    from gpupas.pas.rows import rows_of
+
+    ub = device(base_bits.get(e.name)) if e.reads_base else None
+    ub2 = device(grand_bits.get(e.name)) if e.enc == "pred" else None
+    if e.reads_base and ub is None:
+        raise IntegrityError(f"snapshot {m.id}: the base's bits of tensor {e.name!r} are missing")
+    if e.enc == "pred" and ub2 is None:
+        raise IntegrityError(f"snapshot {m.id}: the bits tensor {e.name!r} extrapolates from are missing")
+    rows, per = rows_of(e.shape)
+    for name, arr in (("base", ub), ("grand-base", ub2)):
+        if arr is not None and arr.size != rows * per:
+            raise IntegrityError(f"snapshot {m.id}: tensor {e.name!r} has {rows * per} values, its {name} "
+                                 f"{arr.size}")
+    return ub, ub2
+
+
 class Backend(Protocol):
     """What the engine asks of a device."""
 

@@ -30,6 +30,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from gpupas.backend import kernels_ref as K
+from gpupas.backend.base import bases_of
 from gpupas.errors import BackendUnavailableError, IntegrityError, InvalidInputError, UnsupportedDtypeError
 
 GPU_CHUNK = 1 << 16  # bytes a chunk: nvCOMP's natural chunk (and Deflate's largest); the GPU's default layout
@@ -435,16 +436,7 @@ class CupyBackend:
             rows, keep, scatters, alphas = [], [], [], []
             for e in entries:
                 r, per = rows_of(e.shape)
-                ub = self._device(base_bits.get(e.name)) if e.reads_base else None
-                ub2 = self._device(grand_bits.get(e.name)) if e.enc == "pred" else None
-                if e.reads_base and ub is None:
-                    raise IntegrityError(f"snapshot {m.id}: the base's bits of tensor {e.name!r} are missing")
-                if e.enc == "pred" and ub2 is None:
-                    raise IntegrityError(f"snapshot {m.id}: the bits tensor {e.name!r} extrapolates from are missing")
-                for what, arr in (("base", ub), ("grand-base", ub2)):
-                    if arr is not None and arr.size != r * per:
-                        raise IntegrityError(f"snapshot {m.id}: tensor {e.name!r} has {r * per} values, its {what} "
-                                             f"{arr.size}")
+                ub, ub2 = bases_of(m, e, base_bits, grand_bits, self._device)
                 target, alpha_ptr = out[e.name], 0
                 if e.name in host_extras:
                     extra = host_extras[e.name]

@@ -31,12 +31,13 @@ from typing import Any
 
 import numpy as np
 
+from gpupas.backend.base import bases_of
 from gpupas.pas.context import SAMPLE, bounds_from_counts, sample_index
 from gpupas.pas.planes import Layout
 from gpupas.pas.predict import FRAC, ROW_COST_BITS, SAMPLE_COLS, _adjust, _steps
 from gpupas.pas.rows import MIN_ROWS, MIN_UNCHANGED, rows_of
 from gpupas.pas.settings import Setting
-from gpupas.pas.transform import MIN_CONTEXT_GAIN, MIN_CONTEXT_VALUES, MIN_ESTIMATE_VALUES, Plan
+from gpupas.pas.transform import MIN_ESTIMATE_VALUES, Plan, candidates, plan_of, splits
 
 log = logging.getLogger("gpupas")
 
@@ -193,21 +194,12 @@ def choose_plan(u: np.ndarray, ub: np.ndarray | None, layout: Layout, setting: S
     cnt = _scratch(3, 8 * w * 256 * 256)
     coded, keys = _scratch(4, 8 * idx.size), _scratch(5, idx.size)
     best: Plan | None = None
-    if encs is None:
-        encs = ("mat",) if ub is None else ("sub", "xor") + (("mat",) if "mat" in setting.context else ())
-    for enc in encs:
-        want = enc in setting.context and n >= MIN_CONTEXT_VALUES and (enc != "mat" or w > 1)
+    for enc in encs if encs is not None else candidates(ub is not None, setting):
+        want = splits(enc, setting, n, w)
         h, hc = np.empty(w), np.empty(w if want else 0)
         k.sample_entropies(w, KINDS[enc], layout.rotate, u, u if ub is None else ub, idx, _rowmap(rows), per,
                            _nlogn(idx.size), _LN2X2, h, hc, cnt, coded, keys)
-        plain = float(np.minimum(h, 8.0).sum())
-        plan = Plan(enc, False, plain)
-        if want:
-            if enc == "mat":
-                hc[0] = h[0]
-            split = float(np.minimum(hc, 8.0).sum())
-            if split < plain * (1 - MIN_CONTEXT_GAIN):
-                plan = Plan(enc, True, split)
+        plan = plan_of(enc, h, hc if want else None)
         if best is None or plan.estimate < best.estimate:
             best = plan
     assert best is not None
@@ -341,23 +333,12 @@ def _restore_jobs(backend: Any, m: Any, entries: Sequence[Any], base_bits: Any, 
     """The outputs of a restore (one allocation) and, per entry, [base, base's base, factors, rows,
     rows of the tensor, values a row], checked as the reference checks them; None where a base is not
     what the kernels read (the caller runs the reference)."""
-    from gpupas.errors import IntegrityError
-
     nbytes = [e.nbytes for e in entries]
     edges = np.cumsum([0] + [-(-n // 64) * 64 for n in nbytes]).tolist()  # 64-byte aligned tensors
     jobs: dict[str, list[Any]] = {}
     for e in entries:
         nrows, per = rows_of(e.shape)
-        ub = base_bits.get(e.name) if e.reads_base else None
-        ub2 = grand_bits.get(e.name) if e.enc == "pred" else None
-        if e.reads_base and ub is None:
-            raise IntegrityError(f"snapshot {m.id}: the base's bits of tensor {e.name!r} are missing")
-        if e.enc == "pred" and ub2 is None:
-            raise IntegrityError(f"snapshot {m.id}: the bits tensor {e.name!r} extrapolates from are missing")
-        for name, arr in (("base", ub), ("grand-base", ub2)):
-            if arr is not None and arr.size != nrows * per:
-                raise IntegrityError(f"snapshot {m.id}: tensor {e.name!r} has {nrows * per} values, its {name} "
-                                     f"{arr.size}")
+        ub, ub2 = bases_of(m, e, base_bits, grand_bits)
         for arr in (ub, ub2):  # the kernels read them as raw patterns
             if arr is not None and (not isinstance(arr, np.ndarray) or arr.dtype != e.coding.uint
                                     or not arr.flags.c_contiguous):

@@ -20,6 +20,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from gpupas.backend.base import bases_of
 from gpupas.errors import InvalidInputError, UnsupportedDtypeError
 from gpupas.format.checksum import check_crc32c_suffix, crc32
 from gpupas.pas.planes import layout_of
@@ -235,17 +236,8 @@ class NumpyBackend:
         for e in entries:
             values = e.values
             rows, per = rows_of(e.shape)
-            ub = base_bits.get(e.name) if e.reads_base else None
-            ub2 = grand_bits.get(e.name) if e.enc == "pred" else None
+            ub, ub2 = bases_of(m, e, base_bits, grand_bits)
             target, changed, alpha = out[e.name], None, None
-            if e.reads_base and ub is None:
-                raise IntegrityError(f"snapshot {m.id}: the base's bits of tensor {e.name!r} are missing")
-            if e.enc == "pred" and ub2 is None:
-                raise IntegrityError(f"snapshot {m.id}: the bits tensor {e.name!r} extrapolates from are missing")
-            for name, arr in (("base", ub), ("grand-base", ub2)):
-                if arr is not None and arr.size != rows * per:
-                    raise IntegrityError(f"snapshot {m.id}: tensor {e.name!r} has {rows * per} values, its {name} "
-                                         f"{arr.size}")
             if e.extras is not None:
                 s, off = e.extras
                 extra = bufs[s][off : off + e.extras_nbytes]

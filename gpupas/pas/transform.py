@@ -66,29 +66,44 @@ def choose_plan(u: Any, ub: Any | None, layout: Layout, setting: Setting,
     ubs = None if ub is None else to_numpy(ub[idx])
     w = layout.width
     best: Plan | None = None
-    # with a base, XOR under the split carries the information a whole value does, so 'mat' is
-    # only worth estimating where the setting may split a whole value too
-    if encs is None:
-        encs = ("mat",) if ubs is None else ("sub", "xor") + (("mat",) if "mat" in setting.context else ())
-    for enc in encs:
+    for enc in encs if encs is not None else candidates(ubs is not None, setting):
         planes = np.empty((w, us.size), np.uint8)
         coded = rotate(us, layout) if enc == "mat" else encode_delta(enc, us, ubs, layout)
         split_planes(coded, planes)
         h = plane_entropies(planes)
-        plain = float(np.minimum(h, 8.0).sum())
-        plan = Plan(enc, False, plain)
-        if enc in setting.context and u.size >= MIN_CONTEXT_VALUES and (enc != "mat" or w > 1):
-            ctx = planes[0] if enc == "mat" else top_byte(ubs, layout)
-            hc = plane_entropies(planes, ctx)
-            if enc == "mat":
-                hc[0] = h[0]
-            split = float(np.minimum(hc, 8.0).sum())
-            if split < plain * (1 - MIN_CONTEXT_GAIN):
-                plan = Plan(enc, True, split)
+        hc = None
+        if splits(enc, setting, u.size, w):
+            hc = plane_entropies(planes, planes[0] if enc == "mat" else top_byte(ubs, layout))
+        plan = plan_of(enc, h, hc)
         if best is None or plan.estimate < best.estimate:
             best = plan
     assert best is not None
     return best
+
+
+def candidates(with_base: bool, setting: Setting) -> tuple[str, ...]:
+    """The encodings :func:`choose_plan` estimates. With a base, XOR under the split carries the
+    information a whole value does, so 'mat' is only worth estimating where the setting may split a
+    whole value too."""
+    return ("mat",) if not with_base else ("sub", "xor") + (("mat",) if "mat" in setting.context else ())
+
+
+def splits(enc: str, setting: Setting, n: int, width: int) -> bool:
+    """Whether the context split of encoding ``enc`` of ``n`` values is estimated."""
+    return enc in setting.context and n >= MIN_CONTEXT_VALUES and (enc != "mat" or width > 1)
+
+
+def plan_of(enc: str, h: Any, hc: Any | None) -> Plan:
+    """The plan of ``enc`` from its sampled plane entropies, plain (``h``) and split by context (``hc``, None
+    where not estimated): the split where it saves at least :data:`MIN_CONTEXT_GAIN`."""
+    plain = float(np.minimum(h, 8.0).sum())
+    if hc is not None:
+        if enc == "mat":
+            hc[0] = h[0]  # a whole value's context is its own top plane: that plane is coded plain
+        split = float(np.minimum(hc, 8.0).sum())
+        if split < plain * (1 - MIN_CONTEXT_GAIN):
+            return Plan(enc, True, split)
+    return Plan(enc, False, plain)
 
 
 def encode_segment(u: Any, ub: Any | None, layout: Layout, plan: Plan, out: Any, min_group: int) -> list[list[int]]:
