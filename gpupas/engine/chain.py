@@ -90,45 +90,40 @@ def _plan(sid: str, names: set[str] | None, manifests: Manifests, cache: BaseCac
             if y not in need or (have is not None and not want <= have):
                 need[y] = None if have is None else have | want
                 work.append(y)
-    _check_acyclic(sid, deps)
     return found, need, deps, hits
 
 
-def _check_acyclic(sid: str, deps: dict[str, list[tuple[str, set[str]]]]) -> None:
-    state: dict[str, int] = {}  # 1: on the path, 2: done
-    stack: list[tuple[str, Iterator[tuple[str, set[str]]]]] = [(sid, iter(deps.get(sid, [])))]
-    state[sid] = 1
-    while stack:
-        x, it = stack[-1]
-        nxt = next(it, None)
-        if nxt is None:
-            state[x] = 2
-            stack.pop()
-            continue
-        y = nxt[0]
-        if state.get(y) == 1:
-            raise IntegrityError(f"snapshot {sid}: its delta chain loops back to {y} (damaged or hostile manifests)")
-        if y not in state:
-            state[y] = 1
-            stack.append((y, iter(deps.get(y, []))))
+def dependencies_first(starts: Iterable[str], deps_of: Callable[[str], Iterable[str]],
+                       on_loop: Callable[[str, str], None] | None = None) -> list[str]:
+    """``starts`` and every snapshot they depend on, each after all it depends on (depth first, taking
+    ``deps_of(x)`` in order). A dependency met again before it is placed closes a loop: ``on_loop(start,
+    snapshot)`` is called (it may raise) and that edge is left out."""
+    order: list[str] = []
+    placed: set[str] = set()
+    for s in starts:
+        stack: list[tuple[str, bool]] = [(s, False)]
+        path: set[str] = set()  # entered, not yet placed: the snapshots above the one being expanded
+        while stack:
+            x, expanded = stack.pop()
+            if x in placed:
+                continue
+            if expanded:
+                path.discard(x)
+                placed.add(x)
+                order.append(x)
+                continue
+            if x in path:
+                if on_loop is not None:
+                    on_loop(s, x)
+                continue
+            path.add(x)
+            stack.append((x, True))
+            stack.extend((d, False) for d in reversed(list(deps_of(x))) if d not in placed)
+    return order
 
 
-def _postorder(sid: str, deps: dict[str, list[tuple[str, set[str]]]]) -> list[str]:
-    """Every snapshot ``sid`` depends on, dependencies before dependents, ``sid`` last."""
-    out: list[str] = []
-    done: set[str] = set()
-    stack: list[tuple[str, bool]] = [(sid, False)]
-    while stack:
-        x, expanded = stack.pop()
-        if x in done:
-            continue
-        if expanded:
-            done.add(x)
-            out.append(x)
-            continue
-        stack.append((x, True))
-        stack.extend((y, False) for y, _ in reversed(deps.get(x, [])) if y not in done)
-    return out
+def _loops_back(sid: str, x: str) -> None:
+    raise IntegrityError(f"snapshot {sid}: its delta chain loops back to {x} (damaged or hostile manifests)")
 
 
 def read_bits(store: ArchiveStore, sid: str, names: Iterable[str] | None, *, manifests: Manifests,
@@ -145,7 +140,7 @@ def read_bits(store: ArchiveStore, sid: str, names: Iterable[str] | None, *, man
         if hit is not None:
             return ({n: hit[n] for n in names} if names is not None else hit), True
     found, need, deps, hits = _plan(sid, wanted, manifests, cache, backend.crc32_many)
-    order = _postorder(sid, deps)
+    order = dependencies_first([sid], lambda x: [y for y, _ in deps.get(x, [])], _loops_back)
     users: dict[str, int] = {}
     for x in order:
         for y, _ in deps.get(x, []):
@@ -197,25 +192,7 @@ def read_all(store: ArchiveStore, sids: Iterable[str], *, manifests: Manifests, 
         except (IntegrityError, SnapshotNotFoundError, FormatError):
             return [d for d in (m.base,) if d is not None]
 
-    order: list[str] = []  # dependencies first
-    placed: set[str] = set()
-    for s in wanted:
-        stack: list[tuple[str, bool]] = [(s, False)]
-        path: set[str] = set()
-        while stack:
-            x, expanded = stack.pop()
-            if x in placed:
-                continue
-            if expanded:
-                path.discard(x)
-                placed.add(x)
-                order.append(x)
-                continue
-            if x in path:  # a loop: reported when the snapshots in it are decoded
-                continue
-            path.add(x)
-            stack.append((x, True))
-            stack.extend((d, False) for d in deps_of(x) if d not in placed and d not in path)
+    order = dependencies_first(wanted, deps_of)  # a loop is reported when its snapshots are decoded
     users: dict[str, int] = {}
     for x in order:
         for d in deps_of(x):

@@ -111,31 +111,14 @@ def candidate_pairs(archive: Any, pairs: Iterable[tuple[str, str]] = (), window:
 
 def parents_first(archive: Any, sids: Iterable[str]) -> list[str]:
     """``sids`` and the snapshots they read, each after every snapshot it reads (base, grand)."""
-    from gpupas.engine.chain import dependencies
+    from gpupas.engine.chain import dependencies, dependencies_first
     from gpupas.errors import IntegrityError
 
-    order: list[str] = []
-    placed: set[str] = set()
-    for s in sids:
-        stack = [(s, False)]
-        open_: set[str] = set()  # entered, not yet placed: meeting one again means the chain loops
-        while stack:
-            x, done = stack.pop()
-            if x in placed:
-                continue
-            if done:
-                placed.add(x)
-                open_.discard(x)
-                order.append(x)
-                continue
-            if x in open_:
-                raise IntegrityError(f"snapshot {s}: its delta chain loops back to {x}; restore the archive from a "
-                                     "copy")
-            open_.add(x)
-            stack.append((x, True))
-            stack.extend((d, False) for d, _ in dependencies(archive.manifest(x), None, archive.manifest)
-                         if d not in placed)
-    return order
+    def loop(s: str, x: str) -> None:
+        raise IntegrityError(f"snapshot {s}: its delta chain loops back to {x}; restore the archive from a copy")
+
+    return dependencies_first(sids, lambda x: [d for d, _ in dependencies(archive.manifest(x), None, archive.manifest)],
+                              loop)
 
 
 def iter_bits(archive: Any, sids: Iterable[str]) -> Iterator[tuple[str, dict[str, Any]]]:
