@@ -17,6 +17,17 @@ from gpupas.errors import BackendUnavailableError, InvalidInputError
 log = logging.getLogger("gpupas")
 
 
+def check_dtype(arr: Any, name: str) -> None:
+    """UnsupportedDtypeError naming tensor ``name`` where gpupas has no layout for ``arr``'s dtype."""
+    from gpupas.errors import UnsupportedDtypeError
+    from gpupas.pas.planes import layout_of
+
+    try:
+        layout_of(arr.dtype)
+    except UnsupportedDtypeError as exc:
+        raise UnsupportedDtypeError(f"tensor {name!r}: {exc}") from None
+
+
 def bases_of(m: Any, e: Any, base_bits: Any, grand_bits: Any, device: Callable[[Any], Any] = lambda x: x,
              ) -> tuple[Any, Any]:
     """The bits entry ``e`` of snapshot ``m`` decodes against: its base's (where it reads one) and its

@@ -30,8 +30,8 @@ from typing import Any, ClassVar
 import numpy as np
 
 from gpupas.backend import kernels_ref as K
-from gpupas.backend.base import bases_of
-from gpupas.errors import BackendUnavailableError, IntegrityError, InvalidInputError, UnsupportedDtypeError
+from gpupas.backend.base import bases_of, check_dtype
+from gpupas.errors import BackendUnavailableError, IntegrityError, InvalidInputError
 
 GPU_CHUNK = 1 << 16  # bytes a chunk: nvCOMP's natural chunk (and Deflate's largest); the GPU's default layout
 STAGE = 64 << 20  # bytes a pinned staging buffer holds (two of them: one copied into while the other is written)
@@ -207,7 +207,6 @@ class CupyBackend:
     def as_array(self, value: Any, name: str) -> Any:
         """A device array of ``value`` without a copy where it already is on this GPU (host arrays go up)."""
         from gpupas.integrations.torch import is_torch_tensor
-        from gpupas.pas.planes import layout_of
 
         cp = self.cp
         if is_torch_tensor(value):
@@ -223,10 +222,7 @@ class CupyBackend:
         else:
             raise InvalidInputError(f"{name!r} is a {type(value).__name__}, not a tensor; archive tensors only "
                                     "(put other values in the version's metadata)")
-        try:
-            layout_of(arr.dtype)
-        except UnsupportedDtypeError as exc:
-            raise UnsupportedDtypeError(f"tensor {name!r}: {exc}") from None
+        check_dtype(arr, name)
         if isinstance(arr, DeviceTensor):
             return arr
         if arr.device.id != cp.cuda.Device().id:

@@ -293,19 +293,14 @@ def encode_planes(staged: Sequence[Any], extras: Sequence[np.ndarray], placement
                   small: bool) -> list[list[int]] | None:
     """:meth:`gpupas.backend.numpy.NumpyBackend.encode_planes` with the fused kernel (one task per
     segment); None where the buffers are not views of one workspace (the caller runs the reference)."""
-    from gpupas.format.layout import segments
+    from gpupas.format.layout import segments, write_extras
 
     got = flat_of(list(bufs))
     if got is None:
         return None
     root, at = got
     starts = dict(enumerate(at))
-    cuts: list[set[int]] = [set() for _ in bufs]
-    for x, pl in zip(extras, placements):
-        if x.size:
-            s, off = pl.extras
-            bufs[s][off : off + x.size] = x
-            cuts[s].add(off)
+    cuts = write_extras(extras, placements, bufs)
     units = [(i, a, b) for i, st in enumerate(staged) for a, b in segments(st.values, segment)]
 
     def encode(unit: tuple[int, int, int]) -> list[tuple[int, int]]:

@@ -20,10 +20,9 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from gpupas.backend.base import bases_of
-from gpupas.errors import InvalidInputError, UnsupportedDtypeError
+from gpupas.backend.base import bases_of, check_dtype
+from gpupas.errors import InvalidInputError
 from gpupas.format.checksum import check_crc32c_suffix, crc32
-from gpupas.pas.planes import layout_of
 
 KEEP_AT_MOST = int(os.environ.get("GPUPAS_WORKSPACE_MAX", 1 << 30))
 
@@ -53,10 +52,7 @@ class NumpyBackend:
         else:
             raise InvalidInputError(f"{name!r} is a {type(value).__name__}, not a tensor; archive tensors only "
                                     "(put other values in the version's metadata)")
-        try:
-            layout_of(arr.dtype)
-        except UnsupportedDtypeError as exc:
-            raise UnsupportedDtypeError(f"tensor {name!r}: {exc}") from None
+        check_dtype(arr, name)
         if not arr.flags.c_contiguous:
             arr = arr.copy(order="C")  # ascontiguousarray would turn 0-d into 1-d
         if not arr.dtype.isnative:
@@ -167,19 +163,14 @@ class NumpyBackend:
         per stream, the sorted offsets where a coder should end a block (plane starts, context groups,
         extras)."""
         from gpupas.backend import fast
-        from gpupas.format.layout import segments
+        from gpupas.format.layout import segments, write_extras
         from gpupas.pas.transform import encode_segment
 
         if fast.enabled():
             got = fast.encode_planes(staged, extras, placements, bufs, segment, min_group, executor, small)
             if got is not None:
                 return got
-        cuts: list[set[int]] = [set() for _ in bufs]
-        for x, pl in zip(extras, placements):
-            if x.size:
-                s, off = pl.extras
-                bufs[s][off : off + x.size] = x
-                cuts[s].add(off)
+        cuts = write_extras(extras, placements, bufs)
         units = [(i, a, b) for i, st in enumerate(staged) for a, b in segments(st.u.size, segment)]
 
         def encode(unit: tuple[int, int, int]) -> list[tuple[int, int]]:

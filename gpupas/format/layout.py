@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from gpupas.format.manifest import Manifest, Part, TensorEntry
 
@@ -59,6 +60,18 @@ def place(items: Sequence[tuple[int, int, int]], groups: Sequence[int] = ()) -> 
                 lengths[s] += extra
         out.append(Placement(tuple(parts), extras))
     return out, lengths
+
+
+def write_extras(extras: Sequence[Any], placements: Sequence[Placement], bufs: Sequence[Any]) -> list[set[int]]:
+    """Copy each tensor's extras (row mask, factors) into its stream buffer where it was placed; returns,
+    per stream, the offsets where they start (a coder ends a block there)."""
+    cuts: list[set[int]] = [set() for _ in bufs]
+    for x, pl in zip(extras, placements):
+        if x.size:
+            s, off = pl.extras
+            bufs[s][off : off + x.size] = x
+            cuts[s].add(off)
+    return cuts
 
 
 def plane_ranges(e: TensorEntry, segment: int, planes: int | None = None) -> Iterator[tuple[int, int, int, int, int]]:
