@@ -129,6 +129,17 @@ def test_merge_and_xor_keep_every_pattern(data: st.DataObject) -> None:
     assert _inside(B.xor(x, B.exact(other, bits)), pts ^ other).all()
 
 
+def test_merge_keeps_a_slot_that_starts_at_the_last_pattern() -> None:
+    """A valid slot [2^64 - 1, 2^64 - 1] after an unused one: once sorted with the unused ones last by
+    that same key, and cut off (found by hypothesis: a SUB delta from -0.0 to the all-ones NaN)."""
+    top = np.uint64(2**64 - 1)
+    x = B.Slots(np.array([[5, 0, top], [1, 2, 3]], np.uint64), np.array([[9, 0, top], [1, 2, 3]], np.uint64),
+                np.array([[True, False, True], [True, True, True]]), 64)
+    for limit in (1, 2, 4):
+        assert _inside(B.merge(x, limit), np.array([top, 2], np.uint64)).all()
+        assert _inside(B.merge(x, limit), np.array([7, 3], np.uint64)).all()
+
+
 @settings(max_examples=100, deadline=None)
 @given(st.data())
 def test_value_intervals_back_to_patterns(data: st.DataObject) -> None:

@@ -112,8 +112,8 @@ def merge(x: Slots, limit: int = MAX_SLOTS) -> Slots:
     lo, hi, ok = x.lo[:, used], x.hi[:, used], x.ok[:, used]
     if lo.shape[1] == 0:
         return Slots(x.lo[:, :1], x.hi[:, :1], x.ok[:, :1], x.bits)
-    order = np.argsort(np.where(ok, lo, _mask(64)), axis=1, kind="stable")
-    lo, hi, ok = (np.take_along_axis(a, order, axis=1) for a in (lo, hi, ok))  # valid first, by start
+    order = np.lexsort((lo, ~ok), axis=1)  # valid first (also one starting at 2^64 - 1), by start
+    lo, hi, ok = (np.take_along_axis(a, order, axis=1) for a in (lo, hi, ok))
     count = ok.sum(axis=1)
     keep = max(1, int(count.max(initial=1)))
     lo, hi, ok = lo[:, :keep], hi[:, :keep], ok[:, :keep]
