@@ -6,7 +6,7 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gpupas.pas.context import group_bounds
+from gpupas.pas.context import entropies, entropy, group_bounds
 from gpupas.pas.delta import decode_delta, encode_delta
 from gpupas.pas.planes import LAYOUTS, join_planes, rotate, split_planes, to_bits
 from gpupas.pas.settings import SETTINGS
@@ -95,3 +95,13 @@ def test_group_bounds_merge_small_groups() -> None:
     bounds = group_bounds(ctx, 50)
     assert bounds == sorted(bounds) and all(0 < b < ctx.size for b in bounds)
     assert all(b - a >= 50 for a, b in zip([0, *bounds], bounds))
+
+
+def test_entropies_of_many_samples_are_each_ones_entropy() -> None:
+    rng = np.random.default_rng(7)
+    samples = [rng.integers(0, k, size=n).astype(np.uint8) for k, n in
+               [(1, 5), (256, 3000), (3, 1), (17, 0), (200, 2048), (2, 2), (256, 0)]]
+    got = entropies(samples)
+    assert got.shape == (len(samples),)
+    np.testing.assert_allclose(got, [entropy(x) for x in samples], rtol=0, atol=1e-12)
+    assert entropies([np.zeros(0, np.uint8)]).tolist() == [0.0]

@@ -65,6 +65,24 @@ def test_revise_changes_the_form_not_the_bits(chain: tuple[Path, list[dict[str, 
         same(cold.restore("s2"), snaps[2])
 
 
+def test_a_manifest_is_parsed_again_only_when_its_bytes_change(
+        chain: tuple[Path, list[dict[str, np.ndarray]]]) -> None:
+    path, _ = chain
+    with gpupas.open_archive(path) as a:
+        first = a.store.read_manifest("s1")
+        assert a.store.read_manifest("s1") is first  # the same bytes: the same (frozen) object
+        with gpupas.open_archive(path) as other:  # revised by another process, say
+            other.revise("s1", setting="strong")
+        again = a.store.read_manifest("s1")
+        assert again is not first and again.revision == first.revision + 1
+        mpath = path / "manifests" / "s1.json"
+        data = mpath.read_bytes()
+        assert b'"revision":1,' in data
+        mpath.write_bytes(data.replace(b'"revision":1,', b'"revision":7,'))  # damaged: its seal no longer fits
+        with pytest.raises(gpupas.errors.IntegrityError, match="checksum"):
+            a.store.read_manifest("s1")
+
+
 def test_revise_can_change_the_base(chain: tuple[Path, list[dict[str, np.ndarray]]]) -> None:
     path, snaps = chain
     with gpupas.open_archive(path) as a:

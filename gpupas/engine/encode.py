@@ -22,7 +22,7 @@ from gpupas.codecs.policy import ChunkPolicy
 from gpupas.engine.stage import Staged
 from gpupas.format.layout import group_bounds, place, plane_ranges
 from gpupas.format.manifest import Stream, TensorEntry
-from gpupas.pas.context import entropy
+from gpupas.pas.context import entropies
 from gpupas.pas.planes import LAYOUTS
 from gpupas.pas.settings import Setting
 from gpupas.pas.transform import MIN_SEGMENT, SEGMENT
@@ -151,7 +151,8 @@ def attribute(entries: list[TensorEntry], streams: Sequence[Stream], bufs: Seque
             if len(parts) == 1:  # the common case: one plane fills the chunk
                 shares[parts[0][0]][parts[0][1]] += stored
                 continue
-            weights = [(b - a) * max(0.05, entropy(to_numpy(buf[a:b:max(1, (b - a) // 2048)]))) for *_, a, b in parts]
+            h = entropies([to_numpy(buf[a:b:max(1, (b - a) // 2048)]) for *_, a, b in parts])
+            weights = [(b - a) * max(0.05, float(x)) for (*_, a, b), x in zip(parts, h)]
             total = sum(weights) or 1.0
             for (i, p, _, _), w in zip(parts, weights):
                 shares[i][p] += stored * w / total

@@ -67,6 +67,18 @@ def entropy(symbols: np.ndarray, ctx: np.ndarray | None = None) -> float:
     return (_h(joint.ravel()) - _h(joint.sum(axis=1)) + bias) / n
 
 
+def entropies(samples: list[np.ndarray]) -> np.ndarray:
+    """:func:`entropy` (no context) of each byte sample in ``samples``, with one histogram pass."""
+    k = len(samples)
+    n = np.array([x.size for x in samples], np.int64)
+    if not n.any():
+        return np.zeros(k)
+    cnt = np.bincount(np.repeat(np.arange(k), n) * 256 + np.concatenate(samples), minlength=k * 256)
+    nf = np.maximum(n, 1).astype(np.float64)
+    h = (nf * np.log2(nf) - _nlogn_by(cnt, k) + (_count_by(cnt, k) - 1) / (2 * np.log(2))) / nf
+    return np.where(n > 0, h, 0.0)
+
+
 def plane_entropies(planes: np.ndarray, ctx: np.ndarray | None = None) -> np.ndarray:
     """:func:`entropy` of each row of ``planes`` (w, n) at once, conditioned on ``ctx`` if given."""
     w, n = planes.shape

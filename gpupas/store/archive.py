@@ -12,6 +12,7 @@ import json
 import os
 import threading
 import warnings
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future
 from contextlib import contextmanager
@@ -38,6 +39,9 @@ from gpupas.store.shards import ShardReader, ShardSink
 REMOTE_MIN_AGE = 3600.0  # object stores have no locks: gc there leaves folders younger than this
 
 
+_PARSED_MAX = 64  # manifests kept parsed, with their bytes, per open archive
+
+
 class ArchiveStore:
     """Manifests and chunk folders of one archive, and the tiers (second stores) some streams live in.
 
@@ -50,6 +54,8 @@ class ArchiveStore:
         self.tier_options = {k: dict(v) for k, v in (tier_options or {}).items()}
         self._tier_stores: dict[str, Store] = {}
         self._tier_lock = threading.Lock()
+        self._parsed: OrderedDict[str, tuple[bytes, Manifest]] = OrderedDict()  # sid -> (its bytes, parsed)
+        self._parsed_lock = threading.Lock()
 
     @property
     def location(self) -> str:
@@ -120,7 +126,17 @@ class ArchiveStore:
         if data is None:
             raise SnapshotNotFoundError(f"no snapshot {sid!r} in archive {self.location}; "
                                         "list them with Archive.snapshots()")
-        return Manifest.from_bytes(data, sid)
+        with self._parsed_lock:
+            seen = self._parsed.get(sid)
+        if seen is not None and seen[0] == data:  # the same bytes as last time: the same (frozen) manifest
+            return seen[1]
+        m = Manifest.from_bytes(data, sid)
+        with self._parsed_lock:
+            self._parsed[sid] = (data, m)
+            self._parsed.move_to_end(sid)
+            while len(self._parsed) > _PARSED_MAX:
+                self._parsed.popitem(last=False)
+        return m
 
     def has_manifest(self, sid: str) -> bool:
         return self.store.exists(keys.manifest(keys.check_name(sid)))
@@ -517,4 +533,4 @@ GpupasTierError = (TierNotFoundError, TierUnavailableError)
 
 
 def _json(doc: dict[str, Any]) -> bytes:
-    return json.dumps(doc, indent=1).encode()
+    return json.dumps(doc).encode()  # one line: the C encoder (an indent takes the pure-Python one)
