@@ -34,13 +34,32 @@ class Executor:
 
     def map(self, fn: Callable[[T], R], items: Iterable[T], inline: bool = False) -> list[R]:
         """``fn`` over ``items``; waits for every item before raising the first error (so no task is
-        still writing into a shared buffer when the caller unwinds). ``inline``: on this thread
-        (for small work, the hand-offs cost more than they save)."""
+        still writing into a shared buffer when the caller unwinds; the error of the first such item).
+        One task per worker takes items in order until none is left: no hand-off per item.
+        ``inline``: on this thread (for small work, the hand-offs cost more than they save)."""
         if inline or self.workers == 1:
             return [fn(x) for x in items]
-        futures = [self._get(False).submit(fn, x) for x in items]
-        wait(futures)
-        return [f.result() for f in futures]
+        todo = list(items)
+        results: list[Any] = [None] * len(todo)
+        errors: dict[int, BaseException] = {}
+        queue, lock = iter(range(len(todo))), threading.Lock()
+
+        def drain() -> None:  # one task per worker, each taking the next item until none is left
+            while True:
+                with lock:
+                    i = next(queue, None)
+                if i is None:
+                    return
+                try:
+                    results[i] = fn(todo[i])
+                except BaseException as exc:  # raised below, once every item has run
+                    errors[i] = exc
+
+        pool = self._get(False)
+        wait([pool.submit(drain) for _ in range(min(self.workers, len(todo)))])
+        if errors:
+            raise errors[min(errors)]
+        return results
 
     def background(self, fn: Callable[..., Any], *args: Any) -> Future[Any]:
         """Run ``fn(*args)`` on the I/O thread (durable writes overlapping the coding)."""
