@@ -90,7 +90,7 @@ def write_streams(store: ArchiveStore, sid: str, staged: Sequence[Staged], setti
                 nchunks = -(-length // layout.chunk_size)
                 stream = Stream(new_folder(sid), length, layout.chunk_size, max(1, min(SHARD_CHUNKS, nchunks)),
                                 table, "", tier=layout.tier_of(firsts.get(s, 0)))
-                store.create_stream(stream, inner)
+                made = executor.background(store.create_stream, stream, inner)  # its Zarr documents, meanwhile
                 written.append(stream)
                 sink = store.sink(stream, executor.background)
                 try:
@@ -99,7 +99,9 @@ def write_streams(store: ArchiveStore, sid: str, staged: Sequence[Staged], setti
                     sink.close()
                 except BaseException:
                     sink.abort()
+                    made.exception()  # written (or failed) before the folder is removed below
                     raise
+                made.result()
                 stream = replace(stream, chunks="".join(letter for letter, _ in coded),
                                  stored=sum(n for _, n in coded))
                 store.sync_stream(stream)
