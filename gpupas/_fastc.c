@@ -563,8 +563,42 @@ static PyObject *huffman_floor(PyObject *self, PyObject *args) {
     return PyFloat_FromDouble(total * (double)stride / 8.0);
 }
 
+PyDoc_STRVAR(byte_counts_doc,
+"byte_counts(data, ranges, counts)\n"
+"For each row k of ranges (int64 start, stop, step), the counts of data[start:stop:step]'s byte values\n"
+"added to counts[k * 256 : (k + 1) * 256] (int64).");
+
+static PyObject *byte_counts(PyObject *self, PyObject *args) {
+    Bufs bs = {0};
+    if (!PyArg_ParseTuple(args, "y*y*w*", &bs.b[0], &bs.b[1], &bs.b[2])) return NULL;
+    bs.used = 3;
+    const uint8_t *data = (const uint8_t *)bs.b[0].buf;
+    const int64_t *rg = (const int64_t *)bs.b[1].buf;
+    int64_t *cnt = (int64_t *)bs.b[2].buf;
+    Py_ssize_t n = bs.b[0].len, k = bs.b[1].len / 24;
+    if (bs.b[2].len / (256 * 8) < k) { fail("counts too small"); release(&bs); return NULL; }
+    for (Py_ssize_t j = 0; j < k; j++) {
+        if (rg[3 * j] < 0 || rg[3 * j + 1] > n || rg[3 * j + 2] < 1) {
+            fail("ranges must lie inside the data, with positive steps");
+            release(&bs);
+            return NULL;
+        }
+    }
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t j = 0; j < k; j++) {
+        int64_t *row = cnt + j * 256;
+        Py_ssize_t st = rg[3 * j + 2] > n ? n + 1 : (Py_ssize_t)rg[3 * j + 2];  /* the same values; i + st cannot overflow */
+        for (Py_ssize_t i = (Py_ssize_t)rg[3 * j], b = (Py_ssize_t)rg[3 * j + 1]; i < b; i += st)
+            row[data[i]]++;
+    }
+    Py_END_ALLOW_THREADS
+    release(&bs);
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
     {"huffman_floor", huffman_floor, METH_VARARGS, huffman_floor_doc},
+    {"byte_counts", byte_counts, METH_VARARGS, byte_counts_doc},
     {"deflate_huffman", deflate_huffman, METH_VARARGS, deflate_huffman_doc},
     {"encode", encode, METH_VARARGS, encode_doc},
     {"decode", decode, METH_VARARGS, decode_doc},

@@ -164,6 +164,18 @@ def test_group_bounds_from_the_sample(keys, min_group) -> None:
     assert fast.bounds_of_sample(counts, -(-n // step), n, min_group) == context.group_bounds(ctx, min_group)
 
 
+_STEPS = st.sampled_from([1, 2, 7, 70, 2**62])
+
+
+@given(st.binary(max_size=3000), st.lists(st.tuples(st.integers(0, 3000), st.integers(0, 3000), _STEPS), max_size=12))
+@settings(max_examples=100, deadline=None)
+def test_range_counts_are_numpys(data, ranges) -> None:
+    buf = np.frombuffer(data, np.uint8)
+    rg = np.array([(min(a, buf.size), min(b, buf.size), s) for a, b, s in ranges], np.int64).reshape(-1, 3)
+    want = np.concatenate([np.bincount(buf[a:b:s], minlength=256) for a, b, s in rg] or [np.zeros(0, np.int64)])
+    assert fast.range_counts(buf, rg).tolist() == want.tolist()
+
+
 @given(st.data())
 @settings(max_examples=400, deadline=None)
 def test_huffman_deflate_is_zlib_ngs(data) -> None:
@@ -324,6 +336,8 @@ _OVERFLOWS = {  # sizes whose products or sums overflow 64 bits: each once crash
     "decode row map": "o = bytearray(6); K.decode(1, 0, 0, 0, bytes(8), np.array([0]), o, o, E16, np.array([2**62]), "
                       "6, 0, 6, o, bytearray(0), bytearray(0), bytearray(0))",
     "gather row map": "K.gather(1, bytes(6), np.arange(6), np.array([2**62]), 6, bytearray(6))",
+    "byte_counts past the end": "K.byte_counts(bytes(8), np.array([0, 9, 1]), np.zeros(256, np.int64))",
+    "byte_counts counts": "K.byte_counts(bytes(8), np.array([0, 8, 1, 0, 8, 1]), np.zeros(256, np.int64))",
 }
 
 

@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from gpupas.backend.base import bases_of
+from gpupas.format.checksum import crc32, crc32_combine
 from gpupas.pas.context import SAMPLE, bounds_from_counts, sample_index
 from gpupas.pas.planes import Layout
 from gpupas.pas.predict import FRAC, ROW_COST_BITS, SAMPLE_COLS, _adjust, _steps
@@ -206,6 +207,16 @@ def choose_plan(u: np.ndarray, ub: np.ndarray | None, layout: Layout, setting: S
     return best
 
 
+def range_counts(buf: Any, ranges: np.ndarray) -> np.ndarray | None:
+    """Byte counts (``k * 256``) of ``buf[a:b:step]`` for each row ``(a, b, step)`` of ``ranges``; None where
+    the fast path does not run for ``buf`` (the caller counts with NumPy: the same counts)."""
+    if not (applies(buf) and buf.dtype == np.uint8 and buf.ndim == 1 and buf.flags.c_contiguous):
+        return None
+    cnt = np.zeros(len(ranges) * 256, np.int64)
+    _kernels_mod().byte_counts(buf, np.ascontiguousarray(ranges, np.int64), cnt)
+    return cnt
+
+
 def gather(x: np.ndarray, idx: np.ndarray, rows: np.ndarray | None, per: int) -> np.ndarray:
     """Values of ``x`` at (sorted) coded positions ``idx`` (through ``rows``)."""
     out = np.empty(idx.size, x.dtype)
@@ -364,8 +375,9 @@ def _read_extras(m: Any, e: Any, job: list[Any], extra: np.ndarray) -> bool:
 
 
 def _rebuild(out: dict[str, np.ndarray], jobs: dict[str, list[Any]], root: np.ndarray, shift: dict[int, int],
-             unit: tuple[Any, int, int]) -> None:
-    """One unit of a restore: a segment's values (``a >= 0``), or a masked tensor's unchanged rows."""
+             unit: tuple[Any, int, int], crcs: dict[tuple[str, int], int] | None = None) -> None:
+    """One unit of a restore: a segment's values (``a >= 0``), or a masked tensor's unchanged rows; the
+    CRC-32 of an unmasked tensor's segment into ``crcs`` (while its bytes are in cache)."""
     e, a, b = unit
     ub, ub2, alpha, rowsel, nrows, per = jobs[e.name]
     if a < 0:
@@ -373,6 +385,22 @@ def _rebuild(out: dict[str, np.ndarray], jobs: dict[str, list[Any]], root: np.nd
         return
     offs, _ = _offsets(shift, e.parts, a, b - a)
     decode_segment(root, offs, ub, ub2, alpha, rowsel, per, a, b, e.coding, Plan(e.enc, e.ctx), out[e.name])
+    if crcs is not None and rowsel is None:
+        crcs[e.name, a] = crc32(memoryview(out[e.name][a:b]).cast("B"))
+
+
+def _combine(entries: Sequence[Any], out: dict[str, np.ndarray], jobs: dict[str, list[Any]],
+             parts: dict[tuple[str, int], int], segment: int, crcs: dict[str, int]) -> None:
+    """Each unmasked tensor's CRC-32 from its segments' (``parts``) into ``crcs``."""
+    from gpupas.format.layout import segments
+
+    for e in entries:
+        if jobs[e.name][3] is not None:
+            continue
+        crc = 0
+        for a, b in segments(e.values, segment):
+            crc = crc32_combine(crc, parts[e.name, a], (b - a) * out[e.name].itemsize)
+        crcs[e.name] = crc
 
 
 def _check_parts(m: Any, e: Any) -> None:
@@ -384,12 +412,14 @@ def _check_parts(m: Any, e: Any) -> None:
 
 
 def decode_windows(backend: Any, m: Any, entries: Sequence[Any], read: Any, base_bits: Any, grand_bits: Any,
-                   executor: Any, small: bool, window: int | None = None) -> dict[str, np.ndarray] | None:
+                   executor: Any, small: bool, window: int | None = None,
+                   crcs: dict[str, int] | None = None) -> dict[str, np.ndarray] | None:
     """A restore through a bounded buffer: the segments of ``entries`` in stream order, a window of at
     most ``window`` bytes of decoded chunks at a time (one segment at least), each window's chunks
     decoded (``read(stream, chunks, buf, first chunk)``) and then its segments rebuilt, one task each.
     A tensor's row mask and factors are read with its first segment (from chunks of their own where
-    they lie outside that window). None where the reference must run."""
+    they lie outside that window). Where ``crcs`` is given, the CRC-32 of each tensor whose rows are not
+    masked goes into it, computed segment by segment by the same tasks. None where the reference must run."""
     from gpupas.format.layout import segments
 
     window = WINDOW if window is None else window
@@ -438,6 +468,7 @@ def decode_windows(backend: Any, m: Any, entries: Sequence[Any], read: Any, base
     biggest = max((sum((c1 - c0) * m.streams[s].chunk_size for s, (c0, c1) in sp.items()) for _, sp in windows),
                   default=0)
     seen: set[str] = set()
+    parts: dict[tuple[str, int], int] | None = None if crcs is None else {}
     with backend.workspace(biggest) as ws:
         root, _ = flat_of([ws]) or (None, None)
         if root is None:
@@ -461,7 +492,9 @@ def decode_windows(backend: Any, m: Any, entries: Sequence[Any], read: Any, base
                         tasks.append((e, -1, -1))
                 if b > a:
                     tasks.append((e, a, b))
-            executor.map(lambda t, sh=shift: _rebuild(out, jobs, root, sh, t), tasks, inline=small)
+            executor.map(lambda t, sh=shift: _rebuild(out, jobs, root, sh, t, parts), tasks, inline=small)
+    if crcs is not None:
+        _combine(entries, out, jobs, parts, m.segment, crcs)
     return out
 
 

@@ -193,14 +193,16 @@ class NumpyBackend:
         return [sorted(c) for c in cuts]
 
     def decode_windows(self, m: Any, entries: Sequence[Any], read: Callable[[int, list[int], Any, int], None],
-                       base_bits: Any, grand_bits: Any, executor: Any, small: bool) -> dict[str, np.ndarray] | None:
+                       base_bits: Any, grand_bits: Any, executor: Any, small: bool,
+                       crcs: dict[str, int] | None = None) -> dict[str, np.ndarray] | None:
         """A restore through a bounded window of decoded planes (the compiled path; None where that does not
-        run, and the caller decodes every chunk first): see :func:`gpupas.backend.fast.decode_windows`."""
+        run, and the caller decodes every chunk first), each unmasked tensor's CRC-32 into ``crcs``: see
+        :func:`gpupas.backend.fast.decode_windows`."""
         from gpupas.backend import fast
 
         if not fast.enabled():
             return None
-        return fast.decode_windows(self, m, entries, read, base_bits, grand_bits, executor, small)
+        return fast.decode_windows(self, m, entries, read, base_bits, grand_bits, executor, small, crcs=crcs)
 
     def decode_planes(self, m: Any, entries: Sequence[Any], bufs: Any, base_bits: Any, grand_bits: Any,
                       executor: Any, small: bool) -> dict[str, np.ndarray]:

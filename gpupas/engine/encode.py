@@ -17,12 +17,13 @@ from typing import Any
 
 import numpy as np
 
+from gpupas.backend import fast
 from gpupas.codecs import registry
 from gpupas.codecs.policy import ChunkPolicy
 from gpupas.engine.stage import Staged
 from gpupas.format.layout import group_bounds, place, plane_ranges
 from gpupas.format.manifest import Stream, TensorEntry
-from gpupas.pas.context import entropies
+from gpupas.pas.context import count_entropies
 from gpupas.pas.planes import LAYOUTS
 from gpupas.pas.settings import Setting
 from gpupas.pas.transform import MIN_SEGMENT, SEGMENT
@@ -132,6 +133,9 @@ def attribute(entries: list[TensorEntry], streams: Sequence[Stream], bufs: Seque
     and 'pred' factors count in a tensor's ``stored`` bytes, not in its ``plane_bytes``.
     """
     shares = [[0.0] * (e.width + 1) for e in entries]
+    shared: list[tuple[int, list[tuple[int, int, int, int]]]] = []  # (stored, parts) of chunks several planes share
+    ranges: list[tuple[int, int, int]] = []
+    counts: list[np.ndarray] = []
     for s, stream in enumerate(streams):
         segs = []  # (start, end, entry index, plane) in this stream, in stream order
         for i, e in enumerate(entries):
@@ -152,11 +156,21 @@ def attribute(entries: list[TensorEntry], streams: Sequence[Stream], bufs: Seque
                     parts.append((x[2], x[3], a, b))
             if len(parts) == 1:  # the common case: one plane fills the chunk
                 shares[parts[0][0]][parts[0][1]] += stored
-                continue
-            h = entropies([to_numpy(buf[a:b:max(1, (b - a) // 2048)]) for *_, a, b in parts])
-            weights = [(b - a) * max(0.05, float(x)) for (*_, a, b), x in zip(parts, h)]
-            total = sum(weights) or 1.0
-            for (i, p, _, _), w in zip(parts, weights):
-                shares[i][p] += stored * w / total
+            elif parts:
+                shared.append((stored, parts))
+                ranges.extend((a, b, max(1, (b - a) // 2048)) for *_, a, b in parts)
+        if ranges:  # the sampled byte counts of every part of every shared chunk of this stream, in one pass
+            cnt = fast.range_counts(buf, np.array(ranges, np.int64))
+            counts.append(cnt if cnt is not None else
+                          np.bincount(np.repeat(np.arange(len(ranges)), [len(range(*r)) for r in ranges]) * 256
+                                      + np.concatenate([to_numpy(buf[a:b:st]) for a, b, st in ranges]),
+                                      minlength=len(ranges) * 256))
+            ranges = []
+    h = iter(count_entropies(np.concatenate(counts)).tolist()) if counts else iter(())
+    for stored, parts in shared:
+        weights = [(b - a) * max(0.05, x) for (*_, a, b), x in zip(parts, h)]
+        total = sum(weights) or 1.0
+        for (i, p, _, _), w in zip(parts, weights):
+            shares[i][p] += stored * w / total
     return [replace(e, plane_bytes=tuple(round(x) for x in sh[:-1]), stored=round(sum(sh)))
             for e, sh in zip(entries, shares)]

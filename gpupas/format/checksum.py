@@ -6,11 +6,11 @@ Both read any buffer (a chunk just read, a NumPy array) in place, without a copy
 from __future__ import annotations
 
 from crc32c import crc32c
-from isal.isal_zlib import crc32
+from isal.isal_zlib import crc32, crc32_combine
 
 from gpupas.errors import IntegrityError
 
-__all__ = ["CRC32C_RESIDUE", "check_crc32c_suffix", "crc32", "crc32c"]
+__all__ = ["CRC32C_RESIDUE", "check_crc32c_suffix", "crc32", "crc32_combine", "crc32c"]
 
 CRC32C_RESIDUE = 0x48674BC7  # CRC-32C of any bytes followed by their own CRC-32C (little-endian)
 

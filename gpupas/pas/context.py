@@ -73,7 +73,15 @@ def entropies(samples: list[np.ndarray]) -> np.ndarray:
     n = np.array([x.size for x in samples], np.int64)
     if not n.any():
         return np.zeros(k)
-    cnt = np.bincount(np.repeat(np.arange(k), n) * 256 + np.concatenate(samples), minlength=k * 256)
+    return count_entropies(np.bincount(np.repeat(np.arange(k), n) * 256 + np.concatenate(samples), minlength=k * 256))
+
+
+def count_entropies(cnt: np.ndarray) -> np.ndarray:
+    """:func:`entropies` from the samples' byte counts (``k * 256``, sample after sample)."""
+    k = cnt.size // 256
+    n = cnt.reshape(k, 256).sum(axis=1)
+    if not n.any():
+        return np.zeros(k)
     nf = np.maximum(n, 1).astype(np.float64)
     h = (nf * np.log2(nf) - _nlogn_by(cnt, k) + (_count_by(cnt, k) - 1) / (2 * np.log(2))) / nf
     return np.where(n > 0, h, 0.0)

@@ -98,6 +98,7 @@ class ShardReader:
         self._lock = threading.Lock()
         self._shards: dict[tuple[str, int], tuple[np.ndarray | None, Any]] = {}
         self._fetched: dict[int, Any] = {}
+        self._where: dict[int, tuple[int, int, Any]] = {}  # locally, after prepare: chunk -> (offset, nbytes, fd)
         self._local = threading.local()
         self.local = store.local_root is not None
 
@@ -144,11 +145,27 @@ class ShardReader:
         ranged GETs); returns the chunks that no shard lists. A damaged index raises IntegrityError."""
         missing = []
         remote: dict[str, list[tuple[int, int, int]]] = {}
+        if self.local:  # each shard's index read once, as Python ints: fetch then needs no lookup
+            rows: dict[tuple[str, int], tuple[list[list[int]] | None, Any]] = {}
+            per, codec_of, empty = self.per, self.stream.codec_of, int(EMPTY)
+            for c in chunks:
+                key = (codec_of(c), c // per)
+                got = rows.get(key)
+                if got is None:
+                    index, fd = self._shard(key)
+                    got = rows[key] = (None if index is None else index.tolist(), fd)
+                listed, fd = got
+                off, n = (empty, 0) if listed is None else listed[c % per]
+                if off == empty:
+                    missing.append(c)
+                else:
+                    self._where[c] = (off, n, fd)
+            return missing
         for c in chunks:
             where = self.locate(c)
             if where is None:
                 missing.append(c)
-            elif not self.local:
+            else:
                 remote.setdefault(where[0], []).append((c, where[1], where[2]))
         for path, wanted in remote.items():
             for (c, _, _), data in zip(wanted, self.store.get_ranges(path, [(o, n) for _, o, n in wanted])):
@@ -160,8 +177,12 @@ class ShardReader:
         per-thread buffer, valid until the same thread fetches again."""
         if not self.local:
             return self._fetched[c]
-        _, off, n = self.locate(c)  # type: ignore[misc]
-        _, fd = self._shard(self._key(c))
+        where = self._where.get(c)
+        if where is None:
+            _, off, n = self.locate(c)  # type: ignore[misc]
+            _, fd = self._shard(self._key(c))
+        else:
+            off, n, fd = where
         buf = getattr(self._local, "buf", None)
         if buf is None or len(buf) < n:
             buf = self._local.buf = bytearray(max(n, 1 << 19))
@@ -182,3 +203,4 @@ class ShardReader:
                 os.close(fd)
         self._shards.clear()
         self._fetched.clear()
+        self._where.clear()
