@@ -261,10 +261,66 @@ static void F(dec_any)(const Seg *g, const uint8_t *const *p, T *out, int kind, 
     else F(dec_any_body)(g, p, out, 3, 0);
 }
 
+/* dec_ctx for an unmasked segment that reads no prediction: the context of value i is plane 0's byte ('mat')
+ * or the base's top byte, read where it lies; the values are taken in two interleaved halves, each with the
+ * places of its own groups (the second half's after the first's), so two chains of place updates run at
+ * once where one would wait on the other for a run of one context: the same places, the same output. */
+static INLINE void F(dec_ctx_flat_body)(const Seg *g, const uint8_t *const *p, T *RESTRICT out, T *RESTRICT joined,
+                                        int kind, int s, int sk) {
+    const Py_ssize_t n = g->n, half = n / 2;
+    const int kshift = BITS - 8 - sk;  /* sk: where the context byte lies (s: how values are uncoded) */
+    const uint64_t low = MASK >> 8;
+    const uint8_t *RESTRICT p0 = p[0];
+    const T *RESTRICT ub = kind == 0 ? NULL : (const T *)g->ub + g->start;
+    int64_t h[4][256];
+    memset(h, 0, sizeof(h));
+#define KEY_(i) (kind == 0 ? p0[i] : (uint8_t)((uint64_t)ub[i] >> kshift))
+    Py_ssize_t i = 0;
+    for (; i + 1 < half; i += 2) { h[0][KEY_(i)]++; h[1][KEY_(i + 1)]++; }
+    for (; i < half; i++) h[0][KEY_(i)]++;
+    for (; i + 1 < n; i += 2) { h[2][KEY_(i)]++; h[3][KEY_(i + 1)]++; }
+    for (; i < n; i++) h[2][KEY_(i)]++;
+    int64_t pa[256], pb[256], acc = 0;
+    for (int q = 0; q < 256; q++) {
+        pa[q] = acc;
+        pb[q] = acc + h[0][q] + h[1][q];
+        acc = pb[q] + h[2][q] + h[3][q];
+    }
+    Seg sorted = *g;
+    sorted.start = 0;
+    F(dec_plain_body)(&sorted, p, joined, 0, 0);  /* the sorted planes joined, in order */
+    out += g->start;
+    for (i = 0; i < half; i++) {
+        const Py_ssize_t j = i + half;
+        uint8_t ka = KEY_(i), kb = KEY_(j);
+        uint64_t ca = joined[pa[ka]++], cb = joined[pb[kb]++];
+        if (kind == 0) {
+            out[i] = (T)F(rotr)((ca & low) | ((uint64_t)ka << (BITS - 8)), s);
+            out[j] = (T)F(rotr)((cb & low) | ((uint64_t)kb << (BITS - 8)), s);
+        } else {
+            out[i] = (T)F(uncode)(ca, ub[i], kind, s);
+            out[j] = (T)F(uncode)(cb, ub[j], kind, s);
+        }
+    }
+    for (Py_ssize_t j = half + i; j < n; j++) {  /* the second half's last value (n odd) */
+        uint8_t kb = KEY_(j);
+        uint64_t cb = joined[pb[kb]++];
+        out[j] = kind == 0 ? (T)F(rotr)((cb & low) | ((uint64_t)kb << (BITS - 8)), s) : (T)F(uncode)(cb, ub[j], kind, s);
+    }
+#undef KEY_
+}
+
 static void F(dec_ctx)(const Seg *g, const uint8_t *const *p, T *out, int kind, int s, void *scratch_bs,
                        uint8_t *ks, void *scratch_joined) {
     T *bs = (T *)scratch_bs, *joined = (T *)scratch_joined;
     int64_t pos[256];
+    if (g->nrowmap == 0 && kind != 3) {
+        switch (kind) {
+        case 0: if (s) F(dec_ctx_flat_body)(g, p, out, joined, 0, 1, 1); else F(dec_ctx_flat_body)(g, p, out, joined, 0, 0, 0); return;
+        case 1: if (s) F(dec_ctx_flat_body)(g, p, out, joined, 1, 0, 1); else F(dec_ctx_flat_body)(g, p, out, joined, 1, 0, 0); return;
+        default: if (s) F(dec_ctx_flat_body)(g, p, out, joined, 2, 1, 1); else F(dec_ctx_flat_body)(g, p, out, joined, 2, 0, 0); return;
+        }
+    }
     switch (kind) {
     case 0: F(dec_prep_body)(g, p[0], bs, ks, pos, 0, s); break;
     case 1: F(dec_prep_body)(g, p[0], bs, ks, pos, 1, s); break;
