@@ -323,6 +323,39 @@ def test_restores_through_small_windows(tmp_path, monkeypatch, window, layout) -
             assert part["emb"].tobytes() == s["emb"].tobytes()
 
 
+def test_segment_by_segment_checksums_catch_wrong_bits(tmp_path) -> None:
+    """The compiled restore's per-segment CRC-32s, joined, are each tensor's CRC-32: a restore passes, and a
+    tensor whose recorded checksum does not match its decoded bits is refused by name (a multi-segment one,
+    a masked one, a one-value one)."""
+    from dataclasses import replace
+
+    from gpupas.backend import get_backend
+    from gpupas.engine.decode import decode_snapshot
+    from gpupas.errors import IntegrityError
+
+    rng = np.random.default_rng(7)
+    big = (rng.standard_normal((40, 100)) * 0.02).astype(np.float32)
+    moved = big.copy()
+    moved[3] += np.float32(1e-3)  # one changed row of forty: a masked delta
+    tensors = {"big": big, "one": np.float32([1.5]), "half": rng.standard_normal(3001).astype(np.float16)}
+    with gpupas.create_archive(tmp_path / "a", durable=False) as arc:
+        layout = gpupas.Layout(segment=1000)
+        m0 = arc.commit(tensors, snapshot="s0", layout=layout)
+        m1 = arc.commit({**tensors, "big": moved}, snapshot="s1", base="s0", layout=layout)
+        assert m1.tensor("big").rows is not None
+        backend = get_backend("numpy")
+        for m, base in ((m0, {}), (m1, arc.restore("s0"))):
+            bits = {k: np.ascontiguousarray(v).view(np.uint8).view(m.tensor(k).layout.uint).reshape(-1)
+                    for k, v in base.items()}
+            got = decode_snapshot(arc.store, m, m.tensors, bits, {}, backend, arc.executor)
+            assert sorted(got) == sorted(tensors)
+            for e in m.tensors:
+                bad = replace(m, tensors=tuple(replace(x, crc32=x.crc32 ^ 1) if x.name == e.name else x
+                                                for x in m.tensors))
+                with pytest.raises(IntegrityError, match=rf"tensor {e.name!r} does not match its checksum"):
+                    decode_snapshot(arc.store, bad, bad.tensors, bits, {}, backend, arc.executor)
+
+
 _OVERFLOWS = {  # sizes whose products or sums overflow 64 bits: each once crashed the kernels
     "huffman_floor stride": "K.huffman_floor(b'x' * 10, E, 2**62)",
     "copy_rows rows*per": "K.copy_rows(1, bytearray(16), bytes(16), E, 2**62, 4)",
