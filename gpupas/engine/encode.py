@@ -23,7 +23,7 @@ from gpupas.codecs.policy import ChunkPolicy
 from gpupas.engine.stage import Staged
 from gpupas.format.layout import group_bounds, place, plane_ranges
 from gpupas.format.manifest import Stream, TensorEntry
-from gpupas.pas.context import count_entropies
+from gpupas.pas.context import count_entropies, sample_counts
 from gpupas.pas.planes import LAYOUTS
 from gpupas.pas.settings import Setting
 from gpupas.pas.transform import MIN_SEGMENT, SEGMENT
@@ -161,10 +161,7 @@ def attribute(entries: list[TensorEntry], streams: Sequence[Stream], bufs: Seque
                 ranges.extend((a, b, max(1, (b - a) // 2048)) for *_, a, b in parts)
         if ranges:  # the sampled byte counts of every part of every shared chunk of this stream, in one pass
             cnt = fast.range_counts(buf, np.array(ranges, np.int64))
-            counts.append(cnt if cnt is not None else
-                          np.bincount(np.repeat(np.arange(len(ranges)), [len(range(*r)) for r in ranges]) * 256
-                                      + np.concatenate([to_numpy(buf[a:b:st]) for a, b, st in ranges]),
-                                      minlength=len(ranges) * 256))
+            counts.append(cnt if cnt is not None else sample_counts([to_numpy(buf[a:b:st]) for a, b, st in ranges]))
             ranges = []
     h = iter(count_entropies(np.concatenate(counts)).tolist()) if counts else iter(())
     for stored, parts in shared:

@@ -69,11 +69,16 @@ def entropy(symbols: np.ndarray, ctx: np.ndarray | None = None) -> float:
 
 def entropies(samples: list[np.ndarray]) -> np.ndarray:
     """:func:`entropy` (no context) of each byte sample in ``samples``, with one histogram pass."""
+    return count_entropies(sample_counts(samples))
+
+
+def sample_counts(samples: list[np.ndarray]) -> np.ndarray:
+    """The byte counts of each sample in ``samples`` (``k * 256``, sample after sample), in one pass."""
     k = len(samples)
+    if not k:
+        return np.zeros(0, np.int64)
     n = np.array([x.size for x in samples], np.int64)
-    if not n.any():
-        return np.zeros(k)
-    return count_entropies(np.bincount(np.repeat(np.arange(k), n) * 256 + np.concatenate(samples), minlength=k * 256))
+    return np.bincount(np.repeat(np.arange(k), n) * 256 + np.concatenate(samples), minlength=k * 256)
 
 
 def count_entropies(cnt: np.ndarray) -> np.ndarray:
