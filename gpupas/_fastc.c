@@ -479,14 +479,16 @@ static PyObject *row_changes(PyObject *self, PyObject *args) {
 }
 
 PyDoc_STRVAR(deflate_huffman_doc,
-"deflate_huffman(data, bounds) -> bytes\n"
+"deflate_huffman(data, bounds, limit=-1) -> bytes | None\n"
 "The raw Deflate stream zlib-ng writes for data with compressobj(9, DEFLATED, 31, 9, Z_HUFFMAN_ONLY), one\n"
 "compress() then flush(Z_BLOCK) per piece between the sorted offsets bounds, then flush(Z_FINISH): the same\n"
-"bytes (without the gzip header and trailer).");
+"bytes (without the gzip header and trailer). None, with nothing written, where limit >= 0 and the stream\n"
+"would be longer than limit bytes (its length is known once its blocks are planned).");
 
 static PyObject *deflate_huffman(PyObject *self, PyObject *args) {
     Bufs bs = {0};
-    if (!PyArg_ParseTuple(args, "y*y*", &bs.b[0], &bs.b[1])) return NULL;
+    Py_ssize_t limit = -1;
+    if (!PyArg_ParseTuple(args, "y*y*|n", &bs.b[0], &bs.b[1], &limit)) return NULL;
     bs.used = 2;
     Py_ssize_t n = bs.b[0].len, nb = bs.b[1].len / 8;
     const int64_t *bounds = (const int64_t *)bs.b[1].buf;
@@ -497,23 +499,39 @@ static PyObject *deflate_huffman(PyObject *self, PyObject *args) {
             return NULL;
         }
     }
-    /* at worst a stored block (5 bytes) or a fixed one (9 bits a literal, 3 + 7 bits) a piece or 32767 literals */
-    Py_ssize_t cap = n + n / 4 + 16 * (n / 32767 + nb + 2) + 64;
-    PyObject *res = PyBytes_FromStringAndSize(NULL, cap);
     Df *st = PyMem_Malloc(sizeof(Df));
-    if (!res || !st) {
-        Py_XDECREF(res);
+    DfBlock *blocks = PyMem_Malloc(sizeof(DfBlock) * (size_t)df_max_blocks(n, nb));
+    if (!st || !blocks) {
         PyMem_Free(st);
+        PyMem_Free(blocks);
         release(&bs);
         return PyErr_NoMemory();
     }
-    Py_ssize_t got;
+    st->blocks = blocks;
+    Py_ssize_t want;
     Py_BEGIN_ALLOW_THREADS
-    got = df_stream(st, (const uint8_t *)bs.b[0].buf, n, bounds, nb, (uint8_t *)PyBytes_AS_STRING(res));
+    want = df_plan(st, (const uint8_t *)bs.b[0].buf, n, bounds, nb);
     Py_END_ALLOW_THREADS
+    PyObject *res = NULL;
+    if (limit >= 0 && want > limit) {
+        res = Py_None;
+        Py_INCREF(res);
+    } else if ((res = PyBytes_FromStringAndSize(NULL, want + 8)) != NULL) {  /* 8: df_literals' whole-word store */
+        Py_ssize_t got;
+        Py_BEGIN_ALLOW_THREADS
+        got = df_emit(st, (uint8_t *)PyBytes_AS_STRING(res));
+        Py_END_ALLOW_THREADS
+        if (got != want) {
+            Py_DECREF(res);
+            res = NULL;
+            PyErr_Format(PyExc_RuntimeError, "deflate_huffman planned %zd bytes but wrote %zd", want, got);
+        } else if (_PyBytes_Resize(&res, got) < 0) {
+            res = NULL;
+        }
+    }
+    PyMem_Free(blocks);
     PyMem_Free(st);
     release(&bs);
-    if (_PyBytes_Resize(&res, got) < 0) return NULL;
     return res;
 }
 

@@ -53,7 +53,20 @@ typedef struct {
     uint64_t bits;       /* bit buffer, LSB first */
     int nbits;
     uint8_t *out;        /* output cursor */
+    struct DfBlock *blocks;  /* the plan: each block's coding, in order */
+    Py_ssize_t nblocks;
+    int64_t total;       /* the stream's length in bits so far, as planned */
 } Df;
+
+/* One planned block: what df_emit_block needs to write it (the trees' lengths and codes, copied). */
+typedef struct DfBlock {
+    const uint8_t *data;
+    Py_ssize_t n;
+    int type, last;      /* 0 stored, 1 fixed, 2 dynamic, 3 an empty fixed block */
+    int lcodes, dcodes, blcodes;
+    uint16_t lcode[DF_L_CODES], llen[DF_L_CODES + 1], dlen[DF_D_CODES + 1];  /* lens: a guard after the last */
+    uint16_t bcode[DF_BL_CODES], blen[DF_BL_CODES];
+} DfBlock;
 
 static const int df_extra_lbits[29] = {0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3, 4, 4, 4, 4, 5, 5, 5, 5, 0};
 static const int df_extra_dbits[30] = {0, 0, 0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7, 8, 8, 9, 9, 10, 10, 11, 11, 12, 12, 13, 13};
@@ -247,26 +260,25 @@ static void df_scan_tree(Df *s, DfTree *t, int max_code) {
     }
 }
 
-static void df_send_tree(Df *s, DfTree *t, int max_code) {
-    int prevlen = -1, curlen, nextlen = t->len[0], count = 0, max_count = 7, min_count = 4;
-    DfTree *bt = &s->bt;
+static void df_send_tree(Df *s, const uint16_t *len, int max_code, const uint16_t *bcode, const uint16_t *blen) {
+    int prevlen = -1, curlen, nextlen = len[0], count = 0, max_count = 7, min_count = 4;
     if (nextlen == 0) { max_count = 138; min_count = 3; }
     for (int n = 0; n <= max_code; n++) {
         curlen = nextlen;
-        nextlen = t->len[n + 1];
+        nextlen = len[n + 1];
         if (++count < max_count && curlen == nextlen) {
             continue;
         } else if (count < min_count) {
-            do { df_put(s, bt->code[curlen], bt->len[curlen]); } while (--count != 0);
+            do { df_put(s, bcode[curlen], blen[curlen]); } while (--count != 0);
         } else if (curlen != 0) {
-            if (curlen != prevlen) { df_put(s, bt->code[curlen], bt->len[curlen]); count--; }
-            df_put(s, bt->code[DF_REP_3_6], bt->len[DF_REP_3_6]);
+            if (curlen != prevlen) { df_put(s, bcode[curlen], blen[curlen]); count--; }
+            df_put(s, bcode[DF_REP_3_6], blen[DF_REP_3_6]);
             df_put(s, (uint64_t)(count - 3), 2);
         } else if (count <= 10) {
-            df_put(s, bt->code[DF_REPZ_3_10], bt->len[DF_REPZ_3_10]);
+            df_put(s, bcode[DF_REPZ_3_10], blen[DF_REPZ_3_10]);
             df_put(s, (uint64_t)(count - 3), 3);
         } else {
-            df_put(s, bt->code[DF_REPZ_11_138], bt->len[DF_REPZ_11_138]);
+            df_put(s, bcode[DF_REPZ_11_138], blen[DF_REPZ_11_138]);
             df_put(s, (uint64_t)(count - 11), 7);
         }
         count = 0;
@@ -313,14 +325,19 @@ static void df_literals(Df *s, const uint8_t *data, Py_ssize_t n, const uint16_t
     df_put(s, code[DF_END_BLOCK], len[DF_END_BLOCK]);
 }
 
-/* zng_tr_flush_block for a block of literals data[0:n]: buf_ok where zlib-ng still has them in its window. */
-static void df_flush_block(Df *s, const uint8_t *data, Py_ssize_t n, int buf_ok, int last) {
+/* zng_tr_flush_block for a block of literals data[0:n] (buf_ok where zlib-ng still has them in its window),
+ * planned, not written: its coding is recorded in the next DfBlock and its bits added to s->total. */
+static void df_plan_block(Df *s, const uint8_t *data, Py_ssize_t n, int buf_ok, int last) {
+    DfBlock *b = &s->blocks[s->nblocks++];
     int64_t opt_lenb, static_lenb;
     int max_blindex = 0;
+    b->data = data;
+    b->n = n;
+    b->last = last;
     if (n == 0) {  /* an empty static block */
-        df_put(s, (1 << 1) + last, 3);
-        df_put(s, df_static_lcode[DF_END_BLOCK], df_static_llen[DF_END_BLOCK]);
-        if (last) df_align(s);
+        b->type = 3;
+        s->total += 3 + df_static_llen[DF_END_BLOCK];
+        if (last) s->total = (s->total + 7) & ~(int64_t)7;
         return;
     }
     memset(s->lt.freq, 0, sizeof(s->lt.freq));
@@ -350,41 +367,67 @@ static void df_flush_block(Df *s, const uint8_t *data, Py_ssize_t n, int buf_ok,
     opt_lenb = (s->opt_len + 3 + 7) >> 3;
     static_lenb = (s->static_len + 3 + 7) >> 3;
     if (static_lenb <= opt_lenb) opt_lenb = static_lenb;
-    if (n + 4 <= opt_lenb && buf_ok) {  /* stored */
-        df_put(s, (0 << 1) + last, 3);
-        df_align(s);
-        uint16_t l = (uint16_t)n, nl = (uint16_t)~n;
-        memcpy(s->out, &l, 2);
-        memcpy(s->out + 2, &nl, 2);
-        memcpy(s->out + 4, data, (size_t)n);
-        s->out += 4 + n;
+    if (n + 4 <= opt_lenb && buf_ok) {  /* stored: 3 bits, then whole bytes */
+        b->type = 0;
+        s->total = ((s->total + 3 + 7) & ~(int64_t)7) + 8 * (4 + (int64_t)n);
     } else if (static_lenb == opt_lenb) {
-        df_put(s, (1 << 1) + last, 3);
-        df_literals(s, data, n, df_static_lcode, df_static_llen);
+        b->type = 1;
+        s->total += 3 + s->static_len;
     } else {
-        int lcodes = s->ld.max_code + 1, dcodes = s->dd.max_code + 1, blcodes = max_blindex + 1;
-        df_put(s, (2 << 1) + last, 3);
-        df_put(s, (uint64_t)(lcodes - 257), 5);
-        df_put(s, (uint64_t)(dcodes - 1), 5);
-        df_put(s, (uint64_t)(blcodes - 4), 4);
-        for (int rank = 0; rank < blcodes; rank++) df_put(s, s->bt.len[df_bl_order[rank]], 3);
-        df_send_tree(s, &s->lt, lcodes - 1);
-        df_send_tree(s, &s->dt, dcodes - 1);
-        df_literals(s, data, n, s->lt.code, s->lt.len);
+        b->type = 2;
+        b->lcodes = s->ld.max_code + 1;
+        b->dcodes = s->dd.max_code + 1;
+        b->blcodes = max_blindex + 1;
+        memcpy(b->lcode, s->lt.code, sizeof(b->lcode));
+        memcpy(b->llen, s->lt.len, sizeof(uint16_t) * ((size_t)b->lcodes + 1));  /* with df_scan_tree's guard */
+        memcpy(b->dlen, s->dt.len, sizeof(uint16_t) * ((size_t)b->dcodes + 1));
+        memcpy(b->bcode, s->bt.code, sizeof(b->bcode));
+        memcpy(b->blen, s->bt.len, sizeof(b->blen));
+        s->total += 3 + s->opt_len;
     }
-    if (last) df_align(s);
+    if (last) s->total = (s->total + 7) & ~(int64_t)7;
 }
 
-/* The Deflate stream (no gzip framing) of data cut at bounds; out must hold df_bound(n, pieces) bytes.
- * Returns the bytes written. */
-static Py_ssize_t df_stream(Df *s, const uint8_t *data, Py_ssize_t n, const int64_t *bounds, Py_ssize_t nbounds,
-                            uint8_t *out) {
+/* Write a planned block (zng_tr_flush_block's output). */
+static void df_emit_block(Df *s, const DfBlock *b) {
+    if (b->type == 3) {
+        df_put(s, (1 << 1) + b->last, 3);
+        df_put(s, df_static_lcode[DF_END_BLOCK], df_static_llen[DF_END_BLOCK]);
+    } else if (b->type == 0) {
+        df_put(s, (0 << 1) + b->last, 3);
+        df_align(s);
+        uint16_t l = (uint16_t)b->n, nl = (uint16_t)~b->n;
+        memcpy(s->out, &l, 2);
+        memcpy(s->out + 2, &nl, 2);
+        memcpy(s->out + 4, b->data, (size_t)b->n);
+        s->out += 4 + b->n;
+    } else if (b->type == 1) {
+        df_put(s, (1 << 1) + b->last, 3);
+        df_literals(s, b->data, b->n, df_static_lcode, df_static_llen);
+    } else {
+        df_put(s, (2 << 1) + b->last, 3);
+        df_put(s, (uint64_t)(b->lcodes - 257), 5);
+        df_put(s, (uint64_t)(b->dcodes - 1), 5);
+        df_put(s, (uint64_t)(b->blcodes - 4), 4);
+        for (int rank = 0; rank < b->blcodes; rank++) df_put(s, b->blen[df_bl_order[rank]], 3);
+        df_send_tree(s, b->llen, b->lcodes - 1, b->bcode, b->blen);
+        df_send_tree(s, b->dlen, b->dcodes - 1, b->bcode, b->blen);
+        df_literals(s, b->data, b->n, b->lcode, b->llen);
+    }
+    if (b->last) df_align(s);
+}
+
+/* The most blocks df_plan may record for n bytes cut at nbounds offsets. */
+static Py_ssize_t df_max_blocks(Py_ssize_t n, Py_ssize_t nbounds) { return n / (DF_SYM_END - 1) + 2 * nbounds + 4; }
+
+/* Plan the Deflate stream (no gzip framing) of data cut at bounds into s->blocks (room for
+ * df_max_blocks(n, nbounds)); returns its length in bytes. df_emit then writes it. */
+static Py_ssize_t df_plan(Df *s, const uint8_t *data, Py_ssize_t n, const int64_t *bounds, Py_ssize_t nbounds) {
     s->ld = (DfDesc){&s->lt, df_static_llen, df_extra_lbits, 257, DF_L_CODES, DF_MAX_BITS, 0};
     s->dd = (DfDesc){&s->dt, df_static_dlen, df_extra_dbits, 0, DF_D_CODES, DF_MAX_BITS, 0};
     s->bd = (DfDesc){&s->bt, NULL, df_extra_blbits, 0, DF_BL_CODES, DF_MAX_BL_BITS, 0};
-    s->bits = 0;
-    s->nbits = 0;
-    s->out = out;
+    s->nblocks = 0;
+    s->total = 0;
     /* zlib-ng's counters: where literals are in its window, where the block started, how many are in it */
     int64_t strstart = 0, lookahead = 0, block_start = 0;
     Py_ssize_t consumed = 0, sym = 0;
@@ -417,13 +460,13 @@ static Py_ssize_t df_stream(Df *s, const uint8_t *data, Py_ssize_t n, const int6
                 strstart += take;
                 consumed += take;
                 if (sym == DF_SYM_END) {
-                    df_flush_block(s, data + consumed - sym, sym, block_start >= 0, 0);
+                    df_plan_block(s, data + consumed - sym, sym, block_start >= 0, 0);
                     block_start = strstart;
                     sym = 0;
                 }
             }
             if (flush && sym) {
-                df_flush_block(s, data + consumed - sym, sym, block_start >= 0, 0);
+                df_plan_block(s, data + consumed - sym, sym, block_start >= 0, 0);
                 block_start = strstart;
                 sym = 0;
             }
@@ -431,6 +474,15 @@ static Py_ssize_t df_stream(Df *s, const uint8_t *data, Py_ssize_t n, const int6
     }
     /* flush(Z_FINISH): fill_window may still slide; then the last block (empty: a static one) */
     if (strstart >= DF_WSIZE + DF_MAX_DIST) { strstart -= DF_WSIZE; block_start -= DF_WSIZE; }
-    df_flush_block(s, data + consumed - sym, sym, block_start >= 0, 1);
+    df_plan_block(s, data + consumed - sym, sym, block_start >= 0, 1);
+    return (Py_ssize_t)(s->total >> 3);
+}
+
+/* Write the planned stream to out (df_plan's length); returns the bytes written. */
+static Py_ssize_t df_emit(Df *s, uint8_t *out) {
+    s->bits = 0;
+    s->nbits = 0;
+    s->out = out;
+    for (Py_ssize_t k = 0; k < s->nblocks; k++) df_emit_block(s, &s->blocks[k]);
     return (Py_ssize_t)(s->out - out);
 }

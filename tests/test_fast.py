@@ -206,6 +206,9 @@ def test_huffman_deflate_is_zlib_ngs(data) -> None:
     finally:
         deflate._FAST[:] = saved
     assert got == want
+    # with a limit: the member where it fits (the planned length is the written one), None one byte short
+    assert deflate.code(memoryview(d), bounds, limit=len(want)) == want
+    assert deflate.code(memoryview(d), bounds, limit=len(want) - 1) is None
 
 
 def test_huffman_deflate_after_a_stored_block() -> None:

@@ -20,12 +20,17 @@ from gpupas.codecs.zstd import pieces
 from gpupas.errors import IntegrityError
 
 
-def code(data: memoryview, bounds: Sequence[int], huffman_only: bool = True) -> bytes:
-    """A gzip member of Deflate of ``data``, ending a block at each bound."""
+def code(data: memoryview, bounds: Sequence[int], huffman_only: bool = True, limit: int | None = None) -> bytes | None:
+    """A gzip member of Deflate of ``data``, ending a block at each bound; None where ``limit`` is given
+    and the member would be longer than ``limit`` bytes (the compiled encoder then writes nothing)."""
     if huffman_only and compiled() is not None:  # the same bytes, ~3x faster (gpupas/_fastc_deflate.h)
         cuts = np.clip(np.asarray(bounds, np.int64), 0, len(data))  # as pieces() cuts: sorted, inside
-        return _HEADER[0] + _FAST[0].deflate_huffman(data, cuts) + struct.pack(
-            "<II", zlib_ng.crc32(data), len(data) & 0xFFFFFFFF)
+        if limit is not None and limit < FRAMING:
+            return None
+        body = _FAST[0].deflate_huffman(data, cuts, -1 if limit is None else limit - FRAMING)
+        if body is None:
+            return None
+        return _HEADER[0] + body + struct.pack("<II", zlib_ng.crc32(data), len(data) & 0xFFFFFFFF)
     strategy = zlib_ng.Z_HUFFMAN_ONLY if huffman_only else zlib_ng.Z_DEFAULT_STRATEGY
     cobj = zlib_ng.compressobj(9, zlib_ng.DEFLATED, 31, 9, strategy)
     out = []
@@ -33,9 +38,11 @@ def code(data: memoryview, bounds: Sequence[int], huffman_only: bool = True) -> 
         out.append(cobj.compress(piece))
         out.append(cobj.flush(zlib_ng.Z_BLOCK))
     out.append(cobj.flush(zlib_ng.Z_FINISH))
-    return b"".join(out)
+    member = b"".join(out)
+    return None if limit is not None and len(member) > limit else member
 
 
+FRAMING = 18  # a gzip member's header (10 bytes, no name or extra fields) and trailer (CRC-32, size)
 _FAST: list[Any] = []
 _HEADER: list[bytes] = []
 
@@ -84,6 +91,11 @@ class Deflate:
     def encode_batch(self, chunks: Sequence[Any], bounds: Sequence[Sequence[int]], size: int) -> list[bytes]:
         """Bodies for chunks of exactly ``size`` bytes (Deflate has no cheap zero padding)."""
         return [code(memoryview(c).cast("B"), b, self.huffman_only) for c, b in zip(chunks, bounds)]
+
+    def encode_within(self, chunk: Any, bounds: Sequence[int], limit: int) -> bytes | None:
+        """The body of one chunk where it takes at most ``limit`` bytes, else None (cheaper than coding it:
+        the compiled encoder knows the length before it writes a bit)."""
+        return code(memoryview(chunk).cast("B"), bounds, self.huffman_only, limit)
 
     def decode_batch(self, bodies: Sequence[Any], outs: Sequence[np.ndarray]) -> None:
         for body, out in zip(bodies, outs):

@@ -12,6 +12,7 @@ Huffman-only Deflate could need (:func:`huffman_floor`): shortcuts, not rules.
 from __future__ import annotations
 
 import itertools
+import math
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -78,8 +79,8 @@ def encode_cpu(policy: ChunkPolicy, chunks: Sequence[np.ndarray], bounds: Sequen
         elif deflate is not None and not padded:
             zsize = len(z)
             if 0.05 < zsize / max(1, len(data)) < RAW_ABOVE and _above_floor(zsize, data, b):
-                body = deflate.encode_batch([view], [b], size)[0]
-                if len(body) + DEFLATE_MIN_GAIN * len(data) <= zsize:
+                body = deflate.encode_within(view, b, math.floor(zsize - DEFLATE_MIN_GAIN * len(data)))
+                if body is not None:  # at least 1/2048 of the chunk smaller than Zstandard's
                     options.append((deflate, body, len(body)))
         codec, kept, _ = min(options, key=lambda cb: cb[2])  # the first of the smallest: raw over coded on a tie
         out.append((codec.letter, with_crc(zstd.raw_batch([view], size)[0] if kept is None else kept)))
