@@ -71,12 +71,12 @@ def lossy_schemes(arrays: Mapping[str, Any], lossy: str | Mapping[str, Any] | No
     return out
 
 
-def _unchanged(staged: Any, backend: Any) -> None:
+def _unchanged(staged: Any, backend: Any, executor: Any) -> None:
     """Every tensor still has the bits it was staged with: a tensor that another thread changed while
     it was being coded (a training step) would publish planes that restore to no state it ever had."""
-    for st in staged:
-        bits, crc = st.unchanged
-        if backend.crc32(bits) != crc:
+    now = backend.crc32_many([st.unchanged[0] for st in staged], executor)
+    for st, crc in zip(staged, now):
+        if crc != st.unchanged[1]:
             raise InvalidInputError(
                 f"tensor {st.name!r} changed while it was being committed (another thread updated it in place); "
                 "nothing was stored: commit between optimizer steps, or commit a copy (e.g. "
@@ -237,7 +237,7 @@ class Archive:
                              stored_bytes=sum(s.stored for s in streams), meta=dict(meta or {}),
                              commit_seconds=round(time.perf_counter() - t0, 6))
                 try:
-                    _unchanged(staged, backend)
+                    _unchanged(staged, backend, self.executor)
                     if not self._bases_unchanged(m, base_bits, grand_bits, backend):
                         if attempt:
                             raise IntegrityError(f"the base {base} of this commit changed while it was read from "
@@ -268,7 +268,7 @@ class Archive:
             if sid is None or not used:
                 continue
             by_name = self.manifest(sid).by_name
-            if backend.crc32_many([bits[n] for n in used]) != [by_name[n].crc32 for n in used]:
+            if backend.crc32_many([bits[n] for n in used], self.executor) != [by_name[n].crc32 for n in used]:
                 return False
         return True
 

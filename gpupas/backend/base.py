@@ -73,8 +73,9 @@ class Backend(Protocol):
         """CRC-32 of an array's bytes."""
         ...
 
-    def crc32_many(self, arrays: Sequence[Any]) -> list[int]:
-        """CRC-32 of each array (one launch and one copy on a GPU, not one per tensor)."""
+    def crc32_many(self, arrays: Sequence[Any], executor: Any = None) -> list[int]:
+        """CRC-32 of each array (one launch and one copy on a GPU, not one per tensor; on the CPU, large
+        arrays in pieces on ``executor``'s threads where given)."""
         ...
 
     def outputs(self, m: Any, bits: Any, framework: str, copy: bool) -> dict[str, Any]:

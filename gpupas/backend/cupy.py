@@ -315,7 +315,7 @@ class CupyBackend:
                                           (d_msgs, np.int32(len(msgs)), consts, raw, out))
         return out
 
-    def crc32_many(self, arrays: Sequence[Any]) -> list[int]:
+    def crc32_many(self, arrays: Sequence[Any], executor: Any = None) -> list[int]:
         """CRC-32 of each array's bytes: two launches and one small copy for all of them."""
         with self._on_stream() as s:
             devs = [self.cp.ascontiguousarray(self._device(a)) for a in arrays]

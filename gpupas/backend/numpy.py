@@ -22,7 +22,7 @@ import numpy as np
 
 from gpupas.backend.base import bases_of, check_dtype
 from gpupas.errors import InvalidInputError
-from gpupas.format.checksum import check_crc32c_suffix, crc32
+from gpupas.format.checksum import PIECE, check_crc32c_suffix, crc32, crc32_pieces
 
 KEEP_AT_MOST = int(os.environ.get("GPUPAS_WORKSPACE_MAX", 1 << 30))
 
@@ -77,8 +77,11 @@ class NumpyBackend:
     def crc32(self, bits: Any) -> int:
         return crc32(memoryview(bits).cast("B"))
 
-    def crc32_many(self, arrays: Sequence[Any]) -> list[int]:
-        return [self.crc32(a) for a in arrays]
+    def crc32_many(self, arrays: Sequence[Any], executor: Any = None) -> list[int]:
+        views = [memoryview(a).cast("B") for a in arrays]
+        if executor is None or executor.workers == 1 or sum(len(v) for v in views) < 2 * PIECE:
+            return [crc32(v) for v in views]
+        return crc32_pieces(views, executor.map)
 
     def outputs(self, m: Any, bits: Any, framework: str, copy: bool) -> dict[str, Any]:
         from gpupas.pas.planes import from_bits

@@ -11,6 +11,7 @@ decodes 17 snapshots, not 153).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -135,11 +136,12 @@ def read_bits(store: ArchiveStore, sid: str, names: Iterable[str] | None, *, man
     """
     wanted = None if names is None else set(names)
     top = manifests(sid)
+    crc32_many = functools.partial(backend.crc32_many, executor=executor)
     if cache is not None:
-        hit = cache.get(sid, top.select(None if wanted is None else sorted(wanted)), backend.crc32_many)
+        hit = cache.get(sid, top.select(None if wanted is None else sorted(wanted)), crc32_many)
         if hit is not None:
             return ({n: hit[n] for n in names} if names is not None else hit), True
-    found, need, deps, hits = _plan(sid, wanted, manifests, cache, backend.crc32_many)
+    found, need, deps, hits = _plan(sid, wanted, manifests, cache, crc32_many)
     order = dependencies_first([sid], lambda x: [y for y, _ in deps.get(x, [])], _loops_back)
     users: dict[str, int] = {}
     for x in order:

@@ -73,7 +73,8 @@ def _decode(store: ArchiveStore, m: Manifest, entries: Sequence[TensorEntry], ne
         if e.scheme is not None:
             out[e.name] = _restore(e, out[e.name], backend)
     left = [e for e in entries if e.scheme is not None or e.name not in known]  # a lossy tensor: its restored bits
-    got = dict(zip([e.name for e in left], backend.crc32_many([out[e.name] for e in left])))  # one launch on a GPU
+    # one launch on a GPU; large tensors in pieces on the executor's threads on the CPU
+    got = dict(zip([e.name for e in left], backend.crc32_many([out[e.name] for e in left], executor)))
     for e in entries:
         crc = got[e.name] if e.name in got else known[e.name]
         if crc != e.crc32:
