@@ -16,6 +16,7 @@ import gpupas
 from gpupas.errors import (
     ArchiveExistsError,
     ArchiveNotFoundError,
+    GpupasError,
     IntegrityError,
     InvalidInputError,
     SnapshotNotFoundError,
@@ -37,6 +38,25 @@ def _same(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> None:
     for k in a:
         assert a[k].dtype == b[k].dtype and a[k].shape == b[k].shape, k
         assert a[k].tobytes() == b[k].tobytes(), k
+
+
+def test_a_published_manifest_reads_back_equal(archive: gpupas.Archive) -> None:
+    """The archive keeps the manifest it published as the parse of its bytes (the next commit's base is
+    not parsed again): that holds only if a manifest reads back equal, for every kind of snapshot."""
+    from gpupas.format.manifest import Manifest
+
+    a = archive.commit(_model(0), snapshot="a", meta={"step": 10, "lr": 1e-4, "tags": ["x", None], "d": {"k": 0.1}})
+    b = archive.commit(_model(1, 1e-3, _model(0)), base="a", snapshot="b")
+    c = archive.commit(_model(2, 1e-3, _model(1, 1e-3, _model(0))), base="b", snapshot="c")  # may predict
+    d = archive.commit(_model(0), snapshot="d", lossy="bf16")
+    for m in (a, b, c, d):
+        assert Manifest.from_bytes(m.to_bytes(), m.id) == m
+        archive._forget(m.id)
+        assert archive.manifest(m.id) is m  # kept at publication, not parsed again
+    (Path(archive.location) / "manifests" / "a.json").write_bytes(b"{}")  # other bytes: parsed (and refused)
+    archive._forget("a")
+    with pytest.raises(GpupasError):
+        archive.manifest("a")
 
 
 def _model(seed: int, scale: float = 0.0, base: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:

@@ -131,11 +131,7 @@ class ArchiveStore:
         if seen is not None and seen[0] == data:  # the same bytes as last time: the same (frozen) manifest
             return seen[1]
         m = Manifest.from_bytes(data, sid)
-        with self._parsed_lock:
-            self._parsed[sid] = (data, m)
-            self._parsed.move_to_end(sid)
-            while len(self._parsed) > _PARSED_MAX:
-                self._parsed.popitem(last=False)
+        self._remember(sid, data, m)
         return m
 
     def has_manifest(self, sid: str) -> bool:
@@ -144,8 +140,17 @@ class ArchiveStore:
     def publish_manifest(self, m: Manifest) -> None:
         """Publish a new snapshot: atomic, and never over an existing one."""
         self.upgrade_format()
-        if not self.store.create(keys.manifest(m.id), m.to_bytes()):
+        data = m.to_bytes()
+        if not self.store.create(keys.manifest(m.id), data):
             raise ArchiveExistsError(f"snapshot {m.id!r} already exists in {self.location}; choose another id")
+        self._remember(m.id, data, m)  # the next commit reads it as its base: no parse (it reads back equal)
+
+    def _remember(self, sid: str, data: bytes, m: Manifest) -> None:
+        with self._parsed_lock:
+            self._parsed[sid] = (data, m)
+            self._parsed.move_to_end(sid)
+            while len(self._parsed) > _PARSED_MAX:
+                self._parsed.popitem(last=False)
 
     def replace_manifest(self, new: Manifest, expect_revision: int) -> None:
         """Switch snapshot ``new.id`` to ``new`` atomically, if it is still at ``expect_revision``.
