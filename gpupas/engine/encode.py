@@ -32,6 +32,7 @@ from gpupas.xp import to_numpy
 
 CHUNK_SIZE = 1 << 18  # bytes per chunk (CPU): the coders' block size and the unit of parallel work
 SHARD_CHUNKS = 4096  # chunks per shard file at most: 1 GiB of planes
+SHARE_SAMPLES = 512  # bytes sampled (evenly spaced) per part of a chunk that several planes share
 
 
 @dataclass(frozen=True)
@@ -158,7 +159,7 @@ def attribute(entries: list[TensorEntry], streams: Sequence[Stream], bufs: Seque
                 shares[parts[0][0]][parts[0][1]] += stored
             elif parts:
                 shared.append((stored, parts))
-                ranges.extend((a, b, max(1, (b - a) // 2048)) for *_, a, b in parts)
+                ranges.extend((a, b, max(1, (b - a) // SHARE_SAMPLES)) for *_, a, b in parts)
         if ranges:  # the sampled byte counts of every part of every shared chunk of this stream, in one pass
             cnt = fast.range_counts(buf, np.array(ranges, np.int64))
             counts.append(cnt if cnt is not None else sample_counts([to_numpy(buf[a:b:st]) for a, b, st in ranges]))
