@@ -132,9 +132,9 @@ class NumpyBackend:
         def code(c: int) -> tuple[str, int]:
             lo, hi = c * chunk_size, min(length, (c + 1) * chunk_size)
             inner = [b - lo for b in bounds[bisect.bisect_right(bounds, lo) : bisect.bisect_left(bounds, hi)]]
-            ((letter, payload),) = encode_cpu(policy, [buf[lo:hi]], [inner], chunk_size)
-            emit(c, letter, payload)
-            return letter, len(payload)
+            ((letter, parts),) = encode_cpu(policy, [buf[lo:hi]], [inner], chunk_size, parts=True)
+            emit(c, letter, parts)  # written before this returns: the views into ``buf`` are still valid
+            return letter, sum(len(p) for p in parts)
 
         return executor.map(code, range(-(-length // chunk_size)), inline=small)
 

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from gpupas.codecs import registry
-from gpupas.codecs.zstd import raw_size
+from gpupas.codecs.zstd import raw_parts, raw_size
 from gpupas.format.checksum import crc32c
 
 RAW_ABOVE = 0.995  # Zstandard saving less than this: Deflate will not save enough either
@@ -60,8 +60,9 @@ def with_crc(body: bytes) -> bytes:
 
 
 def encode_cpu(policy: ChunkPolicy, chunks: Sequence[np.ndarray], bounds: Sequence[Sequence[int]],
-               size: int) -> list[tuple[str, bytes]]:
-    """(letter, stored bytes) of each chunk (uint8, at most ``size`` bytes), coded on the CPU."""
+               size: int, parts: bool = False) -> list[tuple[str, Any]]:
+    """(letter, stored bytes) of each chunk (uint8, at most ``size`` bytes), coded on the CPU; ``parts``: the
+    stored bytes as a list of buffers to write back to back (a raw frame's blocks are views of the chunk)."""
     zstd = registry.get("zstd", "cpu")
     deflate = registry.get("deflate", "cpu") if "deflate" in policy.codecs else None
     out = []
@@ -83,7 +84,12 @@ def encode_cpu(policy: ChunkPolicy, chunks: Sequence[np.ndarray], bounds: Sequen
                 if body is not None:  # at least 1/2048 of the chunk smaller than Zstandard's
                     options.append((deflate, body, len(body)))
         codec, kept, _ = min(options, key=lambda cb: cb[2])  # the first of the smallest: raw over coded on a tie
-        out.append((codec.letter, with_crc(zstd.raw_batch([view], size)[0] if kept is None else kept)))
+        pieces = raw_parts(view, size) if kept is None else [kept]
+        crc = 0
+        for piece in pieces:
+            crc = crc32c(piece, crc)
+        pieces.append(struct.pack("<I", crc))
+        out.append((codec.letter, pieces if parts else b"".join(pieces)))
     return out
 
 

@@ -57,7 +57,12 @@ def code(data: memoryview, bounds: Sequence[int], size: int, level: int) -> byte
 
 def raw_frame(data: memoryview, size: int) -> bytes:
     """A Zstandard frame of raw blocks (plus RLE blocks of zero padding up to ``size``): no coder runs."""
-    out = [MAGIC, bytes([0xA0]), struct.pack("<I", size)]
+    return b"".join(raw_parts(data, size))
+
+
+def raw_parts(data: memoryview, size: int) -> list[Any]:
+    """:func:`raw_frame` as its parts, the blocks views of ``data`` (not copied)."""
+    out: list[Any] = [MAGIC, bytes([0xA0]), struct.pack("<I", size)]
     n = len(data)
     starts = list(range(0, n, BLOCK))
     for i, s in enumerate(starts):
@@ -72,7 +77,7 @@ def raw_frame(data: memoryview, size: int) -> bytes:
         out.append(((pad == 0) | (1 << 1) | (step << 3)).to_bytes(3, "little") + b"\0")
     if size == 0:
         out.append((1).to_bytes(3, "little"))  # one empty last raw block
-    return b"".join(out)
+    return out
 
 
 def raw_size(n: int, size: int) -> int:

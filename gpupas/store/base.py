@@ -13,11 +13,20 @@ from contextlib import AbstractContextManager
 from typing import Any, Protocol
 
 
+def buffers(data: Any) -> list[memoryview]:
+    """``data`` to append (a bytes-like object, or a list or tuple of them, written back to back) as byte
+    views: a chunk's parts go out without being joined first."""
+    if isinstance(data, (list, tuple)):
+        return [memoryview(d).cast("B") for d in data]
+    return [memoryview(data).cast("B")]
+
+
 class Writer(Protocol):
     """A file being written (a shard): chunks appended from any thread, made durable on close."""
 
     def append(self, data: Any) -> int:
-        """Write ``data`` after what is there; returns the offset it starts at (thread-safe)."""
+        """Write ``data`` (see :func:`buffers`) after what is there; returns the offset it starts at
+        (thread-safe)."""
         ...
 
     def flush(self) -> None:

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from gpupas.errors import ArchiveNotFoundError, IntegrityError, ReadOnlyError
+from gpupas.store.base import buffers
 
 _DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _READ = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
@@ -451,11 +452,11 @@ class LocalWriter:
         self._size = 0
 
     def append(self, data: Any) -> int:
-        view = memoryview(data).cast("B")
+        views = buffers(data)
         with self._lock:
             offset = self._size
-            self._size += len(view)
-        _write_all(self.fd, view, offset)
+            self._size += sum(len(v) for v in views)
+        _write_all(self.fd, views[0] if len(views) == 1 else views, offset)
         return offset
 
     def flush(self) -> None:
@@ -474,6 +475,11 @@ class LocalWriter:
 
 
 def _write_all(fd: int, data: Any, offset: int | None = None) -> None:
+    if isinstance(data, list):  # several buffers at ``offset``: one system call where the OS has pwritev
+        if offset is not None and hasattr(os, "pwritev"):
+            _pwritev_all(fd, data, offset)
+            return
+        data = b"".join(data)
     view = memoryview(data).cast("B")
     while view:
         n = os.write(fd, view) if offset is None else os.pwrite(fd, view, offset)
@@ -482,6 +488,23 @@ def _write_all(fd: int, data: Any, offset: int | None = None) -> None:
         view = view[n:]
         if offset is not None:
             offset += n
+
+
+def _pwritev_all(fd: int, views: list[memoryview], offset: int) -> None:
+    views = [v for v in views if len(v)]
+    while views:
+        n = os.pwritev(fd, views[:_IOV_MAX], offset)
+        if n <= 0:
+            raise OSError(errno.EIO, "short write")
+        offset += n
+        while views and n >= len(views[0]):  # drop what was written, keep the rest of a partial buffer
+            n -= len(views[0])
+            views.pop(0)
+        if n:
+            views[0] = views[0][n:]
+
+
+_IOV_MAX = 512  # buffers per pwritev call (POSIX guarantees at least 16; Linux and macOS take 1024)
 
 
 def publish_file(final: Path, data: bytes, *, replace: bool = False, durable: bool = True) -> bool:

@@ -18,6 +18,7 @@ from datetime import datetime
 from typing import Any
 
 from gpupas.errors import ArchiveNotFoundError, GpupasError
+from gpupas.store.base import buffers
 
 _RETRIES = 50
 
@@ -346,8 +347,9 @@ class RemoteWriter:
     def append(self, data: Any) -> int:
         with self._lock:
             offset = self._size
-            self.f.write(bytes(memoryview(data).cast("B")))
-            self._size += memoryview(data).nbytes
+            for view in buffers(data):
+                self.f.write(bytes(view))
+                self._size += len(view)
             return offset
 
     def flush(self) -> None:

@@ -19,7 +19,7 @@ import numpy as np
 from gpupas.format import keys
 from gpupas.format.manifest import Stream
 from gpupas.format.sharding import EMPTY, decode_index, empty_index, encode_index, index_nbytes
-from gpupas.store.base import Store
+from gpupas.store.base import Store, buffers
 
 FLUSH_EVERY = 16 << 20  # durable stores: start writing a shard to disk after this many new bytes
 
@@ -35,7 +35,8 @@ class ShardSink:
         self._flushes: list[Future[Any]] = []
 
     def add(self, c: int, letter: str, payload: Any) -> None:
-        """Store chunk ``c`` (its bytes with their CRC) in the array of codec ``letter``."""
+        """Store chunk ``c`` (its bytes with their CRC, whole or in parts: see
+        :func:`gpupas.store.base.buffers`) in the array of codec ``letter``."""
         codec_id = self.stream.codecs[letter]
         key = (codec_id, c // self.per)
         with self._lock:
@@ -44,7 +45,7 @@ class ShardSink:
                 writer = self.store.writer(keys.shard(self.stream.folder, codec_id, key[1]))
                 entry = self._open[key] = [writer, empty_index(self.per), 0]
         writer, index, _ = entry
-        n = memoryview(payload).nbytes
+        n = sum(len(v) for v in buffers(payload))
         offset = writer.append(payload)
         index[c % self.per] = (offset, n)
         if self.background is None or not self.store.durable:

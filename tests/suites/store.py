@@ -240,8 +240,17 @@ class StoreTests:
     def test_writer_concurrent_appends(self, store: Store) -> None:
         rng = np.random.default_rng(1)
         pieces = [rng.integers(0, 256, int(rng.integers(1, 40_000)), dtype=np.uint8) for _ in range(96)]
+        pieces.append(rng.integers(0, 256, 3000, dtype=np.uint8))  # appended in 1000 parts: over one pwritev's
         w = store.writer("s/c/0")
-        appends = [(p if i % 3 else p.tobytes()) for i, p in enumerate(pieces)]  # arrays and bytes alike
+
+        def parts(p: np.ndarray, k: int) -> list[Any]:  # a chunk in parts (views, bytes, an empty one)
+            cuts = sorted(int(x) for x in rng.integers(0, len(p) + 1, k))
+            edges = [0, *cuts, len(p)]
+            return [memoryview(p)[a:b] if j % 2 else p[a:b].tobytes()
+                    for j, (a, b) in enumerate(itertools.pairwise(edges))]
+
+        appends = [(p.tobytes() if i % 3 == 0 else p if i % 3 == 1 else parts(p, 3)) for i, p in enumerate(pieces[:-1])]
+        appends.append(parts(pieces[-1], 999))  # arrays, bytes and lists of parts alike
         with ThreadPoolExecutor(THREADS) as ex:
             offsets = list(ex.map(w.append, appends))
             w.flush()
