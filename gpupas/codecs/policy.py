@@ -6,7 +6,8 @@ tried; Deflate is kept only where it saves at least 1/2048 of the chunk over Zst
 ~3x slower) and is never used for a zero-padded last chunk; ``try_all`` (the ``strong`` setting)
 also tries a high Zstandard level and LZ Deflate. On the CPU, Deflate is tried only where
 Zstandard's output lies between 5% and :data:`RAW_ABOVE` of the chunk and above the least
-Huffman-only Deflate could need (:func:`huffman_floor`): shortcuts, not rules.
+Huffman-only Deflate could need (:func:`huffman_floor`): shortcuts, not rules. A Deflate try knows its
+exact length before it writes (its blocks are planned first) and writes only where it is kept.
 """
 
 from __future__ import annotations
