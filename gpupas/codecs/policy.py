@@ -55,11 +55,6 @@ def huffman_floor(data: np.ndarray, bounds: Sequence[int], stride: int = 4) -> f
     return float((tot * np.maximum(bits, 1.0)).sum()) * stride / 8
 
 
-def with_crc(body: bytes) -> bytes:
-    """A stored chunk: its body, then the body's CRC-32C (Zarr's ``crc32c`` codec)."""
-    return body + struct.pack("<I", crc32c(body))
-
-
 def encode_cpu(policy: ChunkPolicy, chunks: Sequence[np.ndarray], bounds: Sequence[Sequence[int]],
                size: int, parts: bool = False) -> list[tuple[str, Any]]:
     """(letter, stored bytes) of each chunk (uint8, at most ``size`` bytes), coded on the CPU; ``parts``: the

@@ -146,9 +146,6 @@ class Zstd:
     def encode_batch(self, chunks: Sequence[Any], bounds: Sequence[Sequence[int]], size: int) -> list[bytes]:
         return [code(memoryview(c).cast("B"), b, size, self.level) for c, b in zip(chunks, bounds)]
 
-    def raw_batch(self, chunks: Sequence[Any], size: int) -> list[bytes]:
-        return [raw_frame(memoryview(c).cast("B"), size) for c in chunks]
-
     def decode_batch(self, bodies: Sequence[Any], outs: Sequence[np.ndarray]) -> None:
         for body, out in zip(bodies, outs):
             decode_into(body, out)
