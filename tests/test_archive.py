@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -208,6 +209,30 @@ def test_failed_background_flush_fails_the_commit(archive: gpupas.Archive, monke
     fresh = gpupas.open_archive(archive.location)
     assert fresh.snapshots() == [m0.id]
     _same(fresh.restore(m0.id), s0)
+
+
+def test_failed_shard_close_fails_the_commit(archive: gpupas.Archive, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A shard's last fsync fails on the I/O thread, while the commit attributes its bytes: the commit
+    raises that error, waits for the closing before it removes its folders, and leaves nothing behind."""
+    import gpupas.store.local as local
+
+    s0 = _model(0)
+    m0 = archive.commit(s0)
+
+    def eio(self: local.LocalWriter) -> None:
+        os.close(self.fd)
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(local.LocalWriter, "close", eio)
+    with pytest.raises(OSError, match="Input/output"):
+        archive.commit(_model(1, 1e-4, s0), base=m0.id, snapshot="doomed")
+    monkeypatch.undo()
+    fresh = gpupas.open_archive(archive.location)
+    assert fresh.snapshots() == [m0.id]
+    assert fresh.store.orphan_folders() == []
+    _same(fresh.restore(m0.id), s0)
+    m2 = fresh.commit(_model(2, 1e-4, s0), base=m0.id)
+    assert fresh.snapshots() == [m0.id, m2.id]
 
 
 def test_bad_input_is_refused_and_changes_nothing(archive: gpupas.Archive, tmp_path: Path) -> None:

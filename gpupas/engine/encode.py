@@ -87,6 +87,7 @@ def write_streams(store: ArchiveStore, sid: str, staged: Sequence[Staged], setti
         bounds = backend.encode_planes(staged, extras, placements, bufs, layout.segment, setting.min_group, executor,
                                        small)
         written: list[Stream] = []
+        closing: list[tuple[Any, Any, Any]] = []  # per stream: its shards' closing, its sink, its documents
         try:
             for s, length in enumerate(lengths):
                 nchunks = -(-length // layout.chunk_size)
@@ -98,32 +99,47 @@ def write_streams(store: ArchiveStore, sid: str, staged: Sequence[Staged], setti
                 try:
                     coded = backend.encode_chunks(policy, bufs[s], bounds[s], layout.chunk_size, sink.add, executor,
                                                   small)
-                    sink.close()
                 except BaseException:
                     sink.abort()
                     made.exception()  # written (or failed) before the folder is removed below
                     raise
-                made.result()
-                stream = replace(stream, chunks="".join(letter for letter, _ in coded),
-                                 stored=sum(n for _, n in coded))
-                store.sync_stream(stream)
-                streams.append(stream)
+                closing.append((executor.background(sink.close), sink, made))  # indexes and fsyncs, meanwhile
+                streams.append(replace(stream, chunks="".join(letter for letter, _ in coded),
+                                       stored=sum(n for _, n in coded)))
                 chunk_sizes.append([n for _, n in coded])
+            entries = [TensorEntry(name=st.name, dtype=st.dtype or st.layout.name, shape=st.shape, nbytes=st.nbytes,
+                                   crc32=st.crc, enc=st.plan.enc, ctx=st.plan.ctx, parts=pl.parts,
+                                   rows=None if st.changed is None else st.coded_shape[0], extras=pl.extras,
+                                   rot=st.layout.rotate or not LAYOUTS[st.layout.name].rotate,
+                                   scheme=st.scheme)
+                       for st, pl in zip(staged, placements)]
+            entries = attribute(entries, streams, bufs, chunk_sizes, layout.segment)  # while the shards close
+            _closed(closing)
+            for stream in streams:
+                store.sync_stream(stream)
         except BaseException:
+            _closed(closing, failed=True)  # nothing still writes into a folder removed below
             for stream in written:  # never published: remove now rather than leave it to gc
                 try:
                     store.delete_folder(stream.folder, stream.tier)
                 except OSError:
                     pass
             raise
-        entries = [TensorEntry(name=st.name, dtype=st.dtype or st.layout.name, shape=st.shape, nbytes=st.nbytes,
-                               crc32=st.crc, enc=st.plan.enc, ctx=st.plan.ctx, parts=pl.parts,
-                               rows=None if st.changed is None else st.coded_shape[0], extras=pl.extras,
-                               rot=st.layout.rotate or not LAYOUTS[st.layout.name].rotate,
-                               scheme=st.scheme)
-                   for st, pl in zip(staged, placements)]
-        entries = attribute(entries, streams, bufs, chunk_sizes, layout.segment)
     return tuple(streams), tuple(entries)
+
+
+def _closed(closing: Sequence[tuple[Any, Any, Any]], failed: bool = False) -> None:
+    """Wait until every stream's shards are closed and its documents written; a sink whose closing failed is
+    aborted (its files closed). Raises the first error unless ``failed`` (the caller is unwinding already)."""
+    first: BaseException | None = None
+    for fut, sink, made in closing:
+        for f in (fut, made):
+            exc = f.exception()
+            if exc is not None and f is fut:
+                sink.abort()
+            first = first or exc
+    if first is not None and not failed:
+        raise first
 
 
 def attribute(entries: list[TensorEntry], streams: Sequence[Stream], bufs: Sequence[Any],
