@@ -13,6 +13,7 @@ A thin facade over :mod:`gpupas.engine` (the pipeline), :mod:`gpupas.store` (byt
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 import time
@@ -230,14 +231,15 @@ class Archive:
                 staged = stage_all(arrays, cfg, backend.crc32, self.executor, small,
                                    None if base_m is None else base_m.by_name, base_bits, grand_bits, layout.rotate,
                                    plan_lossy)
-                streams, entries = write_streams(self.store, sid, staged, cfg, backend, self.executor, layout, small)
+                check = functools.partial(_unchanged, staged, backend, self.executor)  # while the shards close
+                streams, entries = write_streams(self.store, sid, staged, cfg, backend, self.executor, layout, small,
+                                                 meanwhile=check)
                 grand = base_m.base if base_m is not None and any(st.plan.enc == "pred" for st in staged) else None
                 m = Manifest(id=sid, created=_now(), base=base, grand=grand, streams=streams, tensors=entries,
                              setting=cfg.name, segment=layout.segment, raw_bytes=sum(st.nbytes for st in staged),
                              stored_bytes=sum(s.stored for s in streams), meta=dict(meta or {}),
                              commit_seconds=round(time.perf_counter() - t0, 6))
                 try:
-                    _unchanged(staged, backend, self.executor)
                     if not self._bases_unchanged(m, base_bits, grand_bits, backend):
                         if attempt:
                             raise IntegrityError(f"the base {base} of this commit changed while it was read from "

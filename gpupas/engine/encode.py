@@ -11,7 +11,7 @@ from __future__ import annotations
 import bisect
 import itertools
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -66,9 +66,10 @@ def new_folder(sid: str) -> str:
 
 
 def write_streams(store: ArchiveStore, sid: str, staged: Sequence[Staged], setting: Setting, backend: Any,
-                  executor: Any, layout: Layout = Layout(), small: bool = False
-                  ) -> tuple[tuple[Stream, ...], tuple[TensorEntry, ...]]:
-    """Write the streams of a snapshot of ``staged`` tensors; returns them and the tensor entries."""
+                  executor: Any, layout: Layout = Layout(), small: bool = False,
+                  meanwhile: Callable[[], None] | None = None) -> tuple[tuple[Stream, ...], tuple[TensorEntry, ...]]:
+    """Write the streams of a snapshot of ``staged`` tensors; returns them and the tensor entries.
+    ``meanwhile``: a check run once every chunk is coded, while the shards close (its error fails the write)."""
     extras = [st.extra() for st in staged]
     placements, lengths = place([(st.layout.width, st.values, x.size) for st, x in zip(staged, extras)],
                                 layout.groups)
@@ -114,6 +115,8 @@ def write_streams(store: ArchiveStore, sid: str, staged: Sequence[Staged], setti
                                    scheme=st.scheme)
                        for st, pl in zip(staged, placements)]
             entries = attribute(entries, streams, bufs, chunk_sizes, layout.segment)  # while the shards close
+            if meanwhile is not None:
+                meanwhile()
             _closed(closing)
             for stream in streams:
                 store.sync_stream(stream)
