@@ -21,7 +21,7 @@ from gpupas.format.manifest import Stream
 from gpupas.format.sharding import EMPTY, decode_index, empty_index, encode_index, index_nbytes
 from gpupas.store.base import Store, buffers
 
-FLUSH_EVERY = 16 << 20  # durable stores: start writing a shard to disk after this many new bytes
+FLUSH_EVERY = 4 << 20  # durable stores: start writing a shard to disk after this many new bytes
 
 
 class ShardSink:
