@@ -120,8 +120,9 @@ def test_merge_and_xor_keep_every_pattern(data: st.DataObject) -> None:
     x = B.Slots(lo, hi, ok, bits)
     pick = np.array([data.draw(st.sampled_from(np.flatnonzero(ok[r]).tolist())) for r in range(n)])
     frac = data.draw(st.floats(0, 1))
-    pts = lo[np.arange(n), pick] + ((hi - lo)[np.arange(n), pick].astype(np.float64) * frac).astype(np.uint64)
-    pts = np.minimum(pts, hi[np.arange(n), pick])
+    # a point inside each row's picked slot, in Python integers: a float64 width near 2^64 rounds up past it
+    pts = np.array([int(lo[r, p]) + min(int(hi[r, p]) - int(lo[r, p]), int((int(hi[r, p]) - int(lo[r, p])) * frac))
+                    for r, p in enumerate(pick)], np.uint64)
     limit = data.draw(st.integers(1, 4))
     merged = B.merge(x, limit)
     assert merged.lo.shape[1] <= max(limit, 1) and _inside(merged, pts).all()
