@@ -136,11 +136,10 @@ def _closed(closing: Sequence[tuple[Any, Any, Any]], failed: bool = False) -> No
     aborted (its files closed). Raises the first error unless ``failed`` (the caller is unwinding already)."""
     first: BaseException | None = None
     for fut, sink, made in closing:
-        for f in (fut, made):
-            exc = f.exception()
-            if exc is not None and f is fut:
-                sink.abort()
-            first = first or exc
+        closed, documents = fut.exception(), made.exception()  # each waits
+        if closed is not None:
+            sink.abort()
+        first = first or closed or documents
     if first is not None and not failed:
         raise first
 
