@@ -143,6 +143,24 @@ def test_flipped_byte_names_tensor_and_snapshot(archive: gpupas.Archive) -> None
         gpupas.open_archive(archive.location).verify(m.id)
 
 
+def test_flipped_byte_in_raw_chunks_read_in_place_is_caught(archive: gpupas.Archive) -> None:
+    """Random low planes are stored as raw frames of whole chunks, which a local restore reads straight into
+    place (no copy): a flipped byte anywhere in their shard still fails the restore, naming the tensor."""
+    w = np.random.default_rng(3).integers(0, 2**32, 600_000, dtype=np.uint32).view(np.float32)
+    m = archive.commit({"noise": w})
+    assert gpupas.open_archive(archive.location).restore(m.id)["noise"].tobytes() == w.tobytes()
+    victim = max(_chunk_files(archive, m.id), key=lambda p: p.stat().st_size)
+    clean = victim.read_bytes()
+    for at in (9, 10, 11, len(clean) // 3, len(clean) // 2):
+        data = bytearray(clean)
+        data[at] ^= 0x04
+        victim.write_bytes(bytes(data))
+        with pytest.raises(IntegrityError, match=rf"snapshot {m.id}.*noise"):
+            gpupas.open_archive(archive.location).restore(m.id)
+    victim.write_bytes(clean)
+    assert gpupas.open_archive(archive.location).restore(m.id)["noise"].tobytes() == w.tobytes()
+
+
 def test_damaged_base_is_caught_through_delta(archive: gpupas.Archive) -> None:
     s0 = _model(0)
     m0 = archive.commit(s0)

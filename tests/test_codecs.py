@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+from typing import Any
 
 import numcodecs
 import numpy as np
@@ -12,11 +13,12 @@ import zstandard
 from gpupas.codecs import registry
 from gpupas.codecs.deflate import code as code_deflate
 from gpupas.codecs.policy import DEFLATE_MIN_GAIN, ChunkPolicy, encode_cpu, huffman_floor
+from gpupas.codecs.zstd import BLOCK, read_raw
 from gpupas.codecs.zstd import code as code_zstd
 from gpupas.codecs.zstd import raw_frame as raw_zstd
 from gpupas.engine.encode import CHUNK_SIZE
 from gpupas.errors import CodecUnavailableError, FormatError, IntegrityError
-from gpupas.format.checksum import check_crc32c_suffix
+from gpupas.format.checksum import check_crc32c_suffix, crc32c
 from gpupas.pas.settings import SETTINGS, Setting
 
 
@@ -171,3 +173,52 @@ def test_inflation_bomb_stops_at_the_declared_size() -> None:
         registry.get("zstd", "cpu").decode_batch([zstandard.ZstdCompressor().compress(bytes(64 << 20))], [out])
     grown_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
     assert grown_kib < 64 << 10  # never inflated to the bomb's size
+
+
+# -- raw frames read straight into place (a local restore's scatter read) -------------------------------------
+def _scatter_from(stored: bytes) -> Any:
+    """A ``read(views)`` that fills the views from ``stored`` as a local shard reader would."""
+
+    def read(views: list[memoryview]) -> bool | None:
+        if sum(len(v) for v in views) != len(stored):
+            return None
+        at = 0
+        for v in views:
+            v[:] = stored[at : at + len(v)]
+            at += len(v)
+        return True
+
+    return read
+
+
+def _stored_raw(data: np.ndarray) -> bytes:
+    frame = raw_zstd(memoryview(data), data.size)
+    return frame + crc32c(frame).to_bytes(4, "little")
+
+
+@pytest.mark.parametrize("n", [1, 1000, BLOCK, BLOCK + 1, CHUNK_SIZE])
+def test_raw_frame_is_read_straight_into_place(n: int) -> None:
+    data = np.random.default_rng(n).integers(0, 256, n, dtype=np.uint8)
+    out = np.zeros(n, np.uint8)
+    assert read_raw(_scatter_from(_stored_raw(data)), out)
+    assert out.tobytes() == data.tobytes()
+
+
+def test_raw_read_declines_what_is_not_a_raw_frame_of_that_size() -> None:
+    data = CASES["random"]
+    out = np.zeros(data.size, np.uint8)
+    assert not read_raw(lambda views: None, out)  # the reader cannot, or the chunk is another length
+    assert not read_raw(_scatter_from(_stored_raw(data[:-1])), out)  # one byte short: not read at all
+    frame = bytearray(raw_zstd(memoryview(data), data.size))
+    frame[9] |= 0b010  # the first block's type: RLE, not raw (a frame of this length that is not raw blocks)
+    assert not read_raw(_scatter_from(bytes(frame) + crc32c(bytes(frame)).to_bytes(4, "little")), out)
+    coded = code_zstd(memoryview(CASES["exponent"]), [], CHUNK_SIZE, 0)  # a coded frame declines too
+    assert not read_raw(_scatter_from(coded + crc32c(coded).to_bytes(4, "little")), out)
+
+
+@pytest.mark.parametrize("where", [0, 5, 9, 12, BLOCK + 13, -5, -1])
+def test_raw_read_catches_a_flipped_byte(where: int) -> None:
+    damaged = bytearray(_stored_raw(CASES["random"]))
+    damaged[where] ^= 0x10
+    with pytest.raises(IntegrityError, match="checksum"):
+        read_raw(_scatter_from(bytes(damaged)), np.zeros(CHUNK_SIZE, np.uint8))

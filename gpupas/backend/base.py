@@ -105,9 +105,12 @@ class Backend(Protocol):
         ...
 
     def decode_chunks(self, stream: Any, chunks: Sequence[int], fetch: Callable[[int], Any], buf: Any, executor: Any,
-                      small: bool, on_error: Callable[[int, Exception], Exception]) -> None:
+                      small: bool, on_error: Callable[[int, Exception], Exception],
+                      scatter: Callable[[int, list[memoryview]], bool | None] | None = None) -> None:
         """Check and decode chunks (``fetch(c)``: the stored payload + CRC-32C, on the host) into their
-        places in ``buf``; ``on_error(c, exc)`` gives the error to raise for a damaged one."""
+        places in ``buf``; ``on_error(c, exc)`` gives the error to raise for a damaged one. ``scatter(c,
+        views)``, where given, reads chunk ``c``'s stored bytes into host buffers the backend chooses
+        (:meth:`gpupas.store.shards.ShardReader.scatter`); a backend may ignore it."""
         ...
 
     def decode_planes(self, m: Any, entries: Sequence[Any], bufs: Any, base_bits: Any, grand_bits: Any,

@@ -566,9 +566,11 @@ class CupyBackend:
             hand_over(*pending)
 
     def decode_chunks(self, stream: Any, chunks: Sequence[int], fetch: Callable[[int], Any], buf: Any,
-                      executor: Any, small: bool, on_error: Callable[[int, Exception], Exception]) -> None:
+                      executor: Any, small: bool, on_error: Callable[[int, Exception], Exception],
+                      scatter: Any = None) -> None:
         """Stored chunks (``fetch(c)``: payload + CRC-32C, on the host) into pinned memory, up in one
-        copy, checked and decoded on the device into ``buf`` (chunk ``c`` at ``c * chunk_size``)."""
+        copy, checked and decoded on the device into ``buf`` (chunk ``c`` at ``c * chunk_size``);
+        ``scatter`` is not used (every chunk goes up whole)."""
         from gpupas.codecs import registry
 
         cp, size = self.cp, stream.chunk_size

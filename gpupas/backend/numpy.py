@@ -142,20 +142,26 @@ class NumpyBackend:
         return executor.map(code, range(-(-length // chunk_size)), inline=small)
 
     def decode_chunks(self, stream: Any, chunks: Sequence[int], fetch: Callable[[int], Any], buf: np.ndarray,
-                      executor: Any, small: bool, on_error: Callable[[int, Exception], Exception]) -> None:
+                      executor: Any, small: bool, on_error: Callable[[int, Exception], Exception],
+                      scatter: Callable[[int, list[memoryview]], bool | None] | None = None) -> None:
         """Fetch, check and decode each chunk into ``buf`` (chunk ``c`` at ``c * chunk_size``), one task
-        per chunk."""
+        per chunk; a Zstandard chunk of raw blocks read straight into its place where ``scatter`` can."""
         from gpupas.codecs import registry
+        from gpupas.codecs.zstd import read_raw
         from gpupas.errors import IntegrityError
 
         size = stream.chunk_size
         used = {stream.chunks[c] for c in chunks}
         codecs = {letter: registry.get(cid, "cpu") for letter, cid in stream.codecs.items() if letter in used}
+        raw = {letter for letter, cid in stream.codecs.items() if cid == "zstd"} if scatter is not None else set()
 
         def decode(c: int) -> None:
+            out = buf[c * size : (c + 1) * size]
             try:
+                if stream.chunks[c] in raw and read_raw(lambda views: scatter(c, views), out):  # type: ignore[misc]
+                    return
                 body = check_crc32c_suffix(fetch(c))
-                codecs[stream.chunks[c]].decode_batch([body], [buf[c * size : (c + 1) * size]])
+                codecs[stream.chunks[c]].decode_batch([body], [out])
             except IntegrityError as exc:
                 raise on_error(c, exc) from None
 

@@ -10,13 +10,14 @@ from __future__ import annotations
 import itertools
 import struct
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
 import numpy as np
 import zstandard
 
 from gpupas.errors import IntegrityError
+from gpupas.format.checksum import crc32c
 
 MAGIC = b"\x28\xb5\x2f\xfd"
 BLOCK = 1 << 17  # largest Zstandard block
@@ -103,6 +104,40 @@ def raw_blocks(body: Any, size: int) -> list[tuple[int, int, int]] | None:
         if head & 1:
             return blocks if pos == len(body) and filled == size else None
     return None
+
+
+def read_raw(read: Callable[[list[memoryview]], bool | None], out: np.ndarray) -> bool:
+    """Decode a chunk stored as :func:`raw_frame` wrote it for ``out.size`` bytes (no padding) by reading it
+    with ``read(views)`` straight into ``out`` (its block headers, frame header and CRC-32C into small
+    buffers): no copy after the read. False where ``read`` does not read it so (None: not that long) or
+    the bytes read are not such a frame (a coded frame of the same length: the caller decodes it the
+    usual way); a CRC-32C that does not match raises IntegrityError."""
+    size = out.size
+    if size == 0:
+        return False
+    mv = memoryview(out).cast("B")
+    heads = [bytearray(12)] + [bytearray(3) for _ in range(1, -(-size // BLOCK))]
+    crc_bytes = bytearray(4)
+    views: list[memoryview] = []
+    for i, head in enumerate(heads):
+        views += [memoryview(head), mv[i * BLOCK : (i + 1) * BLOCK]]
+    views.append(memoryview(crc_bytes))
+    if not read(views):
+        return False
+    crc = 0
+    for v in views[:-1]:
+        crc = crc32c(v, crc)
+    if crc != int.from_bytes(crc_bytes, "little"):
+        raise IntegrityError("checksum mismatch")
+    first = heads[0]
+    if bytes(first[:4]) != MAGIC or first[4] != 0xA0 or struct.unpack("<I", first[5:9])[0] != size:
+        return False
+    for i, head in enumerate(heads):
+        n = min(BLOCK, size - i * BLOCK)
+        want = (i == len(heads) - 1) | (n << 3)  # a raw block of n bytes, the last one flagged
+        if int.from_bytes(head[-3:], "little") != want:
+            return False
+    return True
 
 
 def decode_into(body: Any, out: np.ndarray) -> None:

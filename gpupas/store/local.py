@@ -115,14 +115,21 @@ class LocalStore:
         """``n`` bytes from ``offset`` of an open file (fewer at its end)."""
         return self._count(os.pread(fd, n, offset))
 
-    def read_into(self, fd: int, view: memoryview, offset: int) -> int:
-        """Fill ``view`` from ``offset`` of an open file; returns the bytes read (fewer at its end)."""
+    def read_into(self, fd: int, view: memoryview | Sequence[memoryview], offset: int) -> int:
+        """Fill ``view`` (or the views one after another) from ``offset`` of an open file; returns the
+        bytes read (fewer at its end)."""
+        views = [view] if isinstance(view, memoryview) else [v for v in view if len(v)]
         got = 0
-        while got < len(view):
-            n = os.preadv(fd, [view[got:]], offset + got)
+        while views:
+            n = os.preadv(fd, views[:_IOV_MAX], offset + got)
             if n <= 0:
                 break
             got += n
+            while views and n >= len(views[0]):  # drop what was filled; the rest of a view partly filled
+                n -= len(views[0])
+                views.pop(0)
+            if views and n:
+                views[0] = views[0][n:]
         with self._counter:
             self.requests += 1
             self.bytes_read += got

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future
 from typing import Any
 
@@ -190,6 +190,16 @@ class ShardReader:
         view = memoryview(buf)[:n]
         got = self.store.read_into(fd, view, off)  # type: ignore[attr-defined]
         return view[:got]  # short (a file truncated since): its CRC check fails
+
+    def scatter(self, c: int, views: Sequence[memoryview]) -> bool | None:
+        """Read the stored bytes of chunk ``c`` (after :meth:`prepare`) straight into ``views``, one after
+        another: whether all were read; None, with nothing read, where the chunk is not exactly as long as
+        the views together or the store is remote."""
+        where = self._where.get(c) if self.local else None
+        if where is None or where[1] != sum(len(v) for v in views):
+            return None
+        off, n, fd = where
+        return self.store.read_into(fd, views, off) == n  # type: ignore[attr-defined]
 
     def get_many(self, chunks: Iterable[int]) -> dict[int, Any]:
         """The stored bytes of each chunk as copies (None where no shard lists it): for callers that
