@@ -20,10 +20,13 @@
 #if defined(_MSC_VER)
 #define INLINE __forceinline
 #define RESTRICT __restrict
+#define PREFETCH(p) ((void)(p))
 #else
 #define INLINE inline __attribute__((always_inline))
 #define RESTRICT __restrict__
+#define PREFETCH(p) __builtin_prefetch(p)
 #endif
+#define PREFETCH_AHEAD 16  /* samples read ahead of use by sample_entropies (a hint: any value is correct) */
 
 #define CAT2(a, b) a##b
 #define CAT(a, b) CAT2(a, b)

@@ -353,6 +353,12 @@ static void F(sample_entropies)(const Seg *g, const int64_t *idx, Py_ssize_t m, 
     for (Py_ssize_t t = 0; t < m; t++) {
         Py_ssize_t ci = (Py_ssize_t)idx[t], fi = ci;
         if (g->nrowmap) { Py_ssize_t r = ci / g->per; fi = (Py_ssize_t)g->rowmap[r] * g->per + (ci - r * g->per); }
+        if (t + PREFETCH_AHEAD < m) {  /* a sample's values lie pages apart: ask for them well before they are read */
+            Py_ssize_t cj = (Py_ssize_t)idx[t + PREFETCH_AHEAD], fj = cj;
+            if (g->nrowmap) { Py_ssize_t r = cj / g->per; fj = (Py_ssize_t)g->rowmap[r] * g->per + (cj - r * g->per); }
+            PREFETCH(u + fj);
+            if (kind) PREFETCH(ub + fj);
+        }
         uint64_t x = u[fi], b = kind == 0 ? 0 : (uint64_t)ub[fi];
         uint64_t c = F(code)(x, b, kind, s);
         coded[t] = c;
