@@ -65,22 +65,22 @@ def encode_cpu(policy: ChunkPolicy, chunks: Sequence[np.ndarray], bounds: Sequen
     for data, b in zip(chunks, bounds):
         view = memoryview(data).cast("B")
         padded = size > len(data)
-        options: list[tuple[Any, bytes | None, int]] = [(zstd, None, raw_size(len(view), size))]  # built if kept
-        z = zstd.encode_batch([view], [b], size)[0]
-        options.append((zstd, z, len(z)))
+        options: list[tuple[Any, list[Any] | None, int]] = [(zstd, None, raw_size(len(view), size))]  # built if kept
+        z = zstd.encode_parts(view, b, size)
+        zsize = sum(len(x) for x in z)
+        options.append((zstd, z, zsize))
         if policy.try_all:
-            options += [(zstd, x, len(x)) for x in [_zstd_level(policy.zstd_level, view, b, size)]]
+            options += [(zstd, [x], len(x)) for x in [_zstd_level(policy.zstd_level, view, b, size)]]
             if deflate is not None and not padded:
-                options += [(deflate, x, len(x)) for x in [deflate.encode_batch([view], [b], size)[0],
-                                                            _deflate_lz(view, b)]]
+                options += [(deflate, [x], len(x)) for x in [deflate.encode_batch([view], [b], size)[0],
+                                                              _deflate_lz(view, b)]]
         elif deflate is not None and not padded:
-            zsize = len(z)
             if 0.05 < zsize / max(1, len(data)) < RAW_ABOVE and _above_floor(zsize, data, b):
                 body = deflate.encode_within(view, b, math.floor(zsize - DEFLATE_MIN_GAIN * len(data)))
                 if body is not None:  # at least 1/2048 of the chunk smaller than Zstandard's
-                    options.append((deflate, body, len(body)))
+                    options.append((deflate, body, sum(len(x) for x in body)))
         codec, kept, _ = min(options, key=lambda cb: cb[2])  # the first of the smallest: raw over coded on a tie
-        pieces = raw_parts(view, size) if kept is None else [kept]
+        pieces = raw_parts(view, size) if kept is None else list(kept)
         crc = 0
         for piece in pieces:
             crc = crc32c(piece, crc)

@@ -45,6 +45,11 @@ def pieces(data: memoryview, bounds: Sequence[int]) -> list[memoryview]:
 
 def code(data: memoryview, bounds: Sequence[int], size: int, level: int) -> bytes:
     """A Zstandard frame of ``data`` zero-padded to ``size``, ending a block at each bound."""
+    return b"".join(code_parts(data, bounds, size, level))
+
+
+def code_parts(data: memoryview, bounds: Sequence[int], size: int, level: int) -> list[bytes]:
+    """:func:`code` as the coder's outputs, to be written back to back (not joined: no copy)."""
     cobj = _compressor(level).compressobj(size=size)
     out = []
     for piece in pieces(data, bounds):
@@ -53,7 +58,7 @@ def code(data: memoryview, bounds: Sequence[int], size: int, level: int) -> byte
     if size > len(data):
         out.append(cobj.compress(bytes(size - len(data))))
     out.append(cobj.flush())
-    return b"".join(out)
+    return [x for x in out if x]
 
 
 def raw_frame(data: memoryview, size: int) -> bytes:
@@ -180,6 +185,10 @@ class Zstd:
 
     def encode_batch(self, chunks: Sequence[Any], bounds: Sequence[Sequence[int]], size: int) -> list[bytes]:
         return [code(memoryview(c).cast("B"), b, size, self.level) for c, b in zip(chunks, bounds)]
+
+    def encode_parts(self, chunk: Any, bounds: Sequence[int], size: int) -> list[bytes]:
+        """One chunk's frame as parts to write back to back (:func:`code_parts`)."""
+        return code_parts(memoryview(chunk).cast("B"), bounds, size, self.level)
 
     def decode_batch(self, bodies: Sequence[Any], outs: Sequence[np.ndarray]) -> None:
         for body, out in zip(bodies, outs):
