@@ -48,6 +48,7 @@ typedef struct {
     DfDesc ld, dd, bd;
     int heap[DF_HEAP_SIZE], heap_len, heap_max;
     uint8_t depth[DF_HEAP_SIZE];
+    uint32_t key[DF_HEAP_SIZE];  /* DF_KEY of each node in the heap */
     uint16_t bl_count[DF_MAX_BITS + 1];
     int64_t opt_len, static_len;
     uint64_t bits;       /* bit buffer, LSB first */
@@ -132,19 +133,35 @@ static void df_align(Df *s) {  /* bi_windup: the remaining bits, zero-padded to 
 }
 
 /* -- trees (zlib-ng trees.c) --------------------------------------------------------------------------- */
-#define DF_SMALLER(t, n, m, depth) ((t)->freq[n] < (t)->freq[m] || ((t)->freq[n] == (t)->freq[m] && (depth)[n] <= (depth)[m]))
+/* zlib-ng's smaller(n, m): freq[n] < freq[m], or equal and depth[n] <= depth[m], is key[n] <= key[m] with
+ * key = freq << 8 | depth (a depth stays below 256: frequencies of at most 32768 keep a tree shallower
+ * than 30). One compare, so the sift below picks the child without a branch. */
+#define DF_KEY(freq, depth) (((uint32_t)(freq) << 8) | (uint32_t)(depth))
 
-static void df_pqdownheap(Df *s, DfTree *t, int k) {
-    int v = s->heap[k];
+static void df_pqdownheap(Df *s, int k) {
+    int *heap = s->heap;
+    const uint32_t *key = s->key;
+    const int len = s->heap_len;
+    int v = heap[k];
+    const uint32_t kv = key[v];
     int j = k << 1;
-    while (j <= s->heap_len) {
-        if (j < s->heap_len && DF_SMALLER(t, s->heap[j + 1], s->heap[j], s->depth)) j++;
-        if (DF_SMALLER(t, v, s->heap[j], s->depth)) break;
-        s->heap[k] = s->heap[j];
+    while (j <= len) {
+        int c = heap[j];
+        uint32_t kc = key[c];
+        if (j < len) {  /* the right child where it is smaller or equal (zlib-ng's order) */
+            int r = heap[j + 1];
+            uint32_t kr = key[r];
+            int take = kr <= kc;
+            j += take;
+            c = take ? r : c;
+            kc = take ? kr : kc;
+        }
+        if (kv <= kc) break;
+        heap[k] = c;
         k = j;
         j <<= 1;
     }
-    s->heap[k] = v;
+    heap[k] = v;
 }
 
 static void df_gen_bitlen(Df *s, DfDesc *desc) {
@@ -201,6 +218,7 @@ static void df_build_tree(Df *s, DfDesc *desc) {
         if (t->freq[n] != 0) {
             s->heap[++(s->heap_len)] = max_code = n;
             s->depth[n] = 0;
+            s->key[n] = DF_KEY(t->freq[n], 0);
         } else {
             t->len[n] = 0;
         }
@@ -209,24 +227,26 @@ static void df_build_tree(Df *s, DfDesc *desc) {
         node = s->heap[++(s->heap_len)] = (max_code < 2 ? ++max_code : 0);
         t->freq[node] = 1;
         s->depth[node] = 0;
+        s->key[node] = DF_KEY(1, 0);
         s->opt_len--;
         if (stree) s->static_len -= stree[node];
     }
     desc->max_code = max_code;
-    for (n = s->heap_len / 2; n >= 1; n--) df_pqdownheap(s, t, n);
+    for (n = s->heap_len / 2; n >= 1; n--) df_pqdownheap(s, n);
     node = elems;
     do {
         n = s->heap[1];
         s->heap[1] = s->heap[s->heap_len--];
-        df_pqdownheap(s, t, 1);
+        df_pqdownheap(s, 1);
         m = s->heap[1];
         s->heap[--(s->heap_max)] = n;
         s->heap[--(s->heap_max)] = m;
         t->freq[node] = (uint16_t)(t->freq[n] + t->freq[m]);
         s->depth[node] = (uint8_t)((s->depth[n] >= s->depth[m] ? s->depth[n] : s->depth[m]) + 1);
+        s->key[node] = DF_KEY(t->freq[node], s->depth[node]);
         t->dad[n] = t->dad[m] = (uint16_t)node;
         s->heap[1] = node++;
-        df_pqdownheap(s, t, 1);
+        df_pqdownheap(s, 1);
     } while (s->heap_len >= 2);
     s->heap[--(s->heap_max)] = s->heap[1];
     df_gen_bitlen(s, desc);
