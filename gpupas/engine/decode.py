@@ -27,7 +27,7 @@ SMALL = 1 << 20  # reads of up to this many bytes run on the calling thread
 
 def decode_snapshot(store: ArchiveStore, m: Manifest, entries: Sequence[TensorEntry], base_bits: Mapping[str, Any],
                     grand_bits: Mapping[str, Any], backend: Any, executor: Any) -> dict[str, Any]:
-    """Raw bit patterns (flat, one allocation a tensor on the CPU) of ``entries`` of snapshot ``m``, checked by CRC-32.
+    """Raw bit patterns (flat, an array a tensor) of ``entries`` of snapshot ``m``, checked by CRC-32.
 
     ``base_bits`` holds the base's bits of every entry that reads its base; ``grand_bits`` the
     base's base's bits of every 'pred' entry.
