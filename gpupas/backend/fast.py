@@ -336,10 +336,11 @@ WINDOW = int(os.environ.get("GPUPAS_WINDOW", 32 << 20))  # bytes of decoded plan
 
 def _restore_jobs(backend: Any, m: Any, entries: Sequence[Any], base_bits: Any, grand_bits: Any
                   ) -> tuple[dict[str, np.ndarray], dict[str, list[Any]]] | None:
-    """The outputs of a restore (one allocation a tensor) and, per entry, [base, base's base, factors, rows,
+    """The outputs of a restore (one allocation) and, per entry, [base, base's base, factors, rows,
     rows of the tensor, values a row], checked as the reference checks them; None where a base is not
     what the kernels read (the caller runs the reference)."""
     nbytes = [e.nbytes for e in entries]
+    edges = np.cumsum([0] + [-(-n // 64) * 64 for n in nbytes]).tolist()  # 64-byte aligned tensors
     jobs: dict[str, list[Any]] = {}
     for e in entries:
         nrows, per = rows_of(e.shape)
@@ -349,7 +350,8 @@ def _restore_jobs(backend: Any, m: Any, entries: Sequence[Any], base_bits: Any, 
                                     or not arr.flags.c_contiguous):
                 return None
         jobs[e.name] = [ub, ub2, None, None, nrows, per]
-    out = {e.name: backend.empty(n).view(e.layout.uint) for e, n in zip(entries, nbytes)}
+    block = backend.empty(edges[-1])  # one allocation: huge pages
+    out = {e.name: block[lo : lo + n].view(e.layout.uint) for e, lo, n in zip(entries, edges, nbytes)}
     return out, jobs
 
 

@@ -117,9 +117,6 @@ class NumpyBackend:
             self._buf = np.empty(0, np.uint8)
 
     def empty(self, nbytes: int) -> np.ndarray:
-        """A 64-byte aligned buffer. A restore takes one a tensor, not one for all: a tensor kept holds only
-        its own memory, and the allocator hands memory an earlier restore freed to the next one, where one
-        large block would be new pages each time (mapped and zeroed by the kernel)."""
         raw = np.empty(nbytes + 64, np.uint8)
         skip = -raw.ctypes.data % 64
         return raw[skip : skip + nbytes]
@@ -219,7 +216,7 @@ class NumpyBackend:
     def decode_planes(self, m: Any, entries: Sequence[Any], bufs: Any, base_bits: Any, grand_bits: Any,
                       executor: Any, small: bool) -> dict[str, np.ndarray]:
         """The raw bits of ``entries`` of manifest ``m`` from their decoded planes (``bufs``: stream
-        index -> bytes) and the bases' bits; one allocation a tensor, one task per segment."""
+        index -> bytes) and the bases' bits; one allocation for all, one task per segment."""
         from gpupas.backend import fast
         from gpupas.errors import IntegrityError
         from gpupas.format.layout import segments
@@ -232,7 +229,10 @@ class NumpyBackend:
             if got is not None:
                 return got
 
-        out = {e.name: self.empty(e.nbytes).view(e.layout.uint) for e in entries}  # see empty()
+        nbytes = [e.nbytes for e in entries]
+        starts = np.cumsum([0] + [-(-n // 64) * 64 for n in nbytes]).tolist()  # 64-byte aligned tensors
+        block = self.empty(starts[-1])  # one allocation: huge pages
+        out = {e.name: block[lo : lo + n].view(e.layout.uint) for e, lo, n in zip(entries, starts, nbytes)}
         jobs: dict[str, tuple[Any, Any, Any, Any, Any]] = {}  # name: (target, base, base's base, factors, mask)
         units = []
         for e in entries:

@@ -27,7 +27,7 @@ SMALL = 1 << 20  # reads of up to this many bytes run on the calling thread
 
 def decode_snapshot(store: ArchiveStore, m: Manifest, entries: Sequence[TensorEntry], base_bits: Mapping[str, Any],
                     grand_bits: Mapping[str, Any], backend: Any, executor: Any) -> dict[str, Any]:
-    """Raw bit patterns (flat, an array a tensor) of ``entries`` of snapshot ``m``, checked by CRC-32.
+    """Raw bit patterns (flat, one allocation) of ``entries`` of snapshot ``m``, checked by CRC-32.
 
     ``base_bits`` holds the base's bits of every entry that reads its base; ``grand_bits`` the
     base's base's bits of every 'pred' entry.
@@ -148,8 +148,8 @@ def _read_stream(store: ArchiveStore, m: Manifest, s: int, chunks: list[int], bu
         if first:  # the same chunks, numbered from ``first``
             backend.decode_chunks(replace(stream, chunks=stream.chunks[first:]), [c - first for c in chunks],
                                   lambda c: reader.fetch(c + first), buf, executor, small,
-                                  lambda c, exc: damaged(c + first, exc), lambda c, v: reader.scatter(c + first, v))
+                                  lambda c, exc: damaged(c + first, exc))
         else:
-            backend.decode_chunks(stream, chunks, reader.fetch, buf, executor, small, damaged, reader.scatter)
+            backend.decode_chunks(stream, chunks, reader.fetch, buf, executor, small, damaged)
     finally:
         reader.close()
