@@ -148,8 +148,8 @@ def _read_stream(store: ArchiveStore, m: Manifest, s: int, chunks: list[int], bu
         if first:  # the same chunks, numbered from ``first``
             backend.decode_chunks(replace(stream, chunks=stream.chunks[first:]), [c - first for c in chunks],
                                   lambda c: reader.fetch(c + first), buf, executor, small,
-                                  lambda c, exc: damaged(c + first, exc))
+                                  lambda c, exc: damaged(c + first, exc), lambda c, v: reader.scatter(c + first, v))
         else:
-            backend.decode_chunks(stream, chunks, reader.fetch, buf, executor, small, damaged)
+            backend.decode_chunks(stream, chunks, reader.fetch, buf, executor, small, damaged, reader.scatter)
     finally:
         reader.close()
