@@ -249,3 +249,24 @@ def test_local_restore_reads_only_its_chunks(tmp_path: Path) -> None:
         shards, _, _ = shard_facts(store, m)
     assert out["small"].tobytes() == np.arange(16, dtype=np.float32).tobytes()
     assert read < shards / 10
+
+
+def test_read_into_fills_views_in_order_and_stops_at_the_end(store: LocalStore) -> None:
+    """A scattered read (a raw chunk straight into its place): the views filled one after another from
+    the offset, empty views skipped, and at the file's end the bytes there, counted once."""
+    data = np.random.default_rng(0).integers(0, 256, 3000, dtype=np.uint8).tobytes()
+    store.put("blob", data)
+    fd = store.open_file("blob")
+    assert fd is not None
+    try:
+        bufs = [bytearray(n) for n in (5, 0, 1000, 7, 1)]
+        before = store.requests
+        assert store.read_into(fd, [memoryview(b) for b in bufs], 100) == 1013
+        assert b"".join(bufs) == data[100:1113] and store.requests == before + 1
+        tail = [bytearray(10), bytearray(10)]
+        assert store.read_into(fd, [memoryview(b) for b in tail], 2985) == 15  # past the end: what is there
+        assert bytes(tail[0]) + bytes(tail[1][:5]) == data[2985:] and bytes(tail[1][5:]) == bytes(5)
+        one = bytearray(8)
+        assert store.read_into(fd, memoryview(one), 0) == 8 and bytes(one) == data[:8]  # one view as before
+    finally:
+        os.close(fd)
