@@ -91,7 +91,8 @@ class ShardReader:
 
     Locally each chunk is read with ``pread`` into a per-thread buffer when its decoder asks for it
     (as fast as a memory map here, and a file truncated under a reader costs an IntegrityError, never
-    a SIGBUS); remotely the chunks are fetched by ranged GETs up front (:meth:`prepare`).
+    a SIGBUS), or by :meth:`scatter` straight into buffers the decoder names; remotely the chunks are
+    fetched by ranged GETs up front (:meth:`prepare`).
     """
 
     def __init__(self, store: Store, stream: Stream):
