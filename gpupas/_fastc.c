@@ -38,6 +38,13 @@ typedef struct {
     Py_ssize_t nrowmap, per, start, n;  /* values per row; the coded values start .. start+n-1 */
 } Seg;
 
+/* The index in the whole tensor of a segment's coded position ci (through the row map where rows are masked). */
+static INLINE Py_ssize_t full_index(const Seg *g, Py_ssize_t ci) {
+    if (!g->nrowmap) return ci;
+    Py_ssize_t r = ci / g->per;
+    return (Py_ssize_t)g->rowmap[r] * g->per + (ci - r * g->per);
+}
+
 /* The kernels shift negative int64 right expecting floor (arithmetic shift) and convert unsigned patterns
  * to the signed type of their width by wrapping: what GCC, Clang and MSVC do (C leaves both to the
  * implementation). Refuse to build where that does not hold. */

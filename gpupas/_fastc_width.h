@@ -351,11 +351,9 @@ static void F(sample_entropies)(const Seg *g, const int64_t *idx, Py_ssize_t m, 
     int seen[256] = {0};
     memset(cnt, 0, sizeof(int64_t) * 256 * W);
     for (Py_ssize_t t = 0; t < m; t++) {
-        Py_ssize_t ci = (Py_ssize_t)idx[t], fi = ci;
-        if (g->nrowmap) { Py_ssize_t r = ci / g->per; fi = (Py_ssize_t)g->rowmap[r] * g->per + (ci - r * g->per); }
+        const Py_ssize_t fi = full_index(g, (Py_ssize_t)idx[t]);
         if (t + PREFETCH_AHEAD < m) {  /* a sample's values lie pages apart: ask for them well before they are read */
-            Py_ssize_t cj = (Py_ssize_t)idx[t + PREFETCH_AHEAD], fj = cj;
-            if (g->nrowmap) { Py_ssize_t r = cj / g->per; fj = (Py_ssize_t)g->rowmap[r] * g->per + (cj - r * g->per); }
+            const Py_ssize_t fj = full_index(g, (Py_ssize_t)idx[t + PREFETCH_AHEAD]);
             PREFETCH(u + fj);
             if (kind) PREFETCH(ub + fj);
         }
@@ -383,9 +381,7 @@ static void F(sample_entropies)(const Seg *g, const int64_t *idx, Py_ssize_t m, 
 static void F(gather)(const Seg *g, const int64_t *idx, Py_ssize_t m, T *out) {
     const T *x = (const T *)g->u;
     for (Py_ssize_t t = 0; t < m; t++) {
-        Py_ssize_t ci = (Py_ssize_t)idx[t], fi = ci;
-        if (g->nrowmap) { Py_ssize_t r = ci / g->per; fi = (Py_ssize_t)g->rowmap[r] * g->per + (ci - r * g->per); }
-        out[t] = x[fi];
+        out[t] = x[full_index(g, (Py_ssize_t)idx[t])];
     }
 }
 
