@@ -125,11 +125,7 @@ class LocalStore:
             if n <= 0:
                 break
             got += n
-            while views and n >= len(views[0]):  # drop what was filled; the rest of a view partly filled
-                n -= len(views[0])
-                views.pop(0)
-            if views and n:
-                views[0] = views[0][n:]
+            _advance(views, n)
         with self._counter:
             self.requests += 1
             self.bytes_read += got
@@ -504,11 +500,17 @@ def _pwritev_all(fd: int, views: list[memoryview], offset: int) -> None:
         if n <= 0:
             raise OSError(errno.EIO, "short write")
         offset += n
-        while views and n >= len(views[0]):  # drop what was written, keep the rest of a partial buffer
-            n -= len(views[0])
-            views.pop(0)
-        if n:
-            views[0] = views[0][n:]
+        _advance(views, n)
+
+
+def _advance(views: list[memoryview], n: int) -> None:
+    """Drop the first ``n`` bytes of ``views`` in place (after a vectored read or write moved that many):
+    the buffers done, then the front of one partly done."""
+    while views and n >= len(views[0]):
+        n -= len(views[0])
+        views.pop(0)
+    if views and n:
+        views[0] = views[0][n:]
 
 
 _IOV_MAX = 512  # buffers per pwritev call (POSIX guarantees at least 16; Linux and macOS take 1024)
