@@ -117,15 +117,18 @@ def read_raw(read: Callable[[list[memoryview]], bool | None], out: np.ndarray) -
     buffers): no copy after the read. False where ``read`` does not read it so (None: not that long) or
     the bytes read are not such a frame (a coded frame of the same length: the caller decodes it the
     usual way); a CRC-32C that does not match raises IntegrityError."""
-    size = out.size
-    if size == 0:
+    if out.size == 0:
         return False
-    mv = memoryview(out).cast("B")
-    heads = [bytearray(12)] + [bytearray(3) for _ in range(1, -(-size // BLOCK))]
-    crc_bytes = bytearray(4)
     views: list[memoryview] = []
-    for i, head in enumerate(heads):
-        views += [memoryview(head), mv[i * BLOCK : (i + 1) * BLOCK]]
+    headers: list[tuple[bytearray, bytes]] = []  # (read into, what raw_frame writes there)
+    for part in raw_parts(memoryview(out).cast("B"), out.size):  # its blocks are views of ``out``: read in place
+        if isinstance(part, memoryview):
+            views.append(part)
+        else:
+            got = bytearray(len(part))
+            views.append(memoryview(got))
+            headers.append((got, part))
+    crc_bytes = bytearray(4)
     views.append(memoryview(crc_bytes))
     if not read(views):
         return False
@@ -134,15 +137,7 @@ def read_raw(read: Callable[[list[memoryview]], bool | None], out: np.ndarray) -
         crc = crc32c(v, crc)
     if crc != int.from_bytes(crc_bytes, "little"):
         raise IntegrityError("checksum mismatch")
-    first = heads[0]
-    if bytes(first[:4]) != MAGIC or first[4] != 0xA0 or struct.unpack("<I", first[5:9])[0] != size:
-        return False
-    for i, head in enumerate(heads):
-        n = min(BLOCK, size - i * BLOCK)
-        want = (i == len(heads) - 1) | (n << 3)  # a raw block of n bytes, the last one flagged
-        if int.from_bytes(head[-3:], "little") != want:
-            return False
-    return True
+    return all(got == want for got, want in headers)
 
 
 def decode_into(body: Any, out: np.ndarray) -> None:
