@@ -591,33 +591,54 @@ static PyObject *huffman_floor(PyObject *self, PyObject *args) {
     return PyFloat_FromDouble(total * (double)stride / 8.0);
 }
 
-PyDoc_STRVAR(byte_counts_doc,
-"byte_counts(data, ranges, counts)\n"
-"For each row k of ranges (int64 start, stop, step), the counts of data[start:stop:step]'s byte values\n"
-"added to counts[k * 256 : (k + 1) * 256] (int64).");
+PyDoc_STRVAR(range_entropies_doc,
+"range_entropies(data, ranges, nlogn, ln2x2, h)\n"
+"For each row k of ranges (int64 start, stop, step), into h[k] the Miller-Madow entropy in bits per byte of\n"
+"data[start:stop:step] as gpupas.pas.context.count_entropies computes it from the sample's byte counts: the\n"
+"same terms (nlogn[c] = c * log2(c) for every count up to the longest sample, computed by NumPy; ln2x2 =\n"
+"2 * log(2)) summed in the same order, so the same doubles.");
 
-static PyObject *byte_counts(PyObject *self, PyObject *args) {
+static PyObject *range_entropies(PyObject *self, PyObject *args) {
     Bufs bs = {0};
-    if (!PyArg_ParseTuple(args, "y*y*w*", &bs.b[0], &bs.b[1], &bs.b[2])) return NULL;
-    bs.used = 3;
+    double ln2x2;
+    if (!PyArg_ParseTuple(args, "y*y*y*dw*", &bs.b[0], &bs.b[1], &bs.b[2], &ln2x2, &bs.b[3])) return NULL;
+    bs.used = 4;
     const uint8_t *data = (const uint8_t *)bs.b[0].buf;
     const int64_t *rg = (const int64_t *)bs.b[1].buf;
-    int64_t *cnt = (int64_t *)bs.b[2].buf;
-    Py_ssize_t n = bs.b[0].len, k = bs.b[1].len / 24;
-    if (bs.b[2].len / (256 * 8) < k) { fail("counts too small"); release(&bs); return NULL; }
+    const double *nlogn = (const double *)bs.b[2].buf;
+    double *h = (double *)bs.b[3].buf;
+    Py_ssize_t n = bs.b[0].len, k = bs.b[1].len / 24, top = bs.b[2].len / 8;
+    if (bs.b[3].len / 8 < k) { fail("h too small"); release(&bs); return NULL; }
     for (Py_ssize_t j = 0; j < k; j++) {
-        if (rg[3 * j] < 0 || rg[3 * j + 1] > n || rg[3 * j + 2] < 1) {
+        Py_ssize_t a = (Py_ssize_t)rg[3 * j], b = (Py_ssize_t)rg[3 * j + 1];
+        if (a < 0 || b > n || rg[3 * j + 2] < 1) {
             fail("ranges must lie inside the data, with positive steps");
+            release(&bs);
+            return NULL;
+        }
+        if (b > a && (b - a - 1) / rg[3 * j + 2] + 1 >= top) {
+            fail("nlogn must cover every sample's length");
             release(&bs);
             return NULL;
         }
     }
     Py_BEGIN_ALLOW_THREADS
+    int64_t row[256];
     for (Py_ssize_t j = 0; j < k; j++) {
-        int64_t *row = cnt + j * 256;
+        memset(row, 0, sizeof row);
+        int64_t m = 0;
         Py_ssize_t st = rg[3 * j + 2] > n ? n + 1 : (Py_ssize_t)rg[3 * j + 2];  /* the same values; i + st cannot overflow */
-        for (Py_ssize_t i = (Py_ssize_t)rg[3 * j], b = (Py_ssize_t)rg[3 * j + 1]; i < b; i += st)
+        for (Py_ssize_t i = (Py_ssize_t)rg[3 * j], b = (Py_ssize_t)rg[3 * j + 1]; i < b; i += st) {
             row[data[i]]++;
+            m++;
+        }
+        double sc = 0.0;
+        int64_t nc = 0;
+        for (int v = 0; v < 256; v++) {
+            if (row[v]) { sc += nlogn[row[v]]; nc++; }
+        }
+        /* count_entropies: (nf * log2(nf) - sum c * log2(c) + (nonzero - 1) / (2 ln 2)) / nf, 0 for no sample */
+        h[j] = m ? (nlogn[m] - sc + (double)(nc - 1) / ln2x2) / (double)m : 0.0;
     }
     Py_END_ALLOW_THREADS
     release(&bs);
@@ -626,7 +647,7 @@ static PyObject *byte_counts(PyObject *self, PyObject *args) {
 
 static PyMethodDef methods[] = {
     {"huffman_floor", huffman_floor, METH_VARARGS, huffman_floor_doc},
-    {"byte_counts", byte_counts, METH_VARARGS, byte_counts_doc},
+    {"range_entropies", range_entropies, METH_VARARGS, range_entropies_doc},
     {"deflate_huffman", deflate_huffman, METH_VARARGS, deflate_huffman_doc},
     {"encode", encode, METH_VARARGS, encode_doc},
     {"decode", decode, METH_VARARGS, decode_doc},

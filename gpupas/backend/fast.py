@@ -207,14 +207,17 @@ def choose_plan(u: np.ndarray, ub: np.ndarray | None, layout: Layout, setting: S
     return best
 
 
-def range_counts(buf: Any, ranges: np.ndarray) -> np.ndarray | None:
-    """Byte counts (``k * 256``) of ``buf[a:b:step]`` for each row ``(a, b, step)`` of ``ranges``; None where
-    the fast path does not run for ``buf`` (the caller counts with NumPy: the same counts)."""
+def range_entropies(buf: Any, ranges: np.ndarray) -> np.ndarray | None:
+    """:func:`gpupas.pas.context.count_entropies` of the byte counts of ``buf[a:b:step]`` for each row ``(a, b,
+    step)`` of ``ranges`` (the same doubles), without the counts; None where the fast path does not run for
+    ``buf`` (the caller counts with NumPy)."""
     if not (applies(buf) and buf.dtype == np.uint8 and buf.ndim == 1 and buf.flags.c_contiguous):
         return None
-    cnt = np.zeros(len(ranges) * 256, np.int64)
-    _kernels_mod().byte_counts(buf, np.ascontiguousarray(ranges, np.int64), cnt)
-    return cnt
+    rg = np.ascontiguousarray(ranges, np.int64).reshape(-1, 3)
+    longest = int((-(-(rg[:, 1] - rg[:, 0]) // rg[:, 2])).max(initial=0))
+    h = np.empty(len(rg))
+    _kernels_mod().range_entropies(buf, rg, _nlogn(longest), _LN2X2, h)
+    return h
 
 
 def gather(x: np.ndarray, idx: np.ndarray, rows: np.ndarray | None, per: int) -> np.ndarray:

@@ -8,7 +8,6 @@ publishes the manifest that names them.
 
 from __future__ import annotations
 
-import bisect
 import itertools
 import uuid
 from collections.abc import Callable, Sequence
@@ -21,7 +20,7 @@ from gpupas.backend import fast
 from gpupas.codecs import registry
 from gpupas.codecs.policy import ChunkPolicy
 from gpupas.engine.stage import Staged
-from gpupas.format.layout import group_bounds, place, plane_ranges
+from gpupas.format.layout import group_bounds, place, segments
 from gpupas.format.manifest import Stream, TensorEntry
 from gpupas.pas.context import count_entropies, sample_counts
 from gpupas.pas.planes import LAYOUTS
@@ -149,44 +148,64 @@ def attribute(entries: list[TensorEntry], streams: Sequence[Stream], bufs: Seque
     """Share each chunk's stored bytes among the tensor planes in it, weighted by sampled entropy.
 
     Exact for planes that fill their chunks; an estimate where small planes share one. Row masks
-    and 'pred' factors count in a tensor's ``stored`` bytes, not in its ``plane_bytes``.
+    and 'pred' factors count in a tensor's ``stored`` bytes, not in its ``plane_bytes``. Vectorized over
+    the pieces (a plane's bytes inside one chunk): a snapshot of thousands of small tensors shares
+    thousands of chunks.
     """
-    shares = [[0.0] * (e.width + 1) for e in entries]
-    shared: list[tuple[int, list[tuple[int, int, int, int]]]] = []  # (stored, parts) of chunks several planes share
-    ranges: list[tuple[int, int, int]] = []
-    counts: list[np.ndarray] = []
+    widths = [e.width for e in entries]
+    slots = np.cumsum([0] + [w + 1 for w in widths])  # entry i, plane p -> slots[i] + p (p == width: extras)
+    runs = []  # (stream, start, length, planes, first slot): ``planes`` pieces of ``length`` bytes, back to back
+    for i, e in enumerate(entries):
+        for p in e.parts:
+            runs.extend((p.stream, p.offset + a * p.count, b - a, p.count, slots[i] + p.first)
+                        for a, b in segments(e.values, segment))
+        if e.extras is not None:
+            runs.append((e.extras[0], e.extras[1], e.extras_nbytes, 1, slots[i] + widths[i]))
+    r = np.array(runs, np.int64).reshape(-1, 5)
+    r = r[(r[:, 2] > 0) & (r[:, 3] > 0)]
+    k = np.arange(int(r[:, 3].sum())) - np.repeat(np.cumsum(r[:, 3]) - r[:, 3], r[:, 3])  # plane within its run
+    seg_stream, seg_len = np.repeat(r[:, 0], r[:, 3]), np.repeat(r[:, 2], r[:, 3])
+    seg_start, seg_slot = np.repeat(r[:, 1], r[:, 3]) + k * seg_len, np.repeat(r[:, 4], r[:, 3]) + k
+    alone: list[tuple[np.ndarray, np.ndarray]] = []  # (slot, stored) of chunks one plane fills
+    shared: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []  # (slot, length, chunk, h) of pieces
+    first_chunk = 0  # a number for each chunk of the snapshot, stream after stream
     for s, stream in enumerate(streams):
-        segs = []  # (start, end, entry index, plane) in this stream, in stream order
-        for i, e in enumerate(entries):
-            segs.extend((lo, lo + b - a, i, p) for st, lo, p, a, b in plane_ranges(e, segment) if st == s)
-            if e.extras is not None and e.extras[0] == s:
-                segs.append((e.extras[1], e.extras[1] + e.extras_nbytes, i, e.width))
-        segs.sort()
-        starts = [x[0] for x in segs]
-        buf, size = bufs[s], stream.chunk_size
-        for c, stored in enumerate(chunk_sizes[s]):
-            lo, hi = c * size, min(len(buf), (c + 1) * size)
-            parts = []
-            for x in segs[max(0, bisect.bisect_right(starts, lo) - 1) :]:
-                if x[0] >= hi:
-                    break
-                a, b = max(lo, x[0]), min(hi, x[1])
-                if b > a:
-                    parts.append((x[2], x[3], a, b))
-            if len(parts) == 1:  # the common case: one plane fills the chunk
-                shares[parts[0][0]][parts[0][1]] += stored
-            elif parts:
-                shared.append((stored, parts))
-                ranges.extend((a, b, max(1, (b - a) // SHARE_SAMPLES)) for *_, a, b in parts)
-        if ranges:  # the sampled byte counts of every part of every shared chunk of this stream, in one pass
-            cnt = fast.range_counts(buf, np.array(ranges, np.int64))
-            counts.append(cnt if cnt is not None else sample_counts([to_numpy(buf[a:b:st]) for a, b, st in ranges]))
-            ranges = []
-    h = iter(count_entropies(np.concatenate(counts)).tolist()) if counts else iter(())
-    for stored, parts in shared:
-        weights = [(b - a) * max(0.05, x) for (*_, a, b), x in zip(parts, h)]
-        total = sum(weights) or 1.0
-        for (i, p, _, _), w in zip(parts, weights):
-            shares[i][p] += stored * w / total
-    return [replace(e, plane_bytes=tuple(round(x) for x in sh[:-1]), stored=round(sum(sh)))
-            for e, sh in zip(entries, shares)]
+        sel = np.flatnonzero(seg_stream == s)
+        sel = sel[np.argsort(seg_start[sel], kind="stable")]  # stream order (planes never overlap)
+        lo, hi, slot = seg_start[sel], seg_start[sel] + seg_len[sel], seg_slot[sel]
+        size, end, stored = stream.chunk_size, len(bufs[s]), np.asarray(chunk_sizes[s], np.int64)
+        j, c, a, b = _pieces(lo, hi, size, end, len(stored))
+        one = np.bincount(c, minlength=len(stored))[c] == 1
+        alone.append((slot[j[one]], stored[c[one]]))
+        a, b = a[~one], b[~one]
+        ranges = np.stack([a, b, np.maximum(1, (b - a) // SHARE_SAMPLES)], axis=1)
+        h = fast.range_entropies(bufs[s], ranges)
+        if h is None:
+            h = count_entropies(sample_counts([to_numpy(bufs[s][x:y:z]) for x, y, z in ranges.tolist()]))
+        shared.append((slot[j[~one]], b - a, c[~one] + first_chunk, h))
+        first_chunk += len(stored)
+    none = np.zeros(0, np.int64)
+    stored_of = np.concatenate([none, *(np.asarray(cs, np.int64) for cs in chunk_sizes)])
+    slot_sh, length, chunk = (np.concatenate([none, *(x[q] for x in shared)]) for q in range(3))
+    weight = length * np.maximum(0.05, np.concatenate([np.zeros(0), *(x[3] for x in shared)]))
+    # A shared chunk's bytes in proportion to the weights of its pieces. bincount adds in index order, so each
+    # sum is the one a loop over the chunks would make: chunks one plane fills first, then the shared ones.
+    total = np.bincount(chunk, weights=weight, minlength=first_chunk)
+    got = stored_of[chunk] * weight / total[chunk]
+    share = np.bincount(np.concatenate([none, *(x[0] for x in alone), slot_sh]),
+                        weights=np.concatenate([np.zeros(0), *(x[1].astype(np.float64) for x in alone), got]),
+                        minlength=int(slots[-1])).tolist()
+    return [replace(e, plane_bytes=tuple(round(x) for x in share[u:v - 1]), stored=round(sum(share[u:v])))
+            for e, u, v in zip(entries, slots[:-1].tolist(), slots[1:].tolist())]
+
+
+def _pieces(lo: np.ndarray, hi: np.ndarray, size: int, end: int, nchunks: int) -> tuple[np.ndarray, ...]:
+    """The pieces of byte ranges [lo, hi) (sorted, not overlapping) cut at chunk boundaries: for each, its range's
+    index, its chunk and its [a, b), in chunk order; bytes past ``end`` or the last chunk dropped."""
+    c0, c1 = lo // size, np.minimum((hi - 1) // size, nchunks - 1)
+    many = np.maximum(c1 - c0 + 1, 0)
+    j = np.repeat(np.arange(len(lo)), many)
+    c = np.repeat(c0, many) + np.arange(int(many.sum())) - np.repeat(np.cumsum(many) - many, many)
+    a, b = np.maximum(lo[j], c * size), np.minimum(np.minimum(hi[j], (c + 1) * size), end)
+    keep = b > a
+    return j[keep], c[keep], a[keep], b[keep]
