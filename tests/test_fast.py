@@ -372,8 +372,9 @@ _OVERFLOWS = {  # sizes whose products or sums overflow 64 bits: each once crash
     "decode row map": "o = bytearray(6); K.decode(1, 0, 0, 0, bytes(8), np.array([0]), o, o, E16, np.array([2**62]), "
                       "6, 0, 6, o, bytearray(0), bytearray(0), bytearray(0))",
     "gather row map": "K.gather(1, bytes(6), np.arange(6), np.array([2**62]), 6, bytearray(6))",
-    "byte_counts past the end": "K.byte_counts(bytes(8), np.array([0, 9, 1]), np.zeros(256, np.int64))",
-    "byte_counts counts": "K.byte_counts(bytes(8), np.array([0, 8, 1, 0, 8, 1]), np.zeros(256, np.int64))",
+    "range_entropies past the end": "K.range_entropies(bytes(8), np.array([0, 9, 1]), np.zeros(10), 1.0, np.zeros(1))",
+    "range_entropies h": "K.range_entropies(bytes(8), np.array([0, 8, 1, 0, 8, 1]), np.zeros(10), 1.0, np.zeros(1))",
+    "range_entropies nlogn": "K.range_entropies(bytes(8), np.array([0, 8, 1]), np.zeros(8), 1.0, np.zeros(1))",
 }
 
 
