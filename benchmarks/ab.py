@@ -1,7 +1,7 @@
 """This tree's gpupas against another revision's, in one process, alternating: speed differences this
 machine's noise would hide between separate runs.
 
-    python benchmarks/ab.py REV [--rounds 10] [--cases fp32-mat,bf16-mat,fp32-ft,bf16-ft,cnn]
+    python benchmarks/ab.py REV [--rounds 10] [--cases fp32-mat,bf16-mat,fp32-ft,bf16-ft,cnn,fp32-cut-ft]
 
 ``REV`` (a commit, tag or branch) is exported with ``git archive``, its compiled path built, and its
 package imported as ``gpupas_ab`` beside this tree's ``gpupas``. Each round runs every case once with
@@ -26,13 +26,15 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-CASES = {  # key: (set, snapshot, base or None)
+CASES = {  # key: (set, snapshot, base or None); "-cut": the set's tensors cut into 1,450 (checkpoints.cut)
     "fp32-mat": ("minilm-fp32", 0, None),
     "bf16-mat": ("minilm-bf16", 0, None),
     "fp32-ft": ("minilm-fp32", 1, 0),
     "bf16-ft": ("minilm-bf16", 1, 0),
     "cnn": ("cnn-sgd", 1, 0),
+    "fp32-cut-ft": ("minilm-fp32-cut", 1, 0),
 }
+DEFAULT = "fp32-mat,bf16-mat,fp32-ft,bf16-ft,cnn"
 
 
 def build(rev: str, into: Path) -> Path:
@@ -80,16 +82,17 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("rev")
     ap.add_argument("--rounds", type=int, default=10)
-    ap.add_argument("--cases", default=",".join(CASES))
+    ap.add_argument("--cases", default=DEFAULT)
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         sys.path.insert(0, str(build(args.rev, Path(tmp))))
         import gpupas_ab
 
         import gpupas
-        from benchmarks.checkpoints import build_checkpoint_sets
+        from benchmarks.checkpoints import build_checkpoint_sets, cut
 
         sets = build_checkpoint_sets()
+        sets["minilm-fp32-cut"] = cut(sets["minilm-fp32"][:2])
         print(f"this tree vs {args.rev}, {args.rounds} rounds; ratios: this tree / {args.rev} (median over rounds)")
         for key in args.cases.split(","):
             set_name, i, b = CASES[key]

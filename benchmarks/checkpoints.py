@@ -11,6 +11,8 @@ Sets (each an ordered list of ``(snapshot_name, {tensor_name: np.ndarray})``):
 * ``minilm-bf16``: the pretrained weights and fine-tune snapshots 1 and last cast to bfloat16
   (``ml_dtypes.bfloat16`` numpy arrays; ``position_ids`` stays int64).
 
+:func:`cut` makes a checkpoint of many small tensors from one of these (a case for per-tensor costs).
+
 Cache: ``$GPUPAS_BENCH_CACHE`` or ``~/.cache/gpupas-bench``; a ``manifest.json`` written last marks
 a complete build. Each training set also gets its training log beside its folder (``<set>.train_log.csv``:
 step and loss, plus train accuracy for the CNN). Nothing is downloaded.
@@ -388,6 +390,14 @@ def _sorted(sets: dict[str, CheckpointSet]) -> dict[str, CheckpointSet]:
 
 
 ALL_SETS = ("minilm-fp32", "cnn-sgd", "minilm-bf16")
+
+
+def cut(snaps: CheckpointSet, values: int = 16384) -> CheckpointSet:
+    """Each tensor of each snapshot cut into flat pieces of at most ``values`` values (real weights, many
+    small tensors: MiniLM's 101 become 1,450), named ``<name>#<k>``."""
+    return [(label, {f"{name}#{k}": v.reshape(-1)[a : a + values]
+                     for name, v in tensors.items() for k, a in enumerate(range(0, max(v.size, 1), values))})
+            for label, tensors in snaps]
 
 
 def build_checkpoint_sets(cache_dir: Path | None = None, sets: tuple[str, ...] = ALL_SETS

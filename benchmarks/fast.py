@@ -1,7 +1,7 @@
 """gpupas (default setting) against ZipNN, several rounds of the same cases in one run: the spread of the
 speed ratios, the stored sizes, and whether the compiled CPU path is on.
 
-    python benchmarks/fast.py [--rounds 3] [--repeat 3] [--cases fp32-mat,fp32-ft,bf16-mat,bf16-ft,cnn]
+    python benchmarks/fast.py [--rounds 3] [--repeat 3] [--cases fp32-mat,fp32-ft,bf16-mat,bf16-ft,cnn,fp32-cut-ft]
                               [--reference] [--no-fsync] [--out results.md]
 
 Each round runs every case for gpupas and then for ZipNN, timed as ``benchmarks/run.py`` times them: per
@@ -36,7 +36,10 @@ CASES = {  # key: (label, set, pairs (snapshot, base))
     "bf16-mat": ("MiniLM bf16, materialized", "minilm-bf16", lambda n: [(0, None)]),
     "bf16-ft": ("MiniLM bf16, fine-tune vs pretrained", "minilm-bf16", lambda n: [(i, 0) for i in range(1, n)]),
     "cnn": ("CNN SGD, epoch vs previous", "cnn-sgd", lambda n: [(i, i - 1) for i in range(1, n)]),
+    "fp32-cut-ft": ("MiniLM fp32 cut into 1,450 tensors, fine-tune vs previous", "minilm-fp32-cut",
+                    lambda n: [(1, 0)]),
 }
+DEFAULT = "fp32-mat,fp32-ft,bf16-mat,bf16-ft,cnn"  # the issue's cases; fp32-cut-ft: per-tensor costs
 
 
 @dataclass
@@ -140,17 +143,18 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--repeat", type=int, default=3, help="timing repeats per snapshot (best kept)")
-    ap.add_argument("--cases", default=",".join(CASES))
+    ap.add_argument("--cases", default=DEFAULT)
     ap.add_argument("--reference", action="store_true", help="gpupas's NumPy reference transforms")
     ap.add_argument("--no-fsync", action="store_true", help="gpupas writes without fsync")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     if args.reference:
         os.environ["GPUPAS_FAST"] = "0"
-    from benchmarks.checkpoints import build_checkpoint_sets
+    from benchmarks.checkpoints import build_checkpoint_sets, cut
     from gpupas.backend import fast
 
     sets = build_checkpoint_sets()
+    sets["minilm-fp32-cut"] = cut(sets["minilm-fp32"][:2])
     keys = args.cases.split(",")
     rows: dict[str, list[tuple[Timed, Timed]]] = {k: [] for k in keys}
     for r in range(args.rounds):
