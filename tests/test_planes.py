@@ -105,3 +105,32 @@ def test_entropies_of_many_samples_are_each_ones_entropy() -> None:
     assert got.shape == (len(samples),)
     np.testing.assert_allclose(got, [entropy(x) for x in samples], rtol=0, atol=1e-12)
     assert entropies([np.zeros(0, np.uint8)]).tolist() == [0.0]
+
+
+def test_a_plan_samples_a_bounded_share_of_a_tensor() -> None:
+    """Small tensors are read whole, mid-sized ones a quarter (at least PLAN_SAMPLE_MIN values), large ones
+    SAMPLE values: thousands of small tensors are not planned value by value."""
+    from gpupas.pas.context import PLAN_SAMPLE_MIN, SAMPLE, plan_samples
+
+    assert [plan_samples(n) for n in (0, 1000, PLAN_SAMPLE_MIN, 16384, 40000, 10**8)] == [
+        0, 1000, PLAN_SAMPLE_MIN, PLAN_SAMPLE_MIN, 10000, SAMPLE]
+
+
+def test_a_sample_is_planned_for_the_tensor_it_stands_for() -> None:
+    """A plan made from a sample given with ``of`` (as the 'pred' test does) weighs a context split as
+    for the whole tensor: a 4,096-value sample of 40,000 values may split, the same values alone may not."""
+    from gpupas.backend import fast
+    from gpupas.pas.planes import coding_layout
+    from gpupas.pas.transform import MIN_CONTEXT_VALUES
+
+    rng = np.random.default_rng(0)
+    n = 40000
+    base = (rng.normal(0, 1, n) * 10 ** rng.uniform(-3, 1, n)).astype(np.float32)
+    new = base + np.float32(1e-3) * rng.normal(0, 1, n).astype(np.float32)  # ULPs of change: by the exponent
+    layout = coding_layout("float32", True)
+    idx = np.linspace(0, n - 1, 4096).astype(np.int64)
+    u, ub = to_bits(new, layout)[idx], to_bits(base, layout)[idx]
+    assert idx.size < MIN_CONTEXT_VALUES <= n
+    for plan in (choose_plan, fast.choose_plan) if fast.enabled() else (choose_plan,):
+        assert plan(u, ub, layout, SETTINGS["default"], encs=("sub",), of=n).ctx
+        assert not plan(u, ub, layout, SETTINGS["default"], encs=("sub",)).ctx

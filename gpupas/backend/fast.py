@@ -33,7 +33,7 @@ import numpy as np
 
 from gpupas.backend.base import bases_of
 from gpupas.format.checksum import crc32, crc32_combine
-from gpupas.pas.context import SAMPLE, bounds_from_counts, sample_index
+from gpupas.pas.context import SAMPLE, bounds_from_counts, plan_samples, sample_index
 from gpupas.pas.planes import Layout
 from gpupas.pas.predict import FRAC, ROW_COST_BITS, SAMPLE_COLS, _adjust, _steps
 from gpupas.pas.rows import MIN_ROWS, MIN_UNCHANGED, rows_of
@@ -175,28 +175,30 @@ def _nlogn(m: int) -> np.ndarray:
     return _NLOGN[0]
 
 
-def _positions(n: int) -> np.ndarray:
-    idx = sample_index(n)
+def _positions(n: int, sampled: bool) -> np.ndarray:
+    idx = slice(None) if sampled else sample_index(n, plan_samples(n))
     return np.arange(n, dtype=np.int64) if isinstance(idx, slice) else idx
 
 
 def choose_plan(u: np.ndarray, ub: np.ndarray | None, layout: Layout, setting: Setting,
-                encs: tuple[str, ...] | None = None, rows: np.ndarray | None = None, per: int = 1) -> Plan:
+                encs: tuple[str, ...] | None = None, rows: np.ndarray | None = None, per: int = 1,
+                of: int | None = None) -> Plan:
     """:func:`gpupas.pas.transform.choose_plan` (the same plan and estimate) with the sampled byte counts
-    taken by a kernel; ``rows``: the coded rows of ``u`` and ``ub`` (every row where None)."""
+    taken by a kernel; ``rows``: the coded rows of ``u`` and ``ub`` (every row where None); ``of``: ``u`` and
+    ``ub`` are a sample of a tensor of ``of`` values."""
     n = u.size if rows is None else rows.size * per
     if ub is None and "mat" not in setting.context:
         return Plan("mat", False)
     if ub is not None and n < MIN_ESTIMATE_VALUES:
         return Plan("sub", False)
     k = _kernels_mod()
-    idx = _positions(n)
+    idx = _positions(n, of is not None)
     w = layout.width
     cnt = _scratch(3, 8 * w * 256 * 256)
     coded, keys = _scratch(4, 8 * idx.size), _scratch(5, idx.size)
     best: Plan | None = None
     for enc in encs if encs is not None else candidates(ub is not None, setting):
-        want = splits(enc, setting, n, w)
+        want = splits(enc, setting, n if of is None else of, w)
         h, hc = np.empty(w), np.empty(w if want else 0)
         k.sample_entropies(w, KINDS[enc], layout.rotate, u, u if ub is None else ub, idx, _rowmap(rows), per,
                            _nlogn(idx.size), _LN2X2, h, hc, cnt, coded, keys)

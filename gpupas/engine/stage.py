@@ -18,7 +18,7 @@ import numpy as np
 from gpupas.backend import fast
 from gpupas.format.manifest import TensorEntry
 from gpupas.pas import schemes
-from gpupas.pas.context import sample_index
+from gpupas.pas.context import plan_samples, sample_index
 from gpupas.pas.planes import Layout, coding_layout, layout_of, to_bits
 from gpupas.pas.predict import alpha_planes, fit, predict, supports
 from gpupas.pas.rows import changed_rows, gather, mask_bytes, rows_of
@@ -111,11 +111,11 @@ def stage(name: str, arr: Any, crc32: Any, setting: Setting, base: TensorEntry |
             ub2 = gather(ub2, st.changed, st.coded_shape[1])
         alpha = fit(st.u, st.ub, ub2, layout, st.coded_shape)
         if alpha is not None:  # keep the prediction only where it beats the plain delta (on a sample)
-            idx = sample_index(st.u.size)
+            idx = sample_index(st.u.size, plan_samples(st.u.size))  # the plan's sample
             pos = idx if isinstance(idx, np.ndarray) else np.arange(st.u.size)  # a slice: few values
             rows = pos // rows_of(st.coded_shape)[1]
             pred = predict(st.ub[idx], ub2[idx], alpha[rows], layout, 1)  # one value per "row"
-            alt = choose_plan(st.u[idx], pred, layout, setting, encs=("sub",))
+            alt = choose_plan(st.u[idx], pred, layout, setting, encs=("sub",), of=st.u.size)
             if alt.estimate * st.u.size + 16 * alpha.size < st.plan.estimate * st.u.size:
                 st.plan, st.alpha, st.ub2 = Plan("pred", alt.ctx, alt.estimate), alpha, ub2
     return st
@@ -137,12 +137,12 @@ def _stage_fast(st: Staged, setting: Setting, ub2: Any) -> Staged:
     if ub2 is not None and ub2.size == u.size and supports(layout) and n >= MIN_ESTIMATE_VALUES:
         alpha = fast.fit(u, st.full("ub"), ub2, layout, st.coded_shape, st.rows)
         if alpha is not None:  # keep the prediction only where it beats the plain delta (on a sample)
-            idx = sample_index(n)
+            idx = sample_index(n, plan_samples(n))  # the plan's sample
             pos = idx if isinstance(idx, np.ndarray) else np.arange(n)  # a slice: few values
             rows = pos // per
             us, ubs, ub2s = (fast.gather(x, pos, st.rows, per) for x in (u, st.full("ub"), ub2))
             pred = predict(ubs, ub2s, alpha[rows], layout, 1)  # one value per "row"
-            alt = fast.choose_plan(us, pred, layout, setting, encs=("sub",))
+            alt = fast.choose_plan(us, pred, layout, setting, encs=("sub",), of=n)
             if alt.estimate * n + 16 * alpha.size < st.plan.estimate * n:
                 st.plan, st.alpha, st.ub2 = Plan("pred", alt.ctx, alt.estimate), alpha, ub2
     return st

@@ -14,6 +14,7 @@ import numpy as np
 from gpupas.xp import namespace
 
 SAMPLE = 16384
+PLAN_SAMPLE_MIN = 4096  # values a plan samples at least (all of a smaller tensor)
 
 
 def order_by(ctx: Any) -> Any:
@@ -47,6 +48,13 @@ def bounds_from_counts(counts: np.ndarray, n: int, min_group: int) -> list[int]:
 def sample_index(n: int, size: int = SAMPLE) -> np.ndarray | slice:
     """Evenly spaced positions for estimating statistics of ``n`` values."""
     return slice(None) if n <= size else np.linspace(0, n - 1, size).astype(np.int64)
+
+
+def plan_samples(n: int) -> int:
+    """How many of a tensor's ``n`` values a plan samples: a quarter of them, at least
+    :data:`PLAN_SAMPLE_MIN` and at most :data:`SAMPLE`, so planning a small tensor costs a fraction of
+    coding it (a checkpoint of thousands of small tensors was planned value by value)."""
+    return min(n, max(PLAN_SAMPLE_MIN, min(SAMPLE, n // 4)))
 
 
 def entropy(symbols: np.ndarray, ctx: np.ndarray | None = None) -> float:

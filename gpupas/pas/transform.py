@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from gpupas.pas.context import group_bounds, order_by, plane_entropies, sample_index
+from gpupas.pas.context import group_bounds, order_by, plan_samples, plane_entropies, sample_index
 from gpupas.pas.delta import decode_delta, encode_delta
 from gpupas.pas.planes import Layout, join_planes, rotate, split_planes, top_byte, unrotate
 from gpupas.pas.settings import Setting
@@ -55,13 +55,15 @@ def _coded(enc: str, u: Any, ub: Any, layout: Layout, xp: Any = np) -> Any:
 
 
 def choose_plan(u: Any, ub: Any | None, layout: Layout, setting: Setting,
-                encs: tuple[str, ...] | None = None) -> Plan:
-    """Pick the encoding (and context split) with the smallest sampled entropy (among ``encs``)."""
+                encs: tuple[str, ...] | None = None, of: int | None = None) -> Plan:
+    """Pick the encoding (and context split) with the smallest sampled entropy (among ``encs``);
+    ``of``: ``u`` and ``ub`` are a sample already, of a tensor of ``of`` values (all of it is read)."""
     if ub is None and "mat" not in setting.context:
         return Plan("mat", False)  # nothing to choose
     if ub is not None and u.size < MIN_ESTIMATE_VALUES:
         return Plan("sub", False)  # too small for the choice to matter, or for a fair estimate
-    idx = sample_index(u.size)
+    n = u.size if of is None else of
+    idx = slice(None) if of is not None else sample_index(n, plan_samples(n))
     us = to_numpy(u[idx])
     ubs = None if ub is None else to_numpy(ub[idx])
     w = layout.width
@@ -72,7 +74,7 @@ def choose_plan(u: Any, ub: Any | None, layout: Layout, setting: Setting,
         split_planes(coded, planes)
         h = plane_entropies(planes)
         hc = None
-        if splits(enc, setting, u.size, w):
+        if splits(enc, setting, n, w):
             hc = plane_entropies(planes, planes[0] if enc == "mat" else top_byte(ubs, layout))
         plan = plan_of(enc, h, hc)
         if best is None or plan.estimate < best.estimate:
