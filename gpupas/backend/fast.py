@@ -16,11 +16,13 @@ Switch: ``GPUPAS_FAST=0`` (or :func:`use`) runs the NumPy reference (the same by
 
 Memory: a restore holds at most :data:`WINDOW` bytes of decoded planes at a time (``GPUPAS_WINDOW``) besides
 its output; each executor thread keeps scratch for its next call: three buffers of a segment's values and
-one of its bytes (13 MiB for 4-byte values, 25 MiB for 8-byte ones), and the sampled counts (2-4 MiB).
+one of its bytes (13 MiB for 4-byte values, 25 MiB for 8-byte ones), and the sampled counts (2-4 MiB); the
+process keeps the sample positions of the last 16 tensor sizes planned (2 MiB at most).
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
 import logging
 import os
@@ -175,9 +177,12 @@ def _nlogn(m: int) -> np.ndarray:
     return _NLOGN[0]
 
 
+@functools.lru_cache(maxsize=16)  # at most 16 * SAMPLE positions (2 MiB) kept: tensors of a model share sizes
 def _positions(n: int, sampled: bool) -> np.ndarray:
     idx = slice(None) if sampled else sample_index(n, plan_samples(n))
-    return np.arange(n, dtype=np.int64) if isinstance(idx, slice) else idx
+    out = np.arange(n, dtype=np.int64) if isinstance(idx, slice) else idx
+    out.flags.writeable = False
+    return out
 
 
 def choose_plan(u: np.ndarray, ub: np.ndarray | None, layout: Layout, setting: Setting,
