@@ -59,6 +59,8 @@ def layout_of(dtype: Any) -> Layout:
     """The layout of ``dtype`` (NumPy dtype or its name); raises for dtypes we cannot archive."""
     if isinstance(dtype, str) and dtype in LAYOUTS:  # manifest names: the common case, kept cheap
         return LAYOUTS[dtype]
+    if isinstance(dtype, np.dtype) and dtype in _BY_DTYPE:  # an array's: a dtype's name is built each time
+        return _BY_DTYPE[dtype]
     try:
         name = np.dtype(dtype).name
     except TypeError:
@@ -68,9 +70,12 @@ def layout_of(dtype: Any) -> Layout:
             f"dtype {name!r} cannot be archived; supported: {', '.join(sorted(LAYOUTS))}. "
             "Convert it first (complex: store .real and .imag; object/str: not tensor data)."
         )
+    if isinstance(dtype, np.dtype):
+        _BY_DTYPE[dtype] = LAYOUTS[name]
     return LAYOUTS[name]
 
 
+_BY_DTYPE: dict[np.dtype, Layout] = {}  # dtypes seen, one entry each (a dozen or so)
 _RAW: dict[str, Layout] = {}
 
 
