@@ -35,7 +35,7 @@ def group_bounds(ctx: Any, min_group: int) -> list[int]:
 def bounds_from_counts(counts: np.ndarray, n: int, min_group: int) -> list[int]:
     """:func:`group_bounds` from the estimated size of each context group (in context order)."""
     bounds, start, pos = [], 0, 0
-    for c in counts[counts > 0]:
+    for c in counts[counts > 0].tolist():  # Python floats: round() as on NumPy's (half to even), faster
         pos = min(n, pos + round(c))
         if pos - start >= min_group:
             bounds.append(pos)
