@@ -1,7 +1,7 @@
 """This tree's gpupas against another revision's, in one process, alternating: speed differences this
 machine's noise would hide between separate runs.
 
-    python benchmarks/ab.py REV [--rounds 10] [--cases fp32-mat,bf16-mat,fp32-ft,bf16-ft,cnn,fp32-cut-ft]
+    python benchmarks/ab.py REV [--rounds 10] [--cases fp32-mat,bf16-mat,fp32-ft,bf16-ft,cnn]  (also: fp32-cut-ft)
 
 ``REV`` (a commit, tag or branch) is exported with ``git archive``, its compiled path built, and its
 package imported as ``gpupas_ab`` beside this tree's ``gpupas``. Each round runs every case once with

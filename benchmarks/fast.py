@@ -1,7 +1,7 @@
 """gpupas (default setting) against ZipNN, several rounds of the same cases in one run: the spread of the
 speed ratios, the stored sizes, and whether the compiled CPU path is on.
 
-    python benchmarks/fast.py [--rounds 3] [--repeat 3] [--cases fp32-mat,fp32-ft,bf16-mat,bf16-ft,cnn,fp32-cut-ft]
+    python benchmarks/fast.py [--rounds 3] [--repeat 3] [--cases fp32-mat,fp32-ft,bf16-mat,bf16-ft,cnn]
                               [--reference] [--no-fsync] [--out results.md]
 
 Each round runs every case for gpupas and then for ZipNN, timed as ``benchmarks/run.py`` times them: per
@@ -10,6 +10,7 @@ disk, durable unless ``--no-fsync``; deltas restored with the base, and the base
 ZipNN to and from memory), summed over the case. Besides wall-clock MB/s it reports CPU MB/s (raw bytes
 per second of the process's CPU time, all threads): a figure other load on the machine moves less.
 ``--reference`` runs gpupas's NumPy reference transforms instead of the compiled ones (the same bytes).
+Case ``fp32-cut-ft`` (not run unless named): MiniLM fp32 cut into 1,450 small tensors, for per-tensor costs.
 """
 
 from __future__ import annotations

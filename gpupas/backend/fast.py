@@ -168,13 +168,14 @@ _NLOGN: list[np.ndarray] = []
 
 def _nlogn(m: int) -> np.ndarray:
     """``c * log2(c)`` for every count ``c`` up to ``m`` (the reference's terms, computed by NumPy as it does)."""
-    if not _NLOGN or _NLOGN[0].size <= m:
+    table = _NLOGN[0] if _NLOGN else None
+    if table is None or table.size <= m:
         c = np.arange(max(m, SAMPLE) + 1, dtype=np.float64)
         with np.errstate(divide="ignore", invalid="ignore"):
-            t = c * np.log2(c)
-        t[0] = 0.0
-        _NLOGN[:] = [t]
-    return _NLOGN[0]
+            table = c * np.log2(c)
+        table[0] = 0.0
+        _NLOGN[:] = [table]  # another thread may put a shorter one meanwhile: this call returns its own
+    return table
 
 
 @functools.lru_cache(maxsize=16)  # at most 16 * SAMPLE positions (2 MiB) kept: tensors of a model share sizes
