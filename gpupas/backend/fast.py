@@ -17,7 +17,7 @@ Switch: ``GPUPAS_FAST=0`` (or :func:`use`) runs the NumPy reference (the same by
 Memory: a restore holds at most :data:`WINDOW` bytes of decoded planes at a time (``GPUPAS_WINDOW``) besides
 its output; each executor thread keeps scratch for its next call: three buffers of a segment's values and
 one of its bytes (13 MiB for 4-byte values, 25 MiB for 8-byte ones), and the sampled counts (2-4 MiB); the
-process keeps the sample positions of the last 16 tensor sizes planned (2 MiB at most).
+process keeps the sample positions of the last 16 tensor sizes planned (2 MiB at most, :func:`sample_positions`).
 """
 
 from __future__ import annotations
@@ -179,7 +179,9 @@ def _nlogn(m: int) -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=16)  # at most 16 * SAMPLE positions (2 MiB) kept: tensors of a model share sizes
-def _positions(n: int, sampled: bool) -> np.ndarray:
+def sample_positions(n: int, sampled: bool = False) -> np.ndarray:
+    """The positions (read-only) a plan samples of ``n`` coded values; every one where ``sampled`` (the
+    values are a sample already)."""
     idx = slice(None) if sampled else sample_index(n, plan_samples(n))
     out = np.arange(n, dtype=np.int64) if isinstance(idx, slice) else idx
     out.flags.writeable = False
@@ -198,7 +200,7 @@ def choose_plan(u: np.ndarray, ub: np.ndarray | None, layout: Layout, setting: S
     if ub is not None and n < MIN_ESTIMATE_VALUES:
         return Plan("sub", False)
     k = _kernels_mod()
-    idx = _positions(n, of is not None)
+    idx = sample_positions(n, of is not None)
     w = layout.width
     cnt = _scratch(3, 8 * w * 256 * 256)
     coded, keys = _scratch(4, 8 * idx.size), _scratch(5, idx.size)

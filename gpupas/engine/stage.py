@@ -137,8 +137,7 @@ def _stage_fast(st: Staged, setting: Setting, ub2: Any) -> Staged:
     if ub2 is not None and ub2.size == u.size and supports(layout) and n >= MIN_ESTIMATE_VALUES:
         alpha = fast.fit(u, st.full("ub"), ub2, layout, st.coded_shape, st.rows)
         if alpha is not None:  # keep the prediction only where it beats the plain delta (on a sample)
-            idx = sample_index(n, plan_samples(n))  # the plan's sample
-            pos = idx if isinstance(idx, np.ndarray) else np.arange(n)  # a slice: few values
+            pos = fast.sample_positions(n)  # the plan's sample
             rows = pos // per
             us, ubs, ub2s = (fast.gather(x, pos, st.rows, per) for x in (u, st.full("ub"), ub2))
             pred = predict(ubs, ub2s, alpha[rows], layout, 1)  # one value per "row"
