@@ -84,6 +84,28 @@ def test_nan_and_inf_survive_a_cast_and_are_refused_by_fixed_point(arc):
     assert len(arc.snapshots()) == 1
 
 
+@pytest.mark.parametrize("spec", ["fixed:2", "fixed:8", "fixed:32", "quant:1", "quant:4", "kmeans:3"])
+def test_values_at_the_float64_limits_stay_finite(arc, spec):
+    """Near float64's largest and smallest values no step, span or level overflows or underflows: the
+    commit works, every finite value restores finite, and the exponent stays in FORMAT.md 9.9's range."""
+    huge = np.array([1.7e308, -1.7e308, 1.79e308, 1.0, 0.0])
+    tiny = np.array([5e-324, -5e-324, 1e-310, 0.0])
+    lone = np.array([5e-324])
+    single = np.array([3.4e38, -3.4e38, 1e-45, 0.0], np.float32)
+    with np.errstate(over="raise", invalid="raise"):  # no overflow along the way either
+        for x in (huge, tiny, lone, single):
+            m = arc.commit({"x": x}, lossy=spec)
+            r = arc.restore(m.id)["x"]
+            sc = m.tensor("x").scheme
+            if sc is None:  # stored losslessly: the scheme would not make it smaller
+                assert not schemes.applies(schemes.parse(spec), x.dtype.name) and r.tobytes() == x.tobytes()
+                continue
+            assert np.isfinite(r).all() and sc["error"]["overflow"] == 0, (x, sc)
+            assert sc["error"]["max_abs"] <= np.abs(x).max()
+            if sc["name"] == "fixed":
+                assert -1100 <= sc["exponent"] <= 1100
+                assert r[np.argmax(np.abs(x))] != 0 or np.abs(x).max() == 0  # the peak is not lost
+
 def test_quantization_error_shrinks_with_bits_and_kmeans_beats_uniform_on_heavy_tails(arc):
     w = _weights()["w"]
     rms = {}

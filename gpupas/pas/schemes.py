@@ -114,12 +114,11 @@ def apply(values: np.ndarray, scheme: dict[str, Any], sample: int = 1 << 16) -> 
         peak = float(np.abs(x).max()) if x.size else 0.0
         exponent = scheme.get("exponent")  # given: the parameters of a stored tensor (a revision keeps them)
         if exponent is None:
-            exponent = int(np.ceil(np.log2(peak / top))) if peak > 0 else 0
+            exponent = _exponent(peak, top, float(ml_dtypes.finfo(_np(values.dtype.name)).max))
         q = np.clip(np.rint(np.ldexp(x, -exponent)), -top, top).astype(repr_dtype(scheme))
         return q.reshape(values.shape), dict(scheme) | {"exponent": exponent}
     levels = _levels(x, 2**bits, scheme.get("levels", scheme.get("method", "uniform")), sample)
-    mids = (levels[1:] + levels[:-1]) / 2
-    codes = np.searchsorted(mids, x).astype(np.uint8)
+    codes = np.searchsorted(_midpoints(levels), x).astype(np.uint8)
     table = [float(v) for v in levels.astype(_np(values.dtype.name)).astype(np.float64)]
     return codes.reshape(values.shape), dict(scheme) | {"levels": table}
 
@@ -131,18 +130,50 @@ def _levels(x: np.ndarray, n: int, how: Any, sample: int) -> np.ndarray:
     if isinstance(how, list):
         return np.sort(np.asarray(how, np.float64))
     lo, hi = float(x.min()), float(x.max())
-    if how == "uniform" or hi == lo:
-        return np.linspace(lo, hi, n) if hi > lo else np.array([lo])
-    s = x[np.linspace(0, x.size - 1, min(x.size, sample)).astype(np.int64)]
+    if hi == lo:
+        return np.array([lo])
+    # Values near float64's limits: a span or a sum would overflow, so work on values scaled by a power
+    # of two (exact for every value but the subnormals, which then round; a level table, not data).
+    scale = 2.0 ** max(0, int(np.frexp(max(abs(lo), abs(hi)))[1]) - 1000)
+    if how == "uniform":
+        return np.linspace(lo / scale, hi / scale, n) * scale
+    s = x[np.linspace(0, x.size - 1, min(x.size, sample)).astype(np.int64)] / scale
     centers = np.unique(np.quantile(s, (np.arange(n) + 0.5) / n))
     for _ in range(25):  # Lloyd's algorithm in one dimension
         cut = np.searchsorted((centers[1:] + centers[:-1]) / 2, s)
         sums, counts = np.bincount(cut, s, centers.size), np.bincount(cut, minlength=centers.size)
         moved = np.where(counts > 0, sums / np.maximum(counts, 1), centers)
-        if np.allclose(moved, centers, rtol=0, atol=1e-12 * max(1.0, hi - lo)):
+        if np.allclose(moved, centers, rtol=0, atol=1e-12 * max(1.0, hi / scale - lo / scale)):
             break
         centers = np.unique(moved)
-    return centers
+    return centers * scale
+
+
+def _midpoints(levels: np.ndarray) -> np.ndarray:
+    """The points halfway between neighbouring ``levels`` (no overflow near float64's limits)."""
+    with np.errstate(over="ignore"):
+        mids = (levels[1:] + levels[:-1]) / 2
+    wide = ~np.isfinite(mids)
+    mids[wide] = levels[1:][wide] / 2 + levels[:-1][wide] / 2
+    return mids
+
+
+def _exponent(peak: float, top: int, limit: float) -> int:
+    """The smallest exponent ``e`` with ``peak <= top * 2**e`` (0 for a tensor of zeros), kept where
+    ``top * 2**e`` is at most ``limit`` (the dtype's largest value): values past it clip to the largest
+    step the dtype holds instead of restoring as Inf."""
+    if peak <= 0:
+        return 0
+    e = int(np.frexp(peak)[1]) - int(np.frexp(float(top))[1])  # within one of the answer (no log of a subnormal)
+    e = max(e, -1100)  # the format's range (FORMAT.md 9.9): a larger step still holds the values
+    with np.errstate(over="ignore"):
+        while np.ldexp(float(top), e) < peak:
+            e += 1
+        while e > -1100 and np.ldexp(float(top), e - 1) >= peak:
+            e -= 1
+        while np.ldexp(float(top), e) > limit:
+            e -= 1
+    return e
 
 
 def restore(rep: np.ndarray, scheme: dict[str, Any], dtype: str) -> np.ndarray:
@@ -151,7 +182,8 @@ def restore(rep: np.ndarray, scheme: dict[str, Any], dtype: str) -> np.ndarray:
     if name == "cast":
         return rep.astype(out)  # widening: exact (NaN payloads as NumPy/ml_dtypes convert them)
     if name == "fixed":
-        return np.ldexp(rep.astype(np.float64), int(scheme["exponent"])).astype(out)
+        with np.errstate(over="ignore"):  # an exponent that overflowed (written before 2026-12-06): Inf
+            return np.ldexp(rep.astype(np.float64), int(scheme["exponent"])).astype(out)
     table = np.asarray(scheme["levels"], np.float64)
     if rep.size and int(rep.max(initial=0)) >= table.size:
         from gpupas.errors import IntegrityError
