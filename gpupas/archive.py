@@ -14,6 +14,7 @@ A thin facade over :mod:`gpupas.engine` (the pipeline), :mod:`gpupas.store` (byt
 from __future__ import annotations
 
 import functools
+import json
 import os
 import threading
 import time
@@ -57,6 +58,9 @@ def lossy_schemes(arrays: Mapping[str, Any], lossy: str | Mapping[str, Any] | No
     smaller, or a mapping of tensor names to schemes."""
     if lossy is None:
         return {}
+    if not isinstance(lossy, str | Mapping):
+        raise InvalidInputError(f"lossy={lossy!r}: give one scheme (e.g. 'bf16', 'fixed:16', 'quant:4') or a "
+                                "mapping of tensor names to schemes")
     if isinstance(lossy, str) or lossy.get("name") in schemes.NAMES:  # one scheme ("cast" etc. name no tensor's)
         scheme = schemes.parse(lossy)  # type: ignore[arg-type]
         return {n: scheme for n, a in arrays.items() if schemes.applies(scheme, layout_of(a.dtype).name)}
@@ -68,7 +72,44 @@ def lossy_schemes(arrays: Mapping[str, Any], lossy: str | Mapping[str, Any] | No
         dtype = layout_of(arrays[name].dtype).name
         if dtype not in schemes.FLOATS:
             raise InvalidInputError(f"lossy: tensor {name!r} is {dtype}; lossy schemes apply to float tensors only")
+        if not schemes.applies(scheme, dtype):
+            raise InvalidInputError(f"lossy: {schemes.describe(scheme)} does not make tensor {name!r} ({dtype}) "
+                                    "smaller; leave it out to store it losslessly, or pick a narrower scheme")
         out[name] = scheme
+    return out
+
+
+def _meta(meta: Mapping[str, Any] | None) -> dict[str, Any]:
+    """A commit's ``meta`` as plain JSON (NumPy and torch scalars as numbers), checked before anything is
+    coded: the manifest must be able to hold it."""
+    if meta is None:
+        return {}
+    if not isinstance(meta, Mapping) or not all(isinstance(k, str) for k in meta):
+        raise InvalidInputError(f"meta must be a mapping with string keys, not {meta!r:.80}")
+
+    def scalar(o: Any) -> Any:
+        if callable(getattr(o, "item", None)) and getattr(o, "ndim", None) == 0:
+            return o.item()
+        raise TypeError(f"{type(o).__name__} {o!r:.40} is not a JSON value")
+
+    try:
+        return json.loads(json.dumps(dict(meta), allow_nan=False, default=scalar))
+    except (TypeError, ValueError) as exc:
+        raise InvalidInputError(f"meta: {exc}; give strings, numbers (finite), booleans, None, lists and "
+                                "mappings with string keys") from None
+
+
+def _names(names: Iterable[str] | str | None) -> list[str] | None:
+    """A restore's tensor names, read once (an iterator would be spent by the first look); one name alone
+    may be given as a string."""
+    if names is None:
+        return None
+    if isinstance(names, str):
+        return [names]
+    out = list(names)
+    odd = [n for n in out if not isinstance(n, str)]
+    if odd:
+        raise InvalidInputError(f"names must be tensor names (strings), not {odd[:3]!r}")
     return out
 
 
@@ -88,7 +129,8 @@ _STORE_KW = ("storage_options", "durable", "tier_options")
 
 
 def create_archive(location: str | os.PathLike[str], **kw: Any) -> Archive:
-    """Create an archive at ``location`` (an empty or missing directory, or an fsspec URL)."""
+    """Create an archive at ``location`` (an empty or missing directory, or an fsspec URL); an archive
+    already there is opened as it is (a folder holding anything else is refused)."""
     store_kw = {k: kw.pop(k) for k in _STORE_KW if k in kw}
     return Archive(ArchiveStore.open(location, create=True, **store_kw), **kw)
 
@@ -110,6 +152,10 @@ class Archive:
 
     def __init__(self, store: ArchiveStore, workers: int | None = None, cache_size: int = 2, max_chain: int = 16,
                  cache_bytes: int | None = None):
+        for what, v, least in (("workers", workers, 1), ("cache_size", cache_size, 0), ("max_chain", max_chain, 0),
+                               ("cache_bytes", cache_bytes, 0)):
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < least):
+                raise InvalidInputError(f"{what}={v!r}: give an integer of at least {least}")
         self.store = store
         self.max_chain = max_chain
         self.executor = Executor(workers)
@@ -208,6 +254,7 @@ class Archive:
         not bit-exactly. Returns the manifest.
         """
         t0 = time.perf_counter()
+        meta = _meta(meta)
         backend = get_backend(resolve_device(device, tensors))
         arrays = as_tensor_dict(tensors, backend=backend)
         cfg = get_setting(setting)
@@ -237,7 +284,7 @@ class Archive:
                 grand = base_m.base if base_m is not None and any(st.plan.enc == "pred" for st in staged) else None
                 m = Manifest(id=sid, created=_now(), base=base, grand=grand, streams=streams, tensors=entries,
                              setting=cfg.name, segment=layout.segment, raw_bytes=sum(st.nbytes for st in staged),
-                             stored_bytes=sum(s.stored for s in streams), meta=dict(meta or {}),
+                             stored_bytes=sum(s.stored for s in streams), meta=meta,
                              commit_seconds=round(time.perf_counter() - t0, 6))
                 try:
                     if not self._bases_unchanged(m, base_bits, grand_bits, backend):
@@ -436,7 +483,7 @@ class Archive:
         if framework not in ("numpy", "torch"):
             raise InvalidInputError(f"framework must be 'numpy' or 'torch', not {framework!r}")
         backend = get_backend(resolve_device(device))
-        bits, cached = self._read(snapshot, names, backend)
+        bits, cached = self._read(snapshot, _names(names), backend)
         if not cached:
             self.bases.share(snapshot)  # the caller now holds the cached arrays
         return backend.outputs(self.manifest(snapshot), bits, framework, copy=cached)  # never share held arrays
@@ -461,7 +508,7 @@ class Archive:
         from gpupas.engine.partial import PartialReader
 
         with PartialReader(self.store, self.manifest, get_backend("numpy"), self.executor, base_planes) as reader:
-            return reader.read(snapshot, planes, names)
+            return reader.read(snapshot, planes, _names(names))
 
     def verify(self, snapshot: str) -> int:
         """Re-read every chunk and tensor of ``snapshot`` (and what it needs of its chain); raises

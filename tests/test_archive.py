@@ -276,6 +276,38 @@ def test_bad_input_is_refused_and_changes_nothing(archive: gpupas.Archive, tmp_p
     _same(archive.restore(m0.id), _model(0))
 
 
+def test_bad_options_are_refused_before_anything_is_written(archive: gpupas.Archive, tmp_path: Path) -> None:
+    """Options a reader would reject later (a chunk size, a manifest's meta) are refused up front, named."""
+    m0 = archive.commit(_model(0))
+    for kw in ({"chunk_size": -5}, {"chunk_size": 0}, {"chunk_size": 2.5}, {"chunk_size": (1 << 30) + 1},
+               {"groups": (-1,)}, {"rotate": "no"}, {"segment": 1.5e6}):
+        with pytest.raises(InvalidInputError, match=next(iter(kw))):
+            gpupas.Layout(**kw)
+    for meta, what in (({"lr": float("nan")}, "finite"), ({1: "x", "1": "y"}, "string keys"),
+                       ({"when": object()}, "not a JSON value")):
+        with pytest.raises(InvalidInputError, match=what):
+            archive.commit(_model(1), base=m0.id, meta=meta)
+    for lossy in (5, ["bf16"]):
+        with pytest.raises(InvalidInputError, match="lossy="):
+            archive.commit(_model(1), lossy=lossy)
+    with pytest.raises(InvalidInputError, match="does not make tensor 'enc.w'"):
+        archive.commit(_model(1), lossy={"enc.w": "fixed:32"})  # float32 as int32: no smaller
+    with pytest.raises(InvalidInputError, match="cache_size"):
+        gpupas.open_archive(archive.location, cache_size=-1)
+    assert archive.snapshots() == [m0.id]
+    m1 = archive.commit(_model(1), meta={"step": np.int64(3), "lr": np.float32(0.5)})  # NumPy scalars: numbers
+    assert m1.meta == {"step": 3, "lr": 0.5} and json.dumps(m1.meta) == '{"step": 3, "lr": 0.5}'
+
+
+def test_restore_reads_names_once(archive: gpupas.Archive) -> None:
+    m = archive.commit(_model(0))
+    names = sorted(_model(0))[:2]
+    assert sorted(archive.restore(m.id, iter(names))) == names  # an iterator: read once, not spent by a check
+    assert sorted(archive.restore(m.id, (n for n in names))) == names
+    assert list(archive.restore(m.id, names[0])) == [names[0]]  # one name as a string
+    assert sorted(archive.read_planes(m.id, 1, iter(names)).approx) == names
+
+
 def test_missing_and_foreign_locations(tmp_path: Path) -> None:
     with pytest.raises(ArchiveNotFoundError, match="gpupas init"):
         gpupas.open_archive(tmp_path / "missing")
@@ -314,6 +346,14 @@ def test_safetensors_file_input(archive: gpupas.Archive, tmp_path: Path) -> None
     bad.write_bytes(path.read_bytes()[:200])
     with pytest.raises(InvalidInputError, match=r"bad\.safetensors"):
         archive.commit(bad)
+    for entry, err, what in (({"dtype": "F32", "shape": [2**32, 2**32], "data_offsets": [0, 0]}, InvalidInputError,
+                              "does not fit"),  # a count past 2^63 must not wrap to one that fits
+                             ({"dtype": "F32", "shape": [1.7], "data_offsets": [0, 4]}, InvalidInputError, "bad dtype"),
+                             ({"dtype": "C64", "shape": [1], "data_offsets": [0, 8]}, UnsupportedDtypeError, "C64")):
+        header = json.dumps({"x": entry}).encode()
+        bad.write_bytes(len(header).to_bytes(8, "little") + header + bytes(8))
+        with pytest.raises(err, match=what):
+            archive.commit(bad)
 
 
 def test_torch_state_dict_roundtrip(archive: gpupas.Archive) -> None:

@@ -293,6 +293,38 @@ def test_training_hook_commits_each_checkpoint_against_the_previous(tmp_path: Pa
         assert repo.verify()["ok"]
 
 
+def test_training_hook_survives_a_refused_call(tmp_path: Path, run: Path) -> None:
+    """A bad metric or step is refused by that call alone: the points pending before stay, and the next
+    good call commits as if the bad one had not been made."""
+    from gpupas.integrations.training import CheckpointHook
+
+    paths = ckpts(run)
+    with CheckpointHook(tmp_path / "arc", "run1") as hook:
+        hook.log(1, loss=0.5)
+        hook(load_checkpoint(paths[0]), step=np.int64(10), metrics={"step": 10})  # a metric may be named "step"
+        hook.log(11, loss=0.4)
+        for metrics, step in (({"loss": "nan?"}, 20), ({1: 6}, 20), ([0.3], 20), ({"loss": 0.3}, 2.5)):
+            with pytest.raises(InvalidInputError):
+                hook(load_checkpoint(paths[1]), step=step, metrics=metrics)
+        v = hook(load_checkpoint(paths[1]), step=20, metrics={"loss": 0.3})
+    assert [s["step"] for s in v.snapshots] == [10, 20]
+    assert v.metrics["loss"] == [[1, 0.5], [11, 0.4], [20, 0.3]] and v.metrics["step"] == [[10, 10.0]]
+
+
+def test_asynchronous_hook_refuses_a_non_tensor_at_that_call(tmp_path: Path) -> None:
+    from gpupas.integrations.training import CheckpointHook
+
+    w = np.arange(12, dtype=np.float32)
+    with CheckpointHook(tmp_path / "arc", "run1", asynchronous=True) as hook:
+        hook({"w": w}, step=1)
+        for odd in (3, None, [1.0, 2.0]):
+            with pytest.raises(InvalidInputError, match="not a tensor"):
+                hook({"w": w + 1, "n": odd}, step=2)
+        hook({"w": w + 2}, step=3, metrics={"loss": 0.1})
+    v = hook.version
+    assert v is not None and [s["step"] for s in v.snapshots] == [1, 3] and v.metrics["loss"] == [[3, 0.1]]
+
+
 @needs_torch
 def test_training_hook_with_a_torch_loop(tmp_path: Path) -> None:
     import torch

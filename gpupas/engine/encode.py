@@ -9,6 +9,7 @@ publishes the manifest that names them.
 from __future__ import annotations
 
 import itertools
+import numbers
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -30,6 +31,7 @@ from gpupas.store.archive import ArchiveStore
 from gpupas.xp import to_numpy
 
 CHUNK_SIZE = 1 << 18  # bytes per chunk (CPU): the coders' block size and the unit of parallel work
+MAX_CHUNK = 1 << 30  # the largest chunk a reader accepts (FORMAT.md 5)
 SHARD_CHUNKS = 4096  # chunks per shard file at most: 1 GiB of planes
 SHARE_SAMPLES = 512  # bytes sampled (evenly spaced) per part of a chunk that several planes share
 
@@ -47,9 +49,20 @@ class Layout:
     def __post_init__(self) -> None:
         from gpupas.errors import InvalidInputError
 
-        if not MIN_SEGMENT <= self.segment <= 1 << 31:
-            raise InvalidInputError(f"Layout(segment={self.segment}): a segment holds {MIN_SEGMENT} to 2^31 values "
+        def whole(x: Any) -> bool:
+            return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+        if not whole(self.segment) or not MIN_SEGMENT <= self.segment <= 1 << 31:
+            raise InvalidInputError(f"Layout(segment={self.segment!r}): a segment holds {MIN_SEGMENT} to 2^31 values "
                                     f"(default {SEGMENT})")
+        if not whole(self.chunk_size) or not 1 <= self.chunk_size <= MAX_CHUNK:
+            raise InvalidInputError(f"Layout(chunk_size={self.chunk_size!r}): a chunk holds 1 to 2^30 bytes "
+                                    f"(default {CHUNK_SIZE})")
+        if not all(whole(g) and g >= 0 for g in self.groups):
+            raise InvalidInputError(f"Layout(groups={self.groups!r}): the first plane of each further plane group, "
+                                    "as integers (e.g. (1,): the top plane alone)")
+        if not isinstance(self.rotate, bool):
+            raise InvalidInputError(f"Layout(rotate={self.rotate!r}): True or False")
 
     def tier_of(self, first_plane: int) -> str | None:
         """The tier of the stream whose planes start at ``first_plane`` (None: the archive's own store)."""

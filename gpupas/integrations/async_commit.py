@@ -37,7 +37,10 @@ from concurrent.futures import Future
 from contextlib import ExitStack
 from typing import Any
 
+import numpy as np
+
 from gpupas.engine.executor import Executor
+from gpupas.errors import InvalidInputError
 
 
 def _is_cuda_torch(t: Any) -> bool:
@@ -67,8 +70,15 @@ def copy_state(state: Mapping[str, Any]) -> tuple[dict[str, Any], Any]:
         event.record()
         out.update(zip(names, dsts))
     for k, v in state.items():
-        if k not in out:
-            out[k] = v.detach().clone() if hasattr(v, "detach") else v.copy()
+        if k in out:
+            continue
+        if hasattr(v, "detach"):
+            out[k] = v.detach().clone()
+        elif isinstance(v, np.ndarray) or hasattr(v, "__cuda_array_interface__"):  # NumPy, CuPy
+            out[k] = v.copy()
+        else:  # refused now, as a synchronous commit would, not by the next call
+            raise InvalidInputError(f"{k!r} is a {type(v).__name__}, not a tensor: a checkpoint holds torch tensors "
+                                    "or NumPy/CuPy arrays")
     return {k: out[k] for k in state}, event
 
 

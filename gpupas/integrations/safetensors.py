@@ -7,6 +7,7 @@ Reading never executes code and checks every offset against the file.
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from collections.abc import Mapping
@@ -48,17 +49,28 @@ def load_file(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
     for name, info in header.items():
         if name == "__metadata__":
             continue
+        code = info.get("dtype") if isinstance(info, dict) else None
+        if isinstance(code, str) and code not in _DTYPES:
+            raise UnsupportedDtypeError(f"{path}: tensor {name!r} is {code}, which gpupas does not store (it stores "
+                                        f"{', '.join(sorted(_DTYPES))}); convert it first")
         try:
             dtype = np.dtype(_DTYPES[info["dtype"]])
-            shape = tuple(int(s) for s in info["shape"])
-            start, end = (int(o) for o in info["data_offsets"])
+            shape = tuple(_whole(s) for s in info["shape"])
+            start, end = (_whole(o) for o in info["data_offsets"])
         except (KeyError, TypeError, ValueError):
             raise InvalidInputError(f"{bad}: entry {name!r} has a bad dtype, shape or offsets") from None
-        count = int(np.prod(shape, dtype=np.int64))
+        count = math.prod(shape)  # a Python int: a product past 2^63 cannot wrap into a small one
         if min(shape, default=0) < 0 or not 0 <= start <= end <= len(body) or end - start != count * dtype.itemsize:
             raise InvalidInputError(f"{bad}: tensor {name!r} does not fit its offsets (truncated file?)")
         out[name] = np.frombuffer(body[start:end], dtype=dtype).reshape(shape).copy()
     return out
+
+
+def _whole(x: Any) -> int:
+    """A JSON integer of the header (not a float, bool or string that int() would take)."""
+    if isinstance(x, bool) or not isinstance(x, int):
+        raise TypeError(f"{x!r} is not an integer")
+    return x
 
 
 def save_file(tensors: Mapping[str, np.ndarray], path: str | os.PathLike[str],

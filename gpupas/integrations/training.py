@@ -34,8 +34,8 @@ import os
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from gpupas.errors import ArchiveNotFoundError
-from gpupas.versions.metrics import normalize_metrics
+from gpupas.errors import ArchiveNotFoundError, InvalidInputError
+from gpupas.versions.metrics import merge_metrics, normalize_metrics, snapshot_step
 from gpupas.versions.model import Version
 from gpupas.versions.repository import Repository, create_repository, open_repository
 
@@ -45,8 +45,6 @@ def _state_dict(obj: Any) -> Mapping[str, Any]:
         return obj.state_dict()
     if isinstance(obj, Mapping):
         return obj
-    from gpupas.errors import InvalidInputError
-
     raise InvalidInputError(f"a checkpoint is a torch module or a mapping of tensors, not a {type(obj).__name__}")
 
 
@@ -85,22 +83,44 @@ class CheckpointHook:
 
             self._async = AsyncCommitter(self._append)
 
-    def log(self, step: int | None = None, **metrics: float) -> None:
+    def log(self, step: int | None = None, /, **metrics: float) -> None:
         """Record metric values at ``step`` (written with the next checkpoint, or on close)."""
-        for k, v in metrics.items():
-            self._pending.setdefault(k, []).append([step if step is not None else 0, v])
+        self._add(step, metrics)
+
+    def _add(self, step: int | None, metrics: Mapping[str, Any]) -> None:
+        """Checked before kept: a bad value is refused here and leaves the points pending as they were."""
+        if not isinstance(metrics, Mapping):
+            raise InvalidInputError(f"metrics must map metric names to numbers, not be a {type(metrics).__name__}")
+        at = 0 if step is None else step
+        merge_metrics(self._pending, normalize_metrics({k: [[at, v]] for k, v in metrics.items()}))
 
     def _take(self, step: int | None, metrics: Mapping[str, Any] | None) -> dict[str, list[list[Any]]]:
+        """The pending points with ``metrics`` at ``step`` added (nothing is changed where they are refused)."""
+        before = {k: list(v) for k, v in self._pending.items()}
         if metrics:
-            self.log(step, **{k: v for k, v in metrics.items()})
-        pending, self._pending = normalize_metrics(self._pending), {}
+            try:
+                self._add(step, metrics)
+            except BaseException:
+                self._pending = before
+                raise
+        pending, self._pending = self._pending, {}
         return pending
 
     def __call__(self, model_or_state: Any, *, step: int | None = None, metrics: Mapping[str, Any] | None = None,
                  best: bool = False) -> Version:
         """Commit one checkpoint (a module or a state_dict); returns the version as it now stands."""
         state = _state_dict(model_or_state)
+        step = snapshot_step(step)
         series = self._take(step, metrics)
+        try:
+            return self._commit(model_or_state, state, step, series, best)
+        except BaseException:  # nothing was committed (an asynchronous mode's submit raises before it copies)
+            merge_metrics(series, self._pending)  # so its points stay pending, in order
+            self._pending = series
+            raise
+
+    def _commit(self, model_or_state: Any, state: Mapping[str, Any], step: int | None,
+                series: dict[str, list[list[Any]]], best: bool) -> Version:
         if self.version is None:
             module = self.model if self.model is not None else (model_or_state if hasattr(model_or_state,
                                                                                           "named_modules") else None)

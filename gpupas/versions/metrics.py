@@ -6,6 +6,7 @@ import csv
 import io
 import json
 import math
+import operator
 import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
@@ -37,6 +38,16 @@ def _step(v: Any) -> int | float:
     if not math.isfinite(f):
         raise InvalidInputError(f"step {v!r} is not finite")
     return int(f) if f.is_integer() else f
+
+
+def snapshot_step(step: Any) -> int | None:
+    """A snapshot's training step as a plain int (NumPy and torch integer scalars too), or None."""
+    if step is None:
+        return None
+    try:
+        return operator.index(step)
+    except TypeError:
+        raise InvalidInputError(f"step {step!r} must be an integer (the training step of the snapshot)") from None
 
 
 def _from_rows(rows: Iterable[Mapping[str, Any]], source: str) -> dict[str, list[list[Any]]]:

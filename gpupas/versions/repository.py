@@ -38,7 +38,7 @@ from gpupas.tensors import load_checkpoint
 from gpupas.versions import export as _export
 from gpupas.versions import inspect as _inspect
 from gpupas.versions import verify as _verify
-from gpupas.versions.metrics import merge_metrics, normalize_metrics, pick_best, upto
+from gpupas.versions.metrics import merge_metrics, normalize_metrics, pick_best, snapshot_step, upto
 from gpupas.versions.model import (
     Record,
     Version,
@@ -327,6 +327,7 @@ class Repository:
         parent_ids = list(dict.fromkeys(self.resolve(p) for p in parents))
         hp = to_json(dict(hyperparameters or {}), "hyperparameters")
         series = normalize_metrics(metrics)
+        step = snapshot_step(step)
         sources = self._sources(checkpoints)
         if step is not None:
             sources = [(src, label, step if st is None else st) for src, label, st in sources]
@@ -371,6 +372,7 @@ class Repository:
         """
         vid = self.resolve(ref)
         series = normalize_metrics(metrics)
+        step = snapshot_step(step)
         latest = Version(self._record(vid)).latest
         if isinstance(tensors, (str, os.PathLike)):
             (path,) = checkpoint_files(tensors)
