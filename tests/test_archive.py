@@ -290,7 +290,7 @@ def test_bad_options_are_refused_before_anything_is_written(archive: gpupas.Arch
     for lossy in (5, ["bf16"]):
         with pytest.raises(InvalidInputError, match="lossy="):
             archive.commit(_model(1), lossy=lossy)
-    with pytest.raises(InvalidInputError, match="does not make tensor 'enc.w'"):
+    with pytest.raises(InvalidInputError, match=r"does not make tensor 'enc\.w'"):
         archive.commit(_model(1), lossy={"enc.w": "fixed:32"})  # float32 as int32: no smaller
     with pytest.raises(InvalidInputError, match="cache_size"):
         gpupas.open_archive(archive.location, cache_size=-1)
