@@ -203,18 +203,27 @@ def test_revision_names_new_folders_only(built: Built) -> None:
     assert all((built.root / "snapshots" / f / "zarr.json").is_file() for f in built.old_folders)  # garbage, for gc
 
 
-def test_the_sketch_in_format_md_decodes(built: Built) -> None:
-    """The worked recipe of docs/FORMAT.md (a sketch with few checks) runs as printed."""
+def test_the_sketch_in_format_md_decodes(built: Built, tmp_path: Path) -> None:
+    """The worked recipe of docs/FORMAT.md (a sketch with few checks) runs as printed, on every snapshot
+    here (sign-on-top planes and each lossy scheme included), the golden archives and a local tier."""
     text = (Path(__file__).parents[1] / "docs" / "FORMAT.md").read_text()
     code = text.split("## 17. A worked recipe", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
     ns: dict[str, Any] = {"crc32c": recipe.crc32c, "from_legacy": recipe.from_legacy}
     exec(compile(code, "FORMAT.md", "exec"), ns)
-    for root, sids in [(built.root, ["whole", "groups", "delta", "edge", "p2", "huge1", "revised"]),
-                       (FIXTURES / "format2" / "archive", ["b5aafe9f65334140"])]:
+    tiered = tmp_path / "tiered"
+    with gpupas.create_archive(tiered) as a:
+        a.add_tier("cold", tmp_path / "cold")
+        m = a.commit(_whole(), layout=gpupas.Layout(groups=(1,), tiers=(None, "cold")))
+        assert [s.tier for s in m.streams] == [None, "cold"]
+    cases = [(built.root, list(built.want)), (tiered, [m.id])]
+    cases += [(FIXTURES / f / "archive", sorted({k.split("|")[0] for k in json.loads(
+        (FIXTURES / f / "expected.json").read_text())["tensors"]})) for f in ("format1", "format2", "format3")]
+    for root, sids in cases:
         for sid in sids:
             got, want = ns["restore"](root, sid), recipe.restore(root, sid)
             assert got.keys() == want.keys()
             assert all(got[k].tobytes() == v.tobytes() and got[k].shape == v.shape for k, v in want.items()), sid
+    assert {"raw", "rawdelta", "lossy2", "lossy3"} <= set(built.want)  # rot: false and the schemes were run
 
 
 @pytest.mark.parametrize("fmt", ["format1", "format2"])
