@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 import gpupas
 
@@ -108,3 +109,23 @@ def test_orphan_folders_are_listed(tmp_path: Path) -> None:
     assert archive.gc(min_age=0) == orphans
     assert archive.store.orphan_folders() == []
     assert archive.restore("kept")["w0"].tobytes() == expected(0)["w0"].tobytes()
+
+
+def test_gc_removes_nothing_while_a_version_record_is_damaged(tmp_path: Path) -> None:
+    """A damaged record could be repaired; its snapshots must not look unused meanwhile."""
+    from gpupas.errors import IntegrityError
+
+    w = np.arange(1000, dtype=np.float32)
+    with gpupas.create_repository(tmp_path / "arc") as repo:
+        repo.commit("a", {"w": w})
+        v2 = repo.commit("b", {"w": w + 1})
+    record = tmp_path / "arc" / "versions" / f"{v2.id}.json"
+    good = record.read_bytes()
+    record.write_bytes(good.replace(b'"b"', b'"c"', 1))  # one byte: the checksum no longer matches
+    with gpupas.open_repository(tmp_path / "arc") as repo:
+        with pytest.raises(IntegrityError, match="gc removes nothing"):
+            repo.gc(min_age=0)
+    record.write_bytes(good)
+    with gpupas.open_repository(tmp_path / "arc") as repo:
+        assert repo.gc(min_age=0) == [] and repo.verify()["ok"]
+        assert repo.restore(v2.id)["w"].tobytes() == (w + 1).tobytes()

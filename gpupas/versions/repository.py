@@ -558,11 +558,24 @@ class Repository:
         class _Roots:  # evaluated under the archive's exclusive lock: no commit is between its steps then
             def __call__(self, m: Any) -> bool:
                 if not referenced:
-                    referenced.update(s["id"] for v in repo_versions() for s in v.snapshots)
+                    referenced.update(s["id"] for v in every_version() for s in v.snapshots)
                     referenced.add("")
                 return is_root(m)
 
-        repo_versions = self.versions
+        def every_version() -> list[Version]:
+            """Every record, or IntegrityError: a record that cannot be read may name snapshots."""
+            out = []
+            for vid in self.records.version_ids():
+                try:
+                    rec = self.records.version(vid)
+                except IntegrityError as exc:
+                    raise IntegrityError(f"{exc}; gc removes nothing while a version record cannot be read (its "
+                                         "snapshots would look unused): repair or restore it, then run gc again"
+                                         ) from None
+                if rec is not None:
+                    out.append(Version(rec))
+            return out
+
         found = self.archive.store.collect(_Roots(), min_age, dry_run)
         for kind, name, _ in found:
             if kind == "snapshot":
