@@ -73,6 +73,10 @@ class CodecUnavailableError(BackendUnavailableError):
     """A chunk codec gpupas knows but that cannot run here (a GPU-only codec on a CPU machine)."""
 
 
+class StoreUnavailableError(GpupasError, OSError):
+    """An archive's remote store cannot be reached (missing credentials, a wrong endpoint, a server down)."""
+
+
 class TierUnavailableError(GpupasError, OSError):
     """A storage tier the archive defines cannot be reached or is not the tier it names (wrong URL,
     missing credentials, a server down)."""

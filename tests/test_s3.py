@@ -99,3 +99,38 @@ def test_versions_tags_files_and_catalog_on_s3(s3_options: dict[str, Any], tmp_p
             repo.tag("base", c.id)
         repo.tag("base", c.id, force=True)
         assert repo.tags() == {"base": c.id}
+
+
+def test_command_line_on_an_s3_url(s3_options: dict[str, Any], tmp_path: Any) -> None:
+    """``-A s3://...`` and ``init s3://...`` reach the server (a Path once made them a local folder
+    named "s3:"); credentials and the endpoint come from the AWS_* variables, and without them the
+    error names the URL and what to give."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from gpupas.integrations.safetensors import save_file
+
+    url, opts = split(s3_options)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_") and k != "GPUPAS_ARCHIVE"}
+    env |= {"PYTHONPATH": str(Path(__file__).resolve().parents[1]), "AWS_DEFAULT_REGION": "us-east-1"}
+    creds = {"AWS_ACCESS_KEY_ID": opts["key"], "AWS_SECRET_ACCESS_KEY": opts["secret"],
+             "AWS_ENDPOINT_URL": opts["endpoint_url"]}
+    w = np.arange(300, dtype=np.float32)
+    save_file({"w": w}, tmp_path / "w.safetensors")
+
+    def gp(*args: str, extra: dict[str, str] = creds) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "gpupas.cli", *args], capture_output=True, text=True,
+                              env=env | extra, cwd=tmp_path, timeout=120)
+
+    assert gp("init", url).returncode == 0
+    assert gp("-A", url, "commit", "-n", "net", str(tmp_path / "w.safetensors")).returncode == 0
+    assert gp("-A", url, "verify").returncode == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["w.safetensors"]  # nothing local was made
+    with gpupas.open_repository(url, storage_options=opts) as repo:
+        assert repo.restore("net")["w"].tobytes() == w.tobytes()
+    res = gp("-A", url, "log", extra={"AWS_ENDPOINT_URL": opts["endpoint_url"], "AWS_SHARED_CREDENTIALS_FILE":
+                                      str(tmp_path / "none"), "AWS_CONFIG_FILE": str(tmp_path / "none")})
+    assert res.returncode == 4 and f"cannot reach {url}" in res.stderr and "credentials" in res.stderr, res.stderr
+    assert "Traceback" not in res.stderr

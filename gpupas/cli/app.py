@@ -39,16 +39,16 @@ app = typer.Typer(
 
 
 class State:
-    archive: Path | None = None
+    archive: str | None = None  # a path or a URL (a Path would turn s3://b into s3:/b)
     quiet: bool = False
 
 
 STATE = State()
 
-GlobalArchiveOpt = Annotated[Path | None, typer.Option(
+GlobalArchiveOpt = Annotated[str | None, typer.Option(
     "--archive", "-A", envvar="GPUPAS_ARCHIVE", show_envvar=True, metavar="DIR",
     help="Archive directory or URL (default: ./gpupas-archive).")]
-ArchiveOpt = Annotated[Path | None, typer.Option(
+ArchiveOpt = Annotated[str | None, typer.Option(
     "--archive", "-A", metavar="DIR", help="Archive directory or URL (as before the command).")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document instead of tables.")]
 SnapOpt = Annotated[str | None, typer.Option("--snapshot", "-s", metavar="SNAPSHOT",
@@ -109,13 +109,13 @@ def _command(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-def _location(archive: Path | None) -> str:
+def _location(archive: str | None) -> str:
     loc = archive if archive is not None else STATE.archive
     return str(loc) if loc is not None else DEFAULT_ARCHIVE
 
 
 @contextmanager
-def _repo(archive: Path | None) -> Iterator[Any]:
+def _repo(archive: str | None) -> Iterator[Any]:
     from gpupas.versions.repository import open_repository
 
     repo = open_repository(_location(archive))
@@ -201,7 +201,8 @@ SettingOpt = Annotated[str, typer.Option("--setting", metavar="NAME",
 # -- versions -------------------------------------------------------------------------------------------------
 @app.command()
 @_command
-def init(path: Annotated[Path | None, typer.Argument(metavar="DIR", help="Where to create the archive.")] = None,
+def init(path: Annotated[str | None, typer.Argument(
+        metavar="DIR", help="Where to create the archive (a directory or a URL).")] = None,
          archive: ArchiveOpt = None) -> None:
     """Create an empty archive."""
     from gpupas.versions.repository import create_repository

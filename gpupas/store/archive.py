@@ -24,9 +24,11 @@ from gpupas.errors import (
     ArchiveNotFoundError,
     ConflictError,
     FormatError,
+    GpupasError,
     IntegrityError,
     InvalidInputError,
     SnapshotNotFoundError,
+    StoreUnavailableError,
     TierNotFoundError,
     TierUnavailableError,
 )
@@ -78,7 +80,14 @@ class ArchiveStore:
         ``tier_options``: storage options (credentials) of its tiers, by tier name."""
         loc = os.fspath(location)
         store = open_store(loc, create=create, durable=durable, storage_options=storage_options)
-        meta = store.get(keys.ROOT)
+        try:
+            meta = store.get(keys.ROOT)
+        except Exception as exc:  # a remote store's client raises its own types (no credentials, no endpoint)
+            if isinstance(exc, GpupasError) or not is_remote(loc):
+                raise
+            raise StoreUnavailableError(f"cannot reach {loc}: {type(exc).__name__}: {exc}; give its credentials "
+                                        "and endpoint (storage_options, or the AWS_* environment variables for "
+                                        "s3://)") from None
         if meta is None:
             if not create:
                 raise ArchiveNotFoundError(f"no archive at {loc}: it has no zarr.json; create one with "
