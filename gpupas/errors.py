@@ -77,6 +77,11 @@ class StoreUnavailableError(GpupasError, OSError):
     """An archive's remote store cannot be reached (missing credentials, a wrong endpoint, a server down)."""
 
 
+class Unreachable(str):
+    """A problem report (a string) saying what could not be read because a store or tier cannot be
+    reached: nothing was found damaged there (``gpupas verify`` exits 4 for these, not 3)."""
+
+
 class TierUnavailableError(GpupasError, OSError):
     """A storage tier the archive defines cannot be reached or is not the tier it names (wrong URL,
     missing credentials, a server down)."""

@@ -13,15 +13,20 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
-from gpupas.errors import ArchiveExistsError
+from gpupas.errors import ArchiveExistsError, InvalidInputError
 
 
 def write_file(path: str | os.PathLike[str], fill: Callable[[BinaryIO], None], *, replace: bool = False) -> Path:
     """Write ``path`` with ``fill(file)``; ArchiveExistsError if it exists and not ``replace``."""
     p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(f".{p.name}.{uuid.uuid4().hex}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    if p.is_dir():
+        raise InvalidInputError(f"{p} is a folder; give the path of a file to write")
+    try:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        tmp = p.with_name(f".{p.name}.{uuid.uuid4().hex}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    except OSError as exc:  # named by the file asked for, not by the temporary one
+        raise OSError(exc.errno, f"cannot write {p}: {exc.strerror}") from None
     try:
         with os.fdopen(fd, "wb") as f:
             fill(f)

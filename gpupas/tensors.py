@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -49,12 +50,26 @@ def load_checkpoint(path: str | os.PathLike[str], notes: list[str] | None = None
             obj = torch.load(p, map_location="cpu", weights_only=True)
         except Exception as exc:  # torch raises many types for damaged or unsafe files
             raise InvalidInputError(f"{p} is not a loadable torch checkpoint (weights only; no code is run): "
-                                    f"{exc}") from None
+                                    f"{_why(exc, p)}") from None
         return as_tensor_dict(_unwrap(obj, str(p), notes), source=str(p))
     raise InvalidInputError(
         f"{p}: unknown checkpoint type {p.suffix!r}; give a .safetensors file, a torch checkpoint "
         f"({', '.join(TORCH_SUFFIXES)}) or a model folder"
     )
+
+
+def _why(exc: Exception, path: Path) -> str:
+    """torch.load's error in one plain line: an empty file named, a pickled object (not tensors) told to save
+    its state_dict instead, terminal colour codes and torch's multi-paragraph advice left out."""
+    if path.stat().st_size == 0:
+        return "the file is empty"
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip()
+    if "Weights only load failed" in text or "Unsupported global" in text:
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+        what = f" ({found.group(1)})" if found else ""
+        return (f"it pickles Python objects{what}, not just tensors; save model.state_dict() with torch.save, "
+                "or a safetensors file")
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _is_tensor(v: Any) -> bool:
@@ -79,9 +94,9 @@ def _unwrap(obj: Any, source: str, notes: list[str] | None) -> Mapping[str, Any]
             return _strip_ddp(inner)
     tensors = {k: v for k, v in obj.items() if _is_tensor(v)}
     if not tensors:
-        raise InvalidInputError(f"{source} holds no tensors a model could be rebuilt from: its keys are "
-                                f"{', '.join(map(str, list(obj)[:8]))}; save model.state_dict() (or a dict with it "
-                                f"under one of {', '.join(WRAPPERS[:4])})")
+        keys = f"its keys are {', '.join(map(str, list(obj)[:8]))}" if obj else "it is empty"
+        raise InvalidInputError(f"{source} holds no tensors a model could be rebuilt from: {keys}; save "
+                                f"model.state_dict() (or a dict with it under one of {', '.join(WRAPPERS[:4])})")
     if notes is not None and len(tensors) < len(obj):
         notes.append(f"{source}: left out {len(obj) - len(tensors)} entries that are not tensors")
     return _strip_ddp(tensors)

@@ -4,6 +4,7 @@ against a plain loop over the chunks written from its docstring: the same intege
 from __future__ import annotations
 
 import bisect
+import math
 
 import ml_dtypes
 import numpy as np
@@ -49,7 +50,10 @@ def reference(entries, streams, bufs, chunk_sizes, segment):
         total = sum(weights)
         for (i, p, _, _), w in zip(parts, weights):
             shares[i][p] += stored * w / total
-    return [(tuple(round(x) for x in sh[:-1]), round(sum(sh))) for sh in shares]
+    total = sum(sum(c) for c in chunk_sizes)  # every stored byte goes to some tensor: largest remainders
+    floors = [math.floor(sum(sh)) for sh in shares]
+    extra = sorted(range(len(shares)), key=lambda i: (floors[i] - sum(shares[i]), i))[: total - sum(floors)]
+    return [(tuple(round(x) for x in sh[:-1]), f + (i in extra)) for i, (sh, f) in enumerate(zip(shares, floors))]
 
 
 def _snapshots(seed: int) -> list[dict[str, np.ndarray]]:

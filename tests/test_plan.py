@@ -261,6 +261,36 @@ def test_cli_plan_and_dry_run(tmp_path: Path) -> None:
     assert res.exit_code == 2 and "at least 1" in res.output
 
 
+def test_default_compaction_stores_no_more_and_restores_nothing_slower(tmp_path: Path) -> None:
+    """Without an alpha a plan budgets each snapshot its recreation now: it never grows the archive
+    (at alpha 2 this archive would be stored whole, more than twice its size) and never slows a restore."""
+    from typer.testing import CliRunner
+
+    import gpupas.cli.jobs  # registers plan and compact
+    from gpupas.cli.app import app
+    from gpupas.plan.archive import plan_archive
+
+    run_archive(tmp_path / "a")
+    with gpupas.open_archive(tmp_path / "a") as a:
+        tight = plan_archive(a, 2.0)
+        kept = plan_archive(a, None, no_slower=True)
+        assert tight.plan.storage > tight.current.storage  # what the old default carried out
+        assert kept.plan.storage <= kept.current.storage and not kept.plan.violations
+        assert all(kept.plan.recreation[g] <= kept.current.recreation[g] * (1 + 1e-9) for g in kept.current.recreation)
+        before = {s: a.manifest(s).stored_bytes for s in a.snapshots()}
+    runner = CliRunner()
+    res = runner.invoke(app, ["-A", str(tmp_path / "a"), "compact", "--scheduler", "sync"])
+    assert res.exit_code == 0, res.output
+    with gpupas.open_archive(tmp_path / "a") as a:
+        assert sum(a.manifest(s).stored_bytes for s in a.snapshots()) <= sum(before.values())
+    for bad, what in ((["--alpha", "nan"], "at least 1"), (["--planner", "foo"], "planner must be"),
+                      (["--pair", "nosuch:x"], "no snapshot"), (["--workers", "0"], "at least one worker"),
+                      (["--scheduler", "bogus"], "scheduler 'bogus'"), (["--codec", "zstdd"], "not a chunk codec")):
+        cmd = "plan" if bad[0] in ("--planner", "--pair") else "compact"
+        res = runner.invoke(app, ["-A", str(tmp_path / "a"), cmd, *bad, "--dry-run"][: 5 if cmd == "plan" else 6])
+        assert res.exit_code in (1, 2) and what in res.output, (bad, res.output)
+
+
 def test_problem_rejects_unknown_scheme() -> None:
     with pytest.raises(ValueError, match="scheme"):
         Problem(StorageGraph(), "serial")

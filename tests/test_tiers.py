@@ -114,6 +114,14 @@ def test_a_missing_tier_says_which_and_what_to_do_while_high_planes_still_read(t
         for sid in sids:
             a.tier(sid, planes_from=2, to="cold")
     shutil.move(tmp_path / "cold", tmp_path / "moved")
+    with gpupas.open_repository(tmp_path / "arc") as repo:  # unreachable is not damaged: reported apart
+        for scheduler in ("sync", "threads"):  # the inline check and the job's graph
+            result = repo.verify(scheduler=scheduler)
+            assert not result["ok"] and result["problems"] == [] and len(result["unreachable"]) == len(sids)
+            assert all("tier 'cold'" in line for line in result["unreachable"])
+    res = subprocess.run([sys.executable, "-m", "gpupas", "-A", str(tmp_path / "arc"), "verify"], capture_output=True,
+                         text=True, timeout=120, cwd=ROOT, env=os.environ | {"PYTHONPATH": str(ROOT)})
+    assert res.returncode == 4 and "nothing found damaged" in res.stderr, res.stderr
     with gpupas.open_archive(tmp_path / "arc") as b:
         with pytest.raises(TierUnavailableError, match=r"'cold' .*not exist.*gpupas tier add cold NEW_URL --force"):
             b.restore(sids[1])

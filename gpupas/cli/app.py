@@ -233,7 +233,8 @@ def commit(
     setting: SettingOpt = "default",
     lossy: Annotated[str | None, typer.Option("--lossy", metavar="SCHEME", help=(
         "Store float tensors lossily: bf16, fp16 (add :truncate), fixed:BITS, quant:BITS or kmeans:BITS "
-        "(BITS <= 8). Restores are then not bit-exact; log and show say so."))] = None,
+        "(fixed: BITS 2..32; quant, kmeans: BITS 1..8). Restores are then not bit-exact; log and show say so."
+    ))] = None,
     archive: ArchiveOpt = None, as_json: JsonOpt = False,
 ) -> None:
     """Commit checkpoints as a new version (a directory: its files become time-ordered snapshots)."""
@@ -390,7 +391,7 @@ def diff(a: Annotated[str, typer.Argument(metavar="VERSION_A", help="First versi
          snapshot_b: Annotated[str | None, typer.Option("--snapshot-b", metavar="SNAPSHOT", help=(
              "Snapshot of the second version (default: latest).")) ] = None,
          weights: Annotated[bool, typer.Option("--weights/--no-weights", help="Compare the weights too.")] = True,
-         top: Annotated[int, typer.Option("--top", metavar="N", help=(
+         top: Annotated[int, typer.Option("--top", metavar="N", min=0, help=(
              "Tensors (and added/removed names) to list, most changed first; 0: all."))] = 10,
          archive: ArchiveOpt = None, as_json: JsonOpt = False) -> None:
     """Two versions side by side: network, hyperparameters, metrics and per-tensor weight changes."""
@@ -480,7 +481,8 @@ def verify(refs: Annotated[list[str] | None, typer.Argument(metavar="VERSION", h
                "Run the checks on a Dask cluster: a scheduler address, or 'local' for a cluster of worker "
                "processes here (default: in this process)."))] = None,
            archive: ArchiveOpt = None, as_json: JsonOpt = False) -> None:
-    """Re-read and check every chunk, tensor, record and file; exit code 3 if anything is damaged."""
+    """Re-read and check every chunk, tensor, record and file; exit code 3 if anything is damaged, 4 if some
+    snapshot could not be read because a store or tier cannot be reached (and nothing is damaged)."""
     with _repo(archive) as repo, _progress("verify") as progress:
         result = repo.verify(refs or None, progress=progress,
                              scheduler=None if scheduler == "local" else (scheduler or "sync"))
@@ -496,9 +498,15 @@ def verify(refs: Annotated[list[str] | None, typer.Argument(metavar="VERSION", h
         else:
             for problem in result["problems"]:
                 o.err.print(render.Text(f"damaged: {problem}"))
-            o.error(f"{len(result['problems'])} problem(s) in {summary}; restore the damaged parts from a copy")
+            for problem in result["unreachable"]:
+                o.err.print(render.Text(f"not checked: {problem}"))
+            if result["problems"]:
+                o.error(f"{len(result['problems'])} problem(s) in {summary}; restore the damaged parts from a copy")
+            else:
+                o.error(f"{len(result['unreachable'])} snapshot(s) could not be read (a store or tier cannot be "
+                        f"reached; nothing found damaged) in {summary}; make it reachable and verify again")
     if not result["ok"]:
-        raise typer.Exit(INTEGRITY)
+        raise typer.Exit(INTEGRITY if result["problems"] else FAILURE)
 
 
 @app.command()

@@ -15,8 +15,10 @@ from gpupas.cli import render
 from gpupas.cli.app import ArchiveOpt, JsonOpt, _command, _location, _out, app
 from gpupas.errors import InvalidInputError
 
-AlphaOpt = Annotated[float, typer.Option("--alpha", metavar="A", help=(
-    "Recreation budget of each snapshot: A x its restore time under the fastest plan (the shortest-path tree)."))]
+AlphaOpt = Annotated[float | None, typer.Option("--alpha", metavar="A", help=(
+    "Recreation budget of each snapshot: A x its restore time under the fastest plan (the shortest-path tree); "
+    "may store more than now. Default: each snapshot no slower to restore than now (store less, or change "
+    "nothing)."))]
 SchemeOpt = Annotated[str, typer.Option("--scheme", metavar="SCHEME", help=(
     "How a group's recreation adds up: independent (sum) or parallel (max)."))]
 BudgetOpt = Annotated[list[str] | None, typer.Option("--budget", metavar="SNAPSHOT=SECONDS", help=(
@@ -50,8 +52,8 @@ def _pairs(items: list[str] | None) -> list[tuple[str, str]]:
     return out
 
 
-def _check(alpha: float, scheme: str, sample: float) -> None:
-    if alpha < 1:
+def _check(alpha: float | None, scheme: str, sample: float) -> None:
+    if alpha is not None and not 1 <= alpha < float("inf"):  # NaN too
         raise InvalidInputError(f"--alpha must be at least 1 (1: as fast as the fastest plan), not {alpha:g}")
     if scheme not in ("independent", "parallel"):
         raise InvalidInputError(f"--scheme must be independent or parallel, not {scheme!r}")
@@ -63,11 +65,13 @@ def render_plan(o: render.Output, p: Any) -> None:
     """The plans side by side, then the chosen plan per snapshot."""
     t = render.table(["plan", "stored", "vs whole", "recreation (sum)", "slowest snapshot", "deepest chain",
                       "budgets"], right=["stored", "vs whole", "recreation (sum)", "slowest snapshot", "deepest chain"],
-                     title=f"plans at alpha {p.alpha:g} ({p.scheme}); recreation in modelled seconds")
+                     title=(f"plans at alpha {p.alpha:g}" if p.alpha is not None else
+                            "plans restoring no snapshot slower than now") + f" ({p.scheme}); recreation in modelled "
+                     "seconds")
     whole = p.plans["materialized"].storage
     for name, plan in [("current", p.current), *((k, p.plans[k]) for k in ("materialized", "mst", "spt", "last",
                                                                               "pas-mt", "pas-pt"))]:
-        label = f"{name} (chosen)" if plan is p.plan and name != "current" else name
+        label = f"{name} (chosen)" if plan is p.plan and (name != "current" or p.chosen == "current") else name
         ok = "met" if not plan.violations else f"{len(plan.violations)} over"
         render.row(t, label, render.size(plan.storage), render.pct(plan.storage, whole), f"{plan.total_recreation:.3f}",
                    f"{max(plan.recreation.values(), default=0):.3f}", plan.max_depth, ok)
@@ -83,11 +87,16 @@ def render_plan(o: render.Output, p: Any) -> None:
     o.note(f"cost model: {p.model.describe()}; ~ = sampled estimate: {p.estimates.describe()}")
     for v in p.plan.violations:
         o.warn(f"budget not met: {v}")
+    if p.chosen == "current":
+        o.note(p.notes[-1])
+    elif p.plan.storage > p.current.storage:
+        o.warn("this plan stores more than the archive does now: its budgets need faster restores than deltas "
+               "give (a larger --alpha stores less; without --alpha nothing is restored slower than now)")
 
 
 @app.command()
 @_command
-def plan(alpha: AlphaOpt = 2.0, scheme: SchemeOpt = "independent", budget: BudgetOpt = None, pair: PairOpt = None,
+def plan(alpha: AlphaOpt = None, scheme: SchemeOpt = "independent", budget: BudgetOpt = None, pair: PairOpt = None,
          sample: SampleOpt = 1 / 16,
          planner: Annotated[str, typer.Option("--planner", metavar="NAME", help=(
              "Which plan to show per snapshot: pas (the better of pas-mt and pas-pt), pas-mt, pas-pt, last, mst, "
@@ -103,7 +112,7 @@ def plan(alpha: AlphaOpt = 2.0, scheme: SchemeOpt = "independent", budget: Budge
         if not a.store.list_snapshots():
             raise InvalidInputError(f"archive {a.location} has no snapshots to plan")
         p = plan_archive(a, alpha, scheme=scheme, budgets=_budgets(budget), pairs=_pairs(pair), fraction=sample,
-                         planner=planner)
+                         planner=planner, no_slower=alpha is None)
     if as_json:
         _out().json(p.to_dict())
     else:
@@ -112,7 +121,7 @@ def plan(alpha: AlphaOpt = 2.0, scheme: SchemeOpt = "independent", budget: Budge
 
 @app.command()
 @_command
-def compact(alpha: AlphaOpt = 2.0, scheme: SchemeOpt = "independent", budget: BudgetOpt = None,
+def compact(alpha: AlphaOpt = None, scheme: SchemeOpt = "independent", budget: BudgetOpt = None,
             pair: PairOpt = None, sample: SampleOpt = 1 / 16,
             plan_file: Annotated[Path | None, typer.Option("--plan", metavar="FILE", help=(
                 "Carry out this plan (gpupas plan --json output) instead of planning again."))] = None,
@@ -137,10 +146,12 @@ def compact(alpha: AlphaOpt = 2.0, scheme: SchemeOpt = "independent", budget: Bu
         from gpupas.codecs import registry
 
         for c in codecs:
-            registry.info(c)  # an unknown codec id fails now
+            if c not in registry.known():  # a typo is bad input here, not an archive from a newer gpupas
+                raise InvalidInputError(f"--codec {c!r} is not a chunk codec; use {', '.join(registry.known())}")
     result = compact_archive(_location(archive), target=load_target(plan_file) if plan_file else None, alpha=alpha,
                              scheme=scheme, budgets=_budgets(budget), pairs=_pairs(pair), fraction=sample,
-                             setting=setting, codecs=codecs, dry_run=dry_run, scheduler=scheduler, workers=workers)
+                             setting=setting, codecs=codecs, dry_run=dry_run, scheduler=scheduler, workers=workers,
+                             no_slower=alpha is None)
     o = _out()
     if as_json:
         o.json(result.to_dict())
@@ -150,7 +161,7 @@ def compact(alpha: AlphaOpt = 2.0, scheme: SchemeOpt = "independent", budget: Bu
     for c in d["changes"]:
         o.data(f"{verb} {c['snapshot']}: base {c['old_base'] or '(whole)'} -> {c['base'] or '(whole)'} ({c['why']})")
     for note in d["notes"]:
-        o.warn(f"budget not met: {note}")
+        o.warn(note)
     if dry_run:
         o.line(f"{len(d['changes'])} snapshot(s) would change ({d['decodes']} decodes); nothing was changed")
     else:

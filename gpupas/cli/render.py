@@ -259,11 +259,11 @@ def diff(o: Output, d: dict[str, Any], top: int) -> None:
     t = table(("tensor", "shape", "changed", "max |Δ|", "mean |Δ|", "rel L2"), ("changed", "max |Δ|", "mean |Δ|",
                                                                               "rel L2"))
     for r in rows[: top or None]:
-        if isinstance(r["shape"][0], list):
+        if r["shape"] and isinstance(r["shape"][0], list):  # [old, new]; a 0-d tensor's shape is []
             row(t, r["name"], f"{r['shape'][0]} -> {r['shape'][1]}", "-", "-", "-", "-")
             continue
-        row(t, r["name"], "x".join(map(str, r["shape"])), f"{100 * r['changed']:.1f}%", num(r.get("max_abs")),
-            num(r.get("mean_abs")), num(r.get("rel_l2")))
+        row(t, r["name"], "x".join(map(str, r["shape"])) or "scalar", f"{100 * r['changed']:.1f}%",
+            num(r.get("max_abs")), num(r.get("mean_abs")), num(r.get("rel_l2")))
     o.table(t)
     for sign, names in (("+", w["added"]), ("-", w["removed"])):
         for k in names[: top or None]:

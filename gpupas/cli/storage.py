@@ -75,7 +75,10 @@ def tier_move(refs: Annotated[list[str], typer.Argument(metavar="VERSION", help=
               planes_from: Annotated[int | None, typer.Option("--planes-from", metavar="K", help=(
                   "Planes K and below in significance go to the tier (0 = most significant byte); default 2, "
                   "or with --to local: the planes where they are."))] = None,
-              snapshot: SnapOpt = None, archive: ArchiveOpt = None, as_json: JsonOpt = False) -> None:
+              snapshot: Annotated[str | None, typer.Option("--snapshot", "-s", metavar="SNAPSHOT", help=(
+                  "Only this snapshot of each version (best, latest, a 1-based index or an id); default: all."
+              ))] = None,
+              archive: ArchiveOpt = None, as_json: JsonOpt = False) -> None:
     """Move planes of snapshots between the archive and a tier (an atomic, bit-checked revision each)."""
     from gpupas.tiers import LOCAL, move_many
 
@@ -134,7 +137,7 @@ def inspect(ref: Annotated[str, typer.Argument(metavar="VERSION", help="Version:
             by: Annotated[str, typer.Option("--by", metavar="WHAT", help=(
                 "One row per snapshot (of the version), tensor, layer or plane (of the snapshot)."))] = "layer",
             snapshot: SnapOpt = None,
-            planes: Annotated[int | None, typer.Option("--planes", metavar="K", help=(
+            planes: Annotated[int | None, typer.Option("--planes", metavar="K", min=1, max=8, help=(
                 "--by plane: only the K most significant planes (reads only their chunks)."))] = None,
             archive: ArchiveOpt = None, as_json: JsonOpt = False) -> None:
     """What a version's snapshots store: per snapshot, tensor, layer or plane (the records notebooks plot)."""

@@ -17,7 +17,15 @@ from typing import Any
 
 from gpupas.engine import decode
 from gpupas.engine.bases import BaseCache
-from gpupas.errors import FormatError, GpupasError, IntegrityError, NotFoundError, SnapshotNotFoundError
+from gpupas.errors import (
+    FormatError,
+    GpupasError,
+    IntegrityError,
+    NotFoundError,
+    SnapshotNotFoundError,
+    StoreUnavailableError,
+    TierUnavailableError,
+)
 from gpupas.format.manifest import Manifest
 from gpupas.store.archive import ArchiveStore
 
@@ -213,8 +221,9 @@ def read_all(store: ArchiveStore, sids: Iterable[str], *, manifests: Manifests, 
                     got = bits.get(d)
                     if not isinstance(got, dict):
                         why = f" ({got})" if isinstance(got, Exception) else " (it depends on itself)"
-                        raise IntegrityError(f"snapshot {s}: the snapshot {d} it is a delta on cannot be restored"
-                                             + why)
+                        kind = type(got) if isinstance(got, (TierUnavailableError, StoreUnavailableError)) else \
+                            IntegrityError  # a base out of reach leaves its child out of reach, not damaged
+                        raise kind(f"snapshot {s}: the snapshot {d} it is a delta on cannot be restored" + why)
                     inputs.append(got)
                 base = inputs[0] if m.base is not None and needed and needed[0][0] == m.base else {}
                 grand = inputs[-1] if m.has_pred else {}

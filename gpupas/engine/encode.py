@@ -9,6 +9,7 @@ publishes the manifest that names them.
 from __future__ import annotations
 
 import itertools
+import math
 import numbers
 import uuid
 from collections.abc import Callable, Sequence
@@ -208,8 +209,27 @@ def attribute(entries: list[TensorEntry], streams: Sequence[Stream], bufs: Seque
     share = np.bincount(np.concatenate([none, *(x[0] for x in alone), slot_sh]),
                         weights=np.concatenate([np.zeros(0), *(x[1].astype(np.float64) for x in alone), got]),
                         minlength=int(slots[-1])).tolist()
-    return [replace(e, plane_bytes=tuple(round(x) for x in share[u:v - 1]), stored=round(sum(share[u:v])))
-            for e, u, v in zip(entries, slots[:-1].tolist(), slots[1:].tolist())]
+    bounds = list(zip(slots[:-1].tolist(), slots[1:].tolist()))
+    stored = apportion([sum(share[u:v]) for u, v in bounds], int(stored_of.sum()))  # adds up to the snapshot's
+    return [replace(e, plane_bytes=tuple(round(x) for x in share[u:v - 1]), stored=n)
+            for e, (u, v), n in zip(entries, bounds, stored)]
+
+
+def apportion(shares: Sequence[float], total: int) -> list[int]:
+    """Whole numbers near ``shares`` that add up to ``total`` (their sum, up to float error): each share
+    rounded down, then one more to the largest remainders (the earlier of equal ones first)."""
+    out = [math.floor(x) for x in shares]
+    left = total - sum(out)
+    order = sorted(range(len(out)), key=lambda i: (out[i] - shares[i], i))  # largest remainder first
+    for i in order[:max(0, left)]:
+        out[i] += 1
+    for i in reversed(order):  # float error past the total (never seen): take it back from the smallest remainders
+        if left >= 0:
+            break
+        if out[i] > 0:
+            out[i] -= 1
+            left += 1
+    return out
 
 
 def _pieces(lo: np.ndarray, hi: np.ndarray, size: int, end: int, nchunks: int) -> tuple[np.ndarray, ...]:

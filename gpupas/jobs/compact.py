@@ -10,7 +10,7 @@ from typing import Any
 
 from gpupas.errors import InvalidInputError
 from gpupas.jobs.graph import Job, compact_graph
-from gpupas.jobs.run import run
+from gpupas.jobs.run import check, run
 from gpupas.jobs.tasks import ArchiveSpec, Reencode
 
 
@@ -41,7 +41,8 @@ class Compaction:
 def load_target(path: str | os.PathLike[str]) -> dict[str, str | None]:
     """A plan saved by ``gpupas plan --json`` (its ``target``), or a bare {snapshot: base or null}."""
     try:
-        doc = json.loads(open(path).read())
+        with open(path) as f:
+            doc = json.loads(f.read())
     except (OSError, ValueError) as exc:
         raise InvalidInputError(f"cannot read the plan {path}: {exc}") from None
     target = doc.get("target", doc) if isinstance(doc, dict) else None
@@ -56,10 +57,12 @@ def compact_archive(location: str, *, target: Mapping[str, str | None] | None = 
                     pairs: Iterable[tuple[str, str]] = (), fraction: float = 1 / 16, setting: str | None = None,
                     codecs: Iterable[str] | None = None, dry_run: bool = False, scheduler: Any = None,
                     workers: int = 2, gc_min_age: float | None = None,
-                    storage_options: dict[str, Any] | None = None) -> Compaction:
-    """Carry a storage plan out: ``target`` (snapshot -> base) or the PAS plan at ``alpha``; with
+                    storage_options: dict[str, Any] | None = None, no_slower: bool = False) -> Compaction:
+    """Carry a storage plan out: ``target`` (snapshot -> base) or the PAS plan at ``alpha`` (``no_slower``:
+    restoring no snapshot slower than now, see :func:`~gpupas.plan.archive.plan_archive`); with
     ``setting``/``codecs``, every snapshot is also re-encoded in that form. ``dry_run``: build the
     job and say what would change, change nothing. ``scheduler``: see :func:`gpupas.jobs.run.run`."""
+    check(scheduler, workers)
     spec = ArchiveSpec(location, storage_options)
     notes: list[str] = []
     with spec.open() as a:
@@ -67,9 +70,14 @@ def compact_archive(location: str, *, target: Mapping[str, str | None] | None = 
             from gpupas.plan.archive import plan_archive
 
             planned = plan_archive(a, alpha, scheme=scheme, budgets=budgets, pairs=pairs, fraction=fraction,
-                                   setting=setting or "default")
+                                   setting=setting or "default", no_slower=no_slower)
             target = planned.target
-            notes += [str(v) for v in planned.plan.violations]
+            notes += [f"budget not met: {v}" for v in planned.plan.violations] + planned.notes[-1:] * (
+                planned.chosen == "current")
+            if planned.plan.storage > planned.current.storage:
+                notes.append(f"the plan stores more than the archive does now ({planned.plan.storage:,.0f} against "
+                             f"{planned.current.storage:,.0f} bytes): its budgets need faster restores than deltas "
+                             "give; a larger alpha stores less")
         unknown = sorted((set(target) | {b for b in target.values() if b is not None}) - set(a.store.list_snapshots()))
         if unknown:
             raise InvalidInputError(f"the plan names snapshots not in {location}: {', '.join(unknown[:5])}")

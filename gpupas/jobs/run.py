@@ -10,13 +10,25 @@ from __future__ import annotations
 
 from typing import Any
 
+from gpupas.errors import InvalidInputError
+
 LOCAL = ("sync", "synchronous", "inline", "threads")
+
+
+def check(scheduler: Any = None, workers: int = 2) -> None:
+    """InvalidInputError for a scheduler or worker count :func:`run` could not use (before any work)."""
+    if isinstance(scheduler, str) and scheduler not in LOCAL and ":" not in scheduler:
+        raise InvalidInputError(f"scheduler {scheduler!r}: give 'sync', 'threads' or a Dask scheduler's address "
+                                "(tcp://host:8786)")
+    if scheduler is None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
+        raise InvalidInputError(f"workers={workers!r}: a local cluster needs at least one worker process")
 
 
 def run(job: Any, scheduler: Any = None, *, workers: int = 2) -> list[Any]:
     """Compute ``job``'s targets; returns their results in order (raises the first task error)."""
     import dask
 
+    check(scheduler, workers)
     if not job.targets:
         return []
     if isinstance(scheduler, str) and scheduler in LOCAL:

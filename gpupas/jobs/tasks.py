@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any
 
-from gpupas.errors import GpupasError
+from gpupas.errors import GpupasError, StoreUnavailableError, TierUnavailableError, Unreachable
 
 
 @dataclass(frozen=True)
@@ -80,9 +80,11 @@ def decode_link(spec: ArchiveSpec, sid: str, *inputs: Link) -> Link:
                                 executor=a.executor, cache=a.bases)
             return Link(sid, dict(bits), None, len(bits))
     except (GpupasError, OSError, KeyError) as exc:
-        failed = [x.sid for x in inputs if isinstance(x, Link) and x.error]
-        why = f"{exc}" + (f" (its base {failed[0]} could not be decoded either)" if failed else "")
-        return Link(sid, None, why, 0)
+        failed = [x for x in inputs if isinstance(x, Link) and x.error]
+        why = f"{exc}" + (f" (its base {failed[0].sid} could not be decoded either)" if failed else "")
+        unreachable = isinstance(exc, (TierUnavailableError, StoreUnavailableError)) or (
+            bool(failed) and isinstance(failed[0].error, Unreachable))
+        return Link(sid, None, Unreachable(why) if unreachable else why, 0)
 
 
 def check_link(link: Link) -> tuple[str, int | str]:

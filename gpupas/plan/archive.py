@@ -13,10 +13,11 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from gpupas.errors import InvalidInputError
 from gpupas.plan.costs import DEFAULT, CostModel
 from gpupas.plan.graph import ROOT, Plan, StorageGraph, evaluate
-from gpupas.plan.measure import Estimates, storage_graph
-from gpupas.plan.planners import plan_all
+from gpupas.plan.measure import Estimates, measure_edges, storage_graph
+from gpupas.plan.planners import PLANNERS, plan_all
 
 COMPARE = ("materialized", "mst", "spt", "last", "pas-mt", "pas-pt")
 
@@ -64,6 +65,20 @@ class ArchivePlan:
                 "snapshots": self.rows(), "target": self.target}
 
 
+def _measured(archive: Any, g: StorageGraph, plan: Plan, scheme: str, setting: str) -> Plan:
+    """``plan`` with the sizes of the edges it takes that were estimated replaced by exact ones (those
+    forms encoded in full): a plan meant to store less must not store more when carried out."""
+    guessed = [(u, v) for v, u in plan.parent.items() if v != ROOT and not g.edge(u, v).measured]
+    if not guessed:
+        return plan
+    exact, _ = measure_edges(archive, {(u, v) for u, v in guessed if u != ROOT}, sorted({v for _, v in guessed}),
+                             fraction=1.0, setting=setting)
+    for u, v in guessed:
+        e = g.edge(u, v)
+        e.storage, e.measured = float(sum(x for x, _ in exact[(u, v)].values())), True
+    return evaluate(g, plan.parent, plan.name, scheme, plan.budgets)
+
+
 def _base(p: Any) -> str | None:
     return None if p == ROOT else p
 
@@ -71,11 +86,13 @@ def _base(p: Any) -> str | None:
 def plan_archive(archive: Any, alpha: float | None = 2.0, *, scheme: str = "independent",
                  budgets: Mapping[str, float] | None = None, pairs: Iterable[tuple[str, str]] = (),
                  fraction: float = 1 / 16, model: CostModel = DEFAULT, setting: str = "default",
-                 planner: str = "pas") -> ArchivePlan:
+                 planner: str = "pas", no_slower: bool = False) -> ArchivePlan:
     """Plan ``archive`` (an open :class:`~gpupas.archive.Archive`): budgets of ``alpha`` x each
     snapshot's recreation under the shortest-path tree and/or ``budgets`` (snapshot -> seconds);
     ``pairs`` (base, snapshot) are extra candidate edges; sizes sampled at ``fraction`` (1: exact).
-    Chains stay within the archive's ``max_chain``.
+    Chains stay within the archive's ``max_chain``. ``no_slower``: also budget every snapshot its
+    recreation under the current layout, and keep the current layout where the plan would store more
+    (``gpupas compact`` without ``--alpha``: store less, restore nothing slower).
 
     >>> import numpy as np, gpupas, tempfile
     >>> a = gpupas.create_archive(tempfile.mkdtemp() + "/arc")
@@ -86,9 +103,26 @@ def plan_archive(archive: Any, alpha: float | None = 2.0, *, scheme: str = "inde
     >>> [p.target[x] for x in s] == [None] * 4  # alpha 1: every snapshot as fast as can be: whole
     True
     """
+    if planner not in (*PLANNERS, "pas"):
+        raise InvalidInputError(f"planner must be one of {', '.join((*PLANNERS, 'pas'))}, not {planner!r}")
+    pairs = list(pairs)
+    for sid in {x for pair in pairs for x in pair} | set(budgets or {}):
+        archive.manifest(sid)  # SnapshotNotFoundError names one that does not exist
     g, est = storage_graph(archive, model=model, fraction=fraction, pairs=pairs, setting=setting)
-    plans = plan_all(g, alpha, scheme=scheme, absolute=budgets, max_depth=archive.max_chain)
+    absolute = dict(budgets or {})
+    if no_slower:
+        now = evaluate(g, g.current, "current", scheme)
+        for group, seconds in now.recreation.items():
+            if group != ROOT:  # a hair of slack: the same tree summed in another order must still fit
+                absolute[group] = min(absolute.get(group, float("inf")), seconds * (1 + 1e-9))
+    plans = plan_all(g, alpha, scheme=scheme, absolute=absolute, max_depth=archive.max_chain)
     current = evaluate(g, g.current, "current", scheme, plans["pas-mt"].budgets)
-    if planner not in plans:
-        raise ValueError(f"planner must be one of {', '.join(plans)}, not {planner!r}")
-    return ArchivePlan(g, plans, current, est, model, alpha, scheme, planner, list(g.notes))
+    notes = list(g.notes)
+    if no_slower and not plans[planner].violations:
+        plans[planner] = _measured(archive, g, plans[planner], scheme, setting)  # estimates err by a few %
+    if no_slower and (plans[planner].violations or (plans[planner].storage, plans[planner].total_recreation) >= (
+            current.storage, current.total_recreation)):
+        plans["current"] = current
+        planner = "current"
+        notes.append("no plan stores less without restoring some snapshot slower: the layout stays as it is")
+    return ArchivePlan(g, plans, current, est, model, alpha, scheme, planner, notes)

@@ -134,7 +134,7 @@ class ArchiveStore:
         data = self.store.get(keys.manifest(sid))
         if data is None:
             raise SnapshotNotFoundError(f"no snapshot {sid!r} in archive {self.location}; "
-                                        "list them with Archive.snapshots()")
+                                        "list them with Archive.snapshots() (`gpupas show VERSION`: a version's)")
         with self._parsed_lock:
             seen = self._parsed.get(sid)
         if seen is not None and seen[0] == data:  # the same bytes as last time: the same (frozen) manifest

@@ -44,16 +44,19 @@ class LocalStore:
 
     def __init__(self, root: str | os.PathLike[str], *, create: bool = False, durable: bool = True):
         path = Path(root).expanduser()
+        self.location = os.fspath(root)
         if create:
             try:
                 path.mkdir(parents=True, exist_ok=True)
             except OSError as exc:
-                raise self._write_error(exc, str(path)) from None
+                if exc.errno in _WRITE_ERRORS:
+                    raise ReadOnlyError(f"cannot create the archive folder {path}: {exc.strerror}; pick a location "
+                                        "you can write to") from None
+                raise
         elif not path.is_dir():
             raise ArchiveNotFoundError(f"no archive at {root}: the directory does not exist; create one with "
                                        f"`gpupas init {root}`")
         self.root = path
-        self.location = os.fspath(root)
         self.local_root: str | None = str(path)
         self.storage_options: dict[str, Any] | None = None
         self.durable = durable

@@ -322,7 +322,7 @@ class Repository:
         >>> repo.commit("net", {"w": np.zeros(3, np.float32)}, metrics={"loss": [0.9, 0.5]}).metrics["loss"]
         [[0, 0.9], [1, 0.5]]
         """
-        check_version_name(name)
+        self._check_new_name(name)
         check_text([message, author], "the message or author")
         parent_ids = list(dict.fromkeys(self.resolve(p) for p in parents))
         hp = to_json(dict(hyperparameters or {}), "hyperparameters")
@@ -413,7 +413,7 @@ class Repository:
         The weights are shared (no bytes copied); the new version's parent is ``ref``. Train
         it further with :meth:`add_snapshot` or the training hook.
         """
-        check_version_name(name)
+        self._check_new_name(name)
         src = self.version(ref)
         snaps = [src.snapshot()] if src.snapshots else []
         record = new_record(name, parents=[src.id], snapshots=snaps, network=src.record.get("network"),
@@ -433,7 +433,7 @@ class Repository:
         each version gets the metric points logged up to its step. Each snapshot is a delta
         against the previous one. On an error, no version of the chain is published.
         """
-        check_version_name(name)
+        self._check_new_name(name)
         check_text([message, author], "the message or author")
         skipped: list[str] = []
         paths = checkpoint_files(folder, skipped)
@@ -470,10 +470,25 @@ class Repository:
         return [Version(self._record(v)) for v in out]
 
     # -- tags ------------------------------------------------------------------------------------------------
+    def _check_new_name(self, name: str) -> None:
+        """A new version's name: valid, and not a tag (tags resolve first: the name would never reach it)."""
+        check_version_name(name)
+        if self.records.tag(name) is not None:
+            raise InvalidInputError(f"{name!r} is a tag here (`gpupas show {name}` shows its version): a version "
+                                    "of that name could not be reached by it; pick another name or untag it first")
+
+    def _named_versions(self, name: str) -> list[int]:
+        return [v.id for v in self.versions() if v.name == name]
+
     def tag(self, tag: str, ref: str | int | Version, *, force: bool = False) -> int:
-        """Point ``tag`` at a version; ArchiveExistsError if it points elsewhere (unless ``force``)."""
+        """Point ``tag`` at a version; ArchiveExistsError if it points elsewhere (unless ``force``).
+        A tag may not take a version name (it would hide those versions from that name)."""
         check_version_name(tag, "tag")
         vid = self.resolve(ref)
+        named = self._named_versions(tag)
+        if named:
+            raise InvalidInputError(f"{tag!r} names version(s) {', '.join(map(str, named))}; a tag of that name would "
+                                    "hide them from it: pick another tag")
         record = {"tag": tag, "version": vid, "created": now()}
         if not self.records.create_tag(tag, record):
             old = self.records.tag(tag)

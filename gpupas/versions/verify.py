@@ -5,7 +5,14 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
-from gpupas.errors import FormatError, IntegrityError, NotFoundError
+from gpupas.errors import (
+    FormatError,
+    IntegrityError,
+    NotFoundError,
+    StoreUnavailableError,
+    TierUnavailableError,
+    Unreachable,
+)
 from gpupas.versions.model import well_formed
 
 if TYPE_CHECKING:
@@ -17,8 +24,9 @@ Progress = Callable[[str, int, int], None]
 def verify(repo: Repository, refs: Iterable[str | int] | None = None, progress: Progress | None = None,
            scheduler: Any = "sync") -> dict[str, Any]:
     """Re-read and check every chunk, tensor, record, tag and file of the versions (all of the archive
-    by default, plain snapshots included). Returns ``{"ok", "checked": {...}, "problems": [...]}``;
-    never raises on damage found.
+    by default, plain snapshots included). Returns ``{"ok", "checked": {...}, "problems": [...],
+    "unreachable": [...]}`` (problems: damage found; unreachable: snapshots that could not be read
+    because a store or tier cannot be reached); never raises on damage found.
 
     The snapshots are checked by :func:`gpupas.jobs.graph.verify_graph` (each decoded once, its bases
     first), run by ``scheduler``: "sync" (default) in this process, None a local Dask cluster, or a
@@ -73,9 +81,11 @@ def verify(repo: Repository, refs: Iterable[str | int] | None = None, progress: 
     tensors = 0
     if progress:
         progress("snapshots", 0, len(sids))
+    unreachable: list[str] = []
     for sid, result in _check_snapshots(repo, sids, scheduler):
         if isinstance(result, str):
-            problems.append(f"snapshot {sid}: {result}" if sid not in result else result)
+            line = f"snapshot {sid}: {result}" if sid not in result else result
+            (unreachable if isinstance(result, Unreachable) else problems).append(line)
         else:
             tensors += result
     if progress:
@@ -85,7 +95,7 @@ def verify(repo: Repository, refs: Iterable[str | int] | None = None, progress: 
             repo.records.blob(h)
         except (IntegrityError, NotFoundError, ValueError) as exc:
             problems.append(f"{where}: {exc}")
-    return {"ok": not problems, "problems": problems,
+    return {"ok": not problems and not unreachable, "problems": problems, "unreachable": unreachable,
             "checked": {"versions": len(records), "snapshots": len(sids), "tensors": tensors, "files": len(blobs)}}
 
 
@@ -95,7 +105,8 @@ def _check_snapshots(repo: Repository, sids: list[str], scheduler: Any) -> list[
         return []
     if scheduler == "sync" and repo.archive.store.local_root is not None and len(sids) <= 2:
         # a couple of snapshots: no graph needed (the same decodes, each once)
-        return [(s, r if isinstance(r, int) else str(r)) for s, r in repo.archive.verify_all(sids)]
+        return [(s, r if isinstance(r, int) else Unreachable(r) if isinstance(
+            r, (TierUnavailableError, StoreUnavailableError)) else str(r)) for s, r in repo.archive.verify_all(sids)]
     from gpupas.jobs.graph import verify_graph
     from gpupas.jobs.run import run
     from gpupas.jobs.tasks import ArchiveSpec
