@@ -210,6 +210,10 @@ def test_bad_input_gives_a_clear_message_and_changes_nothing(tmp_path: Path, run
         (("show", "../../etc/passwd"), 2, ["not allowed"]),
         (("query", "select m where"), 2, ["DQL"]),
         (("checkout", "1", "-o", tmp_path / "co", "--format", "zip"), 2, []),
+        (("tag", "good", "1"), 2, ["names version(s) 1", "hide"]),  # a tag would shadow the name
+        (("export", "1", "-o", tmp_path, "--force"), 2, ["is a folder"]),
+        (("plan", "--alpha", "nan"), 2, ["at least 1"]),
+        (("compact", "--workers", "0", "--dry-run"), 2, ["at least one worker"]),
     ]
     results = gp_all(*(args for args, _, _ in expected), archive=arc)  # all at once: none may change anything
     for (_, code, words), res in zip(expected, results):
@@ -218,6 +222,8 @@ def test_bad_input_gives_a_clear_message_and_changes_nothing(tmp_path: Path, run
     assert not (tmp_path / "co").exists()
     res = gp("commit", ckpts[0], archive=arc)  # no --name: Typer's own usage error
     assert res.returncode == 2 and "--name" in res.stderr
+    res = gp("diff", "1", "1", "--top", "-1", archive=arc)
+    assert res.returncode == 2 and "--top" in res.stderr
 
     assert files_of(arc) == before
     assert ok(gp("log", "--json", archive=arc)) == log_before
@@ -244,10 +250,20 @@ def test_torch_files_are_read_without_executing_code(tmp_path: Path, run: Path) 
     assert not marker.exists()
     (tmp_path / "garbage.pt").write_bytes(b"\x00garbage" * 50)
     fails(gp("commit", tmp_path / "garbage.pt", "-n", "garbage", archive=arc), 2, "not a loadable torch checkpoint")
+    (tmp_path / "empty.pt").write_bytes(b"")
+    fails(gp("commit", tmp_path / "empty.pt", "-n", "empty", archive=arc), 2, "the file is empty")
+    torch.save(torch.nn.Linear(2, 2), tmp_path / "module.pt")  # a pickled module, not its state_dict
+    msg = fails(gp("commit", tmp_path / "module.pt", "-n", "module", archive=arc), 2, "save model.state_dict()")
+    assert "\x1b[" not in msg and len(msg) < 400
+    torch.save({"n": torch.tensor(7), "w": torch.ones(3)}, tmp_path / "scalar.pt")  # a 0-d tensor, as BatchNorm has
+    ok(gp("commit", tmp_path / "scalar.pt", "-n", "scalar", archive=arc))
+    torch.save({"n": torch.tensor(8), "w": torch.ones(3)}, tmp_path / "scalar2.pt")
+    ok(gp("commit", tmp_path / "scalar2.pt", "-n", "scalar", "-p", "scalar", archive=arc))
+    assert "scalar" in ok(gp("diff", "scalar", "2", archive=arc))  # 0-d tensors in the table
     ok(gp("export", "from-torch", "-o", tmp_path / "out.pt", archive=arc))
     back = torch.load(tmp_path / "out.pt", weights_only=True)
     assert all(torch.equal(back[k], state[k]) for k in state)
-    assert [r["id"] for r in js(gp("log", "--json", archive=arc))] == [1]
+    assert [r["id"] for r in js(gp("log", "--json", archive=arc))] == [1, 2, 3]
 
 
 def test_archive_from_environment(tmp_path: Path, run: Path) -> None:

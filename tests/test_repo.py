@@ -379,3 +379,20 @@ def test_import_gpupas_does_not_import_torch() -> None:
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=Path(__file__).parents[1])
     assert res.stdout.strip() == "False"
+
+
+def test_tags_and_version_names_never_shadow_each_other(tmp_path: Path) -> None:
+    """Tags resolve before names, so neither may take the other's: each reference keeps naming what it named."""
+    w = {"w": np.arange(10, dtype=np.float32)}
+    with create_repository(tmp_path / "arc") as repo:
+        v1 = repo.commit("resnet", w)
+        v2 = repo.commit("other", w)
+        with pytest.raises(InvalidInputError, match="names version"):
+            repo.tag("resnet", v2.id)
+        repo.tag("stable", v2.id)
+        with pytest.raises(InvalidInputError, match="is a tag"):
+            repo.commit("stable", w)
+        with pytest.raises(InvalidInputError, match="is a tag"):
+            repo.copy(v1.id, "stable")
+        assert repo.resolve("resnet") == v1.id and repo.resolve("stable") == v2.id
+        assert len(repo.versions()) == 2
