@@ -122,3 +122,46 @@ def test_device_resolution_falls_back_to_numpy_once(caplog: pytest.LogCaptureFix
     assert base.resolve_device(None, {"w": np.zeros(2)}) == "numpy"
     with pytest.raises(gpupas.InvalidInputError):
         base.resolve_device("tpu")
+
+
+LAYERS = [  # docs/architecture.md's diagram, top to bottom: a module imports from its own layer or below
+    ["cli"], ["integrations.training", "integrations.async_commit", "integrations.progressive"], ["inspect"],
+    ["jobs"], ["plan"], ["versions"], ["catalog", "query", "network"], ["tiers"], ["archive"], ["engine"],
+    ["tensors"], ["backend"], ["codecs"], ["store"], ["format"], ["pas"],
+    ["xp", "integrations.torch", "integrations.safetensors"], ["outputs"], ["errors"],
+]
+UPWARD = {  # the named exceptions (docs/architecture.md), each a lazy import inside one function
+    ("gpupas.versions.verify", "gpupas.jobs"),  # verify runs the jobs' verify graph (jobs' gc calls Repository.gc)
+    ("gpupas.codecs.nvcomp", "gpupas.backend"),  # the device's CRC-32 kernel around a gzip member
+}
+
+
+def _layer(module: str) -> int | None:
+    rest = module.removeprefix("gpupas.")
+    for i, layer in enumerate(LAYERS):
+        if any(rest == u or rest.startswith(u + ".") for u in layer):
+            return i
+    return None
+
+
+def test_imports_go_down_the_layers() -> None:
+    import ast
+
+    upward, unplaced = set(), set()
+    for f in (ROOT / "gpupas").rglob("*.py"):
+        parts = f.relative_to(ROOT).with_suffix("").parts
+        module = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        if module in ("gpupas", "gpupas.__main__", "gpupas.integrations"):  # the facade; the CLI's start; a docstring
+            continue
+        me = _layer(module)
+        if me is None:
+            unplaced.add(module)
+            continue
+        for node in ast.walk(ast.parse(f.read_text())):
+            names = [node.module] if isinstance(node, ast.ImportFrom) and node.module and not node.level else \
+                [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            for name in names:
+                if name.startswith("gpupas.") and (them := _layer(name)) is not None and them < me:
+                    upward.add((module, ".".join(name.split(".")[:2])))
+    assert not unplaced, f"modules the layer diagram does not place: {sorted(unplaced)}"
+    assert upward == UPWARD, f"imports up the layers: {sorted(upward - UPWARD)}; gone: {sorted(UPWARD - upward)}"

@@ -21,6 +21,8 @@ from typing import Any
 
 import numpy as np
 
+from gpupas.codecs.framing import GZIP_HEAD, ZSTD_BLOCK, gzip_header_size, raw_frame_size
+
 # -- kernels/planes.cu ---------------------------------------------------------------------------------------------
 STRIDE = 17
 F_VAL, F_BASE, F_BASE2, F_ALPHA, F_N, F_FIRST, F_PER, F_MODE, F_TILE0, F_PLANE = range(10)
@@ -44,10 +46,8 @@ CRC32C_POLY = 0x82F63B78  # Castagnoli (reflected)
 JOB_STRIDE = 7
 J_KIND, J_SRC, J_SRCLEN, J_DST, J_SIZE, J_N, J_CRC = range(7)
 KIND_RAW, KIND_CODED, KIND_GZIP = 0, 1, 2
-ZSTD_BLOCK = 1 << 17
 GZIP_HEADER = 10
 SPAN_STRIDE = 3
-GZIP_HEAD = bytes([0x1F, 0x8B, 8, 0, 0, 0, 0, 0, 0, 0xFF])  # no flags, no time, OS unknown
 
 U64 = np.uint64
 
@@ -390,13 +390,6 @@ def ref_crc(data: bytes | np.ndarray, poly: int = CRC32_POLY) -> int:
 # =================================================================================================================
 # frames.cu
 # =================================================================================================================
-def raw_frame_size(n: Any, size: Any) -> Any:
-    """Bytes of the Zstandard frame of raw blocks that holds ``n`` bytes padded to ``size`` (arrays too)."""
-    n, size = np.asarray(n, np.int64), np.asarray(size, np.int64)
-    out = 9 + 3 * (-(-n // ZSTD_BLOCK)) + n + 4 * (-(-(size - n) // ZSTD_BLOCK)) + 3 * (size == 0)
-    return out if out.ndim else int(out)
-
-
 def body_sizes(kinds: np.ndarray, srclens: np.ndarray, sizes: np.ndarray, ns: np.ndarray) -> np.ndarray:
     """Body bytes of each job (the stored payload is 4 bytes more: its CRC-32C)."""
     return np.where(kinds == KIND_RAW, raw_frame_size(ns, sizes),
@@ -449,11 +442,6 @@ def ref_pack_payloads(jobs: np.ndarray, crcs: np.ndarray) -> None:
                 out[at + srclen :] = np.frombuffer(tail, np.uint8)
 
 
-def gzip_member(deflate: bytes, crc: int, size: int) -> bytes:
-    """What pack_payloads writes around raw Deflate data (for tests and the codecs' slow path)."""
-    return GZIP_HEAD + bytes(deflate) + crc.to_bytes(4, "little") + (size & 0xFFFFFFFF).to_bytes(4, "little")
-
-
 def ref_copy_spans(spans: np.ndarray) -> None:
     for src, dst, n in spans:
         mem(int(dst), int(n))[:] = mem(int(src), int(n))
@@ -462,28 +450,6 @@ def ref_copy_spans(spans: np.ndarray) -> None:
 # =================================================================================================================
 # the restore side: what stored payloads hold, read on the host without a Python loop per chunk
 # =================================================================================================================
-def gzip_header_size(body: Any) -> int:
-    """Bytes of a gzip member's header (RFC 1952: optional extra field, name, comment, header CRC);
-    -1 where ``body`` does not start a gzip member of Deflate data."""
-    b = memoryview(body).cast("B")
-    if len(b) < 18 or b[0] != 0x1F or b[1] != 0x8B or b[2] != 8:
-        return -1
-    flags, at = b[3], 10
-    if flags & 4:  # FEXTRA
-        if at + 2 > len(b):
-            return -1
-        at += 2 + (b[at] | b[at + 1] << 8)
-    for bit in (8, 16):  # FNAME, FCOMMENT: zero-terminated
-        if flags & bit:
-            end = bytes(b[at:]).find(b"\0")
-            if end < 0:
-                return -1
-            at += end + 1
-    if flags & 2:  # FHCRC
-        at += 2
-    return at if at + 8 <= len(b) else -1
-
-
 def classify(host: np.ndarray, offsets: np.ndarray, lengths: np.ndarray, letters: np.ndarray, size: int,
              raw_letter: str = "z", gzip_letter: str = "d") -> dict[str, np.ndarray]:
     """Per stored payload (``host[offsets[i] : offsets[i] + lengths[i]]``, body + CRC-32C), vectorized:

@@ -1,5 +1,6 @@
-"""The ``gpupas`` commands: each parses its options, calls the library function of the same name
-(:class:`~gpupas.versions.repository.Repository`), and hands the result to :mod:`~gpupas.cli.render`.
+"""The ``gpupas`` commands: each parses its options, calls the library (a version command: the
+:class:`~gpupas.versions.repository.Repository` method of the same name) and hands the result to
+:mod:`~gpupas.cli.render`.
 
 The archive is ``--archive/-A`` (before or after the command, as git's ``-C``), else
 ``$GPUPAS_ARCHIVE``, else ``./gpupas-archive``; every read command takes ``--json``. Exit codes,

@@ -29,7 +29,7 @@ GZIP_FRAMING = 18  # bytes a gzip member adds around raw Deflate: 10 of header, 
 
 def raw_frame_sizes(n: np.ndarray, size: int) -> np.ndarray:
     """Bytes of the Zstandard frame of raw blocks holding ``n`` stream bytes zero-padded to ``size``."""
-    from gpupas.backend.kernels_ref import raw_frame_size
+    from gpupas.codecs.framing import raw_frame_size
 
     return np.asarray(raw_frame_size(np.asarray(n, np.int64), np.full(np.shape(n), size, np.int64)), np.int64)
 

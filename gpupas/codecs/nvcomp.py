@@ -163,13 +163,13 @@ class NvcompDeflate(NvcompCodec):
     options: ClassVar[dict[str, Any]] = {"algorithm": "Deflate", "algorithm_type": 0}
 
     def _frame(self, coded: bytes, data: Any) -> bytes:
-        from gpupas.backend.base import get_backend
-        from gpupas.backend.kernels_ref import gzip_member
+        from gpupas.backend.base import get_backend  # the device's CRC-32 kernel (the one upward import here)
+        from gpupas.codecs.framing import gzip_member
 
         return gzip_member(coded, get_backend("cupy", fallback=False).crc32(data), data.size)
 
     def _unframe(self, body: bytes, size: int) -> tuple[bytes, Any]:
-        from gpupas.backend.kernels_ref import gzip_header_size
+        from gpupas.codecs.framing import gzip_header_size
 
         h = gzip_header_size(body)
         if h < 0:

@@ -1,4 +1,4 @@
-"""Progressive evaluation of a PyTorch classifier from a snapshot's highest byte planes (PAPER.md section 4).
+"""Progressive evaluation of a PyTorch classifier from a snapshot's highest byte planes (ModelHub, ICDE 2017, sec. 4).
 
 :func:`evaluate_progressive` reads the top plane of every weight (guaranteed bounds, see
 :mod:`gpupas.engine.partial`), propagates intervals through the network for every input, decides
@@ -15,7 +15,8 @@ refused before anything is read, naming the operation.
 
 Soundness: intervals are propagated in float64 in center-radius form, every layer widened by a bound
 on the rounding error of the reference computation (IEEE arithmetic at the weights' precision:
-``gamma_n = n u`` for a dot product of ``n`` terms; 16 ulps for library activations) and of the
+``gamma_n = 1.01 (n + 2)(u + 4 * 2^-53)`` times ``|W| |x|`` for a dot product of ``n`` terms, ``u``
+the weights' unit roundoff; 16 ulps for library activations) and of the
 float64 propagation itself. That holds for ordinary CPU kernels; on CUDA turn TF32 off
 (``torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False``).
 """

@@ -21,11 +21,12 @@ With PyTorch::
 
 The first call publishes the version (network read off ``model`` with torch.fx, or off the
 state_dict); every later call appends a snapshot to it. The archive keeps the last committed
-tensors in memory as the next delta base, so it is never read back from disk. With
-``asynchronous=True`` a call copies the weights (on their device) and returns; the commit runs in
-the background, one at a time (see :mod:`gpupas.integrations.async_commit`); a crash loses at most
-the snapshot in flight. Metric points given between checkpoints (:meth:`CheckpointHook.log`) are
-written with the next one.
+tensors in memory as the next delta base (torch tensors are copied on the way in; a NumPy array the
+caller changed in place since fails its CRC check and is read back from the archive). With
+``asynchronous=True`` the first call commits as above; each later call copies the weights (on their
+device), returns the version as last published, and commits the copy in the background, one at a
+time (see :mod:`gpupas.integrations.async_commit`); a crash loses at most the snapshot in flight.
+Metric points given between checkpoints (:meth:`CheckpointHook.log`) are written with the next one.
 """
 
 from __future__ import annotations

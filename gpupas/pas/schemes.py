@@ -1,4 +1,4 @@
-"""Lossy schemes (PAPER.md section 3): a float tensor kept as a smaller representation, on request only.
+"""Lossy schemes (ModelHub, ICDE 2017, sec. 3): a float tensor kept as a smaller representation, on request only.
 
 - ``cast``: float16 or bfloat16, rounded to nearest (even) or truncated toward zero;
 - ``fixed``: one exponent per tensor and ``bits``-bit signed integers (``x ~ q * 2**exponent``);

@@ -1,4 +1,4 @@
-"""Storage plans (PAPER.md 5): which snapshots are stored whole, which as deltas on which base.
+"""Storage plans (ModelHub, ICDE 2017, sec. 5): which snapshots are stored whole, which as deltas on which base.
 
 :mod:`~gpupas.plan.graph` (the storage graph, plans, budgets), :mod:`~gpupas.plan.planners`
 (MST, SPT, LAST, PAS-MT, PAS-PT; :mod:`~gpupas.plan.arborescence` for the MST),

@@ -1,4 +1,4 @@
-"""The storage graph (PAPER.md 5): vertices to store, candidate edges, co-usage groups, budgets.
+"""The storage graph (ModelHub, ICDE 2017, sec. 5): vertices to store, candidate edges, co-usage groups, budgets.
 
 A vertex is something stored as one unit: a snapshot (``"sid"``) or one tensor of a snapshot
 (``("sid", "name")``). The root :data:`ROOT` stands for "nothing": the edge ``ROOT -> v`` stores

@@ -1,4 +1,5 @@
-"""Planners over a storage graph (PAPER.md 5): minimum storage, shortest paths, LAST, PAS-MT, PAS-PT.
+"""Planners over a storage graph (ModelHub, Miao et al., ICDE 2017, section 5): minimum storage, shortest
+paths, LAST, PAS-MT, PAS-PT.
 
 Every planner returns a :class:`~gpupas.plan.graph.Plan`. MST is a minimum-cost arborescence by
 storage (:mod:`gpupas.plan.arborescence`), SPT Dijkstra's shortest-path tree by recreation

@@ -1,4 +1,4 @@
-"""Storage graphs shaped like the paper's experiment (PAPER.md 5): versions of snapshots of tensors.
+"""Storage graphs shaped like the paper's experiment (ModelHub, ICDE 2017, sec. 5): versions of snapshots of tensors.
 
 ``versions`` lines of work, each with ``snapshots`` snapshots of ``tensors`` tensors; version 0
 is pretrained, each later one fine-tunes a snapshot of an earlier version (a random lineage
