@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import json
+import numbers
 import os
 import threading
 import time
@@ -84,8 +85,13 @@ def _meta(meta: Mapping[str, Any] | None) -> dict[str, Any]:
     coded: the manifest must be able to hold it."""
     if meta is None:
         return {}
-    if not isinstance(meta, Mapping) or not all(isinstance(k, str) for k in meta):
-        raise InvalidInputError(f"meta must be a mapping with string keys, not {meta!r:.80}")
+    def keys_ok(x: Any) -> bool:  # JSON would turn other keys into strings (1 and "1" would collide)
+        if isinstance(x, Mapping):
+            return all(isinstance(k, str) and keys_ok(v) for k, v in x.items())
+        return all(keys_ok(v) for v in x) if isinstance(x, list | tuple) else True
+
+    if not isinstance(meta, Mapping) or not keys_ok(meta):
+        raise InvalidInputError(f"meta must be a mapping with string keys (nested ones too), not {meta!r:.80}")
 
     def scalar(o: Any) -> Any:
         if callable(getattr(o, "item", None)) and getattr(o, "ndim", None) == 0:
@@ -128,9 +134,20 @@ def _unchanged(staged: Any, backend: Any, executor: Any) -> None:
 _STORE_KW = ("storage_options", "durable", "tier_options")
 
 
+def check_options(**options: Any) -> None:
+    """InvalidInputError for an Archive option out of range (``workers`` 0: one per core; ``cache_bytes``
+    may be a float), before anything is opened or created."""
+    for what, least in (("workers", 0), ("cache_size", 0), ("max_chain", 0), ("cache_bytes", 0)):
+        v = options.get(what)
+        whole = isinstance(v, numbers.Integral) or (what == "cache_bytes" and isinstance(v, numbers.Real))
+        if v is not None and (isinstance(v, bool) or not whole or not v >= least):
+            raise InvalidInputError(f"{what}={v!r}: give a whole number of at least {least}")
+
+
 def create_archive(location: str | os.PathLike[str], **kw: Any) -> Archive:
     """Create an archive at ``location`` (an empty or missing directory, or an fsspec URL); an archive
     already there is opened as it is (a folder holding anything else is refused)."""
+    check_options(**kw)
     store_kw = {k: kw.pop(k) for k in _STORE_KW if k in kw}
     return Archive(ArchiveStore.open(location, create=True, **store_kw), **kw)
 
@@ -138,6 +155,7 @@ def create_archive(location: str | os.PathLike[str], **kw: Any) -> Archive:
 def open_archive(location: str | os.PathLike[str], **kw: Any) -> Archive:
     """Open the existing archive at ``location``; ArchiveNotFoundError says how to create one.
     ``tier_options``: storage options (credentials) of its tiers by name, for this session."""
+    check_options(**kw)
     store_kw = {k: kw.pop(k) for k in _STORE_KW if k in kw}
     return Archive(ArchiveStore.open(location, **store_kw), **kw)
 
@@ -152,10 +170,7 @@ class Archive:
 
     def __init__(self, store: ArchiveStore, workers: int | None = None, cache_size: int = 2, max_chain: int = 16,
                  cache_bytes: int | None = None):
-        for what, v, least in (("workers", workers, 1), ("cache_size", cache_size, 0), ("max_chain", max_chain, 0),
-                               ("cache_bytes", cache_bytes, 0)):
-            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < least):
-                raise InvalidInputError(f"{what}={v!r}: give an integer of at least {least}")
+        check_options(workers=workers, cache_size=cache_size, max_chain=max_chain, cache_bytes=cache_bytes)
         self.store = store
         self.max_chain = max_chain
         self.executor = Executor(workers)

@@ -82,8 +82,8 @@ def main(argv: list[str] | None = None) -> int:
         say("[3/4]", "verify: every chunk, tensor, record and file")
         result = repo.verify()
         if not result["ok"]:
-            print("\n".join(result["problems"]))
-            return 3
+            print("\n".join([*result["problems"], *(f"not checked: {u}" for u in result["unreachable"])]))
+            return 3 if result["problems"] else 4
         c = result["checked"]
         say("     ", f"ok: {c['versions']} versions, {c['snapshots']} snapshots, {c['tensors']} tensors")
 

@@ -294,6 +294,16 @@ def test_bad_options_are_refused_before_anything_is_written(archive: gpupas.Arch
         archive.commit(_model(1), lossy={"enc.w": "fixed:32"})  # float32 as int32: no smaller
     with pytest.raises(InvalidInputError, match="cache_size"):
         gpupas.open_archive(archive.location, cache_size=-1)
+    with pytest.raises(InvalidInputError, match="workers"):
+        gpupas.create_archive(tmp_path / "never", workers=-1)
+    assert not (tmp_path / "never").exists()  # refused before anything was created
+    with pytest.raises(InvalidInputError, match="nested"):
+        archive.commit(_model(1), meta={"x": {1: 2}})
+    with gpupas.open_archive(archive.location, workers=np.int64(2), cache_bytes=2e9):  # as before
+        pass
+    assert gpupas.Layout(rotate=np.bool_(False)).rotate is False and gpupas.Layout(groups=[1]).groups == [1]
+    with pytest.raises(InvalidInputError, match="groups"):
+        gpupas.Layout(groups=None)
     assert archive.snapshots() == [m0.id]
     m1 = archive.commit(_model(1), meta={"step": np.int64(3), "lr": np.float32(0.5)})  # NumPy scalars: numbers
     assert m1.meta == {"step": 3, "lr": 0.5} and json.dumps(m1.meta) == '{"step": 3, "lr": 0.5}'

@@ -303,12 +303,14 @@ def test_training_hook_survives_a_refused_call(tmp_path: Path, run: Path) -> Non
         hook.log(1, loss=0.5)
         hook(load_checkpoint(paths[0]), step=np.int64(10), metrics={"step": 10})  # a metric may be named "step"
         hook.log(11, loss=0.4)
-        for metrics, step in (({"loss": "nan?"}, 20), ({1: 6}, 20), ([0.3], 20), ({"loss": 0.3}, 2.5)):
+        for metrics, step in (({"loss": "nan?"}, 20), ({1: 6}, 20), ([0.3], 20), ({"loss": 0.3}, 2.5),
+                              ({"loss": 0.3}, True)):
             with pytest.raises(InvalidInputError):
                 hook(load_checkpoint(paths[1]), step=step, metrics=metrics)
-        v = hook(load_checkpoint(paths[1]), step=20, metrics={"loss": 0.3})
+        hook.log(step=15, loss=0.35)  # step by keyword: the step, not a metric
+        v = hook(load_checkpoint(paths[1]), step=20.0, metrics={"loss": 0.3})  # an integral float step
     assert [s["step"] for s in v.snapshots] == [10, 20]
-    assert v.metrics["loss"] == [[1, 0.5], [11, 0.4], [20, 0.3]] and v.metrics["step"] == [[10, 10.0]]
+    assert v.metrics["loss"] == [[1, 0.5], [11, 0.4], [15, 0.35], [20, 0.3]] and v.metrics["step"] == [[10, 10.0]]
 
 
 def test_asynchronous_hook_refuses_a_non_tensor_at_that_call(tmp_path: Path) -> None:

@@ -6,6 +6,7 @@ until a command runs (planners import networkx, jobs import dask).
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -18,7 +19,7 @@ from gpupas.errors import InvalidInputError
 AlphaOpt = Annotated[float | None, typer.Option("--alpha", metavar="A", help=(
     "Recreation budget of each snapshot: A x its restore time under the fastest plan (the shortest-path tree); "
     "may store more than now. Default: each snapshot no slower to restore than now (store less, or change "
-    "nothing)."))]
+    "nothing: an archive of whole snapshots then stays as it is; give --alpha to trade restore time for space)."))]
 SchemeOpt = Annotated[str, typer.Option("--scheme", metavar="SCHEME", help=(
     "How a group's recreation adds up: independent (sum) or parallel (max)."))]
 BudgetOpt = Annotated[list[str] | None, typer.Option("--budget", metavar="SNAPSHOT=SECONDS", help=(
@@ -53,7 +54,7 @@ def _pairs(items: list[str] | None) -> list[tuple[str, str]]:
 
 
 def _check(alpha: float | None, scheme: str, sample: float) -> None:
-    if alpha is not None and not 1 <= alpha < float("inf"):  # NaN too
+    if alpha is not None and (math.isnan(alpha) or alpha < 1):
         raise InvalidInputError(f"--alpha must be at least 1 (1: as fast as the fastest plan), not {alpha:g}")
     if scheme not in ("independent", "parallel"):
         raise InvalidInputError(f"--scheme must be independent or parallel, not {scheme!r}")

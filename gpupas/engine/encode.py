@@ -59,11 +59,16 @@ class Layout:
         if not whole(self.chunk_size) or not 1 <= self.chunk_size <= MAX_CHUNK:
             raise InvalidInputError(f"Layout(chunk_size={self.chunk_size!r}): a chunk holds 1 to 2^30 bytes "
                                     f"(default {CHUNK_SIZE})")
-        if not all(whole(g) and g >= 0 for g in self.groups):
+        try:
+            groups_ok = all(whole(g) and g >= 0 for g in self.groups)
+        except TypeError:  # not iterable
+            groups_ok = False
+        if not groups_ok:
             raise InvalidInputError(f"Layout(groups={self.groups!r}): the first plane of each further plane group, "
                                     "as integers (e.g. (1,): the top plane alone)")
-        if not isinstance(self.rotate, bool):
+        if not isinstance(self.rotate, bool | np.bool_) and self.rotate not in (0, 1):
             raise InvalidInputError(f"Layout(rotate={self.rotate!r}): True or False")
+        object.__setattr__(self, "rotate", bool(self.rotate))
 
     def tier_of(self, first_plane: int) -> str | None:
         """The tier of the stream whose planes start at ``first_plane`` (None: the archive's own store)."""

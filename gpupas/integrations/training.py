@@ -84,8 +84,9 @@ class CheckpointHook:
 
             self._async = AsyncCommitter(self._append)
 
-    def log(self, step: int | None = None, /, **metrics: float) -> None:
-        """Record metric values at ``step`` (written with the next checkpoint, or on close)."""
+    def log(self, step: int | None = None, **metrics: float) -> None:
+        """Record metric values at ``step`` (written with the next checkpoint, or on close); a metric
+        named "step" goes through a call's ``metrics=`` instead."""
         self._add(step, metrics)
 
     def _add(self, step: int | None, metrics: Mapping[str, Any]) -> None:

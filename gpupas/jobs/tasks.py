@@ -82,8 +82,7 @@ def decode_link(spec: ArchiveSpec, sid: str, *inputs: Link) -> Link:
     except (GpupasError, OSError, KeyError) as exc:
         failed = [x for x in inputs if isinstance(x, Link) and x.error]
         why = f"{exc}" + (f" (its base {failed[0].sid} could not be decoded either)" if failed else "")
-        unreachable = isinstance(exc, (TierUnavailableError, StoreUnavailableError)) or (
-            bool(failed) and isinstance(failed[0].error, Unreachable))
+        unreachable = isinstance(exc, (TierUnavailableError, StoreUnavailableError))
         return Link(sid, None, Unreachable(why) if unreachable else why, 0)
 
 

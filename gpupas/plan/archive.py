@@ -65,18 +65,18 @@ class ArchivePlan:
                 "snapshots": self.rows(), "target": self.target}
 
 
-def _measured(archive: Any, g: StorageGraph, plan: Plan, scheme: str, setting: str) -> Plan:
-    """``plan`` with the sizes of the edges it takes that were estimated replaced by exact ones (those
-    forms encoded in full): a plan meant to store less must not store more when carried out."""
+def _measure(archive: Any, g: StorageGraph, plan: Plan, setting: str) -> bool:
+    """Replace the estimated sizes of the edges ``plan`` takes by exact ones (those forms encoded in full),
+    in ``g``; whether any changed. A plan meant to store less must not store more when carried out."""
     guessed = [(u, v) for v, u in plan.parent.items() if v != ROOT and not g.edge(u, v).measured]
     if not guessed:
-        return plan
+        return False
     exact, _ = measure_edges(archive, {(u, v) for u, v in guessed if u != ROOT}, sorted({v for _, v in guessed}),
                              fraction=1.0, setting=setting)
     for u, v in guessed:
         e = g.edge(u, v)
         e.storage, e.measured = float(sum(x for x, _ in exact[(u, v)].values())), True
-    return evaluate(g, plan.parent, plan.name, scheme, plan.budgets)
+    return True
 
 
 def _base(p: Any) -> str | None:
@@ -118,11 +118,16 @@ def plan_archive(archive: Any, alpha: float | None = 2.0, *, scheme: str = "inde
     plans = plan_all(g, alpha, scheme=scheme, absolute=absolute, max_depth=archive.max_chain)
     current = evaluate(g, g.current, "current", scheme, plans["pas-mt"].budgets)
     notes = list(g.notes)
-    if no_slower and not plans[planner].violations:
-        plans[planner] = _measured(archive, g, plans[planner], scheme, setting)  # estimates err by a few %
-    if no_slower and (plans[planner].violations or (plans[planner].storage, plans[planner].total_recreation) >= (
-            current.storage, current.total_recreation)):
+    if no_slower and not plans[planner].violations and _measure(archive, g, plans[planner], setting):
+        again = {id(p): evaluate(g, p.parent, p.name, scheme, p.budgets) for p in plans.values()}
+        plans = {k: again[id(p)] for k, p in plans.items()}  # every plan on the exact sizes (one object per plan)
+        current = evaluate(g, g.current, "current", scheme, plans["pas-mt"].budgets)
+    best = plans[planner]
+    if no_slower and (best.violations or (best.storage, best.total_recreation) >= (current.storage,
+                                                                                   current.total_recreation)):
         plans["current"] = current
         planner = "current"
-        notes.append("no plan stores less without restoring some snapshot slower: the layout stays as it is")
+        notes.append(f"no plan stores less without restoring some snapshot slower (the best, its new forms "
+                     f"measured exactly, stores {best.storage:,.0f} bytes; now {current.storage:,.0f}): the layout "
+                     "stays as it is")
     return ArchivePlan(g, plans, current, est, model, alpha, scheme, planner, notes)

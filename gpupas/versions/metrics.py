@@ -44,10 +44,13 @@ def snapshot_step(step: Any) -> int | None:
     """A snapshot's training step as a plain int (NumPy and torch integer scalars too), or None."""
     if step is None:
         return None
-    try:
-        return operator.index(step)
-    except TypeError:
-        raise InvalidInputError(f"step {step!r} must be an integer (the training step of the snapshot)") from None
+    if not isinstance(step, bool):
+        try:
+            return operator.index(step)
+        except TypeError:
+            if isinstance(step, float) and step.is_integer():  # 100.0
+                return int(step)
+    raise InvalidInputError(f"step {step!r} must be an integer (the training step of the snapshot)")
 
 
 def _from_rows(rows: Iterable[Mapping[str, Any]], source: str) -> dict[str, list[list[Any]]]:
