@@ -78,7 +78,10 @@ def tokenize(text: str) -> list[Token]:
         if kind == "str":
             out.append(Token("str", re.sub(r"\\(.)", r"\1", raw[1:-1]), pos))
         elif kind == "num":
-            out.append(Token("num", float(raw) if any(c in raw for c in ".eE") else int(raw), pos))
+            value = float(raw) if any(c in raw for c in ".eE") else int(raw)
+            if isinstance(value, int) and not -(2**63) <= value < 2**63:  # SQLite's integers
+                value = float(value)  # compared as a number still; LIMIT refuses it below
+            out.append(Token("num", value, pos))
         elif kind == "name":
             low = raw.lower()
             out.append(Token("kw", low, pos) if low in _KEYWORDS else Token("name", raw, pos))
@@ -251,7 +254,7 @@ class _Parser:
             parts = [key]
         else:
             self.expect("op", ".", "'.' and a key")
-            parts = [str(self.expect("name", what="a key").value)]
+            parts = [str((self.accept("kw") or self.expect("name", what="a key")).value)]  # m.hp.order: a key
         while self.lookahead_is("op", ".") and (self.lookahead_is("name", k=1) or self.lookahead_is("kw", k=1)):
             self.i += 1
             parts.append(str(self.tok.value))

@@ -119,7 +119,7 @@ def test_report_accounts_for_every_byte(archive: gpupas.Archive) -> None:
     assert {r["name"] for r in rows} == set(_model(0))
     assert sum(r["stored"] for r in rows) == m.stored_bytes  # every byte, to the byte
     for r in rows:
-        assert abs(sum(r["planes"]) - r["stored"]) <= len(r["planes"])
+        assert 0 <= r["stored"] - sum(r["planes"]) <= 1  # the planes never add up to more than the tensor
     big = next(r for r in rows if r["name"] == "enc.w")
     assert big["planes"][0] < big["planes"][3]  # exponent plane compresses, low mantissa does not
 

@@ -50,10 +50,14 @@ def reference(entries, streams, bufs, chunk_sizes, segment):
         total = sum(weights)
         for (i, p, _, _), w in zip(parts, weights):
             shares[i][p] += stored * w / total
+    def largest_remainders(xs, whole):
+        floors = [math.floor(x) for x in xs]
+        extra = sorted(range(len(xs)), key=lambda i: (floors[i] - xs[i], i))[: whole - sum(floors)]
+        return [f + (i in extra) for i, f in enumerate(floors)]
+
     total = sum(sum(c) for c in chunk_sizes)  # every stored byte goes to some tensor: largest remainders
-    floors = [math.floor(sum(sh)) for sh in shares]
-    extra = sorted(range(len(shares)), key=lambda i: (floors[i] - sum(shares[i]), i))[: total - sum(floors)]
-    return [(tuple(round(x) for x in sh[:-1]), f + (i in extra)) for i, (sh, f) in enumerate(zip(shares, floors))]
+    stored = largest_remainders([sum(sh) for sh in shares], total)
+    return [(tuple(largest_remainders(sh[:-1], min(n, round(sum(sh[:-1]))))), n) for sh, n in zip(shares, stored)]
 
 
 def _snapshots(seed: int) -> list[dict[str, np.ndarray]]:

@@ -159,6 +159,66 @@ def test_unsupported_operations_are_refused_by_name() -> None:
             IntervalNet(model)
 
 
+class _Two(nn.Module):
+    """Two branches joined by ``join``."""
+
+    def __init__(self, join) -> None:  # type: ignore[no-untyped-def]
+        super().__init__()
+        self.a, self.b, self.join = nn.Linear(4, 3), nn.Linear(4, 3), join
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.join(self.a(x), self.b(x))
+
+
+class _Unsaved(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+        self.register_buffer("scale", torch.ones(3), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x) * self.scale
+
+
+def test_what_would_bound_wrongly_is_refused_before_reading() -> None:
+    """Operations whose intervals the propagation would get wrong (a scaled operand, a non-monotone
+    activation, a submodule in train mode, a tensor no snapshot holds) are refused up front."""
+    half_train = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Linear(4, 3)).eval()
+    half_train[1].train()
+    cases = [(_Two(lambda a, b: torch.add(a, b, alpha=-3)).eval(), "function add"),
+             (_Two(lambda a, b: a.add(b, alpha=2)).eval(), "method .add"),
+             (_Two(lambda a, b: torch.sub(a, b, alpha=2)).eval(), "function sub"),
+             (nn.Sequential(nn.Linear(4, 3), nn.Identity()).eval(), None),
+             (half_train, "'1' is in train mode|1 is in train mode"),
+             (_Unsaved().eval(), "scale is not in the model's state_dict")]
+    elu = _Two(lambda a, b: F.elu(a + b, -1.0)).eval()
+    softplus = _Two(lambda a, b: F.softplus(a + b, beta=-1.0)).eval()
+    cases += [(elu, "function elu"), (softplus, "function softplus")]
+    for model, what in cases:
+        if what is None:
+            IntervalNet(model)
+            continue
+        with pytest.raises(InvalidInputError, match=what):
+            IntervalNet(model)
+    IntervalNet(_Two(lambda a, b: F.elu(a + b, 0.5)).eval())  # monotone arguments are fine
+
+
+def test_tied_weights_and_bad_arguments(tmp_path: Path) -> None:
+    net = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4)).eval()
+    net[2].weight = net[0].weight  # tied: both names in the state_dict, one tensor
+    with gpupas.create_archive(tmp_path / "a") as a:
+        m = a.commit(net.state_dict(), layout=Layout(rotate=False))
+        x = torch.randn(40, 4)
+        r = evaluate_progressive(net, a, m.id, x, check=True)  # the last plane runs the model: both names given
+        assert torch.equal(r.labels, net(x).argmax(1))
+        for kw, what in (({"topk": 0}, "topk"), ({"topk": 5}, "only 4 outputs"), ({"batch_size": 0}, "batch_size")):
+            with pytest.raises(InvalidInputError, match=what):
+                evaluate_progressive(net, a, m.id, x, check=True, **kw)
+        with pytest.raises(InvalidInputError, match="at least one input"):
+            evaluate_progressive(net, a, m.id, x[:0])
+        assert a.read_planes(m.id, np.int64(2)).planes == 2
+
+
 def test_decide() -> None:
     lo = torch.tensor([[0.0, 2.0, 1.0], [0.0, 2.0, 1.0], [3.0, 2.0, -5.0]], dtype=torch.float64)
     hi = torch.tensor([[0.5, 3.0, 1.9], [0.5, 3.0, 2.5], [4.0, 2.5, -4.0]], dtype=torch.float64)

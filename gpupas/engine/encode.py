@@ -216,8 +216,8 @@ def attribute(entries: list[TensorEntry], streams: Sequence[Stream], bufs: Seque
                         minlength=int(slots[-1])).tolist()
     bounds = list(zip(slots[:-1].tolist(), slots[1:].tolist()))
     stored = apportion([sum(share[u:v]) for u, v in bounds], int(stored_of.sum()))  # adds up to the snapshot's
-    return [replace(e, plane_bytes=tuple(round(x) for x in share[u:v - 1]), stored=n)
-            for e, (u, v), n in zip(entries, bounds, stored)]
+    return [replace(e, plane_bytes=tuple(apportion(share[u:v - 1], min(n, round(sum(share[u:v - 1]))))), stored=n)
+            for e, (u, v), n in zip(entries, bounds, stored)]  # planes add up to at most the tensor's bytes
 
 
 def apportion(shares: Sequence[float], total: int) -> list[int]:

@@ -19,6 +19,7 @@ mask's unchanged rows are the base's rows, bounds included. See docs/partial-rea
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -99,6 +100,9 @@ class PartialReader:
 
     def __init__(self, store: ArchiveStore, manifests: Manifests, backend: Any, executor: Any,
                  base_planes: int | None = None):
+        if base_planes is not None and (not isinstance(base_planes, numbers.Integral) or isinstance(base_planes, bool)
+                                        or base_planes < 0):
+            raise InvalidInputError(f"base_planes must be a whole number of planes (0 or more), not {base_planes!r}")
         self.store, self.manifests, self.backend, self.executor = store, manifests, backend, executor
         self.base_planes = base_planes
         self.bytes_read = 0
@@ -128,8 +132,9 @@ class PartialReader:
     def read(self, snapshot: str, planes: int, names: Iterable[str] | None = None) -> PlaneRead:
         """Approximations and bounds of tensors ``names`` (all when None) of ``snapshot`` from their highest
         ``planes`` planes (a tensor of fewer planes is read whole)."""
-        if not isinstance(planes, int) or isinstance(planes, bool) or planes < 1:
+        if not isinstance(planes, numbers.Integral) or isinstance(planes, bool) or planes < 1:
             raise InvalidInputError(f"planes must be a positive integer, not {planes!r}")
+        planes = int(planes)
         m = self.manifests(snapshot)
         entries = m.select(None if names is None else list(names))
         out = PlaneRead(snapshot, planes, {}, {}, {}, {}, {}, 0, 0)

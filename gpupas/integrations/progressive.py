@@ -166,6 +166,16 @@ _ACT: dict[type, Callable[[nn.Module], Callable[[torch.Tensor], torch.Tensor] | 
 _FN_EXACT = {F.relu: F.relu, torch.relu: torch.relu, F.relu6: F.relu6, F.hardtanh: F.hardtanh}
 _FN_ACT = {torch.sigmoid: torch.sigmoid, F.sigmoid: torch.sigmoid, torch.tanh: torch.tanh, F.tanh: torch.tanh,
            F.hardsigmoid: F.hardsigmoid, F.softplus: F.softplus, F.elu: F.elu, F.leaky_relu: F.leaky_relu}
+_MONOTONE_ARG = {F.leaky_relu: (1, "negative_slope", 0.01, lambda v: v >= 0),
+                 F.elu: (1, "alpha", 1.0, lambda v: v >= 0), F.softplus: (1, "beta", 1.0, lambda v: v > 0)}
+
+
+def _keeps_monotone(node: fx.Node, pos: int, key: str, default: float, ok: Callable[[float], bool]) -> bool:
+    """Whether the argument that shapes an activation (given at ``pos`` or as ``key``) keeps it monotone."""
+    v = node.args[pos] if len(node.args) > pos else node.kwargs.get(key, default)
+    return isinstance(v, int | float) and not isinstance(v, bool) and ok(v)
+
+
 _FN_POOL_MAX = (F.max_pool1d, F.max_pool2d, F.adaptive_max_pool1d, F.adaptive_max_pool2d)
 _FN_POOL_AVG = (F.avg_pool1d, F.avg_pool2d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d)
 _FN_SHAPE = (torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze)
@@ -189,8 +199,10 @@ class IntervalNet:
     """A traced model whose every operation has an interval counterpart (checked on construction)."""
 
     def __init__(self, model: nn.Module):
-        if model.training:
-            raise InvalidInputError("progressive evaluation needs the model in eval mode: call model.eval() first")
+        training = [name or type(model).__name__ for name, m in model.named_modules() if m.training]
+        if training:  # a submodule in train mode (batch statistics, dropout) computes something else
+            raise InvalidInputError(f"progressive evaluation needs the model in eval mode ({training[0]} is in train "
+                                    "mode): call model.eval() first")
         try:
             self.gm = fx.symbolic_trace(model)
         except Exception as exc:  # tracing failures come in many types
@@ -224,18 +236,27 @@ class IntervalNet:
                       or node.target in _FN_POOL_AVG or node.target in _FN_SHAPE or node.target in _ADD
                       or node.target in (operator.sub, torch.sub, operator.mul, torch.mul, torch.cat, F.linear,
                                          F.conv1d, F.conv2d, getattr, operator.getitem, F.dropout))
-                if node.target is F.leaky_relu and len(node.args) > 1 and node.args[1] < 0:
-                    ok = False
+                if node.target in _MONOTONE_ARG and not _keeps_monotone(node, *_MONOTONE_ARG[node.target]):
+                    ok = False  # a slope, alpha or beta that makes the function non-monotone (or is not a number)
+                if node.target in (*_ADD, operator.sub, torch.sub) and "alpha" in node.kwargs:
+                    ok = False  # a scaled operand: not bounded here
                 if not ok:
                     raise InvalidInputError(f"progressive evaluation cannot bound {_describe(node, self.gm)}: it "
                                             f"supports {SUPPORTED}")
             elif node.op == "call_method":
-                if node.target not in _METHOD_SHAPE | set(_METHOD_ACT) | {"size", "add", "dim"}:
+                if node.target not in _METHOD_SHAPE | set(_METHOD_ACT) | {"size", "add", "dim"} or (
+                        node.target == "add" and "alpha" in node.kwargs):
                     raise InvalidInputError(f"progressive evaluation cannot bound {_describe(node, self.gm)}: it "
                                             f"supports {SUPPORTED}")
         if inputs != 1:
             raise InvalidInputError(f"progressive evaluation needs a model of one input, not {inputs}")
         self.weights = list(dict.fromkeys(self.weights))
+        saved = set(model.state_dict())
+        unsaved = [w for w in self.weights if w not in saved]
+        if unsaved:  # every tensor is read from the snapshot: one a state_dict lacks is in none
+            raise InvalidInputError(f"progressive evaluation reads every tensor the model uses from the snapshot, but "
+                                    f"{', '.join(unsaved[:3])} is not in the model's state_dict (a tensor made in "
+                                    "forward, or a non-persistent buffer): register it as a persistent buffer")
         self._source: Any = None
         self._unit = 0.0
         self._prep: dict[str, _Affine] = {}
@@ -406,6 +427,8 @@ def decide(lo: torch.Tensor, hi: torch.Tensor, k: int = 1) -> tuple[torch.Tensor
         best = lo.argmax(1)
         others = hi.scatter(1, best[:, None], -math.inf).amax(1)
         return lo.gather(1, best[:, None])[:, 0] > others, best
+    if k > lo.shape[1]:
+        raise InvalidInputError(f"topk={k}: the model has only {lo.shape[1]} outputs")
     top = lo.topk(k, 1).indices
     low = lo.gather(1, top).amin(1)
     others = hi.scatter(1, top, -math.inf).amax(1)
@@ -416,6 +439,8 @@ def top_labels(logits: torch.Tensor, k: int = 1) -> torch.Tensor:
     """Full-precision labels in the form :func:`decide` returns: argmax, or the sorted top-k set."""
     if k == 1:
         return logits.argmax(1)
+    if k > logits.shape[1]:
+        raise InvalidInputError(f"topk={k}: the model has only {logits.shape[1]} outputs")
     return logits.topk(k, 1).indices.sort(1).values
 
 
@@ -531,6 +556,12 @@ def evaluate_progressive(model: nn.Module, archive: Any, snapshot: str, inputs: 
     from gpupas.integrations.torch import numpy_to_tensor
 
     t_start = time.perf_counter()
+    if not isinstance(topk, int) or isinstance(topk, bool) or topk < 1:
+        raise InvalidInputError(f"topk must be a whole number of at least 1, not {topk!r}")
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+        raise InvalidInputError(f"batch_size must be a whole number of at least 1, not {batch_size!r}")
+    if inputs.ndim == 0 or inputs.shape[0] == 0:
+        raise InvalidInputError("inputs must hold at least one input (a batch along the first dimension)")
     net = IntervalNet(model)
     mapping = _weight_names(net, names)
     tensors = list(dict.fromkeys(mapping.values()))
@@ -546,8 +577,9 @@ def evaluate_progressive(model: nn.Module, archive: Any, snapshot: str, inputs: 
     def exact_labels(read: Any, idx: torch.Tensor) -> torch.Tensor:
         weights = {w: numpy_to_tensor(read.approx[mapping[w]]) for w in net.weights}
         with torch.no_grad():
-            return torch.cat([top_labels(torch.func.functional_call(model, weights, (x[idx[i : i + batch_size]],)),
-                                         topk) for i in range(0, len(idx), batch_size)])
+            return torch.cat([top_labels(torch.func.functional_call(model, weights, (x[idx[i : i + batch_size]],),
+                                                                    tie_weights=False), topk)  # tied: both names given
+                              for i in range(0, len(idx), batch_size)])
 
     with PartialReader(archive.store, archive.manifest, get_backend("numpy"), archive.executor,
                        base_planes) as reader:
