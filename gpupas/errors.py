@@ -74,7 +74,8 @@ class CodecUnavailableError(BackendUnavailableError):
 
 
 class StoreUnavailableError(GpupasError, OSError):
-    """An archive's remote store cannot be reached (missing credentials, a wrong endpoint, a server down)."""
+    """An archive's remote store, or one of its tiers, cannot be reached (missing credentials, a wrong
+    endpoint, a server down): nothing is known to be damaged there."""
 
 
 class Unreachable(str):
@@ -82,7 +83,7 @@ class Unreachable(str):
     reached: nothing was found damaged there (``gpupas verify`` exits 4 for these, not 3)."""
 
 
-class TierUnavailableError(GpupasError, OSError):
+class TierUnavailableError(StoreUnavailableError):
     """A storage tier the archive defines cannot be reached or is not the tier it names (wrong URL,
     missing credentials, a server down)."""
 

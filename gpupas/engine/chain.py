@@ -24,7 +24,6 @@ from gpupas.errors import (
     NotFoundError,
     SnapshotNotFoundError,
     StoreUnavailableError,
-    TierUnavailableError,
 )
 from gpupas.format.manifest import Manifest
 from gpupas.store.archive import ArchiveStore
@@ -221,7 +220,7 @@ def read_all(store: ArchiveStore, sids: Iterable[str], *, manifests: Manifests, 
                     got = bits.get(d)
                     if not isinstance(got, dict):
                         why = f" ({got})" if isinstance(got, Exception) else " (it depends on itself)"
-                        kind = type(got) if isinstance(got, (TierUnavailableError, StoreUnavailableError)) else \
+                        kind = type(got) if isinstance(got, StoreUnavailableError) else \
                             IntegrityError  # a base out of reach leaves its child out of reach, not damaged
                         raise kind(f"snapshot {s}: the snapshot {d} it is a delta on cannot be restored" + why)
                     inputs.append(got)

@@ -10,7 +10,6 @@ from gpupas.errors import (
     IntegrityError,
     NotFoundError,
     StoreUnavailableError,
-    TierUnavailableError,
     Unreachable,
 )
 from gpupas.versions.model import well_formed
@@ -105,8 +104,8 @@ def _check_snapshots(repo: Repository, sids: list[str], scheduler: Any) -> list[
         return []
     if scheduler == "sync" and repo.archive.store.local_root is not None and len(sids) <= 2:
         # a couple of snapshots: no graph needed (the same decodes, each once)
-        return [(s, r if isinstance(r, int) else Unreachable(r) if isinstance(
-            r, (TierUnavailableError, StoreUnavailableError)) else str(r)) for s, r in repo.archive.verify_all(sids)]
+        return [(s, r if isinstance(r, int) else Unreachable(r) if isinstance(r, StoreUnavailableError) else str(r))
+                for s, r in repo.archive.verify_all(sids)]
     from gpupas.jobs.graph import verify_graph
     from gpupas.jobs.run import run
     from gpupas.jobs.tasks import ArchiveSpec
