@@ -1,5 +1,5 @@
 // CRC-32 (gzip, tensors) and CRC-32C (Zarr's crc32c codec) of many messages at once: a reflected
-// table-driven CRC parameterized by `consts` = [256-entry byte table, x^(2^k) mod P for k < 32,
+// table-driven CRC parameterized by `consts` = [256-entry byte table, x^(2^k) mod P for k < X2N_LEN,
 // P], built by gpupas/backend/kernels_ref.py:crc_consts, whose NumPy mirror this is.
 //
 // Each message is cut into PIECE-byte pieces, counted from its end: it is read as if left-padded
@@ -19,6 +19,7 @@
 #define LANE_BYTES 32
 #define LOG2_LANE_BITS 8   // 8 * LANE_BYTES = 2^8: x^(8 * 32 * 2^k) is x2n[8 + k]
 #define LOG2_PIECE_BITS 13 // 8 * PIECE = 2^13
+#define X2N_LEN 64  // entries of x^(2^k): k runs to 3 + 60 (not wrapped at 32 as zlib does: wrong for CRC-32C)
 
 typedef long long i64;
 
@@ -38,7 +39,7 @@ __device__ __forceinline__ unsigned multmodp(unsigned a, unsigned b, unsigned po
 __device__ __forceinline__ unsigned x2nmodp(i64 n, int k, const unsigned* x2n, unsigned poly) {  // x^(n * 2^k) mod P
     unsigned p = 1u << 31;  // x^0
     while (n) {
-        if (n & 1) p = multmodp(x2n[k & 31], p, poly);
+        if (n & 1) p = multmodp(x2n[k], p, poly);
         n >>= 1;
         k++;
     }
@@ -60,7 +61,7 @@ extern "C" __global__ void crc_pieces(const i64* msgs, int nmsg, i64 npieces, co
     for (int b = threadIdx.x; b < 256; b += blockDim.x) table[b] = consts[b];
     __syncthreads();
     const unsigned* x2n = consts + 256;
-    unsigned poly = consts[288];
+    unsigned poly = consts[256 + X2N_LEN];
     int lane = threadIdx.x & 31;
     i64 warps = (i64)gridDim.x * (blockDim.x >> 5);
     for (i64 p = (i64)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5); p < npieces; p += warps) {
@@ -87,7 +88,7 @@ extern "C" __global__ void crc_combine(const i64* msgs, int nmsg, const unsigned
     __shared__ unsigned acc_s[1024];
     __shared__ i64 count_s[1024];
     const unsigned* x2n = consts + 256;
-    unsigned poly = consts[288];
+    unsigned poly = consts[256 + X2N_LEN];
     int tid = threadIdx.x;
     for (int m = blockIdx.x; m < nmsg; m += gridDim.x) {
         const i64* e = msgs + (i64)m * MSG_STRIDE;

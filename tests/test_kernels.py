@@ -308,6 +308,18 @@ def test_crc_of_many_messages_written_where_asked() -> None:
         assert dst.view("<u4").tolist() == got.tolist()
 
 
+def test_crc_lengths_past_2_to_the_29_bytes() -> None:
+    """The length term of a CRC (x^(8 * length) mod P, from the x^(2^k) table) at lengths where zlib's
+    wrap of k at 32 would break CRC-32C: checked on zero messages (their pieces' CRCs are 0), against
+    zlib and crc32c reading the bytes (untouched calloc pages: no memory is filled)."""
+    for poly, ref in ((K.CRC32_POLY, zlib.crc32), (K.CRC32C_POLY, crc32c)):
+        consts = K.crc_consts(poly)
+        x2n, p = [int(x) for x in consts[256:K.CONST_POLY]], int(consts[K.CONST_POLY])
+        for n in (0, 1, (1 << 29) - 1, 1 << 29, (1 << 29) + 1000, (1 << 31) + 5):
+            got = K.multmodp(K.x2nmodp(n, 3, x2n, p), 0xFFFFFFFF, p) ^ 0xFFFFFFFF
+            assert got == ref(memoryview(np.zeros(n, np.uint8))), (hex(poly), n)
+
+
 # -- frames.cu -----------------------------------------------------------------------------------------------------
 def _huffman_only_deflate(data: bytes) -> bytes:
     """Raw Deflate as nvCOMP writes it with algorithm_type=0: Huffman-only blocks, no framing."""
@@ -589,15 +601,16 @@ def fake_gpu(monkeypatch: pytest.MonkeyPatch) -> Any:
     """The CuPy backend on the stand-ins; ``device="cuda"`` gets it."""
     import gpupas.backend.cupy as gpu
     from gpupas.backend import base
-    from gpupas.codecs.nvcomp import NvcompCodec
+    from gpupas.codecs.nvcomp import ALIGN, NvcompCodec
     from gpupas.errors import IntegrityError
 
     coders = _fake_coders()
 
-    def compress(self: Any, src: Any, chunks: np.ndarray, size: int, out: Any) -> np.ndarray:
-        slot, sizes = self.slot(size), []
+    def compress(self: Any, src: Any, chunks: np.ndarray, size: int, out: Any, stride: int | None = None) -> np.ndarray:
+        slot, sizes, stride = self.slot(size), [], stride or size
         for i, c in enumerate(np.asarray(chunks).tolist()):
-            body = coders[self.codec_id][0](np.asarray(src[c * size : (c + 1) * size]).tobytes())
+            assert (c * stride) % ALIGN == 0, "nvCOMP takes chunks at aligned addresses"
+            body = coders[self.codec_id][0](np.asarray(src[c * stride : c * stride + size]).tobytes())
             out[i * slot : i * slot + len(body)] = np.frombuffer(body, np.uint8)
             sizes.append(len(body))
         return np.array(sizes, np.int64)
@@ -606,6 +619,7 @@ def fake_gpu(monkeypatch: pytest.MonkeyPatch) -> Any:
                    size: int) -> np.ndarray:
         sizes = []
         for s, n, d in zip(starts.tolist(), lengths.tolist(), np.asarray(offs).tolist()):
+            assert s % ALIGN == 0 and d % ALIGN == 0, "nvCOMP takes chunks at aligned addresses"
             try:
                 data = coders[self.codec_id][1](np.asarray(src[s : s + n]).tobytes(), size)
             except Exception as exc:
@@ -685,6 +699,29 @@ def test_cpu_written_archive_restores_through_the_cupy_backend(tmp_path: Path, f
             got = a.restore(m.id, device="cuda")
             assert all(np.asarray(got[k] if not isinstance(got[k], DeviceTensor) else got[k].get()).tobytes()
                        == v.tobytes() for k, v in snap.items()), m.id
+
+
+def test_chunk_sizes_nvcomp_cannot_take_in_place(tmp_path: Path, fake_gpu: Any) -> None:
+    """A chunk size that is no multiple of 16 (a layout given, or a CPU-written archive): nvCOMP gets
+    every chunk at an aligned address (the stand-ins assert it), both ways, every coder."""
+    import gpupas
+    from gpupas.backend.cupy import DeviceTensor
+    from gpupas.engine.encode import Layout
+    from gpupas.pas.settings import Setting
+
+    grand, base, child = _snapshot(["float32", "bfloat16", "int32"])
+    setting = Setting("gpu-all", codecs=("zstd", "deflate", "nvcomp-ans"), try_all=True)
+    with gpupas.create_archive(tmp_path / "arc") as a:
+        ms = [a.commit(s, setting=setting, device=dev, layout=Layout(chunk_size=size))
+              for s, dev, size in ((grand, "cuda", 4099), (child, "cpu", 4099), (base, "cuda", 1000))]
+        assert all(st.chunk_size in (4099, 1000) for m in ms for st in m.streams)
+        assert {ch for m in ms for st in m.streams for ch in st.chunks} - {"z"}  # coders were kept
+    with gpupas.open_archive(tmp_path / "arc") as a:
+        for m, snap in zip(ms, (grand, child, base)):
+            got = a.restore(m.id, device="cuda")
+            for k, v in snap.items():
+                r = got[k]
+                assert (r.get() if isinstance(r, DeviceTensor) else np.asarray(r)).tobytes() == v.tobytes(), (m.id, k)
 
 
 def test_damaged_chunks_are_named_on_the_gpu_path(tmp_path: Path, fake_gpu: Any) -> None:

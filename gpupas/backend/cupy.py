@@ -33,7 +33,7 @@ from gpupas.backend import kernels_ref as K
 from gpupas.backend.base import bases_of, check_dtype
 from gpupas.errors import BackendUnavailableError, IntegrityError, InvalidInputError
 
-GPU_CHUNK = 1 << 16  # bytes a chunk: nvCOMP's natural chunk (and Deflate's largest); the GPU's default layout
+GPU_CHUNK = 1 << 16  # bytes a chunk: nvCOMP's natural chunk (Deflate's most before nvCOMP 5); the GPU's layout
 STAGE = 64 << 20  # bytes a pinned staging buffer holds (two of them: one copied into while the other is written)
 PLAIN_THREADS = 256
 CRC_THREADS = 256
@@ -160,7 +160,7 @@ class CupyBackend:
         self._count = threading.Lock()
         self._local = threading.local()
         self._modules: dict[str, Any] = {}
-        self._consts: dict[int, Any] = {}
+        self._consts: dict[tuple[int, int], Any] = {}
         self._pinned: dict[str, tuple[Any, np.ndarray]] = {}
 
     # -- streams, kernels, pinned memory --------------------------------------------------------------------------
@@ -174,7 +174,10 @@ class CupyBackend:
 
     @contextmanager
     def _on_stream(self) -> Iterator[Any]:
+        """This thread's work stream made current, after what the caller's stream has queued (uploads of
+        its tensors, frees of memory the pool hands out again): a non-blocking stream waits for nothing."""
         s = self._stream()
+        s.wait_event(self.cp.cuda.get_current_stream().record())
         with s:
             yield s
 
@@ -185,9 +188,14 @@ class CupyBackend:
             return self._modules[file].get_function(name)
 
     def _crc_consts(self, poly: int) -> Any:
-        if poly not in self._consts:
-            self._consts[poly] = self.cp.asarray(K.crc_consts(poly))
-        return self._consts[poly]
+        """The CRC tables on this device, uploaded once and waited for (every thread's stream reads them)."""
+        key = (self.cp.cuda.Device().id, poly)
+        with self._count:
+            if key not in self._consts:
+                consts = self.cp.asarray(K.crc_consts(poly))
+                self.cp.cuda.get_current_stream().synchronize()
+                self._consts[key] = consts
+            return self._consts[key]
 
     def _pinned_buffer(self, slot: str, nbytes: int) -> np.ndarray:
         have = self._pinned.get(slot)
@@ -223,12 +231,12 @@ class CupyBackend:
             raise InvalidInputError(f"{name!r} is a {type(value).__name__}, not a tensor; archive tensors only "
                                     "(put other values in the version's metadata)")
         check_dtype(arr, name)
+        cp.cuda.get_current_stream().synchronize()  # what the caller's stream still writes into it (uploads too)
         if isinstance(arr, DeviceTensor):
             return arr
         if arr.device.id != cp.cuda.Device().id:
             raise InvalidInputError(f"tensor {name!r} is on GPU {arr.device.id}; this commit runs on GPU "
                                     f"{cp.cuda.Device().id} (use cupy.cuda.Device(n) / torch.cuda.set_device)")
-        cp.cuda.get_current_stream().synchronize()  # what the caller's stream still writes into it
         return arr if arr.flags.c_contiguous else arr.copy(order="C")
 
     def _upload(self, a: np.ndarray) -> Any:
@@ -474,6 +482,18 @@ class CupyBackend:
         out[buf.size :] = 0
         return out
 
+    def _strided(self, src: Any, nchunks: int, size: int) -> tuple[Any, int]:
+        """``src`` (``nchunks`` chunks of ``size`` bytes) with every chunk starting at a multiple of ALIGN, as
+        nVCOMP needs, and that stride: ``src`` itself where ``size`` is a multiple, else a spaced copy."""
+        from gpupas.codecs.nvcomp import ALIGN
+
+        stride = -(-size // ALIGN) * ALIGN
+        if stride == size or src is None:
+            return src, stride
+        out = self.cp.zeros(nchunks * stride, self.cp.uint8)
+        out.reshape(nchunks, stride)[:, :size] = src[: nchunks * size].reshape(nchunks, size)
+        return out, stride
+
     def encode_chunks(self, policy: Any, buf: Any, bounds: Sequence[int], chunk_size: int,
                       emit: Callable[[int, str, Any], None], executor: Any, small: bool) -> list[tuple[str, int]]:
         """Code every chunk of stream buffer ``buf``: each candidate coder over all of them in one nvCOMP
@@ -493,6 +513,7 @@ class CupyBackend:
         ids = np.arange(nchunks, dtype=np.int64)
         with self._lock, self._on_stream() as s:
             src = self._padded(buf, nchunks * size)
+            coder_src, stride = self._strided(src, nchunks, size)
             coded: dict[str, np.ndarray] = {}
             outs: dict[str, tuple[Any, int, np.ndarray]] = {}
             for cid in gp.coders() + gp.tail_coders():
@@ -502,7 +523,7 @@ class CupyBackend:
                 codec = registry.get(cid, "gpu")
                 out = cp.empty(which.size * codec.slot(size), cp.uint8)
                 coded[cid] = np.full(nchunks, -1, np.int64)
-                coded[cid][which] = codec.compress(src, which, size, out)
+                coded[cid][which] = codec.compress(coder_src, which, size, out, stride)
                 outs[cid] = (out, codec.slot(size), which)
             kind, body = gp.choose(n, size, coded)
             srcs = np.where(kind == RAW, src.data.ptr + ids * size, 0).astype(np.int64)
@@ -554,16 +575,19 @@ class CupyBackend:
             executor.map(one, range(*group), inline=small)
 
         pending = None
-        for g, (lo, hi) in enumerate(groups):
-            a, b = int(offsets[lo]), int(ends[hi - 1])
-            host = self._pinned_buffer(f"out{g % 2}", b - a)
-            self.to_host(packed[a:b], out=host, stream=copy)
-            done = copy.record()
+        try:
+            for g, (lo, hi) in enumerate(groups):
+                a, b = int(offsets[lo]), int(ends[hi - 1])
+                host = self._pinned_buffer(f"out{g % 2}", b - a)
+                self.to_host(packed[a:b], out=host, stream=copy)
+                done = copy.record()
+                if pending is not None:
+                    hand_over(*pending)
+                pending = ((lo, hi), host, done)
             if pending is not None:
                 hand_over(*pending)
-            pending = ((lo, hi), host, done)
-        if pending is not None:
-            hand_over(*pending)
+        finally:  # ``emit`` raised: no copy into a pinned buffer may still be in flight when it is reused
+            copy.synchronize()
 
     def decode_chunks(self, stream: Any, chunks: Sequence[int], fetch: Callable[[int], Any], buf: Any,
                       executor: Any, small: bool, on_error: Callable[[int, Exception], Exception],
@@ -615,8 +639,15 @@ class CupyBackend:
                 start, stop = info["start"][sel], info["stop"][sel]
                 for i in np.flatnonzero((start < 0) | (stop < start))[:1]:
                     raise on_error(int(ids[sel[i]]), IntegrityError(f"{cid} chunk is not a gzip member"))
+                _, stride = self._strided(None, 0, size)
+                out = buf if stride == size else cp.empty(sel.size * stride, cp.uint8)
                 try:
-                    sizes = registry.get(cid, "gpu").decompress(dev, start, stop - start, buf, ids[sel] * size, size)
+                    sizes = registry.get(cid, "gpu").decompress(dev, start, stop - start, out,
+                                                                ids[sel] * size if out is buf else
+                                                                np.arange(sel.size, dtype=np.int64) * stride, size)
+                    if out is not buf:
+                        self._copy_spans(np.stack([out.data.ptr + np.arange(sel.size) * stride,
+                                                   buf.data.ptr + ids[sel] * size, np.full(sel.size, size)], axis=1))
                 except IntegrityError as exc:  # damage, or a stream nvCOMP does not take: the CPU says which
                     self._decode_on_cpu(cid, ids[sel], fetch, size, buf, executor, small, on_error, exc)
                     continue

@@ -278,10 +278,15 @@ def multmodp(a: int, b: Any, poly: int) -> Any:
     return p
 
 
+X2N_LEN = 64  # x^(2^k) mod P for k < 64: a length's bits are 3 + up to 60 (zlib wraps k at 32, exact for
+# CRC-32, whose x has order dividing 2^32 - 1, but not for CRC-32C: there x^(2^32) is x^2)
+CONST_POLY = 256 + X2N_LEN  # where ``consts`` holds P
+
+
 def x2n_table(poly: int) -> list[int]:
-    """``x^(2^k) mod P`` for k < 32."""
+    """``x^(2^k) mod P`` for k < :data:`X2N_LEN`."""
     out, p = [], 1 << 30  # x^1
-    for _ in range(32):
+    for _ in range(X2N_LEN):
         out.append(p)
         p = multmodp(p, p, poly)
     return out
@@ -292,7 +297,7 @@ def x2nmodp(n: int, k: int, x2n: Sequence[int], poly: int) -> int:
     p = 1 << 31
     while n:
         if n & 1:
-            p = multmodp(x2n[k & 31], p, poly)
+            p = multmodp(x2n[k], p, poly)
         n >>= 1
         k += 1
     return p
@@ -326,7 +331,7 @@ def crc_messages(ptrs: Sequence[int] | np.ndarray, lens: Sequence[int] | np.ndar
 
 def ref_crc_pieces(msgs: np.ndarray, npieces: int, consts: np.ndarray) -> np.ndarray:
     """crc_pieces: the zero-state CRC of each PIECE-byte piece (messages left-padded with zeros)."""
-    table, x2n, poly = consts[:256], [int(x) for x in consts[256:288]], int(consts[288])
+    table, x2n, poly = consts[:256], [int(x) for x in consts[256:CONST_POLY]], int(consts[CONST_POLY])
     raw = np.zeros(npieces, np.uint32)
     for e in msgs:
         ptr, length, p0 = int(e[M_PTR]), int(e[M_LEN]), int(e[M_PIECE0])
@@ -350,7 +355,7 @@ def ref_crc_pieces(msgs: np.ndarray, npieces: int, consts: np.ndarray) -> np.nda
 
 def ref_crc_combine(msgs: np.ndarray, consts: np.ndarray, raw: np.ndarray, threads: int = 256) -> np.ndarray:
     """crc_combine: each message's CRC from its pieces (and its 4 bytes written where M_DST says)."""
-    x2n, poly = [int(x) for x in consts[256:288]], int(consts[288])
+    x2n, poly = [int(x) for x in consts[256:CONST_POLY]], int(consts[CONST_POLY])
     out = np.zeros(len(msgs), np.uint32)
     for m, e in enumerate(msgs):
         length, p0 = int(e[M_LEN]), int(e[M_PIECE0])

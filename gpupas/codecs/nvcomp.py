@@ -79,14 +79,15 @@ class NvcompCodec:
             self._slots[size] = -(-int(bound) // ALIGN) * ALIGN
         return self._slots[size]
 
-    def compress(self, src: Any, chunks: np.ndarray, size: int, out: Any) -> np.ndarray:
-        """Code chunks ``chunks`` (each ``size`` bytes at ``c * size`` of device buffer ``src``) into
-        ``out`` (slot ``i`` of :meth:`slot` bytes for the i-th); returns the coded sizes."""
+    def compress(self, src: Any, chunks: np.ndarray, size: int, out: Any, stride: int | None = None) -> np.ndarray:
+        """Code chunks ``chunks`` (each ``size`` bytes at ``c * stride`` of device buffer ``src``; ``stride``
+        defaults to ``size``, a multiple of ALIGN) into ``out`` (slot ``i`` of :meth:`slot` bytes for the
+        i-th); returns the coded sizes."""
         if not len(chunks):
             return np.zeros(0, np.int64)
         nv, ptr, slot, k = _nvcomp(), _stream_ptr(), self.slot(size), len(chunks)
         codec = self._codec(size)
-        srcs = nv.as_arrays(src, (np.asarray(chunks, np.int64) * size).tolist(), [size] * k, ptr)
+        srcs = nv.as_arrays(src, (np.asarray(chunks, np.int64) * (stride or size)).tolist(), [size] * k, ptr)
         outs = nv.as_arrays(out, (np.arange(k, dtype=np.int64) * slot).tolist(), [slot] * k, ptr)
         return _sizes(codec.encode(srcs, out=outs, compression_config=codec.compression_config([size] * k)))
 
@@ -98,10 +99,11 @@ class NvcompCodec:
         if not len(starts):
             return np.zeros(0, np.int64)
         nv, ptr, k = _nvcomp(), _stream_ptr(), len(starts)
-        codec = self._codec(size)
-        srcs = nv.as_arrays(src, np.asarray(starts, np.int64).tolist(), np.asarray(lengths, np.int64).tolist(), ptr)
-        outs = nv.as_arrays(dst, np.asarray(dst_offsets, np.int64).tolist(), [size] * k, ptr)
         try:
+            codec = self._codec(size)
+            srcs = nv.as_arrays(src, np.asarray(starts, np.int64).tolist(), np.asarray(lengths, np.int64).tolist(),
+                                ptr)
+            outs = nv.as_arrays(dst, np.asarray(dst_offsets, np.int64).tolist(), [size] * k, ptr)
             try:  # sizes known from the format: no header parsing, no synchronization
                 config = codec.decompression_config(codec.compression_config([size] * k))
                 return _sizes(codec.decode(srcs, out=outs, decompression_config=config))
