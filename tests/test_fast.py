@@ -237,6 +237,7 @@ def _chain(seed: int = 0):
     first["dense"] = rng.normal(0, 0.02, (200, 300)).astype(np.float32)
     first["scalar"] = np.float32(1.5)
     first["empty"] = np.zeros((0, 4), np.float32)
+    first["ints"] = rng.normal(0, 60, (200, 100)).round().astype(np.int64)  # whole: split by its top byte
     snaps = [first]
     velocity = {k: rng.normal(0, 1e-4, np.shape(first[k])).astype(np.float32) for k in ("emb", "dense")}
     for _ in range(3):
@@ -273,6 +274,7 @@ def test_archives_are_the_same_and_read_each_other(tmp_path, setting) -> None:
     assert [_shape_of(m) for m in got] == [_shape_of(m) for m in ref]
     assert any(e.enc == "pred" for m in got for e in m.tensors) or setting == "fast"
     assert any(e.rows is not None for m in got for e in m.tensors)
+    assert (got[0].tensor("ints").ctx and got[0].tensor("ints").enc == "mat") == (setting != "fast")
     for on in (False, True):
         for where in ("ref", "fast"):
             with fast.use(on), gpupas.open_archive(tmp_path / where) as arc:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -134,3 +136,25 @@ def test_a_sample_is_planned_for_the_tensor_it_stands_for() -> None:
     for plan in (choose_plan, fast.choose_plan) if fast.enabled() else (choose_plan,):
         assert plan(u, ub, layout, SETTINGS["default"], encs=("sub",), of=n).ctx
         assert not plan(u, ub, layout, SETTINGS["default"], encs=("sub",)).ctx
+
+
+def test_default_splits_whole_signed_integers_by_their_top_byte(tmp_path: Path) -> None:
+    """A small signed integer's upper bytes repeat its sign: coded plane by plane they cost a bit a byte
+    each (a Huffman code's least), split by the top byte they cost nothing. The default setting splits
+    whole integers (not floats, whose sizes stay as they were) where the estimate says it pays, and
+    both paths plan alike (tests/test_fast.py: ``ints``)."""
+    import gpupas
+
+    rng = np.random.default_rng(3)
+    n = 200_000
+    for dtype in (np.int64, np.int32, np.int16):
+        v = rng.normal(0, 60, n).round().astype(dtype)
+        layout = LAYOUTS[np.dtype(dtype).name]
+        plan = choose_plan(to_bits(v, layout), None, layout, SETTINGS["default"])
+        assert plan.enc == "mat" and plan.ctx, (dtype, plan)
+        with gpupas.create_archive(tmp_path / np.dtype(dtype).name) as a:
+            m = a.commit({"v": v})
+            assert m.tensors[0].ctx and m.stored_bytes < 1.25 * n, (dtype, m.stored_bytes)  # ~8 bits of entropy
+            assert a.restore(m.id)["v"].tobytes() == v.tobytes()
+    f = rng.standard_normal(n).astype(np.float32)
+    assert not choose_plan(to_bits(f, LAYOUTS["float32"]), None, LAYOUTS["float32"], SETTINGS["default"]).ctx

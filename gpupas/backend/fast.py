@@ -40,7 +40,7 @@ from gpupas.pas.planes import Layout
 from gpupas.pas.predict import FRAC, ROW_COST_BITS, SAMPLE_COLS, _adjust, _steps
 from gpupas.pas.rows import MIN_ROWS, MIN_UNCHANGED, rows_of
 from gpupas.pas.settings import Setting
-from gpupas.pas.transform import MIN_ESTIMATE_VALUES, Plan, candidates, plan_of, splits
+from gpupas.pas.transform import MIN_ESTIMATE_VALUES, Plan, candidates, plan_of, splits, whole_splits
 
 log = logging.getLogger("gpupas")
 
@@ -195,7 +195,7 @@ def choose_plan(u: np.ndarray, ub: np.ndarray | None, layout: Layout, setting: S
     taken by a kernel; ``rows``: the coded rows of ``u`` and ``ub`` (every row where None); ``of``: ``u`` and
     ``ub`` are a sample of a tensor of ``of`` values."""
     n = u.size if rows is None else rows.size * per
-    if ub is None and "mat" not in setting.context:
+    if ub is None and not whole_splits(setting, layout):
         return Plan("mat", False)
     if ub is not None and n < MIN_ESTIMATE_VALUES:
         return Plan("sub", False)
@@ -205,8 +205,8 @@ def choose_plan(u: np.ndarray, ub: np.ndarray | None, layout: Layout, setting: S
     cnt = _scratch(3, 8 * w * 256 * 256)
     coded, keys = _scratch(4, 8 * idx.size), _scratch(5, idx.size)
     best: Plan | None = None
-    for enc in encs if encs is not None else candidates(ub is not None, setting):
-        want = splits(enc, setting, n if of is None else of, w)
+    for enc in encs if encs is not None else candidates(ub is not None, setting, layout):
+        want = splits(enc, setting, n if of is None else of, layout)
         h, hc = np.empty(w), np.empty(w if want else 0)
         k.sample_entropies(w, KINDS[enc], layout.rotate, u, u if ub is None else ub, idx, _rowmap(rows), per,
                            _nlogn(idx.size), _LN2X2, h, hc, cnt, coded, keys)

@@ -11,7 +11,8 @@ from gpupas.errors import InvalidInputError
 class Setting:
     """Knobs of one encoder setting.
 
-    ``context``: the encodings ('mat', 'sub', 'xor') that may use the context split;
+    ``context``: the encodings ('mat', 'sub', 'xor') that may use the context split ('mat-int': 'mat' of
+    integer dtypes only);
     ``min_group``: smallest group (bytes) that gets coder tables of its own;
     ``try_all``: code every chunk with each coder and keep the smallest (the compaction setting),
     else code with fast literal-only Zstandard and try Huffman-only Deflate only where Zstandard
@@ -23,7 +24,7 @@ class Setting:
     """
 
     name: str
-    context: tuple[str, ...] = ("sub", "xor")
+    context: tuple[str, ...] = ("sub", "xor", "mat-int")
     min_group: int = 8192
     try_all: bool = False
     zstd_level: int = 19

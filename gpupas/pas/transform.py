@@ -58,7 +58,7 @@ def choose_plan(u: Any, ub: Any | None, layout: Layout, setting: Setting,
                 encs: tuple[str, ...] | None = None, of: int | None = None) -> Plan:
     """Pick the encoding (and context split) with the smallest sampled entropy (among ``encs``);
     ``of``: ``u`` and ``ub`` are a sample already, of a tensor of ``of`` values (all of it is read)."""
-    if ub is None and "mat" not in setting.context:
+    if ub is None and not whole_splits(setting, layout):
         return Plan("mat", False)  # nothing to choose
     if ub is not None and u.size < MIN_ESTIMATE_VALUES:
         return Plan("sub", False)  # too small for the choice to matter, or for a fair estimate
@@ -68,13 +68,13 @@ def choose_plan(u: Any, ub: Any | None, layout: Layout, setting: Setting,
     ubs = None if ub is None else to_numpy(ub[idx])
     w = layout.width
     best: Plan | None = None
-    for enc in encs if encs is not None else candidates(ubs is not None, setting):
+    for enc in encs if encs is not None else candidates(ubs is not None, setting, layout):
         planes = np.empty((w, us.size), np.uint8)
         coded = rotate(us, layout) if enc == "mat" else encode_delta(enc, us, ubs, layout)
         split_planes(coded, planes)
         h = plane_entropies(planes)
         hc = None
-        if splits(enc, setting, n, w):
+        if splits(enc, setting, n, layout):
             hc = plane_entropies(planes, planes[0] if enc == "mat" else top_byte(ubs, layout))
         plan = plan_of(enc, h, hc)
         if best is None or plan.estimate < best.estimate:
@@ -83,16 +83,25 @@ def choose_plan(u: Any, ub: Any | None, layout: Layout, setting: Setting,
     return best
 
 
-def candidates(with_base: bool, setting: Setting) -> tuple[str, ...]:
+def whole_splits(setting: Setting, layout: Layout) -> bool:
+    """Whether ``setting`` may split whole values ('mat') of ``layout``'s dtype by their own top byte:
+    'mat' in its context, or 'mat-int' and an integer dtype (whose top byte says what the sign-extension
+    bytes below it hold: split by it, they cost nothing)."""
+    return "mat" in setting.context or ("mat-int" in setting.context and layout.dtype.kind in "iu")
+
+
+def candidates(with_base: bool, setting: Setting, layout: Layout) -> tuple[str, ...]:
     """The encodings :func:`choose_plan` estimates. With a base, XOR under the split carries the
     information a whole value does, so 'mat' is only worth estimating where the setting may split a
     whole value too."""
-    return ("mat",) if not with_base else ("sub", "xor") + (("mat",) if "mat" in setting.context else ())
+    return ("mat",) if not with_base else ("sub", "xor") + (("mat",) if whole_splits(setting, layout) else ())
 
 
-def splits(enc: str, setting: Setting, n: int, width: int) -> bool:
+def splits(enc: str, setting: Setting, n: int, layout: Layout) -> bool:
     """Whether the context split of encoding ``enc`` of ``n`` values is estimated."""
-    return enc in setting.context and n >= MIN_CONTEXT_VALUES and (enc != "mat" or width > 1)
+    if enc == "mat":
+        return whole_splits(setting, layout) and n >= MIN_CONTEXT_VALUES and layout.width > 1
+    return enc in setting.context and n >= MIN_CONTEXT_VALUES
 
 
 def plan_of(enc: str, h: Any, hc: Any | None) -> Plan:
