@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -147,7 +148,11 @@ def as_tensor_dict(tensors: Any, source: str = "input", backend: Any = None) -> 
 
         backend = get_backend("numpy")
     if isinstance(tensors, (str, os.PathLike)):
-        return {k: backend.as_array(v, k) for k, v in load_checkpoint(tensors).items()}
+        notes: list[str] = []
+        loaded = load_checkpoint(tensors, notes)
+        for note in notes:  # what else the file holds is not archived: said, as Repository.commit says it
+            warnings.warn(note, stacklevel=4)
+        return {k: backend.as_array(v, k) for k, v in loaded.items()}
     if not isinstance(tensors, Mapping):
         raise InvalidInputError(
             f"{source}: expected a mapping of name -> tensor or a checkpoint path, got {type(tensors).__name__}"

@@ -242,3 +242,25 @@ def test_gc_after_a_killed_cli_commit(tmp_path: Path) -> None:
         assert len(repo.archive.snapshots()) == 1 and repo.verify()["ok"]
         assert repo.restore("kept")["w"].shape == (512, 512)
     time.sleep(0)  # (nothing else left running)
+
+
+def test_archive_commit_of_a_path_says_what_it_left_out(tmp_path: Path) -> None:
+    """A training checkpoint holds more than weights: Archive.commit(path) archives the weights and warns
+    about the rest (optimizer state, EMA weights), as Repository.commit does."""
+    sd = {k: torch.from_numpy(v) for k, v in tensors(0).items()}
+    path = tmp_path / "ckpt.pt"
+    torch.save({"model": sd, "optimizer": {"state": {}}, "ema": sd, "epoch": 3}, path)
+    with gpupas.create_archive(tmp_path / "arc") as a, pytest.warns(UserWarning, match=r"optimizer.*ema|ema.*opt"):
+        m = a.commit(path)
+    assert sorted(t.name for t in m.tensors) == sorted(sd)
+
+
+def test_restored_empty_torch_tensors_are_plainly_strided(tmp_path: Path) -> None:
+    """torch.from_numpy gives an empty tensor strides of 0, which .view(dtype) refuses; a restore's are
+    those of torch.empty."""
+    state = {"h": torch.empty(0, 5, dtype=torch.float16), "b": torch.empty(3, 0, dtype=torch.bfloat16)}
+    with gpupas.create_archive(tmp_path / "arc") as a:
+        got = a.restore(a.commit(state).id, framework="torch")
+    for k, t in state.items():
+        assert got[k].shape == t.shape and got[k].dtype == t.dtype and got[k].stride() == t.stride(), k
+        assert got[k].view(torch.uint8).shape == t.view(torch.uint8).shape

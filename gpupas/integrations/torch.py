@@ -62,8 +62,11 @@ def numpy_to_tensor(a: np.ndarray) -> Any:
     for tdtype, (carrier, np_dtype) in _views().items():
         if a.dtype == np.dtype(np_dtype):
             holder = np.dtype(torch.empty(0, dtype=carrier).numpy().dtype)
-            return torch.from_numpy(a.view(holder).copy()).view(tdtype)
-    return torch.from_numpy(a.copy())
+            t = torch.from_numpy(a.view(holder).copy()).view(tdtype)
+            break
+    else:
+        t = torch.from_numpy(a.copy())
+    return t if a.size else torch.empty(t.shape, dtype=t.dtype)  # from_numpy strides an empty one 0: no .view(dtype)
 
 
 def state_dict_to_numpy(state: Mapping[str, Any]) -> dict[str, np.ndarray]:
