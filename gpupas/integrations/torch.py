@@ -51,8 +51,12 @@ def tensor_to_numpy(t: Any) -> np.ndarray:
         return t.view(carrier).numpy().view(np_dtype).copy()
     try:
         return t.numpy().copy()
-    except TypeError as exc:
-        raise UnsupportedDtypeError(f"torch dtype {t.dtype} cannot be archived: {exc}") from None
+    except TypeError:
+        from gpupas.pas.planes import LAYOUTS
+
+        raise UnsupportedDtypeError(
+            f"torch dtype {t.dtype} cannot be archived; supported: {', '.join(sorted(LAYOUTS))}. Convert it "
+            "first (e.g. t.float(); complex: store .real and .imag)") from None
 
 
 def numpy_to_tensor(a: np.ndarray) -> Any:
