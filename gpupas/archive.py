@@ -21,7 +21,7 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
@@ -397,7 +397,11 @@ class Archive:
                 if check[name].tobytes() != b.tobytes():
                     raise IntegrityError(f"snapshot {snapshot}: the revised form of {name!r} does not decode to "
                                          "the same bits; nothing was changed")
-            self.store.replace_manifest(new, old.revision)
+            rebased = new_base is not None and new_base != old.base
+            # checked again as the manifest is switched (other re-bases publish under the same lock): two
+            # revisions that each passed the check above could together make a loop or too long a chain
+            self.store.replace_manifest(new, old.revision, check=(lambda: self._check_base(
+                snapshot, new_base, self.store.read_manifest)) if rebased else None)
         except BaseException:
             for s in streams:
                 self.store.delete_folder(s.folder, s.tier)
@@ -435,18 +439,23 @@ class Archive:
         """
         return tiers.move(self, snapshot, planes_from=planes_from, to=to)
 
-    def _check_base(self, snapshot: str, base: str) -> None:
-        m = self.manifest(base)
-        seen = {base}
+    def _check_base(self, snapshot: str, base: str, read: Callable[[str], Manifest] | None = None) -> None:
+        """InvalidInputError where ``base`` is ``snapshot`` or a delta on it, or a delta on it would make a
+        chain longer than ``max_chain``; ``read``: how manifests are read (default: this session's cache)."""
+        read = read or self.manifest
+        m, seen, depth = read(base), {base}, 0
         while True:
             if m.id == snapshot:
                 raise InvalidInputError(f"snapshot {base} is {snapshot} or a delta on it: it cannot be its base")
-            if m.base is None or m.base in seen:
+            if m.base is None:
                 break
+            if m.base in seen:
+                raise IntegrityError(f"snapshot {base}: its delta chain loops back to {m.base}")
             seen.add(m.base)
-            m = self.manifest(m.base)
-        if self.depth(base) + 1 > self.max_chain:
-            raise InvalidInputError(f"a delta on {base} would make a chain of {self.depth(base) + 1} links; at most "
+            depth += 1
+            m = read(m.base)
+        if depth + 1 > self.max_chain:
+            raise InvalidInputError(f"a delta on {base} would make a chain of {depth + 1} links; at most "
                                     f"{self.max_chain} are allowed")
 
     def _check_no_implicit_children(self, snapshot: str) -> None:

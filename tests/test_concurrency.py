@@ -204,3 +204,49 @@ def test_kill_during_commit(tmp_path: Path, mode: str) -> None:
         check_archive(repo)
         if mode == "chunks":
             assert repo.stats()["incomplete_snapshots"] or repo.stats()["unreferenced_snapshots"]
+
+
+def test_two_rebases_at_once_cannot_make_a_loop(tmp_path: Path) -> None:
+    """Two revisions (two compactions' plans) each make the other snapshot its base: each passes the
+    check when it starts; the second to publish is refused, and both snapshots stay readable."""
+    import threading
+
+    import gpupas
+    from gpupas.errors import InvalidInputError
+
+    snaps = {"s1": tensors("loop-1@20000"), "s2": tensors("loop-2@20000")}
+    with gpupas.create_archive(tmp_path / "arc") as a:
+        for sid, t in snaps.items():
+            a.commit(t, snapshot=sid)
+    first, second = gpupas.open_archive(tmp_path / "arc"), gpupas.open_archive(tmp_path / "arc")
+    checked, go, errors = threading.Event(), threading.Event(), []
+    replace = first.store.replace_manifest
+
+    def held(*args: object, **kw: object) -> None:  # s1's revision has passed its first check: wait here
+        checked.set()
+        go.wait(30)
+        replace(*args, **kw)
+
+    first.store.replace_manifest = held  # type: ignore[method-assign]
+
+    def revise_s1() -> None:
+        try:
+            first.revise("s1", base="s2")
+        except Exception as exc:
+            errors.append(exc)
+
+    t = threading.Thread(target=revise_s1)
+    t.start()
+    assert checked.wait(30)
+    second.revise("s2", base="s1")  # publishes first
+    go.set()
+    t.join(30)
+    assert len(errors) == 1 and isinstance(errors[0], InvalidInputError) and "cannot be its base" in str(errors[0])
+    first.close()
+    second.close()
+    with gpupas.open_archive(tmp_path / "arc") as a:
+        assert (a.manifest("s1").base, a.manifest("s2").base) == (None, "s1")
+        for sid, t in snaps.items():
+            got = a.restore(sid)
+            assert all(got[k].tobytes() == v.tobytes() for k, v in t.items()), sid
+        assert all(not isinstance(r, Exception) for _, r in a.verify_all())

@@ -161,11 +161,13 @@ class ArchiveStore:
             while len(self._parsed) > _PARSED_MAX:
                 self._parsed.popitem(last=False)
 
-    def replace_manifest(self, new: Manifest, expect_revision: int) -> None:
+    def replace_manifest(self, new: Manifest, expect_revision: int, check: Callable[[], None] | None = None) -> None:
         """Switch snapshot ``new.id`` to ``new`` atomically, if it is still at ``expect_revision``.
 
         Readers see the old manifest or the new one, never a mix. ConflictError if another
         revision won; the old manifest's folders become garbage (after the grace period of gc).
+        ``check``: called while no other replacement can publish (on a local archive: under the lock
+        on the manifests' folder), to refuse by raising.
         """
         self.upgrade_format()
         replaced: list[Manifest] = []
@@ -177,6 +179,8 @@ class ArchiveStore:
             if have.revision != expect_revision:
                 raise ConflictError(f"snapshot {new.id} was revised by another writer (revision {have.revision}, "
                                     f"expected {expect_revision}); run the job again")
+            if check is not None:
+                check()
             replaced[:] = [have]
             return new.to_bytes()
 
