@@ -52,11 +52,9 @@ def tensor_to_numpy(t: Any) -> np.ndarray:
     try:
         return t.numpy().copy()
     except TypeError:
-        from gpupas.pas.planes import LAYOUTS
-
         raise UnsupportedDtypeError(
-            f"torch dtype {t.dtype} cannot be archived; supported: {', '.join(sorted(LAYOUTS))}. Convert it "
-            "first (e.g. t.float(); complex: store .real and .imag)") from None
+            f"torch dtype {t.dtype} cannot be archived (NumPy has no such dtype). Convert it first (e.g. t.float(); "
+            "complex: store .real and .imag); gpupas.pas.planes.LAYOUTS lists the dtypes it stores") from None
 
 
 def numpy_to_tensor(a: np.ndarray) -> Any:
