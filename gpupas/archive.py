@@ -417,7 +417,8 @@ class Archive:
 
         Storage options that are not secrets are written into the archive; keys, secrets and tokens are
         used for this session only (later: ``$GPUPAS_TIER_OPTIONS_<NAME>``, the filesystem's own variables,
-        or ``open_archive(..., tier_options=...)``). ``force``: point the tier at a copy of its data.
+        or ``open_archive(..., tier_options=...)``). ``force``: point the tier at a copy of its data, or
+        add a removed tier back at the location that still holds it. A location inside the archive is refused.
         """
         return self.store.add_tier(name, os.fspath(url), storage_options, force=force)
 

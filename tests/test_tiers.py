@@ -158,6 +158,9 @@ def test_tier_locations_are_checked_and_secrets_never_written(tmp_path: Path) ->
             other.add_tier("cold", tmp_path / "t")
         with pytest.raises(InvalidInputError, match="already points"):
             a.add_tier("cold", tmp_path / "t2")
+        for inner in (tmp_path / "arc" / "snapshots" / "cold", tmp_path / "arc" / "cold"):  # gc would take it
+            with pytest.raises(InvalidInputError, match="inside archive"):
+                a.add_tier("inner", inner)
     text = (tmp_path / "arc" / "zarr.json").read_text()
     assert "endpoint_url" in text and "region_name" in text
     assert "AKIA-SECRET" not in text and "S3CR3T" not in text and '"key"' not in text
@@ -278,3 +281,61 @@ def test_s3_tier_read_planes_of_a_whole_snapshot_makes_no_request_to_it(counting
         full = b.restore(sid)
     assert counting_s3.count(bucket) > 0
     assert all(np.all((got.lo[k] <= v) & (v <= got.hi[k])) for k, v in full.items() if v.dtype.kind == "f")
+
+
+def test_a_removed_tier_is_added_back_with_its_data(tmp_path: Path) -> None:
+    """`tier remove` leaves the data where it is; adding the tier back at that location takes force (the
+    location is checked to hold a tier of that name) and keeps its id."""
+    with gpupas.create_archive(tmp_path / "arc") as a:
+        entry = a.add_tier("cold", tmp_path / "t")
+        a.remove_tier("cold")
+        with pytest.raises(InvalidInputError, match=r"removed from this one.*force"):
+            a.add_tier("cold", tmp_path / "t")
+        with pytest.raises(InvalidInputError, match="a location of its own"):
+            a.add_tier("other", tmp_path / "t", force=True)  # another name: not this tier
+        assert a.add_tier("cold", tmp_path / "t", force=True)["id"] == entry["id"]
+
+
+def test_tier_remove_waits_for_a_move_in_flight(tmp_path: Path) -> None:
+    """A move that has written its planes into the tier and is about to publish: `tier remove` waits for
+    it, then refuses (the tier is in use), instead of leaving a snapshot that names a missing tier."""
+    import threading
+
+    from gpupas import tiers
+
+    with gpupas.create_archive(tmp_path / "arc") as a:
+        sid = a.commit({"w": np.random.default_rng(0).standard_normal((64, 512)).astype(np.float32)}).id
+        a.add_tier("cold", tmp_path / "t")
+    mover, remover = gpupas.open_archive(tmp_path / "arc"), gpupas.open_archive(tmp_path / "arc")
+    at_publish, go, errors = threading.Event(), threading.Event(), []
+    replace = mover.store.replace_manifest
+
+    def held(*args: object, **kw: object) -> None:
+        at_publish.set()
+        go.wait(30)
+        replace(*args, **kw)
+
+    mover.store.replace_manifest = held  # type: ignore[method-assign]
+    t = threading.Thread(target=lambda: tiers.move(mover, sid, planes_from=1, to="cold"))
+    t.start()
+    assert at_publish.wait(30)
+
+    def remove() -> None:
+        try:
+            remover.remove_tier("cold")
+        except InvalidInputError as exc:
+            errors.append(exc)
+
+    r = threading.Thread(target=remove)
+    r.start()
+    r.join(1.0)
+    assert r.is_alive()  # waiting for the move
+    go.set()
+    t.join(30)
+    r.join(30)
+    assert len(errors) == 1 and "have planes in tier 'cold'" in str(errors[0])
+    mover.close()
+    remover.close()
+    with gpupas.open_archive(tmp_path / "arc") as a:
+        assert "cold" in a.tiers() and any(s.tier == "cold" for s in a.manifest(sid).streams)
+        a.verify(sid)

@@ -33,7 +33,8 @@ def tier_add(name: NameArg,
                  "and tokens are never written: give them in $GPUPAS_TIER_OPTIONS_<NAME> (JSON) or the "
                  "filesystem's own variables (AWS_ACCESS_KEY_ID...)."))] = None,
              force: Annotated[bool, typer.Option("--force", help=(
-                 "Point an existing tier at a new location that holds a copy of its data."))] = False,
+                 "Point an existing tier at a new location that holds a copy of its data, or add a removed tier "
+                 "back at the location that still holds it."))] = False,
              archive: ArchiveOpt = None, as_json: JsonOpt = False) -> None:
     """Define a storage tier (creates its root at URL)."""
     from gpupas.archive import open_archive
@@ -108,7 +109,8 @@ def tier_move(refs: Annotated[list[str], typer.Argument(metavar="VERSION", help=
 @tier_app.command("remove")
 @_command
 def tier_remove(name: NameArg, archive: ArchiveOpt = None) -> None:
-    """Forget a tier (its data stays where it is); refused while snapshots have planes there."""
+    """Forget a tier (its data stays where it is: `tier add NAME URL --force` adds it back); refused while
+    snapshots have planes there."""
     from gpupas.archive import open_archive
 
     with open_archive(_location(archive)) as a:

@@ -471,6 +471,9 @@ class ArchiveStore:
         """
         _tiers.check_tier_name(name)
         url = _tiers.normalize_url(url)
+        if _tiers.inside(url, self.store.location):
+            raise InvalidInputError(f"tier location {url} lies inside archive {self.store.location}, whose gc would "
+                                    "take its data for garbage; pick a location outside the archive")
         keep, secret = _tiers.split_secrets(storage_options)
         old = self.tier_table().get(name)
         if old is not None and not force:
@@ -492,9 +495,13 @@ class ArchiveStore:
                 raise InvalidInputError(f"{url} does not hold a copy of tier {name!r} (id {old.get('id')}); copy the "
                                         "tier's data there first")
             tier_id = old["id"]
-        elif found is not None:
-            raise InvalidInputError(f"{url} already holds tier {found.get('name')!r} of another archive; a tier needs "
-                                    "a location of its own")
+        elif found is not None and not (force and found.get("name") == name):
+            raise InvalidInputError(f"{url} already holds tier {found.get('name')!r}, of another archive or removed "
+                                    f"from this one; a tier needs a location of its own (to add a removed tier "
+                                    f"back with its data, add it under its name {found.get('name')!r} with force, "
+                                    "`--force`)")
+        elif found is not None:  # a tier removed from this archive, added back with its data
+            tier_id = found["id"]
         else:
             tier_id = _tiers.new_id()
             try:
@@ -517,21 +524,23 @@ class ArchiveStore:
         return entry
 
     def remove_tier(self, name: str) -> None:
-        """Forget tier ``name`` (its location is left as it is); refused while a snapshot has data there."""
+        """Forget tier ``name`` (its location is left as it is); refused while a snapshot has data there.
+        Waits for commits and revisions in flight (a tier move publishing into it, say)."""
         if name not in self.tier_table():
             raise TierNotFoundError(f"archive {self.location} has no tier {name!r}; list them with `gpupas tier list`")
-        users = [sid for sid in self.list_snapshots() if any(s.tier == name for s in self._streams_of(sid))]
-        if users:
-            raise InvalidInputError(f"snapshot(s) {', '.join(sorted(users)[:5])}{'...' if len(users) > 5 else ''} "
-                                    f"have planes in tier {name!r}: move them back first (`gpupas tier move ... "
-                                    "--to local`)")
 
         def change(data: bytes | None) -> bytes:
             doc = json.loads(data) if data else zarr_meta.group()
             doc.get("attributes", {}).get("gpupas", {}).get("tiers", {}).pop(name, None)
             return _json(doc)
 
-        self.store.update(keys.ROOT, change)
+        with self.store.lock(keys.SNAPSHOTS, exclusive=True):
+            users = [sid for sid in self.list_snapshots() if any(s.tier == name for s in self._streams_of(sid))]
+            if users:
+                raise InvalidInputError(f"snapshot(s) {', '.join(sorted(users)[:5])}{'...' if len(users) > 5 else ''}"
+                                        f" have planes in tier {name!r}: move them back first (`gpupas tier move ... "
+                                        "--to local`)")
+            self.store.update(keys.ROOT, change)
         with self._tier_lock:
             self._tier_stores.pop(name, None)
 

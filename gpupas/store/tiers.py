@@ -89,6 +89,17 @@ def normalize_url(url: str) -> str:
     return url if is_remote(url) else os.path.abspath(os.path.expanduser(url.removeprefix("file://")))
 
 
+def inside(url: str, location: str) -> bool:
+    """Whether tier location ``url`` lies inside (or is) the archive at ``location``."""
+    if is_remote(url) != is_remote(location):
+        return False
+    if is_remote(url):
+        a, b = url.rstrip("/"), location.rstrip("/")
+        return a == b or a.startswith(b + "/")
+    a, b = os.path.realpath(url), os.path.realpath(location)
+    return os.path.commonpath([a, b]) == b
+
+
 def marker(name: str, tier_id: str) -> dict[str, Any]:
     """The root group document of a tier."""
     return zarr_meta.group({"gpupas": {"tier": {"name": name, "id": tier_id}}})
