@@ -477,19 +477,23 @@ class Archive:
     # -- restore -----------------------------------------------------------------------------------------------
     def _read(self, snapshot: str, names: Iterable[str] | None, backend: Any,
               cache: bool = True) -> tuple[dict[str, Any], bool]:
-        """Raw bits of ``names`` of ``snapshot`` along its chain; retried once with fresh manifests
-        when a revision replaced what was being read."""
+        """Raw bits of ``names`` of ``snapshot`` along its chain (see :meth:`_fresh`)."""
+        return self._fresh(lambda: chain.read_bits(self.store, snapshot, names, manifests=self.manifest,
+                                                   backend=backend, executor=self.executor,
+                                                   cache=self.bases if cache else None))
+
+    def _fresh(self, read: Callable[[], Any]) -> Any:
+        """``read()``, retried once with fresh manifests when a revision (another process's compaction or
+        tier move, and gc after it) replaced what this session's cached manifests point at."""
         try:
-            return chain.read_bits(self.store, snapshot, names, manifests=self.manifest, backend=backend,
-                                   executor=self.executor, cache=self.bases if cache else None)
+            return read()
         except IntegrityError:
             stale = [s for s in list(self._manifests) if self._revised(s)]
             if not stale:
                 raise
             for s in stale:
                 self._forget(s)
-            return chain.read_bits(self.store, snapshot, names, manifests=self.manifest, backend=backend,
-                                   executor=self.executor, cache=self.bases if cache else None)
+            return read()
 
     def _revised(self, snapshot: str) -> bool:
         try:
@@ -532,8 +536,13 @@ class Archive:
         """
         from gpupas.engine.partial import PartialReader
 
-        with PartialReader(self.store, self.manifest, get_backend("numpy"), self.executor, base_planes) as reader:
-            return reader.read(snapshot, planes, _names(names))
+        names = _names(names)
+
+        def read() -> Any:
+            with PartialReader(self.store, self.manifest, get_backend("numpy"), self.executor, base_planes) as r:
+                return r.read(snapshot, planes, names)
+
+        return self._fresh(read)
 
     def verify(self, snapshot: str) -> int:
         """Re-read every chunk and tensor of ``snapshot`` (and what it needs of its chain); raises
