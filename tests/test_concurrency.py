@@ -250,3 +250,33 @@ def test_two_rebases_at_once_cannot_make_a_loop(tmp_path: Path) -> None:
             got = a.restore(sid)
             assert all(got[k].tobytes() == v.tobytes() for k, v in t.items()), sid
         assert all(not isinstance(r, Exception) for _, r in a.verify_all())
+
+
+def test_a_commit_waiting_for_gc_says_so(tmp_path: Path) -> None:
+    """gc holds the snapshots' lock exclusively (here: this test holds it); a commit in another process
+    waits for it, and says it waits instead of looking hung, then commits once it is free."""
+    import gpupas
+
+    with gpupas.create_archive(tmp_path / "arc") as a:
+        a.commit(tensors("wait-0"))
+    fd = os.open(tmp_path / "arc" / "snapshots", os.O_RDONLY | os.O_DIRECTORY)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        np.save(tmp_path / "w.npy", tensors("wait-1")["fc1.weight"])
+        p = subprocess.Popen([sys.executable, "-c", PRELUDE + f"""
+import gpupas
+with gpupas.open_archive({str(tmp_path / 'arc')!r}) as a:
+    print(a.commit({{"w": np.load({str(tmp_path / 'w.npy')!r})}}).id)
+"""], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+        deadline = time.monotonic() + 60
+        said = ""
+        while "waiting" not in said and time.monotonic() < deadline:
+            said += p.stderr.readline()
+        assert "waiting for a gc, discard or tier removal in another process" in said, said
+        assert p.poll() is None  # still waiting
+    finally:
+        os.close(fd)
+    out, err = p.communicate(timeout=60)
+    assert p.returncode == 0, err
+    with gpupas.open_archive(tmp_path / "arc") as a:
+        assert a.restore(out.strip())["w"].tobytes() == np.load(tmp_path / "w.npy").tobytes()

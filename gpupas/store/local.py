@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import logging
 import os
 import shutil
 import stat
@@ -25,6 +26,8 @@ from typing import Any
 
 from gpupas.errors import ArchiveNotFoundError, IntegrityError, ReadOnlyError
 from gpupas.store.base import buffers
+
+log = logging.getLogger("gpupas")
 
 _DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _READ = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
@@ -367,8 +370,14 @@ class LocalStore:
         """Hold a shared or exclusive ``flock`` on folder ``prefix`` (made if missing); the kernel drops
         it if this process dies."""
         fd = self._walk(_parts(prefix), create=True)
+        mode = fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+            try:
+                fcntl.flock(fd, mode | fcntl.LOCK_NB)
+            except BlockingIOError:  # said, then waited for: a wait with no word looks like a hang
+                log.warning("gpupas: %s: waiting for %s in another process to finish", self.location,
+                            "commits or revisions" if exclusive else "a gc, discard or tier removal")
+                fcntl.flock(fd, mode)
             yield
         finally:
             os.close(fd)
