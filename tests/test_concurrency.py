@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -268,15 +269,19 @@ import gpupas
 with gpupas.open_archive({str(tmp_path / 'arc')!r}) as a:
     print(a.commit({{"w": np.load({str(tmp_path / 'w.npy')!r})}}).id)
 """], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+        lines: list[str] = []
+        reader = threading.Thread(target=lambda: lines.extend(iter(p.stderr.readline, "")), daemon=True)
+        reader.start()
         deadline = time.monotonic() + 60
-        said = ""
-        while "waiting" not in said and time.monotonic() < deadline:
-            said += p.stderr.readline()
-        assert "waiting for a gc, discard or tier removal in another process" in said, said
+        while not any("waiting" in line for line in lines) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert any("waiting for a gc, discard or tier removal in another process" in x for x in lines), lines
         assert p.poll() is None  # still waiting
     finally:
         os.close(fd)
-    out, err = p.communicate(timeout=60)
+    out = p.communicate(timeout=60)[0]
+    reader.join(10)
+    err = "".join(lines)
     assert p.returncode == 0, err
     with gpupas.open_archive(tmp_path / "arc") as a:
         assert a.restore(out.strip())["w"].tobytes() == np.load(tmp_path / "w.npy").tobytes()
