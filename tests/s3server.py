@@ -15,6 +15,7 @@ import time
 import urllib.request
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import pytest
@@ -30,6 +31,13 @@ REGION = "us-east-1"
 @pytest.fixture(scope="module")
 def s3_endpoint() -> Iterator[str]:
     """The URL of a moto S3 server on a free local port (stopped after the module)."""
+    with moto_server() as url:
+        yield url
+
+
+@contextmanager
+def moto_server() -> Iterator[str]:
+    """A moto S3 server on a free local port for a ``with`` block (stopped at its end); its URL."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

@@ -134,3 +134,26 @@ def test_command_line_on_an_s3_url(s3_options: dict[str, Any], tmp_path: Any) ->
                                       str(tmp_path / "none"), "AWS_CONFIG_FILE": str(tmp_path / "none")})
     assert res.returncode == 4 and f"cannot reach {url}" in res.stderr and "credentials" in res.stderr, res.stderr
     assert "Traceback" not in res.stderr
+
+
+def test_a_store_that_goes_away_after_opening_is_named(tmp_path: Any) -> None:
+    """The server stops after the archive was opened: restore, commit and listing raise
+    StoreUnavailableError naming the archive and what to do (they raised the S3 client's own errors,
+    which the command line called unexpected), and nothing half-written appears."""
+    from s3server import CREDENTIALS, REGION, make_bucket, moto_server
+
+    from gpupas.errors import StoreUnavailableError
+
+    w = np.random.default_rng(0).standard_normal((200, 300)).astype(np.float32)
+    with moto_server() as endpoint:
+        url = f"s3://{make_bucket(endpoint)}/arc"
+        opts = {**CREDENTIALS, "endpoint_url": endpoint, "client_kwargs": {"region_name": REGION},
+                "config_kwargs": {"retries": {"max_attempts": 1}, "connect_timeout": 2}}
+        with gpupas.create_archive(url, storage_options=opts) as a:
+            sid = a.commit({"w": w}).id
+        a = gpupas.open_archive(url, storage_options=opts)
+        a.manifest(sid)
+    for call in (lambda: a.restore(sid), lambda: a.commit({"w": w + 1}), lambda: a.snapshots()):
+        with pytest.raises(StoreUnavailableError, match=r"cannot reach s3://.*run the command again"):
+            call()
+    a.close()

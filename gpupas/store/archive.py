@@ -24,7 +24,6 @@ from gpupas.errors import (
     ArchiveNotFoundError,
     ConflictError,
     FormatError,
-    GpupasError,
     IntegrityError,
     InvalidInputError,
     SnapshotNotFoundError,
@@ -42,6 +41,13 @@ REMOTE_MIN_AGE = 3600.0  # object stores have no locks: gc there leaves folders 
 
 
 _PARSED_MAX = 64  # manifests kept parsed, with their bytes, per open archive
+
+
+def _unreachable(loc: str, exc: BaseException) -> StoreUnavailableError:
+    """The error for a remote archive's store that failed (at its opening or later), with what to do."""
+    return StoreUnavailableError(f"cannot reach {loc}: {type(exc).__name__}: {exc}; check that it is online and "
+                                 "give its credentials and endpoint (storage_options, or the AWS_* environment "
+                                 "variables for s3://); nothing half-written is visible: run the command again")
 
 
 class ArchiveStore:
@@ -80,14 +86,9 @@ class ArchiveStore:
         ``tier_options``: storage options (credentials) of its tiers, by tier name."""
         loc = os.fspath(location)
         store = open_store(loc, create=create, durable=durable, storage_options=storage_options)
-        try:
-            meta = store.get(keys.ROOT)
-        except Exception as exc:  # a remote store's client raises its own types (no credentials, no endpoint)
-            if isinstance(exc, GpupasError) or not is_remote(loc):
-                raise
-            raise StoreUnavailableError(f"cannot reach {loc}: {type(exc).__name__}: {exc}; give its credentials "
-                                        "and endpoint (storage_options, or the AWS_* environment variables for "
-                                        "s3://)") from None
+        if is_remote(loc):  # its client raises its own types (no credentials, no endpoint, a server gone)
+            store = _tiers.GuardedStore(store, lambda exc: _unreachable(loc, exc))  # type: ignore[assignment]
+        meta = store.get(keys.ROOT)
         if meta is None:
             if not create:
                 raise ArchiveNotFoundError(f"no archive at {loc}: it has no zarr.json; create one with "
@@ -459,7 +460,7 @@ class ArchiveStore:
             why = ("it holds no gpupas tier" if found is None
                    else f"it holds tier {found.get('name')!r} of another archive")
             raise _tiers.unreachable(name, url, TierUnavailableError(why))
-        return _tiers.GuardedStore(store, name, url)  # type: ignore[return-value]
+        return _tiers.GuardedStore(store, lambda exc: _tiers.unreachable(name, url, exc))  # type: ignore[return-value]
 
     def add_tier(self, name: str, url: str, storage_options: Mapping[str, Any] | None = None, *,
                  force: bool = False) -> dict[str, Any]:

@@ -139,11 +139,12 @@ def unreachable(name: str, url: str, exc: BaseException) -> TierUnavailableError
 
 
 class GuardedStore:
-    """A tier's store whose failures (a server down, a refused request) raise TierUnavailableError
-    naming the tier; gpupas's own errors (a damaged chunk) pass unchanged."""
+    """A store whose failures (a server down, a refused request) raise the GpupasError ``error(exc)``
+    makes (a tier's: TierUnavailableError naming it); gpupas's own errors (a damaged chunk) pass
+    unchanged."""
 
-    def __init__(self, store: Store, name: str, url: str):
-        self._store, self.tier, self.url = store, name, url
+    def __init__(self, store: Store, error: Callable[[BaseException], GpupasError]):
+        self._store, self._error = store, error
 
     @property
     def inner(self) -> Store:
@@ -162,7 +163,7 @@ class GuardedStore:
             except GpupasError:
                 raise
             except Exception as exc:
-                raise unreachable(self.tier, self.url, exc) from exc
+                raise self._error(exc) from exc
             return _GuardedWriter(out, self) if wrap_result else out
 
         return call
