@@ -8,6 +8,7 @@ run; ``"sync"`` -> inline on this thread (small archives, tests, ``gpupas verify
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from gpupas.errors import InvalidInputError
@@ -39,8 +40,10 @@ def run(job: Any, scheduler: Any = None, *, workers: int = 2) -> list[Any]:
     if scheduler is not None and not isinstance(scheduler, str):
         return list(scheduler.gather(scheduler.compute(job.targets)))
     if scheduler is None:
-        with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
-                Client(cluster) as client:
+        # silence_logs: a task's failure reaches the caller as its exception; the workers' and nannies' own
+        # log lines about it (tracebacks included) would only repeat it on stderr
+        with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
+                          silence_logs=logging.CRITICAL) as cluster, Client(cluster) as client:
             return list(client.gather(client.compute(job.targets)))
     with Client(scheduler) as client:
         return list(client.gather(client.compute(job.targets)))
