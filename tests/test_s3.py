@@ -157,3 +157,12 @@ def test_a_store_that_goes_away_after_opening_is_named(tmp_path: Any) -> None:
         with pytest.raises(StoreUnavailableError, match=r"cannot reach s3://.*run the command again"):
             call()
     a.close()
+
+
+def test_gc_on_an_object_store_says_it_keeps_the_young(s3_options: dict[str, Any]) -> None:
+    """Object stores have no locks, so gc there keeps what is younger than an hour whatever min_age
+    asks: said, not silently."""
+    with _archive(s3_options) as a:
+        a.commit({"w": np.arange(10, dtype=np.float32)})
+        with pytest.warns(UserWarning, match="object store.*3600 s"):
+            assert a.gc(min_age=0) == []

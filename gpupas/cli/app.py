@@ -525,7 +525,8 @@ def stats(archive: ArchiveOpt = None, as_json: JsonOpt = False) -> None:
 @app.command()
 @_command
 def gc(min_age: Annotated[float, typer.Option("--min-age", metavar="SECONDS", help=(
-           "Only folders untouched for this many seconds (commits in progress stay safe)."))] = 3600.0,
+           "Only folders untouched for this many seconds (commits in progress stay safe; on an object store, "
+           "which has no locks, at least 3600)."))] = 3600.0,
        dry_run: Annotated[bool, typer.Option("--dry-run", "-n", help="List what would be removed; remove nothing.")
                           ] = False,
        archive: ArchiveOpt = None, as_json: JsonOpt = False) -> None:

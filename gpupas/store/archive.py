@@ -333,8 +333,10 @@ class ArchiveStore:
         just-revised snapshot safe. Object stores have no locks: there the age is at least
         :data:`REMOTE_MIN_AGE`, longer than a commit takes.
         """
-        if self.store.local_root is None:
-            min_age = max(min_age, REMOTE_MIN_AGE)
+        if self.store.local_root is None and min_age < REMOTE_MIN_AGE:
+            warnings.warn(f"{self.location} is an object store (no locks): gc keeps what is younger than "
+                          f"{REMOTE_MIN_AGE:.0f} s there, whatever the minimum age asked ({min_age:g} s)", stacklevel=3)
+            min_age = REMOTE_MIN_AGE
         out: list[tuple[str, str, int]] = []
         with self.store.lock(keys.SNAPSHOTS, exclusive=True):
             manifests: dict[str, Manifest] = {}
