@@ -339,3 +339,21 @@ def test_tier_remove_waits_for_a_move_in_flight(tmp_path: Path) -> None:
     with gpupas.open_archive(tmp_path / "arc") as a:
         assert "cold" in a.tiers() and any(s.tier == "cold" for s in a.manifest(sid).streams)
         a.verify(sid)
+
+
+def test_damage_in_a_tier_names_the_tier(tmp_path: Path) -> None:
+    """A damaged chunk in a tier is reported there (its name and location), not in the archive's folder."""
+    from gpupas import tiers
+
+    ckpts = chain(n=1)
+    with gpupas.create_archive(tmp_path / "arc") as a:
+        sid = a.commit(ckpts[0]).id
+        a.add_tier("cold", tmp_path / "cold")
+        tiers.move(a, sid, planes_from=1, to="cold")
+    shards = sorted(p for p in (tmp_path / "cold" / "snapshots").rglob("c/*") if p.is_file())
+    data = bytearray(shards[0].read_bytes())
+    data[len(data) // 3] ^= 0xFF
+    shards[0].write_bytes(bytes(data))
+    with gpupas.open_archive(tmp_path / "arc") as a, pytest.raises(gpupas.IntegrityError) as err:
+        a.verify(sid)
+    assert f"tier 'cold' ({tmp_path / 'cold'})" in str(err.value) and "Restore tier 'cold'" in str(err.value)

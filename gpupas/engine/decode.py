@@ -125,23 +125,31 @@ def _read_stream(store: ArchiveStore, m: Manifest, s: int, chunks: list[int], bu
     stream = m.streams[s]
     reader = store.reader(stream)
 
+    def where_what() -> tuple[str, str]:  # a stream in a tier is damaged there: named with the tier's location
+        if not stream.tier:
+            return store.location, "the archive"
+        url = store.tier_table().get(stream.tier, {}).get("url", "?")
+        return f"{store.location}, tier {stream.tier!r} ({url})", f"tier {stream.tier!r}"
+
     def damaged(c: int, exc: Exception) -> IntegrityError:
         held = holders(m, s, c)
+        place, what = where_what()
         try:
             where = reader.locate(c)
         except IntegrityError:
             where = None
         return IntegrityError(
-            f"snapshot {m.id} in {store.location}: chunk {c} of stream {s}"
+            f"snapshot {m.id} in {place}: chunk {c} of stream {s}"
             + (f" (in shard file {where[0]})" if where else "") + f" is damaged ({exc}); it holds tensor(s) "
-            f"{', '.join(held[:5])}{'...' if len(held) > 5 else ''}. Restore the archive from a copy or commit "
+            f"{', '.join(held[:5])}{'...' if len(held) > 5 else ''}. Restore {what} from a copy or commit "
             "that snapshot again.")
 
     try:
         try:
             missing = reader.prepare(chunks)
         except IntegrityError as exc:
-            raise IntegrityError(f"snapshot {m.id} in {store.location}, stream {s}: {exc}; restore the archive "
+            place, what = where_what()
+            raise IntegrityError(f"snapshot {m.id} in {place}, stream {s}: {exc}; restore {what} "
                                  "from a copy or commit that snapshot again") from None
         if missing:
             raise damaged(missing[0], IntegrityError("chunk is missing"))
