@@ -166,3 +166,14 @@ def test_gc_on_an_object_store_says_it_keeps_the_young(s3_options: dict[str, Any
         a.commit({"w": np.arange(10, dtype=np.float32)})
         with pytest.warns(UserWarning, match="object store.*3600 s"):
             assert a.gc(min_age=0) == []
+
+
+def test_a_missing_bucket_is_named_with_the_remedy(s3_options: dict[str, Any]) -> None:
+    from gpupas.errors import StoreUnavailableError
+
+    url, opts = split(s3_options)
+    missing = url.replace(s3_options["bucket"], s3_options["bucket"] + "-none")
+    with pytest.raises(StoreUnavailableError, match=r"create the bucket first.*does not create buckets"):
+        gpupas.create_archive(missing, storage_options=opts)
+    with pytest.raises(ArchiveNotFoundError, match="in a bucket that exists"):
+        gpupas.open_archive(missing, storage_options=opts)

@@ -45,6 +45,9 @@ _PARSED_MAX = 64  # manifests kept parsed, with their bytes, per open archive
 
 def _unreachable(loc: str, exc: BaseException) -> StoreUnavailableError:
     """The error for a remote archive's store that failed (at its opening or later), with what to do."""
+    if isinstance(exc, FileNotFoundError) and "bucket" in str(exc).lower():
+        return StoreUnavailableError(f"cannot use {loc}: {exc}; create the bucket first (e.g. `aws s3 mb "
+                                     f"{'/'.join(loc.split('/')[:3])}`): gpupas does not create buckets")
     return StoreUnavailableError(f"cannot reach {loc}: {type(exc).__name__}: {exc}; check that it is online and "
                                  "give its credentials and endpoint (storage_options, or the AWS_* environment "
                                  "variables for s3://); nothing half-written is visible: run the command again")
@@ -92,7 +95,8 @@ class ArchiveStore:
         if meta is None:
             if not create:
                 raise ArchiveNotFoundError(f"no archive at {loc}: it has no zarr.json; create one with "
-                                           f"`gpupas init {loc}`")
+                                           f"`gpupas init {loc}`" + (" (in a bucket that exists: gpupas does not "
+                                                                     "create buckets)" if is_remote(loc) else ""))
             if store.list(""):
                 raise ArchiveExistsError(f"{loc} is not empty and not an archive; pick an empty location")
             self = cls(store, FORMAT, tier_options)
