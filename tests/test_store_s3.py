@@ -54,3 +54,24 @@ def test_requests_are_counted(store: RemoteStore) -> None:
     store.get_range("k", 2, 3)
     store.get_ranges("k", [(0, 1), (5, 2), (9, 1)])
     assert store.requests - before == 4
+
+
+def test_touching_ranges_are_one_request(store: RemoteStore) -> None:
+    """A stream's consecutive chunks are read by one request (not one a chunk), no byte more; ranges that
+    do not touch, or pass the merge limit, are asked for apart; a range past the end reads short."""
+    from gpupas.store import remote
+
+    data = bytes(range(256)) * 64  # 16 KiB
+    store.put("k", data)
+    ranges = [(0, 100), (100, 50), (150, 1000), (4000, 10), (4010, 5), (16000, 1000), (200, 0), (9000, 3)]
+    before, read = store.requests, store.bytes_read
+    got = store.get_ranges("k", ranges)
+    assert got == [data[a : a + n] for a, n in ranges]
+    assert store.requests - before == 4 and store.bytes_read - read == sum(len(g) for g in got)
+    old, remote.MERGE_BYTES = remote.MERGE_BYTES, 120
+    try:
+        before = store.requests
+        assert store.get_ranges("k", ranges[:3]) == [data[a : a + n] for a, n in ranges[:3]]
+        assert store.requests - before == 3  # 0-150 would pass 120 bytes: apart
+    finally:
+        remote.MERGE_BYTES = old

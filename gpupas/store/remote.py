@@ -21,6 +21,7 @@ from gpupas.errors import ArchiveNotFoundError, GpupasError
 from gpupas.store.base import buffers
 
 _RETRIES = 50
+MERGE_BYTES = 8 << 20  # touching ranges are fetched together up to this (one request, not one a chunk)
 
 
 def _codes(exc: BaseException) -> set[str]:
@@ -127,20 +128,33 @@ class RemoteStore:
         return self._count(data)
 
     def get_ranges(self, key: str, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
+        """The bytes of each ``(start, length)`` of ``key``; ranges that touch (a stream's consecutive
+        chunks) are fetched as one request of at most :data:`MERGE_BYTES` (no byte more is read)."""
         out = [b""] * len(ranges)
-        wanted = [i for i, (_, n) in enumerate(ranges) if n > 0]  # an empty range is not asked for (see get_range)
-        if not wanted:
+        wanted = sorted((i for i, (_, n) in enumerate(ranges) if n > 0), key=lambda i: ranges[i][0])
+        if not wanted:  # an empty range is not asked for (see get_range)
             return out
-        self.requests += len(wanted)
+        runs: list[list[int]] = []  # indexes of ranges fetched by one request
+        for i in wanted:
+            if runs:
+                a = ranges[runs[-1][0]][0]
+                end = max(ranges[j][0] + ranges[j][1] for j in runs[-1])
+                if a <= ranges[i][0] <= end and max(end, sum(ranges[i])) - a <= MERGE_BYTES:
+                    runs[-1].append(i)
+                    continue
+            runs.append([i])
+        spans = [(ranges[r[0]][0], max(ranges[j][0] + ranges[j][1] for j in r)) for r in runs]
+        self.requests += len(runs)
         path = self._p(key)
-        got = self.fs.cat_ranges([path] * len(wanted), [ranges[i][0] for i in wanted],
-                                 [ranges[i][0] + ranges[i][1] for i in wanted])
-        for i, r in zip(wanted, got):
+        got = self.fs.cat_ranges([path] * len(runs), [a for a, _ in spans], [b for _, b in spans])
+        for run, (a, _), r in zip(runs, spans, got):
             if isinstance(r, BaseException):
                 if not _unsatisfiable(r):
                     raise r
                 r = b""
-            out[i] = r
+            for i in run:  # a range past the object's end reads short, as from a local file
+                start = ranges[i][0] - a
+                out[i] = r[start : start + ranges[i][1]] if len(run) > 1 else r
         return self._count(out)
 
     def exists(self, key: str) -> bool:
