@@ -357,3 +357,15 @@ def test_damage_in_a_tier_names_the_tier(tmp_path: Path) -> None:
     with gpupas.open_archive(tmp_path / "arc") as a, pytest.raises(gpupas.IntegrityError) as err:
         a.verify(sid)
     assert f"tier 'cold' ({tmp_path / 'cold'})" in str(err.value) and "Restore tier 'cold'" in str(err.value)
+
+
+def test_a_full_tier_is_called_full() -> None:
+    """ENOSPC is not 'check that it is online and its credentials' (the remedy for a server down)."""
+    import errno
+
+    from gpupas.store.tiers import unreachable
+
+    full = str(unreachable("cold", "/mnt/cold", OSError(errno.ENOSPC, "No space left on device")))
+    down = str(unreachable("cold", "s3://b/cold", OSError(errno.ECONNREFUSED, "Connection refused")))
+    assert "is full" in full and "Free space there" in full and "credentials" not in full
+    assert "online" in down and "credentials" in down

@@ -14,6 +14,7 @@ tier. Streams live in a tier under the same keys as in the archive (``snapshots/
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -131,6 +132,9 @@ def read_marker(store: Store) -> dict[str, Any] | None:
 def unreachable(name: str, url: str, exc: BaseException) -> TierUnavailableError:
     """The error for a tier that cannot be used, with what to do about it."""
     why = str(exc) or type(exc).__name__
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        return TierUnavailableError(f"tier {name!r} ({url}) is full: {why}. Free space there, or move the planes to "
+                                    "another tier; nothing was changed")
     return TierUnavailableError(
         f"tier {name!r} ({url}) cannot be used: {why}. Check that it is online and that its credentials are set "
         f"(${env_var(name)} as a JSON object of storage options, the filesystem's own variables such as "
