@@ -279,6 +279,7 @@ class Archive:
         if self.store.has_manifest(sid):
             raise ArchiveExistsError(f"snapshot {sid!r} already exists in {self.location}; choose another id")
         with self.store.writing():  # a discard or gc of the base waits until this is published
+            self.store.check_tiers(layout.tiers)
             for attempt in range(2):  # a second time with the base read from the store, where a cached one changed
                 base_m, base_bits, grand_bits = None, {}, {}
                 if base is not None:
@@ -368,6 +369,7 @@ class Archive:
         old = self.manifest(snapshot)
         if layout is None:  # planes in tiers stay where they are (a compaction must not bring them back)
             layout = tiers.layout_of(old) if tiers.tiered(old) else Layout()
+        self.store.check_tiers(layout.tiers)  # under the lock: a tier removed since this session opened it
         new_base = old.base if base is _KEEP else base
         if new_base is not None:
             self._check_base(snapshot, new_base)

@@ -286,14 +286,37 @@ def test_s3_tier_read_planes_of_a_whole_snapshot_makes_no_request_to_it(counting
 def test_a_removed_tier_is_added_back_with_its_data(tmp_path: Path) -> None:
     """`tier remove` leaves the data where it is; adding the tier back at that location takes force (the
     location is checked to hold a tier of that name) and keeps its id."""
-    with gpupas.create_archive(tmp_path / "arc") as a:
+    with gpupas.create_archive(tmp_path / "arc") as a, gpupas.create_archive(tmp_path / "other") as other:
         entry = a.add_tier("cold", tmp_path / "t")
         a.remove_tier("cold")
-        with pytest.raises(InvalidInputError, match=r"removed from this one.*force"):
+        with pytest.raises(InvalidInputError, match=r"removed from this archive.*force"):
             a.add_tier("cold", tmp_path / "t")
-        with pytest.raises(InvalidInputError, match="a location of its own"):
+        with pytest.raises(InvalidInputError, match="back under its name 'cold'"):
             a.add_tier("other", tmp_path / "t", force=True)  # another name: not this tier
+        for force in (False, True):  # another archive never takes it over (its gc would delete a's data)
+            with pytest.raises(InvalidInputError, match="another archive"):
+                other.add_tier("cold", tmp_path / "t", force=force)
         assert a.add_tier("cold", tmp_path / "t", force=True)["id"] == entry["id"]
+
+
+def test_a_session_never_writes_into_a_tier_removed_since_it_opened_it(tmp_path: Path) -> None:
+    """A long-lived session has the tier's store open; another process removes the tier (no snapshot
+    uses it then); the session's next revision into it is refused under the lock, not published."""
+    from gpupas import tiers
+    from gpupas.engine.encode import Layout
+
+    ckpts = chain(n=2)
+    with gpupas.create_archive(tmp_path / "arc") as a:
+        sids = commit_chain(a, ckpts)
+        a.add_tier("cold", tmp_path / "cold")
+        tiers.move(a, sids[0], planes_from=1, to="cold")
+        tiers.move(a, sids[0], planes_from=None, to=None)  # back: the tier is unused, its store still open here
+        with gpupas.open_archive(tmp_path / "arc") as other:
+            other.remove_tier("cold")
+        with pytest.raises(TierNotFoundError, match="no tier 'cold'"):
+            a.revise(sids[1], layout=Layout(groups=(1,), tiers=(None, "cold")))
+        assert all(s.tier is None for s in a.manifest(sids[1]).streams)
+        assert same(a.restore(sids[1]), ckpts[1])
 
 
 def test_tier_remove_waits_for_a_move_in_flight(tmp_path: Path) -> None:

@@ -13,7 +13,7 @@ import os
 import threading
 import warnings
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -421,6 +421,16 @@ class ArchiveStore:
         return ShardReader(self.tier_store(stream.tier), stream)
 
     # -- tiers ---------------------------------------------------------------------------------------------
+    def _removed_tiers(self) -> dict[str, str]:
+        """Tiers this archive removed: name -> the id its location's marker holds."""
+        try:
+            got = json.loads(self.store.get(keys.ROOT) or b"{}").get("attributes", {}).get("gpupas", {})
+            got = got.get("removed_tiers", {})
+        except (ValueError, AttributeError):
+            got = {}
+        return {k: v for k, v in got.items() if isinstance(k, str) and isinstance(v, str)} if isinstance(got, dict) \
+            else {}
+
     def tier_table(self) -> dict[str, dict[str, Any]]:
         """The archive's tiers: name -> {"url", "options" (non-secret storage options), "id"}."""
         data = self.store.get(keys.ROOT)
@@ -444,6 +454,20 @@ class ArchiveStore:
             if got is None:
                 got = self._tier_stores[tier] = self._open_tier(tier)
             return got
+
+    def check_tiers(self, names: Iterable[str | None]) -> None:
+        """TierNotFoundError for a tier in ``names`` the archive no longer defines (removed by another
+        process since this session opened it); called under :meth:`writing`, where no removal can land."""
+        wanted = {n for n in names if n is not None}
+        if not wanted:
+            return
+        table = self.tier_table()
+        for name in sorted(wanted):
+            if name not in table:
+                with self._tier_lock:
+                    self._tier_stores.pop(name, None)
+                raise TierNotFoundError(f"archive {self.location} has no tier {name!r} (removed meanwhile?); add "
+                                        f"it with `gpupas tier add {name} URL`, or write elsewhere")
 
     def _open_tier(self, name: str) -> Store:
         entry = self.tier_table().get(name)
@@ -502,12 +526,13 @@ class ArchiveStore:
                 raise InvalidInputError(f"{url} does not hold a copy of tier {name!r} (id {old.get('id')}); copy the "
                                         "tier's data there first")
             tier_id = old["id"]
-        elif found is not None and not (force and found.get("name") == name):
-            raise InvalidInputError(f"{url} already holds tier {found.get('name')!r}, of another archive or removed "
-                                    f"from this one; a tier needs a location of its own (to add a removed tier "
-                                    f"back with its data, add it under its name {found.get('name')!r} with force, "
-                                    "`--force`)")
-        elif found is not None:  # a tier removed from this archive, added back with its data
+        elif found is not None and not (force and self._removed_tiers().get(name) == found.get("id")):
+            mine = self._removed_tiers().get(str(found.get("name"))) == found.get("id")
+            raise InvalidInputError(f"{url} already holds tier {found.get('name')!r} of another archive; a tier needs "
+                                    "a location of its own" if not mine else
+                                    f"{url} holds tier {found.get('name')!r}, removed from this archive: add it "
+                                    f"back under its name {found.get('name')!r} with force (`--force`)")
+        elif found is not None:  # a tier this archive removed (its id recorded then), added back with its data
             tier_id = found["id"]
         else:
             tier_id = _tiers.new_id()
@@ -520,7 +545,9 @@ class ArchiveStore:
 
         def change(data: bytes | None) -> bytes:
             doc = json.loads(data) if data else zarr_meta.group()
-            doc.setdefault("attributes", {}).setdefault("gpupas", {}).setdefault("tiers", {})[name] = entry
+            attrs = doc.setdefault("attributes", {}).setdefault("gpupas", {})
+            attrs.setdefault("tiers", {})[name] = entry
+            attrs.get("removed_tiers", {}).pop(name, None)
             return _json(doc)
 
         self.store.update(keys.ROOT, change)
@@ -538,7 +565,10 @@ class ArchiveStore:
 
         def change(data: bytes | None) -> bytes:
             doc = json.loads(data) if data else zarr_meta.group()
-            doc.get("attributes", {}).get("gpupas", {}).get("tiers", {}).pop(name, None)
+            attrs = doc.setdefault("attributes", {}).setdefault("gpupas", {})
+            gone = attrs.get("tiers", {}).pop(name, None)
+            if isinstance(gone, dict) and isinstance(gone.get("id"), str):  # what `tier add --force` may take back
+                attrs.setdefault("removed_tiers", {})[name] = gone["id"]
             return _json(doc)
 
         with self.store.lock(keys.SNAPSHOTS, exclusive=True):
