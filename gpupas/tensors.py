@@ -151,7 +151,7 @@ def as_tensor_dict(tensors: Any, source: str = "input", backend: Any = None) -> 
         notes: list[str] = []
         loaded = load_checkpoint(tensors, notes)
         for note in notes:  # what else the file holds is not archived: said, as Repository.commit says it
-            warnings.warn(note, stacklevel=4)
+            warnings.warn(note, stacklevel=3)
         return {k: backend.as_array(v, k) for k, v in loaded.items()}
     if not isinstance(tensors, Mapping):
         raise InvalidInputError(

@@ -90,7 +90,10 @@ class ArchiveStore:
         loc = os.fspath(location)
         store = open_store(loc, create=create, durable=durable, storage_options=storage_options)
         if is_remote(loc):  # its client raises its own types (no credentials, no endpoint, a server gone)
-            store = _tiers.GuardedStore(store, lambda exc: _unreachable(loc, exc))  # type: ignore[assignment]
+            # a shard gone between its index and its chunks (a gc after a revision) is not an outage
+            store = _tiers.GuardedStore(store, lambda exc: _unreachable(loc, exc),  # type: ignore[assignment]
+                                        passes=lambda exc: isinstance(exc, FileNotFoundError)
+                                        and "bucket" not in str(exc).lower())
         meta = store.get(keys.ROOT)
         if meta is None:
             if not create:

@@ -28,6 +28,20 @@ from gpupas.errors import ArchiveNotFoundError, IntegrityError, ReadOnlyError
 from gpupas.store.base import buffers
 
 log = logging.getLogger("gpupas")
+SILENT_WAIT = 2.0  # seconds a lock is waited for before the wait is said
+
+
+def _try_flock(fd: int, mode: int, seconds: float) -> bool:
+    """Take ``flock(fd, mode)`` within ``seconds`` (polled); False if it is still held elsewhere."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            fcntl.flock(fd, mode | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.02)
 
 _DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _READ = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
@@ -372,11 +386,9 @@ class LocalStore:
         fd = self._walk(_parts(prefix), create=True)
         mode = fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH
         try:
-            try:
-                fcntl.flock(fd, mode | fcntl.LOCK_NB)
-            except BlockingIOError:  # said, then waited for: a wait with no word looks like a hang
-                log.warning("gpupas: %s: waiting for %s in another process to finish", self.location,
-                            "commits or revisions" if exclusive else "a gc, discard or tier removal")
+            if not _try_flock(fd, mode, SILENT_WAIT):  # a longer wait is said, then waited for: silence looks hung
+                log.warning("gpupas: %s: waiting for %s to finish", self.location,
+                            "commits, revisions or another gc" if exclusive else "a gc, discard or tier removal")
                 fcntl.flock(fd, mode)
             yield
         finally:

@@ -135,21 +135,21 @@ class RemoteStore:
         if not wanted:  # an empty range is not asked for (see get_range)
             return out
         runs: list[list[int]] = []  # indexes of ranges fetched by one request
+        spans: list[tuple[int, int]] = []  # and the bytes it asks for
         for i in wanted:
-            if runs:
-                a = ranges[runs[-1][0]][0]
-                end = max(ranges[j][0] + ranges[j][1] for j in runs[-1])
-                if a <= ranges[i][0] <= end and max(end, sum(ranges[i])) - a <= MERGE_BYTES:
-                    runs[-1].append(i)
-                    continue
+            a, n = ranges[i]
+            if spans and spans[-1][0] <= a <= spans[-1][1] and max(spans[-1][1], a + n) - spans[-1][0] <= MERGE_BYTES:
+                runs[-1].append(i)
+                spans[-1] = (spans[-1][0], max(spans[-1][1], a + n))
+                continue
             runs.append([i])
-        spans = [(ranges[r[0]][0], max(ranges[j][0] + ranges[j][1] for j in r)) for r in runs]
+            spans.append((a, a + n))
         self.requests += len(runs)
         path = self._p(key)
         got = self.fs.cat_ranges([path] * len(runs), [a for a, _ in spans], [b for _, b in spans])
         for run, (a, _), r in zip(runs, spans, got):
             if isinstance(r, BaseException):
-                if not _unsatisfiable(r):
+                if not isinstance(r, FileNotFoundError) and not _unsatisfiable(r):  # gone: reads as nothing
                     raise r
                 r = b""
             for i in run:  # a range past the object's end reads short, as from a local file

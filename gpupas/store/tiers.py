@@ -147,8 +147,9 @@ class GuardedStore:
     makes (a tier's: TierUnavailableError naming it); gpupas's own errors (a damaged chunk) pass
     unchanged."""
 
-    def __init__(self, store: Store, error: Callable[[BaseException], GpupasError]):
-        self._store, self._error = store, error
+    def __init__(self, store: Store, error: Callable[[BaseException], GpupasError],
+                 passes: Callable[[BaseException], bool] = lambda exc: False):
+        self._store, self._error, self._passes = store, error, passes  # passes(exc): raised unchanged too
 
     @property
     def inner(self) -> Store:
@@ -162,15 +163,30 @@ class GuardedStore:
 
     def _guard(self, fn: Callable[..., Any], wrap_result: bool = False) -> Callable[..., Any]:
         def call(*args: Any, **kwargs: Any) -> Any:
+            ours: list[BaseException] = []  # raised by a callback we passed in (an update's change): not the store's
+            args = tuple(_noting(a, ours) if callable(a) else a for a in args)
             try:
                 out = fn(*args, **kwargs)
             except GpupasError:
                 raise
             except Exception as exc:
+                if exc in ours or self._passes(exc):
+                    raise
                 raise self._error(exc) from exc
             return _GuardedWriter(out, self) if wrap_result else out
 
         return call
+
+
+def _noting(fn: Callable[..., Any], raised: list[BaseException]) -> Callable[..., Any]:
+    def call(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except BaseException as exc:
+            raised.append(exc)
+            raise
+
+    return call
 
 
 class _GuardedWriter:
