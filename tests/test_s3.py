@@ -177,3 +177,15 @@ def test_a_missing_bucket_is_named_with_the_remedy(s3_options: dict[str, Any]) -
         gpupas.create_archive(missing, storage_options=opts)
     with pytest.raises(ArchiveNotFoundError, match="in a bucket that exists"):
         gpupas.open_archive(missing, storage_options=opts)
+
+
+def test_the_remote_guard_names_outages_only(s3_options: dict[str, Any]) -> None:
+    """The guard around a remote archive's store turns the client's failures into StoreUnavailableError,
+    but not what a caller's own callback raised, nor a missing object (a shard removed by a gc after a
+    revision: it reads short, fails its CRC, and the read is retried on fresh manifests)."""
+    with _archive(s3_options) as a:
+        store = a.store.store
+        with pytest.raises(ZeroDivisionError):
+            store.update("scratch.json", lambda old: 1 // 0)
+        assert store.get_ranges("snapshots/none/c/0", [(0, 10), (10, 5)]) == [b"", b""]
+        assert store.get("snapshots/none/zarr.json") is None
