@@ -297,7 +297,7 @@ def stats(o: Output, s: dict[str, Any]) -> None:
     o.data(f"files: {f['references']} references to {f['blobs']} stored blobs, {size(f['logical_bytes'])} -> "
            f"{size(f['stored_bytes'])} (deduplication saves {size(f['saved_bytes'])})")
     if s["unreferenced_snapshots"] or s["incomplete_snapshots"]:
-        o.data(f"not part of any version: {len(s['unreferenced_snapshots'])} complete and "
-               f"{len(s['incomplete_snapshots'])} incomplete snapshot(s) (interrupted commits or plain Archive use; "
-               "`gpupas gc` removes what nothing references)")
+        o.data(f"not part of any version: {len(s['unreferenced_snapshots'])} complete snapshot(s) (plain Archive "
+               f"use) and {len(s['incomplete_snapshots'])} folder(s) no snapshot names (interrupted commits, old "
+               "forms of revised snapshots); `gpupas gc` removes what nothing references")
     o.data(f"on disk: {size(s['disk_bytes'])} in all (chunks, manifests, records, files, catalog)")
