@@ -52,7 +52,7 @@ def reference(entries, streams, bufs, chunk_sizes, segment):
             shares[i][p] += stored * w / total
     def largest_remainders(xs, whole):
         floors = [math.floor(x) for x in xs]
-        extra = sorted(range(len(xs)), key=lambda i: (floors[i] - xs[i], i))[: whole - sum(floors)]
+        extra = sorted(range(len(xs)), key=lambda i: (round(floors[i] - xs[i], 9), i))[: whole - sum(floors)]
         return [f + (i in extra) for i, f in enumerate(floors)]
 
     total = sum(sum(c) for c in chunk_sizes)  # every stored byte goes to some tensor: largest remainders

@@ -222,10 +222,12 @@ def attribute(entries: list[TensorEntry], streams: Sequence[Stream], bufs: Seque
 
 def apportion(shares: Sequence[float], total: int) -> list[int]:
     """Whole numbers near ``shares`` that add up to ``total`` (their sum, up to float error): each share
-    rounded down, then one more to the largest remainders (the earlier of equal ones first)."""
+    rounded down, then one more to the largest remainders (the earlier of equal ones first; remainders
+    equal to 9 decimals are equal, so a sum's last bit, which NumPy versions order differently, decides
+    nothing)."""
     out = [math.floor(x) for x in shares]
     left = total - sum(out)
-    order = sorted(range(len(out)), key=lambda i: (out[i] - shares[i], i))  # largest remainder first
+    order = sorted(range(len(out)), key=lambda i: (round(out[i] - shares[i], 9), i))  # largest remainder first
     for i in order[:max(0, left)]:
         out[i] += 1
     for i in reversed(order):  # float error past the total (never seen): take it back from the smallest remainders
