@@ -22,7 +22,7 @@ import os
 import re
 import sqlite3
 import uuid
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
@@ -32,7 +32,7 @@ from gpupas.errors import CatalogError, FormatError, GpupasError, IntegrityError
 from gpupas.network import Network
 from gpupas.pas.schemes import describe
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4  # 4: hyperparameters typed; a metric's last value at its highest step (NaN too), count all
 FILENAME = "catalog.sqlite"
 BUSY_TIMEOUT_S = 60.0
 
@@ -46,7 +46,7 @@ CREATE TABLE snapshots(version INTEGER, pos INTEGER, snapshot TEXT, created TEXT
     raw_bytes INTEGER, stored_bytes INTEGER, source TEXT, PRIMARY KEY(version, pos));
 CREATE TABLE tensors(snapshot TEXT, name TEXT, dtype TEXT, shape TEXT, enc TEXT, nbytes INTEGER,
     stored INTEGER, lossy TEXT, PRIMARY KEY(snapshot, name));
-CREATE TABLE hparams(version INTEGER, key TEXT, num REAL, text TEXT, PRIMARY KEY(version, key));
+CREATE TABLE hparams(version INTEGER, key TEXT, num REAL, text TEXT, type TEXT, PRIMARY KEY(version, key));
 CREATE TABLE metrics(version INTEGER, name TEXT, pos INTEGER, step INTEGER, value REAL,
     PRIMARY KEY(version, name, pos));
 CREATE TABLE metric_summary(version INTEGER, name TEXT, last REAL, min REAL, max REAL, n INTEGER,
@@ -87,6 +87,19 @@ def _compiled(pattern: str) -> re.Pattern[str]:
     return re.compile(pattern)
 
 
+@lru_cache(maxsize=256)
+def _like_pattern(pattern: str) -> re.Pattern[str]:
+    return re.compile("".join(".*" if c == "%" else "." if c == "_" else re.escape(c) for c in pattern), re.DOTALL)
+
+
+def _like(pattern: Any, value: Any) -> bool | None:
+    """SQL's LIKE as the standard has it (SQLite's own ignores ASCII case): ``%`` any run, ``_`` one
+    character, case-sensitive, the whole value."""
+    if pattern is None or value is None:
+        return None
+    return _like_pattern(str(pattern)).fullmatch(str(value)) is not None
+
+
 def _regexp(pattern: str, value: Any) -> bool:
     """SQLite REGEXP: the whole value must match (``conv[1-3]`` matches conv1, not conv10)."""
     try:
@@ -107,15 +120,17 @@ def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def _num_text(v: Any) -> tuple[float | None, str]:
+def _num_text(v: Any) -> tuple[float | None, str, str]:
+    """A hyperparameter's row: its number, its text and its type ("bool", "num", "str", "null", "json"),
+    so that a query's literal matches values of its own type only (true is not 1, "1" is not 1)."""
     if isinstance(v, bool):
-        return float(v), json.dumps(v)
+        return float(v), json.dumps(v), "bool"
     if isinstance(v, (int, float)):
         f = float(v)
-        return (f if math.isfinite(f) else None), json.dumps(v)
+        return (f if math.isfinite(f) else None), json.dumps(v), "num"
     if isinstance(v, str):
-        return None, v
-    return None, json.dumps(v, sort_keys=True)
+        return None, v, "str"
+    return None, json.dumps(v, sort_keys=True), "null" if v is None else "json"
 
 
 def _finite(v: Any) -> float | None:
@@ -143,6 +158,7 @@ class Catalog:
                 conn.execute("PRAGMA journal_mode=WAL")
                 conn.execute("PRAGMA synchronous=NORMAL")
                 conn.create_function("regexp", 2, _regexp, deterministic=True)
+                conn.create_function("like", 2, _like, deterministic=True)  # SQL's LIKE, case and all
                 if conn.execute("PRAGMA user_version").fetchone()[0] != SCHEMA_VERSION:
                     self._create_schema(conn)
                 return conn
@@ -295,21 +311,31 @@ class Catalog:
         conn.executemany("INSERT INTO snapshots VALUES (?,?,?,?,?,?,?,?,?)", [
             (vid, i, s["id"], s.get("created"), s.get("step"), s.get("base"), s.get("raw_bytes"),
              s.get("stored_bytes"), s.get("source")) for i, s in enumerate(snaps)])
-        conn.executemany("INSERT INTO hparams VALUES (?,?,?,?)", [
+        conn.executemany("INSERT INTO hparams VALUES (?,?,?,?,?)", [
             (vid, k, *_num_text(v)) for k, v in flatten(r.get("hyperparameters") or {}).items()])
         for name, series in (r.get("metrics") or {}).items():
             conn.executemany("INSERT INTO metrics VALUES (?,?,?,?,?)",
                              [(vid, name, i, step, _finite(v)) for i, (step, v) in enumerate(series)])
             vals = [f for _, v in series if (f := _finite(v)) is not None]
-            if vals:
+            if series:  # last: at the highest step (NULL where not finite); count: every point logged
                 conn.execute("INSERT INTO metric_summary VALUES (?,?,?,?,?,?)",
-                             (vid, name, vals[-1], min(vals), max(vals), len(vals)))
+                             (vid, name, last_value(series), min(vals, default=None), max(vals, default=None),
+                              len(series)))
         conn.executemany("INSERT INTO layers VALUES (?,?,?,?,?,?,?)", [
             (vid, n.id, n.name, n.type, n.kind, n.variant, json.dumps(n.attrs, sort_keys=True)) for n in net.nodes])
         conn.executemany("INSERT INTO edges VALUES (?,?,?)", [(vid, a, b) for a, b in net.edges])
         conn.executemany("INSERT INTO flow VALUES (?,?,?)", [(vid, a, b) for a, b in net.flow_edges()])
         conn.executemany("INSERT INTO files VALUES (?,?,?,?)", [
             (vid, path, f["sha256"], f["size"]) for path, f in (r.get("files") or {}).items()])
+
+
+def last_value(series: Sequence[Sequence[Any]]) -> float | None:
+    """A series' last value: the one logged at its highest step (the later of points at one step), None
+    where that is not a finite number (a run that diverged has no last loss to compare)."""
+    if not series:
+        return None
+    v = max(enumerate(series), key=lambda ip: (ip[1][0], ip[0]))[1][1]
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else None
 
 
 def _key_order(key: str) -> tuple[int, int, str]:

@@ -24,13 +24,19 @@ Grammar (keywords in any case)::
 ``var["re"]`` selects the layers whose name matches the regular expression as a whole;
 ``.next`` follows the data flow to the following layers, also through activations and
 dropout (``conv1 -> relu -> max_pool``: conv1's next layers are the relu and the max pooling);
-``.prev`` goes the other way. ``LIKE`` is SQL's (``%`` any run, ``_`` any one character).
+``.prev`` goes the other way. ``LIKE`` is SQL's (``%`` any run, ``_`` any one character; case
+counts). A hyperparameter matches a literal of its own type only (``true`` is not 1, ``"1"`` is not 1;
+``null`` finds None); ``m.created`` takes dates and times as `gpupas log` shows them (UTC). A metric's
+last value is the one at its highest step (not a number where that was NaN); ``.count`` counts every
+point. ``m.parent != 1`` and ``m.tag != "x"`` ask for *some* parent or tag other than that one
+(``not m.parent = 1``: none is).
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 from gpupas.catalog import Catalog
@@ -269,7 +275,8 @@ class _Parser:
             raise self.fail(f"cannot order by {t.value!r}; use one of {', '.join(_COLUMNS)}", t)
         return _COLUMNS[t.value]
 
-    def literal(self) -> Any:
+    def literal(self, null: bool = False) -> Any:
+        """A number, a quoted string, true or false (and ``null`` where ``null``: None)."""
         t = self.tok
         if t.kind in ("str", "num"):
             self.i += 1
@@ -277,7 +284,10 @@ class _Parser:
         if t.kind == "kw" and t.value in ("true", "false"):
             self.i += 1
             return t.value == "true"
-        raise self.fail("expected a value (a number or a quoted string)")
+        if null and t.kind == "kw" and t.value == "null":
+            self.i += 1
+            return None
+        raise self.fail("expected a value (a number or a quoted string" + (", true, false or null)" if null else ")"))
 
     def operator(self) -> tuple[str, bool]:
         if self.accept("kw", "not"):
@@ -293,17 +303,24 @@ class _Parser:
     def comparison(self) -> str:
         t = self.expect("name", what="a field (name, created, hp..., metric..., parent, tag...)")
         field = str(t.value)
-        if field == "hp":
+        if field == "hp":  # a literal matches values of its own type: true is not 1, "1" is not 1
             key = self.dotted()
             op, like = self.operator()
-            val = self.literal()
+            val = self.literal(null=True)
             if like and not isinstance(val, str):
                 raise self.fail("LIKE needs a quoted pattern")
-            if isinstance(val, str):
-                self.params.extend([key, val])
-                return f"EXISTS (SELECT 1 FROM hparams h WHERE h.version=v.id AND h.key=? AND h.text {op} ?)"
-            self.params.extend([key, float(val)])
-            return f"EXISTS (SELECT 1 FROM hparams h WHERE h.version=v.id AND h.key=? AND h.num {op} ?)"
+            found = "EXISTS (SELECT 1 FROM hparams h WHERE h.version=v.id AND h.key=? AND "
+            if val is None:
+                if op not in ("=", "!="):
+                    raise self.fail("null compares with = or != only")
+                self.params.append(key)
+                return found + f"h.type {op} 'null')"
+            if isinstance(val, bool) and op not in ("=", "!="):
+                raise self.fail("true and false compare with = or != only")
+            self.params.extend([key, val if isinstance(val, str) else float(val)])
+            kind, col = ("str", "text") if isinstance(val, str) else ("bool", "num") if isinstance(val, bool) \
+                else ("num", "num")
+            return found + f"h.type='{kind}' AND h.{col} {op} ?)"
         if field == "metric":
             key = self.dotted()
             name, _, agg = key.rpartition(".")
@@ -330,8 +347,22 @@ class _Parser:
         val = self.literal()
         if like and not isinstance(val, str):
             raise self.fail("LIKE needs a quoted pattern")
+        if field == "created" and not like:
+            val = self.instant(val)
         self.params.append(val)
         return f"v.{_COLUMNS[field]} {op} ?"
+
+    def instant(self, val: Any) -> str:
+        """A time literal as the catalog writes times (ISO 8601 in UTC, microseconds), so that text order is
+        time order: "2026-12-06", "2026-12-06 12:00" (as `gpupas log` shows them; UTC), with an offset too."""
+        try:
+            t = datetime.fromisoformat(val) if isinstance(val, str) else None
+        except ValueError:
+            t = None
+        if t is None:
+            raise self.fail(f"m.created compares with a date or time such as \"2026-12-06\" or \"2026-12-06 12:00\", "
+                            f"not {val!r}")
+        return (t if t.tzinfo else t.replace(tzinfo=UTC)).astimezone(UTC).isoformat(timespec="microseconds")
 
 
 def compile_query(text: str) -> tuple[str, list[Any]]:

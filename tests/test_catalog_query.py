@@ -195,3 +195,46 @@ def test_a_damaged_record_does_not_take_the_catalog_down(repo: Repository) -> No
     assert any("versions/5.json" in p and "damaged" in p for p in problems)
     assert any("version record 6 is malformed" in p for p in problems)
     assert repo.commit("after", {"w": np.ones(1, np.float32)}).id == 7
+
+
+def _ids(repo: Repository, q: str) -> list[int]:
+    return [r["id"] for r in repo.query(q)]
+
+
+def test_queries_mean_what_they_say_on_types_case_time_and_metrics(tmp_path: Path) -> None:
+    """Found by an outside test against a brute-force evaluation: LIKE ignored case; a boolean, a number
+    and a string of the same text matched each other; `m.created` in `gpupas log`'s format compared as
+    text; a diverged run's NaN loss was skipped for the last finite one, steps logged out of order were
+    read by position, and `.count` skipped NaN points."""
+    from gpupas.versions.inspect import diff
+
+    w = {"w": np.zeros(4, np.float32)}
+    with create_repository(tmp_path / "r") as repo:
+        a = repo.commit("cnn-small", w, hyperparameters={"flag": True, "n": 1, "s": "1", "sched": None, "lr": 0.5},
+                        metrics={"loss": [[0, 0.1], [1, 0.2], [2, float("nan")]], "acc": [[10, 0.9], [5, 0.1]]})
+        b = repo.commit("CNN-big", w, hyperparameters={"flag": 1, "n": True, "s": 1, "sched": "null", "lr": 10},
+                        metrics={"loss": [[0, 0.3]], "acc": [[1, 0.2]]})
+        assert _ids(repo, 'select m where m.name like "cnn%"') == [a.id]
+        assert _ids(repo, 'select m where m.name like "CNN%"') == [b.id]
+        assert _ids(repo, "select m where m.hp.flag = true") == [a.id]
+        assert _ids(repo, "select m where m.hp.n = 1") == [a.id]
+        assert _ids(repo, 'select m where m.hp.s = "1"') == [a.id]
+        assert _ids(repo, "select m where m.hp.sched = null") == [a.id]
+        assert _ids(repo, 'select m where m.hp.sched = "null"') == [b.id]
+        assert _ids(repo, 'select m where m.hp.lr < "2"') == []  # a string against numbers matches none
+        assert _ids(repo, 'select m where m.hp.sched like "%"') == [b.id]
+        assert _ids(repo, "select m where m.metric.loss < 0.5") == [b.id]  # a's last loss is NaN
+        assert _ids(repo, "select m where m.metric.loss.count = 3") == [a.id]
+        assert _ids(repo, "select m where m.metric.acc > 0.5") == [a.id]  # at step 10, logged first
+        created = repo.version(a.id).created
+        day, clock = created[:10], created[11:19]
+        assert _ids(repo, f'select m where m.created > "{day} 23:59:59"') == []  # as `gpupas log` shows times
+        assert _ids(repo, f'select m where m.created >= "{day} {clock}"') == [a.id, b.id]
+        assert _ids(repo, f'select m where m.created < "{day}"') == []
+        with pytest.raises(InvalidInputError, match="date or time"):
+            repo.query('select m where m.created > "yesterday"')
+        d = diff(repo, a.id, b.id, weights=False)
+        assert set(d["hyperparameters"]) == {"flag", "n", "s", "sched", "lr"}  # True -> 1 is a change
+        assert d["metrics"]["acc"] == [0.9, 0.2] and d["metrics"]["loss"][0] is None
+        c = repo.commit("c", w, hyperparameters={"flag": True, "n": 1, "s": "1", "sched": None, "lr": 0.5, "new": None})
+        assert diff(repo, a.id, c.id, weights=False)["hyperparameters"] == {"new": [None, None]}  # added, as None

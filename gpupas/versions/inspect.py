@@ -12,11 +12,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from gpupas.catalog import flatten
+from gpupas.catalog import flatten, last_value
 from gpupas.errors import GpupasError
 from gpupas.network import diff_networks
 from gpupas.pas.schemes import describe
-from gpupas.versions.metrics import value_at
 from gpupas.versions.model import Version
 
 if TYPE_CHECKING:
@@ -64,15 +63,23 @@ def show(repo: Repository, ref: str | int | Version, snapshot: str | int | None 
 
 
 
+def _same_value(a: Mapping[str, Any], b: Mapping[str, Any], key: str) -> bool:
+    """Whether hyperparameter ``key`` is the same in both: present in both (a missing key is not None),
+    of one type (True is not 1, 0 is not False) and equal."""
+    if (key in a) != (key in b):
+        return False
+    x, y = a.get(key), b.get(key)
+    return type(x) is type(y) and x == y
+
+
 def diff(repo: Repository, a: str | int | Version, b: str | int | Version, *, snapshot_a: str | int | None = None,
          snapshot_b: str | int | None = None, weights: bool = True) -> dict[str, Any]:
     """Two versions side by side: network, hyperparameter, metric and per-tensor weight changes."""
     va, vb = repo.version(a), repo.version(b)
     ha, hb = flatten(va.hyperparameters), flatten(vb.hyperparameters)
-    hp = {k: [ha.get(k), hb.get(k)] for k in sorted(ha.keys() | hb.keys()) if ha.get(k) != hb.get(k)}
+    hp = {k: [ha.get(k), hb.get(k)] for k in sorted(ha.keys() | hb.keys()) if not _same_value(ha, hb, k)}
     ma, mb = va.metrics, vb.metrics
-    metrics = {k: [value_at(ma.get(k, []), None), value_at(mb.get(k, []), None)]
-               for k in sorted(ma.keys() | mb.keys())}
+    metrics = {k: [last_value(ma.get(k, [])), last_value(mb.get(k, []))] for k in sorted(ma.keys() | mb.keys())}
     out: dict[str, Any] = {
         "a": {"id": va.id, "name": va.name}, "b": {"id": vb.id, "name": vb.name},
         "network": diff_networks(va.network, vb.network), "hyperparameters": hp, "metrics": metrics,
