@@ -164,3 +164,17 @@ def test_compaction_on_s3_with_a_process_cluster(s3_options: dict[str, Any], clu
         assert {s: a.manifest(s).base for s in a.snapshots()} == TARGET_A
     same_everywhere(url, snaps, storage_options=opts)
     assert dict(run(verify_graph(ArchiveSpec(url, opts)), cluster)) == {f"s{i}": 4 for i in range(N)}
+
+
+def test_a_worker_that_dies_is_reported_with_what_to_do() -> None:
+    """A worker process that dies (out of memory, most often) is named with the remedy, not as Dask's
+    KilledWorker with a task key (the command line called that unexpected)."""
+    import os
+    from types import SimpleNamespace
+
+    import dask
+
+    from gpupas.errors import GpupasError
+
+    with pytest.raises(GpupasError, match=r"Dask worker died.*fewer workers"):
+        run(SimpleNamespace(targets=[dask.delayed(os._exit)(3)]), workers=1)

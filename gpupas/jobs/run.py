@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from gpupas.errors import InvalidInputError
+from gpupas.errors import GpupasError, InvalidInputError
 
 LOCAL = ("sync", "synchronous", "inline", "threads")
 
@@ -44,6 +44,18 @@ def run(job: Any, scheduler: Any = None, *, workers: int = 2) -> list[Any]:
         # log lines about it (tracebacks included) would only repeat it on stderr
         with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
                           silence_logs=logging.CRITICAL) as cluster, Client(cluster) as client:
-            return list(client.gather(client.compute(job.targets)))
+            return _gather(client, job)
     with Client(scheduler) as client:
+        return _gather(client, job)
+
+
+def _gather(client: Any, job: Any) -> list[Any]:
+    from distributed import KilledWorker
+
+    try:
         return list(client.gather(client.compute(job.targets)))
+    except KilledWorker as exc:  # its own message names a task key and a worker address, not what to do
+        raise GpupasError(f"a Dask worker died running {exc.task!r} (most often out of memory: each worker holds a "
+                          "snapshot's tensors and planes while it works); run the job again with fewer workers "
+                          "(--workers) or more memory. Snapshots it finished keep their new form; the others are "
+                          "as they were") from None
