@@ -317,6 +317,9 @@ class _Parser:
                 return found + f"h.type {op} 'null')"
             if isinstance(val, bool) and op not in ("=", "!="):
                 raise self.fail("true and false compare with = or != only")
+            if type(val) is int and abs(val) > 2**53 and op in ("=", "!="):  # past a double's integers: exactly
+                self.params.extend([key, str(val)])
+                return found + f"h.type='num' AND h.text {op} ?)"
             self.params.extend([key, val if isinstance(val, str) else float(val)])
             kind, col = ("str", "text") if isinstance(val, str) else ("bool", "num") if isinstance(val, bool) \
                 else ("num", "num")

@@ -236,5 +236,8 @@ def test_queries_mean_what_they_say_on_types_case_time_and_metrics(tmp_path: Pat
         d = diff(repo, a.id, b.id, weights=False)
         assert set(d["hyperparameters"]) == {"flag", "n", "s", "sched", "lr"}  # True -> 1 is a change
         assert d["metrics"]["acc"] == [0.9, 0.2] and d["metrics"]["loss"][0] is None
+        seeds = [repo.commit(f"seed{i}", w, hyperparameters={"seed": 2**53 + i}).id for i in (0, 1)]
+        assert _ids(repo, f"select m where m.hp.seed = {2**53 + 1}") == [seeds[1]]  # past a double's integers
+        assert _ids(repo, f"select m where m.hp.seed != {2**53 + 1}") == [seeds[0]]
         c = repo.commit("c", w, hyperparameters={"flag": True, "n": 1, "s": "1", "sched": None, "lr": 0.5, "new": None})
         assert diff(repo, a.id, c.id, weights=False)["hyperparameters"] == {"new": [None, None]}  # added, as None
