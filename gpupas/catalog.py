@@ -28,7 +28,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Protocol
 
-from gpupas.errors import CatalogError, FormatError, GpupasError, IntegrityError
+from gpupas.errors import CatalogError, FormatError, GpupasError, IntegrityError, InvalidInputError
 from gpupas.network import Network
 from gpupas.pas.schemes import describe
 
@@ -108,15 +108,17 @@ def _regexp(pattern: str, value: Any) -> bool:
         return False
 
 
-def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Nested dicts as dotted keys: ``{"opt": {"lr": 1}}`` -> ``{"opt.lr": 1}``."""
+def flatten(d: Mapping[str, Any], prefix: str = "", strict: bool = False) -> dict[str, Any]:
+    """Nested dicts as dotted keys: ``{"opt": {"lr": 1}}`` -> ``{"opt.lr": 1}``. ``strict``: InvalidInputError
+    where two keys become one (``"opt.lr"`` beside ``"opt": {"lr"}``): queries could reach only one."""
     out: dict[str, Any] = {}
     for k, v in d.items():
         key = f"{prefix}{k}"
-        if isinstance(v, Mapping) and v:
-            out |= flatten(v, key + ".")
-        else:
-            out[key] = v
+        inner = flatten(v, key + ".", strict) if isinstance(v, Mapping) and v else {key: v}
+        if strict and (same := inner.keys() & out.keys()):
+            raise InvalidInputError(f"hyperparameters {sorted(same)[0]!r} is given twice (a dotted key beside a "
+                                    "nested one): queries and diffs would see only one; rename one of them")
+        out |= inner
     return out
 
 

@@ -241,3 +241,14 @@ def test_queries_mean_what_they_say_on_types_case_time_and_metrics(tmp_path: Pat
         assert _ids(repo, f"select m where m.hp.seed != {2**53 + 1}") == [seeds[0]]
         c = repo.commit("c", w, hyperparameters={"flag": True, "n": 1, "s": "1", "sched": None, "lr": 0.5, "new": None})
         assert diff(repo, a.id, c.id, weights=False)["hyperparameters"] == {"new": [None, None]}  # added, as None
+
+
+def test_hyperparameter_keys_that_would_collide_are_refused(tmp_path: Path) -> None:
+    """``"a.b"`` beside ``"a": {"b"}`` would be one key to queries and diffs: refused at commit, naming it;
+    dotted keys alone are fine."""
+    w = {"w": np.zeros(4, np.float32)}
+    with create_repository(tmp_path / "r") as repo:
+        with pytest.raises(InvalidInputError, match=r"'a\.b' is given twice"):
+            repo.commit("x", w, hyperparameters={"a.b": 1, "a": {"b": 2}})
+        v = repo.commit("x", w, hyperparameters={"opt.lr": 0.1, "opt": {"beta": 0.9}})
+        assert _ids(repo, "select m where m.hp.opt.lr = 0.1 and m.hp.opt.beta = 0.9") == [v.id]

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from gpupas.archive import Archive, create_archive, open_archive
-from gpupas.catalog import Catalog, catalog_path, open_catalog, rebuild_catalog
+from gpupas.catalog import Catalog, catalog_path, flatten, open_catalog, rebuild_catalog
 from gpupas.errors import ArchiveExistsError, CatalogError, IntegrityError, InvalidInputError, VersionNotFoundError
 from gpupas.format import keys
 from gpupas.network import Network, extract_network
@@ -326,6 +326,7 @@ class Repository:
         check_text([message, author], "the message or author")
         parent_ids = list(dict.fromkeys(self.resolve(p) for p in parents))
         hp = to_json(dict(hyperparameters or {}), "hyperparameters")
+        flatten(hp, strict=True)  # two keys that queries would see as one: refused
         series = normalize_metrics(metrics)
         step = snapshot_step(step)
         sources = self._sources(checkpoints)
@@ -443,6 +444,7 @@ class Repository:
             raise InvalidInputError(f"{folder} is a file; import takes a directory (commit takes files)")
         parent_ids = [self.resolve(parent)] if parent is not None else []
         hp = to_json(dict(hyperparameters or {}), "hyperparameters")
+        flatten(hp, strict=True)  # two keys that queries would see as one: refused
         series = normalize_metrics(metrics)
         base = Version(self._record(parent_ids[0])).latest if parent_ids else None
         records: list[Record] = []
