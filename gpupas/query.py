@@ -356,8 +356,9 @@ class _Parser:
         return f"v.{_COLUMNS[field]} {op} ?"
 
     def instant(self, val: Any) -> str:
-        """A time literal as the catalog writes times (ISO 8601 in UTC, microseconds), so that text order is
-        time order: "2026-12-06", "2026-12-06 12:00" (as `gpupas log` shows them; UTC), with an offset too."""
+        """A time literal as gpupas writes times (``datetime.isoformat`` in UTC: microseconds where not 0), so
+        that text order is time order: "2026-12-06", "2026-12-06 12:00" (as `gpupas log` shows them; UTC),
+        with an offset too."""
         try:
             t = datetime.fromisoformat(val) if isinstance(val, str) else None
         except ValueError:
@@ -365,7 +366,7 @@ class _Parser:
         if t is None:
             raise self.fail(f"m.created compares with a date or time such as \"2026-12-06\" or \"2026-12-06 12:00\", "
                             f"not {val!r}")
-        return (t if t.tzinfo else t.replace(tzinfo=UTC)).astimezone(UTC).isoformat(timespec="microseconds")
+        return (t if t.tzinfo else t.replace(tzinfo=UTC)).astimezone(UTC).isoformat()
 
 
 def compile_query(text: str) -> tuple[str, list[Any]]:

@@ -233,6 +233,8 @@ def test_queries_mean_what_they_say_on_types_case_time_and_metrics(tmp_path: Pat
         assert _ids(repo, f'select m where m.created < "{day}"') == []
         with pytest.raises(InvalidInputError, match="date or time"):
             repo.query('select m where m.created > "yesterday"')
+        # a time on a whole second is written without microseconds: the literal of that second equals it
+        assert compile_query('select m where m.created = "2026-12-06 12:00"')[1] == ["2026-12-06T12:00:00+00:00"]
         d = diff(repo, a.id, b.id, weights=False)
         assert set(d["hyperparameters"]) == {"flag", "n", "s", "sched", "lr"}  # True -> 1 is a change
         assert d["metrics"]["acc"] == [0.9, 0.2] and d["metrics"]["loss"][0] is None
