@@ -424,23 +424,22 @@ class ArchiveStore:
         return ShardReader(self.tier_store(stream.tier), stream)
 
     # -- tiers ---------------------------------------------------------------------------------------------
+    def _root_attribute(self, name: str) -> Any:
+        """``attributes.gpupas[name]`` of the archive's root document ({} where absent or unreadable)."""
+        try:
+            return json.loads(self.store.get(keys.ROOT) or b"{}").get("attributes", {}).get("gpupas", {}).get(name, {})
+        except (ValueError, AttributeError):
+            return {}
+
     def _removed_tiers(self) -> dict[str, str]:
         """Tiers this archive removed: name -> the id its location's marker holds."""
-        try:
-            got = json.loads(self.store.get(keys.ROOT) or b"{}").get("attributes", {}).get("gpupas", {})
-            got = got.get("removed_tiers", {})
-        except (ValueError, AttributeError):
-            got = {}
+        got = self._root_attribute("removed_tiers")
         return {k: v for k, v in got.items() if isinstance(k, str) and isinstance(v, str)} if isinstance(got, dict) \
             else {}
 
     def tier_table(self) -> dict[str, dict[str, Any]]:
         """The archive's tiers: name -> {"url", "options" (non-secret storage options), "id"}."""
-        data = self.store.get(keys.ROOT)
-        try:
-            got = json.loads(data or b"{}").get("attributes", {}).get("gpupas", {}).get("tiers", {})
-        except (ValueError, AttributeError):
-            got = {}
+        got = self._root_attribute("tiers")
         return {k: v for k, v in got.items()
                 if keys.is_name(k) and isinstance(v, dict) and isinstance(v.get("url"), str)}
 
@@ -524,13 +523,14 @@ class ArchiveStore:
             raise
         except Exception as exc:
             raise _tiers.unreachable(name, url, exc) from exc
+        removed = self._removed_tiers() if old is None and found is not None else {}
         if old is not None:  # re-pointing: the new location must hold this tier
             if found is None or found.get("id") != old.get("id"):
                 raise InvalidInputError(f"{url} does not hold a copy of tier {name!r} (id {old.get('id')}); copy the "
                                         "tier's data there first")
             tier_id = old["id"]
-        elif found is not None and not (force and self._removed_tiers().get(name) == found.get("id")):
-            mine = self._removed_tiers().get(str(found.get("name"))) == found.get("id")
+        elif found is not None and not (force and removed.get(name) == found.get("id")):
+            mine = removed.get(str(found.get("name"))) == found.get("id")
             raise InvalidInputError(f"{url} already holds tier {found.get('name')!r} of another archive; a tier needs "
                                     "a location of its own" if not mine else
                                     f"{url} holds tier {found.get('name')!r}, removed from this archive: add it "
