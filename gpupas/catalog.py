@@ -334,10 +334,7 @@ class Catalog:
 def last_value(series: Sequence[Sequence[Any]]) -> float | None:
     """A series' last value: the one logged at its highest step (the later of points at one step), None
     where that is not a finite number (a run that diverged has no last loss to compare)."""
-    if not series:
-        return None
-    v = max(enumerate(series), key=lambda ip: (ip[1][0], ip[0]))[1][1]
-    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else None
+    return _finite(max(enumerate(series), key=lambda ip: (ip[1][0], ip[0]))[1][1]) if series else None
 
 
 def _key_order(key: str) -> tuple[int, int, str]:

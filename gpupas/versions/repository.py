@@ -57,6 +57,14 @@ from gpupas.versions.records import Records
 Progress = Callable[[str, int, int], None]
 
 
+def _hyperparameters(given: Mapping[str, Any] | None) -> dict[str, Any]:
+    """A version's hyperparameters as JSON, refused where two keys would be one to queries (``"a.b"``
+    beside ``"a": {"b"}``)."""
+    hp = to_json(dict(given or {}), "hyperparameters")
+    flatten(hp, strict=True)
+    return hp
+
+
 def create_repository(location: str | os.PathLike[str], **kw: Any) -> Repository:
     """Create a new archive with versions at ``location``; ArchiveExistsError if one is there."""
     loc = os.fspath(location)
@@ -325,8 +333,7 @@ class Repository:
         self._check_new_name(name)
         check_text([message, author], "the message or author")
         parent_ids = list(dict.fromkeys(self.resolve(p) for p in parents))
-        hp = to_json(dict(hyperparameters or {}), "hyperparameters")
-        flatten(hp, strict=True)  # two keys that queries would see as one: refused
+        hp = _hyperparameters(hyperparameters)
         series = normalize_metrics(metrics)
         step = snapshot_step(step)
         sources = self._sources(checkpoints)
@@ -443,8 +450,7 @@ class Repository:
         if len(paths) == 1 and Path(folder).is_file():
             raise InvalidInputError(f"{folder} is a file; import takes a directory (commit takes files)")
         parent_ids = [self.resolve(parent)] if parent is not None else []
-        hp = to_json(dict(hyperparameters or {}), "hyperparameters")
-        flatten(hp, strict=True)  # two keys that queries would see as one: refused
+        hp = _hyperparameters(hyperparameters)
         series = normalize_metrics(metrics)
         base = Version(self._record(parent_ids[0])).latest if parent_ids else None
         records: list[Record] = []
