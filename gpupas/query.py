@@ -29,7 +29,8 @@ counts). A hyperparameter matches a literal of its own type only (``true`` is no
 ``null`` finds None); ``m.created`` takes dates and times as `gpupas log` shows them (UTC). A metric's
 last value is the one at its highest step (not a number where that was NaN); ``.count`` counts every
 point. ``m.parent != 1`` and ``m.tag != "x"`` ask for *some* parent or tag other than that one
-(``not m.parent = 1``: none is).
+(``not m.parent = 1``: none is). ``ORDER BY`` takes any field but ``parent`` and ``tag``; versions without
+the hyperparameter or metric come last either way, and a hyperparameter's numbers sort below its strings.
 """
 
 from __future__ import annotations
@@ -143,10 +144,12 @@ class _Parser:
         order = "id"
         if self.accept("kw", "order"):
             self.expect("kw", "by")
-            col = self.column_field()
+            at = len(self.params)
+            col = self.order_field()
+            self.params += self.params[at:]  # the value appears twice below
             direction = "DESC" if self.accept("kw", "desc") else "ASC"
             self.accept("kw", "asc")
-            order = f"{col} {direction}, id"
+            order = f"{col} IS NULL, {col} {direction}, id"  # versions without the value last, either way
         limit = ""
         if self.accept("kw", "limit"):
             n = self.expect("num", what="a row count")
@@ -267,13 +270,32 @@ class _Parser:
             self.i += 1
         return ".".join(parts)
 
-    def column_field(self) -> str:
+    def order_field(self) -> str:
+        """The SQL value ORDER BY sorts on: a column, a hyperparameter (numbers and booleans by value, then
+        strings) or a metric summary; NULL where a version lacks it."""
         self.var_name()
         self.expect("op", ".", "'.' and a field")
         t = self.expect("name", what="a field")
+        if t.value == "hp":
+            self.params.append(self.dotted())
+            return ("(SELECT CASE WHEN h.type IN ('num', 'bool') THEN h.num WHEN h.type='str' THEN h.text END "
+                    "FROM hparams h WHERE h.version=v.id AND h.key=?)")
+        if t.value == "metric":
+            name, col = self.metric_key()
+            self.params.append(name)
+            return f'(SELECT s."{col}" FROM metric_summary s WHERE s.version=v.id AND s.name=?)'
         if t.value not in _COLUMNS:
-            raise self.fail(f"cannot order by {t.value!r}; use one of {', '.join(_COLUMNS)}", t)
+            raise self.fail(f"cannot order by {t.value!r}; use one of {', '.join(_COLUMNS)}, hp.KEY or "
+                            "metric.NAME", t)
         return _COLUMNS[t.value]
+
+    def metric_key(self) -> tuple[str, str]:
+        """A metric's name and its metric_summary column, after ``metric``: NAME[.last|.min|.max|.count]."""
+        key = self.dotted()
+        name, _, agg = key.rpartition(".")
+        if not (name and agg in _AGGS):
+            name, agg = key, "last"
+        return name, "n" if agg == "count" else agg
 
     def literal(self, null: bool = False) -> Any:
         """A number, a quoted string, true or false (and ``null`` where ``null``: None)."""
@@ -325,15 +347,11 @@ class _Parser:
                 else ("num", "num")
             return found + f"h.type='{kind}' AND h.{col} {op} ?)"
         if field == "metric":
-            key = self.dotted()
-            name, _, agg = key.rpartition(".")
-            if not (name and agg in _AGGS):
-                name, agg = key, "last"
+            name, col = self.metric_key()
             op, like = self.operator()
             val = self.literal()
             if like or isinstance(val, (str, bool)):
                 raise self.fail("metrics compare with numbers")
-            col = "n" if agg == "count" else agg
             self.params.extend([name, val])
             return (f'EXISTS (SELECT 1 FROM metric_summary s WHERE s.version=v.id AND s.name=? AND s."{col}" {op} ?)')
         if field in ("parent", "tag"):

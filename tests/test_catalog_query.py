@@ -85,6 +85,14 @@ def ids(repo: Repository, q: str) -> list[int]:
     ('SELECT m WHERE m.message LIKE "%pooling%"', [2]),
     ("select m order by m.name desc limit 2", [3, 1]),  # "_" sorts after "X"
     ("select v where v.id != 2 order by v.id desc", [4, 3, 1]),
+    ("select m order by m.metric.accuracy", [2, 1, 3, 4]),  # the last value; versions without it last
+    ("select m order by m.metric.accuracy.max desc", [2, 1, 3, 4]),
+    ("select m order by m.metric.accuracy.max asc limit 1", [1]),
+    ("select m order by m.metric.loss", [1, 3, 2, 4]),
+    ("select m order by m.hp.lr desc", [4, 2, 3, 1]),  # numbers sort below strings (SQLite's order)
+    ('select m where m.hp.lr < 1 order by m.hp.lr', [1, 3, 2]),
+    ('select m order by m.hp["opt.name"] desc', [2, 3, 1, 4]),
+    ("select m order by m.hp.aug", [1, 2, 3, 4]),  # only 1 has it
     ("select m where m.id < 99999999999999999999", [1, 2, 3, 4]),  # past SQLite's integers: a number still
     ("select m where m.hp.limit = 1 or m.hp.order = 1", []),  # a keyword as a key
 ])
@@ -107,6 +115,7 @@ def test_select(repo: Repository, q: str, want: list[int]) -> None:
     ('select m where m.metric.loss < "low"', "metrics compare with numbers"),
     ("select m where m.id like 3", "LIKE needs a quoted pattern"),
     ("select m limit -1", "LIMIT takes a whole number"),
+    ("select m order by m.color", "cannot order by 'color'"),
     ("select m limit 99999999999999999999", "LIMIT takes a whole number"),
     ("select m where m.name = 'a' ; drop table versions", "cannot read"),
     ("select m where m.name = @", "cannot read"),
