@@ -75,8 +75,9 @@ def _why(exc: Exception, path: Path) -> str:
 
 def _is_tensor(v: Any) -> bool:
     from gpupas.integrations.torch import is_torch_tensor
+    from gpupas.xp import namespace
 
-    return is_torch_tensor(v) or isinstance(v, np.ndarray)
+    return is_torch_tensor(v) or isinstance(v, np.ndarray) or namespace(v) is not np
 
 
 def _unwrap(obj: Any, source: str, notes: list[str] | None) -> Mapping[str, Any]:
@@ -142,7 +143,8 @@ def _load_folder(folder: Path, notes: list[str] | None) -> dict[str, np.ndarray]
 
 def as_tensor_dict(tensors: Any, source: str = "input", backend: Any = None) -> dict[str, Any]:
     """Named tensors as arrays of ``backend`` (NumPy by default); accepts a mapping of
-    NumPy/CuPy/torch arrays or a checkpoint file path."""
+    NumPy/CuPy/torch arrays or a checkpoint file path. A mapping that wraps a state_dict
+    (``{"model": ..., "optimizer": ...}``) gives the state_dict, as a file does, with a warning."""
     if backend is None:
         from gpupas.backend import get_backend
 
@@ -157,6 +159,11 @@ def as_tensor_dict(tensors: Any, source: str = "input", backend: Any = None) -> 
         raise InvalidInputError(
             f"{source}: expected a mapping of name -> tensor or a checkpoint path, got {type(tensors).__name__}"
         )
+    if any(isinstance(v, Mapping) for v in tensors.values()):  # a training checkpoint in memory: as from a file
+        notes: list[str] = []
+        tensors = _unwrap(tensors, source, notes)
+        for note in notes:
+            warnings.warn(note, stacklevel=3)
     out = {}
     for name, value in tensors.items():
         if not isinstance(name, str) or not name or "\0" in name:

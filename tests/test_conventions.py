@@ -159,6 +159,11 @@ def test_training_checkpoint_layouts(tmp_path: Path, layout: str) -> None:
         v = repo.commit("m", path)
         got = repo.restore(v.id)
     assert sorted(got) == sorted(sd) and all(got[k].tobytes() == sd[k].numpy().tobytes() for k in sd)
+    with gpupas.create_archive(tmp_path / "mem") as a, pytest.warns() if layout not in ("plain", "ddp") else \
+            _no_warning():  # the same object in memory: the same weights, the same warning
+        got = a.restore(a.commit(obj).id)
+    want = obj if layout == "ddp" else sd  # a plain mapping's names are kept as given
+    assert sorted(got) == sorted(want) and all(got[k].tobytes() == want[k].numpy().tobytes() for k in want)
 
 
 class _no_warning:
@@ -179,6 +184,9 @@ def test_a_checkpoint_without_weights_says_what_it_holds(tmp_path: Path) -> None
     with gpupas.create_repository(tmp_path / "arc") as repo, pytest.raises(gpupas.InvalidInputError,
                                                                           match=r"holds no tensors.*optimizer"):
         repo.commit("m", path)
+    with gpupas.create_archive(tmp_path / "mem") as a, pytest.raises(gpupas.InvalidInputError,
+                                                                     match=r"holds no tensors.*state, param_groups"):
+        a.commit(torch.optim.SGD([torch.nn.Parameter(torch.ones(2))], lr=0.1).state_dict())
 
 
 def test_hugging_face_folders_sharded_and_not(tmp_path: Path) -> None:
