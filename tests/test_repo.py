@@ -216,10 +216,17 @@ def test_export_safetensors_and_refuse_overwrite(repo: Repository, run: Path, tm
     want = load_checkpoint(ckpts(run)[2])
     got = load_checkpoint(out)
     assert all(got[k].tobytes() == want[k].tobytes() for k in want)
+    head = out.read_bytes()
+    meta = json.loads(head[8:8 + int.from_bytes(head[:8], "little")])["__metadata__"]
+    assert meta["format"] == "pt"  # transformers' from_pretrained loads only files that say so
     with pytest.raises(ArchiveExistsError):
         repo.export("m", out)
     with pytest.raises(ArchiveExistsError):
         repo.checkout("m", tmp_path)  # not empty
+    repo.commit("odd", {"__metadata__": np.ones(2, np.float32)})  # a legal tensor name, but not in safetensors
+    with pytest.raises(InvalidInputError, match="--format torch"):
+        repo.export("odd", tmp_path / "odd.safetensors")
+    assert not (tmp_path / "odd.safetensors").exists()
 
 
 @needs_torch

@@ -81,6 +81,9 @@ def save_file(tensors: Mapping[str, np.ndarray], path: str | os.PathLike[str],
     header: dict[str, Any] = {"__metadata__": dict(metadata)} if metadata else {}
     arrays, offset = [], 0
     for name, arr in tensors.items():
+        if name == "__metadata__":  # the header's own key: the file would not load
+            raise InvalidInputError(f"a tensor named {name!r} cannot be written to a safetensors file (the name is "
+                                    "its header's metadata key); write a torch file instead (--format torch)")
         arr = np.asarray(arr)
         arr = arr if arr.flags.c_contiguous else arr.copy()  # (ascontiguousarray would make 0-d 1-d)
         if arr.dtype.name not in _CODES:

@@ -34,7 +34,8 @@ def export(repo: Repository, ref: str | int | Version, path: str | os.PathLike[s
     if fmt == "safetensors":
         from gpupas.integrations.safetensors import save_file
 
-        save_file(tensors, p, metadata={"gpupas_version": str(vid)}, replace=force)
+        # "format": "pt" as torch's writers put it: transformers' from_pretrained refuses a file without it
+        save_file(tensors, p, metadata={"format": "pt", "gpupas_version": str(vid)}, replace=force)
     else:
         from gpupas.integrations.torch import _torch, numpy_to_state_dict
 
