@@ -11,9 +11,10 @@ from typing import Any
 
 import numpy as np
 
-from gpupas.errors import InvalidInputError
+from gpupas.errors import InvalidInputError, UnsupportedDtypeError
 
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
+EXTRA_STATE = "_extra_state"  # torch: the key suffix of a module's get_extra_state() value
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "adapter_model.safetensors", "adapter_model.bin")
 INDEX_SUFFIX = ".index.json"  # model.safetensors.index.json, pytorch_model.bin.index.json
 # keys under which training code keeps a model's weights inside a larger checkpoint dict
@@ -85,7 +86,7 @@ def _unwrap(obj: Any, source: str, notes: list[str] | None) -> Mapping[str, Any]
     if not isinstance(obj, Mapping):
         raise InvalidInputError(f"{source} holds a {type(obj).__name__}, not a state_dict or a dict that holds one")
     if obj and all(_is_tensor(v) for v in obj.values()):
-        return _strip_ddp(obj)
+        return _strip_ddp(obj, source, notes)
     for key in WRAPPERS:
         inner = obj.get(key)
         if isinstance(inner, Mapping) and inner and all(_is_tensor(v) for v in inner.values()):
@@ -93,7 +94,7 @@ def _unwrap(obj: Any, source: str, notes: list[str] | None) -> Mapping[str, Any]
             if skipped and notes is not None:
                 notes.append(f"{source}: took the weights under {key!r}; left out {', '.join(map(str, skipped[:6]))}"
                              + ("..." if len(skipped) > 6 else "") + " (optimizer state and counters are not archived)")
-            return _strip_ddp(inner)
+            return _strip_ddp(inner, source, notes)
     tensors = {k: v for k, v in obj.items() if _is_tensor(v)}
     if not tensors:
         keys = f"its keys are {', '.join(map(str, list(obj)[:8]))}" if obj else "it is empty"
@@ -101,13 +102,15 @@ def _unwrap(obj: Any, source: str, notes: list[str] | None) -> Mapping[str, Any]
                                 f"model.state_dict() (or a dict with it under one of {', '.join(WRAPPERS[:4])})")
     if notes is not None and len(tensors) < len(obj):
         notes.append(f"{source}: left out {len(obj) - len(tensors)} entries that are not tensors")
-    return _strip_ddp(tensors)
+    return _strip_ddp(tensors, source, notes)
 
 
-def _strip_ddp(tensors: Mapping[str, Any]) -> Mapping[str, Any]:
-    """Names without the ``module.`` prefix that DistributedDataParallel adds to every one."""
+def _strip_ddp(tensors: Mapping[str, Any], source: str, notes: list[str] | None) -> Mapping[str, Any]:
+    """Names without the ``module.`` prefix that DistributedDataParallel adds to every one (said in ``notes``)."""
     names = [k for k in tensors if isinstance(k, str)]
     if names and all(k.startswith("module.") for k in names):
+        if notes is not None:
+            notes.append(f"{source}: took the tensor names without their 'module.' prefix (DistributedDataParallel's)")
         return {k[len("module."):]: v for k, v in tensors.items()}
     return tensors
 
@@ -144,32 +147,41 @@ def _load_folder(folder: Path, notes: list[str] | None) -> dict[str, np.ndarray]
 def as_tensor_dict(tensors: Any, source: str = "input", backend: Any = None) -> dict[str, Any]:
     """Named tensors as arrays of ``backend`` (NumPy by default); accepts a mapping of
     NumPy/CuPy/torch arrays or a checkpoint file path. A mapping that wraps a state_dict
-    (``{"model": ..., "optimizer": ...}``) gives the state_dict, as a file does, with a warning."""
+    (``{"model": ..., "optimizer": ...}``) gives the state_dict, as a file does, with a warning; so does
+    a module's non-tensor ``_extra_state``, which is left out."""
     if backend is None:
         from gpupas.backend import get_backend
 
         backend = get_backend("numpy")
+    notes: list[str] = []
     if isinstance(tensors, (str, os.PathLike)):
-        notes: list[str] = []
-        loaded = load_checkpoint(tensors, notes)
-        for note in notes:  # what else the file holds is not archived: said, as Repository.commit says it
-            warnings.warn(note, stacklevel=3)
-        return {k: backend.as_array(v, k) for k, v in loaded.items()}
-    if not isinstance(tensors, Mapping):
+        tensors = load_checkpoint(tensors, notes)
+    elif not isinstance(tensors, Mapping):
         raise InvalidInputError(
             f"{source}: expected a mapping of name -> tensor or a checkpoint path, got {type(tensors).__name__}"
         )
-    if any(isinstance(v, Mapping) for v in tensors.values()):  # a training checkpoint in memory: as from a file
-        notes: list[str] = []
-        tensors = _unwrap(tensors, source, notes)
-        for note in notes:
-            warnings.warn(note, stacklevel=3)
+    else:
+        extra = [k for k, v in tensors.items() if isinstance(k, str) and k.endswith(EXTRA_STATE) and not _is_tensor(v)]
+        if extra:
+            notes.append(f"{source}: left out {', '.join(extra[:4])}" + ("..." if len(extra) > 4 else "")
+                         + " (a module's extra state, not a tensor)")
+            tensors = {k: v for k, v in tensors.items() if k not in set(extra)}
+        if any(isinstance(v, Mapping) for v in tensors.values()):  # a training checkpoint in memory: as a file's
+            tensors = _unwrap(tensors, source, notes)
+    for note in notes:  # what else it holds is not archived: said, as Repository.commit says it
+        warnings.warn(note, stacklevel=3)
     out = {}
     for name, value in tensors.items():
         if not isinstance(name, str) or not name or "\0" in name:
             raise InvalidInputError(f"{source}: tensor name {name!r} must be a non-empty string without NUL")
+        if isinstance(value, np.ma.MaskedArray) and np.ma.getmask(value) is not np.ma.nomask and value.mask.any():
+            raise InvalidInputError(f"{source}: tensor {name!r} is a masked array, whose masked values would come "
+                                    "back unmasked; commit value.filled(...) or value.data and the mask as a "
+                                    "bool tensor")
         try:
             out[name] = backend.as_array(value, name)
         except InvalidInputError as exc:
             raise InvalidInputError(f"{source}: {exc}") from None
+        except UnsupportedDtypeError as exc:
+            raise UnsupportedDtypeError(str(exc) if repr(name) in str(exc) else f"tensor {name!r}: {exc}") from None
     return out

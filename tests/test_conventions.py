@@ -131,6 +131,16 @@ def test_torch_hint_names_a_cpu_build() -> None:
 
 
 # -- checkpoint layouts --------------------------------------------------------------------------------------------
+def test_a_checkpoint_file_is_held_to_the_names_a_mapping_is(tmp_path: Path) -> None:
+    from gpupas.integrations.safetensors import save_file
+
+    path = tmp_path / "odd.safetensors"
+    save_file({"": np.ones(2, np.float32), "a": np.ones(2, np.float32)}, path)
+    with gpupas.create_archive(tmp_path / "arc") as a, pytest.raises(gpupas.InvalidInputError,
+                                                                     match="non-empty string"):
+        a.commit(path)
+
+
 torch = pytest.importorskip("torch")
 
 
@@ -154,9 +164,8 @@ def test_training_checkpoint_layouts(tmp_path: Path, layout: str) -> None:
     }[layout]
     path = tmp_path / "ckpt.pt"
     torch.save(obj, path)
-    with gpupas.create_repository(tmp_path / "arc") as repo, pytest.warns() if layout not in ("plain", "ddp") else \
-            _no_warning():
-        v = repo.commit("m", path)
+    with gpupas.create_repository(tmp_path / "arc") as repo, pytest.warns() if layout != "plain" else _no_warning():
+        v = repo.commit("m", path)  # (a file's 'module.' prefix is taken off, and said)
         got = repo.restore(v.id)
     assert sorted(got) == sorted(sd) and all(got[k].tobytes() == sd[k].numpy().tobytes() for k in sd)
     with gpupas.create_archive(tmp_path / "mem") as a, pytest.warns() if layout not in ("plain", "ddp") else \
@@ -272,3 +281,32 @@ def test_restored_empty_torch_tensors_are_plainly_strided(tmp_path: Path) -> Non
     for k, t in state.items():
         assert got[k].shape == t.shape and got[k].dtype == t.dtype and got[k].stride() == t.stride(), k
         assert got[k].view(torch.uint8).shape == t.view(torch.uint8).shape
+
+
+def test_odd_tensors_are_refused_by_name_or_kept_whole(tmp_path: Path) -> None:
+    """What a state_dict can hold besides plain tensors: a torch.Tensor subclass is a tensor; a module's
+    extra state is left out with a warning; a dtype NumPy lacks, a quantized tensor and a masked array are
+    refused naming the tensor."""
+
+    class Tagged(torch.Tensor):  # e.g. a library's parameter class
+        pass
+
+    w = torch.arange(6, dtype=torch.float32).reshape(2, 3)
+    with gpupas.create_archive(tmp_path / "arc") as a:
+        got = a.restore(a.commit({"w": w.as_subclass(Tagged)}).id)
+        assert got["w"].tobytes() == w.numpy().tobytes()
+        with pytest.warns(UserWarning, match="extra state"):
+            m = a.commit({"w": w, "norm._extra_state": {"scale": 2.0}, "q._extra_state": None})
+        assert [t.name for t in m.tensors] == ["w"]
+        state = {f"t{i}": w for i in range(5)} | {"odd": torch.zeros(3, dtype=torch.float8_e4m3fnuz)}
+        with pytest.raises(gpupas.UnsupportedDtypeError, match=r"tensor 'odd'.*float8_e4m3fnuz"):
+            a.commit(state)
+        qt = torch.quantize_per_tensor(w, 0.1, 0, torch.quint8)
+        with pytest.raises(gpupas.UnsupportedDtypeError, match=r"tensor 'q'.*int_repr"):
+            a.commit({"q": qt})
+        masked = np.ma.masked_array([1.0, 2.0, 3.0], mask=[False, True, False])
+        with pytest.raises(gpupas.InvalidInputError, match=r"'m' is a masked array"):
+            a.commit({"m": masked})
+        plain = np.ma.masked_array([1.0, 2.0])  # nothing masked: its values are the array
+        assert a.restore(a.commit({"m": plain}).id)["m"].tolist() == [1.0, 2.0]
+

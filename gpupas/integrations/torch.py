@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Mapping
 from typing import Any
 
@@ -31,8 +32,9 @@ def _views() -> dict[Any, tuple[Any, Any]]:
 
 
 def is_torch_tensor(obj: Any) -> bool:
-    """True for a torch.Tensor, without importing torch when it is not loaded."""
-    return type(obj).__module__.startswith("torch") and hasattr(obj, "detach")
+    """True for a torch.Tensor (a subclass too), without importing torch when it is not loaded."""
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(obj, torch.Tensor)
 
 
 def tensor_to_numpy(t: Any) -> np.ndarray:
@@ -44,17 +46,27 @@ def tensor_to_numpy(t: Any) -> np.ndarray:
     if t.layout != torch.strided:
         raise UnsupportedDtypeError(f"a {t.layout} tensor cannot be archived as it is; store t.to_dense(), or its "
                                     "indices and values as two tensors")
-    t = t.detach().cpu().contiguous()
+    if t.is_quantized:
+        raise UnsupportedDtypeError(f"a quantized tensor ({t.dtype}) cannot be archived as it is; store t.int_repr() "
+                                    "with its scale and zero point, or t.dequantize()")
     views = _views()
-    if t.dtype in views:
-        carrier, np_dtype = views[t.dtype]
-        return t.view(carrier).numpy().view(np_dtype).copy()
     try:
+        t = t.detach().cpu().contiguous()
+        if t.dtype in views:
+            carrier, np_dtype = views[t.dtype]
+            return t.view(carrier).numpy().view(np_dtype).copy()
         return t.numpy().copy()
     except TypeError:
-        raise UnsupportedDtypeError(
-            f"torch dtype {t.dtype} cannot be archived (NumPy has no such dtype). Convert it first (e.g. t.float(); "
-            "complex: store .real and .imag); gpupas.pas.planes.LAYOUTS lists the dtypes it stores") from None
+        if type(t) in (torch.Tensor, torch.nn.Parameter):
+            raise UnsupportedDtypeError(
+                f"torch dtype {t.dtype} cannot be archived (NumPy has no such dtype). Convert it first (e.g. "
+                "t.float(); complex: store .real and .imag); gpupas.pas.planes.LAYOUTS lists the dtypes it stores"
+            ) from None
+        raise UnsupportedDtypeError(f"a {type(t).__name__} (a torch.Tensor subclass) does not read as plain tensor "
+                                    "data; convert it to a plain tensor first") from None
+    except RuntimeError as exc:  # a subclass whose data is not plain tensor data (a wrapper, a sharded tensor)
+        raise UnsupportedDtypeError(f"a {type(t).__name__} tensor does not read as plain tensor data ({exc}); "
+                                    "convert it to a plain tensor first") from None
 
 
 def numpy_to_tensor(a: np.ndarray) -> Any:
