@@ -1169,6 +1169,20 @@ def test_rich_markup_in_user_text_is_printed_as_it_is(tmp_path: Path) -> None:
             assert "[bold red]x[/bold red]" in out
 
 
+def test_control_characters_in_user_text_are_printed_as_escapes(tmp_path: Path) -> None:
+    """A name from someone else's checkpoint cannot clear the screen, colour it, or forge a table row."""
+    arc = tmp_path / "arc"
+    evil = "w\x1b[2J\x1b[31mred\nforged row\u202egnp.exe"
+    with create_repository(arc) as repo:
+        repo.commit("m", {evil: np.ones(3, np.float32), "plain": np.zeros(2, np.float32)}, message=f"msg {evil}")
+        repo.commit("m", {evil: np.full(3, 2, np.float32), "plain": np.zeros(2, np.float32)}, parents=[1])
+    cmds = [("log",), ("show", "1"), ("show", "1", "-t", "-N"), ("diff", "1", "2")]
+    for cmd, res in zip(cmds, gp_many(*cmds, archive=arc)):
+        out = ok(res)
+        assert "\x1b" not in out and "\u202e" not in out and "\nforged" not in out, (cmd, out)
+        assert "\\x1b[2J" in out, (cmd, out)  # shown, as an escape
+
+
 def _catalog_objects(path: Path) -> list[tuple[str, str]]:
     with sqlite(path) as c:
         return sorted(c.execute("SELECT type, name FROM sqlite_master WHERE name NOT LIKE 'sqlite_%'").fetchall())

@@ -498,9 +498,9 @@ def verify(refs: Annotated[list[str] | None, typer.Argument(metavar="VERSION", h
             o.line(f"ok: {summary}")
         else:
             for problem in result["problems"]:
-                o.err.print(render.Text(f"damaged: {problem}"))
+                o.err.print(render.Text(render.plain(f"damaged: {problem}")))
             for problem in result["unreachable"]:
-                o.err.print(render.Text(f"not checked: {problem}"))
+                o.err.print(render.Text(render.plain(f"not checked: {problem}")))
             if result["problems"]:
                 o.error(f"{len(result['problems'])} problem(s) in {summary}; restore the damaged parts from a copy")
             else:

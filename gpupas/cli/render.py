@@ -1,6 +1,7 @@
 """How the command line shows results: tables, trees and one-line summaries (no library logic here).
 
-User text (names, messages, file names) is always printed as plain text, never as rich markup.
+User text (names, messages, file names) is always printed as plain text, never as rich markup, and its
+control characters (terminal escapes, newlines in a table cell, bidi overrides) as escapes.
 Piped or redirected output is never cut to a terminal's width.
 """
 
@@ -9,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import unicodedata
 from collections.abc import Iterable
 from typing import Any
 
@@ -16,6 +18,16 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 from rich.tree import Tree
+
+_JOINERS = {"\u200c", "\u200d"}  # zero-width (non-)joiners: parts of emoji and of some scripts
+
+
+def plain(text: str, keep: str = "") -> str:
+    """``text`` with its control and format characters (but those in ``keep``) written as escapes (``\\x1b``)."""
+    if text.isprintable():
+        return text
+    return "".join(c.encode("unicode_escape").decode() if c not in keep and c not in _JOINERS
+                   and unicodedata.category(c) in ("Cc", "Cf", "Zl", "Zp") else c for c in text)
 
 
 def _console(stderr: bool = False) -> Console:
@@ -35,11 +47,11 @@ class Output:
     def line(self, text: str) -> None:
         """A result line (suppressed by --quiet where it only confirms what happened)."""
         if not self.quiet:
-            self.out.print(Text(text))
+            self.out.print(Text(plain(text, keep="\n")))
 
     def data(self, text: str) -> None:
         """A line of requested data (printed even with --quiet; tabs kept, for scripts)."""
-        self.out.file.write(text + "\n")
+        self.out.file.write(plain(text, keep="\t") + "\n")
         self.out.file.flush()
 
     def table(self, t: Table | Tree) -> None:
@@ -51,13 +63,13 @@ class Output:
     def note(self, text: str) -> None:
         """A side note on stderr (counts, hints), suppressed by --quiet."""
         if not self.quiet:
-            self.err.print(Text(text))
+            self.err.print(Text(plain(text, keep="\n")))
 
     def warn(self, text: str) -> None:
-        self.err.print(Text(f"warning: {text}"))
+        self.err.print(Text(plain(f"warning: {text}", keep="\n")))
 
     def error(self, text: str) -> None:
-        self.err.print(Text("error: " + " ".join(text.split())))
+        self.err.print(Text(plain("error: " + " ".join(text.split()))))
 
 
 def size(n: float | None) -> str:
@@ -92,16 +104,16 @@ def table(columns: Iterable[str], right: Iterable[str] = (), title: str | None =
 
 def row(t: Table, *cells: Any, style: str | None = None) -> None:
     """Add a row of plain-text cells (never markup)."""
-    t.add_row(*(c if isinstance(c, Text) else Text(str(c)) for c in cells), style=style)
+    t.add_row(*(c if isinstance(c, Text) else Text(plain(str(c))) for c in cells), style=style)
 
 
 # -- commands' views ----------------------------------------------------------------------------------------------
 def version_line(r: dict[str, Any]) -> Text:
     t = Text()
     t.append(f"#{r['id']}", style="bold cyan")
-    t.append(f" {r['name']}")
+    t.append(f" {plain(r['name'])}")
     if r["tags"]:
-        t.append(f" ({', '.join(r['tags'])})", style="bold yellow")
+        t.append(f" ({plain(', '.join(r['tags']))})", style="bold yellow")
     if r["parents"]:
         t.append(f" ← {', '.join(f'#{p}' for p in r['parents'])}")
     t.append(f"  {r['n_snapshots']} snap  {size(r['stored_bytes'])} ({pct(r['stored_bytes'], r['raw_bytes'])})  "
@@ -109,7 +121,7 @@ def version_line(r: dict[str, Any]) -> Text:
     if r.get("lossy"):
         t.append(f"  lossy ({r['lossy']})", style="bold red")
     if r["message"]:
-        t.append(f"  {r['message']}", style="dim")
+        t.append(f"  {plain(r['message'])}", style="dim")
     return t
 
 
@@ -124,7 +136,7 @@ def log_tree(rows: list[dict[str, Any]], location: str) -> Tree:
             roots.append(r["id"])
         else:
             kids.setdefault(first, []).append(r["id"])
-    tree = Tree(Text(location, style="bold"))
+    tree = Tree(Text(plain(location), style="bold"))
     todo = [(r, tree) for r in reversed(roots)]  # a loop, not recursion: chains can be long
     while todo:
         vid, container = todo.pop()
@@ -151,7 +163,10 @@ def show(o: Output, d: dict[str, Any], tensors: bool, network: bool) -> None:
     o.data(f"  author: {d.get('author')}   created: {d['created']}"
            + (f"   updated: {d['updated']}" if "updated" in d else ""))
     if d.get("message"):
-        o.data(f"  message: {d['message']}")
+        first, *more = d["message"].split("\n")  # each line of it a line (data() escapes a newline)
+        o.data(f"  message: {first}")
+        for text in more:
+            o.data(f"           {text}")
     t = table(("#", "id", "step", "source", "raw", "stored", "%", ""), ("#", "step", "raw", "stored", "%"),
               "snapshots")
     for i, s in enumerate(d["snapshots"], 1):
