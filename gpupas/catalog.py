@@ -254,41 +254,59 @@ class Catalog:
             out[t] = sorted(rows, key=lambda r: tuple((x is None, "" if x is None else str(x)) for x in r))
         return out
 
+    def refresh(self, keys: Iterable[str]) -> int:
+        """Index just ``keys`` (records this process has written) as they now are, without listing the
+        archive: a commit costs the same at its thousandth version as at its first. Any other change
+        is found by the next :meth:`sync`."""
+        todo = sorted(set(keys), key=_key_order)
+        try:
+            with self.transaction():
+                for key in todo:
+                    self._reindex(key)
+        except sqlite3.Error as exc:
+            raise CatalogError(f"the catalog {self.path} cannot be updated ({exc}); if this persists, remove it "
+                               "and run `gpupas reindex`") from None
+        return len(todo)
+
     def _apply(self, disk: dict[str, Fingerprint], known: dict[str, Fingerprint]) -> int:
-        conn = self.conn
         gone = [k for k in known if k not in disk]
         todo = sorted((k for k, fp in disk.items() if known.get(k) != fp), key=_key_order)
         for key in gone:
             self._forget(key)
-            conn.execute("DELETE FROM records WHERE key=?", (key,))
+            self.conn.execute("DELETE FROM records WHERE key=?", (key,))
         for key in todo:
-            self._forget(key)
-            conn.execute("DELETE FROM records WHERE key=?", (key,))
-            try:
-                got = (self.source.read_manifest(key[2:]) if key.startswith("m/") else self.source.read(key))
-            except (IntegrityError, FormatError):  # damaged: stays out of the catalog, retried next time; verify
-                continue  # reports it
-            if got is None:  # vanished between listing and reading
-                continue
-            record, fp = got
-            conn.execute("SAVEPOINT one")
-            try:
-                if key.startswith("v/"):
-                    self._index_version(record)
-                elif key.startswith("m/"):
-                    conn.executemany("INSERT OR REPLACE INTO tensors VALUES (?,?,?,?,?,?,?,?)", [
-                        (record.id, e.name, e.dtype, json.dumps(list(e.shape)), e.enc, e.nbytes, e.stored,
-                         None if e.scheme is None else describe(e.scheme)) for e in record.tensors])
-                else:
-                    conn.execute("INSERT INTO tags VALUES (?, ?, ?)",
-                                 (key[2:], int(record["version"]), record.get("created")))
-            except (KeyError, TypeError, ValueError, AttributeError, GpupasError, sqlite3.Error):
-                conn.execute("ROLLBACK TO one")  # malformed record: as above
-                conn.execute("RELEASE one")
-                continue
-            conn.execute("RELEASE one")
-            conn.execute("INSERT OR REPLACE INTO records VALUES (?, ?, ?, ?)", (key, *fp))
+            self._reindex(key)
         return len(todo) + len(gone)
+
+    def _reindex(self, key: str) -> None:
+        """Index record ``key`` as it is in the archive now (nothing where it is gone or damaged)."""
+        conn = self.conn
+        self._forget(key)
+        conn.execute("DELETE FROM records WHERE key=?", (key,))
+        try:
+            got = (self.source.read_manifest(key[2:]) if key.startswith("m/") else self.source.read(key))
+        except (IntegrityError, FormatError):  # damaged: stays out of the catalog, retried next time; verify
+            return  # reports it
+        if got is None:  # vanished between listing and reading
+            return
+        record, fp = got
+        conn.execute("SAVEPOINT one")
+        try:
+            if key.startswith("v/"):
+                self._index_version(record)
+            elif key.startswith("m/"):
+                conn.executemany("INSERT OR REPLACE INTO tensors VALUES (?,?,?,?,?,?,?,?)", [
+                    (record.id, e.name, e.dtype, json.dumps(list(e.shape)), e.enc, e.nbytes, e.stored,
+                     None if e.scheme is None else describe(e.scheme)) for e in record.tensors])
+            else:
+                conn.execute("INSERT INTO tags VALUES (?, ?, ?)",
+                             (key[2:], int(record["version"]), record.get("created")))
+        except (KeyError, TypeError, ValueError, AttributeError, GpupasError, sqlite3.Error):
+            conn.execute("ROLLBACK TO one")  # malformed record: as above
+            conn.execute("RELEASE one")
+            return
+        conn.execute("RELEASE one")
+        conn.execute("INSERT OR REPLACE INTO records VALUES (?, ?, ?, ?)", (key, *fp))
 
     def _forget(self, key: str) -> None:
         if key.startswith("v/"):

@@ -156,6 +156,28 @@ def test_rebuilt_catalog_equals_the_live_one(repo: Repository) -> None:
         assert _dump(fresh) == live
 
 
+def test_a_write_indexes_what_it_wrote_without_listing_the_archive(repo: Repository) -> None:
+    """Commits, appends, copies and untags update the catalog from the records they wrote: one at the
+    thousandth version costs what one at the first does. Changes by others are found by the next read."""
+    listed = []
+    real = repo.records.fingerprints
+    repo.records.fingerprints = lambda: listed.append(1) or real()  # type: ignore[method-assign]
+    with open_repository(repo.root) as other:
+        other.commit("other", {"w": np.ones(2, np.float32)}, hyperparameters={"lr": 0.7})  # not seen yet
+    v = repo.commit("more", {"w": np.full(4, 2, np.float32)}, parents=[1], hyperparameters={"lr": 0.3},
+                    metrics={"loss": [[1, 0.4]]})
+    repo.add_snapshot(v.id, {"w": np.full(4, 3, np.float32)}, metrics={"loss": [[2, 0.3]]})
+    repo.copy(v.id, "its-copy")
+    repo.untag("prod")
+    assert listed == []
+    assert ids(repo, "select m where m.hp.lr >= 0.3") == [5, 6, 7]  # a read catches up with the other writer
+    assert ids(repo, "select m where m.metric.loss = 0.3") == [6] and repo.tags() == {}
+    assert listed
+    live = _dump(repo)
+    repo.reindex()
+    assert _dump(repo) == live
+
+
 def test_catalog_catches_up_with_other_writers(repo: Repository) -> None:
     with open_repository(repo.root) as other:
         other.commit("late", {"w": np.ones(2, np.float32)}, hyperparameters={"lr": 1e-5})

@@ -151,7 +151,7 @@ elif mode == "catalog":  # inside the catalog transaction
             pause("catalog")
     Catalog._index_version = slow_index
 elif mode == "after":  # record published, catalog not yet told
-    Repository._after_publish = lambda self: pause("after")
+    Repository._after_publish = lambda self, keys: pause("after")
 elif mode == "replace":  # appending a snapshot: the record lock is held
     replace = os.replace
     def slow_replace(src, dst, *a, **k):

@@ -131,9 +131,14 @@ class Repository:
         self._catalog = rebuild_catalog(catalog_path(self.location, self.archive.store.local_root), self.records)
         return self._catalog.counts()
 
-    def _after_publish(self) -> None:
+    def _after_publish(self, keys: Iterable[str]) -> None:
+        """Bring the catalog up to date with the records this process has just written (catalog keys
+        ``v/<id>``, ``m/<snapshot>``, ``t/<tag>``)."""
         try:
-            self.catalog()
+            if self._catalog is None:
+                self.catalog()
+            else:
+                self._catalog.refresh(keys)
         except (CatalogError, OSError, sqlite3.Error) as exc:  # the record is the truth; the next reader catches up
             warnings.warn(f"version published, but the catalog was not updated ({exc}); it will be on next use",
                           stacklevel=3)
@@ -350,13 +355,14 @@ class Repository:
                                 message=message, author=author, best=pick_best(entries, series, best, best_by))
             vid = self.records.publish_version(record)
             written.clear()  # published: nothing to take back
-        self._after_publish()
+        self._after_publish([f"v/{vid}", *(f"m/{e['id']}" for e in entries)])
         return Version(self._record(vid))
 
     def _update(self, ref: str | int | Version, change: Callable[[Record], None],
-                published: Callable[[], None] | None = None) -> Version:
+                published: Callable[[], None] | None = None, snapshots: Iterable[str] = ()) -> Version:
         """Apply ``change`` to a version's record and publish it atomically (no concurrent update is lost);
-        ``published`` runs as soon as the record is replaced, before anything else can fail."""
+        ``published`` runs as soon as the record is replaced, before anything else can fail; ``snapshots``:
+        those the change adds."""
         vid = self.resolve(ref)
 
         def bump(rec: Record) -> None:
@@ -367,7 +373,7 @@ class Repository:
         rec = self.records.update_version(vid, bump)
         if published is not None:
             published()
-        self._after_publish()
+        self._after_publish([f"v/{vid}", *(f"m/{sid}" for sid in snapshots)])
         return Version(rec)
 
     def add_snapshot(self, ref: str | int | Version, tensors: Any, *, step: int | None = None,
@@ -402,7 +408,8 @@ class Repository:
                                     meta={"version_id": vid, "source": source, "step": step})
             written.append(m.id)
             entry = snapshot_entry(m, step, source)
-            version = self._update(vid, change, published=written.clear)  # from then on the record names it
+            version = self._update(vid, change, published=written.clear,  # from then on the record names it
+                                   snapshots=[m.id])
         return version
 
     def log_metrics(self, ref: str | int | Version, metrics: Any) -> Version:
@@ -428,7 +435,7 @@ class Repository:
                             hyperparameters=src.hyperparameters, metrics={}, files=src.files,
                             message=message or f"copy of version {src.id} ({src.name})", author=author)
         vid = self.records.publish_version(record)
-        self._after_publish()
+        self._after_publish([f"v/{vid}"])
         return Version(self._record(vid))
 
     def import_folder(self, folder: str | os.PathLike[str], name: str, *, parent: str | int | None = None,
@@ -474,7 +481,7 @@ class Repository:
                 out.append(parent_ids[0])
                 for s in rec["snapshots"]:  # published: not to be taken back on a later error
                     written.remove(s["id"])
-        self._after_publish()
+        self._after_publish([*(f"v/{v}" for v in out), *(f"m/{s['id']}" for r in records for s in r["snapshots"])])
         return [Version(self._record(v)) for v in out]
 
     # -- tags ------------------------------------------------------------------------------------------------
@@ -486,7 +493,10 @@ class Repository:
                                     "of that name could not be reached by it; pick another name or untag it first")
 
     def _named_versions(self, name: str) -> list[int]:
-        return [v.id for v in self.versions() if v.name == name]
+        try:
+            return [r["id"] for r in self.catalog().query("SELECT id FROM versions WHERE name=? ORDER BY id", (name,))]
+        except (CatalogError, sqlite3.Error):  # no usable catalog: read the records
+            return [v.id for v in self.versions() if v.name == name]
 
     def tag(self, tag: str, ref: str | int | Version, *, force: bool = False) -> int:
         """Point ``tag`` at a version; ArchiveExistsError if it points elsewhere (unless ``force``).
@@ -505,7 +515,7 @@ class Repository:
             if not force:
                 raise ArchiveExistsError(f"tag {tag!r} already points at version {old}; use --force to move it")
             self.records.replace_tag(tag, record)
-        self._after_publish()
+        self._after_publish([f"t/{tag}"])
         return vid
 
     def untag(self, tag: str) -> int:
@@ -515,7 +525,7 @@ class Repository:
         if vid is None:
             raise VersionNotFoundError(f"no tag {tag!r} in archive {self.location}")
         self.records.delete_tag(tag)
-        self._after_publish()
+        self._after_publish([f"t/{tag}"])
         return vid
 
     # -- weights out -----------------------------------------------------------------------------------------
