@@ -185,6 +185,10 @@ def test_diff_reports_network_and_hyperparameter_changes(repo: Repository) -> No
     repo.commit("b", b, parents=[1], hyperparameters={"lr": 0.01, "opt": {"name": "sgd"}, "wd": 1e-4})
     d = repo.diff("a", "b")
     assert d["hyperparameters"] == {"lr": [0.1, 0.01], "wd": [None, 1e-4]}
+    assert d["hyperparameters_absent"] == {"wd": [True, False]}  # (not None: absent)
+    repo.commit("c", b, parents=[2], hyperparameters={"lr": 0.01, "opt": {"name": "sgd"}, "wd": None})
+    d2 = repo.diff("b", "c", weights=False)
+    assert d2["hyperparameters"] == {"wd": [1e-4, None]} and d2["hyperparameters_absent"] == {}
     assert [x["name"] for x in d["network"]["added"]] == ["fc3"]
     assert d["network"]["changed"][0]["attrs"]["out_features"] == [2, 3]
     rows = {r["name"]: r for r in d["weights"]["tensors"]}

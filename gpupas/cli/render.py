@@ -253,8 +253,10 @@ def diff(o: Output, d: dict[str, Any], top: int) -> None:
         o.data("network: same")
     if d["hyperparameters"]:
         t = table(("key", "a", "b"), title="hyperparameters")
+        absent = d.get("hyperparameters_absent", {})
         for k, (x, y) in d["hyperparameters"].items():
-            row(t, k, json.dumps(x), json.dumps(y))
+            gone = absent.get(k, [False, False])  # "-": no such key (null: the value None)
+            row(t, k, "-" if gone[0] else json.dumps(x), "-" if gone[1] else json.dumps(y))
         o.table(t)
     else:
         o.data("hyperparameters: same")

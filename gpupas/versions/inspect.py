@@ -82,7 +82,9 @@ def diff(repo: Repository, a: str | int | Version, b: str | int | Version, *, sn
     metrics = {k: [last_value(ma.get(k, [])), last_value(mb.get(k, []))] for k in sorted(ma.keys() | mb.keys())}
     out: dict[str, Any] = {
         "a": {"id": va.id, "name": va.name}, "b": {"id": vb.id, "name": vb.name},
-        "network": diff_networks(va.network, vb.network), "hyperparameters": hp, "metrics": metrics,
+        "network": diff_networks(va.network, vb.network), "hyperparameters": hp,
+        "hyperparameters_absent": {k: [k not in ha, k not in hb] for k in hp if k not in ha or k not in hb},
+        "metrics": metrics,
         "files": {k: [va.files.get(k, {}).get("sha256"), vb.files.get(k, {}).get("sha256")]
                   for k in sorted(va.files.keys() | vb.files.keys())
                   if va.files.get(k, {}).get("sha256") != vb.files.get(k, {}).get("sha256")},
