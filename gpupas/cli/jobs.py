@@ -17,13 +17,14 @@ from gpupas.cli.app import ArchiveOpt, JsonOpt, _command, _location, _out, app
 from gpupas.errors import InvalidInputError
 
 AlphaOpt = Annotated[float | None, typer.Option("--alpha", metavar="A", help=(
-    "Recreation budget of each snapshot: A x its restore time under the fastest plan (the shortest-path tree); "
+    "Recreation budget of each snapshot: A x its restore time under the fastest plan (the shortest-path tree; "
+    "times are modelled from stored and raw bytes by gpupas.plan.costs, not measured on each snapshot); "
     "may store more than now. Default: each snapshot no slower to restore than now (store less, or change "
     "nothing: an archive of whole snapshots then stays as it is; give --alpha to trade restore time for space)."))]
 SchemeOpt = Annotated[str, typer.Option("--scheme", metavar="SCHEME", help=(
     "How a group's recreation adds up: independent (sum) or parallel (max)."))]
 BudgetOpt = Annotated[list[str] | None, typer.Option("--budget", metavar="SNAPSHOT=SECONDS", help=(
-    "An absolute recreation budget for one snapshot; repeatable."))]
+    "An absolute recreation budget for one snapshot, in modelled seconds; repeatable."))]
 PairOpt = Annotated[list[str] | None, typer.Option("--pair", metavar="BASE:SNAPSHOT", help=(
     "Also consider SNAPSHOT as a delta on BASE; repeatable."))]
 SampleOpt = Annotated[float, typer.Option("--sample", metavar="FRACTION", help=(
@@ -167,5 +168,7 @@ def compact(alpha: AlphaOpt = None, scheme: SchemeOpt = "independent", budget: B
         o.line(f"{len(d['changes'])} snapshot(s) would change ({d['decodes']} decodes); nothing was changed")
     else:
         done = sum(1 for r in d["revised"] if r["done"])
-        o.line(f"{done} snapshot(s) revised; stored {render.size(d['stored_before'])} -> "
-               f"{render.size(d['stored_after'])}; old forms are garbage for `gpupas gc` after its grace period")
+        before, after = d["stored_before"], d["stored_after"]
+        change = f"{after - before:+,} bytes" + (f", {(after - before) / before:+.2%}" if before else "")
+        o.line(f"{done} snapshot(s) revised; stored {before:,} -> {after:,} bytes ({change}); old forms are "
+               "garbage for `gpupas gc` after its grace period")
