@@ -45,11 +45,28 @@ def reference(entries, streams, bufs, chunk_sizes, segment):
             elif parts:
                 h = count_entropies(sample_counts([buf[a:b:max(1, (b - a) // SHARE_SAMPLES)] for *_, a, b in parts]))
                 shared.append((stored, parts, h.tolist()))
-    for stored, parts, h in shared:
+    for stored, parts, h in shared:  # no piece above its own length: the rest shared again among the others
         weights = [(b - a) * max(0.05, x) for (*_, a, b), x in zip(parts, h)]
-        total = sum(weights)
-        for (i, p, _, _), w in zip(parts, weights):
-            shares[i][p] += stored * w / total
+        length = [float(b - a) for *_, a, b in parts]
+        got, active, left = [0.0] * len(parts), set(range(len(parts))), float(stored)
+        while True:
+            total = sum(weights[k] for k in sorted(active))
+            part = {k: left * weights[k] / total for k in active}
+            over = sorted(k for k in active if part[k] > length[k])
+            if not over:
+                for k in active:
+                    got[k] = part[k]
+                break
+            for k in over:
+                got[k] = length[k]
+                active.discard(k)
+            left -= sum(length[k] for k in over)
+            if not active:  # every piece got its length: the rest (a raw chunk's framing) by length
+                if left > 0:
+                    got = [g + left * n / sum(length) for g, n in zip(got, length)]
+                break
+        for (i, p, _, _), g in zip(parts, got):
+            shares[i][p] += g
     def largest_remainders(xs, whole):
         floors = [math.floor(x) for x in xs]
         extra = sorted(range(len(xs)), key=lambda i: (round(floors[i] - xs[i], 9), i))[: whole - sum(floors)]
@@ -98,3 +115,19 @@ def test_shares_are_the_plain_loops(tmp_path, monkeypatch, layout) -> None:
         assert got == want
     shared = sum(len(s.chunks) for s in m.streams) < sum(e.width for e in m.tensors if e.values)
     assert shared  # many planes per chunk: the shared path ran, not only the one-plane chunks
+
+
+def test_no_piece_of_a_shared_chunk_is_given_more_than_its_length() -> None:
+    """A plane whose sampled entropy is high beside pieces whose estimate is biased low would be given more
+    bytes than it has (a delta "stored" above its raw size in `gpupas stats`): it gets its length, the rest
+    goes to the others; where every piece got its length, the rest (a raw chunk's framing) goes by length."""
+    from gpupas.engine.encode import _share
+
+    chunk = np.array([0, 0, 1, 1, 1, 2, 2])
+    length = np.array([100.0, 2000.0, 10.0, 20.0, 30.0, 100.0, 200.0])
+    weight = length * np.array([8.0, 0.05, 1.0, 1.0, 1.0, 8.0, 8.0])
+    stored = np.array([1000.0, 30.0, 310.0])
+    got = _share(chunk, weight, length, stored, 3)
+    assert got[:5].tolist() == [100.0, 900.0, 5.0, 10.0, 15.0]
+    assert got[5:].tolist() == pytest.approx([100 + 10 / 3, 200 + 20 / 3])
+    assert got[:2].sum() == 1000 and got[2:5].sum() == 30  # every stored byte goes to some piece

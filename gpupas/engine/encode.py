@@ -207,10 +207,10 @@ def attribute(entries: list[TensorEntry], streams: Sequence[Stream], bufs: Seque
     stored_of = np.concatenate([none, *(np.asarray(cs, np.int64) for cs in chunk_sizes)])
     slot_sh, length, chunk = (np.concatenate([none, *(x[q] for x in shared)]) for q in range(3))
     weight = length * np.maximum(0.05, np.concatenate([np.zeros(0), *(x[3] for x in shared)]))
-    # A shared chunk's bytes in proportion to the weights of its pieces. bincount adds in index order, so each
-    # sum is the one a loop over the chunks would make: chunks one plane fills first, then the shared ones.
-    total = np.bincount(chunk, weights=weight, minlength=first_chunk)
-    got = stored_of[chunk] * weight / total[chunk]
+    # A shared chunk's bytes in proportion to the weights of its pieces, none above its own length. bincount adds in
+    # index order, so each sum is the one a loop over the chunks would make: chunks one plane fills first, then
+    # the shared ones.
+    got = _share(chunk, weight, length.astype(np.float64), stored_of.astype(np.float64), first_chunk)
     share = np.bincount(np.concatenate([none, *(x[0] for x in alone), slot_sh]),
                         weights=np.concatenate([np.zeros(0), *(x[1].astype(np.float64) for x in alone), got]),
                         minlength=int(slots[-1])).tolist()
@@ -218,6 +218,32 @@ def attribute(entries: list[TensorEntry], streams: Sequence[Stream], bufs: Seque
     stored = apportion([sum(share[u:v]) for u, v in bounds], int(stored_of.sum()))  # adds up to the snapshot's
     return [replace(e, plane_bytes=tuple(apportion(share[u:v - 1], min(n, round(sum(share[u:v - 1]))))), stored=n)
             for e, (u, v), n in zip(entries, bounds, stored)]  # planes add up to at most the tensor's bytes
+
+
+def _share(chunk: np.ndarray, weight: np.ndarray, length: np.ndarray, stored: np.ndarray, nchunks: int) -> np.ndarray:
+    """Each piece's part of its chunk's ``stored`` bytes: in proportion to ``weight``, but no piece more than its
+    ``length`` (a sampled entropy biased low elsewhere in the chunk must not make a plane cost more than its raw
+    bytes): a piece over it gets its length and the rest is shared again among the others; what is left where
+    every piece got its length (a raw chunk's framing) goes by length."""
+    got = np.zeros(len(chunk))
+    active = np.ones(len(chunk), bool)
+    left = stored.copy()
+    while True:
+        w = np.where(active, weight, 0.0)
+        total = np.bincount(chunk, weights=w, minlength=nchunks)
+        part = np.where(active, left[chunk] * w / np.where(total > 0, total, 1.0)[chunk], 0.0)
+        over = active & (part > length)
+        if not over.any():
+            got[active] = part[active]
+            break
+        got[over] = length[over]
+        active &= ~over
+        left -= np.bincount(chunk[over], weights=length[over], minlength=nchunks)
+    full = np.bincount(chunk, weights=active, minlength=nchunks) == 0  # chunks whose pieces all got their length
+    rest = np.where(full & (left > 0), left, 0.0)
+    if rest.any():
+        got += rest[chunk] * length / np.bincount(chunk, weights=length, minlength=nchunks)[chunk]
+    return got
 
 
 def apportion(shares: Sequence[float], total: int) -> list[int]:
