@@ -42,6 +42,7 @@ from gpupas.store.archive import ArchiveStore
 from gpupas.tensors import as_tensor_dict
 
 SMALL = 1 << 20  # snapshots of up to this many bytes are coded on the calling thread
+MANIFEST_CACHE = (1024, 1 << 18)  # parsed manifests a session keeps: at most this many, holding this many tensors
 _KEEP = object()
 
 
@@ -175,7 +176,8 @@ class Archive:
         self.max_chain = max_chain
         self.executor = Executor(workers)
         self.bases = BaseCache(cache_size, cache_bytes)
-        self._manifests: OrderedDict[str, Manifest] = OrderedDict()
+        self._manifests: OrderedDict[str, Manifest] = OrderedDict()  # least recently used first
+        self._entries = 0  # tensors in the cached manifests
         self._lock = threading.Lock()
 
     def __enter__(self) -> Archive:
@@ -198,21 +200,32 @@ class Archive:
         """The manifest of ``snapshot`` (tensors, encodings, streams, sizes)."""
         with self._lock:
             m = self._manifests.get(snapshot)
+            if m is not None:
+                self._manifests.move_to_end(snapshot)
         if m is None:
             m = self.store.read_manifest(snapshot)
             with self._lock:
+                self._drop(snapshot)
                 self._manifests[snapshot] = m
-                while len(self._manifests) > 1024:
-                    self._manifests.popitem(last=False)
+                self._entries += len(m.tensors)
+                most, tensors = MANIFEST_CACHE
+                while len(self._manifests) > 1 and (len(self._manifests) > most or self._entries > tensors):
+                    self._drop(next(iter(self._manifests)))  # (a snapshot of many tensors: the newest is kept)
         return m
+
+    def _drop(self, snapshot: str) -> None:
+        gone = self._manifests.pop(snapshot, None)
+        if gone is not None:
+            self._entries -= len(gone.tensors)
 
     def _forget(self, snapshot: str) -> None:
         with self._lock:
-            self._manifests.pop(snapshot, None)
+            self._drop(snapshot)
 
     def _forget_all(self) -> None:
         with self._lock:
             self._manifests.clear()
+            self._entries = 0
 
     def snapshots(self) -> list[str]:
         """Committed snapshot ids, oldest first (those whose manifest cannot be read, first)."""

@@ -464,3 +464,22 @@ def test_damaged_shard_index_is_caught(archive: gpupas.Archive) -> None:
     shard.write_bytes(bytes(data))
     with pytest.raises(IntegrityError, match=rf"snapshot {m.id}.*index"):
         gpupas.open_archive(archive.location).restore(m.id)
+
+
+def test_the_manifest_cache_is_bounded_by_tensors(archive: gpupas.Archive, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A session reading many snapshots of many tensors keeps at most the stated number of tensor entries
+    parsed (the newest manifest always), least recently used out first."""
+    import gpupas.archive as arc_mod
+
+    monkeypatch.setattr(arc_mod, "MANIFEST_CACHE", (1024, 250))
+    ids = [archive.commit({f"t{i}": np.full(3, k, np.float32) for i in range(100)}).id for k in range(5)]
+    archive._forget_all()
+    for sid in ids:
+        archive.manifest(sid)
+        archive.manifest(ids[0])  # used again: kept
+    assert list(archive._manifests) == [ids[-1], ids[0]] and archive._entries == 200
+    big = archive.commit({f"t{i}": np.ones(1, np.float32) for i in range(400)}).id
+    archive.manifest(big)
+    assert list(archive._manifests) == [big] and archive._entries == 400
+    archive._forget(big)
+    assert archive._entries == 0 and archive.restore(ids[2])["t7"].tolist() == [2, 2, 2]
