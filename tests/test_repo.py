@@ -409,3 +409,28 @@ def test_tags_and_version_names_never_shadow_each_other(tmp_path: Path) -> None:
             repo.copy(v1.id, "stable")
         assert repo.resolve("resnet") == v1.id and repo.resolve("stable") == v2.id
         assert len(repo.versions()) == 2
+
+
+def test_a_branch_starts_from_the_snapshot_it_names(repo: Repository, tmp_path: Path) -> None:
+    """Fine-tuning from an earlier checkpoint of a run: the branch's first snapshot is a delta on that one
+    (not on the parent's latest), and its entry says so."""
+    from gpupas.integrations.training import CheckpointHook
+
+    rng = np.random.default_rng(1)
+    w = [rng.standard_normal(4096).astype(np.float32)]
+    for _ in range(3):
+        w.append(w[-1] + rng.standard_normal(4096).astype(np.float32))  # each far from the one before
+    run = repo.commit("run", [{"w": x} for x in w])
+    branch = repo.commit("ft", {"w": w[1] + np.float32(1e-6)}, parents=["run"], from_snapshot=2)
+    assert branch.snapshots[0]["base"] == run.snapshots[1]["id"]
+    on_latest = repo.commit("ft-latest", {"w": w[1] + np.float32(1e-6)}, parents=["run"])
+    assert on_latest.snapshots[0]["base"] == run.latest
+    assert branch.snapshots[0]["stored_bytes"] < on_latest.snapshots[0]["stored_bytes"]
+    assert repo.restore(branch.id)["w"].tobytes() == (w[1] + np.float32(1e-6)).tobytes()
+    with CheckpointHook(repo, "ft-hook", parents=["run"], from_snapshot=run.snapshots[1]["id"]) as hook:
+        v = hook({"w": w[1]}, step=1)
+    assert v.snapshots[0]["base"] == run.snapshots[1]["id"]
+    with pytest.raises(InvalidInputError, match="give parents"):
+        repo.commit("x", {"w": w[0]}, from_snapshot=1)
+    with pytest.raises(SnapshotNotFoundError):
+        repo.commit("x", {"w": w[0]}, parents=["run"], from_snapshot=9)

@@ -221,6 +221,9 @@ def commit(
     name: Annotated[str, typer.Option("--name", "-n", metavar="NAME", help="Version name (letters, digits, . _ -).")],
     parent: Annotated[list[str] | None, typer.Option("--parent", "-p", metavar="VERSION", help=(
         "Parent version (id, tag or name); repeat for several."))] = None,
+    from_snapshot: Annotated[str | None, typer.Option("--from-snapshot", metavar="N", help=(
+        "The first parent's snapshot this version starts from (1-based index, id, best; default: its latest): "
+        "the first snapshot is stored as a delta on it."))] = None,
     message: MessageOpt = "", author: AuthorOpt = None, hp: HpOpt = None, hparams: HparamsOpt = None,
     metrics: Annotated[Path | None, typer.Option("--metrics", metavar="FILE",
                                                  help="Training log: CSV, JSON or JSON lines.")] = None,
@@ -257,7 +260,8 @@ def commit(
     with _repo(archive) as repo, _progress("commit") as progress:
         v = repo.commit(name, paths, parents=parent or [], message=message, author=author,
                         hyperparameters=_hparams(hp or [], hparams), metrics=series, files=file or [], network=net,
-                        best_by=best_by, setting=setting, progress=progress, lossy=lossy)
+                        best_by=best_by, setting=setting, progress=progress, lossy=lossy,
+                        from_snapshot=from_snapshot)
     if as_json:
         _out().json(v.to_dict())
         return

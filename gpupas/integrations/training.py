@@ -58,14 +58,16 @@ class CheckpointHook:
         A :class:`~gpupas.versions.repository.Repository` or the location of an archive (created if missing).
     name
         The version's name. ``parents`` (ids, tags or names) give its lineage; the first
-        snapshot is a delta against the first parent's latest one (fine-tuning).
+        snapshot is a delta against the first parent's latest one (fine-tuning), or against its
+        ``from_snapshot`` (1-based index, id, "best") where a run resumes from an earlier one.
     model
         The torch module, for the network definition; optional.
     """
 
     def __init__(self, archive: Repository | str | os.PathLike[str], name: str, *, model: Any = None,
                  parents: Iterable[str | int] = (), hyperparameters: Mapping[str, Any] | None = None,
-                 files: Any = None, message: str = "", setting: str = "default", asynchronous: bool = False):
+                 files: Any = None, message: str = "", setting: str = "default", asynchronous: bool = False,
+                 from_snapshot: str | int | None = None):
         if isinstance(archive, Repository):
             self.repo, self._own = archive, False
         else:
@@ -76,6 +78,7 @@ class CheckpointHook:
             self._own = True
         self.name, self.model, self.parents = name, model, list(parents)
         self.hyperparameters, self.files, self.message, self.setting = hyperparameters, files, message, setting
+        self.from_snapshot = from_snapshot
         self.version: Version | None = None
         self._pending: dict[str, list[list[Any]]] = {}
         self._async = None
@@ -129,7 +132,7 @@ class CheckpointHook:
             self.version = self.repo.commit(
                 self.name, state, parents=self.parents, message=self.message, hyperparameters=self.hyperparameters,
                 metrics=series, files=self.files, network=module, setting=self.setting, step=step,
-                best=1 if best else None)
+                best=1 if best else None, from_snapshot=self.from_snapshot)
         elif self._async is not None:
             self._async.submit(state, step=step, metrics=series, best=best)
         else:

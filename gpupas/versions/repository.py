@@ -298,7 +298,8 @@ class Repository:
                message: str = "", author: str | None = None, hyperparameters: Mapping[str, Any] | None = None,
                metrics: Any = None, files: Any = None, network: Any = None, setting: str = "default",
                best: str | int | None = None, best_by: str | None = None, step: int | None = None,
-               progress: Progress | None = None, lossy: Any = None) -> Version:
+               progress: Progress | None = None, lossy: Any = None,
+               from_snapshot: str | int | None = None) -> Version:
         """Commit a new version of ``name`` and return it.
 
         Parameters
@@ -310,6 +311,9 @@ class Repository:
             the first against the first parent's latest snapshot.
         parents
             Versions this one derives from (ids, tags, names).
+        from_snapshot
+            The first parent's snapshot this version starts from (1-based index, id, "best"; default its
+            latest): its first snapshot is a delta against that one, as `show` then says.
         hyperparameters, metrics, files
             Any JSON object; metric series (see :func:`~gpupas.versions.metrics.normalize_metrics`;
             a path reads a training log); files as paths, directories or ``{name: path or bytes}``.
@@ -344,7 +348,9 @@ class Repository:
         sources = self._sources(checkpoints)
         if step is not None:
             sources = [(src, label, step if st is None else st) for src, label, st in sources]
-        base = Version(self._record(parent_ids[0])).latest if parent_ids else None
+        if from_snapshot is not None and not parent_ids:
+            raise InvalidInputError("from_snapshot names a snapshot of the first parent; give parents too")
+        base = Version(self._record(parent_ids[0])).snapshot(from_snapshot)["id"] if parent_ids else None
         net = extract_network(network) if network is not None else None
         with self._publishing() as written:
             entries, first = self._commit_snapshots(sources, base, name, setting, progress, written, lossy)
