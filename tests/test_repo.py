@@ -434,3 +434,21 @@ def test_a_branch_starts_from_the_snapshot_it_names(repo: Repository, tmp_path: 
         repo.commit("x", {"w": w[0]}, from_snapshot=1)
     with pytest.raises(SnapshotNotFoundError):
         repo.commit("x", {"w": w[0]}, parents=["run"], from_snapshot=9)
+
+
+@pytest.mark.parametrize("asynchronous", [False, True])
+def test_training_hook_marks_the_best_checkpoint_by_a_metric(tmp_path: Path, asynchronous: bool) -> None:
+    from gpupas.integrations.training import CheckpointHook
+
+    losses = [0.9, 0.5, float("nan"), 0.7, 0.4, 0.6]  # NaN (a diverged step) is never the best
+    with CheckpointHook(tmp_path / "arc", "run", best_by="loss", asynchronous=asynchronous) as hook:
+        for step, loss in enumerate(losses):
+            hook({"w": np.full(8, step, np.float32)}, step=step, metrics={"loss": loss})
+    with open_repository(tmp_path / "arc") as repo:
+        v = repo.version("run")
+        assert v.best == v.snapshots[4]["id"]
+        assert repo.restore("run", "best")["w"].tolist() == [4.0] * 8
+        repo.mark_best("run", 2)
+        assert repo.version("run").best == v.snapshots[1]["id"]
+    with pytest.raises(InvalidInputError, match="METRIC:min"):
+        CheckpointHook(tmp_path / "arc", "other", best_by="loss:lowest")

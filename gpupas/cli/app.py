@@ -314,6 +314,20 @@ def copy(ref: RefArg,
 
 @app.command()
 @_command
+def best(ref: Annotated[str, typer.Argument(metavar="VERSION", help="The version (id, tag or name).")],
+         snapshot: Annotated[str, typer.Argument(metavar="SNAPSHOT", help="Its snapshot: 1-based index or id.")],
+         archive: ArchiveOpt = None, as_json: JsonOpt = False) -> None:
+    """Mark one of a version's snapshots as its best (what `checkout -s best` and `show` read)."""
+    with _repo(archive) as repo:
+        v = repo.mark_best(ref, snapshot)
+    if as_json:
+        _out().json(v.to_dict())
+    else:
+        _out().line(f"version {v.id}: snapshot {v.best} is its best")
+
+
+@app.command()
+@_command
 def tag(tag_name: Annotated[str | None, typer.Argument(metavar="TAG", help="Tag name; none: list tags.")] = None,
         ref: Annotated[str | None, typer.Argument(metavar="VERSION", help="Version to tag (id, tag or name).")] = None,
         delete: Annotated[bool, typer.Option("--delete", "-d", help="Delete the tag.")] = False,

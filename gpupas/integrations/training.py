@@ -31,12 +31,13 @@ Metric points given between checkpoints (:meth:`CheckpointHook.log`) are written
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 from gpupas.errors import ArchiveNotFoundError, InvalidInputError
-from gpupas.versions.metrics import merge_metrics, normalize_metrics, snapshot_step
+from gpupas.versions.metrics import best_rule, merge_metrics, normalize_metrics, snapshot_step, value_at
 from gpupas.versions.model import Version
 from gpupas.versions.repository import Repository, create_repository, open_repository
 
@@ -60,6 +61,9 @@ class CheckpointHook:
         The version's name. ``parents`` (ids, tags or names) give its lineage; the first
         snapshot is a delta against the first parent's latest one (fine-tuning), or against its
         ``from_snapshot`` (1-based index, id, "best") where a run resumes from an earlier one.
+    best_by
+        Mark a checkpoint best when its metric beats every earlier one's ("accuracy": highest;
+        "loss:min": lowest; the value given with the call, or logged at or before its step).
     model
         The torch module, for the network definition; optional.
     """
@@ -67,7 +71,8 @@ class CheckpointHook:
     def __init__(self, archive: Repository | str | os.PathLike[str], name: str, *, model: Any = None,
                  parents: Iterable[str | int] = (), hyperparameters: Mapping[str, Any] | None = None,
                  files: Any = None, message: str = "", setting: str = "default", asynchronous: bool = False,
-                 from_snapshot: str | int | None = None):
+                 from_snapshot: str | int | None = None, best_by: str | None = None):
+        self._best_rule = best_rule(best_by) if best_by else None  # (checked before the archive is opened)
         if isinstance(archive, Repository):
             self.repo, self._own = archive, False
         else:
@@ -79,6 +84,7 @@ class CheckpointHook:
         self.name, self.model, self.parents = name, model, list(parents)
         self.hyperparameters, self.files, self.message, self.setting = hyperparameters, files, message, setting
         self.from_snapshot = from_snapshot
+        self._best: float | None = None  # sign * value of the best checkpoint so far
         self.version: Version | None = None
         self._pending: dict[str, list[list[Any]]] = {}
         self._async = None
@@ -117,12 +123,25 @@ class CheckpointHook:
         state = _state_dict(model_or_state)
         step = snapshot_step(step)
         series = self._take(step, metrics)
+        score = self._score(series, step)
+        best = best or (score is not None and (self._best is None or score < self._best))
         try:
-            return self._commit(model_or_state, state, step, series, best)
+            version = self._commit(model_or_state, state, step, series, best)
         except BaseException:  # nothing was committed (an asynchronous mode's submit raises before it copies)
             merge_metrics(series, self._pending)  # so its points stay pending, in order
             self._pending = series
             raise
+        if score is not None and best:
+            self._best = score if self._best is None else min(self._best, score)
+        return version
+
+    def _score(self, series: Mapping[str, list[list[Any]]], step: int | None) -> float | None:
+        """``sign * value`` of the best_by metric at this checkpoint (None: no rule, or no finite value)."""
+        if self._best_rule is None:
+            return None
+        metric, sign = self._best_rule
+        value = value_at(series.get(metric, []), step)
+        return sign * value if value is not None and math.isfinite(value) else None
 
     def _commit(self, model_or_state: Any, state: Mapping[str, Any], step: int | None,
                 series: dict[str, list[list[Any]]], best: bool) -> Version:

@@ -159,17 +159,23 @@ def pick_best(entries: list[dict[str, Any]], series: Mapping[str, Any], best: st
         return select_snapshot(entries, best, entries[-1]["id"] if entries else None, None, "the version")["id"]
     if not best_by or not entries:
         return None
-    metric, _, mode = best_by.partition(":")
+    metric, sign = best_rule(best_by)
     if metric not in series:
         raise InvalidInputError(f"best_by: no metric {metric!r}; the metrics are {', '.join(series) or 'none'}")
-    mode = mode or ("min" if re.search(r"loss|err|perplex", metric) else "max")
-    if mode not in ("min", "max"):
-        raise InvalidInputError(f"best_by mode must be 'min' or 'max', not {mode!r}")
     scored = [(v, i) for i, e in enumerate(entries) if (v := value_at(series[metric], e.get("step"))) is not None]
     if not scored:
         return None
-    sign = 1 if mode == "min" else -1
     return entries[min(scored, key=lambda t: (sign * t[0], t[1]))[1]]["id"]
+
+
+def best_rule(best_by: str) -> tuple[str, int]:
+    """A ``best_by`` rule as (metric, sign), the best the lowest ``sign * value``: "accuracy" (highest),
+    "loss:min" (lowest); a metric named like a loss, error or perplexity is lowest-best by default."""
+    metric, _, mode = best_by.partition(":")
+    mode = mode or ("min" if re.search(r"loss|err|perplex", metric) else "max")
+    if not metric or mode not in ("min", "max"):
+        raise InvalidInputError(f"best_by is METRIC or METRIC:min or METRIC:max, not {best_by!r}")
+    return metric, 1 if mode == "min" else -1
 
 
 def final_metrics(into: dict[str, list[list[Any]]], values: Mapping[str, Any], step: int | None) -> None:

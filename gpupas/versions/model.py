@@ -219,8 +219,9 @@ def select_snapshot(snaps: list[dict[str, Any]], selector: str | int | None, lat
         sid = latest if sel == "latest" else best
         if sid is None:
             raise SnapshotNotFoundError(f"{what} has no snapshot marked best; pick one with --snapshot N "
-                                        f"(1..{len(snaps)}), or mark one (Repository.mark_best, "
-                                        "`gpupas commit --best-by`)")
+                                        f"(1..{len(snaps)}), or mark one (`gpupas best VERSION N`, "
+                                        "Repository.mark_best, `gpupas commit --best-by`, "
+                                        "CheckpointHook(best_by=...))")
         sel = sid
     if sel.isdigit() and len(sel) < 6:
         i = int(sel)
