@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import realdata
 
+from gpupas.integrations.safetensors import save_file
 from gpupas.tensors import load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -273,3 +274,18 @@ def test_archive_from_environment(tmp_path: Path, run: Path) -> None:
     assert [r["name"] for r in js(gp("log", "--json", env=env))] == ["e"]
     ok(gp("init", cwd=tmp_path))  # default: ./gpupas-archive
     assert (tmp_path / "gpupas-archive" / "zarr.json").is_file()
+
+
+def test_best_marks_a_snapshot_and_branches_start_where_told(tmp_path: Path) -> None:
+    from gpupas.versions.repository import create_repository
+
+    arc = tmp_path / "arc"
+    with create_repository(arc) as repo:
+        run = repo.commit("run", [{"w": np.full(64, k, np.float32)} for k in range(3)])
+    fails(gp("checkout", "run", "-s", "best", "-o", tmp_path / "out", archive=arc), 1, "gpupas best VERSION N")
+    assert "snapshot " + run.snapshots[1]["id"] in ok(gp("best", "run", "2", archive=arc))
+    fails(gp("best", "run", "7", archive=arc), 1)
+    save_file({"w": np.full(64, 1.5, np.float32)}, tmp_path / "ft.safetensors")
+    ft, shown = gp_all(("commit", tmp_path / "ft.safetensors", "-n", "ft", "--parent", "run", "--from-snapshot",
+                        "best", "--json"), ("show", "run", "--json"), archive=arc)
+    assert js(ft)["snapshots"][0]["base"] == js(shown)["best"] == run.snapshots[1]["id"]
