@@ -43,7 +43,13 @@ def load_checkpoint(path: str | os.PathLike[str], notes: list[str] | None = None
     if p.suffix == ".safetensors":
         from gpupas.integrations.safetensors import load_file
 
-        return load_file(p)
+        try:
+            return load_file(p)
+        except InvalidInputError:
+            kind = _what_file(p)
+            if kind is None or kind == "a safetensors file":
+                raise
+            raise InvalidInputError(f"{p} is {kind}, not a safetensors file{_REMEDY.get(kind, '')}") from None
     if p.suffix in TORCH_SUFFIXES:
         from gpupas.integrations.torch import _torch
 
@@ -51,6 +57,9 @@ def load_checkpoint(path: str | os.PathLike[str], notes: list[str] | None = None
         try:
             obj = torch.load(p, map_location="cpu", weights_only=True)
         except Exception as exc:  # torch raises many types for damaged or unsafe files
+            kind = _what_file(p)
+            if kind is not None and kind not in _TORCH_KINDS:
+                raise InvalidInputError(f"{p} is {kind}, not a torch checkpoint{_REMEDY.get(kind, '')}") from None
             raise InvalidInputError(f"{p} is not a loadable torch checkpoint (weights only; no code is run): "
                                     f"{_why(exc, p)}") from None
         return as_tensor_dict(_unwrap(obj, str(p), notes), source=str(p))
@@ -58,6 +67,42 @@ def load_checkpoint(path: str | os.PathLike[str], notes: list[str] | None = None
         f"{p}: unknown checkpoint type {p.suffix!r}; give a .safetensors file, a torch checkpoint "
         f"({', '.join(TORCH_SUFFIXES)}) or a model folder"
     )
+
+
+_TORCH_KINDS = ("a torch checkpoint", "a pickle (a legacy torch checkpoint)")
+_REMEDY = {"a safetensors file": "; rename it to end in .safetensors",
+           "a torch checkpoint": "; rename it to end in .pt",
+           "a pickle (a legacy torch checkpoint)": "; rename it to end in .pt",
+           "a NumPy .npz archive": "; load it with numpy.load and commit its arrays as a mapping",
+           "a NumPy .npy array": "; load it with numpy.load and commit it as a mapping {name: array}"}
+
+
+def _what_file(path: Path) -> str | None:
+    """What a file plainly is by its first bytes (a safetensors file, a torch zip checkpoint, a pickle, an .npz or
+    .npy, a text file), for an error that says so; None where that is not plain."""
+    import zipfile
+
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(4096)
+        if len(head) >= 10 and head[8:9] == b"{" and 0 < int.from_bytes(head[:8], "little") <= size - 8:
+            return "a safetensors file"
+        if head[:4] == b"PK\x03\x04":
+            with zipfile.ZipFile(path) as z:
+                names = z.namelist()
+            if any(n == "data.pkl" or n.endswith("/data.pkl") for n in names):
+                return "a torch checkpoint"
+            return "a NumPy .npz archive" if names and all(n.endswith(".npy") for n in names) else "a zip archive"
+    except (OSError, zipfile.BadZipFile):
+        return None
+    if head[:1] == b"\x80":
+        return "a pickle (a legacy torch checkpoint)"
+    if head[:6] == b"\x93NUMPY":
+        return "a NumPy .npy array"
+    if head and all(32 <= b < 127 or b in b"\t\r\n" for b in head):
+        return "a text file"
+    return None
 
 
 def _why(exc: Exception, path: Path) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -139,6 +140,28 @@ def test_a_checkpoint_file_is_held_to_the_names_a_mapping_is(tmp_path: Path) -> 
     with gpupas.create_archive(tmp_path / "arc") as a, pytest.raises(gpupas.InvalidInputError,
                                                                      match="non-empty string"):
         a.commit(path)
+
+
+def test_a_file_that_is_not_what_its_name_says_is_called_what_it_is(tmp_path: Path) -> None:
+    pytest.importorskip("torch")
+    import torch
+
+    from gpupas.integrations.safetensors import save_file
+
+    st, pt, npz, txt = (tmp_path / n for n in ("st.pt", "pt.safetensors", "arrays.pt", "notes.bin"))
+    save_file({"w": np.ones(3, np.float32)}, st)
+    torch.save({"w": torch.ones(3)}, pt)
+    np.savez(tmp_path / "arrays.npz", w=np.ones(3, np.float32))
+    (tmp_path / "arrays.npz").rename(npz)
+    txt.write_text("step,loss\n1,0.5\n")
+    want = {st: "is a safetensors file, not a torch checkpoint; rename it to end in .safetensors",
+            pt: "is a torch checkpoint, not a safetensors file; rename it to end in .pt",
+            npz: "is a NumPy .npz archive, not a torch checkpoint; load it with numpy.load",
+            txt: "is a text file, not a torch checkpoint"}
+    with gpupas.create_archive(tmp_path / "arc") as a:
+        for path, words in want.items():
+            with pytest.raises(gpupas.InvalidInputError, match=re.escape(words)):
+                a.commit(path)
 
 
 torch = pytest.importorskip("torch")
