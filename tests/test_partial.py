@@ -240,3 +240,54 @@ def test_bad_requests_and_damage(tmp_path: Path) -> None:
         shard.write_bytes(bytes(data))
         with pytest.raises(IntegrityError):
             arc.read_planes(m.id, 1)
+
+
+@pytest.mark.parametrize(("enc", "ctx", "alpha"), [("sub", False, False), ("sub", True, False), ("xor", True, False),
+                                                   ("pred", True, True)])
+def test_a_tensor_is_bounded_block_by_block_as_in_one_piece(tmp_path: Path, enc: str, ctx: bool, alpha: bool,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """Bounds are worked out BLOCK values at a time (the interval arithmetic's temporaries are ~1 KB a value):
+    the same lo, hi and approximation as in one piece, for every delta encoding and a row mask."""
+    from gpupas.engine import partial
+
+    rng = np.random.default_rng(5)
+    w0 = (rng.standard_normal((70, 700)) * 0.05).astype(np.float32)  # 49,000 values: 3 blocks and a part
+    w1 = w0 + (rng.standard_normal(w0.shape) * 1e-4).astype(np.float32)
+    w2 = w1.copy()
+    w2[::4] += (rng.standard_normal(w2[::4].shape) * 1e-4).astype(np.float32)  # the other rows unchanged: a row mask
+    with gpupas.create_archive(tmp_path / "a") as arc:
+        with forced("sub" if alpha else enc, ctx):
+            s0 = arc.commit({"w": w0})
+            s1 = arc.commit({"w": w1 if alpha else np.where(np.arange(70)[:, None] % 4 == 0, w2, w0)},
+                            base=s0.id)  # ('pred' needs the base's base)
+        with forced(enc, ctx, alpha):
+            top = arc.commit({"w": w2}, base=s1.id) if alpha else s1
+        assert arc.manifest(top.id).tensors[0].enc == enc and arc.manifest(top.id).tensors[0].masked
+        for planes in (1, 2):
+            blocked = arc.read_planes(top.id, planes)
+            _values_ok(blocked, "w", w2 if alpha else arc.restore(top.id)["w"])
+            with monkeypatch.context() as mp:
+                mp.setattr(partial, "BLOCK", 1 << 40)
+                whole = arc.read_planes(top.id, planes)
+            for part in ("lo", "hi", "approx", "unbounded"):
+                assert getattr(blocked, part)["w"].tobytes() == getattr(whole, part)["w"].tobytes(), (planes, part)
+
+
+def test_reading_planes_of_a_delta_holds_tens_of_bytes_a_value(tmp_path: Path) -> None:
+    """Bounds of a delta hold each value's intervals and its base's (~40 bytes a value here, against ~126 when
+    one tensor was bounded in one piece and every base's kept to the end); docs/partial-reads.md says so."""
+    import tracemalloc
+
+    rng = np.random.default_rng(0)
+    w0 = (rng.standard_normal((400, 1000)) * 0.05).astype(np.float32)
+    with gpupas.create_archive(tmp_path / "a") as arc:
+        s0 = arc.commit({"w": w0})
+        s1 = arc.commit({"w": w0 + (rng.standard_normal(w0.shape) * 1e-4).astype(np.float32)}, base=s0.id)
+        arc._forget_all()
+        tracemalloc.start()
+        try:
+            arc.read_planes(s1.id, 1)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+    assert peak < 60 * w0.nbytes, peak / w0.nbytes

@@ -85,6 +85,34 @@ class PlaneRead:
         return all(self.exact.values())
 
 
+BLOCK = 1 << 14  # values decoded at a time: the interval arithmetic's temporaries are ~1 KB a value
+
+
+def _decode(top: np.ndarray, m: int, enc: str, bits: int, rotate: bool, ub: B.Slots | None,
+            ub_approx: np.ndarray | None, ub2: B.Slots | None, ub2_approx: np.ndarray | None,
+            alpha: np.ndarray | None) -> tuple[B.Slots, np.ndarray]:
+    """:func:`gpupas.pas.bounds.decode`, :data:`BLOCK` values at a time (each value's bounds are its own)."""
+    if top.size <= BLOCK:
+        return B.decode(top, m, enc, bits, rotate, ub, ub_approx, ub2, ub2_approx, alpha)
+    n = top.size
+    approx = np.empty(n, np.uint64)
+    cols: list[np.ndarray] = []  # lo, hi, ok: as wide as the widest block's (a wider block widens them)
+    for a in range(0, n, BLOCK):
+        cut = slice(a, a + BLOCK)
+        got, approx[cut] = B.decode(top[cut], m, enc, bits, rotate, *(
+            None if x is None else x.take(cut) if isinstance(x, B.Slots) else x[cut]
+            for x in (ub, ub_approx, ub2, ub2_approx, alpha)))
+        w = got.lo.shape[1]
+        if not cols or w > cols[0].shape[1]:
+            wider = [np.zeros((n, w), np.uint64), np.zeros((n, w), np.uint64), np.zeros((n, w), bool)]
+            for new, old in zip(wider, cols):
+                new[:a, : old.shape[1]] = old[:a]
+            cols = wider
+        for col, part in zip(cols, (got.lo, got.hi, got.ok)):
+            col[cut, :w] = part
+    return B.Slots(*cols, bits), approx
+
+
 class _Unpinned(Exception):
     """A context split's sort byte is not known for every value: read more of the base."""
 
@@ -140,7 +168,10 @@ class PartialReader:
         out = PlaneRead(snapshot, planes, {}, {}, {}, {}, {}, 0, 0)
         for e in entries:
             k = self.knowledge(snapshot, e.name, planes)
-            lo, hi, unb = B.to_values(k.slots, e.dtype)
+            for key in [key for key in self._known if key[1] == e.name and key[0] != snapshot]:
+                del self._known[key]  # the bases' (their chunks stay: a deeper read decodes only what is new)
+            got = [B.to_values(k.slots.take(slice(a, a + BLOCK)), e.dtype) for a in range(0, max(1, k.slots.n), BLOCK)]
+            lo, hi, unb = (np.concatenate([g[i] for g in got]) for i in range(3))
             out.approx[e.name] = B.clip(k.approx, lo, hi, unb, e.dtype).reshape(e.shape)
             out.lo[e.name], out.hi[e.name] = lo.reshape(e.shape), hi.reshape(e.shape)
             out.unbounded[e.name] = unb.reshape(e.shape)
@@ -275,11 +306,8 @@ class PartialReader:
             if not pinned.all():
                 raise _Unpinned
         top = self._top(m, e, k, key)
-        if e.enc == "mat":
-            slots, approx = B.decode(top, m_bits, "mat", bits, coding.rotate)
-        else:
-            slots, approx = B.decode(top, m_bits, e.enc, bits, coding.rotate, ub, ub_approx, ub2, ub2_approx,
-                                     None if alpha is None else np.repeat(alpha, per))
+        slots, approx = _decode(top, m_bits, e.enc, bits, coding.rotate, ub, ub_approx, ub2, ub2_approx,
+                                None if alpha is None else np.repeat(alpha, per))
         if changed is not None:  # unchanged rows are the base's
             assert base is not None
             slots = B.scatter(base.slots, idx, slots)
