@@ -452,3 +452,23 @@ def test_training_hook_marks_the_best_checkpoint_by_a_metric(tmp_path: Path, asy
         assert repo.version("run").best == v.snapshots[1]["id"]
     with pytest.raises(InvalidInputError, match="METRIC:min"):
         CheckpointHook(tmp_path / "arc", "other", best_by="loss:lowest")
+
+
+def test_attached_files_a_checkout_could_not_write_side_by_side_are_refused(repo: Repository, tmp_path: Path) -> None:
+    """On macOS and Windows 'README.md' and 'readme.md' are one file: a checkout would write one over the other
+    (an attached 'Model.safetensors' over the weights)."""
+    w = {"w": np.ones(3, np.float32)}
+    for files, words in [({"README.md": b"a", "readme.md": b"b"}, "differ only in case"),
+                         ({"notes": b"a", "notes/x.txt": b"b"}, "needs a folder")]:
+        with pytest.raises(InvalidInputError, match=words):
+            repo.commit("m", w, files=files)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    for d in ("a", "b"):
+        (tmp_path / d / "cfg.json").write_text(d)
+    with pytest.raises(InvalidInputError, match="given twice"):
+        repo.commit("m", w, files=[tmp_path / "a" / "cfg.json", tmp_path / "b" / "cfg.json"])
+    v = repo.commit("m", w, files={"Model.safetensors": b"not weights"})
+    with pytest.raises(InvalidInputError, match="--weights-name"):
+        repo.checkout(v.id, tmp_path / "out")
+    assert not (tmp_path / "out").exists()

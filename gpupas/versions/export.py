@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 from gpupas.errors import ArchiveExistsError, InvalidInputError
 from gpupas.outputs import write_file
 from gpupas.tensors import TORCH_SUFFIXES
-from gpupas.versions.model import Version, check_file_name
+from gpupas.versions.model import Version, check_file_name, file_key
 
 if TYPE_CHECKING:
     from gpupas.versions.repository import Repository
@@ -57,9 +57,9 @@ def checkout(repo: Repository, ref: str | int | Version, out_dir: str | os.PathL
     check_file_name(weights)
     if out.exists() and any(out.iterdir()) and not force:
         raise ArchiveExistsError(f"{out} is not empty; nothing written (use --force to write into it)")
-    names = [check_file_name(f) for f in v.files]
+    names = {file_key(check_file_name(f)) for f in v.files}  # as a case-insensitive file system sees them
     for reserved in (weights, METADATA):
-        if reserved in names:
+        if file_key(reserved) in names:
             raise InvalidInputError(f"version {v.id} has an attached file named {reserved!r}, where the checkout "
                                     "writes " + ("its weights" if reserved == weights else "its metadata")
                                     + "; choose another name for the weights (--weights-name)")

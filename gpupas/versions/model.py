@@ -102,6 +102,11 @@ def check_version_name(name: str, what: str = "version name") -> str:
     return name
 
 
+def file_key(name: str) -> str:
+    """A file name as a case-insensitive file system (macOS, Windows) sees it (file names are ASCII)."""
+    return name.casefold()
+
+
 def check_file_name(name: str) -> str:
     """A file's logical name: relative, '/'-separated, every part a safe name."""
     if not isinstance(name, str) or not name or name.startswith("/") or "\\" in name:

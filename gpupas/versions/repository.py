@@ -46,6 +46,7 @@ from gpupas.versions.model import (
     check_text,
     check_version_name,
     checkpoint_files,
+    file_key,
     new_record,
     now,
     snapshot_entry,
@@ -55,6 +56,24 @@ from gpupas.versions.model import (
 from gpupas.versions.records import Records
 
 Progress = Callable[[str, int, int], None]
+
+
+def _check_distinct(names: list[str]) -> None:
+    """Attached file names a checkout can write side by side on every file system: no name twice, none
+    equal to another but for case (macOS and Windows see one file), no file where another's folder is."""
+    files: dict[str, str] = {}
+    for name in names:
+        key = file_key(name)
+        other = files.get(key)
+        if other is not None:
+            raise InvalidInputError(f"attached file {name!r} is given twice; rename one" if other == name else
+                                    f"attached files {other!r} and {name!r} would be one file in a checkout on "
+                                    "macOS or Windows (their names differ only in case); rename one")
+        files[key] = name
+    folders = {"/".join(k.split("/")[:d]): name for k, name in files.items() for d in range(1, k.count("/") + 1)}
+    for key, name in files.items():
+        if key in folders:
+            raise InvalidInputError(f"attached file {name!r} is where {folders[key]!r} needs a folder; rename one")
 
 
 def _hyperparameters(given: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -239,6 +258,7 @@ class Repository:
                     items.append((check_file_name(p.name), p))
                 else:
                     raise InvalidInputError(f"file {p} does not exist")
+        _check_distinct([name for name, _ in items])
         blobs = []
         for name, src in items:
             if isinstance(src, (bytes, bytearray, memoryview)):
