@@ -302,3 +302,25 @@ def test_default_compaction_stores_no_more_and_restores_nothing_slower(tmp_path:
 def test_problem_rejects_unknown_scheme() -> None:
     with pytest.raises(ValueError, match="scheme"):
         Problem(StorageGraph(), "serial")
+
+
+def test_twin_runs_are_candidates_and_a_plan_stores_one_on_the_other(tmp_path: Path) -> None:
+    """Two runs with nothing in their lineage to pair them (a rerun, a sweep's sibling): the n-th checkpoint of
+    one is a candidate base of the other's, so a plan finds that the second run costs almost nothing."""
+    from gpupas.plan.archive import plan_archive
+    from gpupas.plan.measure import candidate_pairs
+
+    rng = np.random.default_rng(3)
+    ckpts = [{"w": (rng.standard_normal(30_000) * 0.05).astype(np.float32), "b": np.zeros(64, np.float32)}]
+    for _ in range(2):
+        ckpts.append({k: v + (rng.standard_normal(v.shape) * 1e-3).astype(np.float32) for k, v in ckpts[-1].items()})
+    with gpupas.create_repository(tmp_path / "a") as repo:
+        first, rerun = repo.commit("run", ckpts), repo.commit("rerun", ckpts)  # the same bits, no lineage
+        other = repo.commit("other", [{"w": np.ones(30_000, np.float32)}])  # another model: no twin of anything
+        a, b = ([s["id"] for s in v.snapshots] for v in (first, rerun))
+        cands = candidate_pairs(repo.archive)
+        assert {(a[i], b[i]) for i in range(3)} <= cands and {(b[i], a[i]) for i in range(3)} <= cands
+        assert not {p for p in cands if other.latest in p}
+        p = plan_archive(repo.archive, alpha=4.0)
+        assert sum(p.target[x] in a for x in b) >= 2  # stored whole and deltas on each other: now on the twins
+        assert p.plan.storage < 0.75 * p.current.storage

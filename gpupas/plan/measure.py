@@ -87,26 +87,45 @@ def lineage_runs(archive: Any) -> list[list[str]]:
 
 
 def candidate_pairs(archive: Any, pairs: Iterable[tuple[str, str]] = (), window: int = 2) -> set[tuple[str, str]]:
-    """(base, snapshot) candidates: current bases, lineage neighbours within ``window``, and ``pairs``."""
+    """(base, snapshot) candidates: current bases, lineage neighbours within ``window``, twins of other runs
+    (:func:`twins`), and ``pairs``."""
     have = set(archive.store.list_snapshots())
     out: set[tuple[str, str]] = set()
     for s in have:
         b = archive.manifest(s).base
         if b is not None and b in have:
             out.add((b, s))
-    for run in lineage_runs(archive):
+    runs = lineage_runs(archive)
+    for run in runs:
         for i, v in enumerate(run):
             for k in range(1, window + 1):
                 if i - k >= 0:
                     out.add((run[i - k], v))
                     if k == 1:
                         out.add((v, run[i - k]))
+    out |= twins(archive, runs)
     for u, v in pairs:
         if u not in have or v not in have:
             missing = u if u not in have else v
             raise KeyError(f"no snapshot {missing!r} in {archive.location}")
         out.add((u, v))
     return {(u, v) for u, v in out if u != v}
+
+
+def twins(archive: Any, runs: list[list[str]]) -> set[tuple[str, str]]:
+    """Snapshots at the same place of different runs whose tensors have the same names, dtypes and shapes (the
+    n-th checkpoint of two runs of a sweep, a rerun, a copy trained on): each to the last such one before it,
+    both ways. Lineage alone never pairs them, and two runs can be near or even bit-identical."""
+    last: dict[tuple[int, tuple[Any, ...]], str] = {}
+    out: set[tuple[str, str]] = set()
+    for run in runs:
+        for i, s in enumerate(run):
+            key = (i, tuple((e.name, e.dtype, tuple(e.shape)) for e in archive.manifest(s).tensors))
+            prev = last.get(key)
+            if prev is not None and prev != s:
+                out |= {(prev, s), (s, prev)}
+            last[key] = s
+    return out
 
 
 def parents_first(archive: Any, sids: Iterable[str]) -> list[str]:
