@@ -27,24 +27,26 @@ def is_model_folder(path: Path) -> bool:
     return path.is_dir() and (any(path.glob(f"*{INDEX_SUFFIX}")) or any((path / f).is_file() for f in WEIGHT_FILES))
 
 
-def load_checkpoint(path: str | os.PathLike[str], notes: list[str] | None = None) -> dict[str, np.ndarray]:
+def load_checkpoint(path: str | os.PathLike[str], notes: list[str] | None = None,
+                    metadata: dict[str, str] | None = None) -> dict[str, np.ndarray]:
     """Tensors of a checkpoint, read without executing code: a safetensors file, a torch file (a state_dict,
     or a training checkpoint that wraps one: ``{"model": ..., "optimizer": ...}``, Lightning's
     ``{"state_dict": ...}``), or a model folder (sharded safetensors or torch files with their index,
-    as Hugging Face writes them). What is left out (optimizer state, counters) is said in ``notes``."""
+    as Hugging Face writes them). What is left out (optimizer state, counters) is said in ``notes``; a
+    safetensors file's own metadata (its header's ``__metadata__``) is put in ``metadata``."""
     p = Path(path)
     if p.is_dir():
         if not is_model_folder(p):
             raise InvalidInputError(f"{p} is a folder without model weights (no *{INDEX_SUFFIX}, "
                                     f"{', '.join(WEIGHT_FILES[:2])})")
-        return _load_folder(p, notes)
+        return _load_folder(p, notes, metadata)
     if not p.is_file():
         raise InvalidInputError(f"checkpoint file {p} does not exist")
     if p.suffix == ".safetensors":
         from gpupas.integrations.safetensors import load_file
 
         try:
-            return load_file(p)
+            return load_file(p, metadata)
         except InvalidInputError:
             kind = _what_file(p)
             if kind is None or kind == "a safetensors file":
@@ -160,7 +162,7 @@ def _strip_ddp(tensors: Mapping[str, Any], source: str, notes: list[str] | None)
     return tensors
 
 
-def _load_folder(folder: Path, notes: list[str] | None) -> dict[str, np.ndarray]:
+def _load_folder(folder: Path, notes: list[str] | None, metadata: dict[str, str] | None) -> dict[str, np.ndarray]:
     """A model folder: its shards by its index (the union of every shard's tensors), or its weights file."""
     import json
 
@@ -176,7 +178,7 @@ def _load_folder(folder: Path, notes: list[str] | None) -> dict[str, np.ndarray]
             shard = (folder / name).resolve()
             if folder.resolve() not in shard.parents:
                 raise InvalidInputError(f"{indexes[0]} names a shard outside its folder: {name!r}")
-            part = load_checkpoint(shard, notes)
+            part = load_checkpoint(shard, notes, metadata)
             clash = set(part) & set(out)
             if clash:
                 raise InvalidInputError(f"{folder}: tensor {sorted(clash)[0]!r} is in more than one shard")
@@ -186,7 +188,7 @@ def _load_folder(folder: Path, notes: list[str] | None) -> dict[str, np.ndarray]
             raise InvalidInputError(f"{folder}: the index names tensors no shard holds: {sorted(missing)[:5]}")
         return out
     weights = next(folder / f for f in WEIGHT_FILES if (folder / f).is_file())
-    return load_checkpoint(weights, notes)
+    return load_checkpoint(weights, notes, metadata)
 
 
 def as_tensor_dict(tensors: Any, source: str = "input", backend: Any = None) -> dict[str, Any]:

@@ -18,6 +18,7 @@ from gpupas.errors import (
     SnapshotNotFoundError,
     VersionNotFoundError,
 )
+from gpupas.integrations.safetensors import save_file
 from gpupas.network import Network, diff_networks, network_from_state_dict
 from gpupas.tensors import load_checkpoint
 from gpupas.versions.metrics import normalize_metrics, read_training_log
@@ -227,6 +228,14 @@ def test_export_safetensors_and_refuse_overwrite(repo: Repository, run: Path, tm
         repo.export("m", out)
     with pytest.raises(ArchiveExistsError):
         repo.checkout("m", tmp_path)  # not empty
+    src = tmp_path / "spec.safetensors"  # a file's own metadata comes back with its weights
+    save_file({"w": np.ones(3, np.float32)}, src, metadata={"modelspec.title": "demo", "format": "pt"})
+    v = repo.commit("spec", src)
+    repo.add_snapshot(v.id, src)
+    for snap in (1, 2):
+        head = repo.export("spec", tmp_path / f"spec{snap}.safetensors", snapshot=snap).read_bytes()
+        meta = json.loads(head[8:8 + int.from_bytes(head[:8], "little")])["__metadata__"]
+        assert meta == {"modelspec.title": "demo", "format": "pt", "gpupas_version": str(v.id)}
     repo.commit("odd", {"__metadata__": np.ones(2, np.float32)})  # a legal tensor name, but not in safetensors
     with pytest.raises(InvalidInputError, match="--format torch"):
         repo.export("odd", tmp_path / "odd.safetensors")

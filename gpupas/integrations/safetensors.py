@@ -27,8 +27,9 @@ _DTYPES: dict[str, Any] = {
 _CODES = {np.dtype(t).name: code for code, t in _DTYPES.items()}
 
 
-def load_file(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
-    """Tensors of a safetensors file; InvalidInputError names the file if it is damaged."""
+def load_file(path: str | os.PathLike[str], metadata: dict[str, str] | None = None) -> dict[str, np.ndarray]:
+    """Tensors of a safetensors file; InvalidInputError names the file if it is damaged. ``metadata``: filled
+    with the header's ``__metadata__`` (string to string; other entries are left out)."""
     path = os.fspath(path)
     with open(path, "rb") as f:
         data = f.read()
@@ -48,6 +49,8 @@ def load_file(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
     out = {}
     for name, info in header.items():
         if name == "__metadata__":
+            if metadata is not None and isinstance(info, dict):
+                metadata.update({k: v for k, v in info.items() if isinstance(k, str) and isinstance(v, str)})
             continue
         code = info.get("dtype") if isinstance(info, dict) else None
         if isinstance(code, str) and code not in _DTYPES:

@@ -29,13 +29,17 @@ def export(repo: Repository, ref: str | int | Version, path: str | os.PathLike[s
         raise InvalidInputError(f"format must be 'safetensors' or 'torch', not {fmt!r}")
     if (p.exists() or p.is_symlink()) and not force:
         raise ArchiveExistsError(f"{p} exists; nothing written (use --force to overwrite)")
-    vid = repo.resolve(ref)
-    tensors = repo.restore(vid, snapshot)
+    v = repo.version(ref)
+    vid, sid = v.id, v.snapshot(snapshot)["id"]
+    tensors = repo.restore(vid, sid)
     if fmt == "safetensors":
         from gpupas.integrations.safetensors import save_file
 
-        # "format": "pt" as torch's writers put it: transformers' from_pretrained refuses a file without it
-        save_file(tensors, p, metadata={"format": "pt", "gpupas_version": str(vid)}, replace=force)
+        # the file's own metadata, as committed; "format": "pt" where it had none, as torch's writers put it
+        # (transformers' from_pretrained refuses a file without it)
+        kept = repo.archive.manifest(sid).meta.get("file_metadata")
+        kept = {k: x for k, x in kept.items() if isinstance(x, str)} if isinstance(kept, dict) else {}
+        save_file(tensors, p, metadata={"format": "pt", **kept, "gpupas_version": str(vid)}, replace=force)
     else:
         from gpupas.integrations.torch import _torch, numpy_to_state_dict
 

@@ -272,12 +272,15 @@ class Repository:
         return {name: {"sha256": self.records.put_blob(data), "size": len(data)} for name, data in blobs}
 
     @staticmethod
-    def _load(path: str | os.PathLike[str]) -> dict[str, Any]:
+    def _load(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, Any]]:
+        """A checkpoint file's tensors, and the snapshot metadata it brings: a safetensors file's own
+        metadata as ``file_metadata`` (export writes it back)."""
         notes: list[str] = []
-        tensors = load_checkpoint(path, notes)
+        metadata: dict[str, str] = {}
+        tensors = load_checkpoint(path, notes, metadata)
         for note in notes:
             warnings.warn(note, stacklevel=4)
-        return tensors
+        return tensors, ({"file_metadata": metadata} if metadata else {})
 
     @contextmanager
     def _publishing(self) -> Iterator[list[str]]:
@@ -302,11 +305,11 @@ class Repository:
                           written: list[str], lossy: Any = None) -> tuple[list[dict[str, Any]], Any]:
         entries, first = [], None
         for i, (src, label, step) in enumerate(sources):
-            tensors = self._load(src) if isinstance(src, (str, os.PathLike)) else src
+            tensors, extra = self._load(src) if isinstance(src, (str, os.PathLike)) else (src, {})
             if first is None:
                 first = tensors
             m = self.archive.commit(tensors, base=base, setting=setting, lossy=lossy,
-                                    meta={"version_name": name, "source": label, "step": step})
+                                    meta={"version_name": name, "source": label, "step": step, **extra})
             written.append(m.id)
             entries.append(snapshot_entry(m, step, label))
             base = m.id
@@ -414,10 +417,11 @@ class Repository:
         series = normalize_metrics(metrics)
         step = snapshot_step(step)
         latest = Version(self._record(vid)).latest
+        extra: dict[str, Any] = {}
         if isinstance(tensors, (str, os.PathLike)):
             (path,) = checkpoint_files(tensors)
             source, step = source or path.name, step if step is not None else step_of(path)
-            tensors = self._load(path)
+            tensors, extra = self._load(path)
         check_text(source, "the source name")
 
         def change(rec: Record) -> None:
@@ -431,7 +435,7 @@ class Repository:
 
         with self._publishing() as written:
             m = self.archive.commit(tensors, base=latest, setting=setting, lossy=lossy,
-                                    meta={"version_id": vid, "source": source, "step": step})
+                                    meta={"version_id": vid, "source": source, "step": step, **extra})
             written.append(m.id)
             entry = snapshot_entry(m, step, source)
             version = self._update(vid, change, published=written.clear,  # from then on the record names it
