@@ -128,15 +128,30 @@ def _is_tensor(v: Any) -> bool:
     return is_torch_tensor(v) or isinstance(v, np.ndarray) or namespace(v) is not np
 
 
+def _without_extra_state(tensors: Mapping[Any, Any], source: str, notes: list[str] | None) -> Mapping[Any, Any]:
+    """``tensors`` without the non-tensor ``*_extra_state`` entries of modules' ``get_extra_state`` (said in
+    ``notes``)."""
+    extra = [k for k, v in tensors.items() if isinstance(k, str) and k.endswith(EXTRA_STATE) and not _is_tensor(v)]
+    if not extra:
+        return tensors
+    if notes is not None:
+        notes.append(f"{source}: left out {', '.join(extra[:4])}" + ("..." if len(extra) > 4 else "")
+                     + " (a module's extra state, not a tensor)")
+    return {k: v for k, v in tensors.items() if k not in set(extra)}
+
+
 def _unwrap(obj: Any, source: str, notes: list[str] | None) -> Mapping[str, Any]:
     """The state_dict inside a torch checkpoint object (see :func:`load_checkpoint`)."""
     if not isinstance(obj, Mapping):
         raise InvalidInputError(f"{source} holds a {type(obj).__name__}, not a state_dict or a dict that holds one")
+    obj = _without_extra_state(obj, source, notes)
     if obj and all(_is_tensor(v) for v in obj.values()):
         return _strip_ddp(obj, source, notes)
     for key in WRAPPERS:
         inner = obj.get(key)
-        if isinstance(inner, Mapping) and inner and all(_is_tensor(v) for v in inner.values()):
+        if isinstance(inner, Mapping) and inner and all(_is_tensor(v) for v in _without_extra_state(
+                inner, source, None).values()):
+            inner = _without_extra_state(inner, source, notes)
             skipped = [k for k in obj if k != key]
             if skipped and notes is not None:
                 notes.append(f"{source}: took the weights under {key!r}; left out {', '.join(map(str, skipped[:6]))}"
@@ -195,7 +210,8 @@ def as_tensor_dict(tensors: Any, source: str = "input", backend: Any = None) -> 
     """Named tensors as arrays of ``backend`` (NumPy by default); accepts a mapping of
     NumPy/CuPy/torch arrays or a checkpoint file path. A mapping that wraps a state_dict
     (``{"model": ..., "optimizer": ...}``) gives the state_dict, as a file does, with a warning; so does
-    a module's non-tensor ``_extra_state``, which is left out."""
+    a module's non-tensor ``_extra_state``, which is left out, and a DistributedDataParallel state_dict's
+    ``module.`` prefix, which is taken off."""
     if backend is None:
         from gpupas.backend import get_backend
 
@@ -207,14 +223,12 @@ def as_tensor_dict(tensors: Any, source: str = "input", backend: Any = None) -> 
         raise InvalidInputError(
             f"{source}: expected a mapping of name -> tensor or a checkpoint path, got {type(tensors).__name__}"
         )
-    else:
-        extra = [k for k, v in tensors.items() if isinstance(k, str) and k.endswith(EXTRA_STATE) and not _is_tensor(v)]
-        if extra:
-            notes.append(f"{source}: left out {', '.join(extra[:4])}" + ("..." if len(extra) > 4 else "")
-                         + " (a module's extra state, not a tensor)")
-            tensors = {k: v for k, v in tensors.items() if k not in set(extra)}
-        if any(isinstance(v, Mapping) for v in tensors.values()):  # a training checkpoint in memory: as a file's
+    else:  # names and wrappers as a file's (a DDP state_dict's 'module.' taken off, said)
+        tensors = _without_extra_state(tensors, source, notes)
+        if any(isinstance(v, Mapping) for v in tensors.values()):  # a training checkpoint in memory
             tensors = _unwrap(tensors, source, notes)
+        else:
+            tensors = _strip_ddp(tensors, source, notes)
     for note in notes:  # what else it holds is not archived: said, as Repository.commit says it
         warnings.warn(note, stacklevel=3)
     out = {}

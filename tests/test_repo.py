@@ -441,6 +441,9 @@ def test_a_branch_starts_from_the_snapshot_it_names(repo: Repository, tmp_path: 
     assert v.snapshots[0]["base"] == run.snapshots[1]["id"]
     with pytest.raises(InvalidInputError, match="give parents"):
         repo.commit("x", {"w": w[0]}, from_snapshot=1)
+    empty = repo.commit("empty", [])  # a parent without snapshots: the child's first is stored whole
+    child = repo.commit("child", {"w": w[0]}, parents=[empty.id])
+    assert child.snapshots[0]["base"] is None and child.parents == [empty.id]
     with pytest.raises(SnapshotNotFoundError):
         repo.commit("x", {"w": w[0]}, parents=["run"], from_snapshot=9)
 

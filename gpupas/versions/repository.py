@@ -373,7 +373,10 @@ class Repository:
             sources = [(src, label, step if st is None else st) for src, label, st in sources]
         if from_snapshot is not None and not parent_ids:
             raise InvalidInputError("from_snapshot names a snapshot of the first parent; give parents too")
-        base = Version(self._record(parent_ids[0])).snapshot(from_snapshot)["id"] if parent_ids else None
+        base = None
+        if parent_ids:  # (a parent without snapshots: the first snapshot is stored whole)
+            first = Version(self._record(parent_ids[0]))
+            base = first.latest if from_snapshot is None else first.snapshot(from_snapshot)["id"]
         net = extract_network(network) if network is not None else None
         with self._publishing() as written:
             entries, first = self._commit_snapshots(sources, base, name, setting, progress, written, lossy)
