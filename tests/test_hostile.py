@@ -1183,6 +1183,23 @@ def test_control_characters_in_user_text_are_printed_as_escapes(tmp_path: Path) 
         assert "\\x1b[2J" in out, (cmd, out)  # shown, as an escape
 
 
+def test_the_progress_bar_prints_names_as_text(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A checkpoint file's name in the progress bar: neither rich markup nor a terminal escape."""
+    import io
+
+    from rich.console import Console
+
+    from gpupas.cli import app, render
+
+    out = render.Output()
+    out.err = Console(file=io.StringIO(), force_terminal=True, width=120)
+    monkeypatch.setattr(app, "_out", lambda: out)
+    with app._progress("commit") as update:
+        update("m: [red]step\x1b[2J.safetensors", 1, 2)
+    shown = out.err.file.getvalue()
+    assert "[red]step\\x1b[2J.safetensors" in shown and "\x1b[2J" not in shown and "\x1b[31m" not in shown
+
+
 def _catalog_objects(path: Path) -> list[tuple[str, str]]:
     with sqlite(path) as c:
         return sorted(c.execute("SELECT type, name FROM sqlite_master WHERE name NOT LIKE 'sqlite_%'").fetchall())

@@ -464,6 +464,14 @@ def test_training_hook_marks_the_best_checkpoint_by_a_metric(tmp_path: Path, asy
         assert repo.version("run").best == v.snapshots[1]["id"]
     with pytest.raises(InvalidInputError, match="METRIC:min"):
         CheckpointHook(tmp_path / "arc", "other", best_by="loss:lowest")
+    # save, then evaluate: a checkpoint's evaluation arrives after it, logged at its step
+    with CheckpointHook(tmp_path / "arc", "eval-after", best_by="val_loss", asynchronous=asynchronous) as hook:
+        for step, loss in ((100, 0.9), (200, 0.2), (300, 0.6)):
+            hook({"w": np.full(8, step, np.float32)}, step=step)
+            hook.log(step=step, val_loss=loss)
+    with open_repository(tmp_path / "arc") as repo:
+        v = repo.version("eval-after")
+        assert v.best == v.snapshots[1]["id"], [s["step"] for s in v.snapshots if s["id"] == v.best]
 
 
 def test_attached_files_a_checkout_could_not_write_side_by_side_are_refused(repo: Repository, tmp_path: Path) -> None:
@@ -480,7 +488,8 @@ def test_attached_files_a_checkout_could_not_write_side_by_side_are_refused(repo
         (tmp_path / d / "cfg.json").write_text(d)
     with pytest.raises(InvalidInputError, match="given twice"):
         repo.commit("m", w, files=[tmp_path / "a" / "cfg.json", tmp_path / "b" / "cfg.json"])
-    v = repo.commit("m", w, files={"Model.safetensors": b"not weights"})
-    with pytest.raises(InvalidInputError, match="--weights-name"):
-        repo.checkout(v.id, tmp_path / "out")
-    assert not (tmp_path / "out").exists()
+    for files in ({"Model.safetensors": b"not weights"}, {"model.safetensors/README.md": b"a folder there"}):
+        v = repo.commit("m", w, files=files)
+        with pytest.raises(InvalidInputError, match="--weights-name"):
+            repo.checkout(v.id, tmp_path / "out")
+        assert not (tmp_path / "out").exists()

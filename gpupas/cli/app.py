@@ -132,13 +132,13 @@ def _progress(what: str) -> Iterator[Callable[[str, int, int], None]]:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     o = _out()
-    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                   console=o.err, transient=True, disable=not o.err.is_terminal or STATE.quiet)
+    bar = Progress(TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(),
+                   TimeElapsedColumn(), console=o.err, transient=True, disable=not o.err.is_terminal or STATE.quiet)
     with bar:
         task = bar.add_task(what, total=None)
 
         def update(desc: str, done: int, total: int) -> None:
-            bar.update(task, description=desc, completed=done, total=total)
+            bar.update(task, description=render.plain(desc), completed=done, total=total)  # (user text: names)
 
         yield update
 

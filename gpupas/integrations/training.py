@@ -31,13 +31,12 @@ Metric points given between checkpoints (:meth:`CheckpointHook.log`) are written
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 from gpupas.errors import ArchiveNotFoundError, InvalidInputError
-from gpupas.versions.metrics import best_rule, merge_metrics, normalize_metrics, snapshot_step, value_at
+from gpupas.versions.metrics import best_rule, merge_metrics, normalize_metrics, pick_best, snapshot_step
 from gpupas.versions.model import Version
 from gpupas.versions.repository import Repository, create_repository, open_repository
 
@@ -62,8 +61,10 @@ class CheckpointHook:
         snapshot is a delta against the first parent's latest one (fine-tuning), or against its
         ``from_snapshot`` (1-based index, id, "best") where a run resumes from an earlier one.
     best_by
-        Mark a checkpoint best when its metric beats every earlier one's ("accuracy": highest;
-        "loss:min": lowest; the value given with the call, or logged at or before its step).
+        Keep the version's best snapshot the one its metric says ("accuracy": highest; "loss:min":
+        lowest), chosen again after every checkpoint and at close: a checkpoint's value is the last
+        point logged at or before its step, so an evaluation logged after it (at its step) counts
+        for it. With ``best_by`` the metric decides, not a call's ``best=True``.
     model
         The torch module, for the network definition; optional.
     """
@@ -72,7 +73,9 @@ class CheckpointHook:
                  parents: Iterable[str | int] = (), hyperparameters: Mapping[str, Any] | None = None,
                  files: Any = None, message: str = "", setting: str = "default", asynchronous: bool = False,
                  from_snapshot: str | int | None = None, best_by: str | None = None):
-        self._best_rule = best_rule(best_by) if best_by else None  # (checked before the archive is opened)
+        if best_by:
+            best_rule(best_by)  # (checked before the archive is opened)
+        self.best_by = best_by
         if isinstance(archive, Repository):
             self.repo, self._own = archive, False
         else:
@@ -84,7 +87,6 @@ class CheckpointHook:
         self.name, self.model, self.parents = name, model, list(parents)
         self.hyperparameters, self.files, self.message, self.setting = hyperparameters, files, message, setting
         self.from_snapshot = from_snapshot
-        self._best: float | None = None  # sign * value of the best checkpoint so far
         self.version: Version | None = None
         self._pending: dict[str, list[list[Any]]] = {}
         self._async = None
@@ -123,25 +125,21 @@ class CheckpointHook:
         state = _state_dict(model_or_state)
         step = snapshot_step(step)
         series = self._take(step, metrics)
-        score = self._score(series, step)
-        best = best or (score is not None and (self._best is None or score < self._best))
         try:
-            version = self._commit(model_or_state, state, step, series, best)
+            return self._commit(model_or_state, state, step, series, best)
         except BaseException:  # nothing was committed (an asynchronous mode's submit raises before it copies)
             merge_metrics(series, self._pending)  # so its points stay pending, in order
             self._pending = series
             raise
-        if score is not None and best:
-            self._best = score if self._best is None else min(self._best, score)
-        return version
 
-    def _score(self, series: Mapping[str, list[list[Any]]], step: int | None) -> float | None:
-        """``sign * value`` of the best_by metric at this checkpoint (None: no rule, or no finite value)."""
-        if self._best_rule is None:
-            return None
-        metric, sign = self._best_rule
-        value = value_at(series.get(metric, []), step)
-        return sign * value if value is not None and math.isfinite(value) else None
+    def _repick(self) -> None:
+        """Mark best the snapshot that ``best_by`` now picks over the version's whole series."""
+        v = self.version
+        if self.best_by is None or v is None or best_rule(self.best_by)[0] not in v.metrics:
+            return
+        sid = pick_best(v.snapshots, v.metrics, None, self.best_by)
+        if sid is not None and sid != v.best:
+            self.version = self.repo.mark_best(v.id, sid)
 
     def _commit(self, model_or_state: Any, state: Mapping[str, Any], step: int | None,
                 series: dict[str, list[list[Any]]], best: bool) -> Version:
@@ -152,6 +150,7 @@ class CheckpointHook:
                 self.name, state, parents=self.parents, message=self.message, hyperparameters=self.hyperparameters,
                 metrics=series, files=self.files, network=module, setting=self.setting, step=step,
                 best=1 if best else None, from_snapshot=self.from_snapshot)
+            self._repick()
         elif self._async is not None:
             self._async.submit(state, step=step, metrics=series, best=best)
         else:
@@ -161,6 +160,7 @@ class CheckpointHook:
     def _append(self, state: Mapping[str, Any], **kw: Any) -> Version:
         assert self.version is not None
         self.version = self.repo.add_snapshot(self.version.id, state, setting=self.setting, **kw)
+        self._repick()  # (the asynchronous mode's thread, one commit at a time)
         return self.version
 
     def close(self) -> Version | None:
@@ -170,6 +170,7 @@ class CheckpointHook:
             self._async.close()
         if self._pending and self.version is not None:
             self.version = self.repo.log_metrics(self.version.id, self._take(None, None))
+            self._repick()
         if self._own:
             self.repo.close()
         return self.version

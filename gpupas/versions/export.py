@@ -62,10 +62,11 @@ def checkout(repo: Repository, ref: str | int | Version, out_dir: str | os.PathL
     if out.exists() and any(out.iterdir()) and not force:
         raise ArchiveExistsError(f"{out} is not empty; nothing written (use --force to write into it)")
     names = {file_key(check_file_name(f)) for f in v.files}  # as a case-insensitive file system sees them
+    names |= {n.split("/")[0] for n in names}  # a file's folder
     for reserved in (weights, METADATA):
         if file_key(reserved) in names:
-            raise InvalidInputError(f"version {v.id} has an attached file named {reserved!r}, where the checkout "
-                                    "writes " + ("its weights" if reserved == weights else "its metadata")
+            raise InvalidInputError(f"version {v.id} has an attached file (or folder) named {reserved!r}, where the "
+                                    "checkout writes " + ("its weights" if reserved == weights else "its metadata")
                                     + "; choose another name for the weights (--weights-name)")
     blobs = {f: repo.file_bytes(r["sha256"]) for f, r in v.files.items()}  # all checked before writing
     fresh = not out.exists()
