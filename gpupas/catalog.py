@@ -32,7 +32,8 @@ from gpupas.errors import CatalogError, FormatError, GpupasError, IntegrityError
 from gpupas.network import Network
 from gpupas.pas.schemes import describe
 
-SCHEMA_VERSION = 4  # 4: hyperparameters typed; a metric's last value at its highest step (NaN too), count all
+SCHEMA_VERSION = 5  # 4: hyperparameters typed; a metric's last value at its highest step (NaN too), count all;
+#  5: no table of every metric point (no query read it; re-indexing it made a long run's appends slow)
 FILENAME = "catalog.sqlite"
 BUSY_TIMEOUT_S = 60.0
 
@@ -47,8 +48,6 @@ CREATE TABLE snapshots(version INTEGER, pos INTEGER, snapshot TEXT, created TEXT
 CREATE TABLE tensors(snapshot TEXT, name TEXT, dtype TEXT, shape TEXT, enc TEXT, nbytes INTEGER,
     stored INTEGER, lossy TEXT, PRIMARY KEY(snapshot, name));
 CREATE TABLE hparams(version INTEGER, key TEXT, num REAL, text TEXT, type TEXT, PRIMARY KEY(version, key));
-CREATE TABLE metrics(version INTEGER, name TEXT, pos INTEGER, step INTEGER, value REAL,
-    PRIMARY KEY(version, name, pos));
 CREATE TABLE metric_summary(version INTEGER, name TEXT, last REAL, min REAL, max REAL, n INTEGER,
     PRIMARY KEY(version, name));
 CREATE TABLE layers(version INTEGER, node INTEGER, name TEXT, type TEXT, kind TEXT, variant TEXT, attrs TEXT,
@@ -66,7 +65,7 @@ CREATE INDEX snapshots_id ON snapshots(snapshot);
 CREATE INDEX versions_name ON versions(name);
 """
 TABLES = [m.group(1) for m in re.finditer(r"CREATE TABLE (\w+)", SCHEMA)]
-_PER_VERSION = ["versions", "parents", "snapshots", "hparams", "metrics", "metric_summary", "layers", "edges",
+_PER_VERSION = ["versions", "parents", "snapshots", "hparams", "metric_summary", "layers", "edges",
                 "flow", "files"]
 
 Fingerprint = tuple[int, int, int]
@@ -334,8 +333,6 @@ class Catalog:
         conn.executemany("INSERT INTO hparams VALUES (?,?,?,?,?)", [
             (vid, k, *_num_text(v)) for k, v in flatten(r.get("hyperparameters") or {}).items()])
         for name, series in (r.get("metrics") or {}).items():
-            conn.executemany("INSERT INTO metrics VALUES (?,?,?,?,?)",
-                             [(vid, name, i, step, _finite(v)) for i, (step, v) in enumerate(series)])
             vals = [f for _, v in series if (f := _finite(v)) is not None]
             if series:  # last: at the highest step (NULL where not finite); count: every point logged
                 conn.execute("INSERT INTO metric_summary VALUES (?,?,?,?,?,?)",
