@@ -493,3 +493,22 @@ def test_attached_files_a_checkout_could_not_write_side_by_side_are_refused(repo
         with pytest.raises(InvalidInputError, match="--weights-name"):
             repo.checkout(v.id, tmp_path / "out")
         assert not (tmp_path / "out").exists()
+
+
+def test_a_restarted_run_goes_on_appending_to_its_version(tmp_path: Path) -> None:
+    from gpupas.integrations.training import CheckpointHook
+
+    ckpt = [{"w": np.full(16, k, np.float32)} for k in range(4)]
+    with CheckpointHook(tmp_path / "arc", "run", hyperparameters={"lr": 0.1}) as hook:
+        for step in (1, 2):
+            first = hook(ckpt[step - 1], step=step, metrics={"loss": 1.0 / step})
+    with CheckpointHook(tmp_path / "arc", "run", resume="run") as hook:  # after a stop
+        for step in (3, 4):
+            v = hook(ckpt[step - 1], step=step, metrics={"loss": 1.0 / step})
+    assert v.id == first.id and [s["step"] for s in v.snapshots] == [1, 2, 3, 4]
+    assert v.snapshots[2]["base"] == v.snapshots[1]["id"] and v.metrics["loss"][-1] == [4, 0.25]
+    with pytest.raises(InvalidInputError, match="not of 'other'"):
+        CheckpointHook(tmp_path / "arc", "other", resume="run")
+    with open_repository(tmp_path / "arc") as repo:
+        assert [x.id for x in repo.versions()] == [first.id]
+        assert repo.restore("run")["w"].tolist() == [3.0] * 16

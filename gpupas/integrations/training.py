@@ -65,6 +65,10 @@ class CheckpointHook:
         lowest), chosen again after every checkpoint and at close: a checkpoint's value is the last
         point logged at or before its step, so an evaluation logged after it (at its step) counts
         for it. With ``best_by`` the metric decides, not a call's ``best=True``.
+    resume
+        An existing version of ``name`` (id, tag or name) to go on appending to, for a run restarted
+        after a stop: its next snapshot is a delta on that version's latest (the version's parents,
+        hyperparameters and files stay as they are).
     model
         The torch module, for the network definition; optional.
     """
@@ -72,7 +76,8 @@ class CheckpointHook:
     def __init__(self, archive: Repository | str | os.PathLike[str], name: str, *, model: Any = None,
                  parents: Iterable[str | int] = (), hyperparameters: Mapping[str, Any] | None = None,
                  files: Any = None, message: str = "", setting: str = "default", asynchronous: bool = False,
-                 from_snapshot: str | int | None = None, best_by: str | None = None):
+                 from_snapshot: str | int | None = None, best_by: str | None = None,
+                 resume: str | int | None = None):
         if best_by:
             best_rule(best_by)  # (checked before the archive is opened)
         self.best_by = best_by
@@ -88,6 +93,16 @@ class CheckpointHook:
         self.hyperparameters, self.files, self.message, self.setting = hyperparameters, files, message, setting
         self.from_snapshot = from_snapshot
         self.version: Version | None = None
+        if resume is not None:
+            try:
+                self.version = self.repo.version(resume)
+                if self.version.name != name:
+                    raise InvalidInputError(f"resume={resume!r} is version {self.version.id} of "
+                                            f"{self.version.name!r}, not of {name!r}")
+            except BaseException:
+                if self._own:
+                    self.repo.close()
+                raise
         self._pending: dict[str, list[list[Any]]] = {}
         self._async = None
         if asynchronous:
