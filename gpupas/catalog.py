@@ -223,16 +223,32 @@ class Catalog:
         """True when every record file is indexed with its current fingerprint."""
         return self._known() == self.source.fingerprints()
 
+    @contextmanager
+    def _updating(self) -> Iterator[None]:
+        """Around an update of the index: SQLite's errors as CatalogError, with the remedy."""
+        try:
+            yield
+        except sqlite3.Error as exc:
+            raise CatalogError(f"the catalog {self.path} cannot be updated ({exc}); if this persists, remove it "
+                               "and run `gpupas reindex`") from None
+
     def sync(self) -> int:
         """Index the records that changed since the last sync; returns how many were (re)indexed."""
-        try:
+        with self._updating():
             if self.is_fresh():
                 return 0
             with self.transaction():
                 return self._apply(self.source.fingerprints(), self._known())
-        except sqlite3.Error as exc:
-            raise CatalogError(f"the catalog {self.path} cannot be updated ({exc}); if this persists, remove it "
-                               "and run `gpupas reindex`") from None
+
+    def refresh(self, keys: Iterable[str]) -> int:
+        """Index just ``keys`` (records this process has written) as they now are, without listing the
+        archive: a commit costs the same at its thousandth version as at its first. Any other change
+        is found by the next :meth:`sync`."""
+        todo = sorted(set(keys), key=_key_order)
+        with self._updating(), self.transaction():
+            for key in todo:
+                self._reindex(key)
+        return len(todo)
 
     def rebuild(self) -> dict[str, int]:
         """Build a fresh database from the archive alone and put it in place of this one (see
@@ -252,20 +268,6 @@ class Catalog:
             rows = self.conn.execute(f"SELECT * FROM {t}").fetchall()
             out[t] = sorted(rows, key=lambda r: tuple((x is None, "" if x is None else str(x)) for x in r))
         return out
-
-    def refresh(self, keys: Iterable[str]) -> int:
-        """Index just ``keys`` (records this process has written) as they now are, without listing the
-        archive: a commit costs the same at its thousandth version as at its first. Any other change
-        is found by the next :meth:`sync`."""
-        todo = sorted(set(keys), key=_key_order)
-        try:
-            with self.transaction():
-                for key in todo:
-                    self._reindex(key)
-        except sqlite3.Error as exc:
-            raise CatalogError(f"the catalog {self.path} cannot be updated ({exc}); if this persists, remove it "
-                               "and run `gpupas reindex`") from None
-        return len(todo)
 
     def _apply(self, disk: dict[str, Fingerprint], known: dict[str, Fingerprint]) -> int:
         gone = [k for k in known if k not in disk]
