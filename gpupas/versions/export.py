@@ -31,7 +31,7 @@ def export(repo: Repository, ref: str | int | Version, path: str | os.PathLike[s
         raise ArchiveExistsError(f"{p} exists; nothing written (use --force to overwrite)")
     v = repo.version(ref)
     vid, sid = v.id, v.snapshot(snapshot)["id"]
-    tensors = repo.restore(vid, sid)
+    tensors = repo.archive.restore(sid)
     if fmt == "safetensors":
         from gpupas.integrations.safetensors import save_file
 
