@@ -62,7 +62,6 @@ def show(repo: Repository, ref: str | int | Version, snapshot: str | int | None 
     return d
 
 
-
 def _same_value(a: Mapping[str, Any], b: Mapping[str, Any], key: str) -> bool:
     """Whether hyperparameter ``key`` is the same in both: present in both (a missing key is not None),
     of one type (True is not 1, 0 is not False) and equal."""
