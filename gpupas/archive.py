@@ -481,7 +481,8 @@ class Archive:
             m = self.manifest(sid)
             if m.format < 3 and m.base == snapshot and m.has_pred:
                 raise InvalidInputError(f"snapshot {sid} (format {m.format}) extrapolates along {snapshot}'s delta "
-                                        f"base; re-encode it first (revise it), then change the base of {snapshot}")
+                                        f"base; re-encode it first (Archive.revise({sid!r}): it becomes format 3), "
+                                        f"then change the base of {snapshot} (gpupas compact does both, in order)")
 
     def _pred_bits(self, m: Manifest, backend: Any) -> dict[str, Any]:
         names = [e.name for e in m.tensors if e.enc == "pred"]

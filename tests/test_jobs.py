@@ -17,6 +17,7 @@ from s3server import s3_endpoint, s3_options, split  # noqa: F401  (fixtures)
 import gpupas
 from gpupas.jobs import ArchiveSpec, compact_graph, reencode_graph, run, verify_graph
 from gpupas.jobs.compact import compact_archive
+from gpupas.jobs.tasks import Reencode
 
 N = 7
 
@@ -178,3 +179,32 @@ def test_a_worker_that_dies_is_reported_with_what_to_do() -> None:
 
     with pytest.raises(GpupasError, match=r"Dask worker died.*fewer workers"):
         run(SimpleNamespace(targets=[dask.delayed(os._exit)(3)]), workers=1)
+
+
+@pytest.mark.parametrize("child", ["whole", "same base, re-encoded"])
+def test_a_format2_pred_child_that_changes_too_is_made_format3_before_its_base_moves(tmp_path: Path,
+                                                                                  child: str) -> None:
+    """Format 1/2 'pred' tensors extrapolate along their base's own delta base, so ``Archive.revise``
+    refuses to re-base a snapshot such a child reads; the plan makes the child format 3 first, also where
+    the child itself changes later (its own change then follows its base's)."""
+    import shutil
+
+    from test_fixtures import FIXTURES, expected
+
+    shutil.copytree(FIXTURES / "format2" / "archive", tmp_path / "a")
+    with gpupas.open_archive(tmp_path / "a") as a:
+        (kid,) = [s for s in a.snapshots() if a.manifest(s).has_pred]
+        mid = a.manifest(kid).base
+        target = {s: a.manifest(s).base for s in a.snapshots()} | {mid: None}
+    if child == "whole":
+        target[kid] = None
+    job = compact_graph(str(tmp_path / "a"), target, how=None if child == "whole" else
+                        Reencode("strong", None, force=True))
+    keys = [c.key for c in job.changes]
+    assert keys.index(f"{kid}:format3") < keys.index(mid) < keys.index(kid)
+    run(job, "sync")
+    with gpupas.open_archive(tmp_path / "a") as a:
+        assert {s: a.manifest(s).base for s in a.snapshots()} == target
+        for sid, tensors in expected("format2").items():
+            got = a.restore(sid)
+            assert all(got[k].tobytes() == v.tobytes() for k, v in tensors.items()), sid

@@ -165,9 +165,11 @@ def compact(alpha: AlphaOpt = None, scheme: SchemeOpt = "independent", budget: B
     for note in d["notes"]:
         o.warn(note)
     if dry_run:
-        o.line(f"{len(d['changes'])} snapshot(s) would change ({d['decodes']} decodes); nothing was changed")
+        n = len({c["snapshot"] for c in d["changes"]})  # a format 1/2 snapshot may take two revisions
+        o.line(f"{n} snapshot(s) would change in {len(d['changes'])} revision(s) ({d['decodes']} decodes); "
+               "nothing was changed")
     else:
-        done = sum(1 for r in d["revised"] if r["done"])
+        done = len({r["snapshot"] for r in d["revised"] if r["done"]})
         before, after = d["stored_before"], d["stored_after"]
         change = f"{after - before:+,} bytes" + (f", {(after - before) / before:+.2%}" if before else "")
         o.line(f"{done} snapshot(s) revised; stored {before:,} -> {after:,} bytes ({change}); old forms are "

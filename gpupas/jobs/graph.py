@@ -110,8 +110,8 @@ def compact_graph(spec: ArchiveSpec | str, target: Mapping[str, str | None], *, 
             if g is not None:
                 ins.append(links[g])
         ins += [revised[d] for d in c.after if d in revised]
-        revised[c.snapshot] = dask.delayed(tasks.revise_link, pure=False)(
-            spec, c.snapshot, c.base, c.why, how, *ins, dask_key_name=f"revise-{c.snapshot}")
+        revised[c.key] = dask.delayed(tasks.revise_link, pure=False)(
+            spec, c.snapshot, c.base, c.why, how, *ins, dask_key_name=f"revise-{c.key}")
     job.targets = list(revised.values())
     if gc_min_age is not None:
         job.targets.append(gc_graph(spec, gc_min_age, after=job.targets).targets[0])

@@ -23,13 +23,25 @@ from gpupas.plan.graph import ROOT
 
 @dataclass(frozen=True)
 class Change:
-    """Revise ``snapshot`` onto ``base`` (None: whole); ``after``: the changes that must finish first."""
+    """Revise ``snapshot`` onto ``base`` (None: whole); ``after``: the keys of the changes that must
+    finish first. ``key``: unique in a plan: the snapshot's id, or :func:`first_key` of it for the
+    step that makes a format 1/2 snapshot format 3 before a later change of it."""
 
     snapshot: str
     old_base: str | None
     base: str | None
     why: str
     after: tuple[str, ...] = ()
+    key: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.key:
+            object.__setattr__(self, "key", self.snapshot)
+
+
+def first_key(sid: str) -> str:
+    """The key of the step that makes snapshot ``sid`` format 3 before its base is re-based."""
+    return f"{sid}:format3"
 
 
 def project(parent: Mapping[Any, Any]) -> dict[str, str | None]:
@@ -67,25 +79,26 @@ def changes(target: Mapping[str, str | None], manifest: Callable[[str], Any], *,
             todo[sid] = "its 'pred' base is off the new chain"
         elif reencode is not None and reencode(m):
             todo[sid] = "re-encode"
-    first: dict[str, str] = {}  # format 1/2 'pred' children of re-based snapshots: made format 3 first
+    # format 1/2 'pred' children of re-based snapshots: made format 3 on their old base first, also where
+    # they change later themselves (that change may have to follow their base's: a step of its own)
+    first: dict[str, str] = {}
     for sid, why in todo.items():
         if why in ("re-base", "store whole"):
             for other, m in ms.items():
-                if m.format < 3 and m.base == sid and m.has_pred and other not in todo:
+                if m.format < 3 and m.base == sid and m.has_pred:
                     first[other] = "format 3 before its base is re-based"
     order = _parents_first(list(todo), base_of)
-    out = [Change(s, ms[s].base, ms[s].base, why) for s, why in first.items()]
-    pre = tuple(first)
+    out = [Change(s, ms[s].base, ms[s].base, why, key=first_key(s) if s in todo else s) for s, why in first.items()]
     for sid in order:
-        deps = []
+        deps = [first_key(sid)] if sid in first else []
         x = base_of(sid)
         while x is not None:  # the nearest changed ancestor in the new tree
             if x in todo:
                 deps.append(x)
                 break
             x = base_of(x)
-        legacy_kids = tuple(k for k in pre if ms[k].base == sid)
-        out.append(Change(sid, ms[sid].base, new_base[sid], todo[sid], tuple(deps) + legacy_kids))
+        deps += [c.key for c in out[:len(first)] if ms[c.snapshot].base == sid]  # its format 1/2 children's steps
+        out.append(Change(sid, ms[sid].base, new_base[sid], todo[sid], tuple(deps)))
     return out
 
 
