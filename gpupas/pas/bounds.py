@@ -393,16 +393,19 @@ def to_values(x: Slots, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 def clip(approx: np.ndarray, lo: np.ndarray, hi: np.ndarray, unbounded: np.ndarray, name: str) -> np.ndarray:
     """Approximations (raw patterns, uint64) as values of dtype ``name``, moved into their bounds where
-    bounded (a SUB delta's midpoint, the base, can lie outside when the delta's magnitude is known)."""
+    bounded (a SUB delta's midpoint, the base, can lie outside when the delta's magnitude is known; a NaN
+    there, a base's NaN, becomes the middle of the bounds, or the finite one)."""
     dt = np_dtype(name)
     v = approx.astype(LAYOUTS[name].uint).view(dt)
     if dt == np.bool_:
         return np.where(unbounded, v, np.clip(v, lo, hi))
     if is_float(name):
-        with np.errstate(invalid="ignore"):
-            f = v.astype(np.float64)
-            inside = np.isnan(f) | unbounded | ((f >= lo.astype(np.float64)) & (f <= hi.astype(np.float64)))
-        return np.where(inside, v, np.where(f < lo.astype(np.float64), lo, hi)).astype(dt)
+        with np.errstate(invalid="ignore", over="ignore"):
+            f, a, b = v.astype(np.float64), lo.astype(np.float64), hi.astype(np.float64)
+            inside = unbounded | ((f >= a) & (f <= b))
+            mid = np.where(np.isfinite(a) & np.isfinite(b), a / 2 + b / 2, np.where(np.isfinite(a), a, b))
+            moved = np.where(np.isnan(f), mid, np.where(f < a, a, b)).astype(dt)  # the dtype's values between
+        return np.where(inside, v, moved).astype(dt)
     return np.where(unbounded, v, np.minimum(np.maximum(v, lo), hi)).astype(dt)
 
 
