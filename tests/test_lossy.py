@@ -79,9 +79,19 @@ def test_nan_and_inf_survive_a_cast_and_are_refused_by_fixed_point(arc):
     r = arc.restore(arc.commit({"x": x}, lossy="bf16").id)["x"]
     assert np.isnan(r[0]) and r[1] == np.inf and r[2] == -np.inf and np.signbit(r[3])
     for spec in ("fixed:8", "quant:4"):
-        with pytest.raises(InvalidInputError, match="NaN or Inf"):
-            arc.commit({"x": x}, lossy=spec)
+        with pytest.raises(InvalidInputError, match="tensor 'x': the .* scheme cannot hold NaN or Inf"):
+            arc.commit({"w": np.ones(4, np.float32), "x": x}, lossy=spec)  # named: a checkpoint has many
     assert len(arc.snapshots()) == 1
+
+
+def test_a_scheme_that_makes_no_tensor_smaller_is_refused_not_called_lossy(arc, tmp_path):
+    """fixed:24 of float32 or bf16 of bfloat16 would commit losslessly under a 'lossy' flag: refused,
+    and the CLI calls a commit lossy only where a snapshot is."""
+    for arrays, spec in (({"w": np.ones(8, np.float32)}, "fixed:32"), ({"w": np.ones(8, np.int32)}, "bf16")):
+        with pytest.raises(InvalidInputError, match="makes no tensor of this commit smaller"):
+            arc.commit(arrays, lossy=spec)
+    assert arc.snapshots() == []
+    assert not arc.commit({"w": np.ones(8, np.float32), "i": np.ones(8, np.int32)}, lossy="bf16").tensor("i").lossy
 
 
 @pytest.mark.parametrize("spec", ["fixed:2", "fixed:8", "fixed:32", "quant:1", "quant:4", "kmeans:3"])
@@ -94,12 +104,13 @@ def test_values_at_the_float64_limits_stay_finite(arc, spec):
     single = np.array([3.4e38, -3.4e38, 1e-45, 0.0], np.float32)
     with np.errstate(over="raise", invalid="raise"):  # no overflow along the way either
         for x in (huge, tiny, lone, single):
+            if not schemes.applies(schemes.parse(spec), x.dtype.name):  # it would not make it smaller
+                with pytest.raises(InvalidInputError, match="makes no tensor"):
+                    arc.commit({"x": x}, lossy=spec)
+                continue
             m = arc.commit({"x": x}, lossy=spec)
             r = arc.restore(m.id)["x"]
             sc = m.tensor("x").scheme
-            if sc is None:  # stored losslessly: the scheme would not make it smaller
-                assert not schemes.applies(schemes.parse(spec), x.dtype.name) and r.tobytes() == x.tobytes()
-                continue
             assert np.isfinite(r).all() and sc["error"]["overflow"] == 0, (x, sc)
             assert sc["error"]["max_abs"] <= np.abs(x).max()
             if sc["name"] == "fixed":

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from gpupas.backend import fast
+from gpupas.errors import InvalidInputError
 from gpupas.format.manifest import TensorEntry
 from gpupas.pas import schemes
 from gpupas.pas.context import plan_samples, sample_index
@@ -181,7 +182,10 @@ def _stage_lossy(name: str, arr: Any, crc32: Any, setting: Setting, scheme: dict
     layout = layout_of(arr.dtype)
     src = to_bits(arr, layout)
     host = to_numpy(arr)
-    rep, params = schemes.apply(host, scheme)
+    try:
+        rep, params = schemes.apply(host, scheme)
+    except InvalidInputError as exc:  # name the tensor: a checkpoint has many
+        raise InvalidInputError(f"tensor {name!r}: {exc}") from None
     restored = schemes.restore(rep, params, layout.name)
     params.setdefault("error", schemes.error(host, restored))
     coding = coding_layout(rep.dtype.name, rotate)

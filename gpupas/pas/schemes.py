@@ -107,7 +107,8 @@ def apply(values: np.ndarray, scheme: dict[str, Any], sample: int = 1 << 16) -> 
         return y, dict(scheme)
     x = values.astype(np.float64).reshape(-1)
     if x.size and not np.isfinite(x).all():
-        raise InvalidInputError(f"the {name} scheme cannot hold NaN or Inf; store this tensor losslessly or cast it")
+        raise InvalidInputError(f"the {name} scheme cannot hold NaN or Inf; store this tensor losslessly (a "
+                                "mapping of tensor names to schemes leaves it out) or cast it")
     bits = scheme["bits"]
     if name == "fixed":
         top = 2 ** (bits - 1) - 1
