@@ -215,6 +215,7 @@ def test_bad_input_gives_a_clear_message_and_changes_nothing(tmp_path: Path, run
         (("export", "1", "-o", tmp_path, "--force"), 2, ["is a folder"]),
         (("plan", "--alpha", "nan"), 2, ["at least 1"]),
         (("compact", "--workers", "0", "--dry-run"), 2, ["at least one worker"]),
+        (("compact", "--codec", "deflate", "--scheduler", "sync"), 2, ["lack zstd", "zstd,deflate"]),
     ]
     results = gp_all(*(args for args, _, _ in expected), archive=arc)  # all at once: none may change anything
     for (_, code, words), res in zip(expected, results):

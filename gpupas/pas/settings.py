@@ -32,6 +32,12 @@ class Setting:
     row_mask: bool = True
     codecs: tuple[str, ...] = ("zstd", "deflate")  # chunk codec ids the chunk policy chooses among
 
+    def __post_init__(self) -> None:
+        if "zstd" not in self.codecs:  # chunks that do not compress are stored as raw Zstandard frames
+            raise InvalidInputError(f"chunk codecs {', '.join(self.codecs) or '(none)'} lack zstd, which every "
+                                    "archive needs (incompressible chunks are stored as raw Zstandard frames): "
+                                    "add zstd, e.g. zstd," + ",".join(self.codecs))
+
 
 SETTINGS: dict[str, Setting] = {
     "fast": Setting("fast", context=(), predict=False),
