@@ -469,9 +469,16 @@ def test_training_hook_marks_the_best_checkpoint_by_a_metric(tmp_path: Path, asy
         for step, loss in ((100, 0.9), (200, 0.2), (300, 0.6)):
             hook({"w": np.full(8, step, np.float32)}, step=step)
             hook.log(step=step, val_loss=loss)
+    # a training loss logged with the checkpoint, then the evaluation at the same step: the evaluation counts
+    with CheckpointHook(tmp_path / "arc", "eval-same-step", best_by="loss", asynchronous=asynchronous) as hook:
+        for step, train, val in ((10, 0.5, 0.1), (20, 0.3, 0.4)):
+            hook({"w": np.full(8, step, np.float32)}, step=step, metrics={"loss": train})
+            hook.log(step=step, loss=val)
     with open_repository(tmp_path / "arc") as repo:
         v = repo.version("eval-after")
         assert v.best == v.snapshots[1]["id"], [s["step"] for s in v.snapshots if s["id"] == v.best]
+        v = repo.version("eval-same-step")
+        assert v.best == v.snapshots[0]["id"], [s["step"] for s in v.snapshots if s["id"] == v.best]
 
 
 def test_attached_files_a_checkout_could_not_write_side_by_side_are_refused(repo: Repository, tmp_path: Path) -> None:

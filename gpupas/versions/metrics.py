@@ -149,8 +149,10 @@ def upto(metrics: Mapping[str, list[list[Any]]], step: int | None, after: int | 
 
 
 def value_at(series: Sequence[Sequence[Any]], step: int | None) -> float | None:
-    pts = [p for p in series if p[1] is not None and (step is None or p[0] <= step)]
-    return max(pts, key=lambda p: p[0])[1] if pts else None
+    """The value logged last at the highest step up to ``step`` (all steps where None): of two points at one
+    step the later, so an evaluation logged after its checkpoint, at its step, counts for it."""
+    pts = [(i, p) for i, p in enumerate(series) if p[1] is not None and (step is None or p[0] <= step)]
+    return max(pts, key=lambda ip: (ip[1][0], ip[0]))[1][1] if pts else None
 
 
 def pick_best(entries: list[dict[str, Any]], series: Mapping[str, Any], best: str | int | None,
