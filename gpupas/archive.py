@@ -25,11 +25,10 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
-from gpupas import tiers
 from gpupas.backend import get_backend, resolve_device
 from gpupas.engine import chain, decode
 from gpupas.engine.bases import BaseCache
-from gpupas.engine.encode import Layout, write_streams
+from gpupas.engine.encode import Layout, layout_of_snapshot, tiered, write_streams
 from gpupas.engine.executor import Executor
 from gpupas.engine.stage import stage_all
 from gpupas.errors import ArchiveExistsError, GpupasError, IntegrityError, InvalidInputError, SnapshotNotFoundError
@@ -388,7 +387,7 @@ class Archive:
         self._forget(snapshot)
         old = self.manifest(snapshot)
         if layout is None:  # planes in tiers stay where they are (a compaction must not bring them back)
-            layout = tiers.layout_of(old) if tiers.tiered(old) else Layout()
+            layout = layout_of_snapshot(old) if tiered(old) else Layout()
         self.store.check_tiers(layout.tiers)  # under the lock: a tier removed since this session opened it
         new_base = old.base if base is _KEEP else base
         if new_base is not None:
@@ -460,7 +459,9 @@ class Archive:
 
         >>> archive.tier(sid, planes_from=2, to="cold")  # doctest: +SKIP
         """
-        return tiers.move(self, snapshot, planes_from=planes_from, to=to)
+        from gpupas.tiers import move  # the one call up the layers (docs/architecture.md)
+
+        return move(self, snapshot, planes_from=planes_from, to=to)
 
     def _check_base(self, snapshot: str, base: str, read: Callable[[str], Manifest] | None = None) -> None:
         """InvalidInputError where ``base`` is ``snapshot`` or a delta on it, or a delta on it would make a

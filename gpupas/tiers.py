@@ -23,7 +23,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
-from gpupas.engine.encode import Layout
+from gpupas.engine.encode import layout_of_snapshot, placement
 from gpupas.errors import InvalidInputError
 from gpupas.format.manifest import Manifest
 
@@ -31,33 +31,6 @@ if TYPE_CHECKING:
     from gpupas.archive import Archive
 
 LOCAL = "local"
-
-
-def placement(m: Manifest) -> tuple[tuple[int, ...], tuple[str | None, ...]]:
-    """The plane groups of ``m`` (first plane of each stream after the first) and each group's tier."""
-    firsts: dict[int, int] = {}
-    for e in m.tensors:
-        for p in e.parts:
-            firsts[p.stream] = min(p.first, firsts.get(p.stream, p.first))
-    order = sorted(range(len(m.streams)), key=lambda s: firsts.get(s, 0))
-    groups = tuple(firsts[s] for s in order if firsts.get(s, 0) > 0)
-    return groups, tuple(m.streams[s].tier for s in order)
-
-
-def layout_of(m: Manifest, groups: tuple[int, ...] | None = None, tiers: tuple[str | None, ...] | None = None
-              ) -> Layout:
-    """A layout that writes ``m`` again as it is (its chunk size, segment, sign rotation, plane groups and
-    tiers), with ``groups`` and ``tiers`` replaced where given."""
-    have_groups, have_tiers = placement(m)
-    rotate = all(e.rot for e in m.tensors)  # False only where floats kept their sign bit on top
-    chunk = m.streams[0].chunk_size if m.streams else Layout().chunk_size
-    return Layout(groups=have_groups if groups is None else groups, chunk_size=chunk, segment=m.segment,
-                  rotate=rotate, tiers=have_tiers if tiers is None else tiers)
-
-
-def tiered(m: Manifest) -> bool:
-    """Whether any stream of ``m`` lives in a tier."""
-    return any(s.tier is not None for s in m.streams)
 
 
 def width(m: Manifest) -> int:
@@ -81,14 +54,14 @@ def move(archive: Archive, snapshot: str, *, planes_from: int | None = 2, to: st
     if planes_from is None:
         if to is not None:
             raise InvalidInputError("say from which plane on the planes go to the tier (planes_from)")
-        target = layout_of(m, groups, tuple(None for _ in tiers_now))
+        target = layout_of_snapshot(m, groups, tuple(None for _ in tiers_now))
     else:
         w = width(m)
         if not 0 <= planes_from < max(w, 1):
             raise InvalidInputError(f"planes_from must be a plane of snapshot {snapshot} (0..{max(w - 1, 0)}: its "
                                     f"widest tensor has {w} planes), not {planes_from}")
         new_groups = (planes_from,) if planes_from > 0 else ()
-        target = layout_of(m, new_groups, (None, to) if planes_from > 0 else (to,))
+        target = layout_of_snapshot(m, new_groups, (None, to) if planes_from > 0 else (to,))
     if (target.groups, _pad(target.tiers, len(tiers_now))) == (groups, tiers_now):
         return m
     return archive.revise(snapshot, setting=m.setting or "default", layout=target)

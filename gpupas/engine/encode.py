@@ -23,7 +23,7 @@ from gpupas.codecs import registry
 from gpupas.codecs.policy import ChunkPolicy
 from gpupas.engine.stage import Staged
 from gpupas.format.layout import group_bounds, place, segments
-from gpupas.format.manifest import Stream, TensorEntry
+from gpupas.format.manifest import Manifest, Stream, TensorEntry
 from gpupas.pas.context import count_entropies, sample_counts
 from gpupas.pas.planes import LAYOUTS
 from gpupas.pas.settings import Setting
@@ -76,6 +76,33 @@ class Layout:
             if lo <= first_plane < hi:
                 return self.tiers[g] if g < len(self.tiers) else None
         return None
+
+
+def placement(m: Manifest) -> tuple[tuple[int, ...], tuple[str | None, ...]]:
+    """The plane groups of ``m`` (first plane of each stream after the first) and each group's tier."""
+    firsts: dict[int, int] = {}
+    for e in m.tensors:
+        for p in e.parts:
+            firsts[p.stream] = min(p.first, firsts.get(p.stream, p.first))
+    order = sorted(range(len(m.streams)), key=lambda s: firsts.get(s, 0))
+    groups = tuple(firsts[s] for s in order if firsts.get(s, 0) > 0)
+    return groups, tuple(m.streams[s].tier for s in order)
+
+
+def layout_of_snapshot(m: Manifest, groups: tuple[int, ...] | None = None, tiers: tuple[str | None, ...] | None = None
+                       ) -> Layout:
+    """A layout that writes ``m`` again as it is (its chunk size, segment, sign rotation, plane groups and
+    tiers), with ``groups`` and ``tiers`` replaced where given."""
+    have_groups, have_tiers = placement(m)
+    rotate = all(e.rot for e in m.tensors)  # False only where floats kept their sign bit on top
+    chunk = m.streams[0].chunk_size if m.streams else Layout().chunk_size
+    return Layout(groups=have_groups if groups is None else groups, chunk_size=chunk, segment=m.segment,
+                  rotate=rotate, tiers=have_tiers if tiers is None else tiers)
+
+
+def tiered(m: Manifest) -> bool:
+    """Whether any stream of ``m`` lives in a tier."""
+    return any(s.tier is not None for s in m.streams)
 
 
 def new_folder(sid: str) -> str:
