@@ -129,3 +129,25 @@ def test_gc_removes_nothing_while_a_version_record_is_damaged(tmp_path: Path) ->
     with gpupas.open_repository(tmp_path / "arc") as repo:
         assert repo.gc(min_age=0) == [] and repo.verify()["ok"]
         assert repo.restore(v2.id)["w"].tobytes() == (w + 1).tobytes()
+
+
+def test_an_unreadable_manifests_folders_are_not_called_garbage(tmp_path: Path) -> None:
+    """gc keeps the data of a snapshot whose manifest it cannot read (verify reports it); the orphan
+    listing and ``stats`` agree with that, and stats says which snapshots its totals leave out."""
+    from gpupas.format import keys
+
+    with gpupas.create_repository(tmp_path / "arc") as repo:
+        repo.commit("m", expected(0))
+        v = repo.commit("n", expected(1))
+        sid = v.snapshots[0]["id"]
+        folders = repo.archive.manifest(sid).folders()
+    path = tmp_path / "arc" / keys.manifest(sid)
+    path.write_bytes(path.read_bytes()[:-7] + b"garbage")  # damaged (or written by a gpupas that mis-wrote it)
+    with gpupas.open_repository(tmp_path / "arc") as repo:
+        assert repo.archive.store.orphan_folders() == []
+        repo.gc(min_age=0)
+        assert all((tmp_path / "arc" / keys.folder(f)).is_dir() for f in folders)
+        from gpupas.versions.inspect import stats
+
+        s = stats(repo)
+        assert s["unreadable_snapshots"] == [sid] and s["incomplete_snapshots"] == []

@@ -318,3 +318,6 @@ def stats(o: Output, s: dict[str, Any]) -> None:
                f"use) and {len(s['incomplete_snapshots'])} folder(s) no snapshot names (interrupted commits, old "
                "forms of revised snapshots); `gpupas gc` removes what nothing references")
     o.data(f"on disk: {size(s['disk_bytes'])} in all (chunks, manifests, records, files, catalog)")
+    if s["unreadable_snapshots"]:
+        o.warn(f"{len(s['unreadable_snapshots'])} snapshot(s) whose manifest cannot be read are left out of these "
+               f"totals (first: {s['unreadable_snapshots'][0]}); `gpupas verify` says why, gc keeps their data")

@@ -297,30 +297,25 @@ class ArchiveStore:
     def folders(self) -> list[str]:
         return [n for n in self.store.list(keys.SNAPSHOTS) if n != "zarr.json" and keys.is_folder(n)]
 
-    def referenced_folders(self) -> set[str]:
-        named: set[str] = set()
-        for sid in self.list_snapshots():
-            try:
-                named.update(self.read_manifest(sid).folders())
-            except (SnapshotNotFoundError, IntegrityError, FormatError):
-                continue
-        return named
-
     def orphan_folders(self) -> list[str]:
         """Chunk folders under ``snapshots/`` that no manifest names (killed commits, revised snapshots);
-        those in a tier as ``tier:folder`` (tiers that cannot be reached are left out, with a warning)."""
-        out = sorted(set(self.folders()) - self.referenced_folders())
-        named: dict[str, set[str]] = {}
+        those in a tier as ``tier:folder`` (tiers that cannot be reached are left out, with a warning). The
+        folders of a snapshot whose manifest cannot be read are not listed: gc keeps them, verify reports it."""
+        named: set[tuple[str | None, str]] = set()
+        unreadable: set[str] = set()
         for sid in self.list_snapshots():
             try:
-                for s in self.read_manifest(sid).streams:
-                    if s.tier is not None:
-                        named.setdefault(s.tier, set()).add(s.folder)
+                named.update((s.tier, s.folder) for s in self.read_manifest(sid).streams)
             except (SnapshotNotFoundError, IntegrityError, FormatError):
-                continue
+                unreadable.add(sid)
+
+        def orphans(tier: str | None, have: list[str]) -> list[str]:
+            return [f for f in sorted(have) if (tier, f) not in named and f.split(".", 1)[0] not in unreadable]
+
+        out = orphans(None, self.folders())
         for name in sorted(self.tier_table()):
             try:
-                out += [f"{name}:{f}" for f in sorted(set(self.tier_folders(name)) - named.get(name, set()))]
+                out += [f"{name}:{f}" for f in orphans(name, self.tier_folders(name))]
             except GpupasTierError as exc:
                 warnings.warn(f"orphans in tier {name!r} not listed: {exc}", stacklevel=2)
         return out

@@ -156,6 +156,7 @@ def stats(repo: Repository) -> dict[str, Any]:
     blob_sizes = {r["sha256"]: r["size"] for r in q("SELECT DISTINCT sha256, size FROM files")}
     all_sids = set(repo.archive.store.list_snapshots())
     orphans = sorted(all_sids - referenced)
+    indexed = {r["key"][2:] for r in q("SELECT key FROM records WHERE key LIKE 'm/%'")}  # readable manifests
     disk = repo.archive.store.store.usage("")
     raw, stored = int(tot["raw"]), int(tot["stored"])
     for row in by_enc + by_dtype:
@@ -172,6 +173,7 @@ def stats(repo: Repository) -> dict[str, Any]:
                   "stored_bytes": sum(blob_sizes.values()),
                   "saved_bytes": files["logical"] - sum(blob_sizes.values())},
         "unreferenced_snapshots": orphans, "incomplete_snapshots": repo.archive.store.orphan_folders(),
+        "unreadable_snapshots": sorted(all_sids - indexed),  # left out of the totals above
         "disk_bytes": disk,
         "per_version": [dict(r) for r in q("SELECT id, name, n_snapshots, raw_bytes, stored_bytes FROM versions "
                                            "ORDER BY id")],
