@@ -3,6 +3,13 @@
 An id gpupas does not know means the archive was written by a newer gpupas (FormatError, "upgrade
 gpupas"); an id it knows but cannot run here (a GPU-only codec on a CPU machine) raises
 CodecUnavailableError naming the remedy.
+
+An implementation is a class with ``encode_batch(chunks, bounds, size) -> list[bytes]``, which codes
+chunks of at most ``size`` bytes each as if zero-padded to ``size``, ending a coder block at each
+offset in the chunk's ``bounds`` where the format allows it, and returns the bodies (no checksum);
+and ``decode_batch(bodies, outs)``, which fills each output (exactly ``size`` bytes) from a body and
+raises IntegrityError where a body is undecodable or does not decode to exactly that many bytes
+(never writing past it). Implementations of one id (one per backend) each decode the other's output.
 """
 
 from __future__ import annotations

@@ -24,7 +24,6 @@ from gpupas.pas.schemes import repr_dtype
 from gpupas.pas.transform import MIN_SEGMENT, SEGMENT
 
 FORMAT = 3  # what this gpupas writes
-READS = (1, 2, 3)  # what it reads
 ENCODINGS = ("mat", "sub", "xor", "pred")
 LEGACY_CHUNK = 1 << 18
 LEGACY_SHARD_CHUNKS = 4096

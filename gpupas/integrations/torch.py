@@ -83,11 +83,6 @@ def numpy_to_tensor(a: np.ndarray) -> Any:
     return t if a.size else torch.empty(t.shape, dtype=t.dtype)  # from_numpy strides an empty one 0: no .view(dtype)
 
 
-def state_dict_to_numpy(state: Mapping[str, Any]) -> dict[str, np.ndarray]:
-    """A torch state_dict as NumPy arrays (non-tensor entries are rejected by the caller)."""
-    return {k: tensor_to_numpy(v) if is_torch_tensor(v) else v for k, v in state.items()}
-
-
 def numpy_to_state_dict(arrays: Mapping[str, np.ndarray]) -> dict[str, Any]:
     """NumPy arrays as a torch state_dict."""
     return {k: numpy_to_tensor(v) for k, v in arrays.items()}

@@ -12,13 +12,12 @@ cost is the sum (scheme ``independent``) or the maximum (``parallel``) of its me
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Iterable, Mapping, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 ROOT = ""  # never a snapshot id (ids are non-empty names)
 Vertex = Hashable
-Scheme = Literal["independent", "parallel"]
 SCHEMES: tuple[str, ...] = ("independent", "parallel")
 
 
@@ -180,7 +179,7 @@ def over(cost: float, budget: float) -> bool:
     return cost > budget * (1 + 1e-9) + 1e-12
 
 
-def budgets_from(graph: StorageGraph, spt: Plan, alpha: float | None = None,
+def budgets_from(spt: Plan, alpha: float | None = None,
                  absolute: Mapping[Any, float] | None = None) -> dict[Any, float]:
     """Per-group budgets: ``alpha`` x the group's recreation under the shortest-path tree, and/or
     absolute ones (seconds) for the groups named; where both apply, the smaller."""
@@ -192,7 +191,3 @@ def budgets_from(graph: StorageGraph, spt: Plan, alpha: float | None = None,
     for g, b in (absolute or {}).items():
         out[g] = min(out.get(g, float("inf")), float(b))
     return out
-
-
-def vertices_of(groups: Mapping[Any, Iterable[Vertex]]) -> set[Vertex]:
-    return {v for vs in groups.values() for v in vs}

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import tempfile
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -274,8 +274,3 @@ def storage_graph(archive: Any, *, granularity: str = "snapshot", model: CostMod
                 if b is not None and b.dtype == e.dtype and b.shape == e.shape:
                     g.add_edge((u, e.name), (v, e.name), *tensor_cost(e, per[e.name], share), ok)
     return g, est
-
-
-def snapshot_parents(parent: Mapping[Any, Any]) -> dict[str, str | None]:
-    """A snapshot plan's parents as bases (None: stored whole)."""
-    return {v: (None if p == ROOT else p) for v, p in parent.items()}

@@ -608,7 +608,7 @@ def plan_all(graph: StorageGraph, alpha: float | None = 2.0, *, scheme: str = "i
     """
     base = Problem(graph, scheme, None, max_depth)
     spt_plan = spt(base)
-    budgets = budgets_from(graph, spt_plan, alpha, absolute)
+    budgets = budgets_from(spt_plan, alpha, absolute)
     pb = Problem(graph, scheme, budgets, max_depth)
     pb._spt = base._spt
     out = {name: PLANNERS[name](pb) for name in planners}

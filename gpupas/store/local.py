@@ -538,12 +538,3 @@ def _advance(views: list[memoryview], n: int) -> None:
 
 
 _IOV_MAX = 512  # buffers per pwritev call (POSIX guarantees at least 16; Linux and macOS take 1024)
-
-
-def publish_file(final: Path, data: bytes, *, replace: bool = False, durable: bool = True) -> bool:
-    """Put ``data`` at ``final`` atomically (create-if-absent, or ``replace``); False if it existed."""
-    store = LocalStore(final.parent, create=True, durable=durable)
-    if replace:
-        store.update(final.name, lambda _old: data)
-        return True
-    return store.create(final.name, data)

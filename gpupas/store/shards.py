@@ -202,13 +202,6 @@ class ShardReader:
         off, n, fd = where
         return self.store.read_into(fd, views, off) == n  # type: ignore[attr-defined]
 
-    def get_many(self, chunks: Iterable[int]) -> dict[int, Any]:
-        """The stored bytes of each chunk as copies (None where no shard lists it): for callers that
-        keep them."""
-        chunks = list(chunks)
-        missing = set(self.prepare(chunks))
-        return {c: None if c in missing else bytes(self.fetch(c)) for c in chunks}
-
     def close(self) -> None:
         for _, fd in self._shards.values():
             if isinstance(fd, int):

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import getpass
 import json
-import math
 import os
 import re
 from collections.abc import Mapping
@@ -238,7 +237,3 @@ def select_snapshot(snaps: list[dict[str, Any]], selector: str | int | None, lat
             return s
     raise SnapshotNotFoundError(f"{what} has no snapshot {sel!r}; it has "
                                 f"{', '.join(s['id'] for s in snaps[:5])}{'...' if len(snaps) > 5 else ''}")
-
-
-def finite(v: Any) -> float | None:
-    return float(v) if isinstance(v, (int, float)) and math.isfinite(v) else None
