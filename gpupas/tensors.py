@@ -1,4 +1,5 @@
-"""What a commit accepts, normalized to a dict of NumPy arrays (checked, contiguous, native order)."""
+"""What a commit accepts, normalized to a dict of the backend's arrays (checked, contiguous, native order):
+NumPy on the CPU, CuPy (or the backend's DeviceTensor) on a GPU."""
 
 from __future__ import annotations
 

@@ -1,1 +1,3 @@
-"""Adapters from framework objects (torch, safetensors) to NumPy tensor dicts and back."""
+"""Framework adapters: torch tensors <-> NumPy arrays with the same bits, safetensors files as NumPy
+dicts, the training-loop checkpoint hook (and its asynchronous committer), and progressive evaluation
+of a PyTorch classifier from a snapshot's top byte planes."""

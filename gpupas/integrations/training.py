@@ -20,12 +20,14 @@ With PyTorch::
     hook.close()
 
 The first call publishes the version (network read off ``model`` with torch.fx, or off the
-state_dict); every later call appends a snapshot to it. The archive keeps the last committed
+state_dict) and every later call appends a snapshot to it; with ``resume=`` the version exists
+already, and every call, the first included, appends. The archive keeps the last committed
 tensors in memory as the next delta base (torch tensors are copied on the way in; a NumPy array the
 caller changed in place since fails its CRC check and is read back from the archive). With
-``asynchronous=True`` the first call commits as above; each later call copies the weights (on their
-device), returns the version as last published, and commits the copy in the background, one at a
-time (see :mod:`gpupas.integrations.async_commit`); a crash loses at most the snapshot in flight.
+``asynchronous=True`` a call that publishes the version still commits before it returns; each call
+that appends (after the first, or every one with ``resume=``) copies the weights (on their device),
+returns the version as last published, and commits the copy in the background, one at a time (see
+:mod:`gpupas.integrations.async_commit`); a crash loses at most the snapshot in flight.
 Metric points given between checkpoints (:meth:`CheckpointHook.log`) are written with the next one.
 """
 
