@@ -276,6 +276,24 @@ def test_bad_input_is_refused_and_changes_nothing(archive: gpupas.Archive, tmp_p
     _same(archive.restore(m0.id), _model(0))
 
 
+def test_a_cuda_index_other_than_the_current_device_is_refused(archive: gpupas.Archive,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """device="cuda:N" runs on the current CUDA device: another N is refused, not silently ignored."""
+    from gpupas.backend import base
+
+    monkeypatch.setattr(base, "_current_cuda_device", lambda: 0)  # as on a GPU machine, device 0 current
+    assert base.resolve_device("cuda:0") == base.resolve_device("cuda") == "cupy"
+    with pytest.raises(InvalidInputError, match=r"'cuda:1'.*current CUDA device, 0"):
+        base.resolve_device("cuda:1")
+    with pytest.raises(InvalidInputError, match="current CUDA device"):
+        archive.commit(_model(0), device="cuda:1")
+    with pytest.raises(InvalidInputError, match="current CUDA device"):
+        archive.restore("nope", device="cuda:1")
+    for bad in ("cuda:", "cuda:x", "cuda1", "cuda:-1", "cudas"):
+        with pytest.raises(InvalidInputError, match="'cuda:N'"):
+            base.resolve_device(bad)
+    assert archive.snapshots() == []
+
 def test_bad_options_are_refused_before_anything_is_written(archive: gpupas.Archive, tmp_path: Path) -> None:
     """Options a reader would reject later (a chunk size, a manifest's meta) are refused up front, named."""
     m0 = archive.commit(_model(0))

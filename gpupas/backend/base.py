@@ -8,6 +8,7 @@ that is said once in a log line, never silently per call.
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from typing import Any, Protocol
@@ -124,17 +125,40 @@ _BACKENDS: dict[str, Backend] = {}
 _warned: set[str] = set()
 
 
+def _current_cuda_device() -> int | None:
+    """The id of CuPy's current CUDA device; None where CuPy or a device is missing (the GPU backend
+    then falls back to NumPy)."""
+    try:
+        import cupy
+
+        return int(cupy.cuda.runtime.getDevice())
+    except Exception:  # ImportError; CUDARuntimeError: no driver, no device
+        return None
+
+
 def resolve_device(device: str | None, inputs: Any = None) -> str:
-    """The backend name for ``device`` ("cpu", "cuda", "cuda:N", None: from the inputs)."""
+    """The backend name for ``device`` ("cpu", "cuda", "cuda:N", None: from the inputs).
+
+    The GPU backend runs on the current CUDA device, so "cuda:N" is taken only where N is that device
+    (InvalidInputError otherwise: select it first with ``cupy.cuda.Device(N).use()`` or
+    ``torch.cuda.set_device(N)``)."""
     if device is None:
         from gpupas.xp import any_device_array
 
         return "cupy" if inputs is not None and any_device_array(inputs) else "numpy"
     if device in ("cpu", "numpy"):
         return "numpy"
-    if device == "cupy" or device.startswith("cuda"):
+    if device in ("cupy", "cuda"):
         return "cupy"
-    raise InvalidInputError(f"device must be 'cpu' or 'cuda', not {device!r}")
+    index = re.fullmatch(r"cuda:([0-9]+)", device) if isinstance(device, str) else None
+    if index:
+        current = _current_cuda_device()
+        if current is not None and int(index[1]) != current:
+            raise InvalidInputError(f"device={device!r}, but gpupas runs on the current CUDA device, "
+                                    f"{current}; select device {int(index[1])} first "
+                                    "(cupy.cuda.Device(n).use() / torch.cuda.set_device(n)) and pass 'cuda'")
+        return "cupy"
+    raise InvalidInputError(f"device must be 'cpu', 'cuda' or 'cuda:N', not {device!r}")
 
 
 def get_backend(name: str = "numpy", *, fallback: bool = True) -> Backend:
