@@ -654,6 +654,20 @@ def test_manifest_folders_outside_the_archive_are_refused(tmp_path: Path) -> Non
     assert tree_digest(out) == digest
 
 
+def test_a_manifest_flag_that_is_not_a_boolean_is_named(tmp_path: Path) -> None:
+    """A tensor's ``ctx`` or ``rot`` that is not true or false: the message names the field that is."""
+    from gpupas.format.manifest import Manifest
+
+    arc = tmp_path / "arc"
+    with gpupas.create_archive(arc) as a:
+        s1 = a.commit(model(1))
+    doc = read_doc(arc, s1.id)
+    for flag in ("ctx", "rot"):
+        d = json.loads(json.dumps(doc))
+        d["tensors"][0][flag] = "yes"
+        with pytest.raises(IntegrityError, match=rf"{flag} of tensor '{d['tensors'][0]['name']}' is not true or false"):
+            Manifest.from_bytes(seal(d), s1.id)
+
 def test_discard_of_a_hostile_manifest_spares_other_snapshots(tmp_path: Path) -> None:
     arc = tmp_path / "arc"
     a = gpupas.create_archive(arc)

@@ -420,8 +420,9 @@ def _parse(d: dict[str, Any], sid: str, what: str) -> Manifest:
             rot=t.get("rot", True) is not False,
             scheme=_scheme(t.get("scheme"), what, name),
         )
-        if not isinstance(t.get("ctx", False), bool) or not isinstance(t.get("rot", True), bool):
-            raise _fail(what, f"ctx of tensor {name!r} is not true or false")
+        for flag, default in (("ctx", False), ("rot", True)):
+            if not isinstance(t.get(flag, default), bool):
+                raise _fail(what, f"{flag} of tensor {name!r} is not true or false")
         tensors.append(entry)
     m = Manifest(
         id=sid, created=_str(d.get("created"), what, "created"), base=base, streams=streams,
