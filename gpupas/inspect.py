@@ -29,9 +29,9 @@ from gpupas.format.layout import needed_chunks, plane_ranges
 from gpupas.format.manifest import Manifest, TensorEntry
 from gpupas.pas.context import entropy as _entropy
 from gpupas.pas.rows import rows_of
+from gpupas.store.tiers import LOCAL
 
 SAMPLE = 1 << 16  # bytes of each plane whose order-0 entropy is measured (evenly spread)
-LOCAL = "local"
 
 
 def _archive(source: Any) -> Any:

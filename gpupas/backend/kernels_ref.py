@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from gpupas.codecs.framing import GZIP_HEAD, ZSTD_BLOCK, gzip_header_size, raw_frame_size
+from gpupas.pas.predict import FRAC
 
 # -- kernels/planes.cu ---------------------------------------------------------------------------------------------
 STRIDE = 17
@@ -29,7 +30,7 @@ F_VAL, F_BASE, F_BASE2, F_ALPHA, F_N, F_FIRST, F_PER, F_MODE, F_TILE0, F_PLANE =
 TILE = 4096
 ENC_MAT, ENC_SUB, ENC_XOR, ENC_PRED = 0, 1, 2, 3
 ENCODINGS = {"mat": ENC_MAT, "sub": ENC_SUB, "xor": ENC_XOR, "pred": ENC_PRED}
-PRED_FRAC = 13
+PRED_FRAC = FRAC  # the fixed-point prediction factors' fraction bits (pas.predict)
 CTX_THREADS = 1024  # planes_ctx's block size
 
 # -- kernels/crc.cu ------------------------------------------------------------------------------------------------

@@ -13,10 +13,12 @@ GZIP_HEAD = bytes([0x1F, 0x8B, 8, 0, 0, 0, 0, 0, 0, 0xFF])  # no flags, no time,
 
 
 def raw_frame_size(n: Any, size: Any) -> Any:
-    """Bytes of the Zstandard frame of raw blocks that holds ``n`` bytes padded to ``size`` (arrays too)."""
-    n, size = np.asarray(n, np.int64), np.asarray(size, np.int64)
+    """Bytes of the Zstandard frame of raw blocks that holds ``n`` bytes padded to ``size`` (arrays too):
+    ``len(zstd.raw_frame(data, size))`` for ``n`` bytes of data, without building the frame."""
+    if not (isinstance(n, int) and isinstance(size, int)):  # plain ints (a chunk at a time) stay plain: fast
+        n, size = np.asarray(n, np.int64), np.asarray(size, np.int64)
     out = 9 + 3 * (-(-n // ZSTD_BLOCK)) + n + 4 * (-(-(size - n) // ZSTD_BLOCK)) + 3 * (size == 0)
-    return out if out.ndim else int(out)
+    return out if isinstance(out, np.ndarray) and out.ndim else int(out)
 
 
 def gzip_member(deflate: bytes, crc: int, size: int) -> bytes:

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from gpupas.codecs.framing import raw_frame_size
 from gpupas.codecs.policy import DEFLATE_MIN_GAIN, ChunkPolicy
 
 RAW, ZSTD, DEFLATE, ANS = 0, 1, 2, 3  # what a chunk is stored as
@@ -29,8 +30,6 @@ GZIP_FRAMING = 18  # bytes a gzip member adds around raw Deflate: 10 of header, 
 
 def raw_frame_sizes(n: np.ndarray, size: int) -> np.ndarray:
     """Bytes of the Zstandard frame of raw blocks holding ``n`` stream bytes zero-padded to ``size``."""
-    from gpupas.codecs.framing import raw_frame_size
-
     return np.asarray(raw_frame_size(np.asarray(n, np.int64), np.full(np.shape(n), size, np.int64)), np.int64)
 
 

@@ -16,11 +16,12 @@ from typing import Any, ClassVar
 import numpy as np
 import zstandard
 
+from gpupas.codecs.framing import ZSTD_BLOCK as BLOCK
+from gpupas.codecs.framing import raw_frame_size as raw_size  # noqa: F401 (codecs.policy's name for it)
 from gpupas.errors import IntegrityError
 from gpupas.format.checksum import crc32c
 
 MAGIC = b"\x28\xb5\x2f\xfd"
-BLOCK = 1 << 17  # largest Zstandard block
 _local = threading.local()
 
 
@@ -84,12 +85,6 @@ def raw_parts(data: memoryview, size: int) -> list[Any]:
     if size == 0:
         out.append((1).to_bytes(3, "little"))  # one empty last raw block
     return out
-
-
-def raw_size(n: int, size: int) -> int:
-    """``len(raw_frame(data, size))`` for ``n`` bytes of data, without building the frame."""
-    pad = size - n
-    return 9 + 3 * -(-n // BLOCK) + n + 4 * -(-pad // BLOCK) + (3 if size == 0 else 0)
 
 
 def raw_blocks(body: Any, size: int) -> list[tuple[int, int, int]] | None:

@@ -19,6 +19,8 @@ from gpupas.format import keys
 from gpupas.format.sealed import is_sealed, seal, unseal
 from gpupas.pas.planes import LAYOUTS, Layout, coding_layout
 from gpupas.pas.rows import rows_of
+from gpupas.pas.schemes import FLOATS as SCHEME_FLOATS
+from gpupas.pas.schemes import NAMES as SCHEME_NAMES
 from gpupas.pas.schemes import parse as parse_scheme
 from gpupas.pas.schemes import repr_dtype
 from gpupas.pas.transform import MIN_SEGMENT, SEGMENT
@@ -334,7 +336,7 @@ def _enc(v: Any, what: str, name: str) -> str:
 def _scheme(v: Any, what: str, name: str) -> dict[str, Any] | None:
     if v is None:
         return None
-    if not isinstance(v, dict) or v.get("name") not in ("cast", "fixed", "quant"):
+    if not isinstance(v, dict) or v.get("name") not in SCHEME_NAMES:
         raise FormatError(f"{what}: tensor {name!r} is stored in a lossy scheme this gpupas does not know: "
                           "upgrade gpupas")
     try:
@@ -498,8 +500,7 @@ def check(m: Manifest, what: str) -> None:
         w = e.width
         if e.nbytes != math.prod(e.shape) * e.layout.width:
             raise _fail(what, f"tensor {e.name!r}: {e.nbytes} bytes do not fit shape {list(e.shape)} of {e.dtype}")
-        if e.scheme is not None and (e.enc != "mat" or e.rows is not None or e.layout.name not in
-                                     ("float64", "float32", "float16", "bfloat16")):
+        if e.scheme is not None and (e.enc != "mat" or e.rows is not None or e.layout.name not in SCHEME_FLOATS):
             raise _fail(what, f"tensor {e.name!r}: a lossy tensor is a float tensor stored whole")
         if e.enc == "pred" and w > 4:
             raise _fail(what, f"tensor {e.name!r}: 'pred' is defined for values of up to 4 bytes, not {e.dtype}")
