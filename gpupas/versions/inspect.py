@@ -95,7 +95,6 @@ def diff(repo: Repository, a: str | int | Version, b: str | int | Version, *, sn
     return out
 
 
-
 def lineage(repo: Repository) -> list[dict[str, Any]]:
     """Every version's summary (id, name, parents, tags, snapshots, sizes), from the catalog, by id."""
     cat = repo.catalog()
@@ -112,7 +111,6 @@ def lineage(repo: Repository) -> list[dict[str, Any]]:
                 "stored_bytes) AS stored_bytes, latest, best, (SELECT group_concat(DISTINCT t.lossy) FROM tensors t "
                 "WHERE t.lossy IS NOT NULL AND t.snapshot IN (SELECT snapshot FROM snapshots WHERE "
                 "version=versions.id)) AS lossy FROM versions ORDER BY id")]
-
 
 
 def log(repo: Repository, ref: str | int | Version | None = None) -> list[dict[str, Any]]:
@@ -178,8 +176,6 @@ def stats(repo: Repository) -> dict[str, Any]:
         "per_version": [dict(r) for r in q("SELECT id, name, n_snapshots, raw_bytes, stored_bytes FROM versions "
                                            "ORDER BY id")],
     }
-
-
 
 
 def diff_tensors(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray]) -> dict[str, Any]:
