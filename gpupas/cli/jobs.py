@@ -65,14 +65,15 @@ def _check(alpha: float | None, scheme: str, sample: float) -> None:
 
 def render_plan(o: render.Output, p: Any) -> None:
     """The plans side by side, then the chosen plan per snapshot."""
+    from gpupas.plan.archive import COMPARE
+
     t = render.table(["plan", "stored", "vs whole", "recreation (sum)", "slowest snapshot", "deepest chain",
                       "budgets"], right=["stored", "vs whole", "recreation (sum)", "slowest snapshot", "deepest chain"],
                      title=(f"plans at alpha {p.alpha:g}" if p.alpha is not None else
                             "plans restoring no snapshot slower than now") + f" ({p.scheme}); recreation in modelled "
                      "seconds")
     whole = p.plans["materialized"].storage
-    for name, plan in [("current", p.current), *((k, p.plans[k]) for k in ("materialized", "mst", "spt", "last",
-                                                                              "pas-mt", "pas-pt"))]:
+    for name, plan in [("current", p.current), *((k, p.plans[k]) for k in COMPARE)]:
         label = f"{name} (chosen)" if plan is p.plan and (name != "current" or p.chosen == "current") else name
         ok = "met" if not plan.violations else f"{len(plan.violations)} over"
         render.row(t, label, render.size(plan.storage), render.pct(plan.storage, whole), f"{plan.total_recreation:.3f}",
