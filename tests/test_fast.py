@@ -328,6 +328,25 @@ def test_restores_through_small_windows(tmp_path, monkeypatch, window, layout) -
             assert part["emb"].tobytes() == s["emb"].tobytes()
 
 
+def test_a_chunk_larger_than_the_window_is_decoded_once(tmp_path, monkeypatch) -> None:
+    """A chunk holding many segments, larger than the window: one window for all of them, not one each
+    (which decoded the chunk again for every segment: a 1 GiB chunk did not restore in 10 minutes)."""
+    monkeypatch.setattr(fast, "WINDOW", 1 << 16)
+    x = np.random.default_rng(0).standard_normal(1 << 17).astype(np.float32)  # 512 KiB: 4 chunks, 128 segments
+    with gpupas.create_archive(tmp_path / "a", durable=False) as arc:
+        m = arc.commit({"x": x}, layout=gpupas.Layout(chunk_size=1 << 17, segment=1024))
+    asked: list[int] = []
+    real = fast.decode_windows
+
+    def counting(backend, m, entries, read, *a, **k):
+        return real(backend, m, entries, lambda s, cs, *r: (asked.extend(cs), read(s, cs, *r))[1], *a, **k)
+
+    monkeypatch.setattr(fast, "decode_windows", counting)
+    with gpupas.open_archive(tmp_path / "a") as arc:
+        assert arc.restore(m.id)["x"].tobytes() == x.tobytes()
+    assert sorted(asked) == list(range(m.streams[0].nchunks))  # each chunk once
+
+
 def test_segment_by_segment_checksums_catch_wrong_bits(tmp_path) -> None:
     """The compiled restore's per-segment CRC-32s, joined, are each tensor's CRC-32: a restore passes, and a
     tensor whose recorded checksum does not match its decoded bits is refused by name (a multi-segment one,

@@ -428,7 +428,7 @@ def decode_windows(backend: Any, m: Any, entries: Sequence[Any], read: Any, base
                    executor: Any, small: bool, window: int | None = None,
                    crcs: dict[str, int] | None = None) -> dict[str, np.ndarray] | None:
     """A restore through a bounded buffer: the segments of ``entries`` in stream order, a window of at
-    most ``window`` bytes of decoded chunks at a time (one segment at least), each window's chunks
+    most ``window`` bytes of decoded chunks at a time (one segment's chunks at least: a window holds every segment of its chunks), each window's chunks
     decoded (``read(stream, chunks, buf, first chunk)``) and then its segments rebuilt, one task each.
     A tensor's row mask and factors are read with its first segment (from chunks of their own where
     they lie outside that window). Where ``crcs`` is given, the CRC-32 of each tensor whose rows are not
@@ -469,7 +469,8 @@ def decode_windows(backend: Any, m: Any, entries: Sequence[Any], read: Any, base
             x = merged.get(s)
             merged[s] = (c0, c1) if x is None else (min(x[0], c0), max(x[1], c1))
         total = sum((c1 - c0) * m.streams[s].chunk_size for s, (c0, c1) in merged.items())
-        if cur and total > window:
+        if cur and total > window and merged != span:  # within the window's chunks it costs nothing (a chunk
+            # larger than the window holds several segments: one window each would decode it again for each)
             windows.append((cur, span))
             cur, merged = [], {}
             for s, (lo, hi) in u[3].items():
