@@ -428,8 +428,9 @@ def decode_windows(backend: Any, m: Any, entries: Sequence[Any], read: Any, base
                    executor: Any, small: bool, window: int | None = None,
                    crcs: dict[str, int] | None = None) -> dict[str, np.ndarray] | None:
     """A restore through a bounded buffer: the segments of ``entries`` in stream order, a window of at
-    most ``window`` bytes of decoded chunks at a time (one segment's chunks at least: a window holds every segment of its chunks), each window's chunks
-    decoded (``read(stream, chunks, buf, first chunk)``) and then its segments rebuilt, one task each.
+    most ``window`` bytes of decoded chunks at a time (one segment's chunks at least; every segment of
+    its chunks: a chunk larger than the window is decoded once), each window's chunks decoded
+    (``read(stream, chunks, buf, first chunk)``) and then its segments rebuilt, one task each.
     A tensor's row mask and factors are read with its first segment (from chunks of their own where
     they lie outside that window). Where ``crcs`` is given, the CRC-32 of each tensor whose rows are not
     masked goes into it, computed segment by segment by the same tasks. None where the reference must run."""
