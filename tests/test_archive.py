@@ -400,6 +400,31 @@ def test_torch_state_dict_roundtrip(archive: gpupas.Archive) -> None:
         assert torch.equal(out[k].contiguous().view(torch.uint8), v.contiguous().view(torch.uint8))
 
 
+def test_torch_restores_hold_the_output_once_and_stay_their_own(archive: gpupas.Archive) -> None:
+    """framework="torch" wraps the restored block (a copy doubled a restore's peak and kept both alive), and a
+    tensor changed in place changes no later restore (the base cache re-checks what it handed out)."""
+    import tracemalloc
+
+    torch = pytest.importorskip("torch")
+    w = np.random.default_rng(0).standard_normal((1024, 1024)).astype(np.float32)  # 4 MiB
+    b16 = w.astype(ml_dtypes.bfloat16)
+    m = archive.commit({"w": w, "b16": b16})
+    archive.bases.drop(m.id)
+    tracemalloc.start()
+    try:
+        out = archive.restore(m.id, framework="torch")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 1.5 * (w.nbytes + b16.nbytes), peak  # NumPy's allocations: the block, not a copy beside it
+    assert out["b16"].dtype == torch.bfloat16 and out["w"].numpy().tobytes() == w.tobytes()
+    out["w"].add_(1.0)
+    out["b16"].zero_()
+    again = archive.restore(m.id)
+    assert again["w"].tobytes() == w.tobytes() and again["b16"].tobytes() == b16.tobytes()
+    assert archive.commit({"w": w, "b16": b16}, base=m.id).stored_bytes < m.stored_bytes / 10  # a true delta
+
+
 def test_import_loads_no_optional_backend() -> None:
     code = "import sys, gpupas; print(sorted(m for m in ('torch', 'cupy', 'nvidia.nvcomp') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -94,7 +94,7 @@ class NumpyBackend:
         if framework == "torch":
             from gpupas.integrations.torch import numpy_to_state_dict
 
-            return numpy_to_state_dict(out)
+            return numpy_to_state_dict(out, copy=False)  # the arrays are the caller's already (copied if held)
         return out
 
     @contextmanager

@@ -69,20 +69,23 @@ def tensor_to_numpy(t: Any) -> np.ndarray:
                                     "convert it to a plain tensor first") from None
 
 
-def numpy_to_tensor(a: np.ndarray) -> Any:
-    """A torch tensor with the bits of NumPy array ``a``."""
+def numpy_to_tensor(a: np.ndarray, copy: bool = True) -> Any:
+    """A torch tensor with the bits of NumPy array ``a``: its own copy, or (``copy=False``, ``a`` writable)
+    sharing ``a``'s memory."""
     torch = _torch()
     a = np.asarray(a)
+    if copy or not a.flags.writeable:
+        a = a.copy()
     for tdtype, (carrier, np_dtype) in _views().items():
         if a.dtype == np.dtype(np_dtype):
             holder = np.dtype(torch.empty(0, dtype=carrier).numpy().dtype)
-            t = torch.from_numpy(a.view(holder).copy()).view(tdtype)
+            t = torch.from_numpy(a.view(holder)).view(tdtype)
             break
     else:
-        t = torch.from_numpy(a.copy())
+        t = torch.from_numpy(a)
     return t if a.size else torch.empty(t.shape, dtype=t.dtype)  # from_numpy strides an empty one 0: no .view(dtype)
 
 
-def numpy_to_state_dict(arrays: Mapping[str, np.ndarray]) -> dict[str, Any]:
-    """NumPy arrays as a torch state_dict."""
-    return {k: numpy_to_tensor(v) for k, v in arrays.items()}
+def numpy_to_state_dict(arrays: Mapping[str, np.ndarray], copy: bool = True) -> dict[str, Any]:
+    """NumPy arrays as a torch state_dict (``copy=False``: sharing their memory, see :func:`numpy_to_tensor`)."""
+    return {k: numpy_to_tensor(v, copy) for k, v in arrays.items()}
