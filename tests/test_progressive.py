@@ -228,3 +228,10 @@ def test_decide() -> None:
     assert ok.tolist() == [True, True, True] and lab.tolist() == [[1, 2], [1, 2], [0, 1]]
     nan = Box(torch.full((1, 3), float("nan"), dtype=torch.float64), torch.zeros(1, 3, dtype=torch.float64))
     assert not decide(nan.lo, nan.hi, 1)[0].any()
+
+
+def test_inverted_or_nan_intervals_decide_nothing() -> None:
+    lo = torch.tensor([[2.0, 0.0], [2.0, 0.0], [2.0, 0.0]], dtype=torch.float64)
+    hi = torch.tensor([[1.0, 0.5], [3.0, float("nan")], [3.0, 0.5]], dtype=torch.float64)
+    for k in (1, 2):
+        assert decide(lo, hi, k)[0].tolist() == [False, False, True]

@@ -423,16 +423,17 @@ def _batch_norm(x: Box, mean: Box, var: Box, g: Box, b: Box, eps: float, u: floa
 def decide(lo: torch.Tensor, hi: torch.Tensor, k: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """Per row of logit intervals: whether the top-``k`` set is decided (its lowest lower bound above
     every other class's upper bound), and the set (sorted class ids; (N,) for k=1, (N, k) otherwise)."""
+    sound = (lo <= hi).all(1)  # an inverted or NaN interval (an output that may be NaN) decides nothing
     if k == 1:
         best = lo.argmax(1)
         others = hi.scatter(1, best[:, None], -math.inf).amax(1)
-        return lo.gather(1, best[:, None])[:, 0] > others, best
+        return (lo.gather(1, best[:, None])[:, 0] > others) & sound, best
     if k > lo.shape[1]:
         raise InvalidInputError(f"topk={k}: the model has only {lo.shape[1]} outputs")
     top = lo.topk(k, 1).indices
     low = lo.gather(1, top).amin(1)
     others = hi.scatter(1, top, -math.inf).amax(1)
-    return low > others, top.sort(1).values
+    return (low > others) & sound, top.sort(1).values
 
 
 def top_labels(logits: torch.Tensor, k: int = 1) -> torch.Tensor:
