@@ -235,3 +235,14 @@ def test_inverted_or_nan_intervals_decide_nothing() -> None:
     hi = torch.tensor([[1.0, 0.5], [3.0, float("nan")], [3.0, 0.5]], dtype=torch.float64)
     for k in (1, 2):
         assert decide(lo, hi, k)[0].tolist() == [False, False, True]
+
+
+def test_integer_inputs_are_refused_with_the_remedy(tmp_path: Path) -> None:
+    net = nn.Sequential(nn.Linear(4, 3)).eval()
+    with gpupas.create_archive(tmp_path / "a") as arc:
+        m = arc.commit(net.state_dict(), layout=BOUNDED)
+        for x in (torch.ones(3, 4, dtype=torch.long), torch.ones(3, 4, dtype=torch.float64)):
+            with pytest.raises(InvalidInputError, match=r"inputs are torch\.(int64|float64).*torch\.float32"):
+                evaluate_progressive(net, arc, m.id, x)
+            with pytest.raises(InvalidInputError, match="cast"):
+                bound_outputs(net, arc.read_planes(m.id, 2), x)

@@ -494,6 +494,15 @@ def _unit(dtypes: Iterable[str], inputs: torch.Tensor) -> float:
     return max(UNIT.get(d, 2.0**-8) for d in found)
 
 
+def _check_inputs(model: nn.Module, inputs: torch.Tensor) -> None:
+    """Inputs the model itself can take: of its floating-point dtype (it runs them at the last plane)."""
+    dtypes = {t.dtype for t in [*model.parameters(), *model.buffers()] if t.is_floating_point()}
+    want = next(iter(dtypes)) if len(dtypes) == 1 else None
+    if not inputs.is_floating_point() or (want is not None and inputs.dtype != want):
+        raise InvalidInputError(f"inputs are {inputs.dtype}, but the model computes in {want or 'floating point'}: "
+                                f"cast them first (inputs.to({want or 'torch.float32'}))")
+
+
 def _boxes(net: IntervalNet, read: Any, mapping: Mapping[str, str]) -> dict[str, Box]:
     return {w: Box(torch.from_numpy(np.asarray(read.lo[mapping[w]], np.float64)),
                    torch.from_numpy(np.asarray(read.hi[mapping[w]], np.float64))) for w in net.weights}
@@ -514,6 +523,7 @@ def bound_outputs(model: nn.Module, read: Any, inputs: torch.Tensor, *,
                   names: Mapping[str, str] | Callable[[str], str] | None = None, batch_size: int = 1024) -> Box:
     """Guaranteed intervals of ``model``'s outputs on ``inputs`` with weights bounded by ``read`` (an
     :meth:`gpupas.Archive.read_planes` result): they hold what the model computes with the true weights.
+    ``inputs`` must have the model's dtype.
 
     >>> import torch, gpupas, tempfile
     >>> net = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Tanh()).eval()
@@ -525,6 +535,7 @@ def bound_outputs(model: nn.Module, read: Any, inputs: torch.Tensor, *,
     True
     """
     net = IntervalNet(model)
+    _check_inputs(model, inputs)
     mapping = _weight_names(net, names)
     u = _unit([read.lo[t].dtype.name for t in mapping.values()], inputs)
     return _propagate(net, _boxes(net, read, mapping), inputs.detach(), u, batch_size)
@@ -564,6 +575,7 @@ def evaluate_progressive(model: nn.Module, archive: Any, snapshot: str, inputs: 
     if inputs.ndim == 0 or inputs.shape[0] == 0:
         raise InvalidInputError("inputs must hold at least one input (a batch along the first dimension)")
     net = IntervalNet(model)
+    _check_inputs(model, inputs)
     mapping = _weight_names(net, names)
     tensors = list(dict.fromkeys(mapping.values()))
     entries = archive.manifest(snapshot).select(tensors)
