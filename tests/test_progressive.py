@@ -3,6 +3,7 @@ labels always equal full-precision inference (gpupas/integrations/progressive.py
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -228,6 +229,65 @@ def test_decide() -> None:
     assert ok.tolist() == [True, True, True] and lab.tolist() == [[1, 2], [1, 2], [0, 1]]
     nan = Box(torch.full((1, 3), float("nan"), dtype=torch.float64), torch.zeros(1, 3, dtype=torch.float64))
     assert not decide(nan.lo, nan.hi, 1)[0].any()
+
+
+def _commit(tmp_path: Path, net: nn.Module):  # type: ignore[no-untyped-def]
+    arc = gpupas.create_archive(tmp_path / "a")
+    return arc, arc.commit(net.state_dict(), layout=BOUNDED)
+
+
+def _holds(box: Box, y: torch.Tensor) -> bool:
+    """Every output finite and inside its interval, or its interval unbounded (it may be Inf or NaN)."""
+    y = y.double()
+    inside = torch.isfinite(y) & (box.lo <= y) & (y <= box.hi)
+    return bool((inside | ((box.lo == -math.inf) & (box.hi == math.inf))).all())
+
+
+def _tiny_net(kind: str, dtype: torch.dtype) -> tuple[nn.Module, torch.Tensor]:
+    """A model whose two outputs are +-(a product below half the smallest subnormal of ``dtype``): both 0
+    in ``dtype``, so argmax is 0, while exact arithmetic says class 1."""
+    fi = torch.finfo(dtype)
+    e = math.log2(fi.smallest_normal * fi.eps) - 2  # the product 2^e rounds to 0
+    w, xv = 2.0 ** math.floor(e / 2), 2.0 ** (e - math.floor(e / 2))
+    if kind == "linear":
+        net: nn.Module = nn.Linear(1, 2, bias=False)
+        with torch.no_grad():
+            net.weight.copy_(torch.tensor([[-w], [w]]))
+        x = torch.tensor([[xv]])
+    elif kind == "conv":
+        net = nn.Sequential(nn.Conv1d(1, 2, 1, bias=False), nn.Flatten())
+        with torch.no_grad():
+            net[0].weight.copy_(torch.tensor([[[-w]], [[w]]]))
+        x = torch.tensor([[[xv]]])
+    elif kind == "batchnorm":  # the scale weight / sqrt(var + eps) times x underflows
+        net = nn.Sequential(nn.BatchNorm1d(2, eps=0.0))
+        with torch.no_grad():
+            net[0].weight.copy_(torch.tensor([-w, w]))
+            net[0].bias.zero_(), net[0].running_mean.zero_(), net[0].running_var.fill_(1.0)
+        x = torch.tensor([[xv, xv]])
+    else:  # sigmoid of a large negative number: below the smallest subnormal in float16
+        net = nn.Sequential(nn.Linear(1, 2), nn.Sigmoid())
+        with torch.no_grad():
+            net[0].weight.copy_(torch.tensor([[1.0], [1.0]]))
+            net[0].bias.copy_(torch.tensor([-30.0, -29.0]))
+        x = torch.tensor([[0.0]])
+    return net.to(dtype).eval(), x.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("kind", ["linear", "conv", "batchnorm", "sigmoid"])
+def test_results_that_underflow_to_zero_are_held(tmp_path: Path, kind: str, dtype: torch.dtype) -> None:
+    """A product below the smallest subnormal is 0 in the model: the intervals (relative rounding
+    allowance only, before) must hold 0, so no label is decided from them."""
+    net, x = _tiny_net(kind, dtype)
+    with torch.no_grad():
+        y = net(x)
+    arc, m = _commit(tmp_path, net)
+    with arc:
+        for planes in (1, 2, int(dtype.itemsize)):
+            assert _holds(bound_outputs(net, arc.read_planes(m.id, planes), x), y), planes
+        r = evaluate_progressive(net, arc, m.id, x, check=True)
+        assert torch.equal(r.labels, y.argmax(1))
 
 
 def test_inverted_or_nan_intervals_decide_nothing() -> None:

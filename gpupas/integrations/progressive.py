@@ -14,10 +14,11 @@ Softplus, Hardsigmoid), max and average pooling (adaptive too), flatten/view/res
 refused before anything is read, naming the operation.
 
 Soundness: intervals are propagated in float64 in center-radius form, every layer widened by a bound
-on the rounding error of the reference computation (IEEE arithmetic at the weights' precision:
-``gamma_n = 1.01 (n + 2)(u + 4 * 2^-53)`` times ``|W| |x|`` for a dot product of ``n`` terms, ``u``
-the weights' unit roundoff; 16 ulps for library activations) and of the
-float64 propagation itself. That holds for ordinary CPU kernels; on CUDA turn TF32 off
+on the rounding error of the reference computation (IEEE arithmetic at the weights' precision, with
+subnormals: ``gamma_n = 1.01 (n + 2)(u + 4 * 2^-53)`` times ``|W| |x|`` plus ``n eta`` for a dot
+product of ``n`` terms, ``u`` the unit roundoff and ``eta`` the smallest subnormal; 16 ulps for
+library activations) and of the float64 propagation itself. That holds for ordinary CPU kernels
+without flush-to-zero (``torch.set_flush_denormal(True)`` is not covered); on CUDA turn TF32 off
 (``torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False``).
 """
 
@@ -38,13 +39,28 @@ from torch import fx, nn
 from gpupas.errors import InvalidInputError
 
 U64 = 2.0**-53
-TINY = 2.0**-120  # absolute slack: results near underflow (flushed or subnormal) in the reference
-UNIT = {torch.float64: 2.0**-53, torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
+TINY = 2.0**-120  # absolute slack for library functions: results near underflow (flushed or subnormal)
 SUPPORTED = ("Linear, Conv1d/2d, BatchNorm (eval), ReLU and other monotone activations, max/avg pooling, "
              "flatten/view/reshape and residual adds")
 
 
 # -- intervals -------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Precision:
+    """The reference computation's floating-point format: unit roundoff ``u``, smallest subnormal ``eta``,
+    largest finite value ``big``."""
+
+    u: float
+    eta: float
+    big: float
+
+    @classmethod
+    def of(cls, dtypes: Iterable[torch.dtype]) -> Precision:
+        """The least precise and narrowest of ``dtypes`` (floating-point ones)."""
+        fs = [torch.finfo(d) for d in dtypes if d.is_floating_point] or [torch.finfo(torch.float64)]
+        return cls(max(f.eps / 2 for f in fs), max(f.smallest_normal * f.eps for f in fs), min(f.max for f in fs))
+
+
 @dataclass
 class Box:
     """Elementwise intervals [lo, hi] (float64 tensors of one shape)."""
@@ -98,31 +114,35 @@ def _mul(a: Box, b: Box) -> Box:
 @dataclass
 class _Affine:
     """A layer's weights prepared for interval propagation: ``op(x, w) + b`` is in
-    ``op(xc, wc) + bc ± (op(xr, wx) + op(|xc| + xr, ws) + bs)``."""
+    ``op(xc, wc) + bc ± (op(xr, wx) + op(|xc| + xr, ws) + bs + tiny)``."""
 
     wc: torch.Tensor
     wx: torch.Tensor  # |wc|, scaled up for the propagation's own rounding
-    ws: torch.Tensor  # the weights' radius and the reference's rounding
+    ws: torch.Tensor  # the weights' radius and the reference's relative rounding
+    tiny: float  # the reference's (and the propagation's) absolute rounding: underflow
     bc: torch.Tensor | None
     bs: torch.Tensor | None
 
 
-def _prepare(w: Box, b: Box | None, n: int, u: float, bias_shape: tuple[int, ...]) -> _Affine:
+def _prepare(w: Box, b: Box | None, n: int, fmt: Precision, bias_shape: tuple[int, ...]) -> _Affine:
     wc, wr = _mid_rad(w)
-    grow, g = 1 + 4 * (n + 2) * U64, _gamma(n, u)
+    grow, g = 1 + 4 * (n + 2) * U64, _gamma(n, fmt.u)
     wa = wc.abs()
     bc = bs = None
     if b is not None:
         bcc, br = _mid_rad(b)
         bc, bs = bcc.reshape(bias_shape), ((br * grow) + g * b.sup()).reshape(bias_shape)
-    return _Affine(wc, wa * grow, torch.nan_to_num(wr * (grow * (1 + g)), nan=math.inf) + g * wa, bc, bs)
+    # a product in the reference's format errs by at most u |ab| + eta / 2, a sum by u |a + b| (exact when
+    # subnormal): n eta / 2, doubled for safety; the float64 propagation's three products of n terms 1.5 n 2^-1074
+    return _Affine(wc, wa * grow, torch.nan_to_num(wr * (grow * (1 + g)), nan=math.inf) + g * wa,
+                   n * (fmt.eta + 2.0**-1073), bc, bs)
 
 
-def _affine(x: Box, p: _Affine, op: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> Box:
+def _affine(x: Box, p: _Affine, op: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], fmt: Precision) -> Box:
     """``op(x, w) + b`` for a bilinear ``op`` (linear, convolution) over intervals, center-radius form."""
     xc, xr = _mid_rad(x)
     c = op(xc, p.wc)
-    r = op(xc.abs() + xr, p.ws)
+    r = op(xc.abs() + xr, p.ws) + p.tiny
     if x.lo is not x.hi:
         r = r + op(xr, p.wx)
     if p.bc is not None:
@@ -132,14 +152,14 @@ def _affine(x: Box, p: _Affine, op: Callable[[torch.Tensor, torch.Tensor], torch
     return Box(c - r, c + r)
 
 
-def _add(a: Box, b: Box, u: float) -> Box:
+def _add(a: Box, b: Box, fmt: Precision) -> Box:
     out = Box(a.lo + b.lo, a.hi + b.hi)
-    return out.widen((u + 2 * U64) * (a.sup() + b.sup()))
+    return out.widen((fmt.u + 2 * U64) * (a.sup() + b.sup()))
 
 
-def _monotone(x: Box, fn: Callable[[torch.Tensor], torch.Tensor], u: float, exact: bool = False) -> Box:
+def _monotone(x: Box, fn: Callable[[torch.Tensor], torch.Tensor], fmt: Precision, exact: bool = False) -> Box:
     out = x.map(fn)
-    return out if exact else out.widen(16 * u * out.sup() + TINY)
+    return out if exact else out.widen(16 * fmt.u * out.sup() + 4 * fmt.eta + TINY)
 
 
 def _as_box(v: Any) -> Box:
@@ -258,7 +278,7 @@ class IntervalNet:
                                     f"{', '.join(unsaved[:3])} is not in the model's state_dict (a tensor made in "
                                     "forward, or a non-persistent buffer): register it as a persistent buffer")
         self._source: Any = None
-        self._unit = 0.0
+        self._fmt: Precision | None = None
         self._prep: dict[str, _Affine] = {}
 
     def _prepared(self, target: str, make: Callable[[], _Affine]) -> _Affine:
@@ -266,12 +286,12 @@ class IntervalNet:
             self._prep[target] = make()
         return self._prep[target]
 
-    def propagate(self, weights: Mapping[str, Box], x: Box, u: float) -> Box:
+    def propagate(self, weights: Mapping[str, Box], x: Box, fmt: Precision) -> Box:
         """Intervals of the outputs for inputs in ``x`` and weights in ``weights`` (by qualified name);
-        ``u``: the unit roundoff of the reference computation."""
+        ``fmt``: the reference computation's format."""
         env: dict[fx.Node, Any] = {}
-        if self._source is not weights or self._unit != u:
-            self._source, self._unit, self._prep = weights, u, {}
+        if self._source is not weights or self._fmt != fmt:
+            self._source, self._fmt, self._prep = weights, fmt, {}
 
         def val(a: Any) -> Any:
             return fx.node.map_arg(a, lambda n: env[n])
@@ -286,32 +306,32 @@ class IntervalNet:
             elif node.op == "get_attr":
                 out = get(str(node.target))
             elif node.op == "call_module":
-                out = self._module(str(node.target), args[0], get, u)
+                out = self._module(str(node.target), args[0], get, fmt)
             elif node.op == "call_function":
-                out = self._function(node.target, args, kwargs, u)
+                out = self._function(node.target, args, kwargs, fmt)
             elif node.op == "call_method":
-                out = self._method(str(node.target), args, kwargs, u)
+                out = self._method(str(node.target), args, kwargs, fmt)
             else:  # output
                 out = args[0]
                 return out if isinstance(out, Box) else _as_box(out)
             env[node] = out
         raise InvalidInputError("the traced model has no output")
 
-    def _module(self, target: str, x: Box, get: Callable[[str], Box], u: float) -> Box:
+    def _module(self, target: str, x: Box, get: Callable[[str], Box], fmt: Precision) -> Box:
         mod = self.gm.get_submodule(target)
         w = lambda n: get(f"{target}.{n}")  # noqa: E731
         if isinstance(mod, nn.Linear):
             p = self._prepared(target, lambda: _prepare(w("weight"), None if mod.bias is None else w("bias"),
-                                                        mod.in_features + 1, u, (mod.out_features,)))
-            return _affine(x, p, F.linear)
+                                                        mod.in_features + 1, fmt, (mod.out_features,)))
+            return _affine(x, p, F.linear, fmt)
         if isinstance(mod, (nn.Conv1d, nn.Conv2d)):
             conv = F.conv1d if isinstance(mod, nn.Conv1d) else F.conv2d
             kw = dict(stride=mod.stride, padding=mod.padding, dilation=mod.dilation, groups=mod.groups)
             n = mod.in_channels // mod.groups * math.prod(mod.kernel_size) + 1
             shape = (1, mod.out_channels) + (1,) * (x.lo.dim() - 2)
-            p = self._prepared(target, lambda: _prepare(w("weight"), None if mod.bias is None else w("bias"), n, u,
+            p = self._prepared(target, lambda: _prepare(w("weight"), None if mod.bias is None else w("bias"), n, fmt,
                                                         shape))
-            return _affine(x, p, lambda a, b: conv(a, b, **kw))
+            return _affine(x, p, lambda a, b: conv(a, b, **kw), fmt)
         if isinstance(mod, (nn.BatchNorm1d, nn.BatchNorm2d)):
             one = Box(torch.ones(mod.num_features, dtype=torch.float64), torch.ones(mod.num_features,
                                                                                      dtype=torch.float64))
@@ -319,18 +339,18 @@ class IntervalNet:
                                                                                         dtype=torch.float64))
             g = w("weight") if mod.affine else one
             beta = w("bias") if mod.affine else zero
-            return _batch_norm(x, w("running_mean"), w("running_var"), g, beta, mod.eps, u)
+            return _batch_norm(x, w("running_mean"), w("running_var"), g, beta, mod.eps, fmt)
         if type(mod) in _EXACT_ACT:
             return x.map(_EXACT_ACT[type(mod)](mod))
         if type(mod) in _ACT:
-            return _monotone(x, _ACT[type(mod)](mod), u)  # type: ignore[arg-type]
+            return _monotone(x, _ACT[type(mod)](mod), fmt)  # type: ignore[arg-type]
         if isinstance(mod, (nn.MaxPool1d, nn.MaxPool2d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d)):
             return x.map(mod)
         if isinstance(mod, (nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d)):
-            return _avg(x, mod, u)
+            return _avg(x, mod, fmt)
         return x.map(mod)  # Flatten, Dropout (eval), Identity
 
-    def _function(self, fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any], u: float) -> Any:
+    def _function(self, fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any], fmt: Precision) -> Any:
         boxes = [a for a in args if isinstance(a, Box)]
         if not boxes and fn not in (torch.cat,):
             return fn(*args, **kwargs)  # arithmetic on sizes
@@ -340,11 +360,11 @@ class IntervalNet:
         if fn in _FN_ACT:
             if fn is F.leaky_relu and (args[1:] or [kwargs.get("negative_slope", 0.01)])[0] < 0:
                 raise InvalidInputError("progressive evaluation cannot bound leaky_relu with a negative slope")
-            return _monotone(x, lambda t: _FN_ACT[fn](t, *args[1:], **kwargs), u)
+            return _monotone(x, lambda t: _FN_ACT[fn](t, *args[1:], **kwargs), fmt)
         if fn in _FN_POOL_MAX:
             return x.map(lambda t: fn(t, *args[1:], **kwargs))
         if fn in _FN_POOL_AVG:
-            return _avg(x, lambda t: fn(t, *args[1:], **kwargs), u)
+            return _avg(x, lambda t: fn(t, *args[1:], **kwargs), fmt)
         if fn in _FN_SHAPE or fn is operator.getitem or fn is F.dropout:
             if fn is F.dropout:
                 return x
@@ -355,7 +375,7 @@ class IntervalNet:
             a, b = _as_box(args[0]), _as_box(args[1])
             if fn in (operator.sub, torch.sub):
                 b = Box(-b.hi, -b.lo)
-            return _add(a, b, u)
+            return _add(a, b, fmt)
         if fn in (operator.mul, torch.mul):
             a, b = args[0], args[1]
             if isinstance(a, Box) and isinstance(b, Box):
@@ -363,7 +383,7 @@ class IntervalNet:
             else:
                 box, c = (a, b) if isinstance(a, Box) else (b, a)
                 p = _mul(box, _as_box(c))
-            return p.widen(u * p.sup())
+            return p.widen(fmt.u * p.sup() + 2 * fmt.eta)
         if fn is torch.cat:
             parts = [_as_box(a) for a in args[0]]
             return Box(torch.cat([p.lo for p in parts], *args[1:], **kwargs),
@@ -371,19 +391,19 @@ class IntervalNet:
         if fn is F.linear:
             wgt = _as_box(args[1])
             bias = args[2] if len(args) > 2 else kwargs.get("bias")
-            p = _prepare(wgt, None if bias is None else _as_box(bias), wgt.shape[1] + 1, u, (wgt.shape[0],))
-            return _affine(x, p, F.linear)
+            p = _prepare(wgt, None if bias is None else _as_box(bias), wgt.shape[1] + 1, fmt, (wgt.shape[0],))
+            return _affine(x, p, F.linear, fmt)
         if fn in (F.conv1d, F.conv2d):
             wgt = _as_box(args[1])
             bias = args[2] if len(args) > 2 else kwargs.pop("bias", None)
             rest = dict(zip(("stride", "padding", "dilation", "groups"), args[3:])) | kwargs
             n = wgt.shape[1] * math.prod(wgt.shape[2:]) + 1
             shape = (1, wgt.shape[0]) + (1,) * (x.lo.dim() - 2)
-            p = _prepare(wgt, None if bias is None else _as_box(bias), n, u, shape)
-            return _affine(x, p, lambda a, b: fn(a, b, **rest))
+            p = _prepare(wgt, None if bias is None else _as_box(bias), n, fmt, shape)
+            return _affine(x, p, lambda a, b: fn(a, b, **rest), fmt)
         raise InvalidInputError(f"progressive evaluation cannot bound function {getattr(fn, '__name__', fn)}")
 
-    def _method(self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any], u: float) -> Any:
+    def _method(self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any], fmt: Precision) -> Any:
         x = args[0]
         if not isinstance(x, Box):
             return getattr(x, name)(*args[1:], **kwargs)
@@ -392,18 +412,18 @@ class IntervalNet:
         if name in _METHOD_SHAPE:
             return x.map(lambda t: getattr(t, name)(*args[1:], **kwargs))
         if name == "add":
-            return _add(x, _as_box(args[1]), u)
+            return _add(x, _as_box(args[1]), fmt)
         fn, exact = _METHOD_ACT[name]
-        return _monotone(x, fn, u, exact)
+        return _monotone(x, fn, fmt, exact)
 
 
-def _avg(x: Box, pool: Callable[[torch.Tensor], torch.Tensor], u: float) -> Box:
+def _avg(x: Box, pool: Callable[[torch.Tensor], torch.Tensor], fmt: Precision) -> Box:
     out = x.map(pool)
     n = math.prod(x.shape[2:]) + 1  # at most the whole plane is averaged
-    return out.widen(_gamma(n, u) * pool(x.sup()))
+    return out.widen(_gamma(n, fmt.u) * pool(x.sup()) + 4 * fmt.eta)
 
 
-def _batch_norm(x: Box, mean: Box, var: Box, g: Box, b: Box, eps: float, u: float) -> Box:
+def _batch_norm(x: Box, mean: Box, var: Box, g: Box, b: Box, eps: float, fmt: Precision) -> Box:
     """``(x - mean) / sqrt(var + eps) * g + b`` per channel (dimension 1) over intervals."""
     shape = (1, -1) + (1,) * (x.lo.dim() - 2)
     inv_lo = 1 / torch.sqrt(var.hi + eps)
@@ -416,7 +436,10 @@ def _batch_norm(x: Box, mean: Box, var: Box, g: Box, b: Box, eps: float, u: floa
     centered = Box(x.lo - m.hi, x.hi - m.lo)
     y = _mul(centered, scale)
     y = Box(y.lo + beta.lo, y.hi + beta.hi)
-    return y.widen(8 * (u + 4 * U64) * ((x.sup() + m.sup()) * scale.sup() + beta.sup()) + TINY)
+    terms, rel = (x.sup() + m.sup()) * scale.sup() + beta.sup(), 8 * (fmt.u + 4 * U64)
+    # underflow: the scale (g / sqrt(var + eps), or the steps to it) errs by up to eta / 2 absolute, times x or mean
+    tiny = 4 * fmt.eta * (x.sup() + m.sup() + g.sup().reshape(shape) + 1) + TINY
+    return y.widen(rel * terms + tiny)
 
 
 # -- deciding labels -------------------------------------------------------------------------------------------
@@ -485,13 +508,12 @@ def _weight_names(net: IntervalNet, names: Mapping[str, str] | Callable[[str], s
     return {w: names.get(w, w) for w in net.weights}
 
 
-def _unit(dtypes: Iterable[str], inputs: torch.Tensor) -> float:
-    """Unit roundoff of the reference computation: that of the least precise weights or inputs."""
+def _precision(dtypes: Iterable[str], inputs: torch.Tensor) -> Precision:
+    """The reference computation's format: the least precise and narrowest of the weights' and inputs'."""
     from gpupas.integrations.torch import numpy_to_tensor
     from gpupas.pas.bounds import np_dtype
 
-    found = [numpy_to_tensor(np.zeros(0, np_dtype(d))).dtype for d in dtypes] + [inputs.dtype]
-    return max(UNIT.get(d, 2.0**-8) for d in found)
+    return Precision.of([numpy_to_tensor(np.zeros(0, np_dtype(d))).dtype for d in dtypes] + [inputs.dtype])
 
 
 def _check_inputs(model: nn.Module, inputs: torch.Tensor) -> None:
@@ -508,12 +530,12 @@ def _boxes(net: IntervalNet, read: Any, mapping: Mapping[str, str]) -> dict[str,
                    torch.from_numpy(np.asarray(read.hi[mapping[w]], np.float64))) for w in net.weights}
 
 
-def _propagate(net: IntervalNet, boxes: Mapping[str, Box], x: torch.Tensor, u: float, batch_size: int) -> Box:
+def _propagate(net: IntervalNet, boxes: Mapping[str, Box], x: torch.Tensor, fmt: Precision, batch_size: int) -> Box:
     los, his = [], []
     for i in range(0, x.shape[0], batch_size):
         xb = x[i : i + batch_size].to(torch.float64)
         with torch.no_grad():
-            out = net.propagate(boxes, Box(xb, xb), u)
+            out = net.propagate(boxes, Box(xb, xb), fmt)
         los.append(out.lo)
         his.append(out.hi)
     return Box(torch.cat(los), torch.cat(his))
@@ -537,8 +559,8 @@ def bound_outputs(model: nn.Module, read: Any, inputs: torch.Tensor, *,
     net = IntervalNet(model)
     _check_inputs(model, inputs)
     mapping = _weight_names(net, names)
-    u = _unit([read.lo[t].dtype.name for t in mapping.values()], inputs)
-    return _propagate(net, _boxes(net, read, mapping), inputs.detach(), u, batch_size)
+    fmt = _precision([read.lo[t].dtype.name for t in mapping.values()], inputs)
+    return _propagate(net, _boxes(net, read, mapping), inputs.detach(), fmt, batch_size)
 
 
 def evaluate_progressive(model: nn.Module, archive: Any, snapshot: str, inputs: torch.Tensor, *, topk: int = 1,
@@ -580,7 +602,7 @@ def evaluate_progressive(model: nn.Module, archive: Any, snapshot: str, inputs: 
     tensors = list(dict.fromkeys(mapping.values()))
     entries = archive.manifest(snapshot).select(tensors)
     width = max((e.width for e in entries), default=1)
-    u = _unit([e.dtype for e in entries], inputs)
+    fmt = _precision([e.dtype for e in entries], inputs)
     x = inputs.detach()
     n = x.shape[0]
     labels = torch.full((n,) if topk == 1 else (n, topk), -1, dtype=torch.long)
@@ -614,7 +636,7 @@ def evaluate_progressive(model: nn.Module, archive: Any, snapshot: str, inputs: 
                     if evaluated and sum(len(t) for t in left) == evaluated:  # the probe decided nothing
                         left.append(part)
                         continue
-                    out = _propagate(net, boxes, x[part], u, batch_size)
+                    out = _propagate(net, boxes, x[part], fmt, batch_size)
                     ok, lab = decide(out.lo, out.hi, topk)
                     labels[part[ok]] = lab[ok]
                     result.planes[part[ok]] = k
