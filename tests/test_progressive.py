@@ -290,6 +290,51 @@ def test_results_that_underflow_to_zero_are_held(tmp_path: Path, kind: str, dtyp
         assert torch.equal(r.labels, y.argmax(1))
 
 
+def _overflow_net(dtype: torch.dtype) -> tuple[nn.Module, torch.Tensor]:
+    """A hidden unit beyond the largest finite value of ``dtype`` (Inf in the model), then ``0 * Inf``: the
+    logits are [Inf, NaN], argmax 1; float64 intervals kept the unit finite and decided class 0."""
+    big = torch.finfo(dtype).max
+    net = nn.Sequential(nn.Linear(1, 1), nn.ReLU(), nn.Linear(1, 2)).to(dtype)
+    with torch.no_grad():
+        net[0].weight.fill_(big * 0.9), net[0].bias.fill_(big * 0.9)
+        net[2].weight.copy_(torch.tensor([[1.0], [0.0]])), net[2].bias.copy_(torch.tensor([0.0, 1.0]))
+    return net.eval(), torch.ones(1, 1, dtype=dtype)
+
+
+class _AddOverflow(nn.Module):
+    """Two finite halves whose sum overflows (a residual add), then a weight of 0: NaN."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.out = nn.Linear(1, 1), nn.Linear(1, 1), nn.Linear(1, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.a(x) + self.b(x))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+def test_overflow_to_inf_leaves_the_label_to_the_model(tmp_path: Path, dtype: torch.dtype) -> None:
+    """Where a unit may overflow in the model's dtype its interval is unbounded, so a NaN logit
+    (which argmax picks) is never outvoted by float64 intervals that stayed finite."""
+    big = torch.finfo(dtype).max
+    add = _AddOverflow().to(dtype)
+    with torch.no_grad():
+        for lin in (add.a, add.b):
+            lin.weight.fill_(big * 0.6), lin.bias.zero_()
+        add.out.weight.copy_(torch.tensor([[1.0], [0.0]])), add.out.bias.copy_(torch.tensor([0.0, 1.0]))
+    for net, x in (_overflow_net(dtype), (add.eval(), torch.ones(1, 1, dtype=dtype))):
+        with torch.no_grad():
+            y = net(x)
+        assert bool(y[0, 1].isnan())  # the premise: a NaN logit
+        with gpupas.create_archive(tmp_path / str(id(net))) as arc:
+            m = arc.commit(net.state_dict(), layout=BOUNDED)
+            for planes in range(1, int(dtype.itemsize) + 1):
+                box = bound_outputs(net, arc.read_planes(m.id, planes), x)
+                assert _holds(box, y) and not bool(decide(box.lo, box.hi)[0].any()), planes
+            r = evaluate_progressive(net, arc, m.id, x, check=True)
+            assert r.labels.tolist() == [1] and r.planes.tolist() == [int(dtype.itemsize)]
+
+
 def test_inverted_or_nan_intervals_decide_nothing() -> None:
     lo = torch.tensor([[2.0, 0.0], [2.0, 0.0], [2.0, 0.0]], dtype=torch.float64)
     hi = torch.tensor([[1.0, 0.5], [3.0, float("nan")], [3.0, 0.5]], dtype=torch.float64)

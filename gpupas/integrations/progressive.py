@@ -17,8 +17,12 @@ Soundness: intervals are propagated in float64 in center-radius form, every laye
 on the rounding error of the reference computation (IEEE arithmetic at the weights' precision, with
 subnormals: ``gamma_n = 1.01 (n + 2)(u + 4 * 2^-53)`` times ``|W| |x|`` plus ``n eta`` for a dot
 product of ``n`` terms, ``u`` the unit roundoff and ``eta`` the smallest subnormal; 16 ulps for
-library activations) and of the float64 propagation itself. That holds for ordinary CPU kernels
-without flush-to-zero (``torch.set_flush_denormal(True)`` is not covered); on CUDA turn TF32 off
+library activations) and of the float64 propagation itself. Where the reference may overflow (some
+partial sum's magnitude can reach the format's largest finite value), or an input or weight is
+unbounded, the value is unknown from there on (NaN ends inside, so that no later activation bounds
+it again; -Inf and Inf at the outputs) and decides nothing: such inputs are labelled by the model at
+the last plane, Inf and NaN logits included. That holds for ordinary CPU kernels without
+flush-to-zero (``torch.set_flush_denormal(True)`` is not covered); on CUDA turn TF32 off
 (``torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False``).
 """
 
@@ -66,7 +70,7 @@ class Box:
     """Elementwise intervals [lo, hi] (float64 tensors of one shape)."""
 
     lo: torch.Tensor
-    hi: torch.Tensor
+    hi: torch.Tensor  # both NaN where the reference's value is unknown: it may be Inf or NaN (see _seal)
 
     @property
     def shape(self) -> torch.Size:
@@ -80,13 +84,21 @@ class Box:
         """A structural or monotone (nondecreasing) function applied to both ends."""
         return Box(fn(self.lo), fn(self.hi))
 
-    def widen(self, r: torch.Tensor) -> Box:
-        r = torch.nan_to_num(r, nan=math.inf)
-        return Box(_nan(self.lo - r, -math.inf), _nan(self.hi + r, math.inf))
+    def widen(self, r: torch.Tensor | float) -> Box:
+        return Box(self.lo - r, self.hi + r)
 
 
-def _nan(x: torch.Tensor, fill: float) -> torch.Tensor:
-    return torch.nan_to_num(x, nan=fill, posinf=math.inf, neginf=-math.inf)
+def _seal(b: Box, fmt: Precision, mag: torch.Tensor | None = None) -> Box:
+    """``b`` with NaN ends wherever the reference may not be finite: an end not finite, or ``mag`` (a bound on
+    the magnitude of every value the reference computes on the way there, rounding included) at or above the
+    format's largest finite value (overflow to Inf, and then Inf - Inf or 0 * Inf). NaN ends stay NaN
+    through every operation, and :func:`decide` decides nothing from them."""
+    bad = ~(torch.isfinite(b.lo) & torch.isfinite(b.hi))
+    if mag is not None:
+        bad = bad | ~(mag < fmt.big)  # NaN mag too
+    if not bool(bad.any()):
+        return b
+    return Box(b.lo.masked_fill(bad, math.nan), b.hi.masked_fill(bad, math.nan))
 
 
 def _mid_rad(b: Box) -> tuple[torch.Tensor, torch.Tensor]:
@@ -106,60 +118,93 @@ def _gamma(n: int, u: float) -> float:
 
 
 def _mul(a: Box, b: Box) -> Box:
-    """Interval product (0 * Inf counts as unbounded)."""
+    """Interval product (an unknown factor, or 0 * Inf, gives NaN ends)."""
     p = torch.stack([a.lo * b.lo, a.lo * b.hi, a.hi * b.lo, a.hi * b.hi])
-    return Box(_nan(p, -math.inf).amin(0), _nan(p, math.inf).amax(0))
+    return Box(p.amin(0), p.amax(0))
 
 
 @dataclass
 class _Affine:
     """A layer's weights prepared for interval propagation: ``op(x, w) + b`` is in
-    ``op(xc, wc) + bc ± (op(xr, wx) + op(|xc| + xr, ws) + bs + tiny)``."""
+    ``op(xc, wc) + bc ± (op(xr, wx) + op(|xc| + xr, ws) + bs + tiny)``, and every partial sum's magnitude is
+    at most ``op(|xc| + xr, wabs) + babs``."""
 
     wc: torch.Tensor
     wx: torch.Tensor  # |wc|, scaled up for the propagation's own rounding
     ws: torch.Tensor  # the weights' radius and the reference's relative rounding
+    wabs: torch.Tensor  # (|wc| + wr) (1 + gamma), rounded up
+    wmax: float  # the largest row sum of wabs (a cheap overflow test)
     tiny: float  # the reference's (and the propagation's) absolute rounding: underflow
     bc: torch.Tensor | None
     bs: torch.Tensor | None
+    babs: torch.Tensor | float
+    bad: torch.Tensor | None  # output channels with an unknown weight or bias
 
 
 def _prepare(w: Box, b: Box | None, n: int, fmt: Precision, bias_shape: tuple[int, ...]) -> _Affine:
+    wbad = ~(torch.isfinite(w.lo) & torch.isfinite(w.hi))
     wc, wr = _mid_rad(w)
+    wc, wr = wc.masked_fill(wbad, 0.0), wr.masked_fill(wbad, 0.0)
     grow, g = 1 + 4 * (n + 2) * U64, _gamma(n, fmt.u)
     wa = wc.abs()
+    wabs = (wa + wr) * (grow * (1 + g))
+    bad = wbad.flatten(1).any(1)
     bc = bs = None
+    babs: torch.Tensor | float = 0.0
     if b is not None:
+        bbad = ~(torch.isfinite(b.lo) & torch.isfinite(b.hi))
+        bad = bad | bbad
         bcc, br = _mid_rad(b)
-        bc, bs = bcc.reshape(bias_shape), ((br * grow) + g * b.sup()).reshape(bias_shape)
+        bcc, br, bsup = bcc.masked_fill(bbad, 0.0), br.masked_fill(bbad, 0.0), b.sup().masked_fill(bbad, 0.0)
+        bc, bs = bcc.reshape(bias_shape), ((br * grow) + g * bsup).reshape(bias_shape)
+        babs = (bsup * (grow * (1 + g))).reshape(bias_shape)
     # a product in the reference's format errs by at most u |ab| + eta / 2, a sum by u |a + b| (exact when
     # subnormal): n eta / 2, doubled for safety; the float64 propagation's three products of n terms 1.5 n 2^-1074
-    return _Affine(wc, wa * grow, torch.nan_to_num(wr * (grow * (1 + g)), nan=math.inf) + g * wa,
-                   n * (fmt.eta + 2.0**-1073), bc, bs)
+    return _Affine(wc, wa * grow, wr * (grow * (1 + g)) + g * wa, wabs, float(wabs.flatten(1).sum(1).max()) * grow,
+                   n * (fmt.eta + 2.0**-1073), bc, bs, babs if b is not None else 0.0,
+                   bad.reshape(bias_shape) if bool(bad.any()) else None)
 
 
 def _affine(x: Box, p: _Affine, op: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], fmt: Precision) -> Box:
-    """``op(x, w) + b`` for a bilinear ``op`` (linear, convolution) over intervals, center-radius form."""
+    """``op(x, w) + b`` for a bilinear ``op`` (linear, convolution) over intervals, center-radius form; unknown
+    (NaN ends) where an input or weight it uses is, or where a partial sum may overflow."""
+    xbad = ~(torch.isfinite(x.lo) & torch.isfinite(x.hi))
     xc, xr = _mid_rad(x)
+    anybad = bool(xbad.any())
+    if anybad:
+        xc, xr = xc.masked_fill(xbad, 0.0), xr.masked_fill(xbad, 0.0)
+    xa = xc.abs() + xr
     c = op(xc, p.wc)
-    r = op(xc.abs() + xr, p.ws) + p.tiny
+    r = op(xa, p.ws) + p.tiny
     if x.lo is not x.hi:
         r = r + op(xr, p.wx)
     if p.bc is not None:
         c = c + p.bc
         r = r + p.bs  # type: ignore[operator]
-    r = torch.nan_to_num(r, nan=math.inf)
-    return Box(c - r, c + r)
+    mag = None
+    bmax = float(p.babs.max()) if isinstance(p.babs, torch.Tensor) else 0.0
+    if xa.numel() and float(xa.max()) * p.wmax + bmax + p.tiny >= fmt.big / 2:  # some sum may overflow
+        mag = op(xa, p.wabs) + p.babs + p.tiny
+    out = _seal(Box(c - r, c + r), fmt, mag)
+    if anybad:  # NaN * 0 is NaN: every output whose window holds an unknown input
+        out = _seal(out, fmt, torch.where(op(xbad.to(xc.dtype), torch.ones_like(p.wc)) > 0, math.inf, 0.0))
+    if p.bad is not None:
+        out = _seal(out, fmt, torch.where(p.bad, math.inf, 0.0))
+    return out
 
 
 def _add(a: Box, b: Box, fmt: Precision) -> Box:
     out = Box(a.lo + b.lo, a.hi + b.hi)
-    return out.widen((fmt.u + 2 * U64) * (a.sup() + b.sup()))
+    s = a.sup() + b.sup()
+    return _seal(out.widen((fmt.u + 2 * U64) * s), fmt, s * (1 + 2 * fmt.u + 4 * U64))
 
 
 def _monotone(x: Box, fn: Callable[[torch.Tensor], torch.Tensor], fmt: Precision, exact: bool = False) -> Box:
     out = x.map(fn)
-    return out if exact else out.widen(16 * fmt.u * out.sup() + 4 * fmt.eta + TINY)
+    if exact:
+        return out
+    out = out.widen(16 * fmt.u * out.sup() + 4 * fmt.eta + TINY)
+    return _seal(out, fmt, out.sup())
 
 
 def _as_box(v: Any) -> Box:
@@ -288,7 +333,7 @@ class IntervalNet:
 
     def propagate(self, weights: Mapping[str, Box], x: Box, fmt: Precision) -> Box:
         """Intervals of the outputs for inputs in ``x`` and weights in ``weights`` (by qualified name);
-        ``fmt``: the reference computation's format."""
+        ``fmt``: the reference computation's format. Ends -Inf and Inf: unbounded (the output may be Inf or NaN)."""
         env: dict[fx.Node, Any] = {}
         if self._source is not weights or self._fmt != fmt:
             self._source, self._fmt, self._prep = weights, fmt, {}
@@ -302,7 +347,7 @@ class IntervalNet:
         for node in self.gm.graph.nodes:
             args, kwargs = val(node.args), val(node.kwargs)
             if node.op == "placeholder":
-                out: Any = x
+                out: Any = _seal(x, fmt)
             elif node.op == "get_attr":
                 out = get(str(node.target))
             elif node.op == "call_module":
@@ -312,8 +357,9 @@ class IntervalNet:
             elif node.op == "call_method":
                 out = self._method(str(node.target), args, kwargs, fmt)
             else:  # output
-                out = args[0]
-                return out if isinstance(out, Box) else _as_box(out)
+                out = args[0] if isinstance(args[0], Box) else _as_box(args[0])
+                unknown = out.lo.isnan() | out.hi.isnan()
+                return Box(out.lo.masked_fill(unknown, -math.inf), out.hi.masked_fill(unknown, math.inf))
             env[node] = out
         raise InvalidInputError("the traced model has no output")
 
@@ -383,7 +429,7 @@ class IntervalNet:
             else:
                 box, c = (a, b) if isinstance(a, Box) else (b, a)
                 p = _mul(box, _as_box(c))
-            return p.widen(fmt.u * p.sup() + 2 * fmt.eta)
+            return _seal(p.widen(fmt.u * p.sup() + 2 * fmt.eta), fmt, p.sup() * (1 + 2 * fmt.u))
         if fn is torch.cat:
             parts = [_as_box(a) for a in args[0]]
             return Box(torch.cat([p.lo for p in parts], *args[1:], **kwargs),
@@ -420,7 +466,8 @@ class IntervalNet:
 def _avg(x: Box, pool: Callable[[torch.Tensor], torch.Tensor], fmt: Precision) -> Box:
     out = x.map(pool)
     n = math.prod(x.shape[2:]) + 1  # at most the whole plane is averaged
-    return out.widen(_gamma(n, fmt.u) * pool(x.sup()) + 4 * fmt.eta)
+    g, s = _gamma(n, fmt.u), pool(x.sup())
+    return _seal(out.widen(g * s + 4 * fmt.eta), fmt, s * (n * (1 + g)))  # the sum, before dividing
 
 
 def _batch_norm(x: Box, mean: Box, var: Box, g: Box, b: Box, eps: float, fmt: Precision) -> Box:
@@ -439,7 +486,7 @@ def _batch_norm(x: Box, mean: Box, var: Box, g: Box, b: Box, eps: float, fmt: Pr
     terms, rel = (x.sup() + m.sup()) * scale.sup() + beta.sup(), 8 * (fmt.u + 4 * U64)
     # underflow: the scale (g / sqrt(var + eps), or the steps to it) errs by up to eta / 2 absolute, times x or mean
     tiny = 4 * fmt.eta * (x.sup() + m.sup() + g.sup().reshape(shape) + 1) + TINY
-    return y.widen(rel * terms + tiny)
+    return _seal(y.widen(rel * terms + tiny), fmt, torch.maximum(terms, scale.sup()) * (1 + rel) + tiny)
 
 
 # -- deciding labels -------------------------------------------------------------------------------------------
@@ -544,8 +591,8 @@ def _propagate(net: IntervalNet, boxes: Mapping[str, Box], x: torch.Tensor, fmt:
 def bound_outputs(model: nn.Module, read: Any, inputs: torch.Tensor, *,
                   names: Mapping[str, str] | Callable[[str], str] | None = None, batch_size: int = 1024) -> Box:
     """Guaranteed intervals of ``model``'s outputs on ``inputs`` with weights bounded by ``read`` (an
-    :meth:`gpupas.Archive.read_planes` result): they hold what the model computes with the true weights.
-    ``inputs`` must have the model's dtype.
+    :meth:`gpupas.Archive.read_planes` result): they hold what the model computes with the true weights
+    (-Inf and Inf where it may compute Inf or NaN). ``inputs`` must have the model's dtype.
 
     >>> import torch, gpupas, tempfile
     >>> net = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Tanh()).eval()
