@@ -335,6 +335,46 @@ def test_overflow_to_inf_leaves_the_label_to_the_model(tmp_path: Path, dtype: to
             assert r.labels.tolist() == [1] and r.planes.tolist() == [int(dtype.itemsize)]
 
 
+class _FnSoftplus(nn.Module):
+    def __init__(self, beta: float, threshold: float) -> None:
+        super().__init__()
+        self.fc, self.beta, self.threshold = nn.Linear(1, 1, bias=False), beta, threshold
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.softplus(self.fc(x), self.beta, self.threshold)
+
+
+@pytest.mark.parametrize("beta,threshold", [(1.0, 0.5), (2.0, 20.0), (0.5, -1.0), (3.0, 0.0), (1.0, 200.0)])
+def test_softplus_is_bounded_across_its_threshold(tmp_path: Path, beta: float, threshold: float) -> None:
+    """``softplus`` switches from ``log1p(exp(beta x)) / beta`` to ``x`` above ``beta x > threshold``, where it
+    drops: it is not monotone, and an interval across the switch must hold both branches."""
+    x = torch.linspace(-6, 6, 401).reshape(-1, 1) + threshold / beta
+    for net in (nn.Sequential(nn.Linear(1, 1, bias=False), nn.Softplus(beta, threshold)), _FnSoftplus(beta, threshold)):
+        net = net.eval()
+        with torch.no_grad():
+            (net[0] if isinstance(net, nn.Sequential) else net.fc).weight.fill_(0.999)
+            y = net(x)
+        with gpupas.create_archive(tmp_path / str(id(net))) as arc:
+            m = arc.commit(net.state_dict(), layout=BOUNDED)
+            for planes in (1, 2, 3, 4):
+                box = bound_outputs(net, arc.read_planes(m.id, planes), x)
+                assert _holds(box, y) and not bool((box.lo > box.hi).any()), planes
+            z = beta * 0.999 * x  # exp(z) is Inf in float32 from z = 88.7: unbounded is right only near there
+            assert bool(torch.isfinite(box.lo[torch.isfinite(y) & ((z < 86) | (z > threshold * 1.01 + 0.01))]).all())
+
+
+def test_softplus_threshold_mislabel(tmp_path: Path) -> None:
+    """The tester's case: an interval across threshold 0.5 came out inverted and decided class 0."""
+    net = nn.Sequential(nn.Linear(1, 1, bias=False), nn.Softplus(beta=1.0, threshold=0.5), nn.Linear(1, 2)).eval()
+    with torch.no_grad():
+        net[0].weight.fill_(0.999)
+        net[2].weight.copy_(torch.tensor([[1.0], [0.0]])), net[2].bias.copy_(torch.tensor([0.0, 0.7]))
+    x = torch.tensor([[0.5015]])
+    with gpupas.create_archive(tmp_path / "a") as arc:
+        m = arc.commit(net.state_dict(), layout=BOUNDED)
+        assert evaluate_progressive(net, arc, m.id, x, check=True).labels.tolist() == [1]
+
+
 def test_inverted_or_nan_intervals_decide_nothing() -> None:
     lo = torch.tensor([[2.0, 0.0], [2.0, 0.0], [2.0, 0.0]], dtype=torch.float64)
     hi = torch.tensor([[1.0, 0.5], [3.0, float("nan")], [3.0, 0.5]], dtype=torch.float64)

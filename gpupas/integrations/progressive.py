@@ -9,9 +9,9 @@ inference (``check=True`` asserts it).
 
 Supported (traced with :func:`torch.fx.symbolic_trace`): Linear, Conv1d/2d, BatchNorm1d/2d in eval
 mode, ReLU and other monotone activations (ReLU6, Hardtanh, LeakyReLU, ELU, Sigmoid, Tanh,
-Softplus, Hardsigmoid), max and average pooling (adaptive too), flatten/view/reshape, residual adds
-(and subtraction, scaling by a constant, concatenation), Dropout and Identity. Anything else is
-refused before anything is read, naming the operation.
+Hardsigmoid), Softplus (any threshold), max and average pooling (adaptive too), flatten/view/reshape,
+residual adds (and subtraction, scaling by a constant, concatenation), Dropout and Identity. Anything
+else is refused before anything is read, naming the operation.
 
 Soundness: intervals are propagated in float64 in center-radius form, every layer widened by a bound
 on the rounding error of the reference computation (IEEE arithmetic at the weights' precision, with
@@ -207,6 +207,29 @@ def _monotone(x: Box, fn: Callable[[torch.Tensor], torch.Tensor], fmt: Precision
     return _seal(out, fmt, out.sup())
 
 
+def _softplus(x: Box, beta: float, threshold: float, fmt: Precision) -> Box:
+    """``F.softplus(x, beta, threshold)``: ``log1p(exp(beta x)) / beta`` where ``beta x <= threshold``, else
+    ``x``. Each branch is nondecreasing but the function drops at the switch, so the result is the hull of
+    the branches over the parts of ``[lo, hi]`` where each may be taken (the switch point known to a few
+    rounding errors)."""
+    u, lo, hi = fmt.u, x.lo, x.hi
+    t = threshold / beta
+    slack = (4 * u * abs(t) if math.isfinite(t) else 0.0) + 4 * fmt.eta / beta
+    t_lo, t_hi = t - slack, t + slack
+    may_log, may_lin = lo <= t_hi, hi > t_lo
+    top = torch.minimum(hi, torch.full_like(hi, t_hi))
+    ends = Box(lo, top).map(lambda v: torch.log1p(torch.exp(v * beta)) / beta)
+    z = beta * torch.maximum(lo.abs(), top.abs())  # exp's argument: its rounding error is |z| u relative
+    ends = ends.widen((32 + 2 * z) * u * ends.sup() + (4 * fmt.eta + TINY) * max(1.0, 1 / beta))
+    inf = torch.tensor(math.inf, dtype=lo.dtype)
+    lin_lo = torch.maximum(lo, torch.full_like(lo, t_lo))
+    out = Box(torch.minimum(torch.where(may_log, ends.lo, inf), torch.where(may_lin, lin_lo, inf)),
+              torch.maximum(torch.where(may_log, ends.hi, -inf), torch.where(may_lin, hi, -inf)))
+    # exp may overflow in the reference (Inf) before the switch to x: unknown there
+    over = may_log & ~(beta * top < math.log(fmt.big) - 1)
+    return _seal(out, fmt, torch.where(over, inf, out.sup()))
+
+
 def _as_box(v: Any) -> Box:
     if isinstance(v, Box):
         return v
@@ -303,6 +326,8 @@ class IntervalNet:
                                          F.conv1d, F.conv2d, getattr, operator.getitem, F.dropout))
                 if node.target in _MONOTONE_ARG and not _keeps_monotone(node, *_MONOTONE_ARG[node.target]):
                     ok = False  # a slope, alpha or beta that makes the function non-monotone (or is not a number)
+                if node.target is F.softplus and not _keeps_monotone(node, 2, "threshold", 20.0, lambda v: v == v):
+                    ok = False  # a threshold that is not a number (any number is bounded: see _softplus)
                 if node.target in (*_ADD, operator.sub, torch.sub) and "alpha" in node.kwargs:
                     ok = False  # a scaled operand: not bounded here
                 if not ok:
@@ -388,6 +413,8 @@ class IntervalNet:
             return _batch_norm(x, w("running_mean"), w("running_var"), g, beta, mod.eps, fmt)
         if type(mod) in _EXACT_ACT:
             return x.map(_EXACT_ACT[type(mod)](mod))
+        if isinstance(mod, nn.Softplus):
+            return _softplus(x, mod.beta, mod.threshold, fmt)
         if type(mod) in _ACT:
             return _monotone(x, _ACT[type(mod)](mod), fmt)  # type: ignore[arg-type]
         if isinstance(mod, (nn.MaxPool1d, nn.MaxPool2d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d)):
@@ -403,6 +430,9 @@ class IntervalNet:
         x = args[0]
         if fn in _FN_EXACT:
             return x.map(lambda t: _FN_EXACT[fn](t, *args[1:], **kwargs))
+        if fn is F.softplus:
+            beta = args[1] if len(args) > 1 else kwargs.get("beta", 1.0)
+            return _softplus(x, beta, args[2] if len(args) > 2 else kwargs.get("threshold", 20.0), fmt)
         if fn in _FN_ACT:
             if fn is F.leaky_relu and (args[1:] or [kwargs.get("negative_slope", 0.01)])[0] < 0:
                 raise InvalidInputError("progressive evaluation cannot bound leaky_relu with a negative slope")
