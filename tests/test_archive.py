@@ -384,6 +384,32 @@ def test_safetensors_file_input(archive: gpupas.Archive, tmp_path: Path) -> None
             archive.commit(bad)
 
 
+def test_safetensors_files_are_in_memory_once(tmp_path: Path) -> None:
+    """Loading a safetensors file holds it once (every tensor a view of it; it was read, then copied tensor by
+    tensor: twice the file at the peak), an unaligned tensor is copied aligned, and the arrays are writable."""
+    import tracemalloc
+
+    from gpupas.integrations.safetensors import load_file, save_file
+
+    big = np.random.default_rng(0).standard_normal((1024, 2048)).astype(np.float32)  # 8 MiB
+    path = tmp_path / "m.safetensors"
+    save_file({"big": big, "odd": np.arange(3, dtype=np.uint8)}, path)
+    tracemalloc.start()
+    try:
+        got = load_file(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 1.25 * path.stat().st_size, peak
+    assert got["big"].tobytes() == big.tobytes() and got["odd"].tolist() == [0, 1, 2]
+    got["big"][0, 0] = 1.0  # writable, as a copy was
+    header = json.dumps({"x": {"dtype": "F32", "shape": [2], "data_offsets": [1, 9]}}).encode()
+    header += b" " * (-len(header) % 8)  # the data starts 8-aligned, the tensor one byte in
+    path.write_bytes(len(header).to_bytes(8, "little") + header + b"\0" + np.float32([1.5, -2.0]).tobytes())
+    x = load_file(path)["x"]
+    assert x.flags.aligned and x.tolist() == [1.5, -2.0]
+
+
 def test_torch_state_dict_roundtrip(archive: gpupas.Archive) -> None:
     torch = pytest.importorskip("torch")
     state = {

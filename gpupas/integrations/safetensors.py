@@ -29,10 +29,14 @@ _CODES = {np.dtype(t).name: code for code, t in _DTYPES.items()}
 
 def load_file(path: str | os.PathLike[str], metadata: dict[str, str] | None = None) -> dict[str, np.ndarray]:
     """Tensors of a safetensors file; InvalidInputError names the file if it is damaged. ``metadata``: filled
-    with the header's ``__metadata__`` (string to string; other entries are left out)."""
+    with the header's ``__metadata__`` (string to string; other entries are left out). The arrays are views
+    of one buffer holding the file (copied only where a tensor's offset is not aligned for its dtype), so
+    the file is in memory once, for as long as one of them is."""
     path = os.fspath(path)
     with open(path, "rb") as f:
-        data = f.read()
+        data = bytearray(os.fstat(f.fileno()).st_size)
+        got = f.readinto(data)
+    del data[got:]  # a file that shrank meanwhile: what was read
     bad = f"{path} is not a valid safetensors file"
     if len(data) < 8:
         raise InvalidInputError(f"{bad}: it is shorter than its 8-byte header length")
@@ -65,7 +69,8 @@ def load_file(path: str | os.PathLike[str], metadata: dict[str, str] | None = No
         count = math.prod(shape)  # a Python int: a product past 2^63 cannot wrap into a small one
         if min(shape, default=0) < 0 or not 0 <= start <= end <= len(body) or end - start != count * dtype.itemsize:
             raise InvalidInputError(f"{bad}: tensor {name!r} does not fit its offsets (truncated file?)")
-        out[name] = np.frombuffer(body[start:end], dtype=dtype).reshape(shape).copy()
+        a = np.frombuffer(body[start:end], dtype=dtype).reshape(shape)
+        out[name] = a if a.flags.aligned else a.copy()
     return out
 
 
