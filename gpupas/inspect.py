@@ -125,6 +125,13 @@ def read_plane_bytes(archive: Any, snapshot: str, entries: Sequence[TensorEntry]
     -> uint8 array, its segments joined (for a delta, the delta's planes; context-split planes in their
     sorted order). ``planes``: only the highest that many, reading only the streams (and chunks) that
     hold them, so a tier holding only lower planes is never opened."""
+    pieces = _plane_pieces(archive, snapshot, entries, planes)
+    return {k: v[0] if len(v) == 1 else np.concatenate(v) for k, v in pieces.items()}
+
+
+def _plane_pieces(archive: Any, snapshot: str, entries: Sequence[TensorEntry] | None,
+                  planes: int | None) -> dict[tuple[str, int], list[np.ndarray]]:
+    """:func:`read_plane_bytes` before its segments are joined: views of the decoded streams."""
     from gpupas.backend import get_backend
     from gpupas.engine import decode
 
@@ -141,13 +148,22 @@ def read_plane_bytes(archive: Any, snapshot: str, entries: Sequence[TensorEntry]
     for e in entries:
         for s, start, plane, a, b in plane_ranges(e, m.segment, planes):
             out.setdefault((e.name, plane), []).append(bufs[s][start : start + b - a])
-    return {k: v[0] if len(v) == 1 else np.concatenate(v) for k, v in out.items()}
+    return out
 
 
-def _sampled_entropy(data: np.ndarray, sample: int) -> float:
-    if data.size > sample:
-        step = data.size // sample
-        data = data[: step * sample : step]
+def _sampled_entropy(pieces: Sequence[np.ndarray], sample: int) -> float:
+    """The entropy of every ``size // sample``-th byte of the pieces joined (not joined: a plane's sample,
+    not a copy of the plane)."""
+    n = sum(p.size for p in pieces)
+    step = n // sample if n > sample else 1
+    take = np.arange(0, step * sample if n > sample else n, step)
+    ends = np.cumsum([p.size for p in pieces])
+    which = np.searchsorted(ends, take, side="right")
+    data = np.empty(take.size, np.uint8)
+    for k, p in enumerate(pieces):
+        sel = which == k
+        if sel.any():
+            data[sel] = p[take[sel] - (ends[k] - p.size)]
     return float(_entropy(data))
 
 
@@ -164,7 +180,7 @@ def planes(source: Any, snapshot: str, *, planes: int | None = None, entropy: bo
 def _plane_rows(source: Any, snapshot: str, planes: int | None, entropy: bool, sample: int) -> list[dict[str, Any]]:
     archive = _archive(source)
     m = archive.manifest(snapshot)
-    data = read_plane_bytes(archive, snapshot, None, planes) if entropy else {}
+    data = _plane_pieces(archive, snapshot, None, planes) if entropy else {}
     out = []
     for e in m.tensors:
         tier = {}
@@ -179,7 +195,7 @@ def _plane_rows(source: Any, snapshot: str, planes: int | None, entropy: bool, s
                    "tier": tier.get(p, LOCAL)}
             if entropy:
                 got = data.get((e.name, p))
-                row["entropy"] = None if got is None or not got.size else _sampled_entropy(got, sample)
+                row["entropy"] = None if not got or not sum(x.size for x in got) else _sampled_entropy(got, sample)
             out.append(row)
     return out
 
