@@ -53,6 +53,12 @@ def _unreachable(loc: str, exc: BaseException) -> StoreUnavailableError:
                                  "variables for s3://); nothing half-written is visible: run the command again")
 
 
+def of_snapshot(folder: str, sids: Iterable[str]) -> bool:
+    """Whether stream folder ``folder`` (``<id>`` or ``<id>.<tag>``) belongs to one of ``sids`` (ids may hold
+    dots themselves: ``ckpt.100.1a2b3c4d`` is ``ckpt.100``'s)."""
+    return any(folder == s or folder.startswith(s + ".") for s in sids)
+
+
 class ArchiveStore:
     """Manifests and chunk folders of one archive, and the tiers (second stores) some streams live in.
 
@@ -310,7 +316,7 @@ class ArchiveStore:
                 unreadable.add(sid)
 
         def orphans(tier: str | None, have: list[str]) -> list[str]:
-            return [f for f in sorted(have) if (tier, f) not in named and f.split(".", 1)[0] not in unreadable]
+            return [f for f in sorted(have) if (tier, f) not in named and not of_snapshot(f, unreadable)]
 
         out = orphans(None, self.folders())
         for name in sorted(self.tier_table()):
@@ -384,7 +390,7 @@ class ArchiveStore:
         have = self.folders() if tier is None else self.tier_folders(tier)
         out = []
         for name in sorted(have):
-            if (tier, name) in named or name.split(".", 1)[0] in unreadable:
+            if (tier, name) in named or of_snapshot(name, unreadable):
                 continue
             age = store.age(keys.folder(name))
             if age is not None and age < min_age:
