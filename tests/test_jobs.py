@@ -181,15 +181,17 @@ def test_a_worker_that_dies_is_reported_with_what_to_do() -> None:
         run(SimpleNamespace(targets=[dask.delayed(os._exit)(3)]), workers=1)
 
 
-@pytest.mark.parametrize("child", ["whole", "same base, re-encoded"])
-def test_a_format2_pred_child_that_changes_too_is_made_format3_before_its_base_moves(tmp_path: Path,
-                                                                                  child: str) -> None:
+@pytest.mark.parametrize("child", ["unchanged", "whole", "same base, re-encoded"])
+def test_a_format2_pred_child_is_made_format3_before_its_base_moves(tmp_path: Path, child: str) -> None:
     """Format 1/2 'pred' tensors extrapolate along their base's own delta base, so ``Archive.revise``
     refuses to re-base a snapshot such a child reads; the plan makes the child format 3 first, also where
-    the child itself changes later (its own change then follows its base's)."""
+    the child itself changes (its own change then follows its base's), and then puts its 'grand' on the new
+    chain: a second compaction finds nothing to do."""
     import shutil
 
     from test_fixtures import FIXTURES, expected
+
+    from gpupas.plan.realize import first_key
 
     shutil.copytree(FIXTURES / "format2" / "archive", tmp_path / "a")
     with gpupas.open_archive(tmp_path / "a") as a:
@@ -198,13 +200,17 @@ def test_a_format2_pred_child_that_changes_too_is_made_format3_before_its_base_m
         target = {s: a.manifest(s).base for s in a.snapshots()} | {mid: None}
     if child == "whole":
         target[kid] = None
-    job = compact_graph(str(tmp_path / "a"), target, how=None if child == "whole" else
-                        Reencode("strong", None, force=True))
-    keys = [c.key for c in job.changes]
-    assert keys.index(f"{kid}:format3") < keys.index(mid) < keys.index(kid)
+    how = Reencode("strong", None, force=True) if child == "same base, re-encoded" else None
+    job = compact_graph(str(tmp_path / "a"), target, how=how)
+    after = {c.key: c.after for c in job.changes}
+    assert first_key(kid) in after[mid] and first_key(kid) in after[kid]
+    assert (mid in after[kid]) == (child != "whole")  # a delta on mid follows mid's change
     run(job, "sync")
     with gpupas.open_archive(tmp_path / "a") as a:
         assert {s: a.manifest(s).base for s in a.snapshots()} == target
+        m = a.manifest(kid)
+        assert m.format == 3 and (m.grand is None or m.grand == a.manifest(m.base).base)  # on the new chain
         for sid, tensors in expected("format2").items():
             got = a.restore(sid)
             assert all(got[k].tobytes() == v.tobytes() for k, v in tensors.items()), sid
+    assert compact_graph(str(tmp_path / "a"), target, how=how).changes == []

@@ -82,13 +82,14 @@ def changes(target: Mapping[str, str | None], manifest: Callable[[str], Any], *,
     # format 1/2 'pred' children of re-based snapshots: made format 3 on their old base first, also where
     # they change later themselves (that change may have to follow their base's: a step of its own)
     first: dict[str, str] = {}
-    for sid, why in todo.items():
+    for sid, why in list(todo.items()):
         if why in ("re-base", "store whole"):
             for other, m in ms.items():
                 if m.format < 3 and m.base == sid and m.has_pred:
                     first[other] = "format 3 before its base is re-based"
+                    todo.setdefault(other, "its 'pred' base is off the new chain")  # then its grand goes on it
     order = _parents_first(list(todo), base_of)
-    out = [Change(s, ms[s].base, ms[s].base, why, key=first_key(s) if s in todo else s) for s, why in first.items()]
+    out = [Change(s, ms[s].base, ms[s].base, why, key=first_key(s)) for s, why in first.items()]
     for sid in order:
         deps = [first_key(sid)] if sid in first else []
         x = base_of(sid)
