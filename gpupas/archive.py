@@ -56,8 +56,7 @@ def _now() -> str:
 
 def lossy_schemes(arrays: Mapping[str, Any], lossy: str | Mapping[str, Any] | None) -> dict[str, dict[str, Any]]:
     """Schemes by tensor name from a commit's ``lossy`` option: one scheme for every float tensor it makes
-    smaller (refused where that is none: the commit would be lossless), or a mapping of tensor names to
-    schemes."""
+    smaller (none may be: a version's snapshots share one option), or a mapping of tensor names to schemes."""
     if lossy is None:
         return {}
     if not isinstance(lossy, str | Mapping):
@@ -65,13 +64,7 @@ def lossy_schemes(arrays: Mapping[str, Any], lossy: str | Mapping[str, Any] | No
                                 "mapping of tensor names to schemes")
     if isinstance(lossy, str) or lossy.get("name") in schemes.NAMES:  # one scheme ("cast" etc. name no tensor's)
         scheme = schemes.parse(lossy)  # type: ignore[arg-type]
-        out = {n: scheme for n, a in arrays.items() if schemes.applies(scheme, layout_of(a.dtype).name)}
-        if arrays and not out:
-            kinds = sorted({layout_of(a.dtype).name for a in arrays.values()})
-            raise InvalidInputError(f"lossy: {schemes.describe(scheme)} makes no tensor of this commit smaller (its "
-                                    f"dtypes: {', '.join(kinds)}); leave it out to store them losslessly, or pick "
-                                    "a narrower scheme")
-        return out
+        return {n: scheme for n, a in arrays.items() if schemes.applies(scheme, layout_of(a.dtype).name)}
     out = {}
     for name, spec in lossy.items():
         if name not in arrays:

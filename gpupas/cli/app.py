@@ -237,8 +237,8 @@ def commit(
     setting: SettingOpt = "default",
     lossy: Annotated[str | None, typer.Option("--lossy", metavar="SCHEME", help=(
         "Store float tensors lossily: bf16, fp16 (add :truncate), fixed:BITS, quant:BITS or kmeans:BITS "
-        "(fixed: BITS 2..32; quant, kmeans: BITS 1..8): each float tensor the scheme makes smaller (refused if "
-        "none). Restores are then not bit-exact; log and show say so."
+        "(fixed: BITS 2..32; quant, kmeans: BITS 1..8): each float tensor the scheme makes smaller. Restores "
+        "are then not bit-exact; log and show say so."
     ))] = None,
     archive: ArchiveOpt = None, as_json: JsonOpt = False,
 ) -> None:
@@ -266,10 +266,12 @@ def commit(
     if as_json:
         _out().json(v.to_dict())
         return
+    lossy_done = any(s.get("lossy") for s in v.snapshots)
     _out().line(f"committed version {v.id} ({v.name}): {len(v.snapshots)} snapshot(s), {_sizes(v.snapshots)}"
                 + (f", parents {', '.join(map(str, v.parents))}" if v.parents else "")
-                + (f", LOSSY ({lossy}): restores are not bit-exact" if any(s.get("lossy") for s in v.snapshots)
-                   else ""))
+                + (f", LOSSY ({lossy}): restores are not bit-exact" if lossy_done else ""))
+    if lossy and not lossy_done:
+        _out().warn(f"--lossy {lossy} makes no tensor of these checkpoints smaller: stored losslessly")
 
 
 @app.command("import")
