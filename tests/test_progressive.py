@@ -375,6 +375,27 @@ def test_softplus_threshold_mislabel(tmp_path: Path) -> None:
         assert evaluate_progressive(net, arc, m.id, x, check=True).labels.tolist() == [1]
 
 
+class _WithEmpty(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.e = nn.Linear(4, 3), nn.Linear(4, 0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.a(x), self.e(x)], 1)
+
+
+def test_a_layer_without_outputs_is_bounded(tmp_path: Path) -> None:
+    """A layer of no outputs (a zero-width head) has no largest weight sum: it is bounded, not an error."""
+    net = _WithEmpty().eval()
+    x = torch.randn(2, 4)
+    with gpupas.create_archive(tmp_path / "a") as arc:
+        m = arc.commit(net.state_dict())
+        box = bound_outputs(net, arc.read_planes(m.id, 4), x)
+    with torch.no_grad():
+        y = net(x)
+    assert box.lo.shape == y.shape and bool(((box.lo <= y) & (y <= box.hi)).all())
+
+
 def test_inverted_or_nan_intervals_decide_nothing() -> None:
     lo = torch.tensor([[2.0, 0.0], [2.0, 0.0], [2.0, 0.0]], dtype=torch.float64)
     hi = torch.tensor([[1.0, 0.5], [3.0, float("nan")], [3.0, 0.5]], dtype=torch.float64)

@@ -13,18 +13,17 @@ Hardsigmoid), Softplus (any threshold), max and average pooling (adaptive too), 
 residual adds (and subtraction, scaling by a constant, concatenation), Dropout and Identity. Anything
 else is refused before anything is read, naming the operation.
 
-Soundness: intervals are propagated in float64 in center-radius form, every layer widened by a bound
-on the rounding error of the reference computation (IEEE arithmetic at the weights' precision, with
-subnormals: ``gamma_n = 1.01 (n + 2)(u + 4 * 2^-53)`` times ``|W| |x|`` plus ``n eta`` for a dot
-product of ``n`` terms, ``u`` the unit roundoff and ``eta`` the smallest subnormal; 16 ulps for
-library activations) and of the float64 propagation itself. Where the reference may overflow (some
-partial sum's magnitude can reach the format's largest finite value), or an input or weight is
-unbounded, the value is unknown from there on (NaN ends inside, so that no later activation bounds
-it again; -Inf and Inf at the outputs) and decides nothing: such inputs are labelled by the model at
-the last plane, Inf and NaN logits included. That holds for ordinary CPU kernels without
+Soundness: intervals are propagated in float64 in center-radius form, every layer widened by a bound on
+the rounding error of the reference computation (IEEE arithmetic at the weights' precision, with
+subnormals: ``gamma_n = 1.01 (n + 2)(u + 4 * 2^-53)`` times ``|W| |x|`` plus ``n eta`` for a dot product
+of ``n`` terms, ``u`` the unit roundoff and ``eta`` the smallest subnormal; 16 ulps for library
+activations, ``(32 + 2 |beta x|) u`` for softplus) and of the float64 propagation itself. Where the
+reference may overflow (some partial sum's magnitude can reach the format's largest finite value), or an
+input or weight is unbounded, the value is unknown from there on (NaN ends inside, so that no later
+activation bounds it again; -Inf and Inf at the outputs) and decides nothing: such inputs are labelled
+by the model at the last plane, Inf and NaN logits included. That holds for ordinary CPU kernels without
 flush-to-zero (``torch.set_flush_denormal(True)`` is not covered); on CUDA turn TF32 off
-(``torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False``).
-"""
+(``torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False``). """
 
 from __future__ import annotations
 
@@ -160,7 +159,8 @@ def _prepare(w: Box, b: Box | None, n: int, fmt: Precision, bias_shape: tuple[in
         babs = (bsup * (grow * (1 + g))).reshape(bias_shape)
     # a product in the reference's format errs by at most u |ab| + eta / 2, a sum by u |a + b| (exact when
     # subnormal): n eta / 2, doubled for safety; the float64 propagation's three products of n terms 1.5 n 2^-1074
-    return _Affine(wc, wa * grow, wr * (grow * (1 + g)) + g * wa, wabs, float(wabs.flatten(1).sum(1).max()) * grow,
+    wmax = float(wabs.flatten(1).sum(1).max()) if wabs.numel() else 0.0  # a layer may have no outputs
+    return _Affine(wc, wa * grow, wr * (grow * (1 + g)) + g * wa, wabs, wmax * grow,
                    n * (fmt.eta + 2.0**-1073), bc, bs, babs if b is not None else 0.0,
                    bad.reshape(bias_shape) if bool(bad.any()) else None)
 
@@ -182,7 +182,7 @@ def _affine(x: Box, p: _Affine, op: Callable[[torch.Tensor, torch.Tensor], torch
         c = c + p.bc
         r = r + p.bs  # type: ignore[operator]
     mag = None
-    bmax = float(p.babs.max()) if isinstance(p.babs, torch.Tensor) else 0.0
+    bmax = float(p.babs.max()) if isinstance(p.babs, torch.Tensor) and p.babs.numel() else 0.0
     if xa.numel() and float(xa.max()) * p.wmax + bmax + p.tiny >= fmt.big / 2:  # some sum may overflow
         mag = op(xa, p.wabs) + p.babs + p.tiny
     out = _seal(Box(c - r, c + r), fmt, mag)
