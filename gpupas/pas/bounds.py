@@ -404,6 +404,7 @@ def clip(approx: np.ndarray, lo: np.ndarray, hi: np.ndarray, unbounded: np.ndarr
             f, a, b = v.astype(np.float64), lo.astype(np.float64), hi.astype(np.float64)
             inside = unbounded | ((f >= a) & (f <= b))
             mid = np.where(np.isfinite(a) & np.isfinite(b), a / 2 + b / 2, np.where(np.isfinite(a), a, b))
+            mid = np.minimum(np.maximum(mid, a), b)  # a / 2 of a float64 subnormal rounds
             moved = np.where(np.isnan(f), mid, np.where(f < a, a, b)).astype(dt)  # the dtype's values between
         return np.where(inside, v, moved).astype(dt)
     return np.where(unbounded, v, np.minimum(np.maximum(v, lo), hi)).astype(dt)

@@ -36,7 +36,7 @@ class Setting:
         if "zstd" not in self.codecs:  # chunks that do not compress are stored as raw Zstandard frames
             raise InvalidInputError(f"chunk codecs {', '.join(self.codecs) or '(none)'} lack zstd, which every "
                                     "archive needs (incompressible chunks are stored as raw Zstandard frames): "
-                                    "add zstd, e.g. zstd," + ",".join(self.codecs))
+                                    "add zstd, e.g. " + ",".join(("zstd", *self.codecs)))
 
 
 SETTINGS: dict[str, Setting] = {
