@@ -42,9 +42,16 @@ def run(job: Any, scheduler: Any = None, *, workers: int = 2) -> list[Any]:
     if scheduler is None:
         # silence_logs: a task's failure reaches the caller as its exception; the workers' and nannies' own
         # log lines about it (tracebacks included) would only repeat it on stderr
-        with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
-                          silence_logs=logging.CRITICAL) as cluster, Client(cluster) as client:
-            return _gather(client, job)
+        cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
+                               silence_logs=logging.CRITICAL)
+        try:
+            with Client(cluster) as client:
+                return _gather(client, job)
+        finally:
+            try:
+                cluster.close()
+            except Exception as exc:  # a nanny restarting a dead worker as it closes (distributed's race)
+                logging.getLogger("gpupas").debug("closing the local cluster: %r", exc)  # the job's outcome stands
     with Client(scheduler) as client:
         return _gather(client, job)
 
