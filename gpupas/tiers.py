@@ -26,11 +26,10 @@ from typing import TYPE_CHECKING, Any
 from gpupas.engine.encode import layout_of_snapshot, placement
 from gpupas.errors import InvalidInputError
 from gpupas.format.manifest import Manifest
+from gpupas.store.tiers import LOCAL
 
 if TYPE_CHECKING:
     from gpupas.archive import Archive
-
-LOCAL = "local"
 
 
 def width(m: Manifest) -> int:
