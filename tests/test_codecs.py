@@ -205,18 +205,19 @@ def test_raw_frame_is_read_straight_into_place(n: int) -> None:
 
 
 def test_raw_frame_size_is_one_formula_for_the_cpu_and_gpu_policies() -> None:
-    """The size of a raw frame (the CPU policy's zstd.raw_size, the GPU policy's raw_frame_sizes, the
+    """The size of a raw frame (the CPU policy's framing.raw_frame_size, the GPU policy's raw_frame_sizes, the
     kernels' mirror) comes from codecs.framing alone, and is the length of the frame built."""
-    from gpupas.codecs import framing
+    from gpupas.codecs import framing, policy
     from gpupas.codecs.gpu_policy import raw_frame_sizes
-    from gpupas.codecs.zstd import raw_size
 
+    raw_size = policy.raw_frame_size
     assert BLOCK == framing.ZSTD_BLOCK and raw_size is framing.raw_frame_size
     for size in (0, 1, 1000, BLOCK, BLOCK + 1, CHUNK_SIZE, 1 << 20):
         ns = sorted({n for n in (0, 1, size // 2, size - 1, size, BLOCK, BLOCK + 1) if 0 <= n <= size})
         built = [len(raw_zstd(memoryview(bytes(n)), size)) for n in ns]
         assert [raw_size(n, size) for n in ns] == built, size
         assert raw_frame_sizes(np.array(ns), size).tolist() == built, size
+
 
 def test_raw_read_declines_what_is_not_a_raw_frame_of_that_size() -> None:
     data = CASES["random"]

@@ -22,7 +22,8 @@ from typing import Any
 import numpy as np
 
 from gpupas.codecs import registry
-from gpupas.codecs.zstd import raw_parts, raw_size
+from gpupas.codecs.framing import raw_frame_size
+from gpupas.codecs.zstd import raw_parts
 from gpupas.format.checksum import crc32c
 
 RAW_ABOVE = 0.995  # Zstandard saving less than this: Deflate will not save enough either
@@ -65,7 +66,8 @@ def encode_cpu(policy: ChunkPolicy, chunks: Sequence[np.ndarray], bounds: Sequen
     for data, b in zip(chunks, bounds):
         view = memoryview(data).cast("B")
         padded = size > len(data)
-        options: list[tuple[Any, list[Any] | None, int]] = [(zstd, None, raw_size(len(view), size))]  # built if kept
+        raw = raw_frame_size(len(view), size)
+        options: list[tuple[Any, list[Any] | None, int]] = [(zstd, None, raw)]  # the raw frame: built if kept
         z = zstd.encode_parts(view, b, size)
         zsize = sum(len(x) for x in z)
         options.append((zstd, z, zsize))

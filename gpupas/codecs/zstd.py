@@ -17,7 +17,6 @@ import numpy as np
 import zstandard
 
 from gpupas.codecs.framing import ZSTD_BLOCK as BLOCK
-from gpupas.codecs.framing import raw_frame_size as raw_size  # noqa: F401 (codecs.policy's name for it)
 from gpupas.errors import IntegrityError
 from gpupas.format.checksum import crc32c
 
