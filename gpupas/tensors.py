@@ -138,7 +138,8 @@ def _without_extra_state(tensors: Mapping[Any, Any], source: str, notes: list[st
     if notes is not None:
         notes.append(f"{source}: left out {', '.join(extra[:4])}" + ("..." if len(extra) > 4 else "")
                      + " (a module's extra state, not a tensor)")
-    return {k: v for k, v in tensors.items() if k not in set(extra)}
+    drop = set(extra)
+    return {k: v for k, v in tensors.items() if k not in drop}
 
 
 def _unwrap(obj: Any, source: str, notes: list[str] | None) -> Mapping[str, Any]:
