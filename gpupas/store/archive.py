@@ -303,17 +303,23 @@ class ArchiveStore:
     def folders(self) -> list[str]:
         return [n for n in self.store.list(keys.SNAPSHOTS) if n != "zarr.json" and keys.is_folder(n)]
 
+    def _manifests(self) -> tuple[dict[str, Manifest], list[str]]:
+        """Every snapshot's manifest, and the ids of those that cannot be read (damaged, or newer)."""
+        manifests: dict[str, Manifest] = {}
+        unreadable: list[str] = []
+        for sid in self.list_snapshots():
+            try:
+                manifests[sid] = self.read_manifest(sid)
+            except (SnapshotNotFoundError, IntegrityError, FormatError):
+                unreadable.append(sid)
+        return manifests, unreadable
+
     def orphan_folders(self) -> list[str]:
         """Chunk folders under ``snapshots/`` that no manifest names (killed commits, revised snapshots);
         those in a tier as ``tier:folder`` (tiers that cannot be reached are left out, with a warning). The
         folders of a snapshot whose manifest cannot be read are not listed: gc keeps them, verify reports it."""
-        named: set[tuple[str | None, str]] = set()
-        unreadable: set[str] = set()
-        for sid in self.list_snapshots():
-            try:
-                named.update((s.tier, s.folder) for s in self.read_manifest(sid).streams)
-            except (SnapshotNotFoundError, IntegrityError, FormatError):
-                unreadable.add(sid)
+        manifests, unreadable = self._manifests()
+        named = {(s.tier, s.folder) for m in manifests.values() for s in m.streams}
 
         def orphans(tier: str | None, have: list[str]) -> list[str]:
             return [f for f in sorted(have) if (tier, f) not in named and not of_snapshot(f, unreadable)]
@@ -347,14 +353,8 @@ class ArchiveStore:
             min_age = REMOTE_MIN_AGE
         out: list[tuple[str, str, int]] = []
         with self.store.lock(keys.SNAPSHOTS, exclusive=True):
-            manifests: dict[str, Manifest] = {}
-            unreadable: list[str] = []
+            manifests, unreadable = self._manifests()  # the unreadable kept, with their folders: verify reports them
             gone: set[str] = set()
-            for sid in self.list_snapshots():
-                try:
-                    manifests[sid] = self.read_manifest(sid)
-                except (SnapshotNotFoundError, IntegrityError, FormatError):
-                    unreadable.append(sid)  # kept, with its folders: verify reports it
             if is_root is not None:
                 young = {sid for sid in manifests if (self.store.age(keys.manifest(sid)) or 0.0) < min_age}
                 todo = [sid for sid, m in manifests.items() if sid in young or is_root(m)]
