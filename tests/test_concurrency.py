@@ -285,3 +285,44 @@ with gpupas.open_archive({str(tmp_path / 'arc')!r}) as a:
     assert p.returncode == 0, err
     with gpupas.open_archive(tmp_path / "arc") as a:
         assert a.restore(out.strip())["w"].tobytes() == np.load(tmp_path / "w.npy").tobytes()
+
+
+def test_a_snapshot_discarded_while_it_is_read_is_not_called_damaged(tmp_path: Path) -> None:
+    """A commit that fails removes the snapshots it already published. A reader that listed one of them
+    before (plan and compact read every snapshot; verify too) is told it was discarded, not that the
+    archive is damaged; verify skips it; compact refuses bad options before it reads anything."""
+    import gpupas
+    from gpupas.errors import InvalidInputError, SnapshotNotFoundError
+    from gpupas.jobs.compact import compact_archive
+    from gpupas.plan.measure import iter_bits
+
+    path = tmp_path / "arc"
+    with gpupas.create_archive(path) as writer, gpupas.open_archive(path) as reader:
+        keep, gone = writer.commit(tensors("keep")), writer.commit(tensors("gone"))
+        reader.manifest(gone.id)  # listed and read before the discard, as plan's reader would
+        writer.discard(gone.id)
+        with pytest.raises(SnapshotNotFoundError, match="discarded while it was being read"):
+            list(iter_bits(reader, [keep.id, gone.id]))
+        with pytest.raises(SnapshotNotFoundError):
+            reader.read_planes(gone.id, 2)
+        (victim,) = [p for p in (path / "snapshots").rglob("*") if p.is_file() and keep.id in str(p)
+                     and "zarr.json" not in p.name and p.stat().st_size > 1000]
+        victim.unlink()  # a chunk of a snapshot still published is missing: that is damage
+        with pytest.raises(gpupas.IntegrityError, match="is damaged"):
+            list(iter_bits(reader, [keep.id]))
+        with pytest.raises(InvalidInputError, match="lack zstd"):  # before planning would read the damage
+            compact_archive(str(path), codecs=["deflate"], scheduler="sync")
+
+    repo = create_repository(tmp_path / "repo")
+    repo.commit("m", tensors("v1"))
+    plain = repo.archive.commit(tensors("plain"))  # as a multi-file commit publishes its first snapshot
+
+    def discard_meanwhile(what: str, done: int, total: int) -> None:
+        if what == "snapshots" and done == 0:  # listed: now the failing commit removes it
+            with gpupas.open_archive(tmp_path / "repo") as other:
+                other.discard(plain.id)
+
+    result = repo.verify(progress=discard_meanwhile)
+    assert result["ok"], result["problems"]
+    assert result["checked"]["snapshots"] == 1
+    repo.close()

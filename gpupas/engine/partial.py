@@ -210,7 +210,8 @@ class PartialReader:
                 for c in chunks:
                     where = reader.locate(c)
                     if where is None:
-                        raise IntegrityError(f"snapshot {sid}: chunk {c} of stream {s} is missing")
+                        raise self.store.discarded(m.id) or IntegrityError(
+                            f"snapshot {sid}: chunk {c} of stream {s} is missing")
                     total += where[2]
                     shards.add((m.streams[s].codec_of(c), c // m.streams[s].shard_chunks))
                 total += len(shards) * index_nbytes(m.streams[s].shard_chunks)
@@ -376,8 +377,8 @@ class PartialReader:
             except IntegrityError as exc:
                 raise IntegrityError(f"snapshot {m.id}, stream {s}: {exc}; restore the archive from a copy") from None
             if missing:
-                raise IntegrityError(f"snapshot {m.id}: chunk {missing[0]} of stream {s} is missing; restore the "
-                                     "archive from a copy")
+                raise self.store.discarded(m.id) or IntegrityError(
+                    f"snapshot {m.id}: chunk {missing[0]} of stream {s} is missing; restore the archive from a copy")
             for c in new:
                 self.bytes_read += reader.locate(c)[2]
                 shard = (m.id, s, stream.codec_of(c), c // stream.shard_chunks)

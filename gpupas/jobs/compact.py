@@ -63,6 +63,9 @@ def compact_archive(location: str, *, target: Mapping[str, str | None] | None = 
     ``setting``/``codecs``, every snapshot is also re-encoded in that form. ``dry_run``: build the
     job and say what would change, change nothing. ``scheduler``: see :func:`gpupas.jobs.run.run`."""
     check(scheduler, workers)
+    how = Reencode(setting or "default", None if codecs is None else tuple(codecs),
+                   force=setting is not None or codecs is not None)
+    how.setting_object()  # an unknown setting or codec list fails before any work (planning reads every snapshot)
     spec = ArchiveSpec(location, storage_options)
     notes: list[str] = []
     with spec.open() as a:
@@ -82,9 +85,6 @@ def compact_archive(location: str, *, target: Mapping[str, str | None] | None = 
         if unknown:
             raise InvalidInputError(f"the plan names snapshots not in {location}: {', '.join(unknown[:5])}")
         before = sum(a.manifest(s).stored_bytes for s in a.store.list_snapshots())
-    how = Reencode(setting or "default", None if codecs is None else tuple(codecs),
-                   force=setting is not None or codecs is not None)
-    how.setting_object()  # an unknown setting fails before any work
     job = compact_graph(spec, dict(target), how=how, gc_min_age=None if dry_run else gc_min_age)
     out = Compaction(job, dict(target), dry_run=dry_run, stored_before=before, stored_after=before, notes=notes)
     if dry_run:

@@ -160,6 +160,19 @@ class ArchiveStore:
     def has_manifest(self, sid: str) -> bool:
         return self.store.exists(keys.manifest(keys.check_name(sid)))
 
+    def discarded(self, sid: str) -> SnapshotNotFoundError | None:
+        """Asked when a chunk of ``sid`` is missing, before calling it damaged: the error to raise where the
+        snapshot was discarded since it was listed (a commit that failed removes the snapshots it
+        published), else None. (A revision's old folders stay for gc's grace period.)"""
+        try:
+            self.read_manifest(sid)
+        except SnapshotNotFoundError:
+            return SnapshotNotFoundError(f"snapshot {sid} in {self.location} was discarded while it was being read "
+                                         "(a commit that failed removes the snapshots it wrote); nothing is damaged")
+        except (IntegrityError, FormatError):
+            pass
+        return None
+
     def publish_manifest(self, m: Manifest) -> None:
         """Publish a new snapshot: atomic, and never over an existing one."""
         self.upgrade_format()
