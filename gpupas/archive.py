@@ -22,7 +22,6 @@ import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from datetime import UTC, datetime
 from typing import Any
 
 from gpupas.backend import get_backend, resolve_device
@@ -33,7 +32,7 @@ from gpupas.engine.executor import Executor
 from gpupas.engine.stage import stage_all
 from gpupas.errors import ArchiveExistsError, GpupasError, IntegrityError, InvalidInputError, SnapshotNotFoundError
 from gpupas.format.keys import check_name
-from gpupas.format.manifest import Manifest
+from gpupas.format.manifest import Manifest, now
 from gpupas.pas import schemes
 from gpupas.pas.planes import from_bits, layout_of
 from gpupas.pas.settings import Setting, get_setting
@@ -48,10 +47,6 @@ _KEEP = object()
 def new_id() -> str:
     """A fresh, unique snapshot id."""
     return uuid.uuid4().hex[:16]
-
-
-def _now() -> str:
-    return datetime.now(UTC).isoformat()
 
 
 def lossy_schemes(arrays: Mapping[str, Any], lossy: str | Mapping[str, Any] | None) -> dict[str, dict[str, Any]]:
@@ -310,7 +305,7 @@ class Archive:
                 streams, entries = write_streams(self.store, sid, staged, cfg, backend, self.executor, layout, small,
                                                  meanwhile=check)
                 grand = base_m.base if base_m is not None and any(st.plan.enc == "pred" for st in staged) else None
-                m = Manifest(id=sid, created=_now(), base=base, grand=grand, streams=streams, tensors=entries,
+                m = Manifest(id=sid, created=now(), base=base, grand=grand, streams=streams, tensors=entries,
                              setting=cfg.name, segment=layout.segment, raw_bytes=sum(st.nbytes for st in staged),
                              stored_bytes=sum(s.stored for s in streams), meta=meta,
                              commit_seconds=round(time.perf_counter() - t0, 6))
@@ -399,7 +394,7 @@ class Archive:
         streams, entries = write_streams(self.store, snapshot, staged, cfg, backend, self.executor, layout, small)
         try:
             grand = base_m.base if base_m is not None and any(st.plan.enc == "pred" for st in staged) else None
-            new = old.revise(streams, entries, _now(), setting=cfg.name, segment=layout.segment, base=new_base,
+            new = old.revise(streams, entries, now(), setting=cfg.name, segment=layout.segment, base=new_base,
                              grand=grand)
             for e, e_old in zip(new.tensors, old.tensors):
                 if e.crc32 != e_old.crc32:

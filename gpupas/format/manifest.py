@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
 from functools import cached_property
 from typing import Any
 
@@ -38,6 +39,11 @@ _TOP = {"format", "id", "revision", "created", "revised", "base", "grand", "sett
 _STREAM = {"folder", "length", "chunk_size", "shard_chunks", "codecs", "chunks", "stored", "tier"}
 _TENSOR = {"name", "dtype", "shape", "nbytes", "crc32", "enc", "ctx", "rows", "parts", "extras", "stored",
            "plane_bytes", "rot", "scheme"}
+
+
+def now() -> str:
+    """The time as manifests and version records write it (``created``, ``revised``): ISO 8601, UTC."""
+    return datetime.now(UTC).isoformat()
 
 
 @dataclass(frozen=True, slots=True)

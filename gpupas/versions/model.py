@@ -13,7 +13,6 @@ import json
 import os
 import re
 from collections.abc import Mapping
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +20,7 @@ import numpy as np
 
 from gpupas.errors import InvalidInputError, SnapshotNotFoundError
 from gpupas.format.keys import check_name
-from gpupas.format.manifest import Manifest
+from gpupas.format.manifest import Manifest, now
 from gpupas.network import Network
 from gpupas.pas.schemes import describe
 from gpupas.tensors import TORCH_SUFFIXES
@@ -30,10 +29,6 @@ RECORD_FORMAT = 1
 CHECKPOINT_SUFFIXES = (".safetensors", *TORCH_SUFFIXES)
 MAX_VERSION_ID = 10**18 - 1
 Record = dict[str, Any]
-
-
-def now() -> str:
-    return datetime.now(UTC).isoformat()
 
 
 def default_author() -> str:
