@@ -151,9 +151,12 @@ def _unwrap(obj: Any, source: str, notes: list[str] | None) -> Mapping[str, Any]
         return _strip_ddp(obj, source, notes)
     for key in WRAPPERS:
         inner = obj.get(key)
-        if isinstance(inner, Mapping) and inner and all(_is_tensor(v) for v in _without_extra_state(
-                inner, source, None).values()):
-            inner = _without_extra_state(inner, source, notes)
+        said: list[str] = []
+        kept = _without_extra_state(inner, source, said) if isinstance(inner, Mapping) and inner else None
+        if kept is not None and all(_is_tensor(v) for v in kept.values()):
+            inner = kept
+            if notes is not None:
+                notes += said
             skipped = [k for k in obj if k != key]
             if skipped and notes is not None:
                 notes.append(f"{source}: took the weights under {key!r}; left out {', '.join(map(str, skipped[:6]))}"
