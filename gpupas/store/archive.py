@@ -367,7 +367,7 @@ class ArchiveStore:
         out: list[tuple[str, str, int]] = []
         with self.store.lock(keys.SNAPSHOTS, exclusive=True):
             manifests, unreadable = self._manifests()  # the unreadable kept, with their folders: verify reports them
-            gone: set[str] = set()
+            gone: set[tuple[str | None, str]] = set()
             if is_root is not None:
                 young = {sid for sid in manifests if (self.store.age(keys.manifest(sid)) or 0.0) < min_age}
                 todo = [sid for sid, m in manifests.items() if sid in young or is_root(m)]
