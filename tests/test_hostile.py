@@ -234,6 +234,30 @@ def small_repo(path: Path) -> Repository:
     return repo
 
 
+def test_stats_calls_a_snapshot_committed_meanwhile_readable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                                                              ) -> None:
+    """A snapshot committed (by another process) after `stats` brought its catalog up to date and before
+    it listed the snapshots is new, not unreadable; a manifest that cannot be read still is."""
+    repo = small_repo(tmp_path / "arc")
+    real = Repository.catalog
+    late: list[str] = []
+
+    def catalog_then_a_commit(self: Repository) -> Any:
+        cat = real(self)
+        if not late:
+            with gpupas.open_archive(tmp_path / "arc") as other:
+                late.append(other.commit(model(7)).id)
+        return cat
+
+    monkeypatch.setattr(Repository, "catalog", catalog_then_a_commit)
+    s = repo.stats()
+    assert late and late[0] in s["unreferenced_snapshots"] and s["unreadable_snapshots"] == []
+    monkeypatch.undo()
+    manifest_path(tmp_path / "arc", late[0]).write_bytes(b"{")
+    assert repo.stats()["unreadable_snapshots"] == late
+    repo.close()
+
+
 # -- data loss: a commit says OK, the snapshot cannot be restored ------------------------------------------------
 def test_gc_waits_for_commits_in_flight(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """`gpupas gc --min-age 0` from another process while a commit is between writing its chunks and

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from gpupas.catalog import flatten, last_value
-from gpupas.errors import GpupasError
+from gpupas.errors import FormatError, GpupasError, IntegrityError
 from gpupas.network import diff_networks
 from gpupas.pas.schemes import describe
 from gpupas.versions.model import Version
@@ -137,6 +137,18 @@ def log(repo: Repository, ref: str | int | Version | None = None) -> list[dict[s
     return [r for r in rows if r["id"] in keep]
 
 
+def _unreadable(repo: Repository, sid: str) -> bool:
+    """Whether the manifest of ``sid``, which the catalog lacks, cannot be read (rather than being
+    committed, or discarded, since the catalog was brought up to date)."""
+    try:
+        repo.archive.store.read_manifest(sid)
+    except (IntegrityError, FormatError):
+        return True
+    except GpupasError:
+        return False
+    return False
+
+
 def stats(repo: Repository) -> dict[str, Any]:
     """What the archive stores, how (encodings, dtypes), and what that saves (``gpupas stats``)."""
     cat = repo.catalog()
@@ -171,7 +183,7 @@ def stats(repo: Repository) -> dict[str, Any]:
                   "stored_bytes": sum(blob_sizes.values()),
                   "saved_bytes": files["logical"] - sum(blob_sizes.values())},
         "unreferenced_snapshots": orphans, "incomplete_snapshots": repo.archive.store.orphan_folders(),
-        "unreadable_snapshots": sorted(all_sids - indexed),  # left out of the totals above
+        "unreadable_snapshots": [s for s in sorted(all_sids - indexed) if _unreadable(repo, s)],  # not in totals
         "disk_bytes": disk,
         "per_version": [dict(r) for r in q("SELECT id, name, n_snapshots, raw_bytes, stored_bytes FROM versions "
                                            "ORDER BY id")],
