@@ -30,7 +30,14 @@ from gpupas.engine.bases import BaseCache
 from gpupas.engine.encode import Layout, layout_of_snapshot, tiered, write_streams
 from gpupas.engine.executor import Executor
 from gpupas.engine.stage import stage_all
-from gpupas.errors import ArchiveExistsError, GpupasError, IntegrityError, InvalidInputError, SnapshotNotFoundError
+from gpupas.errors import (
+    ArchiveExistsError,
+    ConflictError,
+    GpupasError,
+    IntegrityError,
+    InvalidInputError,
+    SnapshotNotFoundError,
+)
 from gpupas.format.keys import check_name
 from gpupas.format.manifest import Manifest, now
 from gpupas.pas import schemes
@@ -216,7 +223,9 @@ class Archive:
         with self._lock:
             self._drop(snapshot)
 
-    def _forget_all(self) -> None:
+    def refresh(self) -> None:
+        """Forget the manifests read so far: the next reads see what other processes published, revised or
+        discarded since."""
         with self._lock:
             self._manifests.clear()
             self._entries = 0
@@ -499,7 +508,7 @@ class Archive:
         tier move, and gc after it) replaced what this session's cached manifests point at."""
         try:
             return read()
-        except IntegrityError:
+        except (IntegrityError, ConflictError):
             stale = [s for s in list(self._manifests) if self._revised(s)]
             if not stale:
                 raise
@@ -560,14 +569,14 @@ class Archive:
         """Re-read every chunk and tensor of ``snapshot`` (and what it needs of its chain); raises
         IntegrityError. Returns the tensor count."""
         self.bases.drop(snapshot)
-        self._forget_all()  # manifests are read again: one damaged since it was first read is found
+        self.refresh()  # manifests are read again: one damaged since it was first read is found
         return len(self._read(snapshot, None, get_backend("numpy"), cache=False)[0])
 
     def verify_all(self, snapshots: Iterable[str] | None = None) -> Iterator[tuple[str, int | Exception]]:
         """Check every snapshot (default: all), decoding each once, parents before children; yields
         (snapshot, tensor count or the error found)."""
         sids = self.store.list_snapshots() if snapshots is None else list(snapshots)
-        self._forget_all()
+        self.refresh()
         return chain.read_all(self.store, sids, manifests=self.manifest, backend=get_backend("numpy"),
                               executor=self.executor)
 

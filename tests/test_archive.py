@@ -542,7 +542,7 @@ def test_the_manifest_cache_is_bounded_by_tensors(archive: gpupas.Archive, monke
 
     monkeypatch.setattr(arc_mod, "MANIFEST_CACHE", (1024, 250))
     ids = [archive.commit({f"t{i}": np.full(3, k, np.float32) for i in range(100)}).id for k in range(5)]
-    archive._forget_all()
+    archive.refresh()
     for sid in ids:
         archive.manifest(sid)
         archive.manifest(ids[0])  # used again: kept

@@ -326,3 +326,75 @@ def test_a_snapshot_discarded_while_it_is_read_is_not_called_damaged(tmp_path: P
     assert result["ok"], result["problems"]
     assert result["checked"]["snapshots"] == 1
     repo.close()
+
+
+def test_plan_and_compact_beside_a_compaction_and_a_failing_commit(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Planning reads manifests, then bits. Another process's compaction and a `gc --min-age 0` between
+    the two (the old forms gone) make the planner plan again on fresh manifests, not call the archive
+    damaged; a snapshot a failing commit discards while compact plans drops out of its plan."""
+    import gpupas
+    import gpupas.plan.archive as plan_mod
+    from gpupas.jobs.compact import compact_archive
+
+    path = tmp_path / "arc"
+    with gpupas.create_archive(path) as writer:
+        sids = [writer.commit(tensors("p0")).id]
+        for k in range(1, 4):
+            sids.append(writer.commit(tensors(f"p{k}"), base=sids[-1]).id)
+        with gpupas.open_archive(path) as reader:
+            assert sorted(reader.snapshots()) == sorted(sids)  # every manifest read (and kept)
+            with gpupas.open_archive(path) as other:
+                for sid in sids:
+                    other.revise(sid, setting="fast")
+                assert other.gc(min_age=0)  # the old forms are gone at once
+            planned = plan_mod.plan_archive(reader, 2.0)
+            assert set(planned.target) == set(sids)
+            assert all(reader.restore(s)["fc1.weight"].tobytes() == tensors(f"p{k}")["fc1.weight"].tobytes()
+                       for k, s in enumerate(sids))
+        plain = writer.commit(tensors("plain")).id  # a failing commit's first snapshot, discarded while planned
+
+    real = plan_mod.plan_archive
+
+    def plan_then_discard(*args: object, **kwargs: object) -> object:
+        out = real(*args, **kwargs)
+        with gpupas.open_archive(path) as other:
+            other.discard(plain)
+        return out
+
+    monkeypatch.setattr(plan_mod, "plan_archive", plan_then_discard)
+    result = compact_archive(str(path), alpha=10.0, scheduler="sync")
+    assert plain not in result.target and set(result.target) == set(sids)
+
+
+def test_a_failing_commit_whose_snapshot_became_a_base_keeps_it_and_says_why(tmp_path: Path,
+                                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """A two-file commit publishes its first snapshot, another writer takes it as a base, then the second
+    file's commit fails (the disk is full): the first snapshot stays (with a warning saying why), and the
+    commit's own error is what the user sees."""
+    import errno
+
+    import gpupas
+    from gpupas.archive import Archive
+
+    repo = create_repository(tmp_path / "arc")
+    real, calls, taken = Archive.commit, [], []
+
+    def commit_then_other_writer(self: Archive, *args: object, **kwargs: object) -> object:
+        calls.append(1)
+        if len(calls) == 2:  # the other writer's commit
+            return real(self, *args, **kwargs)
+        if len(calls) == 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        m = real(self, *args, **kwargs)
+        with gpupas.open_archive(tmp_path / "arc") as other:
+            taken.append(other.commit(tensors("f2"), base=m.id).id)
+        return m
+
+    monkeypatch.setattr(Archive, "commit", commit_then_other_writer)
+    with pytest.warns(UserWarning, match="stays"), pytest.raises(OSError, match="No space left"):
+        repo.commit("m", [tensors("f1"), tensors("f1b")])
+    monkeypatch.undo()
+    with gpupas.open_archive(tmp_path / "arc") as a:
+        assert a.restore(taken[0])["fc1.bias"].tobytes() == tensors("f2")["fc1.bias"].tobytes()
+    repo.close()

@@ -283,7 +283,7 @@ def test_reading_planes_of_a_delta_holds_tens_of_bytes_a_value(tmp_path: Path) -
     with gpupas.create_archive(tmp_path / "a") as arc:
         s0 = arc.commit({"w": w0})
         s1 = arc.commit({"w": w0 + (rng.standard_normal(w0.shape) * 1e-4).astype(np.float32)}, base=s0.id)
-        arc._forget_all()
+        arc.refresh()
         tracemalloc.start()
         try:
             arc.read_planes(s1.id, 1)

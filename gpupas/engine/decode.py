@@ -152,7 +152,7 @@ def _read_stream(store: ArchiveStore, m: Manifest, s: int, chunks: list[int], bu
             raise IntegrityError(f"snapshot {m.id} in {place}, stream {s}: {exc}; restore {what} "
                                  "from a copy or commit that snapshot again") from None
         if missing:
-            raise store.discarded(m.id) or damaged(missing[0], IntegrityError("chunk is missing"))
+            raise store.changed(m) or damaged(missing[0], IntegrityError("chunk is missing"))
         if first:  # the same chunks, numbered from ``first``
             backend.decode_chunks(replace(stream, chunks=stream.chunks[first:]), [c - first for c in chunks],
                                   lambda c: reader.fetch(c + first), buf, executor, small,

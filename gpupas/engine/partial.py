@@ -210,7 +210,7 @@ class PartialReader:
                 for c in chunks:
                     where = reader.locate(c)
                     if where is None:
-                        raise self.store.discarded(m.id) or IntegrityError(
+                        raise self.store.changed(m) or IntegrityError(
                             f"snapshot {sid}: chunk {c} of stream {s} is missing")
                     total += where[2]
                     shards.add((m.streams[s].codec_of(c), c // m.streams[s].shard_chunks))
@@ -377,7 +377,7 @@ class PartialReader:
             except IntegrityError as exc:
                 raise IntegrityError(f"snapshot {m.id}, stream {s}: {exc}; restore the archive from a copy") from None
             if missing:
-                raise self.store.discarded(m.id) or IntegrityError(
+                raise self.store.changed(m) or IntegrityError(
                     f"snapshot {m.id}: chunk {missing[0]} of stream {s} is missing; restore the archive from a copy")
             for c in new:
                 self.bytes_read += reader.locate(c)[2]

@@ -8,7 +8,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from gpupas.errors import InvalidInputError
+from gpupas.errors import InvalidInputError, SnapshotNotFoundError
 from gpupas.jobs.graph import Job, compact_graph
 from gpupas.jobs.run import check, run
 from gpupas.jobs.tasks import ArchiveSpec, Reencode
@@ -81,15 +81,29 @@ def compact_archive(location: str, *, target: Mapping[str, str | None] | None = 
                 notes.append(f"the plan stores more than the archive does now ({planned.plan.storage:,.0f} against "
                              f"{planned.current.storage:,.0f} bytes): its budgets need faster restores than deltas "
                              "give; a larger alpha stores less")
+            listed = set(a.store.list_snapshots())  # less any a commit that failed discarded while this planned
+            target = {s: b for s, b in target.items() if s in listed and (b is None or b in listed)}
         unknown = sorted((set(target) | {b for b in target.values() if b is not None}) - set(a.store.list_snapshots()))
         if unknown:
             raise InvalidInputError(f"the plan names snapshots not in {location}: {', '.join(unknown[:5])}")
-        before = sum(a.manifest(s).stored_bytes for s in a.store.list_snapshots())
+        before = _stored(a)
     job = compact_graph(spec, dict(target), how=how, gc_min_age=None if dry_run else gc_min_age)
     out = Compaction(job, dict(target), dry_run=dry_run, stored_before=before, stored_after=before, notes=notes)
     if dry_run:
         return out
     out.results = run(job, scheduler, workers=workers)
     with spec.open() as a:
-        out.stored_after = sum(a.manifest(s).stored_bytes for s in a.store.list_snapshots())
+        out.stored_after = _stored(a)
     return out
+
+
+def _stored(a: Any) -> int:
+    """Bytes the snapshots of archive ``a`` store (one discarded after the listing, by a commit that failed,
+    counts nothing)."""
+    total = 0
+    for sid in a.store.list_snapshots():
+        try:
+            total += a.manifest(sid).stored_bytes
+        except SnapshotNotFoundError:
+            pass
+    return total

@@ -13,7 +13,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from gpupas.errors import InvalidInputError
+from gpupas.errors import ConflictError, InvalidInputError, SnapshotNotFoundError
 from gpupas.plan.costs import DEFAULT, CostModel
 from gpupas.plan.graph import ROOT, Plan, StorageGraph, evaluate
 from gpupas.plan.measure import Estimates, measure_edges, storage_graph
@@ -108,6 +108,17 @@ def plan_archive(archive: Any, alpha: float | None = 2.0, *, scheme: str = "inde
     pairs = list(pairs)
     for sid in {x for pair in pairs for x in pair} | set(budgets or {}):
         archive.manifest(sid)  # SnapshotNotFoundError names one that does not exist
+    args = (archive, alpha, scheme, budgets, pairs, fraction, model, setting, planner, no_slower)
+    try:
+        return _plan(*args)
+    except (SnapshotNotFoundError, ConflictError):  # one listed was discarded (a commit failed) or revised meanwhile
+        archive.refresh()
+        return _plan(*args)  # on the snapshots there now
+
+
+def _plan(archive: Any, alpha: float | None, scheme: str, budgets: Mapping[str, float] | None,
+          pairs: list[tuple[str, str]], fraction: float, model: CostModel, setting: str, planner: str,
+          no_slower: bool) -> ArchivePlan:
     g, est = storage_graph(archive, model=model, fraction=fraction, pairs=pairs, setting=setting)
     absolute = dict(budgets or {})
     if no_slower:

@@ -24,6 +24,7 @@ from gpupas.errors import (
     ArchiveNotFoundError,
     ConflictError,
     FormatError,
+    GpupasError,
     IntegrityError,
     InvalidInputError,
     SnapshotNotFoundError,
@@ -160,18 +161,22 @@ class ArchiveStore:
     def has_manifest(self, sid: str) -> bool:
         return self.store.exists(keys.manifest(keys.check_name(sid)))
 
-    def discarded(self, sid: str) -> SnapshotNotFoundError | None:
-        """Asked when a chunk of ``sid`` is missing, before calling it damaged: the error to raise where the
-        snapshot was discarded since it was listed (a commit that failed removes the snapshots it
-        published), else None. (A revision's old folders stay for gc's grace period.)"""
+    def changed(self, m: Manifest) -> GpupasError | None:
+        """Asked when a chunk of ``m`` is missing, before calling it damaged: the error to raise where the
+        snapshot was discarded since ``m`` was read (a commit that failed removes the snapshots it
+        published), or revised (its old folders are gc's after a grace period, at once with
+        ``--min-age 0``); None where the archive still holds ``m``."""
         try:
-            self.read_manifest(sid)
+            now = self.read_manifest(m.id)
         except SnapshotNotFoundError:
-            return SnapshotNotFoundError(f"snapshot {sid} in {self.location} was discarded while it was being read "
+            return SnapshotNotFoundError(f"snapshot {m.id} in {self.location} was discarded while it was being read "
                                          "(a commit that failed removes the snapshots it wrote); nothing is damaged")
         except (IntegrityError, FormatError):
-            pass
-        return None
+            return None
+        if now.revision == m.revision:
+            return None
+        return ConflictError(f"snapshot {m.id} in {self.location} was revised (by compact or a tier move) while it "
+                             "was being read, and gc removed its old form; nothing is damaged: read it again")
 
     def publish_manifest(self, m: Manifest) -> None:
         """Publish a new snapshot: atomic, and never over an existing one."""

@@ -31,7 +31,14 @@ import numpy as np
 
 from gpupas.archive import Archive, create_archive, open_archive
 from gpupas.catalog import Catalog, catalog_path, flatten, open_catalog, rebuild_catalog
-from gpupas.errors import ArchiveExistsError, CatalogError, IntegrityError, InvalidInputError, VersionNotFoundError
+from gpupas.errors import (
+    ArchiveExistsError,
+    CatalogError,
+    GpupasError,
+    IntegrityError,
+    InvalidInputError,
+    VersionNotFoundError,
+)
 from gpupas.format import keys
 from gpupas.network import Network, extract_network
 from gpupas.tensors import load_checkpoint
@@ -298,7 +305,11 @@ class Repository:
         """Remove snapshots this process wrote for a version that was never published (newest first:
         each is the base of the next)."""
         for sid in reversed(list(sids)):
-            self.archive.discard(sid)
+            try:
+                self.archive.discard(sid)
+            except GpupasError as exc:  # e.g. a compaction made it another snapshot's base meanwhile
+                warnings.warn(f"snapshot {sid}, written for the version that failed, stays ({exc}); `gpupas gc` "
+                              "removes it once nothing needs it", stacklevel=4)
 
     def _commit_snapshots(self, sources: Sequence[tuple[Any, str | None, int | None]], base: str | None,
                           name: str, setting: str, progress: Progress | None,
