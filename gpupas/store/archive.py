@@ -170,7 +170,8 @@ class ArchiveStore:
             now = self.read_manifest(m.id)
         except SnapshotNotFoundError:
             return SnapshotNotFoundError(f"snapshot {m.id} in {self.location} was discarded while it was being read "
-                                         "(a commit that failed removes the snapshots it wrote); nothing is damaged")
+                                         "(by discard or gc, or by a commit that failed: it removes the snapshots it "
+                                         "wrote); nothing is damaged")
         except (IntegrityError, FormatError):
             return None
         if now.revision == m.revision:
