@@ -11,6 +11,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -365,6 +366,25 @@ def test_plan_and_compact_beside_a_compaction_and_a_failing_commit(tmp_path: Pat
     monkeypatch.setattr(plan_mod, "plan_archive", plan_then_discard)
     result = compact_archive(str(path), alpha=10.0, scheduler="sync")
     assert plain not in result.target and set(result.target) == set(sids)
+    monkeypatch.undo()
+
+    import gpupas.jobs.compact as compact_mod
+
+    with gpupas.open_archive(path) as writer:
+        plain = writer.commit(tensors("plain2")).id
+    real_graph = compact_mod.compact_graph
+
+    def graph_then_discard(*args: Any, **kwargs: Any) -> Any:  # after the plan and its check: the job meets it
+        out = real_graph(*args, **kwargs)
+        with gpupas.open_archive(path) as other:
+            other.discard(plain)
+        return out
+
+    monkeypatch.setattr(compact_mod, "compact_graph", graph_then_discard)
+    done = compact_archive(str(path), alpha=10.0, setting="fast", scheduler="sync").to_dict()["revised"]
+    assert len(done) > 1 and plain in {r["snapshot"] for r in done}  # the job ran to its end
+    assert [r["snapshot"] for r in done if r["note"].startswith("not revised")] == [plain]
+    assert [r["done"] for r in done if r["snapshot"] == plain] == [False]
 
 
 def test_a_failing_commit_whose_snapshot_became_a_base_keeps_it_and_says_why(tmp_path: Path,

@@ -163,7 +163,7 @@ def compact(alpha: AlphaOpt = None, scheme: SchemeOpt = "independent", budget: B
     verb = "would revise" if dry_run else "revised"
     for c in d["changes"]:
         o.data(f"{verb} {c['snapshot']}: base {c['old_base'] or '(whole)'} -> {c['base'] or '(whole)'} ({c['why']})")
-    for note in d["notes"]:
+    for note in d["notes"] + [r["note"] for r in d["revised"] if r["note"].startswith("not revised")]:
         o.warn(note)
     if dry_run:
         n = len({c["snapshot"] for c in d["changes"]})  # a format 1/2 snapshot may take two revisions
