@@ -238,6 +238,9 @@ class RemoteStore:
             try:
                 self._call("put_object", Bucket=bucket, Key=k, Body=new, **cond)
                 return new
+            except FileNotFoundError:  # If-Match on a key deleted since it was read (S3: 404): read it again
+                if etag is None:
+                    raise
             except Exception as exc:
                 if not _precondition_failed(exc):
                     raise

@@ -214,6 +214,21 @@ class StoreTests:
         assert store.get("u/empty") == b""
         assert sorted(store.list("u")) == ["empty", "k"]  # no temporary file left behind
 
+    def test_update_of_a_key_deleted_meanwhile_writes_it_anew(self, store: Store) -> None:
+        """A key deleted between update's read and its write (another process untagging) is written as
+        new: not an error (S3 answers a conditional write on a missing key with 404)."""
+        store.put("u/t", b"1")
+        seen: list[bytes | None] = []
+
+        def change(old: bytes | None) -> bytes:
+            seen.append(old)
+            if len(seen) == 1:
+                store.delete("u/t")
+            return b"2"
+
+        assert store.update("u/t", change) == b"2"
+        assert store.get("u/t") == b"2" and seen[0] == b"1"
+
     def test_update_error_leaves_value(self, store: Store) -> None:
         store.put("u/k", b"kept")
 
