@@ -418,3 +418,53 @@ def test_a_failing_commit_whose_snapshot_became_a_base_keeps_it_and_says_why(tmp
     with gpupas.open_archive(tmp_path / "arc") as a:
         assert a.restore(taken[0])["fc1.bias"].tobytes() == tensors("f2")["fc1.bias"].tobytes()
     repo.close()
+
+
+def test_tags_and_names_set_by_others_meanwhile(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another process between a check and a write: a tag deleted meanwhile is created, not refused as
+    pointing at 'None'; a version named like the tag, committed meanwhile, makes the tag back out; a tag
+    set while a version of that name is committed is said, since that name now reaches the tag."""
+    from gpupas.errors import InvalidInputError
+    from gpupas.versions.records import Records
+
+    repo = create_repository(tmp_path / "arc")
+    v1, v2 = repo.commit("m", tensors("t1")), repo.commit("m", tensors("t2"))
+    repo.tag("T", v1.id)
+    real_create = Records.create_tag
+
+    def exists_then_deleted(self: Records, name: str, record: dict) -> bool:
+        won = real_create(self, name, record)
+        if not won:
+            with open_repository(tmp_path / "arc") as other:
+                other.untag(name)  # between create_tag finding it and tag() reading it
+        return won
+
+    monkeypatch.setattr(Records, "create_tag", exists_then_deleted)
+    assert repo.tag("T", v2.id) == v2.id
+    monkeypatch.undo()
+    assert repo.tags()["T"] == v2.id
+
+    def a_version_named_first(self: Records, name: str, record: dict) -> bool:
+        with open_repository(tmp_path / "arc") as other:
+            other.commit(name, tensors("named"))  # its commit checked the tags before this tag existed
+        return real_create(self, name, record)
+
+    monkeypatch.setattr(Records, "create_tag", a_version_named_first)
+    with pytest.raises(InvalidInputError, match="committed meanwhile"):
+        repo.tag("U", v1.id)
+    monkeypatch.undo()
+    assert "U" not in repo.tags() and repo.version("U").name == "U"
+
+    real_publish = Records.publish_version
+
+    def tagged_first(self: Records, record: dict) -> int:
+        with open_repository(tmp_path / "arc") as other:
+            other.tag(record["name"], v1.id)
+        return real_publish(self, record)
+
+    monkeypatch.setattr(Records, "publish_version", tagged_first)
+    with pytest.warns(UserWarning, match="tag 'W' was set"):
+        w = repo.commit("W", tensors("w"))
+    monkeypatch.undo()
+    assert repo.version(w.id).name == "W" and repo.resolve("W") == v1.id
+    repo.close()

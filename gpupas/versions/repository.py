@@ -34,6 +34,7 @@ from gpupas.catalog import Catalog, catalog_path, flatten, open_catalog, rebuild
 from gpupas.errors import (
     ArchiveExistsError,
     CatalogError,
+    ConflictError,
     GpupasError,
     IntegrityError,
     InvalidInputError,
@@ -63,6 +64,7 @@ from gpupas.versions.model import (
 from gpupas.versions.records import Records
 
 Progress = Callable[[str, int, int], None]
+_TAG_TRIES = 8  # a tag deleted between finding it and reading it is created again, this many times at most
 
 
 def _check_distinct(names: list[str]) -> None:
@@ -399,6 +401,7 @@ class Repository:
             vid = self.records.publish_version(record)
             written.clear()  # published: nothing to take back
         self._after_publish([f"v/{vid}", *(f"m/{e['id']}" for e in entries)])
+        self._say_if_tagged(name, [vid])
         return Version(self._record(vid))
 
     def _update(self, ref: str | int | Version, change: Callable[[Record], None],
@@ -480,6 +483,7 @@ class Repository:
                             message=message or f"copy of version {src.id} ({src.name})", author=author)
         vid = self.records.publish_version(record)
         self._after_publish([f"v/{vid}"])
+        self._say_if_tagged(name, [vid])
         return Version(self._record(vid))
 
     def import_folder(self, folder: str | os.PathLike[str], name: str, *, parent: str | int | None = None,
@@ -526,6 +530,7 @@ class Repository:
                 for s in rec["snapshots"]:  # published: not to be taken back on a later error
                     written.remove(s["id"])
         self._after_publish([*(f"v/{v}" for v in out), *(f"m/{s['id']}" for r in records for s in r["snapshots"])])
+        self._say_if_tagged(name, out)
         return [Version(self._record(v)) for v in out]
 
     # -- tags ------------------------------------------------------------------------------------------------
@@ -535,6 +540,18 @@ class Repository:
         if self.records.tag(name) is not None:
             raise InvalidInputError(f"{name!r} is a tag here (`gpupas show {name}` shows its version): a version "
                                     "of that name could not be reached by it; pick another name or untag it first")
+
+    def _say_if_tagged(self, name: str, vids: Sequence[int]) -> None:
+        """Warn where a tag of ``name`` appeared while versions of that name were committed (their name was
+        checked before): the name reaches the tag's version, not theirs."""
+        try:
+            tagged = self.records.tag(name)
+        except GpupasError:
+            return
+        if tagged is not None:
+            warnings.warn(f"tag {name!r} was set (to version {tagged}) while version(s) {', '.join(map(str, vids))} "
+                          f"named {name!r} were committed: that name reaches the tag's version; refer to them by "
+                          f"id, or untag {name!r}", stacklevel=3)
 
     def _named_versions(self, name: str) -> list[int]:
         try:
@@ -552,13 +569,25 @@ class Repository:
             raise InvalidInputError(f"{tag!r} names version(s) {', '.join(map(str, named))}; a tag of that name would "
                                     "hide them from it: pick another tag")
         record = {"tag": tag, "version": vid, "created": now()}
-        if not self.records.create_tag(tag, record):
-            old = self.records.tag(tag)
-            if old == vid:
-                return vid
+        created = False
+        for _ in range(_TAG_TRIES):
+            created = self.records.create_tag(tag, record)
+            old = vid if created else self.records.tag(tag)
+            if old is not None:  # None: deleted since create_tag found it; create it again
+                break
+        else:
+            raise ConflictError(f"tag {tag!r} was deleted and made again by others {_TAG_TRIES} times while this "
+                                "tried to set it; try again")
+        if old != vid:
             if not force:
                 raise ArchiveExistsError(f"tag {tag!r} already points at version {old}; use --force to move it")
             self.records.replace_tag(tag, record)
+        named = self._named_versions(tag) if created else []  # a commit of that name that checked before the tag
+        if named:
+            if self.records.tag(tag) == vid:
+                self.records.delete_tag(tag)
+            raise InvalidInputError(f"{tag!r} names version(s) {', '.join(map(str, named))} (committed meanwhile); "
+                                    "a tag of that name would hide them from it: pick another tag")
         self._after_publish([f"t/{tag}"])
         return vid
 
