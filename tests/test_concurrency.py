@@ -363,6 +363,21 @@ def test_plan_and_compact_beside_a_compaction_and_a_failing_commit(tmp_path: Pat
             other.discard(plain)
         return out
 
+    calls: list[int] = []
+
+    def discarded_each_time(*args: Any) -> Any:  # commits failing faster than a plan can finish
+        calls.append(1)
+        raise SnapshotNotFoundError("no snapshot 'x'")
+
+    from gpupas.errors import ConflictError, SnapshotNotFoundError
+
+    monkeypatch.setattr(plan_mod, "_plan", discarded_each_time)
+    with gpupas.open_archive(path) as reader, pytest.raises(ConflictError, match="kept changing while they were "
+                                                                                 "planned"):
+        plan_mod.plan_archive(reader, 2.0)
+    assert len(calls) == plan_mod._TRIES
+    monkeypatch.undo()
+
     monkeypatch.setattr(plan_mod, "plan_archive", plan_then_discard)
     result = compact_archive(str(path), alpha=10.0, scheduler="sync")
     assert plain not in result.target and set(result.target) == set(sids)

@@ -19,6 +19,8 @@ from gpupas.plan.graph import ROOT, Plan, StorageGraph, evaluate
 from gpupas.plan.measure import Estimates, measure_edges, storage_graph
 from gpupas.plan.planners import PLANNERS, plan_all
 
+_TRIES = 4  # plans of an archive whose snapshots others discard or revise meanwhile
+
 COMPARE = ("materialized", "mst", "spt", "last", "pas-mt", "pas-pt")
 
 
@@ -109,11 +111,17 @@ def plan_archive(archive: Any, alpha: float | None = 2.0, *, scheme: str = "inde
     for sid in {x for pair in pairs for x in pair} | set(budgets or {}):
         archive.manifest(sid)  # SnapshotNotFoundError names one that does not exist
     args = (archive, alpha, scheme, budgets, pairs, fraction, model, setting, planner, no_slower)
+    for _ in range(_TRIES - 1):
+        try:
+            return _plan(*args)
+        except (SnapshotNotFoundError, ConflictError):  # a snapshot listed was discarded or revised meanwhile
+            archive.refresh()  # plan again on the snapshots there now
     try:
         return _plan(*args)
-    except (SnapshotNotFoundError, ConflictError):  # one listed was discarded (a commit failed) or revised meanwhile
-        archive.refresh()
-        return _plan(*args)  # on the snapshots there now
+    except (SnapshotNotFoundError, ConflictError) as exc:
+        raise ConflictError(f"{archive.location}: snapshots kept changing while they were planned ({_TRIES} tries; "
+                            f"last: {exc}); commits that fail discard what they wrote: plan again when they are "
+                            "done") from exc
 
 
 def _plan(archive: Any, alpha: float | None, scheme: str, budgets: Mapping[str, float] | None,
