@@ -79,6 +79,10 @@ class Box:
         """The largest magnitude in each interval."""
         return torch.maximum(self.lo.abs(), self.hi.abs())
 
+    def unknown(self) -> torch.Tensor:
+        """Where an end is not finite (unbounded, or NaN: the reference's value may be Inf or NaN)."""
+        return ~(torch.isfinite(self.lo) & torch.isfinite(self.hi))
+
     def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> Box:
         """A structural or monotone (nondecreasing) function applied to both ends."""
         return Box(fn(self.lo), fn(self.hi))
@@ -92,7 +96,7 @@ def _seal(b: Box, fmt: Precision, mag: torch.Tensor | None = None) -> Box:
     the magnitude of every value the reference computes on the way there, rounding included) at or above the
     format's largest finite value (overflow to Inf, and then Inf - Inf or 0 * Inf). NaN ends stay NaN
     through every operation, and :func:`decide` decides nothing from them."""
-    bad = ~(torch.isfinite(b.lo) & torch.isfinite(b.hi))
+    bad = b.unknown()
     if mag is not None:
         bad = bad | ~(mag < fmt.big)  # NaN mag too
     if not bool(bad.any()):
@@ -141,7 +145,7 @@ class _Affine:
 
 
 def _prepare(w: Box, b: Box | None, n: int, fmt: Precision, bias_shape: tuple[int, ...]) -> _Affine:
-    wbad = ~(torch.isfinite(w.lo) & torch.isfinite(w.hi))
+    wbad = w.unknown()
     wc, wr = _mid_rad(w)
     wc, wr = wc.masked_fill(wbad, 0.0), wr.masked_fill(wbad, 0.0)
     grow, g = 1 + 4 * (n + 2) * U64, _gamma(n, fmt.u)
@@ -151,7 +155,7 @@ def _prepare(w: Box, b: Box | None, n: int, fmt: Precision, bias_shape: tuple[in
     bc = bs = None
     babs: torch.Tensor | float = 0.0
     if b is not None:
-        bbad = ~(torch.isfinite(b.lo) & torch.isfinite(b.hi))
+        bbad = b.unknown()
         bad = bad | bbad
         bcc, br = _mid_rad(b)
         bcc, br, bsup = bcc.masked_fill(bbad, 0.0), br.masked_fill(bbad, 0.0), b.sup().masked_fill(bbad, 0.0)
@@ -168,7 +172,7 @@ def _prepare(w: Box, b: Box | None, n: int, fmt: Precision, bias_shape: tuple[in
 def _affine(x: Box, p: _Affine, op: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], fmt: Precision) -> Box:
     """``op(x, w) + b`` for a bilinear ``op`` (linear, convolution) over intervals, center-radius form; unknown
     (NaN ends) where an input or weight it uses is, or where a partial sum may overflow."""
-    xbad = ~(torch.isfinite(x.lo) & torch.isfinite(x.hi))
+    xbad = x.unknown()
     xc, xr = _mid_rad(x)
     anybad = bool(xbad.any())
     if anybad:
