@@ -154,16 +154,13 @@ def _plane_pieces(archive: Any, snapshot: str, entries: Sequence[TensorEntry] | 
 def _sampled_entropy(pieces: Sequence[np.ndarray], sample: int) -> float:
     """The entropy of every ``size // sample``-th byte of the pieces joined (not joined: a plane's sample,
     not a copy of the plane)."""
-    n = sum(p.size for p in pieces)
-    step = n // sample if n > sample else 1
-    take = np.arange(0, step * sample if n > sample else n, step)
-    ends = np.cumsum([p.size for p in pieces])
-    which = np.searchsorted(ends, take, side="right")
+    starts = np.cumsum([0] + [p.size for p in pieces])  # of each piece in the joined bytes, then the end
+    step = max(1, int(starts[-1]) // sample)
+    take = np.arange(0, min(int(starts[-1]), step * sample), step)
+    cut = np.searchsorted(take, starts)  # the samples in piece k: take[cut[k]:cut[k + 1]]
     data = np.empty(take.size, np.uint8)
     for k, p in enumerate(pieces):
-        sel = which == k
-        if sel.any():
-            data[sel] = p[take[sel] - (ends[k] - p.size)]
+        data[cut[k]:cut[k + 1]] = p[take[cut[k]:cut[k + 1]] - starts[k]]
     return float(_entropy(data))
 
 
