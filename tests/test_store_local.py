@@ -234,6 +234,27 @@ def test_read_only_error_in_process(store: LocalStore, monkeypatch: pytest.Monke
         store.put("new/folder/k", b"x")
 
 
+def test_an_archive_round_trips_where_python_has_no_vectored_io(tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without ``os.preadv`` and ``os.pwritev`` (a Python built where the OS lacks them) a commit writes
+    its chunks joined and a restore reads each raw chunk with ``pread``: the same archive, bit-exact."""
+    import gpupas
+
+    monkeypatch.delattr(os, "preadv", raising=False)
+    monkeypatch.delattr(os, "pwritev", raising=False)
+    rng = np.random.default_rng(3)
+    tensors = {"noise": rng.standard_normal(1 << 17).astype(np.float32),  # raw chunks: read straight into place
+               "ramp": np.linspace(-1, 1, 5001, dtype=np.float32), "empty": np.zeros((0, 3), np.float16)}
+    with gpupas.create_archive(tmp_path / "arc") as a:
+        m = a.commit(tensors, layout=gpupas.Layout(chunk_size=65536))
+        assert "z" in "".join(s.chunks for s in m.streams)
+    with gpupas.open_archive(tmp_path / "arc") as fresh:
+        out = fresh.restore(m.id)
+        assert fresh.verify(m.id) == len(tensors)
+    for name, v in tensors.items():
+        assert out[name].dtype == v.dtype and out[name].shape == v.shape and out[name].tobytes() == v.tobytes()
+
+
 # -- a local restore reads its chunks only (pread, chunk by chunk) -------------------------------------------
 def test_local_restore_reads_only_its_chunks(tmp_path: Path) -> None:
     import gpupas
@@ -251,9 +272,14 @@ def test_local_restore_reads_only_its_chunks(tmp_path: Path) -> None:
     assert read < shards / 10
 
 
-def test_read_into_fills_views_in_order_and_stops_at_the_end(store: LocalStore) -> None:
+@pytest.mark.parametrize("vectored", [True, False])
+def test_read_into_fills_views_in_order_and_stops_at_the_end(store: LocalStore, vectored: bool,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     """A scattered read (a raw chunk straight into its place): the views filled one after another from
-    the offset, empty views skipped, and at the file's end the bytes there, counted once."""
+    the offset, empty views skipped, and at the file's end the bytes there, counted once; also where
+    Python has no ``os.preadv`` (one ``pread`` per view)."""
+    if not vectored:
+        monkeypatch.delattr(os, "preadv", raising=False)
     data = np.random.default_rng(0).integers(0, 256, 3000, dtype=np.uint8).tobytes()
     store.put("blob", data)
     fd = store.open_file("blob")

@@ -141,7 +141,7 @@ class LocalStore:
         views = [view] if isinstance(view, memoryview) else [v for v in view if len(v)]
         got = 0
         while views:
-            n = os.preadv(fd, views[:_IOV_MAX], offset + got)
+            n = _preadv(fd, views, offset + got)
             if n <= 0:
                 break
             got += n
@@ -525,6 +525,20 @@ def _pwritev_all(fd: int, views: list[memoryview], offset: int) -> None:
             raise OSError(errno.EIO, "short write")
         offset += n
         _advance(views, n)
+
+
+def _preadv(fd: int, views: list[memoryview], offset: int) -> int:
+    """One vectored read into ``views`` at ``offset`` (a ``pread`` into the first where the OS's Python
+    has no ``preadv``); returns the bytes read."""
+    if hasattr(os, "preadv"):
+        return os.preadv(fd, views[:_IOV_MAX], offset)
+    return _pread_into(fd, views[0], offset)
+
+
+def _pread_into(fd: int, view: memoryview, offset: int) -> int:
+    data = os.pread(fd, len(view), offset)
+    view[: len(data)] = data
+    return len(data)
 
 
 def _advance(views: list[memoryview], n: int) -> None:
