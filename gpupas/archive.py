@@ -37,6 +37,8 @@ from gpupas.errors import (
     IntegrityError,
     InvalidInputError,
     SnapshotNotFoundError,
+    TierNotFoundError,
+    TierUnavailableError,
 )
 from gpupas.format.keys import check_name
 from gpupas.format.manifest import Manifest, now
@@ -505,10 +507,10 @@ class Archive:
 
     def _fresh(self, read: Callable[[], Any]) -> Any:
         """``read()``, retried once with fresh manifests when a revision (another process's compaction or
-        tier move, and gc after it) replaced what this session's cached manifests point at."""
+        tier move, and gc or a tier's removal after it) replaced what this session's cached manifests point at."""
         try:
             return read()
-        except (IntegrityError, ConflictError):
+        except (IntegrityError, ConflictError, TierNotFoundError, TierUnavailableError):
             stale = [s for s in list(self._manifests) if self._revised(s)]
             if not stale:
                 raise

@@ -319,6 +319,31 @@ def test_a_session_never_writes_into_a_tier_removed_since_it_opened_it(tmp_path:
         assert same(a.restore(sids[1]), ckpts[1])
 
 
+@pytest.mark.parametrize("read", ["restore", "read_planes"])
+def test_a_reader_follows_planes_moved_back_from_a_tier_removed_since(tmp_path: Path, read: str) -> None:
+    """A session has read a snapshot's manifest while some of its planes lay in a tier; another process
+    moves them back and removes the tier. The session's next read finds the tier gone, reads the
+    manifest again and reads its new form: bit-exact, not "no tier 'cold'"."""
+    from gpupas import tiers
+
+    ckpts = chain(n=2)
+    with gpupas.create_archive(tmp_path / "arc") as a:
+        sids = commit_chain(a, ckpts)
+        a.add_tier("cold", tmp_path / "cold")
+        tiers.move(a, sids[1], planes_from=1, to="cold")
+    with gpupas.open_archive(tmp_path / "arc") as reader:
+        assert any(s.tier == "cold" for s in reader.manifest(sids[1]).streams)  # parsed in its tiered form
+        with gpupas.open_archive(tmp_path / "arc") as other:
+            tiers.move(other, sids[1], planes_from=None, to=None)
+            other.remove_tier("cold")
+        if read == "restore":
+            assert same(reader.restore(sids[1]), ckpts[1])
+        else:
+            r = reader.read_planes(sids[1], planes=8)  # every plane of every dtype: exact
+            assert same(r.approx, ckpts[1])
+        assert all(s.tier is None for s in reader.manifest(sids[1]).streams)
+
+
 def test_tier_remove_waits_for_a_move_in_flight(tmp_path: Path) -> None:
     """A move that has written its planes into the tier and is about to publish: `tier remove` waits for
     it, then refuses (the tier is in use), instead of leaving a snapshot that names a missing tier."""
