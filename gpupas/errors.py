@@ -80,12 +80,17 @@ class StoreUnavailableError(GpupasError, OSError):
 
 class Unreachable(str):
     """A problem report (a string) saying what could not be read because a store or tier cannot be
-    reached: nothing was found damaged there (``gpupas verify`` exits 4 for these, not 3)."""
+    reached (:data:`UNREACHABLE`): nothing was found damaged there (``gpupas verify`` exits 4 for these, not 3)."""
 
 
 class TierUnavailableError(StoreUnavailableError):
     """A storage tier the archive defines cannot be reached or is not the tier it names (wrong URL,
     missing credentials, a server down)."""
+
+
+UNREACHABLE: tuple[type[GpupasError], ...] = (StoreUnavailableError, TierNotFoundError)
+"""What keeps a snapshot from being read without anything being damaged: a store or tier that cannot be
+reached, or a tier the archive no longer names (``tier add`` it back); reported as :class:`Unreachable`."""
 
 
 class CatalogError(GpupasError, RuntimeError):

@@ -24,7 +24,7 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from gpupas.engine.encode import layout_of_snapshot, placement
-from gpupas.errors import InvalidInputError
+from gpupas.errors import InvalidInputError, TierNotFoundError
 from gpupas.format.manifest import Manifest
 from gpupas.store.tiers import LOCAL
 
@@ -47,7 +47,8 @@ def move(archive: Archive, snapshot: str, *, planes_from: int | None = 2, to: st
     """
     to = None if to in (None, LOCAL) else to
     if to is not None and to not in archive.store.tier_table():
-        archive.store.tier_store(to)  # raises TierNotFoundError with the remedy
+        raise TierNotFoundError(f"archive {archive.location} has no tier {to!r} to move planes to: add it with "
+                                f"`gpupas tier add {to} URL`, or list them with `gpupas tier list`")
     m = archive.manifest(snapshot)
     groups, tiers_now = placement(m)
     if planes_from is None:

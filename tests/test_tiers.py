@@ -16,14 +16,16 @@ import numpy as np
 import pytest
 import recipe
 from s3counting import CountingS3, counting_s3
+from s3server import s3_endpoint, s3_options, split
 
 import gpupas
 from gpupas import inspect
 from gpupas.backend import get_backend
 from gpupas.engine.partial import PartialReader
-from gpupas.errors import InvalidInputError, TierNotFoundError, TierUnavailableError
+from gpupas.errors import ConflictError, InvalidInputError, TierNotFoundError, TierUnavailableError
+from gpupas.format import keys
 
-__all__ = ["counting_s3"]  # fixtures this module uses
+__all__ = ["counting_s3", "s3_endpoint", "s3_options"]  # fixtures this module uses
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -99,7 +101,7 @@ def test_commit_straight_into_a_tier_and_bad_moves(tmp_path: Path) -> None:
         assert a.restore(m.id)["w"].tobytes() == w.tobytes()
         with pytest.raises(InvalidInputError, match="planes_from"):
             a.tier(m.id, planes_from=4, to="cold")
-        with pytest.raises(TierNotFoundError, match="gpupas tier add warm"):
+        with pytest.raises(TierNotFoundError, match=r"no tier 'warm' to move planes to.*gpupas tier add warm"):
             a.tier(m.id, planes_from=2, to="warm")
         with pytest.raises(TierNotFoundError):
             a.commit({"w": w}, layout=gpupas.Layout(groups=(1,), tiers=(None, "warm")))
@@ -140,6 +142,14 @@ def test_a_missing_tier_says_which_and_what_to_do_while_high_planes_still_read(t
     with gpupas.open_archive(tmp_path / "arc") as d, pytest.raises(TierNotFoundError,
                                                                     match=r"no tier 'cold'.*gpupas tier add cold"):
         d.restore(sids[0])
+    with gpupas.open_repository(tmp_path / "arc") as repo:  # a tier the root no longer names: not damage either
+        for scheduler in ("sync", "threads"):  # the inline check and the job's graph
+            result = repo.verify(scheduler=scheduler)
+            assert not result["ok"] and result["problems"] == [] and len(result["unreachable"]) == len(sids)
+            assert all("gpupas tier add cold" in line for line in result["unreachable"])
+    cli = subprocess.run([sys.executable, "-m", "gpupas", "-A", str(tmp_path / "arc"), "verify"], capture_output=True,
+                         text=True)
+    assert cli.returncode == 4 and "not checked" in cli.stderr and "damaged:" not in cli.stderr
 
 
 def test_tier_locations_are_checked_and_secrets_never_written(tmp_path: Path) -> None:
@@ -244,6 +254,63 @@ def test_s3_tier_high_planes_read_makes_no_request_to_it(counting_s3: CountingS3
         cold = [f for f in swept if f.startswith("cold:")]
         assert len(cold) == 1 and cold[0].startswith(f"cold:{sids[0]}.")
         assert same(b.restore(sids[1]), ckpts[1])
+
+
+def _s3_pair(options: dict[str, Any]) -> tuple[list[dict[str, np.ndarray]], list[str], Any]:
+    """An archive on S3 holding a chain of two, with tier 'cold' beside it; the checkpoints, snapshot ids and
+    a function opening another session on it (as another process would)."""
+    url, opts = split(options)
+    ckpts = chain(n=2)
+    with gpupas.create_archive(url, storage_options=opts) as a:
+        sids = commit_chain(a, ckpts)
+        a.add_tier("cold", url + "-cold", opts)
+    return ckpts, sids, lambda: gpupas.open_archive(url, storage_options=opts, tier_options={"cold": opts})
+
+
+def test_on_s3_a_tier_removed_while_a_move_into_it_publishes_is_put_back(s3_options: dict[str, Any],
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """An object store has no lock: `tier remove` (which found no snapshot in the tier) can land between a
+    move's check of the tier and its publishing. The move then puts the tier back, with a warning, and the
+    snapshot stays readable; before, the archive forgot the tier and `verify` called the snapshot damaged."""
+    ckpts, sids, session = _s3_pair(s3_options)
+    with session() as mover, session() as remover:
+        real = mover.store.store.update
+
+        def crossing(key: str, change: Any) -> Any:
+            if key == keys.manifest(sids[1]):  # the move is about to publish: the other process removes the tier
+                remover.remove_tier("cold")
+            return real(key, change)
+
+        monkeypatch.setattr(mover.store.store, "update", crossing)
+        with pytest.warns(UserWarning, match="tier 'cold' was removed by another process.*added back"):
+            mover.tier(sids[1], planes_from=2, to="cold")
+    with session() as fresh:
+        assert "cold" in fresh.store.tier_table() and any(s.tier == "cold" for s in fresh.manifest(sids[1]).streams)
+        assert same(fresh.restore(sids[1]), ckpts[1]) and fresh.verify(sids[1]) == 4
+
+
+def test_on_s3_a_move_publishing_while_tier_remove_lands_keeps_the_tier(s3_options: dict[str, Any],
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """The other order: a move publishes between `tier remove`'s look for snapshots in the tier and its
+    removal. The removal's second look finds the snapshot, puts the tier back and says so (ConflictError)."""
+    ckpts, sids, session = _s3_pair(s3_options)
+    with session() as mover, session() as remover:
+        real, moved = remover.store.store.update, []
+
+        def crossing(key: str, change: Any) -> Any:
+            if key == keys.ROOT and not moved:  # the removal is about to land: the other process's move publishes
+                moved.append(mover.tier(sids[1], planes_from=2, to="cold"))
+            return real(key, change)
+
+        monkeypatch.setattr(remover.store.store, "update", crossing)
+        with pytest.raises(ConflictError, match=f"{sids[1]} put planes in tier 'cold' while it was being removed"):
+            remover.remove_tier("cold")
+    with session() as fresh:
+        assert "cold" in fresh.store.tier_table() and any(s.tier == "cold" for s in fresh.manifest(sids[1]).streams)
+        assert same(fresh.restore(sids[1]), ckpts[1]) and fresh.verify(sids[1]) == 4
+        fresh.tier(sids[1], planes_from=None, to=None)
+        fresh.remove_tier("cold")  # with nothing in it, the removal goes through
+        assert "cold" not in fresh.store.tier_table()
 
 
 def test_s3_tier_that_cannot_be_reached(counting_s3: CountingS3, tmp_path: Path) -> None:

@@ -18,12 +18,12 @@ from typing import Any
 from gpupas.engine import decode
 from gpupas.engine.bases import BaseCache
 from gpupas.errors import (
+    UNREACHABLE,
     FormatError,
     GpupasError,
     IntegrityError,
     NotFoundError,
     SnapshotNotFoundError,
-    StoreUnavailableError,
 )
 from gpupas.format.manifest import Manifest
 from gpupas.store.archive import ArchiveStore
@@ -220,7 +220,7 @@ def read_all(store: ArchiveStore, sids: Iterable[str], *, manifests: Manifests, 
                     got = bits.get(d)
                     if not isinstance(got, dict):
                         why = f" ({got})" if isinstance(got, Exception) else " (it depends on itself)"
-                        kind = type(got) if isinstance(got, StoreUnavailableError) else \
+                        kind = type(got) if isinstance(got, UNREACHABLE) else \
                             IntegrityError  # a base out of reach leaves its child out of reach, not damaged
                         raise kind(f"snapshot {s}: the snapshot {d} it is a delta on cannot be restored" + why)
                     inputs.append(got)

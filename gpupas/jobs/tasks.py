@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any
 
-from gpupas.errors import GpupasError, SnapshotNotFoundError, StoreUnavailableError, Unreachable
+from gpupas.errors import UNREACHABLE, GpupasError, SnapshotNotFoundError, Unreachable
 
 
 @dataclass(frozen=True)
@@ -82,7 +82,7 @@ def decode_link(spec: ArchiveSpec, sid: str, *inputs: Link) -> Link:
     except (GpupasError, OSError, KeyError) as exc:
         failed = [x for x in inputs if isinstance(x, Link) and x.error]
         why = f"{exc}" + (f" (its base {failed[0].sid} could not be decoded either)" if failed else "")
-        unreachable = isinstance(exc, StoreUnavailableError)  # tiers too
+        unreachable = isinstance(exc, UNREACHABLE)
         return Link(sid, None, Unreachable(why) if unreachable else why, 0)
 
 

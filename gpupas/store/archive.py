@@ -71,6 +71,7 @@ class ArchiveStore:
         self.format = fmt
         self.tier_options = {k: dict(v) for k, v in (tier_options or {}).items()}
         self._tier_stores: dict[str, Store] = {}
+        self._tier_entries: dict[str, dict[str, Any]] = {}  # the root's entry of each tier opened here
         self._tier_lock = threading.Lock()
         self._parsed: OrderedDict[str, tuple[bytes, Manifest]] = OrderedDict()  # sid -> (its bytes, parsed)
         self._parsed_lock = threading.Lock()
@@ -185,7 +186,8 @@ class ArchiveStore:
         data = m.to_bytes()
         if not self.store.create(keys.manifest(m.id), data):
             raise ArchiveExistsError(f"snapshot {m.id!r} already exists in {self.location}; choose another id")
-        self._remember(m.id, data, m)  # the next commit reads it as its base: no parse (it reads back equal)
+        self._remember(m.id, data, m)
+        self._keep_tiers(m)  # the next commit reads it as its base: no parse (it reads back equal)
 
     def _remember(self, sid: str, data: bytes, m: Manifest) -> None:
         with self._parsed_lock:
@@ -218,6 +220,7 @@ class ArchiveStore:
             return new.to_bytes()
 
         self.store.update(keys.manifest(new.id), change)
+        self._keep_tiers(new)
         kept = {(s.tier, s.folder) for s in new.streams}
         self.mark_superseded([s for s in replaced[0].streams if (s.tier, s.folder) not in kept])
 
@@ -496,6 +499,7 @@ class ArchiveStore:
         if entry is None:
             raise TierNotFoundError(f"archive {self.location} has no tier {name!r} (its data names it): add it with "
                                     f"`gpupas tier add {name} URL` pointing at where that tier's data is")
+        self._tier_entries[name] = entry
         url = entry["url"]
         options = _tiers.merge(entry.get("options"), _tiers.env_options(name), self.tier_options.get(name))
         if not is_remote(url) and not os.path.isdir(url):
@@ -580,11 +584,42 @@ class ArchiveStore:
             self._tier_stores.pop(name, None)
         return entry
 
+    def _keep_tiers(self, m: Manifest) -> None:
+        """After ``m`` is published: put back (with a warning) a tier it has planes in that another process
+        removed meanwhile. An object store has no lock to keep `tier remove` from crossing a write into the
+        tier; its own second look (:meth:`remove_tier`) or this one sees the other, so no snapshot is left
+        naming a tier the archive forgot."""
+        named = sorted({s.tier for s in m.streams if s.tier is not None})
+        if not named:
+            return
+        table = self.tier_table()
+        for name in named:
+            entry = self._tier_entries.get(name)
+            if name in table or entry is None:
+                continue
+            self._put_tier_back(name, entry)
+            warnings.warn(f"{self.location}: tier {name!r} was removed by another process while snapshot {m.id} was "
+                          "written into it; it is added back (the snapshot has planes there)", stacklevel=3)
+
+    def _put_tier_back(self, name: str, entry: dict[str, Any]) -> None:
+        def change(data: bytes | None) -> bytes | None:
+            doc = json.loads(data) if data else zarr_meta.group()
+            attrs = doc.setdefault("attributes", {}).setdefault("gpupas", {})
+            if name in attrs.get("tiers", {}):
+                return None  # added again meanwhile (perhaps elsewhere): that entry stands
+            attrs.setdefault("tiers", {})[name] = entry
+            attrs.get("removed_tiers", {}).pop(name, None)
+            return _json(doc)
+
+        self.store.update(keys.ROOT, change)
+
     def remove_tier(self, name: str) -> None:
         """Forget tier ``name`` (its location is left as it is); refused while a snapshot has data there.
         Waits for commits and revisions in flight (a tier move publishing into it, say)."""
         if name not in self.tier_table():
             raise TierNotFoundError(f"archive {self.location} has no tier {name!r}; list them with `gpupas tier list`")
+
+        removed: list[dict[str, Any]] = []
 
         def change(data: bytes | None) -> bytes:
             doc = json.loads(data) if data else zarr_meta.group()
@@ -592,15 +627,22 @@ class ArchiveStore:
             gone = attrs.get("tiers", {}).pop(name, None)
             if isinstance(gone, dict) and isinstance(gone.get("id"), str):  # what `tier add --force` may take back
                 attrs.setdefault("removed_tiers", {})[name] = gone["id"]
+                removed[:] = [gone]
             return _json(doc)
 
+        def users() -> str:
+            found = sorted(sid for sid in self.list_snapshots() if any(s.tier == name for s in self._streams_of(sid)))
+            return ", ".join(found[:5]) + ("..." if len(found) > 5 else "")
+
         with self.store.lock(keys.SNAPSHOTS, exclusive=True):
-            users = [sid for sid in self.list_snapshots() if any(s.tier == name for s in self._streams_of(sid))]
-            if users:
-                raise InvalidInputError(f"snapshot(s) {', '.join(sorted(users)[:5])}{'...' if len(users) > 5 else ''}"
-                                        f" have planes in tier {name!r}: move them back first (`gpupas tier move ... "
-                                        "--to local`)")
+            if using := users():
+                raise InvalidInputError(f"snapshot(s) {using} have planes in tier {name!r}: move them back first "
+                                        "(`gpupas tier move ... --to local`)")
             self.store.update(keys.ROOT, change)
+            if removed and (using := users()):  # an object store has no lock: a move may have crossed this removal
+                self._put_tier_back(name, removed[0])
+                raise ConflictError(f"snapshot(s) {using} put planes in tier {name!r} while it was being removed; the "
+                                    "tier is kept: move them back first (`gpupas tier move ... --to local`)")
         with self._tier_lock:
             self._tier_stores.pop(name, None)
 

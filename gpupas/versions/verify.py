@@ -6,12 +6,12 @@ from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 from gpupas.errors import (
+    UNREACHABLE,
     FormatError,
     GpupasError,
     IntegrityError,
     NotFoundError,
     SnapshotNotFoundError,
-    StoreUnavailableError,
     Unreachable,
 )
 from gpupas.versions.model import well_formed
@@ -126,7 +126,7 @@ def _check_snapshots(repo: Repository, sids: list[str], scheduler: Any) -> list[
         return []
     if scheduler == "sync" and repo.archive.store.local_root is not None and len(sids) <= 2:
         # a couple of snapshots: no graph needed (the same decodes, each once)
-        return [(s, r if isinstance(r, int) else Unreachable(r) if isinstance(r, StoreUnavailableError) else str(r))
+        return [(s, r if isinstance(r, int) else Unreachable(r) if isinstance(r, UNREACHABLE) else str(r))
                 for s, r in repo.archive.verify_all(sids)]
     from gpupas.jobs.graph import verify_graph
     from gpupas.jobs.run import run
