@@ -80,7 +80,17 @@ class StoreUnavailableError(GpupasError, OSError):
 
 class Unreachable(str):
     """A problem report (a string) saying what could not be read because a store or tier cannot be
-    reached (:data:`UNREACHABLE`): nothing was found damaged there (``gpupas verify`` exits 4 for these, not 3)."""
+    reached (:data:`UNREACHABLE`): nothing was found damaged there (``gpupas verify`` exits 4 for these, not 3).
+    ``recheck``: the archive did not name the tier when it was read (worth one look on fresh manifests: the
+    snapshot may have been moved out of a tier removed since); an unreachable store is not tried again."""
+
+    recheck: bool = False
+
+    @classmethod
+    def of(cls, exc: BaseException, text: str | None = None) -> Unreachable:
+        got = cls(str(exc) if text is None else text)
+        got.recheck = isinstance(exc, TierNotFoundError)
+        return got
 
 
 class TierUnavailableError(StoreUnavailableError):

@@ -411,6 +411,36 @@ def test_a_reader_follows_planes_moved_back_from_a_tier_removed_since(tmp_path: 
         assert all(s.tier is None for s in reader.manifest(sids[1]).streams)
 
 
+def test_verify_looks_again_where_a_tier_was_removed_after_the_snapshot_moved_out(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`verify` read a snapshot's manifest while its planes lay in a tier; before it opened the tier, another
+    process moved them back and removed the tier. That is no fault of the archive: verify looks once more on
+    fresh manifests and passes (a tier that is only unreachable is not tried twice)."""
+    from gpupas.store.archive import ArchiveStore
+
+    ckpts = chain(n=2)
+    with gpupas.create_repository(tmp_path / "arc") as repo:
+        repo.commit("v", ckpts[1])
+        sid = repo.version("v").snapshots[0]["id"]
+        repo.archive.add_tier("cold", tmp_path / "cold")
+        repo.archive.tier(sid, planes_from=2, to="cold")
+    real, done = ArchiveStore.reader, []
+
+    def crossing(self: ArchiveStore, stream: Any) -> Any:
+        if not done and stream.tier == "cold":
+            done.append(True)
+            with gpupas.open_archive(tmp_path / "arc") as other:  # another process: back to local, tier removed
+                other.tier(sid, planes_from=None, to=None)
+                other.remove_tier("cold")
+        return real(self, stream)
+
+    monkeypatch.setattr(ArchiveStore, "reader", crossing)
+    with gpupas.open_repository(tmp_path / "arc") as repo:
+        result = repo.verify()
+        assert done and result["ok"], result
+        assert same(repo.archive.restore(sid), ckpts[1])
+
+
 def test_tier_remove_waits_for_a_move_in_flight(tmp_path: Path) -> None:
     """A move that has written its planes into the tier and is about to publish: `tier remove` waits for
     it, then refuses (the tier is in use), instead of leaving a snapshot that names a missing tier."""

@@ -83,7 +83,7 @@ def decode_link(spec: ArchiveSpec, sid: str, *inputs: Link) -> Link:
         failed = [x for x in inputs if isinstance(x, Link) and x.error]
         why = f"{exc}" + (f" (its base {failed[0].sid} could not be decoded either)" if failed else "")
         unreachable = isinstance(exc, UNREACHABLE)
-        return Link(sid, None, Unreachable(why) if unreachable else why, 0)
+        return Link(sid, None, Unreachable.of(exc, why) if unreachable else why, 0)
 
 
 def check_link(link: Link) -> tuple[str, int | str]:

@@ -109,8 +109,9 @@ def verify(repo: Repository, refs: Iterable[str | int] | None = None, progress: 
 def _again(repo: Repository, sid: str, first: str, versioned: bool) -> int | str | None:
     """A snapshot found wrong, checked once more on fresh manifests: its tensor count where that passes (it
     was revised while it was read), None where it is a plain snapshot discarded meanwhile (by a commit that
-    failed), else what was found first. An unreachable store is not checked again."""
-    if isinstance(first, Unreachable):
+    failed), else what was found first. An unreachable store is not tried again (a tier the archive did not
+    name is: the snapshot may have been moved out of it since)."""
+    if isinstance(first, Unreachable) and not first.recheck:
         return first
     try:
         return repo.archive.verify(sid)
@@ -126,7 +127,7 @@ def _check_snapshots(repo: Repository, sids: list[str], scheduler: Any) -> list[
         return []
     if scheduler == "sync" and repo.archive.store.local_root is not None and len(sids) <= 2:
         # a couple of snapshots: no graph needed (the same decodes, each once)
-        return [(s, r if isinstance(r, int) else Unreachable(r) if isinstance(r, UNREACHABLE) else str(r))
+        return [(s, r if isinstance(r, int) else Unreachable.of(r) if isinstance(r, UNREACHABLE) else str(r))
                 for s, r in repo.archive.verify_all(sids)]
     from gpupas.jobs.graph import verify_graph
     from gpupas.jobs.run import run
