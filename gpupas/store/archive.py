@@ -186,8 +186,8 @@ class ArchiveStore:
         data = m.to_bytes()
         if not self.store.create(keys.manifest(m.id), data):
             raise ArchiveExistsError(f"snapshot {m.id!r} already exists in {self.location}; choose another id")
-        self._remember(m.id, data, m)
-        self._keep_tiers(m)  # the next commit reads it as its base: no parse (it reads back equal)
+        self._remember(m.id, data, m)  # the next commit reads it as its base: no parse (it reads back equal)
+        self._keep_tiers(m)
 
     def _remember(self, sid: str, data: bytes, m: Manifest) -> None:
         with self._parsed_lock:
