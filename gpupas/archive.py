@@ -84,6 +84,11 @@ def lossy_schemes(arrays: Mapping[str, Any], lossy: str | Mapping[str, Any] | No
     return out
 
 
+STALE_SIGNS = (IntegrityError, ConflictError, TierNotFoundError, TierUnavailableError)
+"""What a read raises where the manifests it was given are out of date (their chunks collected, a tier removed):
+worth one more try after :meth:`Archive.forget_revised`."""
+
+
 def _meta(meta: Mapping[str, Any] | None) -> dict[str, Any]:
     """A commit's ``meta`` as plain JSON (NumPy and torch scalars as numbers), checked before anything is
     coded: the manifest must be able to hold it."""
@@ -510,13 +515,18 @@ class Archive:
         tier move, and gc or a tier's removal after it) replaced what this session's cached manifests point at."""
         try:
             return read()
-        except (IntegrityError, ConflictError, TierNotFoundError, TierUnavailableError):
-            stale = [s for s in list(self._manifests) if self._revised(s)]
-            if not stale:
+        except STALE_SIGNS:
+            if not self.forget_revised():
                 raise
-            for s in stale:
-                self._forget(s)
             return read()
+
+    def forget_revised(self) -> bool:
+        """Forget the manifests read so far that another process has revised or discarded since; whether
+        there were any (then a read that failed on what they pointed at is worth one more try)."""
+        stale = [s for s in list(self._manifests) if self._revised(s)]
+        for s in stale:
+            self._forget(s)
+        return bool(stale)
 
     def _revised(self, snapshot: str) -> bool:
         try:

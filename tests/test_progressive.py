@@ -204,6 +204,38 @@ def test_what_would_bound_wrongly_is_refused_before_reading() -> None:
     IntervalNet(_Two(lambda a, b: F.elu(a + b, 0.5)).eval())  # monotone arguments are fine
 
 
+def test_evaluation_starts_again_where_its_low_planes_moved_out_of_a_tier_removed_meanwhile(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Progressive evaluation read the top plane (in the archive); before it needed the lower ones (in tier
+    'cold'), another process moved them back and removed the tier. The evaluation starts again on the
+    manifest as it is now and gives the full-precision labels (before: TierNotFoundError naming the tier)."""
+    from gpupas.engine.partial import PartialReader
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 5)).eval()
+    with gpupas.create_archive(tmp_path / "a") as a:
+        m = a.commit(net.state_dict(), layout=Layout(rotate=False))
+        a.add_tier("cold", tmp_path / "cold")
+        a.tier(m.id, planes_from=1, to="cold")
+    real, moved = PartialReader.read, []
+
+    def crossing(self: PartialReader, *args: object, **kw: object) -> object:
+        got = real(self, *args, **kw)
+        if not moved:  # another process, after the first read: the low planes back, the tier removed
+            moved.append(True)
+            with gpupas.open_archive(tmp_path / "a") as other:
+                other.tier(m.id, planes_from=None, to=None)
+                other.remove_tier("cold")
+        return got
+
+    monkeypatch.setattr(PartialReader, "read", crossing)
+    x = torch.randn(64, 6)
+    with gpupas.open_archive(tmp_path / "a") as a:
+        assert any(s.tier == "cold" for s in a.manifest(m.id).streams)
+        r = evaluate_progressive(net, a, m.id, x, check=True)
+    assert moved and torch.equal(r.labels, net(x).argmax(1))
+
+
 def test_tied_weights_and_bad_arguments(tmp_path: Path) -> None:
     net = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4)).eval()
     net[2].weight = net[0].weight  # tied: both names in the state_dict, one tensor

@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from gpupas.archive import STALE_SIGNS
 from gpupas.errors import InvalidInputError
 
 U64 = 2.0**-53
@@ -681,58 +682,66 @@ def evaluate_progressive(model: nn.Module, archive: Any, snapshot: str, inputs: 
     _check_inputs(model, inputs)
     mapping = _weight_names(net, names)
     tensors = list(dict.fromkeys(mapping.values()))
-    entries = archive.manifest(snapshot).select(tensors)
-    width = max((e.width for e in entries), default=1)
-    fmt = _precision([e.dtype for e in entries], inputs)
-    x = inputs.detach()
-    n = x.shape[0]
-    labels = torch.full((n,) if topk == 1 else (n, topk), -1, dtype=torch.long)
-    result = ProgressiveResult(labels, torch.zeros(n, dtype=torch.long))
-    todo = torch.arange(n)
+    def run() -> ProgressiveResult:  # on the manifests as read now
+        entries = archive.manifest(snapshot).select(tensors)
+        width = max((e.width for e in entries), default=1)
+        fmt = _precision([e.dtype for e in entries], inputs)
+        x = inputs.detach()
+        n = x.shape[0]
+        labels = torch.full((n,) if topk == 1 else (n, topk), -1, dtype=torch.long)
+        result = ProgressiveResult(labels, torch.zeros(n, dtype=torch.long))
+        todo = torch.arange(n)
 
-    def exact_labels(read: Any, idx: torch.Tensor) -> torch.Tensor:
-        weights = {w: numpy_to_tensor(read.approx[mapping[w]]) for w in net.weights}
-        with torch.no_grad():
-            return torch.cat([top_labels(torch.func.functional_call(model, weights, (x[idx[i : i + batch_size]],),
-                                                                    tie_weights=False), topk)  # tied: both names given
-                              for i in range(0, len(idx), batch_size)])
+        def exact_labels(read: Any, idx: torch.Tensor) -> torch.Tensor:
+            weights = {w: numpy_to_tensor(read.approx[mapping[w]]) for w in net.weights}
+            with torch.no_grad():
+                return torch.cat([top_labels(torch.func.functional_call(  # tie_weights off: both names are given
+                    model, weights, (x[idx[i : i + batch_size]],), tie_weights=False), topk)
+                    for i in range(0, len(idx), batch_size)])
 
-    with PartialReader(archive.store, archive.manifest, get_backend("numpy"), archive.executor,
-                       base_planes) as reader:
-        for k in range(1, width + 1):
-            t0 = time.perf_counter()
-            r = reader.read(snapshot, k, tensors)
-            t1 = time.perf_counter()
-            evaluated = len(todo)
-            if r.all_exact or k == width:  # the weights themselves: the model decides the rest
-                labels[todo] = exact_labels(r, todo)
-                result.planes[todo] = k
-                todo = todo[:0]
-            else:
-                boxes = _boxes(net, r, mapping)
-                parts = [todo[:probe], todo[probe:]] if 0 < probe < len(todo) else [todo]
-                left: list[torch.Tensor] = []
-                evaluated = 0
-                for part in parts:
-                    if evaluated and sum(len(t) for t in left) == evaluated:  # the probe decided nothing
-                        left.append(part)
-                        continue
-                    out = _propagate(net, boxes, x[part], fmt, batch_size)
-                    ok, lab = decide(out.lo, out.hi, topk)
-                    labels[part[ok]] = lab[ok]
-                    result.planes[part[ok]] = k
-                    left.append(part[~ok])
-                    evaluated += len(part)
-                todo = torch.cat(left)
-            result.steps.append(Step(k, r.bytes_read, r.bytes_total, evaluated, len(todo), t1 - t0,
-                                     time.perf_counter() - t1))
-            if not len(todo):
-                break
-        result.seconds = time.perf_counter() - t_start
-        if check:
-            ref = exact_labels(reader.read(snapshot, width, tensors), torch.arange(n))
-            bad = (ref != labels).reshape(n, -1).any(1)
-            if bool(bad.any()):
-                raise AssertionError(f"progressive labels differ from full-precision inference for {int(bad.sum())} "
-                                     f"of {n} inputs (first: {int(bad.nonzero()[0, 0])})")
-    return result
+        with PartialReader(archive.store, archive.manifest, get_backend("numpy"), archive.executor,
+                           base_planes) as reader:
+            for k in range(1, width + 1):
+                t0 = time.perf_counter()
+                r = reader.read(snapshot, k, tensors)
+                t1 = time.perf_counter()
+                evaluated = len(todo)
+                if r.all_exact or k == width:  # the weights themselves: the model decides the rest
+                    labels[todo] = exact_labels(r, todo)
+                    result.planes[todo] = k
+                    todo = todo[:0]
+                else:
+                    boxes = _boxes(net, r, mapping)
+                    parts = [todo[:probe], todo[probe:]] if 0 < probe < len(todo) else [todo]
+                    left: list[torch.Tensor] = []
+                    evaluated = 0
+                    for part in parts:
+                        if evaluated and sum(len(t) for t in left) == evaluated:  # the probe decided nothing
+                            left.append(part)
+                            continue
+                        out = _propagate(net, boxes, x[part], fmt, batch_size)
+                        ok, lab = decide(out.lo, out.hi, topk)
+                        labels[part[ok]] = lab[ok]
+                        result.planes[part[ok]] = k
+                        left.append(part[~ok])
+                        evaluated += len(part)
+                    todo = torch.cat(left)
+                result.steps.append(Step(k, r.bytes_read, r.bytes_total, evaluated, len(todo), t1 - t0,
+                                         time.perf_counter() - t1))
+                if not len(todo):
+                    break
+            result.seconds = time.perf_counter() - t_start
+            if check:
+                ref = exact_labels(reader.read(snapshot, width, tensors), torch.arange(n))
+                bad = (ref != labels).reshape(n, -1).any(1)
+                if bool(bad.any()):
+                    raise AssertionError(f"progressive labels differ from full-precision inference for "
+                                         f"{int(bad.sum())} of {n} inputs (first: {int(bad.nonzero()[0, 0])})")
+        return result
+
+    try:
+        return run()
+    except STALE_SIGNS:  # another process revised the snapshot (and collected its old form) meanwhile
+        if not archive.forget_revised():
+            raise
+        return run()
