@@ -344,6 +344,7 @@ class Archive:
                         self.store.delete_folder(s.folder, s.tier)
                     raise
                 break
+            self.store.keep_tiers(m)  # published: what this raises (a warning made an error) removes nothing
         self.bases.put(sid, {st.name: st.bits for st in staged}, borrowed=True)  # checked by CRC before use
         return m
 
@@ -433,6 +434,7 @@ class Archive:
             raise
         finally:
             self._forget(snapshot)
+        self.store.keep_tiers(new)  # published: what this raises (a warning made an error) removes nothing
         return new
 
     # -- tiers -------------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -267,11 +268,14 @@ def _s3_pair(options: dict[str, Any]) -> tuple[list[dict[str, np.ndarray]], list
     return ckpts, sids, lambda: gpupas.open_archive(url, storage_options=opts, tier_options={"cold": opts})
 
 
+@pytest.mark.parametrize("strict", [False, True])
 def test_on_s3_a_tier_removed_while_a_move_into_it_publishes_is_put_back(s3_options: dict[str, Any],
-                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+                                                                        monkeypatch: pytest.MonkeyPatch,
+                                                                        strict: bool) -> None:
     """An object store has no lock: `tier remove` (which found no snapshot in the tier) can land between a
     move's check of the tier and its publishing. The move then puts the tier back, with a warning, and the
-    snapshot stays readable; before, the archive forgot the tier and `verify` called the snapshot damaged."""
+    snapshot stays readable; before, the archive forgot the tier and `verify` called the snapshot damaged.
+    ``strict``: warnings made errors; the move then raises the warning, and its published form stays whole."""
     ckpts, sids, session = _s3_pair(s3_options)
     with session() as mover, session() as remover:
         real = mover.store.store.update
@@ -282,8 +286,14 @@ def test_on_s3_a_tier_removed_while_a_move_into_it_publishes_is_put_back(s3_opti
             return real(key, change)
 
         monkeypatch.setattr(mover.store.store, "update", crossing)
-        with pytest.warns(UserWarning, match="tier 'cold' was removed by another process.*added back"):
-            mover.tier(sids[1], planes_from=2, to="cold")
+        if strict:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")
+                with pytest.raises(UserWarning, match=r"tier 'cold' was removed by another process.*added back"):
+                    mover.tier(sids[1], planes_from=2, to="cold")
+        else:
+            with pytest.warns(UserWarning, match="tier 'cold' was removed by another process.*added back"):
+                mover.tier(sids[1], planes_from=2, to="cold")
     with session() as fresh:
         assert "cold" in fresh.store.tier_table() and any(s.tier == "cold" for s in fresh.manifest(sids[1]).streams)
         assert same(fresh.restore(sids[1]), ckpts[1]) and fresh.verify(sids[1]) == 4
@@ -439,6 +449,39 @@ def test_verify_looks_again_where_a_tier_was_removed_after_the_snapshot_moved_ou
         result = repo.verify()
         assert done and result["ok"], result
         assert same(repo.archive.restore(sid), ckpts[1])
+
+
+def test_verify_looking_again_reports_damage_in_the_new_form_as_damage(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """As above, but the snapshot's new local form is damaged: the second look's finding stands (damage,
+    exit 3's kind), not the first one's "no tier 'cold'" (not checked) with its wrong remedy."""
+    from gpupas.store.archive import ArchiveStore
+
+    ckpts = chain(n=2)
+    with gpupas.create_repository(tmp_path / "arc") as repo:
+        repo.commit("v", ckpts[1])
+        sid = repo.version("v").snapshots[0]["id"]
+        repo.archive.add_tier("cold", tmp_path / "cold")
+        repo.archive.tier(sid, planes_from=2, to="cold")
+    real, done = ArchiveStore.reader, []
+
+    def crossing(self: ArchiveStore, stream: Any) -> Any:
+        if not done and stream.tier == "cold":
+            done.append(True)
+            with gpupas.open_archive(tmp_path / "arc") as other:
+                m = other.tier(sid, planes_from=None, to=None)
+                other.remove_tier("cold")
+            chunk = sorted((tmp_path / "arc" / "snapshots" / m.streams[0].folder).rglob("c/0"))[0]
+            data = bytearray(chunk.read_bytes())
+            data[len(data) // 2] ^= 0xFF  # a bit flipped in the new form
+            chunk.write_bytes(bytes(data))
+        return real(self, stream)
+
+    monkeypatch.setattr(ArchiveStore, "reader", crossing)
+    with gpupas.open_repository(tmp_path / "arc") as repo:
+        result = repo.verify()
+    assert done and not result["ok"] and result["unreachable"] == []
+    assert len(result["problems"]) == 1 and sid in result["problems"][0] and "tier add" not in result["problems"][0]
 
 
 def test_tier_remove_waits_for_a_move_in_flight(tmp_path: Path) -> None:

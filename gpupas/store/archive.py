@@ -187,7 +187,6 @@ class ArchiveStore:
         if not self.store.create(keys.manifest(m.id), data):
             raise ArchiveExistsError(f"snapshot {m.id!r} already exists in {self.location}; choose another id")
         self._remember(m.id, data, m)  # the next commit reads it as its base: no parse (it reads back equal)
-        self._keep_tiers(m)
 
     def _remember(self, sid: str, data: bytes, m: Manifest) -> None:
         with self._parsed_lock:
@@ -220,7 +219,6 @@ class ArchiveStore:
             return new.to_bytes()
 
         self.store.update(keys.manifest(new.id), change)
-        self._keep_tiers(new)
         kept = {(s.tier, s.folder) for s in new.streams}
         self.mark_superseded([s for s in replaced[0].streams if (s.tier, s.folder) not in kept])
 
@@ -584,22 +582,35 @@ class ArchiveStore:
             self._tier_stores.pop(name, None)
         return entry
 
-    def _keep_tiers(self, m: Manifest) -> None:
-        """After ``m`` is published: put back (with a warning) a tier it has planes in that another process
-        removed meanwhile. An object store has no lock to keep `tier remove` from crossing a write into the
-        tier; its own second look (:meth:`remove_tier`) or this one sees the other, so no snapshot is left
-        naming a tier the archive forgot."""
+    def keep_tiers(self, m: Manifest) -> None:
+        """After ``m`` is published (call it outside any cleanup that would remove ``m``'s folders: ``m`` is
+        live): put back, with a warning, a tier ``m`` has planes in that another process removed meanwhile. An
+        object store has no lock to keep `tier remove` from crossing a write into the tier; this look or the
+        removal's own second look (:meth:`remove_tier`) sees the other. Never raises but for the warnings."""
         named = sorted({s.tier for s in m.streams if s.tier is not None})
         if not named:
             return
-        table = self.tier_table()
-        for name in named:
-            entry = self._tier_entries.get(name)
-            if name in table or entry is None:
-                continue
-            self._put_tier_back(name, entry)
-            warnings.warn(f"{self.location}: tier {name!r} was removed by another process while snapshot {m.id} was "
-                          "written into it; it is added back (the snapshot has planes there)", stacklevel=3)
+        said: list[str] = []
+        try:
+            table = self.tier_table()
+            for name in named:
+                entry = self._tier_entries.get(name)
+                if entry is None:
+                    continue
+                now = table.get(name)
+                if now is None:
+                    self._put_tier_back(name, entry)
+                    said.append(f"tier {name!r} was removed by another process while snapshot {m.id} was written "
+                                "into it; it is added back (the snapshot has planes there)")
+                elif now.get("id") != entry.get("id"):
+                    said.append(f"tier {name!r} was removed and defined again at {now['url']} by other processes "
+                                f"while snapshot {m.id} was written into its old location {entry['url']}: the "
+                                "snapshot's planes there cannot be read while the tier names the new location")
+        except (OSError, GpupasError, ValueError) as exc:
+            said.append(f"could not check that the tiers snapshot {m.id} has planes in ({', '.join(named)}) are "
+                        f"still defined ({exc}); `gpupas tier list` shows them")
+        for text in said:
+            warnings.warn(f"{self.location}: {text}", stacklevel=3)
 
     def _put_tier_back(self, name: str, entry: dict[str, Any]) -> None:
         def change(data: bytes | None) -> bytes | None:

@@ -109,16 +109,18 @@ def verify(repo: Repository, refs: Iterable[str | int] | None = None, progress: 
 def _again(repo: Repository, sid: str, first: str, versioned: bool) -> int | str | None:
     """A snapshot found wrong, checked once more on fresh manifests: its tensor count where that passes (it
     was revised while it was read), None where it is a plain snapshot discarded meanwhile (by a commit that
-    failed), else what was found first. An unreachable store is not tried again (a tier the archive did not
-    name is: the snapshot may have been moved out of it since)."""
+    failed), else what was found first. An unreachable store is not tried again; a tier the archive did not
+    name is (the snapshot may have been moved out of it since), and what that look finds is the answer."""
     if isinstance(first, Unreachable) and not first.recheck:
         return first
     try:
         return repo.archive.verify(sid)
     except SnapshotNotFoundError:
         return first if versioned else None
-    except (GpupasError, OSError, KeyError, ValueError):
-        return first
+    except (GpupasError, OSError, KeyError, ValueError) as exc:
+        if not isinstance(first, Unreachable):
+            return first
+        return Unreachable.of(exc) if isinstance(exc, UNREACHABLE) else str(exc)  # damage in the new form is damage
 
 
 def _check_snapshots(repo: Repository, sids: list[str], scheduler: Any) -> list[tuple[str, int | str]]:
