@@ -421,16 +421,16 @@ def test_a_reader_follows_planes_moved_back_from_a_tier_removed_since(tmp_path: 
         assert all(s.tier is None for s in reader.manifest(sids[1]).streams)
 
 
-def test_verify_looks_again_where_a_tier_was_removed_after_the_snapshot_moved_out(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """`verify` read a snapshot's manifest while its planes lay in a tier; before it opened the tier, another
-    process moved them back and removed the tier. That is no fault of the archive: verify looks once more on
-    fresh manifests and passes (a tier that is only unreachable is not tried twice)."""
+def _moved_back_while_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                           then: Any = None) -> tuple[dict[str, np.ndarray], str, list[bool]]:
+    """A repository at ``tmp_path / "arc"`` with version "v", planes 2.. in tier 'cold'; the first read of a
+    'cold' stream in this process first has another session move them back and remove the tier (then calls
+    ``then(manifest)``). Returns the checkpoint, the snapshot id and a list that is non-empty once that ran."""
     from gpupas.store.archive import ArchiveStore
 
-    ckpts = chain(n=2)
+    ckpt = chain(n=2)[1]
     with gpupas.create_repository(tmp_path / "arc") as repo:
-        repo.commit("v", ckpts[1])
+        repo.commit("v", ckpt)
         sid = repo.version("v").snapshots[0]["id"]
         repo.archive.add_tier("cold", tmp_path / "cold")
         repo.archive.tier(sid, planes_from=2, to="cold")
@@ -440,44 +440,39 @@ def test_verify_looks_again_where_a_tier_was_removed_after_the_snapshot_moved_ou
         if not done and stream.tier == "cold":
             done.append(True)
             with gpupas.open_archive(tmp_path / "arc") as other:  # another process: back to local, tier removed
-                other.tier(sid, planes_from=None, to=None)
+                m = other.tier(sid, planes_from=None, to=None)
                 other.remove_tier("cold")
+            if then is not None:
+                then(m)
         return real(self, stream)
 
     monkeypatch.setattr(ArchiveStore, "reader", crossing)
+    return ckpt, sid, done
+
+
+def test_verify_looks_again_where_a_tier_was_removed_after_the_snapshot_moved_out(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`verify` read a snapshot's manifest while its planes lay in a tier; before it opened the tier, another
+    process moved them back and removed the tier. That is no fault of the archive: verify looks once more on
+    fresh manifests and passes (a tier that is only unreachable is not tried twice)."""
+    ckpt, sid, done = _moved_back_while_read(tmp_path, monkeypatch)
     with gpupas.open_repository(tmp_path / "arc") as repo:
         result = repo.verify()
         assert done and result["ok"], result
-        assert same(repo.archive.restore(sid), ckpts[1])
+        assert same(repo.archive.restore(sid), ckpt)
 
 
 def test_verify_looking_again_reports_damage_in_the_new_form_as_damage(tmp_path: Path,
                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     """As above, but the snapshot's new local form is damaged: the second look's finding stands (damage,
     exit 3's kind), not the first one's "no tier 'cold'" (not checked) with its wrong remedy."""
-    from gpupas.store.archive import ArchiveStore
+    def damage(m: gpupas.Manifest) -> None:
+        chunk = sorted((tmp_path / "arc" / "snapshots" / m.streams[0].folder).rglob("c/0"))[0]
+        data = bytearray(chunk.read_bytes())
+        data[len(data) // 2] ^= 0xFF  # a bit flipped in the new form
+        chunk.write_bytes(bytes(data))
 
-    ckpts = chain(n=2)
-    with gpupas.create_repository(tmp_path / "arc") as repo:
-        repo.commit("v", ckpts[1])
-        sid = repo.version("v").snapshots[0]["id"]
-        repo.archive.add_tier("cold", tmp_path / "cold")
-        repo.archive.tier(sid, planes_from=2, to="cold")
-    real, done = ArchiveStore.reader, []
-
-    def crossing(self: ArchiveStore, stream: Any) -> Any:
-        if not done and stream.tier == "cold":
-            done.append(True)
-            with gpupas.open_archive(tmp_path / "arc") as other:
-                m = other.tier(sid, planes_from=None, to=None)
-                other.remove_tier("cold")
-            chunk = sorted((tmp_path / "arc" / "snapshots" / m.streams[0].folder).rglob("c/0"))[0]
-            data = bytearray(chunk.read_bytes())
-            data[len(data) // 2] ^= 0xFF  # a bit flipped in the new form
-            chunk.write_bytes(bytes(data))
-        return real(self, stream)
-
-    monkeypatch.setattr(ArchiveStore, "reader", crossing)
+    _, sid, done = _moved_back_while_read(tmp_path, monkeypatch, damage)
     with gpupas.open_repository(tmp_path / "arc") as repo:
         result = repo.verify()
     assert done and not result["ok"] and result["unreachable"] == []
