@@ -84,11 +84,6 @@ def lossy_schemes(arrays: Mapping[str, Any], lossy: str | Mapping[str, Any] | No
     return out
 
 
-STALE_SIGNS = (IntegrityError, ConflictError, TierNotFoundError, TierUnavailableError)
-"""What a read raises where the manifests it was given are out of date (their chunks collected, a tier removed):
-worth one more try after :meth:`Archive.forget_revised`."""
-
-
 def _meta(meta: Mapping[str, Any] | None) -> dict[str, Any]:
     """A commit's ``meta`` as plain JSON (NumPy and torch scalars as numbers), checked before anything is
     coded: the manifest must be able to hold it."""
@@ -507,28 +502,24 @@ class Archive:
     # -- restore -----------------------------------------------------------------------------------------------
     def _read(self, snapshot: str, names: Iterable[str] | None, backend: Any,
               cache: bool = True) -> tuple[dict[str, Any], bool]:
-        """Raw bits of ``names`` of ``snapshot`` along its chain (see :meth:`_fresh`)."""
-        return self._fresh(lambda: chain.read_bits(self.store, snapshot, names, manifests=self.manifest,
+        """Raw bits of ``names`` of ``snapshot`` along its chain (see :meth:`fresh`)."""
+        return self.fresh(lambda: chain.read_bits(self.store, snapshot, names, manifests=self.manifest,
                                                    backend=backend, executor=self.executor,
                                                    cache=self.bases if cache else None))
 
-    def _fresh(self, read: Callable[[], Any]) -> Any:
-        """``read()``, retried once with fresh manifests when a revision (another process's compaction or
-        tier move, and gc or a tier's removal after it) replaced what this session's cached manifests point at."""
+    def fresh(self, read: Callable[[], Any]) -> Any:
+        """``read()`` (a read of this archive through its manifests), retried once on fresh manifests where it
+        failed as a read of out-of-date ones does (chunks missing, a tier gone) and another process's revision
+        (a compaction or tier move, then gc or a tier's removal) replaced a manifest this session holds."""
         try:
             return read()
-        except STALE_SIGNS:
-            if not self.forget_revised():
+        except (IntegrityError, ConflictError, TierNotFoundError, TierUnavailableError):
+            stale = [s for s in list(self._manifests) if self._revised(s)]
+            if not stale:
                 raise
+            for s in stale:
+                self._forget(s)
             return read()
-
-    def forget_revised(self) -> bool:
-        """Forget the manifests read so far that another process has revised or discarded since; whether
-        there were any (then a read that failed on what they pointed at is worth one more try)."""
-        stale = [s for s in list(self._manifests) if self._revised(s)]
-        for s in stale:
-            self._forget(s)
-        return bool(stale)
 
     def _revised(self, snapshot: str) -> bool:
         try:
@@ -577,7 +568,7 @@ class Archive:
             with PartialReader(self.store, self.manifest, get_backend("numpy"), self.executor, base_planes) as r:
                 return r.read(snapshot, planes, names)
 
-        return self._fresh(read)
+        return self.fresh(read)
 
     def verify(self, snapshot: str) -> int:
         """Re-read every chunk and tensor of ``snapshot`` (and what it needs of its chain); raises

@@ -39,7 +39,6 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from gpupas.archive import STALE_SIGNS
 from gpupas.errors import InvalidInputError
 
 U64 = 2.0**-53
@@ -739,9 +738,4 @@ def evaluate_progressive(model: nn.Module, archive: Any, snapshot: str, inputs: 
                                          f"{int(bad.sum())} of {n} inputs (first: {int(bad.nonzero()[0, 0])})")
         return result
 
-    try:
-        return run()
-    except STALE_SIGNS:  # another process revised the snapshot (and collected its old form) meanwhile
-        if not archive.forget_revised():
-            raise
-        return run()
+    return archive.fresh(run)  # once more, from the start, where another process revised the snapshot meanwhile
