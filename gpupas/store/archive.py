@@ -588,7 +588,7 @@ class ArchiveStore:
         object store has no lock to keep `tier remove` from crossing a write into the tier; this look or the
         removal's own second look (:meth:`remove_tier`) sees the other. Never raises but for the warnings."""
         named = sorted({s.tier for s in m.streams if s.tier is not None})
-        if not named:
+        if not named or self.store.local_root is not None:  # locally the lock keeps a removal from crossing
             return
         said: list[str] = []
         try:
@@ -650,7 +650,7 @@ class ArchiveStore:
                 raise InvalidInputError(f"snapshot(s) {using} have planes in tier {name!r}: move them back first "
                                         "(`gpupas tier move ... --to local`)")
             self.store.update(keys.ROOT, change)
-            if removed and (using := users()):  # an object store has no lock: a move may have crossed this removal
+            if removed and self.store.local_root is None and (using := users()):  # no lock: a move may have crossed
                 self._put_tier_back(name, removed[0])
                 raise ConflictError(f"snapshot(s) {using} put planes in tier {name!r} while it was being removed; the "
                                     "tier is kept: move them back first (`gpupas tier move ... --to local`)")
