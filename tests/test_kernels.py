@@ -3,10 +3,14 @@
 - Every ``kernels/*.cu`` compiles with NVRTC for compute_90 (the PyPI package
   ``nvidia-cuda-nvrtc-cu12``, loaded through ctypes) and defines the kernels the backend launches.
 - The constants of :mod:`gpupas.backend.kernels_ref` are the ``#define`` lines of the sources.
-- The NumPy mirror of each kernel (:mod:`gpupas.backend.kernels_ref`), run over the tables the CuPy
-  backend builds, gives the bytes of :mod:`gpupas.pas` and the NumPy backend bit for bit (every
-  dtype, adversarial patterns, context split, row masks, 'pred'), CRCs equal to zlib's and
-  crc32c's, gzip members that ``gzip`` and ``zlib`` read, and raw frames equal to the CPU's.
+- Each kernel, launched by the CuPy backend's own code over the tables it builds, gives the bytes of
+  :mod:`gpupas.pas` and the NumPy backend bit for bit (every dtype, adversarial patterns, context
+  split, row masks, 'pred'), CRCs equal to zlib's and crc32c's, gzip members that ``gzip`` and
+  ``zlib`` read, and raw frames equal to the CPU's: twice, once as its CUDA source compiled for the
+  CPU (``tests/cudaemu.py``: CUDA's threads, barriers and warp collectives, threads run in shuffled
+  orders) and once as its NumPy mirror (:mod:`gpupas.backend.kernels_ref`).
+- The CuPy backend's whole code (commit, restore, cross-decoding with the CPU path) runs on stand-ins
+  for CuPy and nvCOMP, with the same two kinds of kernels.
 - The GPU chunk policy keeps the CPU's rules; the CuPy backend falls back with one log line.
 """
 
@@ -29,6 +33,7 @@ from crc32c import crc32c
 from gpupas.backend import kernels_ref as K
 from gpupas.pas.planes import LAYOUTS, layout_of, to_bits
 from gpupas.pas.transform import Plan, encode_segment
+from tests import cudaemu
 from tests.conftest import adversarial
 
 KERNELS = sorted(K.kernel_dir().glob("*.cu"))
@@ -108,17 +113,48 @@ def test_constants_are_those_of_the_sources() -> None:
     assert seen > 30
 
 
+# -- the kernels as the backend launches them: their CUDA source on the CPU, or their NumPy mirror -------------------
+class Launches:
+    """The CuPy backend's own launch code (grid and block sizes, tables, arguments) on the stand-ins below,
+    its kernels the CUDA sources compiled for the CPU (``source``: tests/cudaemu.py) or their NumPy mirror."""
+
+    def __init__(self, source: bool, monkeypatch: pytest.MonkeyPatch):
+        import gpupas.backend.cupy as gpu
+
+        monkeypatch.setattr(gpu, "_cupy", fake_cupy(source))
+        self.gpu = gpu.CupyBackend()
+
+    def planes(self, rows: list[list[int]], decode: bool) -> None:
+        self.gpu._launch_planes(rows, decode)
+
+    def crc(self, ptrs: Any, lens: Any, poly: int, dsts: Any = None) -> list[int]:
+        return np.asarray(self.gpu._crc(ptrs, lens, poly, dsts)).tolist()
+
+    def pack(self, jobs: np.ndarray, crcs: np.ndarray) -> None:
+        self.gpu._pack(jobs, _dev(crcs))
+
+    def copy(self, spans: np.ndarray) -> None:
+        self.gpu._copy_spans(spans)
+
+
+@pytest.fixture(params=["source", "mirror"])
+def kernels(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Launches:
+    if request.param == "source" and cudaemu.compiler() is None:
+        pytest.skip("no C++ compiler to build the CUDA sources for the CPU")
+    return Launches(request.param == "source", monkeypatch)
+
+
 # -- planes.cu -----------------------------------------------------------------------------------------------------
-def _segment_planes(u: np.ndarray, ub: np.ndarray | None, layout: Any, plan: Plan, decode_into: np.ndarray | None,
-                    planes: np.ndarray, segment: int) -> None:
+def _segment_planes(kernels: Launches, u: np.ndarray, ub: np.ndarray | None, layout: Any, plan: Plan,
+                    decode_into: np.ndarray | None, planes: np.ndarray, segment: int) -> None:
     rows = K.tensor_rows(K.host_addr(u if decode_into is None else decode_into),
                          0 if ub is None else K.host_addr(ub), 0, 0, u.size, layout.width, plan.enc, layout.rotate,
                          plan.ctx, u.size, [(0, 0, 0, layout.width)], lambda s, off: K.host_addr(planes) + off, segment)
-    K.ref_planes(np.array(rows, np.int64).reshape(-1, K.STRIDE), decode=decode_into is not None)
+    kernels.planes(rows, decode=decode_into is not None)
 
 
 @pytest.mark.parametrize("name", sorted(LAYOUTS))
-def test_plane_kernels_give_the_bytes_of_pas_transform(name: str) -> None:
+def test_plane_kernels_give_the_bytes_of_pas_transform(kernels: Launches, name: str) -> None:
     layout = LAYOUTS[name]
     w = layout.width
     for n in (1, 33, 1025, 5000):
@@ -129,10 +165,10 @@ def test_plane_kernels_give_the_bytes_of_pas_transform(name: str) -> None:
             want = np.zeros((w, n), np.uint8)
             encode_segment(u, base, layout, plan, want, 256)
             got = np.zeros((w, n), np.uint8)
-            _segment_planes(u, base, layout, plan, None, got, 1 << 20)
+            _segment_planes(kernels, u, base, layout, plan, None, got, 1 << 20)
             assert got.tobytes() == want.tobytes(), (name, n, plan)
             back = np.zeros_like(u)
-            _segment_planes(u, base, layout, plan, back, got, 1 << 20)
+            _segment_planes(kernels, u, base, layout, plan, back, got, 1 << 20)
             assert back.tobytes() == u.tobytes(), (name, n, plan)
 
 
@@ -190,10 +226,10 @@ def _snapshot(dtypes: list[str]) -> tuple[dict[str, np.ndarray], dict[str, np.nd
 
 
 @pytest.mark.parametrize("setting", ["fast", "default", "strong"])
-def test_snapshot_tables_give_the_numpy_backends_streams(setting: str) -> None:
+def test_snapshot_tables_give_the_numpy_backends_streams(kernels: Launches, setting: str) -> None:
     """The segment tables the CuPy backend builds for a whole snapshot (several segments per tensor,
-    two plane groups, masks, 'pred' factors), run by the NumPy mirror, write the NumPy backend's
-    streams, and decode back to the tensors."""
+    two plane groups, masks, 'pred' factors), run by the kernels, write the NumPy backend's streams, and
+    decode back to the tensors."""
     from gpupas.backend.numpy import NumpyBackend
     from gpupas.engine.executor import Executor
     from gpupas.engine.stage import stage_all
@@ -237,10 +273,9 @@ def test_snapshot_tables_give_the_numpy_backends_streams(setting: str) -> None:
                None if st.ub2 is None else np.ascontiguousarray(st.ub2)) for st in staged]
     rows = K.encode_rows(staged, placements, arrays, {i: K.host_addr(a) for i, a in alphas.items()},
                          [K.host_addr(g) for g in got], segment, K.host_addr)
-    plain, ntiles, ctx = K.segment_tables(rows)
+    plain, ntiles, _ = K.segment_tables(rows)
     assert ntiles == int((-(-plain[:, K.F_N] // K.TILE)).sum()) and (plain[:, K.F_TILE0] >= 0).all()
-    K.ref_planes(plain, decode=False)
-    K.ref_planes(ctx, decode=False)
+    kernels.planes(rows, decode=False)
     for s in range(len(lengths)):
         assert got[s].tobytes() == want[s].tobytes(), f"stream {s} ({setting})"
 
@@ -273,7 +308,7 @@ def test_snapshot_tables_give_the_numpy_backends_streams(setting: str) -> None:
                                e.values, e.width, e.enc, e.layout.rotate, e.ctx, per,
                                [(p.stream, p.offset, p.first, p.count) for p in e.parts],
                                lambda s, off: K.host_addr(got[s]) + off, segment)
-    K.ref_planes(np.array(drows, np.int64), decode=True)
+    kernels.planes(drows, decode=True)
     for e, target, *_ in keep:
         whole = base_bits[e.name].reshape(rows_of(e.shape)[0], -1).copy() if e.masked else None
         if whole is not None:
@@ -286,26 +321,30 @@ def test_snapshot_tables_give_the_numpy_backends_streams(setting: str) -> None:
 
 # -- crc.cu --------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("n", [0, 1, 31, 32, 33, 1023, 1024, 1025, 4096, 65536, 100003])
-def test_crc_kernels_are_zlibs_and_crc32cs(n: int) -> None:
+def test_crc_kernels_are_zlibs_and_crc32cs(kernels: Launches, n: int) -> None:
     data = np.random.default_rng(n).integers(0, 256, n, dtype=np.uint8)
-    assert K.ref_crc(data, K.CRC32_POLY) == zlib.crc32(data.tobytes())
+    assert kernels.crc([K.host_addr(data) if n else 0], [n], K.CRC32_POLY) == [zlib.crc32(data.tobytes())]
+    assert kernels.crc([K.host_addr(data) if n else 0], [n], K.CRC32C_POLY) == [crc32c(data.tobytes())]
     assert K.ref_crc(data, K.CRC32C_POLY) == crc32c(data.tobytes())
 
 
-def test_crc_of_many_messages_written_where_asked() -> None:
+def test_crc_of_many_messages_written_where_asked(kernels: Launches) -> None:
     rng = np.random.default_rng(1)
-    lens = [0, 5, 1024, 3000, 70000, 1]
+    lens = [0, 5, 1024, 3000, 70000, 1, 257 * 1024 + 3]  # the last: more pieces than one block has warps
     msgs = [rng.integers(0, 256, n, dtype=np.uint8) for n in lens]
+    want = [crc32c(m.tobytes()) for m in msgs]
+    ptrs = [K.host_addr(m) if m.size else 0 for m in msgs]
     dst = np.zeros(4 * len(lens), np.uint8)
-    table, npieces = K.crc_messages([K.host_addr(m) if m.size else 0 for m in msgs], lens,
-                                    [K.host_addr(dst) + 4 * i for i in range(len(lens))])
+    dsts = [K.host_addr(dst) + 4 * i for i in range(len(lens))]
+    assert kernels.crc(ptrs, lens, K.CRC32C_POLY, dsts) == want and dst.view("<u4").tolist() == want
+    table, npieces = K.crc_messages(ptrs, lens, dsts)
     assert npieces == sum(-(-n // K.PIECE) for n in lens)
     consts = K.crc_consts(K.CRC32C_POLY)
     raw = K.ref_crc_pieces(table, npieces, consts)
     for threads in (256, 3):  # few threads: many pieces folded per thread, then joined in a tree
+        dst[:] = 0
         got = K.ref_crc_combine(table, consts, raw, threads=threads)
-        assert got.tolist() == [crc32c(m.tobytes()) for m in msgs]
-        assert dst.view("<u4").tolist() == got.tolist()
+        assert got.tolist() == want and dst.view("<u4").tolist() == want
 
 
 def test_crc_lengths_past_2_to_the_29_bytes() -> None:
@@ -327,7 +366,7 @@ def _huffman_only_deflate(data: bytes) -> bytes:
     return c.compress(data) + c.flush()
 
 
-def test_packed_payloads_are_the_formats_chunks() -> None:
+def test_packed_payloads_are_the_formats_chunks(kernels: Launches) -> None:
     """pack_payloads + the CRC-32C suffix give payloads the CPU decoders (and gzip, zlib) read."""
     from gpupas.codecs import registry
     from gpupas.codecs.zstd import raw_frame
@@ -353,10 +392,8 @@ def test_packed_payloads_are_the_formats_chunks() -> None:
     out = np.zeros(int(K.body_sizes(kinds, srclens, np.full(4, size), ns).sum()) + 16, np.uint8)
     jobs, offsets, bodies = K.pack_jobs(kinds, srcs, srclens, np.full(4, size), ns, np.array([0, 0, 0, 0]),
                                         K.host_addr(out))
-    K.ref_pack_payloads(jobs, crcs)
-    table, npieces = K.crc_messages(K.host_addr(out) + offsets, bodies, K.host_addr(out) + offsets + bodies)
-    consts = K.crc_consts(K.CRC32C_POLY)
-    K.ref_crc_combine(table, consts, K.ref_crc_pieces(table, npieces, consts))
+    kernels.pack(jobs, crcs)
+    kernels.crc(K.host_addr(out) + offsets, bodies, K.CRC32C_POLY, K.host_addr(out) + offsets + bodies)
     payloads = [out[o : o + b + 4].tobytes() for o, b in zip(offsets, bodies)]
     bodies_ = [bytes(check_crc32c_suffix(p)) for p in payloads]  # every CRC-32C suffix checks
     assert gzip.decompress(bodies_[0]) == chunks[0].tobytes()
@@ -381,6 +418,20 @@ def test_packed_payloads_are_the_formats_chunks() -> None:
     assert info["start"][0] % 16 == 0 and host[info["start"][0] : info["stop"][0]].tobytes() == coded[0]
     assert int(info["trailer_crc"][0]) == zlib.crc32(chunks[0].tobytes()) and int(info["trailer_size"][0]) == size
     assert host[offs[2] + 12 : offs[2] + 12 + size].tobytes() == chunks[2].tobytes()
+
+
+def test_copied_spans(kernels: Launches) -> None:
+    rng = np.random.default_rng(4)
+    src = rng.integers(0, 256, 300000, dtype=np.uint8)
+    dst = np.zeros_like(src)
+    lens = [0, 1, 255, 256, 257, 4096, 100003]
+    starts = np.cumsum([0, *lens])[:-1] * 2 % (src.size - 100003)
+    spans = np.array([[K.host_addr(src) + a, K.host_addr(dst) + a, n] for a, n in zip(starts, lens)], np.int64)
+    kernels.copy(spans)
+    want = np.zeros_like(src)
+    for a, n in zip(starts, lens):
+        want[a : a + n] = src[a : a + n]
+    assert dst.tobytes() == want.tobytes()
 
 
 def test_gzip_headers_with_optional_fields() -> None:
@@ -563,21 +614,28 @@ _KERNELS = {
 
 
 class _FakeModule:
+    """``RawModule``: the kernel's NumPy mirror, or (``source``) its CUDA source compiled for the CPU."""
+
+    source = False
+
     def __init__(self, code: str, options: tuple[str, ...] = ()):
         self.code = code
 
     def get_function(self, name: str) -> Any:
         assert f'extern "C" __global__ void {name}(' in self.code
+        if self.source:
+            return cudaemu.module(self.code).get_function(name)
         return lambda grid, block, args: _KERNELS[name](*args)
 
 
-def fake_cupy() -> Any:
+def fake_cupy(source: bool = False) -> Any:
     empty = lambda shape, dtype=np.uint8: np.empty(shape, dtype).view(FakeDeviceArray)  # noqa: E731
     stream = _FakeStream()
     return SimpleNamespace(
         uint8=np.uint8, uint16=np.uint16, uint32=np.uint32, ndarray=FakeDeviceArray, empty=empty,
         zeros=lambda shape, dtype=np.uint8: np.zeros(shape, dtype).view(FakeDeviceArray),
-        asarray=_dev, ascontiguousarray=lambda a: _dev(np.ascontiguousarray(a)), RawModule=_FakeModule,
+        asarray=_dev, ascontiguousarray=lambda a: _dev(np.ascontiguousarray(a)),
+        RawModule=type("RawModule", (_FakeModule,), {"source": source}),
         from_dlpack=lambda x: _dev(np.from_dlpack(x)),
         cuda=SimpleNamespace(Stream=lambda non_blocking=False: _FakeStream(), get_current_stream=lambda: stream,
                              Device=lambda *a: SimpleNamespace(id=0), alloc_pinned_memory=bytearray))
@@ -596,9 +654,12 @@ def _fake_coders() -> dict[str, tuple[Any, Any]]:
             "nvcomp-ans": (lambda data: zlib.compress(data, 1), lambda body, size: zlib.decompress(body))}
 
 
-@pytest.fixture
-def fake_gpu(monkeypatch: pytest.MonkeyPatch) -> Any:
-    """The CuPy backend on the stand-ins; ``device="cuda"`` gets it."""
+@pytest.fixture(params=["source", "mirror"])
+def fake_gpu(monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) -> Any:
+    """The CuPy backend on the stand-ins; ``device="cuda"`` gets it. Its kernels: the CUDA sources run on
+    the CPU (tests/cudaemu.py), or their NumPy mirror."""
+    if request.param == "source" and cudaemu.compiler() is None:
+        pytest.skip("no C++ compiler to build the CUDA sources for the CPU")
     import gpupas.backend.cupy as gpu
     from gpupas.backend import base
     from gpupas.codecs.nvcomp import ALIGN, NvcompCodec
@@ -631,7 +692,7 @@ def fake_gpu(monkeypatch: pytest.MonkeyPatch) -> Any:
     monkeypatch.setattr(NvcompCodec, "compress", compress)
     monkeypatch.setattr(NvcompCodec, "decompress", decompress)
     monkeypatch.setattr(NvcompCodec, "slot", lambda self, size: size + 1024)
-    monkeypatch.setattr(gpu, "_cupy", fake_cupy())
+    monkeypatch.setattr(gpu, "_cupy", fake_cupy(request.param == "source"))
     monkeypatch.setattr(gpu, "STAGE", 1 << 17)  # several staging rounds through the two pinned buffers
     monkeypatch.setitem(base._BACKENDS, "cupy", gpu.CupyBackend())
     return base._BACKENDS["cupy"]

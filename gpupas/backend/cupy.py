@@ -377,6 +377,14 @@ class CupyBackend:
             self._fn("frames.cu", "copy_spans")((min(MAX_BLOCKS, len(spans)),), (COPY_THREADS,),
                                                 (self.cp.asarray(spans.astype(np.int64)), np.int32(len(spans))))
 
+    def _pack(self, jobs: np.ndarray, crcs: Any) -> None:
+        """Every chunk's body at its place (``jobs``: rows of :func:`gpupas.backend.kernels_ref.pack_jobs`);
+        ``crcs``: the gzip trailers' CRC-32s on the device. One launch."""
+        if len(jobs):
+            self._fn("frames.cu", "pack_payloads")((min(MAX_BLOCKS, len(jobs)),), (COPY_THREADS,),
+                                                   (self.cp.asarray(jobs), np.int32(len(jobs)),
+                                                    crcs if len(crcs) else self.cp.zeros(1, self.cp.uint32)))
+
     def encode_planes(self, staged: Sequence[Any], extras: Sequence[np.ndarray], placements: Sequence[Any],
                       bufs: Sequence[Any], segment: int, min_group: int, executor: Any,
                       small: bool) -> list[list[int]]:
@@ -544,9 +552,7 @@ class CupyBackend:
                                                 packed.data.ptr)
             if not (bodies == body).all():  # pragma: no cover - the policy and the packer disagree on a size
                 raise AssertionError("GPU chunk sizes disagree between policy and packer")
-            self._fn("frames.cu", "pack_payloads")((min(MAX_BLOCKS, nchunks),), (COPY_THREADS,),
-                                                   (cp.asarray(jobs), np.int32(nchunks),
-                                                    crcs if gz.size else cp.zeros(1, cp.uint32)))
+            self._pack(jobs, crcs)
             self._crc(packed.data.ptr + offsets, bodies, K.CRC32C_POLY, packed.data.ptr + offsets + bodies)
             letters = letter_of[kind]
             self._emit(packed, offsets, bodies + 4, letters, emit, executor, small, s)

@@ -1,0 +1,109 @@
+"""tests/cudaemu.py, the CPU runner of the CUDA sources: CUDA's semantics where kernels/*.cu rely on them,
+and the mistakes it must catch (a missing or divergent barrier, reading shared memory never written)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tests import cudaemu
+
+pytestmark = pytest.mark.skipif(cudaemu.compiler() is None, reason="no C++ compiler")
+
+SOURCE = r"""
+typedef long long i64;
+
+extern "C" __global__ void warps(const unsigned* v, unsigned* match, unsigned* down, int delta) {
+    unsigned x = v[blockIdx.x * blockDim.x + threadIdx.x];
+    match[blockIdx.x * blockDim.x + threadIdx.x] = __match_any_sync(0xffffffffu, x);
+    down[blockIdx.x * blockDim.x + threadIdx.x] = __shfl_down_sync(0xffffffffu, x, delta);
+}
+
+extern "C" __global__ void neighbours(unsigned* out, int barrier) {
+    __shared__ unsigned s[1024];
+    s[threadIdx.x] = threadIdx.x + 1;
+    if (barrier) __syncthreads();
+    out[blockIdx.x * blockDim.x + threadIdx.x] = s[(threadIdx.x + 1) % blockDim.x];
+}
+
+extern "C" __global__ void unwritten(unsigned* out) {
+    __shared__ unsigned s[4];
+    if (threadIdx.x == 0) out[blockIdx.x] = s[blockIdx.x % 4];
+    __syncthreads();
+    s[blockIdx.x % 4] = 7;
+}
+
+extern "C" __global__ void divergent(unsigned* out) {
+    if (threadIdx.x < 5) __syncthreads();
+    out[threadIdx.x] = 1;
+}
+
+extern "C" __global__ void strided(i64* out, i64 n) {
+    for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (i64)gridDim.x * blockDim.x)
+        atomicAdd((unsigned long long*)&out[i], (unsigned long long)(i + 1));
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def mod() -> cudaemu.Module:
+    return cudaemu.module(SOURCE)
+
+
+@pytest.mark.parametrize("block", [32, 96, 40])
+def test_warp_collectives(mod: cudaemu.Module, block: int) -> None:
+    """__match_any_sync: the lanes of the warp holding the same value; __shfl_down_sync: lane + delta's
+    value, the lane's own past the warp's end (a partial last warp: its live lanes only)."""
+    grid, delta = 2, 3
+    v = np.random.default_rng(block).integers(0, 4, grid * block).astype(np.uint32)
+    match, down = np.zeros_like(v), np.zeros_like(v)
+    mod.get_function("warps")((grid,), (block,), (v, match, down, delta))
+    for t in range(grid * block):
+        b, tid = divmod(t, block)
+        lo = b * block + tid // 32 * 32
+        lanes = range(lo, min(lo + 32, (b + 1) * block))
+        assert match[t] == sum(1 << (u - lo) for u in lanes if v[u] == v[t]), t
+        assert down[t] == (v[t + delta] if t + delta in lanes else v[t]), t
+
+
+def test_a_missing_barrier_shows(mod: cudaemu.Module) -> None:
+    """Reading a neighbour's shared slot without __syncthreads reads what the GPU might: here, in shuffled
+    orders, the poison of a slot not written yet."""
+    out = np.zeros(3 * 256, np.uint32)
+    want = np.tile((np.arange(256) + 1) % 256 + 1, 3)
+    mod.get_function("neighbours")((3,), (256,), (out, 1))
+    assert (out == want).all()
+    mod.get_function("neighbours")((3,), (256,), (out, 0))
+    assert (out != want).any() and (out == 0xA5A5A5A5).any()
+
+
+def test_shared_memory_starts_undefined_in_every_block(mod: cudaemu.Module) -> None:
+    out = np.zeros(9, np.uint32)
+    mod.get_function("unwritten")((9,), (64,), (out,))
+    assert (out == 0xA5A5A5A5).all()  # not what the block before left there
+
+
+def test_a_divergent_barrier_fails_the_launch(mod: cudaemu.Module) -> None:
+    with pytest.raises(cudaemu.LaunchError, match="barrier"):
+        mod.get_function("divergent")((1,), (64,), (np.zeros(64, np.uint32),))
+
+
+def test_grid_stride_loops_and_refused_launches(mod: cudaemu.Module) -> None:
+    out = np.zeros(10007, np.int64)
+    mod.get_function("strided")((3,), (128,), (out, out.size))
+    assert (out == np.arange(1, out.size + 1)).all()
+    for grid, block in [(1, 1025), (0, 32), (1, 0)]:
+        with pytest.raises(cudaemu.LaunchError, match="not a launch"):
+            mod.get_function("strided")((grid,), (block,), (out, out.size))
+    with pytest.raises(cudaemu.LaunchError, match="arguments"):
+        mod.get_function("strided")((1,), (32,), (out,))
+
+
+def test_the_kernel_sources_parse() -> None:
+    from gpupas.backend import kernels_ref as K
+
+    params = cudaemu.kernels_of(K.kernel_source("crc.cu"))
+    assert params["crc_pieces"] == [("const i64*", "msgs"), ("int", "nmsg"), ("i64", "npieces"),
+                                    ("const unsigned*", "consts"), ("unsigned*", "raw")]
+    assert "static emu::Shared emu_shared_table(table, sizeof(table));" in cudaemu.host_source(
+        K.kernel_source("crc.cu"))
