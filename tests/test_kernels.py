@@ -122,6 +122,7 @@ class Launches:
         import gpupas.backend.cupy as gpu
 
         monkeypatch.setattr(gpu, "_cupy", fake_cupy(source))
+        monkeypatch.setattr(gpu, "MAX_BLOCKS", 5)  # grid-stride loops: a block takes several items
         self.gpu = gpu.CupyBackend()
 
     def planes(self, rows: list[list[int]], decode: bool) -> None:
@@ -693,6 +694,7 @@ def fake_gpu(monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) ->
     monkeypatch.setattr(NvcompCodec, "decompress", decompress)
     monkeypatch.setattr(NvcompCodec, "slot", lambda self, size: size + 1024)
     monkeypatch.setattr(gpu, "_cupy", fake_cupy(request.param == "source"))
+    monkeypatch.setattr(gpu, "MAX_BLOCKS", 5)  # grid-stride loops: a block takes several items
     monkeypatch.setattr(gpu, "STAGE", 1 << 17)  # several staging rounds through the two pinned buffers
     monkeypatch.setitem(base._BACKENDS, "cupy", gpu.CupyBackend())
     return base._BACKENDS["cupy"]
