@@ -29,7 +29,7 @@ struct emu_dim3 {
 namespace emu {
 enum State { RUN, BLOCK_BAR, WARP_BAR, DONE };
 constexpr int MAX_WARPS = 32;
-constexpr size_t STACK = 256 * 1024;
+constexpr size_t STACK = 64 * 1024;  // per thread: the kernels' frames are small
 
 struct Thread {
     ucontext_t ctx;
@@ -119,7 +119,7 @@ inline bool run_block(unsigned n) {
 inline int launch(unsigned grid, unsigned block, const std::function<void()>& fn) {
     if (grid == 0 || block == 0 || block > 1024 || grid > 0x7FFFFFFFu) return 2;
     threads.assign(block, Thread{});
-    stacks.assign((size_t)block * STACK, 0);
+    if (stacks.size() < (size_t)block * STACK) stacks.resize((size_t)block * STACK);  // kept for the next launch
     body = &fn;
     grid_dim = {grid, 1, 1};
     block_dim = {block, 1, 1};
