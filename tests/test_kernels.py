@@ -21,6 +21,8 @@ import glob
 import gzip
 import os
 import re
+import shutil
+import subprocess
 import zlib
 from pathlib import Path
 from types import SimpleNamespace
@@ -96,6 +98,36 @@ def test_every_kernel_compiles_for_sm90(path: Path) -> None:
     assert result == 0, f"{path.name} does not compile:\n{log}"
     for kernel in LAUNCHED[path.name]:
         assert re.search(rf"\.entry\s+{kernel}\s*\(", ptx), f"{path.name} lacks extern \"C\" kernel {kernel}"
+
+
+PTXAS = shutil.which("ptxas") or next(iter(sorted(glob.glob("/usr/local/cuda*/bin/ptxas"))), None)
+
+
+@needs_nvrtc
+@pytest.mark.skipif(PTXAS is None, reason="no ptxas (the CUDA toolkit's) on this machine")
+@pytest.mark.parametrize("path", KERNELS, ids=[p.name for p in KERNELS])
+def test_kernels_fit_an_sm90_block_at_the_backends_sizes(path: Path, tmp_path: Path) -> None:
+    """Assembled for sm_90, each kernel's registers times the threads the backend launches it with fit a
+    block's 65,536 registers, and its static shared memory the 48 KiB a launch gets without opting in:
+    otherwise the launch fails on the GPU ("too many resources requested"), which no CPU run can show."""
+    from gpupas.backend import cupy as gpu
+
+    threads = {"planes_plain": gpu.PLAIN_THREADS, "planes_ctx": K.CTX_THREADS, "crc_pieces": gpu.CRC_THREADS,
+               "crc_combine": gpu.CRC_THREADS, "pack_payloads": gpu.COPY_THREADS, "copy_spans": gpu.COPY_THREADS}
+    result, log, ptx = compile_ptx(path.read_text(), path.name)
+    assert result == 0, log
+    (tmp_path / "k.ptx").write_text(ptx)
+    got = subprocess.run([PTXAS, "-arch=sm_90", "-v", str(tmp_path / "k.ptx"), "-o", str(tmp_path / "k.cubin")],
+                         capture_output=True, text=True)
+    assert got.returncode == 0, got.stderr
+    info = []
+    for part in (got.stdout + got.stderr).split("Compiling entry function '")[1:]:
+        regs, smem = re.search(r"Used (\d+) registers", part), re.search(r"(\d+) bytes smem", part)
+        info.append((part.split("'")[0], int(regs[1]) if regs else 0, int(smem[1]) if smem else 0))
+    assert sorted(k for k, *_ in info) == sorted(LAUNCHED[path.name])
+    for kernel, regs, smem in info:
+        assert 0 < regs and regs * threads[kernel] <= 65536, (kernel, regs, threads[kernel])
+        assert smem <= 48 * 1024, (kernel, smem)
 
 
 @needs_nvrtc
