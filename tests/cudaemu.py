@@ -36,6 +36,16 @@ def compiler() -> str | None:
     return next((c for c in ("c++", "g++", "clang++") if shutil.which(c)), None)
 
 
+def unavailable() -> str | None:
+    """Why the kernels cannot run here (a reason to skip), or None. ``GPUPAS_CUDAEMU=0`` turns them off (on a
+    GPU machine, where tests/test_gpu.py runs them for real)."""
+    if os.environ.get("GPUPAS_CUDAEMU") == "0":
+        return "GPUPAS_CUDAEMU=0: the CUDA sources are not run on the CPU"
+    if compiler() is None:
+        return "no C++ compiler (c++, g++ or clang++) to build the CUDA sources for the CPU"
+    return None
+
+
 def kernels_of(source: str) -> dict[str, list[tuple[str, str]]]:
     """Each ``extern "C" __global__`` kernel of ``source``: its parameters as (type, name)."""
     out = {}

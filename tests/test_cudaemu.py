@@ -8,7 +8,7 @@ import pytest
 
 from tests import cudaemu
 
-pytestmark = pytest.mark.skipif(cudaemu.compiler() is None, reason="no C++ compiler")
+pytestmark = pytest.mark.skipif(cudaemu.unavailable() is not None, reason=str(cudaemu.unavailable()))
 
 SOURCE = r"""
 typedef long long i64;

@@ -172,8 +172,8 @@ class Launches:
 
 @pytest.fixture(params=["source", "mirror"])
 def kernels(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Launches:
-    if request.param == "source" and cudaemu.compiler() is None:
-        pytest.skip("no C++ compiler to build the CUDA sources for the CPU")
+    if request.param == "source" and cudaemu.unavailable():
+        pytest.skip(str(cudaemu.unavailable()))
     return Launches(request.param == "source", monkeypatch)
 
 
@@ -691,8 +691,8 @@ def _fake_coders() -> dict[str, tuple[Any, Any]]:
 def fake_gpu(monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) -> Any:
     """The CuPy backend on the stand-ins; ``device="cuda"`` gets it. Its kernels: the CUDA sources run on
     the CPU (tests/cudaemu.py), or their NumPy mirror."""
-    if request.param == "source" and cudaemu.compiler() is None:
-        pytest.skip("no C++ compiler to build the CUDA sources for the CPU")
+    if request.param == "source" and cudaemu.unavailable():
+        pytest.skip(str(cudaemu.unavailable()))
     import gpupas.backend.cupy as gpu
     from gpupas.backend import base
     from gpupas.codecs.nvcomp import ALIGN, NvcompCodec
