@@ -74,6 +74,7 @@ inline void trampoline() {
 // Runs one block; false where its live threads wait at barriers that can never all be reached.
 inline bool run_block(unsigned n) {
     for (auto& [p, size] : shared_arrays) memset(p, 0xA5, size);
+    memset(filled, 0, sizeof(filled));  // a launch that failed may have left lanes mid-collective
     for (unsigned t = 0; t < n; ++t) {
         Thread& th = threads[t];
         getcontext(&th.ctx);
