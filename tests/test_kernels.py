@@ -23,6 +23,7 @@ import os
 import re
 import shutil
 import subprocess
+import weakref
 import zlib
 from pathlib import Path
 from types import SimpleNamespace
@@ -611,8 +612,39 @@ class FakeDeviceArray(np.ndarray):
         self[...] = arr
 
 
+_GUARD = 64  # bytes of a pattern on each side of every stand-in device allocation
+_guarded: list[tuple[weakref.ref[np.ndarray], int, int]] = []
+
+
+def _alloc(shape: Any, dtype: Any = np.uint8, fill: Any = None) -> FakeDeviceArray:
+    """Stand-in device memory: 256-byte aligned as CuPy's, between guard bytes that :func:`_check_guards`
+    reads after every launch (a kernel writing past an allocation)."""
+    dtype = np.dtype(dtype)
+    n = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    raw = np.full(n + 2 * _GUARD + 256, 0xCD, np.uint8)
+    start = _GUARD + (-(raw.ctypes.data + _GUARD)) % 256
+    out = raw[start : start + n].view(dtype).reshape(shape).view(FakeDeviceArray)
+    if fill is not None:
+        out[...] = fill
+    _guarded.append((weakref.ref(raw), start, n))
+    return out
+
+
+def _check_guards(kernel: str) -> None:
+    live = []
+    for ref, start, n in _guarded:
+        raw = ref()
+        if raw is not None:
+            assert (raw[:start] == 0xCD).all() and (raw[start + n :] == 0xCD).all(), f"a write out of bounds, seen after {kernel}"
+            live.append((ref, start, n))
+    _guarded[:] = live
+
+
 def _dev(a: Any) -> FakeDeviceArray:
-    return a if isinstance(a, FakeDeviceArray) else np.array(a, copy=True).view(FakeDeviceArray)
+    if isinstance(a, FakeDeviceArray):
+        return a
+    a = np.asarray(a)
+    return _alloc(a.shape, a.dtype, a)
 
 
 class _FakeStream:
@@ -656,17 +688,21 @@ class _FakeModule:
 
     def get_function(self, name: str) -> Any:
         assert f'extern "C" __global__ void {name}(' in self.code
-        if self.source:
-            return cudaemu.module(self.code).get_function(name)
-        return lambda grid, block, args: _KERNELS[name](*args)
+        run = cudaemu.module(self.code).get_function(name) if self.source else \
+            (lambda grid, block, args: _KERNELS[name](*args))
+
+        def launch(grid: tuple[int, ...], block: tuple[int, ...], args: tuple[Any, ...]) -> None:
+            run(grid, block, args)
+            _check_guards(name)
+
+        return launch
 
 
 def fake_cupy(source: bool = False) -> Any:
-    empty = lambda shape, dtype=np.uint8: np.empty(shape, dtype).view(FakeDeviceArray)  # noqa: E731
     stream = _FakeStream()
     return SimpleNamespace(
-        uint8=np.uint8, uint16=np.uint16, uint32=np.uint32, ndarray=FakeDeviceArray, empty=empty,
-        zeros=lambda shape, dtype=np.uint8: np.zeros(shape, dtype).view(FakeDeviceArray),
+        uint8=np.uint8, uint16=np.uint16, uint32=np.uint32, ndarray=FakeDeviceArray, empty=_alloc,
+        zeros=lambda shape, dtype=np.uint8: _alloc(shape, dtype, 0),
         asarray=_dev, ascontiguousarray=lambda a: _dev(np.ascontiguousarray(a)),
         RawModule=type("RawModule", (_FakeModule,), {"source": source}),
         from_dlpack=lambda x: _dev(np.from_dlpack(x)),
