@@ -635,7 +635,8 @@ def _check_guards(kernel: str) -> None:
     for ref, start, n in _guarded:
         raw = ref()
         if raw is not None:
-            assert (raw[:start] == 0xCD).all() and (raw[start + n :] == 0xCD).all(), f"a write out of bounds, seen after {kernel}"
+            intact = (raw[:start] == 0xCD).all() and (raw[start + n :] == 0xCD).all()
+            assert intact, f"a write out of bounds, seen after {kernel}"
             live.append((ref, start, n))
     _guarded[:] = live
 
