@@ -309,6 +309,29 @@ def test_async_commits_do_not_wait_for_the_encode(tmp_path: Path) -> None:
             assert all(got[k].tobytes() == v.tobytes() for k, v in want.items()), sid
 
 
+def test_async_commits_of_cupy_arrays_on_a_stream_of_their_own(tmp_path: Path) -> None:
+    """CuPy arrays copied on the caller's non-blocking stream: the commit's thread waits for those copies,
+    and what the stream does next (an update queued behind a long kernel) never reaches the snapshot."""
+    import gpupas
+    from gpupas.integrations.async_commit import AsyncCommitter
+
+    rng = np.random.default_rng(5)
+    host = {f"w{i}": (rng.standard_normal((2048, 2048)) * 0.02).astype(np.float32) for i in range(4)}
+    with gpupas.create_archive(tmp_path / "arc") as a, AsyncCommitter(a.commit) as committer:
+        stream = cp.cuda.Stream(non_blocking=True)
+        with stream:
+            w = {k: cp.asarray(v) for k, v in host.items()}
+            for _ in range(20):  # keep the stream busy, so that its copies are still queued at submit
+                for v in w.values():
+                    v *= 1.0
+            committer.submit(w)
+            for v in w.values():
+                v += 1.0
+        m = committer.wait()
+        got = a.restore(m.id)
+    assert all(got[k].tobytes() == v.tobytes() for k, v in host.items())
+
+
 def test_write_gpu_fixture() -> None:
     """With GPUPAS_GPU_FIXTURE set (scripts/gpu-check.sh does), write the GPU-written golden archive that
     tests/test_kernels.py decodes on the CPU: copy it to tests/fixtures/gpu/."""

@@ -49,12 +49,13 @@ def _is_cuda_torch(t: Any) -> bool:
     return is_torch_tensor(t) and t.device.type == "cuda"
 
 
-def copy_state(state: Mapping[str, Any]) -> tuple[dict[str, Any], Any]:
-    """A copy of every tensor of ``state`` (CUDA tensors on the device, fused) and a CUDA event that
-    completes when the device copies have (None without CUDA tensors)."""
+def copy_state(state: Mapping[str, Any]) -> tuple[dict[str, Any], list[Any]]:
+    """A copy of every tensor of ``state`` (CUDA tensors on the device, fused) and the CUDA events that
+    complete when the device copies have: torch's and CuPy's, each recorded on the caller's current
+    stream after its copies (none without device arrays)."""
     names = [k for k, v in state.items() if _is_cuda_torch(v)]
     out: dict[str, Any] = {}
-    event = None
+    events = []
     if names:
         import torch
 
@@ -66,9 +67,10 @@ def copy_state(state: Mapping[str, Any]) -> tuple[dict[str, Any], Any]:
             else:  # pragma: no cover - torch < 2.1
                 for d, s in zip(dsts, srcs):
                     d.copy_(s)
-        event = torch.cuda.Event()
-        event.record()
+        events.append(torch.cuda.Event())
+        events[-1].record()
         out.update(zip(names, dsts))
+    on_device = False
     for k, v in state.items():
         if k in out:
             continue
@@ -76,10 +78,16 @@ def copy_state(state: Mapping[str, Any]) -> tuple[dict[str, Any], Any]:
             out[k] = v.detach().clone()
         elif isinstance(v, np.ndarray) or hasattr(v, "__cuda_array_interface__"):  # NumPy, CuPy
             out[k] = v.copy()
+            on_device |= not isinstance(v, np.ndarray)
         else:  # refused now, as a synchronous commit would, not by the next call
             raise InvalidInputError(f"{k!r} is a {type(v).__name__}, not a tensor: a checkpoint holds torch tensors "
                                     "or NumPy/CuPy arrays")
-    return {k: out[k] for k in state}, event
+    if on_device:  # CuPy copied on the caller's current stream, which the commit's thread does not wait on
+        import cupy
+
+        events.append(cupy.cuda.Event())
+        events[-1].record()
+    return {k: out[k] for k in state}, events
 
 
 class _SideStreams:
@@ -122,13 +130,13 @@ class AsyncCommitter:
         for the previous commit first (raising its error, if it failed)."""
         t0 = time.perf_counter()
         self.wait()
-        snapshot, event = copy_state(state)
-        self._future = self._executor.background(self._run, snapshot, event, args, kwargs)
+        snapshot, events = copy_state(state)
+        self._future = self._executor.background(self._run, snapshot, events, args, kwargs)
         self.blocking_seconds.append(time.perf_counter() - t0)
         return self._future
 
-    def _run(self, snapshot: dict[str, Any], event: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        if event is not None:
+    def _run(self, snapshot: dict[str, Any], events: list[Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        for event in events:
             event.synchronize()  # the copies are complete (the training stream may have moved on)
         with _SideStreams():
             result = self._commit(snapshot, *args, **kwargs)
