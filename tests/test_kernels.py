@@ -833,6 +833,41 @@ def test_cpu_written_archive_restores_through_the_cupy_backend(tmp_path: Path, f
                        == v.tobytes() for k, v in snap.items()), m.id
 
 
+def test_a_gpu_commits_cached_arrays_are_not_the_cpus(tmp_path: Path, fake_gpu: Any) -> None:
+    """The base cache keeps a GPU commit's device arrays; in the same session a CPU restore, and a CPU commit
+    against that snapshot, read it from the store instead (NumPy arrays out), and a GPU restore still uses them."""
+    import gpupas
+    from gpupas.backend.cupy import DeviceTensor
+
+    rng = np.random.default_rng(8)
+    x = {"w": (rng.standard_normal((64, 64)) * 0.02).astype(np.float32),
+         "b": (rng.standard_normal(300) * 0.02).astype(layout_of("bfloat16").dtype)}
+    with gpupas.create_archive(tmp_path / "arc") as a:
+        m = a.commit(x, device="cuda")
+        for device in (None, "cpu"):
+            got = a.restore(m.id, device=device)
+            assert all(type(got[k]) is np.ndarray and got[k].tobytes() == v.tobytes() for k, v in x.items())
+        y = {k: (v.astype(np.float32) * 1.01).astype(v.dtype) for k, v in x.items()}
+        m2 = a.commit(y, base=m.id, device="cpu")
+        assert m2.base == m.id and all(a.restore(m2.id)[k].tobytes() == v.tobytes() for k, v in y.items())
+        on_gpu = a.restore(m.id, device="cuda")
+        assert isinstance(on_gpu["b"], DeviceTensor) and on_gpu["b"].get().tobytes() == x["b"].tobytes()
+
+
+@pytest.mark.parametrize("lossy", ["quant:4", "fixed:8"])
+def test_lossy_schemes_of_device_bfloat16(tmp_path: Path, fake_gpu: Any, lossy: str) -> None:
+    """A lossy scheme on a bfloat16 tensor from the device (a DeviceTensor): the CPU's result, bit for bit."""
+    import gpupas
+
+    x = {"w": (np.random.default_rng(9).standard_normal((64, 64)) * 0.02).astype(layout_of("bfloat16").dtype)}
+    got = {}
+    for device in ("cpu", "cuda"):
+        with gpupas.create_archive(tmp_path / device) as a:
+            m = a.commit(x, device=device, lossy=lossy)
+            got[device] = (a.restore(m.id, device="cpu")["w"].tobytes(), m.tensors[0].scheme)
+    assert got["cuda"] == got["cpu"] and got["cpu"][0] != x["w"].tobytes()
+
+
 def test_chunk_sizes_nvcomp_cannot_take_in_place(tmp_path: Path, fake_gpu: Any) -> None:
     """A chunk size that is no multiple of 16 (a layout given, or a CPU-written archive): nvCOMP gets
     every chunk at an aligned address (the stand-ins assert it), both ways, every coder."""

@@ -74,6 +74,11 @@ class Backend(Protocol):
         """CRC-32 of an array's bytes."""
         ...
 
+    def usable(self, array: Any) -> bool:
+        """Whether ``array`` (a cached base, say) can be used here as it is: the NumPy backend takes host
+        arrays only; the CuPy backend takes both (it uploads host arrays)."""
+        ...
+
     def crc32_many(self, arrays: Sequence[Any], executor: Any = None) -> list[int]:
         """CRC-32 of each array (one launch and one copy on a GPU, not one per tensor; on the CPU, large
         arrays in pieces on ``executor``'s threads where given)."""

@@ -331,6 +331,9 @@ class CupyBackend:
             s.synchronize()
             return [int(x) for x in self.to_host(got, meta=True)]
 
+    def usable(self, array: Any) -> bool:
+        return True  # host arrays are uploaded where used
+
     def crc32(self, bits: Any) -> int:
         if _on_host(bits):
             from gpupas.format.checksum import crc32

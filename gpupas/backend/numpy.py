@@ -77,6 +77,11 @@ class NumpyBackend:
     def crc32(self, bits: Any) -> int:
         return crc32(memoryview(bits).cast("B"))
 
+    def usable(self, array: Any) -> bool:
+        from gpupas.xp import is_device_array
+
+        return not is_device_array(array)
+
     def crc32_many(self, arrays: Sequence[Any], executor: Any = None) -> list[int]:
         views = [memoryview(a).cast("B") for a in arrays]
         if executor is None or executor.workers == 1 or sum(len(v) for v in views) < 2 * PIECE:

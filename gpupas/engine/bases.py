@@ -37,13 +37,13 @@ class BaseCache:
                     self.max_bytes is not None and len(self._items) > 1 and sum(self._owned.values()) > self.max_bytes):
                 self._forget(next(iter(self._items)))
 
-    def get(self, sid: str, entries: Sequence[TensorEntry],
-            crc32_many: Callable[[Sequence[Any]], list[int]]) -> dict[str, Any] | None:
-        """The cached bits of ``entries`` if all are there and unchanged (else None, and the stale
-        snapshot is dropped)."""
+    def get(self, sid: str, entries: Sequence[TensorEntry], crc32_many: Callable[[Sequence[Any]], list[int]],
+            usable: Callable[[Any], bool] = lambda a: True) -> dict[str, Any] | None:
+        """The cached bits of ``entries`` if all are there, ``usable`` (by the backend asking: a GPU commit's
+        arrays are not the NumPy backend's) and unchanged (else None; a stale snapshot is dropped)."""
         with self._lock:
             have = self._items.get(sid)
-        if have is None or any(e.name not in have for e in entries):
+        if have is None or any(e.name not in have or not usable(have[e.name]) for e in entries):
             return None
         if crc32_many([have[e.name] for e in entries]) == [e.crc32 for e in entries]:
             return {e.name: have[e.name] for e in entries}

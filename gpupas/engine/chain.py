@@ -55,8 +55,9 @@ def dependencies(m: Manifest, names: set[str] | None, manifests: Manifests) -> l
 
 
 def _plan(sid: str, names: set[str] | None, manifests: Manifests, cache: BaseCache | None,
-          crc32_many: Callable[[Any], list[int]]) -> tuple[dict[str, Manifest], dict[str, set[str] | None],
-                                               dict[str, list[tuple[str, set[str]]]], dict[str, dict[str, Any]]]:
+          crc32_many: Callable[[Any], list[int]], usable: Callable[[Any], bool],
+          ) -> tuple[dict[str, Manifest], dict[str, set[str] | None], dict[str, list[tuple[str, set[str]]]],
+                     dict[str, dict[str, Any]]]:
     """The snapshots a read of ``names`` of ``sid`` needs: manifests, tensor names per snapshot, their
     dependencies, and the bits the cache already holds."""
     need: dict[str, set[str] | None] = {sid: names}
@@ -83,7 +84,7 @@ def _plan(sid: str, names: set[str] | None, manifests: Manifests, cache: BaseCac
                 raise
             raise IntegrityError(f"snapshot {x} lacks tensors that snapshots built on it need ({exc})") from None
         if cache is not None and x != sid:
-            hit = cache.get(x, entries, crc32_many)
+            hit = cache.get(x, entries, crc32_many, usable)
             if hit is not None:
                 hits[x], deps[x] = hit, []
                 continue
@@ -145,10 +146,10 @@ def read_bits(store: ArchiveStore, sid: str, names: Iterable[str] | None, *, man
     top = manifests(sid)
     crc32_many = functools.partial(backend.crc32_many, executor=executor)
     if cache is not None:
-        hit = cache.get(sid, top.select(None if wanted is None else sorted(wanted)), crc32_many)
+        hit = cache.get(sid, top.select(None if wanted is None else sorted(wanted)), crc32_many, backend.usable)
         if hit is not None:
             return ({n: hit[n] for n in names} if names is not None else hit), True
-    found, need, deps, hits = _plan(sid, wanted, manifests, cache, crc32_many)
+    found, need, deps, hits = _plan(sid, wanted, manifests, cache, crc32_many, backend.usable)
     order = dependencies_first([sid], lambda x: [y for y, _ in deps.get(x, [])], _loops_back)
     users: dict[str, int] = {}
     for x in order:
