@@ -16,12 +16,14 @@ import re
 import shutil
 import subprocess
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 HEADER = Path(__file__).with_name("cudaemu.h")
+_ONE_AT_A_TIME = threading.Lock()
 _KERNEL = re.compile(r'extern\s+"C"\s+__global__\s+void\s+(\w+)\s*\(([^)]*)\)', re.S)
 _SHARED = re.compile(r"__shared__\s+([A-Za-z_][\w\s]*?)\s+(\w+)((?:\s*\[[^\]]+\])+)\s*;")
 _CTYPES = {"int": ctypes.c_int, "unsigned": ctypes.c_uint, "i64": ctypes.c_longlong, "long long": ctypes.c_longlong}
@@ -112,7 +114,8 @@ class Module:
         def launch(grid: tuple[int, ...], block: tuple[int, ...], args: tuple[Any, ...]) -> None:
             if len(args) != nparams or len(grid) != 1 or len(block) != 1:
                 raise LaunchError(f"{name}: {len(args)} arguments for {nparams}, grid {grid}, block {block}")
-            rc = fn(int(grid[0]), int(block[0]), *(_arg(a) for a in args))
+            with _ONE_AT_A_TIME:  # the runner's state is the library's: launches from several threads wait in turn
+                rc = fn(int(grid[0]), int(block[0]), *(_arg(a) for a in args))
             if rc == 1:
                 raise LaunchError(f"{name}: threads wait at a barrier that some of them never reach")
             if rc:

@@ -854,6 +854,26 @@ def test_a_gpu_commits_cached_arrays_are_not_the_cpus(tmp_path: Path, fake_gpu: 
         assert isinstance(on_gpu["b"], DeviceTensor) and on_gpu["b"].get().tobytes() == x["b"].tobytes()
 
 
+def test_snapshots_above_small_launch_from_the_coding_threads(tmp_path: Path, fake_gpu: Any) -> None:
+    """A snapshot over ``SMALL`` is staged on the executor's threads, which launch kernels (CRCs) at once:
+    its commit from the device and its delta restore bit-exactly on both sides."""
+    import gpupas
+    from gpupas.archive import SMALL
+
+    rng = np.random.default_rng(10)
+    w0 = {f"w{i}": (rng.standard_normal((300, 400)) * 0.02).astype(np.float32) for i in range(3)}
+    w1 = {k: v + (rng.standard_normal(v.shape) * 1e-4).astype(np.float32) for k, v in w0.items()}
+    assert sum(v.nbytes for v in w1.values()) > SMALL
+    with gpupas.create_archive(tmp_path / "arc") as a:
+        assert a.executor.workers > 1
+        m0 = a.commit(w0, device="cuda")
+        m1 = a.commit(w1, base=m0.id, device="cuda")
+    with gpupas.open_archive(tmp_path / "arc") as a:
+        for device in ("cpu", "cuda"):
+            got = a.restore(m1.id, device=device)
+            assert all(np.asarray(got[k]).tobytes() == v.tobytes() for k, v in w1.items()), device
+
+
 @pytest.mark.parametrize("lossy", ["quant:4", "fixed:8"])
 def test_lossy_schemes_of_device_bfloat16(tmp_path: Path, fake_gpu: Any, lossy: str) -> None:
     """A lossy scheme on a bfloat16 tensor from the device (a DeviceTensor): the CPU's result, bit for bit."""
