@@ -507,7 +507,12 @@ def test_gpu_policy_keeps_the_cpu_rules() -> None:
     size = 1 << 16
     raw = K.raw_frame_size(size, size)
     fast = GpuPolicy.of(ChunkPolicy())
-    assert fast.coders() == ["deflate"] and fast.tail_coders() == ["zstd"]
+    assert fast.coders() == ["deflate"]
+    n = np.array([size, size, size, 100])
+    then = fast.then(n, size, {"deflate": np.array([size // 4 + 1, size // 4, 40, 30])})
+    assert list(then) == ["zstd"] and then["zstd"].tolist() == [1, 2, 3]  # near Huffman's floor; the padded one
+    assert fast.then(n[:1], size, {"deflate": np.array([size // 2])}) == {}
+    assert GpuPolicy.of(ChunkPolicy(try_all=True)).then(n, size, {"deflate": np.zeros(4, np.int64)}) == {}
     assert GpuPolicy.of(ChunkPolicy(try_all=True)).coders() == ["deflate", "zstd"]
     assert GpuPolicy.of(ChunkPolicy(codecs=("zstd",))).coders() == ["zstd"]
     assert GpuPolicy(("zstd", "deflate", "nvcomp-ans")).coders() == ["deflate", "nvcomp-ans"]
@@ -852,6 +857,27 @@ def test_a_gpu_commits_cached_arrays_are_not_the_cpus(tmp_path: Path, fake_gpu: 
         assert m2.base == m.id and all(a.restore(m2.id)[k].tobytes() == v.tobytes() for k, v in y.items())
         on_gpu = a.restore(m.id, device="cuda")
         assert isinstance(on_gpu["b"], DeviceTensor) and on_gpu["b"].get().tobytes() == x["b"].tobytes()
+
+
+@pytest.mark.parametrize("setting", ["fast", "default", "strong"])
+def test_sparse_deltas_are_as_small_on_the_gpu(tmp_path: Path, fake_gpu: Any, setting: str) -> None:
+    """A delta that changes few values (planes of zero bytes): Huffman-only Deflate cannot go under a bit a
+    byte, so the GPU also runs Zstandard where Deflate lands near that floor; sizes near the CPU's (the
+    stand-in coders: zlib's Huffman-only Deflate, python-zstandard)."""
+    import gpupas
+
+    rng = np.random.default_rng(11)
+    w0 = {"w": (rng.standard_normal(1 << 18) * 0.02).astype(np.float32)}
+    w1 = {"w": w0["w"].copy()}
+    w1["w"][rng.choice(w1["w"].size, 50, replace=False)] += np.float32(1e-3)
+    stored = {}
+    for device in ("cpu", "cuda"):
+        with gpupas.create_archive(tmp_path / device) as a:
+            m0 = a.commit(w0, device=device, setting=setting)
+            m1 = a.commit(w1, base=m0.id, device=device, setting=setting)
+            stored[device] = m1.stored_bytes
+            assert a.restore(m1.id, device="cpu")["w"].tobytes() == w1["w"].tobytes()
+    assert stored["cuda"] <= 1.25 * stored["cpu"] + 512, stored
 
 
 def test_snapshots_above_small_launch_from_the_coding_threads(tmp_path: Path, fake_gpu: Any) -> None:

@@ -527,15 +527,18 @@ class CupyBackend:
             coder_src, stride = self._strided(src, nchunks, size)
             coded: dict[str, np.ndarray] = {}
             outs: dict[str, tuple[Any, int, np.ndarray]] = {}
-            for cid in gp.coders() + gp.tail_coders():
-                which = ids if cid in gp.coders() else ids[n < size]
-                if not which.size:
-                    continue
+
+            def run(cid: str, which: np.ndarray) -> None:  # one nvCOMP call over those chunks
                 codec = registry.get(cid, "gpu")
                 out = cp.empty(which.size * codec.slot(size), cp.uint8)
                 coded[cid] = np.full(nchunks, -1, np.int64)
                 coded[cid][which] = codec.compress(coder_src, which, size, out, stride)
                 outs[cid] = (out, codec.slot(size), which)
+
+            for cid in gp.coders():
+                run(cid, ids)
+            for cid, which in gp.then(n, size, coded).items():  # after Deflate: where Zstandard may do better
+                run(cid, which)
             kind, body = gp.choose(n, size, coded)
             srcs = np.where(kind == RAW, src.data.ptr + ids * size, 0).astype(np.int64)
             srclens = np.zeros(nchunks, np.int64)

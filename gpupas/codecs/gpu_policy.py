@@ -8,10 +8,12 @@ frame where Zstandard did not run) and never for the zero-padded last chunk; nvC
 where the setting names it. Ties go to the earlier of raw, Zstandard, Deflate, ANS, as on the CPU.
 
 Which coders run is the GPU's shortcut (as ``huffman_floor`` is the CPU's): nvCOMP writes
-Huffman-only Deflate at ~45 GB/s and Zstandard at ~7 GB/s, and Deflate came out smaller on every
-plane measured (docs: DESIGN.md), so Zstandard runs over every chunk only under ``try_all`` or
-where Deflate is not a candidate; otherwise only over the padded last chunk, which Deflate may not
-code.
+Huffman-only Deflate at ~45 GB/s and Zstandard at ~7 GB/s, and Deflate came out smaller on the
+dense planes measured (docs: DESIGN.md), so Zstandard runs over every chunk only under ``try_all`` or
+where Deflate is not a candidate. Otherwise it runs after Deflate, over the padded last chunk (which
+Deflate may not code) and over the chunks Deflate coded to at most :data:`ZSTD_BELOW` of their bytes:
+Huffman coding spends at least one bit a byte, so on a sparse delta (mostly zero bytes) it stores an
+eighth of the chunk where Zstandard's matches store next to nothing.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from gpupas.codecs.policy import DEFLATE_MIN_GAIN, ChunkPolicy
 RAW, ZSTD, DEFLATE, ANS = 0, 1, 2, 3  # what a chunk is stored as
 CODEC_IDS = {RAW: "zstd", ZSTD: "zstd", DEFLATE: "deflate", ANS: "nvcomp-ans"}  # the codec id of each
 GZIP_FRAMING = 18  # bytes a gzip member adds around raw Deflate: 10 of header, 8 of trailer
+ZSTD_BELOW = 1 / 4  # Deflate within this part of a chunk (2 bits a byte): near Huffman's floor, Zstandard tried too
 
 
 def raw_frame_sizes(n: np.ndarray, size: int) -> np.ndarray:
@@ -55,9 +58,18 @@ class GpuPolicy:
             out.append("nvcomp-ans")
         return out
 
-    def tail_coders(self) -> list[str]:
-        """Codec ids run over a zero-padded last chunk besides :meth:`coders` (Deflate may not code it)."""
-        return ["zstd"] if "zstd" in self.codecs and "zstd" not in self.coders() else []
+    def then(self, n: np.ndarray, size: int, coded: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Codec id -> the chunks (indices) to run it over next, given what :meth:`coders` gave (``coded``, as
+        in :meth:`choose`): Zstandard, where it did not run, over a zero-padded last chunk (Deflate may not
+        code it) and over the chunks Deflate coded to at most :data:`ZSTD_BELOW` of their bytes."""
+        if "zstd" not in self.codecs or "zstd" in self.coders():
+            return {}
+        n = np.asarray(n, np.int64)
+        want = n < size
+        d = coded.get("deflate")
+        if d is not None:
+            want |= (d >= 0) & (d <= ZSTD_BELOW * n)
+        return {"zstd": np.flatnonzero(want)} if want.any() else {}
 
     def choose(self, n: np.ndarray, size: int, coded: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         """What each chunk is stored as (RAW, ZSTD, DEFLATE, ANS) and its body size in bytes.
