@@ -7,7 +7,9 @@
 //   GZIP     a gzip member around nvCOMP's raw Deflate: 10-byte header, the Deflate data, the CRC-32
 //            of the uncompressed chunk (computed on the device by crc.cu) and its size.
 // The CRC-32C suffix of each body is then written by crc_combine. copy_spans: one block per span,
-// a plain copy (raw frames' blocks into their chunks on restore). NumPy mirror:
+// a plain copy (raw frames' blocks into their chunks on restore). run_bytes: one block per chunk
+// counts its bytes equal to the three before them (in runs of four or more: what Zstandard's matches
+// code almost for free and Huffman coding cannot), for the codec choice. NumPy mirror:
 // gpupas/backend/kernels_ref.py.
 
 #define JOB_STRIDE 7
@@ -85,5 +87,25 @@ extern "C" __global__ void copy_spans(const i64* spans, int nspans) {
         const unsigned char* src = (const unsigned char*)e[0];
         unsigned char* dst = (unsigned char*)e[1];
         for (i64 i = threadIdx.x; i < e[2]; i += blockDim.x) dst[i] = src[i];
+    }
+}
+
+#define RUN_THREADS 256  // run_bytes's block size (a power of two)
+
+extern "C" __global__ void run_bytes(const unsigned char* src, i64 stride, i64 size, int nchunks, i64* out) {
+    __shared__ i64 part[RUN_THREADS];
+    int tid = threadIdx.x;
+    for (int c = blockIdx.x; c < nchunks; c += gridDim.x) {
+        const unsigned char* p = src + (i64)c * stride;
+        i64 k = 0;
+        for (i64 i = 3 + tid; i < size; i += blockDim.x) k += p[i] == p[i - 1] && p[i] == p[i - 2] && p[i] == p[i - 3];
+        part[tid] = k;
+        __syncthreads();
+        for (int half = RUN_THREADS / 2; half > 0; half >>= 1) {
+            if (tid < half) part[tid] += part[tid + half];
+            __syncthreads();
+        }
+        if (tid == 0) out[c] = part[0];
+        __syncthreads();
     }
 }

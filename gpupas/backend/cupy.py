@@ -380,6 +380,14 @@ class CupyBackend:
             self._fn("frames.cu", "copy_spans")((min(MAX_BLOCKS, len(spans)),), (COPY_THREADS,),
                                                 (self.cp.asarray(spans.astype(np.int64)), np.int32(len(spans))))
 
+    def _run_bytes(self, src: Any, stride: int, size: int, nchunks: int) -> np.ndarray:
+        """Per chunk of ``src`` (``nchunks`` of ``size`` bytes, ``stride`` apart): its bytes in runs (equal to
+        the three before them). One launch and a copy of ``nchunks`` integers."""
+        out = self.cp.zeros(nchunks, self.cp.int64)
+        self._fn("frames.cu", "run_bytes")((min(MAX_BLOCKS, nchunks),), (K.RUN_THREADS,),
+                                           (src, np.int64(stride), np.int64(size), np.int32(nchunks), out))
+        return self.to_host(out, meta=True)
+
     def _pack(self, jobs: np.ndarray, crcs: Any) -> None:
         """Every chunk's body at its place (``jobs``: rows of :func:`gpupas.backend.kernels_ref.pack_jobs`);
         ``crcs``: the gzip trailers' CRC-32s on the device. One launch."""
@@ -537,7 +545,8 @@ class CupyBackend:
 
             for cid in gp.coders():
                 run(cid, ids)
-            for cid, which in gp.then(n, size, coded).items():  # after Deflate: where Zstandard may do better
+            runs = self._run_bytes(coder_src, stride, size, nchunks) if gp.then_needs_runs() else None
+            for cid, which in gp.then(n, size, coded, runs).items():  # after Deflate: where Zstandard may do better
                 run(cid, which)
             kind, body = gp.choose(n, size, coded)
             srcs = np.where(kind == RAW, src.data.ptr + ids * size, 0).astype(np.int64)

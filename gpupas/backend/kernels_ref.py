@@ -49,6 +49,7 @@ J_KIND, J_SRC, J_SRCLEN, J_DST, J_SIZE, J_N, J_CRC = range(7)
 KIND_RAW, KIND_CODED, KIND_GZIP = 0, 1, 2
 GZIP_HEADER = 10
 SPAN_STRIDE = 3
+RUN_THREADS = 256  # run_bytes's block size
 
 U64 = np.uint64
 
@@ -451,6 +452,16 @@ def ref_pack_payloads(jobs: np.ndarray, crcs: np.ndarray) -> None:
 def ref_copy_spans(spans: np.ndarray) -> None:
     for src, dst, n in spans:
         mem(int(dst), int(n))[:] = mem(int(src), int(n))
+
+
+def ref_run_bytes(src: int, stride: int, size: int, nchunks: int) -> np.ndarray:
+    """Per chunk (``nchunks`` of ``size`` bytes, ``stride`` apart from address ``src``): its bytes equal to the
+    three before them."""
+    out = np.zeros(nchunks, np.int64)
+    for c in range(nchunks):
+        p = mem(src + c * stride, size)
+        out[c] = int(((p[3:] == p[2:-1]) & (p[3:] == p[1:-2]) & (p[3:] == p[:-3])).sum())
+    return out
 
 
 # =================================================================================================================

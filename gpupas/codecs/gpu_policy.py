@@ -11,9 +11,10 @@ Which coders run is the GPU's shortcut (as ``huffman_floor`` is the CPU's): nvCO
 Huffman-only Deflate at ~45 GB/s and Zstandard at ~7 GB/s, and Deflate came out smaller on the
 dense planes measured (docs: DESIGN.md), so Zstandard runs over every chunk only under ``try_all`` or
 where Deflate is not a candidate. Otherwise it runs after Deflate, over the padded last chunk (which
-Deflate may not code) and over the chunks Deflate coded to at most :data:`ZSTD_BELOW` of their bytes:
-Huffman coding spends at least one bit a byte, so on a sparse delta (mostly zero bytes) it stores an
-eighth of the chunk where Zstandard's matches store next to nothing.
+Deflate may not code), over the chunks Deflate coded to at most :data:`ZSTD_BELOW` of their bytes, and
+over those with at least :data:`RUNS_ABOVE` of their bytes in runs (counted on the device): Huffman
+coding spends at least a bit on every byte and cannot see runs, so on a sparse or partly changed delta
+(stretches of zero bytes) it stores an eighth of them where Zstandard's matches store next to nothing.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ RAW, ZSTD, DEFLATE, ANS = 0, 1, 2, 3  # what a chunk is stored as
 CODEC_IDS = {RAW: "zstd", ZSTD: "zstd", DEFLATE: "deflate", ANS: "nvcomp-ans"}  # the codec id of each
 GZIP_FRAMING = 18  # bytes a gzip member adds around raw Deflate: 10 of header, 8 of trailer
 ZSTD_BELOW = 1 / 4  # Deflate within this part of a chunk (2 bits a byte): near Huffman's floor, Zstandard tried too
+RUNS_ABOVE = 1 / 8  # a chunk with this part of its bytes equal to the three before them: Zstandard tried too
 
 
 def raw_frame_sizes(n: np.ndarray, size: int) -> np.ndarray:
@@ -58,17 +60,26 @@ class GpuPolicy:
             out.append("nvcomp-ans")
         return out
 
-    def then(self, n: np.ndarray, size: int, coded: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def then_needs_runs(self) -> bool:
+        """Whether :meth:`then` reads the chunks' run counts."""
+        return "zstd" in self.codecs and "zstd" not in self.coders()
+
+    def then(self, n: np.ndarray, size: int, coded: dict[str, np.ndarray],
+             runs: np.ndarray | None = None) -> dict[str, np.ndarray]:
         """Codec id -> the chunks (indices) to run it over next, given what :meth:`coders` gave (``coded``, as
-        in :meth:`choose`): Zstandard, where it did not run, over a zero-padded last chunk (Deflate may not
-        code it) and over the chunks Deflate coded to at most :data:`ZSTD_BELOW` of their bytes."""
-        if "zstd" not in self.codecs or "zstd" in self.coders():
+        in :meth:`choose`) and ``runs`` (each chunk's bytes equal to the three before them): Zstandard, where
+        it did not run, over a zero-padded last chunk (Deflate may not code it), over the chunks Deflate
+        coded to at most :data:`ZSTD_BELOW` of their bytes and over those with at least :data:`RUNS_ABOVE` of
+        their bytes in runs."""
+        if not self.then_needs_runs():
             return {}
         n = np.asarray(n, np.int64)
         want = n < size
         d = coded.get("deflate")
         if d is not None:
             want |= (d >= 0) & (d <= ZSTD_BELOW * n)
+        if runs is not None:
+            want |= np.asarray(runs) >= RUNS_ABOVE * n
         return {"zstd": np.flatnonzero(want)} if want.any() else {}
 
     def choose(self, n: np.ndarray, size: int, coded: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
