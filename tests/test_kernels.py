@@ -761,7 +761,7 @@ def fake_gpu(monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) ->
     if request.param == "source" and cudaemu.unavailable():
         pytest.skip(str(cudaemu.unavailable()))
     import gpupas.backend.cupy as gpu
-    from gpupas.backend import base
+    from gpupas.backend import base, fast
     from gpupas.codecs.nvcomp import ALIGN, NvcompCodec
     from gpupas.errors import IntegrityError
 
@@ -794,6 +794,9 @@ def fake_gpu(monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) ->
     monkeypatch.setattr(NvcompCodec, "slot", lambda self, size: size + 1024)
     monkeypatch.setattr(gpu, "_cupy", fake_cupy(request.param == "source"))
     monkeypatch.setattr(gpu, "MAX_BLOCKS", 5)  # grid-stride loops: a block takes several items
+    applies = fast.applies  # the compiled CPU path takes no device array (a CuPy one is no NumPy array)
+    monkeypatch.setattr(fast, "applies", lambda *xs: applies(*xs) and not any(isinstance(x, FakeDeviceArray)
+                                                                              for x in xs))
     monkeypatch.setattr(gpu, "STAGE", 1 << 17)  # several staging rounds through the two pinned buffers
     monkeypatch.setitem(base._BACKENDS, "cupy", gpu.CupyBackend())
     return base._BACKENDS["cupy"]
