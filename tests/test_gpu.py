@@ -318,12 +318,14 @@ def test_async_commits_of_cupy_arrays_on_a_stream_of_their_own(tmp_path: Path) -
     rng = np.random.default_rng(5)
     host = {f"w{i}": (rng.standard_normal((2048, 2048)) * 0.02).astype(np.float32) for i in range(4)}
     with gpupas.create_archive(tmp_path / "arc") as a, AsyncCommitter(a.commit) as committer:
+        spin = cp.RawKernel(r'''extern "C" __global__ void spin(long long cycles) {
+            long long t = clock64();
+            while (clock64() - t < cycles) {}
+        }''', "spin")
         stream = cp.cuda.Stream(non_blocking=True)
         with stream:
             w = {k: cp.asarray(v) for k, v in host.items()}
-            for _ in range(20):  # keep the stream busy, so that its copies are still queued at submit
-                for v in w.values():
-                    v *= 1.0
+            spin((1,), (1,), (np.int64(500_000_000),))  # ~0.3 s: the copies are still queued at submit
             committer.submit(w)
             for v in w.values():
                 v += 1.0

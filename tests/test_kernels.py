@@ -121,6 +121,8 @@ def test_kernels_fit_an_sm90_block_at_the_backends_sizes(path: Path, tmp_path: P
     (tmp_path / "k.ptx").write_text(ptx)
     got = subprocess.run([PTXAS, "-arch=sm_90", "-v", str(tmp_path / "k.ptx"), "-o", str(tmp_path / "k.cubin")],
                          capture_output=True, text=True)
+    if "Unsupported .version" in got.stderr:
+        pytest.skip(f"{PTXAS} is older than the PTX NVRTC writes")
     assert got.returncode == 0, got.stderr
     info = []
     for part in (got.stdout + got.stderr).split("Compiling entry function '")[1:]:
@@ -487,6 +489,8 @@ def test_run_bytes(kernels: Launches) -> None:
     assert want[0] == size - 103 and want[2] == 6 * (size // 10)
     assert kernels.runs(src, stride, size, len(chunks)) == want
     assert kernels.runs(src, stride, 3, 2) == [0, 0]
+    zeros = np.zeros(3 * size, np.uint8)  # chunks back to back: no chunk counts the bytes before it
+    assert kernels.runs(zeros, size, size, 3) == [size - 3] * 3
 
 
 def test_gzip_headers_with_optional_fields() -> None:
@@ -923,8 +927,7 @@ def test_snapshots_above_small_launch_from_the_coding_threads(tmp_path: Path, fa
     w0 = {f"w{i}": (rng.standard_normal((300, 400)) * 0.02).astype(np.float32) for i in range(3)}
     w1 = {k: v + (rng.standard_normal(v.shape) * 1e-4).astype(np.float32) for k, v in w0.items()}
     assert sum(v.nbytes for v in w1.values()) > SMALL
-    with gpupas.create_archive(tmp_path / "arc") as a:
-        assert a.executor.workers > 1
+    with gpupas.create_archive(tmp_path / "arc", workers=4) as a:
         m0 = a.commit(w0, device="cuda")
         m1 = a.commit(w1, base=m0.id, device="cuda")
     with gpupas.open_archive(tmp_path / "arc") as a:
@@ -1038,6 +1041,32 @@ def test_async_committer_commits_what_was_submitted(tmp_path: Path) -> None:
         with pytest.raises(gpupas.ArchiveExistsError):
             failing.submit(w)  # the previous commit's error, raised at the next call
         failing.close()
+
+
+def test_async_copies_wait_on_cupy_streams_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An event is recorded after copying CuPy arrays (on CuPy's current stream), none for another library's
+    device array, whose copy is on its own stream; without CuPy installed such an array still copies."""
+    import sys
+
+    from gpupas.integrations.async_commit import copy_state
+
+    class Foreign:  # a device array of another library
+        @property
+        def __cuda_array_interface__(self) -> dict[str, Any]:
+            return {"shape": (4,), "typestr": "<f4", "data": (0, False), "version": 3}
+
+        def copy(self) -> Foreign:
+            return Foreign()
+
+    monkeypatch.setitem(sys.modules, "cupy", None)  # not installed: importing it fails
+    snap, events = copy_state({"x": Foreign(), "y": np.ones(3)})
+    assert isinstance(snap["x"], Foreign) and events == []
+    recorded = []
+    fake = SimpleNamespace(cuda=SimpleNamespace(Event=lambda: SimpleNamespace(record=lambda: recorded.append(1))))
+    monkeypatch.setitem(sys.modules, "cupy", fake)
+    cupy_array = type("ndarray", (Foreign,), {"__module__": "cupy._core.core"})()
+    _, events = copy_state({"x": cupy_array, "y": Foreign()})
+    assert len(events) == 1 and recorded == [1]
 
 
 def test_chunks_nvcomp_refuses_are_decoded_on_the_cpu(tmp_path: Path, fake_gpu: Any, monkeypatch: pytest.MonkeyPatch,

@@ -49,6 +49,16 @@ def _is_cuda_torch(t: Any) -> bool:
     return is_torch_tensor(t) and t.device.type == "cuda"
 
 
+def _on_cupy_stream(v: Any) -> bool:
+    """Whether ``v`` is a CuPy array, or the CuPy backend's bfloat16/float8 tensor (CuPy bits): its copy runs on
+    CuPy's current stream. (Another library's device array copies on its own stream: its caller orders it.)"""
+    if type(v).__module__.split(".")[0] == "cupy":
+        return True
+    from gpupas.backend.cupy import DeviceTensor
+
+    return isinstance(v, DeviceTensor)
+
+
 def copy_state(state: Mapping[str, Any]) -> tuple[dict[str, Any], list[Any]]:
     """A copy of every tensor of ``state`` (CUDA tensors on the device, fused) and the CUDA events that
     complete when the device copies have: torch's and CuPy's, each recorded on the caller's current
@@ -78,7 +88,7 @@ def copy_state(state: Mapping[str, Any]) -> tuple[dict[str, Any], list[Any]]:
             out[k] = v.detach().clone()
         elif isinstance(v, np.ndarray) or hasattr(v, "__cuda_array_interface__"):  # NumPy, CuPy
             out[k] = v.copy()
-            on_device |= not isinstance(v, np.ndarray)
+            on_device |= _on_cupy_stream(v)
         else:  # refused now, as a synchronous commit would, not by the next call
             raise InvalidInputError(f"{k!r} is a {type(v).__name__}, not a tensor: a checkpoint holds torch tensors "
                                     "or NumPy/CuPy arrays")
