@@ -2,14 +2,15 @@
 //
 // A launch runs its blocks one after another; the threads of a block are coroutines (ucontext) on
 // one OS thread, switched only at a barrier, in index order or (``emu_seed``) in an order shuffled
-// anew between every two barriers: each is an order the GPU could take. __syncthreads waits for
-// every thread of the block, __syncwarp and the warp collectives (__match_any_sync,
-// __shfl_down_sync) for every lane of the warp (a last warp of fewer than 32 threads: its lanes); a
-// barrier some threads never reach (a divergent __syncthreads, threads that exited, a warp split
-// between two barriers) ends the launch with an error instead of hanging: CUDA leaves those
-// undefined. __shared__ arrays become the function's statics, filled with a byte pattern before
-// every block (the GPU leaves them undefined).
-// Atomics need nothing: threads never switch inside one.
+// anew between every two barriers, and the blocks in a shuffled order: each is an order a GPU could
+// take. __syncthreads waits for every thread of the block, __syncwarp and the warp collectives
+// (__match_any_sync, __shfl_down_sync; values exchanged as bits) for every lane of the warp (a last
+// warp of fewer than 32 threads: its lanes; reading a lane with no thread gives a poison); a barrier
+// some threads never reach (a divergent __syncthreads, threads that exited, a warp split between two
+// barriers) ends the launch with an error instead of hanging: CUDA leaves those undefined.
+// __shared__ arrays become the function's statics, filled with a byte pattern before every block
+// (the GPU leaves them undefined). Atomics need nothing: threads never switch inside one. The runner's
+// state has internal linkage: each compiled file has its own (tests/cudaemu.py launches one at a time).
 
 #if defined(__APPLE__)
 #define _XOPEN_SOURCE 600  // macOS keeps ucontext behind it
@@ -26,6 +27,7 @@ struct emu_dim3 {
     unsigned x, y, z;
 };
 
+namespace {  // each compiled file keeps its own runner (no GNU-unique symbols shared between them)
 namespace emu {
 enum State { RUN, BLOCK_BAR, WARP_BAR, DONE };
 constexpr int MAX_WARPS = 32;
@@ -124,7 +126,17 @@ inline int launch(unsigned grid, unsigned block, const std::function<void()>& fn
     body = &fn;
     grid_dim = {grid, 1, 1};
     block_dim = {block, 1, 1};
-    for (unsigned b = 0; b < grid; ++b) {
+    std::vector<unsigned> blocks(grid);  // in index order, or shuffled: blocks are not ordered on a GPU
+    for (unsigned b = 0; b < grid; ++b) blocks[b] = b;
+    for (unsigned i = grid - 1; seed && i > 0; --i) {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        unsigned j = (unsigned)(seed % (i + 1)), t = blocks[i];
+        blocks[i] = blocks[j];
+        blocks[j] = t;
+    }
+    for (unsigned b : blocks) {
         block_idx = {b, 0, 0};
         if (!run_block(block)) return 1;
     }
@@ -139,12 +151,24 @@ struct Shared {  // a __shared__ array (tests/cudaemu.py rewrites each declarati
 };
 
 template <class T>
-inline T exchange(T v, int from) {  // the value lane ``from`` of this warp gave (its own where none)
-    unsigned lane = cur->idx.x & 31, w = cur->idx.x >> 5;
-    slot[w][lane] = (unsigned long long)v;
+inline unsigned long long bits_of(T v) {  // the value's bits, as a warp exchanges them (not converted)
+    static_assert(sizeof(T) <= 8, "at most 64 bits a lane");
+    unsigned long long b = 0;
+    memcpy(&b, &v, sizeof(T));
+    return b;
+}
+
+template <class T>
+inline T exchange(T v, int from) {  // the value lane ``from`` of this warp gave: its own past the warp's end,
+    unsigned lane = cur->idx.x & 31, w = cur->idx.x >> 5;  // a poison where that lane has no thread
+    slot[w][lane] = bits_of(v);
     filled[w][lane] = true;
     wait(WARP_BAR);
-    T got = (from >= 0 && from < 32 && filled[w][from]) ? (T)slot[w][from] : v;
+    T got = v;
+    if (from >= 0 && from < 32) {
+        unsigned long long b = filled[w][from] ? slot[w][from] : 0xA5A5A5A5A5A5A5A5ull;
+        memcpy(&got, &b, sizeof(T));
+    }
     wait(WARP_BAR);
     filled[w][lane] = false;
     return got;
@@ -153,17 +177,18 @@ inline T exchange(T v, int from) {  // the value lane ``from`` of this warp gave
 template <class T>
 inline unsigned match_any(T v) {
     unsigned lane = cur->idx.x & 31, w = cur->idx.x >> 5;
-    slot[w][lane] = (unsigned long long)v;
+    slot[w][lane] = bits_of(v);
     filled[w][lane] = true;
     wait(WARP_BAR);
     unsigned m = 0;
     for (int l = 0; l < 32; ++l)
-        if (filled[w][l] && slot[w][l] == (unsigned long long)v) m |= 1u << l;
+        if (filled[w][l] && slot[w][l] == bits_of(v)) m |= 1u << l;
     wait(WARP_BAR);
     filled[w][lane] = false;
     return m;
 }
 }  // namespace emu
+}  // namespace
 
 #define __global__
 #define __device__

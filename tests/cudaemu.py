@@ -27,6 +27,7 @@ _ONE_AT_A_TIME = threading.Lock()
 _KERNEL = re.compile(r'extern\s+"C"\s+__global__\s+void\s+(\w+)\s*\(([^)]*)\)', re.S)
 _SHARED = re.compile(r"__shared__\s+([A-Za-z_][\w\s]*?)\s+(\w+)((?:\s*\[[^\]]+\])+)\s*;")
 _CTYPES = {"int": ctypes.c_int, "unsigned": ctypes.c_uint, "i64": ctypes.c_longlong, "long long": ctypes.c_longlong}
+_SCALARS = {"int": np.int32, "unsigned": np.uint32, "i64": np.int64, "long long": np.int64}  # what CuPy must be given
 
 
 class LaunchError(RuntimeError):
@@ -114,6 +115,10 @@ class Module:
         def launch(grid: tuple[int, ...], block: tuple[int, ...], args: tuple[Any, ...]) -> None:
             if len(args) != nparams or len(grid) != 1 or len(block) != 1:
                 raise LaunchError(f"{name}: {len(args)} arguments for {nparams}, grid {grid}, block {block}")
+            for (typ, var), a in zip(self.params[name], args):  # CuPy passes a scalar at its NumPy width
+                want = np.ndarray if "*" in typ else _SCALARS[typ.replace("const ", "").strip()]
+                if not (isinstance(a, np.ndarray) if want is np.ndarray else isinstance(a, want)):
+                    raise LaunchError(f"{name}: {typ} {var} given a {type(a).__name__}; pass a {want.__name__}")
             with _ONE_AT_A_TIME:  # the runner's state is the library's: launches from several threads wait in turn
                 rc = fn(int(grid[0]), int(block[0]), *(_arg(a) for a in args))
             if rc == 1:

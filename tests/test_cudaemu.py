@@ -38,6 +38,14 @@ extern "C" __global__ void divergent(unsigned* out) {
     out[threadIdx.x] = 1;
 }
 
+extern "C" __global__ void after(i64* out) {
+    if (threadIdx.x == 0) out[blockIdx.x] = blockIdx.x == 0 ? 1 : out[blockIdx.x - 1] + 1;
+}
+
+extern "C" __global__ void halves(const float* v, float* down) {
+    down[threadIdx.x] = __shfl_down_sync(0xffffffffu, v[threadIdx.x] * 0.5f, 1);
+}
+
 extern "C" __global__ void strided(i64* out, i64 n) {
     for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (i64)gridDim.x * blockDim.x)
         atomicAdd((unsigned long long*)&out[i], (unsigned long long)(i + 1));
@@ -53,17 +61,35 @@ def mod() -> cudaemu.Module:
 @pytest.mark.parametrize("block", [32, 96, 40])
 def test_warp_collectives(mod: cudaemu.Module, block: int) -> None:
     """__match_any_sync: the lanes of the warp holding the same value; __shfl_down_sync: lane + delta's
-    value, the lane's own past the warp's end (a partial last warp: its live lanes only)."""
+    value, the lane's own past the warp's end (a partial last warp: its lanes only)."""
     grid, delta = 2, 3
     v = np.random.default_rng(block).integers(0, 4, grid * block).astype(np.uint32)
     match, down = np.zeros_like(v), np.zeros_like(v)
-    mod.get_function("warps")((grid,), (block,), (v, match, down, delta))
+    mod.get_function("warps")((grid,), (block,), (v, match, down, np.int32(delta)))
     for t in range(grid * block):
         b, tid = divmod(t, block)
         lo = b * block + tid // 32 * 32
         lanes = range(lo, min(lo + 32, (b + 1) * block))
         assert match[t] == sum(1 << (u - lo) for u in lanes if v[u] == v[t]), t
-        assert down[t] == (v[t + delta] if t + delta in lanes else v[t]), t
+        if t + delta in lanes:
+            assert down[t] == v[t + delta], t
+        elif t - lo + delta >= 32:  # past the warp's end: its own (a lane with no thread: undefined)
+            assert down[t] == v[t], t
+
+
+def test_floats_cross_a_warp_as_bits(mod: cudaemu.Module) -> None:
+    v = np.array([np.nan, -0.0, 3.0, 1e-45] * 8, np.float32)
+    down = np.zeros_like(v)
+    mod.get_function("halves")((1,), (32,), (v, down))
+    want = np.append((v * np.float32(0.5))[1:], v[-1] * np.float32(0.5))
+    assert down.view(np.uint32).tolist() == want.view(np.uint32).tolist()
+
+
+def test_blocks_run_in_no_fixed_order(mod: cudaemu.Module) -> None:
+    """A block reading what an earlier block wrote is a race on a GPU: here it reads the wrong value."""
+    out = np.zeros(64, np.int64)
+    mod.get_function("after")((64,), (32,), (out,))
+    assert (out != np.arange(1, 65)).any()
 
 
 def test_a_missing_barrier_shows(mod: cudaemu.Module) -> None:
@@ -71,9 +97,9 @@ def test_a_missing_barrier_shows(mod: cudaemu.Module) -> None:
     orders, the poison of a slot not written yet."""
     out = np.zeros(3 * 256, np.uint32)
     want = np.tile((np.arange(256) + 1) % 256 + 1, 3)
-    mod.get_function("neighbours")((3,), (256,), (out, 1))
+    mod.get_function("neighbours")((3,), (256,), (out, np.int32(1)))
     assert (out == want).all()
-    mod.get_function("neighbours")((3,), (256,), (out, 0))
+    mod.get_function("neighbours")((3,), (256,), (out, np.int32(0)))
     assert (out != want).any() and (out == 0xA5A5A5A5).any()
 
 
@@ -90,13 +116,15 @@ def test_a_divergent_barrier_fails_the_launch(mod: cudaemu.Module) -> None:
 
 def test_grid_stride_loops_and_refused_launches(mod: cudaemu.Module) -> None:
     out = np.zeros(10007, np.int64)
-    mod.get_function("strided")((3,), (128,), (out, out.size))
+    mod.get_function("strided")((3,), (128,), (out, np.int64(out.size)))
     assert (out == np.arange(1, out.size + 1)).all()
     for grid, block in [(1, 1025), (0, 32), (1, 0)]:
         with pytest.raises(cudaemu.LaunchError, match="not a launch"):
-            mod.get_function("strided")((grid,), (block,), (out, out.size))
+            mod.get_function("strided")((grid,), (block,), (out, np.int64(out.size)))
     with pytest.raises(cudaemu.LaunchError, match="arguments"):
         mod.get_function("strided")((1,), (32,), (out,))
+    with pytest.raises(cudaemu.LaunchError, match="i64 n given a int32"):  # CuPy would pass 4 bytes
+        mod.get_function("strided")((1,), (32,), (out, np.int32(out.size)))
 
 
 def test_the_kernel_sources_parse() -> None:

@@ -9,12 +9,13 @@ where the setting names it. Ties go to the earlier of raw, Zstandard, Deflate, A
 
 Which coders run is the GPU's shortcut (as ``huffman_floor`` is the CPU's): nvCOMP writes
 Huffman-only Deflate at ~45 GB/s and Zstandard at ~7 GB/s, and Deflate came out smaller on the
-dense planes measured (docs: DESIGN.md), so Zstandard runs over every chunk only under ``try_all`` or
+dense planes of the fine-tune deltas measured, so Zstandard runs over every chunk only under ``try_all`` or
 where Deflate is not a candidate. Otherwise it runs after Deflate, over the padded last chunk (which
 Deflate may not code), over the chunks Deflate coded to at most :data:`ZSTD_BELOW` of their bytes, and
 over those with at least :data:`RUNS_ABOVE` of their bytes in runs (counted on the device): Huffman
 coding spends at least a bit on every byte and cannot see runs, so on a sparse or partly changed delta
 (stretches of zero bytes) it stores an eighth of them where Zstandard's matches store next to nothing.
+Such deltas run both coders over most of their chunks: smaller, at Zstandard's speed.
 """
 
 from __future__ import annotations

@@ -38,7 +38,7 @@ class BaseCache:
                 self._forget(next(iter(self._items)))
 
     def get(self, sid: str, entries: Sequence[TensorEntry], crc32_many: Callable[[Sequence[Any]], list[int]],
-            usable: Callable[[Any], bool] = lambda a: True) -> dict[str, Any] | None:
+            usable: Callable[[Any], bool]) -> dict[str, Any] | None:
         """The cached bits of ``entries`` if all are there, ``usable`` (by the backend asking: a GPU commit's
         arrays are not the NumPy backend's) and unchanged (else None; a stale snapshot is dropped)."""
         with self._lock:
