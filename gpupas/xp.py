@@ -22,7 +22,7 @@ def to_numpy(array: Any) -> np.ndarray:
     """Host copy of a NumPy or CuPy array, or of another device array that has ``get()`` (the CuPy backend's
     bfloat16 and float8 tensors); no copy for NumPy."""
     if isinstance(array, np.ndarray):
-        return array
+        return np.asarray(array)
     if namespace(array) is not np or (is_device_array(array) and callable(getattr(array, "get", None))):
         return array.get()
     return np.asarray(array)
