@@ -27,6 +27,9 @@ _ONE_AT_A_TIME = threading.Lock()
 _KERNEL = re.compile(r'extern\s+"C"\s+__global__\s+void\s+(\w+)\s*\(([^)]*)\)', re.S)
 _SHARED = re.compile(r"__shared__\s+([A-Za-z_][\w\s]*?)\s+(\w+)((?:\s*\[[^\]]+\])+)\s*;")
 _CTYPES = {"int": ctypes.c_int, "unsigned": ctypes.c_uint, "i64": ctypes.c_longlong, "long long": ctypes.c_longlong}
+_BYTES = {"char": 1, "unsigned char": 1, "short": 2, "unsigned short": 2, "int": 4, "unsigned": 4, "unsigned int": 4,
+          "float": 4, "i64": 8, "u64": 8, "long long": 8, "unsigned long long": 8, "double": 8}
+SHARED_LIMIT = 48 * 1024  # static shared memory a block gets without opting in
 _SCALARS = {"int": np.int32, "unsigned": np.uint32, "i64": np.int64, "long long": np.int64}  # what CuPy must be given
 
 
@@ -57,6 +60,28 @@ def kernels_of(source: str) -> dict[str, list[tuple[str, str]]]:
         for p in (x.strip() for x in params.split(",")):
             typ, var = re.fullmatch(r"(.*?[\s*])(\w+)", p).groups()  # type: ignore[union-attr]
             out[name].append((" ".join(typ.replace("*", " * ").split()).replace(" *", "*"), var))
+    return out
+
+
+def shared_bytes(source: str) -> dict[str, int]:
+    """Each kernel of ``source``: the bytes of the ``__shared__`` arrays its body declares (sizes from
+    ``#define`` constants or numbers; a type or size it cannot read raises)."""
+    defines = {k: int(v) for k, v in re.findall(r"^#define\s+(\w+)\s+(\d+)", source, re.M)}
+    out = {}
+    for m in _KERNEL.finditer(source):
+        start = source.index("{", m.end())
+        depth, end = 0, start
+        for end in range(start, len(source)):
+            depth += {"{": 1, "}": -1}.get(source[end], 0)
+            if depth == 0:
+                break
+        total = 0
+        for typ, _, dims in _SHARED.findall(source[start:end]):
+            n = 1
+            for d in re.findall(r"\[([^\]]+)\]", dims):
+                n *= int(d) if d.strip().isdigit() else defines[d.strip()]
+            total += _BYTES[" ".join(typ.split())] * n
+        out[m[1]] = total
     return out
 
 
@@ -100,7 +125,7 @@ class Module:
                 os.replace(out, lib)
         self.lib = ctypes.CDLL(str(lib))
         self.lib.emu_seed.argtypes = [ctypes.c_ulonglong]
-        self.params = kernels_of(source)
+        self.params, self.shared = kernels_of(source), shared_bytes(source)
 
     def shuffle(self, seed: int) -> None:
         """Run the threads of a block between barriers in orders drawn from ``seed`` (0: in index order)."""
@@ -115,6 +140,9 @@ class Module:
         def launch(grid: tuple[int, ...], block: tuple[int, ...], args: tuple[Any, ...]) -> None:
             if len(args) != nparams or len(grid) != 1 or len(block) != 1:
                 raise LaunchError(f"{name}: {len(args)} arguments for {nparams}, grid {grid}, block {block}")
+            if self.shared[name] > SHARED_LIMIT:
+                raise LaunchError(f"{name}: {self.shared[name]} bytes of static shared memory, over a block's "
+                                  f"{SHARED_LIMIT}")
             for (typ, var), a in zip(self.params[name], args):  # CuPy passes a scalar at its NumPy width
                 want = np.ndarray if "*" in typ else _SCALARS[typ.replace("const ", "").strip()]
                 if not (isinstance(a, np.ndarray) if want is np.ndarray else isinstance(a, want)):

@@ -46,6 +46,14 @@ extern "C" __global__ void halves(const float* v, float* down) {
     down[threadIdx.x] = __shfl_down_sync(0xffffffffu, v[threadIdx.x] * 0.5f, 1);
 }
 
+#define BIG 6145
+
+extern "C" __global__ void greedy(i64* out) {
+    __shared__ i64 big[BIG];
+    big[threadIdx.x] = threadIdx.x;
+    out[0] = big[0];
+}
+
 extern "C" __global__ void strided(i64* out, i64 n) {
     for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (i64)gridDim.x * blockDim.x)
         atomicAdd((unsigned long long*)&out[i], (unsigned long long)(i + 1));
@@ -127,8 +135,18 @@ def test_grid_stride_loops_and_refused_launches(mod: cudaemu.Module) -> None:
         mod.get_function("strided")((1,), (32,), (out, np.int32(out.size)))
 
 
+def test_static_shared_memory_over_a_blocks_is_refused(mod: cudaemu.Module) -> None:
+    with pytest.raises(cudaemu.LaunchError, match="49160 bytes of static shared memory"):
+        mod.get_function("greedy")((1,), (32,), (np.zeros(1, np.int64),))
+
+
 def test_the_kernel_sources_parse() -> None:
     from gpupas.backend import kernels_ref as K
+
+    shared = {k: v for f in ("planes.cu", "crc.cu", "frames.cu") for k, v in
+              cudaemu.shared_bytes(K.kernel_source(f)).items()}
+    assert shared == {"planes_plain": 0, "planes_ctx": 33792, "crc_pieces": 1024, "crc_combine": 12288,
+                      "pack_payloads": 0, "copy_spans": 0, "run_bytes": 2048}  # as ptxas counts them
 
     params = cudaemu.kernels_of(K.kernel_source("crc.cu"))
     assert params["crc_pieces"] == [("const i64*", "msgs"), ("int", "nmsg"), ("i64", "npieces"),
