@@ -988,6 +988,37 @@ def test_damaged_chunks_are_named_on_the_gpu_path(tmp_path: Path, fake_gpu: Any)
         a.restore(m.id, device="cuda")
 
 
+def test_gzip_members_with_optional_header_fields_restore_on_the_gpu_path(tmp_path: Path, fake_gpu: Any) -> None:
+    """Deflate chunks whose gzip headers carry a file name (valid members gpupas does not write): their Deflate
+    data is not at the aligned place nvCOMP reads, so the CPU decodes them; the restore is bit-exact."""
+    import struct
+
+    import gpupas
+    from gpupas.format.checksum import crc32c
+    from gpupas.format.sharding import EMPTY, encode_index
+
+    x = {"w": (np.random.default_rng(12).standard_normal((256, 256)) * 0.02).astype(np.float32)}
+    with gpupas.create_archive(tmp_path / "arc") as a:
+        m = a.commit(x, device="cuda")
+    stream = m.streams[0]
+    assert "d" in stream.chunks
+    shard = tmp_path / "arc" / "snapshots" / stream.folder / "deflate" / "c" / "0"
+    data = shard.read_bytes()
+    per = stream.shard_chunks
+    index = np.frombuffer(data[-4 - 16 * per : -4], "<u8").reshape(per, 2).copy()
+    out = bytearray()
+    for c in range(per):
+        if index[c, 0] != EMPTY:
+            body = data[int(index[c, 0]) : int(index[c, 0] + index[c, 1]) - 4]
+            body = body[:3] + bytes([body[3] | 8]) + body[4:10] + b"x\0" + body[10:]  # FNAME "x"
+            index[c] = (len(out), len(body) + 4)
+            out += body + struct.pack("<I", crc32c(body))
+    shard.write_bytes(bytes(out) + encode_index(index))
+    for device in ("cuda", "cpu"):
+        with gpupas.open_archive(tmp_path / "arc") as a:  # a session each: nothing cached
+            assert np.asarray(a.restore(m.id, device=device)["w"]).tobytes() == x["w"].tobytes(), device
+
+
 def test_gpu_written_fixture_decodes_on_the_cpu(tmp_path: Path) -> None:
     """The archive one GPU run wrote (tests/test_gpu.py::test_write_gpu_fixture via scripts/gpu-check.sh,
     copied to tests/fixtures/gpu/) restores bit-exactly on the CPU, forever."""
