@@ -539,9 +539,15 @@ class Archive:
             raise InvalidInputError(f"framework must be 'numpy' or 'torch', not {framework!r}")
         backend = get_backend(resolve_device(device))
         bits, cached = self._read(snapshot, _names(names), backend)
-        if not cached:
+        m = self.manifest(snapshot)
+        if cached:  # arrays the cache holds, which whoever else holds them may change at any moment: the copy checked
+            bits = {n: b.copy() for n, b in bits.items()}
+            if backend.crc32_many(list(bits.values()), self.executor) != [m.tensor(n).crc32 for n in bits]:
+                self.bases.drop(snapshot)
+                bits = self._read(snapshot, _names(names), backend, cache=False)[0]
+        else:
             self.bases.share(snapshot)  # the caller now holds the cached arrays
-        return backend.outputs(self.manifest(snapshot), bits, framework, copy=cached)  # never share held arrays
+        return backend.outputs(m, bits, framework, copy=False)
 
     def read_planes(self, snapshot: str, planes: int = 1, names: Iterable[str] | None = None, *,
                     base_planes: int | None = None) -> Any:

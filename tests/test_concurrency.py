@@ -483,3 +483,51 @@ def test_tags_and_names_set_by_others_meanwhile(tmp_path: Path, monkeypatch: pyt
     monkeypatch.undo()
     assert repo.version(w.id).name == "W" and repo.resolve("W") == v1.id
     repo.close()
+
+
+# -- arrays a restore handed out, changed by their holder while another restore reads the cache ------------------------
+def _stepped_after_the_check(monkeypatch: pytest.MonkeyPatch, holder: dict[str, np.ndarray], sid: str) -> None:
+    """The holder's in-place step lands just after the cache has checked ``sid``'s arrays (another thread's)."""
+    from gpupas.engine.bases import BaseCache
+
+    get = BaseCache.get
+
+    def stepped(self: BaseCache, s: str, *args: Any) -> Any:
+        got = get(self, s, *args)
+        if got is not None and s == sid:
+            for v in holder.values():
+                v += 1
+        return got
+
+    monkeypatch.setattr(BaseCache, "get", stepped)
+
+
+def test_a_restore_never_returns_what_a_holder_stepped_after_the_check(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    import gpupas
+
+    x = tensors("held")
+    with gpupas.create_archive(tmp_path / "arc") as a:
+        m = a.commit(x)
+    with gpupas.open_archive(tmp_path / "arc") as a:
+        holder = a.restore(m.id)  # the cache's own arrays, now the caller's too
+        _stepped_after_the_check(monkeypatch, holder, m.id)
+        got = a.restore(m.id)  # copies, checked after copying: the step is seen and the store read instead
+        assert all(got[k].tobytes() == v.tobytes() for k, v in x.items())
+        assert all(holder[k].tobytes() != v.tobytes() for k, v in x.items())
+
+
+def test_a_base_stepped_after_its_check_is_not_called_damage(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import gpupas
+
+    x, y = tensors("base"), tensors("base")
+    for v in y.values():
+        v *= np.float32(1.001)
+    with gpupas.create_archive(tmp_path / "arc") as a:
+        m0 = a.commit(x)
+        m1 = a.commit(y, base=m0.id)
+    with gpupas.open_archive(tmp_path / "arc") as a:
+        holder = a.restore(m0.id)  # the cached base's arrays, the caller's too
+        _stepped_after_the_check(monkeypatch, holder, m0.id)
+        got = a.restore(m1.id)  # decoded against the stepped base: the child's CRC-32 fails; read again
+        assert all(got[k].tobytes() == v.tobytes() for k, v in y.items())
