@@ -547,7 +547,7 @@ class Archive:
                 bits = self._read(snapshot, _names(names), backend, cache=False)[0]
         else:
             self.bases.share(snapshot)  # the caller now holds the cached arrays
-        return backend.outputs(m, bits, framework, copy=False)
+        return backend.outputs(m, bits, framework)
 
     def read_planes(self, snapshot: str, planes: int = 1, names: Iterable[str] | None = None, *,
                     base_planes: int | None = None) -> Any:

@@ -84,9 +84,9 @@ class Backend(Protocol):
         arrays in pieces on ``executor``'s threads where given)."""
         ...
 
-    def outputs(self, m: Any, bits: Any, framework: str, copy: bool) -> dict[str, Any]:
-        """Restored tensors of manifest ``m`` from their raw ``bits``, as this device's arrays (``framework``:
-        "numpy" for the backend's own, "torch" for torch tensors); ``copy`` where the bits are shared."""
+    def outputs(self, m: Any, bits: Any, framework: str) -> dict[str, Any]:
+        """Restored tensors of manifest ``m`` from their raw ``bits`` (the caller's to keep), as this device's
+        arrays (``framework``: "numpy" for the backend's own, "torch" for torch tensors)."""
         ...
 
     def workspace(self, nbytes: int) -> AbstractContextManager[Any]:

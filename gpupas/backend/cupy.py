@@ -287,15 +287,13 @@ class CupyBackend:
                 self.to_host_bytes += int(x.nbytes)
         return host
 
-    def outputs(self, m: Any, bits: Mapping[str, Any], framework: str, copy: bool) -> dict[str, Any]:
+    def outputs(self, m: Any, bits: Mapping[str, Any], framework: str) -> dict[str, Any]:
         """A restore's tensors on the GPU: CuPy arrays (``DeviceTensor`` for bfloat16 and float8), or
-        torch CUDA tensors (``framework="torch"``); copies where ``copy`` (the cache keeps the bits)."""
+        torch CUDA tensors (``framework="torch"``)."""
         out = {}
         for name, r in bits.items():
             e = m.tensor(name)
             r = self._device(r)
-            if copy:
-                r = r.copy()
             if framework == "torch":
                 out[name] = _torch_of(r, e.dtype, e.shape)
             elif e.dtype in CUPY_LACKS:

@@ -88,18 +88,14 @@ class NumpyBackend:
             return [crc32(v) for v in views]
         return crc32_pieces(views, executor.map)
 
-    def outputs(self, m: Any, bits: Any, framework: str, copy: bool) -> dict[str, Any]:
+    def outputs(self, m: Any, bits: Any, framework: str) -> dict[str, Any]:
         from gpupas.pas.planes import from_bits
 
-        out = {}
-        for name, r in bits.items():
-            e = m.tensor(name)
-            values = from_bits(r, e.layout, e.shape)
-            out[name] = values.copy() if copy else values
+        out = {name: from_bits(r, m.tensor(name).layout, m.tensor(name).shape) for name, r in bits.items()}
         if framework == "torch":
             from gpupas.integrations.torch import numpy_to_state_dict
 
-            return numpy_to_state_dict(out, copy=False)  # the arrays are the caller's already (copied if held)
+            return numpy_to_state_dict(out, copy=False)  # the arrays are the caller's already
         return out
 
     @contextmanager
