@@ -150,16 +150,23 @@ def test_constants_are_those_of_the_sources() -> None:
 
 
 # -- the kernels as the backend launches them: their CUDA source on the CPU, or their NumPy mirror -------------------
+def stand_in_backend(kernels: str, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """A CuPy backend on the stand-ins below, its kernels the CUDA sources compiled for the CPU (``kernels``
+    "source": tests/cudaemu.py, skipped where they cannot run) or their NumPy mirror ("mirror")."""
+    if kernels == "source" and cudaemu.unavailable():
+        pytest.skip(str(cudaemu.unavailable()))
+    import gpupas.backend.cupy as gpu
+
+    monkeypatch.setattr(gpu, "_cupy", fake_cupy(kernels == "source"))
+    monkeypatch.setattr(gpu, "MAX_BLOCKS", 5)  # grid-stride loops: a block takes several items
+    return gpu.CupyBackend()
+
+
 class Launches:
-    """The CuPy backend's own launch code (grid and block sizes, tables, arguments) on the stand-ins below,
-    its kernels the CUDA sources compiled for the CPU (``source``: tests/cudaemu.py) or their NumPy mirror."""
+    """The CuPy backend's own launch code (grid and block sizes, tables, arguments) on the stand-ins."""
 
-    def __init__(self, source: bool, monkeypatch: pytest.MonkeyPatch):
-        import gpupas.backend.cupy as gpu
-
-        monkeypatch.setattr(gpu, "_cupy", fake_cupy(source))
-        monkeypatch.setattr(gpu, "MAX_BLOCKS", 5)  # grid-stride loops: a block takes several items
-        self.gpu = gpu.CupyBackend()
+    def __init__(self, backend: Any):
+        self.gpu = backend
 
     def planes(self, rows: list[list[int]], decode: bool) -> None:
         self.gpu._launch_planes(rows, decode)
@@ -179,9 +186,7 @@ class Launches:
 
 @pytest.fixture(params=["source", "mirror"])
 def kernels(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Launches:
-    if request.param == "source" and cudaemu.unavailable():
-        pytest.skip(str(cudaemu.unavailable()))
-    return Launches(request.param == "source", monkeypatch)
+    return Launches(stand_in_backend(request.param, monkeypatch))
 
 
 # -- planes.cu -----------------------------------------------------------------------------------------------------
@@ -762,8 +767,6 @@ def _fake_coders() -> dict[str, tuple[Any, Any]]:
 def fake_gpu(monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) -> Any:
     """The CuPy backend on the stand-ins; ``device="cuda"`` gets it. Its kernels: the CUDA sources run on
     the CPU (tests/cudaemu.py), or their NumPy mirror."""
-    if request.param == "source" and cudaemu.unavailable():
-        pytest.skip(str(cudaemu.unavailable()))
     import gpupas.backend.cupy as gpu
     from gpupas.backend import base, fast
     from gpupas.codecs.nvcomp import ALIGN, NvcompCodec
@@ -796,14 +799,13 @@ def fake_gpu(monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) ->
     monkeypatch.setattr(NvcompCodec, "compress", compress)
     monkeypatch.setattr(NvcompCodec, "decompress", decompress)
     monkeypatch.setattr(NvcompCodec, "slot", lambda self, size: size + 1024)
-    monkeypatch.setattr(gpu, "_cupy", fake_cupy(request.param == "source"))
-    monkeypatch.setattr(gpu, "MAX_BLOCKS", 5)  # grid-stride loops: a block takes several items
+    backend = stand_in_backend(request.param, monkeypatch)
     applies = fast.applies  # the compiled CPU path takes no device array (a CuPy one is no NumPy array)
     monkeypatch.setattr(fast, "applies", lambda *xs: applies(*xs) and not any(isinstance(x, FakeDeviceArray)
                                                                               for x in xs))
     monkeypatch.setattr(gpu, "STAGE", 1 << 17)  # several staging rounds through the two pinned buffers
-    monkeypatch.setitem(base._BACKENDS, "cupy", gpu.CupyBackend())
-    return base._BACKENDS["cupy"]
+    monkeypatch.setitem(base._BACKENDS, "cupy", backend)
+    return backend
 
 
 FAKE_SETS = {"zstd": ("zstd",), "deflate": ("zstd", "deflate"), "nvcomp-ans": ("zstd", "nvcomp-ans")}
