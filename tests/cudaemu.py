@@ -128,7 +128,8 @@ class Module:
         self.params, self.shared = kernels_of(source), shared_bytes(source)
 
     def shuffle(self, seed: int) -> None:
-        """Run the threads of a block between barriers in orders drawn from ``seed`` (0: in index order)."""
+        """Run the blocks, and the threads of a block between barriers, in orders drawn from ``seed`` (0: in
+        index order)."""
         self.lib.emu_seed(seed)
 
     def get_function(self, name: str) -> Any:
