@@ -141,6 +141,11 @@ _STORE_KW = ("storage_options", "durable", "tier_options")
 def check_options(**options: Any) -> None:
     """InvalidInputError for an Archive option out of range (``workers`` 0: one per core; ``cache_bytes``
     may be a float), before anything is opened or created."""
+    known = ("workers", "cache_size", "max_chain", "cache_bytes", *_STORE_KW)
+    for what in options:
+        if what not in known:
+            hint = "; a layout is chosen per commit: commit(..., layout=Layout(...))" if what == "layout" else ""
+            raise InvalidInputError(f"{what}=: not an archive option (those are {', '.join(known)}){hint}")
     for what, least in (("workers", 0), ("cache_size", 0), ("max_chain", 0), ("cache_bytes", 0)):
         v = options.get(what)
         whole = isinstance(v, numbers.Integral) or (what == "cache_bytes" and isinstance(v, numbers.Real))

@@ -161,6 +161,40 @@ def test_flipped_byte_in_raw_chunks_read_in_place_is_caught(archive: gpupas.Arch
     assert gpupas.open_archive(archive.location).restore(m.id)["noise"].tobytes() == w.tobytes()
 
 
+@pytest.mark.parametrize("compiled", [True, False])
+@pytest.mark.parametrize("groups", [(), (1,)])
+def test_restoring_some_names_never_reads_the_chunks_between_them(tmp_path: Path, compiled: bool,
+                                                                  groups: tuple[int, ...]) -> None:
+    """A restore of tensors ``a`` and ``c`` reads their chunks only: every chunk that holds nothing but ``b``
+    (lying between them in every stream) damaged, it still restores them bit-exact; ``b`` names the damage."""
+    from gpupas.backend import fast
+    from gpupas.engine.encode import Layout
+    from gpupas.format.layout import holders
+
+    rng = np.random.default_rng(5)
+    t = {k: (rng.standard_normal(1_000_000) * 0.02).astype(np.float32) for k in "abc"}
+    m = gpupas.create_archive(tmp_path / "a").commit(t, layout=Layout(groups=groups))
+    store = gpupas.open_archive(tmp_path / "a").store
+    flipped = []
+    for s, stream in enumerate(m.streams):
+        reader = store.reader(stream)
+        for c in range(stream.nchunks):
+            if holders(m, s, c) == ["b"]:
+                key, off, n = reader.locate(c)
+                path = tmp_path / "a" / key
+                data = bytearray(path.read_bytes())
+                data[off + n // 2] ^= 0x10
+                path.write_bytes(bytes(data))
+                flipped.append(s)
+        reader.close()
+    assert sorted(set(flipped)) == list(range(len(m.streams))) and len(flipped) >= 2 * len(m.streams)
+    with fast.use(compiled):
+        got = gpupas.open_archive(tmp_path / "a").restore(m.id, ["a", "c"])
+        assert {k: v.tobytes() for k, v in got.items()} == {k: t[k].tobytes() for k in "ac"}
+        with pytest.raises(IntegrityError, match=rf"snapshot {m.id}.*tensor\(s\) b"):
+            gpupas.open_archive(tmp_path / "a").restore(m.id, ["b"])
+
+
 def test_damaged_base_is_caught_through_delta(archive: gpupas.Archive) -> None:
     s0 = _model(0)
     m0 = archive.commit(s0)
@@ -315,6 +349,11 @@ def test_bad_options_are_refused_before_anything_is_written(archive: gpupas.Arch
     with pytest.raises(InvalidInputError, match="workers"):
         gpupas.create_archive(tmp_path / "never", workers=-1)
     assert not (tmp_path / "never").exists()  # refused before anything was created
+    with pytest.raises(InvalidInputError, match=r"layout=: not an archive option .*commit\(\.\.\., layout="):
+        gpupas.create_archive(tmp_path / "never", layout=gpupas.Layout(groups=(1,)))
+    with pytest.raises(InvalidInputError, match="worker=: not an archive option"):
+        gpupas.open_archive(archive.location, worker=2)
+    assert not (tmp_path / "never").exists()
     with pytest.raises(InvalidInputError, match="nested"):
         archive.commit(_model(1), meta={"x": {1: 2}})
     with gpupas.open_archive(archive.location, workers=np.int64(2), cache_bytes=2e9):  # as before

@@ -464,18 +464,19 @@ def decode_windows(backend: Any, m: Any, entries: Sequence[Any], read: Any, base
     cur: list[Any] = []
     span: dict[int, tuple[int, int]] = {}
     for u in units:
+        ranges = {s: chunk_range(s, lo, hi) for s, (lo, hi) in u[3].items()}
+        # chunks between two wanted tensors (a restore of some names) are never read: not their time, and
+        # not their damage either
+        gap = any(s in span and (c0 > span[s][1] or c1 < span[s][0]) for s, (c0, c1) in ranges.items())
         merged = dict(span)
-        for s, (lo, hi) in u[3].items():
-            c0, c1 = chunk_range(s, lo, hi)
+        for s, (c0, c1) in ranges.items():
             x = merged.get(s)
             merged[s] = (c0, c1) if x is None else (min(x[0], c0), max(x[1], c1))
         total = sum((c1 - c0) * m.streams[s].chunk_size for s, (c0, c1) in merged.items())
-        if cur and total > window and merged != span:  # within the window's chunks it costs nothing (a chunk
-            # larger than the window holds several segments: one window each would decode it again for each)
+        if cur and (gap or total > window) and merged != span:  # within the window's chunks it costs nothing
+            # (a chunk larger than the window holds several segments: one window each would decode it again)
             windows.append((cur, span))
-            cur, merged = [], {}
-            for s, (lo, hi) in u[3].items():
-                merged[s] = chunk_range(s, lo, hi)
+            cur, merged = [], ranges
         cur.append(u)
         span = merged
     if cur:
