@@ -185,9 +185,10 @@ def read_bits(store: ArchiveStore, sid: str, names: Iterable[str] | None, *, man
 
 def read_all(store: ArchiveStore, sids: Iterable[str], *, manifests: Manifests, backend: Any, executor: Any,
              ) -> Iterator[tuple[str, int | Exception]]:
-    """Decode every snapshot of ``sids`` (and the snapshots they depend on) whole, each once,
-    dependencies first; yields (snapshot, tensors checked) or (snapshot, the error) for each of
-    ``sids``. Bits are kept only while a dependent still needs them."""
+    """Decode every snapshot of ``sids`` whole, each once, dependencies first (of the snapshots they depend
+    on, only the tensors read); yields (snapshot, tensors checked) or (snapshot, the error) for each of
+    ``sids``. Bits are kept only while a dependent still needs them. A snapshot whose base failed whole
+    is judged by the tensors it reads of its chain: damage in the base's others is the base's alone."""
     wanted = list(dict.fromkeys(sids))
     known: dict[str, Manifest | Exception] = {}
 
@@ -209,6 +210,26 @@ def read_all(store: ArchiveStore, sids: Iterable[str], *, manifests: Manifests, 
             return [d for d in (m.base,) if d is not None]
 
     order = dependencies_first(wanted, deps_of)  # a loop is reported when its snapshots are decoded
+    need: dict[str, set[str] | None] = dict.fromkeys(wanted)  # tensors to decode (None: all)
+    for x in reversed(order):  # dependents before what they depend on
+        mx = manifest(x)
+        if isinstance(mx, Exception) or x not in need:
+            continue
+        try:
+            for d, want in dependencies(mx, need[x], manifests):
+                have = need.get(d, set())
+                if have is not None:
+                    need[d] = have | want
+        except (GpupasError, KeyError):  # found again, and reported, as ``x`` is decoded
+            pass
+
+    def alone(s: str, names: set[str] | None) -> dict[str, Any] | None:
+        """``names`` of ``s`` decoded with only what they read of its chain; None where that fails too."""
+        try:
+            return read_bits(store, s, names, manifests=manifests, backend=backend, executor=executor)[0]
+        except (GpupasError, KeyError, OSError, MemoryError):
+            return None
+
     users: dict[str, int] = {}
     for x in order:
         for d in deps_of(x):
@@ -221,21 +242,28 @@ def read_all(store: ArchiveStore, sids: Iterable[str], *, manifests: Manifests, 
             result = m
         else:
             try:
-                needed = dependencies(m, None, manifests)
-                inputs = []
-                for d, _ in needed:
-                    got = bits.get(d)
-                    if not isinstance(got, dict):
-                        why = f" ({got})" if isinstance(got, Exception) else " (it depends on itself)"
-                        kind = type(got) if isinstance(got, UNREACHABLE) else \
-                            IntegrityError  # a base out of reach leaves its child out of reach, not damaged
-                        raise kind(f"snapshot {s}: the snapshot {d} it is a delta on cannot be restored" + why)
-                    inputs.append(got)
-                base = inputs[0] if m.base is not None and needed and needed[0][0] == m.base else {}
-                grand = inputs[-1] if m.has_pred else {}
-                result = decode.decode_snapshot(
-                    store, m, m.tensors, {e.name: base[e.name] for e in m.tensors if e.reads_base},
-                    {e.name: grand[e.name] for e in m.tensors if e.enc == "pred"}, backend, executor)
+                want = need.get(s, set())
+                entries = m.select(None if want is None else sorted(want))
+                needed = dependencies(m, want, manifests)
+                failed = any(isinstance(bits.get(d), Exception) and need.get(d, set()) is None for d, _ in needed)
+                part = alone(s, want) if failed else None  # its base failed whole: what it reads may be intact
+                if part is not None:
+                    result = part
+                else:
+                    inputs = []
+                    for d, _ in needed:
+                        got = bits.get(d)
+                        if not isinstance(got, dict):
+                            why = f" ({got})" if isinstance(got, Exception) else " (it depends on itself)"
+                            kind = type(got) if isinstance(got, UNREACHABLE) else \
+                                IntegrityError  # a base out of reach leaves its child out of reach, not damaged
+                            raise kind(f"snapshot {s}: the snapshot {d} it is a delta on cannot be restored" + why)
+                        inputs.append(got)
+                    base = inputs[0] if m.base is not None and needed and needed[0][0] == m.base else {}
+                    grand = inputs[-1] if any(e.enc == "pred" for e in entries) else {}
+                    result = decode.decode_snapshot(
+                        store, m, entries, {e.name: base[e.name] for e in entries if e.reads_base},
+                        {e.name: grand[e.name] for e in entries if e.enc == "pred"}, backend, executor)
             except (IntegrityError, FormatError, SnapshotNotFoundError) as exc:
                 result = exc if not isinstance(exc, SnapshotNotFoundError) else IntegrityError(str(exc))
             except GpupasError as exc:  # e.g. a codec that cannot run here: that snapshot's result, not the end
