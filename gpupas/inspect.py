@@ -235,7 +235,9 @@ def changes(source: Any, snapshot: str, base: str | None = None) -> list[dict[st
     base = m.base if base is None else base
     if base is None:
         return []
-    a, b = archive.restore(base), archive.restore(snapshot)
+    have = archive.manifest(base).by_name
+    both = [e.name for e in m.tensors if e.name in have]  # a tensor only one side has is never read
+    a, b = archive.restore(base, both), archive.restore(snapshot, both)
     d = {r["name"]: r for r in diff_tensors(a, b)["tensors"]}
     out = []
     for e in m.tensors:

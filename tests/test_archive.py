@@ -23,10 +23,9 @@ from gpupas.errors import (
     SnapshotNotFoundError,
     UnsupportedDtypeError,
 )
-from gpupas.format.manifest import Manifest
 from gpupas.pas.planes import LAYOUTS, unrotate
 from gpupas.store.archive import ArchiveStore
-from tests.conftest import adversarial
+from tests.conftest import adversarial, flip_chunks_of
 
 
 @pytest.fixture
@@ -196,24 +195,6 @@ def test_restoring_some_names_never_reads_the_chunks_between_them(tmp_path: Path
             gpupas.open_archive(tmp_path / "a").restore(m.id, ["b"])
 
 
-def _flip_chunks_of(arc: Path, m: Manifest, name: str) -> int:
-    """Flip a byte in every chunk of snapshot ``m`` that holds tensor ``name`` and nothing else; their count."""
-    from gpupas.format.layout import holders
-
-    store, flipped = gpupas.open_archive(arc).store, 0
-    for s, stream in enumerate(m.streams):
-        reader = store.reader(stream)
-        for c in range(stream.nchunks):
-            if holders(m, s, c) == [name]:
-                key, off, n = reader.locate(c)
-                data = bytearray((arc / key).read_bytes())
-                data[off + n // 2] ^= 0x10
-                (arc / key).write_bytes(bytes(data))
-                flipped += 1
-        reader.close()
-    return flipped
-
-
 def test_verify_all_judges_a_delta_by_the_base_tensors_it_reads(tmp_path: Path) -> None:
     """A delta that dropped tensor ``b`` restores without its base's ``b``: with every chunk holding only the
     base's ``b`` damaged, verify_all passes the delta as verify does, checked alone (then it reads none of
@@ -224,7 +205,7 @@ def test_verify_all_judges_a_delta_by_the_base_tensors_it_reads(tmp_path: Path) 
         m0 = a.commit(t0)
         m1 = a.commit({k: v + np.float32(1e-4) for k, v in t0.items() if k != "b"}, base=m0.id)
     assert all(e.reads_base for e in m1.tensors)
-    assert _flip_chunks_of(tmp_path / "a", m0, "b") >= 2
+    assert flip_chunks_of(tmp_path / "a", m0, "b") >= 2
     with gpupas.open_archive(tmp_path / "a") as a:
         assert a.verify(m1.id) == 2
         assert dict(a.verify_all([m1.id])) == {m1.id: 2}

@@ -15,6 +15,7 @@ import pytest
 
 import gpupas
 from gpupas import inspect
+from tests.conftest import flip_chunks_of
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -82,6 +83,20 @@ def test_changes_against_the_base(repo: gpupas.Repository) -> None:
     assert inspect.changes(repo, first) == []  # stored whole: no base to compare with
     back = {r["tensor"]: r for r in inspect.changes(repo, first, base=second)}
     assert back["enc.0.weight"]["changed"] == 0.5 and back["enc.0.weight"]["enc"] is None
+
+
+def test_changes_read_only_the_tensors_both_snapshots_have(tmp_path: Path) -> None:
+    """changes compares a snapshot's tensors with its base's: a base tensor the snapshot dropped is never
+    read (every chunk holding only it damaged, the comparison still succeeds)."""
+    rng = np.random.default_rng(8)
+    w = {k: (rng.standard_normal(1_000_000) * 0.02).astype(np.float32) for k in "abc"}
+    with gpupas.create_archive(tmp_path / "arc") as a:
+        m0 = a.commit(w)
+        m1 = a.commit({"a": w["a"] + np.float32(1e-4), "c": w["c"]}, base=m0.id)
+    assert flip_chunks_of(tmp_path / "arc", m0, "b") >= 2
+    with gpupas.open_archive(tmp_path / "arc") as a:
+        rows = inspect.changes(a, m1.id)
+    assert [(r["tensor"], r["changed"] > 0.5) for r in rows] == [("a", True), ("c", False)]
 
 
 def test_savings_and_tradeoff(repo: gpupas.Repository) -> None:

@@ -23,6 +23,7 @@ from gpupas.network import Network, diff_networks, network_from_state_dict
 from gpupas.tensors import load_checkpoint
 from gpupas.versions.metrics import normalize_metrics, read_training_log
 from gpupas.versions.repository import Repository, create_repository, open_repository
+from tests.conftest import flip_chunks_of
 
 needs_torch = pytest.mark.skipif(not realdata.have_torch(), reason="torch is not installed")
 
@@ -196,6 +197,25 @@ def test_diff_reports_network_and_hyperparameter_changes(repo: Repository) -> No
     assert rows["fc1.weight"]["changed"] == 0.0 and rows["fc1.weight"]["rel_l2"] == 0.0
     assert rows["fc2.weight"]["shape"] == [[2, 8], [3, 8]]
     assert d["weights"]["added"] == ["fc3.weight"]
+
+
+def test_diff_reads_only_the_tensors_both_versions_have(tmp_path: Path) -> None:
+    """diff compares the tensors two versions share; one that only one of them has is named (added or
+    removed), never read: with every chunk holding only such a tensor damaged, the diff still succeeds."""
+    rng = np.random.default_rng(7)
+    a = {k: (rng.standard_normal(1_000_000) * 0.02).astype(np.float32) for k in "abc"}
+    b = {"a": a["a"] + np.float32(1e-4), "c": a["c"], "d": a["b"] * 2}
+    with create_repository(tmp_path / "arc") as repo:
+        v1 = repo.commit("a", a)
+        v2 = repo.commit("b", b, parents=[v1.id])
+        m1, m2 = repo.archive.manifest(v1.latest), repo.archive.manifest(v2.latest)
+    assert flip_chunks_of(tmp_path / "arc", m1, "b") >= 2 and flip_chunks_of(tmp_path / "arc", m2, "d") >= 2
+    with open_repository(tmp_path / "arc") as repo:
+        w = repo.diff(v1.id, v2.id)["weights"]
+        assert w["removed"] == ["b"] and w["added"] == ["d"] and w["identical"] == 1
+        assert [r["name"] for r in w["tensors"]] == ["a", "c"] and w["tensors"][0]["changed"] > 0.5
+        with pytest.raises(IntegrityError, match="tensor\\(s\\) d"):
+            repo.restore(v2.id)  # (the damage is there)
 
 
 def test_copy_scaffolds_and_add_snapshot_continues(repo: Repository, run: Path) -> None:

@@ -91,7 +91,10 @@ def diff(repo: Repository, a: str | int | Version, b: str | int | Version, *, sn
     if weights and va.snapshots and vb.snapshots:
         sa, sb = va.snapshot(snapshot_a)["id"], vb.snapshot(snapshot_b)["id"]
         out["snapshots"] = [sa, sb]
-        out["weights"] = diff_tensors(repo.archive.restore(sa), repo.archive.restore(sb))
+        ea, eb = repo.archive.manifest(sa).by_name, repo.archive.manifest(sb).by_name
+        both = [n for n in eb if n in ea]  # a tensor only one side has is named, never read
+        out["weights"] = diff_tensors(repo.archive.restore(sa, both), repo.archive.restore(sb, both)) | {
+            "added": [n for n in eb if n not in ea], "removed": [n for n in ea if n not in eb]}
     return out
 
 
