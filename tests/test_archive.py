@@ -214,6 +214,23 @@ def test_verify_all_judges_a_delta_by_the_base_tensors_it_reads(tmp_path: Path) 
         assert isinstance(both[m0.id], IntegrityError) and "holds tensor(s) b" in str(both[m0.id])
 
 
+def test_restoring_some_names_needs_memory_for_their_chunks_only(tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """A restore of one tensor is refused as too large only where its own chunks and bits exceed the
+    machine's memory, not the whole snapshot's streams (one layer of a checkpoint larger than memory)."""
+    from gpupas.engine import decode
+
+    rng = np.random.default_rng(9)
+    t = {k: (rng.standard_normal(1_000_000) * 0.02).astype(np.float32) for k in "abc"}
+    m = gpupas.create_archive(tmp_path / "a").commit(t)
+    assert sum(s.nchunks * s.chunk_size for s in m.streams) >= 12_000_000
+    monkeypatch.setattr(decode, "memory_bytes", lambda: 12_000_000)
+    with gpupas.open_archive(tmp_path / "a") as a:
+        assert a.restore(m.id, ["b"])["b"].tobytes() == t["b"].tobytes()
+        with pytest.raises(IntegrityError, match="more than this machine's memory"):
+            a.restore(m.id)
+
+
 def test_damaged_base_is_caught_through_delta(archive: gpupas.Archive) -> None:
     s0 = _model(0)
     m0 = archive.commit(s0)

@@ -37,9 +37,10 @@ def decode_snapshot(store: ArchiveStore, m: Manifest, entries: Sequence[TensorEn
         stream = m.streams[s]
         for letter in {stream.chunks[c] for c in chunks}:
             registry.get(stream.codecs[letter], backend.codec_backend)
-    small = sum(len(cs) * m.streams[s].chunk_size for s, cs in need.items()) <= SMALL
+    planes = sum(len(cs) * m.streams[s].chunk_size for s, cs in need.items())  # the chunks of ``entries`` only
+    small = planes <= SMALL
     sizes = {s: m.streams[s].nchunks * m.streams[s].chunk_size for s in need}
-    _fits(sum(sizes.values()) + sum(e.nbytes for e in entries), m)
+    _fits(planes + sum(e.nbytes for e in entries), m)  # (not the streams' other chunks: a layer of a huge snapshot)
     try:
         return _decode(store, m, entries, need, sizes, base_bits, grand_bits, backend, executor, small)
     except MemoryError:
