@@ -198,12 +198,13 @@ def test_restoring_some_names_never_reads_the_chunks_between_them(tmp_path: Path
 def test_verify_all_judges_a_delta_by_the_base_tensors_it_reads(tmp_path: Path) -> None:
     """A delta that dropped tensor ``b`` restores without its base's ``b``: with every chunk holding only the
     base's ``b`` damaged, verify_all passes the delta as verify does, checked alone (then it reads none of
-    those chunks) or beside its base (which it reports damaged)."""
+    those chunks), beside its base (which it reports damaged) or beside a sibling that reads that ``b``."""
     rng = np.random.default_rng(6)
     t0 = {k: (rng.standard_normal(1_000_000) * 0.02).astype(np.float32) for k in "abc"}
     with gpupas.create_archive(tmp_path / "a") as a:
         m0 = a.commit(t0)
         m1 = a.commit({k: v + np.float32(1e-4) for k, v in t0.items() if k != "b"}, base=m0.id)
+        m2 = a.commit({"b": t0["b"] + np.float32(1e-4)}, base=m0.id)  # reads the base's b alone
     assert all(e.reads_base for e in m1.tensors)
     assert flip_chunks_of(tmp_path / "a", m0, "b") >= 2
     with gpupas.open_archive(tmp_path / "a") as a:
@@ -212,6 +213,8 @@ def test_verify_all_judges_a_delta_by_the_base_tensors_it_reads(tmp_path: Path) 
         both = dict(a.verify_all([m0.id, m1.id]))
         assert both[m1.id] == 2
         assert isinstance(both[m0.id], IntegrityError) and "holds tensor(s) b" in str(both[m0.id])
+        two = dict(a.verify_all([m1.id, m2.id]))  # the base decoded for both (a, b and c) fails: m1 is intact still
+        assert two[m1.id] == 2 and isinstance(two[m2.id], IntegrityError)
 
 
 def test_restoring_some_names_needs_memory_for_their_chunks_only(tmp_path: Path,

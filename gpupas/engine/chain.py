@@ -187,8 +187,8 @@ def read_all(store: ArchiveStore, sids: Iterable[str], *, manifests: Manifests, 
              ) -> Iterator[tuple[str, int | Exception]]:
     """Decode every snapshot of ``sids`` whole, each once, dependencies first (of the snapshots they depend
     on, only the tensors read); yields (snapshot, tensors checked) or (snapshot, the error) for each of
-    ``sids``. Bits are kept only while a dependent still needs them. A snapshot whose base failed whole
-    is judged by the tensors it reads of its chain: damage in the base's others is the base's alone."""
+    ``sids``. Bits are kept only while a dependent still needs them. A snapshot whose base failed is
+    judged by the tensors it reads of its chain: damage in the base's others is the base's alone."""
     wanted = list(dict.fromkeys(sids))
     known: dict[str, Manifest | Exception] = {}
 
@@ -245,8 +245,8 @@ def read_all(store: ArchiveStore, sids: Iterable[str], *, manifests: Manifests, 
                 want = need.get(s, set())
                 entries = m.select(None if want is None else sorted(want))
                 needed = dependencies(m, want, manifests)
-                failed = any(isinstance(bits.get(d), Exception) and need.get(d, set()) is None for d, _ in needed)
-                part = alone(s, want) if failed else None  # its base failed whole: what it reads may be intact
+                failed = any(isinstance(bits.get(d), Exception) for d, _ in needed)
+                part = alone(s, want) if failed else None  # what it reads of a failed base may be intact
                 if part is not None:
                     result = part
                 else:
