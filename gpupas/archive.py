@@ -123,6 +123,21 @@ def _names(names: Iterable[str] | str | None) -> list[str] | None:
     return out
 
 
+def _sid(snapshot: Any) -> str:
+    """``snapshot`` if it is a snapshot id, else InvalidInputError (a Manifest in its place: its ``.id`` named)."""
+    if isinstance(snapshot, Manifest):
+        raise InvalidInputError(f"give a snapshot id, not a Manifest: its id is {snapshot.id!r} (manifest.id)")
+    return check_name(snapshot)
+
+
+def _layout(layout: Any) -> Layout | None:
+    """``layout`` if it is None or a Layout, else InvalidInputError (a dict or a name is not one)."""
+    if layout is not None and not isinstance(layout, Layout):
+        raise InvalidInputError(f"layout={layout!r:.60}: give a gpupas.Layout(...), e.g. Layout(rotate=False)"
+                                + (" or Layout(**options)" if isinstance(layout, Mapping) else ""))
+    return layout
+
+
 def _unchanged(staged: Any, backend: Any, executor: Any) -> None:
     """Every tensor still has the bits it was staged with: a tensor that another thread changed while
     it was being coded (a training step) would publish planes that restore to no state it ever had."""
@@ -206,6 +221,7 @@ class Archive:
     # -- listing ---------------------------------------------------------------------------------------------
     def manifest(self, snapshot: str) -> Manifest:
         """The manifest of ``snapshot`` (tensors, encodings, streams, sizes)."""
+        _sid(snapshot)
         with self._lock:
             m = self._manifests.get(snapshot)
             if m is not None:
@@ -227,6 +243,7 @@ class Archive:
             self._entries -= len(gone.tensors)
 
     def _forget(self, snapshot: str) -> None:
+        _sid(snapshot)
         with self._lock:
             self._drop(snapshot)
 
@@ -249,7 +266,8 @@ class Archive:
 
     def depth(self, snapshot: str) -> int:
         """Links below ``snapshot`` in its delta chain (0: stored whole), derived from the manifests."""
-        depth, seen, m = 0, {snapshot}, self.manifest(snapshot)
+        m = self.manifest(snapshot)
+        depth, seen = 0, {snapshot}
         while m.base is not None:
             if m.base in seen:
                 raise IntegrityError(f"snapshot {snapshot}: its delta chain loops back to {m.base}")
@@ -264,7 +282,7 @@ class Archive:
         Refused while other snapshots are deltas on it or extrapolate from it; ``force`` deletes it
         anyway, and those can then no longer be restored.
         """
-        self.store.discard(snapshot, force=force)
+        self.store.discard(_sid(snapshot), force=force)
         self.bases.drop(snapshot)
         self._forget(snapshot)
 
@@ -292,7 +310,8 @@ class Archive:
         not bit-exactly. Returns the manifest.
         """
         t0 = time.perf_counter()
-        meta = _meta(meta)
+        base = None if base is None else _sid(base)
+        meta, layout = _meta(meta), _layout(layout)
         backend = get_backend(resolve_device(device, tensors))
         arrays = as_tensor_dict(tensors, backend=backend)
         cfg = get_setting(setting)
@@ -384,6 +403,9 @@ class Archive:
         :meth:`gc`. Its bits do not change, so snapshots that use it as a base are unaffected.
         Without ``layout``, planes that live in a tier stay there (see :meth:`tier`).
         """
+        _sid(snapshot), _layout(layout)
+        if base is not _KEEP and base is not None:
+            _sid(base)
         with self.store.writing():
             return self._revise(snapshot, get_setting(setting), layout, base)
 
@@ -584,7 +606,7 @@ class Archive:
     def verify(self, snapshot: str) -> int:
         """Re-read every chunk and tensor of ``snapshot`` (and what it needs of its chain); raises
         IntegrityError. Returns the tensor count."""
-        self.bases.drop(snapshot)
+        self.bases.drop(_sid(snapshot))
         self.refresh()  # manifests are read again: one damaged since it was first read is found
         return len(self._read(snapshot, None, get_backend("numpy"), cache=False)[0])
 

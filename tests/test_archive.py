@@ -405,6 +405,26 @@ def test_bad_options_are_refused_before_anything_is_written(archive: gpupas.Arch
     assert m1.meta == {"step": 3, "lr": 0.5} and json.dumps(m1.meta) == '{"step": 3, "lr": 0.5}'
 
 
+def test_a_manifest_or_a_dict_where_an_id_or_a_layout_goes_is_named(archive: gpupas.Archive) -> None:
+    """commit() returns a Manifest: passing it where a snapshot id goes (restore, base=, revise, verify...) says
+    to give its .id, and a layout given as a dict or a string says to give a Layout, instead of a TypeError or
+    AttributeError from inside; nothing is written."""
+    m0 = archive.commit(_model(0))
+    for call in (lambda: archive.restore(m0), lambda: archive.commit(_model(1), base=m0),
+                 lambda: archive.revise(m0), lambda: archive.revise(m0.id, base=m0), lambda: archive.verify(m0),
+                 lambda: archive.manifest(m0), lambda: archive.report(m0), lambda: archive.read_planes(m0),
+                 lambda: archive.depth(m0), lambda: archive.discard(m0), lambda: archive.tier(m0, to=None)):
+        with pytest.raises(InvalidInputError, match=rf"Manifest.*{m0.id}.*\.id"):
+            call()
+    for layout in ({"chunk_size": 1024}, "rotate", 5):
+        with pytest.raises(InvalidInputError, match=r"layout=.*gpupas\.Layout\("):
+            archive.commit(_model(1), layout=layout)
+        with pytest.raises(InvalidInputError, match=r"layout=.*gpupas\.Layout\("):
+            archive.revise(m0.id, layout=layout)
+    assert archive.snapshots() == [m0.id]
+    _same(archive.restore(m0.id), _model(0))
+
+
 def test_restore_reads_names_once(archive: gpupas.Archive) -> None:
     m = archive.commit(_model(0))
     names = sorted(_model(0))[:2]
