@@ -449,6 +449,24 @@ def test_missing_and_foreign_locations(tmp_path: Path) -> None:
         gpupas.open_archive(tmp_path / "plainzarr")
 
 
+def test_a_file_where_the_archive_folder_goes_is_named(tmp_path: Path) -> None:
+    """A file (or a path through one) given as the archive's location is called a file, with what to give
+    instead, not a bare FileExistsError, NotADirectoryError or "the directory does not exist"; the file is kept."""
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine")
+    with pytest.raises(ArchiveExistsError, match=r"notes\.txt is a file, not a folder.*folder of its own"):
+        gpupas.create_archive(notes)
+    with pytest.raises(ArchiveExistsError, match=r"is a file, not a folder"):
+        gpupas.create_repository(notes)
+    with pytest.raises(InvalidInputError, match=r"notes\.txt is a file, not a folder.*pick another location"):
+        gpupas.create_archive(notes / "arc")
+    with pytest.raises(ArchiveNotFoundError, match=r"notes\.txt: it is a file, not an archive folder"):
+        gpupas.open_archive(notes)
+    with pytest.raises(ArchiveNotFoundError, match=r"is a file, not an archive folder"):
+        gpupas.open_repository(notes)
+    assert notes.read_text() == "mine" and sorted(tmp_path.iterdir()) == [notes]
+
+
 def test_manifest_is_plain_json_with_sizes(archive: gpupas.Archive) -> None:
     m = archive.commit(_model(0), meta={"step": 10})
     on_disk = json.loads((Path(archive.location) / "manifests" / f"{m.id}.json").read_text())

@@ -213,6 +213,8 @@ def test_bad_input_gives_a_clear_message_and_changes_nothing(tmp_path: Path, run
         (("checkout", "1", "-o", tmp_path / "co", "--format", "zip"), 2, []),
         (("tag", "good", "1"), 2, ["names version(s) 1", "hide"]),  # a tag would shadow the name
         (("export", "1", "-o", tmp_path, "--force"), 2, ["is a folder"]),
+        (("checkout", "1", "-o", notes), 2, ["is a file, not a folder"]),
+        (("init", notes), 2, ["is a file, not a folder"]),
         (("plan", "--alpha", "nan"), 2, ["at least 1"]),
         (("compact", "--workers", "0", "--dry-run"), 2, ["at least one worker"]),
         (("compact", "--codec", "deflate", "--scheduler", "sync"), 2, ["lack zstd", "zstd,deflate"]),

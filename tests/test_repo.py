@@ -161,6 +161,18 @@ def test_bad_input_changes_nothing(repo: Repository, run: Path, tmp_path: Path) 
     assert [v.id for v in repo.versions()] == [1]
 
 
+def test_a_checkout_into_a_file_is_refused_by_name(repo: Repository, tmp_path: Path) -> None:
+    """checkout's output folder given as an existing file: refused naming it (export writes one file), not a
+    NotADirectoryError; the file is kept."""
+    repo.commit("net", {"w": np.zeros(3, np.float32)})
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine")
+    for force in (False, True):
+        with pytest.raises(ArchiveExistsError, match=r"notes\.txt is a file, not a folder.*export"):
+            repo.checkout(1, notes, force=force)
+    assert notes.read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == ["arc", "notes.txt"]
+
+
 def test_import_folder_is_a_lineage_chain_with_metrics_per_step(repo: Repository, run: Path) -> None:
     vs = repo.import_folder(run, "digits", metrics=run / "train_log.csv", hyperparameters={"lr": 0.01},
                             files=[run / "config.json"])

@@ -24,7 +24,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from gpupas.errors import ArchiveNotFoundError, IntegrityError, ReadOnlyError
+from gpupas.errors import ArchiveExistsError, ArchiveNotFoundError, IntegrityError, InvalidInputError, ReadOnlyError
 from gpupas.store.base import buffers
 
 log = logging.getLogger("gpupas")
@@ -62,6 +62,11 @@ class LocalStore:
     def __init__(self, root: str | os.PathLike[str], *, create: bool = False, durable: bool = True):
         path = Path(root).expanduser()
         self.location = os.fspath(root)
+        if path.exists() and not path.is_dir():
+            if create:
+                raise ArchiveExistsError(f"{root} is a file, not a folder; give the archive a folder of its own "
+                                         "(an empty or a missing one)")
+            raise ArchiveNotFoundError(f"no archive at {root}: it is a file, not an archive folder")
         if create:
             try:
                 path.mkdir(parents=True, exist_ok=True)
@@ -69,6 +74,10 @@ class LocalStore:
                 if exc.errno in _WRITE_ERRORS:
                     raise ReadOnlyError(f"cannot create the archive folder {path}: {exc.strerror}; pick a location "
                                         "you can write to") from None
+                if exc.errno == errno.ENOTDIR:
+                    above = next((q for q in path.parents if q.exists() and not q.is_dir()), path.parent)
+                    raise InvalidInputError(f"cannot create the archive folder {path}: {above} is a file, not a "
+                                            "folder; pick another location") from None
                 raise
         elif not path.is_dir():
             raise ArchiveNotFoundError(f"no archive at {root}: the directory does not exist; create one with "

@@ -59,6 +59,9 @@ def checkout(repo: Repository, ref: str | int | Version, out_dir: str | os.PathL
     out = Path(out_dir)
     weights = weights_name or ("model.pt" if format == "torch" else "model.safetensors")
     check_file_name(weights)
+    if out.exists() and not out.is_dir():
+        raise ArchiveExistsError(f"{out} is a file, not a folder; nothing written: give checkout a folder (export "
+                                 "writes the weights to one file)")
     if out.exists() and any(out.iterdir()) and not force:
         raise ArchiveExistsError(f"{out} is not empty; nothing written (use --force to write into it)")
     names = {file_key(check_file_name(f)) for f in v.files}  # as a case-insensitive file system sees them
