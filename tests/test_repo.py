@@ -161,6 +161,37 @@ def test_bad_input_changes_nothing(repo: Repository, run: Path, tmp_path: Path) 
     assert [v.id for v in repo.versions()] == [1]
 
 
+def test_one_parent_or_ref_alone_and_wrong_types_of_metadata(repo: Repository, tmp_path: Path) -> None:
+    """One parent (or one version to verify) given alone, not in a list, is that one version: a name was read as
+    its letters (parents="net": "no version 'n'"; verify("12") checked versions 1 and 2), an id or a Version
+    was a TypeError. Hyperparameters that are not a mapping and attached files that are neither paths nor
+    bytes are refused naming them, not a TypeError or ValueError from dict() or Path(); nothing is published.
+    The training hook takes one parent alone too."""
+    w = np.zeros(3, np.float32)
+    v1 = repo.commit("net", {"w": w})
+    for parents in ("net", 1, v1, np.int64(1)):
+        assert repo.commit("child", {"w": w + 1}, parents=parents).parents == [1]
+    from gpupas.integrations.training import CheckpointHook
+
+    with CheckpointHook(repo, "tuned", parents="net") as hook:  # the training hook, too
+        assert hook({"w": w + 2}, step=1).parents == [1]
+    assert repo.verify("1")["checked"]["versions"] == 1 and repo.verify(1)["checked"]["versions"] == 1
+    with pytest.raises(VersionNotFoundError, match="12"):
+        repo.verify("12")
+    with pytest.raises(InvalidInputError, match=r"parents.*not a float"):
+        repo.commit("child", {"w": w}, parents=1.5)
+    count = len(repo.versions())
+    for hp in ("lr=0.1", [1], 0.1):
+        with pytest.raises(InvalidInputError, match=r"hyperparameters must be a mapping"):
+            repo.commit("bad", {"w": w}, hyperparameters=hp)
+    for files, what in (({"a.txt": 5}, r"attached file 'a\.txt'.*not a int"), ({"a.txt": None}, "not a NoneType"),
+                        (b"abc", r"give \{name: bytes\}"), (5, "not a int"), ([5], "5 is not a path")):
+        with pytest.raises(InvalidInputError, match=what):
+            repo.commit("bad", {"w": w}, files=files)
+    assert len(repo.versions()) == count and "bad" not in {v.name for v in repo.versions()}
+    assert repo.restore(1)["w"].tobytes() == w.tobytes()
+
+
 def test_a_checkout_into_a_file_is_refused_by_name(repo: Repository, tmp_path: Path) -> None:
     """checkout's output folder given as an existing file: refused naming it (export writes one file), not a
     NotADirectoryError; the file is kept."""

@@ -40,7 +40,7 @@ from typing import Any
 from gpupas.errors import ArchiveNotFoundError, InvalidInputError
 from gpupas.versions.metrics import best_rule, merge_metrics, normalize_metrics, pick_best, snapshot_step
 from gpupas.versions.model import Version
-from gpupas.versions.repository import Repository, create_repository, open_repository
+from gpupas.versions.repository import Repository, as_refs, create_repository, open_repository
 
 
 def _state_dict(obj: Any) -> Mapping[str, Any]:
@@ -83,6 +83,7 @@ class CheckpointHook:
         if best_by:
             best_rule(best_by)  # (checked before the archive is opened)
         self.best_by = best_by
+        parents = as_refs(parents)  # (one parent may be given alone)
         if isinstance(archive, Repository):
             self.repo, self._own = archive, False
         else:
@@ -91,7 +92,7 @@ class CheckpointHook:
             except ArchiveNotFoundError:
                 self.repo = create_repository(archive)
             self._own = True
-        self.name, self.model, self.parents = name, model, list(parents)
+        self.name, self.model, self.parents = name, model, parents
         self.hyperparameters, self.files, self.message, self.setting = hyperparameters, files, message, setting
         self.from_snapshot = from_snapshot
         self.version: Version | None = None

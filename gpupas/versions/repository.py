@@ -85,9 +85,22 @@ def _check_distinct(names: list[str]) -> None:
             raise InvalidInputError(f"attached file {name!r} is where {folders[key]!r} needs a folder; rename one")
 
 
+def as_refs(refs: Any, what: str = "parents") -> list[Any]:
+    """Version references, read once: one reference (an id, a tag, a name, a Version) may be given alone."""
+    if isinstance(refs, (str, int, np.integer, Version)):
+        return [refs]
+    if not isinstance(refs, Iterable) or isinstance(refs, (bytes, Mapping)):
+        raise InvalidInputError(f"{what}: give a version (an id, a tag, a name) or a list of them, not a "
+                                f"{type(refs).__name__}")
+    return list(refs)
+
+
 def _hyperparameters(given: Mapping[str, Any] | None) -> dict[str, Any]:
     """A version's hyperparameters as JSON, refused where two keys would be one to queries (``"a.b"``
     beside ``"a": {"b"}``)."""
+    if given is not None and not isinstance(given, Mapping):
+        raise InvalidInputError(f"hyperparameters must be a mapping of names to values (e.g. {{'lr': 0.01}}), "
+                                f"not {given!r:.60}")
     hp = to_json(dict(given or {}), "hyperparameters")
     flatten(hp, strict=True)
     return hp
@@ -255,10 +268,21 @@ class Repository:
             files = []
         if isinstance(files, (str, os.PathLike)):
             files = [files]
+        if isinstance(files, (bytes, bytearray, memoryview)):
+            raise InvalidInputError("files: bytes need a name in the version: give {name: bytes}")
         if isinstance(files, Mapping):
             items = [(check_file_name(k), v) for k, v in files.items()]
+            for k, v in items:
+                if not isinstance(v, (bytes, bytearray, memoryview, str, os.PathLike)):
+                    raise InvalidInputError(f"attached file {k!r}: give a path or bytes, not a {type(v).__name__}")
+        elif not isinstance(files, Iterable):
+            raise InvalidInputError(f"files: give paths, folders or {{name: path or bytes}}, not a "
+                                    f"{type(files).__name__}")
         else:
             for f in files:
+                if not isinstance(f, (str, os.PathLike)):
+                    raise InvalidInputError(f"files: {f!r:.60} is not a path (it is a {type(f).__name__}); give "
+                                            "paths, folders or {name: path or bytes}")
                 p = Path(f)
                 if p.is_dir():
                     items += [(check_file_name(f"{p.name}/{q.relative_to(p).as_posix()}"), q)
@@ -377,7 +401,7 @@ class Repository:
         """
         self._check_new_name(name)
         check_text([message, author], "the message or author")
-        parent_ids = list(dict.fromkeys(self.resolve(p) for p in parents))
+        parent_ids = list(dict.fromkeys(self.resolve(p) for p in as_refs(parents)))
         hp = _hyperparameters(hyperparameters)
         series = normalize_metrics(metrics)
         step = snapshot_step(step)
@@ -647,7 +671,7 @@ class Repository:
     def verify(self, refs: Iterable[str | int] | None = None, progress: Progress | None = None,
                scheduler: Any = "sync") -> dict[str, Any]:
         """Check every chunk, tensor, record, tag and file (``gpupas verify``; see :mod:`gpupas.versions.verify`)."""
-        return _verify.verify(self, refs, progress, scheduler)
+        return _verify.verify(self, None if refs is None else as_refs(refs, "refs"), progress, scheduler)
 
     def gc(self, min_age: float = 3600.0, dry_run: bool = False) -> list[dict[str, Any]]:
         """Delete what no published version and no kept snapshot needs (``gpupas gc``), once untouched for
