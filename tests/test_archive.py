@@ -425,6 +425,25 @@ def test_a_manifest_or_a_dict_where_an_id_or_a_layout_goes_is_named(archive: gpu
     _same(archive.restore(m0.id), _model(0))
 
 
+def test_gc_with_an_age_that_is_not_a_number_removes_nothing(archive: gpupas.Archive) -> None:
+    """gc's min_age as a string, None, NaN or below 0 is refused by name: a string or None was a TypeError from
+    a comparison inside, and NaN (``gpupas gc --min-age nan``) compared false, so every orphan was taken
+    whatever its age; the orphans stay for a gc with a real age."""
+    m0 = archive.commit(_model(0))
+    archive.revise(m0.id, setting="fast")  # the old form's folder is now an orphan
+    orphans = archive.gc(min_age=0, dry_run=True)
+    assert len(orphans) == 1
+    repo = gpupas.Repository(archive, own_archive=False)
+    for bad in ("1", None, float("nan"), -1, True):
+        with pytest.raises(InvalidInputError, match=r"min_age=.*number of seconds"):
+            archive.gc(min_age=bad)
+        with pytest.raises(InvalidInputError, match=r"min_age="):
+            repo.gc(min_age=bad)
+    assert archive.gc(min_age=0, dry_run=True) == orphans
+    assert archive.gc(min_age=np.float32(0)) == orphans and archive.gc(min_age=0, dry_run=True) == []
+    _same(archive.restore(m0.id), _model(0))
+
+
 def test_restore_reads_names_once(archive: gpupas.Archive) -> None:
     m = archive.commit(_model(0))
     names = sorted(_model(0))[:2]

@@ -9,6 +9,7 @@ names are garbage for :meth:`ArchiveStore.remove_orphans`.
 from __future__ import annotations
 
 import json
+import numbers
 import os
 import threading
 import warnings
@@ -367,6 +368,8 @@ class ArchiveStore:
         just-revised snapshot safe. Object stores have no locks: there the age is at least
         :data:`REMOTE_MIN_AGE`, longer than a commit takes.
         """
+        if isinstance(min_age, bool) or not isinstance(min_age, numbers.Real) or not min_age >= 0:
+            raise InvalidInputError(f"min_age={min_age!r}: give a number of seconds, at least 0 (0: whatever the age)")
         if self.store.local_root is None and min_age < REMOTE_MIN_AGE:
             warnings.warn(f"{self.location} is an object store (no locks): gc keeps what is younger than "
                           f"{REMOTE_MIN_AGE:.0f} s there, whatever the minimum age asked ({min_age:g} s)", stacklevel=3)
