@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import ml_dtypes
@@ -442,6 +443,25 @@ def test_gc_with_an_age_that_is_not_a_number_removes_nothing(archive: gpupas.Arc
     assert archive.gc(min_age=0, dry_run=True) == orphans
     assert archive.gc(min_age=np.float32(0)) == orphans and archive.gc(min_age=0, dry_run=True) == []
     _same(archive.restore(m0.id), _model(0))
+
+
+def test_discard_of_a_snapshot_that_is_not_there_says_so(tmp_path: Path) -> None:
+    """discard() of a mistyped id raised nothing, as if it had deleted it; now SnapshotNotFoundError names it
+    (a version whose commit failed still takes back what it wrote, silently), and nothing else goes."""
+    with gpupas.create_repository(tmp_path / "arc") as repo:
+        a = repo.archive
+        m0 = a.commit(_model(0))
+        with pytest.raises(SnapshotNotFoundError, match=r"no snapshot 'nope'.*Archive\.snapshots\(\)"):
+            a.discard("nope")
+        with pytest.raises(SnapshotNotFoundError, match=m0.id[:6] + "'"):
+            a.discard(m0.id[:6])  # a prefix is not an id
+        assert a.snapshots() == [m0.id]
+        with warnings.catch_warnings(record=True) as said:
+            warnings.simplefilter("always")
+            repo._discard(["gone"])  # its own clean-up: nothing to say of a snapshot already gone
+        assert not [w for w in said if "gone" in str(w.message)]
+        a.discard(m0.id)
+        assert a.snapshots() == []
 
 
 def test_restore_reads_names_once(archive: gpupas.Archive) -> None:

@@ -38,6 +38,7 @@ from gpupas.errors import (
     GpupasError,
     IntegrityError,
     InvalidInputError,
+    SnapshotNotFoundError,
     VersionNotFoundError,
 )
 from gpupas.format import keys
@@ -333,6 +334,8 @@ class Repository:
         for sid in reversed(list(sids)):
             try:
                 self.archive.discard(sid)
+            except SnapshotNotFoundError:  # already gone
+                pass
             except GpupasError as exc:  # e.g. a compaction made it another snapshot's base meanwhile
                 warnings.warn(f"snapshot {sid}, written for the version that failed, stays ({exc}); `gpupas gc` "
                               "removes it once nothing needs it", stacklevel=4)
