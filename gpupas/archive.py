@@ -168,9 +168,17 @@ def check_options(**options: Any) -> None:
             raise InvalidInputError(f"{what}={v!r}: give a whole number of at least {least}")
 
 
+def _location(location: Any) -> None:
+    """InvalidInputError for a location that is neither a path nor a URL."""
+    if not isinstance(location, str | os.PathLike) or not os.fspath(location):
+        raise InvalidInputError(f"archive location {location!r:.60}: give a folder's path or an fsspec URL "
+                                "(s3://bucket/prefix)")
+
+
 def create_archive(location: str | os.PathLike[str], **kw: Any) -> Archive:
     """Create an archive at ``location`` (an empty or missing directory, or an fsspec URL); an archive
     already there is opened as it is (a folder holding anything else is refused)."""
+    _location(location)
     check_options(**kw)
     store_kw = {k: kw.pop(k) for k in _STORE_KW if k in kw}
     return Archive(ArchiveStore.open(location, create=True, **store_kw), **kw)
@@ -179,6 +187,7 @@ def create_archive(location: str | os.PathLike[str], **kw: Any) -> Archive:
 def open_archive(location: str | os.PathLike[str], **kw: Any) -> Archive:
     """Open the existing archive at ``location``; ArchiveNotFoundError says how to create one.
     ``tier_options``: storage options (credentials) of its tiers by name, for this session."""
+    _location(location)
     check_options(**kw)
     store_kw = {k: kw.pop(k) for k in _STORE_KW if k in kw}
     return Archive(ArchiveStore.open(location, **store_kw), **kw)

@@ -395,7 +395,8 @@ def compile_query(text: str) -> tuple[str, list[Any]]:
     ['lr', 0.01]
     """
     if not isinstance(text, str) or not text.strip():
-        raise InvalidInputError('DQL: empty statement; write e.g. select m where m.name like "cnn%"')
+        what = "empty statement" if isinstance(text, str) else f"a statement is text, not {type(text).__name__}"
+        raise InvalidInputError(f'DQL: {what}; write e.g. select m where m.name like "cnn%"')
     return _Parser(text).query()
 
 

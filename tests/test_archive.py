@@ -393,6 +393,9 @@ def test_bad_options_are_refused_before_anything_is_written(archive: gpupas.Arch
         gpupas.create_archive(tmp_path / "never", layout=gpupas.Layout(groups=(1,)))
     with pytest.raises(InvalidInputError, match="worker=: not an archive option"):
         gpupas.open_archive(archive.location, worker=2)
+    for where in (None, 5, ""):
+        with pytest.raises(InvalidInputError, match=r"archive location .*: give a folder's path or an fsspec URL"):
+            gpupas.create_archive(where)
     assert not (tmp_path / "never").exists()
     with pytest.raises(InvalidInputError, match="nested"):
         archive.commit(_model(1), meta={"x": {1: 2}})

@@ -216,7 +216,7 @@ def test_bad_input_gives_a_clear_message_and_changes_nothing(tmp_path: Path, run
         (("checkout", "1", "-o", notes), 2, ["is a file, not a folder"]),
         (("init", notes), 2, ["is a file, not a folder"]),
         (("plan", "--alpha", "nan"), 2, ["at least 1"]),
-        (("gc", "--min-age", "nan"), 2, ["min_age=nan", "at least 0"]),
+        (("gc", "--min-age", "nan"), 2, ["--min-age nan", "at least 0"]),
         (("compact", "--workers", "0", "--dry-run"), 2, ["at least one worker"]),
         (("compact", "--codec", "deflate", "--scheduler", "sync"), 2, ["lack zstd", "zstd,deflate"]),
     ]

@@ -582,3 +582,30 @@ def test_a_restarted_run_goes_on_appending_to_its_version(tmp_path: Path) -> Non
     with open_repository(tmp_path / "arc") as repo:
         assert [x.id for x in repo.versions()] == [first.id]
         assert repo.restore("run")["w"].tolist() == [3.0] * 16
+
+
+def test_a_message_author_best_flag_or_snapshot_of_the_wrong_kind_is_refused_by_name(repo: Repository) -> None:
+    """Values of the wrong kind are refused naming what to give, and nothing is written: a message or
+    author that is not text (was stored as a number), ``best`` that is not a bool (a string counted as True),
+    a snapshot named by a Manifest or a float (its whole text went into the error), a DQL statement that
+    is not text (was "empty statement")."""
+    import gpupas
+
+    w = {"w": np.arange(6, dtype=np.float32)}
+    v = repo.commit("net", w, message="first")
+    for kw, what in (({"message": 5}, "message=5: give"), ({"author": 7}, "author=7: give"),
+                     ({"message": None}, "message=None")):
+        with pytest.raises(InvalidInputError, match=what):
+            repo.commit("other", w, **kw)
+    with pytest.raises(InvalidInputError, match="best='yes'"):
+        repo.add_snapshot(v.id, w, best="yes")
+    m = repo.archive.manifest(v.latest)
+    for sel in (m, 1.0, True):
+        with pytest.raises(InvalidInputError, match=r"name a snapshot of .* by 'latest', 'best'"):
+            repo.commit("branch", w, parents=[v.id], from_snapshot=sel)
+    with pytest.raises(InvalidInputError, match="a statement is text, not int"):
+        repo.query(5)
+    with pytest.raises(InvalidInputError, match=r"Layout\(tiers='cold'\)"):
+        gpupas.Layout(tiers="cold")
+    assert [(x["name"], x["n_snapshots"]) for x in repo.log()] == [("net", 1)]
+    assert repo.archive.restore(v.latest)["w"].tobytes() == w["w"].tobytes()

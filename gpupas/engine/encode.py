@@ -66,6 +66,14 @@ class Layout:
         if not groups_ok:
             raise InvalidInputError(f"Layout(groups={self.groups!r}): the first plane of each further plane group, "
                                     "as integers (e.g. (1,): the top plane alone)")
+        try:
+            tiers_ok = not isinstance(self.tiers, str | bytes) and all(t is None or isinstance(t, str)
+                                                                        for t in self.tiers)
+        except TypeError:  # not iterable
+            tiers_ok = False
+        if not tiers_ok:
+            raise InvalidInputError(f"Layout(tiers={self.tiers!r}): the tier of each plane group's stream, first "
+                                    "group first, as tier names or None (local), e.g. (None, 'cold')")
         if not isinstance(self.rotate, bool | np.bool_) and self.rotate not in (0, 1):
             raise InvalidInputError(f"Layout(rotate={self.rotate!r}): True or False")
         object.__setattr__(self, "rotate", bool(self.rotate))

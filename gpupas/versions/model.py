@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import getpass
 import json
+import numbers
 import os
 import re
 from collections.abc import Mapping
@@ -211,6 +212,9 @@ class Version:
 def select_snapshot(snaps: list[dict[str, Any]], selector: str | int | None, latest: str | None, best: str | None,
                     what: str) -> dict[str, Any]:
     """The entry of ``snaps`` that ``selector`` names ("latest", "best", a 1-based index, an id)."""
+    if selector is not None and (isinstance(selector, bool) or not isinstance(selector, str | numbers.Integral)):
+        raise InvalidInputError(f"snapshot {selector!r:.60}: name a snapshot of {what} by 'latest', 'best', its "
+                                "number (1 is the first) or its id")
     if not snaps:
         raise SnapshotNotFoundError(f"{what} has no snapshots")
     sel = "latest" if selector is None else str(selector)

@@ -96,6 +96,15 @@ def as_refs(refs: Any, what: str = "parents") -> list[Any]:
     return list(refs)
 
 
+def _check_message(message: Any, author: Any) -> None:
+    """A version's message (text) and author (text or None), refused by name otherwise."""
+    if not isinstance(message, str):
+        raise InvalidInputError(f"message={message!r:.60}: give the version's message as text")
+    if author is not None and not isinstance(author, str):
+        raise InvalidInputError(f"author={author!r:.60}: give the author's name as text (or leave it out)")
+    check_text([message, author], "the message or author")
+
+
 def _hyperparameters(given: Mapping[str, Any] | None) -> dict[str, Any]:
     """A version's hyperparameters as JSON, refused where two keys would be one to queries (``"a.b"``
     beside ``"a": {"b"}``)."""
@@ -403,7 +412,7 @@ class Repository:
         [[0, 0.9], [1, 0.5]]
         """
         self._check_new_name(name)
-        check_text([message, author], "the message or author")
+        _check_message(message, author)
         parent_ids = list(dict.fromkeys(self.resolve(p) for p in as_refs(parents)))
         hp = _hyperparameters(hyperparameters)
         series = normalize_metrics(metrics)
@@ -457,6 +466,8 @@ class Repository:
         Records are replaced atomically (no concurrent append is lost), so readers see the version
         before or after, never in between.
         """
+        if not isinstance(best, (bool, np.bool_)):
+            raise InvalidInputError(f"best={best!r:.60}: True marks this snapshot as the version's best, False not")
         vid = self.resolve(ref)
         series = normalize_metrics(metrics)
         step = snapshot_step(step)
@@ -524,7 +535,7 @@ class Repository:
         against the previous one. On an error, no version of the chain is published.
         """
         self._check_new_name(name)
-        check_text([message, author], "the message or author")
+        _check_message(message, author)
         skipped: list[str] = []
         paths = checkpoint_files(folder, skipped)
         for note in skipped:
