@@ -235,6 +235,34 @@ def test_restoring_some_names_needs_memory_for_their_chunks_only(tmp_path: Path,
             a.restore(m.id)
 
 
+def test_restoring_some_names_without_windows_holds_their_chunks_only(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where planes are decoded whole, not through windows (the NumPy reference, the GPU), a restore of some
+    tensors holds the chunks from their first to their last, not their streams' others: its workspace for the
+    last of three tensors is about a third of the snapshot's planes; every subset restores bit-exact."""
+    from gpupas.backend import fast, get_backend
+    from gpupas.engine.encode import Layout
+
+    rng = np.random.default_rng(11)
+    t = {k: (rng.standard_normal(1_000_000) * 0.02).astype(np.float32) for k in "abc"}
+    t["empty"] = np.zeros((0, 3), np.float32)
+    m0 = gpupas.create_archive(tmp_path / "a").commit(t, layout=Layout(groups=(1,)))
+    t1 = {k: v + np.float32(1e-3) for k, v in t.items()}
+    m1 = gpupas.open_archive(tmp_path / "a").commit(t1, base=m0.id, layout=Layout(groups=(1,)))
+    backend, asked = get_backend("numpy"), []
+    real = backend.workspace
+    monkeypatch.setattr(backend, "workspace", lambda n: asked.append(n) or real(n))
+    planes = sum(s.nchunks * s.chunk_size for s in m0.streams)
+    with fast.use(False):
+        for names in (["c"], ["a", "c"], ["empty"], ["b", "empty"], None):
+            for sid, want in ((m0.id, t), (m1.id, t1)):
+                got = gpupas.open_archive(tmp_path / "a").restore(sid, names)
+                assert {k: v.tobytes() for k, v in got.items()} == {k: want[k].tobytes() for k in names or want}
+        asked.clear()
+        gpupas.open_archive(tmp_path / "a").restore(m0.id, ["c"])
+    assert asked and max(asked) < 0.4 * planes
+
+
 def test_damaged_base_is_caught_through_delta(archive: gpupas.Archive) -> None:
     s0 = _model(0)
     m0 = archive.commit(s0)

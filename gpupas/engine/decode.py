@@ -37,10 +37,10 @@ def decode_snapshot(store: ArchiveStore, m: Manifest, entries: Sequence[TensorEn
         stream = m.streams[s]
         for letter in {stream.chunks[c] for c in chunks}:
             registry.get(stream.codecs[letter], backend.codec_backend)
-    planes = sum(len(cs) * m.streams[s].chunk_size for s, cs in need.items())  # the chunks of ``entries`` only
-    small = planes <= SMALL
-    sizes = {s: m.streams[s].nchunks * m.streams[s].chunk_size for s in need}
-    _fits(planes + sum(e.nbytes for e in entries), m)  # (not the streams' other chunks: a layer of a huge snapshot)
+    small = sum(len(cs) * m.streams[s].chunk_size for s, cs in need.items()) <= SMALL
+    # per stream, the chunks from its first needed to its last (not the stream's others: a layer of a huge snapshot)
+    sizes = {s: (cs[-1] + 1 - cs[0]) * m.streams[s].chunk_size for s, cs in need.items()}
+    _fits(sum(sizes.values()) + sum(e.nbytes for e in entries), m)
     try:
         return _decode(store, m, entries, need, sizes, base_bits, grand_bits, backend, executor, small)
     except MemoryError:
@@ -67,9 +67,11 @@ def _decode(store: ArchiveStore, m: Manifest, entries: Sequence[TensorEntry], ne
             for s in sorted(need):
                 bufs[s] = ws[at : at + sizes[s]]
                 at += sizes[s]
-            for s, chunks in need.items():
-                _read_stream(store, m, s, chunks, bufs[s], backend, executor, small)
-            out = backend.decode_planes(m, coded, bufs, base_bits, grand_bits, executor, small)
+            for s, chunks in need.items():  # chunk c at (c - first needed) * chunk size
+                _read_stream(store, m, s, chunks, bufs[s], backend, executor, small, chunks[0])
+            skip = {s: cs[0] * m.streams[s].chunk_size for s, cs in need.items()}
+            out = backend.decode_planes(m, [_moved(e, skip) for e in coded], bufs, base_bits, grand_bits, executor,
+                                        small)
     for e in entries:
         if e.scheme is not None:
             out[e.name] = _restore(e, out[e.name], backend)
@@ -83,6 +85,14 @@ def _decode(store: ArchiveStore, m: Manifest, entries: Sequence[TensorEntry], ne
                 f"snapshot {m.id}: tensor {e.name!r} does not match its checksum after decoding"
                 + (f" (is its base {m.base} intact? run verify on it)" if e.reads_base else ""))
     return out
+
+
+def _moved(e: TensorEntry, skip: Mapping[int, int]) -> TensorEntry:
+    """``e`` with its planes (and mask and factors) at offsets into buffers that start ``skip[stream]`` bytes
+    into each stream."""
+    parts = tuple(replace(p, offset=p.offset - skip.get(p.stream, 0)) for p in e.parts)  # (none: nothing read)
+    extras = None if e.extras is None else (e.extras[0], e.extras[1] - skip.get(e.extras[0], 0))
+    return replace(e, parts=parts, extras=extras)
 
 
 def _coded(e: TensorEntry) -> TensorEntry:
