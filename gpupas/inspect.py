@@ -52,7 +52,10 @@ def _tier_of(m: Manifest, stream: int) -> str:
 # -- snapshots ---------------------------------------------------------------------------------------------------
 def snapshots(source: Any, which: Iterable[str] | None = None) -> list[dict[str, Any]]:
     """One row per snapshot (all, oldest first, or ``which``): version (where ``source`` is a Repository),
-    base, depth, sizes, delta tensors, bytes local and in tiers. Reads manifests only."""
+    base, depth, sizes, delta tensors, bytes local and in tiers. Reads manifests only. A snapshot whose
+    manifest (or a base's) cannot be read still has its row: what is wrong in ``damaged``, the rest None."""
+    from gpupas.errors import GpupasError
+
     archive = _archive(source)
     owners: dict[str, dict[str, Any]] = {}
     if archive is not source and hasattr(source, "versions"):
@@ -63,22 +66,34 @@ def snapshots(source: Any, which: Iterable[str] | None = None) -> list[dict[str,
     sids = list(which) if which is not None else archive.snapshots()
     out = []
     for sid in sids:
-        m = archive.manifest(sid)
+        owner = owners.get(sid, {})
+        try:
+            m, depth = archive.manifest(sid), archive.depth(sid)
+        except GpupasError as exc:  # listed, as Archive.snapshots lists it: `gpupas verify` says more
+            out.append(dict.fromkeys(_SNAPSHOT_ROW) | {"snapshot": sid, "version": owner.get("version"),
+                                                         "version_name": owner.get("version_name"),
+                                                         "index": owner.get("index"), "damaged": str(exc)})
+            continue
         tiers: dict[str, int] = {}
         for st in m.streams:
             if st.tier is not None:
                 tiers[st.tier] = tiers.get(st.tier, 0) + st.stored
-        owner = owners.get(sid, {})
         out.append({
             "snapshot": sid, "version": owner.get("version"), "version_name": owner.get("version_name"),
             "index": owner.get("index"), "step": owner.get("step"), "created": m.created, "base": m.base,
-            "depth": archive.depth(sid), "setting": m.setting, "tensors": len(m.tensors),
+            "depth": depth, "setting": m.setting, "tensors": len(m.tensors),
             "delta_tensors": sum(1 for e in m.tensors if e.reads_base), "raw_bytes": m.raw_bytes,
             "stored_bytes": m.stored_bytes, "ratio": m.stored_bytes / m.raw_bytes if m.raw_bytes else 0.0,
             "streams": len(m.streams), "local_bytes": sum(st.stored for st in m.streams if st.tier is None),
             "tier_bytes": sum(tiers.values()), "tiers": ",".join(sorted(tiers)), "revision": m.revision,
+            "damaged": None,
         })
     return out
+
+
+_SNAPSHOT_ROW = ("snapshot", "version", "version_name", "index", "step", "created", "base", "depth", "setting",
+                 "tensors", "delta_tensors", "raw_bytes", "stored_bytes", "ratio", "streams", "local_bytes",
+                 "tier_bytes", "tiers", "revision", "damaged")
 
 
 # -- tensors and layers ------------------------------------------------------------------------------------------

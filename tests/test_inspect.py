@@ -99,6 +99,27 @@ def test_changes_read_only_the_tensors_both_snapshots_have(tmp_path: Path) -> No
     assert [(r["tensor"], r["changed"] > 0.5) for r in rows] == [("a", True), ("c", False)]
 
 
+def test_a_damaged_manifest_has_its_row_and_the_others_theirs(repo: gpupas.Repository) -> None:
+    """A snapshot whose manifest is damaged is listed (as Archive.snapshots lists it) with what is wrong in
+    ``damaged`` and nothing else, and so is its delta, whose depth needs that manifest; the CLI prints the
+    table and exits 3 naming it."""
+    before = inspect.snapshots(repo)
+    first, second = (r["snapshot"] for r in before)
+    path = Path(repo.location) / "manifests" / f"{first}.json"
+    data = bytearray(path.read_bytes())
+    data[30] ^= 1
+    path.write_bytes(bytes(data))
+    with gpupas.open_repository(repo.location) as fresh:
+        rows = {r["snapshot"]: r for r in inspect.snapshots(fresh.archive)}
+    assert set(rows) == {first, second}
+    assert "checksum" in rows[first]["damaged"] and rows[first]["stored_bytes"] is None
+    assert rows[second]["damaged"] is not None and rows[second]["depth"] is None  # its base's manifest
+    assert set(rows[first]) == set(rows[second]) == set(before[0]) and before[0]["damaged"] is None
+    got = subprocess.run([sys.executable, "-m", "gpupas", "-A", repo.location, "inspect", "net", "--by", "snapshot"],
+                         capture_output=True, text=True, cwd=ROOT)
+    assert got.returncode == 3 and first in got.stderr and "version 1 (net)" in got.stdout, got
+
+
 def test_savings_and_tradeoff(repo: gpupas.Repository) -> None:
     saved = inspect.savings(repo)
     assert saved[0]["whole_measured"] and saved[0]["saved_bytes"] == 0

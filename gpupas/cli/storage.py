@@ -13,7 +13,7 @@ import typer
 
 from gpupas.cli import render
 from gpupas.cli.app import ArchiveOpt, JsonOpt, SnapOpt, _command, _kv, _location, _out, _repo, app
-from gpupas.errors import InvalidInputError
+from gpupas.errors import IntegrityError, InvalidInputError
 
 tier_app = typer.Typer(no_args_is_help=True, help=(
     "Storage tiers: keep the low-order planes of chosen snapshots in a second store (a directory or S3 "
@@ -169,6 +169,10 @@ def inspect(ref: Annotated[str, typer.Argument(metavar="VERSION", help="Version:
     for r in rows:
         render.row(t, *(_cell(k, r.get(k)) for k, _ in cols))
     _out().table(t)
+    damaged = [r for r in rows if r.get("damaged")]
+    if damaged:  # its row shown, what is wrong said, and the exit code a damaged archive has
+        raise IntegrityError("; ".join(f"snapshot {r['snapshot']}: {r['damaged']}" for r in damaged[:3])
+                             + "; run `gpupas verify` for the whole archive")
 
 
 def _cell(key: str, value: Any) -> str:
