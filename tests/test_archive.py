@@ -263,6 +263,32 @@ def test_restoring_some_names_without_windows_holds_their_chunks_only(tmp_path: 
     assert asked and max(asked) < 0.4 * planes
 
 
+def test_restoring_some_names_tells_the_gpu_their_stored_chunk_sizes(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """A restore of a tensor whose chunks start past a stream's first (numbered from there for the backend)
+    still lets the GPU backend size its staging buffer by the chunks' stored bytes, as a whole restore does,
+    not by the most any coder could write (67,584 bytes a chunk of 65,536, most of which hold ~21,300)."""
+    from gpupas.backend import fast, get_backend
+    from gpupas.backend.cupy import _payload_sizes
+    from gpupas.engine.encode import Layout
+
+    rng = np.random.default_rng(12)
+    t = {k: (rng.standard_normal(300_000) * 0.02).astype(np.float32) for k in "abc"}
+    m = gpupas.create_archive(tmp_path / "a").commit(t, layout=Layout(chunk_size=1 << 16))
+    backend, said = get_backend("numpy"), []
+    real = backend.decode_chunks
+
+    def spy(stream, chunks, fetch, *rest):  # what the CuPy backend asks of the reader it is given
+        said.append(_payload_sizes(fetch, np.array(chunks, np.int64)))
+        return real(stream, chunks, fetch, *rest)
+
+    monkeypatch.setattr(backend, "decode_chunks", spy)
+    with fast.use(False):
+        got = gpupas.open_archive(tmp_path / "a").restore(m.id, ["c"])
+    assert got["c"].tobytes() == t["c"].tobytes()
+    assert said and all(s is not None for s in said), said  # None: each staged as 67,584 bytes
+
+
 def test_damaged_base_is_caught_through_delta(archive: gpupas.Archive) -> None:
     s0 = _model(0)
     m0 = archive.commit(s0)

@@ -165,10 +165,27 @@ def _read_stream(store: ArchiveStore, m: Manifest, s: int, chunks: list[int], bu
         if missing:
             raise store.changed(m) or damaged(missing[0], IntegrityError("chunk is missing"))
         if first:  # the same chunks, numbered from ``first``
+            moved = _From(reader, first)  # (its fetch a bound method, as the reader's: the GPU asks it for sizes)
             backend.decode_chunks(replace(stream, chunks=stream.chunks[first:]), [c - first for c in chunks],
-                                  lambda c: reader.fetch(c + first), buf, executor, small,
-                                  lambda c, exc: damaged(c + first, exc), lambda c, v: reader.scatter(c + first, v))
+                                  moved.fetch, buf, executor, small, lambda c, exc: damaged(c + first, exc),
+                                  moved.scatter)
         else:
             backend.decode_chunks(stream, chunks, reader.fetch, buf, executor, small, damaged, reader.scatter)
     finally:
         reader.close()
+
+
+class _From:
+    """A stream reader's chunks numbered from ``first``: chunk ``c`` here is the reader's ``c + first``."""
+
+    def __init__(self, reader: Any, first: int):
+        self.reader, self.first = reader, first
+
+    def fetch(self, c: int) -> Any:
+        return self.reader.fetch(c + self.first)
+
+    def locate(self, c: int) -> Any:
+        return self.reader.locate(c + self.first)
+
+    def scatter(self, c: int, views: Any) -> Any:
+        return self.reader.scatter(c + self.first, views)
