@@ -609,3 +609,23 @@ def test_a_message_author_best_flag_or_snapshot_of_the_wrong_kind_is_refused_by_
         gpupas.Layout(tiers="cold")
     assert [(x["name"], x["n_snapshots"]) for x in repo.log()] == [("net", 1)]
     assert repo.archive.restore(v.latest)["w"].tobytes() == w["w"].tobytes()
+
+
+def test_best_may_be_a_comparison_of_tensors_or_a_zero_or_one(repo: Repository) -> None:
+    """``add_snapshot(best=...)`` (and the training hook's ``best=``) takes what a training loop computes:
+    ``val_loss < best_loss`` of two torch or NumPy scalars, or 1/0, as it did before strings were refused;
+    a string or 2 is still refused."""
+    w = {"w": np.arange(6, dtype=np.float32)}
+    v = repo.commit("net", w)
+    flags = [np.float32(0.1) < np.float32(0.2), 1, 0]
+    if realdata.have_torch():
+        import torch
+
+        flags += [torch.tensor(0.1) < torch.tensor(0.2), torch.tensor(False)]
+    for i, flag in enumerate(flags):
+        v = repo.add_snapshot(v.id, {"w": w["w"] + i}, best=flag)
+        assert (v.best == v.latest) is bool(flag), (flag, v.best, v.latest)
+    for bad in ("yes", 2, 0.5):
+        with pytest.raises(InvalidInputError, match=r"best=.*True marks"):
+            repo.add_snapshot(v.id, w, best=bad)
+    assert len(repo.version(v.id).snapshots) == 1 + len(flags)

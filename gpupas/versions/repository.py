@@ -19,6 +19,7 @@ np.float32(12.0)
 
 from __future__ import annotations
 
+import numbers
 import os
 import sqlite3
 import warnings
@@ -103,6 +104,16 @@ def _check_message(message: Any, author: Any) -> None:
     if author is not None and not isinstance(author, str):
         raise InvalidInputError(f"author={author!r:.60}: give the author's name as text (or leave it out)")
     check_text([message, author], "the message or author")
+
+
+def _flag(best: Any) -> bool:
+    """``best`` as a bool: True, False, 1, 0, or one of those as a NumPy or torch scalar (``val < top`` of two
+    tensors); anything else (a string, a number of the wrong kind) refused by name."""
+    if callable(getattr(best, "item", None)) and getattr(best, "ndim", None) == 0:
+        best = best.item()
+    if isinstance(best, (bool, np.bool_)) or (isinstance(best, numbers.Integral) and best in (0, 1)):
+        return bool(best)
+    raise InvalidInputError(f"best={best!r:.60}: True marks this snapshot as the version's best, False not")
 
 
 def _hyperparameters(given: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -466,8 +477,7 @@ class Repository:
         Records are replaced atomically (no concurrent append is lost), so readers see the version
         before or after, never in between.
         """
-        if not isinstance(best, (bool, np.bool_)):
-            raise InvalidInputError(f"best={best!r:.60}: True marks this snapshot as the version's best, False not")
+        best = _flag(best)
         vid = self.resolve(ref)
         series = normalize_metrics(metrics)
         step = snapshot_step(step)
