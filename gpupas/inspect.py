@@ -54,7 +54,7 @@ def snapshots(source: Any, which: Iterable[str] | None = None) -> list[dict[str,
     """One row per snapshot (all, oldest first, or ``which``): version (where ``source`` is a Repository),
     base, depth, sizes, delta tensors, bytes local and in tiers. Reads manifests only. A snapshot whose
     manifest (or a base's) cannot be read still has its row: what is wrong in ``damaged``, the rest None."""
-    from gpupas.errors import GpupasError
+    from gpupas.errors import IntegrityError, SnapshotNotFoundError
 
     archive = _archive(source)
     owners: dict[str, dict[str, Any]] = {}
@@ -67,9 +67,15 @@ def snapshots(source: Any, which: Iterable[str] | None = None) -> list[dict[str,
     out = []
     for sid in sids:
         owner = owners.get(sid, {})
+        m = None
         try:
-            m, depth = archive.manifest(sid), archive.depth(sid)
-        except GpupasError as exc:  # listed, as Archive.snapshots lists it: `gpupas verify` says more
+            m = archive.manifest(sid)
+            depth = archive.depth(sid)
+        except (IntegrityError, SnapshotNotFoundError) as exc:  # listed, as Archive.snapshots lists it: `gpupas
+            # verify` says more. Not a snapshot that is not there (a mistyped id, one discarded meanwhile), nor
+            # a store out of reach or a manifest of a newer format: those are no damage
+            if m is None and isinstance(exc, SnapshotNotFoundError):
+                raise
             out.append(dict.fromkeys(_SNAPSHOT_ROW) | {"snapshot": sid, "version": owner.get("version"),
                                                          "version_name": owner.get("version_name"),
                                                          "index": owner.get("index"), "damaged": str(exc)})

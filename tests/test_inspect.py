@@ -197,3 +197,21 @@ def test_plane_entropies_sample_the_planes_without_joining_them(tmp_path: Path) 
         step = max(1, data.size // inspect.SAMPLE)
         want = inspect._entropy(data[: step * inspect.SAMPLE : step] if data.size > inspect.SAMPLE else data)
         assert r["entropy"] == float(want), r
+
+
+def test_a_snapshot_that_is_not_there_or_out_of_reach_is_no_damaged_row(repo: gpupas.Repository,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only damage makes a ``damaged`` row: a snapshot that is not there (a mistyped id, one discarded since the
+    listing) is SnapshotNotFoundError as before (exit 1), and a store out of reach its own error (exit 4), not
+    a row that `gpupas inspect` turns into exit 3 and "run `gpupas verify`"."""
+    from gpupas.errors import SnapshotNotFoundError, StoreUnavailableError
+
+    with pytest.raises(SnapshotNotFoundError, match="nope"):
+        inspect.snapshots(repo, ["nope"])
+
+    def gone(sid: str) -> None:
+        raise StoreUnavailableError("s3://bucket/arc cannot be reached")
+
+    monkeypatch.setattr(repo.archive, "manifest", gone)
+    with pytest.raises(StoreUnavailableError):
+        inspect.snapshots(repo)
