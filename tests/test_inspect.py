@@ -118,6 +118,9 @@ def test_a_damaged_manifest_has_its_row_and_the_others_theirs(repo: gpupas.Repos
     got = subprocess.run([sys.executable, "-m", "gpupas", "-A", repo.location, "inspect", "net", "--by", "snapshot"],
                          capture_output=True, text=True, cwd=ROOT)
     assert got.returncode == 3 and first in got.stderr and "version 1 (net)" in got.stdout, got
+    got = subprocess.run([sys.executable, "-m", "gpupas", "-A", repo.location, "inspect", "net", "--by", "snapshot",
+                          "--json"], capture_output=True, text=True, cwd=ROOT)
+    assert got.returncode == 3 and [r["damaged"] is not None for r in json.loads(got.stdout)] == [True, True], got
 
 
 def test_savings_and_tradeoff(repo: gpupas.Repository) -> None:

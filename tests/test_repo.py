@@ -594,7 +594,7 @@ def test_a_message_author_best_flag_or_snapshot_of_the_wrong_kind_is_refused_by_
     w = {"w": np.arange(6, dtype=np.float32)}
     v = repo.commit("net", w, message="first")
     for kw, what in (({"message": 5}, "message=5: give"), ({"author": 7}, "author=7: give"),
-                     ({"message": None}, "message=None")):
+                     ({"message": b"x"}, "message=b'x'")):
         with pytest.raises(InvalidInputError, match=what):
             repo.commit("other", w, **kw)
     with pytest.raises(InvalidInputError, match="best='yes'"):
@@ -609,6 +609,7 @@ def test_a_message_author_best_flag_or_snapshot_of_the_wrong_kind_is_refused_by_
         gpupas.Layout(tiers="cold")
     assert [(x["name"], x["n_snapshots"]) for x in repo.log()] == [("net", 1)]
     assert repo.archive.restore(v.latest)["w"].tobytes() == w["w"].tobytes()
+    assert repo.commit("quiet", w, message=None).parents == []  # no message: as before
 
 
 def test_best_may_be_a_comparison_of_tensors_or_a_zero_or_one(repo: Repository) -> None:

@@ -158,8 +158,10 @@ def inspect(ref: Annotated[str, typer.Argument(metavar="VERSION", help="Version:
             rows = records.layers(repo, sid)
         else:
             rows = records.plane_summary(repo, sid, planes=planes, entropy=True)
+    damaged = [r for r in rows if r.get("damaged")]
     if as_json:
         _out().json(rows)
+        _damaged(damaged)
         return
     cols = VIEWS[by]
     t = render.table([h for _, h in cols], right=[h for k, h in cols if k not in ("snapshot", "base", "name", "layer",
@@ -169,9 +171,13 @@ def inspect(ref: Annotated[str, typer.Argument(metavar="VERSION", help="Version:
     for r in rows:
         render.row(t, *(_cell(k, r.get(k)) for k, _ in cols))
     _out().table(t)
-    damaged = [r for r in rows if r.get("damaged")]
-    if damaged:  # its row shown, what is wrong said, and the exit code a damaged archive has
-        raise IntegrityError("; ".join(f"snapshot {r['snapshot']}: {r['damaged']}" for r in damaged[:3])
+    _damaged(damaged)
+
+
+def _damaged(rows: list[dict[str, Any]]) -> None:
+    """After the rows are shown: what is wrong with the damaged ones, and the exit code a damaged archive has."""
+    if rows:
+        raise IntegrityError("; ".join(f"snapshot {r['snapshot']}: {r['damaged']}" for r in rows[:3])
                              + "; run `gpupas verify` for the whole archive")
 
 

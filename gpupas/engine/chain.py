@@ -6,7 +6,7 @@ so re-encoding or re-basing the base never changes what a child reads). :func:`r
 collects per snapshot exactly the tensors its dependents need, stops where bits are cached,
 then decodes dependencies first, keeping each snapshot's bits only while a dependent still needs
 them. :func:`read_all` decodes every snapshot of an archive once (verifying a chain of 17 links
-decodes 17 snapshots, not 153).
+decodes 17 snapshots, not 153); only a snapshot whose base failed is decoded again, along its own chain.
 """
 
 from __future__ import annotations

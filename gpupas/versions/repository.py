@@ -98,8 +98,8 @@ def as_refs(refs: Any, what: str = "parents") -> list[Any]:
 
 
 def _check_message(message: Any, author: Any) -> None:
-    """A version's message (text) and author (text or None), refused by name otherwise."""
-    if not isinstance(message, str):
+    """A version's message and author (text or None), refused by name otherwise."""
+    if message is not None and not isinstance(message, str):
         raise InvalidInputError(f"message={message!r:.60}: give the version's message as text")
     if author is not None and not isinstance(author, str):
         raise InvalidInputError(f"author={author!r:.60}: give the author's name as text (or leave it out)")
