@@ -456,6 +456,8 @@ def test_bad_options_are_refused_before_anything_is_written(archive: gpupas.Arch
     with gpupas.open_archive(archive.location, workers=np.int64(2), cache_bytes=2e9):  # as before
         pass
     assert gpupas.Layout(rotate=np.bool_(False)).rotate is False and gpupas.Layout(groups=[1]).groups == [1]
+    gen = gpupas.Layout(groups=(g for g in [1]), tiers=(t for t in [None, "cold"]))  # read once, kept
+    assert gen.groups == (1,) and gen.tiers == (None, "cold")
     with pytest.raises(InvalidInputError, match="groups"):
         gpupas.Layout(groups=None)
     assert archive.snapshots() == [m0.id]

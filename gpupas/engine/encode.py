@@ -12,7 +12,7 @@ import itertools
 import math
 import numbers
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -53,6 +53,10 @@ class Layout:
         def whole(x: Any) -> bool:
             return isinstance(x, numbers.Integral) and not isinstance(x, bool)
 
+        for field in ("groups", "tiers"):  # an iterator (a generator) read once, here, not used up by the checks
+            x = getattr(self, field)
+            if isinstance(x, Iterator):
+                object.__setattr__(self, field, tuple(x))
         if not whole(self.segment) or not MIN_SEGMENT <= self.segment <= 1 << 31:
             raise InvalidInputError(f"Layout(segment={self.segment!r}): a segment holds {MIN_SEGMENT} to 2^31 values "
                                     f"(default {SEGMENT})")
