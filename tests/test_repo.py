@@ -603,6 +603,9 @@ def test_a_message_author_best_flag_or_snapshot_of_the_wrong_kind_is_refused_by_
     for sel in (m, 1.0, True):
         with pytest.raises(InvalidInputError, match=r"name a snapshot of .* by 'latest', 'best'"):
             repo.commit("branch", w, parents=[v.id], from_snapshot=sel)
+    for ref in (True, np.bool_(False)):
+        with pytest.raises(InvalidInputError, match=r"a tag or a name, not (True|np.False_)"):
+            repo.resolve(ref)
     with pytest.raises(InvalidInputError, match="a statement is text, not int"):
         repo.query(5)
     with pytest.raises(InvalidInputError, match=r"Layout\(tiers='cold'\)"):

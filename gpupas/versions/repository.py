@@ -216,6 +216,8 @@ class Repository:
         """The id a reference names: a Version, an id, a tag, or a name (its newest version)."""
         if isinstance(ref, Version):
             return ref.id
+        if isinstance(ref, (bool, np.bool_)):
+            raise InvalidInputError(f"a version reference is an id, a tag or a name, not {ref!r}")
         if isinstance(ref, (int, np.integer)) or (isinstance(ref, str) and ref.isdigit()):
             vid = int(ref)
             if not self.records.has_version(vid):
