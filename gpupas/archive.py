@@ -130,6 +130,28 @@ def _sid(snapshot: Any) -> str:
     return check_name(snapshot)
 
 
+def _address(x: Any) -> int | None:
+    """Where the data of array ``x`` (torch, NumPy, CuPy) starts, if it says."""
+    ptr = getattr(x, "data_ptr", None)  # torch (its CUDA array interface refuses a tensor that requires grad)
+    if callable(ptr):
+        return int(ptr())
+    for iface in ("__array_interface__", "__cuda_array_interface__"):
+        if hasattr(x, iface):
+            return int(getattr(x, iface)["data"][0])
+    return None
+
+
+def _addresses(tensors: Any) -> set[int]:
+    """Where the arrays of a mapping of tensors (nested mappings too) start."""
+    out: set[int] = set()
+    for v in tensors.values() if isinstance(tensors, Mapping) else ():
+        if isinstance(v, Mapping):
+            out |= _addresses(v)
+        elif a := _address(v):
+            out.add(a)
+    return out
+
+
 def _layout(layout: Any) -> Layout | None:
     """``layout`` if it is None or a Layout, else InvalidInputError (a dict or a name is not one)."""
     if layout is not None and not isinstance(layout, Layout):
@@ -376,7 +398,9 @@ class Archive:
                     raise
                 break
             self.store.keep_tiers(m)  # published: what this raises (a warning made an error) removes nothing
-        self.bases.put(sid, {st.name: st.bits for st in staged}, borrowed=True)  # checked by CRC before use
+        given = _addresses(tensors)  # the caller's arrays are borrowed; copies (of torch tensors, lossy) are owned
+        self.bases.put(sid, {st.name: st.bits for st in staged},  # checked by CRC before use
+                       borrowed=[st.name for st in staged if _address(st.bits) in given])
         return m
 
     def _bases_unchanged(self, m: Manifest, base_bits: Mapping[str, Any], grand_bits: Mapping[str, Any],

@@ -665,6 +665,24 @@ def test_torch_restores_hold_the_output_once_and_stay_their_own(archive: gpupas.
     assert archive.commit({"w": w, "b16": b16}, base=m.id).stored_bytes < m.stored_bytes / 10  # a true delta
 
 
+def test_cache_bytes_counts_the_copies_a_commit_keeps(tmp_path: Path) -> None:
+    """Torch tensors are copied on the way in and the cache alone then holds the copies: ``cache_bytes`` counts
+    them (they were counted as the caller's, so a loop of commits kept ``cache_size`` snapshots whatever the
+    cap); the caller's own NumPy arrays still cost nothing."""
+    torch = pytest.importorskip("torch")
+    cap = 3 << 20
+    with gpupas.create_archive(tmp_path / "arc", cache_size=8, cache_bytes=cap) as a:
+        state = {"w": torch.zeros(1 << 18), "b": torch.ones(1 << 18)}  # 2 MiB
+        for _ in range(4):
+            state["w"] += 1.0
+            a.commit(state)
+        held = [v.nbytes for bits in a.bases._items.values() for v in bits.values()]
+        assert len(a.bases._items) == 1 and sum(held) <= cap, held  # the newest is kept, even alone over the cap
+        arrays = {"w": np.zeros(1 << 18, np.float32), "b": np.ones(1 << 18, np.float32)}
+        ids = [a.commit(arrays).id for _ in range(4)]
+        assert all(s in a.bases for s in ids)  # borrowed: nothing owned, all four kept
+
+
 def test_import_loads_no_optional_backend() -> None:
     code = "import sys, gpupas; print(sorted(m for m in ('torch', 'cupy', 'nvidia.nvcomp') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

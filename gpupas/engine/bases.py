@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any
 
 from gpupas.format.manifest import TensorEntry
@@ -25,14 +25,15 @@ class BaseCache:
         self._shared: set[str] = set()  # snapshots whose arrays were handed to a caller
         self._lock = threading.Lock()
 
-    def put(self, sid: str, bits: Mapping[str, Any], *, borrowed: bool = False) -> None:
-        """Keep ``bits`` (raw patterns by name) of snapshot ``sid``; ``borrowed``: they are the
-        caller's own arrays."""
+    def put(self, sid: str, bits: Mapping[str, Any], *, borrowed: bool | Collection[str] = False) -> None:
+        """Keep ``bits`` (raw patterns by name) of snapshot ``sid``; ``borrowed``: the names (True: all)
+        whose arrays are the caller's own (the others, copies made on the way in, count as the cache's)."""
+        lent = set(bits) if borrowed is True else set(borrowed or ())
         with self._lock:
             self._items[sid] = dict(bits)
             self._items.move_to_end(sid)
-            self._owned[sid] = 0 if borrowed else sum(int(b.nbytes) for b in bits.values())
-            (self._shared.add if borrowed else self._shared.discard)(sid)
+            self._owned[sid] = sum(int(b.nbytes) for name, b in bits.items() if name not in lent)
+            (self._shared.add if lent else self._shared.discard)(sid)
             while len(self._items) > self.max_snapshots or (
                     self.max_bytes is not None and len(self._items) > 1 and sum(self._owned.values()) > self.max_bytes):
                 self._forget(next(iter(self._items)))
