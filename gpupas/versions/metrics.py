@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 import csv
 import io
 import json
@@ -151,8 +152,18 @@ def upto(metrics: Mapping[str, list[list[Any]]], step: int | None, after: int | 
 def value_at(series: Sequence[Sequence[Any]], step: int | None) -> float | None:
     """The value logged last at the highest step up to ``step`` (all steps where None): of two points at one
     step the later, so an evaluation logged after its checkpoint, at its step, counts for it."""
-    pts = [(i, p) for i, p in enumerate(series) if p[1] is not None and (step is None or p[0] <= step)]
-    return max(pts, key=lambda ip: (ip[1][0], ip[0]))[1][1] if pts else None
+    return values_at(series, [step])[0]
+
+
+def values_at(series: Sequence[Sequence[Any]], steps: Sequence[int | None]) -> list[float | None]:
+    """The value at each of ``steps`` (see :func:`value_at`), from one sort of the series, not a scan per step."""
+    pts = sorted((p[0], i, p[1]) for i, p in enumerate(series) if p[1] is not None)  # the last of a step last
+    keys = [p[0] for p in pts]
+    out: list[float | None] = []
+    for step in steps:
+        k = len(pts) if step is None else bisect.bisect_right(keys, step)
+        out.append(pts[k - 1][2] if k else None)
+    return out
 
 
 def pick_best(entries: list[dict[str, Any]], series: Mapping[str, Any], best: str | int | None,
@@ -164,7 +175,8 @@ def pick_best(entries: list[dict[str, Any]], series: Mapping[str, Any], best: st
     metric, sign = best_rule(best_by)
     if metric not in series:
         raise InvalidInputError(f"best_by: no metric {metric!r}; the metrics are {', '.join(series) or 'none'}")
-    scored = [(v, i) for i, e in enumerate(entries) if (v := value_at(series[metric], e.get("step"))) is not None]
+    values = values_at(series[metric], [e.get("step") for e in entries])
+    scored = [(v, i) for i, v in enumerate(values) if v is not None]
     if not scored:
         return None
     return entries[min(scored, key=lambda t: (sign * t[0], t[1]))[1]]["id"]
