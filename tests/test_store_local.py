@@ -255,6 +255,43 @@ def test_an_archive_round_trips_where_python_has_no_vectored_io(tmp_path: Path,
         assert out[name].dtype == v.dtype and out[name].shape == v.shape and out[name].tobytes() == v.tobytes()
 
 
+def test_a_commit_failing_as_it_writes_a_shard_index_closes_the_shard(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """The disk fills up as the shard indexes are written: each failed commit left its shard's descriptor open
+    (taken off the sink before the write failed, so the abort never closed it), one more per try for the life
+    of the process. Nothing is left open and nothing is published; once there is room again the commit works."""
+    import errno
+
+    import gpupas
+    from gpupas.store import local, shards
+
+    indexes: set[int] = set()
+    encode_index, append = shards.encode_index, local.LocalWriter.append
+
+    def index(*args: Any) -> Any:
+        out = encode_index(*args)
+        indexes.add(id(out))
+        return out
+
+    def full(self: local.LocalWriter, data: Any) -> int:
+        if id(data) in indexes:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return append(self, data)
+
+    tensors = {"w": np.random.default_rng(0).standard_normal(1 << 16).astype(np.float32)}
+    with gpupas.create_archive(tmp_path / "arc") as a:
+        a.commit(tensors)  # (the worker threads are started)
+        before = len(os.listdir("/proc/self/fd"))
+        with monkeypatch.context() as m:
+            m.setattr(shards, "encode_index", index)
+            m.setattr(local.LocalWriter, "append", full)
+            for _ in range(5):
+                with pytest.raises(OSError, match="No space left"):
+                    a.commit(tensors)
+        assert len(os.listdir("/proc/self/fd")) == before
+        assert len(a.snapshots()) == 1 and a.restore(a.commit(tensors).id)["w"].tobytes() == tensors["w"].tobytes()
+
+
 # -- a local restore reads its chunks only (pread, chunk by chunk) -------------------------------------------
 def test_local_restore_reads_only_its_chunks(tmp_path: Path) -> None:
     import gpupas

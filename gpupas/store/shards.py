@@ -72,7 +72,11 @@ class ShardSink:
         self._wait()
         while self._open:
             _, (writer, index, _) = self._open.popitem()
-            writer.append(encode_index(index))
+            try:
+                writer.append(encode_index(index))
+            except BaseException:  # (no longer in ``_open``: abort would not close it)
+                writer.abort()
+                raise
             writer.close()
 
     def abort(self) -> None:
