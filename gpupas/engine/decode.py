@@ -21,6 +21,7 @@ from gpupas.pas import schemes
 from gpupas.pas.planes import LAYOUTS, from_bits, to_bits
 from gpupas.pas.schemes import repr_dtype
 from gpupas.store.archive import ArchiveStore
+from gpupas.store.shards import ShardReader
 
 SMALL = 1 << 20  # reads of up to this many bytes run on the calling thread
 
@@ -55,11 +56,20 @@ def _decode(store: ArchiveStore, m: Manifest, entries: Sequence[TensorEntry], ne
     coded = [_coded(e) for e in entries]
     windows = getattr(backend, "decode_windows", None)  # the NumPy backend: planes through a bounded window
 
+    readers: dict[int, ShardReader] = {}  # one per stream for all windows: each shard index read once (remotely
+    # two requests and the whole index each time)
+
     def read(s: int, chunks: list[int], buf: Any, first: int) -> None:
-        _read_stream(store, m, s, chunks, buf, backend, executor, small, first)
+        if s not in readers:
+            readers[s] = store.reader(m.streams[s])
+        _read_stream(store, m, s, chunks, buf, backend, executor, small, first, readers[s])
 
     known: dict[str, int] = {}  # CRC-32s the backend computed while rebuilding (of the decoded bits)
-    out = None if windows is None else windows(m, coded, read, base_bits, grand_bits, executor, small, crcs=known)
+    try:
+        out = None if windows is None else windows(m, coded, read, base_bits, grand_bits, executor, small, crcs=known)
+    finally:
+        for reader in readers.values():
+            reader.close()
     if out is None:
         with backend.workspace(sum(sizes.values())) as ws:
             bufs: dict[int, Any] = {}
@@ -131,10 +141,11 @@ def _fits(nbytes: int, m: Manifest) -> None:
 
 
 def _read_stream(store: ArchiveStore, m: Manifest, s: int, chunks: list[int], buf: Any, backend: Any, executor: Any,
-                 small: bool, first: int = 0) -> None:
-    """Decode ``chunks`` of stream ``s`` into ``buf``, chunk ``c`` at ``(c - first) * chunk_size``."""
+                 small: bool, first: int = 0, given: ShardReader | None = None) -> None:
+    """Decode ``chunks`` of stream ``s`` into ``buf``, chunk ``c`` at ``(c - first) * chunk_size``; through
+    ``given`` where given (the caller's to close: released here), else a reader of its own."""
     stream = m.streams[s]
-    reader = store.reader(stream)
+    reader = store.reader(stream) if given is None else given
 
     def where_what() -> tuple[str, str]:  # a stream in a tier is damaged there: named with the tier's location
         if not stream.tier:
@@ -172,7 +183,10 @@ def _read_stream(store: ArchiveStore, m: Manifest, s: int, chunks: list[int], bu
         else:
             backend.decode_chunks(stream, chunks, reader.fetch, buf, executor, small, damaged, reader.scatter)
     finally:
-        reader.close()
+        if given is None:
+            reader.close()
+        else:
+            reader.release()
 
 
 class _From:

@@ -206,6 +206,12 @@ class ShardReader:
         off, n, fd = where
         return self.store.read_into(fd, views, off) == n  # type: ignore[attr-defined]
 
+    def release(self) -> None:
+        """Forget the chunks prepared so far (their fetched bytes), keeping the shard indexes (and open files)
+        for the next :meth:`prepare`: one reader for a restore's windows reads each index once."""
+        self._fetched.clear()
+        self._where.clear()
+
     def close(self) -> None:
         for _, fd in self._shards.values():
             if isinstance(fd, int):
