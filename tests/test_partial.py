@@ -238,8 +238,9 @@ def test_bad_requests_and_damage(tmp_path: Path) -> None:
         data = bytearray(shard.read_bytes())
         data[3] ^= 0xFF
         shard.write_bytes(bytes(data))
-        with pytest.raises(IntegrityError):
-            arc.read_planes(m.id, 1)
+        with pytest.raises(IntegrityError, match=r"chunk 0 of stream 0 \(in shard file snapshots/.*\) is damaged .*"
+                                                 r"it holds tensor\(s\) w\. Restore the archive from a copy"):
+            arc.read_planes(m.id, 1)  # named as a restore names it
 
 
 @pytest.mark.parametrize(("enc", "ctx", "alpha"), [("sub", False, False), ("sub", True, False), ("xor", True, False),

@@ -147,30 +147,14 @@ def _read_stream(store: ArchiveStore, m: Manifest, s: int, chunks: list[int], bu
     stream = m.streams[s]
     reader = store.reader(stream) if given is None else given
 
-    def where_what() -> tuple[str, str]:  # a stream in a tier is damaged there: named with the tier's location
-        if not stream.tier:
-            return store.location, "the archive"
-        url = store.tier_table().get(stream.tier, {}).get("url", "?")
-        return f"{store.location}, tier {stream.tier!r} ({url})", f"tier {stream.tier!r}"
-
     def damaged(c: int, exc: Exception) -> IntegrityError:
-        held = holders(m, s, c)
-        place, what = where_what()
-        try:
-            where = reader.locate(c)
-        except IntegrityError:
-            where = None
-        return IntegrityError(
-            f"snapshot {m.id} in {place}: chunk {c} of stream {s}"
-            + (f" (in shard file {where[0]})" if where else "") + f" is damaged ({exc}); it holds tensor(s) "
-            f"{', '.join(held[:5])}{'...' if len(held) > 5 else ''}. Restore {what} from a copy or commit "
-            "that snapshot again.")
+        return damaged_chunk(store, m, s, reader, c, exc)
 
     try:
         try:
             missing = reader.prepare(chunks)
         except IntegrityError as exc:
-            place, what = where_what()
+            place, what = _where(store, stream)
             raise IntegrityError(f"snapshot {m.id} in {place}, stream {s}: {exc}; restore {what} "
                                  "from a copy or commit that snapshot again") from None
         if missing:
@@ -187,6 +171,29 @@ def _read_stream(store: ArchiveStore, m: Manifest, s: int, chunks: list[int], bu
             reader.close()
         else:
             reader.release()
+
+
+def _where(store: ArchiveStore, stream: Any) -> tuple[str, str]:
+    """Where a stream lies, and what to restore from a copy if it is damaged there (a tier, with its URL)."""
+    if not stream.tier:
+        return store.location, "the archive"
+    url = store.tier_table().get(stream.tier, {}).get("url", "?")
+    return f"{store.location}, tier {stream.tier!r} ({url})", f"tier {stream.tier!r}"
+
+
+def damaged_chunk(store: ArchiveStore, m: Manifest, s: int, reader: Any, c: int, exc: Exception) -> IntegrityError:
+    """The error for chunk ``c`` of stream ``s`` found damaged: where it lies, its shard file, the tensors in it."""
+    held = holders(m, s, c)
+    place, what = _where(store, m.streams[s])
+    try:
+        where = reader.locate(c)
+    except IntegrityError:
+        where = None
+    return IntegrityError(
+        f"snapshot {m.id} in {place}: chunk {c} of stream {s}"
+        + (f" (in shard file {where[0]})" if where else "") + f" is damaged ({exc}); it holds tensor(s) "
+        f"{', '.join(held[:5])}{'...' if len(held) > 5 else ''}. Restore {what} from a copy or commit "
+        "that snapshot again.")
 
 
 class _From:

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from gpupas.engine.chain import dependencies, grand_of
+from gpupas.engine.decode import damaged_chunk
 from gpupas.errors import IntegrityError, InvalidInputError
 from gpupas.format.checksum import crc32
 from gpupas.format.layout import needed_chunks, segments
@@ -386,8 +387,8 @@ class PartialReader:
                     self._indexes.add(shard)
                     self.bytes_read += index_nbytes(stream.shard_chunks)
 
-            def damaged(c: int, exc: Exception, m: Manifest = m, s: int = s) -> IntegrityError:
-                return IntegrityError(f"snapshot {m.id}: chunk {c} of stream {s} is damaged ({exc})")
+            def damaged(c: int, exc: Exception, m: Manifest = m, s: int = s, reader: Any = reader) -> IntegrityError:
+                return damaged_chunk(self.store, m, s, reader, c, exc)
 
             self.backend.decode_chunks(stream, new, reader.fetch, buf, self.executor, True, damaged)
             have.update(new)
