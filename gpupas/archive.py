@@ -132,12 +132,15 @@ def _sid(snapshot: Any) -> str:
 
 def _address(x: Any) -> int | None:
     """Where the data of array ``x`` (torch, NumPy, CuPy) starts, if it says."""
-    ptr = getattr(x, "data_ptr", None)  # torch (its CUDA array interface refuses a tensor that requires grad)
-    if callable(ptr):
-        return int(ptr())
-    for iface in ("__array_interface__", "__cuda_array_interface__"):
-        if hasattr(x, iface):
-            return int(getattr(x, iface)["data"][0])
+    try:
+        ptr = getattr(x, "data_ptr", None)  # torch (its CUDA array interface refuses a tensor that requires grad)
+        if callable(ptr):
+            return int(ptr())
+        for iface in ("__array_interface__", "__cuda_array_interface__"):
+            if hasattr(x, iface):
+                return int(getattr(x, iface)["data"][0])
+    except Exception:  # a tensor without storage (sparse) beside a checkpoint's weights: none (asked once published)
+        return None
     return None
 
 

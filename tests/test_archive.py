@@ -683,6 +683,16 @@ def test_cache_bytes_counts_the_copies_a_commit_keeps(tmp_path: Path) -> None:
         assert all(s in a.bases for s in ids)  # borrowed: nothing owned, all four kept
 
 
+def test_commit_of_a_checkpoint_with_a_tensor_without_storage_returns_its_manifest(tmp_path: Path) -> None:
+    """What a training checkpoint holds beside its weights (here a sparse tensor, whose data pointer torch
+    refuses) is left out, and the commit returns: it raised RuntimeError after the snapshot was published."""
+    torch = pytest.importorskip("torch")
+    with gpupas.create_archive(tmp_path / "arc") as a, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        m = a.commit({"model": {"w": np.ones(4, np.float32)}, "extra": {"s": torch.eye(3).to_sparse()}})
+        assert a.snapshots() == [m.id] and m.id in a.bases
+
+
 def test_import_loads_no_optional_backend() -> None:
     code = "import sys, gpupas; print(sorted(m for m in ('torch', 'cupy', 'nvidia.nvcomp') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
