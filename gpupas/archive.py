@@ -46,7 +46,7 @@ from gpupas.pas import schemes
 from gpupas.pas.planes import from_bits, layout_of
 from gpupas.pas.settings import Setting, get_setting
 from gpupas.store.archive import ArchiveStore
-from gpupas.tensors import as_tensor_dict
+from gpupas.tensors import Loaded, as_tensor_dict
 
 SMALL = 1 << 20  # snapshots of up to this many bytes are coded on the calling thread
 MANIFEST_CACHE = (1024, 1 << 18)  # parsed manifests a session keeps: at most this many, holding this many tensors
@@ -145,8 +145,11 @@ def _address(x: Any) -> int | None:
 
 
 def _addresses(tensors: Any) -> set[int]:
-    """Where the arrays of a mapping of tensors (nested mappings too) start."""
+    """Where the arrays of a mapping of tensors (nested mappings too) start; none for tensors loaded for this
+    commit (:class:`~gpupas.tensors.Loaded`: no caller holds them)."""
     out: set[int] = set()
+    if isinstance(tensors, Loaded):
+        return out
     for v in tensors.values() if isinstance(tensors, Mapping) else ():
         if isinstance(v, Mapping):
             out |= _addresses(v)

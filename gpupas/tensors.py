@@ -211,6 +211,11 @@ def _load_folder(folder: Path, notes: list[str] | None, metadata: dict[str, str]
     return load_checkpoint(weights, notes, metadata)
 
 
+class Loaded(dict):  # type: ignore[type-arg]
+    """Tensors read from a checkpoint file for one commit: no caller holds them, so the delta-base cache counts
+    what it keeps of them as its own (``cache_bytes``), as it does for a commit given the file's path."""
+
+
 def as_tensor_dict(tensors: Any, source: str = "input", backend: Any = None) -> dict[str, Any]:
     """Named tensors as arrays of ``backend`` (NumPy by default); accepts a mapping of
     NumPy/CuPy/torch arrays or a checkpoint file path. A mapping that wraps a state_dict

@@ -663,3 +663,18 @@ def test_best_may_be_a_comparison_of_tensors_or_a_zero_or_one(repo: Repository) 
         with pytest.raises(InvalidInputError, match=r"best=.*True marks"):
             repo.add_snapshot(v.id, w, best=bad)
     assert len(repo.version(v.id).snapshots) == 1 + len(flags)
+
+
+def test_cache_bytes_counts_the_tensors_a_repository_loads_from_files(tmp_path: Path) -> None:
+    """A version committed from checkpoint files: the arrays loaded for each commit are the cache's alone (no
+    caller holds them), so ``cache_bytes`` counts them; they were taken for the caller's own (0 bytes) and the
+    cache kept ``cache_size`` snapshots whatever the cap."""
+    paths = []
+    for k in range(4):
+        paths.append(tmp_path / f"step-{k}.safetensors")
+        save_file({"w": np.full(1 << 18, k, np.float32)}, paths[-1])  # 1 MiB each
+    r = create_repository(tmp_path / "arc", cache_size=8, cache_bytes=1 << 20)
+    r.commit("m", paths)
+    assert len(r.archive.bases._items) == 1
+    r.add_snapshot("m", paths[0])
+    assert len(r.archive.bases._items) == 1

@@ -44,7 +44,7 @@ from gpupas.errors import (
 )
 from gpupas.format import keys
 from gpupas.network import Network, extract_network
-from gpupas.tensors import load_checkpoint
+from gpupas.tensors import Loaded, load_checkpoint
 from gpupas.versions import export as _export
 from gpupas.versions import inspect as _inspect
 from gpupas.versions import verify as _verify
@@ -333,7 +333,7 @@ class Repository:
         metadata as ``file_metadata`` (export writes it back)."""
         notes: list[str] = []
         metadata: dict[str, str] = {}
-        tensors = load_checkpoint(path, notes, metadata)
+        tensors = Loaded(load_checkpoint(path, notes, metadata))  # the cache's alone once committed
         for note in notes:
             warnings.warn(note, stacklevel=4)
         return tensors, ({"file_metadata": metadata} if metadata else {})
