@@ -212,8 +212,9 @@ def _load_folder(folder: Path, notes: list[str] | None, metadata: dict[str, str]
 
 
 class Loaded(dict):  # type: ignore[type-arg]
-    """Tensors read from a checkpoint file for one commit: no caller holds them, so the delta-base cache counts
-    what it keeps of them as its own (``cache_bytes``), as it does for a commit given the file's path."""
+    """Tensors made for one commit (read from a checkpoint file, an asynchronous commit's copies): no caller holds
+    them, so the delta-base cache counts what it keeps of them as its own (``cache_bytes``), as it does for a
+    commit given the file's path."""
 
 
 def as_tensor_dict(tensors: Any, source: str = "input", backend: Any = None) -> dict[str, Any]:

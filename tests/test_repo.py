@@ -678,3 +678,17 @@ def test_cache_bytes_counts_the_tensors_a_repository_loads_from_files(tmp_path: 
     assert len(r.archive.bases._items) == 1
     r.add_snapshot("m", paths[0])
     assert len(r.archive.bases._items) == 1
+
+
+def test_cache_bytes_counts_an_asynchronous_hooks_copies(tmp_path: Path) -> None:
+    """An asynchronous hook commits its own copies of the weights: once the next commit is in, only the cache
+    holds them, so ``cache_bytes`` counts them (they were taken for the caller's: 5 snapshots kept at a 1 MiB cap)."""
+    from gpupas.integrations.training import CheckpointHook
+
+    r = create_repository(tmp_path / "arc", cache_size=8, cache_bytes=1 << 20)
+    w = np.zeros(1 << 18, np.float32)  # 1 MiB
+    with CheckpointHook(r, "run", asynchronous=True) as hook:
+        for step in range(5):
+            w += 1
+            hook({"w": w}, step=step)
+    assert len(r.archive.bases._items) == 1

@@ -41,6 +41,7 @@ import numpy as np
 
 from gpupas.engine.executor import Executor
 from gpupas.errors import InvalidInputError
+from gpupas.tensors import Loaded
 
 
 def _is_cuda_torch(t: Any) -> bool:
@@ -97,7 +98,7 @@ def copy_state(state: Mapping[str, Any]) -> tuple[dict[str, Any], list[Any]]:
 
         events.append(cupy.cuda.Event())
         events[-1].record()
-    return {k: out[k] for k in state}, events
+    return Loaded({k: out[k] for k in state}), events  # the copies: cache_bytes counts what it keeps of them
 
 
 class _SideStreams:
