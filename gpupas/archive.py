@@ -466,7 +466,9 @@ class Archive:
         bits = self._read(snapshot, None, backend)[0]
         arrays = {e.name: from_bits(bits[e.name], e.layout, e.shape) for e in old.tensors}
         base_m = None if new_base is None else self.manifest(new_base)
-        base_bits = {} if base_m is None else self._read(new_base, None, backend)[0]
+        shared = [] if base_m is None else [e.name for e in old.tensors if e.name in base_m.by_name]
+        # only the base tensors the new form can read: damage in the base's others is the base's alone
+        base_bits = self._read(new_base, shared, backend)[0] if shared else {}
         grand_bits = {} if base_m is None else self._grand_bits(base_m, arrays, cfg, backend)
         small = old.raw_bytes <= SMALL
         keep = {e.name: e.scheme for e in old.tensors if e.scheme is not None}  # the same representation again

@@ -155,6 +155,39 @@ def test_verify_on_a_local_cluster_finds_damage(arc: tuple[str, list[dict[str, n
     assert all(isinstance(got[f"s{i}"], str) for i in range(3, N))  # s3, and what is built on it
 
 
+def test_a_delta_is_revised_while_its_base_is_damaged_only_in_tensors_it_does_not_read(tmp_path: Path) -> None:
+    """A delta that dropped ``b`` restores and verifies while every chunk of its base's ``b`` is damaged; so
+    it is re-encoded on that base (Archive.revise, the re-encode job), and a snapshot without ``b`` is re-based
+    onto that base: each reads only the base tensors it uses. The damaged base stays damaged, nothing else
+    changes a bit."""
+    from gpupas.errors import IntegrityError
+    from tests.conftest import flip_chunks_of
+
+    rng = np.random.default_rng(4)
+    t0 = {k: (rng.standard_normal(300_000) * 0.02).astype(np.float32) for k in "abc"}
+    t1 = {k: v + np.float32(1e-4) for k, v in t0.items()}
+    t2 = {k: t1[k] + np.float32(1e-4) for k in "ac"}
+    t3 = {k: t1[k] - np.float32(1e-4) for k in "ac"}
+    path = str(tmp_path / "a")
+    with gpupas.create_archive(path) as a:
+        a.commit(t0, snapshot="s0")
+        m1 = a.commit(t1, snapshot="s1", base="s0")
+        a.commit(t2, snapshot="s2", base="s1")
+        a.commit(t3, snapshot="s3")
+    assert flip_chunks_of(tmp_path / "a", m1, "b") >= 2
+    with gpupas.open_archive(path) as a:
+        assert a.revise("s2", setting="strong").base == "s1"
+    assert [r.done for r in run(reencode_graph(path, "fast", snapshots=["s2"]), "sync")] == [True]
+    assert [r.base for r in run(compact_graph(path, {"s3": "s1"}), "sync")] == ["s1"]
+    with gpupas.open_archive(path) as a:
+        assert (a.manifest("s2").setting, a.manifest("s3").base) == ("fast", "s1")
+        for sid, want in (("s0", t0), ("s2", t2), ("s3", t3)):
+            got = a.restore(sid)
+            assert {k: v.tobytes() for k, v in got.items()} == {k: v.tobytes() for k, v in want.items()}, sid
+        with pytest.raises(IntegrityError, match="tensor\\(s\\) b"):
+            a.restore("s1")
+
+
 def test_compaction_on_s3_with_a_process_cluster(s3_options: dict[str, Any], cluster: Any) -> None:  # noqa: F811
     url, opts = split(s3_options)
     snaps = snapshots(1)
