@@ -187,6 +187,9 @@ def test_bad_input_gives_a_clear_message_and_changes_nothing(tmp_path: Path, run
     broken.write_bytes(broken.read_bytes()[:200])  # truncated, last in order: earlier files were already stored
     notes = tmp_path / "notes.txt"
     notes.write_text("not a checkpoint")
+    sid = next((arc / "manifests").glob("*.json")).stem
+    loop = tmp_path / "loop.json"
+    loop.write_text(json.dumps({"target": {sid: sid}}))  # a plan that makes a snapshot a delta on itself
 
     expected = [  # (arguments, exit code, words in the message)
         (("show", "99"), 1, ["no version 99", "gpupas log"]),
@@ -218,6 +221,7 @@ def test_bad_input_gives_a_clear_message_and_changes_nothing(tmp_path: Path, run
         (("plan", "--alpha", "nan"), 2, ["at least 1"]),
         (("gc", "--min-age", "nan"), 2, ["--min-age nan", "at least 0"]),
         (("compact", "--workers", "0", "--dry-run"), 2, ["at least one worker"]),
+        (("compact", "--plan", loop, "--dry-run"), 2, ["the plan makes a loop through " + sid]),
         (("compact", "--codec", "deflate", "--scheduler", "sync"), 2, ["lack zstd", "zstd,deflate"]),
     ]
     results = gp_all(*(args for args, _, _ in expected), archive=arc)  # all at once: none may change anything

@@ -18,6 +18,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from gpupas.errors import InvalidInputError
 from gpupas.plan.graph import ROOT
 
 
@@ -109,7 +110,8 @@ def _parents_first(sids: list[str], base_of: Callable[[str], str | None]) -> lis
         d, x, seen = 0, base_of(s), {s}
         while x is not None:
             if x in seen:
-                raise ValueError(f"the plan makes a loop through {x}")
+                raise InvalidInputError(f"the plan makes a loop through {x}: no snapshot can be a delta on "
+                                        "itself or on a delta on it")
             seen.add(x)
             d += 1
             x = base_of(x)
