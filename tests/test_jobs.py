@@ -188,6 +188,30 @@ def test_a_delta_is_revised_while_its_base_is_damaged_only_in_tensors_it_does_no
             a.restore("s1")
 
 
+def test_a_missing_delta_base_is_damage_to_the_chains_through_it(
+        arc: tuple[str, list[dict[str, np.ndarray]]]) -> None:
+    """A snapshot whose manifest is gone while deltas are built on it: the verify job names each snapshot
+    built on it as damaged, and a plan or a compaction that reads them fails as damage (exit 3) naming it,
+    not as a snapshot not found (exit 1: a mistyped id) or an archive that kept changing (planned 4 times);
+    nothing is changed, and with the manifest back every snapshot restores bit-exact."""
+    from gpupas.errors import IntegrityError
+    from gpupas.plan.archive import plan_archive
+
+    path, snaps = arc
+    gone = Path(path) / "manifests" / "s2.json"
+    kept = gone.read_bytes()
+    gone.unlink()
+    got = dict(run(verify_graph(path), "sync"))
+    assert got.keys() == {f"s{i}" for i in range(N)} - {"s2"} and got["s0"] == got["s1"] == 4
+    assert all("s2" in str(got[f"s{i}"]) and "missing" in str(got[f"s{i}"]) for i in range(3, N))
+    with pytest.raises(IntegrityError, match=r"s2 .*is missing"):
+        compact_graph(path, {"s4": "s0"})
+    with gpupas.open_archive(path) as a, pytest.raises(IntegrityError, match=r"s2 .*is missing"):
+        plan_archive(a, 2.0)
+    gone.write_bytes(kept)
+    same_everywhere(path, snaps)
+
+
 def test_compaction_on_s3_with_a_process_cluster(s3_options: dict[str, Any], cluster: Any) -> None:  # noqa: F811
     url, opts = split(s3_options)
     snaps = snapshots(1)

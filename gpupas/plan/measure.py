@@ -81,7 +81,7 @@ def lineage_runs(archive: Any) -> list[list[str]]:
         runs.append(rest)  # creation order
         for s in rest:
             b = archive.manifest(s).base
-            if b is not None:
+            if b is not None and b in have:  # a base that is missing is damage, found as the snapshot is read
                 runs.append([b, s])
     return runs
 
@@ -131,13 +131,27 @@ def twins(archive: Any, runs: list[list[str]]) -> set[tuple[str, str]]:
 def parents_first(archive: Any, sids: Iterable[str]) -> list[str]:
     """``sids`` and the snapshots they read, each after every snapshot it reads (base, grand)."""
     from gpupas.engine.chain import dependencies, dependencies_first
-    from gpupas.errors import IntegrityError
+    from gpupas.errors import IntegrityError, SnapshotNotFoundError
+
+    sids = list(sids)
+    starts, user = set(sids), {}  # user: a snapshot that reads each dependency
 
     def loop(s: str, x: str) -> None:
         raise IntegrityError(f"snapshot {s}: its delta chain loops back to {x}; restore the archive from a copy")
 
-    return dependencies_first(sids, lambda x: [d for d, _ in dependencies(archive.manifest(x), None, archive.manifest)],
-                              loop)
+    def deps_of(x: str) -> list[str]:
+        try:  # one asked for that is not there is not found; a base that is not there is damage to its chain
+            ds = [d for d, _ in dependencies(archive.manifest(x), None, archive.manifest)]
+        except SnapshotNotFoundError:
+            if x in starts and x not in user:
+                raise
+            raise IntegrityError(f"snapshot {user.get(x, x)}: a snapshot its delta chain reads ({x} or its base) is "
+                                 "missing; restore the archive from a copy") from None
+        for d in ds:
+            user.setdefault(d, x)
+        return ds
+
+    return dependencies_first(sids, deps_of, loop)
 
 
 def iter_bits(archive: Any, sids: Iterable[str]) -> Iterator[tuple[str, dict[str, Any]]]:
