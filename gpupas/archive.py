@@ -144,6 +144,11 @@ def _address(x: Any) -> int | None:
     return None
 
 
+def _same(e: Any, b: Any) -> bool:
+    """Whether base entry ``b`` holds a tensor of ``e``'s dtype and shape (what a delta can be coded against)."""
+    return b is not None and b.dtype == e.dtype and tuple(b.shape) == tuple(e.shape)
+
+
 def _addresses(tensors: Any) -> set[int]:
     """Where the arrays of a mapping of tensors (nested mappings too) start; none for tensors loaded for this
     commit (:class:`~gpupas.tensors.Loaded`: no caller holds them)."""
@@ -466,8 +471,9 @@ class Archive:
         bits = self._read(snapshot, None, backend)[0]
         arrays = {e.name: from_bits(bits[e.name], e.layout, e.shape) for e in old.tensors}
         base_m = None if new_base is None else self.manifest(new_base)
-        shared = [] if base_m is None else [e.name for e in old.tensors if e.name in base_m.by_name]
-        # only the base tensors the new form can read: damage in the base's others is the base's alone
+        # only the base tensors the new form can read (of the same dtype and shape): damage in the base's others
+        # is the base's alone
+        shared = [] if base_m is None else [e.name for e in old.tensors if _same(e, base_m.by_name.get(e.name))]
         base_bits = self._read(new_base, shared, backend)[0] if shared else {}
         grand_bits = {} if base_m is None else self._grand_bits(base_m, arrays, cfg, backend)
         small = old.raw_bytes <= SMALL

@@ -794,3 +794,18 @@ def test_the_manifest_cache_is_bounded_by_tensors(archive: gpupas.Archive, monke
     assert list(archive._manifests) == [big] and archive._entries == 400
     archive._forget(big)
     assert archive._entries == 0 and archive.restore(ids[2])["t7"].tolist() == [2, 2, 2]
+
+
+def test_revise_reads_no_base_tensor_of_another_dtype_or_shape(tmp_path: Path) -> None:
+    """A tensor whose dtype or shape changed since the base is stored whole and reads nothing of the base's:
+    damage there does not stop the delta from being re-encoded, as it does not stop its restore."""
+    rng = np.random.default_rng(4)
+    t0 = {k: (rng.standard_normal(300_000) * 0.02).astype(np.float32) for k in "abc"}
+    t1 = {"a": t0["a"] + np.float32(1e-4), "b": t0["b"].astype(np.float64), "c": t0["c"].reshape(600, 500) * 2}
+    with gpupas.create_archive(tmp_path / "a") as a:
+        m0 = a.commit(t0, snapshot="s0")
+        a.commit(t1, snapshot="s1", base="s0")
+    assert flip_chunks_of(tmp_path / "a", m0, "b") >= 2 and flip_chunks_of(tmp_path / "a", m0, "c") >= 2
+    with gpupas.open_archive(tmp_path / "a") as a:
+        assert a.revise("s1", setting="strong").base == "s0"
+        assert {k: v.tobytes() for k, v in a.restore("s1").items()} == {k: v.tobytes() for k, v in t1.items()}
