@@ -271,3 +271,22 @@ def test_a_format2_pred_child_is_made_format3_before_its_base_moves(tmp_path: Pa
             got = a.restore(sid)
             assert all(got[k].tobytes() == v.tobytes() for k, v in tensors.items()), sid
     assert compact_graph(str(tmp_path / "a"), target, how=how).changes == []
+
+
+def test_a_format2_pred_child_whose_base_is_missing_is_damage(tmp_path: Path) -> None:
+    """A format 1/2 'pred' child names its grand through its base's manifest: with that manifest gone, planning
+    fails as damage naming the child, not as an archive that kept changing (planned 4 times)."""
+    import shutil
+
+    from test_fixtures import FIXTURES
+
+    from gpupas.errors import IntegrityError
+    from gpupas.plan.archive import plan_archive
+
+    shutil.copytree(FIXTURES / "format2" / "archive", tmp_path / "a")
+    with gpupas.open_archive(tmp_path / "a") as a:
+        (kid,) = [s for s in a.snapshots() if a.manifest(s).has_pred]
+        mid = a.manifest(kid).base
+    (tmp_path / "a" / "manifests" / f"{mid}.json").unlink()
+    with gpupas.open_archive(tmp_path / "a") as a, pytest.raises(IntegrityError, match=f"{kid}.*{mid}.*is missing"):
+        plan_archive(a, 2.0)

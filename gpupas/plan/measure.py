@@ -141,11 +141,16 @@ def parents_first(archive: Any, sids: Iterable[str]) -> list[str]:
 
     def deps_of(x: str) -> list[str]:
         try:  # one asked for that is not there is not found; a base that is not there is damage to its chain
-            ds = [d for d, _ in dependencies(archive.manifest(x), None, archive.manifest)]
+            m = archive.manifest(x)
         except SnapshotNotFoundError:
             if x in starts and x not in user:
                 raise
             raise IntegrityError(f"snapshot {user.get(x, x)}: a snapshot its delta chain reads ({x} or its base) is "
+                                 "missing; restore the archive from a copy") from None
+        try:  # formats 1 and 2: 'pred' tensors name their grand through the base's manifest
+            ds = [d for d, _ in dependencies(m, None, archive.manifest)]
+        except SnapshotNotFoundError:
+            raise IntegrityError(f"snapshot {x}: a snapshot its delta chain reads ({m.base} or its base) is "
                                  "missing; restore the archive from a copy") from None
         for d in ds:
             user.setdefault(d, x)
