@@ -230,7 +230,9 @@ class Archive:
     """Snapshots of named tensors in one store.
 
     ``workers``: threads for coding (default: one per core); ``cache_size``: snapshots kept in
-    memory as delta bases (``cache_bytes``: at most that many bytes the cache owns);
+    memory as delta bases (``cache_bytes``: at most that many bytes the cache owns, the newest snapshot kept
+    whatever its size: a commit's copies of torch tensors, lossy or file input, and restored snapshots count,
+    the caller's own NumPy arrays not);
     ``max_chain``: a commit whose delta chain would grow longer is stored whole.
     """
 
@@ -322,7 +324,7 @@ class Archive:
         """Delete ``snapshot`` for good (a snapshot nothing references, e.g. of a failed version).
 
         Refused while other snapshots are deltas on it or extrapolate from it; ``force`` deletes it
-        anyway, and those can then no longer be restored.
+        anyway, and those can then no longer be restored. SnapshotNotFoundError if there is no such snapshot.
         """
         if not self.store.has_manifest(_sid(snapshot)):
             raise SnapshotNotFoundError(f"no snapshot {snapshot!r} in archive {self.location}; list them with "
@@ -661,8 +663,10 @@ class Archive:
         return len(self._read(snapshot, None, get_backend("numpy"), cache=False)[0])
 
     def verify_all(self, snapshots: Iterable[str] | None = None) -> Iterator[tuple[str, int | Exception]]:
-        """Check every snapshot (default: all), decoding each once, parents before children; yields
-        (snapshot, tensor count or the error found)."""
+        """Check every snapshot (default: all), decoding each once, parents before children (a base not
+        asked for only as far as its dependents read it); yields (snapshot, tensor count or the error found).
+        A delta whose base failed is decoded again along its own chain and judged by the base tensors it
+        reads: damage in the base's others is the base's alone."""
         sids = self.store.list_snapshots() if snapshots is None else list(snapshots)
         self.refresh()
         return chain.read_all(self.store, sids, manifests=self.manifest, backend=get_backend("numpy"),

@@ -53,7 +53,8 @@ def _tier_of(m: Manifest, stream: int) -> str:
 def snapshots(source: Any, which: Iterable[str] | None = None) -> list[dict[str, Any]]:
     """One row per snapshot (all, oldest first, or ``which``): version (where ``source`` is a Repository),
     base, depth, sizes, delta tensors, bytes local and in tiers. Reads manifests only. A snapshot whose
-    manifest (or a base's) cannot be read still has its row: what is wrong in ``damaged``, the rest None."""
+    manifest (or a base's) cannot be read still has its row: what is wrong in ``damaged`` (else None), its
+    version and index, the rest None; a snapshot that is not there raises SnapshotNotFoundError."""
     from gpupas.errors import IntegrityError, SnapshotNotFoundError
 
     archive = _archive(source)
@@ -247,8 +248,9 @@ def plane_summary(source: Any, snapshot: str, *, planes: int | None = None, entr
 # -- change against a base ---------------------------------------------------------------------------------------
 def changes(source: Any, snapshot: str, base: str | None = None) -> list[dict[str, Any]]:
     """One row per tensor of ``snapshot`` present in ``base`` (default: its delta base) with the same
-    shape: how it is stored (encoding, stored bytes), the fraction of values and of rows whose bits
-    changed, and for floats the largest and mean absolute change and the relative L2 change."""
+    shape and dtype (only tensors both have are decoded): how it is stored (encoding, stored bytes), the
+    fraction of values and of rows whose bits changed, and for floats the largest and mean absolute change
+    and the relative L2 change."""
     from gpupas.versions.inspect import diff_tensors
 
     archive = _archive(source)

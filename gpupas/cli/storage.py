@@ -142,7 +142,8 @@ def inspect(ref: Annotated[str, typer.Argument(metavar="VERSION", help="Version:
             planes: Annotated[int | None, typer.Option("--planes", metavar="K", min=1, max=8, help=(
                 "--by plane: only the K most significant planes (reads only their chunks)."))] = None,
             archive: ArchiveOpt = None, as_json: JsonOpt = False) -> None:
-    """What a version's snapshots store: per snapshot, tensor, layer or plane (the records notebooks plot)."""
+    """What a version's snapshots store: per snapshot, tensor, layer or plane (the records notebooks plot).
+    --by snapshot lists a snapshot whose manifest cannot be read too, then exits 3."""
     from gpupas import inspect as records
 
     if by not in VIEWS:

@@ -1,10 +1,11 @@
 """Delta bases kept in memory: the one place that decides what stays, and checks it before use.
 
-A commit keeps the caller's own arrays (no copy) as the next commit's base; a restore keeps what
-it decoded. Either may be changed afterwards by whoever holds the arrays (a training loop steps
-its weights in place), so a cached snapshot is used only while each tensor still matches its
-CRC-32. At most ``max_snapshots`` snapshots, and, where ``max_bytes`` is set, at most that many
-bytes of arrays the cache owns (the caller's arrays cost nothing extra).
+A commit keeps the caller's own arrays (no copy; what it had to copy, e.g. torch tensors, lossy or
+file input, counts as the cache's) as the next commit's base; a restore keeps what it decoded.
+Either may be changed afterwards by whoever holds the arrays (a training loop steps its weights in
+place), so a cached snapshot is used only while each tensor still matches its CRC-32. At most
+``max_snapshots`` snapshots, and, where ``max_bytes`` is set, at most that many bytes of arrays the
+cache owns (the caller's arrays cost nothing extra), the newest snapshot kept whatever its size.
 """
 
 from __future__ import annotations

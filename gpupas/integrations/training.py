@@ -59,7 +59,7 @@ class CheckpointHook:
     archive
         A :class:`~gpupas.versions.repository.Repository` or the location of an archive (created if missing).
     name
-        The version's name. ``parents`` (ids, tags or names) give its lineage; the first
+        The version's name. ``parents`` (ids, tags or names; one may be given alone) give its lineage; the first
         snapshot is a delta against the first parent's latest one (fine-tuning), or against its
         ``from_snapshot`` (1-based index, id, "best") where a run resumes from an earlier one.
     best_by

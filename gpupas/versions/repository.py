@@ -395,7 +395,7 @@ class Repository:
             arrays, or a list of those. Each snapshot is delta-encoded against the previous one,
             the first against the first parent's latest snapshot.
         parents
-            Versions this one derives from (ids, tags, names).
+            Versions this one derives from (ids, tags, names); one may be given alone.
         from_snapshot
             The first parent's snapshot this version starts from (1-based index, id, "best"; default its
             latest): its first snapshot is a delta against that one, as `show` then says.
