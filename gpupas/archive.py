@@ -624,8 +624,6 @@ class Archive:
             if backend.crc32_many(list(bits.values()), self.executor) != [m.tensor(n).crc32 for n in bits]:
                 self.bases.drop(snapshot)
                 bits = self._read(snapshot, _names(names), backend, cache=False)[0]
-        else:
-            self.bases.share(snapshot)  # the caller now holds the cached arrays
         return backend.outputs(m, bits, framework)
 
     def read_planes(self, snapshot: str, planes: int = 1, names: Iterable[str] | None = None, *,

@@ -23,7 +23,6 @@ class BaseCache:
         self.max_snapshots, self.max_bytes = max_snapshots, max_bytes
         self._items: OrderedDict[str, dict[str, Any]] = OrderedDict()
         self._owned: dict[str, int] = {}  # snapshot -> bytes the cache itself holds (not the caller's)
-        self._shared: set[str] = set()  # snapshots whose arrays were handed to a caller
         self._lock = threading.Lock()
 
     def put(self, sid: str, bits: Mapping[str, Any], *, borrowed: bool | Collection[str] = False) -> None:
@@ -34,7 +33,6 @@ class BaseCache:
             self._items[sid] = dict(bits)
             self._items.move_to_end(sid)
             self._owned[sid] = sum(int(b.nbytes) for name, b in bits.items() if name not in lent)
-            (self._shared.add if lent else self._shared.discard)(sid)
             while len(self._items) > self.max_snapshots or (
                     self.max_bytes is not None and len(self._items) > 1 and sum(self._owned.values()) > self.max_bytes):
                 self._forget(next(iter(self._items)))
@@ -52,21 +50,6 @@ class BaseCache:
         self.drop(sid)
         return None
 
-    def holds(self, sid: str, name: str, array: Any) -> bool:
-        """Whether ``array`` is the cache's own array of tensor ``name`` of ``sid``."""
-        with self._lock:
-            return self._items.get(sid, {}).get(name) is array
-
-    def share(self, sid: str) -> None:
-        """The arrays of ``sid`` were handed to a caller: hand out copies from now on."""
-        with self._lock:
-            if sid in self._items:
-                self._shared.add(sid)
-
-    def shared(self, sid: str) -> bool:
-        with self._lock:
-            return sid in self._shared
-
     def drop(self, sid: str) -> None:
         with self._lock:
             self._forget(sid)
@@ -75,7 +58,6 @@ class BaseCache:
         with self._lock:
             self._items.clear()
             self._owned.clear()
-            self._shared.clear()
 
     def __contains__(self, sid: str) -> bool:
         return sid in self._items
@@ -83,4 +65,3 @@ class BaseCache:
     def _forget(self, sid: str) -> None:
         self._items.pop(sid, None)
         self._owned.pop(sid, None)
-        self._shared.discard(sid)
