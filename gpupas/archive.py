@@ -326,10 +326,7 @@ class Archive:
         Refused while other snapshots are deltas on it or extrapolate from it; ``force`` deletes it
         anyway, and those can then no longer be restored. SnapshotNotFoundError if there is no such snapshot.
         """
-        if not self.store.has_manifest(_sid(snapshot)):
-            raise SnapshotNotFoundError(f"no snapshot {snapshot!r} in archive {self.location}; list them with "
-                                        "Archive.snapshots()")
-        self.store.discard(snapshot, force=force)
+        self.store.discard(_sid(snapshot), force=force)
         self.bases.drop(snapshot)
         self._forget(snapshot)
 

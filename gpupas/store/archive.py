@@ -271,12 +271,14 @@ class ArchiveStore:
 
         Refused while other snapshots read its bits (``force``: remove it anyway, they become
         unrestorable); waits for commits in flight, which may be using it as their base.
+        SnapshotNotFoundError where there is no such snapshot.
         """
         with self.store.lock(keys.SNAPSHOTS, exclusive=True):
             try:
                 streams: Sequence[Stream] = self.read_manifest(sid).streams
             except SnapshotNotFoundError:
-                return
+                raise SnapshotNotFoundError(f"no snapshot {sid!r} in archive {self.location}; list them with "
+                                            "Archive.snapshots()") from None
             except (IntegrityError, FormatError):
                 streams = []  # its folders become orphans for gc
             users = [] if force else self.children(sid)
