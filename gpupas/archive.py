@@ -29,7 +29,7 @@ from gpupas.engine import chain, decode
 from gpupas.engine.bases import BaseCache
 from gpupas.engine.encode import Layout, layout_of_snapshot, tiered, write_streams
 from gpupas.engine.executor import Executor
-from gpupas.engine.stage import stage_all
+from gpupas.engine.stage import delta_candidate, stage_all
 from gpupas.errors import (
     ArchiveExistsError,
     ConflictError,
@@ -142,11 +142,6 @@ def _address(x: Any) -> int | None:
     except Exception:  # a tensor without storage (sparse) beside a checkpoint's weights: none (asked once published)
         return None
     return None
-
-
-def _same(e: Any, b: Any) -> bool:
-    """Whether base entry ``b`` holds a tensor of ``e``'s dtype and shape (what a delta can be coded against)."""
-    return b is not None and b.dtype == e.dtype and tuple(b.shape) == tuple(e.shape)
 
 
 def _addresses(tensors: Any) -> set[int]:
@@ -472,7 +467,8 @@ class Archive:
         base_m = None if new_base is None else self.manifest(new_base)
         # only the base tensors the new form can read (of the same dtype and shape): damage in the base's others
         # is the base's alone
-        shared = [] if base_m is None else [e.name for e in old.tensors if _same(e, base_m.by_name.get(e.name))]
+        shared = [] if base_m is None else [e.name for e in old.tensors
+                                            if delta_candidate(base_m.by_name.get(e.name), e.dtype, e.shape)]
         base_bits = self._read(new_base, shared, backend)[0] if shared else {}
         grand_bits = {} if base_m is None else self._grand_bits(base_m, arrays, cfg, backend)
         small = old.raw_bytes <= SMALL

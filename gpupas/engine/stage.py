@@ -84,6 +84,11 @@ class Staged:
         return predict(self.ub[a:b], self.ub2[a:b], self.alpha, self.layout, rows_of(self.coded_shape)[1], a)
 
 
+def delta_candidate(base: TensorEntry | None, dtype: str, shape: Any) -> bool:
+    """Whether a tensor of ``dtype`` and ``shape`` may be coded against ``base`` (the base's entry of its name)."""
+    return base is not None and base.dtype == dtype and tuple(base.shape) == tuple(shape)
+
+
 def stage(name: str, arr: Any, crc32: Any, setting: Setting, base: TensorEntry | None = None,
           base_bits: Any = None, grand_bits: Any = None, rotate: bool = True,
           scheme: dict[str, Any] | None = None) -> Staged:
@@ -94,7 +99,7 @@ def stage(name: str, arr: Any, crc32: Any, setting: Setting, base: TensorEntry |
         return _stage_lossy(name, arr, crc32, setting, scheme, rotate)
     layout = coding_layout(layout_of(arr.dtype).name, rotate)
     u = to_bits(arr, layout)
-    same = base is not None and base_bits is not None and base.dtype == layout.name and base.shape == arr.shape
+    same = base_bits is not None and delta_candidate(base, layout.name, arr.shape)
     st = Staged(name, layout, tuple(arr.shape), u, crc32(u), u, base_bits if same else None, tuple(arr.shape),
                 dtype=layout.name)
     if fast.applies(u, st.ub, grand_bits if same else None):
