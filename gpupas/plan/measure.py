@@ -242,6 +242,8 @@ def storage_graph(archive: Any, *, granularity: str = "snapshot", model: CostMod
     (``granularity="snapshot"``) or per tensor of each snapshot (``"tensor"``, a co-usage group
     per snapshot); edges among the candidates of :func:`candidate_pairs`. Recreation costs follow
     ``model``. Returns the graph and the sampled estimate's measured error."""
+    from gpupas.engine.stage import delta_candidate
+
     if granularity not in ("snapshot", "tensor"):
         raise ValueError(f"granularity must be 'snapshot' or 'tensor', not {granularity!r}")
     sids = sorted(snapshots) if snapshots is not None else archive.snapshots()
@@ -289,7 +291,6 @@ def storage_graph(archive: Any, *, granularity: str = "snapshot", model: CostMod
             share = 1.0 / max(1, len(mv.tensors))
             base = manifests[u].by_name
             for e in mv.tensors:
-                b = base.get(e.name)
-                if b is not None and b.dtype == e.dtype and b.shape == e.shape:
+                if delta_candidate(base.get(e.name), e.dtype, e.shape):
                     g.add_edge((u, e.name), (v, e.name), *tensor_cost(e, per[e.name], share), ok)
     return g, est
