@@ -91,7 +91,10 @@ class NumpyBackend:
     def outputs(self, m: Any, bits: Any, framework: str) -> dict[str, Any]:
         from gpupas.pas.planes import from_bits
 
-        out = {name: from_bits(r, m.tensor(name).layout, m.tensor(name).shape) for name, r in bits.items()}
+        out = {}
+        for name, r in bits.items():
+            e = m.tensor(name)
+            out[name] = from_bits(r, e.layout, e.shape)
         if framework == "torch":
             from gpupas.integrations.torch import numpy_to_state_dict
 
