@@ -38,7 +38,8 @@ TENSOR_FIELDS = {"name", "dtype", "shape", "nbytes", "crc32", "enc", "ctx", "row
                  "plane_bytes", "rot", "scheme"}
 
 ROTATED = ("float64", "float32", "float16", "bfloat16")  # sign bit rotated to the bottom
-DTYPES = {name: np.dtype(getattr(ml_dtypes, name)) for name in ("bfloat16", "float8_e4m3fn", "float8_e5m2")}
+DTYPES = {name: np.dtype(getattr(ml_dtypes, name)) for name in (
+    "bfloat16", "float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz", "float8_e8m0fnu")}
 DTYPES |= {name: np.dtype(name) for name in ("float64", "float32", "float16", "int8", "int16", "int32", "int64",
                                              "uint8", "uint16", "uint32", "uint64", "bool")}
 

@@ -598,6 +598,31 @@ def test_safetensors_file_input(archive: gpupas.Archive, tmp_path: Path) -> None
             archive.commit(bad)
 
 
+def test_one_byte_floats_of_every_kind_round_trip(archive: gpupas.Archive, tmp_path: Path) -> None:
+    """float8 fnuz (AMD) and e8m0 (MX block scales): every pattern, whole and as deltas, from NumPy, torch and
+    safetensors files (written by the safetensors package itself)."""
+    from gpupas.integrations.safetensors import load_file
+
+    names = ("float8_e4m3fnuz", "float8_e5m2fnuz", "float8_e8m0fnu")
+    pats = np.arange(256, dtype=np.uint8).reshape(16, 16)
+    first = {n: pats.view(getattr(ml_dtypes, n)) for n in names}
+    second = {n: np.roll(pats, 1, axis=0).view(getattr(ml_dtypes, n)) for n in names}
+    m1 = archive.commit(first)
+    m2 = archive.commit(second, base=m1.id)
+    assert [t.enc for t in m2.tensors] != ["mat"] * 3  # coded against the base
+    _same(archive.restore(m1.id), first)
+    _same(archive.restore(m2.id), second)
+    torch = pytest.importorskip("torch")
+    state = {n: torch.from_numpy(pats.copy()).view(getattr(torch, n)) for n in names}
+    out = archive.restore(archive.commit(state).id, framework="torch")
+    assert all(out[n].dtype == state[n].dtype and out[n].view(torch.uint8).equal(state[n].view(torch.uint8))
+               for n in names)
+    st = pytest.importorskip("safetensors.torch")
+    st.save_file(state, str(tmp_path / "f8.safetensors"))
+    _same(archive.restore(archive.commit(tmp_path / "f8.safetensors").id), first)
+    assert load_file(tmp_path / "f8.safetensors").keys() == set(names)
+
+
 def test_safetensors_files_are_in_memory_once(tmp_path: Path) -> None:
     """Loading a safetensors file holds it once (every tensor a view of it; it was read, then copied tensor by
     tensor: twice the file at the peak), an unaligned tensor is copied aligned, and the arrays are writable."""

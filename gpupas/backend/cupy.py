@@ -32,6 +32,7 @@ import numpy as np
 from gpupas.backend import kernels_ref as K
 from gpupas.backend.base import bases_of, check_dtype
 from gpupas.errors import BackendUnavailableError, IntegrityError, InvalidInputError
+from gpupas.pas.planes import ML_DTYPES
 
 GPU_CHUNK = 1 << 16  # bytes a chunk: nvCOMP's natural chunk (Deflate's most before nvCOMP 5); the GPU's layout
 STAGE = 64 << 20  # bytes a pinned staging buffer holds (two of them: one copied into while the other is written)
@@ -39,7 +40,7 @@ PLAIN_THREADS = 256
 CRC_THREADS = 256
 COPY_THREADS = 256
 MAX_BLOCKS = 1 << 16  # grid-stride kernels: more blocks than any GPU runs at once
-CUPY_LACKS = ("bfloat16", "float8_e4m3fn", "float8_e5m2")  # dtypes kept as bit patterns (DeviceTensor)
+CUPY_LACKS = ML_DTYPES  # dtypes kept as bit patterns (DeviceTensor)
 
 _cupy: Any = None
 _said: set[str] = set()  # codecs whose CPU fallback was logged

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Mapping
+from functools import cache
 from typing import Any
 
 import ml_dtypes
 import numpy as np
 
 from gpupas.errors import BackendUnavailableError, UnsupportedDtypeError
+from gpupas.pas.planes import ML_DTYPES
 
 
 def _torch() -> Any:
@@ -22,13 +24,15 @@ def _torch() -> Any:
     return torch
 
 
+@cache
 def _views() -> dict[Any, tuple[Any, Any]]:
+    """torch dtypes NumPy knows only through ml_dtypes: (the torch dtype of their bits, the ml_dtypes type)."""
     torch = _torch()
-    return {
-        torch.bfloat16: (torch.int16, ml_dtypes.bfloat16),
-        torch.float8_e4m3fn: (torch.uint8, ml_dtypes.float8_e4m3fn),
-        torch.float8_e5m2: (torch.uint8, ml_dtypes.float8_e5m2),
-    }
+    out = {torch.bfloat16: (torch.int16, ml_dtypes.bfloat16)}
+    for name in ML_DTYPES[1:]:  # one byte each; an older torch lacks some
+        if hasattr(torch, name):
+            out[getattr(torch, name)] = (torch.uint8, getattr(ml_dtypes, name))
+    return out
 
 
 def is_torch_tensor(obj: Any) -> bool:

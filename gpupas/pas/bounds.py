@@ -27,7 +27,7 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
-from gpupas.pas.planes import LAYOUTS
+from gpupas.pas.planes import EXPONENTS, FLOATS, LAYOUTS
 
 MAX_SLOTS = 4  # pattern intervals kept per value; more are merged (their hull: sound, looser)
 U64 = np.uint64
@@ -329,7 +329,7 @@ def _float_info(name: str) -> tuple[int, int]:
 
 
 def is_float(name: str) -> bool:
-    return np_dtype(name).kind == "f" or name in ("bfloat16", "float8_e4m3fn", "float8_e5m2")
+    return name in FLOATS
 
 
 def _as_values(p: np.ndarray, name: str) -> np.ndarray:
@@ -347,6 +347,8 @@ def _extremes(name: str) -> tuple[Any, Any]:
         return np.array(-top).astype(dt), np.array(top).astype(dt)
     if dt == np.bool_:
         return np.False_, np.True_
+    if name in EXPONENTS:  # patterns in value order; the top one is NaN
+        return np.uint8(0).view(dt), np.uint8(0xFE).view(dt)
     info = np.iinfo(dt)
     return dt.type(info.min), dt.type(info.max)
 
@@ -360,6 +362,8 @@ def to_values(x: Slots, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         sign, pos_max = _float_info(name)
         s_, pm = U64(sign), U64(pos_max)
         nan = x.ok & (((x.lo <= s_ - U64(1)) & (x.hi >= pm + U64(1))) | (x.hi >= (s_ | pm) + U64(1)))
+        if name.endswith("fnuz"):  # no -0.0: the sign bit alone is their NaN
+            nan |= x.ok & (x.lo <= s_) & (x.hi >= s_)
         neg = x.lo >= s_
         a, b = _as_values(x.lo, name), _as_values(x.hi, name)
         vlo, vhi = np.where(neg, b, a), np.where(neg, a, b)
@@ -370,6 +374,12 @@ def to_values(x: Slots, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         lo = np.where(unb, float(emin), vlo).astype(dt)
         hi = np.where(unb, float(emax), vhi).astype(dt)
         return lo, hi, unb
+    if name in EXPONENTS:  # patterns in value order, the top one NaN (0xFF)
+        unb = (x.ok & (x.hi >= U64(0xFF))).any(axis=1)
+        lo_p = np.where(x.ok, x.lo, _mask(64)).min(axis=1)
+        hi_p = np.where(x.ok, x.hi, U64(0)).max(axis=1)
+        return (np.where(unb, 0, lo_p).astype(np.uint8).view(dt), np.where(unb, 0xFE, hi_p).astype(np.uint8).view(dt),
+                unb)
     unb = np.zeros(x.n, bool)
     if dt == np.bool_:
         lo = np.where(x.ok, x.lo, _mask(64)).min(axis=1) != 0
@@ -399,6 +409,9 @@ def clip(approx: np.ndarray, lo: np.ndarray, hi: np.ndarray, unbounded: np.ndarr
     v = approx.astype(LAYOUTS[name].uint).view(dt)
     if dt == np.bool_:
         return np.where(unbounded, v, np.clip(v, lo, hi))
+    if name in EXPONENTS:  # in pattern order, which is value order (NaN, the top pattern, moves to hi)
+        p = np.minimum(np.maximum(v.view(np.uint8), lo.view(np.uint8)), hi.view(np.uint8))
+        return np.where(unbounded, v, p.view(dt))
     if is_float(name):
         with np.errstate(invalid="ignore", over="ignore"):
             f, a, b = v.astype(np.float64), lo.astype(np.float64), hi.astype(np.float64)

@@ -40,15 +40,20 @@ class Layout:
         return 8 * self.dtype.itemsize
 
 
+SMALL_FLOATS = ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz")  # 1 byte, sign bit on top
+EXPONENTS = ("float8_e8m0fnu",)  # 1 byte, an exponent alone (no sign, no mantissa): block scales (MX formats)
+FLOATS = ("float64", "float32", "float16", "bfloat16", *SMALL_FLOATS)  # sign, exponent, mantissa: value bounds
+ML_DTYPES = ("bfloat16", *SMALL_FLOATS, *EXPONENTS)  # the dtypes NumPy knows only through ml_dtypes
+
+
 def _layouts() -> dict[str, Layout]:
     uints = {1: np.dtype(np.uint8), 2: np.dtype(np.uint16), 4: np.dtype(np.uint32), 8: np.dtype(np.uint64)}
-    floats = [np.float64, np.float32, np.float16, ml_dtypes.bfloat16]
-    small_floats = [ml_dtypes.float8_e4m3fn, ml_dtypes.float8_e5m2]
+    rotated = [np.float64, np.float32, np.float16, ml_dtypes.bfloat16]
     ints = [np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint32, np.uint64, np.bool_]
     out = {}
-    for t in floats + small_floats + ints:
+    for t in rotated + [getattr(ml_dtypes, n) for n in SMALL_FLOATS + EXPONENTS] + ints:
         dt = np.dtype(t)
-        out[dt.name] = Layout(dt.name, dt, uints[dt.itemsize], rotate=t in floats)
+        out[dt.name] = Layout(dt.name, dt, uints[dt.itemsize], rotate=t in rotated)
     return out
 
 

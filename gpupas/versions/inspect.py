@@ -15,6 +15,7 @@ import numpy as np
 from gpupas.catalog import flatten, last_value
 from gpupas.errors import FormatError, GpupasError, IntegrityError
 from gpupas.network import diff_networks
+from gpupas.pas.planes import FLOATS
 from gpupas.pas.schemes import describe
 from gpupas.versions.model import Version
 
@@ -209,7 +210,7 @@ def diff_tensors(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray]) -> di
             rows.append({"name": name, "shape": [list(x.shape), list(y.shape)], "dtype": [str(x.dtype), str(y.dtype)]})
             continue
         row: dict[str, Any] = {"name": name, "shape": list(x.shape), "dtype": str(x.dtype)}
-        floats = x.dtype.kind == "f" or x.dtype.name in ("bfloat16", "float8_e4m3fn", "float8_e5m2")
+        floats = x.dtype.name in FLOATS
         xs, ys = x.reshape(-1), y.reshape(-1)
         changed = ok_n = 0
         dd = nn = sum_abs = 0.0
