@@ -127,15 +127,19 @@ def _num_text(v: Any) -> tuple[float | None, str, str]:
     if isinstance(v, bool):
         return float(v), json.dumps(v), "bool"
     if isinstance(v, (int, float)):
-        f = float(v)
-        return (f if math.isfinite(f) else None), json.dumps(v), "num"
+        return _finite(v), json.dumps(v), "num"
     if isinstance(v, str):
         return None, v, "str"
     return None, json.dumps(v, sort_keys=True), "null" if v is None else "json"
 
 
 def _finite(v: Any) -> float | None:
-    return float(v) if isinstance(v, (int, float)) and math.isfinite(v) else None
+    """``v`` as a finite float, else None (an int past a double's range, 10**400, too)."""
+    try:
+        f = float(v) if isinstance(v, (int, float)) else math.nan
+    except OverflowError:
+        return None
+    return f if math.isfinite(f) else None
 
 
 class Catalog:

@@ -285,3 +285,16 @@ def test_hyperparameter_keys_that_would_collide_are_refused(tmp_path: Path) -> N
             repo.commit("x", w, hyperparameters={"a.b": 1, "a": {"b": 2}})
         v = repo.commit("x", w, hyperparameters={"opt.lr": 0.1, "opt": {"beta": 0.9}})
         assert _ids(repo, "select m where m.hp.opt.lr = 0.1 and m.hp.opt.beta = 0.9") == [v.id]
+
+
+def test_numbers_past_a_double_neither_break_the_catalog_nor_the_commit(tmp_path: Path) -> None:
+    """An int past a double's range (10**400) is JSON: the catalog indexes it as not finite (float("1e400") is
+    not finite either) instead of failing every later sync, commit and query with OverflowError."""
+    r = create_repository(tmp_path / "arc")
+    w = {"w": np.zeros(4, np.float32)}
+    r.commit("big", w, hyperparameters={"n": 10**400, "lr": 0.1}, metrics={"loss": [[0, 1.0], [1, 10**400]]})
+    assert [row["id"] for row in r.query("select m where m.hp.lr = 0.1 and m.metric.loss.min = 1")] == [1]
+    assert r.version(1).metrics["loss"] == [[0, 1.0], [1, None]]
+    with pytest.raises(InvalidInputError, match="not finite"):
+        r.commit("big-step", w, metrics={"loss": [[10**400, 1.0]]})
+    r.close()

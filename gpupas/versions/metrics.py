@@ -26,6 +26,8 @@ def _value(v: Any) -> float | None:
         return None
     try:
         f = float(v)
+    except OverflowError:  # an int past a double's range: not finite, as float("1e400") is not
+        return None
     except (TypeError, ValueError):
         raise InvalidInputError(f"metric value {v!r} is not a number") from None
     return f if math.isfinite(f) else None
@@ -34,6 +36,8 @@ def _value(v: Any) -> float | None:
 def _step(v: Any) -> int | float:
     try:
         f = float(v)
+    except OverflowError:
+        f = math.inf  # an int past a double's range
     except (TypeError, ValueError):
         raise InvalidInputError(f"step {v!r} is not a number") from None
     if not math.isfinite(f):
