@@ -298,3 +298,24 @@ def test_numbers_past_a_double_neither_break_the_catalog_nor_the_commit(tmp_path
     with pytest.raises(InvalidInputError, match="not finite"):
         r.commit("big-step", w, metrics={"loss": [[10**400, 1.0]]})
     r.close()
+
+
+def test_show_table_takes_a_metrics_last_value_as_query_and_diff_do(tmp_path: Path, capsys: pytest.CaptureFixture) \
+        -> None:
+    """`gpupas show`'s metrics table: last = the value at the highest step ("-" where that is NaN: a diverged
+    run), the steps' range from lowest to highest, whatever order the points were logged in."""
+    from gpupas.cli import render
+
+    r = create_repository(tmp_path / "arc")
+    r.commit("a", {"w": np.zeros(4, np.float32)},
+             metrics={"loss": [[1, 0.5], [2, float("nan")]], "acc": [[3, 0.9], [1, 0.1], [2, 0.5]]})
+    assert [x["id"] for x in r.query("select m where m.metric.acc >= 0.9 and m.metric.loss.count = 2")] == [1]
+    assert r.diff(1, 1, weights=False)["metrics"] == {"acc": [0.9, 0.9], "loss": [None, None]}
+    d = r.show(1)
+    r.close()
+    capsys.readouterr()
+    render.show(render.Output(), d, tensors=False, network=False)
+    rows = {line.split("│")[1].strip(): [c.strip() for c in line.split("│")[2:-1]]
+            for line in capsys.readouterr().out.splitlines() if line.startswith("│ ") and line.count("│") == 8}
+    assert rows["loss"] == ["2", "1", "2", "-", "0.5", "0.5"]
+    assert rows["acc"] == ["3", "1", "3", "0.9", "0.1", "0.9"]

@@ -155,7 +155,7 @@ SHOWN_ATTRS = ("in_features", "out_features", "in_channels", "out_channels", "ke
 
 
 def show(o: Output, d: dict[str, Any], tensors: bool, network: bool) -> None:
-    from gpupas.catalog import flatten
+    from gpupas.catalog import flatten, last_value
 
     o.data(f"version {d['id']}  {d['name']}" + (f"  tags: {', '.join(d['tags'])}" if d["tags"] else ""))
     o.data(f"  parents: {', '.join(map(str, d['parents'])) or '-'}   "
@@ -183,11 +183,11 @@ def show(o: Output, d: dict[str, Any], tensors: bool, network: bool) -> None:
     if d["metrics"]:
         t = table(("name", "points", "first step", "last step", "last", "min", "max"),
                   ("points", "first step", "last step", "last", "min", "max"), "metrics")
-        for k, series in d["metrics"].items():
+        for k, series in d["metrics"].items():  # last: at the highest step, as query and diff take it
             vals = [v for _, v in series if v is not None]
-            steps = [num(series[0][0]), num(series[-1][0])] if series else ["-", "-"]
-            summary = [num(vals[-1]), num(min(vals)), num(max(vals))] if vals else ["-", "-", "-"]
-            row(t, k, len(series), *steps, *summary)
+            steps = [num(min(p[0] for p in series)), num(max(p[0] for p in series))] if series else ["-", "-"]
+            extremes = [num(min(vals)), num(max(vals))] if vals else ["-", "-"]
+            row(t, k, len(series), *steps, num(last_value(series)), *extremes)
         o.table(t)
     if d["files"]:
         t = table(("name", "size", "sha256"), ("size",), "files")
