@@ -17,7 +17,8 @@ Grammar (keywords in any case)::
     field     := var.id | var.name | var.created | var.author | var.message | var.snapshots | var.layers
                | var.raw_bytes | var.stored_bytes | var.parent | var.tag
                | var.hp.KEY[.KEY...] | var.hp[string]               (hyperparameters; nested keys dotted)
-               | var.metric.NAME[.last|.min|.max|.count] | var.metric[string][...]   (default: last value)
+               | var.metric.NAME[.last|.min|.max|.count] | var.metric[string][...]   (default: last value;
+                                                               var.metric["grad.max"]: the metric named grad.max)
     op        := = | == | != | <> | < | <= | > | >=
     template  := NAME ['(' [string] ')']   e.g. POOL("MAX"), CONV, RELU, FC, NORM("batch"), TYPE("MaxPool2d")
 
@@ -256,7 +257,11 @@ class _Parser:
                 f"WHERE a.version=v.id AND a.name REGEXP ? AND {cond})")
 
     def dotted(self) -> str:
-        """KEY(.KEY)* or ["key"] after hp/metric."""
+        """KEY(.KEY)* or ["key"](.KEY)* after hp/metric."""
+        return ".".join(self.key_parts())
+
+    def key_parts(self) -> list[str]:
+        """The parts of :meth:`dotted`: a quoted ``["key"]`` is one part, dots and all."""
         if self.accept("op", "["):
             key = str(self.expect("str", what="a quoted key").value)
             self.expect("op", "]")
@@ -268,7 +273,7 @@ class _Parser:
             self.i += 1
             parts.append(str(self.tok.value))
             self.i += 1
-        return ".".join(parts)
+        return parts
 
     def order_field(self) -> str:
         """The SQL value ORDER BY sorts on: a column, a hyperparameter (numbers and booleans by value, then
@@ -290,12 +295,11 @@ class _Parser:
         return _COLUMNS[t.value]
 
     def metric_key(self) -> tuple[str, str]:
-        """A metric's name and its metric_summary column, after ``metric``: NAME[.last|.min|.max|.count]."""
-        key = self.dotted()
-        name, _, agg = key.rpartition(".")
-        if not (name and agg in _AGGS):
-            name, agg = key, "last"
-        return name, "n" if agg == "count" else agg
+        """A metric's name and its metric_summary column, after ``metric``: NAME[.last|.min|.max|.count]
+        (``["grad.max"]`` names the metric grad.max, its last value; ``.max`` after it, its highest)."""
+        parts = self.key_parts()
+        agg = parts.pop() if len(parts) > 1 and parts[-1] in _AGGS else "last"
+        return ".".join(parts), "n" if agg == "count" else agg
 
     def literal(self, null: bool = False) -> Any:
         """A number, a quoted string, true or false (and ``null`` where ``null``: None)."""

@@ -319,3 +319,17 @@ def test_show_table_takes_a_metrics_last_value_as_query_and_diff_do(tmp_path: Pa
             for line in capsys.readouterr().out.splitlines() if line.startswith("│ ") and line.count("│") == 8}
     assert rows["loss"] == ["2", "1", "2", "-", "0.5", "0.5"]
     assert rows["acc"] == ["3", "1", "3", "0.9", "0.1", "0.9"]
+
+
+def test_a_quoted_metric_name_is_the_whole_name(tmp_path: Path) -> None:
+    """m.metric["grad_norm.max"] is the metric of that name (the quotes say where the name ends), not the highest
+    value of a metric "grad_norm"; a .max/.min/.count after the quotes is the summary."""
+    r = create_repository(tmp_path / "arc")
+    r.commit("a", {"w": np.zeros(4, np.float32)}, metrics={"grad_norm.max": [[0, 50.0], [1, 20.0]]})
+    r.commit("b", {"w": np.zeros(4, np.float32)}, metrics={"grad_norm": [[0, 50.0], [1, 5.0]]})
+    assert ids(r, 'select m where m.metric["grad_norm.max"] > 10') == [1]
+    assert ids(r, 'select m where m.metric["grad_norm.max"].max > 40') == [1]
+    assert ids(r, 'select m where m.metric.grad_norm.max > 40') == [2]
+    assert ids(r, 'select m where m.metric["grad_norm"].max > 40') == [2]
+    assert ids(r, 'select m order by m.metric["grad_norm.max"] desc limit 1') == [1]
+    r.close()
