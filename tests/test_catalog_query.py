@@ -333,3 +333,18 @@ def test_a_quoted_metric_name_is_the_whole_name(tmp_path: Path) -> None:
     assert ids(r, 'select m where m.metric["grad_norm"].max > 40') == [2]
     assert ids(r, 'select m order by m.metric["grad_norm.max"] desc limit 1') == [1]
     r.close()
+
+
+@pytest.mark.parametrize("ref", ["²", "1²", "1" * 5000])
+def test_references_that_only_look_like_ids_fail_as_input_errors(repo: Repository, ref: str) -> None:
+    """"²" is a digit to str.isdigit, not to int(); 5000 digits are past int()'s limit: a version or snapshot
+    reference such as these is not found (or not allowed), never a ValueError (an internal error at the CLI)."""
+    from gpupas.errors import GpupasError, VersionNotFoundError
+
+    with pytest.raises((InvalidInputError, VersionNotFoundError)):
+        repo.resolve(ref)
+    with pytest.raises(GpupasError):
+        repo.version(1).snapshot(ref)
+    from gpupas.versions.model import natural_key
+
+    assert natural_key(f"step-{ref[:3]}.pt")

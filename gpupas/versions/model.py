@@ -80,7 +80,7 @@ def to_json(obj: Any, what: str) -> Any:
 
 def natural_key(name: str) -> list[Any]:
     """Sort key that orders ``step-9`` before ``step-10``."""
-    return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", name)]
+    return [int(t) if t.isdecimal() else t.lower() for t in re.split(r"(\d+)", name)]  # "²": isdigit, not int
 
 
 def step_of(path: str | os.PathLike[str]) -> int | None:
@@ -226,7 +226,7 @@ def select_snapshot(snaps: list[dict[str, Any]], selector: str | int | None, lat
                                         "Repository.mark_best, `gpupas commit --best-by`, "
                                         "CheckpointHook(best_by=...))")
         sel = sid
-    if sel.isdigit() and len(sel) < 6:
+    if sel.isascii() and sel.isdigit() and len(sel) < 6:  # "²" is a digit to str.isdigit, not to int
         i = int(sel)
         if not 1 <= i <= len(snaps):
             raise SnapshotNotFoundError(f"{what} has snapshots 1..{len(snaps)}, not {i}")

@@ -218,10 +218,12 @@ class Repository:
             return ref.id
         if isinstance(ref, (bool, np.bool_)):
             raise InvalidInputError(f"a version reference is an id, a tag or a name, not {ref!r}")
-        if isinstance(ref, (int, np.integer)) or (isinstance(ref, str) and ref.isdigit()):
-            vid = int(ref)
+        if isinstance(ref, (int, np.integer)) or (isinstance(ref, str) and ref.isascii() and ref.isdigit()):
+            # an id: 0-9 only ("²" is a digit to str.isdigit, not to int); past 20 digits no id, and int() refuses
+            vid = int(ref) if not isinstance(ref, str) or len(ref) <= 20 else -1
             if not self.records.has_version(vid):
-                raise VersionNotFoundError(f"no version {vid} in archive {self.location}; list them with `gpupas log`")
+                raise VersionNotFoundError(f"no version {ref!s:.24} in archive {self.location}; list them with "
+                                           "`gpupas log`")
             return vid
         if not isinstance(ref, str):
             raise InvalidInputError(f"a version reference is an id, a tag or a name, not a {type(ref).__name__}")
