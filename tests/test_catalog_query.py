@@ -348,3 +348,13 @@ def test_references_that_only_look_like_ids_fail_as_input_errors(repo: Repositor
     from gpupas.versions.model import natural_key
 
     assert natural_key(f"step-{ref[:3]}.pt")
+
+
+@pytest.mark.parametrize("metric", ["Train/Loss", "val_LOSS", "Error", "Perplexity"])
+def test_best_by_a_capitalized_loss_picks_the_lowest(metric: str) -> None:
+    """best_by="Train/Loss" (TensorBoard's habit) is named like a loss: lowest-best, as "loss" is."""
+    from gpupas.versions.metrics import best_rule, pick_best
+
+    assert best_rule(metric) == (metric, 1)
+    entries = [{"id": "a", "step": 1}, {"id": "b", "step": 2}]
+    assert pick_best(entries, {metric: [[1, 0.2], [2, 0.9]]}, None, metric) == "a"

@@ -190,7 +190,7 @@ def best_rule(best_by: str) -> tuple[str, int]:
     """A ``best_by`` rule as (metric, sign), the best the lowest ``sign * value``: "accuracy" (highest),
     "loss:min" (lowest); a metric named like a loss, error or perplexity is lowest-best by default."""
     metric, _, mode = best_by.partition(":")
-    mode = mode or ("min" if re.search(r"loss|err|perplex", metric) else "max")
+    mode = mode or ("min" if re.search(r"loss|err|perplex", metric, re.IGNORECASE) else "max")  # "Train/Loss" too
     if not metric or mode not in ("min", "max"):
         raise InvalidInputError(f"best_by is METRIC or METRIC:min or METRIC:max, not {best_by!r}")
     return metric, 1 if mode == "min" else -1
