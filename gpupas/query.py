@@ -80,7 +80,9 @@ def tokenize(text: str) -> list[Token]:
     while pos < len(text):
         m = _TOKEN.match(text, pos)
         if not m:
-            raise InvalidInputError(f"DQL: cannot read {text[pos:pos + 12]!r} at position {pos}")
+            what = (f"the string opened at position {pos} is not closed: end it with {text[pos]}"
+                    if text[pos] in "\"'" else f"cannot read {text[pos:pos + 12]!r} at position {pos}")
+            raise InvalidInputError(f"DQL: {what}; see `gpupas query --help`")
         kind = m.lastgroup or ""
         raw = m.group()
         if kind == "str":

@@ -119,6 +119,8 @@ def test_select(repo: Repository, q: str, want: list[int]) -> None:
     ("select m limit 99999999999999999999", "LIMIT takes a whole number"),
     ("select m where m.name = 'a' ; drop table versions", "cannot read"),
     ("select m where m.name = @", "cannot read"),
+    ('select m where m.name = "abc', 'string opened at position 24 is not closed: end it with "'),
+    ("select m where m.hp.lr > - 1", "query --help"),
 ])
 def test_bad_statements_say_where(repo: Repository, q: str, msg: str) -> None:
     with pytest.raises(InvalidInputError, match="DQL") as exc:
