@@ -54,7 +54,11 @@ def ok(res: subprocess.CompletedProcess[str]) -> str:
 
 
 def js(res: subprocess.CompletedProcess[str]) -> object:
-    return json.loads(ok(res))
+    """The command's stdout as strict JSON (NaN and Infinity, which JSON lacks, fail)."""
+    def refuse(token: str) -> None:
+        raise AssertionError(f"{token} in JSON output")
+
+    return json.loads(ok(res), parse_constant=refuse)
 
 
 def fails(res: subprocess.CompletedProcess[str], code: int, *words: str) -> str:
@@ -297,3 +301,16 @@ def test_best_marks_a_snapshot_and_branches_start_where_told(tmp_path: Path) -> 
     ft, shown = gp_all(("commit", tmp_path / "ft.safetensors", "-n", "ft", "--parent", "run", "--from-snapshot",
                         "best", "--json"), ("show", "run", "--json"), archive=arc)
     assert js(ft)["snapshots"][0]["base"] == js(shown)["best"] == run.snapshots[1]["id"]
+
+
+def test_json_output_is_strict_json_when_numbers_overflow(tmp_path: Path) -> None:
+    """A diff of float64 tensors near the largest doubles overflows its sums: null, never NaN or Infinity."""
+    from gpupas.integrations.safetensors import save_file
+
+    arc = tmp_path / "arc"
+    ok(gp("init", archive=arc))
+    for i, scale in enumerate((1e300, -1e300)):
+        save_file({"w": np.full(8, scale), "b": np.ones(3)}, tmp_path / f"{i}.safetensors")
+        ok(gp("commit", tmp_path / f"{i}.safetensors", "-n", "big", *(["-p", "1"] if i else []), archive=arc))
+    rows = {r["name"]: r for r in js(gp("diff", "1", "2", "--json", archive=arc))["weights"]["tensors"]}
+    assert rows["w"]["rel_l2"] == 2.0 and rows["b"]["rel_l2"] == 0.0  # ||2e300|| / ||1e300||

@@ -218,3 +218,17 @@ def test_a_snapshot_that_is_not_there_or_out_of_reach_is_no_damaged_row(repo: gp
     monkeypatch.setattr(repo.archive, "manifest", gone)
     with pytest.raises(StoreUnavailableError):
         inspect.snapshots(repo)
+
+
+def test_diff_norms_match_numpy_across_blocks_and_scales() -> None:
+    """rel_l2 is ||b - a|| / ||a|| over every block, also where the squares pass a double's range."""
+    from gpupas.versions.inspect import DIFF_BLOCK, diff_tensors
+
+    rng = np.random.default_rng(5)
+    for scale in (1e-300, 1.0, 1e200):
+        a = {"w": rng.standard_normal(2 * DIFF_BLOCK + 17) * scale, "z": np.zeros(4)}
+        b = {"w": a["w"] + rng.standard_normal(a["w"].size) * scale * 1e-3, "z": np.ones(4)}
+        got = {r["name"]: r["rel_l2"] for r in diff_tensors(a, b)["tensors"]}
+        d, x = (b["w"] / scale - a["w"] / scale), a["w"] / scale  # numpy's norms, of values scaled back to 1
+        assert got["w"] == pytest.approx(np.linalg.norm(d) / np.linalg.norm(x), rel=1e-12), scale
+        assert got["z"] is None  # ||a|| = 0, ||b - a|| > 0

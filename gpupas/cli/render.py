@@ -8,6 +8,7 @@ Piped or redirected output is never cut to a terminal's width.
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import unicodedata
@@ -36,6 +37,17 @@ def _console(stderr: bool = False) -> Console:
     return Console(file=stream, highlight=False, soft_wrap=True, width=wide, emoji=False)
 
 
+def _finite_only(obj: Any) -> Any:
+    """``obj`` with every non-finite float replaced by None."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite_only(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite_only(v) for v in obj]
+    return obj
+
+
 class Output:
     """Where results go: stdout (tables, JSON), stderr (progress, warnings, errors)."""
 
@@ -58,7 +70,12 @@ class Output:
         self.out.print(t)
 
     def json(self, obj: Any) -> None:
-        sys.stdout.write(json.dumps(obj, indent=1, default=str) + "\n")
+        """``obj`` as strict JSON (NaN and infinities, which JSON lacks, as null)."""
+        try:
+            text = json.dumps(obj, indent=1, default=str, allow_nan=False)
+        except ValueError:
+            text = json.dumps(_finite_only(obj), indent=1, default=str, allow_nan=False)
+        sys.stdout.write(text + "\n")
 
     def note(self, text: str) -> None:
         """A side note on stderr (counts, hints), suppressed by --quiet."""

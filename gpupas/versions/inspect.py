@@ -197,13 +197,40 @@ def stats(repo: Repository) -> dict[str, Any]:
 DIFF_BLOCK = 1 << 18  # values compared at a time (some 40 bytes of temporaries each)
 
 
+class _Norm:
+    """A running L2 norm kept as ``scale * sqrt(ssq)`` (as LAPACK's dnrm2 does): values near the largest
+    doubles square past their range."""
+
+    def __init__(self) -> None:
+        self.scale, self.ssq = 0.0, 0.0
+
+    def add(self, v: np.ndarray) -> None:
+        m = float(np.abs(v).max()) if v.size else 0.0
+        if m:
+            w = v / m
+            self.join(m, float(np.dot(w, w)))
+
+    def join(self, scale: float, ssq: float) -> None:
+        """Add another norm's ``scale * sqrt(ssq)``."""
+        if scale > self.scale:
+            self.ssq, self.scale = self.ssq * (self.scale / scale) ** 2 + ssq, scale
+        elif scale:
+            self.ssq += ssq * (scale / self.scale) ** 2
+
+    def ratio(self, other: _Norm) -> float | None:
+        """``||self|| / ||other||``: 0.0 where both are 0, None where only ``other`` is."""
+        if not other.scale:
+            return 0.0 if not self.scale else None
+        return self.scale / other.scale * math.sqrt(self.ssq / other.ssq)
+
+
 def diff_tensors(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray]) -> dict[str, Any]:
     """Per-tensor change statistics from ``a`` to ``b`` (same name and shape), plus totals.
 
     Rows: ``name, shape, changed`` (fraction of elements whose bits differ), and for float
     tensors ``max_abs``, ``mean_abs`` and ``rel_l2 = ||b - a|| / ||a||``.
     """
-    rows, d2, n2 = [], 0.0, 0.0
+    rows, d2, n2 = [], _Norm(), _Norm()
     for name in [k for k in b if k in a]:
         x, y = a[name], b[name]
         if x.shape != y.shape or x.dtype != y.dtype:
@@ -213,7 +240,7 @@ def diff_tensors(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray]) -> di
         floats = x.dtype.name in FLOATS
         xs, ys = x.reshape(-1), y.reshape(-1)
         changed = ok_n = 0
-        dd = nn = sum_abs = 0.0
+        dd, nn, sum_abs = _Norm(), _Norm(), 0.0
         max_abs: float | None = None
         for lo in range(0, xs.size, DIFF_BLOCK):  # a block at a time: whole-tensor temporaries took ~23x a bf16 one
             xb, yb = xs[lo:lo + DIFF_BLOCK], ys[lo:lo + DIFF_BLOCK]
@@ -225,7 +252,8 @@ def diff_tensors(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray]) -> di
                     d = yb.astype(np.float64) - xf
                     ok = np.isfinite(d)
                     d, xf = d[ok], xf[ok]
-                    dd, nn = dd + float(np.dot(d, d)), nn + float(np.dot(xf, xf))
+                    dd.add(d)
+                    nn.add(xf)
                     if d.size:
                         ad = np.abs(d)
                         max_abs = max(max_abs or 0.0, float(ad.max()))
@@ -234,13 +262,13 @@ def diff_tensors(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray]) -> di
         if floats:
             row["max_abs"] = max_abs
             row["mean_abs"] = sum_abs / ok_n if ok_n else None
-            with np.errstate(all="ignore"):
-                row["rel_l2"] = math.sqrt(dd / nn) if nn else (0.0 if dd == 0 else None)
-            d2, n2 = d2 + dd, n2 + nn
+            row["rel_l2"] = dd.ratio(nn)
+            d2.join(dd.scale, dd.ssq)
+            n2.join(nn.scale, nn.ssq)
         rows.append(row)
     return {
         "tensors": rows,
         "added": [k for k in b if k not in a], "removed": [k for k in a if k not in b],
         "identical": sum(1 for r in rows if r.get("changed") == 0.0),
-        "rel_l2": math.sqrt(d2 / n2) if n2 else 0.0,
+        "rel_l2": d2.ratio(n2) or 0.0,
     }
