@@ -252,6 +252,22 @@ def test_tied_weights_and_bad_arguments(tmp_path: Path) -> None:
         assert a.read_planes(m.id, np.int64(2)).planes == 2
 
 
+def test_weights_missing_from_the_snapshot_or_the_read_are_named_with_the_remedy(tmp_path: Path) -> None:
+    """Not a bare KeyError from bound_outputs, nor a listing without the way out (names=)."""
+    net = nn.Sequential(nn.Linear(4, 3)).eval()
+    x = torch.randn(5, 4)
+    with gpupas.create_archive(tmp_path / "a") as a:
+        m = a.commit({"model." + k: v for k, v in net.state_dict().items()}, layout=Layout(rotate=False))
+        for call in (lambda: evaluate_progressive(net, a, m.id, x),
+                     lambda: bound_outputs(net, a.read_planes(m.id, 1), x),
+                     lambda: bound_outputs(net, a.read_planes(m.id, 1, ["model.0.weight"]), x,
+                                           names=lambda n: "model." + n)):
+            with pytest.raises(gpupas.TensorNotFoundError, match=r"'0\.bias'.*names="):
+                call()
+        r = evaluate_progressive(net, a, m.id, x, names=lambda n: "model." + n, check=True)
+        assert torch.equal(r.labels, net(x).argmax(1))
+
+
 def test_decide() -> None:
     lo = torch.tensor([[0.0, 2.0, 1.0], [0.0, 2.0, 1.0], [3.0, 2.0, -5.0]], dtype=torch.float64)
     hi = torch.tensor([[0.5, 3.0, 1.9], [0.5, 3.0, 2.5], [4.0, 2.5, -4.0]], dtype=torch.float64)

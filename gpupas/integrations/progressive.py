@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from gpupas.errors import InvalidInputError
+from gpupas.errors import InvalidInputError, TensorNotFoundError
 
 U64 = 2.0**-53
 TINY = 2.0**-120  # absolute slack for library functions: results near underflow (flushed or subnormal)
@@ -589,6 +589,15 @@ def _weight_names(net: IntervalNet, names: Mapping[str, str] | Callable[[str], s
     return {w: names.get(w, w) for w in net.weights}
 
 
+def _require(have: Callable[[str], bool], mapping: Mapping[str, str], where: str) -> None:
+    """TensorNotFoundError naming the model's weights whose tensors ``where`` lacks, and the remedy."""
+    missing = [f"{w!r}" + (f" (as {t!r})" if t != w else "") for w, t in mapping.items() if not have(t)]
+    if missing:
+        raise TensorNotFoundError(f"{where} has no tensor for the model's {', '.join(missing[:5])}"
+                                  f"{'...' if len(missing) > 5 else ''}: pass names= (a mapping or function from the "
+                                  "model's state_dict names to the snapshot's), or read every tensor the model uses")
+
+
 def _precision(dtypes: Iterable[str], inputs: torch.Tensor) -> Precision:
     """The reference computation's format: the least precise and narrowest of the weights' and inputs'."""
     from gpupas.integrations.torch import numpy_to_tensor
@@ -640,6 +649,7 @@ def bound_outputs(model: nn.Module, read: Any, inputs: torch.Tensor, *,
     net = IntervalNet(model)
     _check_inputs(model, inputs)
     mapping = _weight_names(net, names)
+    _require(lambda t: t in read.lo, mapping, f"the read of snapshot {read.snapshot}")
     fmt = _precision([read.lo[t].dtype.name for t in mapping.values()], inputs)
     return _propagate(net, _boxes(net, read, mapping), inputs.detach(), fmt, batch_size)
 
@@ -682,7 +692,9 @@ def evaluate_progressive(model: nn.Module, archive: Any, snapshot: str, inputs: 
     mapping = _weight_names(net, names)
     tensors = list(dict.fromkeys(mapping.values()))
     def run() -> ProgressiveResult:  # on the manifests as read now
-        entries = archive.manifest(snapshot).select(tensors)
+        m = archive.manifest(snapshot)
+        _require(lambda t: t in m.by_name, mapping, f"snapshot {snapshot}")
+        entries = m.select(tensors)
         width = max((e.width for e in entries), default=1)
         fmt = _precision([e.dtype for e in entries], inputs)
         x = inputs.detach()
