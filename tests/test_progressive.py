@@ -268,6 +268,22 @@ def test_weights_missing_from_the_snapshot_or_the_read_are_named_with_the_remedy
         assert torch.equal(r.labels, net(x).argmax(1))
 
 
+def test_a_model_of_another_dtype_than_the_snapshot_is_refused_before_any_read(tmp_path: Path) -> None:
+    """A model cast after the commit (net.half()) would run on none of the snapshot's weights: refused up front,
+    naming the weight and the cast, not a torch error after every plane was read."""
+    net = nn.Sequential(nn.Linear(4, 3)).eval()
+    with gpupas.create_archive(tmp_path / "a") as a:
+        m = a.commit(net.state_dict(), layout=Layout(rotate=False))
+        read = a.read_planes(m.id, 1)
+        half = net.half()
+        x = torch.randn(5, 4).half()
+        for call in (lambda: evaluate_progressive(half, a, m.id, x), lambda: bound_outputs(half, read, x)):
+            with pytest.raises(InvalidInputError, match=r"'0\.weight' is torch\.float16.*model\.to\(torch\.float32\)"):
+                call()
+        r = evaluate_progressive(half.float(), a, m.id, x.float(), check=True)
+        assert r.labels.shape == (5,)
+
+
 def test_decide() -> None:
     lo = torch.tensor([[0.0, 2.0, 1.0], [0.0, 2.0, 1.0], [3.0, 2.0, -5.0]], dtype=torch.float64)
     hi = torch.tensor([[0.5, 3.0, 1.9], [0.5, 3.0, 2.5], [4.0, 2.5, -4.0]], dtype=torch.float64)

@@ -598,12 +598,29 @@ def _require(have: Callable[[str], bool], mapping: Mapping[str, str], where: str
                                   "model's state_dict names to the snapshot's), or read every tensor the model uses")
 
 
-def _precision(dtypes: Iterable[str], inputs: torch.Tensor) -> Precision:
-    """The reference computation's format: the least precise and narrowest of the weights' and inputs'."""
+def _torch_dtype(name: str) -> torch.dtype:
+    """The torch dtype of a manifest dtype name."""
     from gpupas.integrations.torch import numpy_to_tensor
     from gpupas.pas.bounds import np_dtype
 
-    return Precision.of([numpy_to_tensor(np.zeros(0, np_dtype(d))).dtype for d in dtypes] + [inputs.dtype])
+    return numpy_to_tensor(np.zeros(0, np_dtype(name))).dtype
+
+
+def _precision(dtypes: Iterable[str], inputs: torch.Tensor) -> Precision:
+    """The reference computation's format: the least precise and narrowest of the weights' and inputs'."""
+    return Precision.of([_torch_dtype(d) for d in dtypes] + [inputs.dtype])
+
+
+def _same_dtypes(model: nn.Module, mapping: Mapping[str, str], dtype_of: Callable[[str], str], where: str) -> None:
+    """InvalidInputError where a weight of ``model`` has another dtype than its tensor in ``where``: the model
+    would not run on those weights, nor compute as the bounds assume."""
+    own = {k: t.dtype for k, t in [*model.named_parameters(), *model.named_buffers()]}
+    for w, t in mapping.items():
+        stored = _torch_dtype(dtype_of(t))
+        if w in own and own[w] != stored:
+            raise InvalidInputError(f"the model's {w!r} is {own[w]}, but {where} stores {t!r} as {stored}: cast the "
+                                    f"model to the snapshot's dtype first (model.to({stored})), or evaluate a "
+                                    "snapshot committed from the model as it computes")
 
 
 def _check_inputs(model: nn.Module, inputs: torch.Tensor) -> None:
@@ -650,6 +667,7 @@ def bound_outputs(model: nn.Module, read: Any, inputs: torch.Tensor, *,
     _check_inputs(model, inputs)
     mapping = _weight_names(net, names)
     _require(lambda t: t in read.lo, mapping, f"the read of snapshot {read.snapshot}")
+    _same_dtypes(model, mapping, lambda t: read.lo[t].dtype.name, f"the read of snapshot {read.snapshot}")
     fmt = _precision([read.lo[t].dtype.name for t in mapping.values()], inputs)
     return _propagate(net, _boxes(net, read, mapping), inputs.detach(), fmt, batch_size)
 
@@ -694,6 +712,7 @@ def evaluate_progressive(model: nn.Module, archive: Any, snapshot: str, inputs: 
     def run() -> ProgressiveResult:  # on the manifests as read now
         m = archive.manifest(snapshot)
         _require(lambda t: t in m.by_name, mapping, f"snapshot {snapshot}")
+        _same_dtypes(model, mapping, lambda t: m.by_name[t].dtype, f"snapshot {snapshot}")
         entries = m.select(tensors)
         width = max((e.width for e in entries), default=1)
         fmt = _precision([e.dtype for e in entries], inputs)
