@@ -217,6 +217,16 @@ class Loaded(dict):  # type: ignore[type-arg]
     commit given the file's path."""
 
 
+def tensors_of(tensors: Mapping[Any, Any], source: str, notes: list[str] | None) -> Mapping[Any, Any]:
+    """The tensors of an in-memory mapping, named as a file's are: a module's non-tensor ``_extra_state`` left out,
+    a training checkpoint's state_dict taken out of it, a DDP state_dict's ``module.`` taken off (said in
+    ``notes``)."""
+    tensors = _without_extra_state(tensors, source, notes)
+    if any(isinstance(v, Mapping) for v in tensors.values()):  # a training checkpoint in memory
+        return _unwrap(tensors, source, notes)
+    return _strip_ddp(tensors, source, notes)
+
+
 def as_tensor_dict(tensors: Any, source: str = "input", backend: Any = None) -> dict[str, Any]:
     """Named tensors as arrays of ``backend`` (NumPy by default); accepts a mapping of
     NumPy/CuPy/torch arrays or a checkpoint file path. A mapping that wraps a state_dict
@@ -234,12 +244,8 @@ def as_tensor_dict(tensors: Any, source: str = "input", backend: Any = None) -> 
         raise InvalidInputError(
             f"{source}: expected a mapping of name -> tensor or a checkpoint path, got {type(tensors).__name__}"
         )
-    else:  # names and wrappers as a file's (a DDP state_dict's 'module.' taken off, said)
-        tensors = _without_extra_state(tensors, source, notes)
-        if any(isinstance(v, Mapping) for v in tensors.values()):  # a training checkpoint in memory
-            tensors = _unwrap(tensors, source, notes)
-        else:
-            tensors = _strip_ddp(tensors, source, notes)
+    else:
+        tensors = tensors_of(tensors, source, notes)
     for note in notes:  # what else it holds is not archived: said, as Repository.commit says it
         warnings.warn(note, stacklevel=3)
     out = {}

@@ -411,6 +411,38 @@ def test_asynchronous_hook_refuses_a_non_tensor_at_that_call(tmp_path: Path) -> 
 
 
 @needs_torch
+def test_asynchronous_hook_takes_what_a_synchronous_commit_takes(tmp_path: Path) -> None:
+    """A module's non-tensor extra state, a training checkpoint's optimizer state and NumPy scalars: left out
+    (or kept) as the synchronous first call does, not refused by every later, asynchronous one."""
+    import torch
+
+    from gpupas.integrations.training import CheckpointHook
+
+    class WithExtra(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = torch.nn.Linear(3, 2)
+
+        def get_extra_state(self) -> dict[str, int]:
+            return {"version": 1}
+
+        def set_extra_state(self, state: object) -> None:
+            pass
+
+    model = WithExtra()
+    with CheckpointHook(tmp_path / "arc", "run", asynchronous=True) as hook, pytest.warns(UserWarning):
+        hook(model, step=1)
+        hook(model, step=2)  # asynchronous from here on
+        hook({"model": model.state_dict(), "optimizer": {"lr": 0.1}}, step=3)
+        hook({"lin.weight": model.lin.weight, "lin.bias": model.lin.bias, "n": np.float32(2)}, step=4)
+    v = hook.version
+    assert v is not None and [s["step"] for s in v.snapshots] == [1, 2, 3, 4]
+    with open_repository(tmp_path / "arc") as repo:
+        names = [sorted(t.name for t in repo.archive.manifest(s["id"]).tensors) for s in v.snapshots]
+    assert names == [["lin.bias", "lin.weight"]] * 3 + [["lin.bias", "lin.weight", "n"]]
+
+
+@needs_torch
 def test_training_hook_with_a_torch_loop(tmp_path: Path) -> None:
     import torch
 

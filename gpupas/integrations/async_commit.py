@@ -32,6 +32,7 @@ published, atomically, and every earlier one is complete.
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future
 from contextlib import ExitStack
@@ -41,7 +42,7 @@ import numpy as np
 
 from gpupas.engine.executor import Executor
 from gpupas.errors import InvalidInputError
-from gpupas.tensors import Loaded
+from gpupas.tensors import Loaded, tensors_of
 
 
 def _is_cuda_torch(t: Any) -> bool:
@@ -63,7 +64,12 @@ def _on_cupy_stream(v: Any) -> bool:
 def copy_state(state: Mapping[str, Any]) -> tuple[dict[str, Any], list[Any]]:
     """A copy of every tensor of ``state`` (CUDA tensors on the device, fused) and the CUDA events that
     complete when the device copies have: torch's and CuPy's, each recorded on the caller's current
-    stream after its copies (none without device arrays)."""
+    stream after its copies (none without device arrays). The tensors are those a synchronous commit takes
+    (a module's ``_extra_state``, a training checkpoint's optimizer state left out, with a warning)."""
+    notes: list[str] = []
+    state = tensors_of(state, "input", notes)
+    for note in notes:
+        warnings.warn(note, stacklevel=3)
     names = [k for k, v in state.items() if _is_cuda_torch(v)]
     out: dict[str, Any] = {}
     events = []
@@ -87,7 +93,7 @@ def copy_state(state: Mapping[str, Any]) -> tuple[dict[str, Any], list[Any]]:
             continue
         if hasattr(v, "detach"):
             out[k] = v.detach().clone()
-        elif isinstance(v, np.ndarray) or hasattr(v, "__cuda_array_interface__"):  # NumPy, CuPy
+        elif isinstance(v, (np.ndarray, np.generic)) or hasattr(v, "__cuda_array_interface__"):  # NumPy, CuPy
             out[k] = v.copy()
             on_device |= _on_cupy_stream(v)
         else:  # refused now, as a synchronous commit would, not by the next call
