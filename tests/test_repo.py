@@ -16,6 +16,7 @@ from gpupas.errors import (
     IntegrityError,
     InvalidInputError,
     SnapshotNotFoundError,
+    UnsupportedDtypeError,
     VersionNotFoundError,
 )
 from gpupas.integrations.safetensors import save_file
@@ -408,6 +409,27 @@ def test_asynchronous_hook_refuses_a_non_tensor_at_that_call(tmp_path: Path) -> 
         hook({"w": w + 2}, step=3, metrics={"loss": 0.1})
     v = hook.version
     assert v is not None and [s["step"] for s in v.snapshots] == [1, 3] and v.metrics["loss"] == [[3, 0.1]]
+
+
+@needs_torch
+def test_asynchronous_hook_refuses_a_tensor_it_cannot_archive_at_that_call(tmp_path: Path) -> None:
+    """A meta, sparse or complex tensor is refused by the call given it, as a synchronous commit refuses it, not
+    by the next call (whose checkpoint would be lost with it)."""
+    import torch
+
+    from gpupas.integrations.training import CheckpointHook
+
+    w = torch.arange(12, dtype=torch.float32)
+    with CheckpointHook(tmp_path / "arc", "run", asynchronous=True) as hook:
+        hook({"w": w}, step=1)
+        odd = {"meta device": torch.empty(3, device="meta"), "sparse": torch.eye(2).to_sparse(),
+               "complex64": torch.ones(2, dtype=torch.complex64)}
+        for step, (why, t) in enumerate(odd.items(), 2):
+            with pytest.raises(UnsupportedDtypeError, match=f"tensor 'n': .*{why}"):
+                hook({"w": w + 1, "n": t}, step=step)
+            hook({"w": w + step}, step=step)
+    v = hook.version
+    assert v is not None and [s["step"] for s in v.snapshots] == [1, 2, 3, 4]
 
 
 @needs_torch

@@ -42,7 +42,7 @@ import numpy as np
 
 from gpupas.engine.executor import Executor
 from gpupas.errors import InvalidInputError
-from gpupas.tensors import Loaded, tensors_of
+from gpupas.tensors import Loaded, as_tensor_dict, tensors_of
 
 
 def _is_cuda_torch(t: Any) -> bool:
@@ -61,6 +61,21 @@ def _on_cupy_stream(v: Any) -> bool:
     return isinstance(v, DeviceTensor)
 
 
+def _probe(v: Any) -> Any:
+    """A stand-in for ``v`` that a commit refuses where it refuses ``v``, without its data: ``v`` itself where it has
+    none to copy (a meta, sparse or quantized torch tensor), else an empty array of its dtype (no other value is
+    checked: copy_state refuses what is not a tensor)."""
+    from gpupas.integrations.torch import is_torch_tensor
+
+    if is_torch_tensor(v):
+        import torch
+
+        if v.device.type == "meta" or v.layout != torch.strided or v.is_quantized:
+            return v
+        return torch.empty(0, dtype=v.dtype)
+    return np.empty(0, v.dtype) if isinstance(v, (np.ndarray, np.generic)) else np.empty(0, np.float32)
+
+
 def copy_state(state: Mapping[str, Any]) -> tuple[dict[str, Any], list[Any]]:
     """A copy of every tensor of ``state`` (CUDA tensors on the device, fused) and the CUDA events that
     complete when the device copies have: torch's and CuPy's, each recorded on the caller's current
@@ -70,6 +85,7 @@ def copy_state(state: Mapping[str, Any]) -> tuple[dict[str, Any], list[Any]]:
     state = tensors_of(state, "input", notes)
     for note in notes:
         warnings.warn(note, stacklevel=3)
+    as_tensor_dict({k: _probe(v) for k, v in state.items()})  # what the commit would refuse, refused now
     names = [k for k, v in state.items() if _is_cuda_torch(v)]
     out: dict[str, Any] = {}
     events = []
