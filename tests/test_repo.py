@@ -411,6 +411,37 @@ def test_asynchronous_hook_refuses_a_non_tensor_at_that_call(tmp_path: Path) -> 
     assert v is not None and [s["step"] for s in v.snapshots] == [1, 3] and v.metrics["loss"] == [[3, 0.1]]
 
 
+def test_asynchronous_hook_keeps_a_failed_commits_metrics_and_closes(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """A background commit that fails keeps its metric points pending (as a failed synchronous call does); its error
+    is raised by the next call, or by close(), which still writes the points pending and releases the archive."""
+    from gpupas.integrations.training import CheckpointHook
+
+    w = np.arange(12, dtype=np.float32)
+    for closing in (True, False):
+        hook = CheckpointHook(tmp_path / f"arc{closing}", "run", asynchronous=True)
+        hook({"w": w}, step=1, metrics={"loss": 1.0})
+        append = hook.repo.add_snapshot
+        monkeypatch.setattr(hook.repo, "add_snapshot", lambda *a, **kw: (_ for _ in ()).throw(OSError("disk full")))
+        hook({"w": w + 1}, step=2, metrics={"loss": 0.5})  # fails in the background
+        hook.log(3, acc=0.9)
+        if not closing:
+            with pytest.raises(OSError, match="disk full"):
+                hook({"w": w + 3}, step=3, metrics={"loss": 0.4})
+            monkeypatch.setattr(hook.repo, "add_snapshot", append)
+            hook({"w": w + 4}, step=4)
+            hook.close()
+        else:
+            with pytest.raises(OSError, match="disk full"):
+                hook.close()
+            assert hook.repo._catalog is None  # released
+        with open_repository(tmp_path / f"arc{closing}") as repo:
+            v = repo.version("run")
+        assert [s["step"] for s in v.snapshots] == ([1] if closing else [1, 4])
+        assert v.metrics["loss"] == [[1, 1.0], [2, 0.5]] + ([] if closing else [[3, 0.4]])
+        assert v.metrics["acc"] == [[3, 0.9]]
+
+
 @needs_torch
 def test_asynchronous_hook_refuses_a_tensor_it_cannot_archive_at_that_call(tmp_path: Path) -> None:
     """A meta, sparse or complex tensor is refused by the call given it, as a synchronous commit refuses it, not

@@ -107,6 +107,7 @@ class CheckpointHook:
                     self.repo.close()
                 raise
         self._pending: dict[str, list[list[Any]]] = {}
+        self._sent: dict[str, list[list[Any]]] = {}  # the metric points of the asynchronous commit in flight
         self._async = None
         if asynchronous:
             from gpupas.integrations.async_commit import AsyncCommitter
@@ -146,8 +147,7 @@ class CheckpointHook:
         try:
             return self._commit(model_or_state, state, step, series, best)
         except BaseException:  # nothing was committed (an asynchronous mode's submit raises before it copies)
-            merge_metrics(series, self._pending)  # so its points stay pending, in order
-            self._pending = series
+            merge_metrics(self._pending, series)  # so its points stay pending, after a failed commit's in flight
             raise
 
     def _repick(self) -> None:
@@ -170,7 +170,9 @@ class CheckpointHook:
                 best=1 if best else None, from_snapshot=self.from_snapshot)
             self._repick()
         elif self._async is not None:
+            self._settle()
             self._async.submit(state, step=step, metrics=series, best=best)
+            self._sent = series
         else:
             self.version = self._append(state, step=step, metrics=series, best=best)
         return self.version
@@ -181,16 +183,37 @@ class CheckpointHook:
         self._repick()  # (the asynchronous mode's thread, one commit at a time)
         return self.version
 
+    def _settle(self) -> None:
+        """Wait for the asynchronous commit in flight; where it failed, its metric points go back to pending (ahead
+        of later ones), as a failed synchronous commit's stay, and its error is raised."""
+        sent, self._sent = self._sent, {}
+        try:
+            if self._async is not None:
+                self._async.wait()
+        except BaseException:
+            merge_metrics(sent, self._pending)
+            self._pending = sent
+            raise
+
     def close(self) -> Version | None:
         """Finish the commit in flight, write metric points still pending and release the archive;
-        returns the version."""
-        if self._async is not None:
-            self._async.close()
-        if self._pending and self.version is not None:
-            self.version = self.repo.log_metrics(self.version.id, self._take(None, None))
-            self._repick()
-        if self._own:
-            self.repo.close()
+        returns the version. A failed commit in flight is raised after the rest is done."""
+        try:
+            error = None
+            if self._async is not None:
+                try:
+                    self._settle()
+                except BaseException as exc:
+                    error = exc
+                self._async.close()
+            if self._pending and self.version is not None:
+                self.version = self.repo.log_metrics(self.version.id, self._take(None, None))
+                self._repick()
+            if error is not None:
+                raise error
+        finally:
+            if self._own:
+                self.repo.close()
         return self.version
 
     def __enter__(self) -> CheckpointHook:
