@@ -411,6 +411,27 @@ def test_asynchronous_hook_refuses_a_non_tensor_at_that_call(tmp_path: Path) -> 
     assert v is not None and [s["step"] for s in v.snapshots] == [1, 3] and v.metrics["loss"] == [[3, 0.1]]
 
 
+def test_asynchronous_commit_in_flight_at_exit_is_finished(tmp_path: Path) -> None:
+    """A process that exits with a background commit still running (no close()) finishes it: the commit's coding
+    and writes were refused by concurrent.futures, shut down at exit, and the snapshot silently lost."""
+    script = """if True:
+        import sys, time, numpy as np, gpupas
+        from gpupas.integrations.async_commit import AsyncCommitter
+        arc = gpupas.create_archive(sys.argv[1])
+        def commit(state):
+            time.sleep(0.5)  # still running at exit
+            return arc.commit(state)
+        AsyncCommitter(commit).submit({"w": np.arange(4_000_000, dtype=np.float32)})
+    """
+    import gpupas
+
+    run = subprocess.run([sys.executable, "-c", script, str(tmp_path / "arc")], capture_output=True, text=True,
+                         timeout=120, cwd=Path(__file__).parents[1])
+    assert run.returncode == 0, run.stderr
+    with gpupas.open_archive(tmp_path / "arc") as a:
+        assert len(a.snapshots()) == 1, run.stderr
+
+
 def test_asynchronous_hook_keeps_a_failed_commits_metrics_and_closes(tmp_path: Path,
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     """A background commit that fails keeps its metric points pending (as a failed synchronous call does); its error

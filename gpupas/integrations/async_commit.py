@@ -18,7 +18,8 @@ not the model size.
 At most one commit is in flight: a call waits for the previous commit first (its error is raised
 there), so a training loop that checkpoints faster than the store takes the bytes is slowed rather
 than filled up. A crash loses at most the snapshot in flight: a snapshot exists once its manifest is
-published, atomically, and every earlier one is complete.
+published, atomically, and every earlier one is complete. A process that exits without :meth:`close`
+finishes the commit in flight first.
 
 >>> import numpy as np, tempfile, gpupas
 >>> arc = gpupas.create_archive(tempfile.mkdtemp() + "/arc")
@@ -31,8 +32,10 @@ published, atomically, and every earlier one is complete.
 
 from __future__ import annotations
 
+import threading
 import time
 import warnings
+import weakref
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future
 from contextlib import ExitStack
@@ -143,6 +146,17 @@ class _SideStreams:
         self._stack.close()
 
 
+def _finish_at_exit(ref: weakref.ref[AsyncCommitter]) -> None:
+    """At interpreter exit, before concurrent.futures takes no more work (the commit's coding and writes need it):
+    the commit in flight is finished, its error (no call is left to raise it) warned."""
+    committer = ref()
+    if committer is not None:
+        try:
+            committer.wait()
+        except Exception as exc:
+            warnings.warn(f"the asynchronous commit in flight at exit failed: {exc!r}", stacklevel=1)
+
+
 class AsyncCommitter:
     """Run ``commit(state, *args, **kwargs)`` on a copy of ``state`` in the background.
 
@@ -157,6 +171,10 @@ class AsyncCommitter:
         self._base: dict[str, Any] | None = None  # the last committed copy: the next commit's delta base
         self.blocking_seconds: list[float] = []
         self.last: Any = None
+        try:  # (threading's exit hooks run before concurrent.futures' own, which refuses new work from then on)
+            threading._register_atexit(_finish_at_exit, weakref.ref(self))  # type: ignore[attr-defined]
+        except (AttributeError, RuntimeError):  # an older Python; an interpreter already shutting down
+            pass
 
     def submit(self, state: Mapping[str, Any], *args: Any, **kwargs: Any) -> Future[Any]:
         """Copy ``state`` and commit the copy in the background; returns the commit's future. Waits
