@@ -302,9 +302,22 @@ def extract_network(obj: Any) -> Network:
                             "module, a state_dict or a network dict")
 
 
+def _unique_names(net: Network) -> dict[int, str]:
+    """Node id -> its name, the k-th use of a name used again (a module called twice: a traced ResNet's relu)
+    as ``name#k``."""
+    seen: dict[str, int] = {}
+    out = {}
+    for n in net.nodes:
+        seen[n.name] = k = seen.get(n.name, 0) + 1
+        out[n.id] = n.name if k == 1 else f"{n.name}#{k}"
+    return out
+
+
 def diff_networks(a: Network, b: Network) -> dict[str, Any]:
-    """Layers added, removed and changed (type or attributes) from ``a`` to ``b``, edges by name."""
-    na, nb = {n.name: n for n in a.nodes}, {n.name: n for n in b.nodes}
+    """Layers added, removed and changed (type or attributes) from ``a`` to ``b``, edges by name (a name used
+    again counted by its uses: ``relu#2``)."""
+    ia, ib = _unique_names(a), _unique_names(b)
+    na, nb = {ia[n.id]: n for n in a.nodes}, {ib[n.id]: n for n in b.nodes}
     changed = []
     for name in na.keys() & nb.keys():
         x, y = na[name], nb[name]
@@ -313,13 +326,12 @@ def diff_networks(a: Network, b: Network) -> dict[str, Any]:
             changed.append({"name": name, "type": [x.type, y.type] if x.type != y.type else x.type,
                             "attrs": {k: [x.attrs.get(k), y.attrs.get(k)] for k in keys
                                       if x.attrs.get(k) != y.attrs.get(k)}})
-    order = {n.name: i for i, n in enumerate(b.nodes)} | {n.name: -1 for n in a.nodes if n.name not in nb}
-    ia, ib = {n.id: n.name for n in a.nodes}, {n.id: n.name for n in b.nodes}
+    order = {k: i for i, k in enumerate(nb)} | {k: -1 for k in na if k not in nb}
     ea = {(ia[s], ia[t]) for s, t in a.edges}
     eb = {(ib[s], ib[t]) for s, t in b.edges}
     return {
-        "added": [{"name": n.name, "type": n.type} for n in b.nodes if n.name not in na],
-        "removed": [{"name": n.name, "type": n.type} for n in a.nodes if n.name not in nb],
+        "added": [{"name": k, "type": n.type} for k, n in nb.items() if k not in na],
+        "removed": [{"name": k, "type": n.type} for k, n in na.items() if k not in nb],
         "changed": sorted(changed, key=lambda c: order.get(c["name"], 0)),
         "edges_added": sorted([list(e) for e in eb - ea]),
         "edges_removed": sorted([list(e) for e in ea - eb]),

@@ -358,6 +358,31 @@ def test_network_from_state_dict_guesses_types() -> None:
         Network.from_dict({"nodes": [{"id": 0, "name": "a", "type": "x"}], "edges": [[0, 5]]})
 
 
+def test_network_diff_tells_apart_the_uses_of_a_module_called_twice() -> None:
+    """A traced ResNet block calls its relu twice: two nodes of one name. Replacing the second use must show."""
+    torch = pytest.importorskip("torch")
+    from torch import nn
+
+    from gpupas.network import network_from_module
+
+    class Block(nn.Module):
+        def __init__(self, second: nn.Module | None = None) -> None:
+            super().__init__()
+            self.c1, self.c2, self.relu = nn.Conv2d(3, 3, 3, padding=1), nn.Conv2d(3, 3, 3, padding=1), nn.ReLU()
+            self.act2 = second
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.c2(self.relu(self.c1(x))) + x
+            return self.relu(y) if self.act2 is None else self.act2(y)
+
+    a, b = network_from_module(Block()), network_from_module(Block(nn.GELU()))
+    assert [n.name for n in a.nodes].count("relu") == 2
+    d = diff_networks(a, b)
+    assert d["removed"] == [{"name": "relu#2", "type": "ReLU"}] and d["added"] == [{"name": "act2", "type": "GELU"}]
+    assert ["add", "act2"] in d["edges_added"] and ["add", "relu#2"] in d["edges_removed"]
+    assert diff_networks(a, a)["edges_added"] == [] and diff_networks(b, b)["removed"] == []
+
+
 def test_training_hook_commits_each_checkpoint_against_the_previous(tmp_path: Path, run: Path) -> None:
     from gpupas.integrations.training import CheckpointHook
 
