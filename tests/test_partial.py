@@ -232,8 +232,9 @@ def test_bad_requests_and_damage(tmp_path: Path) -> None:
         for bad in (0, -1, 1.5, True):
             with pytest.raises(InvalidInputError, match="planes"):
                 arc.read_planes(m.id, bad)  # type: ignore[arg-type]
-        with pytest.raises(gpupas.TensorNotFoundError):
-            arc.read_planes(m.id, 1, ["nope"])
+        for call in (lambda: arc.read_planes(m.id, 1, ["nope"]), lambda: arc.restore(m.id, names=["nope"])):
+            with pytest.raises(gpupas.TensorNotFoundError, match=r"'nope'.*list a snapshot's tensors with"):
+                call()
         shard = next((tmp_path / "a" / "snapshots" / m.streams[0].folder).rglob("c/0"))
         data = bytearray(shard.read_bytes())
         data[3] ^= 0xFF

@@ -33,6 +33,7 @@ LEGACY_SHARD_CHUNKS = 4096
 LEGACY_CODECS = {"z": "zstd", "d": "deflate"}
 MAX_LENGTH = 1 << 50  # bytes in one stream; far beyond any model, small enough for exact float math
 MAX_NDIM = 64
+_LISTED = "; list a snapshot's tensors with Archive.manifest(snapshot).tensors or `gpupas show VERSION --tensors`"
 
 _TOP = {"format", "id", "revision", "created", "revised", "base", "grand", "setting", "segment", "streams",
         "tensors", "raw_bytes", "stored_bytes", "commit_seconds", "meta"}
@@ -211,7 +212,7 @@ class Manifest:
         try:
             return self.by_name[name]
         except KeyError:
-            raise TensorNotFoundError(f"snapshot {self.id} has no tensor {name!r}") from None
+            raise TensorNotFoundError(f"snapshot {self.id} has no tensor {name!r}{_LISTED}") from None
 
     def select(self, names: Any = None) -> list[TensorEntry]:
         """Entries of ``names`` (all when None), in the order given; TensorNotFoundError names the missing."""
@@ -221,7 +222,7 @@ class Manifest:
         missing = [n for n in wanted if n not in self.by_name]
         if missing:
             raise TensorNotFoundError(f"snapshot {self.id} has no tensor(s) {missing[:5]}"
-                                      f"{'...' if len(missing) > 5 else ''}")
+                                      f"{'...' if len(missing) > 5 else ''}{_LISTED}")
         return [self.by_name[n] for n in wanted]
 
     @property
