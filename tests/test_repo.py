@@ -575,6 +575,9 @@ def test_metrics_parsing(tmp_path: Path) -> None:
     assert read_training_log(tmp_path / "log.jsonl") == {"loss": [[1, 2.0], [2, 1.5]]}
     (tmp_path / "log.json").write_text(json.dumps([{"epoch": 0, "acc": 0.1}, {"epoch": 1, "acc": 0.2}]))
     assert read_training_log(tmp_path / "log.json") == {"acc": [[0, 0.1], [1, 0.2]]}
+    (tmp_path / "gaps.csv").write_text("step,loss,val_acc\n100,0.9,\n200,0.8,\n,,0.7\n300,0.6,\n")
+    assert read_training_log(tmp_path / "gaps.csv") == {  # a row without a step: of the step before it
+        "loss": [[100, 0.9], [200, 0.8], [300, 0.6]], "val_acc": [[200, 0.7]]}
     (tmp_path / "bad.csv").write_text("step,loss\n1,abc\n")
     with pytest.raises(InvalidInputError):
         read_training_log(tmp_path / "bad.csv")

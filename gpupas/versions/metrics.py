@@ -75,9 +75,13 @@ def _from_rows(rows: Iterable[Mapping[str, Any]], source: str) -> dict[str, list
 
     metrics = [k for k in cols if k != step_key and all(numeric(r.get(k)) for r in rows)]
     out: dict[str, list[list[Any]]] = {}
+    step: int | float = 0
     for i, row in enumerate(rows):
         raw_step = row.get(step_key) if step_key else None
-        step = _step(raw_step) if raw_step not in (None, "") else i
+        if step_key is None:
+            step = i
+        elif raw_step not in (None, ""):
+            step = _step(raw_step)  # a row without one is of the step before it (not of its row number)
         for k in metrics:
             if row.get(k) not in (None, ""):
                 out.setdefault(k, []).append([step, _value(row[k])])
@@ -89,9 +93,10 @@ def _from_rows(rows: Iterable[Mapping[str, Any]], source: str) -> dict[str, list
 def read_training_log(path: str | os.PathLike[str]) -> dict[str, list[list[Any]]]:
     """Metric series from a training log: CSV with a header, JSON or JSON lines.
 
-    A ``step`` (or ``global_step``, ``iteration``, ``iter``, ``epoch``) column gives the step,
-    else the row number; every other numeric column is a series. JSON may also be an object of
-    series (``{"loss": [0.9, 0.5]}`` or ``{"loss": [[step, value], ...]}``).
+    A ``step`` (or ``global_step``, ``iteration``, ``iter``, ``epoch``) column gives the step (a row where
+    it is blank: the step of the row before), else the row number; every other numeric column is a
+    series. JSON may also be an object of series (``{"loss": [0.9, 0.5]}`` or ``{"loss": [[step, value],
+    ...]}``).
     """
     p = Path(path)
     if not p.is_file():
