@@ -324,3 +324,31 @@ def test_twin_runs_are_candidates_and_a_plan_stores_one_on_the_other(tmp_path: P
         p = plan_archive(repo.archive, alpha=4.0)
         assert sum(p.target[x] in a for x in b) >= 2  # stored whole and deltas on each other: now on the twins
         assert p.plan.storage < 0.75 * p.current.storage
+
+
+def test_a_nan_alpha_or_budget_is_refused_not_read_as_no_budget(tmp_path: Path) -> None:
+    """NaN compares false with every cost: taken as a budget it dropped them all, so ``compact_archive(alpha=nan)``
+    carried out the least-storage plan (longest chains) and a NaN ``--budget`` was silently no budget."""
+    from typer.testing import CliRunner
+
+    import gpupas.cli.jobs  # registers plan and compact
+    from gpupas.cli.app import app
+    from gpupas.errors import InvalidInputError
+    from gpupas.jobs.compact import compact_archive
+    from gpupas.plan.archive import plan_archive
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal(20_000).astype(np.float32)
+    with gpupas.create_archive(tmp_path / "a") as a:
+        s0 = a.commit({"w": w}, snapshot="s0").id
+        a.commit({"w": w + 1e-3}, snapshot="s1")  # whole: no base given
+        with pytest.raises(InvalidInputError, match="alpha must be at least 1"):
+            plan_archive(a, float("nan"))
+        with pytest.raises(InvalidInputError, match=r"s0.*NaN"):
+            plan_archive(a, None, budgets={s0: float("nan")})
+    with pytest.raises(InvalidInputError, match="alpha must be at least 1"):
+        compact_archive(str(tmp_path / "a"), alpha=float("nan"), scheduler="sync")
+    with gpupas.open_archive(tmp_path / "a") as a:
+        assert [a.manifest(s).base for s in ("s0", "s1")] == [None, None]  # nothing was changed
+    res = CliRunner().invoke(app, ["-A", str(tmp_path / "a"), "plan", "--alpha", "2", "--budget", "s1=nan"])
+    assert res.exit_code in (1, 2) and "NaN" in res.output, res.output

@@ -12,9 +12,12 @@ cost is the sum (scheme ``independent``) or the maximum (``parallel``) of its me
 
 from __future__ import annotations
 
+import math
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+from gpupas.errors import InvalidInputError
 
 ROOT = ""  # never a snapshot id (ids are non-empty names)
 Vertex = Hashable
@@ -185,9 +188,11 @@ def budgets_from(spt: Plan, alpha: float | None = None,
     absolute ones (seconds) for the groups named; where both apply, the smaller."""
     out: dict[Any, float] = {}
     if alpha is not None:
-        if alpha < 1:
-            raise ValueError(f"alpha must be at least 1 (1: the shortest-path tree's recreation), not {alpha}")
+        if not alpha >= 1:  # NaN too: it compares false with every budget, which would drop them all
+            raise InvalidInputError(f"alpha must be at least 1 (1: the shortest-path tree's recreation), not {alpha}")
         out = {g: alpha * c for g, c in spt.recreation.items()}
     for g, b in (absolute or {}).items():
+        if math.isnan(float(b)):
+            raise InvalidInputError(f"the recreation budget of {g} is NaN: give seconds (inf: no budget)")
         out[g] = min(out.get(g, float("inf")), float(b))
     return out
