@@ -290,3 +290,24 @@ def test_a_format2_pred_child_whose_base_is_missing_is_damage(tmp_path: Path) ->
     (tmp_path / "a" / "manifests" / f"{mid}.json").unlink()
     with gpupas.open_archive(tmp_path / "a") as a, pytest.raises(IntegrityError, match=f"{kid}.*{mid}.*is missing"):
         plan_archive(a, 2.0)
+
+
+def test_a_target_that_leaves_out_a_format2_pred_child_still_makes_it_format3_first(tmp_path: Path) -> None:
+    """A bare target ({snapshot: base}) need not name every snapshot ("snapshots not in target keep their base"):
+    a format 2 'pred' child left out of it was not made format 3, so re-basing its base failed mid-job with
+    Archive.revise's error, which says that gpupas compact does both steps in order."""
+    import shutil
+
+    from test_fixtures import FIXTURES, expected
+
+    shutil.copytree(FIXTURES / "format2" / "archive", tmp_path / "a")
+    with gpupas.open_archive(tmp_path / "a") as a:
+        (kid,) = [s for s in a.snapshots() if a.manifest(s).has_pred]
+        mid = a.manifest(kid).base
+    compact_archive(str(tmp_path / "a"), target={mid: None}, scheduler="sync")
+    with gpupas.open_archive(tmp_path / "a") as a:
+        assert a.manifest(mid).base is None and a.manifest(kid).base == mid and a.manifest(kid).format == 3
+        for sid, tensors in expected("format2").items():
+            got = a.restore(sid)
+            assert all(got[k].tobytes() == v.tobytes() for k, v in tensors.items()), sid
+    assert compact_graph(str(tmp_path / "a"), {mid: None}).changes == []

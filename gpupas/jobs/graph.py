@@ -86,7 +86,8 @@ def compact_graph(spec: ArchiveSpec | str, target: Mapping[str, str | None], *, 
     spec = _spec(spec)
     how = how or Reencode()
     with spec.open() as a:
-        chs = changes(target, a.manifest, reencode=how.needed if how.force else None)
+        chs = changes(target, a.manifest, reencode=how.needed if how.force else None,
+                      snapshots=a.store.list_snapshots())
 
         def base_of(s: str) -> str | None:
             return target[s] if s in target else a.manifest(s).base

@@ -14,11 +14,11 @@ snapshot being re-based are revised first (as format 3), as ``Archive.revise`` r
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from gpupas.errors import InvalidInputError
+from gpupas.errors import InvalidInputError, SnapshotNotFoundError
 from gpupas.plan.graph import ROOT
 
 
@@ -59,11 +59,13 @@ def project(parent: Mapping[Any, Any]) -> dict[str, str | None]:
 
 
 def changes(target: Mapping[str, str | None], manifest: Callable[[str], Any], *, reencode: Callable[[Any], bool]
-            | None = None) -> list[Change]:
+            | None = None, snapshots: Iterable[str] = ()) -> list[Change]:
     """The revisions that take the archive to ``target`` (snapshot -> base or None), parents first.
 
     ``reencode(m)``: whether a snapshot whose base stays must be re-encoded anyway (another setting
-    or codec). Snapshots not in ``target`` keep their base.
+    or codec). Snapshots not in ``target`` keep their base; ``snapshots``: the archive's others, so
+    that format 1/2 'pred' children of a re-based snapshot are made format 3 also where the target
+    leaves them out.
     """
     ms = {sid: manifest(sid) for sid in target}
     new_base = {sid: target[sid] for sid in target}
@@ -83,12 +85,21 @@ def changes(target: Mapping[str, str | None], manifest: Callable[[str], Any], *,
     # format 1/2 'pred' children of re-based snapshots: made format 3 on their old base first, also where
     # they change later themselves (that change may have to follow their base's: a step of its own)
     first: dict[str, str] = {}
-    for sid, why in list(todo.items()):
-        if why in ("re-base", "store whole"):
-            for other, m in ms.items():
-                if m.format < 3 and m.base == sid and m.has_pred:
-                    first[other] = "format 3 before its base is re-based"
-                    todo.setdefault(other, "its 'pred' base is off the new chain")  # then its grand goes on it
+    rebased = [sid for sid, why in todo.items() if why in ("re-base", "store whole")]
+    pool = dict(ms)
+    for other in snapshots if rebased else ():
+        if other not in pool:
+            try:
+                pool[other] = manifest(other)
+            except SnapshotNotFoundError:  # discarded since it was listed (a commit that failed)
+                pass
+    for sid in rebased:
+        for other, m in pool.items():
+            if m.format < 3 and m.base == sid and m.has_pred:
+                ms.setdefault(other, m)  # a child the target leaves out keeps its base
+                new_base.setdefault(other, m.base)
+                first[other] = "format 3 before its base is re-based"
+                todo.setdefault(other, "its 'pred' base is off the new chain")  # then its grand goes on it
     order = _parents_first(list(todo), base_of)
     out = [Change(s, ms[s].base, ms[s].base, why, key=first_key(s)) for s, why in first.items()]
     for sid in order:
