@@ -311,3 +311,18 @@ def test_a_target_that_leaves_out_a_format2_pred_child_still_makes_it_format3_fi
             got = a.restore(sid)
             assert all(got[k].tobytes() == v.tobytes() for k, v in tensors.items()), sid
     assert compact_graph(str(tmp_path / "a"), {mid: None}).changes == []
+
+
+def test_a_plan_with_chains_too_deep_is_refused_before_any_revision(tmp_path: Path) -> None:
+    """Each revision checks its own chain against ``max_chain`` as it runs: a plan file chaining 20 snapshots
+    failed at the 17th, after re-basing 16 of them; it is refused up front, naming the snapshot."""
+    from gpupas.errors import InvalidInputError
+
+    w = np.random.default_rng(0).standard_normal(1000).astype(np.float32)
+    with gpupas.create_archive(tmp_path / "a") as a:
+        ids = [a.commit({"w": w + i * 1e-3}, snapshot=f"s{i:02d}").id for i in range(20)]
+    target = {s: (ids[i - 1] if i else None) for i, s in enumerate(ids)}
+    with pytest.raises(InvalidInputError, match="s17 17 delta links deep; at most 16"):
+        compact_archive(str(tmp_path / "a"), target=target, scheduler="sync")
+    with gpupas.open_archive(tmp_path / "a") as a:
+        assert all(a.manifest(s).base is None for s in ids)  # nothing was changed

@@ -18,6 +18,7 @@ from typing import Any
 
 import dask
 
+from gpupas.errors import InvalidInputError
 from gpupas.jobs import tasks
 from gpupas.jobs.tasks import ArchiveSpec, Reencode
 from gpupas.plan.measure import parents_first
@@ -92,6 +93,14 @@ def compact_graph(spec: ArchiveSpec | str, target: Mapping[str, str | None], *, 
         def base_of(s: str) -> str | None:
             return target[s] if s in target else a.manifest(s).base
 
+        for c in chs:  # each revision checks its chain as it runs: a plan too deep would fail half done
+            depth, x = 0, c.base
+            while x is not None:  # no loop: changes() refused those
+                depth, x = depth + 1, base_of(x)
+            if depth > a.max_chain:
+                raise InvalidInputError(f"the plan puts snapshot {c.snapshot} {depth} delta links deep; at most "
+                                        f"{a.max_chain} are allowed: give it a base nearer a whole snapshot, or "
+                                        "plan again (gpupas plan keeps chains within the limit)")
         need: set[str] = set()
         for c in chs:
             need.add(c.snapshot)
