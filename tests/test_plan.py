@@ -352,3 +352,29 @@ def test_a_nan_alpha_or_budget_is_refused_not_read_as_no_budget(tmp_path: Path) 
         assert [a.manifest(s).base for s in ("s0", "s1")] == [None, None]  # nothing was changed
     res = CliRunner().invoke(app, ["-A", str(tmp_path / "a"), "plan", "--alpha", "2", "--budget", "s1=nan"])
     assert res.exit_code in (1, 2) and "NaN" in res.output, res.output
+
+
+def test_default_compaction_counts_the_snapshots_whose_pred_base_it_moves(tmp_path: Path) -> None:
+    """s2 is a 'pred' delta on s1 extrapolating from s0 (its grand); t1 is a near twin of s1. Re-basing s1 onto
+    t1 stores less for s1, and s2 keeps its base, but its grand becomes t1: compact re-encodes s2, which loses
+    its extrapolation and doubles. The plan counted s2 at its 'pred' size, so the default (no slower) compaction
+    stored more than before."""
+    from gpupas.jobs.compact import compact_archive
+    from gpupas.plan.archive import plan_archive
+
+    rng = np.random.default_rng(0)
+    w0 = (rng.standard_normal((256, 128)) * 0.02).astype(np.float32)
+    drift = (rng.standard_normal(w0.shape) * 1e-3).astype(np.float32)
+    s = [{"w": (w0 + k * drift).astype(np.float32)} for k in range(3)]
+    twin = {"w": (s[1]["w"] + rng.standard_normal(w0.shape).astype(np.float32) * 1e-6).astype(np.float32)}
+    with gpupas.create_archive(tmp_path / "a") as a:
+        a.commit(s[0], snapshot="s0")
+        a.commit(twin, snapshot="t1")
+        a.commit(s[1], snapshot="s1", base="s0")
+        a.commit(s[2], snapshot="s2", base="s1")
+        assert a.manifest("s2").grand == "s0" and a.manifest("s2").has_pred
+        before = sum(a.manifest(x).stored_bytes for x in a.snapshots())
+        claimed = plan_archive(a, None, no_slower=True).plan.storage
+    out = compact_archive(str(tmp_path / "a"), alpha=None, no_slower=True, scheduler="sync")
+    assert out.stored_after <= before
+    assert out.stored_after <= claimed * (1 + 1e-9)  # the plan's claim holds once carried out
