@@ -4,6 +4,10 @@ Reads fetch byte ranges, never a whole shard to get one chunk. Atomic writes use
 conditional requests: create-if-absent is a PUT with ``If-None-Match: *``; read-modify-write is a
 GET that remembers the ETag and a PUT with ``If-Match`` (retried when another writer won).
 Filesystems without conditional writes can be read but refuse those two operations.
+
+A conditional PUT carries a random token in its object metadata: when its response is lost and the client
+sends it again, the retry is refused (the key now exists, or its ETag moved) and the token tells that the
+write that landed was this one, not another writer's.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import io
 import random
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime
@@ -22,6 +27,7 @@ from gpupas.store.base import buffers
 
 _RETRIES = 50
 MERGE_BYTES = 8 << 20  # touching ranges are fetched together up to this (one request, not one a chunk)
+_TOKEN = "gpupas-write"  # object metadata: which conditional write put the object there
 
 
 def _codes(exc: BaseException) -> set[str]:
@@ -201,15 +207,17 @@ class RemoteStore:
     def create(self, key: str, data: bytes) -> bool:
         if self.s3:
             bucket, k = self._bucket_key(key)
+            token = uuid.uuid4().hex
             for attempt in range(_RETRIES):
                 try:
-                    self._call("put_object", Bucket=bucket, Key=k, Body=data, IfNoneMatch="*")
+                    self._call("put_object", Bucket=bucket, Key=k, Body=data, IfNoneMatch="*",
+                               Metadata={_TOKEN: token})
                 except Exception as exc:
                     if _conflict(exc):  # raced another conditional write that may yet fail: ask again
                         time.sleep(random.uniform(0, min(1.0, 0.01 * 2**attempt)))
                         continue
-                    if _precondition_failed(exc):
-                        return False
+                    if _precondition_failed(exc):  # it exists: by an earlier try of ours whose response was lost?
+                        return self._token(bucket, k) == token
                     raise
                 return True
             raise GpupasError(f"{self.location}: {key} kept conflicting under {_RETRIES} tries to create it")
@@ -229,14 +237,17 @@ class RemoteStore:
             raise GpupasError(f"{self.location}: atomic replace needs S3 conditional writes; use a local directory "
                               "or S3 for archives that are written")
         bucket, k = self._bucket_key(key)
+        token = uuid.uuid4().hex
         for attempt in range(_RETRIES):
-            old, etag = self._get_with_etag(bucket, k)
+            old, etag, written_by = self._get_with_etag(bucket, k)
+            if attempt and written_by == token:  # an earlier try landed, but its response was lost (and its retry
+                return old  # refused): that value is this update's, not another writer's
             new = change(old)
             if new is None:
                 return old
             cond = {"IfMatch": etag} if etag is not None else {"IfNoneMatch": "*"}
             try:
-                self._call("put_object", Bucket=bucket, Key=k, Body=new, **cond)
+                self._call("put_object", Bucket=bucket, Key=k, Body=new, Metadata={_TOKEN: token}, **cond)
                 return new
             except FileNotFoundError:  # If-Match on a key deleted since it was read (S3: 404): read it again
                 if etag is None:
@@ -252,26 +263,35 @@ class RemoteStore:
         """Object stores have no locks: callers that need one fall back to ages (see ArchiveStore.gc)."""
         yield
 
-    def _get_with_etag(self, bucket: str, key: str) -> tuple[bytes | None, str | None]:
+    def _get_with_etag(self, bucket: str, key: str) -> tuple[bytes | None, str | None, str | None]:
+        """The value of ``key``, its ETag and the token of the conditional write that put it there."""
         from fsspec.asyn import sync
 
-        async def get() -> tuple[bytes | None, str | None]:
+        async def get() -> tuple[bytes | None, str | None, str | None]:
             try:
                 resp = await self.fs._call_s3("get_object", Bucket=bucket, Key=key)
             except FileNotFoundError:
-                return None, None
+                return None, None, None
             body = resp["Body"]
             try:
                 data = await body.read()
             finally:
                 body.close()
-            return data, resp["ETag"]
+            return data, resp["ETag"], (resp.get("Metadata") or {}).get(_TOKEN)
 
         self.requests += 1
-        data, etag = sync(self.fs.loop, get)
+        data, etag, token = sync(self.fs.loop, get)
         if data is not None:
             self._count(data)
-        return data, etag
+        return data, etag, token
+
+    def _token(self, bucket: str, key: str) -> str | None:
+        """The token of the conditional write that put ``key`` there (None: gone, or put otherwise)."""
+        try:
+            resp = self._call("head_object", Bucket=bucket, Key=key)
+        except FileNotFoundError:
+            return None
+        return (resp.get("Metadata") or {}).get(_TOKEN)
 
     def delete(self, key: str) -> None:
         self.requests += 1

@@ -1,0 +1,62 @@
+"""The archive on S3 behind a proxy that loses responses or answers errors (what networks and busy servers do)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pytest
+from s3proxy import FaultProxy
+from s3server import CREDENTIALS, s3_endpoint, s3_options
+
+import gpupas
+
+__all__ = ["s3_endpoint", "s3_options"]  # fixtures this module uses
+
+
+@pytest.fixture
+def proxied(s3_options: dict[str, Any]) -> Iterator[tuple[FaultProxy, str, dict[str, Any]]]:
+    """(the proxy, an archive URL, storage options that go through the proxy)."""
+    opts = dict(s3_options)
+    bucket = opts.pop("bucket")
+    proxy = FaultProxy(opts["endpoint_url"])
+    try:
+        yield proxy, f"s3://{bucket}/arc", opts | {"endpoint_url": proxy.url}
+    finally:
+        proxy.close()
+
+
+def _w(k: float = 0.0) -> np.ndarray:
+    return np.random.default_rng(0).standard_normal((200, 300)).astype(np.float32) + np.float32(k)
+
+
+def test_a_lost_response_to_publishing_a_snapshot_keeps_it(proxied: tuple[FaultProxy, str, dict[str, Any]]) -> None:
+    """The manifest's conditional PUT lands but its response is lost: the client's retry was refused (the key
+    exists), so the commit said "snapshot already exists", deleted its folders and left a published snapshot
+    without its data. The write carries a token that tells it was this commit's own."""
+    proxy, url, opts = proxied
+    with gpupas.create_archive(url, storage_options=opts) as a:
+        a.commit({"w": _w()}, snapshot="s0")
+        proxy.lose_once("PUT", "/manifests/s1.json", "If-None-Match")
+        a.commit({"w": _w(1)}, snapshot="s1")
+    assert proxy.applied
+    with gpupas.open_archive(url, storage_options=opts) as a:
+        assert a.snapshots() == ["s0", "s1"]
+        assert a.restore("s1")["w"].tobytes() == _w(1).tobytes() and a.verify("s0") == 1
+
+
+def test_a_lost_response_to_a_revision_keeps_it(proxied: tuple[FaultProxy, str, dict[str, Any]]) -> None:
+    """A tier move's manifest replace (PUT If-Match) lands but its response is lost: the retry was refused
+    (the ETag moved), the revision was taken for another writer's (ConflictError) and its new folders were
+    deleted under the published manifest. Now the revision stands and reads back."""
+    proxy, url, opts = proxied
+    with gpupas.create_archive(url, storage_options=opts) as a:
+        a.commit({"w": _w()}, snapshot="s0")
+        a.add_tier("cold", url + "-cold", storage_options=opts)
+        proxy.lose_once("PUT", "/manifests/s0.json", "If-Match")
+        a.tier("s0", planes_from=2, to="cold")
+    assert proxy.applied
+    with gpupas.open_archive(url, storage_options=opts, tier_options={"cold": CREDENTIALS}) as a:
+        assert [s.tier for s in a.manifest("s0").streams] == [None, "cold"]
+        assert a.restore("s0")["w"].tobytes() == _w().tobytes()
