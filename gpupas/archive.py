@@ -397,9 +397,10 @@ class Archive:
                             raise SnapshotNotFoundError(f"snapshot {needed}, the base of this commit, was discarded "
                                                         "while it was being committed; nothing was stored")
                     self.store.publish_manifest(m)
-                except BaseException:
-                    for s in streams:
-                        self.store.delete_folder(s.folder, s.tier)
+                except BaseException as exc:
+                    if not getattr(exc, "maybe_published", False):  # else the manifest may name them
+                        for s in streams:
+                            self.store.delete_folder(s.folder, s.tier)
                     raise
                 break
             self.store.keep_tiers(m)  # published: what this raises (a warning made an error) removes nothing
@@ -495,9 +496,10 @@ class Archive:
             # revisions that each passed the check above could together make a loop or too long a chain
             self.store.replace_manifest(new, old.revision, check=(lambda: self._check_base(
                 snapshot, new_base, self.store.read_manifest)) if rebased else None)
-        except BaseException:
-            for s in streams:
-                self.store.delete_folder(s.folder, s.tier)
+        except BaseException as exc:
+            if not getattr(exc, "maybe_published", False):  # else the manifest may name them
+                for s in streams:
+                    self.store.delete_folder(s.folder, s.tier)
             raise
         finally:
             self._forget(snapshot)

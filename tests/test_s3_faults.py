@@ -60,3 +60,30 @@ def test_a_lost_response_to_a_revision_keeps_it(proxied: tuple[FaultProxy, str, 
     with gpupas.open_archive(url, storage_options=opts, tier_options={"cold": CREDENTIALS}) as a:
         assert [s.tier for s in a.manifest("s0").streams] == [None, "cold"]
         assert a.restore("s0")["w"].tobytes() == _w().tobytes()
+
+
+@pytest.mark.parametrize("reads_too", [False, True])
+def test_a_publish_whose_every_answer_is_lost_keeps_its_data(proxied: tuple[FaultProxy, str, dict[str, Any]],
+                                                             reads_too: bool) -> None:
+    """Every answer to the manifest's PUT is lost (the retries' too) though the first landed: the commit
+    deleted its folders under the published manifest and said "nothing half-written is visible". Now it reads
+    the manifest back (its own: the commit succeeded), and where that cannot be read either it keeps the data
+    and says it cannot tell."""
+    from gpupas.errors import StoreUnavailableError
+
+    proxy, url, opts = proxied
+    opts |= {"config_kwargs": {"retries": {"max_attempts": 1}}}
+    with gpupas.create_archive(url, storage_options=opts) as a:
+        a.commit({"w": _w()}, snapshot="s0")
+        proxy.rule = lambda meth, path, headers: ("lose" if "/manifests/s1.json" in path and
+                                                  (meth == "PUT" or reads_too) else None)
+        if reads_too:
+            with pytest.raises(StoreUnavailableError, match="cannot tell whether snapshot s1 was published"):
+                a.commit({"w": _w(1)}, snapshot="s1")
+        else:
+            a.commit({"w": _w(1)}, snapshot="s1")
+        proxy.rule = None
+    assert proxy.applied
+    with gpupas.open_archive(url, storage_options=opts) as a:
+        assert a.snapshots() == ["s0", "s1"]
+        assert a.restore("s1")["w"].tobytes() == _w(1).tobytes()

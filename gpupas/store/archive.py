@@ -185,9 +185,30 @@ class ArchiveStore:
         """Publish a new snapshot: atomic, and never over an existing one."""
         self.upgrade_format()
         data = m.to_bytes()
-        if not self.store.create(keys.manifest(m.id), data):
+        try:
+            created = self.store.create(keys.manifest(m.id), data)
+        except StoreUnavailableError as exc:
+            created = self._landed(m.id, data, exc)
+        if not created:
             raise ArchiveExistsError(f"snapshot {m.id!r} already exists in {self.location}; choose another id")
         self._remember(m.id, data, m)  # the next commit reads it as its base: no parse (it reads back equal)
+
+    def _landed(self, sid: str, data: bytes, exc: StoreUnavailableError) -> bool:
+        """True where manifest ``data`` of ``sid`` is stored although writing it failed with ``exc`` (it landed,
+        its answer was lost); else raises ``exc``, or, where the store cannot tell, an error with
+        ``maybe_published`` set: the caller keeps the folders that manifest names (gc's if it did not land)."""
+        try:
+            now = self.store.get(keys.manifest(sid))
+        except StoreUnavailableError:
+            err = StoreUnavailableError(f"cannot tell whether snapshot {sid} was published in {self.location}: the "
+                                        f"store stopped answering as its manifest was written ({exc}); its data is "
+                                        "kept: once the store is back, list the snapshots (`gpupas gc` removes the "
+                                        "data if it is not there)")
+            err.maybe_published = True  # type: ignore[attr-defined]
+            raise err from exc
+        if now != data:
+            raise exc
+        return True
 
     def _remember(self, sid: str, data: bytes, m: Manifest) -> None:
         with self._parsed_lock:
@@ -219,7 +240,11 @@ class ArchiveStore:
             replaced[:] = [have]
             return new.to_bytes()
 
-        self.store.update(keys.manifest(new.id), change)
+        try:
+            self.store.update(keys.manifest(new.id), change)
+        except StoreUnavailableError as exc:
+            self._landed(new.id, new.to_bytes(), exc)
+            replaced[:] = replaced or [new]  # its answer lost: what it replaced is gc's after the grace period
         kept = {(s.tier, s.folder) for s in new.streams}
         self.mark_superseded([s for s in replaced[0].streams if (s.tier, s.folder) not in kept])
 
