@@ -234,6 +234,31 @@ def test_read_only_error_in_process(store: LocalStore, monkeypatch: pytest.Monke
         store.put("new/folder/k", b"x")
 
 
+def test_a_full_disk_names_the_archive_and_the_remedy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A shard write that finds the disk full (ENOSPC) raised the bare OSError, which the command line showed
+    as "[Errno 28] No space left on device" naming neither the archive nor what to do; the error stays an
+    OSError with that errno, now naming both, and the earlier snapshot stays readable."""
+    import errno
+
+    import gpupas
+
+    w = np.arange(50_000, dtype=np.float32)
+    with gpupas.create_archive(tmp_path / "arc") as a:
+        a.commit({"w": w}, snapshot="s0")
+
+    def full(*args: Any, **kwargs: Any) -> Any:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "pwritev", full)
+    monkeypatch.setattr(os, "pwrite", full)
+    with gpupas.open_archive(tmp_path / "arc") as a:
+        with pytest.raises(OSError, match=rf"No space left.*{tmp_path / 'arc'}.*free space there") as got:
+            a.commit({"w": w + 1}, snapshot="s1")
+        assert got.value.errno == errno.ENOSPC
+        monkeypatch.undo()
+        assert a.snapshots() == ["s0"] and a.restore("s0")["w"].tobytes() == w.tobytes()
+
+
 def test_an_archive_round_trips_where_python_has_no_vectored_io(tmp_path: Path,
                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     """Without ``os.preadv`` and ``os.pwritev`` (a Python built where the OS lacks them) a commit writes

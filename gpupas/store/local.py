@@ -46,6 +46,7 @@ def _try_flock(fd: int, mode: int, seconds: float) -> bool:
 _DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _READ = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 _WRITE_ERRORS = (errno.EACCES, errno.EPERM, errno.EROFS)
+_FULL = (errno.ENOSPC, errno.EDQUOT)
 _datasync = getattr(os, "fdatasync", os.fsync)  # macOS has no fdatasync
 
 
@@ -182,6 +183,10 @@ class LocalStore:
         if exc.errno in _WRITE_ERRORS:
             return ReadOnlyError(f"cannot write {what} in archive {self.location}: {exc.strerror}; the archive is "
                                  "read-only here (read commands still work)")
+        if exc.errno in _FULL:  # an OSError still (callers tell a full disk by its errno), naming where and what to do
+            return OSError(exc.errno, f"{exc.strerror}: cannot write {what} in {self.location}; free space there "
+                                      "(`gpupas gc` removes data no snapshot needs) and run the command again: "
+                                      "nothing half-written is visible")
         return exc
 
     @contextmanager
@@ -427,7 +432,7 @@ class LocalStore:
     def writer(self, key: str) -> LocalWriter:
         with self._writing(key), self._folder(key, create=True) as (dfd, name):
             fd = self._open_write(dfd, name, key)
-        return LocalWriter(fd, self.durable)
+        return LocalWriter(fd, self.durable, lambda exc: self._write_error(exc, key))
 
     def sync(self, prefixes: Sequence[str]) -> None:
         if not self.durable:
@@ -482,8 +487,8 @@ class LocalStore:
 class LocalWriter:
     """A file appended from many threads: the place is taken under a lock, the bytes go in outside it."""
 
-    def __init__(self, fd: int, durable: bool):
-        self.fd, self.durable = fd, durable
+    def __init__(self, fd: int, durable: bool, error: Callable[[OSError], Exception] = lambda exc: exc):
+        self.fd, self.durable, self._error = fd, durable, error  # error(exc): what to raise for a failed write
         self._lock = threading.Lock()
         self._size = 0
 
@@ -492,17 +497,25 @@ class LocalWriter:
         with self._lock:
             offset = self._size
             self._size += sum(len(v) for v in views)
-        _write_all(self.fd, views[0] if len(views) == 1 else views, offset)
+        try:
+            _write_all(self.fd, views[0] if len(views) == 1 else views, offset)
+        except OSError as exc:
+            raise self._error(exc) from None
         return offset
 
     def flush(self) -> None:
         if self.durable:
-            _datasync(self.fd)
+            try:
+                _datasync(self.fd)
+            except OSError as exc:
+                raise self._error(exc) from None
 
     def close(self) -> None:
         try:
             if self.durable:
                 os.fsync(self.fd)
+        except OSError as exc:
+            raise self._error(exc) from None
         finally:
             os.close(self.fd)
 
