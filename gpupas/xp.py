@@ -8,6 +8,9 @@ from typing import Any
 
 import numpy as np
 
+ML_DTYPES = ("bfloat16", "float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz", "float8_e8m0fnu")
+"""The dtypes gpupas stores that NumPy knows only through ml_dtypes (laid out in :mod:`gpupas.pas.planes`)."""
+
 
 def namespace(array: Any) -> ModuleType:
     """Return ``numpy`` or ``cupy``: the module that owns ``array``."""

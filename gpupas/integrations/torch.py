@@ -11,7 +11,7 @@ import ml_dtypes
 import numpy as np
 
 from gpupas.errors import BackendUnavailableError, UnsupportedDtypeError
-from gpupas.pas.planes import ML_DTYPES
+from gpupas.xp import ML_DTYPES
 
 
 def _torch() -> Any:

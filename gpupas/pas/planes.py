@@ -15,7 +15,7 @@ import ml_dtypes
 import numpy as np
 
 from gpupas.errors import UnsupportedDtypeError
-from gpupas.xp import namespace
+from gpupas.xp import ML_DTYPES, namespace
 
 if sys.byteorder != "little":  # pragma: no cover - every platform we ship on is little-endian
     raise ImportError("gpupas needs a little-endian machine")
@@ -40,10 +40,9 @@ class Layout:
         return 8 * self.dtype.itemsize
 
 
-SMALL_FLOATS = ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz")  # 1 byte, sign bit on top
 EXPONENTS = ("float8_e8m0fnu",)  # 1 byte, an exponent alone (no sign, no mantissa): block scales (MX formats)
+SMALL_FLOATS = tuple(n for n in ML_DTYPES if n.startswith("float8") and n not in EXPONENTS)  # 1 byte, sign on top
 FLOATS = ("float64", "float32", "float16", "bfloat16", *SMALL_FLOATS)  # sign, exponent, mantissa: value bounds
-ML_DTYPES = ("bfloat16", *SMALL_FLOATS, *EXPONENTS)  # the dtypes NumPy knows only through ml_dtypes
 
 
 def _layouts() -> dict[str, Layout]:
