@@ -40,7 +40,7 @@ from gpupas.pas.planes import Layout
 from gpupas.pas.predict import FRAC, ROW_COST_BITS, SAMPLE_COLS, _adjust, _steps
 from gpupas.pas.rows import MIN_ROWS, MIN_UNCHANGED, rows_of
 from gpupas.pas.settings import Setting
-from gpupas.pas.transform import MIN_ESTIMATE_VALUES, Plan, candidates, plan_of, splits, whole_splits
+from gpupas.pas.transform import MIN_ESTIMATE_VALUES, Plan, candidates, min_gain, plan_of, splits, whole_splits
 
 log = logging.getLogger("gpupas")
 
@@ -210,7 +210,7 @@ def choose_plan(u: np.ndarray, ub: np.ndarray | None, layout: Layout, setting: S
         h, hc = np.empty(w), np.empty(w if want else 0)
         k.sample_entropies(w, KINDS[enc], layout.rotate, u, u if ub is None else ub, idx, _rowmap(rows), per,
                            _nlogn(idx.size), _LN2X2, h, hc, cnt, coded, keys)
-        plan = plan_of(enc, h, hc if want else None)
+        plan = plan_of(enc, h, hc if want else None, min_gain(enc, setting, layout))
         if best is None or plan.estimate < best.estimate:
             best = plan
     assert best is not None

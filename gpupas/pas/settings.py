@@ -12,7 +12,8 @@ class Setting:
     """Knobs of one encoder setting.
 
     ``context``: the encodings ('mat', 'sub', 'xor') that may use the context split ('mat-int': 'mat' of
-    integer dtypes only);
+    integer dtypes only; 'mat-float': 'mat' of float dtypes where the split saves a tenth, as mostly-zero
+    weights do);
     ``min_group``: smallest group (bytes) that gets coder tables of its own;
     ``try_all``: code every chunk with each coder and keep the smallest (the compaction setting),
     else code with fast literal-only Zstandard and try Huffman-only Deflate only where Zstandard
@@ -24,7 +25,7 @@ class Setting:
     """
 
     name: str
-    context: tuple[str, ...] = ("sub", "xor", "mat-int")
+    context: tuple[str, ...] = ("sub", "xor", "mat-int", "mat-float")
     min_group: int = 8192
     try_all: bool = False
     zstd_level: int = 19

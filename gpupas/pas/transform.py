@@ -23,6 +23,9 @@ MIN_SEGMENT = 64  # the least a manifest may declare: a reader's work per segmen
 MIN_CONTEXT_VALUES = 16384  # below this the split's statistics cost more than they save
 MIN_ESTIMATE_VALUES = 2048  # smaller deltas are stored as SUB without estimating
 MIN_CONTEXT_GAIN = 0.005  # keep the split only if the estimate shrinks by this fraction
+# 'mat-float': a whole float tensor is split by its own top byte only where that saves this fraction. Dense weights
+# save about 1-3% (not worth the sort a split restore does); mostly-zero ones (pruned, sparse rows) 13-35%.
+MIN_WHOLE_FLOAT_GAIN = 0.10
 
 
 @dataclass(frozen=True)
@@ -76,25 +79,37 @@ def choose_plan(u: Any, ub: Any | None, layout: Layout, setting: Setting,
         hc = None
         if splits(enc, setting, n, layout):
             hc = plane_entropies(planes, planes[0] if enc == "mat" else top_byte(ubs, layout))
-        plan = plan_of(enc, h, hc)
+        plan = plan_of(enc, h, hc, min_gain(enc, setting, layout))
         if best is None or plan.estimate < best.estimate:
             best = plan
     assert best is not None
     return best
 
 
+def _ints_split(setting: Setting, layout: Layout) -> bool:
+    return "mat" in setting.context or ("mat-int" in setting.context and layout.dtype.kind in "iu")
+
+
 def whole_splits(setting: Setting, layout: Layout) -> bool:
     """Whether ``setting`` may split whole values ('mat') of ``layout``'s dtype by their own top byte:
     'mat' in its context, or 'mat-int' and an integer dtype (whose top byte says what the sign-extension
-    bytes below it hold: split by it, they cost nothing)."""
-    return "mat" in setting.context or ("mat-int" in setting.context and layout.dtype.kind in "iu")
+    bytes below it hold: split by it, they cost nothing), or 'mat-float' and a float dtype of more than one
+    byte (where the split saves :data:`MIN_WHOLE_FLOAT_GAIN`: a zero's top byte is 0, so the lower planes of
+    mostly-zero weights, split, pay for where the zeros are once instead of in every plane)."""
+    return _ints_split(setting, layout) or ("mat-float" in setting.context and layout.dtype.kind not in "iub"
+                                            and layout.width > 1)
+
+
+def min_gain(enc: str, setting: Setting, layout: Layout) -> float:
+    """The fraction of the estimate the context split of ``enc`` must save to be kept."""
+    return MIN_CONTEXT_GAIN if enc != "mat" or _ints_split(setting, layout) else MIN_WHOLE_FLOAT_GAIN
 
 
 def candidates(with_base: bool, setting: Setting, layout: Layout) -> tuple[str, ...]:
     """The encodings :func:`choose_plan` estimates. With a base, XOR under the split carries the
     information a whole value does, so 'mat' is only worth estimating where the setting may split a
-    whole value too."""
-    return ("mat",) if not with_base else ("sub", "xor") + (("mat",) if whole_splits(setting, layout) else ())
+    whole value too ('mat-float' only splits whole floats committed without a base)."""
+    return ("mat",) if not with_base else ("sub", "xor") + (("mat",) if _ints_split(setting, layout) else ())
 
 
 def splits(enc: str, setting: Setting, n: int, layout: Layout) -> bool:
@@ -104,15 +119,15 @@ def splits(enc: str, setting: Setting, n: int, layout: Layout) -> bool:
     return enc in setting.context and n >= MIN_CONTEXT_VALUES
 
 
-def plan_of(enc: str, h: Any, hc: Any | None) -> Plan:
+def plan_of(enc: str, h: Any, hc: Any | None, gain: float = MIN_CONTEXT_GAIN) -> Plan:
     """The plan of ``enc`` from its sampled plane entropies, plain (``h``) and split by context (``hc``, None
-    where not estimated): the split where it saves at least :data:`MIN_CONTEXT_GAIN`."""
+    where not estimated): the split where it saves at least the fraction ``gain``."""
     plain = float(np.minimum(h, 8.0).sum())
     if hc is not None:
         if enc == "mat":
             hc[0] = h[0]  # a whole value's context is its own top plane: that plane is coded plain
         split = float(np.minimum(hc, 8.0).sum())
-        if split < plain * (1 - MIN_CONTEXT_GAIN):
+        if split < plain * (1 - gain):
             return Plan(enc, True, split)
     return Plan(enc, False, plain)
 
