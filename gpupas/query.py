@@ -88,9 +88,11 @@ def tokenize(text: str) -> list[Token]:
         if kind == "str":
             out.append(Token("str", re.sub(r"\\(.)", r"\1", raw[1:-1]), pos))
         elif kind == "num":
-            value = float(raw) if any(c in raw for c in ".eE") else int(raw)
+            # float() of the text, not of the int: past a double's range it is inf (as 1e400 is), where float(int)
+            # raises OverflowError; past 4300 digits int() refuses the text (ValueError)
+            value = float(raw) if any(c in raw for c in ".eE") or len(raw) > 4000 else int(raw)
             if isinstance(value, int) and not -(2**63) <= value < 2**63:  # SQLite's integers
-                value = float(value)  # compared as a number still; LIMIT refuses it below
+                value = float(raw)  # compared as a number still; LIMIT refuses it below
             out.append(Token("num", value, pos))
         elif kind == "name":
             low = raw.lower()

@@ -360,3 +360,16 @@ def test_best_by_a_capitalized_loss_picks_the_lowest(metric: str) -> None:
     assert best_rule(metric) == (metric, 1)
     entries = [{"id": "a", "step": 1}, {"id": "b", "step": 2}]
     assert pick_best(entries, {metric: [[1, 0.2], [2, 0.9]]}, None, metric) == "a"
+
+
+def test_query_literals_past_a_double_or_int_digits_are_numbers_not_internal_errors(tmp_path: Path) -> None:
+    """A DQL number past a double's range (10**400) or past int()'s 4300 digits reads as inf, as 1e400 does: it
+    raised OverflowError / ValueError from the tokenizer (an internal error at the CLI)."""
+    for lit in ("1" + "0" * 400, "-" + "9" * 5000, "1e400"):
+        tok = tokenize(f"select m where m.hp.n = {lit}")[-2]
+        assert tok.kind == "num" and tok.value in (float("inf"), float("-inf")), lit
+    assert tokenize("select m where m.hp.n = 9223372036854775808")[-2].value == 2.0**63
+    r = create_repository(tmp_path / "arc")
+    r.commit("big", {"w": np.zeros(4, np.float32)}, hyperparameters={"n": 10**400})
+    assert r.query("select m where m.hp.n > 1" + "0" * 400) == []
+    r.close()
