@@ -1556,3 +1556,15 @@ def test_tiny_segments_and_wide_pred_are_refused_by_the_manifest(tmp_path: Path)
             a.restore("wide")
     with pytest.raises(gpupas.InvalidInputError, match="a segment holds 64"):
         gpupas.Layout(segment=8)
+
+
+def test_a_manifest_whose_commit_seconds_is_past_a_double_still_reads(tmp_path: Path) -> None:
+    """commit_seconds (informative) of 10**400, valid JSON under a valid seal, reads as 0.0 as 1e400 does: it
+    raised OverflowError from math.isfinite, so the snapshot could not be read, listed or discarded."""
+    from gpupas.format.manifest import Manifest
+
+    a = gpupas.create_archive(tmp_path / "arc")
+    m = a.commit({"w": np.arange(10, dtype=np.float32)}, snapshot="s1")
+    obj = unseal(m.to_bytes(), "manifest")
+    obj["commit_seconds"] = 10**400
+    assert Manifest.from_bytes(seal(obj), "s1").commit_seconds == 0.0

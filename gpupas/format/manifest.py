@@ -294,7 +294,15 @@ def _str(v: Any, what: str, name: str) -> str:
 
 
 def _seconds(v: Any) -> float:
-    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else 0.0
+    """A manifest's commit_seconds (informative): 0.0 where it is not a finite number (an int past a double's
+    range, 10**400, too: math.isfinite raises OverflowError on it)."""
+    if not isinstance(v, (int, float)) or isinstance(v, bool):
+        return 0.0
+    try:
+        f = float(v)
+    except OverflowError:
+        return 0.0
+    return f if math.isfinite(f) else 0.0
 
 
 def _unknown(d: dict[str, Any], allowed: set[str], what: str, where: str) -> None:
