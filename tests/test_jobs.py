@@ -326,3 +326,28 @@ def test_a_plan_with_chains_too_deep_is_refused_before_any_revision(tmp_path: Pa
         compact_archive(str(tmp_path / "a"), target=target, scheduler="sync")
     with gpupas.open_archive(tmp_path / "a") as a:
         assert all(a.manifest(s).base is None for s in ids)  # nothing was changed
+
+
+def test_a_plan_that_moves_a_base_checks_the_chains_of_the_snapshots_left_on_it(tmp_path: Path) -> None:
+    """A snapshot the plan leaves on its base goes as deep as that base goes: re-basing c0 (c1, c2 on it) onto
+    the end of a 15-link chain left c2 18 links deep, past max_chain (16), silently (each revision checks its
+    own chain only). It is refused up front, naming the snapshot."""
+    from gpupas.errors import InvalidInputError
+
+    w = np.random.default_rng(0).standard_normal(1000).astype(np.float32)
+    with gpupas.create_archive(tmp_path / "a") as a:
+        a.commit({"w": w}, snapshot="a00")
+        for i in range(1, 16):
+            a.commit({"w": np.where(np.arange(1000) == i, 0, w)}, snapshot=f"a{i:02d}", base=f"a{i - 1:02d}")
+        a.commit({"w": w[::-1].copy()}, snapshot="c0")
+        for i in (1, 2):
+            a.commit({"w": np.where(np.arange(1000) == i, 0, w[::-1])}, snapshot=f"c{i}", base=f"c{i - 1}")
+        assert a.depth("a15") == 15 and a.depth("c2") == 2
+    with pytest.raises(InvalidInputError, match=r"c1 17 delta links deep \(kept on a base the plan moves\)"):
+        compact_archive(str(tmp_path / "a"), target={"c0": "a15"}, scheduler="sync")
+    with gpupas.open_archive(tmp_path / "a") as a:
+        assert a.manifest("c0").base is None  # nothing was changed
+    compact_archive(str(tmp_path / "a"), target={"c0": "a13"}, scheduler="sync")  # c2 16 deep: allowed
+    with gpupas.open_archive(tmp_path / "a") as a:
+        assert a.depth("c2") == 16
+        assert a.restore("c2")["w"].tobytes() == np.where(np.arange(1000) == 2, 0, w[::-1]).tobytes()

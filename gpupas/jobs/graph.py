@@ -12,13 +12,13 @@ and the same graph built again does what is left.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import dask
 
-from gpupas.errors import InvalidInputError
+from gpupas.errors import FormatError, IntegrityError, InvalidInputError, SnapshotNotFoundError
 from gpupas.jobs import tasks
 from gpupas.jobs.tasks import ArchiveSpec, Reencode
 from gpupas.plan.measure import parents_first
@@ -93,12 +93,31 @@ def compact_graph(spec: ArchiveSpec | str, target: Mapping[str, str | None], *, 
         def base_of(s: str) -> str | None:
             return target[s] if s in target else a.manifest(s).base
 
-        for c in chs:  # each revision checks its chain as it runs: a plan too deep would fail half done
-            depth, x = 0, c.base
-            while x is not None:  # no loop: changes() refused those
-                depth, x = depth + 1, base_of(x)
-            if depth > a.max_chain:
-                raise InvalidInputError(f"the plan puts snapshot {c.snapshot} {depth} delta links deep; at most "
+        def depth_of(s: str, base: Callable[[str], str | None]) -> int:
+            """Links below ``s`` as far as they can be read (a chain that loops or a manifest that is missing or
+            damaged: the revisions and the reads name that damage)."""
+            depth, x, seen = 0, s, {s}
+            while True:
+                try:
+                    x = base(x)
+                except (SnapshotNotFoundError, IntegrityError, FormatError):
+                    return depth
+                if x is None or x in seen:
+                    return depth
+                seen.add(x)
+                depth += 1
+
+        # each revision checks its own chain as it runs: a plan too deep would fail half done; and the snapshots
+        # left on a re-based one go as deep as it goes, which no revision checks
+        revised = list(dict.fromkeys(c.snapshot for c in chs))
+        rebased = any(c.base != c.old_base for c in chs)
+        kept = sorted(s for s in a.store.list_snapshots() if s not in target and s not in revised) if rebased \
+            else []
+        for sid in revised + kept:
+            depth = depth_of(sid, base_of)
+            if depth > a.max_chain and (sid in revised or depth > depth_of(sid, lambda x: a.manifest(x).base)):
+                raise InvalidInputError(f"the plan puts snapshot {sid} {depth} delta links deep"
+                                        f"{'' if sid in revised else ' (kept on a base the plan moves)'}; at most "
                                         f"{a.max_chain} are allowed: give it a base nearer a whole snapshot, or "
                                         "plan again (gpupas plan keeps chains within the limit)")
         need: set[str] = set()
