@@ -87,3 +87,36 @@ def test_a_publish_whose_every_answer_is_lost_keeps_its_data(proxied: tuple[Faul
     with gpupas.open_archive(url, storage_options=opts) as a:
         assert a.snapshots() == ["s0", "s1"]
         assert a.restore("s1")["w"].tobytes() == _w(1).tobytes()
+
+
+@pytest.mark.parametrize("reads_too", [False, True])
+def test_a_version_record_whose_every_answer_is_lost_keeps_its_snapshots(
+        proxied: tuple[FaultProxy, str, dict[str, Any]], reads_too: bool) -> None:
+    """A version record's PUT (a new version; a snapshot added) lands but every answer is lost: the commit said
+    nothing was stored and discarded its snapshot, which the published record names, so the version could not
+    be restored. Now the record is read back (ours: the commit succeeded), and where it cannot be read either the
+    snapshot is kept and the error says it cannot tell."""
+    from gpupas.errors import StoreUnavailableError
+
+    proxy, url, opts = proxied
+    opts |= {"config_kwargs": {"retries": {"max_attempts": 1}}}
+
+    def lose() -> None:
+        proxy.rule = lambda meth, path, headers: ("lose" if "/versions/1.json" in path and
+                                                  (meth == "PUT" or reads_too) else None)
+
+    with gpupas.create_repository(url, storage_options=opts) as r:
+        lose()
+        if reads_too:
+            with pytest.raises(StoreUnavailableError, match="cannot tell whether version 1 was published"):
+                r.commit("v", {"w": _w()})
+        else:
+            r.commit("v", {"w": _w()})
+            lose()
+            r.add_snapshot(1, {"w": _w(1)})
+        proxy.rule = None
+    assert proxy.applied
+    with gpupas.open_repository(url, storage_options=opts) as r:
+        snaps = [s["id"] for s in r.version(1).snapshots]
+        assert sorted(r.archive.snapshots()) == sorted(snaps) and len(snaps) == (1 if reads_too else 2)
+        assert r.restore(1, snaps[-1])["w"].tobytes() == _w(0 if reads_too else 1).tobytes()

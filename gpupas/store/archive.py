@@ -197,13 +197,19 @@ class ArchiveStore:
         """True where manifest ``data`` of ``sid`` is stored although writing it failed with ``exc`` (it landed,
         its answer was lost); else raises ``exc``, or, where the store cannot tell, an error with
         ``maybe_published`` set: the caller keeps the folders that manifest names (gc's if it did not land)."""
+        return self.landed(keys.manifest(sid), data, exc, f"snapshot {sid} was published",
+                           "its data is kept: once the store is back, list the snapshots (`gpupas gc` removes the "
+                           "data if it is not there)")
+
+    def landed(self, key: str, data: bytes, exc: StoreUnavailableError, what: str, kept: str) -> bool:
+        """True where ``key`` holds ``data`` although writing it failed with ``exc`` (it landed, its answer was
+        lost); else raises ``exc``, or, where the store cannot tell, an error saying whether ``what`` cannot be
+        told, and ``kept``, with ``maybe_published`` set: the caller keeps what the value names."""
         try:
-            now = self.store.get(keys.manifest(sid))
+            now = self.store.get(key)
         except StoreUnavailableError:
-            err = StoreUnavailableError(f"cannot tell whether snapshot {sid} was published in {self.location}: the "
-                                        f"store stopped answering as its manifest was written ({exc}); its data is "
-                                        "kept: once the store is back, list the snapshots (`gpupas gc` removes the "
-                                        "data if it is not there)")
+            err = StoreUnavailableError(f"cannot tell whether {what} in {self.location}: the store stopped answering "
+                                        f"as {key} was written ({exc}); {kept}")
             err.maybe_published = True  # type: ignore[attr-defined]
             raise err from exc
         if now != data:

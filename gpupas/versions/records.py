@@ -13,7 +13,7 @@ import hashlib
 import re
 from collections.abc import Callable
 
-from gpupas.errors import IntegrityError, InvalidInputError
+from gpupas.errors import IntegrityError, InvalidInputError, StoreUnavailableError
 from gpupas.format import keys
 from gpupas.format.manifest import Manifest
 from gpupas.format.sealed import seal, unseal
@@ -36,6 +36,10 @@ def key_path(key: str) -> str:
     if kind == "m":
         return keys.manifest(name)
     raise ValueError(f"bad record key {key!r}")
+
+
+_KEPT = ("the snapshots written for it are kept: once the store is back, see whether the version is there "
+         "(`gpupas log`); `gpupas gc` removes snapshots no version names")
 
 
 class Records:
@@ -106,7 +110,13 @@ class Records:
                 raise InvalidInputError(f"archive {self.location} has a version {ids[-1]}: version ids are used up; "
                                         "remove or renumber that record")
             record["id"] = vid
-            if self.store.create(keys.version(vid), seal(record)):
+            data = seal(record)
+            try:
+                created = self.store.create(keys.version(vid), data)
+            except StoreUnavailableError as exc:  # it may have landed, its answer lost: it names our snapshots
+                created = self.archive.landed(keys.version(vid), data, exc, f"version {vid} was published",
+                                                    _KEPT)
+            if created:
                 return vid
 
     def update_version(self, vid: int, change: Callable[[Record], None]) -> Record:
@@ -121,7 +131,12 @@ class Records:
             result[:] = [rec]
             return seal(rec)
 
-        self.store.update(keys.version(vid), apply)
+        try:
+            self.store.update(keys.version(vid), apply)
+        except StoreUnavailableError as exc:  # it may have landed, its answer lost: it may name our snapshots
+            if not result:
+                raise
+            self.archive.landed(keys.version(vid), seal(result[0]), exc, f"version {vid} was updated", _KEPT)
         return result[0]
 
     def create_tag(self, name: str, record: Record) -> bool:

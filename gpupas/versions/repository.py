@@ -348,8 +348,9 @@ class Repository:
         try:
             with self.archive.store.writing():
                 yield written
-        except BaseException:
-            self._discard(written)  # after the lock is released: discard takes it exclusively
+        except BaseException as exc:
+            if not getattr(exc, "maybe_published", False):  # else a published record may name them
+                self._discard(written)  # after the lock is released: discard takes it exclusively
             raise
 
     def _discard(self, sids: Iterable[str]) -> None:
