@@ -314,3 +314,17 @@ def test_json_output_is_strict_json_when_numbers_overflow(tmp_path: Path) -> Non
         ok(gp("commit", tmp_path / f"{i}.safetensors", "-n", "big", *(["-p", "1"] if i else []), archive=arc))
     rows = {r["name"]: r for r in js(gp("diff", "1", "2", "--json", archive=arc))["weights"]["tensors"]}
     assert rows["w"]["rel_l2"] == 2.0 and rows["b"]["rel_l2"] == 0.0  # ||2e300|| / ||1e300||
+
+
+def test_checkout_refuses_weights_named_as_its_metadata(tmp_path: Path) -> None:
+    """--weights-name gpupas-version.json: the metadata written after the weights replaced them (exit 0)."""
+    arc, ck = tmp_path / "arc", tmp_path / "w.safetensors"
+    save_file({"w": np.arange(8, dtype=np.float32)}, ck)
+    ok(gp("init", arc))
+    ok(gp("commit", ck, "-n", "m", archive=arc))
+    for name in ("gpupas-version.json", "GPUPAS-version.JSON", "gpupas-version.json/w.safetensors"):
+        fails(gp("checkout", "m", "-o", tmp_path / "out", "--weights-name", name, archive=arc), 2, "metadata")
+        assert not (tmp_path / "out").exists()
+    ok(gp("checkout", "m", "-o", tmp_path / "out", "--weights-name", "weights.safetensors", archive=arc))
+    got = load_checkpoint(tmp_path / "out" / "weights.safetensors")
+    assert got["w"].tobytes() == load_checkpoint(ck)["w"].tobytes()

@@ -59,6 +59,9 @@ def checkout(repo: Repository, ref: str | int | Version, out_dir: str | os.PathL
     out = Path(out_dir)
     weights = weights_name or ("model.pt" if format == "torch" else "model.safetensors")
     check_file_name(weights)
+    if file_key(weights.split("/")[0]) == file_key(METADATA):  # the metadata would overwrite the weights
+        raise InvalidInputError(f"weights name {weights!r}: checkout writes its metadata to {METADATA}; choose "
+                                "another name for the weights (--weights-name)")
     if out.exists() and not out.is_dir():
         raise ArchiveExistsError(f"{out} is a file, not a folder; nothing written: give checkout a folder (export "
                                  "writes the weights to one file)")
