@@ -328,3 +328,22 @@ def test_checkout_refuses_weights_named_as_its_metadata(tmp_path: Path) -> None:
     ok(gp("checkout", "m", "-o", tmp_path / "out", "--weights-name", "weights.safetensors", archive=arc))
     got = load_checkpoint(tmp_path / "out" / "weights.safetensors")
     assert got["w"].tobytes() == load_checkpoint(ck)["w"].tobytes()
+
+
+def test_output_into_a_closed_pipe_stops_quietly(tmp_path: Path) -> None:
+    """`gpupas log | head`: the reader gone, every command stops with 141 (as after SIGPIPE) and no message;
+    it printed 'error: [Errno 32] Broken pipe' with exit 4, or (rich's tables) exited 1, which means "not found"."""
+    arc, ck = tmp_path / "arc", tmp_path / "w.safetensors"
+    save_file({"w": np.arange(8, dtype=np.float32)}, ck)
+    ok(gp("init", arc))
+    ok(gp("commit", ck, "-n", "m", archive=arc))
+    ok(gp("tag", "t", "1", archive=arc))
+    for args in (("tag",), ("log",), ("log", "--json"), ("show", "m"), ("stats",)):
+        read, write = os.pipe()
+        os.close(read)  # every write to the pipe fails with EPIPE
+        cmd, env = _cmd(args, arc, None)
+        try:
+            res = subprocess.run(cmd, stdout=write, stderr=subprocess.PIPE, text=True, env=env, timeout=120)
+        finally:
+            os.close(write)
+        assert (res.returncode, res.stderr) == (141, ""), (args, res.returncode, res.stderr)

@@ -5,7 +5,8 @@
 The archive is ``--archive/-A`` (before or after the command, as git's ``-C``), else
 ``$GPUPAS_ARCHIVE``, else ``./gpupas-archive``; every read command takes ``--json``. Exit codes,
 stable for scripts: 0 ok; 1 not found; 2 bad usage or bad input (nothing changed); 3 damaged
-data; 4 other failures (missing optional backend, I/O, catalog); 5 needs a newer gpupas.
+data; 4 other failures (missing optional backend, I/O, catalog); 5 needs a newer gpupas; 130
+interrupted; 141 the reader of the output went away (``gpupas log | head``: no message).
 Errors are one line on stderr: ``error: <what happened and how to fix it>``.
 """
 
@@ -13,6 +14,8 @@ from __future__ import annotations
 
 import functools
 import json
+import os
+import sys
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -26,6 +29,7 @@ from gpupas.cli import render
 from gpupas.errors import BAD_INPUT, FAILURE, INTEGRITY, GpupasError, InvalidInputError, exit_code
 
 DEFAULT_ARCHIVE = "gpupas-archive"
+SIGPIPE_EXIT = 141  # 128 + SIGPIPE: what a shell reports for `git log | head`
 F = TypeVar("F", bound=Callable[..., Any])
 # Arguments are shown by their metavar alone (DIR, VERSION...), not followed by a Python type (<list[Path]>)
 typer.core.TyperArgument.display_type_rich = lambda self, ctx: None  # type: ignore[method-assign, assignment]
@@ -90,6 +94,9 @@ def _command(fn: F) -> F:
                 return fn(*args, **kwargs)
             except (typer.Exit, typer.Abort, SystemExit):
                 raise
+            except render.OutputGone:  # `gpupas log | head`: stop quietly, as a program killed by SIGPIPE
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (nothing to flush at exit)
+                raise typer.Exit(SIGPIPE_EXIT) from None
             except Exception as exc:
                 if not isinstance(exc, (GpupasError, OSError)) and type(exc).__module__ != "sqlite3":
                     o.error(f"unexpected {type(exc).__name__}: {exc}; please report it with the command that failed")

@@ -31,10 +31,19 @@ def plain(text: str, keep: str = "") -> str:
                    and unicodedata.category(c) in ("Cc", "Cf", "Zl", "Zp") else c for c in text)
 
 
+class OutputGone(BrokenPipeError):
+    """The reader of our output went away (``gpupas log | head``): not an error of the command."""
+
+
+class _Console(Console):
+    def on_broken_pipe(self) -> None:  # rich's own: SystemExit(1), the exit code of "not found"
+        raise OutputGone("the reader of the output went away")
+
+
 def _console(stderr: bool = False) -> Console:
     stream = sys.stderr if stderr else sys.stdout
     wide = None if stream.isatty() or os.environ.get("COLUMNS") else 100_000  # piped: never cut
-    return Console(file=stream, highlight=False, soft_wrap=True, width=wide, emoji=False)
+    return _Console(file=stream, highlight=False, soft_wrap=True, width=wide, emoji=False)
 
 
 def _finite_only(obj: Any) -> Any:
@@ -63,8 +72,11 @@ class Output:
 
     def data(self, text: str) -> None:
         """A line of requested data (printed even with --quiet; tabs kept, for scripts)."""
-        self.out.file.write(plain(text, keep="\t") + "\n")
-        self.out.file.flush()
+        try:
+            self.out.file.write(plain(text, keep="\t") + "\n")
+            self.out.file.flush()
+        except BrokenPipeError:
+            raise OutputGone("the reader of the output went away") from None
 
     def table(self, t: Table | Tree) -> None:
         self.out.print(t)
@@ -75,7 +87,11 @@ class Output:
             text = json.dumps(obj, indent=1, default=str, allow_nan=False)
         except ValueError:
             text = json.dumps(_finite_only(obj), indent=1, default=str, allow_nan=False)
-        sys.stdout.write(text + "\n")
+        try:
+            sys.stdout.write(text + "\n")
+            sys.stdout.flush()
+        except BrokenPipeError:
+            raise OutputGone("the reader of the output went away") from None
 
     def note(self, text: str) -> None:
         """A side note on stderr (counts, hints), suppressed by --quiet."""
