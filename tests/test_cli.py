@@ -347,3 +347,13 @@ def test_output_into_a_closed_pipe_stops_quietly(tmp_path: Path) -> None:
         finally:
             os.close(write)
         assert (res.returncode, res.stderr) == (141, ""), (args, res.returncode, res.stderr)
+
+
+def test_json_option_given_a_folder_is_bad_input(tmp_path: Path) -> None:
+    """--hparams/--network DIR: exit 2 with the option's name, not 4 and a bare 'Is a directory: DIR'."""
+    arc, ck = tmp_path / "arc", tmp_path / "w.safetensors"
+    save_file({"w": np.arange(8, dtype=np.float32)}, ck)
+    ok(gp("init", arc))
+    for opt, what in (("--hparams", "hyperparameters file"), ("--network", "network file")):
+        fails(gp("commit", ck, "-n", "m", opt, tmp_path, archive=arc), 2, what, "is a folder")
+    assert js(gp("log", "--json", archive=arc)) == []

@@ -169,6 +169,8 @@ def _json_file(path: Path, what: str) -> Any:
         return json.loads(path.read_text())
     except FileNotFoundError:
         raise InvalidInputError(f"{what} file {path} does not exist") from None
+    except IsADirectoryError:
+        raise InvalidInputError(f"{what} file {path} is a folder; give a JSON file") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise InvalidInputError(f"{what} file {path} is not JSON: {exc}") from None
 
