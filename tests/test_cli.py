@@ -357,3 +357,19 @@ def test_json_option_given_a_folder_is_bad_input(tmp_path: Path) -> None:
     for opt, what in (("--hparams", "hyperparameters file"), ("--network", "network file")):
         fails(gp("commit", ck, "-n", "m", opt, tmp_path, archive=arc), 2, what, "is a folder")
     assert js(gp("log", "--json", archive=arc)) == []
+
+
+def test_tag_delete_takes_exactly_one_tag(tmp_path: Path) -> None:
+    """`tag -d a b` deleted a and ignored b (taken as a VERSION), exit 0; `tag -d` listed the tags, exit 0."""
+    arc, ck = tmp_path / "arc", tmp_path / "w.safetensors"
+    save_file({"w": np.arange(8, dtype=np.float32)}, ck)
+    ok(gp("init", arc))
+    ok(gp("commit", ck, "-n", "m", archive=arc))
+    ok(gp("tag", "a", "1", archive=arc))
+    ok(gp("tag", "b", "1", archive=arc))
+    fails(gp("tag", "-d", "a", "b", archive=arc), 2, "one tag")
+    fails(gp("tag", "-d", archive=arc), 2, "one tag")
+    fails(gp("tag", "--force", archive=arc), 2, "TAG VERSION")
+    assert js(gp("tag", "--json", archive=arc)) == {"a": 1, "b": 1}
+    assert js(gp("tag", "-d", "a", "--json", archive=arc)) == {"tag": "a", "version": 1, "deleted": True}
+    assert js(gp("tag", "--json", archive=arc)) == {"b": 1}

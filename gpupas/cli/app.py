@@ -348,6 +348,10 @@ def tag(tag_name: Annotated[str | None, typer.Argument(metavar="TAG", help="Tag 
         archive: ArchiveOpt = None, as_json: JsonOpt = False) -> None:
     """Tag a version (gpupas tag v1.0 3), delete a tag (-d), or list tags (no arguments)."""
     o = _out()
+    if delete and (tag_name is None or ref is not None):  # git's `tag -d a b` deletes both: refuse, not ignore b
+        raise InvalidInputError("give exactly one tag to delete: gpupas tag -d TAG")
+    if force and tag_name is None:
+        raise InvalidInputError("--force moves a tag: gpupas tag --force TAG VERSION")
     with _repo(archive) as repo:
         if tag_name is None:
             tags = repo.tags()
