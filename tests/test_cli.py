@@ -232,6 +232,7 @@ def test_bad_input_gives_a_clear_message_and_changes_nothing(tmp_path: Path, run
     for (_, code, words), res in zip(expected, results):
         fails(res, code, *words)
     fails(gp("log", archive=tmp_path / "nowhere"), 1, "no archive", "gpupas init")
+    fails(gp("log", archive="nope://x"), 2, "Protocol not known", "an s3:// URL")  # type: ignore[arg-type]
     assert not (tmp_path / "co").exists()
     res = gp("commit", ckpts[0], archive=arc)  # no --name: Typer's own usage error
     assert res.returncode == 2 and "--name" in res.stderr

@@ -826,3 +826,11 @@ def test_cache_bytes_counts_an_asynchronous_hooks_copies(tmp_path: Path) -> None
             w += 1
             hook({"w": w}, step=step)
     assert len(r.archive.bases._items) == 1
+
+
+def test_attaching_something_that_is_neither_file_nor_folder_says_so(tmp_path: Path) -> None:
+    with create_repository(tmp_path / "a") as repo:
+        for path, what in (("/dev/null", "neither a file nor a folder"), (tmp_path / "gone", "does not exist")):
+            with pytest.raises(InvalidInputError, match=what):
+                repo.commit("x", {"w": np.ones(2)}, files=[path])
+        assert repo.log() == []

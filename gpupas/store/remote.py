@@ -22,7 +22,7 @@ from contextlib import contextmanager
 from datetime import datetime
 from typing import Any
 
-from gpupas.errors import ArchiveNotFoundError, GpupasError
+from gpupas.errors import BackendUnavailableError, GpupasError, InvalidInputError
 from gpupas.store.base import buffers
 
 _RETRIES = 50
@@ -75,8 +75,10 @@ class RemoteStore:
         opts = {"use_listings_cache": False, "skip_instance_cache": True} | self.storage_options
         try:
             self.fs, path = fsspec.core.url_to_fs(url, **opts)
-        except (ImportError, ValueError) as exc:
-            raise ArchiveNotFoundError(f"cannot open {url}: {exc} (for s3:// install gpupas[s3])") from None
+        except ImportError as exc:
+            raise BackendUnavailableError(f"cannot open {url}: {exc}; for s3:// install gpupas[s3]") from None
+        except ValueError as exc:  # fsspec knows no such protocol (a typo in the URL, say)
+            raise InvalidInputError(f"cannot open {url}: {exc}; give a local path or an s3:// URL") from None
         self.root = path.rstrip("/")
         self.location = url
         self.local_root: str | None = None

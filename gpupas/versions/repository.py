@@ -314,8 +314,9 @@ class Repository:
                               for q in sorted(p.rglob("*")) if q.is_file()]
                 elif p.is_file():
                     items.append((check_file_name(p.name), p))
-                else:
-                    raise InvalidInputError(f"file {p} does not exist")
+                else:  # a device (/dev/null), a socket, a broken link, nothing
+                    what = "is neither a file nor a folder" if p.exists() else "does not exist"
+                    raise InvalidInputError(f"file {p} {what}: attach files or folders")
         _check_distinct([name for name, _ in items])
         blobs = []
         for name, src in items:
