@@ -67,13 +67,13 @@ def lossy_schemes(arrays: Mapping[str, Any], lossy: str | Mapping[str, Any] | No
         raise InvalidInputError(f"lossy={lossy!r}: give one scheme (e.g. 'bf16', 'fixed:16', 'quant:4') or a "
                                 "mapping of tensor names to schemes")
     if isinstance(lossy, str) or lossy.get("name") in schemes.NAMES:  # one scheme ("cast" etc. name no tensor's)
-        scheme = schemes.parse(lossy)  # type: ignore[arg-type]
+        scheme = _given(lossy)
         return {n: scheme for n, a in arrays.items() if schemes.applies(scheme, layout_of(a.dtype).name)}
     out = {}
     for name, spec in lossy.items():
         if name not in arrays:
             raise InvalidInputError(f"lossy: there is no tensor {name!r} in this commit")
-        scheme = schemes.parse(spec)
+        scheme = _given(spec)
         dtype = layout_of(arrays[name].dtype).name
         if dtype not in schemes.FLOATS:
             raise InvalidInputError(f"lossy: tensor {name!r} is {dtype}; lossy schemes apply to float tensors only")
@@ -82,6 +82,13 @@ def lossy_schemes(arrays: Mapping[str, Any], lossy: str | Mapping[str, Any] | No
                                     "smaller; leave it out to store it losslessly, or pick a narrower scheme")
         out[name] = scheme
     return out
+
+
+def _given(spec: Any) -> dict[str, Any]:
+    """A scheme the caller gave: what it cost (``error``) is measured here, not taken from the caller."""
+    scheme = schemes.parse(spec)
+    scheme.pop("error", None)
+    return scheme
 
 
 def _meta(meta: Mapping[str, Any] | None) -> dict[str, Any]:

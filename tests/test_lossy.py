@@ -193,3 +193,24 @@ def test_sign_on_top_planes_restore_bit_exact(arc):
     for sid, want in ((m.id, t), (c.id, t2)):
         got = arc.restore(sid)
         assert all(got[k].tobytes() == want[k].tobytes() for k in want)
+
+
+@pytest.mark.parametrize("spec", [{"name": "fixed", "bits": 8, "exponent": -2000}, {"name": "fixed", "bits": 8,
+                                  "exponent": "3"}, {"name": "quant", "bits": 1, "levels": [0.0, 0.5, 1.0]},
+                                  {"name": "quant", "bits": 4, "levels": []}, {"name": "quant", "bits": 4,
+                                  "levels": [float("nan"), 1.0]}, {"name": "cast", "to": "float16", "exponent": 3}])
+def test_parameters_given_with_a_scheme_are_checked_before_anything_is_written(arc, spec):
+    """A scheme's parameters given by the caller (an exponent, a table of levels) were written as given: the
+    commit made a snapshot whose manifest no reader accepts, or failed with a bare TypeError/ValueError."""
+    x = np.linspace(-1, 1, 100, dtype=np.float32)
+    with pytest.raises(InvalidInputError, match=r"leave (it|them) out"):
+        arc.commit({"x": x}, lossy={"x": spec})
+    assert arc.snapshots() == []
+
+
+def test_an_error_given_with_a_scheme_is_measured_instead(arc):
+    x = np.linspace(-1, 1, 100, dtype=np.float32)
+    m = arc.commit({"x": x}, lossy={"x": {"name": "cast", "to": "float16", "error": "none at all"}})
+    assert m.tensor("x").scheme["error"]["max_abs"] > 0
+    good = arc.commit({"x": x}, lossy={"x": {"name": "fixed", "bits": 8, "exponent": -6}})
+    assert good.tensor("x").scheme["exponent"] == -6 and arc.restore(good.id)["x"][-1] == 1.0

@@ -54,7 +54,23 @@ def parse(spec: str | dict[str, Any]) -> dict[str, Any]:
             raise InvalidInputError(f"quantization scheme {s}: method is uniform or kmeans")
     else:
         raise InvalidInputError(f"unknown lossy scheme {name!r}; use one of {', '.join(NAMES)}")
+    _check_params(s)
     return s
+
+
+def _check_params(s: dict[str, Any]) -> None:
+    """Refuse parameters given with a scheme that no stored tensor could carry (FORMAT.md 9.9): they would be
+    written as they are, into a snapshot no reader accepts."""
+    e, lv, top = s.get("exponent"), s.get("levels"), float(np.finfo(np.float64).max)
+    if e is not None and (s["name"] != "fixed" or not isinstance(e, int) or isinstance(e, bool)
+                          or not -1100 <= e <= 1100):
+        raise InvalidInputError(f"lossy scheme {describe(s)}: 'exponent' is an int in -1100..1100 of a fixed-point "
+                                "scheme; leave it out and gpupas picks it")
+    if lv is not None and (s["name"] != "quant" or not isinstance(lv, list) or not 1 <= len(lv) <= 2 ** s["bits"]
+                           or not all(isinstance(v, int | float) and not isinstance(v, bool) and -top <= v <= top
+                                      for v in lv)):
+        raise InvalidInputError(f"lossy scheme {describe(s)}: 'levels' are 1..2**bits finite numbers of a "
+                                "quantization scheme; leave them out and gpupas picks them")
 
 
 def describe(scheme: dict[str, Any]) -> str:
