@@ -136,7 +136,10 @@ def apply(values: np.ndarray, scheme: dict[str, Any], sample: int = 1 << 16) -> 
         return q.reshape(values.shape), dict(scheme) | {"exponent": exponent}
     levels = _levels(x, 2**bits, scheme.get("levels", scheme.get("method", "uniform")), sample)
     codes = np.searchsorted(_midpoints(levels), x).astype(np.uint8)
-    table = [float(v) for v in levels.astype(_np(values.dtype.name)).astype(np.float64)]
+    table = levels.astype(_np(values.dtype.name)).astype(np.float64)
+    if "levels" not in scheme:  # one zero: levels -0.0 and +0.0 both would re-code a restored zero to the other
+        table = table + 0.0
+    table = [float(v) for v in table]
     return codes.reshape(values.shape), dict(scheme) | {"levels": table}
 
 
