@@ -228,3 +228,14 @@ def test_a_table_of_levels_holds_one_zero_so_a_revision_recodes_the_same_bits(ar
     arc.revise(m.id, setting="strong")
     arc.bases.clear()
     assert arc.restore(m.id)["x"].tobytes() == before.tobytes()
+
+
+def test_kmeans_levels_do_not_depend_on_the_tensors_scale():
+    """Lloyd's iterations stopped on an absolute tolerance of 1e-12: on values of 1e-14 (an optimizer's second
+    moments) k-means stopped at its first guess, the quantiles, at twice the error of the same tensor scaled up."""
+    w = np.random.default_rng(0).standard_t(4, size=20000)
+    k = schemes.parse("kmeans:4")
+    for e in (-50, -20, 0, 20):
+        rep, p = schemes.apply(np.ldexp(w, e), k)
+        ref, q = schemes.apply(w, k)
+        assert rep.tobytes() == ref.tobytes() and p["levels"] == [float(np.ldexp(v, e)) for v in q["levels"]], e

@@ -163,7 +163,7 @@ def _levels(x: np.ndarray, n: int, how: Any, sample: int) -> np.ndarray:
         cut = np.searchsorted((centers[1:] + centers[:-1]) / 2, s)
         sums, counts = np.bincount(cut, s, centers.size), np.bincount(cut, minlength=centers.size)
         moved = np.where(counts > 0, sums / np.maximum(counts, 1), centers)
-        if np.allclose(moved, centers, rtol=0, atol=1e-12 * max(1.0, hi / scale - lo / scale)):
+        if np.allclose(moved, centers, rtol=0, atol=1e-12 * (hi / scale - lo / scale)):  # relative: any scale
             break
         centers = np.unique(moved)
     return centers * scale
