@@ -159,7 +159,7 @@ def test_per_tensor_schemes_and_bad_specs(arc):
         arc.commit(t, lossy={"steps": "bf16"})
     with pytest.raises(InvalidInputError, match="no tensor 'nope'"):
         arc.commit(t, lossy={"nope": "bf16"})
-    for bad in ("int4", "quant:9", "fixed:1", "kmeans", "bf16:sideways"):
+    for bad in ("int4", "quant:9", "fixed:1", "kmeans", "bf16:sideways", "fixed:\u00b2", "quant:\u0663"):
         with pytest.raises(InvalidInputError):
             arc.commit(t, lossy=bad)
 

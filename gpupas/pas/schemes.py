@@ -33,7 +33,7 @@ def parse(spec: str | dict[str, Any]) -> dict[str, Any]:
         name, _, arg = str(spec).partition(":")
         if name in _SHORT:
             s = dict(_SHORT[name]) | {"round": arg or "nearest"}
-        elif name in ("fixed", "quant", "kmeans") and arg.isdigit():
+        elif name in ("fixed", "quant", "kmeans") and arg.isascii() and arg.isdigit():  # not "²": int() refuses it
             s = ({"name": "fixed", "bits": int(arg)} if name == "fixed" else
                  {"name": "quant", "bits": int(arg), "method": "kmeans" if name == "kmeans" else "uniform"})
         else:
