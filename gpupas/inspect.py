@@ -29,6 +29,7 @@ from gpupas.format.layout import needed_chunks, plane_ranges
 from gpupas.format.manifest import Manifest, TensorEntry
 from gpupas.pas.context import entropy as _entropy
 from gpupas.pas.rows import rows_of
+from gpupas.pas.schemes import describe
 from gpupas.store.tiers import LOCAL
 
 SAMPLE = 1 << 16  # bytes of each plane whose order-0 entropy is measured (evenly spread)
@@ -116,7 +117,7 @@ def tensors(source: Any, snapshot: str) -> list[dict[str, Any]]:
             "shape": "x".join(map(str, e.shape)) or "scalar", "params": int(np.prod(e.shape, dtype=np.int64)),
             "nbytes": e.nbytes, "stored": e.stored, "ratio": e.stored / e.nbytes if e.nbytes else 0.0,
             "enc": e.enc, "ctx": e.ctx, "rows_coded": 1.0 if e.rows is None else e.rows / max(rows, 1),
-            "planes": e.width, "lossy": None if e.scheme is None else e.scheme.get("name"),
+            "planes": e.width, "lossy": None if e.scheme is None else describe(e.scheme),
             "tiers": ",".join(sorted({_tier_of(m, p.stream) for p in e.parts})),
         })
     return out

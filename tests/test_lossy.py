@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 import gpupas
+import gpupas.inspect
 from gpupas.engine.encode import Layout
 from gpupas.errors import InvalidInputError
 from gpupas.pas import schemes
@@ -177,6 +178,10 @@ def test_lossy_versions_say_so_everywhere(tmp_path):
     assert d["snapshots"][0]["lossy"] == "bf16"
     assert {r["name"]: r["lossy"] for r in d["tensors"]}["w"] == "bf16"
     assert show(repo, "exact")["snapshots"][0].get("lossy") is None
+    repo.commit("coded", _weights(), lossy={"w": "kmeans:4", "h": "fixed:12"})
+    sid = repo.version("coded").snapshot(None)["id"]  # gpupas inspect --by tensor: the scheme, not its family
+    assert {r["name"]: r["lossy"] for r in gpupas.inspect.tensors(repo, sid)} == {
+        "w": "kmeans:4", "h": "fixed:12", "b": None, "steps": None, "empty": None}
 
 
 def test_sign_on_top_planes_restore_bit_exact(arc):
