@@ -1242,3 +1242,31 @@ def test_gpu_check_fits_five_minutes(tmp_path: Path) -> None:
         assert float(at) - start + float(bench) <= 300 and float(tests) <= 150, rows
         seen.append(float(bench))
     assert seen[1] <= seen[0] - 2, seen  # the benchmark's limit shrinks by what the tests took
+
+
+def test_an_nvcomp_codec_is_never_shared_by_two_threads(monkeypatch: pytest.MonkeyPatch) -> None:
+    """nvCOMP's Codec objects are not for concurrent use: coding threads on one stream (the default, pointer 0)
+    each get their own, reused by that thread."""
+    import threading
+    import types
+
+    from gpupas.codecs import nvcomp
+
+    fake = types.SimpleNamespace(BitstreamKind=types.SimpleNamespace(RAW="raw"),
+                                 Codec=lambda **kw: types.SimpleNamespace(**kw))
+    monkeypatch.setattr(nvcomp, "_nvcomp", lambda: fake)
+    monkeypatch.setattr(nvcomp, "_stream_ptr", lambda: 0)
+    codec = nvcomp.NvcompZstd()
+    got: list[Any] = []
+    alive = threading.Barrier(3)  # all three at once: no thread id is reused
+
+    def work() -> None:
+        got.append((codec._codec(4096), codec._codec(4096)))
+        alive.wait()
+
+    threads = [threading.Thread(target=work) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(a is b for a, b in got) and len({id(a) for a, _ in got}) == 3

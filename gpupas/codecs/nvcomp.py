@@ -55,13 +55,13 @@ class NvcompCodec:
     options: ClassVar[dict[str, Any]]
 
     def __init__(self) -> None:
-        self._codecs: dict[tuple[int, int], Any] = {}
+        self._codecs: dict[tuple[int, int, int], Any] = {}
         self._slots: dict[int, int] = {}
         self._lock = threading.Lock()
 
     def _codec(self, size: int) -> Any:
         nv = _nvcomp()
-        key = (size, _stream_ptr())
+        key = (size, _stream_ptr(), threading.get_ident())  # an nvCOMP Codec is not for two threads at once
         with self._lock:
             codec = self._codecs.get(key)
             if codec is None:
