@@ -76,7 +76,8 @@ def lossy_schemes(arrays: Mapping[str, Any], lossy: str | Mapping[str, Any] | No
         scheme = _given(spec)
         dtype = layout_of(arrays[name].dtype).name
         if dtype not in schemes.FLOATS:
-            raise InvalidInputError(f"lossy: tensor {name!r} is {dtype}; lossy schemes apply to float tensors only")
+            raise InvalidInputError(f"lossy: tensor {name!r} is {dtype}; lossy schemes apply to "
+                                    f"{', '.join(schemes.FLOATS)} tensors only: leave it out of the mapping")
         if not schemes.applies(scheme, dtype):
             raise InvalidInputError(f"lossy: {schemes.describe(scheme)} does not make tensor {name!r} ({dtype}) "
                                     "smaller; leave it out to store it losslessly, or pick a narrower scheme")

@@ -156,8 +156,10 @@ def test_per_tensor_schemes_and_bad_specs(arc):
     m = arc.commit(t, lossy={"w": "fixed:12", "h": {"name": "cast", "to": "float16"}})
     assert {e.name: e.scheme and schemes.describe(e.scheme) for e in m.tensors} == {
         "w": "fixed:12", "h": "fp16", "b": None, "steps": None, "empty": None}
-    with pytest.raises(InvalidInputError, match="float tensors only"):
+    with pytest.raises(InvalidInputError, match="bfloat16 tensors only: leave it out"):
         arc.commit(t, lossy={"steps": "bf16"})
+    with pytest.raises(InvalidInputError, match=r"is float8_e4m3fn; .*bfloat16 tensors only"):  # a float, not of those
+        arc.commit({"f8": np.zeros(4, ml_dtypes.float8_e4m3fn)}, lossy={"f8": "bf16"})
     with pytest.raises(InvalidInputError, match="no tensor 'nope'"):
         arc.commit(t, lossy={"nope": "bf16"})
     for bad in ("int4", "quant:9", "fixed:1", "kmeans", "bf16:sideways", "fixed:\u00b2", "quant:\u0663"):
