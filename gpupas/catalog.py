@@ -295,6 +295,9 @@ class Catalog:
         if got is None:  # vanished between listing and reading
             return
         record, fp = got
+        if key.startswith("v/") and (not isinstance(record, dict) or record.get("id") != int(key[2:])):
+            return  # a record moved or copied under another id: damaged (as Records.version says), and indexed
+            # under its own id no later change of this key would ever remove it
         conn.execute("SAVEPOINT one")
         try:
             if key.startswith("v/"):

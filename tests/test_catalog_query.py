@@ -230,6 +230,14 @@ def test_a_damaged_record_does_not_take_the_catalog_down(repo: Repository) -> No
     assert repo.commit("after", {"w": np.ones(1, np.float32)}).id == 7
 
 
+def test_a_record_under_another_id_is_never_indexed_as_the_version_it_names(repo: Repository) -> None:
+    versions = repo.root / "versions"
+    (versions / "1.json").replace(versions / "9.json")  # version 1's record moved: it is damaged, not version 9
+    assert ids(repo, "select m") == [2, 3, 4] == [v.id for v in repo.versions()]
+    (versions / "9.json").unlink()
+    assert ids(repo, "select m") == [2, 3, 4]  # no row of version 1 outlives every file naming it
+
+
 def _ids(repo: Repository, q: str) -> list[int]:
     return [r["id"] for r in repo.query(q)]
 
