@@ -367,9 +367,12 @@ def _key_order(key: str) -> tuple[int, int, str]:
 
 def catalog_path(location: str, local_root: str | None) -> Path:
     """Where the catalog of an archive lives: at its root where that can be written, else in the
-    user's cache folder (remote archives, read-only mounts, another user's archive)."""
+    user's cache folder (remote archives, read-only mounts, another user's archive or catalog)."""
     if local_root is not None and os.access(local_root, os.W_OK):
-        return Path(local_root) / FILENAME
+        path = Path(local_root) / FILENAME  # its files too: another user's (umask 022) in a shared folder are not
+        if all(os.path.islink(f) or os.access(f, os.W_OK) or not os.path.exists(f)  # (a link: refused, as ever)
+               for f in (f"{path}{s}" for s in ("", "-wal", "-shm"))):
+            return path
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "gpupas" / "catalogs"
     cache.mkdir(parents=True, exist_ok=True)
     name = hashlib.sha256(os.fsencode(os.path.realpath(location) if local_root else location)).hexdigest()[:24]

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import sqlite3
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -236,6 +238,29 @@ def test_a_record_under_another_id_is_never_indexed_as_the_version_it_names(repo
     assert ids(repo, "select m") == [2, 3, 4] == [v.id for v in repo.versions()]
     (versions / "9.json").unlink()
     assert ids(repo, "select m") == [2, 3, 4]  # no row of version 1 outlives every file naming it
+
+
+def test_a_catalog_this_user_cannot_write_is_kept_in_the_cache_folder(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    root = tmp_path / "arc"
+    with create_repository(root) as r:
+        r.commit("a", {"w": np.zeros(3, np.float32)})
+        r.tag("t", 1)
+    catalog = root / FILENAME
+    catalog.chmod(0o444)  # another user's, in a folder shared for writing
+    immutable = os.access(catalog, os.W_OK)  # root writes whatever the mode: make it immutable instead
+    if immutable and subprocess.run(["chattr", "+i", str(catalog)], capture_output=True).returncode:
+        pytest.skip("cannot make a file read-only for this user")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    try:
+        with open_repository(root) as r:
+            assert ids(r, "select m") == [1] and r.tags() == {"t": 1}
+            r.commit("b", {"w": np.ones(3, np.float32)})
+            assert ids(r, "select m") == [1, 2]
+            assert r.catalog().path.parent == tmp_path / "cache" / "gpupas" / "catalogs"
+    finally:
+        if immutable:
+            subprocess.run(["chattr", "-i", str(catalog)], check=True)
 
 
 def _ids(repo: Repository, q: str) -> list[int]:
