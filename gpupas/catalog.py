@@ -168,8 +168,7 @@ class Catalog:
                     self._create_schema(conn)
                 return conn
             except sqlite3.DatabaseError as exc:
-                # only "file is not a database" (plain DatabaseError) means damage; locks, I/O errors do not
-                if attempt or type(exc) is not sqlite3.DatabaseError:
+                if attempt or not _damaged(exc):
                     raise CatalogError(f"cannot open the catalog {self.path}: {exc}; remove it and run "
                                        "`gpupas reindex` (the archive holds everything it indexes)") from None
                 # not a database (damaged): it is only a cache, start a new one
@@ -209,15 +208,23 @@ class Catalog:
         try:
             yield self.conn
         except BaseException:
-            self.conn.execute("ROLLBACK")
+            if self.conn.in_transaction:  # SQLite may have rolled it back itself (an I/O error, a damaged page)
+                self.conn.execute("ROLLBACK")
             raise
         self.conn.execute("COMMIT")
 
     def query(self, sql: str, params: Iterable[Any] = ()) -> list[sqlite3.Row]:
-        """Rows of a read-only SQL statement (rows behave like dicts)."""
-        cur = self.conn.cursor()
-        cur.row_factory = sqlite3.Row
-        return cur.execute(sql, tuple(params)).fetchall()
+        """Rows of a read-only SQL statement (rows behave like dicts); a catalog found damaged is rebuilt."""
+        for attempt in (0, 1):
+            cur = self.conn.cursor()
+            cur.row_factory = sqlite3.Row
+            try:
+                return cur.execute(sql, tuple(params)).fetchall()
+            except sqlite3.DatabaseError as exc:
+                if attempt or not _damaged(exc):
+                    raise
+            self.rebuild()
+        raise AssertionError("unreachable")
 
     # -- keeping it up to date -------------------------------------------------------------
     def _known(self) -> dict[str, Fingerprint]:
@@ -239,10 +246,15 @@ class Catalog:
     def sync(self) -> int:
         """Index the records that changed since the last sync; returns how many were (re)indexed."""
         with self._updating():
-            if self.is_fresh():
-                return 0
-            with self.transaction():
-                return self._apply(self.source.fingerprints(), self._known())
+            try:
+                if self.is_fresh():
+                    return 0
+                with self.transaction():
+                    return self._apply(self.source.fingerprints(), self._known())
+            except sqlite3.DatabaseError as exc:
+                if not _damaged(exc):
+                    raise
+            return sum(self.rebuild().values())  # damaged (a malformed page): it is only a cache
 
     def refresh(self, keys: Iterable[str]) -> int:
         """Index just ``keys`` (records this process has written) as they now are, without listing the
@@ -353,6 +365,12 @@ class Catalog:
         conn.executemany("INSERT INTO flow VALUES (?,?,?)", [(vid, a, b) for a, b in net.flow_edges()])
         conn.executemany("INSERT INTO files VALUES (?,?,?,?)", [
             (vid, path, f["sha256"], f["size"]) for path, f in (r.get("files") or {}).items()])
+
+
+def _damaged(exc: sqlite3.DatabaseError) -> bool:
+    """Whether ``exc`` says the database file is damaged ("malformed", "not a database"): only plain
+    DatabaseError does; locks, I/O errors, bad SQL raise its subclasses."""
+    return type(exc) is sqlite3.DatabaseError
 
 
 def last_value(series: Sequence[Sequence[Any]]) -> float | None:

@@ -263,6 +263,24 @@ def test_a_catalog_this_user_cannot_write_is_kept_in_the_cache_folder(tmp_path: 
             subprocess.run(["chattr", "-i", str(catalog)], check=True)
 
 
+@pytest.mark.parametrize("tables", [("records", "versions", "hparams"), ("hparams",)])
+def test_a_catalog_with_damaged_pages_is_rebuilt(repo: Repository, tables: tuple[str, ...]) -> None:
+    live, root = _dump(repo), repo.root
+    want = ids(repo, "select m where m.hp.lr > 0.005")
+    repo.close()
+    con = sqlite3.connect(root / FILENAME)
+    pages = [n for t in tables for (n,) in con.execute("SELECT rootpage FROM sqlite_master WHERE name=?", (t,))]
+    size = con.execute("PRAGMA page_size").fetchone()[0]
+    con.close()
+    data = bytearray((root / FILENAME).read_bytes())
+    for n in pages:  # each table's root page malformed (the sync reads records; a query the others)
+        data[(n - 1) * size:n * size] = b"\x0d\xff" * (size // 2)
+    (root / FILENAME).write_bytes(bytes(data))
+    with open_repository(root) as r:
+        assert ids(r, "select m where m.hp.lr > 0.005") == want
+        assert _dump(r) == live
+
+
 def _ids(repo: Repository, q: str) -> list[int]:
     return [r["id"] for r in repo.query(q)]
 
