@@ -552,3 +552,32 @@ def test_a_full_tier_is_called_full() -> None:
     down = str(unreachable("cold", "s3://b/cold", OSError(errno.ECONNREFUSED, "Connection refused")))
     assert "is full" in full and "Free space there" in full and "credentials" not in full
     assert "online" in down and "credentials" in down
+
+
+def test_a_tier_that_refuses_writes_is_one_that_cannot_be_used(tmp_path: Path) -> None:
+    a = gpupas.create_archive(tmp_path / "arc")
+    a.add_tier("cold", tmp_path / "cold")
+    ckpts = chain(n=2)
+    s1, s2 = (a.commit(c).id for c in ckpts)
+    for sid in (s1, s2):
+        a.tier(sid, planes_from=2, to="cold")
+    folders = tmp_path / "cold" / keys.SNAPSHOTS
+    folders.chmod(0o555)  # read-only (a mount, another user's); root writes whatever the mode: immutable then
+    immutable = os.access(folders, os.W_OK)
+    if immutable and subprocess.run(["chattr", "+i", str(folders)], capture_output=True).returncode:
+        folders.chmod(0o755)
+        pytest.skip("cannot make a folder read-only for this user")
+    try:
+        with pytest.raises(TierUnavailableError, match="tier 'cold'"):
+            a.tier(s1, planes_from=1, to="cold")
+        with pytest.warns(UserWarning, match="stays in tier 'cold'"):
+            a.discard(s2)  # it is gone: said so, not failed after the fact
+        assert a.snapshots() == [s1]
+        with pytest.warns(UserWarning, match="tier 'cold' was not swept"):
+            a.gc(min_age=0)  # the archive's own folders are swept all the same
+        assert same(a.restore(s1), ckpts[0]) and a.verify(s1)
+    finally:
+        if immutable:
+            subprocess.run(["chattr", "-i", str(folders)], check=True)
+        folders.chmod(0o755)
+    assert [f for f in a.gc(min_age=0) if f.startswith("cold:")]  # its folders, once it takes writes again

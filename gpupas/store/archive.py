@@ -28,6 +28,7 @@ from gpupas.errors import (
     GpupasError,
     IntegrityError,
     InvalidInputError,
+    ReadOnlyError,
     SnapshotNotFoundError,
     StoreUnavailableError,
     TierNotFoundError,
@@ -550,7 +551,10 @@ class ArchiveStore:
             why = ("it holds no gpupas tier" if found is None
                    else f"it holds tier {found.get('name')!r} of another archive")
             raise _tiers.unreachable(name, url, TierUnavailableError(why))
-        return _tiers.GuardedStore(store, lambda exc: _tiers.unreachable(name, url, exc))  # type: ignore[return-value]
+        # a tier that refuses writes (read-only) is one that cannot be used, as one that is offline: discard and gc
+        # leave its folders with a warning, a move names the tier (not "the archive is read-only")
+        return _tiers.GuardedStore(store, lambda exc: _tiers.unreachable(name, url, exc),  # type: ignore[return-value]
+                                   wraps=(ReadOnlyError,))
 
     def add_tier(self, name: str, url: str, storage_options: Mapping[str, Any] | None = None, *,
                  force: bool = False) -> dict[str, Any]:

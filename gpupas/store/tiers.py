@@ -148,8 +148,10 @@ class GuardedStore:
     unchanged."""
 
     def __init__(self, store: Store, error: Callable[[BaseException], GpupasError],
-                 passes: Callable[[BaseException], bool] = lambda exc: False):
+                 passes: Callable[[BaseException], bool] = lambda exc: False,
+                 wraps: tuple[type[GpupasError], ...] = ()):
         self._store, self._error, self._passes = store, error, passes  # passes(exc): raised unchanged too
+        self._wraps = wraps  # gpupas errors that are the store's failures too (a tier that refuses writes)
 
     @property
     def inner(self) -> Store:
@@ -167,8 +169,10 @@ class GuardedStore:
             args = tuple(_noting(a, ours) if callable(a) else a for a in args)
             try:
                 out = fn(*args, **kwargs)
-            except GpupasError:
-                raise
+            except GpupasError as exc:
+                if exc in ours or not isinstance(exc, self._wraps):
+                    raise
+                raise self._error(exc) from exc
             except Exception as exc:
                 if exc in ours or self._passes(exc):
                     raise
