@@ -188,3 +188,10 @@ def test_default_splits_whole_sparse_floats_by_their_top_byte(tmp_path: Path) ->
         layout = LAYOUTS[np.dtype(dtype).name]
         for plan in (choose_plan, fast.choose_plan) if fast.enabled() else (choose_plan,):
             assert not plan(to_bits(f, layout), None, layout, SETTINGS["default"]).ctx, dtype
+            # dense (no zeros in a quick look): not even estimated, as before 'mat-float' (a materialized commit
+            # pays nothing for it); a few zeros more than MIN_ZERO_FRACTION: estimated, and the split refused
+            assert plan(to_bits(f, layout), None, layout, SETTINGS["default"]).estimate == 0.0, dtype
+            some = f.copy()
+            some[:: 8] = 0
+            got = plan(to_bits(some, layout), None, layout, SETTINGS["default"])
+            assert got.estimate > 0 and not got.ctx, dtype

@@ -40,7 +40,16 @@ from gpupas.pas.planes import Layout
 from gpupas.pas.predict import FRAC, ROW_COST_BITS, SAMPLE_COLS, _adjust, _steps
 from gpupas.pas.rows import MIN_ROWS, MIN_UNCHANGED, rows_of
 from gpupas.pas.settings import Setting
-from gpupas.pas.transform import MIN_ESTIMATE_VALUES, Plan, candidates, min_gain, plan_of, splits, whole_splits
+from gpupas.pas.transform import (
+    MIN_ESTIMATE_VALUES,
+    Plan,
+    candidates,
+    may_split_whole,
+    min_gain,
+    plan_of,
+    splits,
+    whole_splits,
+)
 
 log = logging.getLogger("gpupas")
 
@@ -195,7 +204,7 @@ def choose_plan(u: np.ndarray, ub: np.ndarray | None, layout: Layout, setting: S
     taken by a kernel; ``rows``: the coded rows of ``u`` and ``ub`` (every row where None); ``of``: ``u`` and
     ``ub`` are a sample of a tensor of ``of`` values."""
     n = u.size if rows is None else rows.size * per
-    if ub is None and not whole_splits(setting, layout):
+    if ub is None and not (whole_splits(setting, layout) and may_split_whole(u, setting, layout)):
         return Plan("mat", False)
     if ub is not None and n < MIN_ESTIMATE_VALUES:
         return Plan("sub", False)

@@ -26,6 +26,10 @@ MIN_CONTEXT_GAIN = 0.005  # keep the split only if the estimate shrinks by this 
 # 'mat-float': a whole float tensor is split by its own top byte only where that saves this fraction. Dense weights
 # save about 1-3% (not worth the sort a split restore does); mostly-zero ones (pruned, sparse rows) 13-35%.
 MIN_WHOLE_FLOAT_GAIN = 0.10
+# ... and only where a quick look (ZERO_LOOK values, evenly spread) finds this fraction of zeros: where it does not,
+# the split cannot save a tenth and the sampled estimate (a pass over the plan's sample) is not made
+MIN_ZERO_FRACTION = 1 / 16
+ZERO_LOOK = 4096
 
 
 @dataclass(frozen=True)
@@ -61,7 +65,7 @@ def choose_plan(u: Any, ub: Any | None, layout: Layout, setting: Setting,
                 encs: tuple[str, ...] | None = None, of: int | None = None) -> Plan:
     """Pick the encoding (and context split) with the smallest sampled entropy (among ``encs``);
     ``of``: ``u`` and ``ub`` are a sample already, of a tensor of ``of`` values (all of it is read)."""
-    if ub is None and not whole_splits(setting, layout):
+    if ub is None and not (whole_splits(setting, layout) and may_split_whole(u, setting, layout)):
         return Plan("mat", False)  # nothing to choose
     if ub is not None and u.size < MIN_ESTIMATE_VALUES:
         return Plan("sub", False)  # too small for the choice to matter, or for a fair estimate
@@ -98,6 +102,16 @@ def whole_splits(setting: Setting, layout: Layout) -> bool:
     mostly-zero weights, split, pay for where the zeros are once instead of in every plane)."""
     return _ints_split(setting, layout) or ("mat-float" in setting.context and layout.dtype.kind not in "iub"
                                             and layout.width > 1)
+
+
+def may_split_whole(u: Any, setting: Setting, layout: Layout) -> bool:
+    """Whether whole values ``u`` (raw patterns, flat) are worth estimating split: always where the setting splits
+    them as such ('mat', or 'mat-int' and integers), else ('mat-float') where :data:`ZERO_LOOK` values spread over
+    ``u`` hold :data:`MIN_ZERO_FRACTION` zeros (+0.0 or -0.0: pruned or sparse weights)."""
+    if _ints_split(setting, layout):
+        return True
+    look = to_numpy(u[:: max(1, u.size // ZERO_LOOK)])
+    return look.size > 0 and np.count_nonzero(np.left_shift(look, 1) == 0) >= MIN_ZERO_FRACTION * look.size
 
 
 def min_gain(enc: str, setting: Setting, layout: Layout) -> float:
