@@ -581,3 +581,15 @@ def test_a_tier_that_refuses_writes_is_one_that_cannot_be_used(tmp_path: Path) -
             subprocess.run(["chattr", "-i", str(folders)], check=True)
         folders.chmod(0o755)
     assert [f for f in a.gc(min_age=0) if f.startswith("cold:")]  # its folders, once it takes writes again
+
+
+def test_tier_names_sharing_one_options_variable_are_refused(tmp_path: Path) -> None:
+    """$GPUPAS_TIER_OPTIONS_A_B would hold the credentials of tier a-b and of tier a_b alike."""
+    with gpupas.create_archive(tmp_path / "a") as a:
+        a.add_tier("a-b", tmp_path / "t1")
+        for twin in ("a_b", "A-B", "a.b"):
+            with pytest.raises(gpupas.InvalidInputError, match=r"shares \$GPUPAS_TIER_OPTIONS_A_B with tier 'a-b'"):
+                a.add_tier(twin, tmp_path / "t2")
+        a.add_tier("a-b", tmp_path / "t1")  # the same tier again: fine
+        a.add_tier("ab", tmp_path / "t3")
+        assert sorted(a.store.tier_table()) == ["a-b", "ab"]

@@ -570,7 +570,13 @@ class ArchiveStore:
             raise InvalidInputError(f"tier location {url} lies inside archive {self.store.location}, whose gc would "
                                     "take its data for garbage; pick a location outside the archive")
         keep, secret = _tiers.split_secrets(storage_options)
-        old = self.tier_table().get(name)
+        table = self.tier_table()
+        twin = next((t for t in table if t != name and _tiers.env_var(t) == _tiers.env_var(name)), None)
+        if twin is not None:  # one $GPUPAS_TIER_OPTIONS_... (credentials) would serve both
+            raise InvalidInputError(f"tier name {name!r} shares ${_tiers.env_var(name)} with tier {twin!r}: one "
+                                    "tier's storage options (credentials) would be used for the other; choose a "
+                                    "name that differs in more than case and punctuation")
+        old = table.get(name)
         if old is not None and not force:
             if old["url"] == url and not keep:
                 return old

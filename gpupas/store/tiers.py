@@ -81,6 +81,8 @@ def env_options(name: str) -> dict[str, Any]:
 
 
 def env_var(name: str) -> str:
+    """The variable of tier ``name``'s options: its name upper-cased, other characters than letters and digits
+    as ``_`` (so no two tiers of an archive may differ only there)."""
     return "GPUPAS_TIER_OPTIONS_" + re.sub(r"[^A-Za-z0-9]", "_", name).upper()
 
 
