@@ -176,7 +176,8 @@ def _plane_pieces(archive: Any, snapshot: str, entries: Sequence[TensorEntry] | 
 
 def _sampled_entropy(pieces: Sequence[np.ndarray], sample: int) -> float:
     """The entropy of every ``size // sample``-th byte of the pieces joined (not joined: a plane's sample,
-    not a copy of the plane)."""
+    not a copy of the plane), at most 8 bits per byte (the small-sample correction can carry an evenly
+    spread sample past what a byte holds)."""
     starts = np.cumsum([0] + [p.size for p in pieces])  # of each piece in the joined bytes, then the end
     step = max(1, int(starts[-1]) // sample)
     take = np.arange(0, min(int(starts[-1]), step * sample), step)
@@ -184,7 +185,7 @@ def _sampled_entropy(pieces: Sequence[np.ndarray], sample: int) -> float:
     data = np.empty(take.size, np.uint8)
     for k, p in enumerate(pieces):
         data[cut[k]:cut[k + 1]] = p[take[cut[k]:cut[k + 1]] - starts[k]]
-    return float(_entropy(data))
+    return min(8.0, float(_entropy(data)))
 
 
 def planes(source: Any, snapshot: str, *, planes: int | None = None, entropy: bool = True,

@@ -232,3 +232,13 @@ def test_diff_norms_match_numpy_across_blocks_and_scales() -> None:
         d, x = (b["w"] / scale - a["w"] / scale), a["w"] / scale  # numpy's norms, of values scaled back to 1
         assert got["w"] == pytest.approx(np.linalg.norm(d) / np.linalg.norm(x), rel=1e-12), scale
         assert got["z"] is None  # ||a|| = 0, ||b - a|| > 0
+
+
+def test_plane_entropy_never_exceeds_8_bits_per_byte(tmp_path: Path) -> None:
+    """A plane of evenly spread bytes has exactly 8 bits per byte; the small-sample correction added
+    to the estimate carried it past what any byte can hold (8.04)."""
+    a = gpupas.create_archive(tmp_path / "arc")
+    sid = a.commit({"u": (np.arange(4096) % 256).astype(np.uint8)}).id
+    [row] = inspect.planes(a, sid)
+    assert 7.99 <= row["entropy"] <= 8.0
+    assert inspect.plane_summary(a, sid, entropy=True)[0]["entropy"] <= 8.0
