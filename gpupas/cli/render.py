@@ -40,6 +40,15 @@ class _Console(Console):
         raise OutputGone("the reader of the output went away")
 
 
+def _write(file: Any, text: str) -> None:
+    """``text`` written and flushed, bypassing rich (scripts' data, JSON); OutputGone where the reader went away."""
+    try:
+        file.write(text)
+        file.flush()
+    except BrokenPipeError:
+        raise OutputGone("the reader of the output went away") from None
+
+
 def _console(stderr: bool = False) -> Console:
     stream = sys.stderr if stderr else sys.stdout
     wide = None if stream.isatty() or os.environ.get("COLUMNS") else 100_000  # piped: never cut
@@ -72,11 +81,7 @@ class Output:
 
     def data(self, text: str) -> None:
         """A line of requested data (printed even with --quiet; tabs kept, for scripts)."""
-        try:
-            self.out.file.write(plain(text, keep="\t") + "\n")
-            self.out.file.flush()
-        except BrokenPipeError:
-            raise OutputGone("the reader of the output went away") from None
+        _write(self.out.file, plain(text, keep="\t") + "\n")
 
     def table(self, t: Table | Tree) -> None:
         self.out.print(t)
@@ -87,11 +92,7 @@ class Output:
             text = json.dumps(obj, indent=1, default=str, allow_nan=False)
         except ValueError:
             text = json.dumps(_finite_only(obj), indent=1, default=str, allow_nan=False)
-        try:
-            sys.stdout.write(text + "\n")
-            sys.stdout.flush()
-        except BrokenPipeError:
-            raise OutputGone("the reader of the output went away") from None
+        _write(sys.stdout, text + "\n")
 
     def note(self, text: str) -> None:
         """A side note on stderr (counts, hints), suppressed by --quiet."""
