@@ -48,7 +48,6 @@ from gpupas.pas.transform import (
     min_gain,
     plan_of,
     splits,
-    whole_splits,
 )
 
 log = logging.getLogger("gpupas")
@@ -204,7 +203,7 @@ def choose_plan(u: np.ndarray, ub: np.ndarray | None, layout: Layout, setting: S
     taken by a kernel; ``rows``: the coded rows of ``u`` and ``ub`` (every row where None); ``of``: ``u`` and
     ``ub`` are a sample of a tensor of ``of`` values."""
     n = u.size if rows is None else rows.size * per
-    if ub is None and not (whole_splits(setting, layout) and may_split_whole(u, setting, layout)):
+    if ub is None and not may_split_whole(u, setting, layout):
         return Plan("mat", False)
     if ub is not None and n < MIN_ESTIMATE_VALUES:
         return Plan("sub", False)

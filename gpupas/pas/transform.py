@@ -65,7 +65,7 @@ def choose_plan(u: Any, ub: Any | None, layout: Layout, setting: Setting,
                 encs: tuple[str, ...] | None = None, of: int | None = None) -> Plan:
     """Pick the encoding (and context split) with the smallest sampled entropy (among ``encs``);
     ``of``: ``u`` and ``ub`` are a sample already, of a tensor of ``of`` values (all of it is read)."""
-    if ub is None and not (whole_splits(setting, layout) and may_split_whole(u, setting, layout)):
+    if ub is None and not may_split_whole(u, setting, layout):
         return Plan("mat", False)  # nothing to choose
     if ub is not None and u.size < MIN_ESTIMATE_VALUES:
         return Plan("sub", False)  # too small for the choice to matter, or for a fair estimate
@@ -105,9 +105,12 @@ def whole_splits(setting: Setting, layout: Layout) -> bool:
 
 
 def may_split_whole(u: Any, setting: Setting, layout: Layout) -> bool:
-    """Whether whole values ``u`` (raw patterns, flat) are worth estimating split: always where the setting splits
-    them as such ('mat', or 'mat-int' and integers), else ('mat-float') where :data:`ZERO_LOOK` values spread over
-    ``u`` hold :data:`MIN_ZERO_FRACTION` zeros (+0.0 or -0.0: pruned or sparse weights)."""
+    """Whether whole values ``u`` (raw patterns, flat) are worth estimating split (:func:`whole_splits`): always
+    where the setting splits them as such ('mat', or 'mat-int' and integers), else ('mat-float') where
+    :data:`ZERO_LOOK` values spread over ``u`` hold :data:`MIN_ZERO_FRACTION` zeros (+0.0 or -0.0: pruned or
+    sparse weights)."""
+    if not whole_splits(setting, layout):
+        return False
     if _ints_split(setting, layout):
         return True
     look = to_numpy(u[:: max(1, u.size // ZERO_LOOK)])
