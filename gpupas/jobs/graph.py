@@ -87,8 +87,8 @@ def compact_graph(spec: ArchiveSpec | str, target: Mapping[str, str | None], *, 
     spec = _spec(spec)
     how = how or Reencode()
     with spec.open() as a:
-        chs = changes(target, a.manifest, reencode=how.needed if how.force else None,
-                      snapshots=a.store.list_snapshots())
+        listed = a.store.list_snapshots()  # once (remotely, a listing request)
+        chs = changes(target, a.manifest, reencode=how.needed if how.force else None, snapshots=listed)
 
         def base_of(s: str) -> str | None:
             return target[s] if s in target else a.manifest(s).base
@@ -111,8 +111,7 @@ def compact_graph(spec: ArchiveSpec | str, target: Mapping[str, str | None], *, 
         # left on a re-based one go as deep as it goes, which no revision checks
         revised = list(dict.fromkeys(c.snapshot for c in chs))
         rebased = any(c.base != c.old_base for c in chs)
-        kept = sorted(s for s in a.store.list_snapshots() if s not in target and s not in revised) if rebased \
-            else []
+        kept = sorted(s for s in listed if s not in target and s not in revised) if rebased else []
         for sid in revised + kept:
             depth = depth_of(sid, base_of)
             if depth > a.max_chain and (sid in revised or depth > depth_of(sid, lambda x: a.manifest(x).base)):
