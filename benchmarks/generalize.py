@@ -29,6 +29,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -100,6 +101,23 @@ def _train(torch, model, steps: int, opt, vocab: int = 4000, every: int = 0,
     return got
 
 
+def _chain(snaps: Snaps) -> dict[str, Pairs]:
+    """The first snapshot whole, and each one as a delta on the one before."""
+    return {"mat": [(0, None)], "delta": [(i, i - 1) for i in range(1, len(snaps))]}
+
+
+def _stepped(m: Any, opt: Any, loss_of: Callable[[], Any], steps: int) -> Snaps:
+    """``m``'s state now and after each of ``steps`` optimizer steps on ``loss_of()``."""
+    snaps = [_np(m.state_dict())]
+    for _ in range(steps):
+        loss = loss_of()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        snaps.append(_np(m.state_dict()))
+    return snaps
+
+
 def set_fp16() -> tuple[Snaps, dict[str, Pairs]]:
     torch, m = _transformer()
     opt = torch.optim.Adam(m.parameters(), lr=1e-4)
@@ -122,7 +140,7 @@ def set_adam() -> tuple[Snaps, dict[str, Pairs]]:
         return out
 
     snaps = _train(torch, m, 9, opt, vocab=2000, every=3, grab=full)
-    return snaps, {"mat": [(0, None)], "delta": [(i, i - 1) for i in range(1, len(snaps))]}
+    return snaps, _chain(snaps)
 
 
 def set_lora() -> tuple[Snaps, dict[str, Pairs]]:
@@ -150,7 +168,7 @@ def set_lora() -> tuple[Snaps, dict[str, Pairs]]:
             loss.backward()
             opt.step()
         snaps.append(snap())
-    return snaps, {"mat": [(0, None)], "delta": [(i, i - 1) for i in range(1, len(snaps))]}
+    return snaps, _chain(snaps)
 
 
 def set_embedding() -> tuple[Snaps, dict[str, Pairs]]:
@@ -158,15 +176,8 @@ def set_embedding() -> tuple[Snaps, dict[str, Pairs]]:
     emb = torch.nn.Embedding(50_000, 64, sparse=True)
     opt = torch.optim.SparseAdam(emb.parameters(), lr=1e-3)
     g = torch.Generator().manual_seed(3)
-    snaps = [_np(emb.state_dict())]
-    for _ in range(3):
-        idx = torch.randint(0, 50_000, (300,), generator=g)
-        loss = emb(idx).pow(2).sum()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        snaps.append(_np(emb.state_dict()))
-    return snaps, {"mat": [(0, None)], "delta": [(i, i - 1) for i in range(1, len(snaps))]}
+    snaps = _stepped(emb, opt, lambda: emb(torch.randint(0, 50_000, (300,), generator=g)).pow(2).sum(), 3)
+    return snaps, _chain(snaps)
 
 
 def _trained_fp32(steps: int = 6, every: int = 2) -> list[Tensors]:
@@ -198,12 +209,12 @@ def _quant(snap: Tensors, kind: str) -> Tensors:
 
 def set_int8() -> tuple[Snaps, dict[str, Pairs]]:
     snaps = [_quant(s, "int8") for s in _trained_fp32()]
-    return snaps, {"mat": [(0, None)], "delta": [(i, i - 1) for i in range(1, len(snaps))]}
+    return snaps, _chain(snaps)
 
 
 def set_fp8() -> tuple[Snaps, dict[str, Pairs]]:
     snaps = [_quant(s, "fp8") for s in _trained_fp32()]
-    return snaps, {"mat": [(0, None)], "delta": [(i, i - 1) for i in range(1, len(snaps))]}
+    return snaps, _chain(snaps)
 
 
 def set_tiny() -> tuple[Snaps, dict[str, Pairs]]:
@@ -214,14 +225,8 @@ def set_tiny() -> tuple[Snaps, dict[str, Pairs]]:
     m = nn.Sequential(*blocks)
     opt = torch.optim.SGD(m.parameters(), lr=1e-2)
     x = torch.randn(32, 16)
-    snaps = [_np(m.state_dict())]
-    for _ in range(2):
-        loss = m(x).pow(2).mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        snaps.append(_np(m.state_dict()))
-    return snaps, {"mat": [(0, None)], "delta": [(i, i - 1) for i in range(1, len(snaps))]}
+    snaps = _stepped(m, opt, lambda: m(x).pow(2).mean(), 2)
+    return snaps, _chain(snaps)
 
 
 def set_init() -> tuple[Snaps, dict[str, Pairs]]:
