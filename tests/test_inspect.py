@@ -156,6 +156,22 @@ def test_cli_inspect_prints_the_same_records(repo: gpupas.Repository) -> None:
     assert bad.returncode == 2 and "--by must be one of" in bad.stderr
 
 
+def test_cli_inspect_refuses_options_its_view_does_not_use(repo: gpupas.Repository) -> None:
+    """--planes reads part of a snapshot for --by plane only, and --by snapshot lists every snapshot of the
+    version: given with another view, they were ignored (the full records printed, exit 0)."""
+    def gp(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "gpupas", "-A", repo.location, *args], capture_output=True,
+                              text=True, timeout=120, cwd=ROOT)
+
+    for by in ("tensor", "layer", "snapshot"):
+        got = gp("inspect", "net", "--by", by, "--planes", "1")
+        assert got.returncode == 2 and "--planes" in got.stderr and "--by plane" in got.stderr, got
+    got = gp("inspect", "net", "--by", "snapshot", "-s", "1")
+    assert got.returncode == 2 and "--snapshot" in got.stderr, got
+    assert gp("inspect", "net", "--by", "plane", "--planes", "1", "-s", "1").returncode == 0
+    assert gp("inspect", "net", "--by", "tensor", "-s", "1").returncode == 0
+
+
 def test_diff_statistics_take_bounded_memory() -> None:
     """Comparing two large tensors works a block at a time (whole-tensor float64 temporaries took ~23x a
     bf16 tensor: ~49 GB for an LLM's 2.1 GB embedding)."""

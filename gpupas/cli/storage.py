@@ -137,10 +137,11 @@ _SIZES = {"raw_bytes", "stored_bytes", "local_bytes", "tier_bytes", "nbytes", "s
 @_command
 def inspect(ref: Annotated[str, typer.Argument(metavar="VERSION", help="Version: id, tag or name (its newest).")],
             by: Annotated[str, typer.Option("--by", metavar="WHAT", help=(
-                "One row per snapshot (of the version), tensor, layer or plane (of the snapshot)."))] = "layer",
+                "One row per snapshot (of the version), tensor, layer or plane (of the snapshot given by --snapshot)."
+                ))] = "layer",
             snapshot: SnapOpt = None,
             planes: Annotated[int | None, typer.Option("--planes", metavar="K", min=1, max=8, help=(
-                "--by plane: only the K most significant planes (reads only their chunks)."))] = None,
+                "With --by plane only: the K most significant planes (reads only their chunks)."))] = None,
             archive: ArchiveOpt = None, as_json: JsonOpt = False) -> None:
     """What a version's snapshots store: per snapshot, tensor, layer or plane (the records notebooks plot).
     --by snapshot lists a snapshot whose manifest cannot be read too, then exits 3."""
@@ -148,6 +149,11 @@ def inspect(ref: Annotated[str, typer.Argument(metavar="VERSION", help="Version:
 
     if by not in VIEWS:
         raise InvalidInputError(f"--by must be one of {', '.join(VIEWS)}, not {by!r}")
+    if planes is not None and by != "plane":  # refused, not ignored (it changed nothing)
+        raise InvalidInputError(f"--planes reads the top planes for --by plane; --by {by} reads no planes")
+    if snapshot is not None and by == "snapshot":
+        raise InvalidInputError("--by snapshot lists every snapshot of the version; leave out --snapshot, or pick "
+                                "one snapshot's --by tensor, layer or plane")
     with _repo(archive) as repo:
         v = repo.version(ref)
         sid = v.snapshot(snapshot)["id"]
