@@ -495,7 +495,8 @@ def _lossy_note(repo: Any, ref: str, snapshot: str | None) -> str:
 @_command
 def export(ref: RefArg,
            output: Annotated[Path, typer.Option("--output", "-o", metavar="FILE",
-                                                help="File: .safetensors, or .pt/.pth for torch.")],
+                                                help="File; unless --format, a torch file where it ends in .pt, "
+                                                ".pth, .bin or .ckpt, else safetensors.")],
            snapshot: SnapOpt = None,
            fmt: Annotated[str | None, typer.Option("--format", metavar="FORMAT",
                                                    help="safetensors or torch (default: from the suffix).")] = None,
