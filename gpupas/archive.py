@@ -88,6 +88,7 @@ def lossy_schemes(arrays: Mapping[str, Any], lossy: str | Mapping[str, Any] | No
 def _given(spec: Any) -> dict[str, Any]:
     """A scheme the caller gave: what it cost (``error``) is measured here, not taken from the caller."""
     scheme = schemes.parse(spec)
+    schemes.check_members(scheme)  # parse() reads manifests too, whose unknown members are ignored (FORMAT.md 9.9)
     scheme.pop("error", None)
     return scheme
 

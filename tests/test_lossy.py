@@ -215,6 +215,20 @@ def test_parameters_given_with_a_scheme_are_checked_before_anything_is_written(a
     assert arc.snapshots() == []
 
 
+@pytest.mark.parametrize("spec", [{"name": "fixed", "bits": 8, "offset": 3}, {"name": "cast", "to": "float16",
+                                  "method": "kmeans"}, {"name": "quant", "bits": 4, "scale": 2.0}])
+def test_members_no_scheme_has_are_refused_not_written(arc, spec):
+    """A scheme's members went into the manifest as the caller gave them: a member the format does not define
+    (FORMAT.md 9.9) was written into a snapshot that readers restore ignoring it, so a later format could never
+    give such a member a meaning."""
+    x = np.linspace(-1, 1, 100, dtype=np.float32)
+    with pytest.raises(InvalidInputError, match=r"has no member"):
+        arc.commit({"x": x}, lossy={"x": spec})
+    with pytest.raises(InvalidInputError, match=r"has no member"):
+        arc.commit({"x": x}, lossy=spec)
+    assert arc.snapshots() == []
+
+
 def test_an_error_given_with_a_scheme_is_measured_instead(arc):
     x = np.linspace(-1, 1, 100, dtype=np.float32)
     m = arc.commit({"x": x}, lossy={"x": {"name": "cast", "to": "float16", "error": "none at all"}})

@@ -21,6 +21,10 @@ from gpupas.errors import InvalidInputError
 
 FLOATS = ("float64", "float32", "float16", "bfloat16")
 NAMES = ("cast", "fixed", "quant")
+# the members each scheme has (FORMAT.md 9.9), ``error`` (what it cost, measured at commit) aside: a caller's scheme
+# may hold no other, since readers restore ignoring members they do not know
+MEMBERS = {"cast": ("name", "to", "round"), "fixed": ("name", "bits", "exponent"),
+           "quant": ("name", "bits", "method", "levels")}
 _SHORT = {"fp16": {"name": "cast", "to": "float16"}, "bf16": {"name": "cast", "to": "bfloat16"}}
 
 
@@ -71,6 +75,15 @@ def _check_params(s: dict[str, Any]) -> None:
                                       for v in lv)):
         raise InvalidInputError(f"lossy scheme {describe(s)}: 'levels' are 1..2**bits finite numbers of a "
                                 "quantization scheme; leave them out and gpupas picks them")
+
+
+def check_members(s: dict[str, Any]) -> None:
+    """Refuse a parsed scheme ``s`` the caller gave that holds a member its scheme does not have (``error``
+    aside): it would be written into the manifest as given, and ignored by every reader."""
+    extra = sorted(set(s) - set(MEMBERS[s["name"]]) - {"error"}, key=str)
+    if extra:
+        raise InvalidInputError(f"lossy scheme {describe(s)} has no member(s) {', '.join(map(repr, extra))}; "
+                                f"a {s['name']} scheme has {', '.join(MEMBERS[s['name']])}")
 
 
 def describe(scheme: dict[str, Any]) -> str:
