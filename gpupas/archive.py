@@ -406,6 +406,7 @@ class Archive:
                             raise SnapshotNotFoundError(f"snapshot {needed}, the base of this commit, was discarded "
                                                         "while it was being committed; nothing was stored")
                     self.store.publish_manifest(m)
+                    self._bases_still_there(m)
                 except BaseException as exc:
                     if not getattr(exc, "maybe_published", False):  # else the manifest may name them
                         for s in streams:
@@ -417,6 +418,18 @@ class Archive:
         self.bases.put(sid, {st.name: st.bits for st in staged},  # checked by CRC before use
                        borrowed=[st.name for st in staged if _address(st.bits) in given])
         return m
+
+    def _bases_still_there(self, m: Manifest) -> None:
+        """On an object store (no lock keeps a discard from crossing a commit), after ``m`` is published: where
+        its base or grand-base was discarded meanwhile, take ``m`` back and raise. A discard looks for children
+        after deleting the manifest and puts it back where it finds one, so one of the two looks sees the other."""
+        if self.store.local_root is not None:
+            return
+        for needed in (m.base, m.grand):
+            if needed is not None and not self.store.has_manifest(needed):
+                self.store.unpublish(m.id)
+                raise SnapshotNotFoundError(f"snapshot {needed}, the base of this commit, was discarded while it was "
+                                            "being committed; nothing was stored")
 
     def _bases_unchanged(self, m: Manifest, base_bits: Mapping[str, Any], grand_bits: Mapping[str, Any],
                          backend: Any) -> bool:

@@ -215,3 +215,50 @@ def test_restoring_some_names_on_s3_reads_each_shard_index_once(s3_options: dict
             assert {k: v.tobytes() for k, v in got.items()} == {k: t[k].tobytes() for k in biases}
     assert cost[False][1] < 0.4 * m.stored_bytes  # the weights' chunks are not read
     assert cost[True][0] <= cost[False][0] and cost[True][1] <= 1.05 * cost[False][1], cost
+
+
+def test_a_discard_crossing_a_commit_on_its_base_leaves_nothing_broken(s3_options: dict[str, Any]) -> None:
+    """No lock on S3: a discard of snapshot b and a commit of a delta on b cross. Whichever way they
+    interleave, no published snapshot is left without its base: the commit that published after the
+    discard's look takes itself back, or the discard that finds the new child puts b back and refuses."""
+    from gpupas.errors import ConflictError, SnapshotNotFoundError
+
+    rng = np.random.default_rng(3)
+    b0 = {"w": (rng.standard_normal((100, 50)) * 0.02).astype(np.float32)}
+    c0 = {"w": b0["w"] + np.float32(1e-4)}
+    url, opts = split(s3_options)
+    with gpupas.create_archive(url, storage_options=opts) as a:
+        a.commit(b0, snapshot="b")
+    writer, other = gpupas.open_archive(url, storage_options=opts), gpupas.open_archive(url, storage_options=opts)
+    real_publish = writer.store.publish_manifest
+
+    def discarded_first(m: Any) -> None:  # the commit checked b is there; the discard found no child of b
+        other.discard("b")
+        real_publish(m)
+
+    writer.store.publish_manifest = discarded_first  # type: ignore[method-assign]
+    with pytest.raises(SnapshotNotFoundError, match="discarded while it was being committed"):
+        writer.commit(c0, base="b", snapshot="c")
+    writer.store.publish_manifest = real_publish  # type: ignore[method-assign]
+    assert writer.snapshots() == [] and other.store.orphan_folders() == []
+
+    writer.commit(b0, snapshot="b")
+    real_children, looks = other.store.children, []
+
+    def committed_between(sid: str) -> list[str]:  # the discard's first look, then the commit publishes whole
+        looks.append(sid)
+        if len(looks) == 1:
+            found = real_children(sid)
+            writer.commit(c0, base="b", snapshot="c")
+            return found
+        return real_children(sid)
+
+    other.store.children = committed_between  # type: ignore[method-assign]
+    with pytest.raises(ConflictError, match="it is kept"):
+        other.discard("b")
+    with gpupas.open_archive(url, storage_options=opts) as a:
+        assert a.snapshots() == ["b", "c"]
+        assert a.restore("c")["w"].tobytes() == c0["w"].tobytes()
+        assert a.restore("b")["w"].tobytes() == b0["w"].tobytes()
+    writer.close()
+    other.close()

@@ -194,6 +194,12 @@ class ArchiveStore:
             raise ArchiveExistsError(f"snapshot {m.id!r} already exists in {self.location}; choose another id")
         self._remember(m.id, data, m)  # the next commit reads it as its base: no parse (it reads back equal)
 
+    def unpublish(self, sid: str) -> None:
+        """Delete the manifest a commit has just published (its folders are the caller's to delete)."""
+        self.store.delete(keys.manifest(keys.check_name(sid)))
+        with self._parsed_lock:
+            self._parsed.pop(sid, None)
+
     def _landed(self, sid: str, data: bytes, exc: StoreUnavailableError) -> bool:
         """True where manifest ``data`` of ``sid`` is stored although writing it failed with ``exc`` (it landed,
         its answer was lost); else raises ``exc``, or, where the store cannot tell, an error with
@@ -317,7 +323,14 @@ class ArchiveStore:
             if users:
                 raise InvalidInputError(f"snapshot {sid} is the base of {', '.join(users[:5])}"
                                         f"{'...' if len(users) > 5 else ''}: discard those first (or force it)")
+            data = self.store.get(keys.manifest(sid)) if self.store.local_root is None else None
             self.store.delete(keys.manifest(sid))
+            if data is not None and not force and (users := self.children(sid)):
+                # an object store has no lock: a commit on it may have published between the look above and the
+                # delete (its own look after publishing sees it gone, or this one sees it): put it back
+                self.store.create(keys.manifest(sid), data)
+                raise ConflictError(f"snapshot {sid} became the base of {', '.join(users[:5])} while it was being "
+                                    "discarded; it is kept: discard those first (or force it)")
             self._delete_streams(self._owned(sid, streams))
 
     def _owned(self, sid: str, streams: Sequence[Stream]) -> list[Stream]:
