@@ -208,6 +208,34 @@ def test_kill_during_commit(tmp_path: Path, mode: str) -> None:
             assert repo.stats()["incomplete_snapshots"] or repo.stats()["unreferenced_snapshots"]
 
 
+def test_gc_removes_the_temporary_record_a_killed_commit_left(tmp_path: Path) -> None:
+    """Killed between writing a version record's temporary file and linking it into place: the file stays
+    in versions/, where nothing else would ever remove it. gc removes it once it is old enough that no
+    write can still be in flight (a tag's write takes no lock), whatever --min-age, and keeps live ones."""
+    arc = tmp_path / "arc"
+    with create_repository(arc) as repo:
+        repo.commit("before", tensors("before-0"), message="before-0")
+    proc = subprocess.Popen([sys.executable, "-c", KILLED, str(arc), "link"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=ENV)
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "link"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    (left,) = [p for p in (arc / "versions").iterdir() if p.name.endswith(".tmp")]
+    young = arc / "refs" / "tags" / f".t.json.{'0' * 32}.tmp"  # as a tag's write in flight leaves it
+    young.parent.mkdir(parents=True, exist_ok=True)
+    young.write_bytes(b"{}")
+    with open_repository(arc) as repo:
+        assert not [r for r in repo.gc(min_age=0) if r["kind"] == "temp"] and left.exists()
+        old = time.time() - 7200
+        os.utime(left, (old, old))
+        removed = [r for r in repo.gc(min_age=0, dry_run=True) if r["kind"] == "temp"]
+        assert removed == [{"kind": "temp", "name": f"versions/{left.name}", "bytes": left.stat().st_size}]
+        assert left.exists()
+        assert [r for r in repo.gc(min_age=0) if r["kind"] == "temp"] == removed
+        assert not left.exists() and young.exists()
+        check_archive(repo)
+
+
 def test_two_rebases_at_once_cannot_make_a_loop(tmp_path: Path) -> None:
     """Two revisions (two compactions' plans) each make the other snapshot its base: each passes the
     check when it starts; the second to publish is refused, and both snapshots stay readable."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import numbers
 import os
+import re
 import threading
 import warnings
 from collections import OrderedDict
@@ -41,6 +42,9 @@ from gpupas.store.base import Store, is_remote, open_store
 from gpupas.store.shards import ShardReader, ShardSink
 
 REMOTE_MIN_AGE = 3600.0  # object stores have no locks: gc there leaves folders younger than this
+TEMP_MIN_AGE = 600.0  # a write's temporary file (.<name>.<hex>.tmp) older than this was left by a killed process
+_TEMP = re.compile(r"^[.].+[.][0-9a-f]{32}[.]tmp$")
+_TEMP_PLACES = ("", keys.MANIFESTS, keys.VERSIONS, keys.TAGS, keys.FILES)  # where records are written atomically
 
 
 _PARSED_MAX = 64  # manifests kept parsed, with their bytes, per open archive
@@ -451,6 +455,24 @@ class ArchiveStore:
                     out += self._sweep(tier, named, unreadable, min_age, dry_run)
                 except GpupasTierError as exc:
                     warnings.warn(f"tier {tier!r} was not swept: {exc}", stacklevel=2)
+            if self.store.local_root is not None:
+                out += self._sweep_temp(max(min_age, TEMP_MIN_AGE), dry_run)
+        return out
+
+    def _sweep_temp(self, min_age: float, dry_run: bool) -> list[tuple[str, str, int]]:
+        """Delete (or list) the temporary files of record writes (manifests, versions, tags, file blobs, the
+        root document) that a killed process left: nothing else removes them. Writes of tags and file blobs
+        take no lock, so the age (at least :data:`TEMP_MIN_AGE`, longer than a write takes) keeps those in
+        flight."""
+        out = []
+        for place in _TEMP_PLACES:
+            for name in sorted(self.store.list(place)):
+                key = f"{place}/{name}" if place else name
+                if not _TEMP.fullmatch(name) or (age := self.store.age(key)) is None or age < min_age:
+                    continue
+                out.append(("temp", key, self.store.usage(key)))
+                if not dry_run:
+                    self.store.delete(key)
         return out
 
     def _sweep(self, tier: str | None, named: set[tuple[str | None, str]], unreadable: list[str], min_age: float,
