@@ -33,8 +33,9 @@ def load_checkpoint(path: str | os.PathLike[str], notes: list[str] | None = None
     """Tensors of a checkpoint, read without executing code: a safetensors file, a torch file (a state_dict,
     or a training checkpoint that wraps one: ``{"model": ..., "optimizer": ...}``, Lightning's
     ``{"state_dict": ...}``), or a model folder (sharded safetensors or torch files with their index,
-    as Hugging Face writes them). What is left out (optimizer state, counters) is said in ``notes``; a
-    safetensors file's own metadata (its header's ``__metadata__``) is put in ``metadata``."""
+    as Hugging Face writes them; or that index itself, ``model.safetensors.index.json``). What is left out
+    (optimizer state, counters) is said in ``notes``; a safetensors file's own metadata (its header's
+    ``__metadata__``) is put in ``metadata``."""
     p = Path(path)
     if p.is_dir():
         if not is_model_folder(p):
@@ -43,6 +44,8 @@ def load_checkpoint(path: str | os.PathLike[str], notes: list[str] | None = None
         return _load_folder(p, notes, metadata)
     if not p.is_file():
         raise InvalidInputError(f"checkpoint file {p} does not exist")
+    if p.name.endswith(INDEX_SUFFIX):
+        return _load_index(p, notes, metadata)
     if p.suffix == ".safetensors":
         from gpupas.integrations.safetensors import load_file
 
@@ -184,31 +187,42 @@ def _strip_ddp(tensors: Mapping[str, Any], source: str, notes: list[str] | None)
 
 def _load_folder(folder: Path, notes: list[str] | None, metadata: dict[str, str] | None) -> dict[str, np.ndarray]:
     """A model folder: its shards by its index (the union of every shard's tensors), or its weights file."""
-    import json
-
     indexes = sorted(folder.glob(f"*{INDEX_SUFFIX}"))
     if indexes:
-        try:
-            weight_map = json.loads(indexes[0].read_text())["weight_map"]
-            shards = sorted(set(weight_map.values()))
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:
-            raise InvalidInputError(f"{indexes[0]} is not a shard index (no weight_map): {exc}") from None
-        out: dict[str, np.ndarray] = {}
-        for name in shards:
-            shard = (folder / name).resolve()
-            if folder.resolve() not in shard.parents:
-                raise InvalidInputError(f"{indexes[0]} names a shard outside its folder: {name!r}")
-            part = load_checkpoint(shard, notes, metadata)
-            clash = set(part) & set(out)
-            if clash:
-                raise InvalidInputError(f"{folder}: tensor {sorted(clash)[0]!r} is in more than one shard")
-            out.update(part)
-        missing = set(weight_map) - set(out)
-        if missing:
-            raise InvalidInputError(f"{folder}: the index names tensors no shard holds: {sorted(missing)[:5]}")
-        return out
+        return _load_index(indexes[0], notes, metadata)
     weights = next(folder / f for f in WEIGHT_FILES if (folder / f).is_file())
     return load_checkpoint(weights, notes, metadata)
+
+
+def _load_index(index: Path, notes: list[str] | None, metadata: dict[str, str] | None) -> dict[str, np.ndarray]:
+    """The tensors of the shards a shard index (``*.index.json``) names, from its folder."""
+    import json
+
+    folder = index.parent
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        shards = sorted(set(weight_map.values()))
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise InvalidInputError(f"{index} is not a shard index (no weight_map): {exc}") from None
+    out: dict[str, np.ndarray] = {}
+    for name in shards:
+        shard = (folder / name).resolve()
+        if folder.resolve() not in shard.parents:
+            raise InvalidInputError(f"{index} names a shard outside its folder: {name!r}")
+        if shard.name.endswith(INDEX_SUFFIX):
+            raise InvalidInputError(f"{index} names another index as a shard: {name!r}")
+        if not shard.is_file():
+            raise InvalidInputError(f"{index} names shard {name!r}, which is not in {folder} (an unfinished "
+                                    "download or copy?); fetch every shard the index names")
+        part = load_checkpoint(shard, notes, metadata)
+        clash = set(part) & set(out)
+        if clash:
+            raise InvalidInputError(f"{folder}: tensor {sorted(clash)[0]!r} is in more than one shard")
+        out.update(part)
+    missing = set(weight_map) - set(out)
+    if missing:
+        raise InvalidInputError(f"{folder}: the index names tensors no shard holds: {sorted(missing)[:5]}")
+    return out
 
 
 class Loaded(dict):  # type: ignore[type-arg]

@@ -249,6 +249,37 @@ def test_hugging_face_folders_sharded_and_not(tmp_path: Path) -> None:
         repo.commit("evil", sharded)
 
 
+
+def test_a_shard_index_given_as_the_checkpoint(tmp_path: Path) -> None:
+    """The index file of a sharded checkpoint (what a user points at: `gpupas commit .../model.safetensors.index.json`)
+    reads as its folder does; it was refused as "unknown checkpoint type '.json'", in the API and the CLI alike. A
+    shard the index names but the folder lacks is said as such, naming the index."""
+    from gpupas.integrations.safetensors import save_file
+
+    sd = tensors(0)
+    model = tmp_path / "checkpoint-700"
+    model.mkdir()
+    save_file({"fc.weight": sd["fc.weight"]}, model / "model-00001-of-00002.safetensors")
+    save_file({"fc.bias": sd["fc.bias"]}, model / "model-00002-of-00002.safetensors")
+    weight_map = {"fc.weight": "model-00001-of-00002.safetensors", "fc.bias": "model-00002-of-00002.safetensors"}
+    index = model / "model.safetensors.index.json"
+    index.write_text(json.dumps({"metadata": {"total_size": 8448}, "weight_map": weight_map}))
+    torch.save({k: torch.from_numpy(v + 1) for k, v in sd.items()}, model / "pytorch_model.bin")
+    (model / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": dict.fromkeys(sd,
+                                                                                             "pytorch_model.bin")}))
+    assert {k: v.tobytes() for k, v in gpupas.load_checkpoint(index).items()} == {k: v.tobytes() for k, v in sd.items()}
+    bins = gpupas.load_checkpoint(model / "pytorch_model.bin.index.json")  # the index named, not the folder's first
+    assert {k: v.tobytes() for k, v in bins.items()} == {k: (v + 1).tobytes() for k, v in sd.items()}
+    with gpupas.create_repository(tmp_path / "arc") as repo:
+        v = repo.commit("idx", index)
+        assert v.snapshots[0]["step"] == 700  # the folder's step, as for the folder itself
+        assert all(repo.restore(v.id)[k].tobytes() == sd[k].tobytes() for k in sd)
+    res = gp("commit", index, "-n", "cli", "-A", tmp_path / "arc")
+    assert res.returncode == 0, res.stderr
+    (model / "model-00002-of-00002.safetensors").unlink()
+    res = gp("commit", index, "-n", "gone", "-A", tmp_path / "arc")
+    assert res.returncode == 2 and "names shard 'model-00002-of-00002.safetensors'" in res.stderr, res.stderr
+
 # -- gc after a killed commit ----------------------------------------------------------------------------------------
 def test_gc_after_a_killed_cli_commit(tmp_path: Path) -> None:
     from gpupas.integrations.safetensors import save_file

@@ -225,8 +225,8 @@ def init(path: Annotated[str | None, typer.Argument(
 @_command
 def commit(
     checkpoints: Annotated[list[Path], typer.Argument(metavar="CHECKPOINT", help=(
-        "Checkpoint files (.safetensors, .pt, .pth, .bin, .ckpt) or directories of them: the version's "
-        "snapshots, in natural order of their names."))],
+        "Checkpoint files (.safetensors, .pt, .pth, .bin, .ckpt, a shard index *.index.json) or directories of "
+        "them: the version's snapshots, in natural order of their names."))],
     name: Annotated[str, typer.Option("--name", "-n", metavar="NAME", help="Version name (letters, digits, . _ -).")],
     parent: Annotated[list[str] | None, typer.Option("--parent", "-p", metavar="VERSION", help=(
         "Parent version (id, tag or name); repeat for several."))] = None,

@@ -24,7 +24,7 @@ from gpupas.format.keys import check_name
 from gpupas.format.manifest import Manifest, now
 from gpupas.network import Network
 from gpupas.pas.schemes import describe
-from gpupas.tensors import TORCH_SUFFIXES
+from gpupas.tensors import INDEX_SUFFIX, TORCH_SUFFIXES
 
 RECORD_FORMAT = 1
 CHECKPOINT_SUFFIXES = (".safetensors", *TORCH_SUFFIXES)
@@ -84,8 +84,9 @@ def natural_key(name: str) -> list[Any]:
 
 
 def step_of(path: str | os.PathLike[str]) -> int | None:
-    """The training step in a checkpoint's file name (its last number), if any."""
-    nums = re.findall(r"\d+", Path(path).stem)
+    """The training step in a checkpoint's file name (its last number; a shard index's: its folder's), if any."""
+    p = Path(path)
+    nums = re.findall(r"\d+", p.parent.name if p.name.endswith(INDEX_SUFFIX) else p.stem)
     return int(nums[-1]) if nums else None
 
 
@@ -113,8 +114,8 @@ def check_file_name(name: str) -> str:
 
 def checkpoint_files(path: str | os.PathLike[str], skipped: list[str] | None = None) -> list[Path]:
     """The checkpoints at ``path``, in natural order of their names: a checkpoint file, a model folder
-    (sharded weights with their index), or a folder of those (e.g. a training run's ``checkpoint-500/``
-    folders). Other files in a folder are listed in ``skipped``."""
+    (sharded weights with their index; or that index, ``model.safetensors.index.json``), or a folder of those
+    (e.g. a training run's ``checkpoint-500/`` folders). Other files in a folder are listed in ``skipped``."""
     from gpupas.tensors import is_model_folder
 
     p = Path(path)
@@ -135,9 +136,10 @@ def checkpoint_files(path: str | os.PathLike[str], skipped: list[str] | None = N
         return found
     if not p.is_file():
         raise InvalidInputError(f"checkpoint {p} does not exist")
-    if p.suffix not in CHECKPOINT_SUFFIXES:
+    if p.suffix not in CHECKPOINT_SUFFIXES and not p.name.endswith(INDEX_SUFFIX):
         raise InvalidInputError(f"{p}: unknown checkpoint type {p.suffix!r}; give a .safetensors file, a torch "
-                                f"checkpoint ({', '.join(TORCH_SUFFIXES)}), a model folder or a folder of those")
+                                f"checkpoint ({', '.join(TORCH_SUFFIXES)}), a shard index (*{INDEX_SUFFIX}), a "
+                                "model folder or a folder of those")
     return [p]
 
 
