@@ -122,7 +122,25 @@ def _why(exc: Exception, path: Path) -> str:
         what = f" ({found.group(1)})" if found else ""
         return (f"it pickles Python objects{what}, not just tensors; save model.state_dict() with torch.save, "
                 "or a safetensors file")
-    return text.splitlines()[0] if text else type(exc).__name__
+    if _cut_zip(path):  # torch says "[Errno 22] Invalid argument", or "failed finding central directory"
+        return ("it is cut short or damaged: a zip file (as torch.save writes) whose directory at its end cannot be "
+                "read (an interrupted save, download or copy?); save or download it again")
+    text = text.splitlines()[0] if text else type(exc).__name__
+    return f"{text} (a damaged or cut-short file? save or download it again)"
+
+
+def _cut_zip(path: Path) -> bool:
+    """True for a file that starts as a zip file does but whose zip directory does not read (truncated)."""
+    import zipfile
+
+    try:
+        with open(path, "rb") as f:
+            if f.read(4) != b"PK\x03\x04":
+                return False
+        with zipfile.ZipFile(path):
+            return False
+    except (OSError, zipfile.BadZipFile, ValueError, EOFError):
+        return True
 
 
 def _is_tensor(v: Any) -> bool:

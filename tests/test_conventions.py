@@ -280,6 +280,25 @@ def test_a_shard_index_given_as_the_checkpoint(tmp_path: Path) -> None:
     res = gp("commit", index, "-n", "gone", "-A", tmp_path / "arc")
     assert res.returncode == 2 and "names shard 'model-00002-of-00002.safetensors'" in res.stderr, res.stderr
 
+
+@pytest.mark.parametrize("legacy", [False, True])
+def test_a_torch_file_cut_short_is_said_to_be(tmp_path: Path, legacy: bool) -> None:
+    """A torch.save file cut short (an interrupted save or download) is named with what to do: a cut zip file read
+    "[Errno 22] Invalid argument" (torch's own OSError), as if the path were at fault, or miniz's "failed finding
+    central directory"; a legacy pickle "index out of range" or "EOFError". Nothing is written."""
+    path = tmp_path / "step-100.pt"
+    torch.save({k: torch.from_numpy(v) for k, v in tensors(0).items()}, path, _use_new_zipfile_serialization=not legacy)
+    data = path.read_bytes()
+    with gpupas.create_repository(tmp_path / "arc") as repo:
+        for cut in (len(data) // 2, len(data) - 30):
+            path.write_bytes(data[:cut])
+            with pytest.raises(gpupas.InvalidInputError) as err:
+                repo.commit("m", path)
+            msg = str(err.value)
+            assert str(path) in msg and "save or download it again" in msg and "Errno" not in msg, msg
+            assert legacy or "cut short" in msg
+        assert repo.log() == []
+
 # -- gc after a killed commit ----------------------------------------------------------------------------------------
 def test_gc_after_a_killed_cli_commit(tmp_path: Path) -> None:
     from gpupas.integrations.safetensors import save_file
