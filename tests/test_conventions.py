@@ -299,6 +299,33 @@ def test_a_torch_file_cut_short_is_said_to_be(tmp_path: Path, legacy: bool) -> N
             assert legacy or "cut short" in msg
         assert repo.log() == []
 
+
+def test_tied_weights_and_views_come_back_as_separate_tensors(tmp_path: Path) -> None:
+    """Tied weights (one storage under two names, as torch.save keeps them) and a view into a larger storage come back
+    as separate tensors with the same names, dtypes and bits, in a restore, a torch export and a safetensors export
+    (which could not hold them shared), and load into the tied model (README, export's docstring)."""
+    from safetensors.torch import load_file
+
+    class Tied(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed, self.lm_head = torch.nn.Embedding(16, 8), torch.nn.Linear(8, 16, bias=False)
+            self.lm_head.weight = self.embed.weight
+
+    model, big = Tied(), torch.arange(64, dtype=torch.float32)
+    sd = model.state_dict() | {"window": big[8:24].view(4, 4)}
+    torch.save(sd, tmp_path / "tied.pt")
+    with gpupas.create_repository(tmp_path / "arc") as repo:
+        repo.commit("tied", tmp_path / "tied.pt")
+        outs = [repo.restore("tied", framework="torch"), load_file(repo.export("tied", tmp_path / "t.safetensors")),
+                torch.load(repo.export("tied", tmp_path / "t.pt"), weights_only=True)]
+    for got in outs:
+        assert list(got) == list(sd) and all(torch.equal(got[k], sd[k]) and got[k].dtype == sd[k].dtype for k in sd)
+        got.pop("window")
+        again = Tied()
+        again.load_state_dict(got)
+        assert again.lm_head.weight is again.embed.weight and torch.equal(again.embed.weight, model.embed.weight)
+
 # -- gc after a killed commit ----------------------------------------------------------------------------------------
 def test_gc_after_a_killed_cli_commit(tmp_path: Path) -> None:
     from gpupas.integrations.safetensors import save_file

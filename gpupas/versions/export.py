@@ -22,7 +22,9 @@ METADATA = "gpupas-version.json"
 
 def export(repo: Repository, ref: str | int | Version, path: str | os.PathLike[str], *,
            snapshot: str | int | None = None, format: str | None = None, force: bool = False) -> Path:
-    """Write a version's weights to one safetensors or torch file (format from the suffix)."""
+    """Write a version's weights to one safetensors or torch file (format from the suffix). Each tensor is its own
+    copy: tied weights committed as one storage (an embedding and its ``lm_head``) come out as two equal tensors,
+    which ``load_state_dict`` takes; a safetensors file's own metadata, as committed, is written back."""
     p = Path(path)
     fmt = format or ("torch" if p.suffix in TORCH_SUFFIXES else "safetensors")
     if fmt not in ("safetensors", "torch"):
