@@ -293,5 +293,6 @@ def as_tensor_dict(tensors: Any, source: str = "input", backend: Any = None) -> 
         except InvalidInputError as exc:
             raise InvalidInputError(f"{source}: {exc}") from None
         except UnsupportedDtypeError as exc:
-            raise UnsupportedDtypeError(str(exc) if repr(name) in str(exc) else f"tensor {name!r}: {exc}") from None
+            msg = str(exc) if repr(name) in str(exc) else f"tensor {name!r}: {exc}"
+            raise UnsupportedDtypeError(msg if source == "input" else f"{source}: {msg}") from None  # the file named
     return out

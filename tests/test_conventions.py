@@ -326,6 +326,28 @@ def test_tied_weights_and_views_come_back_as_separate_tensors(tmp_path: Path) ->
         again.load_state_dict(got)
         assert again.lm_head.weight is again.embed.weight and torch.equal(again.embed.weight, model.embed.weight)
 
+
+def test_a_tensor_gpupas_does_not_store_names_its_file(tmp_path: Path) -> None:
+    """A tensor of a torch file that cannot be archived (complex, sparse, on the meta device) is refused naming the
+    file it is in, as a safetensors file's is: it said only "tensor 'w': ...", which in a folder of 30 shards (or a
+    run of 100 checkpoints) does not say where to look."""
+    model = tmp_path / "model"
+    model.mkdir()
+    torch.save({"a": torch.ones(2)}, model / "pytorch_model-00001-of-00002.bin")
+    bad = model / "pytorch_model-00002-of-00002.bin"
+    weight_map = {"a": "pytorch_model-00001-of-00002.bin", "w": bad.name}
+    (model / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    with gpupas.create_repository(tmp_path / "arc") as repo:
+        for w, why in ((torch.ones(2, dtype=torch.complex64), "complex64"), (torch.eye(2).to_sparse(), "sparse"),
+                       (torch.empty(2, device="meta"), "meta device")):
+            torch.save({"w": w}, bad)
+            with pytest.raises(gpupas.UnsupportedDtypeError, match=why) as err:
+                repo.commit("m", model)
+            assert str(err.value).startswith(f"{bad}: tensor 'w'"), err.value
+        with pytest.raises(gpupas.UnsupportedDtypeError) as err:
+            repo.commit("m", {"w": np.ones(2, np.complex64)})  # in memory: no file to name
+        assert str(err.value).startswith("tensor 'w'"), err.value
+
 # -- gc after a killed commit ----------------------------------------------------------------------------------------
 def test_gc_after_a_killed_cli_commit(tmp_path: Path) -> None:
     from gpupas.integrations.safetensors import save_file
