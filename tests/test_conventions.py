@@ -348,6 +348,23 @@ def test_a_tensor_gpupas_does_not_store_names_its_file(tmp_path: Path) -> None:
             repo.commit("m", {"w": np.ones(2, np.complex64)})  # in memory: no file to name
         assert str(err.value).startswith("tensor 'w'"), err.value
 
+
+def test_shards_without_their_index_are_refused(tmp_path: Path) -> None:
+    """A folder of a sharded model's shards whose index was not copied was read as a folder of checkpoints: each shard
+    a snapshot of its own (each a part of the model, both at "step 2" from "-of-00002"). It is refused, saying what
+    is missing; nothing is written."""
+    from gpupas.integrations.safetensors import save_file
+
+    model = tmp_path / "model"
+    model.mkdir()
+    for i, (k, v) in enumerate(tensors(0).items()):
+        save_file({k: v}, model / f"model-{i + 1:05d}-of-00002.safetensors")
+    with gpupas.create_repository(tmp_path / "arc") as repo:
+        for call in (lambda: repo.commit("m", model), lambda: repo.import_folder(model, "chain")):
+            with pytest.raises(gpupas.InvalidInputError, match=r"shards of a model .*without their index"):
+                call()
+        assert repo.log() == []
+
 # -- gc after a killed commit ----------------------------------------------------------------------------------------
 def test_gc_after_a_killed_cli_commit(tmp_path: Path) -> None:
     from gpupas.integrations.safetensors import save_file

@@ -28,6 +28,7 @@ from gpupas.tensors import INDEX_SUFFIX, TORCH_SUFFIXES
 
 RECORD_FORMAT = 1
 CHECKPOINT_SUFFIXES = (".safetensors", *TORCH_SUFFIXES)
+SHARD = re.compile(r"-\d{5}-of-\d{5}\.[a-z]+$")  # Hugging Face's shard names: model-00001-of-00003.safetensors
 MAX_VERSION_ID = 10**18 - 1
 Record = dict[str, Any]
 
@@ -131,6 +132,12 @@ def checkpoint_files(path: str | os.PathLike[str], skipped: list[str] | None = N
         if not found:
             raise InvalidInputError(f"{p} holds no checkpoints ({', '.join(CHECKPOINT_SUFFIXES)} files or model "
                                     "folders)")
+        shards = [f.name for f in found if f.is_file() and SHARD.search(f.name)]
+        if shards:  # each would be a snapshot of its own, each a part of one model
+            more = "..." if len(shards) > 2 else ""
+            raise InvalidInputError(f"{p} holds shards of a model ({', '.join(shards[:2])}{more}) "
+                                    f"without their index (*{INDEX_SUFFIX}, which names the shard of each tensor); "
+                                    "copy the index beside them (Hugging Face writes model.safetensors.index.json)")
         if skipped is not None and other:
             skipped.append(f"{p}: not checkpoints, left out: {', '.join(other[:8])}{'...' if len(other) > 8 else ''}")
         return found
