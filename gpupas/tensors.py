@@ -69,18 +69,26 @@ def load_checkpoint(path: str | os.PathLike[str], notes: list[str] | None = None
             raise InvalidInputError(f"{p} is not a loadable torch checkpoint (weights only; no code is run): "
                                     f"{_why(exc, p)}") from None
         return as_tensor_dict(_unwrap(obj, str(p), notes), source=str(p))
-    raise InvalidInputError(
-        f"{p}: unknown checkpoint type {p.suffix!r}; give a .safetensors file, a torch checkpoint "
-        f"({', '.join(TORCH_SUFFIXES)}) or a model folder"
-    )
+    raise InvalidInputError(unknown_type(p, "a shard index (*.index.json) or a model folder"))
+
+
+def unknown_type(p: Path, other: str) -> str:
+    """The error for a file whose name is no checkpoint's: what it plainly is and what to do, where that is known
+    (an .npz of arrays, a torch file under another suffix)."""
+    kind = _what_file(p)
+    said = f": it is {kind}{_REMEDY[kind]}. Give" if kind in _REMEDY else "; give"
+    return (f"{p}: unknown checkpoint type {p.suffix!r}{said} a .safetensors file, a torch checkpoint "
+            f"({', '.join(TORCH_SUFFIXES)}), {other}")
 
 
 _TORCH_KINDS = ("a torch checkpoint", "a pickle (a legacy torch checkpoint)")
 _REMEDY = {"a safetensors file": "; rename it to end in .safetensors",
            "a torch checkpoint": "; rename it to end in .pt",
            "a pickle (a legacy torch checkpoint)": "; rename it to end in .pt",
-           "a NumPy .npz archive": "; load it with numpy.load and commit its arrays as a mapping",
-           "a NumPy .npy array": "; load it with numpy.load and commit it as a mapping {name: array}"}
+           "a NumPy .npz archive": "; load it with numpy.load and commit its arrays as a mapping, or write them to "
+                                   "a safetensors file (safetensors.numpy.save_file) and commit that",
+           "a NumPy .npy array": "; load it with numpy.load and commit it as a mapping {name: array}, or write it "
+                                 "to a safetensors file (safetensors.numpy.save_file) and commit that"}
 
 
 def _what_file(path: Path) -> str | None:

@@ -365,6 +365,23 @@ def test_shards_without_their_index_are_refused(tmp_path: Path) -> None:
                 call()
         assert repo.log() == []
 
+
+def test_an_npz_or_a_renamed_torch_file_says_what_to_do(tmp_path: Path) -> None:
+    """A file whose suffix is no checkpoint's but whose bytes say what it is (arrays saved with numpy.savez, a torch
+    file named .pt2) is refused with what to do, as one misnamed .safetensors or .pt is: it said only "unknown
+    checkpoint type '.npz'", in the API and the CLI, leaving a NumPy user no way to commit from the command line."""
+    np.savez(tmp_path / "w.npz", w=np.arange(6, dtype=">f4").reshape(2, 3))
+    torch.save({"w": torch.ones(2)}, tmp_path / "w.pt2")
+    with gpupas.create_repository(tmp_path / "arc") as repo:
+        for name, says in (("w.npz", "NumPy .npz archive; load it with numpy.load"),
+                           ("w.pt2", "rename it to end in .pt")):
+            with pytest.raises(gpupas.InvalidInputError, match=re.escape(says)):
+                gpupas.load_checkpoint(tmp_path / name)
+            with pytest.raises(gpupas.InvalidInputError, match=re.escape(says)):
+                repo.commit("m", tmp_path / name)
+            res = gp("commit", tmp_path / name, "-n", "m", "-A", tmp_path / "arc")
+            assert res.returncode == 2 and says in res.stderr.replace("\n", " "), res.stderr
+
 # -- gc after a killed commit ----------------------------------------------------------------------------------------
 def test_gc_after_a_killed_cli_commit(tmp_path: Path) -> None:
     from gpupas.integrations.safetensors import save_file

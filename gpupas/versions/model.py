@@ -24,7 +24,7 @@ from gpupas.format.keys import check_name
 from gpupas.format.manifest import Manifest, now
 from gpupas.network import Network
 from gpupas.pas.schemes import describe
-from gpupas.tensors import INDEX_SUFFIX, TORCH_SUFFIXES
+from gpupas.tensors import INDEX_SUFFIX, TORCH_SUFFIXES, unknown_type
 
 RECORD_FORMAT = 1
 CHECKPOINT_SUFFIXES = (".safetensors", *TORCH_SUFFIXES)
@@ -144,9 +144,8 @@ def checkpoint_files(path: str | os.PathLike[str], skipped: list[str] | None = N
     if not p.is_file():
         raise InvalidInputError(f"checkpoint {p} does not exist")
     if p.suffix not in CHECKPOINT_SUFFIXES and not p.name.endswith(INDEX_SUFFIX):
-        raise InvalidInputError(f"{p}: unknown checkpoint type {p.suffix!r}; give a .safetensors file, a torch "
-                                f"checkpoint ({', '.join(TORCH_SUFFIXES)}), a shard index (*{INDEX_SUFFIX}), a "
-                                "model folder or a folder of those")
+        raise InvalidInputError(unknown_type(p, f"a shard index (*{INDEX_SUFFIX}), a model folder or a folder of "
+                                                "those"))
     return [p]
 
 
