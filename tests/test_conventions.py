@@ -470,3 +470,14 @@ def test_odd_tensors_are_refused_by_name_or_kept_whole(tmp_path: Path) -> None:
         plain = np.ma.masked_array([1.0, 2.0])  # nothing masked: its values are the array
         assert a.restore(a.commit({"m": plain}).id)["m"].tolist() == [1.0, 2.0]
 
+
+
+def test_export_to_a_folder_is_refused_and_writes_nothing(arc: Path, tmp_path: Path) -> None:
+    """`export -o out/` (a trailing slash: a folder, as cp and rsync read it) or an existing folder: refused by
+    name, whether or not --force is given, not a file named `out` (or "exists, use --force" and then refused)."""
+    (tmp_path / "there").mkdir()
+    for out, extra in ((f"{tmp_path / 'new'}/", ()), (tmp_path / "there", ()), (tmp_path / "there", ("--force",))):
+        res = gp("-A", arc, "export", "1", "-o", out, *extra)
+        assert res.returncode == 2 and f"{out} {'names' if out == f'{tmp_path}/new/' else 'is'} a folder" in res.stderr
+        assert "checkout" in res.stderr, res.stderr
+    assert not (tmp_path / "new").exists() and not any((tmp_path / "there").iterdir())

@@ -494,9 +494,9 @@ def _lossy_note(repo: Any, ref: str, snapshot: str | None) -> str:
 @app.command()
 @_command
 def export(ref: RefArg,
-           output: Annotated[Path, typer.Option("--output", "-o", metavar="FILE",
-                                                help="File; unless --format, a torch file where it ends in .pt, "
-                                                ".pth, .bin or .ckpt, else safetensors.")],
+           output: Annotated[str, typer.Option("--output", "-o", metavar="FILE",  # (a Path drops a trailing /)
+                                               help="File; unless --format, a torch file where it ends in .pt, "
+                                               ".pth, .bin or .ckpt, else safetensors.")],
            snapshot: SnapOpt = None,
            fmt: Annotated[str | None, typer.Option("--format", metavar="FORMAT",
                                                    help="safetensors or torch (default: from the suffix).")] = None,

@@ -26,6 +26,10 @@ def export(repo: Repository, ref: str | int | Version, path: str | os.PathLike[s
     copy: tied weights committed as one storage (an embedding and its ``lm_head``) come out as two equal tensors,
     which ``load_state_dict`` takes; a safetensors file's own metadata, as committed, is written back."""
     p = Path(path)
+    if os.fspath(path).endswith(("/", os.sep)) or p.is_dir():  # (Path drops a trailing slash: "out/" is "out")
+        raise InvalidInputError(f"{os.fspath(path)} {'is' if p.is_dir() else 'names'} a folder; nothing written: "
+                                "give export the path of a file "
+                                f"({p / 'model.safetensors'}, say), or write a version to a folder with checkout")
     fmt = format or ("torch" if p.suffix in TORCH_SUFFIXES else "safetensors")
     if fmt not in ("safetensors", "torch"):
         raise InvalidInputError(f"format must be 'safetensors' or 'torch', not {fmt!r}")
