@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
-from gpupas.errors import ArchiveExistsError, InvalidInputError
+from gpupas.errors import ArchiveExistsError, GpupasError, InvalidInputError
 
 
 def write_file(path: str | os.PathLike[str], fill: Callable[[BinaryIO], None], *, replace: bool = False) -> Path:
@@ -21,12 +21,13 @@ def write_file(path: str | os.PathLike[str], fill: Callable[[BinaryIO], None], *
     p = Path(path)
     if p.is_dir():
         raise InvalidInputError(f"{p} is a folder; give the path of a file to write")
+    check_parents(p)
     try:
         p.parent.mkdir(parents=True, exist_ok=True)
         tmp = p.with_name(f".{p.name}.{uuid.uuid4().hex}.tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
     except OSError as exc:  # named by the file asked for, not by the temporary one
-        raise OSError(exc.errno, f"cannot write {p}: {exc.strerror}") from None
+        raise cannot_write(p, exc) from None
     try:
         with os.fdopen(fd, "wb") as f:
             fill(f)
@@ -40,7 +41,25 @@ def write_file(path: str | os.PathLike[str], fill: Callable[[BinaryIO], None], *
             except FileExistsError:
                 raise ArchiveExistsError(f"{p} exists; nothing written (use --force to overwrite)") from None
             os.unlink(tmp)
-    except BaseException:
+    except BaseException as exc:
         tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError) and not isinstance(exc, GpupasError) and not exc.filename:  # a full disk: where
+            raise cannot_write(p, exc) from None
         raise
     return p
+
+
+def check_parents(p: Path) -> None:
+    """InvalidInputError where a folder ``p`` would be written in is a file (mkdir's error names only an errno:
+    "File exists" or "Not a directory")."""
+    for up in p.parents:
+        if up.is_dir():
+            return
+        if up.exists() or up.is_symlink():
+            raise InvalidInputError(f"{up} is a file, not a folder; nothing written: {p} cannot be written under it, "
+                                    "give a path in a folder")
+
+
+def cannot_write(p: Path, exc: OSError) -> OSError:
+    """``exc`` (raised for a temporary name, or a folder on the way) as an error naming ``p``."""
+    return OSError(exc.errno, f"cannot write {p}: {exc.strerror or exc}")

@@ -481,3 +481,38 @@ def test_export_to_a_folder_is_refused_and_writes_nothing(arc: Path, tmp_path: P
         assert res.returncode == 2 and f"{out} {'names' if out == f'{tmp_path}/new/' else 'is'} a folder" in res.stderr
         assert "checkout" in res.stderr, res.stderr
     assert not (tmp_path / "new").exists() and not any((tmp_path / "there").iterdir())
+
+
+def test_an_output_under_a_file_or_where_nothing_can_be_written_is_named(arc: Path, tmp_path: Path) -> None:
+    """export or checkout under a path that is a file, or where no folder can be made: the error names the path
+    asked for (not a temporary one, not "[Errno 17] ... File exists"), and nothing is written."""
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine")
+    for cmd, out in (("export", notes / "m.safetensors"), ("export", notes / "a" / "m.safetensors"),
+                     ("checkout", notes / "co")):
+        res = gp("-A", arc, cmd, "1", "-o", out)
+        assert res.returncode == 2 and f"{notes} is a file, not a folder" in res.stderr and str(out) in res.stderr
+        assert ".tmp" not in res.stderr and "Errno" not in res.stderr
+    for cmd, out in (("export", "/proc/m.safetensors"), ("checkout", "/proc/co")):  # (no folder made there, root too)
+        res = gp("-A", arc, cmd, "1", "-o", out)
+        assert res.returncode == 4 and res.stderr.startswith(f"error: cannot write {out}: "), res.stderr
+        assert ".tmp" not in res.stderr and "Errno" not in res.stderr
+    assert notes.read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == ["arc", "notes.txt"]
+
+
+def test_a_full_disk_during_an_export_names_the_file(arc: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) \
+        -> None:
+    """An export that runs out of space names the file it was writing (it said "[Errno 28] No space left on
+    device", naming nothing) and leaves no temporary file."""
+    import errno
+
+    def full(*args: object, **kwargs: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    out = tmp_path / "out" / "m.safetensors"
+    with gpupas.open_repository(arc) as repo:
+        monkeypatch.setattr(os, "fsync", full)
+        with pytest.raises(OSError, match=rf"cannot write {re.escape(str(out))}: No space left") as got:
+            repo.export(1, out)
+        monkeypatch.undo()
+    assert got.value.errno == errno.ENOSPC and not any((tmp_path / "out").iterdir())

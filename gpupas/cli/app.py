@@ -103,7 +103,7 @@ def _command(fn: F) -> F:
                     raise typer.Exit(FAILURE) from None
                 msg = str(exc) or type(exc).__name__
                 if isinstance(exc, OSError) and not isinstance(exc, GpupasError):
-                    msg = f"{exc.strerror or exc}: {exc.filename}" if exc.filename else str(exc)
+                    msg = f"{exc.strerror or exc}: {exc.filename}" if exc.filename else exc.strerror or str(exc)
                 o.error(msg)
                 raise typer.Exit(exit_code(exc)) from None
             except KeyboardInterrupt:

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from gpupas.errors import ArchiveExistsError, InvalidInputError
-from gpupas.outputs import write_file
+from gpupas.outputs import cannot_write, check_parents, write_file
 from gpupas.tensors import TORCH_SUFFIXES
 from gpupas.versions.model import Version, check_file_name, file_key
 
@@ -81,11 +81,15 @@ def checkout(repo: Repository, ref: str | int | Version, out_dir: str | os.PathL
                                     "checkout writes " + ("its weights" if reserved == weights else "its metadata")
                                     + "; choose another name for the weights (--weights-name)")
     blobs = {f: repo.file_bytes(r["sha256"]) for f, r in v.files.items()}  # all checked before writing
+    check_parents(out)
     fresh = not out.exists()
     target = out.with_name(f".{out.name}.{uuid.uuid4().hex}.tmp") if fresh else out
     written: list[Path] = []
     try:
-        target.mkdir(parents=True, exist_ok=True)
+        try:
+            target.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:  # named by the folder asked for, not by the temporary one
+            raise cannot_write(out, exc) from None
         export(repo, v, target / weights, snapshot=snap["id"], format=format, force=True)
         written.append(out / weights)
         for fname, data in blobs.items():
