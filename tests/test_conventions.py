@@ -516,3 +516,22 @@ def test_a_full_disk_during_an_export_names_the_file(arc: Path, tmp_path: Path, 
             repo.export(1, out)
         monkeypatch.undo()
     assert got.value.errno == errno.ENOSPC and not any((tmp_path / "out").iterdir())
+
+
+def test_outputs_inside_the_archive_or_a_tier_are_refused(arc: Path, tmp_path: Path) -> None:
+    """export or checkout into the archive's own folder (or a tier's): refused, nothing written. A file put in
+    manifests/ read as a damaged snapshot (verify: exit 3), a checkout there made 'gpupas-version' a snapshot, and
+    `export -o ARCHIVE/zarr.json --force` left an archive that no command could open."""
+    with gpupas.open_repository(arc) as repo:
+        repo.archive.add_tier("cold", tmp_path / "cold")
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*") if p.name != "catalog.sqlite")
+    for cmd, out in (("export", arc / "zarr.json"), ("export", arc / "manifests" / "9.json"),
+                     ("checkout", arc / "manifests"), ("checkout", arc), ("checkout", arc / "new"),
+                     ("export", tmp_path / "cold" / "m.safetensors")):
+        res = gp("-A", arc, cmd, "1", "-o", out, "--force")
+        assert res.returncode == 2 and f"{out} is in (or is) the " in res.stderr, (cmd, out, res.stderr)
+    res = gp("-A", ".", "export", "1", "-o", "m.safetensors", cwd=arc)  # a relative path: the same
+    assert res.returncode == 2 and "m.safetensors is in (or is) the archive at ." in res.stderr
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*") if p.name != "catalog.sqlite") == before
+    assert gp("-A", arc, "verify").returncode == 0
+    assert gp("-A", arc, "export", "1", "-o", tmp_path / "m.safetensors").returncode == 0  # outside: written

@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING, Any
 
 from gpupas.errors import ArchiveExistsError, InvalidInputError
 from gpupas.outputs import cannot_write, check_parents, write_file
+from gpupas.store.base import is_remote
+from gpupas.store.tiers import inside
 from gpupas.tensors import TORCH_SUFFIXES
 from gpupas.versions.model import Version, check_file_name, file_key
 
@@ -18,6 +20,16 @@ if TYPE_CHECKING:
     from gpupas.versions.repository import Repository
 
 METADATA = "gpupas-version.json"
+
+
+def outside_archive(repo: Repository, path: Path) -> None:
+    """InvalidInputError where ``path`` lies in the archive's folder or a tier's: a file there is read as the
+    archive's own (a file in manifests/ as a damaged snapshot) or, with --force, replaces one."""
+    for name, location in [("archive", repo.archive.location),
+                           *((f"tier {t!r}", d["url"]) for t, d in repo.archive.tiers().items())]:
+        if not is_remote(location) and inside(os.fspath(path), location):
+            raise InvalidInputError(f"{path} is in (or is) the {name} at {location}; nothing written: write it outside "
+                                    "(gpupas reads every file there as its own)")
 
 
 def export(repo: Repository, ref: str | int | Version, path: str | os.PathLike[str], *,
@@ -33,6 +45,7 @@ def export(repo: Repository, ref: str | int | Version, path: str | os.PathLike[s
     fmt = format or ("torch" if p.suffix in TORCH_SUFFIXES else "safetensors")
     if fmt not in ("safetensors", "torch"):
         raise InvalidInputError(f"format must be 'safetensors' or 'torch', not {fmt!r}")
+    outside_archive(repo, p)
     if (p.exists() or p.is_symlink()) and not force:
         raise ArchiveExistsError(f"{p} exists; nothing written (use --force to overwrite)")
     v = repo.version(ref)
@@ -71,6 +84,8 @@ def checkout(repo: Repository, ref: str | int | Version, out_dir: str | os.PathL
     if out.exists() and not out.is_dir():
         raise ArchiveExistsError(f"{out} is a file, not a folder; nothing written: give checkout a folder (export "
                                  "writes the weights to one file)")
+    for written_to in (out, out / weights, out / METADATA, *(out / f for f in v.files)):  # (or the archive in out)
+        outside_archive(repo, written_to)
     if out.exists() and any(out.iterdir()) and not force:
         raise ArchiveExistsError(f"{out} is not empty; nothing written (use --force to write into it)")
     names = {file_key(check_file_name(f)) for f in v.files}  # as a case-insensitive file system sees them
