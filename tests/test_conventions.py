@@ -535,3 +535,14 @@ def test_outputs_inside_the_archive_or_a_tier_are_refused(arc: Path, tmp_path: P
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*") if p.name != "catalog.sqlite") == before
     assert gp("-A", arc, "verify").returncode == 0
     assert gp("-A", arc, "export", "1", "-o", tmp_path / "m.safetensors").returncode == 0  # outside: written
+
+
+def test_quiet_after_the_command_as_before_it(arc: Path) -> None:
+    """`gpupas verify -q` (where users type it) was "No such option: -q" (exit 2): --quiet/-q was taken only
+    before the command. Now after it too, for every command, its arguments kept."""
+    for args in (("verify", "-q"), ("verify", "1", "2", "--quiet"), ("tag", "t", "1", "-q"), ("tag", "-q", "u", "2")):
+        res = gp("-A", arc, *args)
+        assert res.returncode == 0 and res.stdout == "" and res.stderr == "", (args, res.stderr)
+    assert gp("-A", arc, "tag", "-q").stdout == "t\t1\nu\t2\n"  # requested data still prints
+    assert gp("-A", arc, "tier", "list", "-q", "--json").returncode == 0
+    assert "ok: 2 versions" in gp("-A", arc, "verify").stdout  # not quiet unless asked

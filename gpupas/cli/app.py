@@ -13,6 +13,7 @@ Errors are one line on stderr: ``error: <what happened and how to fix it>``.
 from __future__ import annotations
 
 import functools
+import inspect
 import json
 import os
 import sys
@@ -69,9 +70,11 @@ def _version(value: bool) -> None:
         raise typer.Exit()
 
 
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Print only requested data and errors.")]
+
+
 @app.callback()
-def main(archive: GlobalArchiveOpt = None,
-         quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only requested data and errors.")] = False,
+def main(archive: GlobalArchiveOpt = None, quiet: QuietOpt = False,
          version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
                                                help="Print the version and exit.")] = False) -> None:
     """Versions, lineage and compact storage of deep-learning checkpoints (ModelHub's dlv + PAS)."""
@@ -83,10 +86,12 @@ def _out() -> render.Output:
 
 
 def _command(fn: F) -> F:
-    """Turn library errors into one ``error:`` line and a stable exit code."""
+    """Turn library errors into one ``error:`` line and a stable exit code; and take ``--quiet/-q`` after the
+    command too (``gpupas verify -q``, as before it), as ``--archive/-A`` is."""
 
     @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
+    def wrapper(*args: Any, quiet: bool = False, **kwargs: Any) -> Any:
+        STATE.quiet = STATE.quiet or quiet
         o = _out()
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -114,6 +119,11 @@ def _command(fn: F) -> F:
                     for w in caught:
                         o.warn(str(w.message))
 
+    sig = inspect.signature(fn, eval_str=True)  # typer reads the options from it: the command's own, then --quiet
+    wrapper.__signature__ = sig.replace(parameters=[  # type: ignore[attr-defined]
+        *sig.parameters.values(), inspect.Parameter("quiet", inspect.Parameter.KEYWORD_ONLY, default=False,
+                                                    annotation=QuietOpt)])
+    wrapper.__annotations__ = {**fn.__annotations__, "quiet": QuietOpt}
     return wrapper  # type: ignore[return-value]
 
 
