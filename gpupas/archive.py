@@ -458,22 +458,25 @@ class Archive:
 
     # -- revise ------------------------------------------------------------------------------------------------
     def revise(self, snapshot: str, *, setting: str | Setting = "default", layout: Layout | None = None,
-               base: Any = _KEEP) -> Manifest:
+               base: Any = _KEEP, descendants: bool = True) -> Manifest:
         """Re-encode ``snapshot`` under the same id (another setting, codec, plane grouping, or
         ``base``: another delta base, None to store it whole) and switch to it atomically.
 
         The new form is decoded and compared bit for bit before it replaces the old one; readers
         see the old form or the new one, never a mix; the old folders become garbage for
-        :meth:`gc`. Its bits do not change, so snapshots that use it as a base are unaffected.
+        :meth:`gc`. Its bits do not change, so snapshots that use it as a base are unaffected,
+        except in how deep their chains go: a new base that would put one of them more than
+        ``max_chain`` links deep (and deeper than it was) is refused (``descendants=False``: not
+        checked, for a compaction, which checks its whole plan and moves some of them next).
         Without ``layout``, planes that live in a tier stay there (see :meth:`tier`).
         """
         _sid(snapshot), _layout(layout)
         if base is not _KEEP and base is not None:
             _sid(base)
         with self.store.writing():
-            return self._revise(snapshot, get_setting(setting), layout, base)
+            return self._revise(snapshot, get_setting(setting), layout, base, descendants)
 
-    def _revise(self, snapshot: str, cfg: Setting, layout: Layout | None, base: Any) -> Manifest:
+    def _revise(self, snapshot: str, cfg: Setting, layout: Layout | None, base: Any, descendants: bool) -> Manifest:
         backend = get_backend("numpy")
         self._forget(snapshot)
         old = self.manifest(snapshot)
@@ -484,7 +487,7 @@ class Archive:
         if new_base is not None:
             self._check_base(snapshot, new_base)
         if new_base != old.base:
-            self._check_no_implicit_children(snapshot)
+            self._check_children(snapshot, new_base if descendants else None)
         bits = self._read(snapshot, None, backend)[0]
         arrays = {e.name: from_bits(bits[e.name], e.layout, e.shape) for e in old.tensors}
         base_m = None if new_base is None else self.manifest(new_base)
@@ -579,15 +582,30 @@ class Archive:
             raise InvalidInputError(f"a delta on {base} would make a chain of {depth + 1} links; at most "
                                     f"{self.max_chain} are allowed")
 
-    def _check_no_implicit_children(self, snapshot: str) -> None:
-        """Snapshots of formats 1 and 2 that extrapolate ('pred') along ``snapshot``'s current base
-        name it only implicitly: re-basing ``snapshot`` would cut them off."""
+    def _check_children(self, snapshot: str, new_base: str | None) -> None:
+        """Before ``snapshot`` is re-based: snapshots of formats 1 and 2 that extrapolate ('pred') along its
+        current base name it only implicitly (re-basing it would cut them off); and, with ``new_base``, the
+        snapshots built on it must stay within ``max_chain`` links (or no deeper than they are)."""
+        children: dict[str, list[str]] = {}
         for sid in self.store.list_snapshots():
             m = self.manifest(sid)
             if m.format < 3 and m.base == snapshot and m.has_pred:
                 raise InvalidInputError(f"snapshot {sid} (format {m.format}) extrapolates along {snapshot}'s delta "
                                         f"base; re-encode it first (Archive.revise({sid!r}): it becomes format 3), "
                                         f"then change the base of {snapshot} (gpupas compact does both, in order)")
+            if m.base is not None:
+                children.setdefault(m.base, []).append(sid)
+        if new_base is None:
+            return
+        deepest, height, level, seen = snapshot, 0, [snapshot], {snapshot}
+        while nxt := [c for s in level for c in children.get(s, ()) if c not in seen]:  # a level at a time
+            seen.update(nxt)
+            deepest, height, level = nxt[0], height + 1, nxt
+        depth = self.depth(new_base) + 1 + height
+        if height and depth > self.max_chain and depth > self.depth(snapshot) + height:
+            raise InvalidInputError(f"a delta of {snapshot} on {new_base} would put snapshot {deepest}, built on it, "
+                                    f"{depth} links deep; at most {self.max_chain} are allowed: give {snapshot} a "
+                                    "base nearer a whole snapshot, or store it whole (base=None)")
 
     def _pred_bits(self, m: Manifest, backend: Any) -> dict[str, Any]:
         names = [e.name for e in m.tensors if e.enc == "pred"]

@@ -98,6 +98,32 @@ def test_revise_can_change_the_base(chain: tuple[Path, list[dict[str, np.ndarray
             same(cold.restore(f"s{i}"), s)
 
 
+def test_a_new_base_may_not_put_the_snapshots_built_on_it_past_max_chain(tmp_path: Path) -> None:
+    """revise(base=...) checked the chain below the snapshot, not the snapshots built on it: with max_chain 4,
+    a0..a3 (a3 3 links deep) and b0..b2, re-basing a1 on b2 put a3 5 links deep, past what a commit may make
+    and what a restore was promised to decode. Refused now, nothing changed; a base that deepens no one past the
+    limit, and storing whole, still work; a compaction (descendants=False) checks its whole plan instead."""
+    snaps = [model(i) for i in range(7)]
+    with gpupas.create_archive(tmp_path / "a", max_chain=4) as a:
+        for name, n in (("a", 4), ("b", 3)):
+            for i in range(n):
+                a.commit(snaps[i], snapshot=f"{name}{i}", base=f"{name}{i - 1}" if i else None)
+        with pytest.raises(InvalidInputError, match=r"put snapshot a3, built on it, 5 links deep; at most 4"):
+            a.revise("a1", base="b2")
+        assert a.manifest("a1").base == "a0" and a.manifest("a1").revision == 0
+        assert [a.depth(f"a{i}") for i in range(4)] == [0, 1, 2, 3]
+        assert a.revise("a2", base="b1").base == "b1" and a.depth("a3") == 3  # within the limit
+    with gpupas.open_archive(tmp_path / "a", max_chain=2) as a:  # a limit a3 already passes: no deeper than it is
+        assert a.revise("a2", base="b0").base == "b0" and a.depth("a3") == 2
+        with pytest.raises(InvalidInputError, match=r"put snapshot a3, built on it, 3 links deep; at most 2"):
+            a.revise("a2", base="a1")
+        assert a.revise("a2", base=None).base is None and a.depth("a3") == 1
+    with gpupas.open_archive(tmp_path / "a") as cold:
+        for name, n in (("a", 4), ("b", 3)):
+            for i in range(n):
+                same(cold.restore(f"{name}{i}"), snaps[i])
+
+
 def test_a_reader_on_an_old_manifest_finishes_or_retries(chain: tuple[Path, list[dict[str, np.ndarray]]]) -> None:
     path, snaps = chain
     with gpupas.open_archive(path) as reader, gpupas.open_archive(path) as writer:

@@ -118,7 +118,7 @@ def revise_link(spec: ArchiveSpec, sid: str, base: str | None, why: str, how: Re
                 return Revised(sid, old.base, base, why, old.stored_bytes, old.stored_bytes, False,
                                "already in that form")
             _feed(a, inputs)
-            new = a.revise(sid, setting=how.setting_object(), base=base)
+            new = a.revise(sid, setting=how.setting_object(), base=base, descendants=False)  # (the plan checks)
         except SnapshotNotFoundError as exc:  # it, or its new base, was discarded after the plan (a commit failed)
             return Revised(sid, None, base, why, done=False, note=f"not revised: {exc}")
         return Revised(sid, old.base, new.base, why, old.stored_bytes, new.stored_bytes)
