@@ -546,3 +546,17 @@ def test_quiet_after_the_command_as_before_it(arc: Path) -> None:
     assert gp("-A", arc, "tag", "-q").stdout == "t\t1\nu\t2\n"  # requested data still prints
     assert gp("-A", arc, "tier", "list", "-q", "--json").returncode == 0
     assert "ok: 2 versions" in gp("-A", arc, "verify").stdout  # not quiet unless asked
+
+
+def test_diff_names_a_changed_dtype_and_measures_no_change_it_did_not(tmp_path: Path) -> None:
+    """A tensor of the same shape in another dtype (fp32 -> fp16) showed as '[64, 32] -> [64, 32]', no dtype,
+    and with nothing comparable the summary said 'overall relative L2 change 0': nothing changed. Now the dtypes
+    are shown, the tensors not compared are counted, and no L2 change is claimed where none was measured."""
+    w = tensors(0)
+    with gpupas.create_repository(tmp_path / "arc") as repo:
+        repo.commit("a", w)
+        repo.commit("b", {"fc.weight": w["fc.weight"].astype(np.float16), "fc.bias": np.zeros(32, np.float32)})
+    res = gp("-A", tmp_path / "arc", "diff", "1", "2")
+    assert res.returncode == 0, res.stderr
+    assert "float32 64x32 -> float16 64x32" in res.stdout and "float32 64 -> float32 32" in res.stdout
+    assert "2 of another shape or dtype (not compared), overall relative L2 change -;" in res.stdout

@@ -271,6 +271,11 @@ def show(o: Output, d: dict[str, Any], tensors: bool, network: bool) -> None:
             o.table(t)
 
 
+def _retyped(r: dict[str, Any]) -> bool:
+    """A diff row of a tensor whose shape or dtype changed: ``shape`` is [old, new] (a 0-d tensor's is [])."""
+    return bool(r["shape"]) and isinstance(r["shape"][0], list)
+
+
 def diff(o: Output, d: dict[str, Any], top: int) -> None:
     o.data(f"diff version {d['a']['id']} ({d['a']['name']}) -> version {d['b']['id']} ({d['b']['name']})")
     n = d["network"]
@@ -305,13 +310,18 @@ def diff(o: Output, d: dict[str, Any], top: int) -> None:
     if not w:
         return
     rows = sorted(w["tensors"], key=lambda r: -(r.get("rel_l2") or 0.0))
-    o.data(f"weights: {len(rows)} common tensors, {w['identical']} identical, overall relative L2 change "
-           f"{w['rel_l2']:.4g}; most changed first:")
+    unlike = sum(1 for r in rows if _retyped(r))
+    measured = any("rel_l2" in r for r in rows if not _retyped(r))  # else no L2 change was measured: not "0"
+    l2 = f"{w['rel_l2']:.4g}" if measured else "-"
+    o.data(f"weights: {len(rows)} common tensors, {w['identical']} identical"
+           + (f", {unlike} of another shape or dtype (not compared)" if unlike else "")
+           + f", overall relative L2 change {l2}; most changed first:")
     t = table(("tensor", "shape", "changed", "max |Δ|", "mean |Δ|", "rel L2"), ("changed", "max |Δ|", "mean |Δ|",
                                                                               "rel L2"))
     for r in rows[: top or None]:
-        if r["shape"] and isinstance(r["shape"][0], list):  # [old, new]; a 0-d tensor's shape is []
-            row(t, r["name"], f"{r['shape'][0]} -> {r['shape'][1]}", "-", "-", "-", "-")
+        if _retyped(r):  # shape and dtype [old, new]: both shown, whichever changed
+            was, now = (f"{d} {'x'.join(map(str, sh)) or 'scalar'}" for d, sh in zip(r["dtype"], r["shape"]))
+            row(t, r["name"], f"{was} -> {now}", "-", "-", "-", "-")
             continue
         row(t, r["name"], "x".join(map(str, r["shape"])) or "scalar", f"{100 * r['changed']:.1f}%",
             num(r.get("max_abs")), num(r.get("mean_abs")), num(r.get("rel_l2")))
