@@ -1270,3 +1270,27 @@ def test_an_nvcomp_codec_is_never_shared_by_two_threads(monkeypatch: pytest.Monk
     for t in threads:
         t.join()
     assert all(a is b for a, b in got) and len({id(a) for a, _ in got}) == 3
+
+
+def test_tied_tensors_are_coded_once_on_the_gpu_path(tmp_path: Path, fake_gpu: Any) -> None:
+    """Two names of one device array (tied weights), and equal copies as deltas: coded once through the CuPy
+    backend's code (FORMAT.md 8, shared parts), read back whole on the device and on the CPU."""
+    import gpupas
+    from gpupas.backend.cupy import DeviceTensor
+
+    rng = np.random.default_rng(11)
+    e = (rng.standard_normal((300, 70)) * 0.02).astype(np.float32)
+    step = e + np.float32(1e-4) * rng.standard_normal(e.shape).astype(np.float32)
+    snaps = [{"emb": e, "o": e[:3].copy(), "head": e}, {"emb": step, "o": e[:3].copy(), "head": step.copy()}]
+    with gpupas.create_archive(tmp_path / "arc") as a:
+        ms = _commit_all(a, snaps, "default", "cuda")
+        for m in ms:
+            assert m.tensor("head").parts == m.tensor("emb").parts and m.tensor("head").stored == 0, m.id
+    with gpupas.open_archive(tmp_path / "arc") as a:
+        for m, snap in zip(ms, snaps):
+            for device in ("cuda", "cpu"):
+                got = a.restore(m.id, device=device)
+                for k, v in snap.items():
+                    r = got[k]
+                    host = r.get() if isinstance(r, DeviceTensor) else np.asarray(r)
+                    assert host.tobytes() == v.tobytes(), (m.id, device, k)

@@ -21,7 +21,7 @@ import numpy as np
 from gpupas.backend import fast
 from gpupas.codecs import registry
 from gpupas.codecs.policy import ChunkPolicy
-from gpupas.engine.stage import Staged
+from gpupas.engine.stage import Staged, twins
 from gpupas.format.layout import group_bounds, place, segments
 from gpupas.format.manifest import Manifest, Stream, TensorEntry
 from gpupas.pas.context import count_entropies, sample_counts
@@ -126,7 +126,11 @@ def write_streams(store: ArchiveStore, sid: str, staged: Sequence[Staged], setti
                   executor: Any, layout: Layout = Layout(), small: bool = False,
                   meanwhile: Callable[[], None] | None = None) -> tuple[tuple[Stream, ...], tuple[TensorEntry, ...]]:
     """Write the streams of a snapshot of ``staged`` tensors; returns them and the tensor entries.
-    ``meanwhile``: a check run once every chunk is coded, while the shards close (its error fails the write)."""
+    ``meanwhile``: a check run once every chunk is coded, while the shards close (its error fails the write).
+    A tensor coded exactly as an earlier one (:func:`~gpupas.engine.stage.twins`) is coded once: its entry
+    names the earlier one's parts, with no stored bytes of its own."""
+    alike = twins(staged)
+    every, staged = staged, [st for i, st in enumerate(staged) if i not in alike]
     extras = [st.extra() for st in staged]
     placements, lengths = place([(st.layout.width, st.values, x.size) for st, x in zip(staged, extras)],
                                 layout.groups)
@@ -171,7 +175,7 @@ def write_streams(store: ArchiveStore, sid: str, staged: Sequence[Staged], setti
                                    rot=st.layout.rotate or not LAYOUTS[st.layout.name].rotate,
                                    scheme=st.scheme)
                        for st, pl in zip(staged, placements)]
-            entries = attribute(entries, streams, bufs, chunk_sizes, layout.segment)  # while the shards close
+            entries = _with_twins(every, attribute(entries, streams, bufs, chunk_sizes, layout.segment), alike)
             if meanwhile is not None:
                 meanwhile()
             _closed(closing)
@@ -186,6 +190,22 @@ def write_streams(store: ArchiveStore, sid: str, staged: Sequence[Staged], setti
                     pass
             raise
     return tuple(streams), tuple(entries)
+
+
+def _with_twins(staged: Sequence[Staged], entries: Sequence[TensorEntry], alike: dict[int, int]) -> list[TensorEntry]:
+    """The entries of every one of ``staged`` from those of the tensors coded (all but the keys of ``alike``,
+    in order): a twin's entry is its earlier tensor's, under its own name, with no stored bytes."""
+    coded = iter(entries)
+    out: list[TensorEntry] = []
+    at: dict[int, TensorEntry] = {}
+    for i, st in enumerate(staged):
+        if i in alike:
+            e = at[alike[i]]
+            out.append(replace(e, name=st.name, stored=0, plane_bytes=(0,) * len(e.plane_bytes)))
+        else:
+            at[i] = next(coded)
+            out.append(at[i])
+    return out
 
 
 def _closed(closing: Sequence[tuple[Any, Any, Any]], failed: bool = False) -> None:

@@ -9,7 +9,7 @@ the row extrapolation ('pred', :mod:`gpupas.pas.predict`) is kept when a sample 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -215,3 +215,40 @@ def stage_all(arrays: Mapping[str, Any], setting: Setting, crc32: Any, executor:
                      lossy.get(name))
 
     return executor.map(one, list(arrays.items()), inline=small)
+
+
+def twins(staged: Sequence[Staged]) -> dict[int, int]:
+    """Tensors that would be coded exactly as an earlier one of the same snapshot (tied weights: one storage
+    under two names, or equal copies, against equal bases): index -> that earlier tensor's index. Such a
+    tensor is coded once; its entry names the earlier one's parts (FORMAT.md 8)."""
+    first: dict[tuple[Any, ...], list[int]] = {}
+    out: dict[int, int] = {}
+    for i, st in enumerate(staged):
+        if st.scheme is not None or st.values == 0:
+            continue
+        key = (st.dtype, st.layout, st.shape, st.crc, st.plan, st.coded_shape)
+        j = next((j for j in first.get(key, ()) if _coded_alike(staged[j], st)), None)
+        if j is None:
+            first.setdefault(key, []).append(i)
+        else:
+            out[i] = j
+    return out
+
+
+def _coded_alike(a: Staged, b: Staged) -> bool:
+    """Whether ``a`` and ``b`` code to the same bytes: the same bits against the same base (and prediction)."""
+    return (_same(a.bits, b.bits) and all(_same(a.full(k), b.full(k)) for k in ("u", "ub", "ub2"))
+            and all(_same(getattr(a, k), getattr(b, k)) for k in ("changed", "rows", "alpha")))
+
+
+def _same(x: Any, y: Any, step: int = 1 << 22) -> bool:
+    """Arrays (NumPy or CuPy) of equal dtype, shape and elements, compared a piece at a time (no temporary
+    the size of a large tensor); None only equals None."""
+    if x is None or y is None:
+        return x is y
+    if x is y:
+        return True
+    if x.dtype != y.dtype or x.shape != y.shape:
+        return False
+    fx, fy = x.reshape(-1), y.reshape(-1)
+    return all(bool((fx[k:k + step] == fy[k:k + step]).all()) for k in range(0, int(fx.size), step))
