@@ -431,6 +431,21 @@ class Archive:
                 raise SnapshotNotFoundError(f"snapshot {needed}, the base of this commit, was discarded while it was "
                                             "being committed; nothing was stored")
 
+    def _new_base_still_there(self, new: Manifest, was: bytes) -> None:
+        """:meth:`_bases_still_there` for a revision that re-based a snapshot (a compaction): where the new base (or
+        grand-base) was discarded meanwhile, put back the manifest ``new`` replaced (``was``) and raise."""
+        if self.store.local_root is not None:
+            return
+        for needed in (new.base, new.grand):
+            if needed is not None and not self.store.has_manifest(needed):
+                try:
+                    self.store.unreplace(new, was)
+                except BaseException as exc:  # it may have switched back, or not: the new form's folders stay
+                    exc.maybe_published = True  # type: ignore[attr-defined]
+                    raise
+                raise SnapshotNotFoundError(f"snapshot {needed}, the new base of {new.id}, was discarded while "
+                                            f"{new.id} was being revised; {new.id} is kept as it was")
+
     def _bases_unchanged(self, m: Manifest, base_bits: Mapping[str, Any], grand_bits: Mapping[str, Any],
                          backend: Any) -> bool:
         """Whether the base (and grand-base) bits the tensors of ``m`` were coded against still match their
@@ -519,8 +534,10 @@ class Archive:
             rebased = new_base is not None and new_base != old.base
             # checked again as the manifest is switched (other re-bases publish under the same lock): two
             # revisions that each passed the check above could together make a loop or too long a chain
-            self.store.replace_manifest(new, old.revision, check=(lambda: self._check_base(
+            was = self.store.replace_manifest(new, old.revision, check=(lambda: self._check_base(
                 snapshot, new_base, self.store.read_manifest)) if rebased else None)
+            if rebased and was is not None:
+                self._new_base_still_there(new, was)
         except BaseException as exc:
             if not getattr(exc, "maybe_published", False):  # else the manifest may name them
                 for s in streams:

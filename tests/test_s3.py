@@ -262,3 +262,36 @@ def test_a_discard_crossing_a_commit_on_its_base_leaves_nothing_broken(s3_option
         assert a.restore("b")["w"].tobytes() == b0["w"].tobytes()
     writer.close()
     other.close()
+
+
+def test_a_discard_crossing_a_rebase_onto_it_leaves_nothing_broken(s3_options: dict[str, Any]) -> None:
+    """A revision that re-bases snapshot c on b (a compaction) crossing a discard of b, as a commit of a delta on b
+    does: the revision that switched after the discard's looks takes itself back, and c stays restorable."""
+    from gpupas.errors import SnapshotNotFoundError
+
+    rng = np.random.default_rng(4)
+    b0 = {"w": (rng.standard_normal((100, 50)) * 0.02).astype(np.float32)}
+    c0 = {"w": b0["w"] + np.float32(1e-4)}
+    url, opts = split(s3_options)
+    with gpupas.create_archive(url, storage_options=opts) as a:
+        a.commit(b0, snapshot="b")
+        a.commit(c0, snapshot="c")
+    writer, other = gpupas.open_archive(url, storage_options=opts), gpupas.open_archive(url, storage_options=opts)
+    real_replace = writer.store.replace_manifest
+
+    def discarded_first(new: Any, revision: int, check: Any = None) -> Any:
+        def then_discarded() -> None:  # the revision's last look finds b; the discard's looks find no child of b
+            check()
+            other.discard("b")
+
+        return real_replace(new, revision, check=then_discarded)
+
+    writer.store.replace_manifest = discarded_first  # type: ignore[method-assign]
+    with pytest.raises(SnapshotNotFoundError, match="discarded while"):
+        writer.revise("c", base="b")
+    writer.close()
+    other.close()
+    with gpupas.open_archive(url, storage_options=opts) as a:
+        assert a.snapshots() == ["c"] and a.manifest("c").base is None
+        assert a.restore("c")["w"].tobytes() == c0["w"].tobytes()
+        assert a.store.orphan_folders() == []

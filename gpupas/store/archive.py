@@ -234,16 +234,18 @@ class ArchiveStore:
             while len(self._parsed) > _PARSED_MAX:
                 self._parsed.popitem(last=False)
 
-    def replace_manifest(self, new: Manifest, expect_revision: int, check: Callable[[], None] | None = None) -> None:
+    def replace_manifest(self, new: Manifest, expect_revision: int,
+                         check: Callable[[], None] | None = None) -> bytes | None:
         """Switch snapshot ``new.id`` to ``new`` atomically, if it is still at ``expect_revision``.
 
         Readers see the old manifest or the new one, never a mix. ConflictError if another
         revision won; the old manifest's folders become garbage (after the grace period of gc).
         ``check``: called while no other replacement can publish (on a local archive: under the lock
-        on the manifests' folder), to refuse by raising.
+        on the manifests' folder), to refuse by raising. Returns the bytes replaced (for :meth:`unreplace`).
         """
         self.upgrade_format()
         replaced: list[Manifest] = []
+        was: list[bytes] = []
 
         def change(old: bytes | None) -> bytes:
             if old is None:
@@ -254,7 +256,7 @@ class ArchiveStore:
                                     f"expected {expect_revision}); run the job again")
             if check is not None:
                 check()
-            replaced[:] = [have]
+            replaced[:], was[:] = [have], [old]
             return new.to_bytes()
 
         try:
@@ -264,6 +266,20 @@ class ArchiveStore:
             replaced[:] = replaced or [new]  # its answer lost: what it replaced is gc's after the grace period
         kept = {(s.tier, s.folder) for s in new.streams}
         self.mark_superseded([s for s in replaced[0].streams if (s.tier, s.folder) not in kept])
+        return was[0] if was else None
+
+    def unreplace(self, new: Manifest, old: bytes) -> None:
+        """Put back ``old``, the manifest :meth:`replace_manifest` has just replaced by ``new`` (the caller deletes
+        ``new``'s folders), unless the snapshot was discarded or revised again since."""
+
+        def change(now: bytes | None) -> bytes | None:
+            if now is None or Manifest.from_bytes(now, new.id).revision != new.revision:
+                return None
+            return old
+
+        self.store.update(keys.manifest(new.id), change)
+        with self._parsed_lock:
+            self._parsed.pop(new.id, None)
 
     def mark_superseded(self, folders: Sequence[str | Stream]) -> None:
         """Note in each folder's group document (a stream's folder, in its tier) that a revision replaced
