@@ -199,8 +199,8 @@ class _Parser:
             self.expect("op", "]")
             try:
                 re.compile(pattern)
-            except re.error as exc:
-                raise self.fail(f"bad layer pattern {pattern!r} ({exc})", start) from None
+            except (re.error, OverflowError, ValueError, RecursionError) as exc:  # a{9999999999}, (?a)(?u), ((((...
+                raise self.fail(f"bad layer pattern {pattern!r:.80} ({exc})", start) from None
             direction = None
             if self.lookahead_is("op", ".") and self.lookahead_is("name", k=1):
                 self.i += 1

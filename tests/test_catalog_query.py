@@ -424,3 +424,11 @@ def test_query_literals_past_a_double_or_int_digits_are_numbers_not_internal_err
     r.commit("big", {"w": np.zeros(4, np.float32)}, hyperparameters={"n": 10**400})
     assert r.query("select m where m.hp.n > 1" + "0" * 400) == []
     r.close()
+
+
+@pytest.mark.parametrize("pattern", ["(" * 1000 + ")" * 1000, "a{4294967296}", "(?a)(?u)a"])
+def test_a_layer_pattern_python_cannot_compile_is_bad_input(pattern: str) -> None:
+    """re.compile raises RecursionError (deep groups), OverflowError (a huge repeat) or ValueError (incompatible
+    flags) besides re.error: they escaped the parser as internal errors."""
+    with pytest.raises(InvalidInputError, match="bad layer pattern"):
+        compile_query(f'select m where m["{pattern}"] has CONV')
