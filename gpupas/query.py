@@ -32,11 +32,13 @@ last value is the one at its highest step (not a number where that was NaN); ``.
 point. ``m.parent != 1`` and ``m.tag != "x"`` ask for *some* parent or tag other than that one
 (``not m.parent = 1``: none is). ``ORDER BY`` takes any field but ``parent`` and ``tag``; versions without
 the hyperparameter or metric come last either way, and a hyperparameter's numbers sort below its strings.
+NOT and parentheses nest 40 levels deep at most; a statement past SQLite's limits is refused as input.
 """
 
 from __future__ import annotations
 
 import re
+import sqlite3
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -64,6 +66,7 @@ _KINDS = {"conv", "pool", "linear", "norm", "act", "dropout", "embedding", "atte
 _KIND_ALIASES = {"fc": "linear", "dense": "linear", "innerproduct": "linear", "batchnorm": ("norm", "batch"),
                  "layernorm": ("norm", "layer"), "activation": "act", "input": ("io", "input"),
                  "output": ("io", "output")}
+MAX_NESTING = 40  # NOTs and parentheses inside one another; SQLite's parser stops at about 90 levels
 RESULT_COLUMNS = "id, name, created, author, message, n_snapshots, raw_bytes, stored_bytes, latest, best"
 
 
@@ -111,6 +114,7 @@ class _Parser:
         self.i = 0
         self.params: list[Any] = []
         self.var = ""
+        self.depth = 0
 
     # -- token helpers -------------------------------------------------------------------
     @property
@@ -169,22 +173,30 @@ class _Parser:
         parts = [self.term()]
         while self.accept("kw", "or"):
             parts.append(self.term())
-        return parts[0] if len(parts) == 1 else "(" + " OR ".join(parts) + ")"
+        return _joined(parts, "OR")
 
     def term(self) -> str:
         parts = [self.factor()]
         while self.accept("kw", "and"):
             parts.append(self.factor())
-        return parts[0] if len(parts) == 1 else "(" + " AND ".join(parts) + ")"
+        return _joined(parts, "AND")
 
     def factor(self) -> str:
-        if self.accept("kw", "not"):
-            return f"NOT {self.factor()}"
-        if self.accept("op", "("):
+        t = self.tok
+        if not self.lookahead_is("kw", "not") and not self.lookahead_is("op", "("):
+            return self.predicate()
+        if self.depth >= MAX_NESTING:  # else RecursionError here, or SQLite's "parser stack overflow"
+            raise self.fail(f"NOT and parentheses nest deeper than {MAX_NESTING} levels", t)
+        self.depth += 1
+        try:
+            if self.accept("kw", "not"):
+                return f"NOT {self.factor()}"
+            self.expect("op", "(")
             e = self.expr()
             self.expect("op", ")")
             return f"({e})"
-        return self.predicate()
+        finally:
+            self.depth -= 1
 
     def var_name(self) -> None:
         t = self.expect("name", what=f"{self.var!r} (the selected variable)")
@@ -395,6 +407,15 @@ class _Parser:
         return (t if t.tzinfo else t.replace(tzinfo=UTC)).astimezone(UTC).isoformat()
 
 
+def _joined(parts: list[str], op: str) -> str:
+    """``parts`` joined by AND or OR as a balanced tree: SQLite refuses an expression deeper than 1000
+    ("Expression tree is too large"), which a flat chain of a thousand conditions is."""
+    if len(parts) == 1:
+        return parts[0]
+    half = len(parts) // 2
+    return f"({_joined(parts[:half], op)} {op} {_joined(parts[half:], op)})"
+
+
 def compile_query(text: str) -> tuple[str, list[Any]]:
     """The SQL (with ``?`` parameters) that a DQL ``select`` statement runs on the catalog.
 
@@ -411,7 +432,13 @@ def compile_query(text: str) -> tuple[str, list[Any]]:
 def run_query(catalog: Catalog, text: str) -> list[dict[str, Any]]:
     """The versions a DQL ``select`` statement picks, as dicts (id, name, created, ... parents)."""
     sql, params = compile_query(text)
-    rows = [dict(r) for r in catalog.query(sql, params)]
+    try:
+        rows = [dict(r) for r in catalog.query(sql, params)]
+    except sqlite3.OperationalError as exc:  # past SQLite's limits: its parser stack, 32766 values
+        if not re.search(r"too large|too many|stack overflow", str(exc)):
+            raise
+        raise InvalidInputError(f"DQL: the statement is too large for the catalog ({exc}); split it into "
+                                "smaller ones") from None
     parents: dict[int, list[int]] = {}
     for r in catalog.query("SELECT version, parent FROM parents ORDER BY version, pos"):
         parents.setdefault(r["version"], []).append(r["parent"])

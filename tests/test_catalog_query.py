@@ -432,3 +432,16 @@ def test_a_layer_pattern_python_cannot_compile_is_bad_input(pattern: str) -> Non
     flags) besides re.error: they escaped the parser as internal errors."""
     with pytest.raises(InvalidInputError, match="bad layer pattern"):
         compile_query(f'select m where m["{pattern}"] has CONV')
+
+
+def test_deep_nesting_and_long_chains_are_answered_or_refused_as_input(repo: Repository) -> None:
+    """100 parentheses or NOTs raised SQLite's OperationalError ("parser stack overflow"), 1000 a RecursionError,
+    and a chain of 1000 ANDs "Expression tree is too large": internal errors. Chains now nest as a balanced tree."""
+    for q in ["(" * 100 + "m.id = 1" + ")" * 100, "not " * 1000 + "m.id = 1",
+              "m.id = 1" + "".join(f" or (m.id = 2 or {'m.id = 3 or ' * 99}" for _ in range(39)) + ")" * 39]:
+        with pytest.raises(InvalidInputError, match="DQL"):
+            repo.query("select m where " + q)
+    assert ids(repo, "select m where " + "(" * 40 + "m.id = 1" + ")" * 40) == [1]
+    assert ids(repo, "select m where " + " and ".join(["m.id = 2"] * 2000)) == [2]
+    assert ids(repo, "select m where " + " or ".join(f"m.id = {i}" for i in range(3, 2000))) == [3, 4]
+    assert ids(repo, "select m where m.id = 1 or m.id = 2 and m.id = 3 or not (m.id < 4)") == [1, 4]
