@@ -24,6 +24,7 @@ import sqlite3
 import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from decimal import Decimal
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Protocol
@@ -115,6 +116,16 @@ def _like(pattern: Any, value: Any) -> bool | None:
     return True
 
 
+def _numcmp(text: Any, number: Any) -> int | None:
+    """-1, 0 or 1 as the number written as JSON ``text`` compares with ``number``, exactly (an int past 2**53 is
+    not the double nearest it, as SQLite's REAL would have it); None where ``text`` is not a number."""
+    try:
+        x, y = Decimal(json.loads(text)), Decimal(number)
+    except (TypeError, ValueError, ArithmeticError):
+        return None
+    return (x > y) - (x < y)
+
+
 def _regexp(pattern: str, value: Any) -> bool:
     """SQLite REGEXP: the whole value must match (``conv[1-3]`` matches conv1, not conv10)."""
     try:
@@ -179,7 +190,8 @@ class Catalog:
                 conn.execute("PRAGMA journal_mode=WAL")
                 conn.execute("PRAGMA synchronous=NORMAL")
                 conn.create_function("regexp", 2, _regexp, deterministic=True)
-                conn.create_function("like", 2, _like, deterministic=True)  # SQL's LIKE, case and all
+                conn.create_function("like", 2, _like, deterministic=True)
+                conn.create_function("numcmp", 2, _numcmp, deterministic=True)  # SQL's LIKE, case and all
                 if conn.execute("PRAGMA user_version").fetchone()[0] != SCHEMA_VERSION:
                     self._create_schema(conn)
                 return conn

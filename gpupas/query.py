@@ -359,12 +359,11 @@ class _Parser:
                 return found + f"h.type {op} 'null')"
             if isinstance(val, bool) and op not in ("=", "!="):
                 raise self.fail("true and false compare with = or != only")
-            if type(val) is int and abs(val) > 2**53 and op in ("=", "!="):  # past a double's integers: exactly
-                self.params.extend([key, str(val)])
-                return found + f"h.type='num' AND h.text {op} ?)"
+            if isinstance(val, (int, float)) and not isinstance(val, bool):  # exactly: 2**53 + 1 is not 2**53,
+                self.params.extend([key, val])  # nor 10**18 other than 1e18, as doubles would have it
+                return found + f"h.type='num' AND numcmp(h.text, ?) {op} 0)"
             self.params.extend([key, val if isinstance(val, str) else float(val)])
-            kind, col = ("str", "text") if isinstance(val, str) else ("bool", "num") if isinstance(val, bool) \
-                else ("num", "num")
+            kind, col = ("str", "text") if isinstance(val, str) else ("bool", "num")
             return found + f"h.type='{kind}' AND h.{col} {op} ?)"
         if field == "metric":
             name, col = self.metric_key()

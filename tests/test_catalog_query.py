@@ -458,3 +458,17 @@ def test_like_takes_linear_time_on_many_percent_signs(repo: Repository) -> None:
     assert ids(repo, 'select m where m.name like "' + "%a" * 7 + '%" and m.name like "a_%a"') == [5]
     assert time.monotonic() - started < 1
     assert ids(repo, 'select m where m.name like "%n_%a%" and m.name not like "%avg"') == [1, 4]
+
+
+def test_hyperparameter_numbers_compare_exactly_past_a_double(tmp_path: Path) -> None:
+    """Comparisons ran on the doubles nearest the numbers: 2**53 + 1 was not != 2**53, 2**60 not > 2**60 - 1, a 1e18
+    float not = 10**18 (that one compared text), and 10**400 (no double) greater than nothing."""
+    r = create_repository(tmp_path / "arc")
+    r.commit("big", {"w": np.zeros(4, np.float32)},
+             hyperparameters={"f": 1e18, "i": 2**60, "j": 2**53 + 1, "h": 10**400, "s": "5", "b": True})
+    for q in ["m.hp.f = 1000000000000000000", f"m.hp.i > {2**60 - 1}", f"m.hp.i < {2**60 + 1}", f"m.hp.j > {2**53}",
+              f"m.hp.j != {2**53}", f"m.hp.i = {2**60}", "m.hp.h > 1e308", "m.hp.h < 1e400", "m.hp.f <= 1e18"]:
+        assert [v["id"] for v in r.query("select m where " + q)] == [1], q
+    for q in [f"m.hp.j = {2**53}", f"m.hp.i != {2**60}", "m.hp.s = 5", "m.hp.b = 1", "m.hp.h = 1e400"]:
+        assert r.query("select m where " + q) == [], q
+    r.close()
