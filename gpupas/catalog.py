@@ -349,8 +349,8 @@ class Catalog:
             else:
                 conn.execute("INSERT INTO tags VALUES (?, ?, ?)",
                              (key[2:], int(record["version"]), record.get("created")))
-        except (KeyError, TypeError, ValueError, AttributeError, GpupasError, sqlite3.Error):
-            conn.execute("ROLLBACK TO one")  # malformed record: as above
+        except (KeyError, TypeError, ValueError, AttributeError, OverflowError, GpupasError, sqlite3.Error):
+            conn.execute("ROLLBACK TO one")  # malformed record (a step past SQLite's integers): as above
             conn.execute("RELEASE one")
             return
         conn.execute("RELEASE one")

@@ -472,3 +472,23 @@ def test_hyperparameter_numbers_compare_exactly_past_a_double(tmp_path: Path) ->
     for q in [f"m.hp.j = {2**53}", f"m.hp.i != {2**60}", "m.hp.s = 5", "m.hp.b = 1", "m.hp.h = 1e400"]:
         assert r.query("select m where " + q) == [], q
     r.close()
+
+
+def test_a_step_past_sqlites_integers_neither_commits_nor_takes_the_catalog_down(repo: Repository,
+                                                                                 tmp_path: Path) -> None:
+    """step=10**30 (or a checkpoint file named ck-<25 digits>.pt) was published, and then indexing the record
+    raised OverflowError ("Python int too large to convert to SQLite INTEGER"): every later query, log and commit
+    of the archive failed with an internal error."""
+    import json
+
+    import torch
+
+    with pytest.raises(InvalidInputError, match="64 bits"):
+        repo.commit("huge", {"w": np.zeros(4, np.float32)}, step=10**30)
+    path = tmp_path / f"ck-{'9' * 25}.pt"
+    torch.save({"w": torch.zeros(4)}, path)
+    assert repo.commit("file", path).snapshots[0]["step"] is None  # no step, as a name without a number
+    record = json.loads(json.dumps(repo.version(5).record))  # a record with such a step written all the same
+    record["id"], record["snapshots"][0]["step"] = 6, 10**30
+    (repo.root / "versions" / "6.json").write_bytes(seal(record))
+    assert ids(repo, "select m") == [1, 2, 3, 4, 5]  # it stays out of the catalog; the others are served

@@ -51,11 +51,13 @@ def snapshot_step(step: Any) -> int | None:
         return None
     if not isinstance(step, bool):
         try:
-            return operator.index(step)
+            n = operator.index(step)
         except TypeError:
-            if isinstance(step, float) and step.is_integer():  # 100.0
-                return int(step)
-    raise InvalidInputError(f"step {step!r} must be an integer (the training step of the snapshot)")
+            n = int(step) if isinstance(step, float) and step.is_integer() else None  # 100.0
+        if n is not None and -(2**63) <= n < 2**63:  # the catalog's (SQLite's) integers
+            return n
+    raise InvalidInputError(f"step {step!r:.40} must be an integer of at most 64 bits (the training step of the "
+                            "snapshot)")
 
 
 def _from_rows(rows: Iterable[Mapping[str, Any]], source: str) -> dict[str, list[list[Any]]]:

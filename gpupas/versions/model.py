@@ -88,7 +88,7 @@ def step_of(path: str | os.PathLike[str]) -> int | None:
     """The training step in a checkpoint's file name (its last number; a shard index's: its folder's), if any."""
     p = Path(path)
     nums = re.findall(r"\d+", p.parent.name if p.name.endswith(INDEX_SUFFIX) else p.stem)
-    return int(nums[-1]) if nums else None
+    return int(nums[-1]) if nums and len(nums[-1]) <= 18 else None  # longer: no step (nor a SQLite integer)
 
 
 def check_version_name(name: str, what: str = "version name") -> str:
