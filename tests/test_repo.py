@@ -834,3 +834,24 @@ def test_attaching_something_that_is_neither_file_nor_folder_says_so(tmp_path: P
             with pytest.raises(InvalidInputError, match=what):
                 repo.commit("x", {"w": np.ones(2)}, files=[path])
         assert repo.log() == []
+
+
+def test_metrics_as_arrays_odd_row_names_and_a_best_by_not_text_are_answered(tmp_path: Path) -> None:
+    """A NumPy array as a series (or as a row's value) raised ValueError ("truth value of an array is ambiguous"),
+    a row's tuple name TypeError at publishing, best_by=5 AttributeError: internal errors. 1 and "" as a row's
+    name were stored although a mapping's are refused."""
+    import torch
+
+    assert normalize_metrics({"l": np.array([0.5, np.nan]), "t": torch.tensor([1.0, 2.0])}) == \
+        {"l": [[0, 0.5], [1, None]], "t": [[0, 1.0], [1, 2.0]]}
+    assert normalize_metrics({"l": np.array([[3, 0.5], [4, 0.25]])}) == {"l": [[3, 0.5], [4, 0.25]]}
+    assert normalize_metrics([{"a": np.ones(3), "b": 1}]) == {"b": [[0, 1.0]]}  # an array is no number: skipped
+    for rows in ([{(1, 2): 0.5}], [{1: 0.5}], [{"": 0.5}]):
+        with pytest.raises(InvalidInputError, match="metric name"):
+            normalize_metrics(rows)
+    with pytest.raises(InvalidInputError, match="not a number"):
+        normalize_metrics({"l": np.ones((2, 3))})
+    repo = create_repository(tmp_path / "arc")
+    with pytest.raises(InvalidInputError, match="best_by"):
+        repo.commit("m", {"w": np.zeros(2, np.float32)}, metrics={"loss": [1.0]}, best_by=5)
+    repo.close()

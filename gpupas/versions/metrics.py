@@ -22,7 +22,7 @@ Series = dict[str, list[list[Any]]]
 
 
 def _value(v: Any) -> float | None:
-    if v is None or v == "":
+    if v is None or (isinstance(v, str) and v == ""):  # not v == "": an array's is elementwise
         return None
     try:
         f = float(v)
@@ -67,7 +67,7 @@ def _from_rows(rows: Iterable[Mapping[str, Any]], source: str) -> dict[str, list
     step_key = next((k for k in _STEP_NAMES if k in cols), None)
 
     def numeric(v: Any) -> bool:
-        if v is None or v == "" or isinstance(v, bool):
+        if v is None or (isinstance(v, str) and v == "") or isinstance(v, bool):
             return v is not True and v is not False
         try:
             float(v)
@@ -76,6 +76,9 @@ def _from_rows(rows: Iterable[Mapping[str, Any]], source: str) -> dict[str, list
         return True
 
     metrics = [k for k in cols if k != step_key and all(numeric(r.get(k)) for r in rows)]
+    for k in metrics:
+        if not isinstance(k, str) or not k:  # as a mapping's names: a tuple made no JSON, 1 became "1"
+            raise InvalidInputError(f"{source}: metric name {k!r} must be a non-empty string")
     out: dict[str, list[list[Any]]] = {}
     step: int | float = 0
     for i, row in enumerate(rows):
@@ -136,6 +139,8 @@ def normalize_metrics(metrics: Any, source: str = "metrics") -> dict[str, list[l
     for name, series in metrics.items():
         if not isinstance(name, str) or not name:
             raise InvalidInputError(f"{source}: metric name {name!r} must be a non-empty string")
+        if getattr(series, "ndim", 0) >= 1 and callable(getattr(series, "tolist", None)):
+            series = series.tolist()  # a NumPy array or torch tensor of values or of [step, value] rows
         if isinstance(series, Mapping):
             pts = [[_step(k), _value(v)] for k, v in series.items()]
         elif isinstance(series, (list, tuple)):
@@ -196,6 +201,8 @@ def pick_best(entries: list[dict[str, Any]], series: Mapping[str, Any], best: st
 def best_rule(best_by: str) -> tuple[str, int]:
     """A ``best_by`` rule as (metric, sign), the best the lowest ``sign * value``: "accuracy" (highest),
     "loss:min" (lowest); a metric named like a loss, error or perplexity is lowest-best by default."""
+    if not isinstance(best_by, str):
+        raise InvalidInputError(f"best_by is METRIC or METRIC:min or METRIC:max, not {best_by!r:.60}")
     metric, _, mode = best_by.partition(":")
     mode = mode or ("min" if re.search(r"loss|err|perplex", metric, re.IGNORECASE) else "max")  # "Train/Loss" too
     if not metric or mode not in ("min", "max"):
