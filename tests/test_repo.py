@@ -855,3 +855,21 @@ def test_metrics_as_arrays_odd_row_names_and_a_best_by_not_text_are_answered(tmp
     with pytest.raises(InvalidInputError, match="best_by"):
         repo.commit("m", {"w": np.zeros(2, np.float32)}, metrics={"loss": [1.0]}, best_by=5)
     repo.close()
+
+
+def test_hyperparameters_nested_too_deep_are_refused_before_anything_is_published(tmp_path: Path) -> None:
+    """Nested 5000 deep, json.dumps raised RecursionError (an internal error); nested 990 deep, the record was
+    published and then could not be read back ("not valid JSON"): a damaged version."""
+    repo = create_repository(tmp_path / "arc")
+    for depth in (5000, 990, 300):
+        deep: dict = {"x": 1}
+        for _ in range(depth):
+            deep = {"k": deep}
+        with pytest.raises(InvalidInputError, match="hyperparameters"):
+            repo.commit("deep", {"w": np.zeros(2, np.float32)}, hyperparameters=deep)
+    deep = {"x": [1]}
+    for _ in range(150):
+        deep = {"k": deep}
+    assert repo.commit("deep", {"w": np.zeros(2, np.float32)}, hyperparameters=deep).id == 1
+    assert [v.id for v in repo.versions()] == [1] and repo.verify()["problems"] == []
+    repo.close()

@@ -30,6 +30,7 @@ RECORD_FORMAT = 1
 CHECKPOINT_SUFFIXES = (".safetensors", *TORCH_SUFFIXES)
 SHARD = re.compile(r"-\d{5}-of-\d{5}\.[a-z]+$")  # Hugging Face's shard names: model-00001-of-00003.safetensors
 MAX_VERSION_ID = 10**18 - 1
+MAX_NESTING = 200  # lists and objects in a record, one inside another
 Record = dict[str, Any]
 
 
@@ -51,10 +52,14 @@ def _json_default(obj: Any) -> Any:
 
 
 def check_text(value: Any, what: str) -> None:
-    """Every string in ``value`` must be valid Unicode text (no lone surrogates from undecodable bytes)."""
-    stack = [value]
+    """Every string in ``value`` must be valid Unicode text (no lone surrogates from undecodable bytes), and lists
+    and objects nest at most :data:`MAX_NESTING` deep (a record nested near Python's recursion limit is written,
+    then cannot be read back: it reads as damaged)."""
+    stack = [(value, 0)]
     while stack:
-        v = stack.pop()
+        v, depth = stack.pop()
+        if depth > MAX_NESTING:
+            raise InvalidInputError(f"{what} nests lists or objects deeper than {MAX_NESTING} levels")
         if isinstance(v, str):
             try:
                 v.encode("utf-8")
@@ -62,17 +67,17 @@ def check_text(value: Any, what: str) -> None:
                 raise InvalidInputError(f"{what} holds text that is not valid UTF-8 ({v!r}); give it as UTF-8") \
                     from None
         elif isinstance(v, Mapping):
-            stack.extend(v.keys())
-            stack.extend(v.values())
+            stack.extend((k, depth + 1) for k in v.keys())
+            stack.extend((x, depth + 1) for x in v.values())
         elif isinstance(v, (list, tuple)):
-            stack.extend(v)
+            stack.extend((x, depth + 1) for x in v)
 
 
 def to_json(obj: Any, what: str) -> Any:
     """``obj`` as plain JSON values; InvalidInputError names ``what`` when it is not JSON."""
     try:
         out = json.loads(json.dumps(obj, default=_json_default, allow_nan=False))
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, RecursionError) as exc:  # RecursionError: nested thousands deep
         raise InvalidInputError(f"{what} must be JSON values (numbers, strings, lists, objects; no NaN): {exc}") \
             from None
     check_text(out, what)
