@@ -1272,6 +1272,37 @@ def test_an_nvcomp_codec_is_never_shared_by_two_threads(monkeypatch: pytest.Monk
     assert all(a is b for a, b in got) and len({id(a) for a, _ in got}) == 3
 
 
+def test_an_nvcomp_without_the_batch_api_is_refused_not_called(monkeypatch: pytest.MonkeyPatch) -> None:
+    """nvCOMP 5.x has no ``as_arrays(buffer, offsets, sizes, stream)`` nor ``BatchArray`` (5.0 not even
+    ``get_max_comp_buffer_size`` or ``out=``, as 4.2): the codecs' calls would raise TypeError in the middle of
+    a commit. Such a module is refused up front (the NumPy backend then runs), a 6.x one taken."""
+    import sys
+    import types
+
+    from gpupas.codecs import nvcomp
+    from gpupas.errors import BackendUnavailableError
+
+    def call(*args: Any) -> None:
+        return None
+
+    codec = type("Codec", (), {k: call for k in ("encode", "decode", "compression_config", "decompression_config",
+                                                 "get_max_comp_buffer_size")})
+    v53 = types.SimpleNamespace(__version__="5.3.0", Codec=codec, BitstreamKind=types.SimpleNamespace(RAW=1),
+                                as_arrays=lambda sources, cuda_stream=0: list(sources))
+    v42 = types.SimpleNamespace(__version__="4.2.0", Codec=type("Codec", (), {"encode": call}),
+                                BitstreamKind=types.SimpleNamespace(), as_arrays=v53.as_arrays)
+    v60 = types.SimpleNamespace(**vars(v53), BatchArray=type("BatchArray", (), {}))
+    v60.__version__ = "6.0.0"
+    for fake, ok in ((v53, False), (v42, False), (v60, True)):
+        monkeypatch.setitem(sys.modules, "nvidia.nvcomp", fake)
+        monkeypatch.setattr(sys.modules["nvidia"], "nvcomp", fake, raising=False)
+        if ok:
+            assert nvcomp._nvcomp() is fake
+        else:
+            with pytest.raises(BackendUnavailableError, match=rf"nvCOMP {fake.__version__} lacks .*>=6"):
+                nvcomp._nvcomp()
+
+
 def test_tied_tensors_are_coded_once_on_the_gpu_path(tmp_path: Path, fake_gpu: Any) -> None:
     """Two names of one device array (tied weights), and equal copies as deltas: coded once through the CuPy
     backend's code (FORMAT.md 8, shared parts), read back whole on the device and on the CPU."""

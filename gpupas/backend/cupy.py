@@ -67,10 +67,9 @@ def _check() -> Any:
         raise BackendUnavailableError(f"no usable CUDA device ({exc})") from exc
     if count < 1:
         raise BackendUnavailableError("no CUDA device")
-    try:
-        import nvidia.nvcomp  # noqa: F401
-    except ImportError as exc:
-        raise BackendUnavailableError("nvCOMP is not installed (pip install 'gpupas[gpu-cu12]')") from exc
+    from gpupas.codecs.nvcomp import _nvcomp
+
+    _nvcomp()  # installed, and of a version with the batch API the codecs call (else BackendUnavailableError)
     if not (K.kernel_dir() / "planes.cu").is_file():
         raise BackendUnavailableError(f"the CUDA sources are not in {K.kernel_dir()} (set GPUPAS_KERNELS)")
     _cupy = cupy

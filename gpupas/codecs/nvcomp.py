@@ -26,11 +26,42 @@ from gpupas.errors import BackendUnavailableError, IntegrityError
 ALIGN = 16  # bytes: where every coder input and output starts (nvCOMP's strictest requirement is 8 or 16)
 
 
+# What this module calls, all of it nvCOMP 6's Python API (nvidia-nvcomp-cu12/-cu13 6.0.0.12, the docstrings of
+# nvidia/nvcomp/nvcomp_impl): ``as_arrays(buffer, offsets, sizes, cuda_stream)`` and ``BatchArray`` (whose
+# ``buffer_sizes`` are an encode's compressed sizes) are new in 6.0 (5.x has only ``as_arrays(sources,
+# cuda_stream)``, returning a list of Arrays); ``Codec.get_max_comp_buffer_size``, ``compression_config``,
+# ``decompression_config`` and ``encode``/``decode`` with ``out=`` are not in 4.2 nor 5.0 (they are in 5.3).
+NEEDS = ("BatchArray", "BitstreamKind.RAW", "Codec.get_max_comp_buffer_size", "Codec.compression_config",
+         "Codec.decompression_config")
+_usable: set[int] = set()  # nvCOMP modules found to have all of NEEDS
+
+
+def _lacks(nv: Any) -> list[str]:
+    """What of NEEDS module ``nv`` has not."""
+    out = []
+    for need in NEEDS:
+        obj: Any = nv
+        for part in need.split("."):
+            obj = getattr(obj, part, None)
+        if obj is None:
+            out.append(need)
+    return out
+
+
 def _nvcomp() -> Any:
+    """nvCOMP's Python module, once known to have the API this module calls; else BackendUnavailableError (the
+    CuPy backend is then not used: the NumPy one codes on the CPU)."""
     try:
         import nvidia.nvcomp as nv
     except ImportError as exc:
         raise BackendUnavailableError("nvCOMP is not installed (pip install 'gpupas[gpu-cu12]')") from exc
+    if id(nv) not in _usable:
+        missing = _lacks(nv)
+        if missing:
+            raise BackendUnavailableError(
+                f"nvCOMP {getattr(nv, '__version__', '?')} lacks {', '.join(missing)} (nvCOMP 6's batch API): "
+                "pip install 'nvidia-nvcomp-cu12>=6' (or -cu13)")
+        _usable.add(id(nv))
     return nv
 
 
