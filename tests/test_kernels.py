@@ -775,6 +775,7 @@ def fake_gpu(monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) ->
     coders = _fake_coders()
 
     def compress(self: Any, src: Any, chunks: np.ndarray, size: int, out: Any, stride: int | None = None) -> np.ndarray:
+        assert size <= getattr(self, "max_chunk", 1 << 30), f"nvCOMP's {self.codec_id} takes no {size}-byte chunks"
         slot, sizes, stride = self.slot(size), [], stride or size
         for i, c in enumerate(np.asarray(chunks).tolist()):
             assert (c * stride) % ALIGN == 0, "nvCOMP takes chunks at aligned addresses"
@@ -973,6 +974,32 @@ def test_chunk_sizes_nvcomp_cannot_take_in_place(tmp_path: Path, fake_gpu: Any) 
             for k, v in snap.items():
                 r = got[k]
                 assert (r.get() if isinstance(r, DeviceTensor) else np.asarray(r)).tobytes() == v.tobytes(), (m.id, k)
+
+
+def test_chunks_larger_than_an_nvcomp_coder_takes_go_to_the_others(tmp_path: Path, fake_gpu: Any,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """nvCOMP's ANS compresses chunks of at most 16 MiB (nvcompANSCompressionMaxAllowedChunkSize; Deflate 2^31,
+    Zstandard 2^31 - 1), a layout may ask up to 1 GiB: the coder is left out where the chunk size is over its
+    limit (here lowered to 4 KiB, which the stand-ins enforce, as nvCOMP does), the others code the chunks."""
+    import gpupas
+    from gpupas.codecs.nvcomp import NvcompAns
+    from gpupas.engine.encode import Layout
+    from gpupas.pas.settings import Setting
+
+    monkeypatch.setattr(NvcompAns, "max_chunk", 4096, raising=False)
+    ran: list[int] = []
+    compress = NvcompAns.compress
+    monkeypatch.setattr(NvcompAns, "compress", lambda self, src, chunks, size, *rest: ran.append(size) or
+                        compress(self, src, chunks, size, *rest))
+    snap = {"w": (np.random.default_rng(5).standard_normal(20000) * 0.02).astype(np.float32)}
+    setting = Setting("gpu-ans", codecs=("zstd", "deflate", "nvcomp-ans"), try_all=True)
+    with gpupas.create_archive(tmp_path / "arc") as a:
+        big = a.commit(snap, setting=setting, device="cuda", layout=Layout(chunk_size=8192))
+        small = a.commit(snap, setting=setting, device="cuda", layout=Layout(chunk_size=4096))
+        assert "a" not in {ch for st in big.streams for ch in st.chunks}
+        assert ran and set(ran) == {4096}  # ANS ran where it could
+        for m in (big, small):
+            assert a.restore(m.id, device="cpu")["w"].tobytes() == snap["w"].tobytes()
 
 
 def test_damaged_chunks_are_named_on_the_gpu_path(tmp_path: Path, fake_gpu: Any) -> None:

@@ -541,11 +541,15 @@ class CupyBackend:
                 coded[cid][which] = codec.compress(coder_src, which, size, out, stride)
                 outs[cid] = (out, codec.slot(size), which)
 
-            for cid in gp.coders():
+            def fits(cid: str) -> bool:  # nvCOMP's largest chunk for that coder (ANS: 16 MiB; a layout may ask 1 GiB)
+                return size <= registry.get(cid, "gpu").max_chunk
+
+            for cid in filter(fits, gp.coders()):
                 run(cid, ids)
             runs = self._run_bytes(coder_src, stride, size, nchunks) if gp.then_needs_runs() else None
             for cid, which in gp.then(n, size, coded, runs).items():  # after Deflate: where Zstandard may do better
-                run(cid, which)
+                if fits(cid):
+                    run(cid, which)
             kind, body = gp.choose(n, size, coded)
             srcs = np.where(kind == RAW, src.data.ptr + ids * size, 0).astype(np.int64)
             srclens = np.zeros(nchunks, np.int64)

@@ -84,6 +84,7 @@ class NvcompCodec:
     backend: ClassVar[str] = "gpu"
     zarr_codecs: ClassVar[list[dict[str, Any]]]
     options: ClassVar[dict[str, Any]]
+    max_chunk: ClassVar[int]  # nvCOMP's largest uncompressed chunk for compression (<nvcomp/ALGO.h>)
 
     def __init__(self) -> None:
         self._codecs: dict[tuple[int, int, int], Any] = {}
@@ -194,6 +195,7 @@ class NvcompDeflate(NvcompCodec):
     letter: ClassVar[str] = "d"
     zarr_codecs: ClassVar[list[dict[str, Any]]] = [{"name": "gzip", "configuration": {"level": 6}}]
     options: ClassVar[dict[str, Any]] = {"algorithm": "Deflate", "algorithm_type": 0}
+    max_chunk: ClassVar[int] = 1 << 31  # nvcompDeflateCompressionMaxAllowedChunkSize
 
     def _frame(self, coded: bytes, data: Any) -> bytes:
         from gpupas.backend.base import get_backend  # the device's CRC-32 kernel (the one upward import here)
@@ -226,6 +228,7 @@ class NvcompZstd(NvcompCodec):
     letter: ClassVar[str] = "z"
     zarr_codecs: ClassVar[list[dict[str, Any]]] = [{"name": "zstd", "configuration": {"level": 1, "checksum": False}}]
     options: ClassVar[dict[str, Any]] = {"algorithm": "Zstd"}
+    max_chunk: ClassVar[int] = (1 << 31) - 1  # nvcompZstdCompressionMaxAllowedChunkSize
 
 
 class NvcompAns(NvcompCodec):
@@ -235,3 +238,4 @@ class NvcompAns(NvcompCodec):
     letter: ClassVar[str] = "a"
     zarr_codecs: ClassVar[list[dict[str, Any]]] = [{"name": "gpupas.nvcomp_ans"}]
     options: ClassVar[dict[str, Any]] = {"algorithm": "ANS", "data_type": "|u1"}
+    max_chunk: ClassVar[int] = 1 << 24  # nvcompANSCompressionMaxAllowedChunkSize: 16 MiB
