@@ -1129,6 +1129,40 @@ def test_async_copies_wait_on_cupy_streams_only(monkeypatch: pytest.MonkeyPatch)
     assert len(events) == 1 and recorded == [1]
 
 
+def test_async_copies_of_a_state_on_two_gpus_wait_on_both(monkeypatch: pytest.MonkeyPatch) -> None:
+    """torch copies each GPU's tensors on that GPU's current stream; ``Event.record()`` records on the current
+    device's stream only. A state_dict on two GPUs gets an event on the current stream of each."""
+    torch = pytest.importorskip("torch")
+    from gpupas.integrations import async_commit
+
+    class Tensor:  # a CUDA tensor, as far as copy_state reads one
+        def __init__(self, device: str):
+            self.device, self.dtype = device, torch.float32
+
+        def detach(self) -> Tensor:
+            return self
+
+    recorded: list[str] = []
+
+    def current_stream(device: Any = None) -> Any:
+        on = "cuda:0" if device is None else str(device)  # the current device is GPU 0
+        return SimpleNamespace(record_event=lambda: recorded.append(on) or SimpleNamespace(stream=on))
+
+    class Event:
+        def record(self, stream: Any = None) -> None:
+            recorded.append("cuda:0" if stream is None else stream.device)
+
+    monkeypatch.setattr(async_commit, "_is_cuda_torch", lambda t: isinstance(t, Tensor))
+    monkeypatch.setattr(torch, "empty_like", lambda t, **kw: Tensor(t.device))
+    monkeypatch.setattr(torch, "_foreach_copy_", lambda dsts, srcs: None)
+    monkeypatch.setattr(torch.cuda, "current_stream", current_stream)
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    state = {"a": Tensor("cuda:0"), "b": Tensor("cuda:1"), "c": Tensor("cuda:1")}
+    snap, events = async_commit.copy_state(state)
+    assert sorted(recorded) == ["cuda:0", "cuda:1"] and len(events) == 2
+    assert [snap[k].device for k in state] == ["cuda:0", "cuda:1", "cuda:1"]
+
+
 def test_chunks_nvcomp_refuses_are_decoded_on_the_cpu(tmp_path: Path, fake_gpu: Any, monkeypatch: pytest.MonkeyPatch,
                                                       caplog: pytest.LogCaptureFixture) -> None:
     """A batch nvCOMP will not decode (a chunk size beyond its limit, say) is decoded by the CPU codec and

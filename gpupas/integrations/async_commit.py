@@ -81,9 +81,10 @@ def _probe(v: Any) -> Any:
 
 def copy_state(state: Mapping[str, Any]) -> tuple[dict[str, Any], list[Any]]:
     """A copy of every tensor of ``state`` (CUDA tensors on the device, fused) and the CUDA events that
-    complete when the device copies have: torch's and CuPy's, each recorded on the caller's current
-    stream after its copies (none without device arrays). The tensors are those a synchronous commit takes
-    (a module's ``_extra_state``, a training checkpoint's optimizer state left out, with a warning)."""
+    complete when the device copies have: torch's (one for each GPU the tensors are on) and CuPy's, each
+    recorded on the caller's current stream (of that GPU) after its copies (none without device arrays). The
+    tensors are those a synchronous commit takes (a module's ``_extra_state``, a training checkpoint's
+    optimizer state left out, with a warning)."""
     notes: list[str] = []
     state = tensors_of(state, "input", notes)
     for note in notes:
@@ -103,8 +104,11 @@ def copy_state(state: Mapping[str, Any]) -> tuple[dict[str, Any], list[Any]]:
             else:  # pragma: no cover - torch < 2.1
                 for d, s in zip(dsts, srcs):
                     d.copy_(s)
-        events.append(torch.cuda.Event())
-        events[-1].record()
+        # Each device's copies ran on that device's current stream, and Event.record() with no stream records on
+        # the current device's only ("Uses torch.cuda.current_stream() if no stream is specified. The stream's
+        # device must match the event's device"): one event per device of the state (a model on several GPUs).
+        for device in dict.fromkeys(t.device for t in dsts):
+            events.append(torch.cuda.current_stream(device).record_event())
         out.update(zip(names, dsts))
     on_device = False
     for k, v in state.items():
