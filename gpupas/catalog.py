@@ -190,8 +190,8 @@ class Catalog:
                 conn.execute("PRAGMA journal_mode=WAL")
                 conn.execute("PRAGMA synchronous=NORMAL")
                 conn.create_function("regexp", 2, _regexp, deterministic=True)
-                conn.create_function("like", 2, _like, deterministic=True)
-                conn.create_function("numcmp", 2, _numcmp, deterministic=True)  # SQL's LIKE, case and all
+                conn.create_function("like", 2, _like, deterministic=True)  # SQL's LIKE, case and all
+                conn.create_function("numcmp", 2, _numcmp, deterministic=True)  # numbers compared exactly
                 if conn.execute("PRAGMA user_version").fetchone()[0] != SCHEMA_VERSION:
                     self._create_schema(conn)
                 return conn
