@@ -9,7 +9,9 @@ from scratch. A missing, damaged or outdated (schema) catalog is rebuilt on open
 never opened through a symbolic link.
 
 Several processes share it safely: WAL journal (readers never block and never see a partial
-transaction), a busy timeout for writers, every change in one ``BEGIN IMMEDIATE`` transaction.
+transaction), a busy timeout for writers, every change in one ``BEGIN IMMEDIATE`` transaction. The
+threads of one process share a :class:`Catalog` (an asynchronous checkpoint hook appends from a thread
+of its own while the loop queries): its one connection serves one of them at a time.
 A writer killed mid-transaction leaves nothing: SQLite rolls the transaction back.
 """
 
@@ -21,6 +23,7 @@ import math
 import os
 import re
 import sqlite3
+import threading
 import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -175,6 +178,7 @@ class Catalog:
     def __init__(self, path: str | os.PathLike[str], source: RecordSource):
         self.path = Path(path)
         self.source = source
+        self.lock = threading.RLock()  # one connection (its transaction is the connection's): one thread at a time
         if self.path.is_symlink():
             raise CatalogError(f"the catalog {self.path} is a symbolic link; gpupas never opens its catalog through "
                                "one: remove it (`gpupas reindex` builds a new one)")
@@ -221,7 +225,8 @@ class Catalog:
             raise
 
     def close(self) -> None:
-        self.conn.close()
+        with self.lock:
+            self.conn.close()
 
     def __enter__(self) -> Catalog:
         return self
@@ -231,32 +236,35 @@ class Catalog:
 
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
-        """One write transaction (``BEGIN IMMEDIATE``): all of it or nothing."""
-        self.conn.execute("BEGIN IMMEDIATE")
-        try:
-            yield self.conn
-        except BaseException:
-            if self.conn.in_transaction:  # SQLite may have rolled it back itself (an I/O error, a damaged page)
-                self.conn.execute("ROLLBACK")
-            raise
-        self.conn.execute("COMMIT")
+        """One write transaction (``BEGIN IMMEDIATE``): all of it or nothing (the other threads wait)."""
+        with self.lock:
+            self.conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield self.conn
+            except BaseException:
+                if self.conn.in_transaction:  # SQLite may have rolled it back itself (an I/O error, a damaged page)
+                    self.conn.execute("ROLLBACK")
+                raise
+            self.conn.execute("COMMIT")
 
     def query(self, sql: str, params: Iterable[Any] = ()) -> list[sqlite3.Row]:
         """Rows of a read-only SQL statement (rows behave like dicts); a catalog found damaged is rebuilt."""
         for attempt in (0, 1):
-            cur = self.conn.cursor()
-            cur.row_factory = sqlite3.Row
-            try:
-                return cur.execute(sql, tuple(params)).fetchall()
-            except sqlite3.DatabaseError as exc:
-                if attempt or not _damaged(exc):
-                    raise
+            with self.lock:  # (not in another thread's transaction: it would see that half done)
+                cur = self.conn.cursor()
+                cur.row_factory = sqlite3.Row
+                try:
+                    return cur.execute(sql, tuple(params)).fetchall()
+                except sqlite3.DatabaseError as exc:
+                    if attempt or not _damaged(exc):
+                        raise
             self.rebuild()
         raise AssertionError("unreachable")
 
     # -- keeping it up to date -------------------------------------------------------------
     def _known(self) -> dict[str, Fingerprint]:
-        return {k: (i, m, s) for k, i, m, s in self.conn.execute("SELECT key, ino, mtime_ns, size FROM records")}
+        with self.lock:
+            return {k: (i, m, s) for k, i, m, s in self.conn.execute("SELECT key, ino, mtime_ns, size FROM records")}
 
     def is_fresh(self) -> bool:
         """True when every record file is indexed with its current fingerprint."""
@@ -273,7 +281,7 @@ class Catalog:
 
     def sync(self) -> int:
         """Index the records that changed since the last sync; returns how many were (re)indexed."""
-        with self._updating():
+        with self.lock, self._updating():
             try:
                 if self.is_fresh():
                     return 0
@@ -289,7 +297,7 @@ class Catalog:
         archive: a commit costs the same at its thousandth version as at its first. Any other change
         is found by the next :meth:`sync`."""
         todo = sorted(set(keys), key=_key_order)
-        with self._updating(), self.transaction():
+        with self.lock, self._updating(), self.transaction():
             for key in todo:
                 self._reindex(key)
         return len(todo)
@@ -297,19 +305,22 @@ class Catalog:
     def rebuild(self) -> dict[str, int]:
         """Build a fresh database from the archive alone and put it in place of this one (see
         :func:`rebuild_catalog`); returns row counts per table."""
-        self.conn.close()
-        fresh = rebuild_catalog(self.path, self.source)
-        self.conn = fresh.conn
-        return self.counts()
+        with self.lock:
+            self.conn.close()
+            fresh = rebuild_catalog(self.path, self.source)
+            self.conn = fresh.conn
+            return self.counts()
 
     def counts(self) -> dict[str, int]:
-        return {t: self.conn.execute(f"SELECT count(*) FROM {t}").fetchone()[0] for t in TABLES if t != "records"}
+        with self.lock:
+            return {t: self.conn.execute(f"SELECT count(*) FROM {t}").fetchone()[0] for t in TABLES if t != "records"}
 
     def dump(self) -> dict[str, list[tuple[Any, ...]]]:
         """Every row of every table, sorted: two catalogs of one archive dump equal."""
         out = {}
         for t in TABLES:
-            rows = self.conn.execute(f"SELECT * FROM {t}").fetchall()
+            with self.lock:
+                rows = self.conn.execute(f"SELECT * FROM {t}").fetchall()
             out[t] = sorted(rows, key=lambda r: tuple((x is None, "" if x is None else str(x)) for x in r))
         return out
 

@@ -559,3 +559,36 @@ def test_a_base_stepped_after_its_check_is_not_called_damage(tmp_path: Path, mon
         _stepped_after_the_check(monkeypatch, holder, m0.id)
         got = a.restore(m1.id)  # decoded against the stepped base: the child's CRC-32 fails; read again
         assert all(got[k].tobytes() == v.tobytes() for k, v in y.items())
+
+
+def test_one_repository_shared_by_threads_keeps_its_catalog_whole(tmp_path: Path) -> None:
+    """An asynchronous checkpoint hook appends from its own thread while the training loop (or a second hook)
+    queries the same Repository: its one SQLite connection took both threads' transactions at once ("cannot
+    start a transaction within a transaction", one thread's COMMIT ending the other's, half-indexed)."""
+    import warnings
+
+    with create_repository(tmp_path / "arc") as repo:
+        v = repo.commit("run", {"w": np.zeros(4, np.float32)}, metrics={"loss": [[0, 1.0]]})
+        errors: list[BaseException] = []
+        stop = threading.Event()
+
+        def reader() -> None:
+            while not stop.is_set():
+                try:
+                    repo.query("select m where m.metric.loss < 2")
+                except BaseException as exc:  # collected for the assertion
+                    errors.append(exc)
+
+        t = threading.Thread(target=reader)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # "version published, but the catalog was not updated"
+            t.start()
+            try:
+                for step in range(1, 151):
+                    repo.log_metrics(v.id, {"loss": [[step, 1.0 / step]]})
+            finally:
+                stop.set()
+                t.join()
+        assert not errors, errors[:3]
+        assert repo.query("select m")[0]["n_snapshots"] == 1 and repo.catalog().is_fresh()
+        assert repo.catalog().query("SELECT n FROM metric_summary")[0]["n"] == 151

@@ -22,6 +22,7 @@ from __future__ import annotations
 import numbers
 import os
 import sqlite3
+import threading
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -157,6 +158,7 @@ class Repository:
         self.root = Path(root) if root is not None else None
         self._own = own_archive
         self._catalog: Catalog | None = None
+        self._catalog_lock = threading.RLock()  # one catalog opened, not one per thread (a hook's own thread)
 
     @property
     def location(self) -> str:
@@ -169,38 +171,42 @@ class Repository:
         self.close()
 
     def close(self) -> None:
-        if self._catalog is not None:
-            self._catalog.close()
-            self._catalog = None
+        with self._catalog_lock:
+            if self._catalog is not None:
+                self._catalog.close()
+                self._catalog = None
         if self._own:
             self.archive.close()
 
     # -- catalog ---------------------------------------------------------------------------------------------
     def catalog(self) -> Catalog:
         """The SQLite catalog, brought up to date with the records (rebuilt if missing or damaged)."""
-        if self._catalog is None:
-            self._catalog = open_catalog(catalog_path(self.location, self.archive.store.local_root), self.records)
-        else:
-            self._catalog.sync()
-        return self._catalog
+        with self._catalog_lock:
+            if self._catalog is None:
+                self._catalog = open_catalog(catalog_path(self.location, self.archive.store.local_root), self.records)
+            else:
+                self._catalog.sync()
+            return self._catalog
 
     def reindex(self) -> dict[str, int]:
         """Build the catalog from scratch from the archive alone (the old one is never read: whatever it
         holds, no table, view or trigger of it survives); returns the row count of each table."""
-        if self._catalog is not None:
-            self._catalog.close()
-            self._catalog = None
-        self._catalog = rebuild_catalog(catalog_path(self.location, self.archive.store.local_root), self.records)
-        return self._catalog.counts()
+        with self._catalog_lock:
+            if self._catalog is not None:
+                self._catalog.close()
+                self._catalog = None
+            self._catalog = rebuild_catalog(catalog_path(self.location, self.archive.store.local_root), self.records)
+            return self._catalog.counts()
 
     def _after_publish(self, keys: Iterable[str]) -> None:
         """Bring the catalog up to date with the records this process has just written (catalog keys
         ``v/<id>``, ``m/<snapshot>``, ``t/<tag>``)."""
         try:
-            if self._catalog is None:
-                self.catalog()
-            else:
-                self._catalog.refresh(keys)
+            with self._catalog_lock:
+                if self._catalog is None:
+                    self.catalog()
+                else:
+                    self._catalog.refresh(keys)
         except (CatalogError, OSError, sqlite3.Error) as exc:  # the record is the truth; the next reader catches up
             warnings.warn(f"version published, but the catalog was not updated ({exc}); it will be on next use",
                           stacklevel=3)
