@@ -873,3 +873,26 @@ def test_hyperparameters_nested_too_deep_are_refused_before_anything_is_publishe
     assert repo.commit("deep", {"w": np.zeros(2, np.float32)}, hyperparameters=deep).id == 1
     assert [v.id for v in repo.versions()] == [1] and repo.verify()["problems"] == []
     repo.close()
+
+
+def test_a_training_checkpoint_gives_the_network_of_its_weights(tmp_path: Path) -> None:
+    """A checkpoint committed whole (Lightning's ``state_dict``/``optimizer_states``, or ``model``/``optimizer``)
+    is archived as its weights; the network was read off the wrapper instead: a list of optimizer states raised
+    TypeError after the snapshot was written, and ``model``/``optimizer`` became the version's two "layers"."""
+    from gpupas.integrations.training import CheckpointHook
+
+    sd = {"enc.weight": np.ones((8, 4), np.float32), "enc.bias": np.zeros(8, np.float32),
+          "head.weight": np.ones((2, 8), np.float32)}
+    opt = {"state": {0: {"exp_avg": np.zeros((8, 4), np.float32)}}, "param_groups": [{"lr": 0.1, "params": [0]}]}
+    lightning = {"state_dict": sd, "optimizer_states": [opt], "epoch": 3, "global_step": 100}
+    with pytest.warns(UserWarning, match="left out"), CheckpointHook(tmp_path / "arc", "pl") as hook:
+        v = hook(lightning, step=100)
+    with pytest.warns(UserWarning, match="left out"), CheckpointHook(tmp_path / "arc", "plain") as hook:
+        w = hook({"model": sd, "optimizer": opt, "step": 5}, step=5)
+    for version in (v, w):
+        assert [n.name for n in version.network.nodes] == ["enc", "head"]
+    with open_repository(tmp_path / "arc") as repo:
+        empty = repo.commit("later")  # no snapshot yet: the first one added gives the network
+        with pytest.warns(UserWarning, match="left out"):
+            u = repo.add_snapshot(empty.id, lightning, step=1)
+        assert [n.name for n in u.network.nodes] == ["enc", "head"]

@@ -45,7 +45,7 @@ from gpupas.errors import (
 )
 from gpupas.format import keys
 from gpupas.network import Network, extract_network
-from gpupas.tensors import Loaded, load_checkpoint
+from gpupas.tensors import Loaded, load_checkpoint, tensors_of
 from gpupas.versions import export as _export
 from gpupas.versions import inspect as _inspect
 from gpupas.versions import verify as _verify
@@ -115,6 +115,12 @@ def _flag(best: Any) -> bool:
     if isinstance(best, (bool, np.bool_)) or (isinstance(best, numbers.Integral) and best in (0, 1)):
         return bool(best)
     raise InvalidInputError(f"best={best!r:.60}: True marks this snapshot as the version's best, False not")
+
+
+def _weights(tensors: Any) -> Any:
+    """What a commit archives of an in-memory mapping (a training checkpoint's state_dict, without its optimizer
+    state, counters and ``_extra_state``): what a network is read off, not the wrapper around it."""
+    return tensors_of(tensors, "input", None) if isinstance(tensors, Mapping) else tensors
 
 
 def _hyperparameters(given: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -379,7 +385,7 @@ class Repository:
         for i, (src, label, step) in enumerate(sources):
             tensors, extra = self._load(src) if isinstance(src, (str, os.PathLike)) else (src, {})
             if first is None:
-                first = tensors
+                first = _weights(tensors)
             m = self.archive.commit(tensors, base=base, setting=setting, lossy=lossy,
                                     meta={"version_name": name, "source": label, "step": step, **extra})
             written.append(m.id)
@@ -508,7 +514,7 @@ class Repository:
                 rec["best"] = entry["id"]
             merge_metrics(rec.setdefault("metrics", {}), series)
             if rec.get("network", {}).get("source") in (None, "none"):
-                rec["network"] = extract_network(tensors).to_dict()
+                rec["network"] = extract_network(_weights(tensors)).to_dict()
 
         with self._publishing() as written:
             m = self.archive.commit(tensors, base=latest, setting=setting, lossy=lossy,
