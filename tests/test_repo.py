@@ -678,6 +678,31 @@ def test_training_hook_marks_the_best_checkpoint_by_a_metric(tmp_path: Path, asy
         assert v.best == v.snapshots[0]["id"], [s["step"] for s in v.snapshots if s["id"] == v.best]
 
 
+
+@pytest.mark.parametrize("asynchronous", [False, True])
+def test_a_checkpoint_by_a_metric_rewrites_its_record_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                           asynchronous: bool) -> None:
+    """With best_by every checkpoint whose loss was the lowest yet was a second record update (mark_best): the
+    whole record (every metric point of the run) read, written and re-indexed twice, a long run's checkpoints
+    twice as slow as they need be. The best is picked in the append's own update now."""
+    from gpupas.integrations.training import CheckpointHook
+    from gpupas.versions.records import Records
+
+    updates: list[int] = []
+    real = Records.update_version
+    monkeypatch.setattr(Records, "update_version", lambda self, vid, change: updates.append(vid) or real(
+        self, vid, change))
+    with CheckpointHook(tmp_path / "arc", "run", best_by="loss", asynchronous=asynchronous) as hook:
+        for step in range(1, 7):
+            hook({"w": np.full(8, step, np.float32)}, step=step, metrics={"loss": 1.0 / step})
+        hook.log(step=6, loss=2.0)  # written at close: the best goes back to step 5
+        v = hook.close()
+    assert len(updates) == 6 and v is not None and v.best == v.snapshots[4]["id"]  # 5 appends, the metric at close
+    with open_repository(tmp_path / "arc") as repo:
+        assert repo.version("run").best == v.snapshots[4]["id"]
+        with pytest.raises(InvalidInputError, match="METRIC"):
+            repo.add_snapshot("run", {"w": np.zeros(8, np.float32)}, best_by="loss:lowest")
+
 def test_attached_files_a_checkout_could_not_write_side_by_side_are_refused(repo: Repository, tmp_path: Path) -> None:
     """On macOS and Windows 'README.md' and 'readme.md' are one file: a checkout would write one over the other
     (an attached 'Model.safetensors' over the weights)."""

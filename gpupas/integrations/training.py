@@ -38,7 +38,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from gpupas.errors import ArchiveNotFoundError, InvalidInputError
-from gpupas.versions.metrics import best_rule, merge_metrics, normalize_metrics, pick_best, snapshot_step
+from gpupas.versions.metrics import best_rule, merge_metrics, normalize_metrics, snapshot_step
 from gpupas.versions.model import Version
 from gpupas.versions.repository import Repository, as_refs, create_repository, open_repository
 
@@ -150,25 +150,16 @@ class CheckpointHook:
             merge_metrics(self._pending, series)  # so its points stay pending, after a failed commit's in flight
             raise
 
-    def _repick(self) -> None:
-        """Mark best the snapshot that ``best_by`` now picks over the version's whole series."""
-        v = self.version
-        if self.best_by is None or v is None or best_rule(self.best_by)[0] not in v.metrics:
-            return
-        sid = pick_best(v.snapshots, v.metrics, None, self.best_by)
-        if sid is not None and sid != v.best:
-            self.version = self.repo.mark_best(v.id, sid)
-
     def _commit(self, model_or_state: Any, state: Mapping[str, Any], step: int | None,
                 series: dict[str, list[list[Any]]], best: bool) -> Version:
         if self.version is None:
             module = self.model if self.model is not None else (model_or_state if hasattr(model_or_state,
                                                                                           "named_modules") else None)
+            by = self.best_by if self.best_by and best_rule(self.best_by)[0] in series else None  # (else: no best)
             self.version = self.repo.commit(
                 self.name, state, parents=self.parents, message=self.message, hyperparameters=self.hyperparameters,
                 metrics=series, files=self.files, network=module, setting=self.setting, step=step,
-                best=1 if best else None, from_snapshot=self.from_snapshot)
-            self._repick()
+                best=1 if best and not by else None, best_by=by, from_snapshot=self.from_snapshot)
         elif self._async is not None:
             self._settle()
             self._async.submit(state, step=step, metrics=series, best=best)
@@ -179,8 +170,10 @@ class CheckpointHook:
 
     def _append(self, state: Mapping[str, Any], **kw: Any) -> Version:
         assert self.version is not None
-        self.version = self.repo.add_snapshot(self.version.id, state, setting=self.setting, **kw)
-        self._repick()  # (the asynchronous mode's thread, one commit at a time)
+        # the best picked in the same record update: a second one (mark_best) rewrote and re-indexed the whole
+        # record again, every checkpoint (the asynchronous mode's thread, one commit at a time)
+        self.version = self.repo.add_snapshot(self.version.id, state, setting=self.setting, best_by=self.best_by,
+                                              **kw)
         return self.version
 
     def _settle(self) -> None:
@@ -207,8 +200,7 @@ class CheckpointHook:
                     error = exc
                 self._async.close()
             if self._pending and self.version is not None:
-                self.version = self.repo.log_metrics(self.version.id, self._take(None, None))
-                self._repick()
+                self.version = self.repo.log_metrics(self.version.id, self._take(None, None), best_by=self.best_by)
             if error is not None:
                 raise error
         finally:

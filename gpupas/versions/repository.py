@@ -49,7 +49,7 @@ from gpupas.tensors import Loaded, load_checkpoint, tensors_of
 from gpupas.versions import export as _export
 from gpupas.versions import inspect as _inspect
 from gpupas.versions import verify as _verify
-from gpupas.versions.metrics import merge_metrics, normalize_metrics, pick_best, snapshot_step, upto
+from gpupas.versions.metrics import best_rule, merge_metrics, normalize_metrics, pick_best, snapshot_step, upto
 from gpupas.versions.model import (
     Record,
     Version,
@@ -121,6 +121,16 @@ def _weights(tensors: Any) -> Any:
     """What a commit archives of an in-memory mapping (a training checkpoint's state_dict, without its optimizer
     state, counters and ``_extra_state``): what a network is read off, not the wrapper around it."""
     return tensors_of(tensors, "input", None) if isinstance(tensors, Mapping) else tensors
+
+
+def _repick(rec: Record, best_by: str | None) -> None:
+    """Mark best the snapshot of record ``rec`` that ``best_by`` picks over its whole series, where it has that
+    metric (else the mark stays)."""
+    if best_by is None or best_rule(best_by)[0] not in (rec.get("metrics") or {}):
+        return
+    sid = pick_best(rec["snapshots"], rec["metrics"], None, best_by)
+    if sid is not None:
+        rec["best"] = sid
 
 
 def _hyperparameters(given: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -489,13 +499,16 @@ class Repository:
 
     def add_snapshot(self, ref: str | int | Version, tensors: Any, *, step: int | None = None,
                      metrics: Any = None, best: bool = False, source: str | None = None,
-                     setting: str = "default", lossy: Any = None) -> Version:
+                     setting: str = "default", lossy: Any = None, best_by: str | None = None) -> Version:
         """Append a snapshot to an existing version, delta-encoded against its latest one.
 
         Records are replaced atomically (no concurrent append is lost), so readers see the version
-        before or after, never in between.
+        before or after, never in between. ``best_by`` (see :meth:`commit`): mark best the snapshot that
+        metric picks over the whole version, in the same update (a training loop's every checkpoint).
         """
         best = _flag(best)
+        if best_by is not None:
+            best_rule(best_by)
         vid = self.resolve(ref)
         series = normalize_metrics(metrics)
         step = snapshot_step(step)
@@ -513,6 +526,7 @@ class Repository:
             if best:
                 rec["best"] = entry["id"]
             merge_metrics(rec.setdefault("metrics", {}), series)
+            _repick(rec, best_by)
             if rec.get("network", {}).get("source") in (None, "none"):
                 rec["network"] = extract_network(_weights(tensors)).to_dict()
 
@@ -525,10 +539,18 @@ class Repository:
                                    snapshots=[m.id])
         return version
 
-    def log_metrics(self, ref: str | int | Version, metrics: Any) -> Version:
-        """Append metric points (see :func:`~gpupas.versions.metrics.normalize_metrics`) to a version."""
+    def log_metrics(self, ref: str | int | Version, metrics: Any, *, best_by: str | None = None) -> Version:
+        """Append metric points (see :func:`~gpupas.versions.metrics.normalize_metrics`) to a version; ``best_by``
+        as :meth:`add_snapshot`'s."""
         series = normalize_metrics(metrics)
-        return self._update(ref, lambda rec: merge_metrics(rec.setdefault("metrics", {}), series))
+        if best_by is not None:
+            best_rule(best_by)
+
+        def change(rec: Record) -> None:
+            merge_metrics(rec.setdefault("metrics", {}), series)
+            _repick(rec, best_by)
+
+        return self._update(ref, change)
 
     def mark_best(self, ref: str | int | Version, snapshot: str | int) -> Version:
         """Mark one of a version's snapshots (1-based index or id) as its best."""
