@@ -921,3 +921,20 @@ def test_a_training_checkpoint_gives_the_network_of_its_weights(tmp_path: Path) 
         with pytest.warns(UserWarning, match="left out"):
             u = repo.add_snapshot(empty.id, lightning, step=1)
         assert [n.name for n in u.network.nodes] == ["enc", "head"]
+
+
+def test_a_loss_tensor_is_logged_without_torch_warning(tmp_path: Path) -> None:
+    """``hook.log(step, loss=loss)`` with the loss as the training loop has it (a tensor with its graph): float()
+    of it made torch warn 'Converting a tensor with requires_grad=True to a scalar', at every point logged."""
+    torch = pytest.importorskip("torch")
+    import warnings
+
+    from gpupas.integrations.training import CheckpointHook
+
+    w = torch.nn.Parameter(torch.ones(3))
+    loss = (w * 2).sum()
+    with warnings.catch_warnings(), CheckpointHook(tmp_path / "arc", "run") as hook:
+        warnings.simplefilter("error")
+        hook.log(1, loss=loss)
+        v = hook({"w": np.zeros(3, np.float32)}, step=1, metrics={"acc": loss / 6})
+    assert v.metrics == {"loss": [[1, 6.0]], "acc": [[1, 1.0]]}

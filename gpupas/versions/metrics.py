@@ -24,6 +24,8 @@ Series = dict[str, list[list[Any]]]
 def _value(v: Any) -> float | None:
     if v is None or (isinstance(v, str) and v == ""):  # not v == "": an array's is elementwise
         return None
+    if callable(getattr(v, "detach", None)):  # a loss tensor as it is: torch warns converting one with its graph
+        v = v.detach()
     try:
         f = float(v)
     except OverflowError:  # an int past a double's range: not finite, as float("1e400") is not
