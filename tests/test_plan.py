@@ -138,6 +138,20 @@ def test_the_better_pas_plan_never_stores_more_than_last() -> None:
             assert plans["pas"].storage <= plans["last"].storage * (1 + 1e-9), (seed, alpha, scheme)
 
 
+def test_zero_second_edges_both_ways_give_a_shortest_path_tree_not_a_cycle() -> None:
+    """Deltas a <-> b that recreate in 0 s: each is on a shortest path of the other, and each one's cheapest
+    predecessor alone (the other) made the SPT a cycle: plan_all raised ValueError before any planner ran."""
+    g = StorageGraph()
+    for v in "ab":
+        g.add_vertex(v, 100, 1.0)
+    g.add_edge("a", "b", 10, 0.0)
+    g.add_edge("b", "a", 10, 0.0)
+    for scheme in ("independent", "parallel"):
+        plans = plan_all(g, 1.0, scheme=scheme)
+        assert plans["spt"].storage == 110 and plans["spt"].recreation == {"a": 1.0, "b": 1.0}
+        assert all(plans[k].feasible and plans[k].storage == 110 for k in ("last", "pas-mt", "pas-pt", "pas"))
+
+
 def test_unmeetable_budget_is_named_with_its_reason() -> None:
     g = StorageGraph()
     for v in "abc":

@@ -3,7 +3,7 @@ paths, LAST, PAS-MT, PAS-PT.
 
 Every planner returns a :class:`~gpupas.plan.graph.Plan`. MST is a minimum-cost arborescence by
 storage (:mod:`gpupas.plan.arborescence`), SPT Dijkstra's shortest-path tree by recreation
-(networkx; ties go to the cheaper edge to store), LAST Khuller-Raghavachari-Young's tree on
+(networkx; ties go to the shortest-path tree that stores least), LAST Khuller-Raghavachari-Young's tree on
 directed edges. The two PAS planners meet per-group budgets:
 
 * **PAS-MT** starts from the MST and, while a group is over budget, re-parents the vertex (onto a
@@ -77,7 +77,7 @@ class Problem:
 
     def spt(self) -> tuple[list[float], list[int]]:
         """Shortest recreation of each vertex from the root, and its parent on a shortest path (ties:
-        the edge that stores less), by networkx's Dijkstra."""
+        the shortest-path tree that stores least), by networkx's Dijkstra."""
         if self._spt is None:
             import networkx as nx
 
@@ -88,11 +88,14 @@ class Problem:
                     g.add_edge(u, v, w=cr)
             preds, dist = nx.dijkstra_predecessor_and_distance(g, 0, weight="w")
             d = [dist.get(v, INF) for v in range(self.n)]
-            par = [-1] * self.n
             for v in range(1, self.n):
                 if v not in dist:
                     raise ValueError(f"vertex {self.names[v]!r} cannot be reached from the root")
-                par[v] = min(preds[v], key=lambda u, v=v: (self.ins[v][u][0], u))
+            # every tree of shortest-path edges is a shortest-path tree; the cheapest to store of them (each vertex's
+            # cheapest predecessor alone can close a cycle where edges recreate in 0 s)
+            tight = [(u, v, self.ins[v][u][0]) for v in range(1, self.n) for u in preds[v]]
+            chosen = min_arborescence(self.n, 0, tight)
+            par = [-1] + [tight[chosen[v]][0] for v in range(1, self.n)]
             self._spt = d, par
         return self._spt
 
