@@ -166,6 +166,24 @@ def test_unmeetable_budget_is_named_with_its_reason() -> None:
     assert deep.feasible and deep.max_depth <= 1 and deep.storage == 210  # a -> b, c whole (or b whole, b -> c)
 
 
+def test_a_budget_only_chains_too_long_could_meet_is_named_with_that_reason() -> None:
+    """c meets 2 s only as a -> b -> c (2 links); with at most 1 link its fastest is 3.5 s (b whole, c on b). The
+    SPT meets the budget, so it was reported as the planner's failure ("found no re-parenting"), not as a
+    budget that no plan within the chain limit can meet."""
+    g = StorageGraph()
+    for v, rec in (("a", 1.0), ("b", 3.0), ("c", 5.0)):
+        g.add_vertex(v, 100, rec)
+    g.add_edge("a", "b", 10, 0.5)
+    g.add_edge("b", "c", 10, 0.5)
+    for scheme in ("independent", "parallel"):
+        plans = plan_all(g, None, scheme=scheme, absolute={"c": 2.0}, max_depth=1)
+        for name in ("pas-mt", "pas-pt"):
+            (v,) = plans[name].violations
+            assert v.group == "c" and "no plan with chains of at most 1 link can meet it" in v.reason, v.reason
+            assert "the fastest such chains take 3.5 s" in v.reason
+        assert plans["pas"].max_depth <= 1
+
+
 def test_paper_graph_plans_are_within_budget() -> None:
     g = paper_graph(8, 10, 16)  # 1,280 tensor vertices (benchmarks/plan.py times 4,800)
     for scheme in ("independent", "parallel"):

@@ -99,6 +99,22 @@ class Problem:
             self._spt = d, par
         return self._spt
 
+    def least(self) -> list[float]:
+        """Each vertex's least recreation in any plan: its shortest distance, over paths of at most
+        ``max_depth`` edges where chains are limited (Bellman-Ford by rounds; a plan's chains are such paths)."""
+        d, _ = self.spt()
+        if self.max_depth >= self.n - 1:
+            return d
+        best = [0.0] + [INF] * (self.n - 1)
+        for _ in range(self.max_depth):
+            nxt = list(best)
+            for v in range(1, self.n):
+                for u, (_, cr) in self.ins[v].items():
+                    if best[u] + cr < nxt[v]:
+                        nxt[v] = best[u] + cr
+            best = nxt
+        return best
+
     def vertex_bound(self) -> list[float]:
         """Each vertex's own share of its groups' budgets (LAST works per vertex): its shortest
         distance scaled as its group's budget scales the group's SPT cost; parallel: the budget."""
@@ -284,15 +300,26 @@ def _last_parent(pb: Problem) -> list[int]:
 
 # -- PAS -------------------------------------------------------------------------------------------------------
 def _infeasible(pb: Problem) -> tuple[set[int], list[Violation]]:
-    """Groups no plan can meet: their budget is below their recreation under the SPT."""
+    """Groups no plan can meet: their budget is below their recreation under the SPT, or below the least
+    recreation its members can have with chains of at most ``max_depth`` links."""
     d_s, _ = pb.spt()
+    lb = pb.least()
+    agg = sum if pb.independent else (lambda xs: max(xs, default=0.0))
     bad, why = set(), []
     for gi, ms in enumerate(pb.members):
-        least = sum(d_s[v] for v in ms) if pb.independent else max((d_s[v] for v in ms), default=0.0)
+        least = agg([d_s[v] for v in ms])
         if over(least, pb.theta[gi]):
             bad.add(gi)
             why.append(Violation(pb.gnames[gi], least, pb.theta[gi],
                                  f"no plan can meet it: even the shortest-path tree takes {least:.4g} s"))
+            continue
+        least = agg([lb[v] for v in ms])
+        if over(least, pb.theta[gi]):
+            bad.add(gi)
+            links = pb.max_depth - 1
+            why.append(Violation(pb.gnames[gi], least, pb.theta[gi],
+                                 f"no plan with chains of at most {links} link{'s' * (links != 1)} can meet it: "
+                                 f"the fastest such chains take {least:.4g} s"))
     return bad, why
 
 
