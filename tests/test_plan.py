@@ -410,3 +410,30 @@ def test_default_compaction_counts_the_snapshots_whose_pred_base_it_moves(tmp_pa
     out = compact_archive(str(tmp_path / "a"), alpha=None, no_slower=True, scheduler="sync")
     assert out.stored_after <= before
     assert out.stored_after <= claimed * (1 + 1e-9)  # the plan's claim holds once carried out
+
+
+@pytest.mark.parametrize("alpha", [2.5, 3.0])
+def test_a_plan_at_an_alpha_counts_the_snapshots_compact_reencodes(tmp_path: Path, alpha: float) -> None:
+    """As above, at an alpha: s1 is stored whole (s2 on s1 on s0 is too slow), s2 stays on s1 but loses its grand
+    s0, so compact re-encodes s2 as a plain delta. Only the no-slower plan counted that; a plan at an alpha
+    claimed s2 at its 'pred' size, in its total and its row, and compact then stored more than the plan said."""
+    from gpupas.jobs.compact import compact_archive
+    from gpupas.plan.archive import plan_archive
+
+    rng = np.random.default_rng(0)
+    w0 = (rng.standard_normal((256, 128)) * 0.02).astype(np.float32)
+    drift = (rng.standard_normal(w0.shape) * 1e-3).astype(np.float32)
+    s = [{"w": (w0 + k * drift).astype(np.float32)} for k in range(3)]
+    twin = {"w": (s[1]["w"] + rng.standard_normal(w0.shape).astype(np.float32) * 1e-6).astype(np.float32)}
+    with gpupas.create_archive(tmp_path / "a") as a:
+        a.commit(s[0], snapshot="s0")
+        a.commit(twin, snapshot="t1")
+        a.commit(s[1], snapshot="s1", base="s0")
+        a.commit(s[2], snapshot="s2", base="s1")
+        planned = plan_archive(a, alpha, fraction=1.0)
+        assert planned.target["s1"] is None and planned.target["s2"] == "s1"  # s2's grand goes: re-encoded
+        rows = {r["snapshot"]: r["stored"] for r in planned.rows()}
+    out = compact_archive(str(tmp_path / "a"), target=planned.target, scheduler="sync")
+    assert out.stored_after == pytest.approx(planned.plan.storage, rel=1e-9)
+    with gpupas.open_archive(tmp_path / "a") as a:
+        assert {x: a.manifest(x).stored_bytes for x in a.snapshots()} == pytest.approx(rows, rel=1e-9)

@@ -37,6 +37,7 @@ class ArchivePlan:
     scheme: str
     chosen: str = "pas"
     notes: list[str] = field(default_factory=list)
+    reencoded: dict[str, float] = field(default_factory=dict)  # the chosen plan's snapshots re-encoded on their base
 
     @property
     def plan(self) -> Plan:
@@ -56,7 +57,7 @@ class ArchivePlan:
                         "recreation_now": now.recreation[sid], "base": _base(p.parent[sid]), "depth": p.depth[sid],
                         "recreation": p.recreation[sid],
                         "budget": None if p.budgets is None else p.budgets.get(sid),
-                        "stored": self.graph.edges[sid][p.parent[sid]].storage,
+                        "stored": self.reencoded.get(sid, self.graph.edges[sid][p.parent[sid]].storage),
                         "measured": self.graph.edges[sid][p.parent[sid]].measured})
         return out
 
@@ -81,11 +82,11 @@ def _measure(archive: Any, g: StorageGraph, plan: Plan, setting: str) -> bool:
     return True
 
 
-def _regrand(archive: Any, g: StorageGraph, plan: Plan, setting: str) -> float:
-    """Bytes ``plan`` adds where it keeps a snapshot on its base but moves that base's own base: the snapshot's
-    'pred' tensors extrapolate from it, so ``gpupas compact`` re-encodes the snapshot, and the size the graph
-    holds (its 'pred' form now) no longer holds. Measured as a plain delta (no grand-base), what the encoder
-    falls back to: an upper bound."""
+def _regrand(archive: Any, g: StorageGraph, plan: Plan, setting: str) -> dict[str, float]:
+    """The sizes of the snapshots ``plan`` keeps on their base while it moves that base's own base: their 'pred'
+    tensors extrapolate from it, so ``gpupas compact`` re-encodes them, and the size the graph holds (their
+    'pred' form now) no longer holds. Measured as a plain delta (no grand-base), what the encoder falls back
+    to: an upper bound."""
     moved = []
     for v, u in plan.parent.items():
         if u != ROOT and u == g.current.get(v):
@@ -93,9 +94,9 @@ def _regrand(archive: Any, g: StorageGraph, plan: Plan, setting: str) -> float:
             if grand is not None and grand != _base(plan.parent[u]):
                 moved.append((u, v))
     if not moved:
-        return 0.0
+        return {}
     exact, _ = measure_edges(archive, set(moved), sorted({v for _, v in moved}), fraction=1.0, setting=setting)
-    return float(sum(sum(x for x, _ in exact[(u, v)].values()) - g.edge(u, v).storage for u, v in moved))
+    return {v: float(sum(x for x, _ in exact[(u, v)].values())) for u, v in moved}
 
 
 def _base(p: Any) -> str | None:
@@ -158,14 +159,17 @@ def _plan(archive: Any, alpha: float | None, scheme: str, budgets: Mapping[str, 
         again = {id(p): evaluate(g, p.parent, p.name, scheme, p.budgets) for p in plans.values()}
         plans = {k: again[id(p)] for k, p in plans.items()}  # every plan on the exact sizes (one object per plan)
         current = evaluate(g, g.current, "current", scheme, plans["pas-mt"].budgets)
-    if no_slower and not plans[planner].violations:
-        plans[planner].storage += _regrand(archive, g, plans[planner], setting)
+    reencoded: dict[str, float] = {}
+    if not (no_slower and plans[planner].violations):  # at any alpha: the storage reported is what compact stores
+        reencoded = _regrand(archive, g, plans[planner], setting)
+        plans[planner].storage += sum(x - g.edge(plans[planner].parent[v], v).storage for v, x in reencoded.items())
     best = plans[planner]
     if no_slower and (best.violations or (best.storage, best.total_recreation) >= (current.storage,
                                                                                    current.total_recreation)):
         plans["current"] = current
         planner = "current"
+        reencoded = {}
         notes.append(f"no plan stores less without restoring some snapshot slower (the best, its new forms "
                      f"measured exactly, stores {best.storage:,.0f} bytes; now {current.storage:,.0f}): the layout "
                      "stays as it is")
-    return ArchivePlan(g, plans, current, est, model, alpha, scheme, planner, notes)
+    return ArchivePlan(g, plans, current, est, model, alpha, scheme, planner, notes, reencoded)
