@@ -437,3 +437,14 @@ def test_a_plan_at_an_alpha_counts_the_snapshots_compact_reencodes(tmp_path: Pat
     assert out.stored_after == pytest.approx(planned.plan.storage, rel=1e-9)
     with gpupas.open_archive(tmp_path / "a") as a:
         assert {x: a.manifest(x).stored_bytes for x in a.snapshots()} == pytest.approx(rows, rel=1e-9)
+
+
+def test_a_chain_past_the_limit_is_said_in_links_not_seconds() -> None:
+    """A plan whose chain is deeper than max_chain says so in links (it printed "recreation 2 s > budget 1 s")."""
+    g = StorageGraph()
+    for v in "abc":
+        g.add_vertex(v, 100, 1.0)
+    g.add_edge("a", "b", 10, 0.5)
+    g.add_edge("b", "c", 10, 0.5)
+    (v,) = [v for v in plan_all(g, None, max_depth=1)["mst"].violations if str(v.group).startswith("chain")]
+    assert str(v) == "chain of 'c': 2 links > at most 1 (1 snapshot(s) deeper than 1 links)", str(v)

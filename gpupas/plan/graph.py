@@ -103,8 +103,11 @@ class Violation:
     cost: float
     budget: float
     reason: str
+    unit: str = "s"  # of cost and budget: seconds of recreation, or "links" of a delta chain
 
     def __str__(self) -> str:
+        if self.unit == "links":
+            return f"{self.group}: {self.cost:g} links > at most {self.budget:g} ({self.reason})"
         return f"{self.group}: recreation {self.cost:.4g} s > budget {self.budget:.4g} s ({self.reason})"
 
 

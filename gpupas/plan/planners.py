@@ -143,7 +143,7 @@ class Problem:
         deep = [v for v in range(1, self.n) if p.depth[names[v]] + 1 > self.max_depth]
         if deep:
             p.violations.append(Violation(f"chain of {names[deep[0]]!r}", p.depth[names[deep[0]]], self.max_depth - 1,
-                                          f"{len(deep)} vertices lie deeper than {self.max_depth - 1} links"))
+                                          f"{len(deep)} snapshot(s) deeper than {self.max_depth - 1} links", "links"))
         return p
 
 
