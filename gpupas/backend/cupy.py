@@ -34,7 +34,7 @@ from gpupas.backend.base import bases_of, check_dtype
 from gpupas.errors import BackendUnavailableError, IntegrityError, InvalidInputError
 from gpupas.xp import ML_DTYPES
 
-GPU_CHUNK = 1 << 16  # bytes a chunk: nvCOMP's natural chunk (Deflate's most before nvCOMP 5); the GPU's layout
+GPU_CHUNK = 1 << 16  # bytes a chunk: nvCOMP's natural chunk (the size its Deflate headers advise); the GPU's layout
 STAGE = 64 << 20  # bytes a pinned staging buffer holds (two of them: one copied into while the other is written)
 PLAIN_THREADS = 256
 CRC_THREADS = 256
