@@ -351,3 +351,33 @@ def test_a_plan_that_moves_a_base_checks_the_chains_of_the_snapshots_left_on_it(
     with gpupas.open_archive(tmp_path / "a") as a:
         assert a.depth("c2") == 16
         assert a.restore("c2")["w"].tobytes() == np.where(np.arange(1000) == 2, 0, w[::-1]).tobytes()
+
+
+def test_a_compaction_started_twice_at_once_finishes(arc: tuple[str, list[dict[str, np.ndarray]]],
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same plan carried out by two jobs at once: where the other job switched a snapshot first, a revision
+    failed with ConflictError ("revised by another writer; run the job again"), which aborted the job; with both
+    jobs at it, each aborted the other and neither finished. A revision that loses the race looks again: the
+    snapshot already in the planned form is left alone, and the job goes on."""
+    from gpupas.store.archive import ArchiveStore
+
+    path, snaps = arc
+    replace = ArchiveStore.replace_manifest
+    raced: list[str] = []
+
+    def other_job_first(self: Any, new: Any, expect_revision: int, check: Any = None) -> Any:
+        if new.id not in raced:  # the other job revises the same snapshot the same way, just before this one
+            raced.append(new.id)
+            with gpupas.open_archive(path) as b:
+                b.revise(new.id, base=new.base, descendants=False)
+        return replace(self, new, expect_revision, check)
+
+    monkeypatch.setattr(ArchiveStore, "replace_manifest", other_job_first)
+    results = run(compact_graph(path, TARGET_A), "sync")
+    assert raced and all(r.note == "already in that form" for r in results if r.snapshot in raced)
+    with gpupas.open_archive(path) as a:
+        assert {s: a.manifest(s).base for s in a.snapshots()} == TARGET_A
+        for s in a.snapshots():
+            m = a.manifest(s)
+            assert m.grand is None or m.grand == a.manifest(m.base).base
+    same_everywhere(path, snaps)

@@ -11,7 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any
 
-from gpupas.errors import UNREACHABLE, GpupasError, SnapshotNotFoundError, Unreachable
+from gpupas.errors import UNREACHABLE, ConflictError, GpupasError, SnapshotNotFoundError, Unreachable
+
+_TRIES = 4  # revisions of one snapshot that others revise meanwhile
 
 
 @dataclass(frozen=True)
@@ -111,17 +113,25 @@ def revise_link(spec: ArchiveSpec, sid: str, base: str | None, why: str, how: Re
     snapshot is already in that form (a rerun after a kill). ``Archive.revise`` decodes the new
     form and compares it bit for bit before it switches, atomically."""
     with spec.open(cache_size=max(8, len(inputs) + 2)) as a:
-        try:
-            old = a.store.read_manifest(sid)
-            grand_ok = old.grand is None or base is None or old.grand == a.store.read_manifest(base).base
-            if old.base == base and grand_ok and old.format >= 3 and not (how.force and how.needed(old)):
-                return Revised(sid, old.base, base, why, old.stored_bytes, old.stored_bytes, False,
-                               "already in that form")
-            _feed(a, inputs)
-            new = a.revise(sid, setting=how.setting_object(), base=base, descendants=False)  # (the plan checks)
-        except SnapshotNotFoundError as exc:  # it, or its new base, was discarded after the plan (a commit failed)
-            return Revised(sid, None, base, why, done=False, note=f"not revised: {exc}")
-        return Revised(sid, old.base, new.base, why, old.stored_bytes, new.stored_bytes)
+        _feed(a, inputs)
+        for attempt in range(_TRIES):
+            try:
+                old = a.store.read_manifest(sid)
+                grand_ok = old.grand is None or base is None or old.grand == a.store.read_manifest(base).base
+                if old.base == base and grand_ok and old.format >= 3 and not (how.force and how.needed(old)):
+                    return Revised(sid, old.base, base, why, old.stored_bytes, old.stored_bytes, False,
+                                   "already in that form")
+                new = a.revise(sid, setting=how.setting_object(), base=base, descendants=False)  # (the plan checks)
+            except SnapshotNotFoundError as exc:  # it, or its new base, was discarded after the plan (a commit failed)
+                return Revised(sid, None, base, why, done=False, note=f"not revised: {exc}")
+            except ConflictError:
+                # another writer revised it meanwhile (the same job started twice, most often): look again; where
+                # it is now in this form, there is nothing left to do, else revise what is there now
+                if attempt == _TRIES - 1:
+                    raise
+                continue
+            return Revised(sid, old.base, new.base, why, old.stored_bytes, new.stored_bytes)
+    raise AssertionError("unreachable")  # pragma: no cover
 
 
 def gc_archive(spec: ArchiveSpec, min_age: float, *after: Any) -> list[dict[str, Any]]:
