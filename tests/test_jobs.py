@@ -381,3 +381,50 @@ def test_a_compaction_started_twice_at_once_finishes(arc: tuple[str, list[dict[s
             m = a.manifest(s)
             assert m.grand is None or m.grand == a.manifest(m.base).base
     same_everywhere(path, snaps)
+
+
+@pytest.mark.parametrize("answer", [None, b"HTTP/1.0 400 Bad request\r\n\r\n"])
+def test_an_address_that_is_no_dask_scheduler_is_a_clear_error(arc: tuple[str, list[dict[str, np.ndarray]]],
+                                                               monkeypatch: pytest.MonkeyPatch,
+                                                               answer: bytes | None) -> None:
+    """--scheduler naming a service that is not a Dask scheduler: one that never answers (an HTTP server waiting
+    for its request line) left the job waiting forever, one that answers failed with 'unexpected MemoryError:
+    Unable to allocate 3.07 EiB' (its answer read as a frame length). Both name the address, and nothing
+    changes."""
+    import importlib
+    import socket
+    import threading
+
+    from gpupas.errors import GpupasError
+
+    run_module = importlib.import_module("gpupas.jobs.run")  # (gpupas.jobs.run the attribute is the function)
+
+    path, snaps = arc
+    server = socket.create_server(("127.0.0.1", 0))
+    conns: list[socket.socket] = []
+
+    def serve() -> None:
+        while True:
+            try:
+                c, _ = server.accept()
+            except OSError:
+                return
+            conns.append(c)
+            if answer is not None:
+                c.sendall(answer)
+
+    threading.Thread(target=serve, daemon=True).start()
+    monkeypatch.setattr(run_module, "CONNECT_S", 2.0, raising=False)
+    address = f"tcp://127.0.0.1:{server.getsockname()[1]}"
+    t0 = time.monotonic()
+    try:
+        with pytest.raises(GpupasError, match=f"no Dask scheduler answers at {address}.*Nothing was changed"):
+            compact_archive(path, target=TARGET_A, scheduler=address)
+    finally:
+        server.close()
+        for c in conns:
+            c.close()
+    assert time.monotonic() - t0 < 30
+    with gpupas.open_archive(path) as a:
+        assert all(a.manifest(s).revision == 0 for s in a.snapshots())
+    same_everywhere(path, snaps)

@@ -52,8 +52,38 @@ def run(job: Any, scheduler: Any = None, *, workers: int = 2) -> list[Any]:
                 cluster.close()
             except Exception as exc:  # a nanny restarting a dead worker as it closes (distributed's race)
                 logging.getLogger("gpupas").debug("closing the local cluster: %r", exc)  # the job's outcome stands
-    with Client(scheduler) as client:
+    with _connect(scheduler) as client:
         return _gather(client, job)
+
+
+CONNECT_S = 30.0  # how long a scheduler address may take to answer
+
+
+def _connect(address: str) -> Any:
+    """``Client(address)``, or GpupasError naming the address: distributed's own Client waits forever on a
+    service there that is not a Dask scheduler and never answers its handshake (an HTTP server), and fails with
+    whatever reading another's answer as a message raises (MemoryError: a frame of exabytes)."""
+    import threading
+
+    from distributed import Client
+
+    box: dict[str, Any] = {}
+    seconds = CONNECT_S
+
+    def connect() -> None:
+        try:
+            box["client"] = Client(address, timeout=seconds)
+        except BaseException as exc:  # reported below, whatever it is
+            box["error"] = exc
+
+    t = threading.Thread(target=connect, name=f"gpupas-connect-{address}", daemon=True)
+    t.start()
+    t.join(seconds + 1)
+    if "client" in box:
+        return box["client"]
+    why = "no answer" if "error" not in box else f"{type(box['error']).__name__}: {box['error']}"
+    raise GpupasError(f"no Dask scheduler answers at {address} ({why[:200]}); start one there (dask scheduler), "
+                      "or leave --scheduler out for a local cluster of worker processes. Nothing was changed")
 
 
 def _gather(client: Any, job: Any) -> list[Any]:
