@@ -428,3 +428,40 @@ def test_an_address_that_is_no_dask_scheduler_is_a_clear_error(arc: tuple[str, l
     with gpupas.open_archive(path) as a:
         assert all(a.manifest(s).revision == 0 for s in a.snapshots())
     same_everywhere(path, snaps)
+
+
+INTERRUPTED = """
+import operator, os, signal, socket, sys, threading, time
+from types import SimpleNamespace
+import dask
+from gpupas.jobs import run
+try:  # distributed's default port for the scheduler's HTTP server, taken (by another job, say)
+    held = socket.create_server(("127.0.0.1", 8787))
+except OSError:
+    held = None  # taken already
+marker = sys.argv[1]
+started = dask.delayed(os.makedirs)(marker)
+slow = [dask.delayed(time.sleep)(dask.delayed(operator.add)(20 + i, dask.delayed(bool)(started))) for i in range(4)]
+def interrupt():
+    while not os.path.exists(marker):
+        time.sleep(0.05)
+    os.kill(os.getpid(), signal.SIGINT)
+threading.Thread(target=interrupt, daemon=True).start()
+try:
+    run(SimpleNamespace(targets=slow), None, workers=2)
+except KeyboardInterrupt:
+    print("interrupted")
+"""
+
+
+def test_a_local_cluster_job_interrupted_says_nothing_of_dask(tmp_path: Path) -> None:
+    """With distributed's default HTTP port 8787 taken (another job running), every job on a local cluster
+    warned "Port 8787 is already in use. Perhaps you already have a cluster running?" and of an unclosed
+    socket."""
+    import subprocess
+    import sys
+
+    got = subprocess.run([sys.executable, "-c", INTERRUPTED, str(tmp_path / "started")], capture_output=True,
+                         text=True, timeout=120, cwd=Path(__file__).parent.parent)
+    assert got.stdout.strip() == "interrupted", got.stderr[-2000:]
+    assert "8787" not in got.stderr and "unclosed" not in got.stderr, got.stderr[-2000:]

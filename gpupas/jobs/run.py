@@ -42,8 +42,11 @@ def run(job: Any, scheduler: Any = None, *, workers: int = 2) -> list[Any]:
     if scheduler is None:
         # silence_logs: a task's failure reaches the caller as its exception; the workers' and nannies' own
         # log lines about it (tracebacks included) would only repeat it on stderr
+        # no dashboard; its HTTP server (metrics) on a free port: on distributed's default, 8787, a second job (or
+        # any other cluster) running warned "Port 8787 is already in use. Perhaps you already have a cluster
+        # running?" and of an unclosed socket
         cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
-                               silence_logs=logging.CRITICAL)
+                               scheduler_kwargs={"dashboard_address": ":0"}, silence_logs=logging.CRITICAL)
         try:
             with Client(cluster) as client:
                 return _gather(client, job)
