@@ -37,6 +37,7 @@ def run(job: Any, scheduler: Any = None, *, workers: int = 2) -> list[Any]:
         return list(dask.compute(*job.targets, scheduler=name))
     from distributed import Client, LocalCluster
 
+    _quiet_interrupts()
     if scheduler is not None and not isinstance(scheduler, str):
         return list(scheduler.gather(scheduler.compute(job.targets)))
     if scheduler is None:
@@ -57,6 +58,22 @@ def run(job: Any, scheduler: Any = None, *, workers: int = 2) -> list[Any]:
                 logging.getLogger("gpupas").debug("closing the local cluster: %r", exc)  # the job's outcome stands
     with _connect(scheduler) as client:
         return _gather(client, job)
+
+
+class _AllExitFilter(logging.Filter):
+    """Drops asyncio's "Task exception was never retrieved" for distributed's ``AllExit``: a gather interrupted
+    (Ctrl-C) leaves one waiting task per result, each of which then raises it unseen, and asyncio printed a
+    traceback for each after gpupas's own one line ("interrupted")."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[0] if record.exc_info else None
+        return not (exc is not None and exc.__name__ == "AllExit" and exc.__module__.startswith("distributed"))
+
+
+def _quiet_interrupts() -> None:
+    log = logging.getLogger("asyncio")
+    if not any(isinstance(f, _AllExitFilter) for f in log.filters):
+        log.addFilter(_AllExitFilter())
 
 
 CONNECT_S = 30.0  # how long a scheduler address may take to answer
