@@ -86,22 +86,23 @@ def compact_archive(location: str, *, target: Mapping[str, str | None] | None = 
         unknown = sorted((set(target) | {b for b in target.values() if b is not None}) - set(a.store.list_snapshots()))
         if unknown:
             raise InvalidInputError(f"the plan names snapshots not in {location}: {', '.join(unknown[:5])}")
-        before = _stored(a)
+        counted = list(a.store.list_snapshots())  # after the job, the same snapshots (not others' new commits)
+        before = _stored(a, counted)
     job = compact_graph(spec, dict(target), how=how, gc_min_age=None if dry_run else gc_min_age)
     out = Compaction(job, dict(target), dry_run=dry_run, stored_before=before, stored_after=before, notes=notes)
     if dry_run:
         return out
     out.results = run(job, scheduler, workers=workers)
     with spec.open() as a:
-        out.stored_after = _stored(a)
+        out.stored_after = _stored(a, counted)
     return out
 
 
-def _stored(a: Any) -> int:
-    """Bytes the snapshots of archive ``a`` store (one discarded after the listing, by a commit that failed,
+def _stored(a: Any, sids: Iterable[str]) -> int:
+    """Bytes snapshots ``sids`` of archive ``a`` store (one discarded after the listing, by a commit that failed,
     counts nothing)."""
     total = 0
-    for sid in a.store.list_snapshots():
+    for sid in sids:
         try:
             total += a.manifest(sid).stored_bytes
         except SnapshotNotFoundError:
