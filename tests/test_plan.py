@@ -394,16 +394,8 @@ def test_default_compaction_counts_the_snapshots_whose_pred_base_it_moves(tmp_pa
     from gpupas.jobs.compact import compact_archive
     from gpupas.plan.archive import plan_archive
 
-    rng = np.random.default_rng(0)
-    w0 = (rng.standard_normal((256, 128)) * 0.02).astype(np.float32)
-    drift = (rng.standard_normal(w0.shape) * 1e-3).astype(np.float32)
-    s = [{"w": (w0 + k * drift).astype(np.float32)} for k in range(3)]
-    twin = {"w": (s[1]["w"] + rng.standard_normal(w0.shape).astype(np.float32) * 1e-6).astype(np.float32)}
-    with gpupas.create_archive(tmp_path / "a") as a:
-        a.commit(s[0], snapshot="s0")
-        a.commit(twin, snapshot="t1")
-        a.commit(s[1], snapshot="s1", base="s0")
-        a.commit(s[2], snapshot="s2", base="s1")
+    _pred_chain_beside_a_near_twin(tmp_path / "a")
+    with gpupas.open_archive(tmp_path / "a") as a:
         assert a.manifest("s2").grand == "s0" and a.manifest("s2").has_pred
         before = sum(a.manifest(x).stored_bytes for x in a.snapshots())
         claimed = plan_archive(a, None, no_slower=True).plan.storage
@@ -420,16 +412,8 @@ def test_a_plan_at_an_alpha_counts_the_snapshots_compact_reencodes(tmp_path: Pat
     from gpupas.jobs.compact import compact_archive
     from gpupas.plan.archive import plan_archive
 
-    rng = np.random.default_rng(0)
-    w0 = (rng.standard_normal((256, 128)) * 0.02).astype(np.float32)
-    drift = (rng.standard_normal(w0.shape) * 1e-3).astype(np.float32)
-    s = [{"w": (w0 + k * drift).astype(np.float32)} for k in range(3)]
-    twin = {"w": (s[1]["w"] + rng.standard_normal(w0.shape).astype(np.float32) * 1e-6).astype(np.float32)}
-    with gpupas.create_archive(tmp_path / "a") as a:
-        a.commit(s[0], snapshot="s0")
-        a.commit(twin, snapshot="t1")
-        a.commit(s[1], snapshot="s1", base="s0")
-        a.commit(s[2], snapshot="s2", base="s1")
+    _pred_chain_beside_a_near_twin(tmp_path / "a")
+    with gpupas.open_archive(tmp_path / "a") as a:
         planned = plan_archive(a, alpha, fraction=1.0)
         assert planned.target["s1"] is None and planned.target["s2"] == "s1"  # s2's grand goes: re-encoded
         rows = {r["snapshot"]: r["stored"] for r in planned.rows()}
@@ -448,3 +432,17 @@ def test_a_chain_past_the_limit_is_said_in_links_not_seconds() -> None:
     g.add_edge("b", "c", 10, 0.5)
     (v,) = [v for v in plan_all(g, None, max_depth=1)["mst"].violations if str(v.group).startswith("chain")]
     assert str(v) == "chain of 'c': 2 links > at most 1 (1 snapshot(s) deeper than 1 links)", str(v)
+
+
+def _pred_chain_beside_a_near_twin(path: Path) -> None:
+    """s0 <- s1 <- s2 (s2 'pred', extrapolating from s0), and t1 whole, a near twin of s1."""
+    rng = np.random.default_rng(0)
+    w0 = (rng.standard_normal((256, 128)) * 0.02).astype(np.float32)
+    drift = (rng.standard_normal(w0.shape) * 1e-3).astype(np.float32)
+    s = [{"w": (w0 + k * drift).astype(np.float32)} for k in range(3)]
+    twin = {"w": (s[1]["w"] + rng.standard_normal(w0.shape).astype(np.float32) * 1e-6).astype(np.float32)}
+    with gpupas.create_archive(path) as a:
+        a.commit(s[0], snapshot="s0")
+        a.commit(twin, snapshot="t1")
+        a.commit(s[1], snapshot="s1", base="s0")
+        a.commit(s[2], snapshot="s2", base="s1")
