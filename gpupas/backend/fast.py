@@ -203,7 +203,8 @@ def choose_plan(u: np.ndarray, ub: np.ndarray | None, layout: Layout, setting: S
     taken by a kernel; ``rows``: the coded rows of ``u`` and ``ub`` (every row where None); ``of``: ``u`` and
     ``ub`` are a sample of a tensor of ``of`` values."""
     n = u.size if rows is None else rows.size * per
-    if ub is None and not may_split_whole(u, setting, layout):
+    if ub is None and not may_split_whole(u if rows is None else u.reshape(-1, per)[rows].reshape(-1), setting,
+                                          layout):  # the coded rows' values, as the reference sees them
         return Plan("mat", False)
     if ub is not None and n < MIN_ESTIMATE_VALUES:
         return Plan("sub", False)
