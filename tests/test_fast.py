@@ -425,3 +425,35 @@ def test_sizes_that_overflow_are_refused_not_crashed_on() -> None:
     assert res.returncode == 0, res.stderr[-2000:]
     got = json.loads(res.stdout.strip().splitlines()[-1])
     assert set(got) == set(_OVERFLOWS) and "ran" not in got.values(), got
+
+
+def _misaligned(a):
+    """``a``'s values in a view one byte off the alignment of its dtype (np.frombuffer at an odd offset)."""
+    buf = np.zeros(a.nbytes + 1, np.uint8)
+    v = np.frombuffer(buf.data, a.dtype, count=a.size, offset=1).reshape(a.shape)
+    buf[1:] = np.ascontiguousarray(a).view(np.uint8).reshape(-1)
+    return v
+
+
+def test_misaligned_tensors_are_coded_the_same_and_the_kernels_refuse_them(tmp_path) -> None:
+    """A tensor viewed at an odd offset (a safetensors-like buffer read with np.frombuffer): the kernels read
+    whole values through typed pointers, UB in C where they are misaligned (UBSan flags it), so gpupas hands
+    them an aligned copy (the same bits, the same archive) and the kernels refuse a misaligned buffer."""
+    rng = np.random.default_rng(5)
+    w = rng.standard_normal((64, 96)).astype(np.float32)
+    snaps = [{"w": w}, {"w": w + (rng.standard_normal(w.shape) * 1e-4).astype(np.float32)}]
+    odd = [{k: _misaligned(v) for k, v in s.items()} for s in snaps]
+    assert not odd[0]["w"].flags.aligned and np.array_equal(odd[1]["w"], snaps[1]["w"])
+    want = _commit_all(tmp_path / "aligned", snaps, "default")
+    got = _commit_all(tmp_path / "odd", odd, "default")
+    assert [_shape_of(m) for m in got] == [_shape_of(m) for m in want]
+    with gpupas.open_archive(tmp_path / "odd") as arc:
+        assert arc.restore("s1")["w"].tobytes() == snaps[1]["w"].tobytes()
+    assert not fast.applies(odd[0]["w"])
+    from gpupas import _fastc as K
+
+    u = _misaligned(np.arange(16, dtype=np.uint32))
+    with pytest.raises(ValueError, match="not aligned"):
+        K.row_changes(4, u, np.arange(16, dtype=np.uint32), 4, 4, bytearray(4))
+    with pytest.raises(ValueError, match="not aligned"):
+        K.deflate_huffman(bytes(8), _misaligned(np.array([4], np.int64)))

@@ -93,8 +93,9 @@ def use(on: bool) -> Iterator[None]:
 
 
 def applies(*arrays: Any) -> bool:
-    """Whether the fast path runs for these arrays (NumPy ones, where it is enabled)."""
-    return enabled() and all(a is None or isinstance(a, np.ndarray) for a in arrays)
+    """Whether the fast path runs for these arrays (NumPy ones, each aligned for its dtype: the kernels read
+    whole values through typed pointers, where it is enabled)."""
+    return enabled() and all(a is None or (isinstance(a, np.ndarray) and a.flags.aligned) for a in arrays)
 
 
 def _rowmap(rows: np.ndarray | None) -> np.ndarray:
@@ -369,7 +370,7 @@ def _restore_jobs(backend: Any, m: Any, entries: Sequence[Any], base_bits: Any, 
         ub, ub2 = bases_of(m, e, base_bits, grand_bits)
         for arr in (ub, ub2):  # the kernels read them as raw patterns
             if arr is not None and (not isinstance(arr, np.ndarray) or arr.dtype != e.coding.uint
-                                    or not arr.flags.c_contiguous):
+                                    or not arr.flags.c_contiguous or not arr.flags.aligned):
                 return None
         jobs[e.name] = [ub, ub2, None, None, nrows, per]
     block = backend.empty(edges[-1])  # one allocation: huge pages

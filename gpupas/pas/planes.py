@@ -101,6 +101,8 @@ def to_bits(values: Any, layout: Layout) -> Any:
         values = xp.ascontiguousarray(values)
     if not values.dtype.isnative:
         values = values.astype(values.dtype.newbyteorder("="))
+    if not getattr(values.flags, "aligned", True):  # e.g. np.frombuffer at an odd offset: the kernels read whole
+        values = values.copy()  # values, so an aligned copy (the same bits)
     return values.reshape(-1).view(layout.uint)
 
 
