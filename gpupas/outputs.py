@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from gpupas.errors import ArchiveExistsError, GpupasError, InvalidInputError
+from gpupas.store.local import fsync
 
 
 def write_file(path: str | os.PathLike[str], fill: Callable[[BinaryIO], None], *, replace: bool = False) -> Path:
@@ -32,7 +33,7 @@ def write_file(path: str | os.PathLike[str], fill: Callable[[BinaryIO], None], *
         with os.fdopen(fd, "wb") as f:
             fill(f)
             f.flush()
-            os.fsync(f.fileno())
+            fsync(f.fileno())
         if replace:
             os.replace(tmp, p)
         else:

@@ -358,3 +358,45 @@ def test_read_into_fills_views_in_order_and_stops_at_the_end(store: LocalStore, 
         assert store.read_into(fd, memoryview(one), 0) == 8 and bytes(one) == data[:8]  # one view as before
     finally:
         os.close(fd)
+
+
+def test_durable_writes_use_full_fsync_where_the_os_has_it(tmp_path, monkeypatch) -> None:
+    """macOS's fsync stops at the drive's cache: there (F_FULLFSYNC defined) a durable store flushes with
+    fcntl(F_FULLFSYNC), and with os.fsync where the file system refuses it; elsewhere os.fsync/fdatasync."""
+    import fcntl
+
+    import numpy as np
+
+    import gpupas
+    from gpupas.store import local
+
+    calls: list[str] = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(fcntl, "F_FULLFSYNC", 51, raising=False)  # macOS's value
+    refuse = {"on": False}
+
+    def fake_fcntl(fd, cmd, *args):
+        assert cmd == 51
+        calls.append("full")
+        if refuse["on"]:
+            raise OSError(45, "Operation not supported")
+        return 0
+
+    def counting_fsync(fd):
+        calls.append("fsync")
+        real_fsync(fd)
+
+    monkeypatch.setattr(fcntl, "fcntl", fake_fcntl)
+    monkeypatch.setattr(os, "fsync", counting_fsync)
+    w = np.arange(4096, dtype=np.float32)
+    with gpupas.create_archive(tmp_path / "a") as arc:
+        arc.commit({"w": w}, snapshot="s0")
+    assert calls and set(calls) == {"full"}, calls
+    calls.clear()
+    refuse["on"] = True
+    fd = os.open(tmp_path / "a", os.O_RDONLY)
+    try:
+        local.fsync(fd)
+    finally:
+        os.close(fd)
+    assert calls == ["full", "fsync"]

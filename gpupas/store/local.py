@@ -47,7 +47,28 @@ _DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _READ = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 _WRITE_ERRORS = (errno.EACCES, errno.EPERM, errno.EROFS)
 _FULL = (errno.ENOSPC, errno.EDQUOT)
-_datasync = getattr(os, "fdatasync", os.fsync)  # macOS has no fdatasync
+
+
+def fsync(fd: int) -> None:
+    """Flush ``fd`` to the disk itself: on macOS fsync stops at the drive's volatile cache (a power loss can
+    still lose what it "synced"), so there F_FULLFSYNC; os.fsync where that is missing or refused (a file
+    system that does not support it)."""
+    full = getattr(fcntl, "F_FULLFSYNC", None)  # macOS only
+    if full is not None:
+        try:
+            fcntl.fcntl(fd, full)
+            return
+        except OSError:
+            pass
+    os.fsync(fd)
+
+
+def _datasync(fd: int) -> None:
+    """fdatasync where the OS has it (Linux); else :func:`fsync` (macOS has no fdatasync)."""
+    if hasattr(os, "fdatasync") and not hasattr(fcntl, "F_FULLFSYNC"):
+        os.fdatasync(fd)
+    else:
+        fsync(fd)
 
 
 def _parts(key: str) -> list[str]:
@@ -308,7 +329,7 @@ class LocalStore:
         try:
             _write_all(fd, data)
             if self.durable:
-                os.fsync(fd)
+                fsync(fd)
         except BaseException:
             os.close(fd)
             os.unlink(tmp, dir_fd=dfd)
@@ -343,7 +364,7 @@ class LocalStore:
             try:
                 _write_all(fd, data)
                 if self.durable:
-                    os.fsync(fd)
+                    fsync(fd)
             finally:
                 os.close(fd)
 
@@ -388,7 +409,7 @@ class LocalStore:
             if tmp is not None:
                 os.unlink(tmp, dir_fd=dfd)
             if self.durable:
-                os.fsync(dfd)
+                fsync(dfd)
         except OSError as exc:
             warnings.warn(f"{self.location}: {key} was written but may not survive a power loss ({exc})",
                           stacklevel=3)
@@ -440,7 +461,7 @@ class LocalStore:
         for p in prefixes:
             fd = self._walk(_parts(p)) if p else self._root_fd()
             try:
-                os.fsync(fd)
+                fsync(fd)
             finally:
                 os.close(fd)
 
@@ -513,7 +534,7 @@ class LocalWriter:
     def close(self) -> None:
         try:
             if self.durable:
-                os.fsync(self.fd)
+                fsync(self.fd)
         except OSError as exc:
             raise self._error(exc) from None
         finally:
