@@ -7,6 +7,7 @@ than writing through it) or, without ``replace``, linked into place (which refus
 
 from __future__ import annotations
 
+import fcntl
 import os
 import uuid
 from collections.abc import Callable
@@ -14,7 +15,20 @@ from pathlib import Path
 from typing import BinaryIO
 
 from gpupas.errors import ArchiveExistsError, GpupasError, InvalidInputError
-from gpupas.store.local import fsync
+
+
+def fsync(fd: int) -> None:
+    """Flush ``fd`` to the disk itself: on macOS fsync stops at the drive's volatile cache (a power loss can
+    still lose what it "synced"), so there F_FULLFSYNC; os.fsync where that is missing or refused (a file
+    system that does not support it)."""
+    full = getattr(fcntl, "F_FULLFSYNC", None)  # macOS only
+    if full is not None:
+        try:
+            fcntl.fcntl(fd, full)
+            return
+        except OSError:
+            pass
+    os.fsync(fd)
 
 
 def write_file(path: str | os.PathLike[str], fill: Callable[[BinaryIO], None], *, replace: bool = False) -> Path:

@@ -368,7 +368,7 @@ def test_durable_writes_use_full_fsync_where_the_os_has_it(tmp_path, monkeypatch
     import numpy as np
 
     import gpupas
-    from gpupas.store import local
+    from gpupas import outputs
 
     calls: list[str] = []
     real_fsync = os.fsync
@@ -396,7 +396,7 @@ def test_durable_writes_use_full_fsync_where_the_os_has_it(tmp_path, monkeypatch
     refuse["on"] = True
     fd = os.open(tmp_path / "a", os.O_RDONLY)
     try:
-        local.fsync(fd)
+        outputs.fsync(fd)
     finally:
         os.close(fd)
     assert calls == ["full", "fsync"]

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from gpupas.errors import ArchiveExistsError, ArchiveNotFoundError, IntegrityError, InvalidInputError, ReadOnlyError
+from gpupas.outputs import fsync
 from gpupas.store.base import buffers
 
 log = logging.getLogger("gpupas")
@@ -47,20 +48,6 @@ _DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _READ = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 _WRITE_ERRORS = (errno.EACCES, errno.EPERM, errno.EROFS)
 _FULL = (errno.ENOSPC, errno.EDQUOT)
-
-
-def fsync(fd: int) -> None:
-    """Flush ``fd`` to the disk itself: on macOS fsync stops at the drive's volatile cache (a power loss can
-    still lose what it "synced"), so there F_FULLFSYNC; os.fsync where that is missing or refused (a file
-    system that does not support it)."""
-    full = getattr(fcntl, "F_FULLFSYNC", None)  # macOS only
-    if full is not None:
-        try:
-            fcntl.fcntl(fd, full)
-            return
-        except OSError:
-            pass
-    os.fsync(fd)
 
 
 def _datasync(fd: int) -> None:
