@@ -165,18 +165,6 @@ static int fail(const char *msg) {
 
 static int width_ok(int w) { return w == 1 || w == 2 || w == 4 || w == 8; }
 
-/* Each of the first count buffers starts where a value of its type may (align[k] bytes; 1: any byte): the
- * kernels read and write whole values through typed pointers, which C (and UBSan) require aligned. NumPy's
- * own arrays are; a view at an odd offset (np.frombuffer) is not, and gpupas.backend.fast never passes one. */
-static int check_align(const Bufs *bs, const int *align, int count) {
-    for (int k = 0; k < count; k++) {
-        const Py_buffer *b = &bs->b[k];
-        if (align[k] > 1 && b->len > 0 && (uintptr_t)b->buf % (uintptr_t)align[k] != 0)
-            return fail("a buffer is not aligned for its values");
-    }
-    return 0;
-}
-
 /* a * b <= cap for non-negative a, b, without overflowing */
 static int product_fits(Py_ssize_t a, Py_ssize_t b, Py_ssize_t cap) {
     return a >= 0 && b >= 0 && (b == 0 || a <= cap / b);
@@ -239,7 +227,6 @@ static PyObject *encode(PyObject *self, PyObject *args) {
                           &bs.b[9], &bs.b[10]))
         return NULL;
     bs.used = 11;
-    if (check_align(&bs, (const int[]){w, w, w, 2, 8, 1, 8, 8, w, 1, w}, 11)) { release(&bs); return NULL; }
     uint8_t *p[8];
     if (check_seg(&g, w, kind, &bs.b[0], &bs.b[1], &bs.b[2], &bs.b[3], &bs.b[4]) ||
         check_planes(p, w, &bs.b[5], &bs.b[6], g.n))
@@ -284,7 +271,6 @@ static PyObject *decode(PyObject *self, PyObject *args) {
                           &bs.b[9]))
         return NULL;
     bs.used = 10;
-    if (check_align(&bs, (const int[]){1, 8, w, w, 2, 8, w, w, 1, w}, 10)) { release(&bs); return NULL; }
     uint8_t *p[8];
     if (check_seg(&g, w, kind, &bs.b[6], &bs.b[2], &bs.b[3], &bs.b[4], &bs.b[5]) ||
         check_planes(p, w, &bs.b[0], &bs.b[1], g.n))
@@ -324,7 +310,6 @@ static PyObject *copy_rows(PyObject *self, PyObject *args) {
     Bufs bs = {0};
     if (!PyArg_ParseTuple(args, "iw*y*y*nn", &w, &bs.b[0], &bs.b[1], &bs.b[2], &rows, &per)) return NULL;
     bs.used = 3;
-    if (check_align(&bs, (const int[]){1, 1, 8}, 3)) { release(&bs); return NULL; }
     if (!width_ok(w) || !product_fits(rows, per, bs.b[0].len / w) || !product_fits(rows, per, bs.b[1].len / w)) {
         fail("bad rows");
         release(&bs);
@@ -359,7 +344,6 @@ static PyObject *sample_entropies(PyObject *self, PyObject *args) {
                           &g.per, &bs.b[4], &ln2x2, &bs.b[5], &bs.b[6], &bs.b[7], &bs.b[8], &bs.b[9]))
         return NULL;
     bs.used = 10;
-    if (check_align(&bs, (const int[]){w, w, 8, 8, 8, 8, 8, 8, 8, 1}, 10)) { release(&bs); return NULL; }
     Py_ssize_t m = bs.b[2].len / 8;
     const int64_t *idx = (const int64_t *)bs.b[2].buf;
     if (m > 0) {  /* checked as the segment of every coded value up to the largest sampled one */
@@ -404,7 +388,6 @@ static PyObject *gather(PyObject *self, PyObject *args) {
     Bufs bs = {0};
     if (!PyArg_ParseTuple(args, "iy*y*y*nw*", &w, &bs.b[0], &bs.b[1], &bs.b[2], &g.per, &bs.b[3])) return NULL;
     bs.used = 4;
-    if (check_align(&bs, (const int[]){w, 8, 8, w}, 4)) { release(&bs); return NULL; }
     Py_ssize_t m = bs.b[1].len / 8;
     const int64_t *idx = (const int64_t *)bs.b[1].buf;
     if (m > 0) {
@@ -444,7 +427,6 @@ static PyObject *fit_rows(PyObject *self, PyObject *args) {
                           &bs.b[4], &bs.b[5], &bs.b[6], &bs.b[7]))
         return NULL;
     bs.used = 8;
-    if (check_align(&bs, (const int[]){w, w, w, 8, 8, 2, 8, 8}, 8)) { release(&bs); return NULL; }
     Py_ssize_t nc = bs.b[4].len / 8;
     const int64_t *cols = (const int64_t *)bs.b[4].buf;
     g.start = 0;
@@ -487,7 +469,6 @@ static PyObject *row_changes(PyObject *self, PyObject *args) {
     Bufs bs = {0};
     if (!PyArg_ParseTuple(args, "iy*y*nnw*", &w, &bs.b[0], &bs.b[1], &rows, &per, &bs.b[2])) return NULL;
     bs.used = 3;
-    if (check_align(&bs, (const int[]){w, w, 1}, 3)) { release(&bs); return NULL; }
     if (!width_ok(w) || !product_fits(rows, per, bs.b[0].len / w) || !product_fits(rows, per, bs.b[1].len / w) ||
         bs.b[2].len < rows) {
         fail("bad rows");
@@ -519,7 +500,6 @@ static PyObject *deflate_huffman(PyObject *self, PyObject *args) {
     Py_ssize_t limit = -1;
     if (!PyArg_ParseTuple(args, "y*y*|n", &bs.b[0], &bs.b[1], &limit)) return NULL;
     bs.used = 2;
-    if (check_align(&bs, (const int[]){1, 8}, 2)) { release(&bs); return NULL; }
     Py_ssize_t n = bs.b[0].len, nb = bs.b[1].len / 8;
     const int64_t *bounds = (const int64_t *)bs.b[1].buf;
     for (Py_ssize_t k = 0; k < nb; k++) {
@@ -575,7 +555,6 @@ static PyObject *huffman_floor(PyObject *self, PyObject *args) {
     Py_ssize_t stride;
     if (!PyArg_ParseTuple(args, "y*y*n", &bs.b[0], &bs.b[1], &stride)) return NULL;
     bs.used = 2;
-    if (check_align(&bs, (const int[]){1, 8}, 2)) { release(&bs); return NULL; }
     Py_ssize_t n = bs.b[0].len, nb = bs.b[1].len / 8;
     const int64_t *bounds = (const int64_t *)bs.b[1].buf;
     const uint8_t *data = (const uint8_t *)bs.b[0].buf;
@@ -624,7 +603,6 @@ static PyObject *range_entropies(PyObject *self, PyObject *args) {
     double ln2x2;
     if (!PyArg_ParseTuple(args, "y*y*y*dw*", &bs.b[0], &bs.b[1], &bs.b[2], &ln2x2, &bs.b[3])) return NULL;
     bs.used = 4;
-    if (check_align(&bs, (const int[]){1, 8, 8, 8}, 4)) { release(&bs); return NULL; }
     const uint8_t *data = (const uint8_t *)bs.b[0].buf;
     const int64_t *rg = (const int64_t *)bs.b[1].buf;
     const double *nlogn = (const double *)bs.b[2].buf;

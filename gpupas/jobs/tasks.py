@@ -65,9 +65,13 @@ class Reencode:
 
 
 def _feed(archive: Any, inputs: tuple[Any, ...]) -> None:
+    """Put the bases other tasks decoded into ``archive``'s cache: arrays a worker received from another are
+    views into its message and may start anywhere, so a misaligned one is copied (the compiled kernels read
+    whole values through typed pointers)."""
     for x in inputs:
         if isinstance(x, Link) and x.bits is not None:
-            archive.bases.put(x.sid, x.bits)
+            archive.bases.put(x.sid, {k: v if getattr(v, "flags", None) is None or v.flags.aligned else v.copy()
+                                      for k, v in x.bits.items()})
 
 
 def decode_link(spec: ArchiveSpec, sid: str, *inputs: Link) -> Link:
