@@ -139,6 +139,11 @@ def _sid(snapshot: Any) -> str:
     return check_name(snapshot)
 
 
+def _base_discarded(sid: str) -> SnapshotNotFoundError:
+    return SnapshotNotFoundError(f"snapshot {sid}, the base of this commit, was discarded while it was being "
+                                 "committed; nothing was stored")
+
+
 def _address(x: Any) -> int | None:
     """Where the data of array ``x`` (torch, NumPy, CuPy) starts, if it says."""
     try:
@@ -401,10 +406,8 @@ class Archive:
                             self.store.delete_folder(s.folder, s.tier)
                         self.bases.drop(base)  # type: ignore[arg-type]
                         continue
-                    for needed in {base, grand} - {None}:
-                        if not self.store.has_manifest(needed):  # type: ignore[arg-type]
-                            raise SnapshotNotFoundError(f"snapshot {needed}, the base of this commit, was discarded "
-                                                        "while it was being committed; nothing was stored")
+                    if (gone := self._gone_base(m)) is not None:
+                        raise _base_discarded(gone)
                     self.store.publish_manifest(m)
                     self._bases_still_there(m)
                 except BaseException as exc:
@@ -423,28 +426,26 @@ class Archive:
         """On an object store (no lock keeps a discard from crossing a commit), after ``m`` is published: where
         its base or grand-base was discarded meanwhile, take ``m`` back and raise. A discard looks for children
         after deleting the manifest and puts it back where it finds one, so one of the two looks sees the other."""
-        if self.store.local_root is not None:
-            return
-        for needed in (m.base, m.grand):
-            if needed is not None and not self.store.has_manifest(needed):
-                self.store.unpublish(m.id)
-                raise SnapshotNotFoundError(f"snapshot {needed}, the base of this commit, was discarded while it was "
-                                            "being committed; nothing was stored")
+        if self.store.local_root is None and (gone := self._gone_base(m)) is not None:
+            self.store.unpublish(m.id)
+            raise _base_discarded(gone)
 
     def _new_base_still_there(self, new: Manifest, was: bytes) -> None:
         """:meth:`_bases_still_there` for a revision that re-based a snapshot (a compaction): where the new base (or
         grand-base) was discarded meanwhile, put back the manifest ``new`` replaced (``was``) and raise."""
-        if self.store.local_root is not None:
+        if self.store.local_root is not None or (gone := self._gone_base(new)) is None:
             return
-        for needed in (new.base, new.grand):
-            if needed is not None and not self.store.has_manifest(needed):
-                try:
-                    self.store.unreplace(new, was)
-                except BaseException as exc:  # it may have switched back, or not: the new form's folders stay
-                    exc.maybe_published = True  # type: ignore[attr-defined]
-                    raise
-                raise SnapshotNotFoundError(f"snapshot {needed}, the new base of {new.id}, was discarded while "
-                                            f"{new.id} was being revised; {new.id} is kept as it was")
+        try:
+            self.store.unreplace(new, was)
+        except BaseException as exc:  # it may have switched back, or not: the new form's folders stay
+            exc.maybe_published = True  # type: ignore[attr-defined]
+            raise
+        raise SnapshotNotFoundError(f"snapshot {gone}, the new base of {new.id}, was discarded while {new.id} was "
+                                    f"being revised; {new.id} is kept as it was")
+
+    def _gone_base(self, m: Manifest) -> str | None:
+        """The first of ``m``'s base and grand-base that the archive no longer has (discarded), if any."""
+        return next((s for s in (m.base, m.grand) if s is not None and not self.store.has_manifest(s)), None)
 
     def _bases_unchanged(self, m: Manifest, base_bits: Mapping[str, Any], grand_bits: Mapping[str, Any],
                          backend: Any) -> bool:
