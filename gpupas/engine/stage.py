@@ -236,8 +236,9 @@ def twins(staged: Sequence[Staged]) -> dict[int, int]:
 
 
 def _coded_alike(a: Staged, b: Staged) -> bool:
-    """Whether ``a`` and ``b`` code to the same bytes: the same bits against the same base (and prediction)."""
-    return (_same(a.bits, b.bits) and all(_same(a.full(k), b.full(k)) for k in ("u", "ub", "ub2"))
+    """Whether ``a`` and ``b`` code to the same bytes: the same bits against the same base (and prediction).
+    What is coded (``u``: the bits, or their changed rows) follows from the bits and the row mask."""
+    return (_same(a.bits, b.bits) and all(_same(a.full(k), b.full(k)) for k in ("ub", "ub2"))
             and all(_same(getattr(a, k), getattr(b, k)) for k in ("changed", "rows", "alpha")))
 
 
