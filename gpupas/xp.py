@@ -31,6 +31,13 @@ def to_numpy(array: Any) -> np.ndarray:
     return np.asarray(array)
 
 
+def aligned(array: Any) -> Any:
+    """``array``, or an aligned copy (the same bits) where its data starts where its values may not (a view at an
+    odd offset, ``np.frombuffer``, a worker's received message): the compiled kernels read whole values through
+    typed pointers."""
+    return array if getattr(getattr(array, "flags", None), "aligned", True) else array.copy()
+
+
 def is_device_array(value: Any) -> bool:
     """A CuPy array, a CUDA torch tensor, or anything else that says it lives on a CUDA device."""
     module = type(value).__module__.split(".")[0]

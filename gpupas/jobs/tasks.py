@@ -12,6 +12,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from gpupas.errors import UNREACHABLE, ConflictError, GpupasError, SnapshotNotFoundError, Unreachable
+from gpupas.xp import aligned
 
 _TRIES = 4  # revisions of one snapshot that others revise meanwhile
 
@@ -70,8 +71,7 @@ def _feed(archive: Any, inputs: tuple[Any, ...]) -> None:
     whole values through typed pointers)."""
     for x in inputs:
         if isinstance(x, Link) and x.bits is not None:
-            archive.bases.put(x.sid, {k: v if getattr(v, "flags", None) is None or v.flags.aligned else v.copy()
-                                      for k, v in x.bits.items()})
+            archive.bases.put(x.sid, {k: aligned(v) for k, v in x.bits.items()})
 
 
 def decode_link(spec: ArchiveSpec, sid: str, *inputs: Link) -> Link:

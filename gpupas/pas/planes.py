@@ -15,7 +15,7 @@ import ml_dtypes
 import numpy as np
 
 from gpupas.errors import UnsupportedDtypeError
-from gpupas.xp import ML_DTYPES, namespace
+from gpupas.xp import ML_DTYPES, aligned, namespace
 
 if sys.byteorder != "little":  # pragma: no cover - every platform we ship on is little-endian
     raise ImportError("gpupas needs a little-endian machine")
@@ -101,9 +101,7 @@ def to_bits(values: Any, layout: Layout) -> Any:
         values = xp.ascontiguousarray(values)
     if not values.dtype.isnative:
         values = values.astype(values.dtype.newbyteorder("="))
-    if not getattr(values.flags, "aligned", True):  # e.g. np.frombuffer at an odd offset: the kernels read whole
-        values = values.copy()  # values, so an aligned copy (the same bits)
-    return values.reshape(-1).view(layout.uint)
+    return aligned(values).reshape(-1).view(layout.uint)
 
 
 def from_bits(bits: Any, layout: Layout, shape: tuple[int, ...]) -> Any:
