@@ -121,6 +121,7 @@ def test_processes_committing_at_once_get_distinct_ids(tmp_path: Path) -> None:
 KILLED = PRELUDE + r"""
 import re
 from gpupas.catalog import Catalog
+from gpupas.store.local import LocalStore
 from gpupas.versions.repository import Repository
 path, mode = sys.argv[1], sys.argv[2]
 
@@ -138,12 +139,15 @@ if mode == "chunks":  # in the middle of the second snapshot's chunk writes
             pause("chunks")
     ShardSink.add = slow_add
 elif mode == "link":  # version record written to a temporary file, not yet linked into place
-    link = os.link
+    link, create, key = os.link, LocalStore.create, [""]
+    def keyed_create(self, k, data):  # the key, not the file name: a snapshot id may be all digits too
+        key[0] = k
+        return create(self, k, data)
     def slow_link(src, dst, *a, **k):
-        if re.fullmatch(r"[0-9]+[.]json", str(dst)):
+        if re.fullmatch(r"versions/[0-9]+[.]json", key[0]):
             pause("link")
         return link(src, dst, *a, **k)
-    os.link = slow_link
+    LocalStore.create, os.link = keyed_create, slow_link
 elif mode == "catalog":  # inside the catalog transaction
     index = Catalog._index_version
     def slow_index(self, rec):
@@ -154,12 +158,15 @@ elif mode == "catalog":  # inside the catalog transaction
 elif mode == "after":  # record published, catalog not yet told
     Repository._after_publish = lambda self, keys: pause("after")
 elif mode == "replace":  # appending a snapshot: the record lock is held
-    replace = os.replace
+    replace, update, key = os.replace, LocalStore.update, [""]
+    def keyed_update(self, k, change):
+        key[0] = k
+        return update(self, k, change)
     def slow_replace(src, dst, *a, **k):
-        if re.fullmatch(r"[0-9]+[.]json", str(dst)):
+        if re.fullmatch(r"versions/[0-9]+[.]json", key[0]):
             pause("replace")
         return replace(src, dst, *a, **k)
-    os.replace = slow_replace
+    LocalStore.update, os.replace = keyed_update, slow_replace
 
 with open_repository(path) as repo:
     if mode == "replace":
