@@ -617,6 +617,27 @@ def test_tags_and_version_names_never_shadow_each_other(tmp_path: Path) -> None:
         assert len(repo.versions()) == 2
 
 
+def test_tags_that_differ_only_in_case_are_refused(tmp_path: Path) -> None:
+    """macOS and Windows keep one file for refs/tags/best.json and Best.json: a second tag differing only in case
+    is refused on every file system, and a tag file holding another tag's record (what such a file system
+    shows for the missing name) is not read as that tag."""
+    w = {"w": np.arange(10, dtype=np.float32)}
+    arc = tmp_path / "arc"
+    with create_repository(arc) as repo:
+        v1, v2 = repo.commit("a", w), repo.commit("b", w)
+        repo.tag("best", v1.id)
+        for name, force in (("Best", False), ("BEST", True)):
+            with pytest.raises(InvalidInputError, match=r"only in case.*'best'"):
+                repo.tag(name, v2.id, force=force)
+        assert repo.tags() == {"best": v1.id}
+        (arc / "refs" / "tags" / "Best.json").write_bytes((arc / "refs" / "tags" / "best.json").read_bytes())
+        with pytest.raises(VersionNotFoundError):
+            repo.resolve("Best")
+        with pytest.raises(VersionNotFoundError):
+            repo.untag("Best")
+        assert repo.resolve("best") == v1.id
+
+
 def test_a_branch_starts_from_the_snapshot_it_names(repo: Repository, tmp_path: Path) -> None:
     """Fine-tuning from an earlier checkpoint of a run: the branch's first snapshot is a delta on that one
     (not on the parent's latest), and its entry says so."""

@@ -90,12 +90,15 @@ class Records:
 
     def tag(self, name: str) -> int | None:
         got = self.read(f"t/{name}")
-        if got is None:
+        if got is None or got[0].get("tag", name) != name:  # another tag's file, found by a case-insensitive FS
             return None
         try:
             return int(got[0]["version"])
         except (KeyError, TypeError, ValueError):
             raise IntegrityError(f"tag {name!r} in {self.location} is damaged") from None
+
+    def tag_names(self) -> list[str]:
+        return [n[:-5] for n in self.store.list(keys.TAGS) if n.endswith(".json") and keys.is_name(n[:-5])]
 
     def has_version(self, vid: int) -> bool:
         return 0 < vid <= MAX_VERSION_ID and self.store.exists(keys.version(vid))

@@ -656,6 +656,7 @@ class Repository:
         if named:
             raise InvalidInputError(f"{tag!r} names version(s) {', '.join(map(str, named))}; a tag of that name would "
                                     "hide them from it: pick another tag")
+        self._check_case(tag)
         record = {"tag": tag, "version": vid, "created": now()}
         created = False
         for _ in range(_TAG_TRIES):
@@ -663,6 +664,7 @@ class Repository:
             old = vid if created else self.records.tag(tag)
             if old is not None:  # None: deleted since create_tag found it; create it again
                 break
+            self._check_case(tag)  # or made meanwhile under another case, on a case-insensitive file system
         else:
             raise ConflictError(f"tag {tag!r} was deleted and made again by others {_TAG_TRIES} times while this "
                                 "tried to set it; try again")
@@ -678,6 +680,15 @@ class Repository:
                                     "a tag of that name would hide them from it: pick another tag")
         self._after_publish([f"t/{tag}"])
         return vid
+
+    def _check_case(self, tag: str) -> None:
+        """Refuse a tag that differs from another only in case: macOS and Windows file systems keep one file
+        for both, so the archive would read differently there."""
+        clash = [t for t in self.records.tag_names() if t != tag and file_key(t) == file_key(tag)]
+        if clash:
+            raise InvalidInputError(f"tag {tag!r} differs from tag {clash[0]!r} only in case, which macOS and "
+                                    f"Windows file systems do not tell apart: pick another name, or move "
+                                    f"{clash[0]!r} (`gpupas tag {clash[0]} VERSION --force`)")
 
     def untag(self, tag: str) -> int:
         """Delete a tag; returns the version it pointed at."""
