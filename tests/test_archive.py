@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import stat
 import subprocess
 import sys
 import warnings
 from pathlib import Path
+from typing import Any
 
 import ml_dtypes
 import numpy as np
@@ -365,7 +368,7 @@ def test_failed_shard_close_fails_the_commit(archive: gpupas.Archive, monkeypatc
     s0 = _model(0)
     m0 = archive.commit(s0)
 
-    def eio(self: local.LocalWriter) -> None:
+    def eio(self: local.LocalWriter, sync: bool = True) -> None:
         os.close(self.fd)
         raise OSError(5, "Input/output error")
 
@@ -379,6 +382,64 @@ def test_failed_shard_close_fails_the_commit(archive: gpupas.Archive, monkeypatc
     _same(fresh.restore(m0.id), s0)
     m2 = fresh.commit(_model(2, 1e-4, s0), base=m0.id)
     assert fresh.snapshots() == [m0.id, m2.id]
+
+
+def test_failed_fsync_of_the_written_files_fails_the_commit(archive: gpupas.Archive,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """The files of a commit (shards, Zarr documents) and their folders are fsync'd together before the
+    manifest is published: an error there fails the commit, which leaves nothing behind."""
+    import gpupas.store.local as local
+
+    s0 = _model(0)
+    m0 = archive.commit(s0)
+    synced: list[int] = []
+
+    def eio(fds: list[int]) -> None:
+        synced.extend(os.fstat(fd).st_mode for fd in fds)
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(local, "_fsync_all", eio)
+    with pytest.raises(OSError, match="Input/output"):
+        archive.commit(_model(1, 1e-4, s0), base=m0.id, snapshot="doomed")
+    monkeypatch.undo()
+    assert sum(map(stat.S_ISREG, synced)) >= 3 and sum(map(stat.S_ISDIR, synced)) >= 4  # documents, shard; folders
+    fresh = gpupas.open_archive(archive.location)
+    assert fresh.snapshots() == [m0.id] and fresh.store.orphan_folders() == []
+    _same(fresh.restore(m0.id), s0)
+
+
+@pytest.mark.skipif(hasattr(fcntl, "F_FULLFSYNC"), reason="macOS syncs by fcntl, not os.fsync")
+def test_every_file_and_folder_of_a_commit_is_durable_before_its_manifest(archive: gpupas.Archive,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """Power-loss safety: each file a commit writes (shards, Zarr documents) and each folder it made or
+    added to is fsync'd before the manifest that names them is linked into place."""
+    s0 = _model(0)
+    m0 = archive.commit(s0)
+    synced: set[tuple[int, int]] = set()
+    before: set[tuple[int, int]] = set()
+    real_fsync, real_link = os.fsync, os.link
+
+    def fsync(fd: int) -> None:
+        real_fsync(fd)
+        st = os.fstat(fd)
+        synced.add((st.st_dev, st.st_ino))
+
+    def link(src: Any, dst: Any, *a: Any, **k: Any) -> None:
+        if str(dst).endswith(".json") and not before:  # the manifest: the first record a commit links
+            before.update(synced)
+        real_link(src, dst, *a, **k)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "link", link)
+    m1 = archive.commit(_model(1, 1e-4, s0), base=m0.id, snapshot="s1")
+    monkeypatch.undo()
+    root = Path(archive.location)
+    made = [p for s in archive.manifest(m1.id).streams for p in [root / "snapshots" / s.folder,
+                                                                  *(root / "snapshots" / s.folder).rglob("*")]]
+    assert len(made) >= 6
+    for p in [*made, root / "snapshots"]:
+        st = p.stat()
+        assert (st.st_dev, st.st_ino) in before, f"{p.relative_to(root)} was not fsync'd before the manifest"
 
 
 def test_bad_input_is_refused_and_changes_nothing(archive: gpupas.Archive, tmp_path: Path) -> None:

@@ -165,7 +165,7 @@ def write_streams(store: ArchiveStore, sid: str, staged: Sequence[Staged], setti
                     sink.abort()
                     made.exception()  # written (or failed) before the folder is removed below
                     raise
-                closing.append((executor.background(sink.close), sink, made))  # indexes and fsyncs, meanwhile
+                closing.append((executor.background(sink.close, False), sink, made))  # indexes, meanwhile
                 streams.append(replace(stream, chunks="".join(letter for letter, _ in coded),
                                        stored=sum(n for _, n in coded)))
                 chunk_sizes.append([n for _, n in coded])
@@ -178,9 +178,8 @@ def write_streams(store: ArchiveStore, sid: str, staged: Sequence[Staged], setti
             entries = _with_twins(every, attribute(entries, streams, bufs, chunk_sizes, layout.segment), alike)
             if meanwhile is not None:
                 meanwhile()
-            _closed(closing)
-            for stream in streams:
-                store.sync_stream(stream)
+            for stream, files in zip(streams, _closed(closing)):
+                store.sync_stream(stream, files)
         except BaseException:
             _closed(closing, failed=True)  # nothing still writes into a folder removed below
             for stream in written:  # never published: remove now rather than leave it to gc
@@ -208,9 +207,10 @@ def _with_twins(staged: Sequence[Staged], entries: Sequence[TensorEntry], alike:
     return out
 
 
-def _closed(closing: Sequence[tuple[Any, Any, Any]], failed: bool = False) -> None:
+def _closed(closing: Sequence[tuple[Any, Any, Any]], failed: bool = False) -> list[list[str]]:
     """Wait until every stream's shards are closed and its documents written; a sink whose closing failed is
-    aborted (its files closed). Raises the first error unless ``failed`` (the caller is unwinding already)."""
+    aborted (its files closed). Raises the first error unless ``failed`` (the caller is unwinding already).
+    Returns each stream's files (documents and shards), to be made durable."""
     first: BaseException | None = None
     for fut, sink, made in closing:
         closed, documents = fut.exception(), made.exception()  # each waits
@@ -219,6 +219,7 @@ def _closed(closing: Sequence[tuple[Any, Any, Any]], failed: bool = False) -> No
         first = first or closed or documents
     if first is not None and not failed:
         raise first
+    return [] if first is not None else [made.result() + fut.result() for fut, _, made in closing]
 
 
 def attribute(entries: list[TensorEntry], streams: Sequence[Stream], bufs: Sequence[Any],

@@ -508,22 +508,27 @@ class ArchiveStore:
                 store.delete_prefix(keys.folder(name))
         return out
 
-    def create_stream(self, stream: Stream, inner: dict[str, list[dict[str, Any]]]) -> None:
-        """Write the Zarr documents of a stream's folder (in its tier): a group and one sharded array per codec."""
+    def create_stream(self, stream: Stream, inner: dict[str, list[dict[str, Any]]]) -> list[str]:
+        """Write the Zarr documents of a stream's folder (in its tier): a group and one sharded array per
+        codec; :meth:`sync_stream` makes them durable. Returns their keys."""
         store = self.tier_store(stream.tier)
         base = keys.folder(stream.folder)
-        store.put(f"{base}/zarr.json", _json(zarr_meta.group()))
+        written = [f"{base}/zarr.json"]
+        store.put(written[0], _json(zarr_meta.group()), sync=False)
         for codec_id in stream.codecs.values():
             doc = zarr_meta.sharded_array(stream.length, stream.chunk_size, stream.shard_chunks,
                                           [*inner[codec_id], {"name": "crc32c"}])
-            store.put(f"{keys.array(stream.folder, codec_id)}/zarr.json", _json(doc))
+            written.append(f"{keys.array(stream.folder, codec_id)}/zarr.json")
+            store.put(written[-1], _json(doc), sync=False)
+        return written
 
-    def sync_stream(self, stream: Stream) -> None:
-        """Make a written stream's folder entries durable (before a manifest names it)."""
+    def sync_stream(self, stream: Stream, files: Sequence[str]) -> None:
+        """Make a written stream durable, its ``files`` (documents and shards) and its folders' entries, all at
+        once (before a manifest names it)."""
         store = self.tier_store(stream.tier)
         base = keys.folder(stream.folder)
         arrays = [keys.array(stream.folder, c) for c in stream.codecs.values()]
-        store.sync([*(f"{a}/c" for a in arrays if store.list(f"{a}/c")), *arrays, base, keys.SNAPSHOTS])
+        store.sync([*files, *(f"{a}/c" for a in arrays if store.list(f"{a}/c")), *arrays, base, keys.SNAPSHOTS])
 
     def sink(self, stream: Stream, background: Callable[..., Future[Any]] | None = None) -> ShardSink:
         return ShardSink(self.tier_store(stream.tier), stream, background)

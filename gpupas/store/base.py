@@ -33,8 +33,9 @@ class Writer(Protocol):
         """Start making what was appended durable (local: fdatasync); may run in the background."""
         ...
 
-    def close(self) -> None:
-        """Make everything durable (when the store is) and close; the file then exists whole."""
+    def close(self, sync: bool = True) -> None:
+        """Make everything durable (when the store is; ``sync=False``: the caller will, by
+        :meth:`Store.sync`) and close; the file then exists whole."""
         ...
 
     def abort(self) -> None:
@@ -73,8 +74,8 @@ class Store(Protocol):
         """Seconds since anything under ``prefix`` was last written (None if nothing is there)."""
         ...
 
-    def put(self, key: str, data: bytes) -> None:
-        """Write a whole value (over any old one)."""
+    def put(self, key: str, data: bytes, sync: bool = True) -> None:
+        """Write a whole value (over any old one); ``sync=False``: the caller makes it durable by :meth:`sync`."""
         ...
 
     def create(self, key: str, data: bytes) -> bool:
@@ -95,8 +96,8 @@ class Store(Protocol):
 
     def writer(self, key: str) -> Writer: ...
 
-    def sync(self, prefixes: Sequence[str]) -> None:
-        """Make the listed folders' entries durable (local: fsync the directories)."""
+    def sync(self, keys: Sequence[str]) -> None:
+        """Make the listed folders' entries and files' bytes durable (local: fsync them all at once)."""
         ...
 
     def get_stat(self, key: str) -> tuple[bytes, tuple[int, int, int]] | None:

@@ -202,7 +202,7 @@ class RemoteStore:
         return max(0.0, time.time() - max(stamps)) if stamps else None
 
     # -- writes ------------------------------------------------------------------------------------------
-    def put(self, key: str, data: bytes) -> None:
+    def put(self, key: str, data: bytes, sync: bool = True) -> None:
         self.requests += 1
         self.fs.pipe_file(self._p(key), data)
 
@@ -313,7 +313,7 @@ class RemoteStore:
         self.requests += 1
         return RemoteWriter(self.fs.open(self._p(key), "wb"))
 
-    def sync(self, prefixes: Sequence[str]) -> None:
+    def sync(self, keys: Sequence[str]) -> None:
         """Nothing to do: an object is durable once its PUT returned."""
 
     # -- what the catalog and stats need ---------------------------------------------------------------
@@ -394,7 +394,7 @@ class RemoteWriter:
     def flush(self) -> None:
         pass
 
-    def close(self) -> None:
+    def close(self, sync: bool = True) -> None:
         self.f.close()
 
     def abort(self) -> None:

@@ -67,17 +67,21 @@ class ShardSink:
         if first is not None:
             raise first
 
-    def close(self) -> None:
-        """Write each shard's index and make every shard durable (where the store is)."""
+    def close(self, sync: bool = True) -> list[str]:
+        """Write each shard's index and make every shard durable (where the store is; ``sync=False``: the
+        caller will, by ``Store.sync``). Returns the shards' keys."""
         self._wait()
+        written = []
         while self._open:
-            _, (writer, index, _) = self._open.popitem()
+            (codec_id, shard), (writer, index, _) = self._open.popitem()
             try:
                 writer.append(encode_index(index))
             except BaseException:  # (no longer in ``_open``: abort would not close it)
                 writer.abort()
                 raise
-            writer.close()
+            writer.close(sync)
+            written.append(keys.shard(self.stream.folder, codec_id, shard))
+        return written
 
     def abort(self) -> None:
         """Close without indexes: the stream's folder is never published, gc removes it."""
