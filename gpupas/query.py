@@ -30,8 +30,10 @@ counts). A hyperparameter matches a literal of its own type only (``true`` is no
 ``null`` finds None); ``m.created`` takes dates and times as `gpupas log` shows them (UTC). A metric's
 last value is the one at its highest step (not a number where that was NaN); ``.count`` counts every
 point. ``m.parent != 1`` and ``m.tag != "x"`` ask for *some* parent or tag other than that one
-(``not m.parent = 1``: none is). ``ORDER BY`` takes any field but ``parent`` and ``tag``; versions without
-the hyperparameter or metric come last either way, and a hyperparameter's numbers sort below its strings.
+(``not m.parent = 1``: none is). ``m.id``, ``m.snapshots``, ``m.layers``, ``m.raw_bytes``, ``m.stored_bytes``
+and ``m.parent`` compare with numbers, the other fixed fields with quoted strings (and only they take LIKE):
+anything else is refused, naming the field. ``ORDER BY`` takes any field but ``parent`` and ``tag``; versions
+without the hyperparameter or metric come last either way, and a hyperparameter's numbers sort below its strings.
 NOT and parentheses nest 40 levels deep at most; a statement past SQLite's limits is refused as input.
 """
 
@@ -59,6 +61,8 @@ _KEYWORDS = {"select", "where", "and", "or", "not", "like", "has", "order", "by"
 _COLUMNS = {"id": "id", "name": "name", "created": "created", "author": "author", "message": "message",
             "snapshots": "n_snapshots", "layers": "n_layers", "raw_bytes": "raw_bytes", "stored_bytes": "stored_bytes",
             "latest": "latest", "best": "best"}
+_NUMERIC = {"id", "snapshots", "layers", "raw_bytes", "stored_bytes", "parent"}  # fixed fields that are numbers
+_TEXT = {"name", "created", "author", "message", "latest", "best", "tag"}  # and those that are text
 _OPS = {"=": "=", "==": "=", "!=": "!=", "<>": "!=", "<": "<", "<=": "<=", ">": ">", ">=": ">="}
 _AGGS = {"last", "min", "max", "count"}
 _KINDS = {"conv", "pool", "linear", "norm", "act", "dropout", "embedding", "attention", "reshape", "io", "op",
@@ -375,7 +379,7 @@ class _Parser:
             return (f'EXISTS (SELECT 1 FROM metric_summary s WHERE s.version=v.id AND s.name=? AND s."{col}" {op} ?)')
         if field in ("parent", "tag"):
             op, like = self.operator()
-            val = self.literal()
+            val = self.column_literal(field, like, t)
             self.params.append(val)
             if field == "parent":
                 return f"EXISTS (SELECT 1 FROM parents p WHERE p.version=v.id AND p.parent {op} ?)"
@@ -384,13 +388,27 @@ class _Parser:
             raise self.fail(f"unknown field {field!r}; use {', '.join([*_COLUMNS, 'parent', 'tag', 'hp', 'metric'])}",
                             t)
         op, like = self.operator()
-        val = self.literal()
-        if like and not isinstance(val, str):
-            raise self.fail("LIKE needs a quoted pattern")
+        val = self.column_literal(field, like, t)
         if field == "created" and not like:
             val = self.instant(val)
         self.params.append(val)
         return f"v.{_COLUMNS[field]} {op} ?"
+
+    def column_literal(self, field: str, like: bool, at: Token) -> Any:
+        """The literal after a fixed field's operator, of the field's type (an id, a count, a size: a number;
+        the rest: a quoted string), else InvalidInputError naming the field: SQLite would convert "1" to 1
+        for m.parent and match nothing for m.name = 1."""
+        val = self.literal()
+        numeric = field in _NUMERIC
+        if like and numeric:
+            raise self.fail(f"m.{field} is a number: LIKE matches text fields ({', '.join(sorted(_TEXT))}, hp) "
+                            "with a quoted pattern; compare numbers with =, !=, <, <=, >, >=", at)
+        if like and not isinstance(val, str):
+            raise self.fail(f'LIKE needs a quoted pattern, as in m.{field} like "a%"', at)
+        if isinstance(val, bool) or isinstance(val, str) == numeric:
+            raise self.fail(f"m.{field} compares with {'numbers' if numeric else 'quoted strings'}, not {val!r}",
+                            at)
+        return val
 
     def instant(self, val: Any) -> str:
         """A time literal as gpupas writes times (``datetime.isoformat`` in UTC: microseconds where not 0), so

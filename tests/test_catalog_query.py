@@ -85,6 +85,8 @@ def ids(repo: Repository, q: str) -> list[int]:
     ('select m where m.tag = "prod"', [2]),
     ('select m where m.author = "bo" or (m.snapshots = 1 and m.id > 3)', [2, 4]),
     ('SELECT m WHERE m.message LIKE "%pooling%"', [2]),
+    ('select m where m.tag like "pr%"', [2]),
+    ('select m where m.tag not like "x%"', [2]),  # some tag that is not like it, as m.tag != "x"
     ("select m order by m.name desc limit 2", [3, 1]),  # "_" sorts after "X"
     ("select v where v.id != 2 order by v.id desc", [4, 3, 1]),
     ("select m order by m.metric.accuracy", [2, 1, 3, 4]),  # the last value; versions without it last
@@ -115,7 +117,18 @@ def test_select(repo: Repository, q: str, want: list[int]) -> None:
     ('select m where m.name = "a" "b"', "unexpected text"),
     ("select m where m.name = ", "expected a value"),
     ('select m where m.metric.loss < "low"', "metrics compare with numbers"),
-    ("select m where m.id like 3", "LIKE needs a quoted pattern"),
+    ("select m where m.id like 3", "m.id is a number"),
+    ("select m where m.parent like 1", "m.parent is a number"),
+    ('select m where m.parent like "1"', "m.parent is a number"),
+    ('select m where m.snapshots like "1%"', "m.snapshots is a number"),
+    ("select m where m.tag like 1", "LIKE needs a quoted pattern"),
+    ("select m where m.tag not like 1", "LIKE needs a quoted pattern"),
+    ('select m where m.parent = "1"', "m.parent compares with numbers"),
+    ("select m where m.parent = true", "m.parent compares with numbers"),
+    ('select m where m.id > "2"', "m.id compares with numbers"),
+    ("select m where m.name = 1", "m.name compares with quoted strings"),
+    ("select m where m.tag = 1", "m.tag compares with quoted strings"),
+    ("select m where m.author = false", "m.author compares with quoted strings"),
     ("select m limit -1", "LIMIT takes a whole number"),
     ("select m order by m.color", "cannot order by 'color'"),
     ("select m limit 99999999999999999999", "LIMIT takes a whole number"),

@@ -460,7 +460,8 @@ def query(statement: Annotated[str, typer.Argument(metavar="DQL", help=(
     Fields: m.id m.name m.created m.author m.message m.snapshots m.parent m.tag m.hp.KEY
     m.metric.NAME[.last|.min|.max|.count]; layer predicates: m["regex"] [.next|.prev] has POOL("MAX"),
     CONV, FC, NORM("batch"), RELU, TYPE("MaxPool2d"); and / or / not / parentheses; order by m.FIELD
-    [desc]; limit N.
+    [desc]; limit N. m.id, m.snapshots and m.parent compare with numbers; m.name, m.created, m.author,
+    m.message and m.tag with quoted strings, and LIKE takes a quoted pattern on these (and on m.hp.KEY).
     """
     with _repo(archive) as repo:
         rows = repo.query(statement)
