@@ -12,11 +12,14 @@ Several processes share it safely: WAL journal (readers never block and never se
 transaction), a busy timeout for writers, every change in one ``BEGIN IMMEDIATE`` transaction. The
 threads of one process share a :class:`Catalog` (an asynchronous checkpoint hook appends from a thread
 of its own while the loop queries): its one connection serves one of them at a time.
-A writer killed mid-transaction leaves nothing: SQLite rolls the transaction back.
+A writer killed mid-transaction leaves nothing: SQLite rolls the transaction back. A rebuild killed before
+its new database is in place leaves that (``.catalog.sqlite.<pid>.<hex>.tmp``) beside the catalog; the next
+rebuild removes it, never one that a running rebuild still holds.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import math
@@ -441,8 +444,14 @@ def rebuild_catalog(path: Path, source: RecordSource) -> Catalog:
     an old file there (tables, views or triggers it did not create) survives, and it is never read."""
     if path.is_symlink():
         path.unlink()  # never write through a link; the new catalog takes its place
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    fresh = Catalog(tmp, source)
+    _sweep_temp(path)
+    tmp, held = _locked_temp(path)
+    try:
+        fresh = Catalog(tmp, source)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        os.close(held)
+        raise
     try:
         with fresh.transaction():
             fresh._apply(source.fingerprints(), {})
@@ -456,10 +465,56 @@ def rebuild_catalog(path: Path, source: RecordSource) -> Catalog:
             Path(f"{path}{suffix}").unlink(missing_ok=True)
     except BaseException:
         fresh.close()
-        for suffix in ("", "-wal", "-shm", "-journal"):
+        for suffix in ("-wal", "-shm", "-journal", ""):
             Path(f"{tmp}{suffix}").unlink(missing_ok=True)
         raise
+    finally:
+        os.close(held)
     return Catalog(path, source)
+
+
+def _locked_temp(path: Path) -> tuple[Path, int]:
+    """A new empty file for the database :func:`rebuild_catalog` builds, and a descriptor holding an exclusive
+    ``flock`` on it until the database is in place: the kernel drops it when the process dies, and
+    :func:`_sweep_temp` removes only temporary catalogs no one holds (SQLite's own locks are POSIX locks,
+    apart from flock's)."""
+    while True:
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            if os.stat(tmp, follow_symlinks=False).st_ino == os.fstat(fd).st_ino:
+                return tmp, fd
+        except FileNotFoundError:
+            pass  # a sweep found it before it was locked and removed it: take another name
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(fd)
+
+
+def _sweep_temp(path: Path) -> None:
+    """Remove the temporary catalogs (with their journals) that rebuilds killed before they finished left
+    beside ``path``; one that a running rebuild holds (see :func:`_locked_temp`) stays."""
+    prefix = f".{path.name}."
+    try:
+        names = [n for n in os.listdir(path.parent) if n.startswith(prefix) and n.endswith(".tmp")]
+    except OSError:
+        return
+    for name in names:
+        tmp = path.parent / name
+        try:
+            fd = os.open(tmp, os.O_RDONLY | os.O_NOFOLLOW)
+        except OSError:
+            continue  # gone, or not ours to open
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            for suffix in ("-wal", "-shm", "-journal", ""):  # the file itself last: it names the rest
+                Path(f"{tmp}{suffix}").unlink(missing_ok=True)
+        except OSError:
+            pass  # held: a rebuild is running (or it cannot be removed: left as it was)
+        finally:
+            os.close(fd)
 
 
 def open_catalog(path: Path, source: RecordSource) -> Catalog:

@@ -243,6 +243,59 @@ def test_gc_removes_the_temporary_record_a_killed_commit_left(tmp_path: Path) ->
         check_archive(repo)
 
 
+REINDEX = PRELUDE + r"""
+from gpupas.catalog import Catalog
+index = Catalog._index_version
+def paused(self, rec):  # building the temporary catalog: the parent says when to go on (or kills this process)
+    index(self, rec)
+    if self.path.name.endswith(".tmp"):
+        print("indexing", flush=True)
+        sys.stdin.readline()
+Catalog._index_version = paused
+with open_repository(sys.argv[1]) as repo:
+    print(json.dumps(repo.reindex()), flush=True)
+"""
+
+
+def test_reindex_removes_the_temporary_catalog_a_killed_reindex_left(tmp_path: Path) -> None:
+    """A reindex killed while it builds the new catalog leaves its temporary database beside the catalog,
+    where nothing removed it. The next reindex removes it, however young, and never one that a reindex
+    still running builds: that one finishes and puts its catalog in place."""
+    arc = tmp_path / "arc"
+    with create_repository(arc) as repo:
+        repo.commit("before", tensors("before-0"), message="before-0")
+
+    def paused_reindex() -> subprocess.Popen[str]:
+        proc = subprocess.Popen([sys.executable, "-c", REINDEX, str(arc)], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+        assert proc.stdout is not None
+        line = proc.stdout.readline().strip()
+        assert line == "indexing", (line, proc.stderr.read() if proc.poll() is not None else "")
+        return proc
+
+    def temps() -> set[str]:
+        return {p.name for p in arc.iterdir() if p.name.startswith(".catalog.sqlite.")}
+
+    killed = paused_reindex()
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    left = temps()
+    assert any(n.endswith(".tmp") for n in left)
+    live = paused_reindex()
+    running = temps() - left
+    assert any(n.endswith(".tmp") for n in running)
+    with open_repository(arc) as repo:
+        repo.reindex()
+        assert temps() == running
+        assert [r["name"] for r in repo.query("select m")] == ["before"]
+    out, err = live.communicate("\n", timeout=120)
+    assert live.returncode == 0, err
+    assert json.loads(out.splitlines()[-1])["versions"] == 1
+    assert temps() == set()
+    with open_repository(arc) as repo:
+        check_archive(repo)
+
+
 def test_two_rebases_at_once_cannot_make_a_loop(tmp_path: Path) -> None:
     """Two revisions (two compactions' plans) each make the other snapshot its base: each passes the
     check when it starts; the second to publish is refused, and both snapshots stay readable."""
