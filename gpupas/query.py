@@ -79,6 +79,7 @@ class Token:
     kind: str  # str, num, name, kw, op, end
     value: Any
     pos: int
+    raw: str = ""  # a number's text
 
 
 def tokenize(text: str) -> list[Token]:
@@ -100,7 +101,7 @@ def tokenize(text: str) -> list[Token]:
             value = float(raw) if any(c in raw for c in ".eE") or len(raw) > 4000 else int(raw)
             if isinstance(value, int) and not -(2**63) <= value < 2**63:  # SQLite's integers
                 value = float(raw)  # compared as a number still; LIMIT refuses it below
-            out.append(Token("num", value, pos))
+            out.append(Token("num", value, pos, raw))
         elif kind == "name":
             low = raw.lower()
             out.append(Token("kw", low, pos) if low in _KEYWORDS else Token("name", raw, pos))
@@ -352,6 +353,7 @@ class _Parser:
         if field == "hp":  # a literal matches values of its own type: true is not 1, "1" is not 1
             key = self.dotted()
             op, like = self.operator()
+            lit = self.tok
             val = self.literal(null=True)
             if like and not isinstance(val, str):
                 raise self.fail("LIKE needs a quoted pattern")
@@ -364,7 +366,9 @@ class _Parser:
             if isinstance(val, bool) and op not in ("=", "!="):
                 raise self.fail("true and false compare with = or != only")
             if isinstance(val, (int, float)) and not isinstance(val, bool):  # exactly: 2**53 + 1 is not 2**53,
-                self.params.extend([key, val])  # nor 10**18 other than 1e18, as doubles would have it
+                if isinstance(val, float) and re.fullmatch(r"-?\d+", lit.raw):  # nor 10**18 other than 1e18, as
+                    val = lit.raw  # doubles would have it; an integer past SQLite's: its digits, not a double
+                self.params.extend([key, val])
                 return found + f"h.type='num' AND numcmp(h.text, ?) {op} 0)"
             self.params.extend([key, val if isinstance(val, str) else float(val)])
             kind, col = ("str", "text") if isinstance(val, str) else ("bool", "num")

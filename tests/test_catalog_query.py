@@ -487,6 +487,18 @@ def test_hyperparameter_numbers_compare_exactly_past_a_double(tmp_path: Path) ->
     r.close()
 
 
+def test_an_integer_literal_past_sqlites_integers_is_compared_exactly(tmp_path: Path) -> None:
+    """A literal past 2**63 was read as the double nearest it: m.hp.n = 10**30 missed n = 10**30 (and 10**400,
+    which no double holds), while other comparisons with such numbers were exact."""
+    with create_repository(tmp_path / "arc") as r:
+        r.commit("big", {"w": np.zeros(4, np.float32)}, hyperparameters={"n": 10**30, "m": -(10**30), "h": 10**400})
+        for q in [f"m.hp.n = {10**30}", f"m.hp.m = {-(10**30)}", f"m.hp.h = {10**400}", f"m.hp.n != {10**30 + 1}",
+                  f"m.hp.n < {10**30 + 1}", f"m.hp.h > {10**400 - 1}", f"m.hp.h >= {10**400}"]:
+            assert [v["id"] for v in r.query("select m where " + q)] == [1], q
+        for q in [f"m.hp.n = {10**30 + 1}", f"m.hp.n != {10**30}", f"m.hp.h < {10**400}", "m.hp.n = 1e30"]:
+            assert r.query("select m where " + q) == [], q
+
+
 def test_a_step_past_sqlites_integers_neither_commits_nor_takes_the_catalog_down(repo: Repository,
                                                                                  tmp_path: Path) -> None:
     """step=10**30 (or a checkpoint file named ck-<25 digits>.pt) was published, and then indexing the record
