@@ -304,6 +304,21 @@ def test_best_marks_a_snapshot_and_branches_start_where_told(tmp_path: Path) -> 
     assert js(ft)["snapshots"][0]["base"] == js(shown)["best"] == run.snapshots[1]["id"]
 
 
+def test_show_and_diff_write_hyperparameter_text_as_it_is(tmp_path: Path) -> None:
+    """A hyperparameter's text was shown as JSON escapes (``"\\u00e9"`` for é) in show's and diff's tables, while
+    names beside them were shown as written; control characters are still escaped."""
+    from gpupas.versions.repository import create_repository
+
+    arc = tmp_path / "arc"
+    with create_repository(arc) as repo:
+        repo.commit("a", {"w": np.zeros(4, np.float32)}, hyperparameters={"data": "café-数据", "tab": "a\tb"})
+        repo.commit("b", {"w": np.zeros(4, np.float32)}, hyperparameters={"data": "thé"})
+    shown, diffed = gp_all(("show", "a"), ("diff", "a", "b"), archive=arc)
+    for out in (ok(shown), ok(diffed)):
+        assert '"café-数据"' in out and "\\u" not in out and '"a\\tb"' in out
+    assert '"thé"' in ok(diffed)
+
+
 def test_json_output_is_strict_json_when_numbers_overflow(tmp_path: Path) -> None:
     """A diff of float64 tensors near the largest doubles overflows its sums: null, never NaN or Infinity."""
     from gpupas.integrations.safetensors import save_file

@@ -212,7 +212,7 @@ def show(o: Output, d: dict[str, Any], tensors: bool, network: bool) -> None:
     if d["hyperparameters"]:
         t = table(("key", "value"), title="hyperparameters")
         for k, v in flatten(d["hyperparameters"]).items():
-            row(t, k, json.dumps(v))
+            row(t, k, json.dumps(v, ensure_ascii=False))  # é as é; row() escapes controls
         o.table(t)
     if d["metrics"]:
         t = table(("name", "points", "first step", "last step", "last", "min", "max"),
@@ -244,7 +244,7 @@ def show(o: Output, d: dict[str, Any], tensors: bool, network: bool) -> None:
         for n in nodes:
             attrs = {k: v for k, v in n.get("attrs", {}).items() if k in SHOWN_ATTRS}
             row(t, n["name"], n["type"], ", ".join(nxt.get(n["id"], [])),
-                " ".join(f"{k}={json.dumps(v, separators=(',', ':'))}" for k, v in attrs.items()))
+                " ".join(f"{k}={json.dumps(v, separators=(',', ':'), ensure_ascii=False)}" for k, v in attrs.items()))
         o.table(t)
     if d.get("snapshot"):
         s = d["snapshot"]
@@ -295,7 +295,7 @@ def diff(o: Output, d: dict[str, Any], top: int) -> None:
         absent = d.get("hyperparameters_absent", {})
         for k, (x, y) in d["hyperparameters"].items():
             gone = absent.get(k, [False, False])  # "-": no such key (null: the value None)
-            row(t, k, "-" if gone[0] else json.dumps(x), "-" if gone[1] else json.dumps(y))
+            row(t, k, *("-" if g else json.dumps(z, ensure_ascii=False) for g, z in zip(gone, (x, y))))
         o.table(t)
     else:
         o.data("hyperparameters: same")
