@@ -13,8 +13,8 @@ transaction), a busy timeout for writers, every change in one ``BEGIN IMMEDIATE`
 threads of one process share a :class:`Catalog` (an asynchronous checkpoint hook appends from a thread
 of its own while the loop queries): its one connection serves one of them at a time.
 A writer killed mid-transaction leaves nothing: SQLite rolls the transaction back. A rebuild killed before
-its new database is in place leaves that (``.catalog.sqlite.<pid>.<hex>.tmp``) beside the catalog; the next
-rebuild removes it, never one that a running rebuild still holds.
+its new database is in place leaves that (``.catalog.sqlite.<pid>.<hex>.tmp``, with a ``.lock`` file) beside
+the catalog; the next rebuild removes it, never one that a running rebuild still holds.
 """
 
 from __future__ import annotations
@@ -449,8 +449,9 @@ def rebuild_catalog(path: Path, source: RecordSource) -> Catalog:
     try:
         fresh = Catalog(tmp, source)
     except BaseException:
-        tmp.unlink(missing_ok=True)
-        os.close(held)
+        for suffix in ("-wal", "-shm", "-journal", ""):
+            Path(f"{tmp}{suffix}").unlink(missing_ok=True)
+        _release_temp(tmp, held)
         raise
     try:
         with fresh.transaction():
@@ -469,21 +470,22 @@ def rebuild_catalog(path: Path, source: RecordSource) -> Catalog:
             Path(f"{tmp}{suffix}").unlink(missing_ok=True)
         raise
     finally:
-        os.close(held)
+        _release_temp(tmp, held)
     return Catalog(path, source)
 
 
 def _locked_temp(path: Path) -> tuple[Path, int]:
-    """A new empty file for the database :func:`rebuild_catalog` builds, and a descriptor holding an exclusive
-    ``flock`` on it until the database is in place: the kernel drops it when the process dies, and
-    :func:`_sweep_temp` removes only temporary catalogs no one holds (SQLite's own locks are POSIX locks,
-    apart from flock's)."""
+    """A fresh name for the database :func:`rebuild_catalog` builds, and a descriptor holding an exclusive
+    ``flock`` on its lock file (the name plus ``.lock``) until the database is in place: the kernel drops it
+    when the process dies, and :func:`_sweep_temp` removes only temporary catalogs whose lock no one holds.
+    The lock is a file of its own: on macOS and on NFS a ``flock`` can meet SQLite's POSIX locks."""
     while True:
         tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+        lock = Path(f"{tmp}.lock")
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
-            if os.stat(tmp, follow_symlinks=False).st_ino == os.fstat(fd).st_ino:
+            if os.stat(lock, follow_symlinks=False).st_ino == os.fstat(fd).st_ino:
                 return tmp, fd
         except FileNotFoundError:
             pass  # a sweep found it before it was locked and removed it: take another name
@@ -493,23 +495,32 @@ def _locked_temp(path: Path) -> tuple[Path, int]:
         os.close(fd)
 
 
+def _release_temp(tmp: Path, held: int) -> None:
+    """Remove the lock file of ``tmp`` (the database is in place, or removed) and drop its lock."""
+    try:
+        Path(f"{tmp}.lock").unlink(missing_ok=True)
+    finally:
+        os.close(held)
+
+
 def _sweep_temp(path: Path) -> None:
-    """Remove the temporary catalogs (with their journals) that rebuilds killed before they finished left
-    beside ``path``; one that a running rebuild holds (see :func:`_locked_temp`) stays."""
+    """Remove the temporary catalogs (with their journals and lock files) that rebuilds killed before they
+    finished left beside ``path``; one whose lock a running rebuild holds (see :func:`_locked_temp`) stays."""
     prefix = f".{path.name}."
     try:
-        names = [n for n in os.listdir(path.parent) if n.startswith(prefix) and n.endswith(".tmp")]
+        names = [n for n in os.listdir(path.parent) if n.startswith(prefix) and n.endswith(".tmp.lock")]
     except OSError:
         return
     for name in names:
-        tmp = path.parent / name
+        lock = path.parent / name
         try:
-            fd = os.open(tmp, os.O_RDONLY | os.O_NOFOLLOW)
+            fd = os.open(lock, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         except OSError:
             continue  # gone, or not ours to open
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            for suffix in ("-wal", "-shm", "-journal", ""):  # the file itself last: it names the rest
+            tmp = str(lock)[: -len(".lock")]
+            for suffix in ("-wal", "-shm", "-journal", "", ".lock"):  # the lock last: it marks the rest
                 Path(f"{tmp}{suffix}").unlink(missing_ok=True)
         except OSError:
             pass  # held: a rebuild is running (or it cannot be removed: left as it was)
