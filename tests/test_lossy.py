@@ -205,10 +205,13 @@ def test_sign_on_top_planes_restore_bit_exact(arc):
 @pytest.mark.parametrize("spec", [{"name": "fixed", "bits": 8, "exponent": -2000}, {"name": "fixed", "bits": 8,
                                   "exponent": "3"}, {"name": "quant", "bits": 1, "levels": [0.0, 0.5, 1.0]},
                                   {"name": "quant", "bits": 4, "levels": []}, {"name": "quant", "bits": 4,
-                                  "levels": [float("nan"), 1.0]}, {"name": "cast", "to": "float16", "exponent": 3}])
+                                  "levels": [float("nan"), 1.0]}, {"name": "cast", "to": "float16", "exponent": 3},
+                                  {"name": "quant", "bits": 2, "levels": [0.0, 1e300]},
+                                  {"name": "quant", "bits": 2, "levels": [-1e39, 0.0, 1.0]}])
 def test_parameters_given_with_a_scheme_are_checked_before_anything_is_written(arc, spec):
     """A scheme's parameters given by the caller (an exponent, a table of levels) were written as given: the
-    commit made a snapshot whose manifest no reader accepts, or failed with a bare TypeError/ValueError."""
+    commit made a snapshot whose manifest no reader accepts, or failed with a bare TypeError/ValueError (levels
+    finite in float64 but past the tensor's dtype: rounded to it, ±Inf, which no manifest can hold)."""
     x = np.linspace(-1, 1, 100, dtype=np.float32)
     with pytest.raises(InvalidInputError, match=r"leave (it|them) out"):
         arc.commit({"x": x}, lossy={"x": spec})

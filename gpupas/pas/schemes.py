@@ -149,7 +149,11 @@ def apply(values: np.ndarray, scheme: dict[str, Any], sample: int = 1 << 16) -> 
         return q.reshape(values.shape), dict(scheme) | {"exponent": exponent}
     levels = _levels(x, 2**bits, scheme.get("levels", scheme.get("method", "uniform")), sample)
     codes = np.searchsorted(_midpoints(levels), x).astype(np.uint8)
-    table = levels.astype(_np(values.dtype.name)).astype(np.float64)
+    with np.errstate(over="ignore"):
+        table = levels.astype(_np(values.dtype.name)).astype(np.float64)
+    if not np.isfinite(table).all():  # given levels past the dtype's range: ±Inf, which no manifest holds
+        raise InvalidInputError(f"lossy scheme {describe(scheme)}: 'levels' must be values of the tensor's dtype "
+                                f"({values.dtype.name}), not past its range; leave them out and gpupas picks them")
     if "levels" not in scheme:  # one zero: levels -0.0 and +0.0 both would re-code a restored zero to the other
         table = table + 0.0
     table = [float(v) for v in table]
