@@ -240,6 +240,21 @@ def test_an_error_given_with_a_scheme_is_measured_instead(arc):
     assert good.tensor("x").scheme["exponent"] == -6 and arc.restore(good.id)["x"][-1] == 1.0
 
 
+@pytest.mark.parametrize("dtype,exponent", [(np.float32, 122), (ml_dtypes.bfloat16, 122), (np.float16, 10)])
+def test_a_given_exponent_never_restores_a_finite_value_as_inf(arc, dtype, exponent):
+    """A fixed-point exponent given by the caller was used whole: its largest steps (``q * 2**exponent``) passed
+    the tensor's dtype, so finite values restored as Inf, and the snapshot could not be revised (nor tiered):
+    re-coding its restored values refused the Inf."""
+    x = np.array([float(ml_dtypes.finfo(dtype).max), -float(ml_dtypes.finfo(dtype).max), 1.0, 0.0], dtype)
+    m = arc.commit({"x": x}, lossy={"x": {"name": "fixed", "bits": 8, "exponent": exponent}})
+    got = arc.restore(m.id)["x"].copy()
+    assert np.isfinite(got.astype(np.float64)).all() and m.tensor("x").scheme["error"]["overflow"] == 0
+    assert 0 <= float(x[0]) - float(got[0]) < np.ldexp(1.0, exponent)  # the largest step the dtype holds
+    arc.revise(m.id, setting="strong")
+    arc.bases.clear()
+    assert arc.restore(m.id)["x"].tobytes() == got.tobytes()
+
+
 @pytest.mark.parametrize("spec", ["quant:8", "kmeans:8"])
 def test_a_table_of_levels_holds_one_zero_so_a_revision_recodes_the_same_bits(arc, spec):
     """Levels rounded to a narrow dtype could hold both -0.0 and +0.0: a restored zero re-coded to the other

@@ -142,10 +142,13 @@ def apply(values: np.ndarray, scheme: dict[str, Any], sample: int = 1 << 16) -> 
     if name == "fixed":
         top = 2 ** (bits - 1) - 1
         peak = float(np.abs(x).max()) if x.size else 0.0
+        limit = float(ml_dtypes.finfo(_np(values.dtype.name)).max)
         exponent = scheme.get("exponent")  # given: the parameters of a stored tensor (a revision keeps them)
         if exponent is None:
-            exponent = _exponent(peak, top, float(ml_dtypes.finfo(_np(values.dtype.name)).max))
-        q = np.clip(np.rint(np.ldexp(x, -exponent)), -top, top).astype(repr_dtype(scheme))
+            exponent = _exponent(peak, top, limit)
+        with np.errstate(over="ignore"):  # a given exponent's top steps may pass the dtype: those would restore as Inf
+            cap = top if np.ldexp(float(top), exponent) <= limit else int(np.ldexp(limit, -exponent))
+        q = np.clip(np.rint(np.ldexp(x, -exponent)), -cap, cap).astype(repr_dtype(scheme))
         return q.reshape(values.shape), dict(scheme) | {"exponent": exponent}
     levels = _levels(x, 2**bits, scheme.get("levels", scheme.get("method", "uniform")), sample)
     codes = np.searchsorted(_midpoints(levels), x).astype(np.uint8)
