@@ -165,6 +165,9 @@ def test_per_tensor_schemes_and_bad_specs(arc):
     for bad in ("int4", "quant:9", "fixed:1", "kmeans", "bf16:sideways", "fixed:\u00b2", "quant:\u0663"):
         with pytest.raises(InvalidInputError):
             arc.commit(t, lossy=bad)
+    for name, bits in (("fixed", 8), ("quant", 4)):  # refused for its type, not its value: the message says which
+        with pytest.raises(InvalidInputError, match="bits must be a Python int"):
+            arc.commit(t, lossy={"name": name, "bits": np.int64(bits)})
 
 
 def test_lossy_versions_say_so_everywhere(tmp_path):

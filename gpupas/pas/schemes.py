@@ -50,10 +50,10 @@ def parse(spec: str | dict[str, Any]) -> dict[str, Any]:
             raise InvalidInputError(f"cast scheme {s}: 'to' is float16 or bfloat16, 'round' nearest or truncate")
     elif name == "fixed":
         if not isinstance(s.get("bits"), int) or not 2 <= s["bits"] <= 32:
-            raise InvalidInputError(f"fixed-point scheme {s}: bits must be 2..32")
+            raise InvalidInputError(f"fixed-point scheme {s}: bits must be a Python int of 2..32")
     elif name == "quant":
         if not isinstance(s.get("bits"), int) or not 1 <= s["bits"] <= 8:
-            raise InvalidInputError(f"quantization scheme {s}: bits must be 1..8")
+            raise InvalidInputError(f"quantization scheme {s}: bits must be a Python int of 1..8")
         if s.setdefault("method", "uniform") not in ("uniform", "kmeans"):
             raise InvalidInputError(f"quantization scheme {s}: method is uniform or kmeans")
     else:
