@@ -165,9 +165,13 @@ def test_per_tensor_schemes_and_bad_specs(arc):
     for bad in ("int4", "quant:9", "fixed:1", "kmeans", "bf16:sideways", "fixed:\u00b2", "quant:\u0663"):
         with pytest.raises(InvalidInputError):
             arc.commit(t, lossy=bad)
-    for name, bits in (("fixed", 8), ("quant", 4)):  # refused for its type, not its value: the message says which
-        with pytest.raises(InvalidInputError, match="bits must be a Python int"):
-            arc.commit(t, lossy={"name": name, "bits": np.int64(bits)})
+    for name, bits in (("fixed", 8), ("quant", 4)):  # an integer of another type (from a config) is taken
+        m = arc.commit(t, lossy={"name": name, "bits": np.int64(bits)})
+        given = [e.scheme for e in m.tensors if e.scheme]
+        assert given and all(sc["bits"] == bits and type(sc["bits"]) is int for sc in given)
+        for bad in (True, 8.0, "8"):  # not an integer: refused saying so
+            with pytest.raises(InvalidInputError, match="bits must be an integer"):
+                arc.commit(t, lossy={"name": name, "bits": bad})
 
 
 def test_lossy_versions_say_so_everywhere(tmp_path):

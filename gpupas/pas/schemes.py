@@ -12,6 +12,7 @@ restores to the same bits every time (and other snapshots can be deltas on it).
 
 from __future__ import annotations
 
+import numbers
 from typing import Any
 
 import ml_dtypes
@@ -44,16 +45,18 @@ def parse(spec: str | dict[str, Any]) -> dict[str, Any]:
             raise InvalidInputError(f"lossy scheme {spec!r} is not one of bf16, fp16 (':truncate'), fixed:BITS, "
                                     "quant:BITS, kmeans:BITS")
     name = s.get("name")
+    if isinstance(s.get("bits"), numbers.Integral) and not isinstance(s["bits"], (bool, np.bool_)):
+        s["bits"] = int(s["bits"])  # np.int64(8) from a config: written into the manifest as JSON
     if name == "cast":
         if s.get("to") not in ("float16", "bfloat16") or s.setdefault("round", "nearest") not in ("nearest",
                                                                                                    "truncate"):
             raise InvalidInputError(f"cast scheme {s}: 'to' is float16 or bfloat16, 'round' nearest or truncate")
     elif name == "fixed":
-        if not isinstance(s.get("bits"), int) or not 2 <= s["bits"] <= 32:
-            raise InvalidInputError(f"fixed-point scheme {s}: bits must be a Python int of 2..32")
+        if type(s.get("bits")) is not int or not 2 <= s["bits"] <= 32:
+            raise InvalidInputError(f"fixed-point scheme {s}: bits must be an integer of 2..32")
     elif name == "quant":
-        if not isinstance(s.get("bits"), int) or not 1 <= s["bits"] <= 8:
-            raise InvalidInputError(f"quantization scheme {s}: bits must be a Python int of 1..8")
+        if type(s.get("bits")) is not int or not 1 <= s["bits"] <= 8:
+            raise InvalidInputError(f"quantization scheme {s}: bits must be an integer of 1..8")
         if s.setdefault("method", "uniform") not in ("uniform", "kmeans"):
             raise InvalidInputError(f"quantization scheme {s}: method is uniform or kmeans")
     else:
