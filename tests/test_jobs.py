@@ -224,6 +224,59 @@ def test_compaction_on_s3_with_a_process_cluster(s3_options: dict[str, Any], clu
     assert dict(run(verify_graph(ArchiveSpec(url, opts)), cluster)) == {f"s{i}": 4 for i in range(N)}
 
 
+def _die_after_the_first_revision(marker: str) -> None:
+    """On a worker: the first revision made in the cluster kills its worker process once it is published."""
+    import os
+    import signal
+
+    from gpupas.archive import Archive
+
+    real = Archive.revise
+
+    def revise(self: Any, *args: Any, **kwargs: Any) -> Any:
+        out = real(self, *args, **kwargs)
+        try:
+            os.close(os.open(marker, os.O_CREAT | os.O_EXCL))
+        except FileExistsError:
+            return out
+        os.kill(os.getpid(), signal.SIGKILL)
+        return out
+
+    revise.real = real  # type: ignore[attr-defined]
+    Archive.revise = revise  # type: ignore[method-assign]
+
+
+def _undo_die_after(marker: str) -> None:
+    from gpupas.archive import Archive
+
+    Archive.revise = getattr(Archive.revise, "real", Archive.revise)  # type: ignore[method-assign]
+
+
+def test_a_revision_whose_worker_is_killed_counts_in_the_summary(arc: tuple[str, list[dict[str, np.ndarray]]],
+                                                                 cluster: Any, tmp_path: Path) -> None:
+    """A worker process killed (SIGKILL) just after it switched a snapshot to its new form: Dask runs the task
+    again on another worker, which found the snapshot 'already in that form' and reported it not revised, from
+    the bytes of its new form; the summary said 3 snapshot(s) revised of 4. It is counted, from the bytes the
+    snapshot stored when the job was planned, and every snapshot reads back bit-exact."""
+    path, snaps = arc
+    marker = str(tmp_path / "killed")
+    with gpupas.open_archive(path) as a:
+        planned = {s: a.manifest(s).stored_bytes for s in a.snapshots()}
+    cluster.run(_die_after_the_first_revision, marker)
+    try:
+        res = compact_archive(path, target=TARGET_A, scheduler=cluster)
+    finally:
+        cluster.run(_undo_die_after, marker)
+    assert Path(marker).exists()  # a worker died
+    revised = res.to_dict()["revised"]
+    assert sorted(r["snapshot"] for r in revised if r["done"]) == ["s2", "s3", "s4", "s6"]
+    with gpupas.open_archive(path) as a:
+        assert all(r["stored_before"] == planned[r["snapshot"]] for r in revised)
+        assert all(r["stored_after"] == a.manifest(r["snapshot"]).stored_bytes for r in revised)
+        assert {s: a.manifest(s).base for s in a.snapshots()} == TARGET_A
+        assert all(a.manifest(s).revision <= 1 for s in a.snapshots())
+    same_everywhere(path, snaps)
+
 def test_a_worker_that_dies_is_reported_with_what_to_do() -> None:
     """A worker process that dies (out of memory, most often) is named with the remedy, not as Dask's
     KilledWorker with a task key (the command line called that unexpected)."""

@@ -22,7 +22,7 @@ from gpupas.errors import FormatError, IntegrityError, InvalidInputError, Snapsh
 from gpupas.jobs import tasks
 from gpupas.jobs.tasks import ArchiveSpec, Reencode
 from gpupas.plan.measure import parents_first
-from gpupas.plan.realize import Change, changes
+from gpupas.plan.realize import Change, changes, first_key
 
 
 @dataclass
@@ -128,6 +128,13 @@ def compact_graph(spec: ArchiveSpec | str, target: Mapping[str, str | None], *, 
                 if g is not None:
                     need.add(g)
         links = _decodes(a, spec, sorted(need))
+        # what each revision finds if no one revised its snapshot since (a format 1/2 snapshot's second one: the
+        # revision after its first): a task run again after its worker died finds its own revision done
+        planned: dict[str, tuple[int, int, str | None]] = {}
+        for c in chs:
+            m = a.manifest(c.snapshot)
+            planned[c.key] = (m.revision + (c.key != c.snapshot and first_key(c.snapshot) in planned),
+                              m.stored_bytes, m.base)
     job = Job("compact", spec, changes=chs, decodes=len(links))
     revised: dict[str, Any] = {}
     for c in chs:
@@ -139,7 +146,7 @@ def compact_graph(spec: ArchiveSpec | str, target: Mapping[str, str | None], *, 
                 ins.append(links[g])
         ins += [revised[d] for d in c.after if d in revised]
         revised[c.key] = dask.delayed(tasks.revise_link, pure=False)(
-            spec, c.snapshot, c.base, c.why, how, *ins, dask_key_name=f"revise-{c.key}")
+            spec, c.snapshot, c.base, c.why, how, planned[c.key], *ins, dask_key_name=f"revise-{c.key}")
     job.targets = list(revised.values())
     if gc_min_age is not None:
         job.targets.append(gc_graph(spec, gc_min_age, after=job.targets).targets[0])

@@ -111,11 +111,15 @@ class Revised:
     note: str = ""
 
 
-def revise_link(spec: ArchiveSpec, sid: str, base: str | None, why: str, how: Reencode, *inputs: Any) -> Revised:
+def revise_link(spec: ArchiveSpec, sid: str, base: str | None, why: str, how: Reencode,
+                planned: tuple[int, int, str | None] | None, *inputs: Any) -> Revised:
     """Revise ``sid`` onto ``base`` (None: whole) in the form ``how``; the inputs carry the bits of
     the snapshot and of its new bases (and earlier revisions it must follow). Skipped where the
     snapshot is already in that form (a rerun after a kill). ``Archive.revise`` decodes the new
-    form and compares it bit for bit before it switches, atomically."""
+    form and compares it bit for bit before it switches, atomically. ``planned``: the snapshot's
+    (revision, stored bytes, base) when the job was built: found in that form at a later revision, it was
+    revised after the plan, most often by an earlier run of this very task on a worker that died
+    (Dask runs it again), and is reported as revised, from the bytes it stored then."""
     with spec.open(cache_size=max(8, len(inputs) + 2)) as a:
         _feed(a, inputs)
         for attempt in range(_TRIES):
@@ -123,6 +127,10 @@ def revise_link(spec: ArchiveSpec, sid: str, base: str | None, why: str, how: Re
                 old = a.store.read_manifest(sid)
                 grand_ok = old.grand is None or base is None or old.grand == a.store.read_manifest(base).base
                 if old.base == base and grand_ok and old.format >= 3 and not (how.force and how.needed(old)):
+                    if attempt == 0 and planned is not None and old.revision > planned[0]:
+                        return Revised(sid, planned[2], base, why, planned[1], old.stored_bytes, True,
+                                       "revised since the job was planned (by an earlier run of this task, on "
+                                       "a worker that died, or by another job)")
                     return Revised(sid, old.base, base, why, old.stored_bytes, old.stored_bytes, False,
                                    "already in that form")
                 new = a.revise(sid, setting=how.setting_object(), base=base, descendants=False)  # (the plan checks)
