@@ -436,6 +436,24 @@ def test_a_compaction_started_twice_at_once_finishes(arc: tuple[str, list[dict[s
     same_everywhere(path, snaps)
 
 
+def test_a_local_cluster_that_cannot_start_is_a_clear_error(arc: tuple[str, list[dict[str, np.ndarray]]],
+                                                             tmp_path: Path) -> None:
+    """A local cluster that does not start (here: Dask's temporary directory under a file) failed with
+    distributed's RuntimeError ("Cluster failed to start: ...", "Nanny failed to start."), which the command line
+    called unexpected and asked to report; it names the cause and the remedy, and nothing changes."""
+    import dask
+
+    from gpupas.errors import GpupasError
+
+    path, _ = arc
+    (tmp_path / "file").write_text("")
+    with dask.config.set({"temporary-directory": str(tmp_path / "file" / "dask")}), \
+            pytest.raises(GpupasError, match=r"local Dask cluster .* did not start \(NotADirectoryError.*--scheduler "
+                                             r"sync.*Nothing was changed"):
+        compact_archive(path, target=TARGET_A, workers=1)
+    with gpupas.open_archive(path) as a:
+        assert all(a.manifest(s).revision == 0 for s in a.snapshots())
+
 @pytest.mark.parametrize("answer", [None, b"HTTP/1.0 400 Bad request\r\n\r\n"])
 def test_an_address_that_is_no_dask_scheduler_is_a_clear_error(arc: tuple[str, list[dict[str, np.ndarray]]],
                                                                monkeypatch: pytest.MonkeyPatch,

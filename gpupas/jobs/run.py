@@ -46,8 +46,11 @@ def run(job: Any, scheduler: Any = None, *, workers: int = 2) -> list[Any]:
         # no dashboard; its HTTP server (metrics) on a free port: on distributed's default, 8787, a second job (or
         # any other cluster) running warned "Port 8787 is already in use. Perhaps you already have a cluster
         # running?" and of an unclosed socket
-        cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
-                               scheduler_kwargs={"dashboard_address": ":0"}, silence_logs=logging.CRITICAL)
+        try:
+            cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
+                                   scheduler_kwargs={"dashboard_address": ":0"}, silence_logs=logging.CRITICAL)
+        except Exception as exc:  # distributed's "Nanny failed to start." (the cause is chained below it)
+            raise _not_started(exc, workers) from None
         try:
             with Client(cluster) as client:
                 return _gather(client, job)
@@ -58,6 +61,20 @@ def run(job: Any, scheduler: Any = None, *, workers: int = 2) -> list[Any]:
                 logging.getLogger("gpupas").debug("closing the local cluster: %r", exc)  # the job's outcome stands
     with _connect(scheduler) as client:
         return _gather(client, job)
+
+
+def _not_started(exc: BaseException, workers: int) -> GpupasError:
+    """The error for a local cluster that could not start: distributed's own ("Nanny failed to start.", "Cluster
+    failed to start: ...") reached the command line as an unexpected RuntimeError; its first cause names why (a
+    worker's import or preload that fails, a temporary directory that cannot be written)."""
+    causes = [exc]
+    while (nxt := causes[-1].__cause__ or causes[-1].__context__) is not None and nxt not in causes:
+        causes.append(nxt)
+    why = f"{type(causes[-1]).__name__}: {causes[-1]}"
+    return GpupasError(f"the local Dask cluster of {workers} worker process(es) did not start ({why[:300]}); fix "
+                       "what that names (Dask's settings: DASK_* variables, ~/.config/dask; its temporary-directory), "
+                       "or run with fewer --workers, on a running cluster (--scheduler ADDRESS) or inline (--scheduler "
+                       "sync). Nothing was changed")
 
 
 class _AllExitFilter(logging.Filter):
