@@ -454,6 +454,22 @@ def test_a_local_cluster_that_cannot_start_is_a_clear_error(arc: tuple[str, list
     with gpupas.open_archive(path) as a:
         assert all(a.manifest(s).revision == 0 for s in a.snapshots())
 
+def test_local_names_a_local_cluster_for_every_job(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`gpupas verify` runs inline unless given --scheduler local, yet a scheduler address that did not answer said
+    "leave --scheduler out for a local cluster", and `gpupas compact --scheduler local` was refused as no
+    scheduler: 'local' is a local cluster of worker processes for every job, and the remedy names it."""
+    import importlib
+    from types import SimpleNamespace
+
+    import dask
+
+    from gpupas.errors import GpupasError
+
+    assert run(SimpleNamespace(targets=[dask.delayed(sum)([1, 2])]), "local", workers=1) == [3]
+    monkeypatch.setattr(importlib.import_module("gpupas.jobs.run"), "CONNECT_S", 1.0)
+    with pytest.raises(GpupasError, match="give --scheduler local for a cluster of worker processes here"):
+        run(SimpleNamespace(targets=[dask.delayed(sum)([1, 2])]), "tcp://127.0.0.1:1")
+
 @pytest.mark.parametrize("answer", [None, b"HTTP/1.0 400 Bad request\r\n\r\n"])
 def test_an_address_that_is_no_dask_scheduler_is_a_clear_error(arc: tuple[str, list[dict[str, np.ndarray]]],
                                                                monkeypatch: pytest.MonkeyPatch,

@@ -135,7 +135,8 @@ def compact(alpha: AlphaOpt = None, scheme: SchemeOpt = "independent", budget: B
             dry_run: Annotated[bool, typer.Option("--dry-run", "-n", help="Show what would change; change nothing.")
                                ] = False,
             scheduler: Annotated[str | None, typer.Option("--scheduler", metavar="ADDRESS", help=(
-                "Dask scheduler address (default: a local cluster of worker processes; 'sync': inline)."))] = None,
+                "Dask scheduler address (default, or 'local': a local cluster of worker processes; 'sync': "
+                "inline)."))] = None,
             workers: Annotated[int, typer.Option("--workers", metavar="N", help="Worker processes of a local cluster."
                                                  )] = 2,
             archive: ArchiveOpt = None, as_json: JsonOpt = False) -> None:

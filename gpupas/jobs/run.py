@@ -1,7 +1,7 @@
 """Running a built job on a scheduler chosen late.
 
-``scheduler``: None -> a ``LocalCluster`` of ``workers`` worker processes (one thread each) for this
-run; ``"sync"`` -> inline on this thread (small archives, tests, ``gpupas verify``); ``"threads"``
+``scheduler``: None or ``"local"`` -> a ``LocalCluster`` of ``workers`` worker processes (one thread
+each) for this run; ``"sync"`` -> inline on this thread (small archives, tests, ``gpupas verify``); ``"threads"``
 -> Dask's thread pool; an address (``tcp://host:8786``) -> ``Client(address)``; a
 ``distributed.Client`` -> that client.
 """
@@ -14,14 +14,15 @@ from typing import Any
 from gpupas.errors import GpupasError, InvalidInputError
 
 LOCAL = ("sync", "synchronous", "inline", "threads")
+CLUSTER = "local"  # a local cluster of worker processes, as None (what `gpupas verify --scheduler local` names)
 
 
 def check(scheduler: Any = None, workers: int = 2) -> None:
     """InvalidInputError for a scheduler or worker count :func:`run` could not use (before any work)."""
-    if isinstance(scheduler, str) and scheduler not in LOCAL and ":" not in scheduler:
-        raise InvalidInputError(f"scheduler {scheduler!r}: give 'sync', 'threads' or a Dask scheduler's address "
-                                "(tcp://host:8786)")
-    if scheduler is None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
+    if isinstance(scheduler, str) and scheduler not in (*LOCAL, CLUSTER) and ":" not in scheduler:
+        raise InvalidInputError(f"scheduler {scheduler!r}: give 'local', 'sync', 'threads' or a Dask scheduler's "
+                                "address (tcp://host:8786)")
+    if scheduler in (None, CLUSTER) and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
         raise InvalidInputError(f"workers={workers!r}: a local cluster needs at least one worker process")
 
 
@@ -32,6 +33,8 @@ def run(job: Any, scheduler: Any = None, *, workers: int = 2) -> list[Any]:
     check(scheduler, workers)
     if not job.targets:
         return []
+    if scheduler == CLUSTER:
+        scheduler = None
     if isinstance(scheduler, str) and scheduler in LOCAL:
         name = "sync" if scheduler != "threads" else "threads"
         return list(dask.compute(*job.targets, scheduler=name))
@@ -73,8 +76,8 @@ def _not_started(exc: BaseException, workers: int) -> GpupasError:
     why = f"{type(causes[-1]).__name__}: {causes[-1]}"
     return GpupasError(f"the local Dask cluster of {workers} worker process(es) did not start ({why[:300]}); fix "
                        "what that names (Dask's settings: DASK_* variables, ~/.config/dask; its temporary-directory), "
-                       "or run with fewer --workers, on a running cluster (--scheduler ADDRESS) or inline (--scheduler "
-                       "sync). Nothing was changed")
+                       "or run on a running cluster (--scheduler ADDRESS) or inline (--scheduler sync). Nothing was "
+                       "changed")
 
 
 class _AllExitFilter(logging.Filter):
@@ -120,7 +123,7 @@ def _connect(address: str) -> Any:
         return box["client"]
     why = "no answer" if "error" not in box else f"{type(box['error']).__name__}: {box['error']}"
     raise GpupasError(f"no Dask scheduler answers at {address} ({why[:200]}); start one there (dask scheduler), "
-                      "or leave --scheduler out for a local cluster of worker processes. Nothing was changed")
+                      "or give --scheduler local for a cluster of worker processes here. Nothing was changed")
 
 
 def _gather(client: Any, job: Any) -> list[Any]:
