@@ -277,6 +277,17 @@ def test_a_revision_whose_worker_is_killed_counts_in_the_summary(arc: tuple[str,
         assert all(a.manifest(s).revision <= 1 for s in a.snapshots())
     same_everywhere(path, snaps)
 
+def test_a_relative_archive_path_reaches_workers_started_elsewhere(
+        arc: tuple[str, list[dict[str, np.ndarray]]], cluster: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`gpupas -A rel compact --scheduler ADDRESS` handed the workers the path as given: a worker started in another
+    directory found "no archive at rel" there (or another archive of that name, ./gpupas-archive the default).
+    The job carries the absolute path."""
+    path, snaps = arc
+    monkeypatch.chdir(Path(path).parent)  # the cluster's workers started in the directory pytest started in
+    res = compact_archive(Path(path).name, target=TARGET_A, scheduler=cluster)
+    assert sorted(r.snapshot for r in res.results if r.done) == ["s2", "s3", "s4", "s6"]
+    same_everywhere(path, snaps)
+
 def test_a_worker_that_dies_is_reported_with_what_to_do() -> None:
     """A worker process that dies (out of memory, most often) is named with the remedy, not as Dask's
     KilledWorker with a task key (the command line called that unexpected)."""

@@ -8,6 +8,7 @@ any use (the cache does it), so an input can never corrupt a result.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -25,6 +26,12 @@ class ArchiveSpec:
     location: str
     storage_options: dict[str, Any] | None = None
     tier_options: dict[str, Any] | None = None
+
+    def __post_init__(self) -> None:
+        # a directory as an absolute path: a worker of a Dask cluster started elsewhere read a relative one from
+        # its own working directory ("no archive at ...", or another archive of that name)
+        if "://" not in self.location:
+            object.__setattr__(self, "location", os.path.abspath(self.location))
 
     def open(self, cache_size: int = 8) -> Any:
         from gpupas.archive import open_archive
