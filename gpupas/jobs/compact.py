@@ -8,7 +8,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from gpupas.errors import InvalidInputError, SnapshotNotFoundError
+from gpupas.errors import FormatError, IntegrityError, InvalidInputError, SnapshotNotFoundError
 from gpupas.jobs.graph import Job, compact_graph
 from gpupas.jobs.run import check, run
 from gpupas.jobs.tasks import ArchiveSpec, Reencode
@@ -88,6 +88,8 @@ def compact_archive(location: str, *, target: Mapping[str, str | None] | None = 
             raise InvalidInputError(f"the plan names snapshots not in {location}: {', '.join(unknown[:5])}")
         counted = list(a.store.list_snapshots())  # after the job, the same snapshots (not others' new commits)
         before = _stored(a, counted)
+        if how.force:  # every snapshot in the new form: also those a plan made before their commits leaves out
+            target = {**_unlike(a, [s for s in counted if s not in target], how), **target}
     job = compact_graph(spec, dict(target), how=how, gc_min_age=None if dry_run else gc_min_age)
     out = Compaction(job, dict(target), dry_run=dry_run, stored_before=before, stored_after=before, notes=notes)
     if dry_run:
@@ -95,6 +97,20 @@ def compact_archive(location: str, *, target: Mapping[str, str | None] | None = 
     out.results = run(job, scheduler, workers=workers)
     with spec.open() as a:
         out.stored_after = _stored(a, counted)
+    return out
+
+
+def _unlike(a: Any, sids: Iterable[str], how: Reencode) -> dict[str, str | None]:
+    """Those of snapshots ``sids`` of archive ``a`` not yet in the form ``how``, on their bases (snapshots whose
+    manifests do not read stay out: the job reports them)."""
+    out = {}
+    for sid in sids:
+        try:
+            m = a.manifest(sid)
+        except (SnapshotNotFoundError, IntegrityError, FormatError):
+            continue
+        if how.needed(m):
+            out[sid] = m.base
     return out
 
 
