@@ -352,6 +352,8 @@ class Catalog:
         if key.startswith("v/") and (not isinstance(record, dict) or record.get("id") != int(key[2:])):
             return  # a record moved or copied under another id: damaged (as Records.version says), and indexed
             # under its own id no later change of this key would ever remove it
+        if key.startswith("t/") and isinstance(record, dict) and record.get("tag", key[2:]) != key[2:]:
+            return  # another tag's record (a case-insensitive file system's one file): no tag, as Records.tag says
         conn.execute("SAVEPOINT one")
         try:
             if key.startswith("v/"):

@@ -638,6 +638,24 @@ def test_tags_that_differ_only_in_case_are_refused(tmp_path: Path) -> None:
         assert repo.resolve("best") == v1.id
 
 
+def test_a_tag_file_holding_another_tags_record_can_be_set_again(tmp_path: Path) -> None:
+    """A tag file holding another tag's record (what an older gpupas left on macOS, tagging Best over best)
+    reads as no tag everywhere, the catalog too; tagging that name says so, and --force sets it: it was
+    stuck, refused as 'deleted and made again by others' however forced, while `tags` listed it."""
+    w = {"w": np.arange(10, dtype=np.float32)}
+    arc = tmp_path / "arc"
+    with create_repository(arc) as repo:
+        v1, v2 = repo.commit("a", w), repo.commit("b", w)
+        repo.tag("Best", v2.id)
+        (arc / "refs" / "tags" / "Best.json").rename(arc / "refs" / "tags" / "best.json")
+        repo.reindex()
+        assert repo.tags() == {} and repo.query('select m where m.tag = "best"') == []
+        with pytest.raises(ArchiveExistsError, match="holds tag 'Best'"):
+            repo.tag("best", v1.id)
+        assert repo.tag("best", v1.id, force=True) == v1.id
+        assert repo.resolve("best") == v1.id and repo.tags() == {"best": v1.id}
+
+
 def test_a_branch_starts_from_the_snapshot_it_names(repo: Repository, tmp_path: Path) -> None:
     """Fine-tuning from an earlier checkpoint of a run: the branch's first snapshot is a delta on that one
     (not on the parent's latest), and its entry says so."""

@@ -665,6 +665,12 @@ class Repository:
             if old is not None:  # None: deleted since create_tag found it; create it again
                 break
             self._check_case(tag)  # or made meanwhile under another case, on a case-insensitive file system
+            held = self.records.read(f"t/{tag}")
+            if held is not None:  # or it holds another tag's record, as an older gpupas on macOS left it
+                if not force:
+                    raise ArchiveExistsError(f"the file of tag {tag!r} holds tag {held[0].get('tag')!r} (one file "
+                                             "on macOS and Windows); use --force to set the tag in its place")
+                break
         else:
             raise ConflictError(f"tag {tag!r} was deleted and made again by others {_TAG_TRIES} times while this "
                                 "tried to set it; try again")
