@@ -516,7 +516,7 @@ def _sweep_temp(path: Path) -> None:
     for name in names:
         lock = path.parent / name
         try:
-            fd = os.open(lock, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            fd = os.open(lock, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)  # NFS: an exclusive flock needs write
         except OSError:
             continue  # gone, or not ours to open
         try:

@@ -517,3 +517,31 @@ def test_a_step_past_sqlites_integers_neither_commits_nor_takes_the_catalog_down
     record["id"], record["snapshots"][0]["step"] = 6, 10**30
     (repo.root / "versions" / "6.json").write_bytes(seal(record))
     assert ids(repo, "select m") == [1, 2, 3, 4, 5]  # it stays out of the catalog; the others are served
+
+
+def test_reindex_sweeps_a_killed_rebuilds_temporary_catalog_where_flock_is_nfs(tmp_path: Path,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """On NFS a flock is an fcntl lock: an exclusive one needs the file open for writing (EBADF else). The
+    sweep opened a lock file read-only, so there it never took the lock and never removed what a killed
+    rebuild left."""
+    import errno
+    import fcntl
+
+    import gpupas.catalog as catalog_mod
+
+    real = fcntl.flock
+
+    def nfs_flock(fd: int, op: int) -> None:
+        if op & fcntl.LOCK_EX and os.O_RDONLY == fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE:
+            raise OSError(errno.EBADF, "Bad file descriptor")
+        real(fd, op)
+
+    arc = tmp_path / "arc"
+    with create_repository(arc) as repo:
+        repo.commit("a", {"w": np.arange(4, dtype=np.float32)})
+        left = arc / f".{FILENAME}.1.deadbeef.tmp"
+        left.write_bytes(b"")
+        Path(f"{left}.lock").write_bytes(b"")
+        monkeypatch.setattr(catalog_mod.fcntl, "flock", nfs_flock)
+        repo.reindex()
+    assert not left.exists() and not Path(f"{left}.lock").exists()
