@@ -384,10 +384,12 @@ def test_failed_shard_close_fails_the_commit(archive: gpupas.Archive, monkeypatc
     assert fresh.snapshots() == [m0.id, m2.id]
 
 
-def test_failed_fsync_of_the_written_files_fails_the_commit(archive: gpupas.Archive,
-                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize(("code", "said"), [(5, "Input/output"), (28, "free space there")])
+def test_failed_fsync_of_the_written_files_fails_the_commit(archive: gpupas.Archive, monkeypatch: pytest.MonkeyPatch,
+                                                            code: int, said: str) -> None:
     """The files of a commit (shards, Zarr documents) and their folders are fsync'd together before the
-    manifest is published: an error there fails the commit, which leaves nothing behind."""
+    manifest is published: an error there fails the commit, which leaves nothing behind; a full disk is
+    said with its remedy, as for other writes."""
     import gpupas.store.local as local
 
     s0 = _model(0)
@@ -396,10 +398,10 @@ def test_failed_fsync_of_the_written_files_fails_the_commit(archive: gpupas.Arch
 
     def eio(fds: list[int]) -> None:
         synced.extend(os.fstat(fd).st_mode for fd in fds)
-        raise OSError(5, "Input/output error")
+        raise OSError(code, os.strerror(code))
 
     monkeypatch.setattr(local, "_fsync_all", eio)
-    with pytest.raises(OSError, match="Input/output"):
+    with pytest.raises(OSError, match=said):
         archive.commit(_model(1, 1e-4, s0), base=m0.id, snapshot="doomed")
     monkeypatch.undo()
     assert sum(map(stat.S_ISREG, synced)) >= 3 and sum(map(stat.S_ISDIR, synced)) >= 4  # documents, shard; folders

@@ -656,6 +656,25 @@ def test_a_tag_file_holding_another_tags_record_can_be_set_again(tmp_path: Path)
         assert repo.resolve("best") == v1.id and repo.tags() == {"best": v1.id}
 
 
+def test_a_tag_made_meanwhile_in_another_case_makes_this_one_back_out(tmp_path: Path) -> None:
+    """Two processes tag 'best' and 'Best' at once: each passed the case check before the other's tag
+    existed; the one that then finds the other backs out, so the archive never holds both."""
+    w = {"w": np.arange(10, dtype=np.float32)}
+    with create_repository(tmp_path / "arc") as repo, open_repository(tmp_path / "arc") as other:
+        v1, v2 = repo.commit("a", w), repo.commit("b", w)
+        create = repo.records.create_tag
+
+        def crossing(name: str, record: dict) -> bool:
+            made = create(name, record)
+            other.records.create_tag("Best", {"tag": "Best", "version": v2.id, "created": "now"})  # its check passed
+            return made
+
+        repo.records.create_tag = crossing  # type: ignore[method-assign]
+        with pytest.raises(InvalidInputError, match="only in case"):
+            repo.tag("best", v1.id)
+        assert repo.records.tag_names() == ["Best"] and repo.records.tag("Best") == v2.id
+
+
 def test_a_branch_starts_from_the_snapshot_it_names(repo: Repository, tmp_path: Path) -> None:
     """Fine-tuning from an earlier checkpoint of a run: the branch's first snapshot is a delta on that one
     (not on the parent's latest), and its entry says so."""

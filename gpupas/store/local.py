@@ -50,24 +50,30 @@ _WRITE_ERRORS = (errno.EACCES, errno.EPERM, errno.EROFS)
 _FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
-def _fsync_all(fds: Sequence[int]) -> None:
-    """fsync every descriptor, at once: the file system makes them durable together (on ext4 one journal
-    commit serves them all) instead of one after another."""
+def _fsync_all(fds: Sequence[int], threads: int = 16) -> None:
+    """fsync every descriptor, up to ``threads`` at once: the file system makes them durable together (on
+    ext4 one journal commit serves them all) instead of one after another. Returns once every fsync has
+    ended, even when interrupted; raises the first error."""
     errors: list[OSError] = []
 
-    def one(fd: int) -> None:
-        try:
-            fsync(fd)
-        except OSError as exc:
-            errors.append(exc)
+    def some(part: Sequence[int]) -> None:
+        for fd in part:
+            try:
+                fsync(fd)
+            except OSError as exc:
+                errors.append(exc)
 
-    threads = [threading.Thread(target=one, args=(fd,), daemon=True) for fd in fds[1:]]
-    for t in threads:
-        t.start()
-    if fds:
-        one(fds[0])
-    for t in threads:
-        t.join()
+    k = max(1, min(threads, len(fds)))
+    started = []
+    try:
+        for i in range(1, k):
+            t = threading.Thread(target=some, args=(fds[i::k],), daemon=True)
+            t.start()
+            started.append(t)
+        some(fds[0::k])
+    finally:
+        for t in started:  # the caller closes these descriptors next: never while a thread still uses one
+            t.join()
     if errors:
         raise errors[0]
 
@@ -468,17 +474,18 @@ class LocalStore:
         if not self.durable:
             return
         fds: list[int] = []
-        try:
-            for key in keys:
-                if not key:
-                    fds.append(self._root_fd())
-                    continue
-                with self._folder(key) as (dfd, name):
-                    fds.append(os.open(name, _READ, dir_fd=dfd))  # a folder or a file alike
-            _fsync_all(fds)
-        finally:
-            for fd in fds:
-                os.close(fd)
+        with self._writing(keys[0] if keys else "the archive"):  # a full or read-only disk said as for writes
+            try:
+                for key in keys:
+                    if not key:
+                        fds.append(self._root_fd())
+                        continue
+                    with self._folder(key) as (dfd, name):
+                        fds.append(os.open(name, _READ, dir_fd=dfd))  # a folder or a file alike
+                _fsync_all(fds)
+            finally:
+                for fd in fds:
+                    os.close(fd)
 
     # -- what the catalog and stats need ---------------------------------------------------------------
     def get_stat(self, key: str) -> tuple[bytes, tuple[int, int, int]] | None:

@@ -684,6 +684,13 @@ class Repository:
                 self.records.delete_tag(tag)
             raise InvalidInputError(f"{tag!r} names version(s) {', '.join(map(str, named))} (committed meanwhile); "
                                     "a tag of that name would hide them from it: pick another tag")
+        if created:
+            try:
+                self._check_case(tag)  # the same name in another case, tagged meanwhile by another process
+            except InvalidInputError:
+                if self.records.tag(tag) == vid:
+                    self.records.delete_tag(tag)
+                raise
         self._after_publish([f"t/{tag}"])
         return vid
 
