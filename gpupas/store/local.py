@@ -20,6 +20,7 @@ import time
 import uuid
 import warnings
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -48,34 +49,34 @@ _DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _READ = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 _WRITE_ERRORS = (errno.EACCES, errno.EPERM, errno.EROFS)
 _FULL = (errno.ENOSPC, errno.EDQUOT)
+SYNC_THREADS = 8  # fsyncs of one sync() at once, besides the caller's
 
 
-def _fsync_all(fds: Sequence[int], threads: int = 16) -> None:
-    """fsync every descriptor, up to ``threads`` at once: the file system makes them durable together (on
-    ext4 one journal commit serves them all) instead of one after another. Returns once every fsync has
-    ended, even when interrupted; raises the first error."""
-    errors: list[OSError] = []
+_SYNCERS: tuple[int, ThreadPoolExecutor] | None = None  # (pid, pool): a forked child makes its own
+_SYNCERS_LOCK = threading.Lock()
 
-    def some(part: Sequence[int]) -> None:
-        for fd in part:
-            try:
-                fsync(fd)
-            except OSError as exc:
-                errors.append(exc)
 
-    k = max(1, min(threads, len(fds)))
-    started = []
+def _syncers() -> ThreadPoolExecutor:
+    global _SYNCERS
+    with _SYNCERS_LOCK:
+        if _SYNCERS is None or _SYNCERS[0] != os.getpid():
+            _SYNCERS = (os.getpid(), ThreadPoolExecutor(SYNC_THREADS, thread_name_prefix="gpupas-fsync"))
+        return _SYNCERS[1]
+
+
+def _fsync_all(fds: Sequence[int]) -> None:
+    """fsync every descriptor, several at once: the file system makes them durable together (on ext4 one
+    journal commit serves them all) instead of one after another. Returns once every fsync has ended, even
+    when interrupted; raises the first error."""
+    futures = [_syncers().submit(fsync, fd) for fd in fds[1:]]
     try:
-        for i in range(1, k):
-            t = threading.Thread(target=some, args=(fds[i::k],), daemon=True)
-            t.start()
-            started.append(t)
-        some(fds[0::k])
+        if fds:
+            fsync(fds[0])
     finally:
-        for t in started:  # the caller closes these descriptors next: never while a thread still uses one
-            t.join()
-    if errors:
-        raise errors[0]
+        wait(futures)  # the caller closes these descriptors next: never while a thread still uses one
+    for f in futures:
+        if f.exception() is not None:
+            raise f.exception()  # type: ignore[misc]
 
 
 def _datasync(fd: int) -> None:
