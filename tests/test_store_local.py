@@ -400,3 +400,30 @@ def test_durable_writes_use_full_fsync_where_the_os_has_it(tmp_path, monkeypatch
     finally:
         os.close(fd)
     assert calls == ["full", "fsync"]
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork here")
+def test_sync_in_a_forked_child_uses_threads_of_its_own(store: LocalStore) -> None:
+    """The fsync threads a sync() hands work to are per process: a child forked after the parent synced (a
+    Dask worker, a DataLoader) has none of the parent's threads, and its sync must not wait on them."""
+    for k in ("a/x", "b/y", "c/z"):
+        store.put(k, b"1", sync=False)
+    store.sync(["a/x", "b/y", "c/z", "a", "b", "c", ""])  # the parent's pool now exists
+    pid = os.fork()
+    if pid == 0:  # the child: exit 0 only if its sync returns
+        try:
+            store.put("d/w", b"2", sync=False)
+            store.sync(["d/w", "d", "a/x", "b/y", ""])
+            os._exit(0)
+        finally:
+            os._exit(1)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            assert os.waitstatus_to_exitcode(status) == 0
+            return
+        time.sleep(0.05)
+    os.kill(pid, 9)
+    os.waitpid(pid, 0)
+    pytest.fail("a forked child's sync() hung on its parent's fsync threads")
