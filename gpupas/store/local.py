@@ -5,6 +5,8 @@ links (a link planted inside an archive is refused, never followed), and only re
 read (a FIFO or device in place of a file is refused instead of hanging). Atomic writes: a
 temporary file is fsync'd, then linked into place (create-if-absent) or renamed over the old
 one under an exclusive ``flock`` of its folder (read-modify-write); then the folder is fsync'd.
+Files written with ``sync=False`` (a stream's shards and documents) are made durable by one
+:meth:`LocalStore.sync` of them and their folders, fsync'd together.
 """
 
 from __future__ import annotations
