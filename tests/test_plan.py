@@ -378,6 +378,8 @@ def test_a_nan_alpha_or_budget_is_refused_not_read_as_no_budget(tmp_path: Path) 
             plan_archive(a, float("nan"))
         with pytest.raises(InvalidInputError, match=r"s0.*NaN"):
             plan_archive(a, None, budgets={s0: float("nan")})
+        with pytest.raises(InvalidInputError, match=r"s0 is -1 s: give seconds, at least 0"):
+            plan_archive(a, None, budgets={s0: -1})
     with pytest.raises(InvalidInputError, match="alpha must be at least 1"):
         compact_archive(str(tmp_path / "a"), alpha=float("nan"), scheduler="sync")
     with gpupas.open_archive(tmp_path / "a") as a:

@@ -197,5 +197,8 @@ def budgets_from(spt: Plan, alpha: float | None = None,
     for g, b in (absolute or {}).items():
         if math.isnan(float(b)):
             raise InvalidInputError(f"the recreation budget of {g} is NaN: give seconds (inf: no budget)")
+        if float(b) < 0:  # no plan meets it: bad input, not a budget the planner failed
+            raise InvalidInputError(f"the recreation budget of {g} is {float(b):g} s: give seconds, at least 0 "
+                                    "(inf: no budget)")
         out[g] = min(out.get(g, float("inf")), float(b))
     return out
