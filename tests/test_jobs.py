@@ -542,6 +542,24 @@ def test_an_address_that_is_no_dask_scheduler_is_a_clear_error(arc: tuple[str, l
     same_everywhere(path, snaps)
 
 
+def test_a_refused_scheduler_address_is_said_at_once(arc: tuple[str, list[dict[str, np.ndarray]]]) -> None:
+    """Nothing listens at the address: the connection is refused at once, which distributed retried for its
+    whole 30 s timeout before saying so."""
+    import socket
+
+    from gpupas.errors import GpupasError
+
+    path, _ = arc
+    with socket.create_server(("127.0.0.1", 0)) as s:
+        port = s.getsockname()[1]  # free once closed: nothing listens there
+    t0 = time.monotonic()
+    with pytest.raises(GpupasError, match=f"no Dask scheduler answers at tcp://127.0.0.1:{port} .*refused"):
+        compact_archive(path, target=TARGET_A, scheduler=f"127.0.0.1:{port}")
+    assert time.monotonic() - t0 < 10
+    with gpupas.open_archive(path) as a:
+        assert all(a.manifest(s).revision == 0 for s in a.snapshots())
+
+
 INTERRUPTED = """
 import operator, os, signal, socket, sys, threading, time
 from types import SimpleNamespace

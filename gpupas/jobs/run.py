@@ -99,6 +99,33 @@ def _quiet_interrupts() -> None:
 CONNECT_S = 30.0  # how long a scheduler address may take to answer
 
 
+def _listening(address: str) -> None:
+    """GpupasError at once where nothing listens at a TCP ``address`` (a refused connection), which distributed
+    retries for its whole timeout; other addresses and other failures are left to it."""
+    import socket
+    from urllib.parse import urlsplit
+
+    if "://" not in address:
+        address = f"tcp://{address}"
+    parts = urlsplit(address)
+    if parts.scheme not in ("tcp", "tls"):
+        return
+    try:
+        host, port = parts.hostname, parts.port
+    except ValueError:
+        return
+    if not host or port is None:
+        return
+    try:
+        socket.create_connection((host, port), timeout=CONNECT_S).close()
+    except ConnectionRefusedError:
+        raise GpupasError(f"no Dask scheduler answers at {address} (nothing listens there: connection refused); "
+                          "start one there (dask scheduler), or give --scheduler local for a cluster of worker "
+                          "processes here. Nothing was changed") from None
+    except OSError:
+        return  # a name that does not resolve, a timeout: distributed's own error says it
+
+
 def _connect(address: str) -> Any:
     """``Client(address)``, or GpupasError naming the address: distributed's own Client waits forever on a
     service there that is not a Dask scheduler and never answers its handshake (an HTTP server), and fails with
@@ -107,6 +134,7 @@ def _connect(address: str) -> Any:
 
     from distributed import Client
 
+    _listening(address)
     box: dict[str, Any] = {}
     seconds = CONNECT_S
 
