@@ -162,5 +162,5 @@ def _gather(client: Any, job: Any) -> list[Any]:
     except KilledWorker as exc:  # its own message names a task key and a worker address, not what to do
         raise GpupasError(f"a Dask worker died running {exc.task!r} (most often out of memory: each worker holds a "
                           "snapshot's tensors and planes while it works); run the job again with fewer workers "
-                          "(--workers) or more memory. Snapshots it finished keep their new form; the others are "
-                          "as they were") from None
+                          "(`compact --workers`) or more memory per worker. Snapshots it finished keep their new "
+                          "form; the others are as they were") from None
