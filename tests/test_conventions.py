@@ -472,6 +472,21 @@ def test_odd_tensors_are_refused_by_name_or_kept_whole(tmp_path: Path) -> None:
 
 
 
+def test_conjugate_and_negative_views_are_archived_as_their_values(tmp_path: Path) -> None:
+    """torch's lazy views (``c.conj().imag`` has the negative bit set, ``c.conj()`` the conjugate bit): the
+    values they show are archived, and a complex one is refused as complex, naming the tensor."""
+    c = torch.complex(torch.tensor([1.0, -2.0, 0.5]), torch.tensor([3.0, 0.25, -4.0]))
+    imag, one = c.conj().imag, c[:1].conj().imag  # what "complex: store .real and .imag" gives for a conjugate
+    assert imag.is_neg() and one.is_neg() and one.is_contiguous()
+    with gpupas.create_archive(tmp_path / "arc") as a:
+        got = a.restore(a.commit({"im": imag, "one": one, "re": c.conj().real}).id, framework="torch")
+        assert got["im"].tolist() == [-3.0, -0.25, 4.0] and got["re"].tolist() == [1.0, -2.0, 0.5]
+        assert got["one"].tolist() == [-3.0] and not got["one"].is_neg()
+        with pytest.raises(gpupas.UnsupportedDtypeError, match=r"tensor 'c'.*complex64.*\.real and \.imag"):
+            a.commit({"c": c.conj()})
+        assert len(a.snapshots()) == 1
+
+
 def test_export_to_a_folder_is_refused_and_writes_nothing(arc: Path, tmp_path: Path) -> None:
     """`export -o out/` (a trailing slash: a folder, as cp and rsync read it) or an existing folder: refused by
     name, whether or not --force is given, not a file named `out` (or "exists, use --force" and then refused)."""

@@ -252,7 +252,7 @@ class CupyBackend:
         torch = _torch()
         if t.device.type != "cuda" or t.layout != torch.strided:
             return self._upload(tensor_to_numpy(t))  # host tensors go up; meta and sparse ones are refused there
-        t = t.detach()
+        t = t.detach().resolve_conj().resolve_neg()  # DLPack refuses lazy views (c.conj().imag): their values
         if not t.is_contiguous():
             t = t.contiguous()
         torch.cuda.current_stream(t.device).synchronize()

@@ -55,7 +55,7 @@ def tensor_to_numpy(t: Any) -> np.ndarray:
                                     "with its scale and zero point, or t.dequantize()")
     views = _views()
     try:
-        t = t.detach().cpu().contiguous()
+        t = t.detach().resolve_conj().resolve_neg().cpu().contiguous()  # lazy views (c.conj().imag): values
         if t.dtype in views:
             carrier, np_dtype = views[t.dtype]
             return t.view(carrier).numpy().view(np_dtype).copy()
