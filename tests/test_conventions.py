@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import ml_dtypes
 import numpy as np
 import pytest
 
@@ -485,6 +486,25 @@ def test_conjugate_and_negative_views_are_archived_as_their_values(tmp_path: Pat
         with pytest.raises(gpupas.UnsupportedDtypeError, match=r"tensor 'c'.*complex64.*\.real and \.imag"):
             a.commit({"c": c.conj()})
         assert len(a.snapshots()) == 1
+
+
+def test_a_dtype_this_torch_lacks_is_refused_by_name_on_a_torch_restore(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """A torch older than the archive's dtypes (torch>=2.2 is allowed: no float8_e8m0fnu before 2.7, no uint16
+    before 2.3): restore(framework="torch") and a torch export refuse naming the tensor, its dtype and the remedy,
+    and the export writes nothing (not torch.from_numpy's TypeError)."""
+    from gpupas.integrations.torch import _views
+
+    monkeypatch.delitem(_views(), torch.float8_e8m0fnu)  # as an older torch: no such dtype
+    scales = np.array([1.0, 2.0, 0.5], dtype=ml_dtypes.float8_e8m0fnu)
+    with gpupas.create_repository(tmp_path / "arc") as repo:
+        repo.commit("m", {"w": np.ones(2, np.float32), "scales": scales})
+        with pytest.raises(gpupas.UnsupportedDtypeError, match=r"tensor 'scales'.*float8_e8m0fnu.*numpy"):
+            repo.restore("m", framework="torch")
+        with pytest.raises(gpupas.UnsupportedDtypeError, match=r"tensor 'scales'.*float8_e8m0fnu"):
+            repo.export("m", tmp_path / "m.pt")
+        assert sorted(os.listdir(tmp_path)) == ["arc"]
+        assert repo.restore("m")["scales"].tobytes() == scales.tobytes()
 
 
 def test_export_to_a_folder_is_refused_and_writes_nothing(arc: Path, tmp_path: Path) -> None:

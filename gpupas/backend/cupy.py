@@ -31,7 +31,7 @@ import numpy as np
 
 from gpupas.backend import kernels_ref as K
 from gpupas.backend.base import bases_of, check_dtype
-from gpupas.errors import BackendUnavailableError, IntegrityError, InvalidInputError
+from gpupas.errors import BackendUnavailableError, IntegrityError, InvalidInputError, UnsupportedDtypeError
 from gpupas.xp import ML_DTYPES
 
 GPU_CHUNK = 1 << 16  # bytes a chunk: nvCOMP's natural chunk (the size its Deflate headers advise); the GPU's layout
@@ -141,7 +141,11 @@ def _torch_of(bits: Any, dtype_name: str, shape: Sequence[int]) -> Any:
                 8: ("int64", torch.int64)}
     name, _ = carriers[bits.dtype.itemsize]
     t = torch.from_dlpack(bits.reshape(-1).view(name))
-    target = getattr(torch, dtype_name)
+    target = getattr(torch, dtype_name, None)
+    if target is None:
+        from gpupas.integrations.torch import torch_lacks
+
+        raise torch_lacks(dtype_name)
     return (t.view(target) if target != t.dtype else t).reshape(tuple(shape))
 
 
@@ -295,7 +299,10 @@ class CupyBackend:
             e = m.tensor(name)
             r = self._device(r)
             if framework == "torch":
-                out[name] = _torch_of(r, e.dtype, e.shape)
+                try:
+                    out[name] = _torch_of(r, e.dtype, e.shape)
+                except UnsupportedDtypeError as exc:
+                    raise UnsupportedDtypeError(f"tensor {name!r}: {exc}") from None
             elif e.dtype in CUPY_LACKS:
                 out[name] = DeviceTensor(r, e.layout.dtype, e.shape)
             else:

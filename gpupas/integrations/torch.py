@@ -86,10 +86,26 @@ def numpy_to_tensor(a: np.ndarray, copy: bool = True) -> Any:
             t = torch.from_numpy(a.view(holder)).view(tdtype)
             break
     else:
-        t = torch.from_numpy(a)
+        try:
+            t = torch.from_numpy(a)
+        except TypeError:
+            raise torch_lacks(a.dtype.name) from None
     return t if a.size else torch.empty(t.shape, dtype=t.dtype)  # from_numpy strides an empty one 0: no .view(dtype)
 
 
+def torch_lacks(dtype_name: str) -> UnsupportedDtypeError:
+    """The error for a restored dtype the installed torch has no dtype for (an older torch)."""
+    return UnsupportedDtypeError(f"dtype {dtype_name} has no torch dtype in torch {_torch().__version__}; restore "
+                                 "it with framework='numpy' (or export to safetensors), or upgrade torch")
+
+
 def numpy_to_state_dict(arrays: Mapping[str, np.ndarray], copy: bool = True) -> dict[str, Any]:
-    """NumPy arrays as a torch state_dict (``copy=False``: sharing their memory, see :func:`numpy_to_tensor`)."""
-    return {k: numpy_to_tensor(v, copy) for k, v in arrays.items()}
+    """NumPy arrays as a torch state_dict (``copy=False``: sharing their memory, see :func:`numpy_to_tensor`);
+    UnsupportedDtypeError naming the tensor where this torch has no dtype for one."""
+    out = {}
+    for k, v in arrays.items():
+        try:
+            out[k] = numpy_to_tensor(v, copy)
+        except UnsupportedDtypeError as exc:
+            raise UnsupportedDtypeError(f"tensor {k!r}: {exc}") from None
+    return out

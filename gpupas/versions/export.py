@@ -62,8 +62,8 @@ def export(repo: Repository, ref: str | int | Version, path: str | os.PathLike[s
     else:
         from gpupas.integrations.torch import _torch, numpy_to_state_dict
 
-        torch = _torch()
-        write_file(p, lambda f: torch.save(numpy_to_state_dict(tensors), f), replace=force)
+        torch, state = _torch(), numpy_to_state_dict(tensors)  # a dtype this torch lacks: refused, nothing written
+        write_file(p, lambda f: torch.save(state, f), replace=force)
     return p
 
 
