@@ -101,7 +101,8 @@ CONNECT_S = 30.0  # how long a scheduler address may take to answer
 
 def _listening(address: str) -> None:
     """GpupasError at once where nothing listens at a TCP ``address`` (a refused connection), which distributed
-    retries for its whole timeout; other addresses and other failures are left to it."""
+    retries for its whole timeout, or no connection is made within it (not waited for twice); other addresses
+    and other failures are left to it."""
     import socket
     from urllib.parse import urlsplit
 
@@ -118,12 +119,13 @@ def _listening(address: str) -> None:
         return
     try:
         socket.create_connection((host, port), timeout=CONNECT_S).close()
-    except ConnectionRefusedError:
-        raise GpupasError(f"no Dask scheduler answers at {address} (nothing listens there: connection refused); "
-                          "start one there (dask scheduler), or give --scheduler local for a cluster of worker "
-                          "processes here. Nothing was changed") from None
+    except (ConnectionRefusedError, TimeoutError) as exc:
+        why = "connection refused" if isinstance(exc, ConnectionRefusedError) else f"no answer in {CONNECT_S:g} s"
+        raise GpupasError(f"no Dask scheduler answers at {address} (nothing listens there: {why}); start one "
+                          "there (dask scheduler), or give --scheduler local for a cluster of worker processes "
+                          "here. Nothing was changed") from None
     except OSError:
-        return  # a name that does not resolve, a timeout: distributed's own error says it
+        return  # a name that does not resolve: distributed's own error says it
 
 
 def _connect(address: str) -> Any:
