@@ -42,6 +42,9 @@ from gpupas.pas.schemes import describe
 SCHEMA_VERSION = 5  # 4: hyperparameters typed; a metric's last value at its highest step (NaN too), count all;
 #  5: no table of every metric point (no query read it; re-indexing it made a long run's appends slow)
 FILENAME = "catalog.sqlite"
+STORED_NOW = ("coalesce((SELECT sum(t.stored) FROM tensors t WHERE t.snapshot IN (SELECT snapshot FROM snapshots "
+              "WHERE version={v}.id)), {v}.stored_bytes)")  # a version's stored bytes as its manifests say now (a
+#  revision, compaction or tier move changes them; the version record keeps those of the commit)
 BUSY_TIMEOUT_S = 60.0
 
 SCHEMA = """

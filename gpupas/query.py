@@ -32,8 +32,10 @@ last value is the one at its highest step (not a number where that was NaN); ``.
 point. ``m.parent != 1`` and ``m.tag != "x"`` ask for *some* parent or tag other than that one
 (``not m.parent = 1``: none is). ``m.id``, ``m.snapshots``, ``m.layers``, ``m.raw_bytes``, ``m.stored_bytes``
 and ``m.parent`` compare with numbers, the other fixed fields with quoted strings (and only they take LIKE):
-anything else is refused, naming the field. ``ORDER BY`` takes any field but ``parent`` and ``tag``; versions
-without the hyperparameter or metric come last either way, and a hyperparameter's numbers sort below its strings.
+anything else is refused, naming the field; ``m.stored_bytes`` is what the snapshots' manifests say now
+(after a compaction or tier move too, as `gpupas log` shows it). ``ORDER BY`` takes any field but ``parent`` and
+``tag``; versions without the hyperparameter or metric come last either way, and a hyperparameter's numbers sort
+below its strings.
 NOT and parentheses nest 40 levels deep at most; a statement past SQLite's limits is refused as input.
 """
 
@@ -45,7 +47,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from gpupas.catalog import Catalog
+from gpupas.catalog import STORED_NOW, Catalog
 from gpupas.errors import InvalidInputError
 from gpupas.network import _ACTIVATIONS
 
@@ -71,7 +73,16 @@ _KIND_ALIASES = {"fc": "linear", "dense": "linear", "innerproduct": "linear", "b
                  "layernorm": ("norm", "layer"), "activation": "act", "input": ("io", "input"),
                  "output": ("io", "output")}
 MAX_NESTING = 40  # NOTs and parentheses inside one another; SQLite's parser stops at about 90 levels
-RESULT_COLUMNS = "id, name, created, author, message, n_snapshots, raw_bytes, stored_bytes, latest, best"
+_NOW = {"stored_bytes": STORED_NOW.format(v="v")}  # fields whose value is not the version record's
+
+
+def _column(field: str) -> str:
+    """The SQL value of fixed field ``field`` of version ``v``."""
+    return _NOW.get(field, f"v.{_COLUMNS[field]}")
+
+
+RESULT_COLUMNS = ("id, name, created, author, message, n_snapshots, raw_bytes, "
+                  f"{_NOW['stored_bytes']} AS stored_bytes, latest, best")
 
 
 @dataclass
@@ -313,7 +324,7 @@ class _Parser:
         if t.value not in _COLUMNS:
             raise self.fail(f"cannot order by {t.value!r}; use one of {', '.join(_COLUMNS)}, hp.KEY or "
                             "metric.NAME", t)
-        return _COLUMNS[t.value]
+        return _column(t.value)
 
     def metric_key(self) -> tuple[str, str]:
         """A metric's name and its metric_summary column, after ``metric``: NAME[.last|.min|.max|.count]
@@ -396,7 +407,7 @@ class _Parser:
         if field == "created" and not like:
             val = self.instant(val)
         self.params.append(val)
-        return f"v.{_COLUMNS[field]} {op} ?"
+        return f"{_column(field)} {op} ?"
 
     def column_literal(self, field: str, like: bool, at: Token) -> Any:
         """The literal after a fixed field's operator, of the field's type (an id, a count, a size: a number;

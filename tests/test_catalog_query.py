@@ -545,3 +545,23 @@ def test_reindex_sweeps_a_killed_rebuilds_temporary_catalog_where_flock_is_nfs(t
         monkeypatch.setattr(catalog_mod.fcntl, "flock", nfs_flock)
         repo.reindex()
     assert not left.exists() and not Path(f"{left}.lock").exists()
+
+
+def test_query_and_stats_give_a_versions_stored_bytes_as_log_does_after_a_revision(tmp_path: Path) -> None:
+    """A revision (compaction, tier move) changes what a snapshot stores; the version record keeps the commit's
+    sizes. `gpupas query` (its column, WHERE and ORDER BY) and `stats`' per-version rows said those, `log` and
+    `show` what the manifests say now."""
+    rng = np.random.default_rng(0)
+    w = (rng.standard_normal((256, 256)) * 0.02).astype(np.float32)
+    with create_repository(tmp_path / "arc") as r:
+        v = r.commit("run", [{"w": w}, {"w": w + (rng.standard_normal(w.shape) * 1e-4).astype(np.float32)}])
+        r.commit("other", {"w": np.zeros(4, np.float32)})
+        second = v.snapshots[1]["id"]
+        r.archive.revise(second, base=None)  # the delta stored whole: more bytes
+        now = sum(r.archive.manifest(s["id"]).stored_bytes for s in v.snapshots)
+        assert now > sum(s["stored_bytes"] for s in v.snapshots)
+        assert {x["id"]: x["stored_bytes"] for x in r.log()}[v.id] == now
+        assert {x["id"]: x["stored_bytes"] for x in r.query("select m")}[v.id] == now
+        assert ids(r, f"select m where m.stored_bytes = {now}") == [v.id]
+        assert ids(r, "select m order by m.stored_bytes desc") == [v.id, 2]
+        assert {x["id"]: x["stored_bytes"] for x in r.stats()["per_version"]}[v.id] == now

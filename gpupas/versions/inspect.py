@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from gpupas.catalog import flatten, last_value
+from gpupas.catalog import STORED_NOW, flatten, last_value
 from gpupas.errors import FormatError, GpupasError, IntegrityError
 from gpupas.network import diff_networks
 from gpupas.pas.planes import FLOATS
@@ -110,9 +110,9 @@ def lineage(repo: Repository) -> list[dict[str, Any]]:
         tags.setdefault(r["version"], []).append(r["tag"])
     return [dict(r) | {"parents": parents.get(r["id"], []), "tags": tags.get(r["id"], [])}
             for r in cat.query(
-                "SELECT id, name, created, author, message, n_snapshots, raw_bytes, coalesce((SELECT sum(t.stored) "
-                "FROM tensors t WHERE t.snapshot IN (SELECT snapshot FROM snapshots WHERE version=versions.id)), "
-                "stored_bytes) AS stored_bytes, latest, best, (SELECT group_concat(DISTINCT t.lossy) FROM tensors t "
+                "SELECT id, name, created, author, message, n_snapshots, raw_bytes, "
+                f"{STORED_NOW.format(v='versions')} AS stored_bytes, latest, best, "
+                "(SELECT group_concat(DISTINCT t.lossy) FROM tensors t "
                 "WHERE t.lossy IS NOT NULL AND t.snapshot IN (SELECT snapshot FROM snapshots WHERE "
                 "version=versions.id)) AS lossy FROM versions ORDER BY id")]
 
@@ -189,8 +189,9 @@ def stats(repo: Repository) -> dict[str, Any]:
         "unreferenced_snapshots": orphans, "incomplete_snapshots": repo.archive.store.orphan_folders(),
         "unreadable_snapshots": [s for s in sorted(all_sids - indexed) if _unreadable(repo, s)],  # not in totals
         "disk_bytes": disk,
-        "per_version": [dict(r) for r in q("SELECT id, name, n_snapshots, raw_bytes, stored_bytes FROM versions "
-                                           "ORDER BY id")],
+        "per_version": [dict(r) for r in q("SELECT id, name, n_snapshots, raw_bytes, "
+                                           f"{STORED_NOW.format(v='versions')} AS stored_bytes "
+                                           "FROM versions ORDER BY id")],
     }
 
 
