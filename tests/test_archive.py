@@ -897,3 +897,19 @@ def test_revise_reads_no_base_tensor_of_another_dtype_or_shape(tmp_path: Path) -
     with gpupas.open_archive(tmp_path / "a") as a:
         assert a.revise("s1", setting="strong").base == "s0"
         assert {k: v.tobytes() for k, v in a.restore("s1").items()} == {k: v.tobytes() for k, v in t1.items()}
+
+
+def test_gc_counts_a_removed_snapshot_by_what_it_took_on_disk_as_a_folder(tmp_path: Path) -> None:
+    """gc said a snapshot it removes took its payloads' bytes (``stored``), a folder its bytes on disk: the
+    snapshot's manifest, Zarr documents and shard indexes went uncounted."""
+
+    def usage() -> int:
+        return sum(p.stat().st_size for p in (tmp_path / "arc").rglob("*") if p.is_file())
+
+    with gpupas.create_repository(tmp_path / "arc") as repo:
+        repo.commit("kept", _model(0))
+        m = repo.archive.commit(_model(1), meta={"version_name": "killed"})  # as a commit killed before publishing
+        before = usage()
+        dry = repo.gc(min_age=0, dry_run=True)
+        assert [(r["kind"], r["name"]) for r in dry] == [("snapshot", m.id)] and dry[0]["bytes"] > m.stored_bytes
+        assert repo.gc(min_age=0) == dry and before - usage() == dry[0]["bytes"]

@@ -460,7 +460,7 @@ class ArchiveStore:
                         todo += [d for d in (manifests[m.base].base,) if d is not None]
                 for sid in sorted(set(manifests) - reachable):
                     m = manifests.pop(sid)
-                    out.append(("snapshot", sid, sum(st.stored for st in m.streams)))
+                    out.append(("snapshot", sid, self._usage(sid, m)))
                     gone.update((s.tier, s.folder) for s in m.streams)  # removed with it, not counted again below
                     if not dry_run:
                         self.store.delete(keys.manifest(sid))
@@ -474,6 +474,17 @@ class ArchiveStore:
             if self.store.local_root is not None:
                 out += self._sweep_temp(max(min_age, TEMP_MIN_AGE), dry_run)
         return out
+
+    def _usage(self, sid: str, m: Manifest) -> int:
+        """Bytes a snapshot takes (its manifest, its folders' documents, shards and indexes, in tiers too), as
+        a folder's are counted; a tier out of reach counts its streams' ``stored``."""
+        total = self.store.usage(keys.manifest(sid))
+        for st in m.streams:
+            try:
+                total += self.tier_store(st.tier).usage(keys.folder(st.folder))
+            except GpupasTierError:
+                total += st.stored
+        return total
 
     def _sweep_temp(self, min_age: float, dry_run: bool) -> list[tuple[str, str, int]]:
         """Delete (or list) the temporary files of record writes (manifests, versions, tags, file blobs, the

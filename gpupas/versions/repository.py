@@ -766,7 +766,7 @@ class Repository:
         ``min_age`` seconds: snapshots written for versions that never published (a killed commit) and
         chunk folders no snapshot names. Snapshots committed without a version (``Archive.commit``) are
         kept, with everything they are built on. Returns ``{"kind", "name", "bytes"}`` per item removed
-        (or, with ``dry_run``, that would be)."""
+        (or, with ``dry_run``, that would be); ``bytes``: what it took in the store (and tiers), every file."""
 
         def is_root(m: Any) -> bool:
             return m.id in referenced or not ({"version_name", "version_id"} & set(m.meta))
