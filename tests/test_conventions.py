@@ -251,6 +251,31 @@ def test_hugging_face_folders_sharded_and_not(tmp_path: Path) -> None:
 
 
 
+def test_a_hugging_face_cache_snapshot_of_linked_shards(tmp_path: Path) -> None:
+    """A model folder of Hugging Face's cache (snapshots/<rev>/ holds links to ../../blobs/<hash>) commits as its
+    files read; it was refused as "names a shard outside its folder", the links' targets judged, not the names."""
+    from gpupas.integrations.safetensors import save_file
+
+    sd = tensors(0)
+    blobs, snap = tmp_path / "blobs", tmp_path / "snapshots" / "abc123"
+    blobs.mkdir()
+    snap.mkdir(parents=True)
+    save_file({"fc.weight": sd["fc.weight"]}, blobs / "1f0e")
+    save_file({"fc.bias": sd["fc.bias"]}, blobs / "2c9d")
+    weight_map = {"fc.weight": "model-00001-of-00002.safetensors", "fc.bias": "model-00002-of-00002.safetensors"}
+    (blobs / "3a7b").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    for name, blob in [("model-00001-of-00002.safetensors", "1f0e"), ("model-00002-of-00002.safetensors", "2c9d"),
+                       ("model.safetensors.index.json", "3a7b")]:
+        (snap / name).symlink_to(Path("..", "..", "blobs", blob))
+    with gpupas.create_repository(tmp_path / "arc") as repo:
+        v = repo.commit("cached", snap)
+        assert {k: a.tobytes() for k, a in repo.restore(v.id).items()} == {k: a.tobytes() for k, a in sd.items()}
+    (snap / "model.safetensors.index.json").unlink()
+    (snap / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"x": "sub/../../blobs/1f0e"}}))
+    with gpupas.open_repository(tmp_path / "arc") as repo, pytest.raises(gpupas.InvalidInputError, match="outside"):
+        repo.commit("evil", snap)
+
+
 def test_a_shard_index_given_as_the_checkpoint(tmp_path: Path) -> None:
     """The index file of a sharded checkpoint (what a user points at: `gpupas commit .../model.safetensors.index.json`)
     reads as its folder does; it was refused as "unknown checkpoint type '.json'", in the API and the CLI alike. A
