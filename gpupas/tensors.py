@@ -85,6 +85,7 @@ _TORCH_KINDS = ("a torch checkpoint", "a pickle (a legacy torch checkpoint)")
 _REMEDY = {"a safetensors file": "; rename it to end in .safetensors",
            "a torch checkpoint": "; rename it to end in .pt",
            "a pickle (a legacy torch checkpoint)": "; rename it to end in .pt",
+           "a gzip-compressed file": "; decompress it first (gunzip) and commit the checkpoint it holds",
            "a NumPy .npz archive": "; load it with numpy.load and commit its arrays as a mapping, or write them to "
                                    "a safetensors file (safetensors.numpy.save_file) and commit that",
            "a NumPy .npy array": "; load it with numpy.load and commit it as a mapping {name: array}, or write it "
@@ -93,7 +94,7 @@ _REMEDY = {"a safetensors file": "; rename it to end in .safetensors",
 
 def _what_file(path: Path) -> str | None:
     """What a file plainly is by its first bytes (a safetensors file, a torch zip checkpoint, a pickle, an .npz or
-    .npy, a text file), for an error that says so; None where that is not plain."""
+    .npy, gzip, a text file), for an error that says so; None where that is not plain."""
     import zipfile
 
     try:
@@ -110,6 +111,8 @@ def _what_file(path: Path) -> str | None:
             return "a NumPy .npz archive" if names and all(n.endswith(".npy") for n in names) else "a zip archive"
     except (OSError, zipfile.BadZipFile):
         return None
+    if head[:2] == b"\x1f\x8b":
+        return "a gzip-compressed file"
     if head[:1] == b"\x80":
         return "a pickle (a legacy torch checkpoint)"
     if head[:6] == b"\x93NUMPY":
@@ -125,6 +128,9 @@ def _why(exc: Exception, path: Path) -> str:
     if path.stat().st_size == 0:
         return "the file is empty"
     text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip()
+    if "Unsupported operand" in text:  # the weights-only unpickler met a byte that is no pickle opcode
+        return ("its bytes are not a pickle as torch.save writes (a damaged file, or not a torch checkpoint?); save or "
+                "download it again")
     if "Weights only load failed" in text or "Unsupported global" in text:
         found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
         what = f" ({found.group(1)})" if found else ""

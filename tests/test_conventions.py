@@ -307,6 +307,26 @@ def test_a_shard_index_given_as_the_checkpoint(tmp_path: Path) -> None:
     assert res.returncode == 2 and "names shard 'model-00002-of-00002.safetensors'" in res.stderr, res.stderr
 
 
+def test_a_gzipped_or_garbled_checkpoint_is_not_said_to_pickle_objects(tmp_path: Path) -> None:
+    """A gzip'd checkpoint (a .pt, a .safetensors, a .pt.gz) is named as gzip with "decompress it first"; a .pt of
+    bytes that are no pickle as damaged. Both read "it pickles Python objects ...; save model.state_dict()", torch's
+    "Unsupported operand" taken for an object it would not load."""
+    import gzip
+
+    plain = tmp_path / "plain.pt"
+    torch.save({k: torch.from_numpy(v) for k, v in tensors(0).items()}, plain)
+    packed = gzip.compress(plain.read_bytes())
+    with gpupas.create_repository(tmp_path / "arc") as repo:
+        for name in ("model.pt", "model.safetensors", "model.pt.gz"):
+            (tmp_path / name).write_bytes(packed)
+            with pytest.raises(gpupas.InvalidInputError, match=r"gzip-compressed file.*decompress it first"):
+                repo.commit("m", tmp_path / name)
+        (tmp_path / "noise.pt").write_bytes(bytes(range(3, 256)) * 4)
+        with pytest.raises(gpupas.InvalidInputError) as err:
+            repo.commit("m", tmp_path / "noise.pt")
+        assert "not a pickle" in str(err.value) and "Python objects" not in str(err.value), err.value
+
+
 @pytest.mark.parametrize("legacy", [False, True])
 def test_a_torch_file_cut_short_is_said_to_be(tmp_path: Path, legacy: bool) -> None:
     """A torch.save file cut short (an interrupted save or download) is named with what to do: a cut zip file read
