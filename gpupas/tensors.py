@@ -180,7 +180,8 @@ def _without_extra_state(tensors: Mapping[Any, Any], source: str, notes: list[st
 def _unwrap(obj: Any, source: str, notes: list[str] | None) -> Mapping[str, Any]:
     """The state_dict inside a torch checkpoint object (see :func:`load_checkpoint`)."""
     if not isinstance(obj, Mapping):
-        raise InvalidInputError(f"{source} holds a {type(obj).__name__}, not a state_dict or a dict that holds one")
+        raise InvalidInputError(f"{source} holds a {type(obj).__name__}, not a state_dict or a dict that holds one; "
+                                "save its tensors by name (torch.save({'weight': t}, path)), or model.state_dict()")
     obj = _without_extra_state(obj, source, notes)
     if obj and all(_is_tensor(v) for v in obj.values()):
         return _strip_ddp(obj, source, notes)

@@ -327,6 +327,18 @@ def test_a_gzipped_or_garbled_checkpoint_is_not_said_to_pickle_objects(tmp_path:
         assert "not a pickle" in str(err.value) and "Python objects" not in str(err.value), err.value
 
 
+@pytest.mark.parametrize("held", ["tensor", "list"])
+def test_a_torch_file_of_one_tensor_or_a_list_says_what_to_save(tmp_path: Path, held: str) -> None:
+    """A .pt of one tensor (torch.save(t, path)) or of a list of them is refused naming the file and what to save
+    instead; it said only what it held."""
+    path = tmp_path / "t.pt"
+    t = torch.arange(6.0)
+    torch.save(t if held == "tensor" else [t, t + 1], path)
+    with gpupas.create_repository(tmp_path / "arc") as repo, pytest.raises(gpupas.InvalidInputError) as err:
+        repo.commit("m", path)
+    assert str(path) in str(err.value) and "save its tensors by name" in str(err.value), err.value
+
+
 @pytest.mark.parametrize("legacy", [False, True])
 def test_a_torch_file_cut_short_is_said_to_be(tmp_path: Path, legacy: bool) -> None:
     """A torch.save file cut short (an interrupted save or download) is named with what to do: a cut zip file read
