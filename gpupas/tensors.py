@@ -204,7 +204,11 @@ def _unwrap(obj: Any, source: str, notes: list[str] | None) -> Mapping[str, Any]
         raise InvalidInputError(f"{source} holds no tensors a model could be rebuilt from: {keys}; save "
                                 f"model.state_dict() (or a dict with it under one of {', '.join(WRAPPERS[:4])})")
     if notes is not None and len(tensors) < len(obj):
-        notes.append(f"{source}: left out {len(obj) - len(tensors)} entries that are not tensors")
+        left = [k for k in obj if k not in tensors]
+        nested = [str(k) for k in left if isinstance(obj[k], Mapping) and any(map(_is_tensor, obj[k].values()))]
+        kept_apart = f" ({', '.join(nested[:4])} holds tensors of its own: commit it apart to keep them)"
+        notes.append(f"{source}: left out {len(left)} entries that are not tensors: {', '.join(map(str, left[:6]))}"
+                     + ("..." if len(left) > 6 else "") + (kept_apart if nested else ""))
     return _strip_ddp(tensors, source, notes)
 
 

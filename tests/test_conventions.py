@@ -339,6 +339,17 @@ def test_a_torch_file_of_one_tensor_or_a_list_says_what_to_save(tmp_path: Path, 
     assert str(path) in str(err.value) and "save its tensors by name" in str(err.value), err.value
 
 
+def test_entries_left_out_of_a_torch_file_are_named(tmp_path: Path) -> None:
+    """What a torch file's dict holds besides its tensors is named in the warning, and a nested dict of tensors is
+    said to hold tensors; the warning said "left out 1 entries that are not tensors" of them, naming none."""
+    path = tmp_path / "m.pt"
+    torch.save({"w": torch.ones(2), "ema": {"w": torch.zeros(2)}, "step": 7}, path)
+    with gpupas.create_repository(tmp_path / "arc") as repo, pytest.warns(UserWarning) as caught:
+        assert set(repo.restore(repo.commit("m", path).id)) == {"w"}
+    said = " ".join(str(w.message) for w in caught)
+    assert "left out 2 entries" in said and "ema, step" in said and "ema holds tensors of its own" in said, said
+
+
 @pytest.mark.parametrize("legacy", [False, True])
 def test_a_torch_file_cut_short_is_said_to_be(tmp_path: Path, legacy: bool) -> None:
     """A torch.save file cut short (an interrupted save or download) is named with what to do: a cut zip file read
