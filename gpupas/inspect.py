@@ -224,7 +224,8 @@ def _plane_rows(source: Any, snapshot: str, planes: int | None, entropy: bool, s
 def plane_summary(source: Any, snapshot: str, *, planes: int | None = None, entropy: bool = False,
                   sample: int = SAMPLE) -> list[dict[str, Any]]:
     """One row per plane index of ``snapshot``, over all its tensors: coded bytes, stored bytes, stored
-    bits per byte, the stores that hold it, and (``entropy``) the value-weighted mean entropy."""
+    bits per byte, the stores that hold it, and (``entropy``) the value-weighted mean entropy. Row masks and
+    'pred' factors are in no plane: the rows add up to the snapshot's stored bytes less theirs."""
     rows: dict[int, dict[str, Any]] = {}
     for r in _plane_rows(source, snapshot, planes, entropy, sample):
         t = rows.setdefault(r["plane"], {"snapshot": snapshot, "plane": r["plane"], "bytes": 0, "stored": 0,

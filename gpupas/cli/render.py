@@ -361,7 +361,8 @@ def stats(o: Output, s: dict[str, Any]) -> None:
         o.data(f"not part of any version: {len(s['unreferenced_snapshots'])} complete snapshot(s) (plain Archive "
                f"use) and {len(s['incomplete_snapshots'])} folder(s) no snapshot names (interrupted commits, old "
                "forms of revised snapshots); `gpupas gc` removes what nothing references")
-    o.data(f"on disk: {size(s['disk_bytes'])} in all (chunks, manifests, records, files, catalog)")
+    o.data(f"on disk: {size(s['disk_bytes'])} in the archive's own folder (chunks, manifests, records, files, "
+           "catalog; not what its tiers hold)")
     if s["unreadable_snapshots"]:
         o.warn(f"{len(s['unreadable_snapshots'])} snapshot(s) whose manifest cannot be read are left out of these "
                f"totals (first: {s['unreadable_snapshots'][0]}); `gpupas verify` says why, gc keeps their data")

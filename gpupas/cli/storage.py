@@ -154,6 +154,7 @@ def inspect(ref: Annotated[str, typer.Argument(metavar="VERSION", help="Version:
     if snapshot is not None and by == "snapshot":
         raise InvalidInputError("--by snapshot lists every snapshot of the version; leave out --snapshot, or pick "
                                 "one snapshot's --by tensor, layer or plane")
+    extras = 0  # --by plane: bytes of the snapshot in no plane
     with _repo(archive) as repo:
         v = repo.version(ref)
         sid = v.snapshot(snapshot)["id"]
@@ -165,6 +166,7 @@ def inspect(ref: Annotated[str, typer.Argument(metavar="VERSION", help="Version:
             rows = records.layers(repo, sid)
         else:
             rows = records.plane_summary(repo, sid, planes=planes, entropy=True)
+            extras = repo.archive.manifest(sid).stored_bytes - sum(r["stored"] for r in rows)
     damaged = [r for r in rows if r.get("damaged")]
     if as_json:
         _out().json(rows)
@@ -178,6 +180,8 @@ def inspect(ref: Annotated[str, typer.Argument(metavar="VERSION", help="Version:
     for r in rows:
         render.row(t, *(_cell(k, r.get(k)) for k, _ in cols))
     _out().table(t)
+    if by == "plane" and planes is None and extras > 0:
+        _out().note(f"row masks and 'pred' factors: {render.size(extras)} more, in no plane")
     _damaged(damaged)
 
 
