@@ -457,11 +457,13 @@ def query(statement: Annotated[str, typer.Argument(metavar="DQL", help=(
           archive: ArchiveOpt = None, as_json: JsonOpt = False) -> None:
     """Select versions with DQL: name, time, hyperparameter, metric and network conditions.
 
-    Fields: m.id m.name m.created m.author m.message m.snapshots m.parent m.tag m.hp.KEY
-    m.metric.NAME[.last|.min|.max|.count]; layer predicates: m["regex"] [.next|.prev] has POOL("MAX"),
-    CONV, FC, NORM("batch"), RELU, TYPE("MaxPool2d"); and / or / not / parentheses; order by m.FIELD
-    [desc]; limit N. m.id, m.snapshots and m.parent compare with numbers; m.name, m.created, m.author,
-    m.message and m.tag with quoted strings, and LIKE takes a quoted pattern on these (and on m.hp.KEY).
+    Fields: m.id m.name m.created m.author m.message m.snapshots m.layers m.raw_bytes m.stored_bytes
+    m.parent m.tag m.hp.KEY m.metric.NAME[.last|.min|.max|.count]; layer predicates: m["regex"]
+    [.next|.prev] has POOL("MAX"), CONV, FC, NORM("batch"), RELU, TYPE("MaxPool2d"); and / or / not /
+    parentheses; order by m.FIELD [desc]; limit N. m.id, m.snapshots, m.layers, m.raw_bytes,
+    m.stored_bytes (what the manifests store now) and m.parent compare with numbers; m.name, m.created,
+    m.author, m.message and m.tag with quoted strings, and LIKE takes a quoted pattern on these (and on
+    m.hp.KEY).
     """
     with _repo(archive) as repo:
         rows = repo.query(statement)
