@@ -351,7 +351,8 @@ def best(ref: Annotated[str, typer.Argument(metavar="VERSION", help="The version
 
 @app.command()
 @_command
-def tag(tag_name: Annotated[str | None, typer.Argument(metavar="TAG", help="Tag name; none: list tags.")] = None,
+def tag(tag_name: Annotated[str | None, typer.Argument(
+            metavar="TAG", help="Tag name (not another tag's in another case); none: list tags.")] = None,
         ref: Annotated[str | None, typer.Argument(metavar="VERSION", help="Version to tag (id, tag or name).")] = None,
         delete: Annotated[bool, typer.Option("--delete", "-d", help="Delete the tag.")] = False,
         force: Annotated[bool, typer.Option("--force", help="Move an existing tag.")] = False,

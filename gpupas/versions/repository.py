@@ -649,7 +649,8 @@ class Repository:
 
     def tag(self, tag: str, ref: str | int | Version, *, force: bool = False) -> int:
         """Point ``tag`` at a version; ArchiveExistsError if it points elsewhere (unless ``force``).
-        A tag may not take a version name (it would hide those versions from that name)."""
+        A tag may not take a version name (it would hide those versions from that name), nor another tag's name
+        in another case (InvalidInputError: macOS and Windows keep one file for both)."""
         check_version_name(tag, "tag")
         vid = self.resolve(ref)
         named = self._named_versions(tag)

@@ -30,7 +30,7 @@ def verify(repo: Repository, refs: Iterable[str | int] | None = None, progress: 
     because a store or tier cannot be reached); never raises on damage found.
 
     The snapshots are checked by :func:`gpupas.jobs.graph.verify_graph` (each decoded once, its bases
-    first), run by ``scheduler``: "sync" (default) in this process, None a local Dask cluster, or a
+    first), run by ``scheduler``: "sync" (default) in this process, None or "local" a local Dask cluster, or a
     scheduler's address / a ``distributed.Client``.
     """
     problems: list[str] = []
