@@ -601,7 +601,8 @@ def gc(min_age: Annotated[float, typer.Option("--min-age", metavar="SECONDS", he
 @app.command()
 @_command
 def reindex(archive: ArchiveOpt = None, as_json: JsonOpt = False) -> None:
-    """Rebuild the SQLite catalog from the archive's records and manifests."""
+    """Rebuild the SQLite catalog from the archive's records and manifests (removing the temporary
+    catalogs that killed rebuilds left beside it)."""
     with _repo(archive) as repo:
         counts = repo.reindex()
     if as_json:

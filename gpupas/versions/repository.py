@@ -206,7 +206,8 @@ class Repository:
 
     def reindex(self) -> dict[str, int]:
         """Build the catalog from scratch from the archive alone (the old one is never read: whatever it
-        holds, no table, view or trigger of it survives); returns the row count of each table."""
+        holds, no table, view or trigger of it survives), removing the temporary catalogs of rebuilds killed
+        before theirs was in place (never a running one's); returns the row count of each table."""
         with self._catalog_lock:
             if self._catalog is not None:
                 self._catalog.close()
