@@ -31,7 +31,7 @@ counts). A hyperparameter matches a literal of its own type only (``true`` is no
 last value is the one at its highest step (not a number where that was NaN); ``.count`` counts every
 point. ``m.parent != 1`` and ``m.tag != "x"`` ask for *some* parent or tag other than that one
 (``not m.parent = 1``: none is). ``m.id``, ``m.snapshots``, ``m.layers``, ``m.raw_bytes``, ``m.stored_bytes``
-and ``m.parent`` compare with numbers, the other fixed fields with quoted strings (and only they take LIKE):
+and ``m.parent`` compare with numbers, the other fixed fields with quoted strings (LIKE: only they and m.hp.KEY):
 anything else is refused, naming the field; ``m.stored_bytes`` is what the snapshots' manifests say now
 (after a compaction or tier move too, as `gpupas log` shows it). ``ORDER BY`` takes any field but ``parent`` and
 ``tag``; versions without the hyperparameter or metric come last either way, and a hyperparameter's numbers sort
