@@ -196,7 +196,8 @@ def _unwrap(obj: Any, source: str, notes: list[str] | None) -> Mapping[str, Any]
             skipped = [k for k in obj if k != key]
             if skipped and notes is not None:
                 notes.append(f"{source}: took the weights under {key!r}; left out {', '.join(map(str, skipped[:6]))}"
-                             + ("..." if len(skipped) > 6 else "") + " (optimizer state and counters are not archived)")
+                             + ("..." if len(skipped) > 6 else "") + " (optimizer state and counters are not archived"
+                             + _apart(obj, skipped, "; ") + ")")
             return _strip_ddp(inner, source, notes)
     tensors = {k: v for k, v in obj.items() if _is_tensor(v)}
     if not tensors:
@@ -205,11 +206,17 @@ def _unwrap(obj: Any, source: str, notes: list[str] | None) -> Mapping[str, Any]
                                 f"model.state_dict() (or a dict with it under one of {', '.join(WRAPPERS[:4])})")
     if notes is not None and len(tensors) < len(obj):
         left = [k for k in obj if k not in tensors]
-        nested = [str(k) for k in left if isinstance(obj[k], Mapping) and any(map(_is_tensor, obj[k].values()))]
-        kept_apart = f" ({', '.join(nested[:4])} holds tensors of its own: commit it apart to keep them)"
+        apart = _apart(obj, left, "")
         notes.append(f"{source}: left out {len(left)} entries that are not tensors: {', '.join(map(str, left[:6]))}"
-                     + ("..." if len(left) > 6 else "") + (kept_apart if nested else ""))
+                     + ("..." if len(left) > 6 else "") + (f" ({apart})" if apart else ""))
     return _strip_ddp(tensors, source, notes)
+
+
+def _apart(obj: Mapping[Any, Any], left: list[Any], lead: str) -> str:
+    """What a note says of the entries ``left`` out of ``obj`` that hold tensors of their own (an EMA copy of
+    the weights, a second model): '' where none does."""
+    nested = [str(k) for k in left if isinstance(obj[k], Mapping) and any(map(_is_tensor, obj[k].values()))]
+    return f"{lead}{', '.join(nested[:4])} holds tensors of its own: commit it apart to keep them" if nested else ""
 
 
 def _strip_ddp(tensors: Mapping[str, Any], source: str, notes: list[str] | None) -> Mapping[str, Any]:

@@ -348,6 +348,11 @@ def test_entries_left_out_of_a_torch_file_are_named(tmp_path: Path) -> None:
         assert set(repo.restore(repo.commit("m", path).id)) == {"w"}
     said = " ".join(str(w.message) for w in caught)
     assert "left out 2 entries" in said and "ema, step" in said and "ema holds tensors of its own" in said, said
+    torch.save({"state_dict": {"w": torch.ones(2)}, "ema": {"w": torch.zeros(2)}, "step": 7}, path)  # wrapped
+    with gpupas.create_repository(tmp_path / "arc2") as repo, pytest.warns(UserWarning) as caught:
+        assert set(repo.restore(repo.commit("m", path).id)) == {"w"}
+    said = " ".join(str(w.message) for w in caught)
+    assert "under 'state_dict'" in said and "ema holds tensors of its own" in said, said
 
 
 @pytest.mark.parametrize("legacy", [False, True])
