@@ -261,7 +261,8 @@ def commit(
     ))] = None,
     archive: ArchiveOpt = None, as_json: JsonOpt = False,
 ) -> None:
-    """Commit checkpoints as a new version (a directory: its files become time-ordered snapshots)."""
+    """Commit checkpoints as a new version (a directory: its files become time-ordered snapshots; a model folder
+    with a shard index, one snapshot)."""
     from gpupas.versions.metrics import final_metrics, normalize_metrics
     from gpupas.versions.model import checkpoint_files, step_of
 

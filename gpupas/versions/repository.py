@@ -418,7 +418,8 @@ class Repository:
         ----------
         checkpoints
             A checkpoint file (safetensors or torch, read without executing code), a directory
-            of them (time-ordered snapshots in natural name order), a mapping of tensor names to
+            of them (time-ordered snapshots in natural name order; a model folder with a shard index:
+            one snapshot), a mapping of tensor names to
             arrays, or a list of those. Each snapshot is delta-encoded against the previous one,
             the first against the first parent's latest snapshot.
         parents
