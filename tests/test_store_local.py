@@ -427,3 +427,43 @@ def test_sync_in_a_forked_child_uses_threads_of_its_own(store: LocalStore) -> No
     os.kill(pid, 9)
     os.waitpid(pid, 0)
     pytest.fail("a forked child's sync() hung on its parent's fsync threads")
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork here")
+def test_sync_in_a_child_forked_while_another_thread_takes_the_pool(store: LocalStore) -> None:
+    """A thread in the middle of taking the fsync pool (every sync does) while another forks: the child
+    inherits the pool's lock held by a thread it does not have; its sync must not wait on it forever."""
+    from gpupas.store import local
+
+    store.put("a/x", b"1", sync=False)
+    held, done = threading.Event(), threading.Event()
+
+    def hold() -> None:  # as a committing thread does, between taking the lock and letting it go
+        with local._SYNCERS_LOCK:
+            held.set()
+            done.wait(30)
+
+    t = threading.Thread(target=hold)
+    t.start()
+    try:
+        held.wait(30)
+        pid = os.fork()
+        if pid == 0:
+            try:
+                store.sync(["a/x", "a", ""])
+                os._exit(0)
+            finally:
+                os._exit(1)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            got, status = os.waitpid(pid, os.WNOHANG)
+            if got:
+                assert os.waitstatus_to_exitcode(status) == 0
+                return
+            time.sleep(0.05)
+        os.kill(pid, 9)
+        os.waitpid(pid, 0)
+        pytest.fail("a child forked while a thread held the fsync pool's lock hung in sync()")
+    finally:
+        done.set()
+        t.join()

@@ -66,11 +66,22 @@ def _syncers() -> ThreadPoolExecutor:
         return _SYNCERS[1]
 
 
+def _unlock_syncers() -> None:
+    """In a forked child: a lock of its own (a parent's thread taking the pool at the fork left it held)."""
+    global _SYNCERS_LOCK
+    _SYNCERS_LOCK = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_unlock_syncers)
+
+
 def _fsync_all(fds: Sequence[int]) -> None:
     """fsync every descriptor, several at once: the file system makes them durable together (on ext4 one
     journal commit serves them all) instead of one after another. Returns once every fsync has ended, even
     when interrupted; raises the first error."""
-    futures = [_syncers().submit(fsync, fd) for fd in fds[1:]]
+    pool = _syncers() if len(fds) > 1 else None
+    futures = [pool.submit(fsync, fd) for fd in fds[1:]] if pool is not None else []
     try:
         if fds:
             fsync(fds[0])
