@@ -259,6 +259,32 @@ def test_a_full_disk_names_the_archive_and_the_remedy(tmp_path: Path, monkeypatc
         assert a.snapshots() == ["s0"] and a.restore("s0")["w"].tobytes() == w.tobytes()
 
 
+def test_a_failed_early_flush_of_a_shard_fails_the_commit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A shard's early flush (fdatasync while coding goes on) that fails (EIO) fails the commit: its error
+    was dropped once a later flush was queued, and the snapshot published, though the file system had said
+    that error to that fdatasync only (the final fsync, on a descriptor opened later, does not say it again)."""
+    import errno
+
+    import gpupas
+    from gpupas.store import local, shards
+
+    calls, real = [0], local._datasync
+
+    def failing_once(fd: int) -> None:
+        calls[0] += 1
+        if calls[0] == 1:
+            raise OSError(errno.EIO, "Input/output error")
+        real(fd)
+
+    monkeypatch.setattr(shards, "FLUSH_EVERY", 1 << 12)
+    monkeypatch.setattr(local, "_datasync", failing_once)
+    w = np.random.default_rng(0).standard_normal(100_000).astype(np.float32)
+    with gpupas.create_archive(tmp_path / "arc", workers=2) as a:
+        with pytest.raises(OSError, match="Input/output error"):
+            a.commit({"w": w}, snapshot="s")
+        assert calls[0] > 1 and a.snapshots() == []
+
+
 def test_an_archive_round_trips_where_python_has_no_vectored_io(tmp_path: Path,
                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     """Without ``os.preadv`` and ``os.pwritev`` (a Python built where the OS lacks them) a commit writes

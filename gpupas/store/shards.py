@@ -24,6 +24,11 @@ from gpupas.store.base import Store, buffers
 FLUSH_EVERY = 4 << 20  # durable stores: start writing a shard to disk after this many new bytes
 
 
+def _succeeded(f: Future[Any]) -> bool:
+    """Whether ``f`` ended without an error (a failed flush is kept for close() to raise)."""
+    return f.done() and not f.cancelled() and f.exception() is None
+
+
 class ShardSink:
     """Collects the coded chunks of one stream into its shard files."""
 
@@ -58,7 +63,7 @@ class ShardSink:
         if flush:  # the disk writes overlap the coding; close() then has little left to wait for
             fut = self.background(writer.flush)
             with self._lock:
-                self._flushes = [f for f in self._flushes if not f.done()] + [fut]
+                self._flushes = [f for f in self._flushes if not _succeeded(f)] + [fut]  # a failure is kept
 
     def _wait(self) -> None:
         flushes, self._flushes = self._flushes, []
