@@ -259,6 +259,28 @@ def test_a_full_disk_names_the_archive_and_the_remedy(tmp_path: Path, monkeypatc
         assert a.snapshots() == ["s0"] and a.restore("s0")["w"].tobytes() == w.tobytes()
 
 
+def test_sync_works_while_the_interpreter_exits(tmp_path: Path) -> None:
+    """A sync from an exit hook (or a thread still committing after the main thread returned): the shared
+    fsync pool takes no more work by then (concurrent.futures refuses it); the fsyncs run on the caller's
+    thread instead of the commit failing with 'cannot schedule new futures after shutdown'."""
+    code = f"""
+import atexit
+from gpupas.store.local import LocalStore
+store = LocalStore({str(tmp_path / 'store')!r}, create=True)
+for k in ("a/x", "b/y"):
+    store.put(k, b"1", sync=False)
+store.sync(["a/x", "b/y", "a", "b", ""])
+def last():
+    store.put("c/z", b"2", sync=False)
+    store.sync(["c/z", "c", "a/x", ""])
+    print("synced")
+atexit.register(last)
+"""
+    env = os.environ | {"PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    got = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env)
+    assert got.stdout.strip() == "synced", got.stderr[-2000:]
+
+
 def test_a_failed_early_flush_of_a_shard_fails_the_commit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A shard's early flush (fdatasync while coding goes on) that fails (EIO) fails the commit: its error
     was dropped once a later flush was queued, and the snapshot published, though the file system had said

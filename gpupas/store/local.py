@@ -22,7 +22,7 @@ import time
 import uuid
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -80,11 +80,19 @@ def _fsync_all(fds: Sequence[int]) -> None:
     """fsync every descriptor, several at once: the file system makes them durable together (on ext4 one
     journal commit serves them all) instead of one after another. Returns once every fsync has ended, even
     when interrupted; raises the first error."""
-    pool = _syncers() if len(fds) > 1 else None
-    futures = [pool.submit(fsync, fd) for fd in fds[1:]] if pool is not None else []
+    futures: list[Future[None]] = []
+    here = list(fds[:1])  # fsync'd on the caller's thread
+    if len(fds) > 1:
+        pool = _syncers()
+        for i, fd in enumerate(fds[1:], 1):
+            try:
+                futures.append(pool.submit(fsync, fd))
+            except RuntimeError:  # the interpreter is exiting (an exit hook's commit): the pool takes no more
+                here += fds[i:]
+                break
     try:
-        if fds:
-            fsync(fds[0])
+        for fd in here:
+            fsync(fd)
     finally:
         wait(futures)  # the caller closes these descriptors next: never while a thread still uses one
     for f in futures:
