@@ -450,6 +450,19 @@ def test_durable_writes_use_full_fsync_where_the_os_has_it(tmp_path, monkeypatch
     assert calls == ["full", "fsync"]
 
 
+def _exit_code(pid: int, seconds: float) -> int | None:
+    """The exit code of child ``pid``, or None (and the child killed) if it has not exited within ``seconds``."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(status)
+        time.sleep(0.05)
+    os.kill(pid, 9)
+    os.waitpid(pid, 0)
+    return None
+
+
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork here")
 def test_sync_in_a_forked_child_uses_threads_of_its_own(store: LocalStore) -> None:
     """The fsync threads a sync() hands work to are per process: a child forked after the parent synced (a
@@ -465,16 +478,7 @@ def test_sync_in_a_forked_child_uses_threads_of_its_own(store: LocalStore) -> No
             os._exit(0)
         finally:
             os._exit(1)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        done, status = os.waitpid(pid, os.WNOHANG)
-        if done:
-            assert os.waitstatus_to_exitcode(status) == 0
-            return
-        time.sleep(0.05)
-    os.kill(pid, 9)
-    os.waitpid(pid, 0)
-    pytest.fail("a forked child's sync() hung on its parent's fsync threads")
+    assert _exit_code(pid, 30) == 0, "a forked child's sync() hung on its parent's fsync threads"
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork here")
@@ -502,16 +506,7 @@ def test_sync_in_a_child_forked_while_another_thread_takes_the_pool(store: Local
                 os._exit(0)
             finally:
                 os._exit(1)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            got, status = os.waitpid(pid, os.WNOHANG)
-            if got:
-                assert os.waitstatus_to_exitcode(status) == 0
-                return
-            time.sleep(0.05)
-        os.kill(pid, 9)
-        os.waitpid(pid, 0)
-        pytest.fail("a child forked while a thread held the fsync pool's lock hung in sync()")
+        assert _exit_code(pid, 10) == 0, "a child forked while a thread held the fsync pool's lock hung in sync()"
     finally:
         done.set()
         t.join()
