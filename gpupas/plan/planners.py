@@ -12,7 +12,9 @@ directed edges. The two PAS planners meet per-group budgets:
   before a move (lazy greedy); moves on disjoint subtrees are taken in one batch. Where no move
   gains, the vertex on a violated member's shortest path that lies above its shortest distance
   moves to its SPT parent, which never raises anyone's recreation: so wherever the SPT meets a
-  budget, PAS-MT ends meeting it.
+  budget, PAS-MT ends meeting it. Where a chain limit leaves it stuck (the shortest paths are too deep), it
+  starts again from the shortest paths of fewest links, then puts over-budget vertices on their fastest chains
+  within the limit.
 * **PAS-PT** grows a tree from the root Prim-style by storage, accepting an edge only if every
   group of the new vertex can still meet its budget (members not yet in the tree counted at their
   shortest distance), and re-parents tree vertices onto the new one where that stores less and
@@ -505,7 +507,73 @@ def _pas_mt(pb: Problem) -> tuple[list[int], list[Violation]]:
     alt = _fitted(pb, _last_parent(pb), skip)
     if _meets(pb, alt, skip) and (not _meets(pb, t, skip) or _stored(pb, alt) < _stored(pb, t) * (1 - 1e-12)):
         t = alt
+    if not _meets(pb, t, skip):  # stuck under a chain limit: start again from the shortest paths of fewest links
+        alt = _fitted(pb, _fewest_links_spt(pb), skip)
+        alt = alt if _meets(pb, alt, skip) else _forced(pb, alt, skip)
+        t = alt if _meets(pb, alt, skip) else t
     return t.parent, why
+
+
+def _forced(pb: Problem, t: Tree, skip: set[int]) -> Tree:
+    """Put every over-budget vertex on its fastest chain within ``max_depth`` links (which may slow others
+    down), then fit the tree again: a last resort where repair is stuck because every faster chain is too deep."""
+    layers = _layers(pb)
+    excess, _ = _units(pb, t, t.costs(), skip)
+    over_v = [w for g in excess for w in pb.members[g]] if pb.independent else list(excess)
+    for w in over_v:
+        path, x, k = [], w, len(layers) - 1
+        while x != 0:
+            while k > 0 and layers[k - 1][x] == layers[k][x]:
+                k -= 1
+            if k == 0:  # no chain within the limit reaches it
+                path = []
+                break
+            path.append((x, layers[k][x][1]))
+            x, k = layers[k][x][1], k - 1
+        t.recompute()
+        for x, u in reversed(path):
+            if u != t.parent[x] and not (u and t.inside(u, x)):
+                t.move(x, u)
+                t.recompute()
+    _limit_depth(pb, t)
+    _repair(pb, t, skip)
+    _tighten(pb, t)
+    return t
+
+
+def _layers(pb: Problem) -> list[list[tuple[float, int]]]:
+    """Bellman-Ford by rounds: ``[k][v]``, the least recreation of ``v`` over chains of at most ``k`` links and
+    the parent on such a chain."""
+    out = [[(0.0, -1)] + [(INF, -1)] * (pb.n - 1)]
+    for _ in range(min(pb.max_depth, pb.n - 1)):
+        best = out[-1]
+        nxt = list(best)
+        for v in range(1, pb.n):
+            for u, (_, cr) in pb.ins[v].items():
+                if best[u][0] + cr < nxt[v][0]:
+                    nxt[v] = (best[u][0] + cr, u)
+        out.append(nxt)
+    return out
+
+
+def _fewest_links_spt(pb: Problem) -> list[int]:
+    """A shortest-path tree whose paths have the fewest links among shortest ones (ties: the cheaper edge).
+    Where 0-second edges tie, :meth:`Problem.spt` may take the longer chain and leave no room under
+    ``max_depth`` for a vertex below it; repair cannot shorten it, as no move gains recreation."""
+    best: list[tuple[float, int, float]] = [(0.0, 0, 0.0)] + [(INF, 0, INF)] * (pb.n - 1)
+    parent = [-1] * pb.n
+    heap, done = [(0.0, 0, 0)], [False] * pb.n
+    while heap:
+        _, _, u = heapq.heappop(heap)
+        if done[u]:
+            continue
+        done[u] = True
+        for v, cs, cr in pb.outs[u]:
+            key = (best[u][0] + cr, best[u][1] + 1, cs)
+            if not done[v] and key < best[v]:
+                best[v], parent[v] = key, u
+                heapq.heappush(heap, (key[0], key[1], v))
+    return parent
 
 
 def _fitted(pb: Problem, parent: list[int], skip: set[int]) -> Tree:
