@@ -107,15 +107,7 @@ class Problem:
         d, _ = self.spt()
         if self.max_depth >= self.n - 1:
             return d
-        best = [0.0] + [INF] * (self.n - 1)
-        for _ in range(self.max_depth):
-            nxt = list(best)
-            for v in range(1, self.n):
-                for u, (_, cr) in self.ins[v].items():
-                    if best[u] + cr < nxt[v]:
-                        nxt[v] = best[u] + cr
-            best = nxt
-        return best
+        return [x for x, _ in _layers(self)[-1]]
 
     def vertex_bound(self) -> list[float]:
         """Each vertex's own share of its groups' budgets (LAST works per vertex): its shortest
