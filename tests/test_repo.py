@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -455,6 +456,39 @@ def test_asynchronous_commit_in_flight_at_exit_is_finished(tmp_path: Path) -> No
     assert run.returncode == 0, run.stderr
     with gpupas.open_archive(tmp_path / "arc") as a:
         assert len(a.snapshots()) == 1, run.stderr
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="fork")
+@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
+def test_a_child_forked_while_an_asynchronous_commit_runs_exits(tmp_path: Path) -> None:
+    """A child forked during a background commit (a DataLoader's worker, each epoch) exits: the exit hook it
+    inherited waited for the commit, whose thread the child does not have, so a worker ended only when killed
+    (torch's DataLoader: 5 s per worker, each epoch) and a Process.join() hung."""
+    import multiprocessing
+    import threading
+
+    from gpupas.integrations.async_commit import AsyncCommitter
+
+    started, release = threading.Event(), threading.Event()
+
+    def commit(state: dict[str, np.ndarray]) -> int:
+        started.set()
+        release.wait(60)
+        return 1
+
+    committer = AsyncCommitter(commit)
+    committer.submit({"w": np.zeros(4, np.float32)})
+    assert started.wait(30)
+    child = multiprocessing.get_context("fork").Process(target=int)
+    try:
+        child.start()
+        child.join(20)
+        assert child.exitcode == 0
+    finally:
+        if child.is_alive():
+            child.kill()
+        release.set()
+        committer.close()
 
 
 def test_asynchronous_hook_keeps_a_failed_commits_metrics_and_closes(tmp_path: Path,

@@ -32,6 +32,7 @@ finishes the commit in flight first.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 import warnings
@@ -152,9 +153,10 @@ class _SideStreams:
 
 def _finish_at_exit(ref: weakref.ref[AsyncCommitter]) -> None:
     """At interpreter exit, before concurrent.futures takes no more work (the commit's coding and writes need it):
-    the commit in flight is finished, its error (no call is left to raise it) warned."""
+    the commit in flight is finished, its error (no call is left to raise it) warned. Not in a forked child
+    (a DataLoader's worker), which inherits the hook but not the thread running the commit: it would wait forever."""
     committer = ref()
-    if committer is not None:
+    if committer is not None and committer._pid == os.getpid():
         try:
             committer.wait()
         except Exception as exc:
@@ -170,6 +172,7 @@ class AsyncCommitter:
 
     def __init__(self, commit: Callable[..., Any]):
         self._commit = commit
+        self._pid = os.getpid()  # the process whose thread runs the commits (not a forked child)
         self._executor = Executor(2)  # its single background thread runs the commits, one at a time
         self._future: Future[Any] | None = None
         self._base: dict[str, Any] | None = None  # the last committed copy: the next commit's delta base
