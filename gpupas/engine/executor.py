@@ -56,21 +56,30 @@ class Executor:
                     errors[i] = exc
 
         pool = self._get(False)
-        wait([pool.submit(drain) for _ in range(min(self.workers, len(todo)))])
+        futures: list[Future[None]] = []
+        try:
+            for _ in range(min(self.workers, len(todo))):
+                futures.append(pool.submit(drain))
+        except RuntimeError:  # no thread starts at interpreter exit (Python 3.12+): an exit hook's commit
+            drain()  # the items no worker took, on this thread
+        wait(futures)
         if errors:
             raise errors[min(errors)]
         return results
 
     def background(self, fn: Callable[..., Any], *args: Any) -> Future[Any]:
         """Run ``fn(*args)`` on the I/O thread (durable writes overlapping the coding)."""
-        if self.workers == 1:
-            fut: Future[Any] = Future()
+        if self.workers > 1:
             try:
-                fut.set_result(fn(*args))
-            except BaseException as exc:
-                fut.set_exception(exc)
-            return fut
-        return self._get(True).submit(fn, *args)
+                return self._get(True).submit(fn, *args)
+            except RuntimeError:  # its thread cannot start at interpreter exit (Python 3.12+): run here
+                pass
+        fut: Future[Any] = Future()
+        try:
+            fut.set_result(fn(*args))
+        except BaseException as exc:
+            fut.set_exception(exc)
+        return fut
 
     def close(self) -> None:
         with self._lock:
