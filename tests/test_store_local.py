@@ -464,6 +464,7 @@ def _exit_code(pid: int, seconds: float) -> int | None:
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork here")
+@pytest.mark.filterwarnings("ignore:.*multi-threaded.*:DeprecationWarning")  # 3.12+: forking threads on purpose
 def test_sync_in_a_forked_child_uses_threads_of_its_own(store: LocalStore) -> None:
     """The fsync threads a sync() hands work to are per process: a child forked after the parent synced (a
     Dask worker, a DataLoader) has none of the parent's threads, and its sync must not wait on them."""
@@ -482,6 +483,7 @@ def test_sync_in_a_forked_child_uses_threads_of_its_own(store: LocalStore) -> No
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork here")
+@pytest.mark.filterwarnings("ignore:.*multi-threaded.*:DeprecationWarning")  # 3.12+: forking threads on purpose
 def test_sync_in_a_child_forked_while_another_thread_takes_the_pool(store: LocalStore) -> None:
     """A thread in the middle of taking the fsync pool (every sync does) while another forks: the child
     inherits the pool's lock held by a thread it does not have; its sync must not wait on it forever."""
