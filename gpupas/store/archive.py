@@ -539,7 +539,8 @@ class ArchiveStore:
         store = self.tier_store(stream.tier)
         base = keys.folder(stream.folder)
         arrays = [keys.array(stream.folder, c) for c in stream.codecs.values()]
-        store.sync([*files, *(f"{a}/c" for a in arrays if store.list(f"{a}/c")), *arrays, base, keys.SNAPSHOTS])
+        shards = [f"{a}/c" for a in arrays if any(f.startswith(f"{a}/c/") for f in files)]  # known: not listed
+        store.sync([*files, *shards, *arrays, base, keys.SNAPSHOTS])
 
     def sink(self, stream: Stream, background: Callable[..., Future[Any]] | None = None) -> ShardSink:
         return ShardSink(self.tier_store(stream.tier), stream, background)
