@@ -169,12 +169,18 @@ def test_zero_second_edges_both_ways_give_a_shortest_path_tree_not_a_cycle() -> 
         assert all(plans[k].feasible and plans[k].storage == 110 for k in ("last", "pas-mt", "pas-pt", "pas"))
 
 
-def test_unmeetable_budget_is_named_with_its_reason() -> None:
+def _chain_abc() -> StorageGraph:
+    """a, b, c: 100 bytes and 1 s each whole; b a delta on a and c on b, 10 bytes and 0.5 s each."""
     g = StorageGraph()
     for v in "abc":
         g.add_vertex(v, 100, 1.0)
     g.add_edge("a", "b", 10, 0.5)
     g.add_edge("b", "c", 10, 0.5)
+    return g
+
+
+def test_unmeetable_budget_is_named_with_its_reason() -> None:
+    g = _chain_abc()
     plans = plan_all(g, None, absolute={"c": 0.5})
     for name in ("pas-mt", "pas-pt"):
         (v,) = plans[name].violations
@@ -444,11 +450,7 @@ def test_a_plan_at_an_alpha_counts_the_snapshots_compact_reencodes(tmp_path: Pat
 
 def test_a_chain_past_the_limit_is_said_in_links_not_seconds() -> None:
     """A plan whose chain is deeper than max_chain says so in links (it printed "recreation 2 s > budget 1 s")."""
-    g = StorageGraph()
-    for v in "abc":
-        g.add_vertex(v, 100, 1.0)
-    g.add_edge("a", "b", 10, 0.5)
-    g.add_edge("b", "c", 10, 0.5)
+    g = _chain_abc()
     (v,) = [v for v in plan_all(g, None, max_depth=1)["mst"].violations if str(v.group).startswith("chain")]
     assert str(v) == "chain of 'c': 2 links > at most 1 (1 snapshot(s) deeper than 1 links)", str(v)
 
