@@ -130,3 +130,7 @@ def exit_code(exc: BaseException) -> int:
         if isinstance(exc, kind):
             return code
     return FAILURE
+
+
+class DeviceMemoryError(GpupasError, RuntimeError):
+    """The GPU ran out of memory for a commit or restore (nothing was written or damaged)."""

@@ -1386,3 +1386,40 @@ def test_tied_tensors_are_coded_once_on_the_gpu_path(tmp_path: Path, fake_gpu: A
                     r = got[k]
                     host = r.get() if isinstance(r, DeviceTensor) else np.asarray(r)
                     assert host.tobytes() == v.tobytes(), (m.id, device, k)
+
+
+class _FakeOutOfMemoryError(MemoryError):
+    """CuPy's ``cupy.cuda.memory.OutOfMemoryError``: a MemoryError subclass."""
+
+
+def test_a_gpu_out_of_memory_is_no_damaged_archive(tmp_path: Path, fake_gpu: Any,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """CuPy raises OutOfMemoryError (a MemoryError) where the GPU has no room. A restore that runs out of GPU
+    memory says so and names the remedies, never that the snapshot is damaged (IntegrityError: the restore's
+    MemoryError handler took it for a hostile manifest); a commit that does says so too and leaves no snapshot;
+    the CPU restores everything."""
+    import gpupas
+    import gpupas.backend.cupy as gpu
+    from gpupas.errors import DeviceMemoryError, IntegrityError
+
+    x = {"w": (np.random.default_rng(14).standard_normal((256, 256)) * 0.02).astype(np.float32)}
+    with gpupas.create_archive(tmp_path / "arc") as a:
+        m = a.commit(x, device="cuda")
+    fake = gpu._cupy
+    monkeypatch.setattr(fake.cuda, "memory", SimpleNamespace(OutOfMemoryError=_FakeOutOfMemoryError), raising=False)
+    alloc = fake.empty
+
+    def empty(shape: Any, dtype: Any = np.uint8, fill: Any = None) -> Any:
+        if int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize > 100_000:
+            raise _FakeOutOfMemoryError("Out of memory allocating 262,144 bytes (allocated so far: 0 bytes).")
+        return alloc(shape, dtype, fill)
+
+    monkeypatch.setattr(fake, "empty", empty)
+    with gpupas.open_archive(tmp_path / "arc") as a:
+        with pytest.raises(DeviceMemoryError, match=r"GPU.*out of memory.*device='cpu'") as got:
+            a.restore(m.id, device="cuda")
+        assert not isinstance(got.value, (IntegrityError, MemoryError))
+        with pytest.raises(DeviceMemoryError, match=r"GPU.*out of memory.*device='cpu'"):
+            a.commit(x, device="cuda")
+        assert a.snapshots() == [m.id]
+        assert a.restore(m.id, device="cpu")["w"].tobytes() == x["w"].tobytes()

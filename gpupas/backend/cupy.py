@@ -20,6 +20,7 @@ BackendUnavailableError otherwise (the caller then falls back to the NumPy backe
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import types
@@ -31,7 +32,13 @@ import numpy as np
 
 from gpupas.backend import kernels_ref as K
 from gpupas.backend.base import bases_of, check_dtype
-from gpupas.errors import BackendUnavailableError, IntegrityError, InvalidInputError, UnsupportedDtypeError
+from gpupas.errors import (
+    BackendUnavailableError,
+    DeviceMemoryError,
+    IntegrityError,
+    InvalidInputError,
+    UnsupportedDtypeError,
+)
 from gpupas.xp import ML_DTYPES
 
 GPU_CHUNK = 1 << 16  # bytes a chunk: nvCOMP's natural chunk (the size its Deflate headers advise); the GPU's layout
@@ -50,6 +57,17 @@ log = logging.getLogger("gpupas")
 def _on_host(x: Any) -> bool:
     """A NumPy array in host memory (device arrays all say where they are: ``__cuda_array_interface__``)."""
     return isinstance(x, np.ndarray) and not hasattr(x, "__cuda_array_interface__")
+
+
+def _in_room(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn`` (a CupyBackend method) with the GPU running out of memory said as DeviceMemoryError."""
+
+    @functools.wraps(fn)
+    def run(self: CupyBackend, *args: Any, **kwargs: Any) -> Any:
+        with self._room():
+            return fn(self, *args, **kwargs)
+
+    return run
 
 
 def _check() -> Any:
@@ -167,6 +185,23 @@ class CupyBackend:
         self._consts: dict[tuple[int, int], Any] = {}
         self._pinned: dict[str, tuple[Any, np.ndarray]] = {}
 
+    @contextmanager
+    def _room(self) -> Iterator[None]:
+        """CuPy's out-of-memory errors as DeviceMemoryError, naming the remedies: device memory (CuPy's
+        OutOfMemoryError is a MemoryError, which a restore would report as a damaged manifest's) and pinned
+        memory (CUDARuntimeError cudaErrorMemoryAllocation)."""
+        try:
+            yield
+        except Exception as exc:
+            oom = getattr(getattr(self.cp.cuda, "memory", None), "OutOfMemoryError", ())
+            pinned = getattr(getattr(self.cp.cuda, "runtime", None), "CUDARuntimeError", ())
+            if not (isinstance(exc, oom) or (isinstance(exc, pinned) and getattr(exc, "status", None) == 2)):
+                raise
+            raise DeviceMemoryError(
+                f"the GPU ran out of memory ({exc}); nothing was written or changed: free GPU memory (other "
+                "tensors, cupy.get_default_memory_pool().free_all_blocks(), torch.cuda.empty_cache()), restore "
+                "fewer tensors at a time (names=...), or commit/restore with device='cpu'") from exc
+
     # -- streams, kernels, pinned memory --------------------------------------------------------------------------
     def _stream(self, which: str = "work") -> Any:
         """This thread's non-blocking CUDA stream for ``which`` ("work" or "copy")."""
@@ -216,6 +251,7 @@ class CupyBackend:
             self._pinned.clear()
 
     # -- arrays in and out -----------------------------------------------------------------------------------------
+    @_in_room
     def as_array(self, value: Any, name: str) -> Any:
         """A device array of ``value`` without a copy where it already is on this GPU (host arrays go up)."""
         from gpupas.integrations.torch import is_torch_tensor
@@ -291,6 +327,7 @@ class CupyBackend:
                 self.to_host_bytes += int(x.nbytes)
         return host
 
+    @_in_room
     def outputs(self, m: Any, bits: Mapping[str, Any], framework: str) -> dict[str, Any]:
         """A restore's tensors on the GPU: CuPy arrays (``DeviceTensor`` for bfloat16 and float8), or
         torch CUDA tensors (``framework="torch"``)."""
@@ -328,6 +365,7 @@ class CupyBackend:
                                           (d_msgs, np.int32(len(msgs)), consts, raw, out))
         return out
 
+    @_in_room
     def crc32_many(self, arrays: Sequence[Any], executor: Any = None) -> list[int]:
         """CRC-32 of each array's bytes: two launches and one small copy for all of them."""
         with self._on_stream() as s:
@@ -349,12 +387,14 @@ class CupyBackend:
     @contextmanager
     def workspace(self, nbytes: int) -> Iterator[Any]:
         """Device bytes for a ``with`` block (from CuPy's memory pool, which keeps them for the next)."""
-        buf = self.cp.empty(nbytes, self.cp.uint8)
+        with self._room():
+            buf = self.cp.empty(nbytes, self.cp.uint8)
         try:
             yield buf
         finally:
             del buf
 
+    @_in_room
     def empty(self, nbytes: int) -> Any:
         return self.cp.empty(nbytes, self.cp.uint8)  # CuPy allocations are 256-byte aligned
 
@@ -401,6 +441,7 @@ class CupyBackend:
                                                    (self.cp.asarray(jobs), np.int32(len(jobs)),
                                                     crcs if len(crcs) else self.cp.zeros(1, self.cp.uint32)))
 
+    @_in_room
     def encode_planes(self, staged: Sequence[Any], extras: Sequence[np.ndarray], placements: Sequence[Any],
                       bufs: Sequence[Any], segment: int, min_group: int, executor: Any,
                       small: bool) -> list[list[int]]:
@@ -439,6 +480,7 @@ class CupyBackend:
             s.synchronize()  # the buffers are read by the coders next; ``arrays`` may be freed now
         return [sorted(c) for c in cuts]
 
+    @_in_room
     def decode_planes(self, m: Any, entries: Sequence[Any], bufs: Any, base_bits: Any, grand_bits: Any,
                       executor: Any, small: bool) -> dict[str, Any]:
         """The raw bits of ``entries`` (CuPy, one allocation) from their decoded planes on the device."""
@@ -518,6 +560,7 @@ class CupyBackend:
         out.reshape(nchunks, stride)[:, :size] = src[: nchunks * size].reshape(nchunks, size)
         return out, stride
 
+    @_in_room
     def encode_chunks(self, policy: Any, buf: Any, bounds: Sequence[int], chunk_size: int,
                       emit: Callable[[int, str, Any], None], executor: Any, small: bool) -> list[tuple[str, int]]:
         """Code every chunk of stream buffer ``buf``: each candidate coder over all of them in one nvCOMP
@@ -619,6 +662,7 @@ class CupyBackend:
         finally:  # ``emit`` raised: no copy into a pinned buffer may still be in flight when it is reused
             copy.synchronize()
 
+    @_in_room
     def decode_chunks(self, stream: Any, chunks: Sequence[int], fetch: Callable[[int], Any], buf: Any,
                       executor: Any, small: bool, on_error: Callable[[int, Exception], Exception],
                       scatter: Any = None) -> None:
