@@ -111,6 +111,10 @@ class ReadOnlyError(GpupasError, PermissionError):
     """A write to an archive that can only be read here (read-only mount, another user's files)."""
 
 
+class DeviceMemoryError(GpupasError, RuntimeError):
+    """The GPU ran out of memory for a commit or restore (nothing was written or damaged)."""
+
+
 OK, NOT_FOUND, BAD_INPUT, INTEGRITY, FAILURE, NEEDS_UPGRADE = 0, 1, 2, 3, 4, 5
 EXIT_CODES: list[tuple[type[BaseException], int]] = [
     (NotFoundError, NOT_FOUND),
@@ -131,6 +135,3 @@ def exit_code(exc: BaseException) -> int:
             return code
     return FAILURE
 
-
-class DeviceMemoryError(GpupasError, RuntimeError):
-    """The GPU ran out of memory for a commit or restore (nothing was written or damaged)."""
