@@ -26,6 +26,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -128,8 +129,9 @@ def _codec_run(first: dict[str, Any], second: dict[str, Any], codecs: tuple[str,
         shutil.rmtree(where, ignore_errors=True)
 
 
-def bench_gpupas(states: dict[str, tuple[dict[str, Any], dict[str, Any]]], repeat: int) -> list[dict[str, Any]]:
-    rows = []
+def bench_gpupas(states: dict[str, tuple[dict[str, Any], dict[str, Any]]], repeat: int,
+                 rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row a (form, codec set) into ``rows`` as each finishes (a stopped run keeps those that did)."""
     for form, (first, second) in states.items():
         for label, codecs in CODEC_SETS.items():
             try:
@@ -276,6 +278,10 @@ def table(card: str, source: str, rows: list[dict[str, Any]], cpu: dict[str, dic
     return "\n".join(lines)
 
 
+class _Stopped(Exception):
+    """SIGTERM: the run's time is up."""
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--gib", type=float, default=1.0, help="fp32 snapshot size in GiB (default 1)")
@@ -291,14 +297,25 @@ def main() -> None:
     states = {"fp32": (to_cuda(tiled(pre, nbytes)), to_cuda(tiled(ft, nbytes)))}
     states["bf16"] = (to_cuda(tiled(pre, nbytes), bf16=True), to_cuda(tiled(ft, nbytes), bf16=True))
     _log(f"{len(states['fp32'][0])} tensors, {raw_bytes(states['fp32'][0]) / 1e9:.2f} GB fp32 on {card}")
-    rows = bench_gpupas(states, args.repeat)
-    cpu = cpu_sizes(states)
-    peers = bench_peers(states["fp32"][0], args.repeat)
+    rows: list[dict[str, Any]] = []
+    cpu: dict[str, dict[str, float]] = {}
+    peers: dict[str, Any] = {}
+    loop: dict[str, Any] = {}
+
+    def stop(signum: int, frame: Any) -> None:  # ``timeout`` (scripts/gpu-check.sh): the table of what ran
+        raise _Stopped
+
+    signal.signal(signal.SIGTERM, stop)
     try:
-        loop = bench_training_loop({k: v.clone() for k, v in states["fp32"][0].items()})
-    except Exception as exc:
-        _log(f"training-loop mode failed: {exc}")
-        loop = {}
+        bench_gpupas(states, args.repeat, rows)
+        cpu = cpu_sizes(states)
+        peers = bench_peers(states["fp32"][0], args.repeat)
+        try:
+            loop = bench_training_loop({k: v.clone() for k, v in states["fp32"][0].items()})
+        except Exception as exc:
+            _log(f"training-loop mode failed: {exc}")
+    except _Stopped:
+        _log("stopped by its time limit: the table holds what finished")
     report = {"card": card, "source": source, "gpupas": rows, "cpu_path": cpu, "peers": peers, "training_loop": loop,
               "seconds": time.perf_counter() - t0, "cuda": torch.version.cuda, "torch": torch.__version__}
     if args.out:

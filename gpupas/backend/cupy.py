@@ -78,7 +78,8 @@ def _check() -> Any:
     try:
         import cupy
     except ImportError as exc:
-        raise BackendUnavailableError("CuPy is not installed (pip install 'gpupas[gpu-cu12]')") from exc
+        raise BackendUnavailableError("CuPy is not installed (pip install 'gpupas[gpu-cu13]'; for CUDA 12: "
+                                      "'gpupas[gpu-cu12]')") from exc
     try:
         count = cupy.cuda.runtime.getDeviceCount()
     except Exception as exc:  # CUDARuntimeError: no driver, or one too old for this CuPy

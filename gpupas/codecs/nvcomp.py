@@ -54,7 +54,8 @@ def _nvcomp() -> Any:
     try:
         import nvidia.nvcomp as nv
     except ImportError as exc:
-        raise BackendUnavailableError("nvCOMP is not installed (pip install 'gpupas[gpu-cu12]')") from exc
+        raise BackendUnavailableError("nvCOMP is not installed (pip install 'gpupas[gpu-cu13]'; for CUDA 12: "
+                                      "'gpupas[gpu-cu12]')") from exc
     if id(nv) not in _usable:
         missing = _lacks(nv)
         if missing:

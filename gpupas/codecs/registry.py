@@ -91,6 +91,6 @@ register(CodecInfo("deflate", "d", True, {"cpu": "gpupas.codecs.deflate:Deflate"
                    ({"name": "gzip", "configuration": {"level": 6}},)))
 register(CodecInfo("nvcomp-ans", "a", False, {"gpu": "gpupas.codecs.nvcomp:NvcompAns"},
                    ({"name": "gpupas.nvcomp_ans"},),
-                   remedy="restore it on a machine with a CUDA GPU and nvCOMP (pip install 'gpupas[gpu-cu12]', "
-                          "device='cuda'), or convert the archive there to a portable codec: "
+                   remedy="restore it on a machine with a CUDA GPU and nvCOMP (pip install 'gpupas[gpu-cu13]' "
+                          "or 'gpupas[gpu-cu12]', device='cuda'), or convert the archive there to a portable codec: "
                           "gpupas compact --codec zstd"))
