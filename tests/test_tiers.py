@@ -323,6 +323,32 @@ def test_on_s3_a_move_publishing_while_tier_remove_lands_keeps_the_tier(s3_optio
         assert "cold" not in fresh.store.tier_table()
 
 
+def test_a_malformed_tier_options_variable_is_a_tier_that_cannot_be_used(s3_options: dict[str, Any],
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """$GPUPAS_TIER_OPTIONS_COLD that is not a JSON object is a tier that cannot be used (its credentials are
+    wrong), as an unreachable endpoint is: verify said the snapshot was damaged ("restore the damaged parts from a
+    copy", exit 3) and gc and stats stopped with bad input; now verify reports it not checked and gc sweeps the
+    rest with a warning, and every message names the variable."""
+    ckpts, sids, session = _s3_pair(s3_options)
+    with session() as a:
+        a.tier(sids[1], planes_from=2, to="cold")
+    url, opts = split(s3_options)
+    monkeypatch.setenv("GPUPAS_TIER_OPTIONS_COLD", "not json")
+    with gpupas.open_repository(url, storage_options=opts) as repo:
+        with pytest.raises(TierUnavailableError, match=r"tier 'cold'.*\$GPUPAS_TIER_OPTIONS_COLD is not JSON"):
+            repo.archive.restore(sids[1])
+        assert same(repo.archive.restore(sids[0]), ckpts[0])
+        result = repo.verify()
+        assert result["problems"] == [] and len(result["unreachable"]) == 1, result
+        assert "GPUPAS_TIER_OPTIONS_COLD is not JSON" in result["unreachable"][0]
+        with pytest.warns(UserWarning, match="tier 'cold' was not swept"):
+            repo.archive.gc(min_age=3600)
+    monkeypatch.setenv("GPUPAS_TIER_OPTIONS_COLD", "[1]")
+    with gpupas.open_archive(url, storage_options=opts) as a:
+        with pytest.raises(TierUnavailableError, match=r"GPUPAS_TIER_OPTIONS_COLD must hold a JSON object"):
+            a.restore(sids[1])
+
+
 def test_s3_tier_that_cannot_be_reached(counting_s3: CountingS3, tmp_path: Path) -> None:
     with gpupas.create_archive(tmp_path / "arc") as a:
         with pytest.raises(TierUnavailableError, match="tier 'cold'"):

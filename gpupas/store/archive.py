@@ -604,7 +604,11 @@ class ArchiveStore:
                                     f"`gpupas tier add {name} URL` pointing at where that tier's data is")
         self._tier_entries[name] = entry
         url = entry["url"]
-        options = _tiers.merge(entry.get("options"), _tiers.env_options(name), self.tier_options.get(name))
+        try:
+            env = _tiers.env_options(name)
+        except InvalidInputError as exc:  # its credentials are malformed: a tier that cannot be used, not damage
+            raise _tiers.unreachable(name, url, exc) from None
+        options = _tiers.merge(entry.get("options"), env, self.tier_options.get(name))
         if not is_remote(url) and not os.path.isdir(url):
             raise _tiers.unreachable(name, url, TierUnavailableError("the directory does not exist"))
         try:
