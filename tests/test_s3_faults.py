@@ -120,3 +120,30 @@ def test_a_version_record_whose_every_answer_is_lost_keeps_its_snapshots(
         snaps = [s["id"] for s in r.version(1).snapshots]
         assert sorted(r.archive.snapshots()) == sorted(snaps) and len(snaps) == (1 if reads_too else 2)
         assert r.restore(1, snaps[-1])["w"].tobytes() == _w(0 if reads_too else 1).tobytes()
+
+
+def test_a_server_without_conditional_writes_is_named(proxied: tuple[FaultProxy, str, dict[str, Any]]) -> None:
+    """An S3-compatible server that does not implement conditional PUTs (If-None-Match, If-Match: 501
+    NotImplemented, as S3 itself answered before 2024 and some servers still do) cannot hold an archive that is
+    written. The commit said "cannot reach ...: check that it is online and give its credentials ... run the
+    command again", which no credentials or retry fix; now it says the server lacks conditional writes, and
+    nothing is left visible: the snapshot before stays, readable."""
+    from gpupas.errors import StoreUnavailableError
+
+    proxy, url, opts = proxied
+    with gpupas.create_archive(url, storage_options=opts) as a:
+        a.commit({"w": _w()}, snapshot="s0")
+        a.add_tier("cold", url + "-cold", storage_options=opts)
+        proxy.rule = lambda meth, path, headers: ((501, "NotImplemented") if meth == "PUT" and (
+            headers.get("If-None-Match") or headers.get("If-Match")) else None)
+        for write in (lambda: a.commit({"w": _w(1)}, snapshot="s1"),
+                      lambda: a.tier("s0", planes_from=2, to="cold")):
+            with pytest.raises(gpupas.GpupasError, match=r"does not support conditional writes") as got:
+                write()
+            assert not isinstance(got.value, StoreUnavailableError), got.value
+            assert "run the command again" not in str(got.value)
+        proxy.rule = None
+    assert proxy.applied
+    with gpupas.open_archive(url, storage_options=opts, tier_options={"cold": CREDENTIALS}) as a:
+        assert a.snapshots() == ["s0"] and a.restore("s0")["w"].tobytes() == _w().tobytes()
+        assert [s.tier for s in a.manifest("s0").streams] == [None]

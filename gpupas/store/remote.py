@@ -60,6 +60,17 @@ def _precondition_failed(exc: BaseException) -> bool:
     return any(s in text for s in ("PreconditionFailed", "pre-conditions you specified did not hold"))
 
 
+def _no_conditional_writes(location: str, exc: BaseException) -> GpupasError | None:
+    """The error for a server that does not implement conditional PUTs (501 NotImplemented to If-None-Match or
+    If-Match), naming what is missing: no credentials or retry fix it. None for any other failure."""
+    if not (_codes(exc) & {"NotImplemented", "501"}):
+        return None
+    return GpupasError(f"{location}: the server does not support conditional writes (PUT with If-None-Match / "
+                       f"If-Match: {exc}), which gpupas needs to write an archive atomically; it can still be read. "
+                       "Write to AWS S3 or a server that implements them, or to a local directory; nothing was "
+                       "changed")
+
+
 def _unsatisfiable(exc: BaseException) -> bool:
     """A range that starts at or past the end of the object (416): no bytes there."""
     return bool(_codes(exc) & {"InvalidRange", "416"}) or "range is not satisfiable" in str(exc)
@@ -220,6 +231,8 @@ class RemoteStore:
                         continue
                     if _precondition_failed(exc):  # it exists: by an earlier try of ours whose response was lost?
                         return self._token(bucket, k) == token
+                    if (unsupported := _no_conditional_writes(self.location, exc)) is not None:
+                        raise unsupported from None
                     raise
                 return True
             raise GpupasError(f"{self.location}: {key} kept conflicting under {_RETRIES} tries to create it")
@@ -255,6 +268,8 @@ class RemoteStore:
                 if etag is None:
                     raise
             except Exception as exc:
+                if (unsupported := _no_conditional_writes(self.location, exc)) is not None:
+                    raise unsupported from None
                 if not _precondition_failed(exc):
                     raise
             time.sleep(random.uniform(0, min(1.0, 0.01 * 2**attempt)))  # jittered backoff under contention
