@@ -1,6 +1,6 @@
 """Storage plans: the planners on a paper-shaped graph, and compaction of a real archive.
 
-    python benchmarks/plan.py [--out benchmarks/plan-results.md] [--quick]
+    python benchmarks/plan.py [--out benchmarks/plan-results.md] [--sample 0.0625]
 
 1. A real archive of training snapshots (``benchmarks/checkpoints.py``: MiniLM fp32 pretrained + an
    Adam fine-tune run, the same in bf16, a CNN trained with SGD), committed as versions with
