@@ -34,8 +34,14 @@ def test_main_job_on_a_small_set(tmp_path: Path) -> None:
     assert "ok: 1 versions, 6 snapshots, 48 tensors" in out
     assert re.search(r"the deltas save about [\d.]+ KiB", out), out  # the first epoch stored whole, then deltas
     assert out.strip().splitlines()[-1].startswith(f"The archive is {(tmp_path / 'arc').resolve()}. Try: gpupas")
-    again = _demo(tmp_path / "arc", tmp_path / "ckpt", "--small")  # run again: nothing is added
-    assert again.returncode == 0 and "committing" not in again.stdout and "ok: 1 versions" in again.stdout
+    # run again, as scripts/demo.sh from the folder that holds them, relative paths: nothing is added (the paths
+    # are the caller's, not the repository's, so the `gpupas -A arc ...` it suggests works there)
+    again = subprocess.run(["bash", str(ROOT / "scripts" / "demo.sh"), "arc", "--checkpoints", "ckpt", "--small"],
+                           cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                           env=os.environ | {"GPUPAS_AUTHOR": "tester"})
+    assert again.returncode == 0 and "committing" not in again.stdout and "ok: 1 versions" in again.stdout, (
+        again.stdout + again.stderr)
+    assert f"The archive is {(tmp_path / 'arc').resolve()}." in again.stdout
 
 
 @pytest.fixture(scope="module")
