@@ -134,4 +134,3 @@ def exit_code(exc: BaseException) -> int:
         if isinstance(exc, kind):
             return code
     return FAILURE
-
