@@ -119,6 +119,10 @@ def _compact_forever(path: str) -> None:
         i += 1
 
 
+# Python 3.12+ warns at each fork() of a process with threads (here gpupas's fsync pool, and in a whole-suite run
+# whatever earlier tests left). The child needs none of them: gpupas makes its pool and lock anew after a fork
+# (gpupas.store.local), and a child that deadlocked anyway is killed like the others.
+@pytest.mark.filterwarnings(r"ignore:This process \(pid=\d+\) is multi-threaded:DeprecationWarning")
 def test_killed_compactions_lose_nothing(arc: tuple[str, list[dict[str, np.ndarray]]]) -> None:
     path, snaps = arc
     ctx = multiprocessing.get_context("fork")  # a real process, killed; forked so that 30 starts stay cheap
