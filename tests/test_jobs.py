@@ -138,7 +138,8 @@ def test_killed_compactions_lose_nothing(arc: tuple[str, list[dict[str, np.ndarr
         with gpupas.open_archive(path) as a:  # after each kill: every snapshot whole, in its old or new form
             revisions.append(sum(a.manifest(s).revision for s in a.snapshots()))
             assert not [(s, r) for s, r in a.verify_all() if isinstance(r, Exception)]
-    assert revisions[-1] > revisions[0] > 0  # the kills landed while revisions were being made
+    assert revisions[-1] > revisions[0]  # the kills landed while revisions were being made (the first child, run
+    # alone, may still be importing what earlier tests imported when it is killed)
     run(compact_graph(path, TARGET_A, gc_min_age=0), "sync")  # the rerun finishes the job
     with gpupas.open_archive(path) as a:
         assert {s: a.manifest(s).base for s in a.snapshots()} == TARGET_A
