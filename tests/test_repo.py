@@ -839,14 +839,14 @@ def test_picking_the_best_of_a_long_run_costs_one_pass_not_a_scan_per_checkpoint
     """The hook picks the best again after every checkpoint: each snapshot's value was found by scanning the
     whole series (checkpoints x points: 4000 of each took seconds, a day-long run's later checkpoints ever
     slower). The pick is the same as that scan's: the last value at the highest step up to the snapshot's,
-    None values skipped, unsorted and repeated steps, the earliest snapshot on a tie."""
+    none where that is None (NaN), unsorted and repeated steps, the earliest snapshot on a tie."""
     import random
     import time
 
     from gpupas.versions.metrics import pick_best
 
     def scan(series: list[list[object]], step: int | None) -> object:
-        pts = [(i, p) for i, p in enumerate(series) if p[1] is not None and (step is None or p[0] <= step)]
+        pts = [(i, p) for i, p in enumerate(series) if step is None or p[0] <= step]
         return max(pts, key=lambda ip: (ip[1][0], ip[0]))[1][1] if pts else None
 
     rng = random.Random(0)
@@ -1030,3 +1030,38 @@ def test_a_loss_tensor_is_logged_without_torch_warning(tmp_path: Path) -> None:
         hook.log(1, loss=loss)
         v = hook({"w": np.zeros(3, np.float32)}, step=1, metrics={"acc": loss / 6})
     assert v.metrics == {"loss": [[1, 6.0]], "acc": [[1, 1.0]]}
+
+
+@needs_torch
+@pytest.mark.parametrize("asynchronous", [False, True])
+def test_a_checkpoint_whose_loss_is_nan_is_never_the_best(tmp_path: Path, asynchronous: bool) -> None:
+    """A run that diverges: the loss logged every step, a checkpoint every 10, the weights NaN from step 16 on. The
+    checkpoint at step 20, its own loss NaN, was credited the last finite loss logged before it (step 14's, lower
+    than step 10's) and marked best: `checkout -s best` gave NaN weights. A checkpoint's value is the last point
+    logged at or before its step; where that is NaN or infinite, it has none."""
+    import torch
+
+    from gpupas.integrations.training import CheckpointHook
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    x, y = torch.randn(16, 4), torch.randn(16, 1)
+    with CheckpointHook(tmp_path / "arc", "run", best_by="loss", asynchronous=asynchronous) as hook:
+        for step in range(1, 31):
+            if step == 15:
+                opt.param_groups[0]["lr"] = float("inf")  # diverges
+            loss = torch.nn.functional.mse_loss(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            if step % 10:
+                hook.log(step, loss=loss.item())
+            else:
+                hook(model, step=step, metrics={"loss": loss.item()})
+    with open_repository(tmp_path / "arc") as repo:
+        v = repo.version("run")
+        loss = {step: value for step, value in v.metrics["loss"]}  # NaN and infinity are kept as None
+        assert loss[14] < loss[10] and loss[20] is None and loss[30] is None
+        assert v.best == v.snapshots[0]["id"], [s["step"] for s in v.snapshots if s["id"] == v.best]
+        assert np.isfinite(repo.restore("run", "best")["weight"]).all()
