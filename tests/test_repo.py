@@ -1065,3 +1065,32 @@ def test_a_checkpoint_whose_loss_is_nan_is_never_the_best(tmp_path: Path, asynch
         assert loss[14] < loss[10] and loss[20] is None and loss[30] is None
         assert v.best == v.snapshots[0]["id"], [s["step"] for s in v.snapshots if s["id"] == v.best]
         assert np.isfinite(repo.restore("run", "best")["weight"]).all()
+
+
+@pytest.mark.parametrize("asynchronous", [False, True])
+def test_a_hook_whose_close_found_the_disk_full_writes_its_metrics_when_closed_again(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, asynchronous: bool) -> None:
+    """close() writes the metric points still pending; where the disk was full it raised 'free space there ... and
+    run the command again', but it had already dropped the points: the close run again, after space was freed,
+    returned without error and the run's last evaluations were lost. They stay pending until written."""
+    import errno
+
+    from gpupas.integrations.training import CheckpointHook
+
+    def full(*args: object, **kwargs: object) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    hook = CheckpointHook(tmp_path / "arc", "run", asynchronous=asynchronous)
+    for step in (1, 2):
+        hook({"w": np.full(8, step, np.float32)}, step=step, metrics={"loss": 1.0 / step})
+    hook._settle()  # (the asynchronous commit published before the disk fills)
+    hook.log(3, val_loss=0.25)
+    with monkeypatch.context() as m:
+        m.setattr(os, "write", full)
+        with pytest.raises(OSError, match="free space there"):
+            hook.close()
+    v = hook.close()  # space freed: run again
+    assert v is not None and v.metrics["val_loss"] == [[3, 0.25]]
+    with open_repository(tmp_path / "arc") as repo:
+        v = repo.version("run")
+        assert [s["step"] for s in v.snapshots] == [1, 2] and v.metrics["val_loss"] == [[3, 0.25]]

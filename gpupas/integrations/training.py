@@ -199,8 +199,9 @@ class CheckpointHook:
                 except BaseException as exc:
                     error = exc
                 self._async.close()
-            if self._pending and self.version is not None:
-                self.version = self.repo.log_metrics(self.version.id, self._take(None, None), best_by=self.best_by)
+            if self._pending and self.version is not None:  # cleared once written: a close run again retries them
+                self.version = self.repo.log_metrics(self.version.id, self._pending, best_by=self.best_by)
+                self._pending = {}
             if error is not None:
                 raise error
         finally:
