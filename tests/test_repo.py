@@ -1094,3 +1094,23 @@ def test_a_hook_whose_close_found_the_disk_full_writes_its_metrics_when_closed_a
     with open_repository(tmp_path / "arc") as repo:
         v = repo.version("run")
         assert [s["step"] for s in v.snapshots] == [1, 2] and v.metrics["val_loss"] == [[3, 0.25]]
+
+
+@pytest.mark.parametrize("asynchronous", [False, True])
+def test_a_closed_hook_refuses_metrics_and_checkpoints_it_would_never_write(tmp_path: Path,
+                                                                           asynchronous: bool) -> None:
+    """A test accuracy logged after the ``with`` block had closed the hook was taken without a word and held until
+    a next close() that a script never makes: lost at exit. An asynchronous checkpoint after close was left in
+    flight, on a thread restarted after close, its error (at exit) a warning. Both are refused by name; closing
+    again is still harmless."""
+    from gpupas.integrations.training import CheckpointHook
+
+    with CheckpointHook(tmp_path / "arc", "run", asynchronous=asynchronous) as hook:
+        for step in (1, 2):
+            hook({"w": np.full(8, step, np.float32)}, step=step, metrics={"loss": 1.0 / step})
+    with pytest.raises(InvalidInputError, match=r"closed.*log_metrics"):
+        hook.log(2, test_acc=0.9)
+    with pytest.raises(InvalidInputError, match="closed"):
+        hook({"w": np.full(8, 3, np.float32)}, step=3, metrics={"loss": 0.3})
+    v = hook.close()
+    assert v is not None and [s["step"] for s in v.snapshots] == [1, 2] and "test_acc" not in v.metrics

@@ -109,6 +109,7 @@ class CheckpointHook:
         self._pending: dict[str, list[list[Any]]] = {}
         self._sent: dict[str, list[list[Any]]] = {}  # the metric points of the asynchronous commit in flight
         self._async = None
+        self._closed = False
         if asynchronous:
             from gpupas.integrations.async_commit import AsyncCommitter
 
@@ -117,7 +118,15 @@ class CheckpointHook:
     def log(self, step: int | None = None, **metrics: float) -> None:
         """Record metric values at ``step`` (written with the next checkpoint, or on close); a metric
         named "step" goes through a call's ``metrics=`` instead."""
+        self._check_open("metric points")
         self._add(step, metrics)
+
+    def _check_open(self, what: str) -> None:
+        """Refused after close(): nothing would write them (an asynchronous commit would be left in flight)."""
+        if self._closed:
+            raise InvalidInputError(f"the checkpoint hook of {self.name!r} is closed; {what} given to it would never "
+                                    "be written: give them before close(), or to Repository.log_metrics / "
+                                    "add_snapshot, or to a new CheckpointHook(..., resume=...)")
 
     def _add(self, step: int | None, metrics: Mapping[str, Any]) -> None:
         """Checked before kept: a bad value is refused here and leaves the points pending as they were."""
@@ -141,6 +150,7 @@ class CheckpointHook:
     def __call__(self, model_or_state: Any, *, step: int | None = None, metrics: Mapping[str, Any] | None = None,
                  best: bool = False) -> Version:
         """Commit one checkpoint (a module or a state_dict); returns the version as it now stands."""
+        self._check_open("checkpoints")
         state = _state_dict(model_or_state)
         step = snapshot_step(step)
         series = self._take(step, metrics)
@@ -205,6 +215,7 @@ class CheckpointHook:
             if error is not None:
                 raise error
         finally:
+            self._closed = True
             if self._own:
                 self.repo.close()
         return self.version
