@@ -1114,3 +1114,48 @@ def test_a_closed_hook_refuses_metrics_and_checkpoints_it_would_never_write(tmp_
         hook({"w": np.full(8, 3, np.float32)}, step=3, metrics={"loss": 0.3})
     v = hook.close()
     assert v is not None and [s["step"] for s in v.snapshots] == [1, 2] and "test_acc" not in v.metrics
+
+
+@needs_torch
+def test_a_failed_asynchronous_commit_does_not_keep_its_copy_of_the_weights(tmp_path: Path,
+                                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """The commit of an asynchronous checkpoint that fails (the disk full) keeps its error for the next call; the
+    frames of that error's traceback kept the call's copy of the weights alive with it, until the next checkpoint:
+    a third model copy (on the GPU, for a model trained there) over the documented two, all the interval long."""
+    import errno
+    import gc
+    from concurrent.futures import wait
+
+    import torch
+
+    from gpupas.integrations.training import CheckpointHook
+
+    def full(*args: object, **kwargs: object) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def copies() -> int:
+        gc.collect()
+        return sum(1 for o in gc.get_objects() if isinstance(o, torch.Tensor) and o.shape == (53, 37))
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(37, 53)
+    hook = CheckpointHook(tmp_path / "arc", "run", model=model, asynchronous=True)
+    for step in (1, 2):
+        with torch.no_grad():
+            model.weight.add_(1.0)
+        hook(model, step=step)
+    wait([hook._async._future])
+    assert copies() == 2  # the model's and the last committed copy (the next delta base)
+    with monkeypatch.context() as m:
+        for name in ("write", "pwrite", "pwritev"):
+            m.setattr(os, name, full)
+        with torch.no_grad():
+            model.weight.add_(1.0)
+        hook(model, step=3)
+        wait([hook._async._future])
+    failed_copies = copies()
+    with pytest.raises(OSError, match="free space there"):
+        hook(model, step=4)
+    hook(model, step=5)
+    assert [s["step"] for s in hook.close().snapshots] == [1, 2, 5]
+    assert failed_copies == 2

@@ -35,6 +35,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+import traceback
 import warnings
 import weakref
 from collections.abc import Callable, Mapping
@@ -163,6 +164,19 @@ def _finish_at_exit(ref: weakref.ref[AsyncCommitter]) -> None:
             warnings.warn(f"the asynchronous commit in flight at exit failed: {exc!r}", stacklevel=1)
 
 
+def _clear_frames(exc: BaseException) -> None:
+    """Drop the local variables of the finished frames of ``exc``'s traceback and of the errors it was raised
+    from (the lines stay for the report): an error kept until it is raised holds no tensors."""
+    todo: list[BaseException | None] = [exc]
+    seen: set[int] = set()
+    while todo:
+        e = todo.pop()
+        if e is not None and id(e) not in seen:
+            seen.add(id(e))
+            traceback.clear_frames(e.__traceback__)
+            todo += [e.__cause__, e.__context__]
+
+
 class AsyncCommitter:
     """Run ``commit(state, *args, **kwargs)`` on a copy of ``state`` in the background.
 
@@ -194,10 +208,15 @@ class AsyncCommitter:
         return self._future
 
     def _run(self, snapshot: dict[str, Any], events: list[Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        for event in events:
-            event.synchronize()  # the copies are complete (the training stream may have moved on)
-        with _SideStreams():
-            result = self._commit(snapshot, *args, **kwargs)
+        try:
+            for event in events:
+                event.synchronize()  # the copies are complete (the training stream may have moved on)
+            with _SideStreams():
+                result = self._commit(snapshot, *args, **kwargs)
+        except BaseException as exc:  # kept for the next call: its traceback's frames would keep the copy alive
+            del snapshot
+            _clear_frames(exc)
+            raise
         self._base = snapshot  # kept unchanged until the next commit is published: the device-resident base
         self.last = result
         return result
