@@ -1159,3 +1159,40 @@ def test_a_failed_asynchronous_commit_does_not_keep_its_copy_of_the_weights(tmp_
     hook(model, step=5)
     assert [s["step"] for s in hook.close().snapshots] == [1, 2, 5]
     assert failed_copies == 2
+
+
+@needs_torch
+def test_a_failed_asynchronous_checkpoint_is_named_where_its_error_is_raised(tmp_path: Path,
+                                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """An asynchronous checkpoint whose commit fails (the archive read-only) is reported by the next call, with the
+    store's error alone: 'cannot write snapshots/<id> ...', an id found nowhere. Which checkpoint was lost (the
+    call before had returned without a word), and that the reporting call's own checkpoint was not taken either,
+    was said nowhere. The error now says both (a note on it, its type and message as they were)."""
+    import errno
+    import traceback
+
+    import torch
+
+    from gpupas.integrations.training import CheckpointHook
+
+    def read_only(*args: object, **kwargs: object) -> int:
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(8, 4)
+    for closing in (False, True):
+        hook = CheckpointHook(tmp_path / f"arc{closing}", "run", model=model, asynchronous=True)
+        hook(model, step=100)
+        hook(model, step=200)
+        hook._settle()  # (published before the archive turns read-only)
+        with monkeypatch.context() as m:
+            for name in ("write", "pwrite", "pwritev", "mkdir"):
+                m.setattr(os, name, read_only)
+            hook(model, step=300)  # fails in the background
+            with pytest.raises(OSError, match="read-only") as got:
+                hook.close() if closing else hook(model, step=400)
+        report = "".join(traceback.format_exception(got.value))
+        assert "checkpoint of step 300" in report and "not in version 1 'run'" in report, report
+        assert ("step 400" in report) is not closing, report
+        if not closing:
+            hook.close()

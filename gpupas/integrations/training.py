@@ -27,7 +27,9 @@ caller changed in place since fails its CRC check and is read back from the arch
 ``asynchronous=True`` a call that publishes the version still commits before it returns; each call
 that appends (after the first, or every one with ``resume=``) copies the weights (on their device),
 returns the version as last published, and commits the copy in the background, one at a time (see
-:mod:`gpupas.integrations.async_commit`); a crash loses at most the snapshot in flight.
+:mod:`gpupas.integrations.async_commit`); a crash loses at most the snapshot in flight. A background commit's
+error is raised by the next call (which then takes no checkpoint of its own) or by close(), with a note naming
+the checkpoint's step.
 Metric points given between checkpoints (:meth:`CheckpointHook.log`) are written with the next one.
 """
 
@@ -108,6 +110,7 @@ class CheckpointHook:
                 raise
         self._pending: dict[str, list[list[Any]]] = {}
         self._sent: dict[str, list[list[Any]]] = {}  # the metric points of the asynchronous commit in flight
+        self._sent_step: int | None = None  # and its step
         self._async = None
         self._closed = False
         if asynchronous:
@@ -171,9 +174,13 @@ class CheckpointHook:
                 metrics=series, files=self.files, network=module, setting=self.setting, step=step,
                 best=1 if best and not by else None, best_by=by, from_snapshot=self.from_snapshot)
         elif self._async is not None:
-            self._settle()
+            try:
+                self._settle()
+            except Exception as exc:
+                exc.add_note(f"this call's checkpoint (step {step}) was not taken either: give it again")
+                raise
             self._async.submit(state, step=step, metrics=series, best=best)
-            self._sent = series
+            self._sent, self._sent_step = series, step
         else:
             self.version = self._append(state, step=step, metrics=series, best=best)
         return self.version
@@ -193,9 +200,12 @@ class CheckpointHook:
         try:
             if self._async is not None:
                 self._async.wait()
-        except BaseException:
+        except BaseException as exc:
             merge_metrics(sent, self._pending)
             self._pending = sent
+            if isinstance(exc, Exception) and self.version is not None:  # (an interrupted wait: nothing failed)
+                exc.add_note(f"the checkpoint of step {self._sent_step}, committed in the background, failed: it is "
+                             f"not in version {self.version.id} {self.version.name!r} (its metric points are kept)")
             raise
 
     def close(self) -> Version | None:
