@@ -1198,3 +1198,28 @@ def test_a_failed_asynchronous_checkpoint_is_named_where_its_error_is_raised(tmp
         assert ("step 400" in report) is not closing, report
         if not closing:
             hook.close()
+
+
+@needs_torch
+def test_weights_come_out_in_the_format_their_name_says(repo: Repository, tmp_path: Path) -> None:
+    """`checkout --weights-name pytorch_model.bin` wrote safetensors bytes under a torch name (and `--format torch
+    --weights-name model.safetensors` a torch file under a safetensors name): torch.load refused the file, and so did
+    `gpupas commit` of the checkout. The name's suffix now picks the format; a --format against it is refused."""
+    import torch
+
+    w = {"w": np.arange(6, dtype=np.float32).reshape(2, 3)}
+    repo.commit("m", w)
+    repo.checkout("m", tmp_path / "bin", weights_name="pytorch_model.bin")
+    got = torch.load(tmp_path / "bin" / "pytorch_model.bin", weights_only=True)
+    assert torch.equal(got["w"], torch.from_numpy(w["w"]))
+    assert repo.restore(repo.commit("again", tmp_path / "bin"))["w"].tobytes() == w["w"].tobytes()
+    repo.checkout("m", tmp_path / "st", weights_name="weights.safetensors", format="safetensors")
+    assert load_checkpoint(tmp_path / "st" / "weights.safetensors")["w"].tobytes() == w["w"].tobytes()
+    for call in (lambda: repo.checkout("m", tmp_path / "co", format="torch", weights_name="model.safetensors"),
+                 lambda: repo.checkout("m", tmp_path / "co", format="safetensors", weights_name="model.pt"),
+                 lambda: repo.export("m", tmp_path / "co" / "m.safetensors", format="torch"),
+                 lambda: repo.export("m", tmp_path / "co" / "m.bin", format="safetensors")):
+        with pytest.raises(InvalidInputError, match="--format"):
+            call()
+        assert not (tmp_path / "co").exists()
+    assert torch.load(repo.export("m", tmp_path / "m.weights", format="torch"), weights_only=True)["w"].shape == (2, 3)

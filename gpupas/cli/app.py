@@ -482,14 +482,14 @@ def checkout(ref: RefArg,
              output: Annotated[Path, typer.Option("--output", "-o", metavar="DIR",
                                                   help="Directory to write (empty or new).")],
              snapshot: SnapOpt = None,
-             fmt: Annotated[str, typer.Option("--format", metavar="FORMAT",
-                                              help="safetensors or torch.")] = "safetensors",
+             fmt: Annotated[str | None, typer.Option("--format", metavar="FORMAT", help=(
+                 "safetensors or torch (default: from --weights-name's suffix, else safetensors)."))] = None,
              weights_name: Annotated[str | None, typer.Option("--weights-name", metavar="FILE", help=(
                  "File name of the weights (default: model.safetensors, or model.pt for torch)."))] = None,
              force: Annotated[bool, typer.Option("--force", help="Write into a non-empty directory.")] = False,
              archive: ArchiveOpt = None, as_json: JsonOpt = False) -> None:
     """Write a version's weights, files and metadata (gpupas-version.json) to a directory."""
-    if fmt not in ("safetensors", "torch"):
+    if fmt not in (None, "safetensors", "torch"):
         raise InvalidInputError(f"--format must be safetensors or torch, not {fmt!r}")
     with _repo(archive) as repo:
         paths = repo.checkout(ref, output, snapshot=snapshot, format=fmt, force=force, weights_name=weights_name)

@@ -42,9 +42,13 @@ def export(repo: Repository, ref: str | int | Version, path: str | os.PathLike[s
         raise InvalidInputError(f"{os.fspath(path)} {'is' if p.is_dir() else 'names'} a folder; nothing written: "
                                 "give export the path of a file "
                                 f"({p / 'model.safetensors'}, say), or write a version to a folder with checkout")
-    fmt = format or ("torch" if p.suffix in TORCH_SUFFIXES else "safetensors")
+    said = "torch" if p.suffix in TORCH_SUFFIXES else "safetensors" if p.suffix == ".safetensors" else None
+    fmt = format or said or "safetensors"
     if fmt not in ("safetensors", "torch"):
         raise InvalidInputError(f"format must be 'safetensors' or 'torch', not {fmt!r}")
+    if said and fmt != said:  # torch.load, safetensors and gpupas commit would each refuse the file by its name
+        raise InvalidInputError(f"{p.name} names a {said} file, not a {fmt} one; nothing written: name it to end in "
+                                f"{'.pt' if fmt == 'torch' else '.safetensors'}, or leave out --format")
     outside_archive(repo, p)
     if (p.exists() or p.is_symlink()) and not force:
         raise ArchiveExistsError(f"{p} exists; nothing written (use --force to overwrite)")
@@ -68,11 +72,11 @@ def export(repo: Repository, ref: str | int | Version, path: str | os.PathLike[s
 
 
 def checkout(repo: Repository, ref: str | int | Version, out_dir: str | os.PathLike[str], *,
-             snapshot: str | int | None = None, format: str = "safetensors", force: bool = False,
+             snapshot: str | int | None = None, format: str | None = None, force: bool = False,
              weights_name: str | None = None) -> list[Path]:
     """Write a version to a directory: its weights (``model.safetensors``, or ``model.pt`` for torch,
-    or ``weights_name``), its files under their names, and ``gpupas-version.json`` (metadata and
-    network). Returns the paths. A new directory appears whole or not at all."""
+    or ``weights_name``, whose suffix picks the format unless ``format``), its files under their names, and
+    ``gpupas-version.json`` (metadata and network). Returns the paths. A new directory appears whole or not at all."""
     v = repo.version(ref)
     snap = v.snapshot(snapshot)
     out = Path(out_dir)
