@@ -626,6 +626,31 @@ def test_a_full_disk_during_an_export_names_the_file(arc: Path, tmp_path: Path, 
     assert got.value.errno == errno.ENOSPC and not any((tmp_path / "out").iterdir())
 
 
+def test_a_failed_checkout_into_an_empty_folder_leaves_it_empty(arc: Path, tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """`mkdir out; gpupas checkout 1 -o out` (help: "empty or new") that failed after the weights (a full disk at
+    gpupas-version.json) left out/model.safetensors without its metadata, and a rerun was refused: "out is not
+    empty". Now what it wrote is taken back, as a new folder is, and a rerun writes the checkout whole."""
+    import errno
+
+    calls = []
+
+    def full_the_second_time(fd: int) -> None:
+        calls.append(fd)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    out = tmp_path / "out"
+    out.mkdir()
+    with gpupas.open_repository(arc) as repo:
+        monkeypatch.setattr(os, "fsync", full_the_second_time)
+        with pytest.raises(OSError, match="No space left"):
+            repo.checkout(1, out)
+        monkeypatch.undo()
+        assert out.is_dir() and not any(out.iterdir())
+        assert [p.name for p in repo.checkout(1, out)] == ["model.safetensors", "gpupas-version.json"]
+
+
 def test_outputs_inside_the_archive_or_a_tier_are_refused(arc: Path, tmp_path: Path) -> None:
     """export or checkout into the archive's own folder (or a tier's): refused, nothing written. A file put in
     manifests/ read as a damaged snapshot (verify: exit 3), a checkout there made 'gpupas-version' a snapshot, and

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -76,7 +77,8 @@ def checkout(repo: Repository, ref: str | int | Version, out_dir: str | os.PathL
              weights_name: str | None = None) -> list[Path]:
     """Write a version to a directory: its weights (``model.safetensors``, or ``model.pt`` for torch,
     or ``weights_name``, whose suffix picks the format unless ``format``), its files under their names, and
-    ``gpupas-version.json`` (metadata and network). Returns the paths. A new directory appears whole or not at all."""
+    ``gpupas-version.json`` (metadata and network). Returns the paths. A new (or empty) directory appears whole or
+    not at all."""
     v = repo.version(ref)
     snap = v.snapshot(snapshot)
     out = Path(out_dir)
@@ -102,6 +104,7 @@ def checkout(repo: Repository, ref: str | int | Version, out_dir: str | os.PathL
     blobs = {f: repo.file_bytes(r["sha256"]) for f, r in v.files.items()}  # all checked before writing
     check_parents(out)
     fresh = not out.exists()
+    empty = not fresh and not any(out.iterdir())  # what a failure wrote there is taken back, as a new folder is
     target = out.with_name(f".{out.name}.{uuid.uuid4().hex}.tmp") if fresh else out
     written: list[Path] = []
     try:
@@ -122,5 +125,12 @@ def checkout(repo: Repository, ref: str | int | Version, out_dir: str | os.PathL
     except BaseException:
         if fresh:
             shutil.rmtree(target, ignore_errors=True)
+        elif empty:
+            for top in {weights.split("/")[0], METADATA, *(f.split("/")[0] for f in blobs)}:
+                if (out / top).is_dir() and not (out / top).is_symlink():
+                    shutil.rmtree(out / top, ignore_errors=True)
+                elif (out / top).exists() or (out / top).is_symlink():
+                    with contextlib.suppress(OSError):  # (the error that stopped the checkout is the one to report)
+                        (out / top).unlink()
         raise
     return written
