@@ -68,7 +68,16 @@ def export(repo: Repository, ref: str | int | Version, path: str | os.PathLike[s
         from gpupas.integrations.torch import _torch, numpy_to_state_dict
 
         torch, state = _torch(), numpy_to_state_dict(tensors)  # a dtype this torch lacks: refused, nothing written
-        write_file(p, lambda f: torch.save(state, f), replace=force)
+
+        def fill(f: Any) -> None:
+            try:
+                torch.save(state, f)
+            except RuntimeError as exc:  # torch's writer reports a failed write (a full disk) as "unexpected pos"
+                if isinstance(exc.__context__, OSError):
+                    raise exc.__context__ from None
+                raise
+
+        write_file(p, fill, replace=force)
     return p
 
 
