@@ -655,6 +655,27 @@ def test_a_disk_full_while_writing_names_the_file_in_either_format(arc: Path, tm
     assert not any((tmp_path / "out").iterdir())
 
 
+def test_a_full_disk_during_a_checkout_names_the_folder_asked_for(arc: Path, tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """A checkout into a new folder is written in a temporary one, then renamed: a full disk said "cannot write
+    .../.out.6f1c...tmp/model.safetensors: No space left on device", a folder the user never named and that is
+    gone by then. Now the path asked for: "cannot write .../out/model.safetensors"."""
+    import errno
+
+    def full(*args: object, **kwargs: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    out = tmp_path / "out"
+    with gpupas.open_repository(arc) as repo:
+        monkeypatch.setattr(os, "fsync", full)
+        with pytest.raises(OSError, match=rf"cannot write {re.escape(str(out / 'model.safetensors'))}: No space") \
+                as got:
+            repo.checkout(1, out)
+        monkeypatch.undo()
+    assert got.value.errno == errno.ENOSPC and ".tmp" not in str(got.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["arc"]
+
+
 def test_a_failed_checkout_into_an_empty_folder_leaves_it_empty(arc: Path, tmp_path: Path,
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """`mkdir out; gpupas checkout 1 -o out` (help: "empty or new") that failed after the weights (a full disk at

@@ -130,10 +130,15 @@ def checkout(repo: Repository, ref: str | int | Version, out_dir: str | os.PathL
         write_file(target / METADATA, lambda f: f.write(json.dumps(meta, indent=1).encode()), replace=True)
         written.append(out / METADATA)
         if fresh:
-            os.rename(target, out)
-    except BaseException:
+            try:
+                os.rename(target, out)
+            except OSError as exc:
+                raise cannot_write(out, exc) from None
+    except BaseException as exc:
         if fresh:
             shutil.rmtree(target, ignore_errors=True)
+            if type(exc) is OSError and str(target) in str(exc.strerror):  # named by the folder asked for
+                raise OSError(exc.errno, str(exc.strerror).replace(str(target), str(out))) from None
         elif empty:
             for top in {weights.split("/")[0], METADATA, *(f.split("/")[0] for f in blobs)}:
                 if (out / top).is_dir() and not (out / top).is_symlink():
