@@ -39,7 +39,7 @@ def write_file(path: str | os.PathLike[str], fill: Callable[[BinaryIO], None], *
     check_parents(p)
     try:
         p.parent.mkdir(parents=True, exist_ok=True)
-        tmp = p.with_name(f".{p.name}.{uuid.uuid4().hex}.tmp")
+        tmp = temporary(p)
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
     except OSError as exc:  # named by the file asked for, not by the temporary one
         raise cannot_write(p, exc) from None
@@ -62,6 +62,12 @@ def write_file(path: str | os.PathLike[str], fill: Callable[[BinaryIO], None], *
             raise cannot_write(p, exc) from None
         raise
     return p
+
+
+def temporary(p: Path) -> Path:
+    """A new name beside ``p`` to write it under first: its start (a name of up to 255 bytes, the limit, leaves no
+    room for the suffix), a random part, .tmp."""
+    return p.with_name(f".{p.name[:40]}.{uuid.uuid4().hex}.tmp")
 
 
 def check_parents(p: Path) -> None:

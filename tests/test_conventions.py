@@ -676,6 +676,19 @@ def test_a_full_disk_during_a_checkout_names_the_folder_asked_for(arc: Path, tmp
     assert sorted(p.name for p in tmp_path.iterdir()) == ["arc"]
 
 
+def test_an_output_with_a_long_legal_name_is_written(arc: Path, tmp_path: Path) -> None:
+    """A file or folder name of 240 bytes (the limit is 255) could not be exported or checked out to: "cannot write
+    ...: File name too long", for the temporary name beside it (the name, a dot, 32 hex digits, .tmp)."""
+    name = "m" * 228 + ".safetensors"
+    assert len(name) == 240
+    res = gp("-A", arc, "export", "1", "-o", tmp_path / name)
+    assert res.returncode == 0, res.stderr
+    assert gpupas.tensors.load_checkpoint(tmp_path / name)["fc.bias"].shape == (64,)
+    res = gp("-A", arc, "checkout", "1", "-o", tmp_path / ("c" * 240))
+    assert res.returncode == 0 and (tmp_path / ("c" * 240) / "model.safetensors").is_file(), res.stderr
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
 def test_a_failed_checkout_into_an_empty_folder_leaves_it_empty(arc: Path, tmp_path: Path,
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """`mkdir out; gpupas checkout 1 -o out` (help: "empty or new") that failed after the weights (a full disk at

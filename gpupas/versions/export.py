@@ -6,12 +6,11 @@ import contextlib
 import json
 import os
 import shutil
-import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from gpupas.errors import ArchiveExistsError, InvalidInputError
-from gpupas.outputs import cannot_write, check_parents, write_file
+from gpupas.outputs import cannot_write, check_parents, temporary, write_file
 from gpupas.store.base import is_remote
 from gpupas.store.tiers import inside
 from gpupas.tensors import TORCH_SUFFIXES
@@ -114,7 +113,7 @@ def checkout(repo: Repository, ref: str | int | Version, out_dir: str | os.PathL
     check_parents(out)
     fresh = not out.exists()
     empty = not fresh and not any(out.iterdir())  # what a failure wrote there is taken back, as a new folder is
-    target = out.with_name(f".{out.name}.{uuid.uuid4().hex}.tmp") if fresh else out
+    target = temporary(out) if fresh else out
     written: list[Path] = []
     try:
         try:
