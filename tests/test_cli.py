@@ -332,6 +332,26 @@ def test_json_output_is_strict_json_when_numbers_overflow(tmp_path: Path) -> Non
     assert rows["w"]["rel_l2"] == 2.0 and rows["b"]["rel_l2"] == 0.0  # ||2e300|| / ||1e300||
 
 
+def test_diff_from_all_zero_weights_is_not_reported_as_no_change(tmp_path: Path) -> None:
+    """Weights that start at zero (a zero-initialised bias, a LoRA B matrix) and then change have no relative
+    change: the diff said "overall relative L2 change 0" (JSON 0.0) and listed that tensor as the least changed."""
+    arc = tmp_path / "arc"
+    ok(gp("init", archive=arc))
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal(64).astype(np.float32)
+    save_file({"lora_B": np.zeros(16, np.float32)}, tmp_path / "0.safetensors")
+    save_file({"lora_B": np.ones(16, np.float32)}, tmp_path / "1.safetensors")
+    save_file({"lora_B": np.ones(16, np.float32), "w": w}, tmp_path / "2.safetensors")
+    save_file({"lora_B": np.zeros(16, np.float32), "w": w + 1e-3}, tmp_path / "3.safetensors")
+    for i in range(4):
+        ok(gp("commit", tmp_path / f"{i}.safetensors", "-n", f"v{i}", archive=arc))
+    d = js(gp("diff", "v0", "v1", "--json", archive=arc))["weights"]
+    assert d["identical"] == 0 and d["rel_l2"] != 0.0
+    assert "relative L2 change 0;" not in ok(gp("diff", "v0", "v1", archive=arc))
+    top = ok(gp("diff", "v3", "v2", "--top", "1", archive=arc))  # lora_B: zeros -> ones; w: a 1e-3 change
+    assert "lora_B" in top and "│ w " not in top, top
+
+
 def test_checkout_refuses_weights_named_as_its_metadata(tmp_path: Path) -> None:
     """--weights-name gpupas-version.json: the metadata written after the weights replaced them (exit 0)."""
     arc, ck = tmp_path / "arc", tmp_path / "w.safetensors"

@@ -309,10 +309,13 @@ def diff(o: Output, d: dict[str, Any], top: int) -> None:
     w = d.get("weights")
     if not w:
         return
-    rows = sorted(w["tensors"], key=lambda r: -(r.get("rel_l2") or 0.0))
+    # most changed first; a float tensor that was all zero and changed (rel_l2 None) has no bound: first of all
+    rows = sorted(w["tensors"], key=lambda r: -(r.get("rel_l2") or (math.inf if "rel_l2" in r and r["changed"]
+                                                                     else 0.0)))
     unlike = sum(1 for r in rows if _retyped(r))
     measured = any("rel_l2" in r for r in rows if not _retyped(r))  # else no L2 change was measured: not "0"
-    l2 = f"{w['rel_l2']:.4g}" if measured else "-"
+    l2 = ("-" if not measured else f"{w['rel_l2']:.4g}" if w["rel_l2"] is not None
+          else "- (the first version's weights are all zero)")
     o.data(f"weights: {len(rows)} common tensors, {w['identical']} identical"
            + (f", {unlike} of another shape or dtype (not compared)" if unlike else "")
            + f", overall relative L2 change {l2}; most changed first:")

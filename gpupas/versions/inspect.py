@@ -229,7 +229,8 @@ def diff_tensors(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray]) -> di
     """Per-tensor change statistics from ``a`` to ``b`` (same name and shape), plus totals.
 
     Rows: ``name, shape, changed`` (fraction of elements whose bits differ), and for float
-    tensors ``max_abs``, ``mean_abs`` and ``rel_l2 = ||b - a|| / ||a||``.
+    tensors ``max_abs``, ``mean_abs`` and ``rel_l2 = ||b - a|| / ||a||`` (None where ``a`` is all zero and
+    ``b`` is not: no relative change, not none); the totals' ``rel_l2`` likewise.
     """
     rows, d2, n2 = [], _Norm(), _Norm()
     for name in [k for k in b if k in a]:
@@ -271,5 +272,5 @@ def diff_tensors(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray]) -> di
         "tensors": rows,
         "added": [k for k in b if k not in a], "removed": [k for k in a if k not in b],
         "identical": sum(1 for r in rows if r.get("changed") == 0.0),
-        "rel_l2": d2.ratio(n2) or 0.0,
+        "rel_l2": d2.ratio(n2),
     }
