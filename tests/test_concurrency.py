@@ -573,6 +573,32 @@ def test_tags_and_names_set_by_others_meanwhile(tmp_path: Path, monkeypatch: pyt
     repo.close()
 
 
+def test_best_marked_by_name_while_another_version_of_that_name_is_committed(tmp_path: Path,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """`gpupas best m 1` while another process commits a new version "m": the snapshot is picked from the
+    version the name reached, and that version is marked, not the newer one (it pointed at a snapshot of
+    another version: `-s best` then wrote the older version's weights as the newer's)."""
+    repo = create_repository(tmp_path / "arc")
+    v1 = repo.commit("m", [tensors("a1"), tensors("a2")])
+    real_resolve = Repository.resolve
+    calls = []
+
+    def newer_meanwhile(self: Repository, ref: Any) -> int:
+        vid = real_resolve(self, ref)
+        if not calls:
+            calls.append(vid)
+            with open_repository(tmp_path / "arc") as other:
+                other.commit("m", tensors("b1"))
+        return vid
+
+    monkeypatch.setattr(Repository, "resolve", newer_meanwhile)
+    marked = repo.mark_best("m", 1)
+    monkeypatch.undo()
+    assert (marked.id, marked.best) == (v1.id, v1.snapshots[0]["id"])
+    assert repo.version(v1.id).best == v1.snapshots[0]["id"] and repo.version("m").best is None
+    repo.close()
+
+
 # -- arrays a restore handed out, changed by their holder while another restore reads the cache ------------------------
 def _stepped_after_the_check(monkeypatch: pytest.MonkeyPatch, holder: dict[str, np.ndarray], sid: str) -> None:
     """The holder's in-place step lands just after the cache has checked ``sid``'s arrays (another thread's)."""
