@@ -423,6 +423,23 @@ def test_checkout_refuses_an_attached_file_named_like_its_outputs(tmp_path: Path
     assert not (tmp_path / "out2").exists()
 
 
+def test_checkout_refusing_an_attached_metadata_file_names_a_remedy_that_works(tmp_path: Path) -> None:
+    """A version with a file attached as gpupas-version.json cannot be checked out whatever the weights' name:
+    the error told to choose another name for the weights (--weights-name), which was refused the same way."""
+    from safetensors.numpy import load_file, save_file
+
+    arc, src = tmp_path / "arc", tmp_path / "src"
+    src.mkdir()
+    save_file(model(1), src / "ck.safetensors")
+    (src / "gpupas-version.json").write_bytes(b"{}")
+    ok(gp("init", archive=arc))
+    ok(gp("commit", src / "ck.safetensors", "-n", "n", "-f", src / "gpupas-version.json", archive=arc))
+    err = fails(gp("checkout", "n", "-o", tmp_path / "out", archive=arc), 2, "gpupas-version.json", "gpupas export")
+    assert "--weights-name" not in err
+    ok(gp("export", "n", "-o", tmp_path / "w.safetensors", archive=arc))
+    assert same(load_file(tmp_path / "w.safetensors"), model(1))
+
+
 def _listing(arc: Path) -> set[str]:
     return {str(p.relative_to(arc)) for d in ("manifests", "snapshots") for p in (arc / d).iterdir()}
 

@@ -107,8 +107,11 @@ def checkout(repo: Repository, ref: str | int | Version, out_dir: str | os.PathL
     for reserved in (weights, METADATA):
         if file_key(reserved) in names:
             raise InvalidInputError(f"version {v.id} has an attached file (or folder) named {reserved!r}, where the "
-                                    "checkout writes " + ("its weights" if reserved == weights else "its metadata")
-                                    + "; choose another name for the weights (--weights-name)")
+                                    "checkout writes " + ("its weights; choose another name for the weights "
+                                                          "(--weights-name)" if reserved == weights else
+                                                          "its metadata, so it cannot be checked out; `gpupas "
+                                                          "export` writes its weights to one file (its files: "
+                                                          "Repository.file_bytes)"))
     blobs = {f: repo.file_bytes(r["sha256"]) for f, r in v.files.items()}  # all checked before writing
     check_parents(out)
     fresh = not out.exists()
