@@ -234,8 +234,8 @@ def select_snapshot(snaps: list[dict[str, Any]], selector: str | int | None, lat
     if sel in ("latest", "best"):
         sid = latest if sel == "latest" else best
         if sid is None:
-            raise SnapshotNotFoundError(f"{what} has no snapshot marked best; pick one with --snapshot N "
-                                        f"(1..{len(snaps)}), or mark one (`gpupas best VERSION N`, "
+            raise SnapshotNotFoundError(f"{what} has no snapshot marked best; select one by its number "
+                                        f"(1..{len(snaps)}) or id instead, or mark one (`gpupas best VERSION N`, "
                                         "Repository.mark_best, `gpupas commit --best-by`, "
                                         "CheckpointHook(best_by=...))")
         sel = sid
