@@ -66,7 +66,8 @@ def export(repo: Repository, ref: str | int | Version, path: str | os.PathLike[s
     else:
         from gpupas.integrations.torch import _torch, numpy_to_state_dict
 
-        torch, state = _torch(), numpy_to_state_dict(tensors)  # a dtype this torch lacks: refused, nothing written
+        # the restored arrays, shared (a copy held the snapshot twice); a dtype torch lacks: refused, nothing written
+        torch, state = _torch(), numpy_to_state_dict(tensors, copy=False)
 
         def fill(f: Any) -> None:
             try:
