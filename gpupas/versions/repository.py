@@ -556,9 +556,9 @@ class Repository:
 
     def mark_best(self, ref: str | int | Version, snapshot: str | int) -> Version:
         """Mark one of a version's snapshots (1-based index or id) as its best."""
-        vid = self.resolve(ref)  # once: a name may reach a newer version by the time the record is updated
-        sid = Version(self._record(vid)).snapshot(snapshot)["id"]
-        return self._update(vid, lambda rec: rec.__setitem__("best", sid))
+        v = self.version(ref)  # resolved once: a name may reach a newer version by the time the record is updated
+        sid = v.snapshot(snapshot)["id"]
+        return self._update(v.id, lambda rec: rec.__setitem__("best", sid))
 
     def copy(self, ref: str | int | Version, name: str, *, message: str = "", author: str | None = None) -> Version:
         """Scaffold a new version from ``ref``: same network, hyperparameters, files and latest weights.
