@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import gpupas  # noqa: E402
-from gpupas.cli.render import pct, size  # noqa: E402
+from gpupas.cli.render import count, pct, size  # noqa: E402
 
 T0 = time.perf_counter()
 
@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
             print("\n".join([*result["problems"], *(f"not checked: {u}" for u in result["unreachable"])]))
             return 3 if result["problems"] else 4
         c = result["checked"]
-        say("     ", f"ok: {c['versions']} versions, {c['snapshots']} snapshots, {c['tensors']} tensors")
+        say("     ", "ok: " + ", ".join(count(c[k + "s"], k) for k in ("version", "snapshot", "tensor")))
 
         say("[4/4]", "what was stored")
         rows = repo.log()

@@ -241,7 +241,7 @@ def test_bad_input_gives_a_clear_message_and_changes_nothing(tmp_path: Path, run
 
     assert files_of(arc) == before
     assert ok(gp("log", "--json", archive=arc)) == log_before
-    assert ok(gp("verify", archive=arc)).startswith("ok: 1 versions, 1 snapshots")
+    assert ok(gp("verify", archive=arc)).startswith("ok: 1 version, 1 snapshot,")
 
 
 @pytest.mark.skipif(not realdata.have_torch(), reason="torch is not installed")

@@ -31,7 +31,7 @@ def test_main_job_on_a_small_set(tmp_path: Path) -> None:
         assert step in out, out
     row = re.search(r"#1\s+cnn-digits\s+6 snapshot\(s\)\s+([\d.]+) MiB ->\s+([\d.]+) MiB", out)
     assert row and float(row.group(2)) < float(row.group(1)), out  # stored less than raw
-    assert "ok: 1 versions, 6 snapshots, 48 tensors" in out
+    assert "ok: 1 version, 6 snapshots, 48 tensors" in out
     assert re.search(r"the deltas save about [\d.]+ KiB", out), out  # the first epoch stored whole, then deltas
     assert out.strip().splitlines()[-1].startswith(f"The archive is {(tmp_path / 'arc').resolve()}. Try: gpupas")
     # run again, as scripts/demo.sh from the folder that holds them, relative paths: nothing is added (the paths
@@ -39,7 +39,7 @@ def test_main_job_on_a_small_set(tmp_path: Path) -> None:
     again = subprocess.run(["bash", str(ROOT / "scripts" / "demo.sh"), "arc", "--checkpoints", "ckpt", "--small"],
                            cwd=tmp_path, capture_output=True, text=True, timeout=600,
                            env=os.environ | {"GPUPAS_AUTHOR": "tester"})
-    assert again.returncode == 0 and "committing" not in again.stdout and "ok: 1 versions" in again.stdout, (
+    assert again.returncode == 0 and "committing" not in again.stdout and "ok: 1 version," in again.stdout, (
         again.stdout + again.stderr)
     assert f"The archive is {(tmp_path / 'arc').resolve()}." in again.stdout
 

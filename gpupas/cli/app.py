@@ -318,7 +318,7 @@ def import_folder(
     if as_json:
         _out().json([_summary(v) for v in versions])
         return
-    _out().line(f"imported {len(versions)} versions of {name}: {versions[0].id}..{versions[-1].id}, "
+    _out().line(f"imported {render.count(len(versions), 'version')} of {name}: {versions[0].id}..{versions[-1].id}, "
                 f"{_sizes([s for v in versions for s in v.snapshots])}")
 
 
@@ -543,8 +543,7 @@ def verify(refs: Annotated[list[str] | None, typer.Argument(metavar="VERSION", h
         o.json(result)
     else:
         c = result["checked"]
-        summary = (f"{c['versions']} versions, {c['snapshots']} snapshots, {c['tensors']} tensors, "
-                   f"{c['files']} files checked")
+        summary = ", ".join(render.count(c[k + "s"], k) for k in ("version", "snapshot", "tensor", "file")) + " checked"
         if result["ok"]:
             o.line(f"ok: {summary}")
         else:

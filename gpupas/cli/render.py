@@ -116,6 +116,11 @@ def size(n: float | None) -> str:
     return str(n)
 
 
+def count(n: int, noun: str) -> str:
+    """``n`` and ``noun``, plural unless ``n`` is 1: "1 version", "3 versions"."""
+    return f"{n:,} {noun}" + ("" if n == 1 else "s")
+
+
 def pct(stored: float | None, raw: float | None) -> str:
     return f"{100 * stored / raw:.1f}%" if raw and stored is not None else "-"
 
@@ -346,8 +351,8 @@ def query(o: Output, rows: list[dict[str, Any]]) -> None:
 
 
 def stats(o: Output, s: dict[str, Any]) -> None:
-    o.data(f"archive {s['location']}: {s['versions']} versions ({s['names']} names, {s['tags']} tags), "
-           f"{s['snapshots']} snapshots, {s['tensors']} tensors")
+    o.data(f"archive {s['location']}: {count(s['versions'], 'version')} ({count(s['names'], 'name')}, "
+           f"{count(s['tags'], 'tag')}), {count(s['snapshots'], 'snapshot')}, {count(s['tensors'], 'tensor')}")
     o.data(f"weights: {size(s['raw_bytes'])} raw -> {size(s['stored_bytes'])} stored "
            f"({pct(s['stored_bytes'], s['raw_bytes'])}), saves {size(s['saved_bytes'])}")
     o.data("encodings: mat = stored whole, sub/xor = delta to the base snapshot, pred = delta to an extrapolation")
