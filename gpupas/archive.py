@@ -366,7 +366,10 @@ class Archive:
         base = None if base is None else _sid(base)
         meta, layout = _meta(meta), _layout(layout)
         backend = get_backend(resolve_device(device, tensors))
-        arrays = as_tensor_dict(tensors, backend=backend)
+        file_meta: dict[str, str] = {}
+        arrays = as_tensor_dict(tensors, backend=backend, metadata=file_meta)
+        if file_meta and "file_metadata" not in meta:  # a safetensors file's own metadata, as Repository keeps it
+            meta["file_metadata"] = file_meta
         cfg = get_setting(setting)
         layout = layout or Layout(**getattr(backend, "layout", {}))  # the device's chunk size (GPU: 64 KiB)
         sid = check_name(snapshot) if snapshot is not None else new_id()

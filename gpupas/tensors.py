@@ -286,10 +286,12 @@ def tensors_of(tensors: Mapping[Any, Any], source: str, notes: list[str] | None)
     return _strip_ddp(tensors, source, notes)
 
 
-def as_tensor_dict(tensors: Any, source: str = "input", backend: Any = None) -> dict[str, Any]:
-    """Named tensors as arrays of ``backend`` (NumPy by default); accepts a mapping of
-    NumPy/CuPy/torch arrays or a checkpoint file path. A mapping that wraps a state_dict
-    (``{"model": ..., "optimizer": ...}``) gives the state_dict, as a file does, with a warning; so does
+def as_tensor_dict(tensors: Any, source: str = "input", backend: Any = None,
+                   metadata: dict[str, str] | None = None) -> dict[str, Any]:
+    """Named tensors as arrays of ``backend`` (NumPy by default); accepts a mapping of NumPy/CuPy/torch
+    arrays or a checkpoint file path (a safetensors file's own metadata goes into ``metadata``). A mapping
+    that wraps a state_dict (``{"model": ..., "optimizer": ...}``) gives the state_dict, as a file does,
+    with a warning; so does
     a module's non-tensor ``_extra_state``, which is left out, and a DistributedDataParallel state_dict's
     ``module.`` prefix, which is taken off."""
     if backend is None:
@@ -298,7 +300,7 @@ def as_tensor_dict(tensors: Any, source: str = "input", backend: Any = None) -> 
         backend = get_backend("numpy")
     notes: list[str] = []
     if isinstance(tensors, (str, os.PathLike)):
-        tensors = load_checkpoint(tensors, notes)
+        tensors = load_checkpoint(tensors, notes, metadata)
     elif not isinstance(tensors, Mapping):
         raise InvalidInputError(
             f"{source}: expected a mapping of name -> tensor or a checkpoint path, got {type(tensors).__name__}"

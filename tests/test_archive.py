@@ -644,6 +644,12 @@ def test_safetensors_file_input(archive: gpupas.Archive, tmp_path: Path) -> None
     save_file(tensors, path)
     m = archive.commit(path)
     _same(archive.restore(m.id), tensors)
+    assert "file_metadata" not in m.meta  # the file had none
+    save_file(tensors, path, metadata={"format": "pt", "modelspec.title": "demo"})
+    m2 = archive.commit(path, base=m.id, meta={"step": 2})  # a file's own metadata kept, as Repository keeps it
+    assert archive.manifest(m2.id).meta == {"step": 2, "file_metadata": {"format": "pt", "modelspec.title": "demo"}}
+    own = archive.commit(path, meta={"file_metadata": {"mine": "1"}})  # the caller's own member wins
+    assert own.meta == {"file_metadata": {"mine": "1"}}
     safetensors = pytest.importorskip("safetensors.numpy")
     ref = safetensors.load_file(str(path))
     assert np.array_equal(ref["enc.w"], tensors["enc.w"])
