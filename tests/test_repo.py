@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -109,6 +110,22 @@ def test_files_are_deduplicated_and_checked(repo: Repository, tmp_path: Path) ->
     out = repo.checkout(2, tmp_path / "co")
     assert (tmp_path / "co" / "notes" / "readme.txt").read_bytes() == b"hi"
     assert {p.name for p in out} >= {"model.safetensors", "train.py", "readme.txt", "gpupas-version.json"}
+    co = tmp_path / "co"  # a checkout over another (--force) leaves one version there, not a mix of two
+    (co / "mine.txt").write_text("the user's own")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "readme.txt").write_text("not the checkout's")
+    shutil.rmtree(co / "notes")
+    (co / "notes").symlink_to(outside)  # a folder linked elsewhere: nothing removed through it
+    repo.checkout(1, co, force=True, format="torch")
+    assert not (co / "train.py").exists() and not (co / "model.safetensors").exists()  # v2's, not v1's
+    assert (outside / "readme.txt").exists() and (co / "mine.txt").exists()
+    assert (co / "model.pt").is_file() and (co / "scripts" / "sub" / "cfg.yaml").is_file()
+    (co / "notes").unlink()
+    repo.checkout(2, co, force=True)
+    assert not (co / "scripts").exists() and not (co / "model.pt").exists()  # v1's files, and their folders
+    assert sorted(p.name for p in co.iterdir()) == ["gpupas-version.json", "mine.txt", "model.safetensors", "notes",
+                                                    "train.py"]
     sha = v2.files["notes/readme.txt"]["sha256"]
     (repo.root / "files" / sha).write_bytes(b"ho")  # damage
     with pytest.raises(IntegrityError, match="damaged"):

@@ -486,7 +486,9 @@ def checkout(ref: RefArg,
                  "safetensors or torch (default: from --weights-name's suffix, else safetensors)."))] = None,
              weights_name: Annotated[str | None, typer.Option("--weights-name", metavar="FILE", help=(
                  "File name of the weights (default: model.safetensors, or model.pt for torch)."))] = None,
-             force: Annotated[bool, typer.Option("--force", help="Write into a non-empty directory.")] = False,
+             force: Annotated[bool, typer.Option("--force", help=(
+                 "Write into a non-empty directory (files an earlier checkout there wrote that this version "
+                 "lacks are removed; other files are left)."))] = False,
              archive: ArchiveOpt = None, as_json: JsonOpt = False) -> None:
     """Write a version's weights, files and metadata (gpupas-version.json) to a directory."""
     if fmt not in (None, "safetensors", "torch"):

@@ -87,7 +87,8 @@ def checkout(repo: Repository, ref: str | int | Version, out_dir: str | os.PathL
     """Write a version to a directory: its weights (``model.safetensors``, or ``model.pt`` for torch,
     or ``weights_name``, whose suffix picks the format unless ``format``), its files under their names, and
     ``gpupas-version.json`` (metadata and network). Returns the paths. A new (or empty) directory appears whole or
-    not at all."""
+    not at all; with ``force``, over an earlier checkout, the files that one wrote and this version lacks
+    are removed (other files are left)."""
     v = repo.version(ref)
     snap = v.snapshot(snapshot)
     out = Path(out_dir)
@@ -115,6 +116,7 @@ def checkout(repo: Repository, ref: str | int | Version, out_dir: str | os.PathL
                                                           "Repository.file_bytes)"))
     blobs = {f: repo.file_bytes(r["sha256"]) for f, r in v.files.items()}  # all checked before writing
     check_parents(out)
+    stale = _stale(out, {weights, METADATA, *v.files}) if force else []
     fresh = not out.exists()
     empty = not fresh and not any(out.iterdir())  # what a failure wrote there is taken back, as a new folder is
     target = temporary(out) if fresh else out
@@ -129,9 +131,10 @@ def checkout(repo: Repository, ref: str | int | Version, out_dir: str | os.PathL
         for fname, data in blobs.items():
             write_file(target / fname, lambda f, d=data: f.write(d), replace=True)
             written.append(out / fname)
-        meta: dict[str, Any] = v.to_dict() | {"checked_out_snapshot": snap["id"]}
+        meta: dict[str, Any] = v.to_dict() | {"checked_out_snapshot": snap["id"], "checked_out_weights": weights}
         write_file(target / METADATA, lambda f: f.write(json.dumps(meta, indent=1).encode()), replace=True)
         written.append(out / METADATA)
+        _remove(out, stale)
         if fresh:
             try:
                 os.rename(target, out)
@@ -151,3 +154,41 @@ def checkout(repo: Repository, ref: str | int | Version, out_dir: str | os.PathL
                         (out / top).unlink()
         raise
     return written
+
+
+def _stale(out: Path, writing: set[str]) -> list[str]:
+    """The files an earlier checkout wrote into ``out`` (its weights and attached files, as its metadata
+    file names them) that this one will not write over: a checkout with ``force`` removes them, so the
+    folder holds one version, not a mix. Names the metadata gives that are not plain relative file names
+    are ignored (the metadata file is the folder's, not the archive's)."""
+    try:
+        old = json.loads((out / METADATA).read_text())
+        files = old.get("files") if isinstance(old, dict) else None
+        named = [*(files if isinstance(files, dict) else {}), old.get("checked_out_weights")] if old else []
+    except (OSError, ValueError, TypeError, AttributeError):
+        return []
+    keep = {file_key(n) for n in writing}
+    stale = []
+    for name in named:
+        try:
+            name = check_file_name(name)
+        except (InvalidInputError, TypeError):
+            continue
+        if file_key(name) not in keep and name not in stale:
+            stale.append(name)
+    return stale
+
+
+def _remove(out: Path, stale: list[str]) -> None:
+    """Unlink the files ``stale`` names under ``out`` (not folders, not what a link leads to), then the
+    folders they leave empty."""
+    for name in stale:
+        path = out / name
+        if any((out / p).is_symlink() for p in list(Path(name).parents)[:-1]):  # a folder linked elsewhere
+            continue
+        if path.is_symlink() or path.is_file():
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+        for parent in list(Path(name).parents)[:-1]:  # "a/b/c.txt": a/b, then a
+            with contextlib.suppress(OSError):  # not empty, or gone
+                (out / parent).rmdir()
