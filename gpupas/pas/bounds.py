@@ -81,14 +81,6 @@ def unknown(n: int, bits: int) -> Slots:
     return Slots(np.zeros((n, 1), U64), np.full((n, 1), _mask(bits), U64), np.ones((n, 1), bool), bits)
 
 
-def concat(parts: list[Slots]) -> Slots:
-    """Rows of several slot sets one after another (padded to the widest)."""
-    s = max(p.lo.shape[1] for p in parts)
-    pad = [_pad(p, s) for p in parts]
-    return Slots(np.concatenate([p.lo for p in pad]), np.concatenate([p.hi for p in pad]),
-                 np.concatenate([p.ok for p in pad]), parts[0].bits)
-
-
 def _pad(x: Slots, s: int) -> Slots:
     extra = s - x.lo.shape[1]
     if extra <= 0:
