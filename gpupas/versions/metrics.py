@@ -167,15 +167,11 @@ def upto(metrics: Mapping[str, list[list[Any]]], step: int | None, after: int | 
     return {k: v for k, v in out.items() if v}
 
 
-def value_at(series: Sequence[Sequence[Any]], step: int | None) -> float | None:
-    """The value logged last at the highest step up to ``step`` (all steps where None): of two points at one
-    step the later, so an evaluation logged after its checkpoint, at its step, counts for it. None where that
-    point is NaN or infinite (kept as None): a diverged checkpoint is not credited an earlier finite value."""
-    return values_at(series, [step])[0]
-
-
 def values_at(series: Sequence[Sequence[Any]], steps: Sequence[int | None]) -> list[float | None]:
-    """The value at each of ``steps`` (see :func:`value_at`), from one sort of the series, not a scan per step."""
+    """The value at each of ``steps``, from one sort of the series, not a scan per step: the value logged last
+    at the highest step up to it (all steps where None): of two points at one step the later, so an evaluation
+    logged after its checkpoint, at its step, counts for it. None where that point is NaN or infinite (kept as
+    None): a diverged checkpoint is not credited an earlier finite value."""
     pts = sorted((p[0], i, p[1]) for i, p in enumerate(series))  # the last of a step last (i: never a tie)
     keys = [p[0] for p in pts]
     out: list[float | None] = []
