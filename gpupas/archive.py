@@ -342,7 +342,7 @@ class Archive:
     def gc(self, min_age: float = 3600.0, dry_run: bool = False) -> list[str]:
         """Delete the chunk folders no manifest names (interrupted commits, revised snapshots) once
         untouched for ``min_age`` seconds, in the archive and in its tiers (``tier:folder``); returns their
-        names. (Every published snapshot is kept:
+        names; a local archive's temporary files of killed writes go too, unlisted. (Every published snapshot is kept:
         :meth:`gpupas.versions.repository.Repository.gc` also removes snapshots no version needs.)"""
         return self.store.remove_orphans(min_age, dry_run)
 

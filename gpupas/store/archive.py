@@ -421,14 +421,16 @@ class ArchiveStore:
         return out
 
     def remove_orphans(self, min_age: float, dry_run: bool = False) -> list[str]:
-        """Delete folders no manifest names that were untouched for ``min_age`` seconds; their names."""
+        """Delete folders no manifest names that were untouched for ``min_age`` seconds; their names. (Also deletes,
+        unlisted, the temporary files killed writes left: see :meth:`collect`.)"""
         return [name for kind, name, _ in self.collect(None, min_age, dry_run) if kind == "folder"]
 
     def collect(self, is_root: Callable[[Manifest], bool] | None, min_age: float, dry_run: bool = False
                 ) -> list[tuple[str, str, int]]:
         """Delete what nothing needs, untouched for ``min_age`` seconds: folders no manifest names, and
-        (where ``is_root`` is given) snapshots that no root snapshot depends on. Returns (kind, name,
-        bytes) of each: kind "snapshot" or "folder".
+        (where ``is_root`` is given) snapshots that no root snapshot depends on, and, in a local archive, the
+        temporary files of killed record writes (:meth:`_sweep_temp`). Returns (kind, name, bytes) of each: kind
+        "snapshot", "folder" or "temp".
 
         Commits and revisions in flight hold a shared lock that this takes exclusively, so what they
         are writing is never taken for garbage, whatever ``min_age``; the age keeps readers of a
