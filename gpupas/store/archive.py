@@ -357,7 +357,7 @@ class ArchiveStore:
         """The streams of ``sid`` whose folders are its own: named after it (``<sid>`` or ``<sid>.<tag>``) and
         named by no other manifest (a damaged or hostile manifest naming another snapshot's folder must not
         make a discard delete it)."""
-        mine = [s for s in streams if s.folder == sid or s.folder.startswith(sid + ".")]
+        mine = [s for s in streams if of_snapshot(s.folder, [sid])]
         ids = set(self.list_snapshots()) - {sid}
         others: set[str] = set()
         for s in mine:  # only snapshots whose ids prefix the folder's name could name it as theirs
