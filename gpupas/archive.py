@@ -22,7 +22,7 @@ import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gpupas.backend import get_backend, resolve_device
 from gpupas.engine import chain, decode
@@ -47,6 +47,9 @@ from gpupas.pas.planes import from_bits, layout_of
 from gpupas.pas.settings import Setting, get_setting
 from gpupas.store.archive import ArchiveStore
 from gpupas.tensors import Loaded, as_tensor_dict
+
+if TYPE_CHECKING:
+    from gpupas.engine.partial import PlaneRead
 
 SMALL = 1 << 20  # snapshots of up to this many bytes are coded on the calling thread
 MANIFEST_CACHE = (1024, 1 << 18)  # parsed manifests a session keeps: at most this many, holding this many tensors
@@ -683,7 +686,7 @@ class Archive:
         return backend.outputs(m, bits, framework)
 
     def read_planes(self, snapshot: str, planes: int = 1, names: Iterable[str] | None = None, *,
-                    base_planes: int | None = None) -> Any:
+                    base_planes: int | None = None) -> PlaneRead:
         """The tensors of ``snapshot`` (all, or ``names``) from their highest ``planes`` byte planes only:
         a :class:`gpupas.engine.partial.PlaneRead` with ``approx`` (missing bits at their midpoint),
         guaranteed bounds ``lo``/``hi`` (and ``unbounded`` where a NaN was possible), ``bytes_read`` and
@@ -703,7 +706,7 @@ class Archive:
 
         names = _names(names)
 
-        def read() -> Any:
+        def read() -> PlaneRead:
             with PartialReader(self.store, self.manifest, get_backend("numpy"), self.executor, base_planes) as r:
                 return r.read(snapshot, planes, names)
 
