@@ -583,7 +583,8 @@ def gc(min_age: Annotated[float, typer.Option("--min-age", metavar="SECONDS", he
                           ] = False,
        archive: ArchiveOpt = None, as_json: JsonOpt = False) -> None:
     """Delete what no version and no kept snapshot needs: snapshots of commits that never published (a
-    killed commit), chunk folders no snapshot names (interrupted commits, revised snapshots)."""
+    killed commit), chunk folders no snapshot names (interrupted commits, revised snapshots), temporary files
+    of killed writes."""
     if not min_age >= 0:  # NaN too
         raise InvalidInputError(f"--min-age {min_age:g}: give a number of seconds, at least 0 (0: whatever the age)")
     with _repo(archive) as repo:

@@ -767,10 +767,11 @@ class Repository:
 
     def gc(self, min_age: float = 3600.0, dry_run: bool = False) -> list[dict[str, Any]]:
         """Delete what no published version and no kept snapshot needs (``gpupas gc``), once untouched for
-        ``min_age`` seconds: snapshots written for versions that never published (a killed commit) and
-        chunk folders no snapshot names. Snapshots committed without a version (``Archive.commit``) are
-        kept, with everything they are built on. Returns ``{"kind", "name", "bytes"}`` per item removed
-        (or, with ``dry_run``, that would be); ``bytes``: what it took in the store (and tiers), every file."""
+        ``min_age`` seconds: snapshots written for versions that never published (a killed commit), chunk
+        folders no snapshot names, and temporary files killed writes left. Snapshots committed without a
+        version (``Archive.commit``) are kept, with everything they are built on. Returns ``{"kind", "name",
+        "bytes"}`` per item removed (or, with ``dry_run``, that would be); ``bytes``: what it took in the
+        store (and tiers), every file."""
 
         def is_root(m: Any) -> bool:
             return m.id in referenced or not ({"version_name", "version_id"} & set(m.meta))
