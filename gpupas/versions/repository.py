@@ -44,6 +44,7 @@ from gpupas.errors import (
     VersionNotFoundError,
 )
 from gpupas.format import keys
+from gpupas.format.manifest import Manifest
 from gpupas.network import Network, extract_network
 from gpupas.tensors import Loaded, load_checkpoint, tensors_of
 from gpupas.versions import export as _export
@@ -773,17 +774,13 @@ class Repository:
         "bytes"}`` per item removed (or, with ``dry_run``, that would be); ``bytes``: what it took in the
         store (and tiers), every file."""
 
-        def is_root(m: Any) -> bool:
-            return m.id in referenced or not ({"version_name", "version_id"} & set(m.meta))
-
         referenced: set[str] = set()
 
-        class _Roots:  # evaluated under the archive's exclusive lock: no commit is between its steps then
-            def __call__(self, m: Any) -> bool:
-                if not referenced:
-                    referenced.update(s["id"] for v in every_version() for s in v.snapshots)
-                    referenced.add("")
-                return is_root(m)
+        def is_root(m: Manifest) -> bool:  # called under the archive's exclusive lock: no commit is between steps
+            if not referenced:  # read on the first call, under that lock ("" marks it read)
+                referenced.update(s["id"] for v in every_version() for s in v.snapshots)
+                referenced.add("")
+            return m.id in referenced or not ({"version_name", "version_id"} & set(m.meta))
 
         def every_version() -> list[Version]:
             """Every record, or IntegrityError: a record that cannot be read may name snapshots."""
@@ -799,7 +796,7 @@ class Repository:
                     out.append(Version(rec))
             return out
 
-        found = self.archive.store.collect(_Roots(), min_age, dry_run)
+        found = self.archive.store.collect(is_root, min_age, dry_run)
         for kind, name, _ in found:
             if kind == "snapshot":
                 self.archive.bases.drop(name)
