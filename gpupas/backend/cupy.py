@@ -156,10 +156,8 @@ def _torch_of(bits: Any, dtype_name: str, shape: Sequence[int]) -> Any:
     from gpupas.integrations.torch import _torch
 
     torch = _torch()
-    carriers = {1: ("uint8", torch.uint8), 2: ("int16", torch.int16), 4: ("int32", torch.int32),
-                8: ("int64", torch.int64)}
-    name, _ = carriers[bits.dtype.itemsize]
-    t = torch.from_dlpack(bits.reshape(-1).view(name))
+    carrier = {1: "uint8", 2: "int16", 4: "int32", 8: "int64"}[bits.dtype.itemsize]
+    t = torch.from_dlpack(bits.reshape(-1).view(carrier))
     target = getattr(torch, dtype_name, None)
     if target is None:
         from gpupas.integrations.torch import torch_lacks
