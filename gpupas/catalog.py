@@ -105,7 +105,7 @@ def _like_part(part: str) -> re.Pattern[str]:
 def _like(pattern: Any, value: Any) -> bool | None:
     """SQL's LIKE as the standard has it (SQLite's own ignores ASCII case): ``%`` any run, ``_`` one
     character, case-sensitive, the whole value. In linear passes, not one regular expression: ``.*a.*a...``
-    backtracks exponentially (``%a%a%a%a%a%a%a%a%b`` over 60 a's took 40 s)."""
+    backtracks exponentially (``%a%a%a%a%a%a%a%a%b`` over a run of a's: BENCHMARKS.md)."""
     if pattern is None or value is None:
         return None
     first, *rest = str(pattern).split("%")

@@ -6,8 +6,8 @@ extension (``gpupas/_fastc.c``, built by ``pip install``) whose kernels fuse the
 passes and release the GIL, so the executor's threads run them in parallel. A tensor whose unchanged
 rows are masked is read through a row map instead of gathered copies.
 
-Why C: it costs nothing at run time beyond the call (numba, tried first, needed ~1 s per new process to
-import and initialise LLVM even with its on-disk cache: a tax on every CLI call), it needs no NumPy
+Why C: it costs nothing at run time beyond the call (numba, tried first, had to import and initialise LLVM
+in every new process even with its on-disk cache: a tax on every CLI call, BENCHMARKS.md), it needs no NumPy
 headers and pins no NumPy version, and it builds with the compiler every Linux and macOS development
 machine has. Where it was not built (no compiler at install time), the NumPy reference runs and a log
 line says so once.

@@ -1,7 +1,7 @@
 """Deflate chunks (CPU): a gzip member (RFC 1952) holding Huffman-only Deflate.
 
 The stream nvCOMP writes with ``algorithm="Deflate", algorithm_type=0``, in the gzip framing that
-Zarr's ``gzip`` codec reads. zlib-ng writes it, ISA-L reads it (both 2-3x faster than zlib).
+Zarr's ``gzip`` codec reads. zlib-ng writes it, ISA-L reads it (both faster than zlib: BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ def code(data: memoryview, bounds: Sequence[int], huffman_only: bool = True, lim
 
 
 def code_parts(data: memoryview, bounds: Sequence[int], limit: int | None = None) -> list[bytes] | None:
-    """:func:`code` of Huffman-only Deflate by gpupas's compiled encoder (the same bytes, ~3x faster;
+    """:func:`code` of Huffman-only Deflate by gpupas's compiled encoder (the same bytes, faster: BENCHMARKS.md;
     gpupas/_fastc_deflate.h), as its header, body and trailer, not joined: no copy of the body."""
     cuts = np.clip(np.asarray(bounds, np.int64), 0, len(data))  # as pieces() cuts: sorted, inside
     if limit is not None and limit < FRAMING:

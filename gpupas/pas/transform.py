@@ -24,7 +24,7 @@ MIN_CONTEXT_VALUES = 16384  # below this the split's statistics cost more than t
 MIN_ESTIMATE_VALUES = 2048  # smaller deltas are stored as SUB without estimating
 MIN_CONTEXT_GAIN = 0.005  # keep the split only if the estimate shrinks by this fraction
 # 'mat-float': a whole float tensor is split by its own top byte only where that saves this fraction. Dense weights
-# save about 1-3% (not worth the sort a split restore does); mostly-zero ones (pruned, sparse rows) 13-35%.
+# save little (not worth the sort a split restore does), mostly-zero ones (pruned, sparse rows) much more: BENCHMARKS.md
 MIN_WHOLE_FLOAT_GAIN = 0.10
 # ... and only where a quick look (ZERO_LOOK values, evenly spread) finds this fraction of zeros: where it does not,
 # the split cannot save a tenth and the sampled estimate (a pass over the plan's sample) is not made

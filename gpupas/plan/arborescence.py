@@ -1,8 +1,8 @@
 """Minimum-cost spanning arborescence (Chu-Liu/Edmonds, in Tarjan's O(E log^2 V) form).
 
 networkx has the algorithm (``minimum_spanning_arborescence``, and the tests check this one
-against it), but its implementation took 17 s and 1 GB for 1,000 vertices of a sparse graph on
-this machine and did not finish 5,000; a plain contraction per level took 9 s for 5,000. This
+against it), but its implementation is too slow and memory-hungry for thousands of vertices, and so
+is a plain contraction per level (BENCHMARKS.md). This
 one grows paths from each vertex along its cheapest in-edge, contracts a cycle as soon as a
 path closes one (merging the cycle's in-edge heaps, smaller into larger, with a lazy offset per
 heap) and recovers the tree by undoing the contractions in reverse (a union-find with rollback).
