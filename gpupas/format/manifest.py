@@ -194,7 +194,7 @@ class Manifest:
     streams: tuple[Stream, ...]
     tensors: tuple[TensorEntry, ...]
     format: int = FORMAT
-    grand: str | None = None  # what 'pred' tensors extrapolate from with the base (format 3; see grand_id)
+    grand: str | None = None  # what 'pred' tensors extrapolate from with the base (format 3; engine.chain.grand_of)
     revision: int = 0
     revised: str | None = None
     setting: str = "default"
