@@ -510,7 +510,3 @@ def aligned_offsets(lengths: np.ndarray, lead: np.ndarray, align: int = 16) -> t
     slots = -(-(lengths + align) // align) * align  # whole multiples of align, with room to shift
     offsets = np.cumsum(slots) - slots + (-lead) % align
     return offsets, int((offsets + lengths).max()) if lengths.size else 0
-
-
-def apply(fn: Callable[..., Any], *args: Any) -> Any:  # pragma: no cover - a hook for debugging tables
-    return fn(*args)
