@@ -471,9 +471,9 @@ def classify(host: np.ndarray, offsets: np.ndarray, lengths: np.ndarray, letters
              raw_letter: str = "z", gzip_letter: str = "d") -> dict[str, np.ndarray]:
     """Per stored payload (``host[offsets[i] : offsets[i] + lengths[i]]``, body + CRC-32C), vectorized:
     ``suffix`` (its stored CRC-32C), ``raw`` (a frame of one raw block holding the whole chunk: read
-    with a copy from ``offsets + 12``), ``start``/``stop`` (what a coder decodes), ``trailer`` (gzip:
-    CRC-32 and size). Gzip headers with optional fields are parsed one by one (writers of gpupas
-    and zlib write none)."""
+    with a copy from ``offsets + 12``), ``start``/``stop`` (what a coder decodes), ``trailer_crc`` and
+    ``trailer_size`` (gzip: the trailer's CRC-32 and size; 0 for others). Gzip headers with optional
+    fields are parsed one by one (writers of gpupas and zlib write none)."""
     offsets, lengths = offsets.astype(np.int64), lengths.astype(np.int64)
     body = lengths - 4
     last4 = offsets[:, None] + body[:, None] + np.arange(4)
