@@ -21,13 +21,17 @@ import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 import typer.core
 
 from gpupas.cli import render
 from gpupas.errors import BAD_INPUT, FAILURE, INTEGRITY, GpupasError, InvalidInputError, exit_code
+
+if TYPE_CHECKING:  # the library is imported by the commands that use it, not by `gpupas --help`
+    from gpupas.versions.model import Version
+    from gpupas.versions.repository import Repository
 
 DEFAULT_ARCHIVE = "gpupas-archive"
 SIGPIPE_EXIT = 141  # 128 + SIGPIPE: what a shell reports for `git log | head`
@@ -133,7 +137,7 @@ def _location(archive: str | None) -> str:
 
 
 @contextmanager
-def _repo(archive: str | None) -> Iterator[Any]:
+def _repo(archive: str | None) -> Iterator[Repository]:
     from gpupas.versions.repository import open_repository
 
     repo = open_repository(_location(archive))
@@ -195,7 +199,7 @@ def _hparams(hp: list[str], hparams: Path | None) -> dict[str, Any]:
     return d | _kv(hp, "--hp")
 
 
-def _summary(v: Any) -> dict[str, Any]:
+def _summary(v: Version) -> dict[str, Any]:
     return {"id": v.id, "name": v.name, "parents": v.parents, "snapshots": len(v.snapshots), "latest": v.latest,
             "best": v.best, "created": v.created}
 
@@ -502,7 +506,7 @@ def checkout(ref: RefArg,
         _out().line(f"checked out to {output}: " + ", ".join(str(x.relative_to(output)) for x in paths) + note)
 
 
-def _lossy_note(repo: Any, ref: str, snapshot: str | None) -> str:
+def _lossy_note(repo: Repository, ref: str, snapshot: str | None) -> str:
     """What to add where weights of a lossy snapshot are written: they are not the committed bits."""
     scheme = repo.version(ref).snapshot(snapshot).get("lossy")
     return f" (LOSSY snapshot, {scheme}: not bit-exact)" if scheme else ""
