@@ -164,6 +164,21 @@ def _is_tensor(v: Any) -> bool:
     return is_torch_tensor(v) or isinstance(v, np.ndarray) or namespace(v) is not np
 
 
+def _refuse_packed(tensors: Mapping[Any, Any], source: str) -> None:
+    """UnsupportedDtypeError for an entry holding quantized tensors in a tuple or list: a torch.ao quantized
+    module's packed weights (``_packed_params._packed_params``: the int8 weight and its bias), which would
+    otherwise be left out as "not tensors", the snapshot keeping the module's scale and zero point alone."""
+    from gpupas.integrations.torch import is_torch_tensor
+
+    for k, v in tensors.items():
+        if isinstance(v, (tuple, list)) and any(is_torch_tensor(x) and x.is_quantized for x in v):
+            kind = next(x.dtype for x in v if is_torch_tensor(x) and x.is_quantized)
+            raise UnsupportedDtypeError(
+                f"{source}: {k!r} holds a quantized module's packed weights ({kind}), which cannot be archived as "
+                "they are; commit the float model's state_dict (before quantization, or dequantize() its weights), "
+                "or each weight's int_repr() with its scale and zero point as tensors")
+
+
 def _without_extra_state(tensors: Mapping[Any, Any], source: str, notes: list[str] | None) -> Mapping[Any, Any]:
     """``tensors`` without the non-tensor ``*_extra_state`` entries of modules' ``get_extra_state`` (said in
     ``notes``)."""
@@ -183,6 +198,10 @@ def _unwrap(obj: Any, source: str, notes: list[str] | None) -> Mapping[str, Any]
         raise InvalidInputError(f"{source} holds a {type(obj).__name__}, not a state_dict or a dict that holds one; "
                                 "save its tensors by name (torch.save({'weight': t}, path)), or model.state_dict()")
     obj = _without_extra_state(obj, source, notes)
+    _refuse_packed(obj, source)
+    for key in WRAPPERS:
+        if isinstance(obj.get(key), Mapping):
+            _refuse_packed(obj[key], source)
     if obj and all(_is_tensor(v) for v in obj.values()):
         return _strip_ddp(obj, source, notes)
     for key in WRAPPERS:
@@ -281,6 +300,7 @@ def tensors_of(tensors: Mapping[Any, Any], source: str, notes: list[str] | None)
     a training checkpoint's state_dict taken out of it, a DDP state_dict's ``module.`` taken off (said in
     ``notes``)."""
     tensors = _without_extra_state(tensors, source, notes)
+    _refuse_packed(tensors, source)
     if any(isinstance(v, Mapping) for v in tensors.values()):  # a training checkpoint in memory
         return _unwrap(tensors, source, notes)
     return _strip_ddp(tensors, source, notes)

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import ml_dtypes
@@ -353,6 +354,25 @@ def test_entries_left_out_of_a_torch_file_are_named(tmp_path: Path) -> None:
         assert set(repo.restore(repo.commit("m", path).id)) == {"w"}
     said = " ".join(str(w.message) for w in caught)
     assert "under 'state_dict'" in said and "ema holds tensors of its own" in said, said
+
+
+def test_a_dynamically_quantized_state_dict_is_refused_naming_its_packed_weights(tmp_path: Path) -> None:
+    """torch.ao dynamic int8 quantization keeps a Linear's weights as a (qint8 weight, bias) tuple under
+    ``_packed_params._packed_params``. From a file its commit stored the scale and zero point alone (the weights
+    "left out" as "not tensors", with a warning); wrapped in a training checkpoint it was told to save
+    model.state_dict(), which it was; in memory it was told a dtype entry is not a tensor."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch's deprecation of its eager quantization
+        q = torch.ao.quantization.quantize_dynamic(torch.nn.Sequential(torch.nn.Linear(8, 4)), {torch.nn.Linear},
+                                                   dtype=torch.qint8)
+    state = q.state_dict()
+    torch.save(state, tmp_path / "q.pt")
+    with gpupas.create_archive(tmp_path / "arc") as a:
+        for src in (tmp_path / "q.pt", state, {"model": state, "epoch": 3}):
+            with pytest.raises(gpupas.UnsupportedDtypeError, match=r"'0\._packed_params\._packed_params'.*quantized"
+                                                                    r".*dequantize"):
+                a.commit(src)
+        assert a.snapshots() == []
 
 
 @pytest.mark.parametrize("legacy", [False, True])
