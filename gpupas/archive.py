@@ -613,7 +613,7 @@ class Archive:
         children: dict[str, list[str]] = {}
         for sid in self.store.list_snapshots():
             m = self.manifest(sid)
-            if m.format < 3 and m.base == snapshot and m.has_pred:
+            if m.implicit_grand and m.base == snapshot and m.has_pred:
                 raise InvalidInputError(f"snapshot {sid} (format {m.format}) extrapolates along {snapshot}'s delta "
                                         f"base; re-encode it first (Archive.revise({sid!r}): it becomes format 3), "
                                         f"then change the base of {snapshot} (gpupas compact does both, in order)")

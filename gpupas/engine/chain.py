@@ -33,7 +33,7 @@ Manifests = Callable[[str], Manifest]
 
 def grand_of(m: Manifest, manifests: Manifests) -> str | None:
     """The snapshot ``m``'s 'pred' tensors extrapolate from (formats 1 and 2: the base's base)."""
-    if m.format >= 3 or m.base is None:
+    if not m.implicit_grand or m.base is None:
         return m.grand
     return manifests(m.base).base
 

@@ -27,6 +27,7 @@ from gpupas.pas.schemes import repr_dtype
 from gpupas.pas.transform import MIN_SEGMENT, SEGMENT
 
 FORMAT = 3  # what this gpupas writes
+NAMED_GRAND = 3  # from this format on, a manifest names what its 'pred' tensors extrapolate from (grand)
 ENCODINGS = ("mat", "sub", "xor", "pred")
 LEGACY_CHUNK = 1 << 18
 LEGACY_SHARD_CHUNKS = 4096
@@ -233,6 +234,11 @@ class Manifest:
     @property
     def has_pred(self) -> bool:
         return any(e.enc == "pred" for e in self.tensors)
+
+    @property
+    def implicit_grand(self) -> bool:
+        """Formats 1 and 2: 'pred' tensors extrapolate from the base's base, which the manifest does not name."""
+        return self.format < NAMED_GRAND
 
     def folders(self) -> list[str]:
         return [s.folder for s in self.streams]
@@ -509,7 +515,7 @@ def check(m: Manifest, what: str) -> None:
     """Cross-field checks: sizes agree with shapes, every byte a tensor names lies inside its stream."""
     if m.base is None and any(e.reads_base for e in m.tensors):
         raise _fail(what, "a tensor is a delta but the snapshot has no base")
-    if m.format >= FORMAT and m.has_pred != (m.grand is not None):
+    if not m.implicit_grand and m.has_pred != (m.grand is not None):
         raise _fail(what, "'pred' tensors and the snapshot they extrapolate from ('grand') go together")
     for e in m.tensors:
         w = e.width

@@ -95,7 +95,7 @@ def changes(target: Mapping[str, str | None], manifest: Callable[[str], Any], *,
                 pass
     for sid in rebased:
         for other, m in pool.items():
-            if m.format < 3 and m.base == sid and m.has_pred:
+            if m.implicit_grand and m.base == sid and m.has_pred:
                 ms.setdefault(other, m)  # a child the target leaves out keeps its base
                 new_base.setdefault(other, m.base)
                 first[other] = "format 3 before its base is re-based"

@@ -313,7 +313,7 @@ class ArchiveStore:
                 m = self.read_manifest(other)
             except (SnapshotNotFoundError, IntegrityError, FormatError):
                 continue
-            if sid in (m.base, m.grand) or (m.format < FORMAT and m.has_pred and m.base is not None
+            if sid in (m.base, m.grand) or (m.implicit_grand and m.has_pred and m.base is not None
                                              and self._base_of(m.base) == sid):
                 out.append(other)
         return sorted(out)
@@ -458,7 +458,7 @@ class ArchiveStore:
                     reachable.add(sid)
                     m = manifests[sid]
                     todo += [d for d in (m.base, m.grand) if d is not None]
-                    if m.format < FORMAT and m.base in manifests:  # formats 1, 2: 'pred' reads the base's base
+                    if m.implicit_grand and m.base in manifests:  # formats 1, 2: 'pred' reads the base's base
                         todo += [d for d in (manifests[m.base].base,) if d is not None]
                 for sid in sorted(set(manifests) - reachable):
                     m = manifests.pop(sid)
