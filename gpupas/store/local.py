@@ -160,7 +160,7 @@ class LocalStore:
     # -- opening below the root, never through a link ------------------------------------------------
     def _walk(self, parts: list[str], create: bool = False) -> int:
         """A descriptor of the folder ``parts`` below the root (made if ``create``)."""
-        fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        fd = self._root_fd()
         try:
             for p in parts:
                 try:
