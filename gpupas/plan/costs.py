@@ -44,8 +44,8 @@ class CostModel:
 
 # Fitted by calibrate(cold=True) on 2 cores of this project's machine (Python 3.11, NumPy backend, local disk,
 # each snapshot's pages dropped before its decode) on the 15 snapshots of benchmarks/plan.py's archive (MiniLM
-# fp32/bf16, CNN): a delta link decodes ~1.9x slower per raw byte than a whole snapshot; stored bytes cost nothing
-# extra on a local disk (fits of other runs gave 2-4 ns/stored byte). Calibrate again for a remote store.
+# fp32/bf16, CNN); the fits and their errors are in BENCHMARKS.md ("Storage plans and compaction"). Calibrate
+# again for another machine or a remote store.
 DEFAULT = CostModel(per_stored=0.0, per_raw=2.96e-9, per_delta=5.5e-9, per_link=0.368e-3)
 
 
