@@ -9,12 +9,17 @@ from __future__ import annotations
 
 import fcntl
 import os
+import re
+import shutil
+import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
 from gpupas.errors import ArchiveExistsError, GpupasError, InvalidInputError
+
+STALE_AFTER = 3600.0  # seconds untouched after which a temporary output beside its target is a killed write's
 
 
 def fsync(fd: int) -> None:
@@ -61,6 +66,7 @@ def write_file(path: str | os.PathLike[str], fill: Callable[[BinaryIO], None], *
         if isinstance(exc, OSError) and not isinstance(exc, GpupasError) and not exc.filename:  # a full disk: where
             raise cannot_write(p, exc) from None
         raise
+    sweep_temporaries(p)
     return p
 
 
@@ -68,6 +74,31 @@ def temporary(p: Path) -> Path:
     """A new name beside ``p`` to write it under first: its start (a name of up to 255 bytes, the limit, leaves no
     room for the suffix), a random part, .tmp."""
     return p.with_name(f".{p.name[:40]}.{uuid.uuid4().hex}.tmp")
+
+
+def sweep_temporaries(p: Path, min_age: float = STALE_AFTER) -> None:
+    """Remove the temporary files and folders :func:`temporary` named for ``p`` that nothing touched for
+    ``min_age`` seconds: what a killed export or checkout of ``p`` left hidden beside it (a write going on has
+    a fresh time). Best effort: what cannot be removed stays."""
+    pattern = re.compile(re.escape(f".{p.name[:40]}.") + r"[0-9a-f]{32}\.tmp")
+    try:
+        names = [n for n in os.listdir(p.parent) if pattern.fullmatch(n)]
+    except OSError:
+        return
+    for name in names:
+        q = p.parent / name
+        try:
+            folder = q.is_dir() and not q.is_symlink()
+            touched = max([q.lstat().st_mtime, *(os.lstat(os.path.join(d, f)).st_mtime for d, _, fs in
+                                                 (os.walk(q) if folder else ()) for f in fs)])
+            if time.time() - touched < min_age:
+                continue
+            if folder:
+                shutil.rmtree(q)
+            else:
+                q.unlink()
+        except OSError:
+            continue
 
 
 def check_parents(p: Path) -> None:

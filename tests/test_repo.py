@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import ml_dtypes
@@ -323,6 +324,38 @@ def test_export_safetensors_and_refuse_overwrite(repo: Repository, run: Path, tm
     with pytest.raises(InvalidInputError, match="--format torch"):
         repo.export("odd", tmp_path / "odd.safetensors")
     assert not (tmp_path / "odd.safetensors").exists()
+
+
+def test_what_killed_exports_and_checkouts_left_is_swept_by_the_next(repo: Repository, tmp_path: Path) -> None:
+    """A SIGKILLed export or checkout leaves its hidden temporary file or folder beside the output (a whole
+    snapshot's bytes); a later export or checkout of that output removes those untouched for an hour, and
+    nothing else: a fresh one (another writer of the same name at work) and other hidden files stay."""
+    repo.commit("m", {"w": np.arange(6, dtype=np.float32)})
+    old = time.time() - 2 * 3600
+
+    def planted(name: str, folder: bool = False, when: float = old) -> Path:
+        q = tmp_path / name
+        if folder:
+            (q / "sub").mkdir(parents=True)
+            (q / "sub" / "model.safetensors").write_bytes(b"half")
+            os.utime(q / "sub" / "model.safetensors", (when, when))
+            os.utime(q / "sub", (when, when))
+        else:
+            q.write_bytes(b"half a file")
+        os.utime(q, (when, when))
+        return q
+
+    hexes = iter(f"{i:032x}" for i in range(1, 99))
+    stale = [planted(f".m.safetensors.{next(hexes)}.tmp"), planted(f".co.{next(hexes)}.tmp", folder=True)]
+    kept = [planted(f".m.safetensors.{next(hexes)}.tmp", when=time.time()),  # a write going on
+            planted(f".co.{next(hexes)}.tmp", folder=True, when=time.time()),
+            planted(".m.safetensors.not-ours.tmp"), planted(f".other.{next(hexes)}.tmp")]
+    busy = planted(f".co.{next(hexes)}.tmp", folder=True)  # an old folder, but a file in it written just now
+    (busy / "sub" / "model.safetensors").write_bytes(b"still writing")
+    repo.export("m", tmp_path / "m.safetensors")
+    repo.checkout("m", tmp_path / "co")
+    assert not any(q.exists() for q in stale)
+    assert all(q.exists() for q in [*kept, busy])
 
 
 @needs_torch

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from gpupas.errors import ArchiveExistsError, InvalidInputError
-from gpupas.outputs import cannot_write, check_parents, temporary, write_file
+from gpupas.outputs import cannot_write, check_parents, sweep_temporaries, temporary, write_file
 from gpupas.store.base import is_remote
 from gpupas.store.tiers import inside
 from gpupas.tensors import TORCH_SUFFIXES
@@ -140,6 +140,7 @@ def checkout(repo: Repository, ref: str | int | Version, out_dir: str | os.PathL
                 os.rename(target, out)
             except OSError as exc:
                 raise cannot_write(out, exc) from None
+            sweep_temporaries(out)  # what a killed checkout of this folder left beside it
     except BaseException as exc:
         if fresh:
             shutil.rmtree(target, ignore_errors=True)
