@@ -97,18 +97,45 @@ def _compiled(pattern: str) -> re.Pattern[str]:
 
 
 @lru_cache(maxsize=1024)
-def _like_part(part: str) -> re.Pattern[str]:
-    """A run of a LIKE pattern between two ``%``: its characters, ``_`` any one."""
-    return re.compile("".join("." if c == "_" else re.escape(c) for c in part), re.DOTALL)
+def _like_part(part: tuple[tuple[str, bool], ...]) -> re.Pattern[str]:
+    """A run of a LIKE pattern between two ``%``, as (character, escaped) pairs: its characters, ``_`` (not
+    escaped) any one."""
+    return re.compile("".join("." if c == "_" and not esc else re.escape(c) for c, esc in part), re.DOTALL)
 
 
-def _like(pattern: Any, value: Any) -> bool | None:
+def _like_runs(pattern: str, escape: str | None) -> list[tuple[tuple[str, bool], ...]] | None:
+    """``pattern`` cut at its ``%`` wildcards (an escaped one is a character); None where it ends in a lone
+    escape character (it matches nothing, as in SQLite)."""
+    runs: list[tuple[tuple[str, bool], ...]] = []
+    run: list[tuple[str, bool]] = []
+    chars = iter(pattern)
+    for c in chars:
+        if c == escape:
+            nxt = next(chars, None)
+            if nxt is None:
+                return None
+            run.append((nxt, True))
+        elif c == "%":
+            runs.append(tuple(run))
+            run = []
+        else:
+            run.append((c, False))
+    return [*runs, tuple(run)]
+
+
+def _like(pattern: Any, value: Any, escape: Any = None) -> bool | None:
     """SQL's LIKE as the standard has it (SQLite's own ignores ASCII case): ``%`` any run, ``_`` one
-    character, case-sensitive, the whole value. In linear passes, not one regular expression: ``.*a.*a...``
-    backtracks exponentially (``%a%a%a%a%a%a%a%a%b`` over a run of a's: BENCHMARKS.md)."""
+    character, case-sensitive, the whole value; ``ESCAPE`` (one character) makes the next ``%``, ``_`` or
+    itself a character. In linear passes, not one regular expression: ``.*a.*a...`` backtracks
+    exponentially (``%a%a%a%a%a%a%a%a%b`` over a run of a's: BENCHMARKS.md)."""
     if pattern is None or value is None:
         return None
-    first, *rest = str(pattern).split("%")
+    if escape is not None and len(str(escape)) != 1:
+        raise ValueError("ESCAPE takes one character")
+    runs = _like_runs(str(pattern), None if escape is None else str(escape))
+    if runs is None:
+        return False
+    first, *rest = runs
     text = str(value)
     if not rest:
         return _like_part(first).fullmatch(text) is not None
@@ -201,6 +228,7 @@ class Catalog:
                 conn.execute("PRAGMA synchronous=NORMAL")
                 conn.create_function("regexp", 2, _regexp, deterministic=True)
                 conn.create_function("like", 2, _like, deterministic=True)  # SQL's LIKE, case and all
+                conn.create_function("like", 3, _like, deterministic=True)  # ... with ESCAPE
                 conn.create_function("numcmp", 2, _numcmp, deterministic=True)  # numbers compared exactly
                 if conn.execute("PRAGMA user_version").fetchone()[0] != SCHEMA_VERSION:
                     self._create_schema(conn)

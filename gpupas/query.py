@@ -12,7 +12,7 @@ Grammar (keywords in any case)::
 
     query     := SELECT var [WHERE expr] [ORDER BY field [ASC|DESC]] [LIMIT int]
     expr      := term (OR term)* ;  term := factor (AND factor)* ;  factor := NOT factor | '(' expr ')' | pred
-    pred      := field op literal | field [NOT] LIKE string
+    pred      := field op literal | field [NOT] LIKE string [ESCAPE string]
                | var ['[' string ']'] [.next | .prev] HAS template | var '[' string ']'
     field     := var.id | var.name | var.created | var.author | var.message | var.snapshots | var.layers
                | var.raw_bytes | var.stored_bytes | var.parent | var.tag
@@ -23,19 +23,18 @@ Grammar (keywords in any case)::
     template  := NAME ['(' [string] ')']   e.g. POOL("MAX"), CONV, RELU, FC, NORM("batch"), TYPE("MaxPool2d")
 
 ``var["re"]`` selects the layers whose name matches the regular expression as a whole;
-``.next`` follows the data flow to the following layers, also through activations and
-dropout (``conv1 -> relu -> max_pool``: conv1's next layers are the relu and the max pooling);
-``.prev`` goes the other way. ``LIKE`` is SQL's (``%`` any run, ``_`` any one character; case
-counts). A hyperparameter matches a literal of its own type only (``true`` is not 1, ``"1"`` is not 1;
-``null`` finds None); ``m.created`` takes dates and times as `gpupas log` shows them (UTC). A metric's
-last value is the one at its highest step (not a number where that was NaN); ``.count`` counts every
-point. ``m.parent != 1`` and ``m.tag != "x"`` ask for *some* parent or tag other than that one
-(``not m.parent = 1``: none is). ``m.id``, ``m.snapshots``, ``m.layers``, ``m.raw_bytes``, ``m.stored_bytes``
-and ``m.parent`` compare with numbers, the other fixed fields with quoted strings (LIKE: only they and m.hp.KEY):
-anything else is refused, naming the field; ``m.stored_bytes`` is what the snapshots' manifests say now
-(after a compaction or tier move too, as `gpupas log` shows it). ``ORDER BY`` takes any field but ``parent`` and
-``tag``; versions without the hyperparameter or metric come last either way, and a hyperparameter's numbers sort
-below its strings.
+``.next`` follows the data flow to the following layers, also through activations and dropout (``conv1 -> relu ->
+max_pool``: conv1's next layers are the relu and the max pooling); ``.prev`` goes the other way. ``LIKE`` is SQL's
+(``%`` any run, ``_`` any one character; case counts; ``ESCAPE "!"`` makes ``!%``, ``!_`` and ``!!`` plain
+characters). A hyperparameter matches a literal of its own type only (``true`` is not 1, ``"1"`` is not 1; ``null``
+finds None); ``m.created`` takes dates and times as `gpupas log` shows them (UTC). A metric's last value is the one
+at its highest step (not a number where that was NaN); ``.count`` counts every point. ``m.parent != 1`` and
+``m.tag != "x"`` ask for *some* parent or tag other than that one (``not m.parent = 1``: none is). ``m.id``,
+``m.snapshots``, ``m.layers``, ``m.raw_bytes``, ``m.stored_bytes`` and ``m.parent`` compare with numbers, the other
+fixed fields with quoted strings (LIKE: only they and m.hp.KEY): anything else is refused, naming the field;
+``m.stored_bytes`` is what the snapshots' manifests say now (after a compaction or tier move too, as `gpupas log`
+shows it). ``ORDER BY`` takes any field but ``parent`` and ``tag``; versions without the hyperparameter or metric
+come last either way, and a hyperparameter's numbers sort below its strings.
 NOT and parentheses nest 40 levels deep at most; a statement past SQLite's limits is refused as input.
 """
 
@@ -358,6 +357,20 @@ class _Parser:
             raise self.fail(f"expected a comparison, not {t.value!r}", t)
         return _OPS[t.value], False
 
+    def escape(self, like: bool) -> str:
+        """After a LIKE pattern: ``ESCAPE "c"`` (one character; not a keyword elsewhere) as SQL and its parameter,
+        else ''."""
+        t = self.tok
+        if not like or t.kind != "name" or str(t.value).lower() != "escape":
+            return ""
+        self.i += 1
+        at = self.tok
+        val = self.literal()
+        if not isinstance(val, str) or len(val) != 1:
+            raise self.fail('ESCAPE takes one quoted character, as in m.name like "a!_%" escape "!"', at)
+        self.params.append(val)
+        return " ESCAPE ?"
+
     def comparison(self) -> str:
         t = self.expect("name", what="a field (name, created, hp..., metric..., parent, tag...)")
         field = str(t.value)
@@ -383,7 +396,7 @@ class _Parser:
                 return found + f"h.type='num' AND numcmp(h.text, ?) {op} 0)"
             self.params.extend([key, val if isinstance(val, str) else float(val)])
             kind, col = ("str", "text") if isinstance(val, str) else ("bool", "num")
-            return found + f"h.type='{kind}' AND h.{col} {op} ?)"
+            return found + f"h.type='{kind}' AND h.{col} {op} ?{self.escape(like)})"
         if field == "metric":
             name, col = self.metric_key()
             op, like = self.operator()
@@ -398,7 +411,7 @@ class _Parser:
             self.params.append(val)
             if field == "parent":
                 return f"EXISTS (SELECT 1 FROM parents p WHERE p.version=v.id AND p.parent {op} ?)"
-            return f"EXISTS (SELECT 1 FROM tags t WHERE t.version=v.id AND t.tag {op} ?)"
+            return f"EXISTS (SELECT 1 FROM tags t WHERE t.version=v.id AND t.tag {op} ?{self.escape(like)})"
         if field not in _COLUMNS:
             raise self.fail(f"unknown field {field!r}; use {', '.join([*_COLUMNS, 'parent', 'tag', 'hp', 'metric'])}",
                             t)
@@ -407,7 +420,7 @@ class _Parser:
         if field == "created" and not like:
             val = self.instant(val)
         self.params.append(val)
-        return f"{_column(field)} {op} ?"
+        return f"{_column(field)} {op} ?{self.escape(like)}"
 
     def column_literal(self, field: str, like: bool, at: Token) -> Any:
         """The literal after a fixed field's operator, of the field's type (an id, a count, a size: a number;

@@ -9,8 +9,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from gpupas.catalog import FILENAME
+from gpupas.catalog import FILENAME, _like
 from gpupas.errors import InvalidInputError
 from gpupas.format.sealed import seal
 from gpupas.query import compile_query, tokenize
@@ -54,7 +56,11 @@ def ids(repo: Repository, q: str) -> list[int]:
 @pytest.mark.parametrize(("q", "want"), [
     ("select m", [1, 2, 3, 4]),
     ('select m where m.name like "cnn_%"', [1, 2, 4]),  # SQL LIKE: _ is any one character
-    ('select m where m.name like "cnn\\_%"', [1, 2, 4]),
+    ('select m where m.name like "cnn\\_%"', [1, 2, 4]),  # the string's backslash is gone before LIKE sees it
+    ('select m where m.name like "cnn!_%" escape "!"', [1, 2]),  # ESCAPE: _ as itself
+    ('select m where m.name like "cnn!_%" ESCAPE "!" and m.name not like "%!_avg" escape "!"', [1]),
+    ('select m where m.hp.opt.name like "s!%d" escape "!"', []),
+    ('select m where m.tag like "p!!od" escape "!"', []),
     ('select m where m.name not like "cnn%"', [3]),
     ('select m where m.name = "mlp-1"', [3]),
     ('select m where m.created > "2020-01-01" and m.created < "2999-01-01"', [1, 2, 3, 4]),
@@ -122,6 +128,9 @@ def test_select(repo: Repository, q: str, want: list[int]) -> None:
     ('select m where m.parent like "1"', "m.parent is a number"),
     ('select m where m.snapshots like "1%"', "m.snapshots is a number"),
     ("select m where m.tag like 1", "LIKE needs a quoted pattern"),
+    ('select m where m.name like "x" escape "!!"', "ESCAPE takes one quoted character"),
+    ('select m where m.name like "x" escape 1', "ESCAPE takes one quoted character"),
+    ('select m where m.name = "x" escape "!"', "unexpected text"),
     ("select m where m.tag not like 1", "LIKE needs a quoted pattern"),
     ('select m where m.parent = "1"', "m.parent compares with numbers"),
     ("select m where m.parent = true", "m.parent compares with numbers"),
@@ -565,3 +574,18 @@ def test_query_and_stats_give_a_versions_stored_bytes_as_log_does_after_a_revisi
         assert ids(r, f"select m where m.stored_bytes = {now}") == [v.id]
         assert ids(r, "select m order by m.stored_bytes desc") == [v.id, 2]
         assert {x["id"]: x["stored_bytes"] for x in r.stats()["per_version"]}[v.id] == now
+
+
+@settings(max_examples=400, deadline=None)
+@given(pattern=st.text("ab%_!é", max_size=7), value=st.text("ab%_!é", max_size=6), escape=st.sampled_from([None, "!"]))
+def test_like_matches_sqlites_own_case_sensitive_like(pattern: str, value: str, escape: str | None) -> None:
+    """The catalog's LIKE (linear, case-sensitive) answers as SQLite's built-in LIKE does under
+    case_sensitive_like, ESCAPE included (a lone escape character at the end matches nothing in both)."""
+    conn = sqlite3.connect(":memory:")
+    conn.execute("PRAGMA case_sensitive_like=ON")
+    if escape is None:
+        want = conn.execute("SELECT ? LIKE ?", (value, pattern)).fetchone()[0]
+    else:
+        want = conn.execute("SELECT ? LIKE ? ESCAPE ?", (value, pattern, escape)).fetchone()[0]
+    conn.close()
+    assert _like(pattern, value, escape) == bool(want)
