@@ -469,7 +469,7 @@ def query(statement: Annotated[str, typer.Argument(metavar="DQL", help=(
     parentheses; order by m.FIELD [desc]; limit N. m.id, m.snapshots, m.layers, m.raw_bytes,
     m.stored_bytes (what the manifests store now) and m.parent compare with numbers; m.name, m.created,
     m.author, m.message and m.tag with quoted strings, and LIKE takes a quoted pattern on these (and on
-    m.hp.KEY).
+    m.hp.KEY): % any run, _ any one character, case counts; ESCAPE "!" makes !_ and !% plain characters.
     """
     with _repo(archive) as repo:
         rows = repo.query(statement)
