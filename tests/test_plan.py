@@ -272,6 +272,34 @@ def test_storage_graph_of_an_archive(tmp_path: Path) -> None:
         assert set(project(plans["pas"].parent)) == set(sids)
 
 
+def test_measuring_an_archive_reads_each_manifest_a_bounded_number_of_times(tmp_path: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each measured pair is committed to a scratch archive and discarded again; a discard that looked for the
+    scratch snapshot's children read every manifest there, which made planning quadratic in snapshots."""
+    from gpupas.store.archive import ArchiveStore
+
+    reads = {"n": 0}
+    read = ArchiveStore.read_manifest
+
+    def counting(self: ArchiveStore, sid: str) -> object:
+        reads["n"] += 1
+        return read(self, sid)
+
+    monkeypatch.setattr(ArchiveStore, "read_manifest", counting)
+    per_snapshot = []
+    for n in (8, 32):
+        w = np.zeros(64, np.float32)
+        with gpupas.create_archive(tmp_path / f"a{n}") as a:
+            base = None
+            for _ in range(n):
+                w = w + np.float32(1e-3)
+                base = a.commit({"w": w}, base=base).id
+            reads["n"] = 0
+            storage_graph(a)
+        per_snapshot.append(reads["n"] / n)
+    assert per_snapshot[1] < 1.5 * per_snapshot[0], per_snapshot  # linear: the same per snapshot at 32 as at 8
+
+
 def test_plan_maps_to_revisions_parents_first(tmp_path: Path) -> None:
     run_archive(tmp_path / "a")
     with gpupas.open_archive(tmp_path / "a") as a:

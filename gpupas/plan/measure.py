@@ -225,7 +225,8 @@ def measure_edges(archive: Any, pairs: set[tuple[str, str]], sids: Sequence[str]
         for k, (u, v) in enumerate(sorted(pairs)):
             m = scratch.commit(samples[v], base=ids[u], snapshot=f"d{k}", setting=setting)
             out[(u, v)] = {e.name: (round(e.stored * scale[v][e.name]), e.reads_base) for e in m.tensors}
-            scratch.discard(m.id)
+            scratch.discard(m.id, force=True)  # nothing is built on it: no scan of every manifest for its
+            # children (each a read of the whole scratch archive, which made planning quadratic in snapshots)
     est = Estimates(fraction, seconds=time.perf_counter() - t0)
     for sid in sids:
         m = archive.manifest(sid)
