@@ -586,6 +586,27 @@ def test_discard_of_a_snapshot_that_is_not_there_says_so(tmp_path: Path) -> None
         assert a.snapshots() == []
 
 
+def test_a_forced_discard_does_not_list_every_manifest(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Whether another snapshot names a folder as its own is asked of the few ids that prefix the folder's
+    name; a listing of every manifest per discard made discarding K snapshots of an archive of S cost K x S
+    (``gpupas plan`` discards one scratch snapshot per pair it measures)."""
+    with gpupas.create_archive(tmp_path / "arc") as a:
+        ids = [a.commit(_model(k)).id for k in range(3)]
+        listed: list[str] = []
+        listing = type(a.store.store).list
+
+        def counting(self: Any, prefix: str) -> Any:
+            listed.append(prefix)
+            return listing(self, prefix)
+
+        monkeypatch.setattr(type(a.store.store), "list", counting)
+        a.discard(ids[1], force=True)
+        assert "manifests" not in listed, listed
+        monkeypatch.undo()
+        assert sorted(a.snapshots()) == sorted([ids[0], ids[2]])
+        _same(a.restore(ids[2]), _model(2))
+
+
 def test_restore_reads_names_once(archive: gpupas.Archive) -> None:
     m = archive.commit(_model(0))
     names = sorted(_model(0))[:2]

@@ -358,13 +358,12 @@ class ArchiveStore:
         named by no other manifest (a damaged or hostile manifest naming another snapshot's folder must not
         make a discard delete it)."""
         mine = [s for s in streams if of_snapshot(s.folder, [sid])]
-        ids = set(self.list_snapshots()) - {sid}
         others: set[str] = set()
         for s in mine:  # only snapshots whose ids prefix the folder's name could name it as theirs
             parts = s.folder.split(".")
             for k in range(1, len(parts) + 1):
-                other = ".".join(parts[:k])
-                if other in ids:
+                other = ".".join(parts[:k])  # looked up one by one, not by listing every manifest per discard
+                if other != sid and keys.is_name(other) and self.has_manifest(other):
                     try:
                         others.update(self.read_manifest(other).folders())
                     except (SnapshotNotFoundError, IntegrityError, FormatError):
