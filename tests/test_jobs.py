@@ -148,6 +148,32 @@ def test_killed_compactions_lose_nothing(arc: tuple[str, list[dict[str, np.ndarr
     same_everywhere(path, snaps)
 
 
+def test_verify_graph_reads_each_chain_once_not_once_per_snapshot(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """verify walked every snapshot's whole delta chain to check it could be read: n x depth manifest reads,
+    each from disk once the archive held more snapshots than its manifest cache (1,024)."""
+    w = np.zeros(64, np.float32)
+    n = 16
+    with gpupas.create_archive(tmp_path / "a") as a:
+        base = None
+        for i in range(n):  # one chain of 16 (the default limit: the 17th would be stored whole)
+            w = w + np.float32(1e-3)
+            base = a.commit({"w": w}, base=base, snapshot=f"s{i:02d}").id
+    asked: list[str] = []
+    manifest = gpupas.Archive.manifest
+
+    def counting(self: gpupas.Archive, sid: str) -> Any:
+        asked.append(sid)
+        return manifest(self, sid)
+
+    monkeypatch.setattr(gpupas.Archive, "manifest", counting)
+    job = verify_graph(str(tmp_path / "a"))
+    assert job.decodes == n
+    assert len(asked) <= 4 * n, len(asked)  # each snapshot's chain walked: n * (n + 1) / 2 = 136 and more
+    monkeypatch.undo()
+    assert dict(run(job, "sync")) == {f"s{i:02d}": 1 for i in range(n)}
+
+
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[Any]:
     from distributed import Client, LocalCluster

@@ -65,11 +65,12 @@ def verify_graph(spec: ArchiveSpec | str, snapshots: Iterable[str] | None = None
     with spec.open() as a:
         sids = sorted(a.store.list_snapshots()) if snapshots is None else list(snapshots)
         readable = []
+        good: set[str] = set()  # snapshots whose chains were read whole: a chain is walked once, not per snapshot
         job = Job("verify", spec)
         for sid in sids:
             try:
                 a.manifest(sid)
-                parents_first(a, [sid])
+                good.update(parents_first(a, [sid], good))
                 readable.append(sid)
             except Exception as exc:  # a damaged manifest or chain: reported as the result
                 job.targets.append(dask.delayed((sid, str(exc)), name=f"broken-{sid}"))

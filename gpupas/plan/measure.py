@@ -128,8 +128,9 @@ def twins(archive: Any, runs: list[list[str]]) -> set[tuple[str, str]]:
     return out
 
 
-def parents_first(archive: Any, sids: Iterable[str]) -> list[str]:
-    """``sids`` and the snapshots they read, each after every snapshot it reads (base, grand)."""
+def parents_first(archive: Any, sids: Iterable[str], done: set[str] | frozenset[str] = frozenset()) -> list[str]:
+    """``sids`` and the snapshots they read, each after every snapshot it reads (base, grand). ``done``:
+    snapshots whose whole chains an earlier call placed (they are not read again, nor what they read)."""
     from gpupas.engine.chain import dependencies, dependencies_first
     from gpupas.errors import IntegrityError, SnapshotNotFoundError
 
@@ -140,6 +141,8 @@ def parents_first(archive: Any, sids: Iterable[str]) -> list[str]:
         raise IntegrityError(f"snapshot {s}: its delta chain loops back to {x}; restore the archive from a copy")
 
     def deps_of(x: str) -> list[str]:
+        if x in done:
+            return []
         try:  # one asked for that is not there is not found; a base that is not there is damage to its chain
             m = archive.manifest(x)
         except SnapshotNotFoundError:
