@@ -86,19 +86,24 @@ def sweep_temporaries(p: Path, min_age: float = STALE_AFTER) -> None:
     except OSError:
         return
     for name in names:
-        q = p.parent / name
-        try:
-            folder = q.is_dir() and not q.is_symlink()
-            touched = max([q.lstat().st_mtime, *(os.lstat(os.path.join(d, f)).st_mtime for d, _, fs in
-                                                 (os.walk(q) if folder else ()) for f in fs)])
-            if time.time() - touched < min_age:
-                continue
-            if folder:
-                shutil.rmtree(q)
-            else:
-                q.unlink()
-        except OSError:
-            continue
+        remove_if_stale(p.parent / name, min_age)
+
+
+def remove_if_stale(q: Path, min_age: float = STALE_AFTER) -> None:
+    """Remove file or folder ``q`` (never what a link leads to) where nothing in it was touched for ``min_age``
+    seconds: the leftovers of a killed process. Best effort: what cannot be removed stays."""
+    try:
+        folder = q.is_dir() and not q.is_symlink()
+        touched = max([q.lstat().st_mtime, *(os.lstat(os.path.join(d, f)).st_mtime for d, _, fs in
+                                             (os.walk(q) if folder else ()) for f in fs)])
+        if time.time() - touched < min_age:
+            return
+        if folder:
+            shutil.rmtree(q)
+        else:
+            q.unlink()
+    except OSError:
+        pass
 
 
 def check_parents(p: Path) -> None:

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import random
+import time
 from pathlib import Path
 
 import networkx as nx
@@ -298,6 +300,31 @@ def test_measuring_an_archive_reads_each_manifest_a_bounded_number_of_times(tmp_
             storage_graph(a)
         per_snapshot.append(reads["n"] / n)
     assert per_snapshot[1] < 1.5 * per_snapshot[0], per_snapshot  # linear: the same per snapshot at 32 as at 8
+
+
+def test_a_plan_removes_the_scratch_archives_killed_plans_left(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                                                                ) -> None:
+    """A plan codes its sampled deltas in a temporary archive; a SIGKILLed `gpupas plan` (or compaction) left it
+    in the temporary folder for good. The next plan removes those untouched for an hour, not a running one's."""
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    old = time.time() - 2 * 3600
+    left, running = tmp_path / "tmp" / "gpupas-plan-killed", tmp_path / "tmp" / "gpupas-plan-running"
+    for d in (left, running):
+        (d / "a").mkdir(parents=True)
+        (d / "a" / "zarr.json").write_text("{}")
+        os.utime(d / "a" / "zarr.json", (old, old))
+        os.utime(d / "a", (old, old))
+        os.utime(d, (old, old))
+    (running / "a" / "zarr.json").write_text("{} ")  # written just now
+    with gpupas.create_archive(tmp_path / "arc") as a:
+        s0 = a.commit({"w": np.zeros(64, np.float32)}).id
+        a.commit({"w": np.ones(64, np.float32)}, base=s0)
+        storage_graph(a)
+    assert not left.exists() and running.exists()
+    assert sorted(p.name for p in (tmp_path / "tmp").iterdir()) == ["gpupas-plan-running"]  # its own: removed
 
 
 def test_plan_maps_to_revisions_parents_first(tmp_path: Path) -> None:

@@ -17,11 +17,14 @@ import tempfile
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+from gpupas.outputs import remove_if_stale
 from gpupas.plan.costs import DEFAULT, CostModel
 from gpupas.plan.graph import ROOT, StorageGraph
 
+SCRATCH_PREFIX = "gpupas-plan-"  # the temporary archive a plan codes its sampled deltas in
 WHOLE_BELOW = 1 << 16  # tensors of fewer bytes are sampled whole
 WINDOW = 4096  # values per window where a tensor is sampled by windows (fewer than two axes)
 Coded = tuple[int, bool]  # a tensor's stored bytes, and whether it is coded as a delta (reads its base)
@@ -219,7 +222,9 @@ def measure_edges(archive: Any, pairs: set[tuple[str, str]], sids: Sequence[str]
         scale[sid] = {e.name: (e.nbytes / samples[sid][e.name].nbytes if samples[sid][e.name].nbytes else 1.0)
                       for e in m.tensors}
     out: dict[tuple[str, str], dict[str, Coded]] = {}
-    with tempfile.TemporaryDirectory(prefix="gpupas-plan-") as tmp, \
+    for old in Path(tempfile.gettempdir()).glob(f"{SCRATCH_PREFIX}*"):  # what killed plans left
+        remove_if_stale(old)
+    with tempfile.TemporaryDirectory(prefix=SCRATCH_PREFIX) as tmp, \
             create_archive(f"{tmp}/a", durable=False, workers=archive.executor.workers) as scratch:
         ids = {sid: f"w{i}" for i, sid in enumerate(sorted(need))}
         for sid in sorted(need):
