@@ -409,3 +409,35 @@ def test_tag_delete_takes_exactly_one_tag(tmp_path: Path) -> None:
     assert js(gp("tag", "--json", archive=arc)) == {"a": 1, "b": 1}
     assert js(gp("tag", "-d", "a", "--json", archive=arc)) == {"tag": "a", "version": 1, "deleted": True}
     assert js(gp("tag", "--json", archive=arc)) == {"b": 1}
+
+
+def test_log_keeps_a_main_line_with_side_branches_at_one_level() -> None:
+    """Each branch point indented the rest of the main line one level deeper: a main line with a side branch every
+    10 versions printed its 2,000th version at column ~1,050 (1 MB of output, quadratic). The child of the
+    version's own name continues its line; side branches indent below their branch point."""
+    from rich.console import Console
+
+    from gpupas.cli.render import log_tree
+
+    rows, vid = [], 0
+
+    def add(name: str, parents: list[int]) -> int:
+        nonlocal vid
+        vid += 1
+        rows.append({"id": vid, "name": name, "parents": parents, "tags": [], "n_snapshots": 1, "stored_bytes": 1,
+                     "raw_bytes": 2, "created": "2026-12-07T10:00", "message": ""})
+        return vid
+
+    head = add("main", [])
+    for k in range(40):
+        side = add(f"exp{k}", [head])
+        add(f"exp{k}", [side])
+        head = add("main", [head])
+    console = Console(width=400, record=True)
+    console.print(log_tree(rows, "arc"))
+    lines = console.export_text().splitlines()
+    main_cols = {line.index("#") for line in lines if " main" in line}
+    side_cols = {line.index("#") for line in lines if " exp" in line}
+    assert len(main_cols) == 1 and side_cols == {min(main_cols) + 4}, (main_cols, side_cols)
+    assert [int(line.split("#")[1].split()[0]) for line in lines if " main" in line] == [
+        r["id"] for r in rows if r["name"] == "main"]

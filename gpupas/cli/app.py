@@ -399,7 +399,8 @@ def tag(tag_name: Annotated[str | None, typer.Argument(
 def log(ref: Annotated[str | None, typer.Argument(metavar="VERSION", help=(
             "Only versions connected to this one (its ancestors and descendants)."))] = None,
         archive: ArchiveOpt = None, as_json: JsonOpt = False) -> None:
-    """Versions and their lineage as a tree (a straight chain stays at one level, branches indent)."""
+    """Versions and their lineage as a tree (a straight chain stays at one level, and so does a line of work that
+    keeps its name past its branch points; branches indent)."""
     with _repo(archive) as repo:
         rows = repo.log(ref)
         location = repo.location

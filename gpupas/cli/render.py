@@ -165,7 +165,9 @@ def version_line(r: dict[str, Any]) -> Text:
 
 
 def log_tree(rows: list[dict[str, Any]], location: str) -> Tree:
-    """Versions as a tree: a straight chain stays at one level, branches indent."""
+    """Versions as a tree: a straight chain stays at one level, branches indent. Where a version has several
+    children, the last one of its own name continues its line at its level (a main line with side branches
+    stays at one level however many it has) and the others indent below it."""
     by_id = {r["id"]: r for r in rows}
     kids: dict[int, list[int]] = {}
     roots = []
@@ -181,10 +183,11 @@ def log_tree(rows: list[dict[str, Any]], location: str) -> Tree:
         vid, container = todo.pop()
         item = container.add(version_line(by_id[vid]))
         ks = kids.get(vid, [])
-        if len(ks) == 1:  # a straight line of work stays at one level; branches indent
-            todo.append((ks[0], container))
-        else:
-            todo.extend((k, item) for k in reversed(ks))
+        same = [k for k in ks if by_id[k]["name"] == by_id[vid]["name"]]
+        main = ks[0] if len(ks) == 1 else (same[-1] if same else None)  # the line of work that goes on
+        if main is not None:
+            todo.append((main, container))
+        todo.extend((k, item) for k in reversed(ks) if k != main)  # branches indent (shown first: popped first)
     return tree
 
 
