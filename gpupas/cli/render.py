@@ -192,6 +192,7 @@ def log_tree(rows: list[dict[str, Any]], location: str) -> Tree:
 
 
 MAX_NODES = 25
+MAX_SNAPSHOTS = 50  # a version with more: its first 10, last 20 and best snapshot listed (--json: all)
 SHOWN_ATTRS = ("in_features", "out_features", "in_channels", "out_channels", "kernel_size", "stride", "num_features",
                "normalized_shape", "num_embeddings", "embedding_dim", "p")
 
@@ -211,11 +212,19 @@ def show(o: Output, d: dict[str, Any], tensors: bool, network: bool) -> None:
             o.data(f"           {text}")
     t = table(("#", "id", "step", "source", "raw", "stored", "%", ""), ("#", "step", "raw", "stored", "%"),
               "snapshots")
-    for i, s in enumerate(d["snapshots"], 1):
+    snaps = d["snapshots"]
+    shown = set(range(len(snaps))) if len(snaps) <= MAX_SNAPSHOTS else {  # a long run: its ends, and its best
+        *range(10), *range(len(snaps) - 20, len(snaps)), *(i for i, s in enumerate(snaps) if s["id"] == d["best"])}
+    for i, s in enumerate(snaps):
+        if i not in shown:
+            if i - 1 in shown:
+                n = next((j for j in range(i, len(snaps)) if j in shown), len(snaps)) - i
+                row(t, "", f"... {n} more (show --json lists all)", "", "", "", "", "", "")
+            continue
         marks = " ".join([m for m, sid in (("latest", d["latest"]), ("best", d["best"])) if sid == s["id"]]
                          + ([f"lossy ({s['lossy']})"] if s.get("lossy") else []))
-        row(t, i, s["id"], num(s.get("step")), s.get("source") or "", size(s["raw_bytes"]), size(s["stored_bytes"]),
-            pct(s["stored_bytes"], s["raw_bytes"]), marks)
+        row(t, i + 1, s["id"], num(s.get("step")), s.get("source") or "", size(s["raw_bytes"]),
+            size(s["stored_bytes"]), pct(s["stored_bytes"], s["raw_bytes"]), marks)
     o.table(t)
     if d["hyperparameters"]:
         t = table(("key", "value"), title="hyperparameters")
