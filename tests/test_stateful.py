@@ -1,0 +1,387 @@
+"""A model-based (stateful) test of the archive and its versions: random sequences of commits (whole, delta,
+lossy), discards, revisions (re-bases, whole again, other settings and layouts), tier moves, gc, partial
+restores, reopens, and versions with tags, against a Python model of what each snapshot holds.
+
+After every step: every snapshot the model holds restores bit for bit (in this session and in a fresh one),
+the archive lists exactly the model's snapshots, the chain and dependency bookkeeping agrees with the model,
+and verify finds nothing wrong. ``GPUPAS_STATEFUL_EXAMPLES`` raises the number of runs (to hunt locally).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from typing import Any
+
+import ml_dtypes  # noqa: F401  (registers bfloat16 and the float8 types with NumPy)
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, Phase, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+import gpupas
+from gpupas.errors import ArchiveExistsError, InvalidInputError, VersionNotFoundError
+from gpupas.pas.planes import LAYOUTS
+from gpupas.versions.repository import Repository
+
+MAX_CHAIN = 3
+EXAMPLES = int(os.environ.get("GPUPAS_STATEFUL_EXAMPLES", "12"))
+STEPS = int(os.environ.get("GPUPAS_STATEFUL_STEPS", "14"))
+NAMES = ["a", "b", "c", "d", "e"]
+DTYPES = ["float32", "float16", "bfloat16", "float64", "int8", "int32", "uint16", "int64", "bool", "float8_e4m3fn"]
+SHAPES = [(0,), (1,), (7,), (5, 3), (16, 4), (33,), (0, 3), (3, 0), (9, 2, 3), ()]
+IDS = ["s", "s.1", "s.1.x", "x-1", "ck.100"]  # snapshot ids of their own: dotted ones prefix each other's folders
+LAYOUTS_ = [None, gpupas.Layout(rotate=False), gpupas.Layout(groups=(1,), chunk_size=64),
+            gpupas.Layout(segment=64, chunk_size=16)]
+LOSSY = ["bf16", "fp16", "fixed:16", "quant:8"]
+SPECIAL = {2: [0x0000, 0x8000, 0x7C00, 0xFC00, 0x7E01, 0xFE00, 0x0001, 0x83FF],
+           4: [0x0, 0x80000000, 0x7F800000, 0xFF800000, 0x7FC00001, 0xFFFFFFFF, 0x1, 0x807FFFFF],
+           8: [0x0, 1 << 63, 0x7FF0 << 48, 0xFFF0 << 48, (0x7FF8 << 48) | 5, (1 << 64) - 1, 0x1, 0x800FFFFFFFFFFFFF]}
+
+
+def values(rng: np.random.Generator, dtype: str, shape: tuple[int, ...]) -> np.ndarray:
+    """Random values of ``dtype``: checkpoint-like floats mixed with NaN payloads, -0.0, Inf and subnormals."""
+    n = int(np.prod(shape, dtype=np.int64))
+    layout = LAYOUTS[dtype]
+    if dtype == "bool":
+        return rng.integers(0, 2, n).astype(bool).reshape(shape)
+    if layout.rotate and layout.width >= 2:
+        a = (rng.standard_normal(n) * 0.02).astype(np.dtype(dtype))
+        bits = a.view(layout.uint).copy()
+        special = SPECIAL.get(layout.width if dtype != "bfloat16" else 4)
+        k = rng.integers(0, n // 3 + 1) if n else 0
+        if k:
+            spec = np.array(special, dtype=np.uint64)
+            if dtype == "bfloat16":
+                spec = spec >> np.uint64(16)
+            bits[rng.integers(0, n, k)] = spec[rng.integers(0, spec.size, k)].astype(layout.uint)
+        return bits.view(np.dtype(dtype)).reshape(shape)
+    return rng.integers(0, 256, n * layout.width, dtype=np.uint8).view(layout.uint).view(np.dtype(dtype)).reshape(shape)
+
+
+def changed(rng: np.random.Generator, a: np.ndarray, how: str) -> np.ndarray:
+    """``a`` with some of its values moved a little (bit patterns nudged by small integers, wrapping)."""
+    if a.dtype == bool or a.size == 0:
+        out = a.copy()
+        if a.size:
+            flat = out.reshape(-1)
+            flat[rng.integers(0, a.size)] ^= True
+        return out
+    uint = LAYOUTS[a.dtype.name].uint
+    bits = a.copy().view(uint)
+    rows = bits.reshape(bits.shape[0] if bits.ndim else 1, -1)
+    pick = rng.choice(rows.shape[0], size=max(1, rows.shape[0] // 8), replace=False) if how == "rows" \
+        else np.arange(rows.shape[0])
+    step = rng.integers(-3, 4, rows[pick].shape).astype(np.int64).astype(uint)
+    rows[pick] = rows[pick] + step
+    return bits.view(a.dtype)
+
+
+class ArchiveMachine(RuleBasedStateMachine):
+    def __init__(self) -> None:
+        super().__init__()
+        self.tmp = tempfile.mkdtemp(prefix="gpupas-stateful-")
+        self.path = os.path.join(self.tmp, "arc")
+        self.archive = gpupas.create_archive(self.path, max_chain=MAX_CHAIN, workers=1)
+        self.archive.add_tier("cold", os.path.join(self.tmp, "cold"))
+        self.repo = Repository(self.archive, own_archive=False)
+        self.snaps: dict[str, dict[str, Any]] = {}  # sid -> {"tensors", "base", "grand", "version"}
+        self.versions: dict[int, dict[str, Any]] = {}  # vid -> {"name", "snapshots"}
+        self.tags: dict[str, int] = {}
+
+    def teardown(self) -> None:
+        self.repo.close()
+        self.archive.close()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+    # -- helpers -------------------------------------------------------------------------------------------------
+    def new_tensors(self, data: st.DataObject, base: dict[str, np.ndarray] | None) -> dict[str, np.ndarray]:
+        rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1), label="seed"))
+        out: dict[str, np.ndarray] = {}
+        for name, a in (base or {}).items():
+            how = data.draw(st.sampled_from(["same", "rows", "all", "fresh", "dtype", "shape", "drop"]), label=name)
+            if how == "same":
+                out[name] = a.copy()
+            elif how in ("rows", "all"):
+                out[name] = changed(rng, a, how)
+            elif how == "fresh":
+                out[name] = values(rng, a.dtype.name, a.shape)
+            elif how == "dtype":
+                out[name] = values(rng, data.draw(st.sampled_from(DTYPES)), a.shape)
+            elif how == "shape":
+                out[name] = values(rng, a.dtype.name, data.draw(st.sampled_from(SHAPES)))
+        for name in NAMES:
+            if name not in out and data.draw(st.booleans(), label=f"add {name}"):
+                if out and data.draw(st.integers(0, 4)) == 0:  # the bits of another tensor of this snapshot (tied)
+                    out[name] = out[data.draw(st.sampled_from(sorted(out)))].copy()
+                else:
+                    out[name] = values(rng, data.draw(st.sampled_from(DTYPES)), data.draw(st.sampled_from(SHAPES)))
+        return out
+
+    def record(self, m: Any, tensors: dict[str, np.ndarray], lossy: bool, version: int | None = None) -> None:
+        if lossy:  # what the scheme kept: the first restore; exact for what it did not touch
+            got = self.archive.restore(m.id)
+            lossy_names = {e.name for e in m.tensors if e.scheme is not None}
+            for name, a in tensors.items():
+                assert got[name].dtype == a.dtype and got[name].shape == a.shape
+                if name not in lossy_names:
+                    assert got[name].tobytes() == a.tobytes(), name
+            tensors = {k: v.copy() for k, v in got.items()}
+        self.snaps[m.id] = {"tensors": {k: v.copy() for k, v in tensors.items()}, "base": m.base, "grand": m.grand,
+                            "version": version}
+
+    def users(self, sid: str) -> list[str]:
+        return sorted(o for o, s in self.snaps.items() if sid in (s["base"], s["grand"]))
+
+    def depth(self, sid: str) -> int:
+        d = 0
+        while self.snaps[sid]["base"] is not None:
+            sid, d = self.snaps[sid]["base"], d + 1
+        return d
+
+    def chain(self, sid: str) -> list[str]:
+        out = [sid]
+        while self.snaps[out[-1]]["base"] is not None:
+            out.append(self.snaps[out[-1]]["base"])
+        return out
+
+    def height(self, sid: str) -> int:
+        kids = [o for o, s in self.snaps.items() if s["base"] == sid]
+        return 1 + max(self.height(k) for k in kids) if kids else 0
+
+    def pick(self, data: st.DataObject, pool: list[str] | None = None) -> str:
+        """A snapshot in the order they were made (ids are random: sorting them would draw differently on replay)."""
+        return data.draw(st.sampled_from(list(self.snaps) if pool is None else pool), label="snapshot")
+
+    def snapshot_id(self, data: st.DataObject) -> str | None:
+        free = [s for s in IDS if s not in self.snaps]
+        if free and data.draw(st.integers(0, 3), label="own id?") == 0:
+            return data.draw(st.sampled_from(free), label="id")
+        return None
+
+    # -- archive rules -------------------------------------------------------------------------------------------
+    @rule(data=st.data())
+    def commit_whole(self, data: st.DataObject) -> None:
+        tensors = self.new_tensors(data, None)
+        layout = data.draw(st.sampled_from(LAYOUTS_), label="layout")
+        m = self.archive.commit(tensors, snapshot=self.snapshot_id(data), layout=layout)
+        assert m.base is None
+        self.record(m, tensors, False)
+
+    @precondition(lambda self: self.snaps)
+    @rule(data=st.data())
+    def commit_delta(self, data: st.DataObject) -> None:
+        base = self.pick(data)
+        tensors = self.new_tensors(data, self.snaps[base]["tensors"])
+        setting = data.draw(st.sampled_from(["fast", "default", "strong"]), label="setting")
+        layout = data.draw(st.sampled_from(LAYOUTS_), label="layout")
+        m = self.archive.commit(tensors, base=base, snapshot=self.snapshot_id(data), setting=setting, layout=layout)
+        want = base if self.depth(base) + 1 <= MAX_CHAIN else None  # too long a chain: a new one starts
+        assert m.base == want, (m.base, want)
+        assert m.grand in (None, self.snaps[base]["base"])
+        self.record(m, tensors, False)
+
+    @rule(data=st.data())
+    def commit_lossy(self, data: st.DataObject) -> None:
+        base = self.pick(data) if self.snaps and data.draw(st.booleans(), label="on a base?") else None
+        tensors = self.new_tensors(data, None if base is None else self.snaps[base]["tensors"])
+        scheme = data.draw(st.sampled_from(LOSSY), label="scheme")
+        before = sorted(self.archive.snapshots())
+        try:
+            m = self.archive.commit(tensors, base=base, lossy=scheme)
+        except InvalidInputError:  # a scheme that cannot hold some values: refused, nothing stored
+            assert sorted(self.archive.snapshots()) == before
+            return
+        self.record(m, tensors, True)
+
+    @precondition(lambda self: self.snaps)
+    @rule(data=st.data(), force_names=st.booleans())
+    def restore_some(self, data: st.DataObject, force_names: bool) -> None:
+        sid = self.pick(data)
+        want = self.snaps[sid]["tensors"]
+        names = data.draw(st.lists(st.sampled_from(sorted(want)), unique=True), label="names") if want else []
+        got = self.archive.restore(sid, names=names)
+        assert sorted(got) == sorted(names)
+        for n in names:
+            self.same(got[n], want[n], f"{sid}:{n}")
+
+    @precondition(lambda self: self.snaps)
+    @rule(data=st.data())
+    def discard(self, data: st.DataObject) -> None:
+        plain = [s for s, v in self.snaps.items() if v["version"] is None]  # a version's are the repository's
+        if not plain:
+            return
+        sid = self.pick(data, plain)
+        users = self.users(sid)
+        if users:
+            with pytest.raises(InvalidInputError, match="is the base of"):
+                self.archive.discard(sid)
+            return
+        self.archive.discard(sid)
+        del self.snaps[sid]
+
+    @precondition(lambda self: self.snaps)
+    @rule(data=st.data())
+    def revise(self, data: st.DataObject) -> None:
+        sid = self.pick(data)
+        choice = data.draw(st.sampled_from(["keep", "whole", "other"]), label="base")
+        setting = data.draw(st.sampled_from(["fast", "default", "strong"]), label="setting")
+        layout = data.draw(st.sampled_from(LAYOUTS_), label="layout")
+        old = self.snaps[sid]
+        kw: dict[str, Any] = {}
+        new_base = old["base"]
+        if choice == "whole":
+            kw["base"] = new_base = None
+        elif choice == "other":
+            kw["base"] = new_base = self.pick(data)
+        refuse = None
+        if new_base is not None and sid in self.chain(new_base):
+            refuse = "cannot be its base"
+        elif new_base is not None and self.depth(new_base) + 1 > MAX_CHAIN:
+            refuse = "links"
+        elif new_base != old["base"] and new_base is not None:
+            h = self.height(sid)
+            deep = self.depth(new_base) + 1 + h
+            if h and deep > MAX_CHAIN and deep > self.depth(sid) + h:
+                refuse = "links deep"
+        if refuse:
+            with pytest.raises(InvalidInputError, match=refuse):
+                self.archive.revise(sid, setting=setting, layout=layout, **kw)
+            return
+        m = self.archive.revise(sid, setting=setting, layout=layout, **kw)
+        assert m.base == new_base
+        old["base"], old["grand"] = m.base, m.grand
+
+    @precondition(lambda self: self.snaps)
+    @rule(data=st.data(), planes_from=st.sampled_from([1, 2, 3, None]))
+    def tier(self, data: st.DataObject, planes_from: int | None) -> None:
+        sid = self.pick(data)
+        to = None if planes_from is None else "cold"
+        # planes as stored (a float32 tensor kept as bf16 has 2)
+        width = max((e.width for e in self.archive.manifest(sid).tensors), default=0)
+        if planes_from is not None and planes_from >= max(width, 1):  # not a plane of this snapshot
+            with pytest.raises(InvalidInputError, match="planes_from must be a plane"):
+                self.archive.tier(sid, planes_from=planes_from, to=to)
+            return
+        m = self.archive.tier(sid, planes_from=planes_from, to=to)
+        assert m.base == self.snaps[sid]["base"]
+        self.snaps[sid]["grand"] = m.grand
+
+    @precondition(lambda self: self.snaps)
+    @rule(data=st.data())
+    def read_planes(self, data: st.DataObject) -> None:
+        """All planes read partially give back the exact values; fewer bound them (NaN aside)."""
+        sid = self.pick(data)
+        want = self.snaps[sid]["tensors"]
+        r = self.archive.read_planes(sid, planes=8)
+        for n, a in want.items():
+            self.same(r.approx[n], a, f"{sid}:{n} (all planes)")
+
+    @rule()
+    def gc(self) -> None:
+        removed = self.archive.gc(min_age=0)
+        named = {f for s in self.snaps for f in self.archive.manifest(s).folders()}
+        assert not {r.split(":")[-1] for r in removed} & named, removed
+
+    @rule()
+    def reopen(self) -> None:
+        self.repo.close()
+        self.archive.close()
+        self.archive = gpupas.open_archive(self.path, max_chain=MAX_CHAIN, workers=1)
+        self.repo = Repository(self.archive, own_archive=False)
+
+    # -- repository rules ----------------------------------------------------------------------------------------
+    @rule(data=st.data(), name=st.sampled_from(["net", "run"]))
+    def repo_commit(self, data: st.DataObject, name: str) -> None:
+        parent = data.draw(st.sampled_from([None, *sorted(self.versions)]), label="parent")
+        base = None if parent is None else self.versions[parent]["snapshots"][-1]
+        tensors = self.new_tensors(data, None if base is None else self.snaps[base]["tensors"])
+        v = self.repo.commit(name, tensors, parents=[] if parent is None else [parent])
+        sid = v.latest
+        self.versions[v.id] = {"name": name, "snapshots": [sid]}
+        self.record(self.archive.manifest(sid), tensors, False, v.id)
+
+    @precondition(lambda self: self.versions)
+    @rule(data=st.data())
+    def repo_add_snapshot(self, data: st.DataObject) -> None:
+        vid = data.draw(st.sampled_from(sorted(self.versions)), label="version")
+        latest = self.versions[vid]["snapshots"][-1]
+        tensors = self.new_tensors(data, self.snaps[latest]["tensors"])
+        v = self.repo.add_snapshot(vid, tensors)
+        assert v.latest not in self.snaps
+        self.versions[vid]["snapshots"].append(v.latest)
+        self.record(self.archive.manifest(v.latest), tensors, False, vid)
+
+    @precondition(lambda self: self.versions)
+    @rule(data=st.data(), tag=st.sampled_from(["best", "prod"]), force=st.booleans())
+    def repo_tag(self, data: st.DataObject, tag: str, force: bool) -> None:
+        vid = data.draw(st.sampled_from(sorted(self.versions)), label="version")
+        if tag in self.tags and self.tags[tag] != vid and not force:
+            with pytest.raises(ArchiveExistsError):
+                self.repo.tag(tag, vid)
+            return
+        assert self.repo.tag(tag, vid, force=force) == vid
+        self.tags[tag] = vid
+
+    @rule(tag=st.sampled_from(["best", "prod"]))
+    def repo_untag(self, tag: str) -> None:
+        if tag not in self.tags:
+            with pytest.raises(VersionNotFoundError):
+                self.repo.untag(tag)
+            return
+        assert self.repo.untag(tag) == self.tags.pop(tag)
+
+    @rule()
+    def repo_gc(self) -> None:
+        removed = self.repo.gc(min_age=0)
+        assert not [r for r in removed if r["kind"] == "snapshot"], removed
+
+    # -- invariants ----------------------------------------------------------------------------------------------
+    @staticmethod
+    def same(got: np.ndarray, want: np.ndarray, what: str) -> None:
+        assert got.dtype == want.dtype and got.shape == want.shape, (what, got.dtype, got.shape, want.dtype,
+                                                                     want.shape)
+        assert got.tobytes() == want.tobytes(), what
+
+    def check(self, archive: gpupas.Archive) -> None:
+        assert sorted(archive.snapshots()) == sorted(self.snaps)
+        for sid, s in self.snaps.items():
+            m = archive.manifest(sid)
+            assert (m.base, m.grand) == (s["base"], s["grand"]), sid
+            assert archive.depth(sid) == self.depth(sid) <= MAX_CHAIN
+            got = archive.restore(sid)
+            assert sorted(got) == sorted(s["tensors"]), sid
+            for n, a in s["tensors"].items():
+                self.same(got[n], a, f"{sid}:{n}")
+
+    @invariant()
+    def restores_exactly(self) -> None:
+        self.check(self.archive)
+
+    @invariant()
+    def restores_exactly_in_a_fresh_session(self) -> None:
+        with gpupas.open_archive(self.path, workers=1) as fresh:
+            self.check(fresh)
+            bad = [(s, r) for s, r in fresh.verify_all() if isinstance(r, Exception)]
+            assert not bad, bad
+
+    @invariant()
+    def versions_and_tags(self) -> None:
+        assert self.repo.tags() == self.tags
+        for vid, v in self.versions.items():
+            got = self.repo.version(vid)
+            assert got.name == v["name"] and [s["id"] for s in got.snapshots] == v["snapshots"]
+
+    @invariant()
+    def repository_verifies(self) -> None:
+        if self.versions:
+            report = self.repo.verify()
+            assert report["ok"] and not report["problems"], report
+
+
+TestArchiveMachine = ArchiveMachine.TestCase
+TestArchiveMachine.settings = settings(max_examples=EXAMPLES, stateful_step_count=STEPS, deadline=None,
+                                       phases=[p for p in Phase if p is not Phase.explain],
+                                       suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
