@@ -134,11 +134,21 @@ class ArchiveMachine(RuleBasedStateMachine):
         self.live = {m.id: tensors, **{k: v for k, v in list(self.live.items())[-2:]}}
         if lossy:  # what the scheme kept: the first restore; exact for what it did not touch
             got = self.archive.restore(m.id)
-            lossy_names = {e.name for e in m.tensors if e.scheme is not None}
+            scheme = {e.name: e.scheme for e in m.tensors if e.scheme is not None}
             for name, a in tensors.items():
-                assert got[name].dtype == a.dtype and got[name].shape == a.shape
-                if name not in lossy_names:
-                    assert got[name].tobytes() == a.tobytes(), name
+                g = got[name]
+                assert g.dtype == a.dtype and g.shape == a.shape
+                if name not in scheme:
+                    assert g.tobytes() == a.tobytes(), name
+                    continue
+                x, y = a.astype(np.float64), g.astype(np.float64)
+                if scheme[name]["name"] == "cast":  # rounded to nearest, even (NaN stays NaN)
+                    want = a.astype(np.dtype(scheme[name]["to"])).astype(a.dtype).astype(np.float64)
+                    assert np.array_equal(y, want, equal_nan=True), (name, scheme[name], a, g)
+                ok = np.isfinite(x) & np.isfinite(y)
+                err = scheme[name]["error"]  # what the scheme cost, as the manifest reports it
+                assert float(np.abs(y - x)[ok].max(initial=0.0)) <= err["max_abs"], (name, scheme[name])
+                assert int((np.isfinite(x) & ~ok).sum()) == err["overflow"], (name, scheme[name])
             tensors = {k: v.copy() for k, v in got.items()}
         self.snaps[m.id] = {"tensors": {k: v.copy() for k, v in tensors.items()}, "base": m.base, "grand": m.grand,
                             "version": version, "orphan": orphan}
@@ -177,6 +187,10 @@ class ArchiveMachine(RuleBasedStateMachine):
     def commit_whole(self, data: st.DataObject) -> None:
         tensors = self.new_tensors(data, None)
         layout = data.draw(st.sampled_from(LAYOUTS_), label="layout")
+        if self.snaps and data.draw(st.integers(0, 5), label="taken id?") == 0:  # refused, nothing changed
+            with pytest.raises(ArchiveExistsError, match="already exists"):
+                self.archive.commit(tensors, snapshot=self.pick(data), layout=layout)
+            return
         m = self.archive.commit(tensors, snapshot=self.snapshot_id(data), layout=layout)
         assert m.base is None
         self.record(m, tensors, False)
