@@ -17,7 +17,7 @@ from typing import Any
 import ml_dtypes  # noqa: F401  (registers bfloat16 and the float8 types with NumPy)
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, Phase, settings
+from hypothesis import HealthCheck, Phase, event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
@@ -31,7 +31,7 @@ EXAMPLES = int(os.environ.get("GPUPAS_STATEFUL_EXAMPLES", "12"))
 STEPS = int(os.environ.get("GPUPAS_STATEFUL_STEPS", "14"))
 NAMES = ["a", "b", "c", "d", "e"]
 DTYPES = ["float32", "float16", "bfloat16", "float64", "int8", "int32", "uint16", "int64", "bool", "float8_e4m3fn"]
-SHAPES = [(0,), (1,), (7,), (5, 3), (16, 4), (33,), (0, 3), (3, 0), (9, 2, 3), ()]
+SHAPES = [(0,), (1,), (7,), (5, 3), (16, 4), (33,), (0, 3), (3, 0), (9, 2, 3), (), (48, 64)]
 IDS = ["s", "s.1", "s.1.x", "x-1", "ck.100"]  # snapshot ids of their own: dotted ones prefix each other's folders
 LAYOUTS_ = [None, gpupas.Layout(rotate=False), gpupas.Layout(groups=(1,), chunk_size=64),
             gpupas.Layout(segment=64, chunk_size=16)]
@@ -74,8 +74,10 @@ def changed(rng: np.random.Generator, a: np.ndarray, how: str) -> np.ndarray:
     rows = bits.reshape(bits.shape[0] if bits.ndim else 1, -1)
     pick = rng.choice(rows.shape[0], size=max(1, rows.shape[0] // 8), replace=False) if how == "rows" \
         else np.arange(rows.shape[0])
-    step = rng.integers(-3, 4, rows[pick].shape).astype(np.int64).astype(uint)
-    rows[pick] = rows[pick] + step
+    if how == "flip":  # low bits flipped: what XOR deltas are for
+        rows[pick] ^= rng.integers(0, 16, rows[pick].shape).astype(uint)
+    else:
+        rows[pick] = rows[pick] + rng.integers(-3, 4, rows[pick].shape).astype(np.int64).astype(uint)
     return bits.view(a.dtype)
 
 
@@ -106,15 +108,22 @@ class ArchiveMachine(RuleBasedStateMachine):
         shutil.rmtree(self.tmp, ignore_errors=True)
 
     # -- helpers -------------------------------------------------------------------------------------------------
-    def new_tensors(self, data: st.DataObject, base: dict[str, np.ndarray] | None) -> dict[str, np.ndarray]:
+    def new_tensors(self, data: st.DataObject, base: dict[str, np.ndarray] | None,
+                    grand: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+        """Tensors of a new snapshot: ``base``'s, some changed (``grand``: the base's base, for changes that go on
+        along the last one, as Adam's do), some new, some dropped."""
         rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1), label="seed"))
         out: dict[str, np.ndarray] = {}
+        hows = ["same", "rows", "all", "flip", "trend", "fresh", "dtype", "shape", "drop"]
         for name, a in (base or {}).items():
-            how = data.draw(st.sampled_from(["same", "rows", "all", "fresh", "dtype", "shape", "drop"]), label=name)
-            if how == "same":
-                out[name] = a.copy()
-            elif how in ("rows", "all"):
-                out[name] = changed(rng, a, how)
+            how = data.draw(st.sampled_from(hows), label=name)
+            g = (grand or {}).get(name)
+            if how == "trend" and g is not None and g.dtype == a.dtype and g.shape == a.shape and a.dtype.kind == "f":
+                with np.errstate(all="ignore"):
+                    x, y = a.astype(np.float64), g.astype(np.float64)
+                    out[name] = (x + 0.9 * (x - y)).astype(a.dtype)
+            elif how in ("rows", "all", "flip", "trend"):
+                out[name] = changed(rng, a, "rows" if how == "rows" else how)
             elif how == "fresh":
                 out[name] = values(rng, a.dtype.name, a.shape)
             elif how == "dtype":
@@ -150,8 +159,16 @@ class ArchiveMachine(RuleBasedStateMachine):
                 assert float(np.abs(y - x)[ok].max(initial=0.0)) <= err["max_abs"], (name, scheme[name])
                 assert int((np.isfinite(x) & ~ok).sum()) == err["overflow"], (name, scheme[name])
             tensors = {k: v.copy() for k, v in got.items()}
+        for e in m.tensors:
+            event(f"enc {e.enc}{' masked' if e.masked else ''}")
+        if m.grand is not None:
+            event("extrapolates from a grand-base")
         self.snaps[m.id] = {"tensors": {k: v.copy() for k, v in tensors.items()}, "base": m.base, "grand": m.grand,
                             "version": version, "orphan": orphan}
+
+    def grand_tensors(self, sid: str) -> dict[str, np.ndarray] | None:
+        b = self.snaps[sid]["base"]
+        return None if b is None else self.snaps[b]["tensors"]
 
     def users(self, sid: str) -> list[str]:
         return sorted(o for o, s in self.snaps.items() if sid in (s["base"], s["grand"]))
@@ -199,7 +216,7 @@ class ArchiveMachine(RuleBasedStateMachine):
     @rule(data=st.data())
     def commit_delta(self, data: st.DataObject) -> None:
         base = self.pick(data)
-        tensors = self.new_tensors(data, self.snaps[base]["tensors"])
+        tensors = self.new_tensors(data, self.snaps[base]["tensors"], self.grand_tensors(base))
         setting = data.draw(st.sampled_from(["fast", "default", "strong"]), label="setting")
         layout = data.draw(st.sampled_from(LAYOUTS_), label="layout")
         m = self.archive.commit(tensors, base=base, snapshot=self.snapshot_id(data), setting=setting, layout=layout)
@@ -226,6 +243,33 @@ class ArchiveMachine(RuleBasedStateMachine):
         for a in self.live[sid].values():
             if a.size and a.flags.writeable:
                 a.reshape(-1).view(np.uint8)[: 1 + a.nbytes // 2] ^= 0x5A
+
+    @rule(data=st.data())
+    def commit_training_step(self, data: st.DataObject) -> None:
+        """A checkpoint of a training run: a delta on the run's last one, each float tensor moving on along its
+        last change (where the base is a delta: what 'pred' extrapolates), else by noise, some rows left alone."""
+        base = self.pick(data) if self.snaps and data.draw(st.integers(0, 3), label="new run?") else None
+        rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1), label="seed"))
+        if base is None:
+            tensors = {"w": (rng.standard_normal((48, 64)) * 0.02).astype(np.float32),
+                       "v": (rng.standard_normal((40, 64)) * 0.02).astype(np.float16)}
+        else:
+            tensors, grand = {}, self.grand_tensors(base) or {}
+            for n, a in self.snaps[base]["tensors"].items():
+                g = grand.get(n)
+                if a.dtype.name not in ("float32", "float16", "float64") or a.ndim != 2:
+                    tensors[n] = a.copy()
+                    continue
+                x = a.astype(np.float64)
+                with np.errstate(all="ignore"):
+                    if g is not None and g.shape == a.shape and g.dtype == a.dtype:  # Adam's momentum
+                        step = 0.9 * (x - g.astype(np.float64))
+                    else:
+                        step = rng.standard_normal(a.shape) * 1e-3 * np.abs(x).mean()
+                        step[rng.random(a.shape[0]) < 0.25] = 0.0  # rows the batch did not touch
+                    tensors[n] = (x + step).astype(a.dtype)
+        m = self.archive.commit(tensors, base=base)
+        self.record(m, tensors, False)
 
     @rule(data=st.data())
     def commit_lossy(self, data: st.DataObject) -> None:
@@ -368,7 +412,7 @@ class ArchiveMachine(RuleBasedStateMachine):
     def repo_add_snapshot(self, data: st.DataObject) -> None:
         vid = data.draw(st.sampled_from(sorted(self.versions)), label="version")
         latest = self.versions[vid]["snapshots"][-1]
-        tensors = self.new_tensors(data, self.snaps[latest]["tensors"])
+        tensors = self.new_tensors(data, self.snaps[latest]["tensors"], self.grand_tensors(latest))
         v = self.repo.add_snapshot(vid, tensors)
         assert v.latest not in self.snaps
         self.versions[vid]["snapshots"].append(v.latest)
