@@ -320,6 +320,37 @@ class ArchiveMachine(RuleBasedStateMachine):
 
     @precondition(lambda self: self.snaps)
     @rule(data=st.data())
+    def discard_by_force(self, data: st.DataObject) -> None:
+        """A forced discard: the snapshots that read its bits can no longer be restored (and say so); then they
+        are discarded too, those built on others first."""
+        def below(sid: str) -> list[str]:  # sid and everything that reads its bits, at any remove
+            out = [sid]
+            for u in self.users(sid):
+                out += [x for x in below(u) if x not in out]
+            return out
+
+        plain = [s for s in self.snaps if all(self.snaps[x]["version"] is None for x in below(s))]
+        if not plain:
+            return
+        sid = self.pick(data, plain)
+        gone = below(sid)
+        self.archive.discard(sid, force=True)
+        del self.snaps[sid]
+        with gpupas.open_archive(self.path, workers=1) as fresh:  # (this session may still hold their bits)
+            for u in gone[1:]:
+                with pytest.raises(gpupas.IntegrityError, match="is missing"):
+                    fresh.restore(u)
+            bad = {s for s, r in fresh.verify_all() if isinstance(r, Exception)}
+            assert bad == set(gone[1:]), (bad, gone)
+        while left := [u for u in gone[1:] if u in self.snaps]:
+            u = next(u for u in left if not self.users(u))  # one nothing reads any more
+            self.archive.discard(u)
+            del self.snaps[u]
+        for x in gone:
+            self.live.pop(x, None)
+
+    @precondition(lambda self: self.snaps)
+    @rule(data=st.data())
     def revise(self, data: st.DataObject) -> None:
         sid = self.pick(data)
         choice = data.draw(st.sampled_from(["keep", "whole", "other"]), label="base")
