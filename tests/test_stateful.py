@@ -27,8 +27,8 @@ from gpupas.pas.planes import LAYOUTS
 from gpupas.versions.repository import Repository
 
 MAX_CHAIN = 3
-EXAMPLES = int(os.environ.get("GPUPAS_STATEFUL_EXAMPLES", "12"))
-STEPS = int(os.environ.get("GPUPAS_STATEFUL_STEPS", "14"))
+EXAMPLES = int(os.environ.get("GPUPAS_STATEFUL_EXAMPLES", "50"))
+STEPS = int(os.environ.get("GPUPAS_STATEFUL_STEPS", "30"))
 NAMES = ["a", "b", "c", "d", "e"]
 DTYPES = ["float32", "float16", "bfloat16", "float64", "int8", "int32", "uint16", "int64", "bool", "float8_e4m3fn"]
 SHAPES = [(0,), (1,), (7,), (5, 3), (16, 4), (33,), (0, 3), (3, 0), (9, 2, 3), (), (48, 64)]
