@@ -91,11 +91,12 @@ def sweep_temporaries(p: Path, min_age: float = STALE_AFTER) -> None:
 
 def remove_if_stale(q: Path, min_age: float = STALE_AFTER) -> None:
     """Remove file or folder ``q`` (never what a link leads to) where nothing in it was touched for ``min_age``
-    seconds: the leftovers of a killed process. Best effort: what cannot be removed stays."""
+    seconds: the leftovers of a killed process. Its folders' times count too: a file made and removed since (a
+    plan's measured delta, discarded) leaves only its folder's time. Best effort: what cannot be removed stays."""
     try:
         folder = q.is_dir() and not q.is_symlink()
-        touched = max([q.lstat().st_mtime, *(os.lstat(os.path.join(d, f)).st_mtime for d, _, fs in
-                                             (os.walk(q) if folder else ()) for f in fs)])
+        touched = max([q.lstat().st_mtime, *(os.lstat(os.path.join(d, n)).st_mtime for d, ds, fs in
+                                             (os.walk(q) if folder else ()) for n in (*ds, *fs))])
         if time.time() - touched < min_age:
             return
         if folder:

@@ -327,6 +327,29 @@ def test_a_plan_removes_the_scratch_archives_killed_plans_left(tmp_path: Path, m
     assert sorted(p.name for p in (tmp_path / "tmp").iterdir()) == ["gpupas-plan-running"]  # its own: removed
 
 
+def test_a_plan_measuring_for_over_an_hour_keeps_its_scratch_archive(tmp_path: Path) -> None:
+    """Each measured pair is committed to the scratch archive and discarded: its files come and go, the files
+    left are those of the first commits. A plan starting beside one that has measured for over an hour must not
+    take its scratch archive for a killed plan's (only its folders' times are fresh)."""
+    import tempfile
+
+    from gpupas.outputs import remove_if_stale
+
+    scratch = Path(tempfile.mkdtemp(prefix="gpupas-plan-", dir=tmp_path))
+    old = time.time() - 2 * 3600
+    with gpupas.create_archive(scratch / "a", durable=False) as s:
+        w0 = s.commit({"w": np.zeros(4096, np.float32)}, snapshot="w0").id
+        for d, dirs, files in os.walk(scratch):  # the first commits: two hours ago
+            for n in (*dirs, *files):
+                os.utime(os.path.join(d, n), (old, old), follow_symlinks=False)
+        os.utime(scratch, (old, old))
+        for k in range(2):  # the pairs measured just now
+            s.discard(s.commit({"w": np.ones(4096, np.float32)}, base=w0, snapshot=f"d{k}").id, force=True)
+        remove_if_stale(scratch)
+        assert scratch.exists()
+        assert s.commit({"w": np.ones(4096, np.float32)}, base=w0, snapshot="d2").id == "d2"
+
+
 def test_plan_maps_to_revisions_parents_first(tmp_path: Path) -> None:
     run_archive(tmp_path / "a")
     with gpupas.open_archive(tmp_path / "a") as a:
