@@ -327,6 +327,27 @@ def test_a_plan_removes_the_scratch_archives_killed_plans_left(tmp_path: Path, m
     assert sorted(p.name for p in (tmp_path / "tmp").iterdir()) == ["gpupas-plan-running"]  # its own: removed
 
 
+def test_a_plan_leaves_the_users_files_that_share_its_scratch_prefix(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                                                                     ) -> None:
+    """Only a plan's scratch folders (a folder holding its archive ``a``) are a killed plan's leftovers: a file or
+    folder of the user's named gpupas-plan-* in the temporary folder stays, however old."""
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp" / "gpupas-plan-notes").mkdir(parents=True)
+    mine = [tmp_path / "tmp" / "gpupas-plan-notes.md", tmp_path / "tmp" / "gpupas-plan-notes" / "todo.md"]
+    old = time.time() - 2 * 3600
+    for p in mine:
+        p.write_text("mine")
+        os.utime(p, (old, old))
+    os.utime(tmp_path / "tmp" / "gpupas-plan-notes", (old, old))
+    with gpupas.create_archive(tmp_path / "arc") as a:
+        s0 = a.commit({"w": np.zeros(64, np.float32)}).id
+        a.commit({"w": np.ones(64, np.float32)}, base=s0)
+        storage_graph(a)
+    assert all(p.read_text() == "mine" for p in mine)
+
+
 def test_a_plan_measuring_for_over_an_hour_keeps_its_scratch_archive(tmp_path: Path) -> None:
     """Each measured pair is committed to the scratch archive and discarded: its files come and go, the files
     left are those of the first commits. A plan starting beside one that has measured for over an hour must not

@@ -13,6 +13,7 @@ an estimate errs on the large side there.
 
 from __future__ import annotations
 
+import os
 import tempfile
 import time
 from collections.abc import Iterable, Iterator, Sequence
@@ -205,6 +206,15 @@ def sample(bits: Any, entry: Any, fraction: float) -> Any:
     return np.concatenate([flat[a:a + WINDOW] for a in starts])
 
 
+def _scratch(p: Path) -> bool:
+    """Whether ``p`` is what a plan's scratch folder is: a folder (not a link) holding its archive ``a`` alone (or
+    nothing yet), not a file or folder of the user's that happens to share its prefix."""
+    try:
+        return p.is_dir() and not p.is_symlink() and set(os.listdir(p)) <= {"a"}
+    except OSError:
+        return False
+
+
 def measure_edges(archive: Any, pairs: set[tuple[str, str]], sids: Sequence[str], *, fraction: float = 1 / 16,
                   setting: str = "default") -> tuple[dict[tuple[str, str], dict[str, Coded]], Estimates]:
     """Sampled per-tensor sizes (and whether each is coded as a delta) of every snapshot whole (key
@@ -223,7 +233,8 @@ def measure_edges(archive: Any, pairs: set[tuple[str, str]], sids: Sequence[str]
                       for e in m.tensors}
     out: dict[tuple[str, str], dict[str, Coded]] = {}
     for old in Path(tempfile.gettempdir()).glob(f"{SCRATCH_PREFIX}*"):  # what killed plans left
-        remove_if_stale(old)
+        if _scratch(old):
+            remove_if_stale(old)
     with tempfile.TemporaryDirectory(prefix=SCRATCH_PREFIX) as tmp, \
             create_archive(f"{tmp}/a", durable=False, workers=archive.executor.workers) as scratch:
         ids = {sid: f"w{i}" for i, sid in enumerate(sorted(need))}
