@@ -13,6 +13,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from gpupas.errors import UNREACHABLE, ConflictError, GpupasError, SnapshotNotFoundError, Unreachable
+from gpupas.format.manifest import FORMAT
 from gpupas.xp import aligned
 
 _TRIES = 4  # revisions of one snapshot that others revise meanwhile
@@ -66,7 +67,7 @@ class Reencode:
 
     def needed(self, m: Any) -> bool:
         """Whether snapshot manifest ``m`` is not yet in this form (setting, codecs)."""
-        if m.setting != self.setting or m.implicit_grand:
+        if m.setting != self.setting or m.format < FORMAT:  # an older format: re-encoding writes this one
             return True
         allowed = set(self.setting_object().codecs)
         return any(not set(s.codec_ids()) <= allowed for s in m.streams)
@@ -133,7 +134,7 @@ def revise_link(spec: ArchiveSpec, sid: str, base: str | None, why: str, how: Re
             try:
                 old = a.store.read_manifest(sid)
                 grand_ok = old.grand is None or base is None or old.grand == a.store.read_manifest(base).base
-                if old.base == base and grand_ok and not old.implicit_grand and not (how.force and how.needed(old)):
+                if old.base == base and grand_ok and old.format >= FORMAT and not (how.force and how.needed(old)):
                     if attempt == 0 and planned is not None and old.revision > planned[0]:
                         return Revised(sid, planned[2], base, why, planned[1], old.stored_bytes, True,
                                        "revised since the job was planned (by an earlier run of this task, on "
