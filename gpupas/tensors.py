@@ -171,8 +171,9 @@ def _refuse_packed(tensors: Mapping[Any, Any], source: str) -> None:
     from gpupas.integrations.torch import is_torch_tensor
 
     for k, v in tensors.items():
-        if isinstance(v, (tuple, list)) and any(is_torch_tensor(x) and x.is_quantized for x in v):
-            kind = next(x.dtype for x in v if is_torch_tensor(x) and x.is_quantized)
+        kind = next((x.dtype for x in v if is_torch_tensor(x) and x.is_quantized), None) \
+            if isinstance(v, (tuple, list)) else None
+        if kind is not None:
             raise UnsupportedDtypeError(
                 f"{source}: {k!r} holds a quantized module's packed weights ({kind}), which cannot be archived as "
                 "they are; commit the float model's state_dict (before quantization, or dequantize() its weights), "
@@ -311,9 +312,8 @@ def as_tensor_dict(tensors: Any, source: str = "input", backend: Any = None,
     """Named tensors as arrays of ``backend`` (NumPy by default); accepts a mapping of NumPy/CuPy/torch
     arrays or a checkpoint file path (a safetensors file's own metadata goes into ``metadata``). A mapping
     that wraps a state_dict (``{"model": ..., "optimizer": ...}``) gives the state_dict, as a file does,
-    with a warning; so does
-    a module's non-tensor ``_extra_state``, which is left out, and a DistributedDataParallel state_dict's
-    ``module.`` prefix, which is taken off."""
+    with a warning; so does a module's non-tensor ``_extra_state``, which is left out, and a
+    DistributedDataParallel state_dict's ``module.`` prefix, which is taken off."""
     if backend is None:
         from gpupas.backend import get_backend
 
