@@ -164,10 +164,12 @@ def _stale(out: Path, writing: set[str]) -> list[str]:
     are ignored (the metadata file is the folder's, not the archive's)."""
     try:
         old = json.loads((out / METADATA).read_text())
-        files = old.get("files") if isinstance(old, dict) else None
-        named = [*(files if isinstance(files, dict) else {}), old.get("checked_out_weights")] if old else []
-    except (OSError, ValueError, TypeError, AttributeError):
+    except (OSError, ValueError):
         return []
+    if not isinstance(old, dict):
+        return []
+    files = old.get("files")
+    named = [*(files if isinstance(files, dict) else ()), old.get("checked_out_weights")]
     keep = {file_key(n) for n in writing}
     stale = []
     for name in named:
@@ -184,12 +186,12 @@ def _remove(out: Path, stale: list[str]) -> None:
     """Unlink the files ``stale`` names under ``out`` (not folders, not what a link leads to), then the
     folders they leave empty."""
     for name in stale:
-        path = out / name
-        if any((out / p).is_symlink() for p in list(Path(name).parents)[:-1]):  # a folder linked elsewhere
+        path, folders = out / name, list(Path(name).parents)[:-1]  # "a/b/c.txt": a/b, then a
+        if any((out / f).is_symlink() for f in folders):  # a folder linked elsewhere
             continue
         if path.is_symlink() or path.is_file():
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
-        for parent in list(Path(name).parents)[:-1]:  # "a/b/c.txt": a/b, then a
+        for f in folders:
             with contextlib.suppress(OSError):  # not empty, or gone
-                (out / parent).rmdir()
+                (out / f).rmdir()
