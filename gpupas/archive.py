@@ -517,7 +517,7 @@ class Archive:
         # is the base's alone
         shared = [] if base_m is None else [e.name for e in old.tensors
                                             if delta_candidate(base_m.by_name.get(e.name), e.dtype, e.shape)]
-        base_bits = self._read(new_base, shared, backend)[0] if shared else {}
+        base_bits = self._read(new_base, shared, backend)[0] if shared and new_base is not None else {}
         grand_bits = {} if base_m is None else self._grand_bits(base_m, arrays, cfg, backend)
         small = old.raw_bytes <= SMALL
         keep = {e.name: e.scheme for e in old.tensors if e.scheme is not None}  # the same representation again
@@ -541,8 +541,9 @@ class Archive:
             rebased = new_base is not None and new_base != old.base
             # checked again as the manifest is switched (other re-bases publish under the same lock): two
             # revisions that each passed the check above could together make a loop or too long a chain
-            was = self.store.replace_manifest(new, old.revision, check=(lambda: self._check_base(
-                snapshot, new_base, self.store.read_manifest)) if rebased else None)
+            was = self.store.replace_manifest(new, old.revision, check=functools.partial(
+                self._check_base, snapshot, new_base, self.store.read_manifest) if new_base is not None and rebased
+                else None)
             if rebased and was is not None:
                 self._new_base_still_there(new, was)
         except BaseException as exc:

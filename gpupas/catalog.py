@@ -379,7 +379,8 @@ class Catalog:
             return  # reports it
         if got is None:  # vanished between listing and reading
             return
-        record, fp = got
+        record: Any = got[0]  # a Manifest (m/) or a record (v/, t/)
+        fp = got[1]
         if key.startswith("v/") and (not isinstance(record, dict) or record.get("id") != int(key[2:])):
             return  # a record moved or copied under another id: damaged (as Records.version says), and indexed
             # under its own id no later change of this key would ever remove it

@@ -13,6 +13,8 @@ class GpupasError(Exception):
 class _Plain:
     """For subclasses of KeyError: print the message, not its repr."""
 
+    args: tuple[object, ...]  # (an exception's, as the class it is mixed into)
+
     def __str__(self) -> str:
         return str(self.args[0]) if self.args else ""
 

@@ -36,8 +36,10 @@ def fsync(fd: int) -> None:
     os.fsync(fd)
 
 
-def write_file(path: str | os.PathLike[str], fill: Callable[[BinaryIO], None], *, replace: bool = False) -> Path:
-    """Write ``path`` with ``fill(file)``; ArchiveExistsError if it exists and not ``replace``."""
+def write_file(path: str | os.PathLike[str], fill: Callable[[BinaryIO], object] | bytes, *,
+               replace: bool = False) -> Path:
+    """Write ``path`` with ``fill(file)`` (or the bytes ``fill``); ArchiveExistsError if it exists and not
+    ``replace``."""
     p = Path(path)
     if p.is_dir():
         raise InvalidInputError(f"{p} is a folder; give the path of a file to write")
@@ -50,7 +52,10 @@ def write_file(path: str | os.PathLike[str], fill: Callable[[BinaryIO], None], *
         raise cannot_write(p, exc) from None
     try:
         with os.fdopen(fd, "wb") as f:
-            fill(f)
+            if isinstance(fill, bytes):
+                f.write(fill)
+            else:
+                fill(f)
             f.flush()
             fsync(f.fileno())
         if replace:

@@ -485,8 +485,8 @@ def run_query(catalog: Catalog, text: str) -> list[dict[str, Any]]:
         raise InvalidInputError(f"DQL: the statement is too large for the catalog ({exc}); split it into "
                                 "smaller ones") from None
     parents: dict[int, list[int]] = {}
-    for r in catalog.query("SELECT version, parent FROM parents ORDER BY version, pos"):
-        parents.setdefault(r["version"], []).append(r["parent"])
+    for p in catalog.query("SELECT version, parent FROM parents ORDER BY version, pos"):
+        parents.setdefault(p["version"], []).append(p["parent"])
     for r in rows:
         r["parents"] = parents.get(r["id"], [])
     return rows

@@ -11,7 +11,7 @@ import logging
 import re
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 from gpupas.errors import BackendUnavailableError, InvalidInputError
 
@@ -56,14 +56,18 @@ class Backend(Protocol):
 
     name: str  # "numpy" or "cupy"
     codec_backend: str  # which chunk-codec implementations run here: "cpu" or "gpu"
-    xp: Any  # the array module
+    @property
+    def xp(self) -> Any:
+        """The array module."""
+        ...
+
     to_host_bytes: int  # bytes copied from the device to the host so far
 
     def as_array(self, value: Any, name: str) -> Any:
         """An input tensor as an array of this backend (zero-copy where it can), contiguous."""
         ...
 
-    layout: dict[str, int]  # this device's default stream layout (e.g. {"chunk_size": 65536} on a GPU)
+    layout: ClassVar[dict[str, int]]  # this device's default stream layout (e.g. {"chunk_size": 65536} on a GPU)
 
     def to_host(self, x: Any, out: Any = None, *, stream: Any = None, meta: bool = False) -> Any:
         """A host (NumPy) copy of ``x`` (into ``out`` where given): the one function through which bytes

@@ -463,7 +463,7 @@ class CupyBackend:
             dev_alpha = self.cp.asarray(np.concatenate([alphas[i] for i in order])) if order else None
             alpha_at, at = {}, 0
             for i in order:
-                alpha_at[i] = dev_alpha.data.ptr + 2 * at
+                alpha_at[i] = dev_alpha.data.ptr + 2 * at  # type: ignore[union-attr]  # (made where order has any)
                 at += alphas[i].size
             arrays = []
             for st, pl in zip(staged, placements):

@@ -108,10 +108,11 @@ _local = threading.local()
 def _scratch(k: int, nbytes: int) -> np.ndarray:
     """Thread-local scratch buffer ``k`` of ``nbytes``, kept for the thread's next call (see the module's
     docstring for how much)."""
-    have = _local.__dict__.get(k)
+    cache: dict[Any, Any] = _local.__dict__
+    have = cache.get(k)
     if have is None or have.size < nbytes:
         have = np.empty(-(-nbytes // 65536) * 65536, np.uint8)
-        _local.__dict__[k] = have
+        cache[k] = have
     return have[:nbytes]
 
 
@@ -519,7 +520,7 @@ def decode_windows(backend: Any, m: Any, entries: Sequence[Any], read: Any, base
                 if b > a:
                     tasks.append((e, a, b))
             executor.map(lambda t, sh=shift: _rebuild(out, jobs, root, sh, t, parts), tasks, inline=small)
-    if crcs is not None:
+    if crcs is not None and parts is not None:
         _combine(entries, out, jobs, parts, m.segment, crcs)
     return out
 

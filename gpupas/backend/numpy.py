@@ -238,7 +238,7 @@ class NumpyBackend:
         block = self.empty(starts[-1])  # one allocation: huge pages
         out = {e.name: block[lo : lo + n].view(e.layout.uint) for e, lo, n in zip(entries, starts, nbytes)}
         jobs: dict[str, tuple[Any, Any, Any, Any, Any]] = {}  # name: (target, base, base's base, factors, mask)
-        units = []
+        units: list[tuple[Any, int, int]] = []
         for e in entries:
             values = e.values
             rows, per = rows_of(e.shape)
@@ -263,7 +263,7 @@ class NumpyBackend:
             e, a, b = unit
             target, ub, ub2, alpha, _ = jobs[e.name]
             n = b - a
-            planes = []
+            planes: list[Any] = []
             for p in e.parts:
                 start = p.offset + a * p.count
                 block = bufs[p.stream][start : start + p.count * n]

@@ -10,7 +10,7 @@ import importlib
 import os
 import struct
 from collections.abc import Sequence
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast, overload
 
 import numpy as np
 from isal import isal_zlib
@@ -19,7 +19,14 @@ from zlib_ng import zlib_ng
 from gpupas.codecs.zstd import pieces
 from gpupas.errors import IntegrityError
 
+_ISAL_ERROR = cast("type[Exception]", isal_zlib.error)  # (its stub types it as an instance)
 
+
+@overload
+def code(data: memoryview, bounds: Sequence[int], huffman_only: bool = ..., limit: None = ...) -> bytes: ...
+@overload
+def code(data: memoryview, bounds: Sequence[int], huffman_only: bool = ..., limit: int | None = ...
+         ) -> bytes | None: ...
 def code(data: memoryview, bounds: Sequence[int], huffman_only: bool = True, limit: int | None = None) -> bytes | None:
     """A gzip member of Deflate of ``data``, ending a block at each bound; None where ``limit`` is given
     and the member would be longer than ``limit`` bytes (the compiled encoder then writes nothing)."""
@@ -77,7 +84,7 @@ def decode_into(body: Any, out: np.ndarray) -> None:
         d = isal_zlib.decompressobj(31)
         data = d.decompress(body, size + 1)
         complete = d.eof and not d.unused_data
-    except (isal_zlib.error, OSError, ValueError) as exc:
+    except (_ISAL_ERROR, OSError, ValueError) as exc:
         raise IntegrityError(f"undecodable deflate chunk: {exc}") from None
     if len(data) != size or not complete:
         raise IntegrityError(f"deflate chunk does not hold exactly {size} bytes")

@@ -242,11 +242,11 @@ def read_all(store: ArchiveStore, sids: Iterable[str], *, manifests: Manifests, 
             result = m
         else:
             try:
-                want = need.get(s, set())
-                entries = m.select(None if want is None else sorted(want))
-                needed = dependencies(m, want, manifests)
+                names = need.get(s, set())
+                entries = m.select(None if names is None else sorted(names))
+                needed = dependencies(m, names, manifests)
                 failed = any(isinstance(bits.get(d), Exception) for d, _ in needed)
-                part = alone(s, want) if failed else None  # what it reads of a failed base may be intact
+                part = alone(s, names) if failed else None  # what it reads of a failed base may be intact
                 if part is not None:
                     result = part
                 else:

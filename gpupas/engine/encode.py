@@ -233,7 +233,8 @@ def attribute(entries: list[TensorEntry], streams: Sequence[Stream], bufs: Seque
     """
     widths = [e.width for e in entries]
     slots = np.cumsum([0] + [w + 1 for w in widths])  # entry i, plane p -> slots[i] + p (p == width: extras)
-    runs = []  # (stream, start, length, planes, first slot): ``planes`` pieces of ``length`` bytes, back to back
+    # (stream, start, length, planes, first slot): ``planes`` pieces of ``length`` bytes, back to back
+    runs: list[tuple[int, int, int, int, int]] = []
     for i, e in enumerate(entries):
         for p in e.parts:
             runs.extend((p.stream, p.offset + a * p.count, b - a, p.count, slots[i] + p.first)
@@ -274,10 +275,10 @@ def attribute(entries: list[TensorEntry], streams: Sequence[Stream], bufs: Seque
     share = np.bincount(np.concatenate([none, *(x[0] for x in alone), slot_sh]),
                         weights=np.concatenate([np.zeros(0), *(x[1].astype(np.float64) for x in alone), got]),
                         minlength=int(slots[-1])).tolist()
-    bounds = list(zip(slots[:-1].tolist(), slots[1:].tolist()))
-    stored = apportion([sum(share[u:v]) for u, v in bounds], int(stored_of.sum()))  # adds up to the snapshot's
+    spans = list(zip(slots[:-1].tolist(), slots[1:].tolist()))
+    totals = apportion([sum(share[u:v]) for u, v in spans], int(stored_of.sum()))  # adds up to the snapshot's
     return [replace(e, plane_bytes=tuple(apportion(share[u:v - 1], min(n, round(sum(share[u:v - 1]))))), stored=n)
-            for e, (u, v), n in zip(entries, bounds, stored)]  # planes add up to at most the tensor's bytes
+            for e, (u, v), n in zip(entries, spans, totals)]  # planes add up to at most the tensor's bytes
 
 
 def _share(chunk: np.ndarray, weight: np.ndarray, length: np.ndarray, stored: np.ndarray, nchunks: int) -> np.ndarray:

@@ -100,9 +100,8 @@ def _decode(top: np.ndarray, m: int, enc: str, bits: int, rotate: bool, ub: B.Sl
     cols: list[np.ndarray] = []  # lo, hi, ok: as wide as the widest block's (a wider block widens them)
     for a in range(0, n, BLOCK):
         cut = slice(a, a + BLOCK)
-        got, approx[cut] = B.decode(top[cut], m, enc, bits, rotate, *(
-            None if x is None else x.take(cut) if isinstance(x, B.Slots) else x[cut]
-            for x in (ub, ub_approx, ub2, ub2_approx, alpha)))
+        got, approx[cut] = B.decode(top[cut], m, enc, bits, rotate, _rows(ub, cut), _rows(ub_approx, cut),
+                                    _rows(ub2, cut), _rows(ub2_approx, cut), _rows(alpha, cut))
         w = got.lo.shape[1]
         if not cols or w > cols[0].shape[1]:
             wider = [np.zeros((n, w), np.uint64), np.zeros((n, w), np.uint64), np.zeros((n, w), bool)]
@@ -111,7 +110,12 @@ def _decode(top: np.ndarray, m: int, enc: str, bits: int, rotate: bool, ub: B.Sl
             cols = wider
         for col, part in zip(cols, (got.lo, got.hi, got.ok)):
             col[cut, :w] = part
-    return B.Slots(*cols, bits), approx
+    return B.Slots(cols[0], cols[1], cols[2], bits), approx
+
+
+def _rows(x: Any, cut: slice) -> Any:
+    """Rows ``cut`` of Slots or an array (None stays None)."""
+    return None if x is None else x.take(cut) if isinstance(x, B.Slots) else x[cut]
 
 
 class _Unpinned(Exception):
@@ -197,9 +201,9 @@ class PartialReader:
                     need[dep] = None if have is None else have | want
                     work.append(dep)
         total = 0
-        for sid, want in need.items():
+        for sid, names in need.items():
             m = self.manifests(sid)
-            entries = m.select(None if want is None else sorted(want))
+            entries = m.select(None if names is None else sorted(names))
             for s, chunks in needed_chunks(m, entries).items():
                 stream = m.streams[s]
                 if stream.tier is not None and (m.id, s) not in self._readers:  # never opened: no request for it
@@ -343,9 +347,9 @@ class PartialReader:
                     natural[order] = planes[j]
                     planes[j] = natural
             top = np.zeros(b - a, np.uint64)
-            for p in planes:
+            for plane in planes:
                 top <<= np.uint64(8)
-                top |= p
+                top |= plane
             if key is not None:  # a delta's planes sorted by the base's context byte
                 order = np.argsort(key[a:b], kind="stable")
                 natural_top = np.empty_like(top)

@@ -81,6 +81,7 @@ class Staged:
             return None
         if self.alpha is None:
             return self.ub[a:b]
+        assert self.ub2 is not None  # (factors are fitted against the base's base)
         return predict(self.ub[a:b], self.ub2[a:b], self.alpha, self.layout, rows_of(self.coded_shape)[1], a)
 
 
@@ -112,7 +113,8 @@ def stage(name: str, arr: Any, crc32: Any, setting: Setting, base: TensorEntry |
             st.coded_shape = (int(st.changed.sum()), per)
     st.plan = choose_plan(st.u, st.ub, layout, setting)
     ub2 = grand_bits if same else None
-    if ub2 is not None and ub2.size == u.size and supports(layout) and st.u.size >= MIN_ESTIMATE_VALUES:
+    if ub2 is not None and st.ub is not None and ub2.size == u.size and supports(layout) \
+            and st.u.size >= MIN_ESTIMATE_VALUES:
         if st.changed is not None:
             ub2 = gather(ub2, st.changed, st.coded_shape[1])
         alpha = fit(st.u, st.ub, ub2, layout, st.coded_shape)

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import re
+from typing import TypeGuard
 
 from gpupas.errors import InvalidInputError
 
@@ -39,7 +40,7 @@ def is_name(name: object) -> bool:
     return isinstance(name, str) and NAME_RE.fullmatch(name) is not None and ".." not in name
 
 
-def is_folder(name: object) -> bool:
+def is_folder(name: object) -> TypeGuard[str]:
     """Whether ``name`` may name a stream folder under ``snapshots/`` (a snapshot id plus a tag)."""
     return (isinstance(name, str) and FOLDER_RE.fullmatch(name) is not None and ".." not in name
             and name != "zarr.json")  # the group document of snapshots/

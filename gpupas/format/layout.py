@@ -68,6 +68,7 @@ def write_extras(extras: Sequence[Any], placements: Sequence[Placement], bufs: S
     cuts: list[set[int]] = [set() for _ in bufs]
     for x, pl in zip(extras, placements):
         if x.size:
+            assert pl.extras is not None  # (placed wherever there are extras)
             s, off = pl.extras
             bufs[s][off : off + x.size] = x
             cuts[s].add(off)

@@ -437,7 +437,8 @@ def _parse(d: dict[str, Any], sid: str, what: str) -> Manifest:
             ctx=t.get("ctx") is True,
             rows=None if t.get("rows") is None else _int(t.get("rows"), what, f"rows of {name!r}"),
             parts=tuple(Part(*(_int(x, what, f"parts of {name!r}") for x in p)) for p in parts),
-            extras=None if extras is None else tuple(_int(x, what, f"extras of {name!r}") for x in extras),
+            extras=None if extras is None else (_int(extras[0], what, f"extras of {name!r}"),
+                                                _int(extras[1], what, f"extras of {name!r}")),
             stored=_int(t.get("stored", 0), what, f"stored of {name!r}"),
             plane_bytes=tuple(_int(x, what, "plane_bytes") for x in _list(t.get("plane_bytes", []), what)),
             rot=t.get("rot", True) is not False,
@@ -456,7 +457,7 @@ def _parse(d: dict[str, Any], sid: str, what: str) -> Manifest:
         raw_bytes=_int(d.get("raw_bytes", 0), what, "raw_bytes"),
         stored_bytes=_int(d.get("stored_bytes", 0), what, "stored_bytes"),
         commit_seconds=_seconds(d.get("commit_seconds")),
-        meta=d.get("meta") if isinstance(d.get("meta"), dict) else {},
+        meta=meta if isinstance(meta := d.get("meta"), dict) else {},
     )
     check(m, what)
     return m
@@ -506,7 +507,7 @@ def _parse_legacy(d: dict[str, Any], sid: str, what: str) -> Manifest:
                  raw_bytes=_int(d.get("raw_bytes", 0), what, "raw_bytes"),
                  stored_bytes=_int(d.get("stored_bytes", 0), what, "stored_bytes"),
                  commit_seconds=_seconds(d.get("commit_seconds")),
-                 meta=d.get("meta") if isinstance(d.get("meta"), dict) else {})
+                 meta=meta if isinstance(meta := d.get("meta"), dict) else {})
     check(m, what)
     return m
 

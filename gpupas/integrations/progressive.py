@@ -242,22 +242,23 @@ def _as_box(v: Any) -> Box:
 
 
 # -- the network as a graph of interval operations -------------------------------------------------------------
-_EXACT_ACT: dict[type, Callable[[nn.Module], Callable[[torch.Tensor], torch.Tensor]]] = {
+_EXACT_ACT: dict[type, Callable[[Any], Callable[[torch.Tensor], torch.Tensor]]] = {  # (of an nn.Module)
     nn.ReLU: lambda m: F.relu,
     nn.ReLU6: lambda m: lambda t: t.clamp(0, 6),
-    nn.Hardtanh: lambda m: lambda t: t.clamp(m.min_val, m.max_val),  # type: ignore[attr-defined]
+    nn.Hardtanh: lambda m: lambda t: t.clamp(m.min_val, m.max_val),
 }
-_ACT: dict[type, Callable[[nn.Module], Callable[[torch.Tensor], torch.Tensor] | None]] = {
+_ACT: dict[type, Callable[[Any], Callable[[torch.Tensor], torch.Tensor] | None]] = {
     nn.Sigmoid: lambda m: torch.sigmoid,
     nn.Tanh: lambda m: torch.tanh,
     nn.Hardsigmoid: lambda m: F.hardsigmoid,
-    nn.LeakyReLU: lambda m: (lambda t: F.leaky_relu(t, m.negative_slope)) if m.negative_slope >= 0 else None,  # type: ignore[attr-defined]
-    nn.ELU: lambda m: (lambda t: F.elu(t, m.alpha)) if m.alpha >= 0 else None,  # type: ignore[attr-defined]
-    nn.Softplus: lambda m: (lambda t: F.softplus(t, m.beta, m.threshold)) if m.beta > 0 else None,  # type: ignore[attr-defined]
+    nn.LeakyReLU: lambda m: (lambda t: F.leaky_relu(t, m.negative_slope)) if m.negative_slope >= 0 else None,
+    nn.ELU: lambda m: (lambda t: F.elu(t, m.alpha)) if m.alpha >= 0 else None,
+    nn.Softplus: lambda m: (lambda t: F.softplus(t, m.beta, m.threshold)) if m.beta > 0 else None,
 }
 _FN_EXACT = {F.relu: F.relu, torch.relu: torch.relu, F.relu6: F.relu6, F.hardtanh: F.hardtanh}
-_FN_ACT = {torch.sigmoid: torch.sigmoid, F.sigmoid: torch.sigmoid, torch.tanh: torch.tanh, F.tanh: torch.tanh,
-           F.hardsigmoid: F.hardsigmoid, F.softplus: F.softplus, F.elu: F.elu, F.leaky_relu: F.leaky_relu}
+_FN_ACT: dict[Any, Callable[..., torch.Tensor]] = {
+    torch.sigmoid: torch.sigmoid, F.sigmoid: torch.sigmoid, torch.tanh: torch.tanh, F.tanh: torch.tanh,
+    F.hardsigmoid: F.hardsigmoid, F.softplus: F.softplus, F.elu: F.elu, F.leaky_relu: F.leaky_relu}
 _MONOTONE_ARG = {F.leaky_relu: (1, "negative_slope", 0.01, lambda v: v >= 0),
                  F.elu: (1, "alpha", 1.0, lambda v: v >= 0), F.softplus: (1, "beta", 1.0, lambda v: v > 0)}
 
@@ -273,7 +274,8 @@ _FN_POOL_AVG = (F.avg_pool1d, F.avg_pool2d, F.adaptive_avg_pool1d, F.adaptive_av
 _FN_SHAPE = (torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze)
 _ADD = (operator.add, operator.iadd, torch.add)
 _METHOD_SHAPE = {"flatten", "view", "reshape", "squeeze", "unsqueeze", "contiguous", "permute", "transpose"}
-_METHOD_ACT = {"relu": (F.relu, True), "sigmoid": (torch.sigmoid, False), "tanh": (torch.tanh, False)}
+_METHOD_ACT: dict[str, tuple[Callable[[torch.Tensor], torch.Tensor], bool]] = {
+    "relu": (F.relu, True), "sigmoid": (torch.sigmoid, False), "tanh": (torch.tanh, False)}
 _MODULES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.BatchNorm1d, nn.BatchNorm2d, nn.MaxPool1d, nn.MaxPool2d,
             nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool1d,
             nn.AdaptiveMaxPool2d, nn.Flatten, nn.Dropout, nn.Identity, *_EXACT_ACT, *_ACT)
@@ -401,7 +403,7 @@ class IntervalNet:
             return _affine(x, p, F.linear, fmt)
         if isinstance(mod, (nn.Conv1d, nn.Conv2d)):
             conv = F.conv1d if isinstance(mod, nn.Conv1d) else F.conv2d
-            kw = dict(stride=mod.stride, padding=mod.padding, dilation=mod.dilation, groups=mod.groups)
+            kw: dict[str, Any] = dict(stride=mod.stride, padding=mod.padding, dilation=mod.dilation, groups=mod.groups)
             n = mod.in_channels // mod.groups * math.prod(mod.kernel_size) + 1
             shape = (1, mod.out_channels) + (1,) * (x.lo.dim() - 2)
             p = self._prepared(target, lambda: _prepare(w("weight"), None if mod.bias is None else w("bias"), n, fmt,
@@ -471,16 +473,16 @@ class IntervalNet:
         if fn is F.linear:
             wgt = _as_box(args[1])
             bias = args[2] if len(args) > 2 else kwargs.get("bias")
-            p = _prepare(wgt, None if bias is None else _as_box(bias), wgt.shape[1] + 1, fmt, (wgt.shape[0],))
-            return _affine(x, p, F.linear, fmt)
+            prep = _prepare(wgt, None if bias is None else _as_box(bias), wgt.shape[1] + 1, fmt, (wgt.shape[0],))
+            return _affine(x, prep, F.linear, fmt)
         if fn in (F.conv1d, F.conv2d):
             wgt = _as_box(args[1])
             bias = args[2] if len(args) > 2 else kwargs.pop("bias", None)
             rest = dict(zip(("stride", "padding", "dilation", "groups"), args[3:])) | kwargs
             n = wgt.shape[1] * math.prod(wgt.shape[2:]) + 1
             shape = (1, wgt.shape[0]) + (1,) * (x.lo.dim() - 2)
-            p = _prepare(wgt, None if bias is None else _as_box(bias), n, fmt, shape)
-            return _affine(x, p, lambda a, b: fn(a, b, **rest), fmt)
+            prep = _prepare(wgt, None if bias is None else _as_box(bias), n, fmt, shape)
+            return _affine(x, prep, lambda a, b: fn(a, b, **rest), fmt)
         raise InvalidInputError(f"progressive evaluation cannot bound function {getattr(fn, '__name__', fn)}")
 
     def _method(self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any], fmt: Precision) -> Any:

@@ -100,11 +100,12 @@ def compact_graph(spec: ArchiveSpec | str, target: Mapping[str, str | None], *, 
             depth, x, seen = 0, s, {s}
             while True:
                 try:
-                    x = base(x)
+                    below = base(x)
                 except (SnapshotNotFoundError, IntegrityError, FormatError):
                     return depth
-                if x is None or x in seen:
+                if below is None or below in seen:
                     return depth
+                x = below
                 seen.add(x)
                 depth += 1
 
@@ -137,7 +138,7 @@ def compact_graph(spec: ArchiveSpec | str, target: Mapping[str, str | None], *, 
             planned[c.key] = (m.revision + (c.key != c.snapshot and first_key(c.snapshot) in planned),
                               m.stored_bytes, m.base)
     job = Job("compact", spec, changes=chs, decodes=len(links))
-    revised: dict[str, Any] = {}
+    tasks_of: dict[str, Any] = {}  # revision key: its task
     for c in chs:
         ins = [links[c.snapshot]]
         if c.base is not None:
@@ -145,10 +146,10 @@ def compact_graph(spec: ArchiveSpec | str, target: Mapping[str, str | None], *, 
             g = base_of(c.base)
             if g is not None:
                 ins.append(links[g])
-        ins += [revised[d] for d in c.after if d in revised]
-        revised[c.key] = dask.delayed(tasks.revise_link, pure=False)(
+        ins += [tasks_of[d] for d in c.after if d in tasks_of]
+        tasks_of[c.key] = dask.delayed(tasks.revise_link, pure=False)(
             spec, c.snapshot, c.base, c.why, how, planned[c.key], *ins, dask_key_name=f"revise-{c.key}")
-    job.targets = list(revised.values())
+    job.targets = list(tasks_of.values())
     if gc_min_age is not None:
         job.targets.append(gc_graph(spec, gc_min_age, after=job.targets).targets[0])
     return job

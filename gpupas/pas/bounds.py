@@ -365,13 +365,13 @@ def to_values(x: Slots, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         emin, emax = _extremes(name)
         lo = np.where(unb, float(emin), vlo).astype(dt)
         hi = np.where(unb, float(emax), vhi).astype(dt)
-        return lo, hi, unb
+        return lo, hi, unb  # type: ignore[return-value]  # (numpy's stubs: any(axis=) may be a scalar)
     if name in EXPONENTS:  # patterns in value order, the top one NaN (0xFF)
         unb = (x.ok & (x.hi >= U64(0xFF))).any(axis=1)
         lo_p = np.where(x.ok, x.lo, _mask(64)).min(axis=1)
         hi_p = np.where(x.ok, x.hi, U64(0)).max(axis=1)
         return (np.where(unb, 0, lo_p).astype(np.uint8).view(dt), np.where(unb, 0xFE, hi_p).astype(np.uint8).view(dt),
-                unb)
+                unb)  # type: ignore[return-value]  # (as above)
     unb = np.zeros(x.n, bool)
     if dt == np.bool_:
         lo = np.where(x.ok, x.lo, _mask(64)).min(axis=1) != 0
@@ -381,8 +381,8 @@ def to_values(x: Slots, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         lo = np.where(x.ok, x.lo, _mask(64)).min(axis=1).astype(dt)
         hi = np.where(x.ok, x.hi, U64(0)).max(axis=1).astype(dt)
         return lo, hi, unb
-    sign = U64(1) << U64(bits - 1)
-    cross = x.ok & (x.lo < sign) & (x.hi >= sign)  # from the largest positive to the smallest negative
+    top = U64(1) << U64(bits - 1)
+    cross = x.ok & (x.lo < top) & (x.hi >= top)  # from the largest positive to the smallest negative
     view = np.dtype(f"i{dt.itemsize}")
     a = x.lo.astype(LAYOUTS[name].uint).view(view).astype(np.int64)
     b = x.hi.astype(LAYOUTS[name].uint).view(view).astype(np.int64)

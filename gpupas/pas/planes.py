@@ -46,7 +46,8 @@ FLOATS = ("float64", "float32", "float16", "bfloat16", *SMALL_FLOATS)  # sign, e
 
 
 def _layouts() -> dict[str, Layout]:
-    uints = {1: np.dtype(np.uint8), 2: np.dtype(np.uint16), 4: np.dtype(np.uint32), 8: np.dtype(np.uint64)}
+    uints: dict[int, np.dtype[Any]] = {1: np.dtype(np.uint8), 2: np.dtype(np.uint16), 4: np.dtype(np.uint32),
+                                       8: np.dtype(np.uint64)}
     rotated = [np.float64, np.float32, np.float16, ml_dtypes.bfloat16]
     ints = [np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint32, np.uint64, np.bool_]
     out = {}

@@ -44,23 +44,23 @@ def parse(spec: str | dict[str, Any]) -> dict[str, Any]:
         else:
             raise InvalidInputError(f"lossy scheme {spec!r} is not one of bf16, fp16 (':truncate'), fixed:BITS, "
                                     "quant:BITS, kmeans:BITS")
-    name = s.get("name")
+    kind = s.get("name")
     if isinstance(s.get("bits"), numbers.Integral) and not isinstance(s["bits"], (bool, np.bool_)):
         s["bits"] = int(s["bits"])  # np.int64(8) from a config: written into the manifest as JSON
-    if name == "cast":
+    if kind == "cast":
         if s.get("to") not in ("float16", "bfloat16") or s.setdefault("round", "nearest") not in ("nearest",
                                                                                                    "truncate"):
             raise InvalidInputError(f"cast scheme {s}: 'to' is float16 or bfloat16, 'round' nearest or truncate")
-    elif name == "fixed":
+    elif kind == "fixed":
         if type(s.get("bits")) is not int or not 2 <= s["bits"] <= 32:
             raise InvalidInputError(f"fixed-point scheme {s}: bits must be an integer of 2..32")
-    elif name == "quant":
+    elif kind == "quant":
         if type(s.get("bits")) is not int or not 1 <= s["bits"] <= 8:
             raise InvalidInputError(f"quantization scheme {s}: bits must be an integer of 1..8")
         if s.setdefault("method", "uniform") not in ("uniform", "kmeans"):
             raise InvalidInputError(f"quantization scheme {s}: method is uniform or kmeans")
     else:
-        raise InvalidInputError(f"unknown lossy scheme {name!r}; use one of {', '.join(NAMES)}")
+        raise InvalidInputError(f"unknown lossy scheme {kind!r}; use one of {', '.join(NAMES)}")
     _check_params(s)
     return s
 
@@ -162,8 +162,7 @@ def apply(values: np.ndarray, scheme: dict[str, Any], sample: int = 1 << 16) -> 
                                 f"({values.dtype.name}), not past its range; leave them out and gpupas picks them")
     if "levels" not in scheme:  # one zero: levels -0.0 and +0.0 both would re-code a restored zero to the other
         table = table + 0.0
-    table = [float(v) for v in table]
-    return codes.reshape(values.shape), dict(scheme) | {"levels": table}
+    return codes.reshape(values.shape), dict(scheme) | {"levels": [float(v) for v in table]}
 
 
 def _levels(x: np.ndarray, n: int, how: Any, sample: int) -> np.ndarray:

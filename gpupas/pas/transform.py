@@ -48,10 +48,11 @@ _local = threading.local()
 def scratch(k: int, n: int, dtype: Any, xp: Any = np) -> Any:
     """Thread-local scratch array ``k`` of ``n`` values: reused, so its pages stay warm."""
     key = (k, np.dtype(dtype).str, xp.__name__)
-    have = _local.__dict__.get(key)
+    cache: dict[Any, Any] = _local.__dict__
+    have = cache.get(key)
     if have is None or have.size < n:
         have = xp.empty(max(n, min(SEGMENT, 4 * n)), dtype)
-        _local.__dict__[key] = have
+        cache[key] = have
     return have[:n]
 
 
@@ -114,7 +115,7 @@ def may_split_whole(u: Any, setting: Setting, layout: Layout) -> bool:
     if _ints_split(setting, layout):
         return True
     look = to_numpy(u[:: max(1, u.size // ZERO_LOOK)])
-    return look.size > 0 and np.count_nonzero(np.left_shift(look, 1) == 0) >= MIN_ZERO_FRACTION * look.size
+    return bool(look.size > 0 and np.count_nonzero(np.left_shift(look, 1) == 0) >= MIN_ZERO_FRACTION * look.size)
 
 
 def min_gain(enc: str, setting: Setting, layout: Layout) -> float:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from gpupas.errors import ConflictError, InvalidInputError, SnapshotNotFoundError
 from gpupas.plan.costs import DEFAULT, CostModel
@@ -46,13 +46,13 @@ class ArchivePlan:
     @property
     def target(self) -> dict[str, str | None]:
         """Snapshot -> the base the chosen plan gives it (None: stored whole)."""
-        return {v: (None if p == ROOT else p) for v, p in self.plan.parent.items()}
+        return {v: _base(p) for v, p in _parents(self.plan).items()}
 
     def rows(self) -> list[dict[str, Any]]:
         """Per snapshot: base, depth and recreation now and in the plan, and its budget."""
         p, now = self.plan, self.current
         out = []
-        for sid in self.graph.vertices:
+        for sid in cast("list[str]", self.graph.vertices):  # (snapshot ids)
             out.append({"snapshot": sid, "base_now": _base(now.parent[sid]), "depth_now": now.depth[sid],
                         "recreation_now": now.recreation[sid], "base": _base(p.parent[sid]), "depth": p.depth[sid],
                         "recreation": p.recreation[sid],
@@ -71,7 +71,7 @@ class ArchivePlan:
 def _measure(archive: Any, g: StorageGraph, plan: Plan, setting: str) -> bool:
     """Replace the estimated sizes of the edges ``plan`` takes by exact ones (those forms encoded in full),
     in ``g``; whether any changed. A plan meant to store less must not store more when carried out."""
-    guessed = [(u, v) for v, u in plan.parent.items() if v != ROOT and not g.edge(u, v).measured]
+    guessed = [(u, v) for v, u in _parents(plan).items() if v != ROOT and not g.edge(u, v).measured]
     if not guessed:
         return False
     exact, _ = measure_edges(archive, {(u, v) for u, v in guessed if u != ROOT}, sorted({v for _, v in guessed}),
@@ -88,7 +88,7 @@ def _regrand(archive: Any, g: StorageGraph, plan: Plan, setting: str) -> dict[st
     'pred' form now) no longer holds. Measured as a plain delta (no grand-base), what the encoder falls back
     to: an upper bound."""
     moved = []
-    for v, u in plan.parent.items():
+    for v, u in _parents(plan).items():
         if u != ROOT and u == g.current.get(v):
             grand = archive.manifest(v).grand
             if grand is not None and grand != _base(plan.parent[u]):
@@ -101,6 +101,11 @@ def _regrand(archive: Any, g: StorageGraph, plan: Plan, setting: str) -> dict[st
 
 def _base(p: Any) -> str | None:
     return None if p == ROOT else p
+
+
+def _parents(plan: Plan) -> dict[str, str]:
+    """Each snapshot's parent in ``plan`` (``ROOT``: stored whole): an archive's vertices are snapshot ids."""
+    return cast("dict[str, str]", plan.parent)
 
 
 def plan_archive(archive: Any, alpha: float | None = 2.0, *, scheme: str = "independent",

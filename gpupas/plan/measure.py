@@ -139,7 +139,7 @@ def parents_first(archive: Any, sids: Iterable[str], done: set[str] | frozenset[
     from gpupas.errors import IntegrityError, SnapshotNotFoundError
 
     sids = list(sids)
-    starts, user = set(sids), {}  # user: a snapshot that reads each dependency
+    starts, user = set(sids), dict[str, str]()  # user: a snapshot that reads each dependency
 
     def loop(s: str, x: str) -> None:
         raise IntegrityError(f"snapshot {s}: its delta chain loops back to {x}; restore the archive from a copy")

@@ -160,7 +160,8 @@ class Tree:
         n = self.pb.n
         self.r, self.depth, self.height = [0.0] * n, [0] * n, [0] * n
         self.tin, self.tout = [0] * n, [0] * n
-        order, stack = [], [0]
+        order: list[int] = []
+        stack = [0]
         while stack:
             x = stack.pop()
             self.tin[x] = len(order)
@@ -513,7 +514,8 @@ def _forced(pb: Problem, t: Tree, skip: set[int]) -> Tree:
     excess, _ = _units(pb, t, t.costs(), skip)
     over_v = [w for g in excess for w in pb.members[g]] if pb.independent else list(excess)
     for w in over_v:
-        path, x, k = [], w, len(layers) - 1
+        path: list[tuple[int, int]] = []
+        x, k = w, len(layers) - 1
         while x != 0:
             while k > 0 and layers[k - 1][x] == layers[k][x]:
                 k -= 1

@@ -290,7 +290,7 @@ class ArchiveStore:
             try:
                 self.tier_store(tier).put(f"{keys.folder(folder)}/zarr.json",
                                           _json(zarr_meta.group({"gpupas": {"superseded": when}})))
-            except (OSError, GpupasTierError):
+            except (OSError, *GpupasTierError):
                 pass  # best effort: gc then counts from the folder's first write
 
     def list_snapshots(self) -> list[str]:

@@ -50,7 +50,11 @@ class Store(Protocol):
     location: str
     durable: bool
     local_root: str | None  # the directory of a local store, else None
-    storage_options: dict[str, Any] | None  # what it was opened with (fsspec options of a remote store)
+
+    @property
+    def storage_options(self) -> dict[str, Any] | None:
+        """What it was opened with (fsspec options of a remote store)."""
+        ...
 
     def get(self, key: str) -> bytes | None: ...
 

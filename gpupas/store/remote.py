@@ -394,7 +394,7 @@ class RemoteWriter:
     """One object written front to back (fsspec streams it in parts); appends are serialized."""
 
     def __init__(self, f: io.IOBase):
-        self.f = f
+        self.f: Any = f  # (an fsspec buffered file: ``discard``, a settable ``closed``)
         self._lock = threading.Lock()
         self._size = 0
 

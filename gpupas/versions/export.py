@@ -129,10 +129,10 @@ def checkout(repo: Repository, ref: str | int | Version, out_dir: str | os.PathL
         export(repo, v, target / weights, snapshot=snap["id"], format=format, force=True)
         written.append(out / weights)
         for fname, data in blobs.items():
-            write_file(target / fname, lambda f, d=data: f.write(d), replace=True)
+            write_file(target / fname, data, replace=True)
             written.append(out / fname)
         meta: dict[str, Any] = v.to_dict() | {"checked_out_snapshot": snap["id"], "checked_out_weights": weights}
-        write_file(target / METADATA, lambda f: f.write(json.dumps(meta, indent=1).encode()), replace=True)
+        write_file(target / METADATA, json.dumps(meta, indent=1).encode(), replace=True)
         written.append(out / METADATA)
         _remove(out, stale)
         if fresh:

@@ -52,6 +52,7 @@ def snapshot_step(step: Any) -> int | None:
     if step is None:
         return None
     if not isinstance(step, bool):
+        n: int | None
         try:
             n = operator.index(step)
         except TypeError:
