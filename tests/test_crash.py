@@ -153,3 +153,38 @@ def test_an_unreadable_manifests_folders_are_not_called_garbage(tmp_path: Path) 
 
         s = stats(repo)
         assert s["unreadable_snapshots"] == sorted(sids) and s["incomplete_snapshots"] == []
+
+
+def test_a_format1_archive_killed_while_its_format_is_raised_still_gets_its_snapshots_group(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first commit into a format 1/2 archive raises its root to format 3 and creates ``snapshots/zarr.json``
+    (FORMAT.md 2). Killed between the two writes, the archive must not be left saying format 3 without that group:
+    the next session would never create it (stock Zarr then cannot open ``snapshots/``)."""
+    import json
+    import shutil
+
+    from test_fixtures import FIXTURES
+    from test_fixtures import expected as golden
+
+    from gpupas.store.local import LocalStore
+
+    path = tmp_path / "arc"
+    shutil.copytree(FIXTURES / "format1" / "archive", path)
+    want = golden("format1")
+    sid = next(iter(want))
+    create = LocalStore.create
+
+    def killed(self: LocalStore, key: str, data: bytes) -> bool:
+        if key == "snapshots/zarr.json":
+            raise KeyboardInterrupt  # the process dies here
+        return create(self, key, data)
+
+    monkeypatch.setattr(LocalStore, "create", killed)
+    with gpupas.open_archive(path) as a, pytest.raises(KeyboardInterrupt):
+        a.commit(want[sid], base=sid)
+    monkeypatch.setattr(LocalStore, "create", create)
+    with gpupas.open_archive(path) as a:
+        m = a.commit(want[sid], base=sid)
+        assert a.restore(m.id)["adv.float32"].tobytes() == want[sid]["adv.float32"].tobytes()
+    assert json.loads((path / "zarr.json").read_text())["attributes"]["gpupas"]["format"] == 3
+    assert json.loads((path / "snapshots" / "zarr.json").read_text())["node_type"] == "group"

@@ -145,8 +145,10 @@ class ArchiveStore:
             doc.setdefault("attributes", {}).setdefault("gpupas", {})["format"] = FORMAT
             return _json(doc)
 
+        # the group first (formats 1, 2 had none): a process killed between the two writes leaves a root that still
+        # says the old format, so the next write raises it again; the other way round, the group would never come
+        self.store.create(f"{keys.SNAPSHOTS}/zarr.json", _json(zarr_meta.group()))
         self.store.update(keys.ROOT, change)
-        self.store.create(f"{keys.SNAPSHOTS}/zarr.json", _json(zarr_meta.group()))  # formats 1, 2 had none
         self.format = FORMAT
 
     # -- manifests -----------------------------------------------------------------------------------------
