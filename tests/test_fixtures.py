@@ -91,3 +91,17 @@ def test_format3_fixture_holds_every_v3_feature() -> None:
     assert {e.scheme["name"] for e in tensors if e.scheme} == {"cast", "fixed", "quant"}
     assert {e.scheme.get("method") for e in tensors if e.scheme and e.scheme["name"] == "quant"} == {"uniform",
                                                                                                     "kmeans"}
+
+
+@pytest.mark.parametrize("fmt", [f for f in FORMATS if f in ("format1", "format2")])
+def test_a_legacy_manifest_without_segment_reads_as_the_spec_says_whatever_gpupas_writes_now(
+        fmt: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """FORMAT.md 14: a format 1/2 manifest without ``segment`` has 2^20 values per segment, fixed in the spec,
+    not whatever segment size the running gpupas writes."""
+    from gpupas.format import manifest
+
+    monkeypatch.setattr(manifest, "SEGMENT", 1 << 12)  # a later gpupas writing smaller segments
+    path = next((FIXTURES / fmt / "archive" / "manifests").glob("*.json"))
+    doc = json.loads(path.read_text())
+    del doc["segment"]
+    assert manifest.Manifest.from_bytes(json.dumps(doc).encode(), path.stem).segment == 1 << 20

@@ -30,6 +30,7 @@ FORMAT = 3  # what this gpupas writes
 NAMED_GRAND = 3  # from this format on, a manifest names what its 'pred' tensors extrapolate from (grand)
 ENCODINGS = ("mat", "sub", "xor", "pred")
 LEGACY_CHUNK = 1 << 18
+LEGACY_SEGMENT = 1 << 20  # a format 1/2 manifest without "segment" (FORMAT.md 14): fixed, whatever SEGMENT becomes
 LEGACY_SHARD_CHUNKS = 4096
 LEGACY_CODECS = {"z": "zstd", "d": "deflate"}
 MAX_LENGTH = 1 << 50  # bytes in one stream; far beyond any model, small enough for exact float math
@@ -503,7 +504,7 @@ def _parse_legacy(d: dict[str, Any], sid: str, what: str) -> Manifest:
         tensors.append(entry)
     m = Manifest(id=sid, created=_str(d.get("created", ""), what, "created"), base=base, streams=(stream,),
                  tensors=tuple(tensors), format=d["format"], setting=str(d.get("setting", "")),
-                 segment=_int(d.get("segment", SEGMENT), what, "segment", MIN_SEGMENT, 1 << 31),
+                 segment=_int(d.get("segment", LEGACY_SEGMENT), what, "segment", MIN_SEGMENT, 1 << 31),
                  raw_bytes=_int(d.get("raw_bytes", 0), what, "raw_bytes"),
                  stored_bytes=_int(d.get("stored_bytes", 0), what, "stored_bytes"),
                  commit_seconds=_seconds(d.get("commit_seconds")),
