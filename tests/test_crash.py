@@ -188,3 +188,32 @@ def test_a_format1_archive_killed_while_its_format_is_raised_still_gets_its_snap
         assert a.restore(m.id)["adv.float32"].tobytes() == want[sid]["adv.float32"].tobytes()
     assert json.loads((path / "zarr.json").read_text())["attributes"]["gpupas"]["format"] == 3
     assert json.loads((path / "snapshots" / "zarr.json").read_text())["node_type"] == "group"
+
+
+def test_the_folders_of_a_snapshot_whose_manifest_a_copy_lost_are_kept(tmp_path: Path) -> None:
+    """A half-finished copy (``cp -a``, a sync cut short) lacks a manifest that a version record and a delta's
+    ``base`` name: its folder is the snapshot's data, not a killed commit's, and gc keeps it (verify reports the
+    manifest missing); the manifest copied over afterwards makes the archive whole again."""
+    from gpupas.format import keys
+
+    with gpupas.create_repository(tmp_path / "arc") as repo:
+        v1 = repo.commit("a", expected(0))
+        v2 = repo.commit("b", expected(1), parents=[v1.id])
+        sids = [v1.snapshots[0]["id"], v2.snapshots[0]["id"]]  # the second is a delta on the first
+        assert repo.archive.manifest(sids[1]).base == sids[0]
+        folders = [f for sid in sids for f in repo.archive.manifest(sid).folders()]
+    saved = {sid: (tmp_path / "arc" / keys.manifest(sid)).read_bytes() for sid in sids}
+    for sid in sids:
+        (tmp_path / "arc" / keys.manifest(sid)).unlink()
+    with gpupas.open_repository(tmp_path / "arc") as repo:
+        from gpupas.versions.inspect import stats
+
+        assert stats(repo)["incomplete_snapshots"] == []
+        assert repo.gc(min_age=0) == []
+        assert all((tmp_path / "arc" / keys.folder(f)).is_dir() for f in folders)
+        assert not repo.verify()["ok"]
+    for sid, data in saved.items():
+        (tmp_path / "arc" / keys.manifest(sid)).write_bytes(data)
+    with gpupas.open_repository(tmp_path / "arc") as repo:
+        assert repo.verify()["ok"]
+        assert repo.restore(v2.id)["w0"].tobytes() == expected(1)["w0"].tobytes()

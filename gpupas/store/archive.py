@@ -403,11 +403,21 @@ class ArchiveStore:
                 unreadable.append(sid)
         return manifests, unreadable
 
-    def orphan_folders(self) -> list[str]:
+    @staticmethod
+    def _kept(manifests: dict[str, Manifest], unreadable: list[str], wanted: Iterable[str]) -> list[str]:
+        """The snapshots whose folders are kept though no manifest names them: those whose manifest cannot be
+        read, and those a manifest (as its base) or ``wanted`` (a version record) names whose manifest is missing
+        (a half-finished copy: the manifest may still come); verify reports both."""
+        named = {d for m in manifests.values() for d in (m.base, m.grand) if d is not None} | set(wanted)
+        return [*unreadable, *sorted(named - manifests.keys())]
+
+    def orphan_folders(self, wanted: Iterable[str] = ()) -> list[str]:
         """Chunk folders under ``snapshots/`` that no manifest names (killed commits, revised snapshots);
         those in a tier as ``tier:folder`` (tiers that cannot be reached are left out, with a warning). The
-        folders of a snapshot whose manifest cannot be read are not listed: gc keeps them, verify reports it."""
+        folders of a snapshot whose manifest cannot be read, or is missing while a manifest or ``wanted`` (ids
+        version records name) names it, are not listed: gc keeps them, verify reports it."""
         manifests, unreadable = self._manifests()
+        unreadable = self._kept(manifests, unreadable, wanted)
         named = {(s.tier, s.folder) for m in manifests.values() for s in m.streams}
 
         def orphans(tier: str | None, have: list[str]) -> list[str]:
@@ -426,12 +436,13 @@ class ArchiveStore:
         unlisted, the temporary files killed writes left: see :meth:`collect`.)"""
         return [name for kind, name, _ in self.collect(None, min_age, dry_run) if kind == "folder"]
 
-    def collect(self, is_root: Callable[[Manifest], bool] | None, min_age: float, dry_run: bool = False
-                ) -> list[tuple[str, str, int]]:
+    def collect(self, is_root: Callable[[Manifest], bool] | None, min_age: float, dry_run: bool = False,
+                wanted: Callable[[], Iterable[str]] | None = None) -> list[tuple[str, str, int]]:
         """Delete what nothing needs, untouched for ``min_age`` seconds: folders no manifest names, and
         (where ``is_root`` is given) snapshots that no root snapshot depends on, and, in a local archive, the
         temporary files of killed record writes (:meth:`_sweep_temp`). Returns (kind, name, bytes) of each: kind
-        "snapshot", "folder" or "temp".
+        "snapshot", "folder" or "temp". ``wanted`` (read under the lock): ids that version records name, whose
+        folders stay where their manifest is missing (see :meth:`_kept`).
 
         Commits and revisions in flight hold a shared lock that this takes exclusively, so what they
         are writing is never taken for garbage, whatever ``min_age``; the age keeps readers of a
@@ -447,6 +458,7 @@ class ArchiveStore:
         out: list[tuple[str, str, int]] = []
         with self.store.lock(keys.SNAPSHOTS, exclusive=True):
             manifests, unreadable = self._manifests()  # the unreadable kept, with their folders: verify reports them
+            unreadable = self._kept(manifests, unreadable, () if wanted is None else wanted())
             gone: set[tuple[str | None, str]] = set()
             if is_root is not None:
                 young = {sid for sid in manifests if (self.store.age(keys.manifest(sid)) or 0.0) < min_age}

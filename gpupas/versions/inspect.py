@@ -186,7 +186,7 @@ def stats(repo: Repository) -> dict[str, Any]:
         "files": {"references": files["refs"], "logical_bytes": files["logical"], "blobs": len(blob_sizes),
                   "stored_bytes": sum(blob_sizes.values()),
                   "saved_bytes": files["logical"] - sum(blob_sizes.values())},
-        "unreferenced_snapshots": orphans, "incomplete_snapshots": repo.archive.store.orphan_folders(),
+        "unreferenced_snapshots": orphans, "incomplete_snapshots": repo.archive.store.orphan_folders(referenced),
         "unreadable_snapshots": [s for s in sorted(all_sids - indexed) if _unreadable(repo, s)],  # not in totals
         "disk_bytes": disk,
         "per_version": [dict(r) for r in q("SELECT id, name, n_snapshots, raw_bytes, "

@@ -776,11 +776,14 @@ class Repository:
 
         referenced: set[str] = set()
 
-        def is_root(m: Manifest) -> bool:  # called under the archive's exclusive lock: no commit is between steps
+        def named() -> set[str]:  # called under the archive's exclusive lock: no commit is between steps
             if not referenced:  # read on the first call, under that lock ("" marks it read)
                 referenced.update(s["id"] for v in every_version() for s in v.snapshots)
                 referenced.add("")
-            return m.id in referenced or not ({"version_name", "version_id"} & set(m.meta))
+            return referenced
+
+        def is_root(m: Manifest) -> bool:
+            return m.id in named() or not ({"version_name", "version_id"} & set(m.meta))
 
         def every_version() -> list[Version]:
             """Every record, or IntegrityError: a record that cannot be read may name snapshots."""
@@ -796,7 +799,7 @@ class Repository:
                     out.append(Version(rec))
             return out
 
-        found = self.archive.store.collect(is_root, min_age, dry_run)
+        found = self.archive.store.collect(is_root, min_age, dry_run, named)  # named: a lost manifest's folders stay
         for kind, name, _ in found:
             if kind == "snapshot":
                 self.archive.bases.drop(name)
