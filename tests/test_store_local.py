@@ -109,6 +109,19 @@ def test_symlinked_file_is_refused(store: LocalStore, tmp_path: Path) -> None:
     assert outside.exists() and not os.path.lexists(store.root / "d" / "link")
 
 
+def test_a_folder_moved_elsewhere_and_linked_back_is_named(store: LocalStore, tmp_path: Path) -> None:
+    """A user moved a folder of the archive to another disk and linked it back (``mv snapshots /big; ln -s``):
+    the error names that link, not the deeper folder being opened (which ``ls`` shows as a plain folder), and
+    says what to do."""
+    store.put("refs/tags/t.json", b"{}")
+    os.rename(store.root / "refs", tmp_path / "refs_elsewhere")
+    os.symlink(tmp_path / "refs_elsewhere", store.root / "refs")
+    for read in (*_reads(store, "refs/tags/t.json"), lambda: store.list("refs/tags")):
+        with pytest.raises(IntegrityError, match=r": refs is a symbolic link.*move the folder itself back") as exc:
+            read()
+        assert "refs/tags" not in str(exc.value)
+
+
 def test_symlinked_folder_is_refused(store: LocalStore, tmp_path: Path) -> None:
     outside = tmp_path / "outside_dir"
     outside.mkdir()

@@ -162,7 +162,7 @@ class LocalStore:
         """A descriptor of the folder ``parts`` below the root (made if ``create``)."""
         fd = self._root_fd()
         try:
-            for p in parts:
+            for i, p in enumerate(parts):
                 try:
                     nfd = os.open(p, _DIR, dir_fd=fd)
                 except FileNotFoundError:
@@ -174,10 +174,12 @@ class LocalStore:
                         pass
                     nfd = os.open(p, _DIR, dir_fd=fd)
                 except OSError as exc:
-                    if exc.errno in (errno.ELOOP, errno.ENOTDIR):
-                        raise IntegrityError(f"{self.location}: {'/'.join(parts)} is not a plain folder (a "
-                                             "symbolic link or a file); gpupas does not follow links inside an "
-                                             "archive") from None
+                    if exc.errno in (errno.ELOOP, errno.ENOTDIR):  # named where the walk stopped, not below
+                        where = "/".join(parts[: i + 1])
+                        what = ("a symbolic link; gpupas does not follow links inside an archive: move the folder "
+                                "itself back in its place (a link to the archive's root folder is followed)"
+                                if os.path.islink(os.path.join(self.root, where)) else "not a folder")
+                        raise IntegrityError(f"{self.location}: {where} is {what}") from None
                     raise
                 os.close(fd)
                 fd = nfd
