@@ -80,24 +80,20 @@ def test_kill_during_commit(tmp_path: Path) -> None:
     assert {"k0-001", "k1-002"} <= orphans  # killed mid-write: chunks on disk, never visible
 
 
-def test_orphan_folders_are_listed(tmp_path: Path) -> None:
+def test_orphan_folders_are_listed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from gpupas.store.archive import ArchiveStore
 
     archive = gpupas.create_archive(tmp_path / "arc")
     m = archive.commit(expected(0), snapshot="kept")
-    original = ArchiveStore.publish_manifest
 
     def fail(*a: object, **k: object) -> None:
         raise OSError("disk full")
 
-    ArchiveStore.publish_manifest = fail  # type: ignore[method-assign]
-    try:
-        try:
+    with monkeypatch.context() as mp:
+        mp.setattr(ArchiveStore, "publish_manifest", fail)
+        with pytest.raises(OSError, match="disk full"):  # the failure reaches the caller, not swallowed
             archive.commit(expected(1), snapshot="lost")
-        except OSError:
-            pass
-    finally:
-        ArchiveStore.publish_manifest = original  # type: ignore[method-assign]
+    assert archive.snapshots() == ["kept"]  # the failed commit published nothing
     assert archive.store.orphan_folders() == []  # a failed commit removes what it wrote
     partial = tmp_path / "arc" / "snapshots" / "lost.0badf00d" / "zstd" / "c"  # what a killed one leaves
     partial.mkdir(parents=True)
