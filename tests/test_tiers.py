@@ -25,6 +25,7 @@ from gpupas.backend import get_backend
 from gpupas.engine.partial import PartialReader
 from gpupas.errors import ConflictError, InvalidInputError, TierNotFoundError, TierUnavailableError
 from gpupas.format import keys
+from gpupas.pas import bounds
 
 __all__ = ["counting_s3", "s3_endpoint", "s3_options"]  # fixtures this module uses
 ROOT = Path(__file__).resolve().parents[1]
@@ -232,9 +233,13 @@ def test_s3_tier_high_planes_read_makes_no_request_to_it(counting_s3: CountingS3
         # delta on it: both need nothing below plane 2 (a delta on a delta may: its context split can need
         # more of its base's planes)
         with PartialReader(b.store, b.manifest, get_backend("numpy"), b.executor) as reader:
-            for sid in sids[:2]:
+            for sid, truth in zip(sids[:2], ckpts, strict=False):
                 for name in ckpts[0]:
-                    assert reader.knowledge(sid, name, 2).slots is not None
+                    known = reader.knowledge(sid, name, 2)
+                    lo, hi, unbounded = bounds.to_values(known.slots, b.manifest(sid).tensor(name).dtype)
+                    t = truth[name].reshape(-1)
+                    assert lo.shape == t.shape and np.all(unbounded | ((lo <= t) & (t <= hi))), (sid, name)
+                    assert not np.all(unbounded), (sid, name)  # two planes say something of the values
             assert all(k <= 2 for t in reader.planes_read.values() for k in t.values())
         assert counting_s3.count(bucket) == 0  # the tier was never asked for anything
         assert "cold" not in b.store._tier_stores  # nor even opened
