@@ -186,6 +186,32 @@ def pause_after(monkeypatch: pytest.MonkeyPatch, owner: Any, name: str) -> tuple
     return inside, go
 
 
+def waiting_on_a_lock(proc: subprocess.Popen[str]) -> Callable[[], tuple[str, str]]:
+    """Return once ``proc`` says on stderr that it waits for a lock (said after 2 s of waiting), still running;
+    fail if it ends first or 60 s pass. A fixed sleep proved nothing on a loaded machine: a process still
+    starting up after it passed as one waiting. Returns what finishes it: its (stdout, stderr)."""
+    lines: list[str] = []
+    err = proc.stderr
+    assert err is not None
+    reader = threading.Thread(target=lambda: lines.extend(iter(err.readline, "")), daemon=True)
+    reader.start()
+    deadline = time.monotonic() + 60
+    while not any("waiting for" in x for x in lines):
+        if not reader.is_alive() or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"never said it waited for a lock (rc {proc.wait()}): {''.join(lines)}")
+        time.sleep(0.05)
+    assert proc.poll() is None, "".join(lines)
+
+    def finish() -> tuple[str, str]:
+        out = proc.stdout.read() if proc.stdout else ""
+        proc.wait(120)
+        reader.join(10)
+        return out, "".join(lines)
+
+    return finish
+
+
 def tree_digest(path: Path) -> dict[str, str]:
     """Every file under ``path`` (links as their target) with a hash of its bytes: to check it was left alone."""
     out = {}
@@ -272,11 +298,10 @@ def test_gc_waits_for_commits_in_flight(tmp_path: Path, monkeypatch: pytest.Monk
     work = Background(lambda: repo.archive.commit(model(2), base=v1.latest))
     assert inside.wait(60)
     gc = gp_popen("gc", "--min-age", "0", "--json", archive=arc)
-    time.sleep(2.5)
-    assert gc.poll() is None, f"gc finished while a commit was writing: {gc.communicate()}"
+    finish = waiting_on_a_lock(gc)  # not finished while a commit was writing
     go.set()
     m = work.result()
-    out, err = gc.communicate(timeout=120)
+    out, err = finish()
     assert gc.returncode == 0, err
     removed = {r["name"] for r in json.loads(out)["removed"]}
     assert "dead.0123abcd" in removed and not any(n.startswith(m.id) for n in removed), removed
@@ -286,11 +311,10 @@ def test_gc_waits_for_commits_in_flight(tmp_path: Path, monkeypatch: pytest.Monk
     work = Background(lambda: repo.commit("m", model(3), parents=[1]))
     assert inside.wait(60)
     gc = gp_popen("gc", "--min-age", "0", "--json", archive=arc)
-    time.sleep(2.5)
-    assert gc.poll() is None, f"gc finished while a version was being published: {gc.communicate()}"
+    finish = waiting_on_a_lock(gc)  # not finished while a version was being published
     go.set()
     v3 = work.result()
-    out, err = gc.communicate(timeout=120)
+    out, err = finish()
     assert gc.returncode == 0, err
     assert json.loads(out)["removed"] == []
     monkeypatch.undo()
@@ -577,11 +601,10 @@ def test_base_discarded_by_another_process_before_or_during_a_commit(tmp_path: P
     assert inside.wait(60)
     proc = subprocess.Popen([sys.executable, "-c", _DISCARD, str(arc), s1.id], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=ENV)
-    time.sleep(2.5)
-    assert proc.poll() is None, f"discard did not wait for the commit using its snapshot: {proc.communicate()}"
+    finish = waiting_on_a_lock(proc)  # the discard waits for the commit using its snapshot
     go.set()
     s3 = work.result()
-    out, err = proc.communicate(timeout=120)
+    out, err = finish()
     assert out.startswith("InvalidInputError") and "is the base of" in out and s3.id in out, out + err
     monkeypatch.undo()
     a.close()
