@@ -213,3 +213,38 @@ def test_the_folders_of_a_snapshot_whose_manifest_a_copy_lost_are_kept(tmp_path:
     with gpupas.open_repository(tmp_path / "arc") as repo:
         assert repo.verify()["ok"]
         assert repo.restore(v2.id)["w0"].tobytes() == expected(1)["w0"].tobytes()
+
+
+def test_the_snapshots_of_a_version_whose_record_a_copy_lost_are_kept(tmp_path: Path) -> None:
+    """A killed commit leaves snapshots naming a version that no record names: a new version's by
+    ``version_name`` alone, an appended one's by the ``version_id`` of a version whose record is there. A
+    ``version_id`` with no record (here the newest, so no gap in the ids shows it) means the record was lost: gc
+    keeps that snapshot and what it is built on, verify reports it; as it does a record lost below the newest,
+    while which snapshots were its cannot be told: gc then removes no version's snapshot."""
+    with gpupas.create_repository(tmp_path / "arc") as repo:
+        v1 = repo.commit("a", expected(0))
+        v2 = repo.commit("a", expected(1), parents=[v1.id])
+        v2 = repo.add_snapshot(v2.id, expected(2))
+        killed = repo.archive.commit(expected(3), meta={"version_name": "k"})  # as a commit killed before publishing
+    record = tmp_path / "arc" / "versions" / f"{v2.id}.json"
+    saved = record.read_bytes()
+    record.unlink()
+    with gpupas.open_repository(tmp_path / "arc") as repo:
+        report = repo.verify()
+        assert not report["ok"] and any(f"versions/{v2.id}.json" in p for p in report["problems"]), report
+        assert any(killed.id in n for n in report["notes"])
+        assert [r["name"] for r in repo.gc(min_age=0)] == [killed.id]  # the killed commit's, not version 2's
+    record.write_bytes(saved)
+    with gpupas.open_repository(tmp_path / "arc") as repo:
+        assert repo.verify()["ok"] and repo.restore(v2.id)["w0"].tobytes() == expected(2)["w0"].tobytes()
+        killed = repo.archive.commit(expected(3), meta={"version_name": "k"})
+    first = tmp_path / "arc" / "versions" / f"{v1.id}.json"
+    saved = first.read_bytes()
+    first.unlink()
+    with gpupas.open_repository(tmp_path / "arc") as repo:
+        assert any(f"versions/{v1.id}.json is missing" in p for p in repo.verify()["problems"])
+        assert repo.gc(min_age=0) == []  # version 1's first snapshot may be any of them
+    first.write_bytes(saved)
+    with gpupas.open_repository(tmp_path / "arc") as repo:
+        assert [r["name"] for r in repo.gc(min_age=0)] == [killed.id] and repo.verify()["ok"]
+

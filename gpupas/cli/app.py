@@ -551,6 +551,8 @@ def verify(refs: Annotated[list[str] | None, typer.Argument(metavar="VERSION", h
     else:
         c = result["checked"]
         summary = ", ".join(render.count(c[k + "s"], k) for k in ("version", "snapshot", "tensor", "file")) + " checked"
+        for note in result["notes"]:  # not damage: what may need a look (snapshots no version names)
+            o.err.print(render.Text(render.plain(f"note: {note}")))
         if result["ok"]:
             o.line(f"ok: {summary}")
         else:

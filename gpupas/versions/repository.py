@@ -775,15 +775,19 @@ class Repository:
         store (and tiers), every file."""
 
         referenced: set[str] = set()
+        published: set[int] = set()
 
         def named() -> set[str]:  # called under the archive's exclusive lock: no commit is between steps
             if not referenced:  # read on the first call, under that lock ("" marks it read)
                 referenced.update(s["id"] for v in every_version() for s in v.snapshots)
                 referenced.add("")
+                published.update(self.records.version_ids())
             return referenced
 
         def is_root(m: Manifest) -> bool:
-            return m.id in named() or not ({"version_name", "version_id"} & set(m.meta))
+            """Kept, with what it is built on: a snapshot a record names, one committed without a version, one
+            whose version's record is lost (:func:`~gpupas.versions.verify.unpublished` says which)."""
+            return m.id in named() or not _verify.unpublished(m.meta, published)
 
         def every_version() -> list[Version]:
             """Every record, or IntegrityError: a record that cannot be read may name snapshots."""

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from gpupas.errors import (
@@ -14,6 +14,7 @@ from gpupas.errors import (
     SnapshotNotFoundError,
     Unreachable,
 )
+from gpupas.format import keys
 from gpupas.versions.model import well_formed
 
 if TYPE_CHECKING:
@@ -26,8 +27,9 @@ def verify(repo: Repository, refs: Iterable[str | int] | None = None, progress: 
            scheduler: Any = "sync") -> dict[str, Any]:
     """Re-read and check every chunk, tensor, record, tag and file of the versions (all of the archive
     by default, plain snapshots included). Returns ``{"ok", "checked": {...}, "problems": [...],
-    "unreachable": [...]}`` (problems: damage found; unreachable: snapshots that could not be read
-    because a store or tier cannot be reached); never raises on damage found.
+    "unreachable": [...], "notes": [...]}`` (problems: damage found; unreachable: snapshots that could not be
+    read because a store or tier cannot be reached; notes: what is not damage but may need a look, such as
+    snapshots no version names); never raises on damage found.
 
     The snapshots are checked by :func:`gpupas.jobs.graph.verify_graph` (each decoded once, its bases
     first), run by ``scheduler``: "sync" (default) in this process, None or "local" a local Dask cluster, or a
@@ -59,6 +61,12 @@ def verify(repo: Repository, refs: Iterable[str | int] | None = None, progress: 
     else:
         records = [repo.version(r).record for r in refs]
     ids = set(repo.records.version_ids())
+    notes: list[str] = []
+    if refs is None:
+        problems += [f"version record {keys.version(v)} is missing (ids are given 1, 2, ... in order: a copy lost it?)"
+                     ": restore it from a copy; until then gc keeps every snapshot no version names"
+                     for v in missing_ids(ids)]
+        _unnamed(repo, records, ids, problems, notes)
     problems += [f"version record {r.get('id', '?') if isinstance(r, dict) else '?'} is malformed (missing or bad "
                  "id, name, parents, created or snapshots); restore it from a copy"
                  for r in records if not well_formed(r)]
@@ -101,9 +109,59 @@ def verify(repo: Repository, refs: Iterable[str | int] | None = None, progress: 
             repo.records.blob(h)
         except (IntegrityError, NotFoundError, ValueError) as exc:
             problems.append(f"{where}: {exc}")
-    return {"ok": not problems and not unreachable, "problems": problems, "unreachable": unreachable,
+    return {"ok": not problems and not unreachable, "problems": problems, "unreachable": unreachable, "notes": notes,
             "checked": {"versions": len(records), "snapshots": len(sids) - gone, "tensors": tensors,
                         "files": len(blobs)}}
+
+
+def missing_ids(ids: Collection[int], limit: int = 5) -> list[int]:
+    """Version ids below the highest of ``ids`` that have no record (the first ``limit``): ids are given 1, 2, ...
+    in order and no record is ever deleted, so each is a lost record."""
+    out: list[int] = []
+    prev = 0
+    for vid in sorted(ids):
+        out += range(prev + 1, min(vid, prev + 1 + limit - len(out)))
+        if len(out) >= limit:
+            break
+        prev = vid
+    return out
+
+
+def unpublished(meta: Mapping[str, Any], ids: Collection[int]) -> bool:
+    """Whether a snapshot no version record names, with manifest ``meta``, is what a commit killed before
+    publishing left (gc's), given the ids of the records there are. A new version's commit (and an import)
+    writes ``version_name`` alone (the id is given as it publishes); ``add_snapshot`` the ``version_id`` of a
+    version whose record is there; no record is ever deleted. So a ``version_id`` without a record (whatever
+    the id: the lost record may be the newest) means a lost record, and so does a missing id below the highest,
+    which any ``version_name`` snapshot may belong to: both are kept. Committed without a version: kept."""
+    if "version_id" in meta:
+        vid = meta["version_id"]
+        return isinstance(vid, int) and vid in ids
+    return "version_name" in meta and not missing_ids(ids, 1)
+
+
+def _unnamed(repo: Repository, records: list[dict[str, Any]], ids: set[int], problems: list[str],
+             notes: list[str]) -> None:
+    """Report the snapshots written for a version that no record names: a problem where the version's record
+    is lost (gc keeps them), a note where a killed commit may have left them (gc removes them)."""
+    named = {s["id"] for r in records for s in r.get("snapshots", [])}
+    killed: dict[str, list[str]] = {}
+    for sid in sorted(set(repo.archive.store.list_snapshots()) - named):
+        try:
+            meta = repo.archive.store.read_manifest(sid).meta
+        except (SnapshotNotFoundError, IntegrityError, FormatError):
+            continue  # gone meanwhile, or reported as damaged by its check
+        if "version_id" in meta and not unpublished(meta, ids):
+            problems.append(f"snapshot {sid} was added to version {meta['version_id']!r}, whose record is missing "
+                            f"({keys.version(meta['version_id']) if isinstance(meta['version_id'], int) else '?'}"
+                            "): restore it from a copy; gc keeps the snapshot, and what it is built on, meanwhile")
+        elif "version_name" in meta and "version_id" not in meta:
+            killed.setdefault(str(meta["version_name"]), []).append(sid)
+    for name, sids in killed.items():
+        notes.append(f"snapshot(s) {', '.join(sids[:5])}{'...' if len(sids) > 5 else ''} written for a version "
+                     f"{name!r} are named by no version record: a commit killed before publishing left them "
+                     "(`gpupas gc` removes them), unless a version's record was lost (the newest, "
+                     f"{keys.version(max(ids, default=0) + 1)}?): then restore it from a copy before running gc")
 
 
 def _again(repo: Repository, sid: str, first: str, versioned: bool) -> int | str | None:
