@@ -248,3 +248,31 @@ def test_the_snapshots_of_a_version_whose_record_a_copy_lost_are_kept(tmp_path: 
     with gpupas.open_repository(tmp_path / "arc") as repo:
         assert [r["name"] for r in repo.gc(min_age=0)] == [killed.id] and repo.verify()["ok"]
 
+
+def test_zarr_documents_a_copy_skipped_are_reported(tmp_path: Path) -> None:
+    """A copy that skipped the ``zarr.json`` files of a stream folder or of ``snapshots/`` reads fine in gpupas,
+    but stock Zarr, which FORMAT.md promises reads an archive, cannot open those nodes: verify says which."""
+    import zarr
+
+    from gpupas.format import keys
+
+    with gpupas.create_repository(tmp_path / "arc") as repo:
+        v = repo.commit("a", expected(0))
+        stream = repo.archive.manifest(v.latest).streams[0]
+    group = tmp_path / "arc" / keys.folder(stream.folder) / "zarr.json"
+    array = tmp_path / "arc" / keys.array(stream.folder, next(iter(stream.codecs.values()))) / "zarr.json"
+    top = tmp_path / "arc" / "snapshots" / "zarr.json"
+    saved = {p: p.read_bytes() for p in (group, array, top)}
+    for p in saved:
+        p.unlink()
+    with pytest.raises(KeyError):
+        zarr.open_group(tmp_path / "arc", mode="r")["snapshots"]
+    with gpupas.open_repository(tmp_path / "arc") as repo:
+        assert repo.restore(v.id)["w0"].tobytes() == expected(0)["w0"].tobytes()
+        report = repo.verify()
+        assert not report["ok"] and len(report["problems"]) == 1, report
+        assert all(str(p.relative_to(tmp_path / "arc")) in report["problems"][0] for p in saved)
+    for p, data in saved.items():
+        p.write_bytes(data)
+    with gpupas.open_repository(tmp_path / "arc") as repo:
+        assert repo.verify()["ok"]

@@ -557,6 +557,25 @@ class ArchiveStore:
         shards = [f"{a}/c" for a in arrays if any(f.startswith(f"{a}/c/") for f in files)]  # known: not listed
         store.sync([*files, *shards, *arrays, base, keys.SNAPSHOTS])
 
+    def missing_documents(self, m: Manifest) -> list[str]:
+        """The Zarr documents missing of ``m``'s stream folders (a group, an array per codec) and of the
+        ``snapshots/`` group above them (``tier:key`` in a tier; a tier out of reach is left out): gpupas reads
+        without them, stock Zarr cannot (a copy that skipped them, FORMAT.md 2)."""
+        wanted: dict[tuple[str | None, str], None] = {}
+        for s in m.streams:
+            if s.tier is not None or self.format >= FORMAT:  # formats 1, 2 had no group at snapshots/
+                wanted[s.tier, f"{keys.SNAPSHOTS}/zarr.json"] = None
+            wanted[s.tier, f"{keys.folder(s.folder)}/zarr.json"] = None
+            wanted.update(((s.tier, f"{keys.array(s.folder, c)}/zarr.json"), None) for c in s.codecs.values())
+        out = []
+        for tier, key in wanted:
+            try:
+                if not self.tier_store(tier).exists(key):
+                    out.append(key if tier is None else f"{tier}:{key}")
+            except GpupasTierError:
+                continue
+        return out
+
     def sink(self, stream: Stream, background: Callable[..., Future[Any]] | None = None) -> ShardSink:
         return ShardSink(self.tier_store(stream.tier), stream, background)
 
