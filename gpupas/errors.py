@@ -59,6 +59,11 @@ class IntegrityError(GpupasError, ValueError):
     """Stored bytes do not match their checksum or their manifest: damaged (or hostile) data."""
 
 
+class LinkedError(IntegrityError):
+    """A folder or file of a local archive that is a symbolic link (moved to another disk and linked back): not
+    followed, so its data is not read, but not found damaged either; the message names the link and the remedy."""
+
+
 class FormatError(GpupasError, ValueError):
     """Data written by a newer gpupas (a format, field, encoding or codec this one does not know)."""
 

@@ -96,10 +96,11 @@ def js(res: subprocess.CompletedProcess[str]) -> Any:
 
 
 def fails(res: subprocess.CompletedProcess[str], code: int, *words: str) -> str:
-    """Exit ``code``, one ``error:`` line on stderr (after any ``damaged:`` lines of verify) naming each of
-    ``words`` somewhere on stderr, no traceback."""
+    """Exit ``code``, one ``error:`` line on stderr (after any ``damaged:`` or ``not read:`` lines of verify)
+    naming each of ``words`` somewhere on stderr, no traceback."""
     assert res.returncode == code, f"rc={res.returncode} (want {code})\nstdout={res.stdout}\nstderr={res.stderr}"
-    lines = [x for x in res.stderr.splitlines() if x.strip() and not x.startswith(("warning:", "damaged:"))]
+    lines = [x for x in res.stderr.splitlines()
+             if x.strip() and not x.startswith(("warning:", "damaged:", "not read:"))]
     assert lines and lines[-1].startswith("error: "), res.stderr
     assert "Traceback" not in res.stderr and len(lines) == 1, res.stderr
     for w in words:
@@ -1049,11 +1050,12 @@ def test_shards_and_manifests_replaced_by_non_regular_files(tmp_path: Path, kind
         got = last_json(run_py(_NON_REGULAR, str(arc), s2.id, str(target), kind, str(outside), timeout=300))
         for op in ("restore", "verify"):
             what, msg, seconds = got[op]
-            assert what == "IntegrityError", got
+            assert what in ("IntegrityError", "LinkedError"), got  # LinkedError: an IntegrityError naming the link
             assert str(target.relative_to(arc)) in msg and ("link" in msg or "not a regular file" in msg), got
             assert seconds < 60, got  # promptly: never blocked on the FIFO
         errors = got["verify_all"][1]
-        assert len(errors) == 2 and all(e.startswith("IntegrityError") for e in errors), got  # s1 and s2, not s3
+        assert len(errors) == 2 and all(e.startswith(("IntegrityError", "LinkedError")) for e in errors), \
+            got  # s1 and s2, not s3
         assert got["snapshots"][0] in ("ok", "IntegrityError"), got
     assert tree_digest(out) == digest
     with gpupas.open_archive(arc) as fresh:
@@ -1608,3 +1610,24 @@ def test_a_manifest_whose_commit_seconds_is_past_a_double_still_reads(tmp_path: 
     obj = unseal(m.to_bytes(), "manifest")
     obj["commit_seconds"] = 10**400
     assert Manifest.from_bytes(seal(obj), "s1").commit_seconds == 0.0
+
+
+def test_verify_of_a_chunk_folder_linked_back_in_place_says_so_not_damaged(tmp_path: Path) -> None:
+    """A snapshot's chunk folder moved to another disk and linked back (``mv``, ``ln -s``) is intact: verify
+    names the link and the remedy (move the folder back), and calls nothing damaged nor asks for a copy."""
+    arc = tmp_path / "arc"
+    with small_repo(arc) as repo:
+        folder = repo.archive.manifest(repo.version(1).latest).folders()[0]
+    os.rename(arc / "snapshots" / folder, tmp_path / "elsewhere")
+    os.symlink(tmp_path / "elsewhere", arc / "snapshots" / folder)
+    with open_repository(arc) as repo:
+        report = repo.verify()
+    assert not report["ok"] and report["problems"], report
+    for problem in report["problems"]:
+        assert f"snapshots/{folder} is a symbolic link" in problem and "move the folder itself back" in problem
+        assert "from a copy" not in problem and "nothing found damaged" in problem, problem
+    err = fails(gp("verify", archive=arc), 3, f"snapshots/{folder} is a symbolic link")
+    assert "damaged:" not in err and "not read:" in err
+    os.unlink(arc / "snapshots" / folder)
+    os.rename(tmp_path / "elsewhere", arc / "snapshots" / folder)
+    ok(gp("verify", archive=arc))

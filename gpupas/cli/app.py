@@ -556,12 +556,14 @@ def verify(refs: Annotated[list[str] | None, typer.Argument(metavar="VERSION", h
         if result["ok"]:
             o.line(f"ok: {summary}")
         else:
-            for problem in result["problems"]:
-                o.err.print(render.Text(render.plain(f"damaged: {problem}")))
+            for problem in result["problems"]:  # a folder linked back in place: its data not read, not damaged
+                what = "not read" if "(nothing found damaged)" in problem else "damaged"
+                o.err.print(render.Text(render.plain(f"{what}: {problem}")))
             for problem in result["unreachable"]:
                 o.err.print(render.Text(render.plain(f"not checked: {problem}")))
             if result["problems"]:
-                o.error(f"{len(result['problems'])} problem(s) in {summary}; restore the damaged parts from a copy")
+                o.error(f"{len(result['problems'])} problem(s) in {summary}; restore the damaged parts from a copy "
+                        "(each says what to do)")
             else:
                 o.error(f"{len(result['unreachable'])} snapshot(s) could not be read (a store or tier cannot be "
                         f"reached; nothing found damaged) in {summary}; make it reachable and verify again")

@@ -14,7 +14,7 @@ from dataclasses import replace
 from typing import Any
 
 from gpupas.codecs import registry
-from gpupas.errors import IntegrityError
+from gpupas.errors import IntegrityError, LinkedError
 from gpupas.format.layout import holders, needed_chunks
 from gpupas.format.manifest import Manifest, TensorEntry
 from gpupas.pas import schemes
@@ -155,6 +155,9 @@ def _read_stream(store: ArchiveStore, m: Manifest, s: int, chunks: list[int], bu
             missing = reader.prepare(chunks)
         except IntegrityError as exc:
             place, what = _where(store, stream)
+            if isinstance(exc, LinkedError):  # intact, perhaps: only not where gpupas reads it
+                raise LinkedError(f"snapshot {m.id} in {place}, stream {s} was not read (nothing found damaged): "
+                                  f"{exc}") from None
             raise IntegrityError(f"snapshot {m.id} in {place}, stream {s}: {exc}; restore {what} "
                                  "from a copy or commit that snapshot again") from None
         if missing:

@@ -27,7 +27,14 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from gpupas.errors import ArchiveExistsError, ArchiveNotFoundError, IntegrityError, InvalidInputError, ReadOnlyError
+from gpupas.errors import (
+    ArchiveExistsError,
+    ArchiveNotFoundError,
+    IntegrityError,
+    InvalidInputError,
+    LinkedError,
+    ReadOnlyError,
+)
 from gpupas.outputs import fsync
 from gpupas.store.base import buffers
 
@@ -176,10 +183,11 @@ class LocalStore:
                 except OSError as exc:
                     if exc.errno in (errno.ELOOP, errno.ENOTDIR):  # named where the walk stopped, not below
                         where = "/".join(parts[: i + 1])
-                        what = ("a symbolic link; gpupas does not follow links inside an archive: move the folder "
-                                "itself back in its place (a link to the archive's root folder is followed)"
-                                if os.path.islink(os.path.join(self.root, where)) else "not a folder")
-                        raise IntegrityError(f"{self.location}: {where} is {what}") from None
+                        if os.path.islink(os.path.join(self.root, where)):
+                            raise LinkedError(f"{self.location}: {where} is a symbolic link; gpupas does not follow "
+                                              "links inside an archive: move the folder itself back in its place (a "
+                                              "link to the archive's root folder is followed)") from None
+                        raise IntegrityError(f"{self.location}: {where} is not a folder") from None
                     raise
                 os.close(fd)
                 fd = nfd
@@ -230,8 +238,8 @@ class LocalStore:
             return None
         except OSError as exc:
             if exc.errno == errno.ELOOP:
-                raise IntegrityError(f"{self.location}: {key} is a symbolic link; gpupas does not follow links "
-                                     "inside an archive") from None
+                raise LinkedError(f"{self.location}: {key} is a symbolic link; gpupas does not follow links inside "
+                                  "an archive: move the file itself back in its place") from None
             raise
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
