@@ -225,6 +225,20 @@ def test_a_checkout_into_a_file_is_refused_by_name(repo: Repository, tmp_path: P
     assert notes.read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == ["arc", "notes.txt"]
 
 
+def test_a_checkout_never_writes_through_a_folder_linked_elsewhere(repo: Repository, tmp_path: Path) -> None:
+    """checkout --force into a folder where the folder of an attached file (or of the weights) is a link to
+    elsewhere: refused naming the link, nothing written there nor through it (it wrote the file outside)."""
+    repo.commit("net", {"w": np.zeros(3, np.float32)}, files={"sub/x.txt": b"hi"})
+    co, outside = tmp_path / "co", tmp_path / "outside"
+    co.mkdir()
+    outside.mkdir()
+    (co / "sub").symlink_to(outside)
+    for kw in ({}, {"weights_name": "sub/w.safetensors"}):
+        with pytest.raises(InvalidInputError, match=r"co/sub is a link"):
+            repo.checkout(1, co, force=True, **kw)
+        assert list(outside.iterdir()) == [] and sorted(p.name for p in co.iterdir()) == ["sub"]
+
+
 def test_import_folder_is_a_lineage_chain_with_metrics_per_step(repo: Repository, run: Path) -> None:
     vs = repo.import_folder(run, "digits", metrics=run / "train_log.csv", hyperparameters={"lr": 0.01},
                             files=[run / "config.json"])

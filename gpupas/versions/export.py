@@ -114,6 +114,11 @@ def checkout(repo: Repository, ref: str | int | Version, out_dir: str | os.PathL
                                                           "its metadata, so it cannot be checked out; `gpupas "
                                                           "export` writes its weights to one file (its files: "
                                                           "Repository.file_bytes)"))
+    for name in (weights, *v.files):  # (the file itself, a link, is replaced: a rename does not follow it)
+        linked = next((out / f for f in list(Path(name).parents)[:-1] if (out / f).is_symlink()), None)
+        if linked is not None:
+            raise InvalidInputError(f"{linked} is a link; checkout would write {name!r} through it, outside {out}; "
+                                    "nothing written: remove the link, or check out to another folder")
     blobs = {f: repo.file_bytes(r["sha256"]) for f, r in v.files.items()}  # all checked before writing
     check_parents(out)
     stale = _stale(out, {weights, METADATA, *v.files}) if force else []
