@@ -156,6 +156,18 @@ def test_file_names_cannot_leave_the_archive_or_checkout(repo: Repository, bad: 
     assert repo.versions() == []
 
 
+def test_an_attached_file_name_too_long_to_check_out_is_refused_by_its_rule(repo: Repository, tmp_path: Path) -> None:
+    """A file name whose parts are each allowed but whose path is longer than file systems write (it committed,
+    then every checkout of the version failed with 'File name too long'): refused at commit, naming the rule."""
+    w = {"w": np.zeros(2, np.float32)}
+    fits = "/".join(["a" * 100] * 10 + ["b" * 14])  # 1024 characters
+    v = repo.commit("ok", w, files={fits: b"x"})
+    assert repo.checkout(v.id, tmp_path / "co")[1] == tmp_path / "co" / fits
+    with pytest.raises(InvalidInputError, match=r"at most 1024 characters"):
+        repo.commit("long", w, files={"/".join(["a" * 120] * 40): b"x"})
+    assert [x.name for x in repo.versions()] == ["ok"]
+
+
 def test_bad_input_changes_nothing(repo: Repository, run: Path, tmp_path: Path) -> None:
     repo.commit("good", ckpts(run)[0])
     before = sorted(p.relative_to(repo.root) for p in repo.root.rglob("*") if p.is_file()

@@ -30,6 +30,7 @@ RECORD_FORMAT = 1
 CHECKPOINT_SUFFIXES = (".safetensors", *TORCH_SUFFIXES)
 SHARD = re.compile(r"-\d{5}-of-\d{5}\.[a-z]+$")  # Hugging Face's shard names: model-00001-of-00003.safetensors
 MAX_VERSION_ID = 10**18 - 1
+MAX_FILE_NAME = 1024  # an attached file's logical name, '/'-separated parts and all
 MAX_NESTING = 200  # lists and objects in a record, one inside another
 Record = dict[str, Any]
 
@@ -110,9 +111,13 @@ def file_key(name: str) -> str:
 
 
 def check_file_name(name: str) -> str:
-    """A file's logical name: relative, '/'-separated, every part a safe name."""
+    """A file's logical name: relative, '/'-separated, every part a safe name, at most :data:`MAX_FILE_NAME`
+    characters in all (a longer path cannot be written by a checkout: macOS's limit is 1024)."""
     if not isinstance(name, str) or not name or name.startswith("/") or "\\" in name:
         raise InvalidInputError(f"file name {name!r} is not allowed: give a relative path with '/' separators")
+    if len(name) > MAX_FILE_NAME:
+        raise InvalidInputError(f"file name {name[:60]!r}... is {len(name)} characters long: a file name is at most "
+                                f"{MAX_FILE_NAME} characters in all, folders included (a checkout could not write it)")
     for part in name.split("/"):
         check_name(part, f"file name part of {name!r}:")
     return name
