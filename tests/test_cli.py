@@ -353,6 +353,34 @@ def test_diff_from_all_zero_weights_is_not_reported_as_no_change(tmp_path: Path)
     assert "lora_B" in top and "│ w " not in top, top
 
 
+@pytest.mark.parametrize("command", ["checkout", "export"])
+def test_checkout_and_export_by_name_resolve_it_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                     command: str) -> None:
+    """A version committed under the name while `checkout NAME -s 2` (or export) writes: the command reports
+    what it wrote, not an error about the newer version (it resolved the name again for its lossy note, and
+    failed with 'snapshots 1..1, not 2' after writing the old one's weights)."""
+    from typer.testing import CliRunner
+
+    from gpupas.cli.app import app
+    from gpupas.versions.repository import Repository, create_repository
+
+    with create_repository(tmp_path / "arc") as repo:
+        repo.commit("m", [{"w": np.zeros(3, np.float32)}, {"w": np.ones(3, np.float32)}])
+    real = getattr(Repository, command)
+
+    def then_commit(self: Repository, *args: object, **kw: object) -> object:
+        out = real(self, *args, **kw)
+        self.commit("m", {"w": np.full(3, 2, np.float32)})
+        return out
+
+    monkeypatch.setattr(Repository, command, then_commit)
+    out = tmp_path / ("co" if command == "checkout" else "w.safetensors")
+    res = CliRunner().invoke(app, ["-A", str(tmp_path / "arc"), command, "m", "-s", "2", "-o", str(out)])
+    assert res.exit_code == 0 and "error" not in res.output, res.output
+    weights = out / "model.safetensors" if command == "checkout" else out
+    assert load_checkpoint(weights)["w"].tolist() == [1, 1, 1]
+
+
 def test_checkout_refuses_weights_named_as_its_metadata(tmp_path: Path) -> None:
     """--weights-name gpupas-version.json: the metadata written after the weights replaced them (exit 0)."""
     arc, ck = tmp_path / "arc", tmp_path / "w.safetensors"

@@ -499,17 +499,18 @@ def checkout(ref: RefArg,
     if fmt not in (None, "safetensors", "torch"):
         raise InvalidInputError(f"--format must be safetensors or torch, not {fmt!r}")
     with _repo(archive) as repo:
-        paths = repo.checkout(ref, output, snapshot=snapshot, format=fmt, force=force, weights_name=weights_name)
-        note = _lossy_note(repo, ref, snapshot)
+        v = repo.version(ref)  # resolved once: a name may reach a newer version by the time the note is made
+        paths = repo.checkout(v, output, snapshot=snapshot, format=fmt, force=force, weights_name=weights_name)
+        note = _lossy_note(v, snapshot)
     if as_json:
         _out().json([str(x) for x in paths])
     else:
         _out().line(f"checked out to {output}: " + ", ".join(str(x.relative_to(output)) for x in paths) + note)
 
 
-def _lossy_note(repo: Repository, ref: str, snapshot: str | None) -> str:
-    """What to add where weights of a lossy snapshot are written: they are not the committed bits."""
-    scheme = repo.version(ref).snapshot(snapshot).get("lossy")
+def _lossy_note(v: Version, snapshot: str | None) -> str:
+    """What to add where weights of a lossy snapshot of ``v`` are written: they are not the committed bits."""
+    scheme = v.snapshot(snapshot).get("lossy")
     return f" (LOSSY snapshot, {scheme}: not bit-exact)" if scheme else ""
 
 
@@ -526,8 +527,9 @@ def export(ref: RefArg,
            archive: ArchiveOpt = None) -> None:
     """Write a version's weights to one safetensors or torch file."""
     with _repo(archive) as repo:
-        path = repo.export(ref, output, snapshot=snapshot, format=fmt, force=force)
-        note = _lossy_note(repo, ref, snapshot)
+        v = repo.version(ref)  # (as checkout's)
+        path = repo.export(v, output, snapshot=snapshot, format=fmt, force=force)
+        note = _lossy_note(v, snapshot)
     _out().line(f"exported to {path}{note}")
 
 
