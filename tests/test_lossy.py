@@ -75,6 +75,22 @@ def test_cast_rounds_like_the_dtype(arc):
         assert arc.restore(m.id)["x"].tobytes() == x.astype(np.float16).astype(np.float32).tobytes()
 
 
+def test_bf16_of_float64_rounds_once_to_nearest(arc):
+    """float64 to bfloat16 rounds to the nearest bfloat16 (ties to even), not through float32 first: that rounds
+    twice (1 + 2**-8 + 2**-30 became 1.0, not 1 + 2**-7)."""
+    rng = np.random.default_rng(4)
+    x = np.concatenate([[1 + 2**-8 + 2**-30, -(3 + 3 * 2**-8 + 2**-40), 1 + 2**-8, 1 + 3 * 2**-8],
+                        rng.standard_normal(20000) * 10.0 ** rng.integers(-30, 30, 20000)])
+    b = x.view(np.uint64)  # the nearest by the bits: keep 7 of 52 fraction bits, round half to even
+    rest, keep = b & np.uint64((1 << 45) - 1), b >> np.uint64(45)
+    up = (rest > np.uint64(1 << 44)) | ((rest == np.uint64(1 << 44)) & (keep & np.uint64(1) == 1))
+    nearest = ((keep + up.astype(np.uint64)) << np.uint64(45)).view(np.float64)
+    got = arc.restore(arc.commit({"x": x}, lossy="bf16").id)["x"]
+    assert got[0] == 1 + 2**-7 and got.tobytes() == nearest.tobytes()
+    truncated = arc.restore(arc.commit({"x": x}, lossy="bf16:truncate").id)["x"]
+    assert truncated.tobytes() == (b & ~np.uint64((1 << 45) - 1)).view(np.float64).tobytes()
+
+
 def test_nan_and_inf_survive_a_cast_and_are_refused_by_fixed_point(arc):
     x = np.array([np.nan, np.inf, -np.inf, -0.0, 1e-45, 3.0], np.float32)
     r = arc.restore(arc.commit({"x": x}, lossy="bf16").id)["x"]

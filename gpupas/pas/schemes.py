@@ -129,6 +129,9 @@ def apply(values: np.ndarray, scheme: dict[str, Any], sample: int = 1 << 16) -> 
         x = values.astype(np.float64) if values.dtype.name == "bfloat16" else values
         with np.errstate(over="ignore", invalid="ignore"):  # beyond the target's range: Inf, as a cast does
             y = x.astype(_np(scheme["to"]))
+        if x.dtype == np.float64 and scheme["to"] == "bfloat16":  # ml_dtypes rounds twice, through float32
+            fin = np.isfinite(x)
+            y[fin] = _odd32(x[fin]).astype(ml_dtypes.bfloat16)
         if scheme.get("round") == "truncate":  # toward zero: step back where rounding went up in magnitude
             with np.errstate(invalid="ignore"):
                 up = np.abs(y.astype(np.float64)) > np.abs(x.astype(np.float64))
@@ -163,6 +166,16 @@ def apply(values: np.ndarray, scheme: dict[str, Any], sample: int = 1 << 16) -> 
     if "levels" not in scheme:  # one zero: levels -0.0 and +0.0 both would re-code a restored zero to the other
         table = table + 0.0
     return codes.reshape(values.shape), dict(scheme) | {"levels": [float(v) for v in table]}
+
+
+def _odd32(x: np.ndarray) -> np.ndarray:
+    """Finite float64 ``x`` as float32 rounded to odd (toward zero, the last bit set where inexact): rounded
+    again to a type of at most 22 bits of significand (bfloat16), as if rounded once."""
+    with np.errstate(over="ignore"):
+        bits = x.astype(np.float32).view(np.uint32).copy()
+    bits[np.abs(bits.view(np.float32).astype(np.float64)) > np.abs(x)] -= 1  # toward zero (past float32: its max)
+    bits[bits.view(np.float32).astype(np.float64) != x] |= 1
+    return bits.view(np.float32)
 
 
 def _levels(x: np.ndarray, n: int, how: Any, sample: int) -> np.ndarray:
