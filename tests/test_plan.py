@@ -274,6 +274,27 @@ def test_storage_graph_of_an_archive(tmp_path: Path) -> None:
         assert set(project(plans["pas"].parent)) == set(sids)
 
 
+def test_a_lossy_snapshot_is_sized_in_its_representation(tmp_path: Path) -> None:
+    """A lossy snapshot as a delta is sized as a revision stores it (its lossy tensors in their representation,
+    whole): sized as a lossless delta of what it restores to, a bf16 release of a lossless snapshot's weights
+    cost nothing on it, so a plan re-based it there and compact stored all it did before, one link deeper."""
+    import ml_dtypes
+
+    rng = np.random.default_rng(3)
+    with gpupas.create_archive(tmp_path / "a") as a:
+        s0 = a.commit({"w": (rng.standard_normal((512, 256)) * 0.02).astype(np.float32)}, lossy="kmeans:4")
+        x = a.restore(s0.id)["w"].copy()
+        x[::7] = (x[::7] + np.float32(1e-3)).astype(ml_dtypes.bfloat16).astype(np.float32)
+        u = a.commit({"w": x}, base=s0.id)  # a lossless fine-tune of it
+        v = a.commit({"w": x.copy()}, lossy="bf16")  # the same weights released as bf16: restores to them
+        for fraction in (1.0, 1 / 4):
+            g, _ = storage_graph(a, fraction=fraction)
+            assert g.edge(u.id, v.id).storage == pytest.approx(v.stored_bytes, rel=0.3)
+        g, _ = storage_graph(a, fraction=1.0)
+        plan = plan_all(g, 50.0)["pas"]
+        assert plan.parent[v.id] == ROOT and plan.storage <= s0.stored_bytes + u.stored_bytes + v.stored_bytes
+
+
 def test_measuring_an_archive_reads_each_manifest_a_bounded_number_of_times(tmp_path: Path,
                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     """Each measured pair is committed to a scratch archive and discarded again; a discard that looked for the

@@ -215,6 +215,15 @@ def _scratch(p: Path) -> bool:
         return False
 
 
+def _schemes(archive: Any, sid: str) -> dict[str, dict[str, Any]]:
+    """The lossy schemes of snapshot ``sid``'s tensors, with their parameters: a revision codes such a tensor in
+    its representation again, whole, whatever its base (a lossless sample of its values sized another form)."""
+    from gpupas.pas.schemes import MEMBERS
+
+    return {e.name: {k: v for k, v in e.scheme.items() if k in MEMBERS[e.scheme["name"]]}
+            for e in archive.manifest(sid).tensors if e.scheme is not None}
+
+
 def measure_edges(archive: Any, pairs: set[tuple[str, str]], sids: Sequence[str], *, fraction: float = 1 / 16,
                   setting: str = "default") -> tuple[dict[tuple[str, str], dict[str, Coded]], Estimates]:
     """Sampled per-tensor sizes (and whether each is coded as a delta) of every snapshot whole (key
@@ -239,10 +248,10 @@ def measure_edges(archive: Any, pairs: set[tuple[str, str]], sids: Sequence[str]
             create_archive(f"{tmp}/a", durable=False, workers=archive.executor.workers) as scratch:
         ids = {sid: f"w{i}" for i, sid in enumerate(sorted(need))}
         for sid in sorted(need):
-            m = scratch.commit(samples[sid], snapshot=ids[sid], setting=setting)
+            m = scratch.commit(samples[sid], snapshot=ids[sid], setting=setting, lossy=_schemes(archive, sid))
             out[(ROOT, sid)] = {e.name: (round(e.stored * scale[sid][e.name]), False) for e in m.tensors}
         for k, (u, v) in enumerate(sorted(pairs)):
-            m = scratch.commit(samples[v], base=ids[u], snapshot=f"d{k}", setting=setting)
+            m = scratch.commit(samples[v], base=ids[u], snapshot=f"d{k}", setting=setting, lossy=_schemes(archive, v))
             out[(u, v)] = {e.name: (round(e.stored * scale[v][e.name]), e.reads_base) for e in m.tensors}
             scratch.discard(m.id, force=True)  # nothing is built on it: no scan of every manifest for its
             # children (each a read of the whole scratch archive, which made planning quadratic in snapshots)
