@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import doctest
 import json
+import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -156,6 +157,20 @@ def test_cli_inspect_prints_the_same_records(repo: gpupas.Repository) -> None:
     assert table.returncode == 0 and "bits/byte" in table.stdout and "entropy" in table.stdout
     bad = gp("inspect", "net", "--by", "row")
     assert bad.returncode == 2 and "--by must be one of" in bad.stderr
+
+
+def test_cli_inspect_by_tensor_says_which_tensors_are_lossy(tmp_path: Path) -> None:
+    """The tensor table names a lossy tensor's scheme, as its record, show and log do: it printed 'mat' alone, the
+    same as a tensor stored bit-exactly."""
+    w = {"w": np.linspace(-1, 1, 4096, dtype=np.float32), "step": np.arange(3, dtype=np.int32)}
+    with gpupas.create_repository(tmp_path / "arc") as r:
+        r.commit("net", [w], lossy="kmeans:4")
+    got = subprocess.run([sys.executable, "-m", "gpupas", "-A", str(tmp_path / "arc"), "inspect", "net", "--by",
+                          "tensor"], capture_output=True, text=True, timeout=120, cwd=ROOT, env={**os.environ,
+                                                                                              "COLUMNS": "200"})
+    rows = {line.split()[1]: line for line in got.stdout.splitlines() if line.startswith("│")}
+    assert got.returncode == 0 and "lossy" in got.stdout, got
+    assert "kmeans:4" in rows["w"] and "kmeans" not in rows["step"]
 
 
 def test_cli_inspect_refuses_options_its_view_does_not_use(repo: gpupas.Repository) -> None:

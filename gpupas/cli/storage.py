@@ -124,7 +124,8 @@ VIEWS: dict[str, list[tuple[str, str]]] = {  # columns shown: (record key, heade
                  ("depth", "depth"), ("delta_tensors", "deltas"), ("raw_bytes", "raw"), ("stored_bytes", "stored"),
                  ("ratio", "ratio"), ("local_bytes", "local"), ("tier_bytes", "in tiers")],
     "tensor": [("name", "tensor"), ("dtype", "dtype"), ("shape", "shape"), ("enc", "enc"), ("nbytes", "raw"),
-               ("stored", "stored"), ("ratio", "ratio"), ("rows_coded", "rows coded"), ("tiers", "stores")],
+               ("stored", "stored"), ("ratio", "ratio"), ("rows_coded", "rows coded"), ("tiers", "stores"),
+               ("lossy", "lossy")],
     "layer": [("layer", "layer"), ("tensors", "tensors"), ("params", "params"), ("nbytes", "raw"),
               ("stored", "stored"), ("ratio", "ratio"), ("encodings", "encodings")],
     "plane": [("plane", "plane"), ("bytes", "raw"), ("stored", "stored"), ("bits_per_byte", "bits/byte"),
@@ -175,7 +176,7 @@ def inspect(ref: Annotated[str, typer.Argument(metavar="VERSION", help="Version:
     cols = VIEWS[by]
     t = render.table([h for _, h in cols], right=[h for k, h in cols if k not in ("snapshot", "base", "name", "layer",
                                                                                  "dtype", "shape", "enc", "tiers",
-                                                                                 "encodings", "tier")],
+                                                                                 "encodings", "tier", "lossy")],
                      title=f"version {v.id} ({v.name})" + ("" if by == "snapshot" else f", snapshot {sid}"))
     for r in rows:
         render.row(t, *(_cell(k, r.get(k)) for k, _ in cols))
