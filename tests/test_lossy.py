@@ -292,6 +292,24 @@ def test_a_table_of_levels_holds_one_zero_so_a_revision_recodes_the_same_bits(ar
     assert arc.restore(m.id)["x"].tobytes() == before.tobytes()
 
 
+@pytest.mark.parametrize("spec", ["quant:3", "kmeans:4", "quant:8"])
+def test_a_value_restores_to_the_nearest_level_its_table_holds(arc, spec):
+    """Codes pick the nearest of the levels recorded (those of the tensor's dtype), not of the levels before
+    they were rounded to it: values near a midpoint restored to the farther level, and the recorded scheme,
+    applied to the tensor again, gave another representation."""
+    rng = np.random.default_rng(7)
+    for dtype in (ml_dtypes.bfloat16, np.float16):
+        x = (rng.standard_normal(4000) * 10.0 ** rng.uniform(-3, 3)).astype(dtype)
+        tiny = (np.arange(1, 400) * float(ml_dtypes.finfo(dtype).smallest_subnormal)).astype(dtype)
+        for t in (x, tiny):
+            m = arc.commit({"t": t}, lossy=spec)
+            sc, r = m.tensor("t").scheme, arc.restore(m.id)["t"]
+            v, levels = t.astype(np.float64), np.array(sc["levels"])
+            assert np.all(np.abs(r.astype(np.float64) - v) <= np.abs(levels[None, :] - v[:, None]).min(axis=1))
+            again = schemes.restore(schemes.apply(t, sc)[0], sc, r.dtype.name)  # its own parameters: the same
+            assert again.tobytes() == r.tobytes()
+
+
 def test_kmeans_levels_do_not_depend_on_the_tensors_scale():
     """Lloyd's iterations stopped on an absolute tolerance of 1e-12: on values of 1e-14 (an optimizer's second
     moments) k-means stopped at its first guess, the quantiles, at twice the error of the same tensor scaled up."""

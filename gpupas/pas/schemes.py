@@ -157,7 +157,6 @@ def apply(values: np.ndarray, scheme: dict[str, Any], sample: int = 1 << 16) -> 
         q = np.clip(np.rint(np.ldexp(x, -exponent)), -cap, cap).astype(repr_dtype(scheme))
         return q.reshape(values.shape), dict(scheme) | {"exponent": exponent}
     levels = _levels(x, 2**bits, scheme.get("levels", scheme.get("method", "uniform")), sample)
-    codes = np.searchsorted(_midpoints(levels), x).astype(np.uint8)
     with np.errstate(over="ignore"):
         table = levels.astype(_np(values.dtype.name)).astype(np.float64)
     if not np.isfinite(table).all():  # given levels past the dtype's range: ±Inf, which no manifest holds
@@ -165,6 +164,7 @@ def apply(values: np.ndarray, scheme: dict[str, Any], sample: int = 1 << 16) -> 
                                 f"({values.dtype.name}), not past its range; leave them out and gpupas picks them")
     if "levels" not in scheme:  # one zero: levels -0.0 and +0.0 both would re-code a restored zero to the other
         table = table + 0.0
+    codes = np.searchsorted(_midpoints(table), x).astype(np.uint8)  # the nearest of the levels it restores to
     return codes.reshape(values.shape), dict(scheme) | {"levels": [float(v) for v in table]}
 
 
