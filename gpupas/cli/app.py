@@ -471,6 +471,8 @@ def query(statement: Annotated[str, typer.Argument(metavar="DQL", help=(
     m.stored_bytes (what the manifests store now) and m.parent compare with numbers; m.name, m.created,
     m.author, m.message and m.tag with quoted strings, and LIKE takes a quoted pattern on these (and on
     m.hp.KEY): % any run, _ any one character, case counts; ESCAPE "!" makes !_ and !% plain characters.
+    Inside a quoted string a backslash takes the next character as it is (\\" a quote, \\\\ a backslash),
+    so like "a\\_b" is the pattern a_b: use ESCAPE to match a plain _ or %.
     """
     with _repo(archive) as repo:
         rows = repo.query(statement)
