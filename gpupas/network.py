@@ -247,6 +247,7 @@ def network_from_module(module: Any) -> Network:
 
         raise BackendUnavailableError("extracting a network from a module needs torch: "
                                       "pip install 'gpupas[torch]'") from exc
+    module = _unwrapped(module)
     modules = dict(module.named_modules())
     try:
         graph = fx.symbolic_trace(module).graph
@@ -282,6 +283,18 @@ def network_from_module(module: Any) -> Network:
         nodes.append(Node(len(nodes), name, t, attrs))
     edges = [(ids[src], ids[node]) for node in graph.nodes for src in node.all_input_nodes]
     return Network(nodes, edges, "fx")
+
+
+def _unwrapped(module: Any) -> Any:
+    """The model inside torch.compile's and (Distributed)DataParallel's wrappers, its layers named as its
+    tensors are once those wrappers' prefixes are taken off (:mod:`gpupas.tensors`)."""
+    while True:
+        inner = getattr(module, "_orig_mod", None)  # torch.compile's OptimizedModule
+        if inner is None and type(module).__name__ in ("DistributedDataParallel", "DataParallel"):
+            inner = getattr(module, "module", None)
+        if inner is None:
+            return module
+        module = inner
 
 
 def extract_network(obj: Any) -> Network:

@@ -204,7 +204,7 @@ def _unwrap(obj: Any, source: str, notes: list[str] | None) -> Mapping[str, Any]
         if isinstance(obj.get(key), Mapping):
             _refuse_packed(obj[key], source)
     if obj and all(_is_tensor(v) for v in obj.values()):
-        return _strip_ddp(obj, source, notes)
+        return _strip_wrappers(obj, source, notes)
     for key in WRAPPERS:
         inner = obj.get(key)
         said: list[str] = []
@@ -218,7 +218,7 @@ def _unwrap(obj: Any, source: str, notes: list[str] | None) -> Mapping[str, Any]
                 notes.append(f"{source}: took the weights under {key!r}; left out {', '.join(map(str, skipped[:6]))}"
                              + ("..." if len(skipped) > 6 else "") + " (optimizer state and counters are not archived"
                              + _apart(obj, skipped, "; ") + ")")
-            return _strip_ddp(inner, source, notes)
+            return _strip_wrappers(inner, source, notes)
     tensors = {k: v for k, v in obj.items() if _is_tensor(v)}
     if not tensors:
         keys = f"its keys are {', '.join(map(str, list(obj)[:8]))}" if obj else "it is empty"
@@ -229,7 +229,7 @@ def _unwrap(obj: Any, source: str, notes: list[str] | None) -> Mapping[str, Any]
         apart = _apart(obj, left, "")
         notes.append(f"{source}: left out {len(left)} entries that are not tensors: {', '.join(map(str, left[:6]))}"
                      + ("..." if len(left) > 6 else "") + (f" ({apart})" if apart else ""))
-    return _strip_ddp(tensors, source, notes)
+    return _strip_wrappers(tensors, source, notes)
 
 
 def _apart(obj: Mapping[Any, Any], left: list[Any], lead: str) -> str:
@@ -239,13 +239,23 @@ def _apart(obj: Mapping[Any, Any], left: list[Any], lead: str) -> str:
     return f"{lead}{', '.join(nested[:4])} holds tensors of its own: commit it apart to keep them" if nested else ""
 
 
-def _strip_ddp(tensors: Mapping[str, Any], source: str, notes: list[str] | None) -> Mapping[str, Any]:
-    """Names without the ``module.`` prefix that DistributedDataParallel adds to every one (said in ``notes``)."""
-    names = [k for k in tensors if isinstance(k, str)]
-    if names and all(k.startswith("module.") for k in names):
-        if notes is not None:
-            notes.append(f"{source}: took the tensor names without their 'module.' prefix (DistributedDataParallel's)")
-        return {k[len("module."):]: v for k, v in tensors.items()}
+_WRAPPED = {"module.": "DistributedDataParallel's", "_orig_mod.": "torch.compile's"}  # prefix: whose
+
+
+def _strip_wrappers(tensors: Mapping[str, Any], source: str, notes: list[str] | None) -> Mapping[str, Any]:
+    """Names without the prefixes that wrappers of a model add to every one: ``module.`` (DistributedDataParallel,
+    DataParallel) and ``_orig_mod.`` (torch.compile), nested in any order (said in ``notes``): a compiled or
+    distributed run's checkpoints then name their tensors as the plain model's do, and are deltas on them."""
+    taken: list[str] = []
+    while names := [k for k in tensors if isinstance(k, str)]:
+        prefix = next((p for p in _WRAPPED if all(k.startswith(p) for k in names)), None)
+        if prefix is None:
+            break
+        taken.append(prefix)
+        tensors = {k[len(prefix):]: v for k, v in tensors.items()}
+    if taken and notes is not None:
+        notes.append(f"{source}: took the tensor names without their '{''.join(taken)}' prefix "
+                     f"({', '.join(_WRAPPED[p] for p in taken)})")
     return tensors
 
 
@@ -298,13 +308,13 @@ class Loaded(dict):  # type: ignore[type-arg]
 
 def tensors_of(tensors: Mapping[Any, Any], source: str, notes: list[str] | None) -> Mapping[Any, Any]:
     """The tensors of an in-memory mapping, named as a file's are: a module's non-tensor ``_extra_state`` left out,
-    a training checkpoint's state_dict taken out of it, a DDP state_dict's ``module.`` taken off (said in
-    ``notes``)."""
+    a training checkpoint's state_dict taken out of it, a DDP or torch.compile state_dict's ``module.`` or
+    ``_orig_mod.`` taken off (said in ``notes``)."""
     tensors = _without_extra_state(tensors, source, notes)
     _refuse_packed(tensors, source)
     if any(isinstance(v, Mapping) for v in tensors.values()):  # a training checkpoint in memory
         return _unwrap(tensors, source, notes)
-    return _strip_ddp(tensors, source, notes)
+    return _strip_wrappers(tensors, source, notes)
 
 
 def as_tensor_dict(tensors: Any, source: str = "input", backend: Any = None,
@@ -312,8 +322,8 @@ def as_tensor_dict(tensors: Any, source: str = "input", backend: Any = None,
     """Named tensors as arrays of ``backend`` (NumPy by default); accepts a mapping of NumPy/CuPy/torch
     arrays or a checkpoint file path (a safetensors file's own metadata goes into ``metadata``). A mapping
     that wraps a state_dict (``{"model": ..., "optimizer": ...}``) gives the state_dict, as a file does,
-    with a warning; so does a module's non-tensor ``_extra_state``, which is left out, and a
-    DistributedDataParallel state_dict's ``module.`` prefix, which is taken off."""
+    with a warning; so does a module's non-tensor ``_extra_state``, which is left out, and the ``module.``
+    (DistributedDataParallel) or ``_orig_mod.`` (torch.compile) prefix of every name, which is taken off."""
     if backend is None:
         from gpupas.backend import get_backend
 

@@ -174,7 +174,7 @@ def _state(seed: int = 0) -> dict[str, object]:
 
 
 @pytest.mark.parametrize("layout", ["plain", "model", "model_state_dict", "state_dict", "lightning", "ddp",
-                                    "module-prefix-in-model"])
+                                    "module-prefix-in-model", "compiled", "ddp-of-compiled", "compiled-in-model"])
 def test_training_checkpoint_layouts(tmp_path: Path, layout: str) -> None:
     sd = _state()
     obj: object = {
@@ -186,6 +186,9 @@ def test_training_checkpoint_layouts(tmp_path: Path, layout: str) -> None:
                       "global_step": 100, "pytorch-lightning_version": "2.4.0"},
         "ddp": {f"module.{k}": v for k, v in sd.items()},
         "module-prefix-in-model": {"model": {f"module.{k}": v for k, v in sd.items()}, "optimizer": {}},
+        "compiled": {f"_orig_mod.{k}": v for k, v in sd.items()},  # torch.compile's OptimizedModule
+        "ddp-of-compiled": {f"module._orig_mod.{k}": v for k, v in sd.items()},
+        "compiled-in-model": {"model": {f"_orig_mod.{k}": v for k, v in sd.items()}, "epoch": 2},
     }[layout]
     path = tmp_path / "ckpt.pt"
     torch.save(obj, path)
@@ -197,6 +200,33 @@ def test_training_checkpoint_layouts(tmp_path: Path, layout: str) -> None:
             _no_warning():  # the same object in memory: the same weights and names, the same warning
         got = a.restore(a.commit(obj).id)
     assert sorted(got) == sorted(sd) and all(got[k].tobytes() == sd[k].numpy().tobytes() for k in sd)
+
+
+
+def test_a_compiled_models_checkpoints_are_deltas_on_the_plain_models(tmp_path: Path) -> None:
+    """torch.compile's module names every tensor ``_orig_mod.<name>`` and its layers likewise: a fine-tune of a
+    compiled copy of a committed model names them as the model does, so its snapshot is a delta on the model's
+    and its network the model's layers, not a copy stored whole under other names."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4))
+    compiled = torch.compile(model)  # (nothing compiles until it is called)
+    with gpupas.create_repository(tmp_path / "arc") as repo:
+        v1 = repo.commit("base", model.state_dict(), network=model)
+        with torch.no_grad():
+            model[0].weight[:2] += 1e-3  # a fine-tune's step: two rows change
+        with pytest.warns(UserWarning, match="_orig_mod"):
+            hook = gpupas.CheckpointHook(repo, "ft", model=compiled, parents=[v1.id])
+            v2 = hook(compiled, step=1)
+        hook.close()
+        m = repo.archive.manifest(v2.latest)
+        assert m.base == v1.latest and sorted(e.name for e in m.tensors) == sorted(model.state_dict())
+        assert all(e.reads_base for e in m.tensors), [(e.name, e.enc) for e in m.tensors]
+        assert {n["name"] for n in repo.version(v2.id).record["network"]["nodes"]} >= {"0", "1", "2"}
+        got = repo.restore(v2.id)
+        assert all(got[k].tobytes() == t.numpy().tobytes() for k, t in model.state_dict().items())
+    plain = gpupas.network.extract_network(model).to_dict()["nodes"]
+    for wrapped in (torch.nn.DataParallel(compiled), torch.compile(torch.nn.DataParallel(model))):
+        assert gpupas.network.extract_network(wrapped).to_dict()["nodes"] == plain
 
 
 class _no_warning:
