@@ -115,7 +115,7 @@ def checkout(repo: Repository, ref: str | int | Version, out_dir: str | os.PathL
                                                           "export` writes its weights to one file (its files: "
                                                           "Repository.file_bytes)"))
     for name in (weights, *v.files):  # (the file itself, a link, is replaced: a rename does not follow it)
-        linked = next((out / f for f in list(Path(name).parents)[:-1] if (out / f).is_symlink()), None)
+        linked = _linked_folder(out, name)
         if linked is not None:
             raise InvalidInputError(f"{linked} is a link; checkout would write {name!r} through it, outside {out}; "
                                     "nothing written: remove the link, or check out to another folder")
@@ -187,13 +187,18 @@ def _stale(out: Path, writing: set[str]) -> list[str]:
     return stale
 
 
+def _linked_folder(out: Path, name: str) -> Path | None:
+    """The folder on the way to file ``name`` under ``out`` that is a symbolic link (leading elsewhere), or None."""
+    return next((out / f for f in list(Path(name).parents)[:-1] if (out / f).is_symlink()), None)
+
+
 def _remove(out: Path, stale: list[str]) -> None:
     """Unlink the files ``stale`` names under ``out`` (not folders, not what a link leads to), then the
     folders they leave empty."""
     for name in stale:
-        path, folders = out / name, list(Path(name).parents)[:-1]  # "a/b/c.txt": a/b, then a
-        if any((out / f).is_symlink() for f in folders):  # a folder linked elsewhere
+        if _linked_folder(out, name) is not None:  # a folder linked elsewhere
             continue
+        path, folders = out / name, list(Path(name).parents)[:-1]  # "a/b/c.txt": a/b, then a
         if path.is_symlink() or path.is_file():
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
