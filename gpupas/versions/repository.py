@@ -19,6 +19,7 @@ np.float32(12.0)
 
 from __future__ import annotations
 
+import functools
 import numbers
 import os
 import sqlite3
@@ -774,25 +775,23 @@ class Repository:
         "bytes"}`` per item removed (or, with ``dry_run``, that would be); ``bytes``: what it took in the
         store (and tiers), every file."""
 
-        referenced: set[str] = set()
-        published: set[int] = set()
-
-        def named() -> set[str]:  # called under the archive's exclusive lock: no commit is between steps
-            if not referenced:  # read on the first call, under that lock ("" marks it read)
-                referenced.update(s["id"] for v in every_version() for s in v.snapshots)
-                referenced.add("")
-                published.update(self.records.version_ids())
-            return referenced
+        @functools.cache
+        def records() -> tuple[set[str], set[int]]:
+            """The snapshots the version records name, and the ids of the records there are: read once, on first
+            use, which is under the archive's exclusive lock (no commit is between steps)."""
+            ids = self.records.version_ids()
+            return {s["id"] for v in every_version(ids) for s in v.snapshots}, set(ids)
 
         def is_root(m: Manifest) -> bool:
             """Kept, with what it is built on: a snapshot a record names, one committed without a version, one
             whose version's record is lost (:func:`~gpupas.versions.verify.unpublished` says which)."""
-            return m.id in named() or not _verify.unpublished(m.meta, published)
+            named, published = records()
+            return m.id in named or not _verify.unpublished(m.meta, published)
 
-        def every_version() -> list[Version]:
-            """Every record, or IntegrityError: a record that cannot be read may name snapshots."""
+        def every_version(ids: list[int]) -> list[Version]:
+            """Every record of ``ids``, or IntegrityError: a record that cannot be read may name snapshots."""
             out = []
-            for vid in self.records.version_ids():
+            for vid in ids:
                 try:
                     rec = self.records.version(vid)
                 except IntegrityError as exc:
@@ -803,7 +802,8 @@ class Repository:
                     out.append(Version(rec))
             return out
 
-        found = self.archive.store.collect(is_root, min_age, dry_run, named)  # named: a lost manifest's folders stay
+        found = self.archive.store.collect(is_root, min_age, dry_run,  # named: a lost manifest's folders stay
+                                           lambda: records()[0])
         for kind, name, _ in found:
             if kind == "snapshot":
                 self.archive.bases.drop(name)
