@@ -1332,3 +1332,15 @@ def test_weights_come_out_in_the_format_their_name_says(repo: Repository, tmp_pa
             call()
         assert not (tmp_path / "co").exists()
     assert torch.load(repo.export("m", tmp_path / "m.weights", format="torch"), weights_only=True)["w"].shape == (2, 3)
+
+
+def test_a_snapshot_number_of_any_length_and_an_id_of_digits_only_each_select_theirs() -> None:
+    from gpupas.versions.model import select_snapshot
+
+    snaps = [{"id": f"{i:016x}"} for i in range(100_001)]
+    snaps[7]["id"] = "1234567890123456"  # ids are 16 hex digits: sometimes digits only
+    pick = lambda sel: select_snapshot(snaps, sel, snaps[-1]["id"], None, "version 1")  # noqa: E731
+    assert pick("100000") is snaps[99_999] and pick(100_001) is snaps[100_000]  # numbers past five digits
+    assert pick("1234567890123456") is snaps[7] and pick("8") is snaps[7]
+    with pytest.raises(SnapshotNotFoundError, match=r"1\.\.100001, not 100002"):
+        pick("100002")

@@ -244,13 +244,13 @@ def select_snapshot(snaps: list[dict[str, Any]], selector: str | int | None, lat
                                         "Repository.mark_best, `gpupas commit --best-by`, "
                                         "CheckpointHook(best_by=...))")
         sel = sid
-    if sel.isascii() and sel.isdigit() and len(sel) < 6:  # "²" is a digit to str.isdigit, not to int
+    for s in snaps:  # an id first: one of digits only would otherwise read as a number
+        if s["id"] == sel:
+            return s
+    if sel.isascii() and sel.isdigit():  # "²" is a digit to str.isdigit, not to int
         i = int(sel)
         if not 1 <= i <= len(snaps):
             raise SnapshotNotFoundError(f"{what} has snapshots 1..{len(snaps)}, not {i}")
         return snaps[i - 1]
-    for s in snaps:
-        if s["id"] == sel:
-            return s
     raise SnapshotNotFoundError(f"{what} has no snapshot {sel!r}; it has "
                                 f"{', '.join(s['id'] for s in snaps[:5])}{'...' if len(snaps) > 5 else ''}")
