@@ -606,7 +606,7 @@ def test_base_discarded_by_another_process_before_or_during_a_commit(tmp_path: P
     go.set()
     s3 = work.result()
     out, err = finish()
-    assert out.startswith("InvalidInputError") and "is the base of" in out and s3.id in out, out + err
+    assert out.startswith("InvalidInputError") and "is read by" in out and s3.id in out, out + err
     monkeypatch.undo()
     a.close()
     with gpupas.open_archive(arc) as fresh:

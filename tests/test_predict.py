@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import gpupas
-from gpupas.errors import IntegrityError
+from gpupas.errors import IntegrityError, InvalidInputError
 from gpupas.pas.planes import layout_of, to_bits
 from gpupas.pas.predict import alpha_from_planes, alpha_planes, fit, predict, rows_of
 from gpupas.pas.settings import Setting
@@ -128,8 +128,12 @@ def test_cold_restore_decodes_each_link_once(tmp_path: Path, monkeypatch: pytest
 def test_missing_base_of_pred_snapshot_is_named(tmp_path: Path, gone: str) -> None:
     snaps = [{"w": w} for w in _chain("float32")]
     with gpupas.create_archive(tmp_path / "a") as a:
-        _commit_chain(a, snaps)
-        a.discard(gone, force=True)  # (a plain discard refuses: other snapshots are built on it)
+        ms = _commit_chain(a, snaps)
+        readers = sorted(m.id for m in ms if gone in (m.base, m.grand))  # 'pred' snapshots read their grand-base
+        assert readers, [(m.id, m.base, m.grand) for m in ms]
+        with pytest.raises(InvalidInputError, match=f"{gone} is read by {', '.join(readers)} .their base, or the "):
+            a.discard(gone)
+        a.discard(gone, force=True)
     with gpupas.open_archive(tmp_path / "a") as cold, pytest.raises(IntegrityError, match=gone):
         cold.restore("s2")
 

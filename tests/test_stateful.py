@@ -311,7 +311,7 @@ class ArchiveMachine(RuleBasedStateMachine):
         sid = self.pick(data, plain)
         users = self.users(sid)
         if users:
-            with pytest.raises(InvalidInputError, match="is the base of"):
+            with pytest.raises(InvalidInputError, match="is read by"):
                 self.archive.discard(sid)
             return
         self.archive.discard(sid)

@@ -48,6 +48,7 @@ _TEMP_PLACES = ("", keys.MANIFESTS, keys.VERSIONS, keys.TAGS, keys.FILES)  # whe
 
 
 _PARSED_MAX = 64  # manifests kept parsed, with their bytes, per open archive
+_READ_AS = "their base, or the grand-base their 'pred' tensors extrapolate from"
 
 
 def _unreachable(loc: str, exc: BaseException) -> StoreUnavailableError:
@@ -343,16 +344,17 @@ class ArchiveStore:
                 streams = []  # its folders become orphans for gc
             users = [] if force else self.children(sid)
             if users:
-                raise InvalidInputError(f"snapshot {sid} is the base of {', '.join(users[:5])}"
-                                        f"{'...' if len(users) > 5 else ''}: discard those first (or force it)")
+                raise InvalidInputError(f"snapshot {sid} is read by {', '.join(users[:5])}"
+                                        f"{'...' if len(users) > 5 else ''} ({_READ_AS}): discard those first (or "
+                                        "force it)")
             data = self.store.get(keys.manifest(sid)) if self.store.local_root is None else None
             self.store.delete(keys.manifest(sid))
             if data is not None and not force and (users := self.children(sid)):
                 # an object store has no lock: a commit on it may have published between the look above and the
                 # delete (its own look after publishing sees it gone, or this one sees it): put it back
                 self.store.create(keys.manifest(sid), data)
-                raise ConflictError(f"snapshot {sid} became the base of {', '.join(users[:5])} while it was being "
-                                    "discarded; it is kept: discard those first (or force it)")
+                raise ConflictError(f"snapshot {sid} came to be read by {', '.join(users[:5])} ({_READ_AS}) while it "
+                                    "was being discarded; it is kept: discard those first (or force it)")
             self._delete_streams(self._owned(sid, streams))
 
     def _owned(self, sid: str, streams: Sequence[Stream]) -> list[Stream]:
