@@ -675,6 +675,86 @@ def test_asynchronous_hook_takes_what_a_synchronous_commit_takes(tmp_path: Path)
     assert names == [["lin.bias", "lin.weight"]] * 3 + [["lin.bias", "lin.weight", "n"]]
 
 
+# One process of a 2-process DDP run (gloo, CPU): every rank runs the hooks, as a training script does.
+DDP_RANK = """
+import datetime, json, sys, torch, torch.distributed as dist
+import gpupas
+rank, tmp = int(sys.argv[1]), sys.argv[2]
+early = gpupas.CheckpointHook(tmp + "/early", "ddp")  # made before the process group is up (a Lightning callback)
+dist.init_process_group("gloo", init_method="file://" + tmp + "/pg", rank=rank, world_size=2,
+                        timeout=datetime.timedelta(seconds=60))
+
+class Net(torch.nn.Sequential):
+    def state_dict(self, *args, **kwargs):  # a collective, as FSDP's full state_dict: rank 0 waits for every rank
+        dist.barrier()
+        return super().state_dict(*args, **kwargs)
+
+torch.manual_seed(0)
+ddp = torch.nn.parallel.DistributedDataParallel(Net(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2)))
+opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
+hooks = [gpupas.CheckpointHook(tmp + "/arc", "ddp", model=ddp, best_by="loss"),
+         gpupas.CheckpointHook(tmp + "/async", "ddp", asynchronous=True), early]
+torch.manual_seed(1 + rank)  # each rank its own batches
+out = {"returned": [], "losses": []}
+for step in (1, 2, 3):
+    loss = ddp(torch.randn(4, 8)).pow(2).mean()
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    out["losses"].append(loss.item())
+    for hook in hooks:
+        hook.log(step, lr=0.1)
+        v = hook(ddp, step=step, metrics={"loss": loss.item()})
+        out["returned"].append(v and v.id)
+out["closed"] = [v and v.id for v in (hook.close() for hook in hooks)]
+out["repos"] = [hook.repo is None for hook in hooks]
+weights = ddp.module.state_dict()  # (a collective: on every rank)
+if rank == 0:
+    torch.save(weights, tmp + "/rank0.pt")
+dist.destroy_process_group()
+json.dump(out, open(tmp + f"/rank{rank}.json", "w"))
+"""
+
+
+@needs_torch
+def test_training_hook_under_ddp_writes_once_from_rank_0(tmp_path: Path) -> None:
+    """torchrun/DDP runs the hook in every process: global rank 0 alone writes one version (not one per rank,
+    racing), the other rank takes the module's state_dict (a collective under FSDP) and returns None, without
+    opening the archive; a hook made before the process group was initialized stands down there."""
+    import torch
+
+    if not (torch.distributed.is_available() and torch.distributed.is_gloo_available()):
+        pytest.skip("torch.distributed with gloo is not available")
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, "-c", DDP_RANK, str(rank), str(tmp_path)], env=env,
+                              cwd=Path(__file__).resolve().parents[1],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for rank in (0, 1)]
+    try:
+        logs = [p.communicate(timeout=90)[0] for p in procs]  # a hang fails here (the group's own timeout is 60 s)
+    finally:
+        for p in procs:
+            p.kill()
+    assert [p.returncode for p in procs] == [0, 0], logs
+    r0, r1 = (json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1))
+    assert r1["returned"] == [None] * 9 and r1["closed"] == [None] * 3 and r1["repos"] == [True] * 3
+    assert r0["returned"] == [1] * 9 and r0["closed"] == [1] * 3 and r0["repos"] == [False] * 3
+    want = torch.load(tmp_path / "rank0.pt")
+    for arc in ("arc", "async", "early"):
+        with open_repository(tmp_path / arc) as repo:
+            assert [row["id"] for row in repo.log()] == [1]  # one version: rank 1 wrote none
+            v = repo.version(1)
+            assert len(repo.archive.snapshots()) == len(v.snapshots) == 3 and v.name == "ddp"
+            assert [s["step"] for s in v.snapshots] == [1, 2, 3]
+            assert v.metrics["loss"] == [[s, x] for s, x in zip((1, 2, 3), r0["losses"], strict=True)]  # rank 0's
+            assert v.metrics["lr"] == [[s, 0.1] for s in (1, 2, 3)]
+            got = repo.restore(1, framework="torch")
+            assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    with open_repository(tmp_path / "arc") as repo:
+        v = repo.version(1)
+        assert v.network is not None and v.network.source == "fx"
+        assert v.best == v.snapshots[min(range(3), key=r0["losses"].__getitem__)]["id"]
+
+
 @needs_torch
 def test_training_hook_with_a_torch_loop(tmp_path: Path) -> None:
     import torch

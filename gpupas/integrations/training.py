@@ -31,18 +31,32 @@ returns the version as last published, and commits the copy in the background, o
 error is raised by the next call (which then takes no checkpoint of its own) or by close(), with a note naming
 the checkpoint's step.
 Metric points given between checkpoints (:meth:`CheckpointHook.log`) are written with the next one.
+
+Under ``torch.distributed`` (DDP, FSDP, torchrun) every process runs the hook and global rank 0 alone writes:
+one version, as Lightning and the Hugging Face Trainer write checkpoints. On the other ranks a call takes the
+module's ``state_dict()`` (a collective under FSDP's full state dict: rank 0's call would wait for theirs) and
+returns None; ``log`` keeps nothing, ``close`` returns None, and the archive is not opened.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from gpupas.errors import ArchiveNotFoundError, InvalidInputError
+from gpupas.errors import ArchiveExistsError, ArchiveNotFoundError, InvalidInputError
 from gpupas.versions.metrics import best_rule, merge_metrics, normalize_metrics, snapshot_step
 from gpupas.versions.model import Version
 from gpupas.versions.repository import Repository, as_refs, create_repository, open_repository
+
+
+def _global_rank() -> int:
+    """This process's global rank where torch.distributed is initialized, else 0 (torch is not imported for it)."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is None or not dist.is_available() or not dist.is_initialized():
+        return 0
+    return int(dist.get_rank())
 
 
 def _state_dict(obj: Any) -> Mapping[str, Any]:
@@ -75,6 +89,12 @@ class CheckpointHook:
         hyperparameters and files stay as they are).
     model
         The torch module, for the network definition; optional.
+
+    Where ``torch.distributed`` is initialized with several processes, only global rank 0 writes (see the
+    module's note); ``repo`` and ``version`` are None on the others, and a call and :meth:`close` return None
+    there. A hook made before the process group was initialized stands down on those ranks at its first use
+    after (it releases the archive it opened). To archive every rank's own weights, call
+    :meth:`Repository.add_snapshot <gpupas.versions.repository.Repository.add_snapshot>` on each.
     """
 
     def __init__(self, archive: Repository | str | os.PathLike[str], name: str, *, model: Any = None,
@@ -86,18 +106,31 @@ class CheckpointHook:
             best_rule(best_by)  # (checked before the archive is opened)
         self.best_by = best_by
         parents = as_refs(parents)  # (one parent may be given alone)
-        if isinstance(archive, Repository):
-            self.repo, self._own = archive, False
-        else:
-            try:
-                self.repo = open_repository(archive)
-            except ArchiveNotFoundError:
-                self.repo = create_repository(archive)
-            self._own = True
         self.name, self.model, self.parents = name, model, parents
         self.hyperparameters, self.files, self.message, self.setting = hyperparameters, files, message, setting
         self.from_snapshot = from_snapshot
         self.version: Version | None = None
+        self._pending: dict[str, list[list[Any]]] = {}
+        self._sent: dict[str, list[list[Any]]] = {}  # the metric points of the asynchronous commit in flight
+        self._sent_step: int | None = None  # and its step
+        self._async = None
+        self._closed = False
+        self._own = False
+        self.repo: Repository | None = None
+        self._writer = _global_rank() == 0  # (a rank other than 0 of torch.distributed writes nothing)
+        if not self._writer:
+            return
+        if isinstance(archive, Repository):
+            self.repo = archive
+        else:
+            try:
+                self.repo = open_repository(archive)
+            except ArchiveNotFoundError:
+                try:
+                    self.repo = create_repository(archive)
+                except ArchiveExistsError:  # created meanwhile by another process (a rank before its group is up)
+                    self.repo = open_repository(archive)
+            self._own = True
         if resume is not None:
             try:
                 self.version = self.repo.version(resume)
@@ -108,11 +141,6 @@ class CheckpointHook:
                 if self._own:
                     self.repo.close()
                 raise
-        self._pending: dict[str, list[list[Any]]] = {}
-        self._sent: dict[str, list[list[Any]]] = {}  # the metric points of the asynchronous commit in flight
-        self._sent_step: int | None = None  # and its step
-        self._async = None
-        self._closed = False
         if asynchronous:
             from gpupas.integrations.async_commit import AsyncCommitter
 
@@ -122,7 +150,23 @@ class CheckpointHook:
         """Record metric values at ``step`` (written with the next checkpoint, or on close); a metric
         named "step" goes through a call's ``metrics=`` instead."""
         self._check_open("metric points")
-        self._add(step, metrics)
+        if self._writes():
+            self._add(step, metrics)
+
+    def _writes(self) -> bool:
+        """Whether this process writes: not on a rank other than 0 of torch.distributed, where a hook made before
+        the process group was initialized stands down (it releases its archive, keeping nothing)."""
+        if self._writer and _global_rank() != 0:
+            self._writer, self._pending = False, {}
+            try:
+                if self._async is not None:
+                    self._async.close()
+            finally:
+                self._async, self.version = None, None
+                if self._own and self.repo is not None:
+                    self.repo.close()
+                self.repo, self._own = None, False
+        return self._writer
 
     def _check_open(self, what: str) -> None:
         """Refused after close(): nothing would write them (an asynchronous commit would be left in flight)."""
@@ -151,10 +195,13 @@ class CheckpointHook:
         return pending
 
     def __call__(self, model_or_state: Any, *, step: int | None = None, metrics: Mapping[str, Any] | None = None,
-                 best: bool = False) -> Version:
-        """Commit one checkpoint (a module or a state_dict); returns the version as it now stands."""
+                 best: bool = False) -> Version | None:
+        """Commit one checkpoint (a module or a state_dict); returns the version as it now stands (None on a rank
+        of torch.distributed other than 0, which takes the module's state_dict and writes nothing)."""
         self._check_open("checkpoints")
-        state = _state_dict(model_or_state)
+        state = _state_dict(model_or_state)  # (on every rank: FSDP's full state_dict is a collective)
+        if not self._writes():
+            return None
         step = snapshot_step(step)
         series = self._take(step, metrics)
         try:
@@ -165,6 +212,7 @@ class CheckpointHook:
 
     def _commit(self, model_or_state: Any, state: Mapping[str, Any], step: int | None,
                 series: dict[str, list[list[Any]]], best: bool) -> Version:
+        assert self.repo is not None
         if self.version is None:
             module = self.model if self.model is not None else (model_or_state if hasattr(model_or_state,
                                                                                           "named_modules") else None)
@@ -186,7 +234,7 @@ class CheckpointHook:
         return self.version
 
     def _append(self, state: Mapping[str, Any], **kw: Any) -> Version:
-        assert self.version is not None
+        assert self.version is not None and self.repo is not None
         # the best picked in the same record update: a second one (mark_best) rewrote and re-indexed the whole
         # record again, every checkpoint (the asynchronous mode's thread, one commit at a time)
         self.version = self.repo.add_snapshot(self.version.id, state, setting=self.setting, best_by=self.best_by,
@@ -210,8 +258,12 @@ class CheckpointHook:
 
     def close(self) -> Version | None:
         """Finish the commit in flight, write metric points still pending and release the archive;
-        returns the version. A failed commit in flight is raised after the rest is done."""
+        returns the version (None on a rank of torch.distributed other than 0). A failed commit in flight is raised
+        after the rest is done."""
         try:
+            if not self._writes():
+                return None
+            assert self.repo is not None
             error = None
             if self._async is not None:
                 try:
@@ -226,7 +278,7 @@ class CheckpointHook:
                 raise error
         finally:
             self._closed = True
-            if self._own:
+            if self._own and self.repo is not None:
                 self.repo.close()
         return self.version
 
