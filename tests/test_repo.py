@@ -1424,3 +1424,17 @@ def test_a_snapshot_number_of_any_length_and_an_id_of_digits_only_each_select_th
     assert pick("1234567890123456") is snaps[7] and pick("8") is snaps[7]
     with pytest.raises(SnapshotNotFoundError, match=r"1\.\.100001, not 100002"):
         pick("100002")
+
+
+def test_diff_reports_a_hyperparameter_list_whose_items_change_type(repo: Repository) -> None:
+    """A list (or an object in one) whose items turn from numbers to booleans, or ints to floats, differs, as a
+    plain value does (True is not 1): Python's ``[True, False] == [1, 0]`` had diff call them the same."""
+    w = {"w": np.ones(3, np.float32)}
+    pairs = [([1, 0], [True, False]), ([{"a": 1}], [{"a": True}]), ([1, 2], [1, 2.0]), ({"k": [1]}, {"k": [1.0]})]
+    for i, (x, y) in enumerate(pairs):
+        a = repo.commit(f"a{i}", w, hyperparameters={"h": x})
+        b = repo.commit(f"b{i}", w, parents=[a.id], hyperparameters={"h": y})
+        d = repo.diff(a.id, b.id, weights=False)["hyperparameters"]
+        assert d == {"h" if isinstance(x, list) else "h.k": [x if isinstance(x, list) else x["k"],
+                                                              y if isinstance(y, list) else y["k"]]}, (x, y)
+        assert repo.diff(b.id, b.id, weights=False)["hyperparameters"] == {}

@@ -63,13 +63,24 @@ def show(repo: Repository, ref: str | int | Version, snapshot: str | int | None 
     return d
 
 
+def _same_json(x: Any, y: Any) -> bool:
+    """Whether two JSON values are equal and of one type all the way down (True is not 1, 1 is not 1.0, in a
+    list or an object too: Python's ``[True] == [1]``)."""
+    if type(x) is not type(y):
+        return False
+    if isinstance(x, list):
+        return len(x) == len(y) and all(map(_same_json, x, y))
+    if isinstance(x, dict):
+        return x.keys() == y.keys() and all(_same_json(v, y[k]) for k, v in x.items())
+    return bool(x == y)
+
+
 def _same_value(a: Mapping[str, Any], b: Mapping[str, Any], key: str) -> bool:
     """Whether hyperparameter ``key`` is the same in both: present in both (a missing key is not None),
-    of one type (True is not 1, 0 is not False) and equal."""
+    of one type (True is not 1, 0 is not False; inside lists too) and equal."""
     if (key in a) != (key in b):
         return False
-    x, y = a.get(key), b.get(key)
-    return type(x) is type(y) and x == y
+    return _same_json(a.get(key), b.get(key))
 
 
 def diff(repo: Repository, a: str | int | Version, b: str | int | Version, *, snapshot_a: str | int | None = None,
