@@ -490,3 +490,22 @@ def test_show_lists_the_ends_and_the_best_of_a_long_run(tmp_path: Path) -> None:
     assert numbers == [*range(1, 11), 30, *range(41, 61)], numbers
     assert any("best" in line for line in rows) and any("latest" in line for line in rows)
     assert len(js(gp("show", "run", "--json", archive=tmp_path / "arc"))["snapshots"]) == 60
+
+
+def test_diff_shows_a_layer_whose_type_changed_as_old_and_new(tmp_path: Path) -> None:
+    """A layer that changed type (a Linear become a Conv2d under one name) was shown as a Python list,
+    "~ fc1 ['Linear', 'Conv2d']: ..."; and one whose type alone changed ended in a bare colon."""
+    arc = tmp_path / "arc"
+    ok(gp("init", archive=arc))
+    save_file({"fc1.weight": np.ones((4, 3), np.float32)}, tmp_path / "0.safetensors")
+    save_file({"fc1.weight": np.ones((4, 3, 3, 3), np.float32)}, tmp_path / "1.safetensors")
+    for i in range(2):
+        ok(gp("commit", tmp_path / f"{i}.safetensors", "-n", f"v{i}", archive=arc))
+    net = {"nodes": [{"id": 0, "name": "act", "type": "ReLU"}], "edges": []}
+    for i, kind in enumerate(("ReLU", "GELU")):
+        (tmp_path / f"net{i}.json").write_text(json.dumps(net | {"nodes": [net["nodes"][0] | {"type": kind}]}))
+        ok(gp("commit", tmp_path / "0.safetensors", "-n", f"n{i}", "--network", tmp_path / f"net{i}.json",
+              archive=arc))
+    out = ok(gp("diff", "v0", "v1", "--no-weights", archive=arc))
+    assert "  ~ fc1 Linear -> Conv2d: " in out and "['" not in out, out
+    assert "  ~ act ReLU -> GELU\n" in ok(gp("diff", "n0", "n1", "--no-weights", archive=arc))

@@ -303,8 +303,10 @@ def diff(o: Output, d: dict[str, Any], top: int) -> None:
             o.data(f"  + {x['name']} ({x['type']})")
         for x in n["removed"]:
             o.data(f"  - {x['name']} ({x['type']})")
-        for x in n["changed"]:
-            o.data(f"  ~ {x['name']} {x['type']}: " + ", ".join(f"{k} {v[0]} -> {v[1]}" for k, v in x["attrs"].items()))
+        for x in n["changed"]:  # a type that changed is [old, new]
+            kind = " -> ".join(x["type"]) if isinstance(x["type"], list) else x["type"]
+            attrs = ", ".join(f"{k} {v[0]} -> {v[1]}" for k, v in x["attrs"].items())
+            o.data(f"  ~ {x['name']} {kind}" + (f": {attrs}" if attrs else ""))
     else:
         o.data("network: same")
     if d["hyperparameters"]:
