@@ -509,3 +509,14 @@ def test_diff_shows_a_layer_whose_type_changed_as_old_and_new(tmp_path: Path) ->
     out = ok(gp("diff", "v0", "v1", "--no-weights", archive=arc))
     assert "  ~ fc1 Linear -> Conv2d: " in out and "['" not in out, out
     assert "  ~ act ReLU -> GELU\n" in ok(gp("diff", "n0", "n1", "--no-weights", archive=arc))
+
+
+def test_diff_says_when_weights_were_not_compared(tmp_path: Path) -> None:
+    """diff against a version without snapshots printed no weights line at all."""
+    from gpupas.versions.repository import create_repository
+
+    arc = tmp_path / "arc"
+    with create_repository(arc) as repo:
+        repo.commit("a", {"w": np.zeros(4, np.float32)})
+        repo.commit("b", None, parents=[1])
+    assert "weights: not compared (no snapshots in version 2)" in ok(gp("diff", "a", "b", archive=arc))

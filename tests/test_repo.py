@@ -1438,3 +1438,16 @@ def test_diff_reports_a_hyperparameter_list_whose_items_change_type(repo: Reposi
         assert d == {"h" if isinstance(x, list) else "h.k": [x if isinstance(x, list) else x["k"],
                                                               y if isinstance(y, list) else y["k"]]}, (x, y)
         assert repo.diff(b.id, b.id, weights=False)["hyperparameters"] == {}
+
+
+def test_diff_with_a_version_without_snapshots_says_the_weights_were_not_compared(repo: Repository) -> None:
+    """A version committed without weights (metadata only): diff left the weights out without a word (a reader
+    could take that for no change) and took a snapshot asked of it (``snapshot_b=1``) without complaint."""
+    a = repo.commit("a", {"w": np.ones(3, np.float32)})
+    b = repo.commit("b", None, parents=[a.id], hyperparameters={"lr": 0.1})
+    d = repo.diff(a.id, b.id)
+    assert "weights" not in d and d["weights_not_compared"] == [b.id]
+    assert "weights_not_compared" not in repo.diff(a.id, b.id, weights=False)
+    with pytest.raises(SnapshotNotFoundError, match=f"version {b.id} has no snapshots"):
+        repo.diff(a.id, b.id, snapshot_b=1)
+    assert repo.diff(a.id, a.id)["weights"]["identical"] == 1

@@ -326,6 +326,8 @@ def diff(o: Output, d: dict[str, Any], top: int) -> None:
     for k, (x, y) in d["files"].items():
         o.data(f"file {k}: {(x or '-')[:12]} -> {(y or '-')[:12]}")
     w = d.get("weights")
+    if d.get("weights_not_compared"):
+        o.data(f"weights: not compared (no snapshots in version {', '.join(map(str, d['weights_not_compared']))})")
     if not w:
         return
     # most changed first; a float tensor that was all zero and changed (rel_l2 None) has no bound: first of all

@@ -85,7 +85,8 @@ def _same_value(a: Mapping[str, Any], b: Mapping[str, Any], key: str) -> bool:
 
 def diff(repo: Repository, a: str | int | Version, b: str | int | Version, *, snapshot_a: str | int | None = None,
          snapshot_b: str | int | None = None, weights: bool = True) -> dict[str, Any]:
-    """Two versions side by side: network, hyperparameter, metric and per-tensor weight changes."""
+    """Two versions side by side: network, hyperparameter, metric and per-tensor weight changes (where one has no
+    snapshots, ``weights_not_compared`` lists which instead)."""
     va, vb = repo.version(a), repo.version(b)
     ha, hb = flatten(va.hyperparameters), flatten(vb.hyperparameters)
     hp = {k: [ha.get(k), hb.get(k)] for k in sorted(ha.keys() | hb.keys()) if not _same_value(ha, hb, k)}
@@ -100,7 +101,12 @@ def diff(repo: Repository, a: str | int | Version, b: str | int | Version, *, sn
                   for k in sorted(va.files.keys() | vb.files.keys())
                   if va.files.get(k, {}).get("sha256") != vb.files.get(k, {}).get("sha256")},
     }
-    if weights and va.snapshots and vb.snapshots:
+    if weights and not (va.snapshots and vb.snapshots):  # no weights to compare: said, not left out unsaid
+        for v, sel in ((va, snapshot_a), (vb, snapshot_b)):
+            if sel is not None:
+                v.snapshot(sel)  # SnapshotNotFoundError where a snapshot is asked of a version without any
+        out["weights_not_compared"] = [v.id for v in (va, vb) if not v.snapshots]
+    elif weights:
         sa, sb = va.snapshot(snapshot_a)["id"], vb.snapshot(snapshot_b)["id"]
         out["snapshots"] = [sa, sb]
         ea, eb = repo.archive.manifest(sa).by_name, repo.archive.manifest(sb).by_name
