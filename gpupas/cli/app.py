@@ -356,6 +356,55 @@ def best(ref: Annotated[str, typer.Argument(metavar="VERSION", help="The version
 
 @app.command()
 @_command
+def drop(ref: RefArg,
+         snapshots: Annotated[list[str] | None, typer.Argument(metavar="SNAPSHOT", help=(
+             "Snapshots to drop: 1-based index, id, latest or best."))] = None,
+         keep_last: Annotated[int | None, typer.Option("--keep-last", metavar="N", min=0, help=(
+             "Drop all but the last N snapshots (the best is kept too)."))] = None,
+         best_by: Annotated[str | None, typer.Option("--best-by", metavar="METRIC[:min|:max]", help=(
+             "Where the best is dropped, mark the best of those left by this metric (else none is best)."))] = None,
+         drop_all: Annotated[bool, typer.Option("--all", help=(
+             "Allow dropping every snapshot (the version keeps its metadata)."))] = False,
+         dry_run: Annotated[bool, typer.Option("--dry-run", "-n", help="Say what would be dropped; change nothing.")
+                            ] = False,
+         archive: ArchiveOpt = None, as_json: JsonOpt = False) -> None:
+    """Drop snapshots from a version (the record no longer names them); `gpupas gc` then frees their bytes,
+    except those another version names or kept snapshots are built on (`gpupas compact` re-bases those)."""
+    from gpupas.versions import verify as _verify
+
+    with _repo(archive) as repo:
+        before = repo.version(ref)
+        v = repo.drop_snapshots(before, snapshots or [], keep_last=keep_last, best_by=best_by,
+                                allow_empty=drop_all, dry_run=dry_run)
+        left = {s["id"] for s in v.snapshots}
+        gone = [s for s in before.snapshots if s["id"] not in left]
+        fate = _verify.fate(repo, [s["id"] for s in gone], v.record)
+    o = _out()
+    if as_json:
+        o.json({"version": v.id, "dry_run": dry_run, "dropped": [s["id"] for s in gone],
+                "snapshots": [s["id"] for s in v.snapshots], "latest": v.latest, "best": v.best,
+                "gc": fate})
+        return
+    verb = "would drop" if dry_run else "dropped"
+    o.line(f"{verb} {render.count(len(gone), 'snapshot')} of version {v.id} ({v.name}): "
+           f"{', '.join(s['id'] for s in gone)}; {render.count(len(v.snapshots), 'snapshot')} left"
+           + (f", latest {v.latest}" if v.latest else "") + (f", best {v.best}" if v.best else "")
+           + (", no best now" if before.best and not v.best else ""))
+    frees = [s for s in gone if fate[s["id"]]["gc"] == "frees"]
+    if frees:
+        young = any(fate[s["id"]]["young"] for s in frees)
+        o.line(f"`gpupas gc{' --min-age 0' if young else ''}` then frees {render.count(len(frees), 'snapshot')}, "
+               f"{render.size(sum(s['stored_bytes'] for s in frees))}: {', '.join(s['id'] for s in frees)}"
+               + (" (written within the hour: gc alone keeps such for an hour)" if young else ""))
+    for s in gone:
+        if fate[s["id"]]["gc"] == "keeps":
+            why = fate[s["id"]]["why"]
+            o.line(f"{s['id']} stays, {why}" + (": `gpupas compact` re-bases it, then gc frees this one"
+                                                 if why.startswith("the base") else ""))
+
+
+@app.command()
+@_command
 def tag(tag_name: Annotated[str | None, typer.Argument(
             metavar="TAG", help="Tag name (not another tag's in another case); none: list tags.")] = None,
         ref: Annotated[str | None, typer.Argument(metavar="VERSION", help="Version to tag (id, tag or name).")] = None,

@@ -147,10 +147,35 @@ def plan_archive(archive: Any, alpha: float | None = 2.0, *, scheme: str = "inde
                             "done") from exc
 
 
+def unkept(archive: Any) -> tuple[set[str], set[str]]:
+    """Snapshots of ``archive`` that no version keeps (dropped from their version, or left by a killed commit):
+    (those no kept snapshot is built on, which gc removes: no plan keeps them; those kept snapshots are built
+    on, which gc keeps while they are: no plan makes them the base of another snapshot). Both empty in an
+    archive without versions, or where a version record cannot be read (gc removes nothing then)."""
+    from gpupas.errors import GpupasError
+    from gpupas.versions import verify
+    from gpupas.versions.records import Records
+
+    records = Records(archive.store)
+    try:
+        ids = records.version_ids()
+        recs = [r for r in (records.version(v) for v in ids) if r is not None]
+    except GpupasError:
+        return set(), set()
+    if not ids:
+        return set(), set()
+    why = verify.kept(archive.store, recs, set(ids))
+    listed = set(archive.store.list_snapshots())
+    return listed - set(why), {s for s, (kind, _) in why.items() if kind == "base"}
+
+
 def _plan(archive: Any, alpha: float | None, scheme: str, budgets: Mapping[str, float] | None,
           pairs: list[tuple[str, str]], fraction: float, model: CostModel, setting: str, planner: str,
           no_slower: bool) -> ArchivePlan:
-    g, est = storage_graph(archive, model=model, fraction=fraction, pairs=pairs, setting=setting)
+    garbage, dead = unkept(archive)
+    g, est = storage_graph(archive, model=model, fraction=fraction, pairs=pairs, setting=setting,
+                           snapshots=[s for s in archive.snapshots() if s not in garbage] if garbage else None,
+                           no_base=dead)
     absolute = dict(budgets or {})
     if no_slower:
         now = evaluate(g, g.current, "current", scheme)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 import tempfile
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -266,18 +266,22 @@ def measure_edges(archive: Any, pairs: set[tuple[str, str]], sids: Sequence[str]
 
 def storage_graph(archive: Any, *, granularity: str = "snapshot", model: CostModel = DEFAULT,
                   fraction: float = 1 / 16, pairs: Iterable[tuple[str, str]] = (), setting: str = "default",
-                  snapshots: Iterable[str] | None = None) -> tuple[StorageGraph, Estimates]:
+                  snapshots: Iterable[str] | None = None,
+                  no_base: Collection[str] = ()) -> tuple[StorageGraph, Estimates]:
     """The storage graph of ``archive`` (all snapshots, or ``snapshots``): a vertex per snapshot
     (``granularity="snapshot"``) or per tensor of each snapshot (``"tensor"``, a co-usage group
     per snapshot); edges among the candidates of :func:`candidate_pairs`. Recreation costs follow
-    ``model``. Returns the graph and the sampled estimate's measured error."""
+    ``model``. Returns the graph and the sampled estimate's measured error. Snapshots of ``no_base``
+    (dropped from their version, kept while others are built on them) keep only the edges they have now:
+    no plan makes them another's base or moves them onto another."""
     from gpupas.engine.stage import delta_candidate
 
     if granularity not in ("snapshot", "tensor"):
         raise ValueError(f"granularity must be 'snapshot' or 'tensor', not {granularity!r}")
     sids = sorted(snapshots) if snapshots is not None else archive.snapshots()
     keep = set(sids)
-    cands = {(u, v) for u, v in candidate_pairs(archive, pairs) if u in keep and v in keep}
+    cands = {(u, v) for u, v in candidate_pairs(archive, pairs) if u in keep and v in keep
+             and (not (u in no_base or v in no_base) or archive.manifest(v).base == u)}
     sizes, est = measure_edges(archive, cands, sids, fraction=fraction, setting=setting)
     measured: dict[tuple[str, str], dict[str, Coded]] = {}
     for sid in sids:  # what the archive stores now is measured, not estimated

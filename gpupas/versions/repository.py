@@ -562,6 +562,79 @@ class Repository:
         sid = v.snapshot(snapshot)["id"]
         return self._update(v.id, lambda rec: rec.__setitem__("best", sid))
 
+    def drop_snapshots(self, ref: str | int | Version, snapshots: Iterable[str | int] | str | int = (), *,
+                       keep_last: int | None = None, best_by: str | None = None, allow_empty: bool = False,
+                       dry_run: bool = False) -> Version:
+        """Remove snapshots from a version's record: those ``snapshots`` names (each a 1-based index, an id,
+        "latest" or "best", as :meth:`Version.snapshot` reads them) and, with ``keep_last``, all but the last
+        ``keep_last`` (the version's best is kept too, unless named). Returns the version as updated.
+
+        One atomic record update (no concurrent append is lost: what is dropped is what the version held when
+        this was called; readers see the version before or after). ``latest`` becomes the last snapshot left;
+        a dropped best is unmarked, or, with ``best_by``, the best of those left by that metric is marked.
+        Metrics stay. The record lists what was dropped under ``"dropped"`` (verify and gc say so).
+
+        Bytes are freed by ``gc`` (snapshots dropped more than ``min_age`` after their commit go on the next
+        run), except those another version names (a ``copy`` shares its source's latest) or a kept snapshot
+        is built on (its base): ``compact`` re-bases those, then gc frees them. A version left without
+        snapshots is refused unless ``allow_empty``. ``dry_run``: the version as it would be, nothing written.
+        """
+        if keep_last is not None and (isinstance(keep_last, bool) or not isinstance(keep_last, numbers.Integral)
+                                      or keep_last < 0):
+            raise InvalidInputError(f"keep_last={keep_last!r:.60}: give how many of the last snapshots to keep "
+                                    "(0 or more; the best is kept too)")
+        if best_by is not None:
+            best_rule(best_by)
+        if isinstance(snapshots, (str, int, np.integer)):
+            sels: list[Any] = [snapshots]
+        elif isinstance(snapshots, Iterable) and not isinstance(snapshots, (bytes, Mapping)):
+            sels = list(snapshots)
+        else:
+            raise InvalidInputError(f"snapshots={snapshots!r:.60}: name them by number (1 is the first), id, "
+                                    "'latest' or 'best', one or a list")
+        if not sels and keep_last is None:
+            raise InvalidInputError("name the snapshots to drop (their numbers or ids, as `gpupas show VERSION` "
+                                    "lists them) or how many of the last to keep (keep_last, `--keep-last N`)")
+        v = self.version(ref)  # resolved once: a name may reach a newer version by the time the record is updated
+        snaps = v.snapshots
+        drop: dict[str, None] = {}
+        for sel in sels:
+            try:
+                drop[v.snapshot(sel)["id"]] = None
+            except SnapshotNotFoundError as exc:
+                raise InvalidInputError(f"{exc}: nothing dropped; name snapshots it has (`gpupas show {v.id}` "
+                                        "lists them)") from None
+        if keep_last is not None:
+            keep = {s["id"] for s in snaps[len(snaps) - keep_last:]} if keep_last else set()
+            drop.update((s["id"], None) for s in snaps if s["id"] not in keep and s["id"] != v.best)
+        if not drop:
+            raise InvalidInputError(f"version {v.id} has {len(snaps)} snapshot(s): keeping the last {keep_last}"
+                                    f"{' and its best' if v.best else ''} drops none; nothing changed")
+
+        def change(rec: Record) -> None:
+            left = [s for s in rec["snapshots"] if s["id"] not in drop]
+            gone = [s for s in rec["snapshots"] if s["id"] in drop]
+            if not gone:  # dropped meanwhile by another
+                return
+            if not left and not allow_empty:
+                raise InvalidInputError(f"that drops every snapshot of version {rec['id']} ({len(gone)}); a version "
+                                        "without snapshots keeps its metadata only: pass allow_empty=True "
+                                        "(`gpupas drop --all`) if that is what you want")
+            stamp = now()
+            rec["snapshots"] = left
+            rec["dropped"] = [*(rec.get("dropped") or []), *({**s, "dropped": stamp} for s in gone)]
+            rec["latest"] = left[-1]["id"] if left else None
+            if rec.get("best") in drop:
+                rec["best"] = None
+                if left:
+                    _repick(rec, best_by)
+
+        if dry_run:
+            rec = v.to_dict()
+            change(rec)
+            return Version(rec)
+        return self._update(v.id, change)
+
     def copy(self, ref: str | int | Version, name: str, *, message: str = "", author: str | None = None) -> Version:
         """Scaffold a new version from ``ref``: same network, hyperparameters, files and latest weights.
 
@@ -769,18 +842,24 @@ class Repository:
 
     def gc(self, min_age: float = 3600.0, dry_run: bool = False) -> list[dict[str, Any]]:
         """Delete what no published version and no kept snapshot needs (``gpupas gc``), once untouched for
-        ``min_age`` seconds: snapshots written for versions that never published (a killed commit), chunk
+        ``min_age`` seconds (the age of the snapshot's manifest: its commit, or its last revision): snapshots
+        written for versions that never published (a killed commit) or dropped from their version
+        (:meth:`drop_snapshots`; those items say ``dropped_from``: the version), chunk
         folders no snapshot names, and temporary files killed writes left. Snapshots committed without a
         version (``Archive.commit``) are kept, with everything they are built on. Returns ``{"kind", "name",
         "bytes"}`` per item removed (or, with ``dry_run``, that would be); ``bytes``: what it took in the
         store (and tiers), every file."""
+
+        dropped: dict[str, int] = {}
 
         @functools.cache
         def records() -> tuple[set[str], set[int]]:
             """The snapshots the version records name, and the ids of the records there are: read once, on first
             use, which is under the archive's exclusive lock (no commit is between steps)."""
             ids = self.records.version_ids()
-            return {s["id"] for v in every_version(ids) for s in v.snapshots}, set(ids)
+            versions = every_version(ids)
+            dropped.update(_verify.dropped_from(v.record for v in versions))
+            return {s["id"] for v in versions for s in v.snapshots}, set(ids)
 
         def is_root(m: Manifest) -> bool:
             """Kept, with what it is built on: a snapshot a record names, one committed without a version, one
@@ -808,4 +887,5 @@ class Repository:
             if kind == "snapshot":
                 self.archive.bases.drop(name)
                 self.archive._forget(name)
-        return [{"kind": k, "name": n, "bytes": b} for k, n, b in found]
+        return [{"kind": k, "name": n, "bytes": b, **({"dropped_from": dropped[n]} if k == "snapshot" and n in dropped
+                                                     else {})} for k, n, b in found]

@@ -155,12 +155,88 @@ def unpublished(meta: Mapping[str, Any], ids: Collection[int]) -> bool:
     return "version_name" in meta and not missing_ids(ids, 1)
 
 
+def dropped_from(records: Iterable[Mapping[str, Any]]) -> dict[str, int]:
+    """Snapshot -> the version whose record lists it as dropped (``Repository.drop_snapshots``) and no longer
+    names it (the first such version, by id, where several did)."""
+    out: dict[str, int] = {}
+    for r in sorted(records, key=lambda r: int(r["id"])):
+        named = {s["id"] for s in r.get("snapshots", [])}
+        for d in r.get("dropped") or []:
+            if isinstance(d, Mapping) and isinstance(d.get("id"), str) and d["id"] not in named:
+                out.setdefault(d["id"], int(r["id"]))
+    return out
+
+
+def kept(store: Any, records: Iterable[Mapping[str, Any]], ids: Collection[int]) -> dict[str, tuple[str, Any]]:
+    """Why gc keeps each snapshot it keeps (whatever their age): ``("named", version)`` for a snapshot a record
+    names, ``("plain", None)`` for one committed without a version or whose version's record is lost (see
+    :func:`unpublished`), ``("base", snapshot)`` for one that a kept snapshot is built on (its base, or the
+    base's base a 'pred' tensor reads). Snapshots whose manifest cannot be read are left out (gc keeps them)."""
+    named: dict[str, int] = {}
+    for r in sorted(records, key=lambda r: int(r["id"])):
+        for s in r.get("snapshots", []):
+            named.setdefault(s["id"], int(r["id"]))
+    manifests = {}
+    for sid in store.list_snapshots():  # (an ArchiveStore)
+        try:
+            manifests[sid] = store.read_manifest(sid)
+        except (SnapshotNotFoundError, IntegrityError, FormatError):
+            continue
+    why: dict[str, tuple[str, Any]] = {}
+    for sid, m in manifests.items():
+        if sid in named:
+            why[sid] = ("named", named[sid])
+        elif not unpublished(m.meta, ids):
+            why[sid] = ("plain", None)
+    todo = list(why)
+    while todo:
+        sid = todo.pop()
+        m = manifests[sid]
+        deps = [m.base, m.grand]
+        if m.implicit_grand and m.base in manifests:  # formats 1, 2: 'pred' reads the base's base
+            deps.append(manifests[m.base].base)
+        for d in deps:
+            if d is not None and d in manifests and d not in why:
+                why[d] = ("base", sid)
+                todo.append(d)
+    return why
+
+
+def fate(repo: Repository, sids: Iterable[str], record: Mapping[str, Any] | None = None,
+         min_age: float = 3600.0) -> dict[str, dict[str, Any]]:
+    """What ``gc`` does with snapshots ``sids`` (just dropped; ``record``: a version's record as it is, or would
+    be, in place of the stored one): per snapshot ``{"gc": "frees" or "keeps", "why": ..., "young": bool}``; why:
+    "named by version N", "the base of kept snapshot X", "kept by gc" (committed without a version, or its
+    version's record is lost), None where gc frees it; young: its manifest is younger than ``min_age`` (gc
+    frees it only with a smaller ``--min-age``)."""
+    ids = repo.records.version_ids()
+    records = [r for r in (repo.records.version(v) for v in ids) if r is not None]
+    if record is not None:
+        records = [dict(record) if r["id"] == record["id"] else r for r in records]
+    why = kept(repo.archive.store, records, set(ids))
+    out = {}
+    for sid in sids:
+        kind, by = why.get(sid, ("", None))
+        while kind == "base" and why[by][0] == "base":  # through dropped bases to the kept snapshot built on them
+            by = why[by][1]
+        age = repo.archive.store.store.age(keys.manifest(sid))
+        out[sid] = {"gc": "keeps" if kind else "frees",
+                    "why": {"named": f"named by version {by}", "base": f"the base of kept snapshot {by}",
+                            "plain": "kept by gc", "": None}[kind],
+                    "young": age is not None and age < min_age}
+    return out
+
+
 def _unnamed(repo: Repository, records: list[dict[str, Any]], ids: set[int], problems: list[str],
              notes: list[str]) -> None:
     """Report the snapshots written for a version that no record names: a problem where the version's record
-    is lost (gc keeps them), a note where a killed commit may have left them (gc removes them)."""
+    is lost (gc keeps them), a note where a killed commit or add may have left them, or where they were dropped
+    from their version (gc removes them, unless a kept snapshot is built on them)."""
     named = {s["id"] for r in records for s in r.get("snapshots", [])}
+    dropped = dropped_from(records)
     killed: dict[str, list[str]] = {}
+    added: dict[int, list[str]] = {}
+    gone: dict[int, list[str]] = {}
     for sid in sorted(set(repo.archive.store.list_snapshots()) - named):
         try:
             meta = repo.archive.store.read_manifest(sid).meta
@@ -170,13 +246,36 @@ def _unnamed(repo: Repository, records: list[dict[str, Any]], ids: set[int], pro
             problems.append(f"snapshot {sid} was added to version {meta['version_id']!r}, whose record is missing "
                             f"({keys.version(meta['version_id']) if isinstance(meta['version_id'], int) else '?'}"
                             "): restore it from a copy; gc keeps the snapshot, and what it is built on, meanwhile")
+        elif sid in dropped:
+            gone.setdefault(dropped[sid], []).append(sid)
         elif "version_name" in meta and "version_id" not in meta:
             killed.setdefault(str(meta["version_name"]), []).append(sid)
+        elif "version_id" in meta:
+            added.setdefault(meta["version_id"], []).append(sid)
+    why = kept(repo.archive.store, records, ids) if gone else {}
+    for vid, sids in gone.items():
+        bases = [s for s in sids if s in why]
+        free = [s for s in sids if s not in why]
+        if free:
+            notes.append(f"snapshot(s) {_few(free)} were dropped from version {vid} (`gpupas drop`): `gpupas gc` "
+                         "removes them")
+        if bases:
+            notes.append(f"snapshot(s) {_few(bases)} were dropped from version {vid} (`gpupas drop`) but kept "
+                         f"snapshots are built on them ({', '.join(sorted({str(why[s][1]) for s in bases})[:3])}): "
+                         "gc keeps them until `gpupas compact` re-bases those")
+    for vid, sids in added.items():
+        notes.append(f"snapshot(s) {_few(sids)} written for version {vid} are named by its record no more and "
+                     "were never dropped: an add_snapshot killed before its record named them left them "
+                     "(`gpupas gc` removes them)")
     for name, sids in killed.items():
         notes.append(f"snapshot(s) {', '.join(sids[:5])}{'...' if len(sids) > 5 else ''} written for a version "
                      f"{name!r} are named by no version record: a commit killed before publishing left them "
                      "(`gpupas gc` removes them), unless a version's record was lost (the newest, "
                      f"{keys.version(max(ids, default=0) + 1)}?): then restore it from a copy before running gc")
+
+
+def _few(sids: list[str]) -> str:
+    return f"{', '.join(sids[:5])}{'...' if len(sids) > 5 else ''}"
 
 
 def _again(repo: Repository, sid: str, first: str, versioned: bool) -> int | str | None:
