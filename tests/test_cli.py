@@ -520,3 +520,35 @@ def test_diff_says_when_weights_were_not_compared(tmp_path: Path) -> None:
         repo.commit("a", {"w": np.zeros(4, np.float32)})
         repo.commit("b", None, parents=[1])
     assert "weights: not compared (no snapshots in version 2)" in ok(gp("diff", "a", "b", archive=arc))
+
+
+def test_drop_round_trip_says_what_gc_frees_and_what_stays(tmp_path: Path) -> None:
+    from gpupas.versions.repository import create_repository
+
+    arc = tmp_path / "arc"
+    ws = [np.full(256, k, np.float32) + np.arange(256, dtype=np.float32) for k in range(4)]
+    with create_repository(arc) as repo:
+        repo.commit("run", [{"w": w} for w in ws[:3]])  # s0 <- s1 <- s2
+        repo.copy("run", "fork")  # shares s2
+        sids = [s["id"] for s in repo.add_snapshot("run", {"w": ws[3]}).snapshots]  # s3 on s2
+    fails(gp("drop", "run", "9", archive=arc), 2, "nothing dropped", "gpupas show")
+    fails(gp("drop", "run", archive=arc), 2, "--keep-last N")
+    fails(gp("drop", "run", "--keep-last", "0", archive=arc), 2, "--all")
+    out = ok(gp("drop", "run", "2", "3", "4", "--dry-run", archive=arc))
+    assert out.startswith(f"would drop 3 snapshots of version 1 (run): {sids[1]}, {sids[2]}, {sids[3]}"), out
+    assert "`gpupas gc --min-age 0` then frees 1 snapshot" in out and sids[3] in out.splitlines()[1]
+    assert f"{sids[1]} stays, the base of kept snapshot {sids[2]}: `gpupas compact` re-bases it" in out
+    assert f"{sids[2]} stays, named by version 2" in out
+    assert len(js(gp("show", "run", "--json", archive=arc))["snapshots"]) == 4  # a dry run changes nothing
+    d = js(gp("drop", "run", "--keep-last", "1", "--json", archive=arc))
+    assert d["dropped"] == sids[:3] and d["snapshots"] == [sids[3]] and d["gc"][sids[0]]["gc"] == "keeps"
+    shown, listed = gp_all(("show", "run", "--json"), ("log", "--json"), archive=arc)
+    assert [s["id"] for s in js(shown)["snapshots"]] == [sids[3]]
+    assert [r["n_snapshots"] for r in js(listed)] == [1, 1]
+    assert "dropped" not in ok(gp("gc", "--min-age", "0", archive=arc))  # every dropped one is a base: none go
+    ok(gp("drop", "fork", "1", "--all", archive=arc))  # now s2 is the base of s3 alone
+    assert ok(gp("verify", archive=arc)).startswith("ok:")
+    from gpupas.versions.repository import open_repository
+
+    with open_repository(arc) as repo:
+        assert repo.restore("run")["w"].tobytes() == ws[3].tobytes()

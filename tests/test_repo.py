@@ -1451,3 +1451,139 @@ def test_diff_with_a_version_without_snapshots_says_the_weights_were_not_compare
     with pytest.raises(SnapshotNotFoundError, match=f"version {b.id} has no snapshots"):
         repo.diff(a.id, b.id, snapshot_b=1)
     assert repo.diff(a.id, a.id)["weights"]["identical"] == 1
+
+
+def _run_of(repo: Repository, n: int, seed: int = 0) -> tuple[list[np.ndarray], list[str]]:
+    """A version "run" of ``n`` snapshots, each a delta on the one before (a training hook's), with a loss per step."""
+    rng = np.random.default_rng(seed)
+    ws = [rng.standard_normal(4000).astype(np.float32)]
+    repo.commit("run", {"w": ws[0]}, metrics={"loss": [[0, 1.0]]}, step=0)
+    for k in range(1, n):
+        ws.append(ws[-1] + np.float32(1e-3) * rng.standard_normal(4000).astype(np.float32))
+        repo.add_snapshot("run", {"w": ws[-1]}, step=k, metrics={"loss": [[k, 1.0 / (k + 1)]]})
+    return ws, [s["id"] for s in repo.version("run").snapshots]
+
+
+def _manifests(repo: Repository) -> set[str]:
+    return {p.stem for p in (repo.root / "manifests").glob("*.json")}
+
+
+def test_drop_by_number_id_and_keep_last_keeps_the_best_and_says_so_in_every_listing(repo: Repository) -> None:
+    ws, sids = _run_of(repo, 6)
+    repo.mark_best("run", 2)
+    v = repo.drop_snapshots("run", [1, sids[2]])  # a number and an id
+    assert [s["id"] for s in v.snapshots] == [sids[1], *sids[3:]] and v.latest == sids[5] and v.best == sids[1]
+    assert [d["id"] for d in v.record["dropped"]] == [sids[0], sids[2]] and v.rev == 7  # 5 adds, best, drop
+    assert len(v.metrics["loss"]) == 6  # metrics stay
+    v = repo.drop_snapshots("run", keep_last=1)  # the best is kept besides the last
+    assert [s["id"] for s in v.snapshots] == [sids[1], sids[5]]
+    v = repo.drop_snapshots("run", ["latest"])  # dropping the latest: the last left is latest
+    assert [s["id"] for s in v.snapshots] == [sids[1]] and v.latest == v.best == sids[1]
+    again = repo.version("run")
+    assert again.record == v.record  # as published
+    assert repo.show("run")["snapshot"]["id"] == sids[1]
+    assert [(r["n_snapshots"], r["latest"], r["best"]) for r in repo.log()] == [(1, sids[1], sids[1])]
+    assert repo.query("select m where m.snapshots = 1")[0]["id"] == v.id
+    assert repo.query("select m where m.snapshots > 1") == []
+    assert [r["n"] for r in repo.catalog().query("SELECT count(*) AS n FROM snapshots WHERE version=?", (v.id,))] == [1]
+    assert repo.stats()["versions"] == 1
+    assert repo.restore("run")["w"].tobytes() == ws[1].tobytes()  # a delta on dropped ones, bit-exact
+
+
+def test_drop_of_the_best_unmarks_it_or_repicks_by_a_metric(repo: Repository) -> None:
+    _, sids = _run_of(repo, 4)
+    repo.mark_best("run", 4)
+    assert repo.drop_snapshots("run", ["best"]).best is None
+    repo.mark_best("run", 3)
+    assert repo.drop_snapshots("run", [3], best_by="loss:min").best == sids[1]  # the lowest loss of those left
+
+
+def test_drop_refuses_what_names_nothing_or_would_empty_the_version(repo: Repository) -> None:
+    _run_of(repo, 3)
+    before = repo.version("run").record
+    with pytest.raises(InvalidInputError, match="nothing dropped; name snapshots it has"):
+        repo.drop_snapshots("run", [7])
+    with pytest.raises(InvalidInputError, match="nothing dropped; name snapshots it has"):
+        repo.drop_snapshots("run", ["nosuchid"])
+    with pytest.raises(InvalidInputError, match="keep_last"):
+        repo.drop_snapshots("run")
+    with pytest.raises(InvalidInputError, match="drops none"):
+        repo.drop_snapshots("run", keep_last=3)
+    with pytest.raises(InvalidInputError, match="allow_empty=True"):
+        repo.drop_snapshots("run", keep_last=0)
+    with pytest.raises(InvalidInputError, match="keep_last"):
+        repo.drop_snapshots("run", keep_last=-1)
+    assert repo.drop_snapshots("run", [1], dry_run=True).snapshots == before["snapshots"][1:]
+    assert repo.version("run").record == before  # nothing changed by any of these
+    v = repo.drop_snapshots("run", [1, 2, 3], allow_empty=True)
+    assert v.snapshots == [] and v.latest is None and v.best is None
+    assert repo.version("run").snapshots == [] and repo.log()[0]["n_snapshots"] == 0
+
+
+def test_a_drop_that_fails_inside_its_update_leaves_the_version_as_it_was(repo: Repository,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    ws, sids = _run_of(repo, 3)
+    import gpupas.versions.repository as repository
+
+    def boom() -> str:
+        raise OSError("killed while writing the record")
+
+    monkeypatch.setattr(repository, "now", boom)  # called inside the change, before the record is replaced
+    with pytest.raises(OSError, match="killed"):
+        repo.drop_snapshots("run", [2])
+    monkeypatch.undo()
+    v = repo.version("run")
+    assert [s["id"] for s in v.snapshots] == sids and "dropped" not in v.record and v.rev == 2
+    assert all(repo.restore("run", i + 1)["w"].tobytes() == w.tobytes() for i, w in enumerate(ws))
+
+
+def test_gc_frees_dropped_snapshots_but_keeps_bases_and_shared_ones_bit_exact(repo: Repository) -> None:
+    ws, sids = _run_of(repo, 3)  # chain s0 <- s1 <- s2 <- s3 <- s4
+    fork = repo.copy("run", "fork")  # shares s2
+    rng = np.random.default_rng(1)
+    for k in (3, 4):
+        ws.append(ws[-1] + np.float32(1e-3) * rng.standard_normal(4000).astype(np.float32))
+        sids.append(repo.add_snapshot("run", {"w": ws[-1]}, step=k).latest)
+    other = repo.commit("other", {"w": ws[0] + 1})
+    v = repo.drop_snapshots("run", [2, 3, 5])  # s1 (s2, s3 are built on it), s2 (the fork's), s4 (nothing on it)
+    assert [s["id"] for s in v.snapshots] == [sids[0], sids[3]] and v.latest == sids[3]
+    notes = repo.verify()["notes"]
+    assert not any("killed" in n for n in notes) and len(notes) == 2, notes
+    assert any(sids[4] in n and "dropped from version 1" in n and "`gpupas gc` removes them" in n for n in notes)
+    assert any(sids[1] in n and "dropped from version 1" in n and "gc keeps them" in n for n in notes)
+    assert repo.gc() == []  # younger than an hour (the manifests' age, as for any snapshot): kept
+    held = {p.name for p in (repo.root / "snapshots").iterdir() if p.name.split(".")[0] == sids[4]}
+    assert held
+    removed = repo.gc(min_age=0)
+    assert [(r["name"], r["dropped_from"]) for r in removed if r["kind"] == "snapshot"] == [(sids[4], 1)]
+    assert _manifests(repo) == {*sids[:4], other.latest}
+    assert not held & {p.name for p in (repo.root / "snapshots").iterdir()}  # its bytes are gone
+    result = repo.verify()
+    assert result["ok"] and result["checked"]["snapshots"] == 5
+    assert [n for n in result["notes"] if sids[1] in n] == result["notes"] and len(result["notes"]) == 1
+    assert repo.restore(fork.id)["w"].tobytes() == ws[2].tobytes()
+    assert repo.restore("run")["w"].tobytes() == ws[3].tobytes()
+    assert repo.restore("run", 1)["w"].tobytes() == ws[0].tobytes()
+
+
+def test_a_dropped_base_of_a_kept_delta_stays_until_compact_rebases_it(repo: Repository) -> None:
+    from gpupas.jobs.compact import compact_archive
+    from gpupas.plan.archive import plan_archive, unkept
+
+    ws, sids = _run_of(repo, 4)
+    repo.drop_snapshots("run", [1, 2, 3])  # s3 is a delta on s2, on s1, on s0
+    notes = repo.verify()["notes"]
+    assert any("gc keeps them until `gpupas compact` re-bases those" in n for n in notes), notes
+    assert repo.gc(min_age=0) == []  # every dropped one is a base of the kept s3
+    assert repo.restore("run")["w"].tobytes() == ws[3].tobytes()
+    assert unkept(repo.archive) == (set(), set(sids[:3]))
+    target = plan_archive(repo.archive, alpha=None).target
+    assert all(b == repo.archive.manifest(s).base for s, b in target.items() if b in sids[:3])  # nothing new on them
+    repo.close()
+    c = compact_archive(str(repo.location), alpha=1.0, scheduler="sync", gc_min_age=0)  # alpha 1: all whole
+    assert not {x["snapshot"] for x in c.to_dict()["revised"]} & set(sids[:3])  # nothing re-encoded that goes
+    with open_repository(repo.location) as again:
+        assert again.archive.manifest(sids[3]).base is None
+        assert _manifests(again) == {sids[3]}
+        assert again.restore("run")["w"].tobytes() == ws[3].tobytes()
+        assert again.verify()["ok"] and again.verify()["notes"] == []

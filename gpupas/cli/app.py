@@ -657,7 +657,8 @@ def gc(min_age: Annotated[float, typer.Option("--min-age", metavar="SECONDS", he
         return
     verb = "would remove" if dry_run else "removed"
     for r in removed:
-        o.data(f"{verb} {r['kind']} {r['name']} ({render.size(r['bytes'])})")
+        o.data(f"{verb} {r['kind']} {r['name']} ({render.size(r['bytes'])})"
+               + (f", dropped from version {r['dropped_from']}" if "dropped_from" in r else ""))
     total = sum(r["bytes"] for r in removed)
     o.line(f"{verb} {len(removed)} unreferenced item(s), {render.size(total)}"
            + ("" if removed or min_age <= 0 else f" (only what is older than {min_age:g} s: --min-age 0 for all)"))
