@@ -236,6 +236,7 @@ static PyObject *encode(PyObject *self, PyObject *args) {
         fail("scratch too small");
         goto error;
     }
+    if (g.n == 0) goto done;  /* nothing to code: start is not checked, so the kernels must not offset by it */
     g.u = bs.b[0].buf; g.ub = bs.b[1].buf; g.ub2 = bs.b[2].buf; g.alpha = (const int16_t *)bs.b[3].buf;
     s = s && w > 1 ? 1 : 0;  /* one-byte values are never rotated */
     Py_BEGIN_ALLOW_THREADS
@@ -250,6 +251,7 @@ static PyObject *encode(PyObject *self, PyObject *args) {
     default: if (ctx) enc_ctx_8(&g, p, kind, s, sample, step, cs, ks, srt); else if (any) enc_any_8(&g, p, kind, s); else enc_plain_8(&g, p, kind, s); break;
     }
     Py_END_ALLOW_THREADS
+done:
     release(&bs);
     Py_RETURN_NONE;
 error:
@@ -279,6 +281,7 @@ static PyObject *decode(PyObject *self, PyObject *args) {
         fail("scratch too small");
         goto error;
     }
+    if (g.n == 0) goto done;  /* nothing to decode: start is not checked, so the kernels must not offset by it */
     g.u = bs.b[6].buf; g.ub = bs.b[2].buf; g.ub2 = bs.b[3].buf; g.alpha = (const int16_t *)bs.b[4].buf;
     s = s && w > 1 ? 1 : 0;  /* one-byte values are never rotated */
     Py_BEGIN_ALLOW_THREADS
@@ -293,6 +296,7 @@ static PyObject *decode(PyObject *self, PyObject *args) {
     default: if (ctx) dec_ctx_8(&g, cp, out, kind, s, sb, ks, sj); else if (any) dec_any_8(&g, cp, out, kind, s); else dec_plain_8(&g, cp, out, kind, s); break;
     }
     Py_END_ALLOW_THREADS
+done:
     release(&bs);
     Py_RETURN_NONE;
 error:
@@ -314,6 +318,10 @@ static PyObject *copy_rows(PyObject *self, PyObject *args) {
         fail("bad rows");
         release(&bs);
         return NULL;
+    }
+    if (rows == 0 || per == 0) {  /* nothing to copy (and per * w might overflow, rows of nothing loop long) */
+        release(&bs);
+        Py_RETURN_NONE;
     }
     Py_BEGIN_ALLOW_THREADS
     const int64_t *rm = (const int64_t *)bs.b[2].buf;

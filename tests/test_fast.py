@@ -427,6 +427,25 @@ def test_sizes_that_overflow_are_refused_not_crashed_on() -> None:
     assert set(got) == set(_OVERFLOWS) and "ran" not in got.values(), got
 
 
+def test_kernels_given_nothing_to_do_return_at_once() -> None:
+    """Rows of no values (per 0) copy nothing however many there are: copy_rows once looped over each of 2^62
+    of them (a hang, found by fuzzing the kernels' sizes); an empty segment is not offset by its start, which
+    it never checks (UBSan: pointer overflow). Run in a child: a hang must not hold pytest."""
+    import subprocess
+    import sys
+
+    code = ("import numpy as np\nfrom gpupas import _fastc as K\nE = np.zeros(0, np.int64)\n"
+            "E16 = np.zeros(0, np.int16)\nZ = bytearray(0)\n"
+            "K.copy_rows(4, Z, bytes(0), E, 2**62, 0)\nK.copy_rows(4, Z, bytes(0), E, 0, 2**62)\n"
+            "for k in range(3):\n"
+            "    K.decode(2, k, 1, k % 2, bytes(8), np.array([0, 0]), Z, Z, E16, E, 4, 2**62, 0, Z, Z, Z, Z)\n"
+            "    K.encode(2, k, 1, k % 2, Z, Z, Z, E16, E, 4, 2**62, 0, bytearray(8), np.array([0, 0]), 1, "
+            "bytearray(2048), Z, Z, Z)\n"
+            "print('returned')\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0 and res.stdout.strip() == "returned", res.stderr[-2000:]
+
+
 def _misaligned(a):
     """``a``'s values in a view one byte off the alignment of its dtype (np.frombuffer at an odd offset)."""
     buf = np.zeros(a.nbytes + 1, np.uint8)
