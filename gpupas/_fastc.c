@@ -217,7 +217,7 @@ PyDoc_STRVAR(encode_doc,
 "Write the planes of coded values start..start+n-1 into flat at offs; with ctx, sorted by context\n"
 "(sample: the histogram of every step-th context byte; cs, ks, srt: scratch).");
 
-static PyObject *encode(PyObject *self, PyObject *args) {
+static PyObject *encode(PyObject *Py_UNUSED(self), PyObject *args) {
     int w, kind, s, ctx;
     Seg g = {0};
     Py_ssize_t step;
@@ -264,7 +264,7 @@ PyDoc_STRVAR(decode_doc,
 "Inverse of encode: the raw patterns of coded values start..start+n-1 into out (the whole tensor's\n"
 "patterns, through rowmap where rows are masked); bs, ks, joined: scratch.");
 
-static PyObject *decode(PyObject *self, PyObject *args) {
+static PyObject *decode(PyObject *Py_UNUSED(self), PyObject *args) {
     int w, kind, s, ctx;
     Seg g = {0};
     Bufs bs = {0};
@@ -308,7 +308,7 @@ PyDoc_STRVAR(copy_rows_doc,
 "copy_rows(w, out, base, rowmap, rows, per)\n"
 "The rows of base that rowmap (sorted) does not list into out: a masked tensor's unchanged rows.");
 
-static PyObject *copy_rows(PyObject *self, PyObject *args) {
+static PyObject *copy_rows(PyObject *Py_UNUSED(self), PyObject *args) {
     int w;
     Py_ssize_t rows, per;
     Bufs bs = {0};
@@ -343,7 +343,7 @@ PyDoc_STRVAR(sample_entropies_doc,
 "and where hj is not empty into hj conditioned on the context byte. nlogn[c] = c * log2(c) for every count\n"
 "up to len(idx); ln2x2 = 2 * log(2); cnt, coded, keys: scratch.");
 
-static PyObject *sample_entropies(PyObject *self, PyObject *args) {
+static PyObject *sample_entropies(PyObject *Py_UNUSED(self), PyObject *args) {
     int w, kind, s;
     double ln2x2;
     Seg g = {0};
@@ -390,7 +390,7 @@ error:
 
 PyDoc_STRVAR(gather_doc, "gather(w, x, idx, rowmap, per, out)\nx at the sorted coded positions idx (through rowmap).");
 
-static PyObject *gather(PyObject *self, PyObject *args) {
+static PyObject *gather(PyObject *Py_UNUSED(self), PyObject *args) {
     int w;
     Seg g = {0};
     Bufs bs = {0};
@@ -426,7 +426,7 @@ PyDoc_STRVAR(fit_rows_doc,
 "Per coded row: the reference fit's factor before its cost test, the test's gain and the sum of its\n"
 "absolute terms (the caller re-checks rows near the threshold with NumPy's log2).");
 
-static PyObject *fit_rows(PyObject *self, PyObject *args) {
+static PyObject *fit_rows(PyObject *Py_UNUSED(self), PyObject *args) {
     int w;
     Py_ssize_t rows;
     Seg g = {0};
@@ -471,7 +471,7 @@ PyDoc_STRVAR(row_changes_doc,
 "row_changes(w, u, ub, rows, per, out)\nout[r] = 1 where row r of u differs from that of ub (each row compared\n"
 "up to its first difference).");
 
-static PyObject *row_changes(PyObject *self, PyObject *args) {
+static PyObject *row_changes(PyObject *Py_UNUSED(self), PyObject *args) {
     int w;
     Py_ssize_t rows, per;
     Bufs bs = {0};
@@ -503,7 +503,7 @@ PyDoc_STRVAR(deflate_huffman_doc,
 "bytes (without the gzip header and trailer). None, with nothing written, where limit >= 0 and the stream\n"
 "would be longer than limit bytes (its length is known once its blocks are planned).");
 
-static PyObject *deflate_huffman(PyObject *self, PyObject *args) {
+static PyObject *deflate_huffman(PyObject *Py_UNUSED(self), PyObject *args) {
     Bufs bs = {0};
     Py_ssize_t limit = -1;
     if (!PyArg_ParseTuple(args, "y*y*|n", &bs.b[0], &bs.b[1], &limit)) return NULL;
@@ -558,7 +558,7 @@ PyDoc_STRVAR(huffman_floor_doc,
 "gpupas.codecs.policy.huffman_floor (the least bytes Huffman-only Deflate needs for data cut at the sorted\n"
 "offsets bounds, from every stride-th byte), up to rounding: its sums in another order, C's log2.");
 
-static PyObject *huffman_floor(PyObject *self, PyObject *args) {
+static PyObject *huffman_floor(PyObject *Py_UNUSED(self), PyObject *args) {
     Bufs bs = {0};
     Py_ssize_t stride;
     if (!PyArg_ParseTuple(args, "y*y*n", &bs.b[0], &bs.b[1], &stride)) return NULL;
@@ -606,7 +606,7 @@ PyDoc_STRVAR(range_entropies_doc,
 "same terms (nlogn[c] = c * log2(c) for every count up to the longest sample, computed by NumPy; ln2x2 =\n"
 "2 * log(2)) summed in the same order, so the same doubles.");
 
-static PyObject *range_entropies(PyObject *self, PyObject *args) {
+static PyObject *range_entropies(PyObject *Py_UNUSED(self), PyObject *args) {
     Bufs bs = {0};
     double ln2x2;
     if (!PyArg_ParseTuple(args, "y*y*y*dw*", &bs.b[0], &bs.b[1], &bs.b[2], &ln2x2, &bs.b[3])) return NULL;
@@ -670,6 +670,7 @@ static PyMethodDef methods[] = {
 static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT, "gpupas._fastc",
     "Compiled kernels of gpupas's CPU fast path (see gpupas/backend/fast.py).", -1, methods,
+    NULL, NULL, NULL, NULL,  /* no slots, traverse, clear or free: every field given (-Wextra) */
 };
 
 PyMODINIT_FUNC PyInit__fastc(void) {
