@@ -385,6 +385,9 @@ def drop(ref: RefArg,
                 "snapshots": [s["id"] for s in v.snapshots], "latest": v.latest, "best": v.best,
                 "gc": fate})
         return
+    if not gone:
+        o.line(f"nothing to drop: version {v.id} ({v.name}) keeps its {render.count(len(v.snapshots), 'snapshot')}")
+        return
     verb = "would drop" if dry_run else "dropped"
     o.line(f"{verb} {render.count(len(gone), 'snapshot')} of version {v.id} ({v.name}): "
            f"{', '.join(s['id'] for s in gone)}; {render.count(len(v.snapshots), 'snapshot')} left"
@@ -392,10 +395,10 @@ def drop(ref: RefArg,
            + (", no best now" if before.best and not v.best else ""))
     frees = [s for s in gone if fate[s["id"]]["gc"] == "frees"]
     if frees:
-        young = any(fate[s["id"]]["young"] for s in frees)
-        o.line(f"`gpupas gc{' --min-age 0' if young else ''}` then frees {render.count(len(frees), 'snapshot')}, "
-               f"{render.size(sum(s['stored_bytes'] for s in frees))}: {', '.join(s['id'] for s in frees)}"
-               + (" (written within the hour: gc alone keeps such for an hour)" if young else ""))
+        o.line(f"`gpupas gc --min-age 0` then frees {render.count(len(frees), 'snapshot')}, "
+               f"{render.size(sum(s['stored_bytes'] for s in frees))}: {', '.join(s['id'] for s in frees)} "
+               "(`gpupas gc` alone an hour after the drop: a reader that read the version before may be restoring "
+               "them)")
     for s in gone:
         if fate[s["id"]]["gc"] == "keeps":
             why = fate[s["id"]]["why"]

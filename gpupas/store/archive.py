@@ -67,6 +67,15 @@ def of_snapshot(folder: str, sids: Iterable[str]) -> bool:
     return any(folder == s or folder.startswith(s + ".") for s in sids)
 
 
+def built_on(m: Manifest, manifests: Mapping[str, Manifest]) -> list[str]:
+    """The snapshots ``m`` may read (what gc keeps while ``m`` is kept): its base and its 'pred' tensors' grand-base
+    (formats 1, 2: the base's base, whether or not a tensor is 'pred')."""
+    out = [d for d in (m.base, m.grand) if d is not None]
+    if m.implicit_grand and m.base is not None and m.base in manifests and (g := manifests[m.base].base) is not None:
+        out.append(g)
+    return out
+
+
 class ArchiveStore:
     """Manifests and chunk folders of one archive, and the tiers (second stores) some streams live in.
 
@@ -471,10 +480,7 @@ class ArchiveStore:
                     if sid in reachable or sid not in manifests:
                         continue
                     reachable.add(sid)
-                    m = manifests[sid]
-                    todo += [d for d in (m.base, m.grand) if d is not None]
-                    if m.implicit_grand and m.base in manifests:  # formats 1, 2: 'pred' reads the base's base
-                        todo += [d for d in (manifests[m.base].base,) if d is not None]
+                    todo += built_on(manifests[sid], manifests)
                 for sid in sorted(set(manifests) - reachable):
                     m = manifests.pop(sid)
                     out.append(("snapshot", sid, self._usage(sid, m)))

@@ -567,15 +567,16 @@ class Repository:
                        dry_run: bool = False) -> Version:
         """Remove snapshots from a version's record: those ``snapshots`` names (each a 1-based index, an id,
         "latest" or "best", as :meth:`Version.snapshot` reads them) and, with ``keep_last``, all but the last
-        ``keep_last`` (the version's best is kept too, unless named). Returns the version as updated.
+        ``keep_last`` (the version's best is kept too, unless named; where that keeps them all, nothing changes).
+        Returns the version as updated.
 
         One atomic record update (no concurrent append is lost: what is dropped is what the version held when
         this was called; readers see the version before or after). ``latest`` becomes the last snapshot left;
         a dropped best is unmarked, or, with ``best_by``, the best of those left by that metric is marked.
         Metrics stay. The record lists what was dropped under ``"dropped"`` (verify and gc say so).
 
-        Bytes are freed by ``gc`` (snapshots dropped more than ``min_age`` after their commit go on the next
-        run), except those another version names (a ``copy`` shares its source's latest) or a kept snapshot
+        Bytes are freed by ``gc`` once the drop is ``min_age`` old (an hour; ``gpupas gc --min-age 0``: at once),
+        except those another version names (a ``copy`` shares its source's latest) or a kept snapshot
         is built on (its base): ``compact`` re-bases those, then gc frees them. A version left without
         snapshots is refused unless ``allow_empty``. ``dry_run``: the version as it would be, nothing written.
         """
@@ -604,12 +605,11 @@ class Repository:
             except SnapshotNotFoundError as exc:
                 raise InvalidInputError(f"{exc}: nothing dropped; name snapshots it has (`gpupas show {v.id}` "
                                         "lists them)") from None
-        if keep_last is not None:
-            keep = {s["id"] for s in snaps[len(snaps) - keep_last:]} if keep_last else set()
+        if keep_last is not None:  # (more to keep than there are: all kept)
+            keep = {s["id"] for s in snaps[max(0, len(snaps) - keep_last):]} if keep_last else set()
             drop.update((s["id"], None) for s in snaps if s["id"] not in keep and s["id"] != v.best)
-        if not drop:
-            raise InvalidInputError(f"version {v.id} has {len(snaps)} snapshot(s): keeping the last {keep_last}"
-                                    f"{' and its best' if v.best else ''} drops none; nothing changed")
+        if not drop:  # keep_last keeps them all: nothing to do (a routine `--keep-last N` is not an error)
+            return v
 
         def change(rec: Record) -> None:
             left = [s for s in rec["snapshots"] if s["id"] not in drop]
@@ -842,9 +842,9 @@ class Repository:
 
     def gc(self, min_age: float = 3600.0, dry_run: bool = False) -> list[dict[str, Any]]:
         """Delete what no published version and no kept snapshot needs (``gpupas gc``), once untouched for
-        ``min_age`` seconds (the age of the snapshot's manifest: its commit, or its last revision): snapshots
-        written for versions that never published (a killed commit) or dropped from their version
-        (:meth:`drop_snapshots`; those items say ``dropped_from``: the version), chunk
+        ``min_age`` seconds (the age of the snapshot's manifest: its commit, or its last revision; for one dropped,
+        the time since the drop): snapshots written for versions that never published (a killed commit) or
+        dropped from their version (:meth:`drop_snapshots`; those items say ``dropped_from``: the version), chunk
         folders no snapshot names, and temporary files killed writes left. Snapshots committed without a
         version (``Archive.commit``) are kept, with everything they are built on. Returns ``{"kind", "name",
         "bytes"}`` per item removed (or, with ``dry_run``, that would be); ``bytes``: what it took in the
@@ -854,12 +854,14 @@ class Repository:
 
         @functools.cache
         def records() -> tuple[set[str], set[int]]:
-            """The snapshots the version records name, and the ids of the records there are: read once, on first
-            use, which is under the archive's exclusive lock (no commit is between steps)."""
+            """The snapshots the version records name (or dropped less than ``min_age`` ago), and the ids of the
+            records there are: read once, on first use, which is under the archive's exclusive lock (no commit is
+            between steps)."""
             ids = self.records.version_ids()
             versions = every_version(ids)
             dropped.update(_verify.dropped_from(v.record for v in versions))
-            return {s["id"] for v in versions for s in v.snapshots}, set(ids)
+            recent = _verify.dropped_within((v.record for v in versions), min_age)  # readers may be restoring them
+            return {s["id"] for v in versions for s in v.snapshots} | recent, set(ids)
 
         def is_root(m: Manifest) -> bool:
             """Kept, with what it is built on: a snapshot a record names, one committed without a version, one

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Collection, Iterable, Mapping
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from gpupas.errors import (
@@ -15,6 +16,7 @@ from gpupas.errors import (
     Unreachable,
 )
 from gpupas.format import keys
+from gpupas.store.archive import built_on
 from gpupas.versions.model import well_formed
 
 if TYPE_CHECKING:
@@ -167,6 +169,21 @@ def dropped_from(records: Iterable[Mapping[str, Any]]) -> dict[str, int]:
     return out
 
 
+def dropped_within(records: Iterable[Mapping[str, Any]], seconds: float) -> set[str]:
+    """Snapshots a record lists as dropped less than ``seconds`` ago (by the ``dropped`` time it wrote): a reader
+    that read the version before may still be restoring them."""
+    now = datetime.now(UTC)
+    out = set()
+    for r in records:
+        for d in r.get("dropped") or []:
+            try:
+                if (now - datetime.fromisoformat(d["dropped"])).total_seconds() < seconds:
+                    out.add(d["id"])
+            except (KeyError, TypeError, ValueError):  # not a time this code wrote: counts as long ago
+                continue
+    return out
+
+
 def kept(store: Any, records: Iterable[Mapping[str, Any]], ids: Collection[int]) -> dict[str, tuple[str, Any]]:
     """Why gc keeps each snapshot it keeps (whatever their age): ``("named", version)`` for a snapshot a record
     names, ``("plain", None)`` for one committed without a version or whose version's record is lost (see
@@ -191,24 +208,18 @@ def kept(store: Any, records: Iterable[Mapping[str, Any]], ids: Collection[int])
     todo = list(why)
     while todo:
         sid = todo.pop()
-        m = manifests[sid]
-        deps = [m.base, m.grand]
-        if m.implicit_grand and m.base in manifests:  # formats 1, 2: 'pred' reads the base's base
-            deps.append(manifests[m.base].base)
-        for d in deps:
-            if d is not None and d in manifests and d not in why:
+        for d in built_on(manifests[sid], manifests):
+            if d in manifests and d not in why:
                 why[d] = ("base", sid)
                 todo.append(d)
     return why
 
 
-def fate(repo: Repository, sids: Iterable[str], record: Mapping[str, Any] | None = None,
-         min_age: float = 3600.0) -> dict[str, dict[str, Any]]:
-    """What ``gc`` does with snapshots ``sids`` (just dropped; ``record``: a version's record as it is, or would
-    be, in place of the stored one): per snapshot ``{"gc": "frees" or "keeps", "why": ..., "young": bool}``; why:
-    "named by version N", "the base of kept snapshot X", "kept by gc" (committed without a version, or its
-    version's record is lost), None where gc frees it; young: its manifest is younger than ``min_age`` (gc
-    frees it only with a smaller ``--min-age``)."""
+def fate(repo: Repository, sids: Iterable[str], record: Mapping[str, Any] | None = None) -> dict[str, dict[str, Any]]:
+    """What ``gc`` does with snapshots ``sids`` once their drop is older than its ``min_age`` (just dropped;
+    ``record``: a version's record as it is, or would be, in place of the stored one): per snapshot ``{"gc":
+    "frees" or "keeps", "why": ...}``; why: "named by version N", "the base of kept snapshot X", "kept by gc"
+    (committed without a version, or its version's record is lost), None where gc frees it."""
     ids = repo.records.version_ids()
     records = [r for r in (repo.records.version(v) for v in ids) if r is not None]
     if record is not None:
@@ -219,11 +230,9 @@ def fate(repo: Repository, sids: Iterable[str], record: Mapping[str, Any] | None
         kind, by = why.get(sid, ("", None))
         while kind == "base" and why[by][0] == "base":  # through dropped bases to the kept snapshot built on them
             by = why[by][1]
-        age = repo.archive.store.store.age(keys.manifest(sid))
         out[sid] = {"gc": "keeps" if kind else "frees",
                     "why": {"named": f"named by version {by}", "base": f"the base of kept snapshot {by}",
-                            "plain": "kept by gc", "": None}[kind],
-                    "young": age is not None and age < min_age}
+                            "plain": "kept by gc", "": None}[kind]}
     return out
 
 
