@@ -596,6 +596,24 @@ def test_odd_tensors_are_refused_by_name_or_kept_whole(tmp_path: Path) -> None:
 
 
 
+def test_a_sharded_dtensor_is_refused_naming_how_to_give_whole_weights(tmp_path: Path) -> None:
+    """FSDP2's fully_shard and tensor parallelism give DTensors (one shard per rank): the refusal names the
+    whole tensor and the full state_dict to give instead."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_gloo_available()):
+        pytest.skip("torch.distributed with gloo is not available")
+    from torch.distributed.tensor import Shard, distribute_tensor, init_device_mesh
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        d = distribute_tensor(torch.ones(4, 4), init_device_mesh("cpu", (1,)), [Shard(0)])
+        with gpupas.create_archive(tmp_path / "arc") as a, \
+                pytest.raises(gpupas.UnsupportedDtypeError, match=r"full_tensor\(\).*full_state_dict=True"):
+            a.commit({"w": d})
+    finally:
+        dist.destroy_process_group()
+
+
 def test_conjugate_and_negative_views_are_archived_as_their_values(tmp_path: Path) -> None:
     """torch's lazy views (``c.conj().imag`` has the negative bit set, ``c.conj()`` the conjugate bit): the
     values they show are archived, and a complex one is refused as complex, naming the tensor."""

@@ -69,8 +69,14 @@ def tensor_to_numpy(t: Any) -> np.ndarray:
         raise UnsupportedDtypeError(f"a {type(t).__name__} (a torch.Tensor subclass) does not read as plain tensor "
                                     "data; convert it to a plain tensor first") from None
     except RuntimeError as exc:  # a subclass whose data is not plain tensor data (a wrapper, a sharded tensor)
+        hint = _SHARDED if type(t).__name__ == "DTensor" else ""
         raise UnsupportedDtypeError(f"a {type(t).__name__} tensor does not read as plain tensor data ({exc}); "
-                                    "convert it to a plain tensor first") from None
+                                    f"convert it to a plain tensor first{hint}") from None
+
+
+_SHARDED = ("; a DTensor holds one shard per rank (FSDP2's fully_shard, tensor parallel): give its whole tensor "
+            "(t.full_tensor()), or a whole state_dict, taken on every rank: torch.distributed.checkpoint.state_dict."
+            "get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))")
 
 
 def numpy_to_tensor(a: np.ndarray, copy: bool = True) -> Any:
