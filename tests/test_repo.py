@@ -1579,6 +1579,33 @@ def test_gc_frees_dropped_snapshots_but_keeps_bases_and_shared_ones_bit_exact(re
     assert repo.restore("run", 1)["w"].tobytes() == ws[0].tobytes()
 
 
+def test_gc_killed_between_deletions_of_a_dropped_chain_leaves_no_damage(repo: Repository,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """gc deletes a snapshot before those it is built on: killed between two deletions, it leaves no delta whose
+    base is gone (it deleted by id: verify then called the archive damaged, 'restore it from a copy')."""
+    ws, sids = _run_of(repo, 6)  # s0 <- s1 <- ... <- s5
+    repo.drop_snapshots("run", [2, 3, 4, 5, 6])  # a chain no kept snapshot is built on: all garbage
+    store = repo.archive.store.store
+    real, deleted = store.delete, []
+
+    def delete(key: str) -> None:
+        if key.startswith("manifests/"):
+            if len(deleted) == 2:
+                raise KeyboardInterrupt("gc killed")
+            deleted.append(key)
+        real(key)
+
+    monkeypatch.setattr(store, "delete", delete)
+    with pytest.raises(KeyboardInterrupt):
+        repo.gc(min_age=0)
+    monkeypatch.undo()
+    assert deleted == [f"manifests/{s}.json" for s in (sids[5], sids[4])]  # the tip first
+    result = repo.verify()
+    assert result["ok"] and not result["problems"], result["problems"]
+    assert {r["name"] for r in repo.gc(min_age=0) if r["kind"] == "snapshot"} == set(sids[1:4])
+    assert repo.verify()["ok"] and repo.restore("run")["w"].tobytes() == ws[0].tobytes()
+
+
 def test_a_dropped_base_of_a_kept_delta_stays_until_compact_rebases_it(repo: Repository) -> None:
     from gpupas.jobs.compact import compact_archive
     from gpupas.plan.archive import plan_archive, unkept

@@ -76,6 +76,26 @@ def built_on(m: Manifest, manifests: Mapping[str, Manifest]) -> list[str]:
     return out
 
 
+def _dependents_first(sids: set[str], manifests: Mapping[str, Manifest]) -> list[str]:
+    """``sids`` ordered so that each comes before every one of them it is built on (else by id): a gc killed
+    between deletions leaves no snapshot whose base is gone (verify would call that damage), only bases of none."""
+    bases = {s: {b for b in built_on(manifests[s], manifests) if b in sids and b != s} for s in sids}
+    waiting = dict.fromkeys(sids, 0)  # how many of sids not yet out are built on each
+    for bs in bases.values():
+        for b in bs:
+            waiting[b] += 1
+    ready = sorted((s for s, n in waiting.items() if n == 0), reverse=True)
+    out = []
+    while ready:
+        sid = ready.pop()
+        out.append(sid)
+        for b in sorted(bases[sid], reverse=True):
+            waiting[b] -= 1
+            if waiting[b] == 0:
+                ready.append(b)
+    return out + sorted(set(sids) - set(out))  # (a loop, which no archive holds: by id, as before)
+
+
 class ArchiveStore:
     """Manifests and chunk folders of one archive, and the tiers (second stores) some streams live in.
 
@@ -481,7 +501,7 @@ class ArchiveStore:
                         continue
                     reachable.add(sid)
                     todo += built_on(manifests[sid], manifests)
-                for sid in sorted(set(manifests) - reachable):
+                for sid in _dependents_first(set(manifests) - reachable, manifests):
                     m = manifests.pop(sid)
                     out.append(("snapshot", sid, self._usage(sid, m)))
                     gone.update((s.tier, s.folder) for s in m.streams)  # removed with it, not counted again below
