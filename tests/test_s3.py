@@ -295,3 +295,29 @@ def test_a_discard_crossing_a_rebase_onto_it_leaves_nothing_broken(s3_options: d
         assert a.snapshots() == ["c"] and a.manifest("c").base is None
         assert a.restore("c")["w"].tobytes() == c0["w"].tobytes()
         assert a.store.orphan_folders() == []
+
+
+def test_gc_on_an_object_store_keeps_a_snapshot_dropped_within_the_hour(s3_options: dict[str, Any],
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Object stores have no locks: an add_snapshot in another process may be writing a delta on the latest as
+    it is dropped, a reader restoring it. gc there keeps what was dropped within the hour whatever min_age asks,
+    as it keeps young manifests (it freed a long-committed snapshot dropped a moment before, under --min-age 0)."""
+    from gpupas.versions.repository import create_repository, open_repository
+
+    url, opts = split(s3_options)
+    ws = [np.arange(1000, dtype=np.float32) * k for k in (1, 2)]
+    with create_repository(url, storage_options=opts) as repo:
+        repo.commit("run", [{"w": w} for w in ws])
+        sids = [s["id"] for s in repo.version("run").snapshots]
+    reader = open_repository(url, storage_options=opts)
+    assert reader.version("run").latest == sids[1]  # read before the drop
+    with open_repository(url, storage_options=opts) as repo:
+        store = repo.archive.store.store
+        age = store.age
+        monkeypatch.setattr(store, "age", lambda key: 7200.0 if key.startswith("manifests/") else age(key))
+        repo.drop_snapshots("run", ["latest"])  # committed two hours ago, dropped now
+        with pytest.warns(UserWarning, match="object store.*3600 s"):
+            assert [r for r in repo.gc(min_age=0) if r["kind"] == "snapshot"] == []
+        monkeypatch.undo()
+    assert reader.archive.restore(sids[1])["w"].tobytes() == ws[1].tobytes()
+    reader.close()

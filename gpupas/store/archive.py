@@ -76,6 +76,12 @@ def built_on(m: Manifest, manifests: Mapping[str, Manifest]) -> list[str]:
     return out
 
 
+def remote_floor(store: ArchiveStore, min_age: float) -> float:
+    """The minimum age gc keeps things for in ``store``: ``min_age``, at least :data:`REMOTE_MIN_AGE` in an object
+    store (no locks: a commit in flight there is safe by age alone; so is a delta on a snapshot dropped meanwhile)."""
+    return max(min_age, REMOTE_MIN_AGE) if store.store.local_root is None else min_age
+
+
 def _dependents_first(sids: set[str], manifests: Mapping[str, Manifest]) -> list[str]:
     """``sids`` ordered so that each comes before every one of them it is built on (else by id): a gc killed
     between deletions leaves no snapshot whose base is gone (verify would call that damage), only bases of none."""
@@ -482,7 +488,7 @@ class ArchiveStore:
         """
         if isinstance(min_age, bool) or not isinstance(min_age, numbers.Real) or not min_age >= 0:
             raise InvalidInputError(f"min_age={min_age!r}: give a number of seconds, at least 0 (0: whatever the age)")
-        if self.store.local_root is None and min_age < REMOTE_MIN_AGE:
+        if remote_floor(self, min_age) != min_age:
             warnings.warn(f"{self.location} is an object store (no locks): gc keeps what is younger than "
                           f"{REMOTE_MIN_AGE:.0f} s there, whatever the minimum age asked ({min_age:g} s)", stacklevel=3)
             min_age = REMOTE_MIN_AGE

@@ -47,6 +47,7 @@ from gpupas.errors import (
 from gpupas.format import keys
 from gpupas.format.manifest import Manifest
 from gpupas.network import Network, extract_network
+from gpupas.store.archive import remote_floor
 from gpupas.tensors import Loaded, load_checkpoint, tensors_of
 from gpupas.versions import export as _export
 from gpupas.versions import inspect as _inspect
@@ -860,7 +861,8 @@ class Repository:
             ids = self.records.version_ids()
             versions = every_version(ids)
             dropped.update(_verify.dropped_from(v.record for v in versions))
-            recent = _verify.dropped_within((v.record for v in versions), min_age)  # readers may be restoring them
+            recent = _verify.dropped_within((v.record for v in versions),  # readers may be restoring them, and an
+                                            remote_floor(self.archive.store, min_age))  # add on them in flight
             return {s["id"] for v in versions for s in v.snapshots} | recent, set(ids)
 
         def is_root(m: Manifest) -> bool:
