@@ -1606,6 +1606,27 @@ def test_gc_killed_between_deletions_of_a_dropped_chain_leaves_no_damage(repo: R
     assert repo.verify()["ok"] and repo.restore("run")["w"].tobytes() == ws[0].tobytes()
 
 
+def test_compact_of_a_plan_made_before_a_drop_builds_nothing_on_what_was_dropped(repo: Repository) -> None:
+    """`gpupas compact --plan FILE` with a plan saved before a drop: it re-encoded the dropped snapshot and made it a
+    kept one's base again, which gc then kept; now refused, and the dropped snapshots themselves are left to gc."""
+    from gpupas.jobs.compact import compact_archive
+
+    ws, sids = _run_of(repo, 4)  # s0 <- s1 <- s2 <- s3
+    plan = {sids[3]: None, sids[2]: sids[3]}  # saved earlier: s3 whole, s2 a delta on it
+    repo.drop_snapshots("run", ["latest"])  # s3: nothing kept is built on it
+    before = {s: repo.archive.manifest(s).base for s in sids}
+    repo.close()
+    with pytest.raises(InvalidInputError, match=f"dropped from their version since it was made.*{sids[2]} on "
+                                                f"{sids[3]}.*plan again"):
+        compact_archive(str(repo.location), target=plan, scheduler="sync")
+    c = compact_archive(str(repo.location), target={sids[3]: None}, scheduler="sync", gc_min_age=0)
+    assert c.to_dict()["revised"] == []  # a dropped snapshot is gc's, not re-encoded
+    with open_repository(repo.location) as again:
+        assert {s: again.archive.manifest(s).base for s in sids[:3]} == {s: before[s] for s in sids[:3]}
+        assert _manifests(again) == set(sids[:3])  # the gc after the job freed it
+        assert [again.restore("run", i + 1)["w"].tobytes() for i in range(3)] == [w.tobytes() for w in ws[:3]]
+
+
 def test_a_dropped_base_of_a_kept_delta_stays_until_compact_rebases_it(repo: Repository) -> None:
     from gpupas.jobs.compact import compact_archive
     from gpupas.plan.archive import plan_archive, unkept

@@ -87,6 +87,16 @@ def compact_archive(location: str, *, target: Mapping[str, str | None] | None = 
 
             dead = unkept(a)[1]  # dropped snapshots the plan no longer builds on: gc's, not to re-encode
             target = {s: b for s, b in target.items() if s not in dead or s in target.values()}
+        else:  # a plan made before a drop (`compact --plan FILE`): no dropped snapshot re-encoded, none a new base
+            from gpupas.plan.archive import unkept
+
+            garbage, dead = unkept(a)
+            onto = sorted(f"{s} on {b}" for s, b in target.items() if b is not None and b in garbage | dead
+                          and s not in garbage | dead and _base(a, s) != b)
+            if onto:
+                raise InvalidInputError(f"the plan builds on snapshots dropped from their version since it was made "
+                                        f"({', '.join(onto[:3])}): nothing changed; plan again (`gpupas plan`)")
+            target = {s: b for s, b in target.items() if s not in garbage | dead or s in target.values()}
         unknown = sorted((set(target) | {b for b in target.values() if b is not None}) - set(a.store.list_snapshots()))
         if unknown:
             raise InvalidInputError(f"the plan names snapshots not in {location}: {', '.join(unknown[:5])}")
@@ -119,6 +129,14 @@ def _unlike(a: Any, sids: Iterable[str], how: Reencode) -> dict[str, str | None]
         if how.needed(m):
             out[sid] = m.base
     return out
+
+
+def _base(a: Any, sid: str) -> str | None:
+    """The base of snapshot ``sid`` now (None where it is whole or cannot be read)."""
+    try:
+        return a.manifest(sid).base  # type: ignore[no-any-return]
+    except (SnapshotNotFoundError, IntegrityError, FormatError):
+        return None
 
 
 def _stored(a: Any, sids: Iterable[str]) -> int:
