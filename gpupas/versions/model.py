@@ -248,9 +248,9 @@ def select_snapshot(snaps: list[dict[str, Any]], selector: str | int | None, lat
         if s["id"] == sel:
             return s
     if sel.isascii() and sel.isdigit():  # "²" is a digit to str.isdigit, not to int
-        i = int(sel)
+        i = int(sel) if len(sel) <= 20 else -1  # (past 20 digits no position, and int() refuses 4,300)
         if not 1 <= i <= len(snaps):
-            raise SnapshotNotFoundError(f"{what} has snapshots 1..{len(snaps)}, not {i}")
+            raise SnapshotNotFoundError(f"{what} has snapshots 1..{len(snaps)}, not {sel:.24}")
         return snaps[i - 1]
     raise SnapshotNotFoundError(f"{what} has no snapshot {sel!r}; it has "
                                 f"{', '.join(s['id'] for s in snaps[:5])}{'...' if len(snaps) > 5 else ''}")
