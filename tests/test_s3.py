@@ -321,3 +321,26 @@ def test_gc_on_an_object_store_keeps_a_snapshot_dropped_within_the_hour(s3_optio
         monkeypatch.undo()
     assert reader.archive.restore(sids[1])["w"].tobytes() == ws[1].tobytes()
     reader.close()
+
+
+def test_drop_on_an_object_store_says_gc_frees_an_hour_after_the_drop(s3_options: dict[str, Any],
+                                                                      tmp_path: Any) -> None:
+    """gc there keeps a drop an hour whatever --min-age: drop said `gpupas gc --min-age 0` then frees them."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from gpupas.versions.repository import create_repository
+
+    url, opts = split(s3_options)
+    with create_repository(url, storage_options=opts) as repo:
+        repo.commit("run", [{"w": np.arange(1000, dtype=np.float32) * k} for k in (1, 2)])
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_") and k != "GPUPAS_ARCHIVE"}
+    env |= {"PYTHONPATH": str(Path(__file__).resolve().parents[1]), "AWS_DEFAULT_REGION": "us-east-1",
+            "AWS_ACCESS_KEY_ID": opts["key"], "AWS_SECRET_ACCESS_KEY": opts["secret"],
+            "AWS_ENDPOINT_URL": opts["endpoint_url"]}
+    res = subprocess.run([sys.executable, "-m", "gpupas.cli", "-A", url, "drop", "run", "latest", "--dry-run"],
+                         capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert "`gpupas gc` an hour after the drop" in res.stdout and "--min-age 0`" not in res.stdout, res.stdout

@@ -370,6 +370,7 @@ def drop(ref: RefArg,
          archive: ArchiveOpt = None, as_json: JsonOpt = False) -> None:
     """Drop snapshots from a version (the record no longer names them); `gpupas gc` then frees their bytes,
     except those another version names or kept snapshots are built on (`gpupas compact` re-bases those)."""
+    from gpupas.store.archive import remote_floor
     from gpupas.versions import verify as _verify
 
     with _repo(archive) as repo:
@@ -379,6 +380,7 @@ def drop(ref: RefArg,
         left = {s["id"] for s in v.snapshots}
         gone = [s for s in before.snapshots if s["id"] not in left]
         fate = _verify.fate(repo, [s["id"] for s in gone], v.record)
+        floor = remote_floor(repo.archive.store, 0.0)  # an object store keeps a drop an hour whatever --min-age
     o = _out()
     if as_json:
         o.json({"version": v.id, "dry_run": dry_run, "dropped": [s["id"] for s in gone],
@@ -395,10 +397,12 @@ def drop(ref: RefArg,
            + (", no best now" if before.best and not v.best else ""))
     frees = [s for s in gone if fate[s["id"]]["gc"] == "frees"]
     if frees:
-        o.line(f"`gpupas gc --min-age 0` then frees {render.count(len(frees), 'snapshot')}, "
-               f"{render.size(sum(s['stored_bytes'] for s in frees))}: {', '.join(s['id'] for s in frees)} "
-               "(`gpupas gc` alone an hour after the drop: a reader that read the version before may be restoring "
-               "them)")
+        when = ("`gpupas gc` an hour after the drop (gc in an object store keeps a drop that long, whatever "
+                "--min-age)" if floor else "`gpupas gc --min-age 0`")
+        o.line(f"{when} then frees {render.count(len(frees), 'snapshot')}, "
+               f"{render.size(sum(s['stored_bytes'] for s in frees))}: {', '.join(s['id'] for s in frees)}"
+               + ("" if floor else " (`gpupas gc` alone an hour after the drop: a reader that read the version "
+                  "before may be restoring them)"))
     for s in gone:
         if fate[s["id"]]["gc"] == "keeps":
             why = fate[s["id"]]["why"]
