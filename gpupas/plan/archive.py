@@ -156,10 +156,8 @@ def unkept(archive: Any) -> tuple[set[str], set[str]]:
     from gpupas.versions import verify
     from gpupas.versions.records import Records
 
-    records = Records(archive.store)
     try:
-        ids = records.version_ids()
-        recs = [r for r in (records.version(v) for v in ids) if r is not None]
+        recs, ids = Records(archive.store).every_version()
     except GpupasError:
         return set(), set()
     if not ids:

@@ -88,6 +88,12 @@ class Records:
                                  "(damaged or moved); restore it from a copy")
         return rec
 
+    def every_version(self) -> tuple[list[Record], list[int]]:
+        """Every version record, and the ids listed (a record gone meanwhile is left out); raises what reading one
+        raises."""
+        ids = self.version_ids()
+        return [r for r in (self.version(v) for v in ids) if r is not None], ids
+
     def tag(self, name: str) -> int | None:
         got = self.read(f"t/{name}")
         if got is None or got[0].get("tag", name) != name:  # another tag's file, found by a case-insensitive FS

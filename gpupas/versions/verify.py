@@ -220,8 +220,7 @@ def fate(repo: Repository, sids: Iterable[str], record: Mapping[str, Any] | None
     ``record``: a version's record as it is, or would be, in place of the stored one): per snapshot ``{"gc":
     "frees" or "keeps", "why": ...}``; why: "named by version N", "the base of kept snapshot X", "kept by gc"
     (committed without a version, or its version's record is lost), None where gc frees it."""
-    ids = repo.records.version_ids()
-    records = [r for r in (repo.records.version(v) for v in ids) if r is not None]
+    records, ids = repo.records.every_version()
     if record is not None:
         records = [dict(record) if r["id"] == record["id"] else r for r in records]
     why = kept(repo.archive.store, records, set(ids))
