@@ -71,6 +71,7 @@ def compact_archive(location: str, *, target: Mapping[str, str | None] | None = 
     with spec.open() as a:
         from gpupas.plan.archive import unkept
 
+        garbage, dead = unkept(a)  # dropped snapshots (a killed commit's): gc's, never re-encoded or built on
         if target is None:
             from gpupas.plan.archive import plan_archive
 
@@ -85,10 +86,8 @@ def compact_archive(location: str, *, target: Mapping[str, str | None] | None = 
                              "give; a larger alpha stores less")
             listed = set(a.store.list_snapshots())  # less any a commit that failed discarded while this planned
             target = {s: b for s, b in target.items() if s in listed and (b is None or b in listed)}
-            dead = unkept(a)[1]  # dropped snapshots the plan no longer builds on: gc's, not to re-encode
             target = {s: b for s, b in target.items() if s not in dead or s in target.values()}
         else:  # a plan made before a drop (`compact --plan FILE`): no dropped snapshot re-encoded, none a new base
-            garbage, dead = unkept(a)
             onto = sorted(f"{s} on {b}" for s, b in target.items() if b is not None and b in garbage | dead
                           and s not in garbage | dead and _base(a, s) != b)
             if onto:
@@ -101,7 +100,6 @@ def compact_archive(location: str, *, target: Mapping[str, str | None] | None = 
         counted = list(a.store.list_snapshots())  # after the job, the same snapshots (not others' new commits)
         before = _stored(a, counted)
         if how.force:  # every snapshot in the new form: also those a plan made before their commits leaves out
-            garbage = unkept(a)[0]  # (not those gc removes: dropped ones, a killed commit's)
             target = {**_unlike(a, [s for s in counted if s not in target and s not in garbage], how), **target}
     job = compact_graph(spec, dict(target), how=how, gc_min_age=None if dry_run else gc_min_age)
     out = Compaction(job, dict(target), dry_run=dry_run, stored_before=before, stored_after=before, notes=notes)
