@@ -1648,3 +1648,17 @@ def test_a_dropped_base_of_a_kept_delta_stays_until_compact_rebases_it(repo: Rep
         assert _manifests(again) == {sids[3]}
         assert again.restore("run")["w"].tobytes() == ws[3].tobytes()
         assert again.verify()["ok"] and again.verify()["notes"] == []
+
+
+def test_verify_notes_what_an_add_snapshot_killed_before_its_record_update_left(repo: Repository) -> None:
+    """A snapshot written for an existing version that its record never named (nor dropped): an add killed
+    between its commit and the record update. verify notes it, and gc removes it."""
+    _, sids = _run_of(repo, 2)
+    stray = repo.archive.commit({"w": np.zeros(4000, np.float32)}, meta={"version_id": 1})  # the add's commit
+    result = repo.verify()
+    assert result["ok"] and len(result["notes"]) == 1, result["notes"]
+    note = result["notes"][0]
+    assert stray.id in note and "written for version 1 are not named by its record" in note
+    assert "killed before its record named them" in note and "dropped from version" not in note
+    assert [r["name"] for r in repo.gc(min_age=0) if r["kind"] == "snapshot"] == [stray.id]
+    assert _manifests(repo) == set(sids) and repo.verify()["notes"] == []

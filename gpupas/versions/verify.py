@@ -272,8 +272,8 @@ def _unnamed(repo: Repository, records: list[dict[str, Any]], ids: set[int], pro
                          f"snapshots are built on them ({', '.join(sorted({str(why[s][1]) for s in bases})[:3])}): "
                          "gc keeps them until `gpupas compact` re-bases those")
     for vid, sids in added.items():
-        notes.append(f"snapshot(s) {_few(sids)} written for version {vid} are named by its record no more and "
-                     "were never dropped: an add_snapshot killed before its record named them left them "
+        notes.append(f"snapshot(s) {_few(sids)} written for version {vid} are not named by its record and "
+                     "were never dropped from it: an add_snapshot killed before its record named them left them "
                      "(`gpupas gc` removes them)")
     for name, sids in killed.items():
         notes.append(f"snapshot(s) {', '.join(sids[:5])}{'...' if len(sids) > 5 else ''} written for a version "
