@@ -276,13 +276,14 @@ def _unnamed(repo: Repository, records: list[dict[str, Any]], ids: set[int], pro
                      "were never dropped from it: an add_snapshot killed before its record named them left them "
                      "(`gpupas gc` removes them)")
     for name, sids in killed.items():
-        notes.append(f"snapshot(s) {', '.join(sids[:5])}{'...' if len(sids) > 5 else ''} written for a version "
+        notes.append(f"snapshot(s) {_few(sids)} written for a version "
                      f"{name!r} are named by no version record: a commit killed before publishing left them "
                      "(`gpupas gc` removes them), unless a version's record was lost (the newest, "
                      f"{keys.version(max(ids, default=0) + 1)}?): then restore it from a copy before running gc")
 
 
 def _few(sids: list[str]) -> str:
+    """The first five of ``sids``, and '...' where there are more."""
     return f"{', '.join(sids[:5])}{'...' if len(sids) > 5 else ''}"
 
 
