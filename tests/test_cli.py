@@ -522,6 +522,22 @@ def test_diff_says_when_weights_were_not_compared(tmp_path: Path) -> None:
     assert "weights: not compared (no snapshots in version 2)" in ok(gp("diff", "a", "b", archive=arc))
 
 
+def test_drop_is_said_done_where_another_version_record_is_damaged(tmp_path: Path) -> None:
+    """drop's account of what gc frees reads every record: a damaged one of another version is warned about, not
+    an exit 3 after the drop was written (a rerun of `drop 2` would drop another snapshot)."""
+    from gpupas.versions.repository import create_repository
+
+    arc = tmp_path / "arc"
+    with create_repository(arc) as repo:
+        sids = [s["id"] for s in repo.commit("run", [{"w": np.full(64, k, np.float32)} for k in range(3)]).snapshots]
+        repo.commit("other", {"w": np.zeros(8, np.float32)})
+    rec = arc / "versions" / "2.json"
+    rec.write_bytes(rec.read_bytes().replace(b'"other"', b'"otheR"'))
+    res = gp("drop", "run", "2", archive=arc)
+    assert res.returncode == 0 and res.stdout.startswith(f"dropped 1 snapshot of version 1 (run): {sids[1]}"), res
+    assert "could not be worked out" in res.stderr and "versions/2.json" in res.stderr, res.stderr
+
+
 def test_drop_round_trip_says_what_gc_frees_and_what_stays(tmp_path: Path) -> None:
     from gpupas.versions.repository import create_repository
 

@@ -379,7 +379,11 @@ def drop(ref: RefArg,
                                 allow_empty=drop_all, dry_run=dry_run)
         left = {s["id"] for s in v.snapshots}
         gone = [s for s in before.snapshots if s["id"] not in left]
-        fate = _verify.fate(repo, [s["id"] for s in gone], v.record) if gone else {}  # (it reads every manifest)
+        unknown = None
+        try:  # (it reads every record and manifest: a damaged one elsewhere must not hide that the drop was done)
+            fate = _verify.fate(repo, [s["id"] for s in gone], v.record) if gone else {}
+        except GpupasError as exc:
+            fate, unknown = {s["id"]: {"gc": "unknown", "why": None} for s in gone}, exc
         floor = remote_floor(repo.archive.store, 0.0)  # an object store keeps a drop an hour whatever --min-age
     o = _out()
     if as_json:
@@ -395,6 +399,8 @@ def drop(ref: RefArg,
            f"{', '.join(s['id'] for s in gone)}; {render.count(len(v.snapshots), 'snapshot')} left"
            + (f", latest {v.latest}" if v.latest else "") + (f", best {v.best}" if v.best else "")
            + (", no best now" if before.best and not v.best else ""))
+    if unknown is not None:
+        o.warn(f"what `gpupas gc` then frees could not be worked out ({unknown}); `gpupas verify` says more")
     frees = [s for s in gone if fate[s["id"]]["gc"] == "frees"]
     if frees:
         when = ("`gpupas gc` an hour after the drop (gc in an object store keeps a drop that long, whatever "
