@@ -26,6 +26,7 @@ from gpupas.errors import (
 from gpupas.integrations.safetensors import save_file
 from gpupas.network import Network, diff_networks, network_from_state_dict
 from gpupas.tensors import load_checkpoint
+from gpupas.versions import verify as _verify
 from gpupas.versions.metrics import normalize_metrics, read_training_log
 from gpupas.versions.repository import Repository, create_repository, open_repository
 from tests.conftest import flip_chunks_of
@@ -1604,6 +1605,17 @@ def test_gc_killed_between_deletions_of_a_dropped_chain_leaves_no_damage(repo: R
     assert result["ok"] and not result["problems"], result["problems"]
     assert {r["name"] for r in repo.gc(min_age=0) if r["kind"] == "snapshot"} == set(sids[1:4])
     assert repo.verify()["ok"] and repo.restore("run")["w"].tobytes() == ws[0].tobytes()
+
+
+def test_verify_names_the_kept_snapshot_a_dropped_chain_is_kept_for_not_dropped_ones(repo: Repository) -> None:
+    """A chain of dropped bases under one kept delta: verify's note named the dropped snapshots between as the
+    'kept snapshots built on them' (each one's immediate dependent), as drop's own output did not."""
+    sids = _run_of(repo, 4)[1]  # s0 <- s1 <- s2 <- s3
+    repo.drop_snapshots("run", [1, 2, 3])
+    notes = [n for n in repo.verify()["notes"] if "kept snapshots are built on them" in n]
+    assert len(notes) == 1 and f"built on them ({sids[3]})" in notes[0], notes
+    why = {"gc": "keeps", "why": f"the base of kept snapshot {sids[3]}"}
+    assert _verify.fate(repo, sids[:3]) == {s: why for s in sids[:3]}
 
 
 def test_compact_of_a_plan_made_before_a_drop_builds_nothing_on_what_was_dropped(repo: Repository) -> None:

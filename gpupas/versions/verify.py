@@ -215,6 +215,15 @@ def kept(store: Any, records: Iterable[Mapping[str, Any]], ids: Collection[int])
     return why
 
 
+def kept_on(why: Mapping[str, tuple[str, Any]], sid: str) -> str:
+    """The kept snapshot that keeps ``sid`` (a ``("base", ...)`` entry of :func:`kept`): through the dropped bases
+    between them to the one a version names (or gc keeps for itself)."""
+    by = why[sid][1]
+    while why[by][0] == "base":
+        by = why[by][1]
+    return str(by)
+
+
 def fate(repo: Repository, sids: Iterable[str], record: Mapping[str, Any] | None = None) -> dict[str, dict[str, Any]]:
     """What ``gc`` does with snapshots ``sids`` once their drop is older than its ``min_age`` (just dropped;
     ``record``: a version's record as it is, or would be, in place of the stored one): per snapshot ``{"gc":
@@ -227,8 +236,8 @@ def fate(repo: Repository, sids: Iterable[str], record: Mapping[str, Any] | None
     out = {}
     for sid in sids:
         kind, by = why.get(sid, ("", None))
-        while kind == "base" and why[by][0] == "base":  # through dropped bases to the kept snapshot built on them
-            by = why[by][1]
+        if kind == "base":
+            by = kept_on(why, sid)
         out[sid] = {"gc": "keeps" if kind else "frees",
                     "why": {"named": f"named by version {by}", "base": f"the base of kept snapshot {by}",
                             "plain": "kept by gc", "": None}[kind]}
@@ -269,7 +278,7 @@ def _unnamed(repo: Repository, records: list[dict[str, Any]], ids: set[int], pro
                          "removes them")
         if bases:
             notes.append(f"snapshot(s) {_few(bases)} were dropped from version {vid} (`gpupas drop`) but kept "
-                         f"snapshots are built on them ({', '.join(sorted({str(why[s][1]) for s in bases})[:3])}): "
+                         f"snapshots are built on them ({', '.join(sorted({kept_on(why, s) for s in bases})[:3])}): "
                          "gc keeps them until `gpupas compact` re-bases those")
     for vid, sids in added.items():
         notes.append(f"snapshot(s) {_few(sids)} written for version {vid} are not named by its record and "
