@@ -553,7 +553,7 @@ def test_drop_round_trip_says_what_gc_frees_and_what_stays(tmp_path: Path) -> No
     out = ok(gp("drop", "run", "2", "3", "4", "--dry-run", archive=arc))
     assert out.startswith(f"would drop 3 snapshots of version 1 (run): {sids[1]}, {sids[2]}, {sids[3]}"), out
     assert "`gpupas gc --min-age 0` then frees 1 snapshot" in out and sids[3] in out.splitlines()[1]
-    assert f"{sids[1]} stays, the base of kept snapshot {sids[2]}: `gpupas compact` re-bases it" in out
+    assert f"{sids[1]} stays, the base of kept snapshot {sids[2]}: gc frees this one once `gpupas compact`" in out
     assert f"{sids[2]} stays, named by version 2" in out
     assert len(js(gp("show", "run", "--json", archive=arc))["snapshots"]) == 4  # a dry run changes nothing
     d = js(gp("drop", "run", "--keep-last", "1", "--json", archive=arc))
