@@ -1639,7 +1639,10 @@ def test_compact_of_a_plan_made_before_a_drop_builds_nothing_on_what_was_dropped
         assert [again.restore("run", i + 1)["w"].tobytes() for i in range(3)] == [w.tobytes() for w in ws[:3]]
 
 
-def test_a_dropped_base_of_a_kept_delta_stays_until_compact_rebases_it(repo: Repository) -> None:
+@pytest.mark.parametrize("alpha", [1.0, 3.0, None])  # all whole; a plan that would keep deltas; no budget
+def test_a_dropped_base_of_a_kept_delta_stays_until_compact_rebases_it(repo: Repository, alpha: float | None) -> None:
+    """Whatever the plan's budget, compaction re-bases a kept snapshot off dropped ones (at alpha 3 a plan kept the
+    delta on its dropped base, storing that base whole again, and with no budget nothing changed)."""
     from gpupas.jobs.compact import compact_archive
     from gpupas.plan.archive import plan_archive, unkept
 
@@ -1651,9 +1654,9 @@ def test_a_dropped_base_of_a_kept_delta_stays_until_compact_rebases_it(repo: Rep
     assert repo.restore("run")["w"].tobytes() == ws[3].tobytes()
     assert unkept(repo.archive) == (set(), set(sids[:3]))
     target = plan_archive(repo.archive, alpha=None).target
-    assert all(b == repo.archive.manifest(s).base for s, b in target.items() if b in sids[:3])  # nothing new on them
+    assert target == {sids[3]: None}  # no plan keeps a dropped snapshot or builds on one
     repo.close()
-    c = compact_archive(str(repo.location), alpha=1.0, scheduler="sync", gc_min_age=0)  # alpha 1: all whole
+    c = compact_archive(str(repo.location), alpha=alpha, scheduler="sync", gc_min_age=0)
     assert not {x["snapshot"] for x in c.to_dict()["revised"]} & set(sids[:3])  # nothing re-encoded that goes
     with open_repository(repo.location) as again:
         assert again.archive.manifest(sids[3]).base is None

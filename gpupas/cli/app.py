@@ -369,8 +369,8 @@ def drop(ref: RefArg,
                             ] = False,
          archive: ArchiveOpt = None, as_json: JsonOpt = False) -> None:
     """Drop snapshots from a version (the record no longer names them); `gpupas gc` then frees their bytes,
-    except those another version names or kept snapshots are built on (`gpupas compact` re-bases those where
-    its plan stores less that way)."""
+    except those another version names or kept snapshots are built on (`gpupas compact` re-bases those, then
+    gc frees them)."""
     from gpupas.store.archive import remote_floor
     from gpupas.versions import verify as _verify
 
@@ -413,7 +413,7 @@ def drop(ref: RefArg,
     for s in gone:
         if fate[s["id"]]["gc"] == "keeps":
             why = fate[s["id"]]["why"]
-            then = ": gc frees this one once `gpupas compact` re-bases that (where its plan stores less that way)"
+            then = ": gc frees this one once `gpupas compact` re-bases that (onto a kept snapshot, or whole)"
             o.line(f"{s['id']} stays, {why}" + (then if why.startswith("the base") else ""))
 
 

@@ -86,7 +86,6 @@ def compact_archive(location: str, *, target: Mapping[str, str | None] | None = 
                              "give; a larger alpha stores less")
             listed = set(a.store.list_snapshots())  # less any a commit that failed discarded while this planned
             target = {s: b for s, b in target.items() if s in listed and (b is None or b in listed)}
-            target = {s: b for s, b in target.items() if s not in dead or s in target.values()}
         else:  # a plan made before a drop (`compact --plan FILE`): no dropped snapshot re-encoded, none a new base
             onto = sorted(f"{s} on {b}" for s, b in target.items() if b is not None and b in garbage | dead
                           and s not in garbage | dead and _base(a, s) != b)

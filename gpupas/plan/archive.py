@@ -149,8 +149,8 @@ def plan_archive(archive: Any, alpha: float | None = 2.0, *, scheme: str = "inde
 
 def unkept(archive: Any) -> tuple[set[str], set[str]]:
     """Snapshots of ``archive`` that no version keeps (dropped from their version, or left by a killed commit):
-    (those no kept snapshot is built on, which gc removes: no plan keeps them; those kept snapshots are built
-    on, which gc keeps while they are: no plan makes them the base of another snapshot). Both empty in an
+    (those no kept snapshot is built on, which gc removes; those kept snapshots are built on, which gc keeps
+    while they are). No plan keeps either: a kept snapshot on one is re-based, or stored whole. Both empty in an
     archive without versions, or where a version record cannot be read (gc removes nothing then)."""
     from gpupas.errors import GpupasError
     from gpupas.versions import verify
@@ -170,10 +170,9 @@ def unkept(archive: Any) -> tuple[set[str], set[str]]:
 def _plan(archive: Any, alpha: float | None, scheme: str, budgets: Mapping[str, float] | None,
           pairs: list[tuple[str, str]], fraction: float, model: CostModel, setting: str, planner: str,
           no_slower: bool) -> ArchivePlan:
-    garbage, dead = unkept(archive)
+    gone = set().union(*unkept(archive))  # dropped (or a killed commit's): no plan keeps one or builds on one
     g, est = storage_graph(archive, model=model, fraction=fraction, pairs=pairs, setting=setting,
-                           snapshots=[s for s in archive.snapshots() if s not in garbage] if garbage else None,
-                           no_base=dead)
+                           snapshots=[s for s in archive.snapshots() if s not in gone] if gone else None)
     absolute = dict(budgets or {})
     if no_slower:
         now = evaluate(g, g.current, "current", scheme)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 import tempfile
 import time
-from collections.abc import Collection, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -266,22 +266,19 @@ def measure_edges(archive: Any, pairs: set[tuple[str, str]], sids: Sequence[str]
 
 def storage_graph(archive: Any, *, granularity: str = "snapshot", model: CostModel = DEFAULT,
                   fraction: float = 1 / 16, pairs: Iterable[tuple[str, str]] = (), setting: str = "default",
-                  snapshots: Iterable[str] | None = None,
-                  no_base: Collection[str] = ()) -> tuple[StorageGraph, Estimates]:
+                  snapshots: Iterable[str] | None = None) -> tuple[StorageGraph, Estimates]:
     """The storage graph of ``archive`` (all snapshots, or ``snapshots``): a vertex per snapshot
     (``granularity="snapshot"``) or per tensor of each snapshot (``"tensor"``, a co-usage group
     per snapshot); edges among the candidates of :func:`candidate_pairs`. Recreation costs follow
-    ``model``. Returns the graph and the sampled estimate's measured error. Snapshots of ``no_base``
-    (dropped from their version, kept while others are built on them) keep only the edges they have now:
-    no plan makes them another's base or moves them onto another."""
+    ``model``. Returns the graph and the sampled estimate's measured error. A snapshot whose base is left out
+    counts as stored whole now (a plan re-bases it, or stores it whole)."""
     from gpupas.engine.stage import delta_candidate
 
     if granularity not in ("snapshot", "tensor"):
         raise ValueError(f"granularity must be 'snapshot' or 'tensor', not {granularity!r}")
     sids = sorted(snapshots) if snapshots is not None else archive.snapshots()
     keep = set(sids)
-    cands = {(u, v) for u, v in candidate_pairs(archive, pairs) if u in keep and v in keep
-             and (not (u in no_base or v in no_base) or archive.manifest(v).base == u)}
+    cands = {(u, v) for u, v in candidate_pairs(archive, pairs) if u in keep and v in keep}
     sizes, est = measure_edges(archive, cands, sids, fraction=fraction, setting=setting)
     measured: dict[tuple[str, str], dict[str, Coded]] = {}
     for sid in sids:  # what the archive stores now is measured, not estimated
@@ -307,14 +304,14 @@ def storage_graph(archive: Any, *, granularity: str = "snapshot", model: CostMod
         per, ok = cost((ROOT, sid))
         if granularity == "snapshot":
             g.add_vertex(sid, *snapshot_cost(m, per), m.raw_bytes, ok)
-            g.current[sid] = m.base or ROOT
+            g.current[sid] = m.base if m.base in keep else ROOT
         else:
             share = 1.0 / max(1, len(m.tensors))
             g.groups[sid] = []
             for e in m.tensors:
                 g.add_vertex((sid, e.name), *tensor_cost(e, per[e.name], share), e.nbytes, ok)
                 g.groups[sid].append((sid, e.name))
-                g.current[(sid, e.name)] = (m.base, e.name) if m.base and e.reads_base else ROOT
+                g.current[(sid, e.name)] = (m.base, e.name) if m.base in keep and e.reads_base else ROOT
     for u, v in sorted(cands):
         per, ok = cost((u, v))
         mv = manifests[v]

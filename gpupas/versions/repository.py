@@ -578,7 +578,7 @@ class Repository:
 
         Bytes are freed by ``gc`` once the drop is ``min_age`` old (an hour; ``gpupas gc --min-age 0``: at once),
         except those another version names (a ``copy`` shares its source's latest) or a kept snapshot
-        is built on (its base): ``compact`` re-bases those where its plan stores less that way, then gc frees
+        is built on (its base): ``compact`` re-bases those (onto kept snapshots, or whole), then gc frees
         them. A version left without snapshots is refused unless ``allow_empty``. ``dry_run``: the version as it
         would be, nothing written.
         """

@@ -279,7 +279,7 @@ def _unnamed(repo: Repository, records: list[dict[str, Any]], ids: set[int], pro
         if bases:
             notes.append(f"snapshot(s) {_few(bases)} were dropped from version {vid} (`gpupas drop`) but kept "
                          f"snapshots are built on them ({', '.join(sorted({kept_on(why, s) for s in bases})[:3])}): "
-                         "gc keeps them until `gpupas compact` re-bases those (where its plan stores less that way)")
+                         "gc keeps them until `gpupas compact` re-bases those")
     for vid, sids in added.items():
         notes.append(f"snapshot(s) {_few(sids)} written for version {vid} are not named by its record and "
                      "were never dropped from it: an add_snapshot killed before its record named them left them "
