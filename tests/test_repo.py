@@ -1057,8 +1057,8 @@ def test_picking_the_best_of_a_long_run_costs_one_pass_not_a_scan_per_checkpoint
 
 def test_a_message_author_best_flag_or_snapshot_of_the_wrong_kind_is_refused_by_name(repo: Repository) -> None:
     """Values of the wrong kind are refused naming what to give, and nothing is written: a message or
-    author that is not text (was stored as a number), ``best`` that is not a bool (a string counted as True),
-    a snapshot named by a Manifest or a float (its whole text went into the error), a DQL statement that
+    author that is not text (was stored as a number, by copy too), ``best`` that is not a bool (a string counted
+    as True), a snapshot named by a Manifest or a float (its whole text went into the error), a DQL statement that
     is not text (was "empty statement")."""
     import gpupas
 
@@ -1068,6 +1068,8 @@ def test_a_message_author_best_flag_or_snapshot_of_the_wrong_kind_is_refused_by_
                      ({"message": b"x"}, "message=b'x'")):
         with pytest.raises(InvalidInputError, match=what):
             repo.commit("other", w, **kw)
+        with pytest.raises(InvalidInputError, match=what):
+            repo.copy(v.id, "other", **kw)  # (copy stored them as given)
     with pytest.raises(InvalidInputError, match="best='yes'"):
         repo.add_snapshot(v.id, w, best="yes")
     m = repo.archive.manifest(v.latest)

@@ -644,6 +644,7 @@ class Repository:
         it further with :meth:`add_snapshot` or the training hook.
         """
         self._check_new_name(name)
+        _check_message(message, author)
         src = self.version(ref)
         snaps = [src.snapshot()] if src.snapshots else []
         record = new_record(name, parents=[src.id], snapshots=snaps, network=src.record.get("network"),
