@@ -720,12 +720,14 @@ class Archive:
         self.refresh()  # manifests are read again: one damaged since it was first read is found
         return len(self._read(snapshot, None, get_backend("numpy"), cache=False)[0])
 
-    def verify_all(self, snapshots: Iterable[str] | None = None) -> Iterator[tuple[str, int | Exception]]:
-        """Check every snapshot (default: all), decoding each once, parents before children (a base not
-        asked for only as far as its dependents read it); yields (snapshot, tensor count or the error found).
-        A delta whose base failed is decoded again along its own chain and judged by the base tensors it
-        reads: damage in the base's others is the base's alone."""
-        sids = self.store.list_snapshots() if snapshots is None else list(snapshots)
+    def verify_all(self, snapshots: Iterable[str] | str | None = None) -> Iterator[tuple[str, int | Exception]]:
+        """Check every snapshot (default: all; one id may be given alone), decoding each once, parents before
+        children (a base not asked for only as far as its dependents read it); yields (snapshot, tensor count or
+        the error found). A delta whose base failed is decoded again along its own chain and judged by the base
+        tensors it reads: damage in the base's others is the base's alone."""
+        if isinstance(snapshots, str):  # one id (was read as a list of one-letter ids, each "not found")
+            snapshots = [snapshots]
+        sids = self.store.list_snapshots() if snapshots is None else [_sid(s) for s in snapshots]
         self.refresh()
         return chain.read_all(self.store, sids, manifests=self.manifest, backend=get_backend("numpy"),
                               executor=self.executor)

@@ -214,6 +214,9 @@ def test_verify_all_judges_a_delta_by_the_base_tensors_it_reads(tmp_path: Path) 
     with gpupas.open_archive(tmp_path / "a") as a:
         assert a.verify(m1.id) == 2
         assert dict(a.verify_all([m1.id])) == {m1.id: 2}
+        assert dict(a.verify_all(m1.id)) == {m1.id: 2}  # one id alone (was taken letter by letter)
+        with pytest.raises(InvalidInputError, match="not a Manifest"):
+            a.verify_all([m1])
         both = dict(a.verify_all([m0.id, m1.id]))
         assert both[m1.id] == 2
         assert isinstance(both[m0.id], IntegrityError) and "holds tensor(s) b" in str(both[m0.id])
