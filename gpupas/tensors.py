@@ -36,6 +36,11 @@ def load_checkpoint(path: str | os.PathLike[str], notes: list[str] | None = None
     as Hugging Face writes them; or that index itself, ``model.safetensors.index.json``). What is left out
     (optimizer state, counters) is said in ``notes``; a safetensors file's own metadata (its header's
     ``__metadata__``) is put in ``metadata``."""
+    if not isinstance(path, str | os.PathLike):  # (Path() raised a bare TypeError)
+        hint = ("; a mapping of tensors needs no loading: commit it as it is" if isinstance(path, Mapping)
+                else "")
+        raise InvalidInputError(f"load_checkpoint takes the path of a checkpoint file or model folder, not a "
+                                f"{type(path).__name__}{hint}")
     p = Path(path)
     if p.is_dir():
         if not is_model_folder(p):

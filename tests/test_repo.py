@@ -1108,6 +1108,14 @@ def test_best_may_be_a_comparison_of_tensors_or_a_zero_or_one(repo: Repository) 
     assert len(repo.version(v.id).snapshots) == 1 + len(flags)
 
 
+def test_load_checkpoint_of_something_not_a_path_is_refused_by_name() -> None:
+    """A state_dict (or None) in place of a checkpoint's path was a bare TypeError from pathlib."""
+    with pytest.raises(InvalidInputError, match="not a dict; a mapping of tensors needs no loading"):
+        load_checkpoint({"w": np.zeros(2, np.float32)})  # type: ignore[arg-type]
+    with pytest.raises(InvalidInputError, match=r"file or model folder, not a NoneType$"):
+        load_checkpoint(None)  # type: ignore[arg-type]
+
+
 def test_cache_bytes_counts_the_tensors_a_repository_loads_from_files(tmp_path: Path) -> None:
     """A version committed from checkpoint files: the arrays loaded for each commit are the cache's alone (no
     caller holds them), so ``cache_bytes`` counts them; they were taken for the caller's own (0 bytes) and the
