@@ -272,7 +272,11 @@ class Archive:
 
     @property
     def location(self) -> str:
+        """Where the archive is: a local folder's path, as given, or the URL of a remote one."""
         return self.store.location
+
+    def __repr__(self) -> str:
+        return f"<gpupas.Archive {self.location!r}>"
 
     # -- listing ---------------------------------------------------------------------------------------------
     def manifest(self, snapshot: str) -> Manifest:

@@ -199,6 +199,16 @@ def test_restoring_some_names_never_reads_the_chunks_between_them(tmp_path: Path
             gpupas.open_archive(tmp_path / "a").restore(m.id, ["b"])
 
 
+def test_an_archive_and_a_repository_say_where_they_are_in_their_repr(tmp_path: Path) -> None:
+    """Both printed as ``<... object at 0x...>``, which does not tell two open archives apart."""
+    from gpupas.versions.repository import create_repository
+
+    with gpupas.create_archive(tmp_path / "a") as a:
+        assert repr(a) == f"<gpupas.Archive {str(tmp_path / 'a')!r}>" and a.location == str(tmp_path / "a")
+    with create_repository(tmp_path / "r") as repo:
+        assert repr(repo) == f"<gpupas.Repository {str(tmp_path / 'r')!r}>"
+
+
 def test_verify_all_judges_a_delta_by_the_base_tensors_it_reads(tmp_path: Path) -> None:
     """A delta that dropped tensor ``b`` restores without its base's ``b``: with every chunk holding only the
     base's ``b`` damaged, verify_all passes the delta as verify does, checked alone (then it reads none of

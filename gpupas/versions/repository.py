@@ -181,7 +181,11 @@ class Repository:
 
     @property
     def location(self) -> str:
+        """Where the archive is: a local folder's path, as given, or the URL of a remote one."""
         return self.archive.location
+
+    def __repr__(self) -> str:
+        return f"<gpupas.Repository {self.location!r}>"
 
     def __enter__(self) -> Repository:
         return self
