@@ -246,10 +246,15 @@ class Archive:
     whatever its size: a commit's copies of torch tensors, lossy or file input, and restored snapshots count,
     the caller's own NumPy arrays not);
     ``max_chain``: a commit whose delta chain would grow longer is stored whole.
+
+    Use :func:`create_archive` / :func:`open_archive` (they take these options too); close it (or use ``with``).
     """
 
     def __init__(self, store: ArchiveStore, workers: int | None = None, cache_size: int = 2, max_chain: int = 16,
                  cache_bytes: int | None = None):
+        if not isinstance(store, ArchiveStore):  # a path: was taken, and every use failed with an AttributeError
+            raise InvalidInputError(f"Archive({store!r:.80}): an Archive wraps an opened store; open one with "
+                                    "gpupas.open_archive(location) (gpupas.create_archive for a new one)")
         check_options(workers=workers, cache_size=cache_size, max_chain=max_chain, cache_bytes=cache_bytes)
         self.store = store
         self.max_chain = max_chain

@@ -209,6 +209,15 @@ def test_an_archive_and_a_repository_say_where_they_are_in_their_repr(tmp_path: 
         assert repr(repo) == f"<gpupas.Repository {str(tmp_path / 'r')!r}>"
 
 
+def test_an_archive_or_repository_made_from_a_path_is_refused_naming_the_opener(tmp_path: Path) -> None:
+    """``gpupas.Archive(path)`` was taken and every use then failed with an AttributeError ('str' object has
+    no attribute ...); ``gpupas.Repository(path)`` failed so at once."""
+    with pytest.raises(InvalidInputError, match=r"gpupas\.open_archive\(location\)"):
+        gpupas.Archive(str(tmp_path / "a"))  # type: ignore[arg-type]
+    with pytest.raises(InvalidInputError, match=r"gpupas\.open_repository\(location\)"):
+        gpupas.Repository(tmp_path / "a")  # type: ignore[arg-type]
+
+
 def test_verify_all_judges_a_delta_by_the_base_tensors_it_reads(tmp_path: Path) -> None:
     """A delta that dropped tensor ``b`` restores without its base's ``b``: with every chunk holding only the
     base's ``b`` damaged, verify_all passes the delta as verify does, checked alone (then it reads none of

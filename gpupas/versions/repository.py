@@ -171,6 +171,9 @@ class Repository:
     """
 
     def __init__(self, archive: Archive, *, own_archive: bool = True):
+        if not isinstance(archive, Archive):  # a path: was an AttributeError ('str' object has no attribute 'store')
+            raise InvalidInputError(f"Repository({archive!r:.80}): a Repository wraps an opened Archive; open one "
+                                    "with gpupas.open_repository(location) (gpupas.create_repository for a new one)")
         self.archive = archive
         self.records = Records(archive.store)
         root = archive.store.local_root
