@@ -139,6 +139,11 @@ def _sid(snapshot: Any) -> str:
     """``snapshot`` if it is a snapshot id, else InvalidInputError (a Manifest in its place: its ``.id`` named)."""
     if isinstance(snapshot, Manifest):
         raise InvalidInputError(f"give a snapshot id, not a Manifest: its id is {snapshot.id!r} (manifest.id)")
+    if not isinstance(snapshot, str) and hasattr(snapshot, "latest") and hasattr(snapshot, "snapshots"):
+        # a model version (gpupas.versions, a layer up: not imported), told apart by what it has
+        raise InvalidInputError(f"give a snapshot id, not a version ({snapshot!r:.80}): its latest snapshot's id is "
+                                f"{snapshot.latest!r} (version.latest; the others: [s['id'] for s in "
+                                "version.snapshots]); Repository.restore(version) takes the version itself")
     return check_name(snapshot)
 
 

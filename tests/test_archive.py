@@ -209,6 +209,23 @@ def test_an_archive_and_a_repository_say_where_they_are_in_their_repr(tmp_path: 
         assert repr(repo) == f"<gpupas.Repository {str(tmp_path / 'r')!r}>"
 
 
+def test_a_version_where_a_snapshot_id_goes_is_refused_naming_its_latest_snapshot(tmp_path: Path) -> None:
+    """A Version given to an Archive method was "snapshot id Version(...) is not allowed: use 1-128 letters,
+    digits...", which says nothing of the id to give: the message names version.latest and its value."""
+    from gpupas.versions.repository import create_repository
+
+    w = {"w": np.arange(4, dtype=np.float32)}
+    with create_repository(tmp_path / "r") as repo:
+        v = repo.commit("net", w)
+        a = repo.archive
+        want = rf"not a version \(Version\(id=1.*'{v.latest}' \(version\.latest"
+        for call in (lambda: a.restore(v), lambda: a.manifest(v), lambda: a.verify(v),
+                     lambda: a.read_planes(v), lambda: a.commit(w, base=v)):
+            with pytest.raises(InvalidInputError, match=want):
+                call()
+        assert a.restore(v.latest)["w"].tobytes() == w["w"].tobytes()
+
+
 def test_an_archive_or_repository_made_from_a_path_is_refused_naming_the_opener(tmp_path: Path) -> None:
     """``gpupas.Archive(path)`` was taken and every use then failed with an AttributeError ('str' object has
     no attribute ...); ``gpupas.Repository(path)`` failed so at once."""
