@@ -89,6 +89,12 @@ class CheckpointHook:
         hyperparameters and files stay as they are).
     model
         The torch module, for the network definition; optional.
+    hyperparameters, files, message, setting
+        As :meth:`Repository.commit <gpupas.versions.repository.Repository.commit>`'s, for the version.
+    asynchronous
+        Commit each appended snapshot in a background thread, one at a time: a call copies the weights and
+        returns the version as last published (the first call, which publishes it, still commits before it
+        returns); a failed one is raised by the next call or close(); a crash loses at most the snapshot in flight.
 
     Where ``torch.distributed`` is initialized with several processes, only global rank 0 writes (see the
     module's note); ``repo`` and ``version`` are None on the others, and a call and :meth:`close` return None
