@@ -211,6 +211,13 @@ def check_options(**options: Any) -> None:
         if what not in known:
             hint = "; a layout is chosen per commit: commit(..., layout=Layout(...))" if what == "layout" else ""
             raise InvalidInputError(f"{what}=: not an archive option (those are {', '.join(known)}){hint}")
+    so, to = options.get("storage_options"), options.get("tier_options")  # (were an AttributeError or TypeError
+    if so is not None and not isinstance(so, Mapping):                    # deep in the store, or ignored)
+        raise InvalidInputError(f"storage_options={so!r:.60}: give a mapping of fsspec options, e.g. "
+                                "{'anon': True}")
+    if to is not None and not (isinstance(to, Mapping) and all(isinstance(v, Mapping) for v in to.values())):
+        raise InvalidInputError(f"tier_options={to!r:.60}: give a mapping of tier names to their storage options, "
+                                "e.g. {'cold': {'key': ..., 'secret': ...}}")
     for what, least in (("workers", 0), ("cache_size", 0), ("max_chain", 0), ("cache_bytes", 0)):
         v = options.get(what)
         whole = isinstance(v, numbers.Integral) or (what == "cache_bytes" and isinstance(v, numbers.Real))

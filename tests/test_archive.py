@@ -209,6 +209,21 @@ def test_an_archive_and_a_repository_say_where_they_are_in_their_repr(tmp_path: 
         assert repr(repo) == f"<gpupas.Repository {str(tmp_path / 'r')!r}>"
 
 
+def test_storage_and_tier_options_that_are_not_mappings_are_refused_by_name(tmp_path: Path) -> None:
+    """``tier_options=3`` was an AttributeError ('int' object has no attribute 'items') from inside the store,
+    ``{"cold": 3}`` a TypeError; ``storage_options=3`` was ignored on a local archive."""
+    gpupas.create_archive(tmp_path / "a").close()
+    for kw, what in (({"tier_options": 3}, "tier_options=3: give a mapping of tier names"),
+                     ({"tier_options": {"cold": 3}}, "tier_options=.'cold': 3.: give"),
+                     ({"storage_options": 3}, "storage_options=3: give a mapping")):
+        with pytest.raises(InvalidInputError, match=what):
+            gpupas.open_archive(tmp_path / "a", **kw)
+        with pytest.raises(InvalidInputError, match=what):
+            gpupas.create_archive(tmp_path / "b", **kw)
+    assert not (tmp_path / "b").exists()
+    gpupas.open_archive(tmp_path / "a", tier_options={"cold": {"anon": True}}).close()
+
+
 def test_a_version_where_a_snapshot_id_goes_is_refused_naming_its_latest_snapshot(tmp_path: Path) -> None:
     """A Version given to an Archive method was "snapshot id Version(...) is not allowed: use 1-128 letters,
     digits...", which says nothing of the id to give: the message names version.latest and its value."""
