@@ -1663,8 +1663,9 @@ def test_a_dropped_base_of_a_kept_delta_stays_until_compact_rebases_it(repo: Rep
     assert repo.gc(min_age=0) == []  # every dropped one is a base of the kept s3
     assert repo.restore("run")["w"].tobytes() == ws[3].tobytes()
     assert unkept(repo.archive) == (set(), set(sids[:3]))
-    target = plan_archive(repo.archive, alpha=None).target
-    assert target == {sids[3]: None}  # no plan keeps a dropped snapshot or builds on one
+    planned = plan_archive(repo.archive, alpha=None)
+    assert planned.target == {sids[3]: None}  # no plan keeps a dropped snapshot or builds on one
+    assert [(r["snapshot"], r["base_now"], r["base_now_dropped"]) for r in planned.rows()] == [(sids[3], sids[2], True)]
     repo.close()
     c = compact_archive(str(repo.location), alpha=alpha, scheduler="sync", gc_min_age=0)
     assert not {x["snapshot"] for x in c.to_dict()["revised"]} & set(sids[:3])  # nothing re-encoded that goes

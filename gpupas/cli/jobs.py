@@ -82,7 +82,8 @@ def render_plan(o: render.Output, p: Any) -> None:
     s = render.table(["snapshot", "base now", "depth", "recreation", "planned base", "depth ", "recreation ",
                       "budget", "stored"], right=["depth", "recreation", "depth ", "recreation ", "budget", "stored"])
     for r in p.rows():
-        render.row(s, r["snapshot"], r["base_now"] or "(whole)", r["depth_now"], f"{r['recreation_now']:.3f}",
+        now = (r["base_now"] or "(whole)") + (" (dropped)" if r["base_now_dropped"] else "")
+        render.row(s, r["snapshot"], now, r["depth_now"], f"{r['recreation_now']:.3f}",
                    r["base"] or "(whole)", r["depth"], f"{r['recreation']:.3f}",
                    "-" if r["budget"] is None else f"{r['budget']:.3f}",
                    render.size(r["stored"]) + ("" if r["measured"] else " ~"))

@@ -38,6 +38,7 @@ class ArchivePlan:
     chosen: str = "pas"
     notes: list[str] = field(default_factory=list)
     reencoded: dict[str, float] = field(default_factory=dict)  # the chosen plan's snapshots re-encoded on their base
+    dropped_bases: dict[str, str] = field(default_factory=dict)  # snapshot -> its base now, dropped: left out
 
     @property
     def plan(self) -> Plan:
@@ -49,11 +50,13 @@ class ArchivePlan:
         return {v: _base(p) for v, p in _parents(self.plan).items()}
 
     def rows(self) -> list[dict[str, Any]]:
-        """Per snapshot: base, depth and recreation now and in the plan, and its budget."""
+        """Per snapshot: base, depth and recreation now and in the plan, and its budget (a base now that was dropped
+        from its version is named, ``base_now_dropped``; the graph counts the snapshot whole now)."""
         p, now = self.plan, self.current
         out = []
         for sid in cast("list[str]", self.graph.vertices):  # (snapshot ids)
-            out.append({"snapshot": sid, "base_now": _base(now.parent[sid]), "depth_now": now.depth[sid],
+            out.append({"snapshot": sid, "base_now": self.dropped_bases.get(sid) or _base(now.parent[sid]),
+                        "base_now_dropped": sid in self.dropped_bases, "depth_now": now.depth[sid],
                         "recreation_now": now.recreation[sid], "base": _base(p.parent[sid]), "depth": p.depth[sid],
                         "recreation": p.recreation[sid],
                         "budget": None if p.budgets is None else p.budgets.get(sid),
@@ -173,6 +176,7 @@ def _plan(archive: Any, alpha: float | None, scheme: str, budgets: Mapping[str, 
     gone = set().union(*unkept(archive))  # dropped (or a killed commit's): no plan keeps one or builds on one
     g, est = storage_graph(archive, model=model, fraction=fraction, pairs=pairs, setting=setting,
                            snapshots=[s for s in archive.snapshots() if s not in gone] if gone else None)
+    on_dropped = {s: b for s in cast("list[str]", g.vertices) if (b := archive.manifest(s).base) in gone}
     absolute = dict(budgets or {})
     if no_slower:
         now = evaluate(g, g.current, "current", scheme)
@@ -198,5 +202,6 @@ def _plan(archive: Any, alpha: float | None, scheme: str, budgets: Mapping[str, 
         reencoded = {}
         notes.append(f"no plan stores less without restoring some snapshot slower (the best, its new forms "
                      f"measured exactly, stores {best.storage:,.0f} bytes; now {current.storage:,.0f}): the layout "
-                     "stays as it is")
-    return ArchivePlan(g, plans, current, est, model, alpha, scheme, planner, notes, reencoded)
+                     "stays as it is" + (f", but for {len(on_dropped)} snapshot(s) on dropped ones, stored whole so gc "
+                                         "can free those" if on_dropped else ""))
+    return ArchivePlan(g, plans, current, est, model, alpha, scheme, planner, notes, reencoded, on_dropped)
