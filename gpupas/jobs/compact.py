@@ -88,7 +88,7 @@ def compact_archive(location: str, *, target: Mapping[str, str | None] | None = 
             target = {s: b for s, b in target.items() if s in listed and (b is None or b in listed)}
         else:  # a plan made before a drop (`compact --plan FILE`): no dropped snapshot re-encoded, none a new base
             onto = sorted(f"{s} on {b}" for s, b in target.items() if b is not None and b in garbage | dead
-                          and s not in garbage | dead and _base(a, s) != b)
+                          and s not in garbage | dead and a.store.base_of(s) != b)
             if onto:
                 raise InvalidInputError(f"the plan builds on snapshots dropped from their version since it was made "
                                         f"({', '.join(onto[:3])}): nothing changed; plan again (`gpupas plan`)")
@@ -122,14 +122,6 @@ def _unlike(a: Any, sids: Iterable[str], how: Reencode) -> dict[str, str | None]
         if how.needed(m):
             out[sid] = m.base
     return out
-
-
-def _base(a: Any, sid: str) -> str | None:
-    """The base of snapshot ``sid`` now (None where it is whole or cannot be read)."""
-    try:
-        return a.manifest(sid).base  # type: ignore[no-any-return]
-    except (SnapshotNotFoundError, IntegrityError, FormatError):
-        return None
 
 
 def _stored(a: Any, sids: Iterable[str]) -> int:

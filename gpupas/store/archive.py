@@ -352,11 +352,12 @@ class ArchiveStore:
             except (SnapshotNotFoundError, IntegrityError, FormatError):
                 continue
             if sid in (m.base, m.grand) or (m.implicit_grand and m.has_pred and m.base is not None
-                                             and self._base_of(m.base) == sid):
+                                             and self.base_of(m.base) == sid):
                 out.append(other)
         return sorted(out)
 
-    def _base_of(self, sid: str) -> str | None:
+    def base_of(self, sid: str) -> str | None:
+        """The base of snapshot ``sid`` now (None where it is whole, or gone or unreadable)."""
         try:
             return self.read_manifest(sid).base
         except (SnapshotNotFoundError, IntegrityError, FormatError):
