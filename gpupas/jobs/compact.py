@@ -69,14 +69,12 @@ def compact_archive(location: str, *, target: Mapping[str, str | None] | None = 
     spec = ArchiveSpec(location, storage_options)
     notes: list[str] = []
     with spec.open() as a:
-        from gpupas.plan.archive import unkept
+        from gpupas.plan.archive import plan_archive, unkept
 
-        garbage, dead = unkept(a)  # dropped snapshots (a killed commit's): gc's, never re-encoded or built on
         if target is None:
-            from gpupas.plan.archive import plan_archive
-
             planned = plan_archive(a, alpha, scheme=scheme, budgets=budgets, pairs=pairs, fraction=fraction,
                                    setting=setting or "default", no_slower=no_slower)
+            garbage, dead = planned.unkept  # dropped snapshots (a killed commit's): gc's, never re-encoded
             target = planned.target
             notes += [f"budget not met: {v}" for v in planned.plan.violations] + planned.notes[-1:] * (
                 planned.chosen == "current")
@@ -87,6 +85,7 @@ def compact_archive(location: str, *, target: Mapping[str, str | None] | None = 
             listed = set(a.store.list_snapshots())  # less any a commit that failed discarded while this planned
             target = {s: b for s, b in target.items() if s in listed and (b is None or b in listed)}
         else:  # a plan made before a drop (`compact --plan FILE`): no dropped snapshot re-encoded, none a new base
+            garbage, dead = unkept(a)
             onto = sorted(f"{s} on {b}" for s, b in target.items() if b is not None and b in garbage | dead
                           and s not in garbage | dead and a.store.base_of(s) != b)
             if onto:

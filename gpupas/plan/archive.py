@@ -39,6 +39,7 @@ class ArchivePlan:
     notes: list[str] = field(default_factory=list)
     reencoded: dict[str, float] = field(default_factory=dict)  # the chosen plan's snapshots re-encoded on their base
     dropped_bases: dict[str, str] = field(default_factory=dict)  # snapshot -> its base now, dropped: left out
+    unkept: tuple[set[str], set[str]] = field(default_factory=lambda: (set(), set()))  # :func:`unkept`'s, left out
 
     @property
     def plan(self) -> Plan:
@@ -173,7 +174,8 @@ def unkept(archive: Any) -> tuple[set[str], set[str]]:
 def _plan(archive: Any, alpha: float | None, scheme: str, budgets: Mapping[str, float] | None,
           pairs: list[tuple[str, str]], fraction: float, model: CostModel, setting: str, planner: str,
           no_slower: bool) -> ArchivePlan:
-    gone = set().union(*unkept(archive))  # dropped (or a killed commit's): no plan keeps one or builds on one
+    left_out = unkept(archive)
+    gone = set().union(*left_out)  # dropped (or a killed commit's): no plan keeps one or builds on one
     g, est = storage_graph(archive, model=model, fraction=fraction, pairs=pairs, setting=setting,
                            snapshots=[s for s in archive.snapshots() if s not in gone] if gone else None)
     on_dropped = {s: b for s in cast("list[str]", g.vertices) if (b := archive.manifest(s).base) in gone}
@@ -204,4 +206,4 @@ def _plan(archive: Any, alpha: float | None, scheme: str, budgets: Mapping[str, 
                      f"measured exactly, stores {best.storage:,.0f} bytes; now {current.storage:,.0f}): the layout "
                      "stays as it is" + (f", but for {len(on_dropped)} snapshot(s) on dropped ones, stored whole so gc "
                                          "can free those" if on_dropped else ""))
-    return ArchivePlan(g, plans, current, est, model, alpha, scheme, planner, notes, reencoded, on_dropped)
+    return ArchivePlan(g, plans, current, est, model, alpha, scheme, planner, notes, reencoded, on_dropped, left_out)
