@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import ml_dtypes
 import numpy as np
@@ -1559,6 +1560,30 @@ def test_a_drop_that_fails_inside_its_update_leaves_the_version_as_it_was(repo: 
     v = repo.version("run")
     assert [s["id"] for s in v.snapshots] == sids and "dropped" not in v.record and v.rev == 2
     assert all(repo.restore("run", i + 1)["w"].tobytes() == w.tobytes() for i, w in enumerate(ws))
+
+
+def test_a_drop_crossing_another_says_only_what_it_dropped_and_a_drop_of_nothing_left_writes_nothing(
+        repo: Repository, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another process drops some of the same snapshots between this drop's read of the version and its record
+    update: this one reports only what it dropped itself, and where nothing is left to drop, leaves the record
+    (its ``rev``) as the other wrote it."""
+    _, sids = _run_of(repo, 4)
+    update = repo.records.update_version
+    other = [sids[0], sids[3]]  # what the other process drops, one per crossing
+
+    def crossed(vid: int, change: Any) -> Any:
+        with open_repository(repo.root) as elsewhere:
+            elsewhere.drop_snapshots(vid, other.pop(0))
+        return update(vid, change)
+
+    monkeypatch.setattr(repo.records, "update_version", crossed)
+    v, gone = repo.dropping("run", [1, 2])  # the other drops snapshot 1 first
+    assert [s["id"] for s in gone] == [sids[1]] and [s["id"] for s in v.snapshots] == sids[2:]
+    rev = v.rev
+    v, gone = repo.dropping("run", [sids[3]])  # ... and then the very one this drops: nothing left to do
+    assert gone == [] and [s["id"] for s in v.snapshots] == [sids[2]]
+    assert v.rev == rev + 1  # the other's drop alone
+    assert [d["id"] for d in v.record["dropped"]] == [sids[0], sids[1], sids[3]]
 
 
 def test_gc_frees_dropped_snapshots_but_keeps_bases_and_shared_ones_bit_exact(repo: Repository) -> None:

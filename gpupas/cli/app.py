@@ -376,10 +376,8 @@ def drop(ref: RefArg,
 
     with _repo(archive) as repo:
         before = repo.version(ref)
-        v = repo.drop_snapshots(before, snapshots or [], keep_last=keep_last, best_by=best_by,
+        v, gone = repo.dropping(before, snapshots or [], keep_last=keep_last, best_by=best_by,
                                 allow_empty=drop_all, dry_run=dry_run)
-        left = {s["id"] for s in v.snapshots}
-        gone = [s for s in before.snapshots if s["id"] not in left]
         unknown = None
         try:  # (it reads every record and manifest: a damaged one elsewhere must not hide that the drop was done)
             fate = _verify.fate(repo, [s["id"] for s in gone], v.record) if gone else {}
@@ -399,7 +397,7 @@ def drop(ref: RefArg,
     o.line(f"{verb} {render.count(len(gone), 'snapshot')} of version {v.id} ({v.name}): "
            f"{', '.join(s['id'] for s in gone)}; {render.count(len(v.snapshots), 'snapshot')} left"
            + (f", latest {v.latest}" if v.latest else "") + (f", best {v.best}" if v.best else "")
-           + (", no best now" if before.best and not v.best else ""))
+           + (", no best now" if not v.best and any(s["id"] == before.best for s in gone) else ""))
     if unknown is not None:
         o.warn(f"what `gpupas gc` then frees could not be worked out ({unknown}); `gpupas verify` says more")
     frees = [s for s in gone if fate[s["id"]]["gc"] == "frees"]

@@ -73,6 +73,10 @@ Progress = Callable[[str, int, int], None]
 _TAG_TRIES = 8  # a tag deleted between finding it and reading it is created again, this many times at most
 
 
+class _Unchanged(Exception):
+    """Raised by a record change that finds nothing to change: the record is left as it is."""
+
+
 def _check_distinct(names: list[str]) -> None:
     """Attached file names a checkout can write side by side on every file system: no name twice, none
     equal to another but for case (macOS and Windows see one file), no file where another's folder is."""
@@ -589,6 +593,14 @@ class Repository:
         them. A version left without snapshots is refused unless ``allow_empty``. ``dry_run``: the version as it
         would be, nothing written.
         """
+        return self.dropping(ref, snapshots, keep_last=keep_last, best_by=best_by, allow_empty=allow_empty,
+                             dry_run=dry_run)[0]
+
+    def dropping(self, ref: str | int | Version, snapshots: Iterable[str | int] | str | int = (), *,
+                 keep_last: int | None = None, best_by: str | None = None, allow_empty: bool = False,
+                 dry_run: bool = False) -> tuple[Version, list[dict[str, Any]]]:
+        """:meth:`drop_snapshots`, and the snapshot entries this call dropped (not those another process dropped
+        meanwhile). Where none is left to drop, the record is not rewritten."""
         if keep_last is not None and (isinstance(keep_last, bool) or not isinstance(keep_last, numbers.Integral)
                                       or keep_last < 0):
             raise InvalidInputError(f"keep_last={keep_last!r:.60}: give how many of the last snapshots to keep "
@@ -618,13 +630,14 @@ class Repository:
             keep = {s["id"] for s in snaps[max(0, len(snaps) - keep_last):]} if keep_last else set()
             drop.update((s["id"], None) for s in snaps if s["id"] not in keep and s["id"] != v.best)
         if not drop:  # keep_last keeps them all: nothing to do (a routine `--keep-last N` is not an error)
-            return v
+            return v, []
+        gone: list[dict[str, Any]] = []
 
         def change(rec: Record) -> None:
             left = [s for s in rec["snapshots"] if s["id"] not in drop]
-            gone = [s for s in rec["snapshots"] if s["id"] in drop]
-            if not gone:  # dropped meanwhile by another
-                return
+            gone[:] = [s for s in rec["snapshots"] if s["id"] in drop]
+            if not gone:  # dropped meanwhile by another: the record stays as it is
+                raise _Unchanged
             if not left and not allow_empty:
                 raise InvalidInputError(f"that drops every snapshot of version {rec['id']} ({len(gone)}); a version "
                                         "without snapshots keeps its metadata only: pass allow_empty=True "
@@ -641,8 +654,11 @@ class Repository:
         if dry_run:
             rec = v.to_dict()
             change(rec)
-            return Version(rec)
-        return self._update(v.id, change)
+            return Version(rec), gone
+        try:
+            return self._update(v.id, change), gone
+        except _Unchanged:
+            return self.version(v.id), []
 
     def copy(self, ref: str | int | Version, name: str, *, message: str = "", author: str | None = None) -> Version:
         """Scaffold a new version from ``ref``: same network, hyperparameters, files and latest weights.
