@@ -568,3 +568,8 @@ def test_drop_round_trip_says_what_gc_frees_and_what_stays(tmp_path: Path) -> No
 
     with open_repository(arc) as repo:
         assert repo.restore("run")["w"].tobytes() == ws[3].tobytes()
+    out = ok(gp("compact", "--scheduler", "sync", archive=arc))  # s3 re-based off the dropped chain: stored whole
+    assert "1 snapshot(s) revised" in out and "and so are 3 snapshot(s) no version keeps" in out, out
+    assert ok(gp("gc", "--min-age", "0", archive=arc)).count("dropped") == 3, out
+    with open_repository(arc) as repo:
+        assert repo.restore("run")["w"].tobytes() == ws[3].tobytes()

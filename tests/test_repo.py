@@ -1701,6 +1701,26 @@ def test_a_dropped_base_of_a_kept_delta_stays_until_compact_rebases_it(repo: Rep
         assert again.verify()["ok"] and again.verify()["notes"] == []
 
 
+def test_compact_says_which_dropped_snapshots_its_stored_bytes_still_count(repo: Repository) -> None:
+    """Re-basing a kept delta off its dropped bases stores it whole, so the archive stores more until gc frees
+    the bases: compaction says which snapshots of its 'after' bytes no version keeps any more."""
+    from gpupas.jobs.compact import compact_archive
+
+    ws, sids = _run_of(repo, 4)
+    repo.drop_snapshots("run", [1, 2, 3])
+    repo.close()
+    dry = compact_archive(str(repo.location), alpha=None, scheduler="sync", dry_run=True)
+    assert dry.unkept == [] and dry.stored_unkept == 0  # as things are: every dropped one is a base of s3
+    c = compact_archive(str(repo.location), alpha=None, scheduler="sync")
+    with open_repository(repo.location) as again:
+        sizes = {s: again.archive.manifest(s).stored_bytes for s in sids}
+        assert c.unkept == sorted(sids[:3]) and c.stored_unkept == sum(sizes[s] for s in sids[:3])
+        assert c.stored_after == sum(sizes.values()) and c.to_dict()["stored_unkept"] == c.stored_unkept
+        again.gc(min_age=0)
+        assert again.restore("run")["w"].tobytes() == ws[3].tobytes()
+        assert again.stats()["stored_bytes"] == c.stored_after - c.stored_unkept
+
+
 def test_verify_notes_what_an_add_snapshot_killed_before_its_record_update_left(repo: Repository) -> None:
     """A snapshot written for an existing version that its record never named (nor dropped): an add killed
     between its commit and the record update. verify notes it, and gc removes it."""

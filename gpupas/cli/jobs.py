@@ -176,4 +176,6 @@ def compact(alpha: AlphaOpt = None, scheme: SchemeOpt = "independent", budget: B
         before, after = d["stored_before"], d["stored_after"]
         change = f"{after - before:+,} bytes" + (f", {(after - before) / before:+.2%}" if before else "")
         o.line(f"{done} snapshot(s) revised; stored {before:,} -> {after:,} bytes ({change}); old forms are "
-               "garbage for `gpupas gc` after its grace period")
+               "garbage for `gpupas gc` after its grace period" + (
+                   f", and so are {len(d['unkept'])} snapshot(s) no version keeps (dropped, or left by a killed "
+                   f"commit), {d['stored_unkept']:,} of the {after:,} bytes" if d["unkept"] else ""))

@@ -16,7 +16,9 @@ from gpupas.jobs.tasks import ArchiveSpec, Reencode
 
 @dataclass
 class Compaction:
-    """What a compaction changes (or would, in a dry run), and the stored bytes before and after."""
+    """What a compaction changes (or would, in a dry run), and the stored bytes before and after (``unkept``:
+    the snapshots of those after that no version keeps and none kept is built on, which gc frees, and
+    ``stored_unkept`` their bytes; in a dry run, as they are now)."""
 
     job: Job
     target: dict[str, str | None]
@@ -25,12 +27,15 @@ class Compaction:
     stored_before: int = 0
     stored_after: int = 0
     notes: list[str] = field(default_factory=list)
+    unkept: list[str] = field(default_factory=list)
+    stored_unkept: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         revised = [r for r in self.results if hasattr(r, "snapshot")]
         removed = [x for r in self.results if isinstance(r, list) for x in r]
         return {"dry_run": self.dry_run, "stored_before": self.stored_before, "stored_after": self.stored_after,
-                "decodes": self.job.decodes, "notes": self.notes,
+                "unkept": self.unkept, "stored_unkept": self.stored_unkept, "decodes": self.job.decodes,
+                "notes": self.notes,
                 "changes": [{"snapshot": c.snapshot, "old_base": c.old_base, "base": c.base, "why": c.why}
                             for c in self.job.changes],
                 "revised": [{"snapshot": r.snapshot, "base": r.base, "stored_before": r.stored_before,
@@ -102,10 +107,15 @@ def compact_archive(location: str, *, target: Mapping[str, str | None] | None = 
     job = compact_graph(spec, dict(target), how=how, gc_min_age=None if dry_run else gc_min_age)
     out = Compaction(job, dict(target), dry_run=dry_run, stored_before=before, stored_after=before, notes=notes)
     if dry_run:
+        out.unkept = sorted(s for s in counted if s in garbage)
+        with spec.open() as a:
+            out.stored_unkept = _stored(a, out.unkept)
         return out
     out.results = run(job, scheduler, workers=workers)
     with spec.open() as a:
         out.stored_after = _stored(a, counted)
+        out.unkept = sorted(s for s in counted if s in unkept(a)[0])  # now that kept ones are re-based off them
+        out.stored_unkept = _stored(a, out.unkept)
     return out
 
 
