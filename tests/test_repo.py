@@ -1733,3 +1733,17 @@ def test_verify_notes_what_an_add_snapshot_killed_before_its_record_update_left(
     assert "killed before its record named them" in note and "dropped from version" not in note
     assert [r["name"] for r in repo.gc(min_age=0) if r["kind"] == "snapshot"] == [stray.id]
     assert _manifests(repo) == set(sids) and repo.verify()["notes"] == []
+
+
+def test_repository_methods_name_every_option_of_the_functions_they_call() -> None:
+    """``help(repo.export)`` lists export's options (they were hidden behind ``**kw``), and an option added to the
+    function and not to the method fails here."""
+    import inspect
+
+    from gpupas.versions import export
+    from gpupas.versions import inspect as _inspect
+
+    for method, func in ((Repository.export, export.export), (Repository.checkout, export.checkout),
+                         (Repository.diff, _inspect.diff)):
+        m, f = inspect.signature(method).parameters, inspect.signature(func).parameters
+        assert list(m)[1:] == list(f)[1:] and all(m[k].default == f[k].default for k in list(f)[1:]), method

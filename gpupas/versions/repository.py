@@ -826,22 +826,33 @@ class Repository:
         sid = self.version(ref).snapshot(snapshot)["id"]
         return self.archive.restore(sid, names, framework=framework)
 
-    def export(self, ref: str | int | Version, path: str | os.PathLike[str], **kw: Any) -> Path:
-        """Write a version's weights to one safetensors or torch file (see :func:`gpupas.versions.export.export`)."""
-        return _export.export(self, ref, path, **kw)
+    def export(self, ref: str | int | Version, path: str | os.PathLike[str], *, snapshot: str | int | None = None,
+               format: str | None = None, force: bool = False) -> Path:
+        """Write a version's weights (its latest snapshot, or ``snapshot``) to one safetensors or torch file, the
+        ``format`` named or taken from the suffix; ``force`` replaces a file there (see
+        :func:`gpupas.versions.export.export`)."""
+        return _export.export(self, ref, path, snapshot=snapshot, format=format, force=force)
 
-    def checkout(self, ref: str | int | Version, out_dir: str | os.PathLike[str], **kw: Any) -> list[Path]:
-        """Write a version to a directory (see :func:`gpupas.versions.export.checkout`)."""
-        return _export.checkout(self, ref, out_dir, **kw)
+    def checkout(self, ref: str | int | Version, out_dir: str | os.PathLike[str], *,
+                 snapshot: str | int | None = None, format: str | None = None, force: bool = False,
+                 weights_name: str | None = None) -> list[Path]:
+        """Write a version (its latest snapshot, or ``snapshot``) to a directory: weights, files and
+        ``gpupas-version.json``; ``force`` writes over an earlier checkout (see
+        :func:`gpupas.versions.export.checkout`)."""
+        return _export.checkout(self, ref, out_dir, snapshot=snapshot, format=format, force=force,
+                                weights_name=weights_name)
 
     # -- exploration -----------------------------------------------------------------------------------------
     def show(self, ref: str | int | Version, snapshot: str | int | None = None) -> dict[str, Any]:
         """Metadata, network, sizes and per-layer storage of a version (``gpupas show``)."""
         return _inspect.show(self, ref, snapshot)
 
-    def diff(self, a: str | int | Version, b: str | int | Version, **kw: Any) -> dict[str, Any]:
-        """Two versions side by side (``gpupas diff``; see :func:`gpupas.versions.inspect.diff`)."""
-        return _inspect.diff(self, a, b, **kw)
+    def diff(self, a: str | int | Version, b: str | int | Version, *, snapshot_a: str | int | None = None,
+             snapshot_b: str | int | None = None, weights: bool = True) -> dict[str, Any]:
+        """Two versions side by side (``gpupas diff``): network, hyperparameters, metrics and, unless not
+        ``weights``, per-tensor changes between their latest snapshots or ``snapshot_a``/``snapshot_b`` (see
+        :func:`gpupas.versions.inspect.diff`)."""
+        return _inspect.diff(self, a, b, snapshot_a=snapshot_a, snapshot_b=snapshot_b, weights=weights)
 
     def log(self, ref: str | int | Version | None = None) -> list[dict[str, Any]]:
         """Every version's summary, or only those connected to ``ref`` (``gpupas log``)."""
