@@ -1747,3 +1747,13 @@ def test_repository_methods_name_every_option_of_the_functions_they_call() -> No
                          (Repository.diff, _inspect.diff)):
         m, f = inspect.signature(method).parameters, inspect.signature(func).parameters
         assert list(m)[1:] == list(f)[1:] and all(m[k].default == f[k].default for k in list(f)[1:]), method
+
+
+def test_versions_read_twice_are_equal_until_the_record_changes(repo: Repository) -> None:
+    repo.commit("run", {"w": np.arange(8, dtype=np.float32)}, metrics={"loss": [[0, float("nan")]]})
+    repo.commit("other", {"w": np.zeros(8, np.float32)})
+    a, b = repo.version("run"), repo.version(1)
+    assert a is not b and a == b and len({a, b, repo.version("other")}) == 2 and a != repo.version("other")
+    assert a != 1 and a != a.record
+    after = repo.add_snapshot("run", {"w": np.ones(8, np.float32)})
+    assert after != a and after == repo.version("run") and hash(after) == hash(repo.version("run"))

@@ -201,6 +201,16 @@ class Version:
     def __repr__(self) -> str:
         return f"Version(id={self.id}, name={self.name!r}, parents={self.parents}, snapshots={len(self.snapshots)})"
 
+    def __eq__(self, other: object) -> bool:
+        """Equal where the records are (the same version at the same revision: ``rev``), as read."""
+        if not isinstance(other, Version):
+            return NotImplemented
+        return self.record is other.record or ((self.id, self.rev) == (other.id, other.rev) and json.dumps(
+            self.record, sort_keys=True) == json.dumps(other.record, sort_keys=True))  # (a NaN metric equals itself)
+
+    def __hash__(self) -> int:
+        return hash((self.id, self.rev, self.record.get("created")))
+
     id = property(lambda self: int(self.record["id"]))
     name = property(lambda self: str(self.record["name"]))
     parents = property(lambda self: [int(p) for p in self.record["parents"]])
