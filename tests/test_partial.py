@@ -308,3 +308,27 @@ def test_a_delta_on_a_nan_base_approximates_inside_its_bounds(tmp_path: Path) ->
             r = arc.read_planes(m1.id, planes=k, base_planes=4)
             _values_ok(r, "w", child)
             assert not np.any(np.isnan(r.approx["w"]) & ~r.unbounded["w"]), k
+
+
+def test_a_partial_read_that_cannot_fit_in_memory_is_refused_before_reading(tmp_path: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """A partial read holds tens of bytes a value: one larger than the machine's memory (an LLM's 2.4 GB embedding
+    needs ~70 GB) is refused before any chunk is read, naming the tensor and what to do instead, not left to a
+    NumPy MemoryError after its chunks were read, or to the OOM killer; the tensors that fit still read."""
+    from gpupas.engine import decode, partial
+
+    rng = np.random.default_rng(3)
+    big = (rng.standard_normal((100, 1000)) * 0.02).astype(np.float32)
+    small = np.arange(100, dtype=np.float32)
+    with gpupas.create_archive(tmp_path / "a") as arc:
+        m = arc.commit({"emb": big, "bias": small})
+        monkeypatch.setattr(decode, "memory_bytes", lambda: 40 * big.size)  # below even the least the read holds
+        fetched: list[str] = []
+        real = partial.PartialReader._fetch
+        monkeypatch.setattr(partial.PartialReader, "_fetch",
+                            lambda self, m, e, k: (fetched.append(e.name), real(self, m, e, k))[1])
+        with pytest.raises(InvalidInputError, match=r"'emb'.*memory.*names=") as exc:
+            arc.read_planes(m.id, 1)
+        assert str(exc.value).index("'emb'") < str(exc.value).index("'bias'") and fetched == []  # the largest first
+        r = arc.read_planes(m.id, 1, names=["bias"])
+        _values_ok(r, "bias", small)

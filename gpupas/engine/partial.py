@@ -19,13 +19,15 @@ mask's unchanged rows are the base's rows, bounds included. See docs/partial-rea
 
 from __future__ import annotations
 
+import math
 import numbers
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
+from gpupas.engine import decode
 from gpupas.engine.chain import dependencies, grand_of
 from gpupas.engine.decode import damaged_chunk
 from gpupas.errors import IntegrityError, InvalidInputError
@@ -87,6 +89,27 @@ class PlaneRead:
 
 
 BLOCK = 1 << 14  # values decoded at a time: the interval arithmetic's temporaries are ~1 KB a value
+SLOT_BYTES = 17  # one pattern interval of a value: lo, hi (uint64) and whether it is valid
+LEAST_BYTES = 16 + SLOT_BYTES  # what a read holds a value at the least: its top bytes, its approximation (uint64)
+# and one interval (a rotated float not read whole two: its sign is unknown); measured peaks are higher (35 bytes a
+# value for 1-byte tensors, 118 for float32; docs/partial-reads.md)
+
+
+def _fits(m: Manifest, entries: Sequence[TensorEntry], planes: int) -> None:
+    """Refuse a read of ``entries`` that holds more than this machine's memory, before any chunk is read (it
+    would fail in an allocation only after reading them, or be killed for memory)."""
+    need = {e.name: math.prod(e.shape) * (LEAST_BYTES + SLOT_BYTES * (e.coding.rotate and planes < e.width))
+            for e in entries}
+    limit = decode.memory_bytes()
+    if sum(need.values()) <= limit:
+        return
+    names = sorted(need, key=lambda n: -need[n])[:5]
+    raise InvalidInputError(
+        f"snapshot {m.id}: reading the highest {planes} plane(s) of {len(need)} tensor(s) ("
+        + ", ".join(map(repr, names)) + (", ..." if len(need) > 5 else "")
+        + f") needs at least {sum(need.values()):,} bytes of memory (a partial read holds tens of bytes a value), "
+        f"more than this machine's {limit:,} bytes; read fewer tensors at a time (names=[...]), or restore a tensor "
+        "too large for that (Archive.restore holds about its size)")
 
 
 def _decode(top: np.ndarray, m: int, enc: str, bits: int, rotate: bool, ub: B.Slots | None,
@@ -170,6 +193,7 @@ class PartialReader:
         planes = int(planes)
         m = self.manifests(snapshot)
         entries = m.select(None if names is None else list(names))
+        _fits(m, entries, planes)
         out = PlaneRead(snapshot, planes, {}, {}, {}, {}, {}, 0, 0)
         for e in entries:
             k = self.knowledge(snapshot, e.name, planes)
