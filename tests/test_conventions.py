@@ -629,6 +629,24 @@ def test_conjugate_and_negative_views_are_archived_as_their_values(tmp_path: Pat
         assert len(a.snapshots()) == 1
 
 
+def test_a_nested_tensor_is_refused_naming_how_to_store_its_tensors(tmp_path: Path) -> None:
+    """A nested tensor (torch.nested, strided or jagged) is refused naming the tensor and how to store its parts:
+    a strided one was "a Tensor tensor" with torch's internal "NestedTensorImpl doesn't support sizes. Please file
+    an issue", a jagged one told to store ``t.to_dense()`` (it has none) or "its indices and values" (a sparse
+    tensor's)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch: the strided nested layout is a prototype
+        parts = [torch.ones(2), torch.arange(3.0)]
+        nested = {"strided": torch.nested.nested_tensor(parts), "jagged": torch.nested.nested_tensor(
+            parts, layout=torch.jagged)}
+    with gpupas.create_archive(tmp_path / "arc") as a:
+        for t in nested.values():
+            with pytest.raises(gpupas.UnsupportedDtypeError, match=r"tensor 'n': a nested tensor.*unbind\(\)") as err:
+                a.commit({"w": torch.ones(2), "n": t})
+            assert "Please file" not in str(err.value) and "to_dense" not in str(err.value)
+        assert a.snapshots() == []
+
+
 def test_a_dtype_this_torch_lacks_is_refused_by_name_on_a_torch_restore(tmp_path: Path,
                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     """A torch older than the archive's dtypes (torch>=2.2 is allowed: no float8_e8m0fnu before 2.7, no uint16

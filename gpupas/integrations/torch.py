@@ -47,6 +47,10 @@ def tensor_to_numpy(t: Any) -> np.ndarray:
     if t.device.type == "meta":
         raise UnsupportedDtypeError("a tensor on the meta device has no data to archive; materialize the model "
                                     "first (e.g. load its weights)")
+    if t.is_nested:  # (before the layout: a jagged one is told no sparse tensor's remedy)
+        raise UnsupportedDtypeError("a nested tensor (torch.nested) cannot be archived as it is; store each of its "
+                                    "tensors (t.unbind()) under its own name, or t.to_padded_tensor(0) and their "
+                                    "lengths")
     if t.layout != torch.strided:
         raise UnsupportedDtypeError(f"a {t.layout} tensor cannot be archived as it is; store t.to_dense(), or its "
                                     "indices and values as two tensors")
