@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -641,6 +642,47 @@ def test_asynchronous_hook_refuses_a_tensor_it_cannot_archive_at_that_call(tmp_p
             with pytest.raises(UnsupportedDtypeError, match=f"tensor 'n': .*{why}"):
                 hook({"w": w + 1, "n": t}, step=step)
             hook({"w": w + step}, step=step)
+    v = hook.version
+    assert v is not None and [s["step"] for s in v.snapshots] == [1, 2, 3, 4]
+
+
+@needs_torch
+def test_asynchronous_hook_refuses_a_nested_or_wrapper_tensor_at_that_call(tmp_path: Path) -> None:
+    """A nested tensor and a tensor subclass whose data is not plain tensor data (a wrapper subclass, as torchao's
+    and DTensor are) passed the call's check (an empty tensor of their dtype stood in for them) and failed in the
+    background: the next call raised it and lost its own checkpoint. They are refused by the call given them."""
+    import torch
+    from torch.utils._pytree import tree_map
+
+    from gpupas.integrations.training import CheckpointHook
+
+    class Wrapper(torch.Tensor):
+        @staticmethod
+        def __new__(cls, elem: Any) -> Any:
+            return torch.Tensor._make_wrapper_subclass(cls, elem.shape, dtype=elem.dtype)  # type: ignore[attr-defined]
+
+        def __init__(self, elem: Any) -> None:
+            self.elem = elem
+
+        @classmethod
+        def __torch_dispatch__(cls, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+            out = func(*tree_map(lambda x: x.elem if isinstance(x, Wrapper) else x, args), **(kwargs or {}))
+            return tree_map(lambda x: Wrapper(x) if isinstance(x, torch.Tensor) else x, out)
+
+    class Tagged(torch.Tensor):  # plain data under another class: archived
+        pass
+
+    w = torch.arange(12, dtype=torch.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch: the strided nested layout is a prototype
+        odd = {"nested": torch.nested.nested_tensor([torch.ones(2), torch.ones(3)]), "Wrapper": Wrapper(torch.ones(3))}
+    with CheckpointHook(tmp_path / "arc", "run", asynchronous=True) as hook:
+        hook({"w": w}, step=1)
+        for step, (why, t) in enumerate(odd.items(), 2):
+            with pytest.raises(UnsupportedDtypeError, match=f"tensor 'n': .*{why}"):
+                hook({"w": w + 1, "n": t}, step=step)
+            hook({"w": w + step}, step=step)
+        hook({"w": w, "n": torch.ones(2).as_subclass(Tagged)}, step=4)
     v = hook.version
     assert v is not None and [s["step"] for s in v.snapshots] == [1, 2, 3, 4]
 

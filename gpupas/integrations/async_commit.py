@@ -68,15 +68,19 @@ def _on_cupy_stream(v: Any) -> bool:
 
 def _probe(v: Any) -> Any:
     """A stand-in for ``v`` that a commit refuses where it refuses ``v``, without its data: ``v`` itself where it has
-    none to copy (a meta, sparse or quantized torch tensor), else an empty array of its dtype (no other value is
-    checked: copy_state refuses what is not a tensor)."""
+    none to copy (a meta, sparse, quantized or nested torch tensor; a DTensor, whose slice could be a collective),
+    an empty slice of a torch.Tensor subclass (read through its own ops: a wrapper's data is not plain), else an
+    empty array of its dtype (no other value is checked: copy_state refuses what is not a tensor)."""
     from gpupas.integrations.torch import is_torch_tensor
 
     if is_torch_tensor(v):
         import torch
 
-        if v.device.type == "meta" or v.layout != torch.strided or v.is_quantized:
+        if (v.device.type == "meta" or v.layout != torch.strided or v.is_quantized or v.is_nested
+                or type(v).__name__ == "DTensor"):
             return v
+        if type(v) not in (torch.Tensor, torch.nn.Parameter):
+            return v.detach()[(slice(0, 0),) * v.dim()] if v.dim() else v.detach()
         return torch.empty(0, dtype=v.dtype)
     return np.empty(0, v.dtype) if isinstance(v, (np.ndarray, np.generic)) else np.empty(0, np.float32)
 
