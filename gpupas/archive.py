@@ -256,7 +256,7 @@ class Archive:
     ``workers``: threads for coding (default: one per core); ``cache_size``: snapshots kept in
     memory as delta bases (``cache_bytes``: at most that many bytes the cache owns, the newest snapshot kept
     whatever its size: a commit's copies of torch tensors, lossy or file input, and restored snapshots count,
-    the caller's own NumPy arrays not);
+    the caller's own NumPy arrays not, but for memory-mapped ones, read into copies);
     ``max_chain``: a commit whose delta chain would grow longer is stored whole.
 
     Use :func:`create_archive` / :func:`open_archive` (they take these options too); close it (or use ``with``).

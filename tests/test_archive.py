@@ -89,6 +89,26 @@ def test_every_dtype_and_shape_roundtrips(archive: gpupas.Archive) -> None:
     _same(gpupas.open_archive(archive.location).restore(m.id), tensors)
 
 
+def test_a_memory_mapped_input_is_not_kept_mapped_as_the_next_delta_base(tmp_path: Path) -> None:
+    """A memory-mapped array (np.load(mmap_mode="r"), np.memmap) was kept as it was, the file's mapping, as the
+    next commit's delta base: once its file was written again in place (np.save truncates it first), that
+    commit's check of the cached base read past the file's end and the process died of SIGBUS. Its bits are
+    read into memory on the way in, as a torch tensor's are."""
+    code = f"""if True:
+        import numpy as np, gpupas
+        np.save({str(tmp_path / "w.npy")!r}, np.ones(1 << 16, np.float32))
+        with gpupas.create_archive({str(tmp_path / "arc")!r}) as a:
+            m = a.commit({{"w": np.load({str(tmp_path / "w.npy")!r}, mmap_mode="r")}})
+            open({str(tmp_path / "w.npy")!r}, "wb").close()  # rewritten in place: truncated first
+            w = np.full(1 << 16, 2.0, np.float32)
+            assert a.restore(a.commit({{"w": w}}, base=m.id).id)["w"].tobytes() == w.tobytes()
+            assert a.restore(m.id)["w"].tolist() == [1.0] * (1 << 16)
+        print("ok")
+    """
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", (out.returncode, out.stderr[-2000:])
+
+
 def test_non_contiguous_and_big_endian_inputs(archive: gpupas.Archive) -> None:
     base = np.arange(60, dtype=np.float32).reshape(6, 10)
     tensors = {"t": base.T, "s": base[:, ::3], "be": base.astype(">f4"), "f": np.asfortranarray(base)}

@@ -27,6 +27,19 @@ from gpupas.format.checksum import PIECE, check_crc32c_suffix, crc32, crc32_piec
 KEEP_AT_MOST = int(os.environ.get("GPUPAS_WORKSPACE_MAX", 1 << 30))
 
 
+def _mapped(arr: np.ndarray) -> bool:
+    """Whether ``arr``'s memory is a file's mapping (np.memmap, np.load(mmap_mode=...), np.frombuffer of an mmap):
+    read once its file is truncated (rewritten in place), it kills the process with SIGBUS."""
+    import mmap
+
+    seen: Any = arr
+    while seen is not None:
+        if isinstance(seen, (np.memmap, mmap.mmap)):
+            return True
+        seen = seen.obj if isinstance(seen, memoryview) else getattr(seen, "base", None)
+    return False
+
+
 class NumpyBackend:
     name = "numpy"
     codec_backend = "cpu"
@@ -53,7 +66,7 @@ class NumpyBackend:
             raise InvalidInputError(f"{name!r} is a {type(value).__name__}, not a tensor; archive tensors only "
                                     "(put other values in the version's metadata)")
         check_dtype(arr, name)
-        if not arr.flags.c_contiguous:
+        if not arr.flags.c_contiguous or _mapped(arr):  # a file's mapping, kept as a delta base, could shrink under it
             arr = arr.copy(order="C")  # ascontiguousarray would turn 0-d into 1-d
         if not arr.dtype.isnative:
             arr = arr.astype(arr.dtype.newbyteorder("="))
