@@ -34,7 +34,7 @@ def _mapped(arr: np.ndarray) -> bool:
 
     seen: Any = arr
     while seen is not None:
-        if isinstance(seen, (np.memmap, mmap.mmap)):
+        if isinstance(seen, mmap.mmap):  # (a copy of an np.memmap is an np.memmap too, of its own memory)
             return True
         seen = seen.obj if isinstance(seen, memoryview) else getattr(seen, "base", None)
     return False
