@@ -52,8 +52,12 @@ def tensor_to_numpy(t: Any) -> np.ndarray:
                                     "tensors (t.unbind()) under its own name, or t.to_padded_tensor(0) and their "
                                     "lengths")
     if t.layout != torch.strided:
-        raise UnsupportedDtypeError(f"a {t.layout} tensor cannot be archived as it is; store t.to_dense(), or its "
-                                    "indices and values as two tensors")
+        parts = {torch.sparse_coo: "t.indices() and t.values()", torch.sparse_csr: "crow_indices(), col_indices() and "
+                 "values()", torch.sparse_csc: "ccol_indices(), row_indices() and values()", torch.sparse_bsr:
+                 "crow_indices(), col_indices() and values()", torch.sparse_bsc: "ccol_indices(), row_indices() and "
+                 "values()"}.get(t.layout)
+        raise UnsupportedDtypeError(f"a {t.layout} tensor cannot be archived as it is; store t.to_dense()"
+                                    + (f", or its {parts}, each under its own name" if parts else ""))
     if t.is_quantized:
         raise UnsupportedDtypeError(f"a quantized tensor ({t.dtype}) cannot be archived as it is; store t.int_repr() "
                                     "with its scale and zero point, or t.dequantize()")
