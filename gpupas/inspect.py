@@ -280,7 +280,7 @@ def changes(source: Any, snapshot: str, base: str | None = None) -> list[dict[st
         out.append({"snapshot": snapshot, "base": base, "tensor": e.name, "layer": layer_of(e.name),
                     "enc": e.enc if base == m.base else None, "nbytes": e.nbytes, "stored": e.stored,
                     "changed": r["changed"], "rows_changed": rows_changed, "max_abs": r.get("max_abs"),
-                    "mean_abs": r.get("mean_abs"), "rel_l2": r.get("rel_l2")})
+                    "mean_abs": r.get("mean_abs"), "rel_l2": r.get("rel_l2"), "not_finite": r.get("not_finite")})
     return out
 
 

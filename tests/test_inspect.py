@@ -231,6 +231,25 @@ def test_diff_statistics_take_bounded_memory() -> None:
     assert row["max_abs"] == np.abs(d).max() and np.isclose(row["mean_abs"], np.abs(d).mean(), rtol=1e-12)
 
 
+def test_diff_counts_values_changed_to_or_from_inf_or_nan_apart_from_the_finite_statistics(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """+Inf swapped for -Inf showed 'changed 80%' beside 'max |Δ| 0' (the statistics skip non-finite
+    differences): such changes are counted apart, and the CLI says so."""
+    from gpupas.cli import render
+    from gpupas.versions.inspect import diff_tensors
+
+    x = np.array([np.inf, -np.inf, 1.0, 2.0, np.nan], np.float32)
+    y = np.array([-np.inf, np.inf, 1.5, 2.0, np.nan], np.float32)
+    y[4] = np.frombuffer(np.uint32(0x7FC00001).tobytes(), np.float32)[0]  # another NaN payload
+    d = diff_tensors({"w": x}, {"w": y})
+    row = d["tensors"][0]
+    assert row["changed"] == 0.8 and row["not_finite"] == 3 and row["max_abs"] == 0.5 and row["mean_abs"] == 0.25
+    render.diff(render.Output(), {"a": {"id": 1, "name": "a"}, "b": {"id": 2, "name": "b"}, "network": {},
+                                  "hyperparameters": {}, "metrics": {}, "files": {}, "weights": d}, 0)
+    out = capsys.readouterr().out
+    assert "80.0% (3 Inf/NaN)" in out and "leave them out" in out, out
+
+
 def test_plane_entropies_sample_the_planes_without_joining_them(tmp_path: Path) -> None:
     """``planes`` samples each plane from the decoded streams: a copy of every plane beside them took twice
     the snapshot (8.9 GB to inspect a 4.2 GiB one), and the sampled entropies are those of the joined plane."""

@@ -347,9 +347,12 @@ def diff(o: Output, d: dict[str, Any], top: int) -> None:
             was, now = (f"{d} {'x'.join(map(str, sh)) or 'scalar'}" for d, sh in zip(r["dtype"], r["shape"]))
             row(t, r["name"], f"{was} -> {now}", "-", "-", "-", "-")
             continue
-        row(t, r["name"], "x".join(map(str, r["shape"])) or "scalar", f"{100 * r['changed']:.1f}%",
+        row(t, r["name"], "x".join(map(str, r["shape"])) or "scalar", f"{100 * r['changed']:.1f}%"
+            + (f" ({r['not_finite']:,} Inf/NaN)" if r.get("not_finite") else ""),
             num(r.get("max_abs")), num(r.get("mean_abs")), num(r.get("rel_l2")))
     o.table(t)
+    if any(r.get("not_finite") for r in rows[: top or None]):
+        o.data("  (Inf/NaN: changed values that are or were Inf or NaN; |Δ| and rel L2 leave them out)")
     for sign, names in (("+", w["added"]), ("-", w["removed"])):
         for k in names[: top or None]:
             o.data(f"  {sign} tensor {k}")

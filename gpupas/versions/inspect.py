@@ -247,7 +247,9 @@ def diff_tensors(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray]) -> di
 
     Rows: ``name, shape, changed`` (fraction of elements whose bits differ), and for float
     tensors ``max_abs``, ``mean_abs`` and ``rel_l2 = ||b - a|| / ||a||`` (None where ``a`` is all zero and
-    ``b`` is not: no relative change, not none); the totals' ``rel_l2`` likewise.
+    ``b`` is not: no relative change, not none) over the elements whose difference is a finite number, and
+    ``not_finite``: how many changed elements are left out of those (Inf or NaN before or after); the totals'
+    ``rel_l2`` likewise.
     """
     rows, d2, n2 = [], _Norm(), _Norm()
     for name in [k for k in b if k in a]:
@@ -258,18 +260,19 @@ def diff_tensors(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray]) -> di
         row: dict[str, Any] = {"name": name, "shape": list(x.shape), "dtype": str(x.dtype)}
         floats = x.dtype.name in FLOATS
         xs, ys = x.reshape(-1), y.reshape(-1)
-        changed = ok_n = 0
+        changed = ok_n = not_finite = 0
         dd, nn, sum_abs = _Norm(), _Norm(), 0.0
         max_abs: float | None = None
         for lo in range(0, xs.size, DIFF_BLOCK):  # a block at a time: whole-tensor temporaries took ~23x a bf16 one
             xb, yb = xs[lo:lo + DIFF_BLOCK], ys[lo:lo + DIFF_BLOCK]
-            changed += int(np.count_nonzero(np.any(xb.view(np.uint8).reshape(xb.size, -1)
-                                                   != yb.view(np.uint8).reshape(yb.size, -1), axis=1)))
+            bits = np.any(xb.view(np.uint8).reshape(xb.size, -1) != yb.view(np.uint8).reshape(yb.size, -1), axis=1)
+            changed += int(np.count_nonzero(bits))
             if floats:
                 xf = xb.astype(np.float64)
                 with np.errstate(all="ignore"):
                     d = yb.astype(np.float64) - xf
                     ok = np.isfinite(d)
+                    not_finite += int(np.count_nonzero(bits & ~ok))
                     d, xf = d[ok], xf[ok]
                     dd.add(d)
                     nn.add(xf)
@@ -282,6 +285,7 @@ def diff_tensors(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray]) -> di
             row["max_abs"] = max_abs
             row["mean_abs"] = sum_abs / ok_n if ok_n else None
             row["rel_l2"] = dd.ratio(nn)
+            row["not_finite"] = not_finite
             d2.join(dd.scale, dd.ssq)
             n2.join(nn.scale, nn.ssq)
         rows.append(row)
