@@ -587,3 +587,36 @@ def _pred_chain_beside_a_near_twin(path: Path) -> None:
         a.commit(twin, snapshot="t1")
         a.commit(s[1], snapshot="s1", base="s0")
         a.commit(s[2], snapshot="s2", base="s1")
+
+
+def test_the_current_layout_counts_the_snapshots_compact_reencodes_off_a_dropped_base(tmp_path: Path) -> None:
+    """s0 <- s1 <- s2 <- s3 (s3 'pred', extrapolating from s1); s1 dropped. The layout stays, but s2 is stored
+    whole so gc can free s1, and s3 loses its grand: compact re-encodes it. The plan counted s3 at its 'pred'
+    size in "current" (chosen) and in some plans of the same layout, so what compact stored was more than the
+    plan said, and plans of one layout disagreed."""
+    from gpupas.jobs.compact import compact_archive
+    from gpupas.plan.archive import plan_archive
+
+    rng = np.random.default_rng(0)
+    w0 = (rng.standard_normal((256, 128)) * 0.02).astype(np.float32)
+    drift = (rng.standard_normal(w0.shape) * 1e-3).astype(np.float32)
+    with gpupas.create_repository(tmp_path / "a") as repo:
+        v = repo.commit("run", {"w": w0})
+        for k in (1, 2, 3):
+            repo.add_snapshot(v.id, {"w": (w0 + k * drift).astype(np.float32)})
+        s = [x["id"] for x in repo.version(v.id).snapshots]
+        assert repo.archive.manifest(s[3]).grand == s[1]
+        repo.drop_snapshots(v.id, [2])
+    with gpupas.open_archive(tmp_path / "a") as a:
+        planned = plan_archive(a, None, no_slower=True)
+        rows = {r["snapshot"]: r["stored"] for r in planned.rows()}
+        assert planned.chosen == "current" and planned.target[s[2]] is None
+        by_layout: dict[tuple[str, ...], set[float]] = {}
+        for p in [*planned.plans.values(), planned.current]:
+            by_layout.setdefault(tuple(sorted(map(str, p.parent.items()))), set()).add(p.storage)
+        assert all(len(sizes) == 1 for sizes in by_layout.values()), by_layout
+    out = compact_archive(str(tmp_path / "a"), alpha=None, no_slower=True, scheduler="sync")
+    with gpupas.open_archive(tmp_path / "a") as a:
+        kept = {x: a.manifest(x).stored_bytes for x in (s[0], s[2], s[3])}
+    assert out.stored_after - out.stored_unkept == pytest.approx(planned.plan.storage, rel=1e-9)
+    assert kept == pytest.approx(rows, rel=1e-9)

@@ -86,21 +86,23 @@ def _measure(archive: Any, g: StorageGraph, plan: Plan, setting: str) -> bool:
     return True
 
 
-def _regrand(archive: Any, g: StorageGraph, plan: Plan, setting: str) -> dict[str, float]:
+def _regrand(archive: Any, g: StorageGraph, plan: Plan, setting: str,
+             sizes: dict[tuple[str, str], float]) -> dict[str, float]:
     """The sizes of the snapshots ``plan`` keeps on their base while it moves that base's own base: their 'pred'
     tensors extrapolate from it, so ``gpupas compact`` re-encodes them, and the size the graph holds (their
     'pred' form now) no longer holds. Measured as a plain delta (no grand-base), what the encoder falls back
-    to: an upper bound."""
+    to: an upper bound. ``sizes``: (base, snapshot) -> those measured before (each edge is measured once)."""
     moved = []
     for v, u in _parents(plan).items():
         if u != ROOT and u == g.current.get(v):
             grand = archive.manifest(v).grand
             if grand is not None and grand != _base(plan.parent[u]):
                 moved.append((u, v))
-    if not moved:
-        return {}
-    exact, _ = measure_edges(archive, set(moved), sorted({v for _, v in moved}), fraction=1.0, setting=setting)
-    return {v: float(sum(x for x, _ in exact[(u, v)].values())) for u, v in moved}
+    new = {e for e in moved if e not in sizes}
+    if new:
+        exact, _ = measure_edges(archive, new, sorted({v for _, v in new}), fraction=1.0, setting=setting)
+        sizes.update({e: float(sum(x for x, _ in exact[e].values())) for e in new})
+    return {v: sizes[(u, v)] for u, v in moved}
 
 
 def _base(p: Any) -> str | None:
@@ -192,16 +194,20 @@ def _plan(archive: Any, alpha: float | None, scheme: str, budgets: Mapping[str, 
         again = {id(p): evaluate(g, p.parent, p.name, scheme, p.budgets) for p in plans.values()}
         plans = {k: again[id(p)] for k, p in plans.items()}  # every plan on the exact sizes (one object per plan)
         current = evaluate(g, g.current, "current", scheme, plans["pas-mt"].budgets)
-    reencoded: dict[str, float] = {}
-    if not (no_slower and plans[planner].violations):  # at any alpha: the storage reported is what compact stores
-        reencoded = _regrand(archive, g, plans[planner], setting)
-        plans[planner].storage += sum(x - g.edge(plans[planner].parent[v], v).storage for v, x in reencoded.items())
+    # Every plan's storage is what compact would store carrying it out, the current layout's too (which stores
+    # whole the snapshots on dropped ones): one layout, one size, whichever plan is chosen.
+    sizes: dict[tuple[str, str], float] = {}
+    regrand: dict[int, dict[str, float]] = {}
+    for p in {id(p): p for p in [*plans.values(), current]}.values():
+        regrand[id(p)] = r = _regrand(archive, g, p, setting, sizes)
+        p.storage += sum(x - g.edge(p.parent[v], v).storage for v, x in r.items())
+    reencoded = regrand[id(plans[planner])]
     best = plans[planner]
     if no_slower and (best.violations or (best.storage, best.total_recreation) >= (current.storage,
                                                                                    current.total_recreation)):
         plans["current"] = current
         planner = "current"
-        reencoded = {}
+        reencoded = regrand[id(current)]
         notes.append(f"no plan stores less without restoring some snapshot slower (the best, its new forms "
                      f"measured exactly, stores {best.storage:,.0f} bytes; now {current.storage:,.0f}): the layout "
                      "stays as it is" + (f", but for {len(on_dropped)} snapshot(s) on dropped ones, stored whole so gc "
