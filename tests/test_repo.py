@@ -1763,6 +1763,26 @@ def test_compact_says_which_dropped_snapshots_its_stored_bytes_still_count(repo:
         assert again.stats()["stored_bytes"] == c.stored_after - c.stored_unkept
 
 
+def test_stats_says_how_many_bytes_gc_would_free(repo: Repository) -> None:
+    """Dropped snapshots and the old forms a compaction leaves were counted in stats' disk total alone (by number
+    elsewhere): the bytes between the weights stored and the folder on disk went unexplained. stats gives their
+    bytes, as gc counts what it frees."""
+    from gpupas.jobs.compact import compact_archive
+
+    _run_of(repo, 4)
+    repo.drop_snapshots("run", [1, 2, 3])
+    repo.close()
+    compact_archive(str(repo.location), alpha=None, scheduler="sync")  # s3 stored whole: the old form is left
+    with open_repository(repo.location) as again:
+        s = again.stats()
+        assert len(s["unreferenced_snapshots"]) == 3 and len(s["incomplete_snapshots"]) == 1
+        freed = again.gc(min_age=0)
+        by_kind = {k: sum(r["bytes"] for r in freed if r["kind"] == k) for k in ("snapshot", "folder")}
+        assert (s["unreferenced_bytes"], s["incomplete_bytes"]) == (by_kind["snapshot"], by_kind["folder"]) != (0, 0)
+        after = again.stats()
+        assert (after["unreferenced_bytes"], after["incomplete_bytes"]) == (0, 0)
+
+
 def test_verify_notes_what_an_add_snapshot_killed_before_its_record_update_left(repo: Repository) -> None:
     """A snapshot written for an existing version that its record never named (nor dropped): an add killed
     between its commit and the record update. verify notes it, and gc removes it."""

@@ -385,11 +385,12 @@ def stats(o: Output, s: dict[str, Any]) -> None:
     o.data(f"files: {f['references']} references to {f['blobs']} stored blobs, {size(f['logical_bytes'])} -> "
            f"{size(f['stored_bytes'])} (deduplication saves {size(f['saved_bytes'])})")
     if s["unreferenced_snapshots"] or s["incomplete_snapshots"]:
-        o.data(f"not part of any version: {len(s['unreferenced_snapshots'])} complete snapshot(s) (committed with "
-               "the Archive API, dropped from a version, or left by a killed commit) and "
-               f"{len(s['incomplete_snapshots'])} folder(s) no snapshot names (interrupted commits, old forms of "
-               "revised snapshots); `gpupas gc` removes what no version and no kept snapshot needs (`gpupas "
-               "verify` notes dropped snapshots and what keeps them)")
+        o.data(f"not part of any version: {len(s['unreferenced_snapshots'])} complete snapshot(s), "
+               f"{size(s['unreferenced_bytes'])} (committed with the Archive API, dropped from a version, or left by a "
+               f"killed commit) and {len(s['incomplete_snapshots'])} folder(s) no snapshot names, "
+               f"{size(s['incomplete_bytes'])} (interrupted commits, old forms of revised snapshots), tiers included; "
+               "`gpupas gc` removes what no version and no kept snapshot needs (`gpupas verify` notes dropped "
+               "snapshots and what keeps them)")
     o.data(f"on disk: {size(s['disk_bytes'])} in the archive's own folder (chunks, manifests, records, files, "
            "catalog; not what its tiers hold)")
     if s["unreadable_snapshots"]:

@@ -449,6 +449,15 @@ class ArchiveStore:
         named = {d for m in manifests.values() for d in (m.base, m.grand) if d is not None} | set(wanted)
         return [*unreadable, *sorted(named - manifests.keys())]
 
+    def folder_usage(self, name: str) -> int:
+        """Bytes of a chunk folder as :meth:`orphan_folders` names it (``tier:folder`` in a tier); 0 where its tier
+        cannot be reached."""
+        tier, _, folder = name.rpartition(":")
+        try:
+            return self.tier_store(tier or None).usage(keys.folder(folder))
+        except GpupasTierError:
+            return 0
+
     def orphan_folders(self, wanted: Iterable[str] = ()) -> list[str]:
         """Chunk folders under ``snapshots/`` that no manifest names (killed commits, revised snapshots);
         those in a tier as ``tier:folder`` (tiers that cannot be reached are left out, with a warning). The
@@ -510,7 +519,7 @@ class ArchiveStore:
                     todo += built_on(manifests[sid], manifests)
                 for sid in _dependents_first(set(manifests) - reachable, manifests):
                     m = manifests.pop(sid)
-                    out.append(("snapshot", sid, self._usage(sid, m)))
+                    out.append(("snapshot", sid, self.snapshot_usage(sid, m)))
                     gone.update((s.tier, s.folder) for s in m.streams)  # removed with it, not counted again below
                     if not dry_run:
                         self.store.delete(keys.manifest(sid))
@@ -525,7 +534,7 @@ class ArchiveStore:
                 out += self._sweep_temp(max(min_age, TEMP_MIN_AGE), dry_run)
         return out
 
-    def _usage(self, sid: str, m: Manifest) -> int:
+    def snapshot_usage(self, sid: str, m: Manifest) -> int:
         """Bytes a snapshot takes (its manifest, its folders' documents, shards and indexes, in tiers too), as
         a folder's are counted; a tier out of reach counts its streams' ``stored``."""
         total = self.store.usage(keys.manifest(sid))

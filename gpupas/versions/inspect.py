@@ -170,6 +170,18 @@ def _unreadable(repo: Repository, sid: str) -> bool:
     return False
 
 
+def _snapshots_usage(repo: Repository, sids: list[str]) -> int:
+    """Bytes the files of snapshots ``sids`` take (manifest, folders, in tiers too), as gc counts those it frees;
+    one whose manifest cannot be read (or that was discarded meanwhile) counts nothing."""
+    total = 0
+    for sid in sids:
+        try:
+            total += repo.archive.store.snapshot_usage(sid, repo.archive.manifest(sid))
+        except GpupasError:
+            pass
+    return total
+
+
 def stats(repo: Repository) -> dict[str, Any]:
     """What the archive stores, how (encodings, dtypes), and what that saves (``gpupas stats``)."""
     cat = repo.catalog()
@@ -188,6 +200,7 @@ def stats(repo: Repository) -> dict[str, Any]:
     all_sids = set(repo.archive.store.list_snapshots())
     orphans = sorted(all_sids - referenced)
     indexed = {r["key"][2:] for r in q("SELECT key FROM records WHERE key LIKE 'm/%'")}  # readable manifests
+    incomplete = repo.archive.store.orphan_folders(referenced)
     disk = repo.archive.store.store.usage("")
     raw, stored = int(tot["raw"]), int(tot["stored"])
     for row in by_enc + by_dtype:
@@ -203,7 +216,9 @@ def stats(repo: Repository) -> dict[str, Any]:
         "files": {"references": files["refs"], "logical_bytes": files["logical"], "blobs": len(blob_sizes),
                   "stored_bytes": sum(blob_sizes.values()),
                   "saved_bytes": files["logical"] - sum(blob_sizes.values())},
-        "unreferenced_snapshots": orphans, "incomplete_snapshots": repo.archive.store.orphan_folders(referenced),
+        "unreferenced_snapshots": orphans, "unreferenced_bytes": _snapshots_usage(repo, orphans),
+        "incomplete_snapshots": incomplete,
+        "incomplete_bytes": sum(repo.archive.store.folder_usage(f) for f in incomplete),
         "unreadable_snapshots": [s for s in sorted(all_sids - indexed) if _unreadable(repo, s)],  # not in totals
         "disk_bytes": disk,
         "per_version": [dict(r) for r in q("SELECT id, name, n_snapshots, raw_bytes, "
