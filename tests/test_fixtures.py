@@ -81,6 +81,25 @@ def test_versions_tags_and_files_read(golden: tuple[str, Path]) -> None:
         assert result["checked"]["snapshots"] == len(want)
 
 
+def test_stored_bytes_add_up_the_same_in_every_report(golden: tuple[str, Path]) -> None:
+    """Formats 1 and 2 rounded each tensor's stored bytes on its own, a few bytes off their snapshot's: stats
+    and log (tensors summed) then disagreed with show, plan and compact (snapshots' stored bytes), and a
+    per-layer table with the snapshot it sits beside."""
+    _, path = golden
+    with gpupas.open_repository(path) as repo:
+        sizes = {}
+        for sid in repo.archive.snapshots():
+            m = repo.archive.manifest(sid)
+            assert sum(e.stored for e in m.tensors) == m.stored_bytes, sid
+            sizes[sid] = m.stored_bytes
+        named = {s["id"] for v in repo.versions() for s in v.snapshots}
+        assert repo.stats()["stored_bytes"] == sum(sizes[s] for s in named)
+        for row in repo.log():
+            assert row["stored_bytes"] == sum(sizes[s["id"]] for s in repo.version(row["id"]).snapshots)
+            d = repo.show(row["id"])
+            assert sum(r["stored_bytes"] for r in d["layers"]) == sizes[d["snapshot"]["id"]]
+
+
 def test_format3_fixture_holds_every_v3_feature() -> None:
     """Plane groups, a revision, the sign on top (rot: false) and every lossy scheme are read forever."""
     with gpupas.open_archive(FIXTURES / "format3" / "archive") as a:

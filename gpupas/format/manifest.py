@@ -280,10 +280,24 @@ class Manifest:
                               f"up to {FORMAT}: upgrade gpupas (pip install -U gpupas)")
         if fmt == FORMAT and not sealed:
             raise IntegrityError(f"{what} has no checksum (damaged)")
-        return _parse(d, sid, what) if fmt == FORMAT else _parse_legacy(d, sid, what)
+        return _added_up(_parse(d, sid, what) if fmt == FORMAT else _parse_legacy(d, sid, what))
 
 
 # -- parsing ---------------------------------------------------------------------------------------------------
+def _added_up(m: Manifest) -> Manifest:
+    """``m`` with its tensors' stored bytes adding up to the snapshot's, as gpupas writes them now: earlier ones
+    (formats 1 to 3) rounded each tensor's share of the chunks on its own, so the sum missed by up to a byte a
+    tensor, and reports that add tensors (stats, log, per layer) disagreed with those that take the snapshot's
+    (show, plan, compact). The largest tensors take (or give back) the difference, a byte each."""
+    left = m.stored_bytes - sum(e.stored for e in m.tensors)
+    if not 0 < abs(left) <= len(m.tensors):  # more is not rounding: left as written
+        return m
+    out = list(m.tensors)
+    for i in sorted(range(len(out)), key=lambda i: -out[i].stored)[:abs(left)]:
+        out[i] = replace(out[i], stored=max(0, out[i].stored + (1 if left > 0 else -1)))
+    return replace(m, tensors=tuple(out))
+
+
 def _fail(what: str, msg: str) -> IntegrityError:
     return IntegrityError(f"{what} is damaged: {msg}; restore the archive from a copy")
 
