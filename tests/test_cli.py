@@ -573,3 +573,26 @@ def test_drop_round_trip_says_what_gc_frees_and_what_stays(tmp_path: Path) -> No
     assert ok(gp("gc", "--min-age", "0", archive=arc)).count("dropped") == 3, out
     with open_repository(arc) as repo:
         assert repo.restore("run")["w"].tobytes() == ws[3].tobytes()
+
+
+def test_log_says_which_stored_bytes_a_copy_shares(tmp_path: Path) -> None:
+    """A copy names its source's latest snapshot: log gave each version those bytes as its own, so its rows
+    added up to more than the archive stores, and nothing said so. Each row says what it shares with an earlier
+    version (``shared_bytes``), and the rows less that add up to stats' total."""
+    from typer.testing import CliRunner
+
+    from gpupas.cli.app import app
+    from gpupas.versions.repository import create_repository
+
+    w = np.random.default_rng(0).standard_normal(5000).astype(np.float32)
+    with create_repository(tmp_path / "arc") as repo:
+        repo.commit("a", [{"w": w}, {"w": w + np.float32(1e-3)}])
+        repo.copy("a", "b")
+        repo.add_snapshot("b", {"w": w + np.float32(2e-3)})
+        rows, total = repo.log(), repo.stats()["stored_bytes"]
+        latest = repo.archive.manifest(repo.version("a").latest).stored_bytes
+    assert [r["shared_bytes"] for r in rows] == [0, latest]
+    assert sum(r["stored_bytes"] - r["shared_bytes"] for r in rows) == total < sum(r["stored_bytes"] for r in rows)
+    text = CliRunner().invoke(app, ["-A", str(tmp_path / "arc"), "log"], env={"COLUMNS": "200"}).output
+    (line,) = [x for x in text.splitlines() if "#2 b" in x]
+    assert "shared" in line and "shared" not in next(x for x in text.splitlines() if "#1 a" in x), text

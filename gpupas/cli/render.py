@@ -155,8 +155,9 @@ def version_line(r: dict[str, Any]) -> Text:
         t.append(f" ({plain(', '.join(r['tags']))})", style="bold yellow")
     if r["parents"]:
         t.append(f" ← {', '.join(f'#{p}' for p in r['parents'])}")
-    t.append(f"  {r['n_snapshots']} snap  {size(r['stored_bytes'])} ({pct(r['stored_bytes'], r['raw_bytes'])})  "
-             f"{r['created'][:16].replace('T', ' ')}")
+    stored, shared = r["stored_bytes"], r.get("shared_bytes")  # shared: with an earlier version (a copy's)
+    t.append(f"  {r['n_snapshots']} snap  {size(stored)} ({pct(stored, r['raw_bytes'])}"
+             f"{f', {size(shared)} shared' if shared else ''})  {r['created'][:16].replace('T', ' ')}")
     if r.get("lossy"):
         t.append(f"  lossy ({r['lossy']})", style="bold red")
     if r["message"]:

@@ -116,8 +116,15 @@ def diff(repo: Repository, a: str | int | Version, b: str | int | Version, *, sn
     return out
 
 
+SHARED = ("(SELECT coalesce(sum(t.stored), 0) FROM tensors t WHERE t.snapshot IN (SELECT s.snapshot FROM snapshots s "
+          "WHERE s.version=versions.id AND EXISTS (SELECT 1 FROM snapshots o WHERE o.snapshot=s.snapshot AND "
+          "o.version<versions.id)))")  # a version's stored bytes in snapshots an earlier version names (a copy's)
+
+
 def lineage(repo: Repository) -> list[dict[str, Any]]:
-    """Every version's summary (id, name, parents, tags, snapshots, sizes), from the catalog, by id."""
+    """Every version's summary (id, name, parents, tags, snapshots, sizes), from the catalog, by id.
+    ``shared_bytes``: the part of its ``stored_bytes`` in snapshots an earlier version names too (a copy shares
+    its source's latest snapshot), so the rows less those add up to what the archive stores."""
     cat = repo.catalog()
     parents: dict[int, list[int]] = {}
     for r in cat.query("SELECT version, parent FROM parents ORDER BY version, pos"):
@@ -128,7 +135,7 @@ def lineage(repo: Repository) -> list[dict[str, Any]]:
     return [dict(r) | {"parents": parents.get(r["id"], []), "tags": tags.get(r["id"], [])}
             for r in cat.query(
                 "SELECT id, name, created, author, message, n_snapshots, raw_bytes, "
-                f"{STORED_NOW.format(v='versions')} AS stored_bytes, latest, best, "
+                f"{STORED_NOW.format(v='versions')} AS stored_bytes, {SHARED} AS shared_bytes, latest, best, "
                 "(SELECT group_concat(DISTINCT t.lossy) FROM tensors t "
                 "WHERE t.lossy IS NOT NULL AND t.snapshot IN (SELECT snapshot FROM snapshots WHERE "
                 "version=versions.id)) AS lossy FROM versions ORDER BY id")]
