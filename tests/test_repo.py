@@ -1691,8 +1691,10 @@ def test_verify_names_the_kept_snapshot_a_dropped_chain_is_kept_for_not_dropped_
     repo.drop_snapshots("run", [1, 2, 3])
     notes = [n for n in repo.verify()["notes"] if "kept snapshots are built on them" in n]
     assert len(notes) == 1 and f"built on them ({sids[3]})" in notes[0], notes
-    why = {"gc": "keeps", "why": f"the base of kept snapshot {sids[3]}"}
-    assert _verify.fate(repo, sids[:3]) == {s: why for s in sids[:3]}
+    assert _verify.fate(repo, sids[:3]) == {  # each named with the kept one, and the one it is the base of
+        sids[2]: {"gc": "keeps", "why": f"the base of kept snapshot {sids[3]}"},
+        **{s: {"gc": "keeps", "why": f"the base of {on} (dropped too), in the chain kept snapshot {sids[3]} is "
+               "built on"} for s, on in ((sids[0], sids[1]), (sids[1], sids[2]))}}
 
 
 def test_compact_of_a_plan_made_before_a_drop_builds_nothing_on_what_was_dropped(repo: Repository) -> None:

@@ -227,7 +227,8 @@ def kept_on(why: Mapping[str, tuple[str, Any]], sid: str) -> str:
 def fate(repo: Repository, sids: Iterable[str], record: Mapping[str, Any] | None = None) -> dict[str, dict[str, Any]]:
     """What ``gc`` does with snapshots ``sids`` once their drop is older than its ``min_age`` (just dropped;
     ``record``: a version's record as it is, or would be, in place of the stored one): per snapshot ``{"gc":
-    "frees" or "keeps", "why": ...}``; why: "named by version N", "the base of kept snapshot X", "kept by gc"
+    "frees" or "keeps", "why": ...}``; why: "named by version N", "the base of kept snapshot X" (or of a dropped
+    one in its chain of bases), "kept by gc"
     (committed without a version, or its version's record is lost), None where gc frees it."""
     records, ids = repo.records.every_version()
     if record is not None:
@@ -236,10 +237,12 @@ def fate(repo: Repository, sids: Iterable[str], record: Mapping[str, Any] | None
     out = {}
     for sid in sids:
         kind, by = why.get(sid, ("", None))
+        on = by
         if kind == "base":
             by = kept_on(why, sid)
         out[sid] = {"gc": "keeps" if kind else "frees",
-                    "why": {"named": f"named by version {by}", "base": f"the base of kept snapshot {by}",
+                    "why": {"named": f"named by version {by}", "base": f"the base of kept snapshot {by}" if on == by
+                            else f"the base of {on} (dropped too), in the chain kept snapshot {by} is built on",
                             "plain": "kept by gc", "": None}[kind]}
     return out
 
