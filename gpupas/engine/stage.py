@@ -226,7 +226,7 @@ def twins(staged: Sequence[Staged]) -> dict[int, int]:
     first: dict[tuple[Any, ...], list[int]] = {}
     out: dict[int, int] = {}
     for i, st in enumerate(staged):
-        if st.scheme is not None or st.values == 0:
+        if st.values == 0:
             continue
         key = (st.dtype, st.layout, st.shape, st.crc, st.plan, st.coded_shape)
         j = next((j for j in first.get(key, ()) if _coded_alike(staged[j], st)), None)
@@ -239,9 +239,12 @@ def twins(staged: Sequence[Staged]) -> dict[int, int]:
 
 def _coded_alike(a: Staged, b: Staged) -> bool:
     """Whether ``a`` and ``b`` code to the same bytes: the same bits against the same base (and prediction).
-    What is coded (``u``: the bits, or their changed rows) follows from the bits and the row mask."""
+    What is coded (``u``: the bits, or their changed rows) follows from the bits and the row mask; a lossy
+    tensor's (its representation) from the input and the scheme, which must be the same too (levels closer than
+    the dtype can part restore to equal bits from other codes)."""
     return (_same(a.bits, b.bits) and all(_same(a.full(k), b.full(k)) for k in ("ub", "ub2"))
-            and all(_same(getattr(a, k), getattr(b, k)) for k in ("changed", "rows", "alpha")))
+            and all(_same(getattr(a, k), getattr(b, k)) for k in ("changed", "rows", "alpha"))
+            and a.scheme == b.scheme and (a.scheme is None or _same(a.u, b.u)))
 
 
 def _same(x: Any, y: Any, step: int = 1 << 22) -> bool:
