@@ -422,6 +422,12 @@ def test_cli_plan_and_dry_run(tmp_path: Path) -> None:
     doc = json.loads(res.stdout)
     assert set(doc["plans"]) >= {"materialized", "mst", "spt", "last", "pas-mt", "pas-pt"}
     assert all(not p["violations"] for k, p in doc["plans"].items() if k not in ("mst", "materialized"))
+    assert doc["current"]["measured"] and not doc["plans"]["materialized"]["measured"]  # (whole forms sampled)
+    text = runner.invoke(app, ["-A", str(tmp_path / "a"), "plan", "--alpha", "3"]).stdout
+    stored = {ln.split("│")[1].strip(): ln.split("│")[2].strip() for ln in text.splitlines()
+              if ln.count("│") > 3 and ln.split("│")[1].strip().split(" ")[0] in doc["plans"]}
+    assert stored and all(v.endswith("~") != doc["plans"][k.split(" ")[0]]["measured"] for k, v in stored.items()), (
+        stored, text)  # a sampled estimate says so, in the plans table as in the rows
     (tmp_path / "plan.json").write_text(res.stdout)
     res = runner.invoke(app, ["-A", str(tmp_path / "a"), "compact", "--plan", str(tmp_path / "plan.json"),
                               "--dry-run"])

@@ -76,7 +76,8 @@ def render_plan(o: render.Output, p: Any) -> None:
     for name, plan in [("current", p.current), *((k, p.plans[k]) for k in COMPARE)]:
         label = f"{name} (chosen)" if plan is p.plan and (name != "current" or p.chosen == "current") else name
         ok = "met" if not plan.violations else f"{len(plan.violations)} over"
-        render.row(t, label, render.size(plan.storage), render.pct(plan.storage, whole), f"{plan.total_recreation:.3f}",
+        render.row(t, label, render.size(plan.storage) + ("" if p.measured(plan) else " ~"),
+                   render.pct(plan.storage, whole), f"{plan.total_recreation:.3f}",
                    f"{max(plan.recreation.values(), default=0):.3f}", plan.max_depth, ok)
     o.table(t)
     s = render.table(["snapshot", "base now", "depth", "recreation", "planned base", "depth ", "recreation ",

@@ -50,6 +50,10 @@ class ArchivePlan:
         """Snapshot -> the base the chosen plan gives it (None: stored whole)."""
         return {v: _base(p) for v, p in _parents(self.plan).items()}
 
+    def measured(self, plan: Plan) -> bool:
+        """Whether ``plan``'s storage is measured (every form it keeps encoded in full), not a sampled estimate."""
+        return all(self.graph.edge(u, v).measured for v, u in _parents(plan).items() if v != ROOT)
+
     def rows(self) -> list[dict[str, Any]]:
         """Per snapshot: base, depth and recreation now and in the plan, and its budget (a base now that was dropped
         from its version is named, ``base_now_dropped``; the graph counts the snapshot whole now)."""
@@ -62,13 +66,14 @@ class ArchivePlan:
                         "recreation": p.recreation[sid],
                         "budget": None if p.budgets is None else p.budgets.get(sid),
                         "stored": self.reencoded.get(sid, self.graph.edges[sid][p.parent[sid]].storage),
-                        "measured": self.graph.edges[sid][p.parent[sid]].measured})
+                        "measured": sid in self.reencoded or self.graph.edges[sid][p.parent[sid]].measured})
         return out
 
     def to_dict(self) -> dict[str, Any]:
         return {"alpha": self.alpha, "scheme": self.scheme, "model": self.model.describe(),
                 "estimate": self.estimates.describe(), "chosen": self.chosen, "notes": self.notes,
-                "current": self.current.summary(), "plans": {k: v.summary() for k, v in self.plans.items()},
+                "current": self.current.summary() | {"measured": self.measured(self.current)},
+                "plans": {k: v.summary() | {"measured": self.measured(v)} for k, v in self.plans.items()},
                 "snapshots": self.rows(), "target": self.target}
 
 
