@@ -678,3 +678,20 @@ def test_one_repository_shared_by_threads_keeps_its_catalog_whole(tmp_path: Path
         assert not errors, errors[:3]
         assert repo.query("select m")[0]["n_snapshots"] == 1 and repo.catalog().is_fresh()
         assert repo.catalog().query("SELECT n FROM metric_summary")[0]["n"] == 151
+
+
+def test_a_commit_while_another_thread_is_importing_torch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One thread's first torch import (a checkpoint file read, an asynchronous hook's thread) puts the module in
+    sys.modules before it defines ``torch.Tensor`` and ``torch.distributed.is_available``: a commit of NumPy arrays
+    and a hook's call on another thread meanwhile failed with AttributeError ("partially initialized module
+    'torch' has no attribute 'Tensor'"). A half-imported torch holds no tensor yet, and no initialized group."""
+    import types
+
+    from gpupas.integrations.training import CheckpointHook
+
+    monkeypatch.setitem(sys.modules, "torch", types.ModuleType("torch"))  # as another thread's import leaves it
+    monkeypatch.setitem(sys.modules, "torch.distributed", types.ModuleType("torch.distributed"))
+    w = {"w": np.arange(6, dtype=np.float32)}
+    with create_repository(tmp_path / "arc") as repo, CheckpointHook(repo, "run") as hook:
+        hook(w, step=1)
+        assert repo.restore("run")["w"].tobytes() == w["w"].tobytes()

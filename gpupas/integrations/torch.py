@@ -36,9 +36,10 @@ def _views() -> dict[Any, tuple[Any, Any]]:
 
 
 def is_torch_tensor(obj: Any) -> bool:
-    """True for a torch.Tensor (a subclass too), without importing torch when it is not loaded."""
-    torch = sys.modules.get("torch")
-    return torch is not None and isinstance(obj, torch.Tensor)
+    """True for a torch.Tensor (a subclass too), without importing torch when it is not loaded (nor while another
+    thread is importing it: the module is in sys.modules before it defines ``Tensor``, and no tensor exists yet)."""
+    tensor = getattr(sys.modules.get("torch"), "Tensor", None)
+    return tensor is not None and isinstance(obj, tensor)
 
 
 def tensor_to_numpy(t: Any) -> np.ndarray:

@@ -52,9 +52,11 @@ from gpupas.versions.repository import Repository, as_refs, create_repository, o
 
 
 def _global_rank() -> int:
-    """This process's global rank where torch.distributed is initialized, else 0 (torch is not imported for it)."""
+    """This process's global rank where torch.distributed is initialized, else 0 (torch is not imported for it; a
+    module another thread is still importing has no group initialized yet)."""
     dist = sys.modules.get("torch.distributed")
-    if dist is None or not dist.is_available() or not dist.is_initialized():
+    if dist is None or getattr(dist, "is_initialized", None) is None or not dist.is_available() \
+            or not dist.is_initialized():
         return 0
     return int(dist.get_rank())
 
