@@ -347,6 +347,27 @@ def test_a_worker_that_dies_is_reported_with_what_to_do() -> None:
         run(SimpleNamespace(targets=[dask.delayed(os._exit)(3)]), workers=1)
 
 
+@pytest.mark.parametrize("given", ["client", "address"])
+def test_a_job_whose_scheduler_goes_away_is_reported_with_what_to_do(given: str) -> None:
+    """The scheduler killed (or the cluster closed, or a user's client closed) while a job ran: the command line
+    said "unexpected FutureCancelledError: revise-s3 cancelled for reason: scheduler-connection-lost ...; please
+    report it". It says what happened and what to do."""
+    import threading
+    from types import SimpleNamespace
+
+    import dask
+    from distributed import Client, LocalCluster
+
+    from gpupas.errors import GpupasError
+
+    job = SimpleNamespace(targets=[dask.delayed(time.sleep, pure=False)(2)])
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None) as lc, \
+            Client(lc) as client:
+        threading.Timer(0.5, client.close if given == "client" else lc.close).start()
+        with pytest.raises(GpupasError, match=r"Dask job was cancelled .*scheduler stopped.*run the job again"):
+            run(job, client if given == "client" else lc.scheduler_address)
+
+
 @pytest.mark.parametrize("child", ["unchanged", "whole", "same base, re-encoded"])
 def test_a_format2_pred_child_is_made_format3_before_its_base_moves(tmp_path: Path, child: str) -> None:
     """Format 1/2 'pred' tensors extrapolate along their base's own delta base, so ``Archive.revise``

@@ -42,7 +42,7 @@ def run(job: Any, scheduler: Any = None, *, workers: int = 2) -> list[Any]:
 
     _quiet_interrupts()
     if scheduler is not None and not isinstance(scheduler, str):
-        return list(scheduler.gather(scheduler.compute(job.targets)))
+        return _gather(scheduler, job)
     if scheduler is None:
         # silence_logs: a task's failure reaches the caller as its exception; the workers' and nannies' own
         # log lines about it (tracebacks included) would only repeat it on stderr
@@ -157,10 +157,18 @@ def _connect(address: str) -> Any:
 
 
 def _gather(client: Any, job: Any) -> list[Any]:
+    from concurrent.futures import CancelledError
+
     from distributed import KilledWorker
 
     try:
         return list(client.gather(client.compute(job.targets)))
+    except CancelledError as exc:  # distributed's FutureCancelledError: "unexpected" on the command line
+        why = getattr(exc, "reason", None) or "unknown"
+        raise GpupasError(f"the Dask job was cancelled before it finished ({why}): its scheduler stopped, or the "
+                          "client was closed or lost its connection; run the job again on a running scheduler "
+                          "(or --scheduler local). What it finished stands (snapshots a compaction revised keep "
+                          "their new form; the others are as they were)") from None
     except KilledWorker as exc:  # its own message names a task key and a worker address, not what to do
         raise GpupasError(f"a Dask worker died running {exc.task!r} (most often out of memory: each worker holds a "
                           "snapshot's tensors and planes while it works); run the job again with fewer workers "
