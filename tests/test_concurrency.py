@@ -695,3 +695,34 @@ def test_a_commit_while_another_thread_is_importing_torch(tmp_path: Path, monkey
     with create_repository(tmp_path / "arc") as repo, CheckpointHook(repo, "run") as hook:
         hook(w, step=1)
         assert repo.restore("run")["w"].tobytes() == w["w"].tobytes()
+
+
+def test_a_reindex_leaves_the_catalog_other_threads_use_open(tmp_path: Path) -> None:
+    """`Repository.reindex()` closed the catalog object and opened another: a thread that had taken the old one
+    (``repo.query``, ``repo.log``, ``repo.tags`` take it, then query it) failed with sqlite3's raw "Cannot operate
+    on a closed database". The rebuilt database takes the old one's place in the same catalog object."""
+    with create_repository(tmp_path / "arc") as repo:
+        repo.commit("run", {"w": np.zeros(4, np.float32)}, hyperparameters={"lr": 0.5})
+        held = repo.catalog()  # as another thread holds it between taking and querying it
+        assert repo.reindex()["versions"] == 1
+        assert [r["name"] for r in held.query("SELECT name FROM versions")] == ["run"]
+        errors: list[BaseException] = []
+        stop = threading.Event()
+
+        def reader() -> None:
+            while not stop.is_set():
+                try:
+                    repo.query("select m where m.hp.lr > 0.1")
+                    repo.log()
+                except BaseException as exc:  # collected for the assertion
+                    errors.append(exc)
+
+        t = threading.Thread(target=reader)
+        t.start()
+        try:
+            for _ in range(20):
+                repo.reindex()
+        finally:
+            stop.set()
+            t.join()
+        assert not errors, errors[:3]

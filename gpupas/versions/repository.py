@@ -223,9 +223,12 @@ class Repository:
         holds, no table, view or trigger of it survives), removing the temporary catalogs of rebuilds killed
         before theirs was in place (never a running one's); returns the row count of each table."""
         with self._catalog_lock:
-            if self._catalog is not None:
-                self._catalog.close()
-                self._catalog = None
+            if self._catalog is not None:  # in place: another thread may hold it (between catalog() and a query)
+                try:
+                    return self._catalog.rebuild()
+                except BaseException:
+                    self._catalog = None  # its connection is closed: the next use opens the catalog again
+                    raise
             self._catalog = rebuild_catalog(catalog_path(self.location, self.archive.store.local_root), self.records)
             return self._catalog.counts()
 
