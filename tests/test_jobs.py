@@ -347,6 +347,26 @@ def test_a_worker_that_dies_is_reported_with_what_to_do() -> None:
         run(SimpleNamespace(targets=[dask.delayed(os._exit)(3)]), workers=1)
 
 
+def test_workers_that_do_not_see_the_archive_are_named_with_what_to_do(
+        arc: tuple[str, list[dict[str, np.ndarray]]], tmp_path: Path) -> None:
+    """Dask workers that do not see the archive's path (another machine, a container): `gpupas compact --scheduler
+    ADDRESS` said "no archive at /abs/path: it has no zarr.json; create one with `gpupas init /abs/path`" of the
+    archive it had just planned. The task says the job was built on it, and what the workers need."""
+    import shutil
+
+    from gpupas.errors import ArchiveNotFoundError
+
+    path, snaps = arc
+    job = compact_graph(path, TARGET_A)
+    shutil.move(path, tmp_path / "elsewhere")  # where the job's tasks run, nothing is at that path
+    with pytest.raises(ArchiveNotFoundError, match=r"finds no archive at .*which the job was built on: every Dask "
+                                                   r"worker must see the archive") as info:
+        run(job, "sync")
+    assert "gpupas init" not in str(info.value)
+    shutil.move(tmp_path / "elsewhere", path)
+    same_everywhere(path, snaps)
+
+
 @pytest.mark.parametrize("given", ["client", "address"])
 def test_a_job_whose_scheduler_goes_away_is_reported_with_what_to_do(given: str) -> None:
     """The scheduler killed (or the cluster closed, or a user's client closed) while a job ran: the command line

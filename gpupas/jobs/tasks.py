@@ -12,7 +12,14 @@ import os
 from dataclasses import dataclass, replace
 from typing import Any
 
-from gpupas.errors import UNREACHABLE, ConflictError, GpupasError, SnapshotNotFoundError, Unreachable
+from gpupas.errors import (
+    UNREACHABLE,
+    ArchiveNotFoundError,
+    ConflictError,
+    GpupasError,
+    SnapshotNotFoundError,
+    Unreachable,
+)
 from gpupas.format.manifest import FORMAT
 from gpupas.xp import aligned
 
@@ -39,6 +46,20 @@ class ArchiveSpec:
 
         return open_archive(self.location, storage_options=self.storage_options, workers=1, cache_size=cache_size,
                             tier_options=self.tier_options)
+
+
+def _open(spec: ArchiveSpec, cache_size: int = 8) -> Any:
+    """``spec.open`` in a task: an archive the job was built on that the task does not find is said as such (a Dask
+    worker on another machine, or in a container, that does not see the path), not as one to create there."""
+    import socket
+
+    try:
+        return spec.open(cache_size)
+    except ArchiveNotFoundError:
+        raise ArchiveNotFoundError(f"a task of this job, on host {socket.gethostname()}, finds no archive at "
+                                   f"{spec.location}, which the job was built on: every Dask worker must see the "
+                                   "archive at that path (a shared filesystem) or at a URL; run the job on workers "
+                                   "that do, or here (--scheduler local or sync)") from None
 
 
 @dataclass
@@ -88,7 +109,7 @@ def decode_link(spec: ArchiveSpec, sid: str, *inputs: Link) -> Link:
     from gpupas.engine.chain import read_bits
 
     try:
-        with spec.open(cache_size=max(8, len(inputs) + 2)) as a:
+        with _open(spec, max(8, len(inputs) + 2)) as a:
             _feed(a, inputs)
             bits, _ = read_bits(a.store, sid, None, manifests=a.manifest, backend=get_backend("numpy"),
                                 executor=a.executor, cache=a.bases)
@@ -128,7 +149,7 @@ def revise_link(spec: ArchiveSpec, sid: str, base: str | None, why: str, how: Re
     (revision, stored bytes, base) when the job was built: found in that form at a later revision, it was
     revised after the plan, most often by an earlier run of this very task on a worker that died
     (Dask runs it again), and is reported as revised, from the bytes it stored then."""
-    with spec.open(cache_size=max(8, len(inputs) + 2)) as a:
+    with _open(spec, max(8, len(inputs) + 2)) as a:
         _feed(a, inputs)
         for attempt in range(_TRIES):
             try:
@@ -158,6 +179,6 @@ def gc_archive(spec: ArchiveSpec, min_age: float, *after: Any) -> list[dict[str,
     """Delete what nothing needs (see ``Repository.gc``), after the tasks ``after``."""
     from gpupas.versions.repository import Repository
 
-    with spec.open() as a:
+    with _open(spec) as a:
         return Repository(a, own_archive=False).gc(min_age)
 
