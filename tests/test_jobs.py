@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import multiprocessing
 import random
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -345,6 +346,24 @@ def test_a_worker_that_dies_is_reported_with_what_to_do() -> None:
 
     with pytest.raises(GpupasError, match=r"Dask worker died.*fewer workers"):
         run(SimpleNamespace(targets=[dask.delayed(os._exit)(3)]), workers=1)
+
+
+def test_a_lost_scheduler_leaves_no_dask_traceback_on_stderr() -> None:
+    """After the scheduler went away mid-job, distributed's client logged the asyncio.CancelledError of its given-up
+    reconnection and of its close, two tracebacks, after the command line's one error line (which says it all)."""
+    import asyncio
+    import importlib
+    import logging
+
+    run_module = importlib.import_module("gpupas.jobs.run")
+    run_module._quiet_interrupts()
+    log = logging.getLogger("distributed.client")
+    try:
+        raise asyncio.CancelledError
+    except asyncio.CancelledError:
+        record = log.makeRecord(log.name, logging.ERROR, __file__, 0, "", (), sys.exc_info())
+    assert not log.filter(record)
+    assert log.filter(log.makeRecord(log.name, logging.ERROR, __file__, 0, "Failed to reconnect", (), None))
 
 
 def test_workers_that_do_not_see_the_archive_are_named_with_what_to_do(

@@ -90,10 +90,23 @@ class _AllExitFilter(logging.Filter):
         return not (exc is not None and exc.__name__ == "AllExit" and exc.__module__.startswith("distributed"))
 
 
+class _LostSchedulerFilter(logging.Filter):
+    """Drops distributed's client-side tracebacks of ``asyncio.CancelledError`` (its reconnection given up, its
+    close cancelled) after the scheduler went away mid-job: the job's own error says so in one line (see
+    :func:`_gather`), and they only repeated it on stderr, after it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        import asyncio
+
+        exc = record.exc_info[0] if record.exc_info else None
+        return not (exc is not None and issubclass(exc, asyncio.CancelledError))
+
+
 def _quiet_interrupts() -> None:
-    log = logging.getLogger("asyncio")
-    if not any(isinstance(f, _AllExitFilter) for f in log.filters):
-        log.addFilter(_AllExitFilter())
+    for name, kind in (("asyncio", _AllExitFilter), ("distributed.client", _LostSchedulerFilter)):
+        log = logging.getLogger(name)
+        if not any(isinstance(f, kind) for f in log.filters):
+            log.addFilter(kind())
 
 
 CONNECT_S = 30.0  # how long a scheduler address may take to answer
