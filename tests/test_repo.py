@@ -688,6 +688,33 @@ def test_asynchronous_hook_refuses_a_nested_or_wrapper_tensor_at_that_call(tmp_p
 
 
 @needs_torch
+def test_asynchronous_hook_refuses_a_subclass_whose_ops_all_fail_as_a_commit_does(tmp_path: Path) -> None:
+    """A wrapper subclass that implements no op (not even detach, nor the empty slice the call probes it with)
+    raised its own NotImplementedError from the asynchronous hook's call: refused as a synchronous commit
+    refuses it."""
+    import torch
+
+    from gpupas.integrations.training import CheckpointHook
+
+    class Opaque(torch.Tensor):
+        @staticmethod
+        def __new__(cls, shape: tuple[int, ...]) -> Any:
+            return torch.Tensor._make_wrapper_subclass(cls, shape, dtype=torch.float32)  # type: ignore[attr-defined]
+
+        @classmethod
+        def __torch_dispatch__(cls, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+            raise NotImplementedError(f"{func} is not implemented")
+
+    with CheckpointHook(tmp_path / "arc", "run", asynchronous=True) as hook:
+        hook({"w": torch.ones(3)}, step=1)
+        with pytest.raises(UnsupportedDtypeError, match="tensor 'n': a Opaque tensor does not read as plain"):
+            hook({"w": torch.ones(3), "n": Opaque((3, 4))}, step=2)
+        hook({"w": torch.ones(3) * 2}, step=2)
+    v = hook.version
+    assert v is not None and [s["step"] for s in v.snapshots] == [1, 2]
+
+
+@needs_torch
 def test_asynchronous_hook_takes_what_a_synchronous_commit_takes(tmp_path: Path) -> None:
     """A module's non-tensor extra state, a training checkpoint's optimizer state and NumPy scalars: left out
     (or kept) as the synchronous first call does, not refused by every later, asynchronous one."""

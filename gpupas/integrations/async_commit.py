@@ -69,8 +69,9 @@ def _on_cupy_stream(v: Any) -> bool:
 def _probe(v: Any) -> Any:
     """A stand-in for ``v`` that a commit refuses where it refuses ``v``, without its data: ``v`` itself where it has
     none to copy (a meta, sparse, quantized or nested torch tensor; a DTensor, whose slice could be a collective),
-    an empty slice of a torch.Tensor subclass (read through its own ops: a wrapper's data is not plain), else an
-    empty array of its dtype (no other value is checked: copy_state refuses what is not a tensor)."""
+    an empty slice of a torch.Tensor subclass (read through its own ops: a wrapper's data is not plain; ``v`` where
+    they fail), else an empty array of its dtype (no other value is checked: copy_state refuses what is not a
+    tensor)."""
     from gpupas.integrations.torch import is_torch_tensor
 
     if is_torch_tensor(v):
@@ -80,7 +81,10 @@ def _probe(v: Any) -> Any:
                 or type(v).__name__ == "DTensor"):
             return v
         if type(v) not in (torch.Tensor, torch.nn.Parameter):
-            return v.detach()[(slice(0, 0),) * v.dim()] if v.dim() else v.detach()
+            try:
+                return v.detach()[(slice(0, 0),) * v.dim()] if v.dim() else v.detach()
+            except (RuntimeError, TypeError):  # its ops refuse even that: the commit's own read of it says why
+                return v
         return torch.empty(0, dtype=v.dtype)
     return np.empty(0, v.dtype) if isinstance(v, (np.ndarray, np.generic)) else np.empty(0, np.float32)
 
