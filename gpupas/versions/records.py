@@ -128,17 +128,18 @@ class Records:
             if created:
                 return vid
 
-    def update_version(self, vid: int, change: Callable[[Record], None]) -> Record:
-        """Apply ``change`` to version ``vid``'s record atomically (no concurrent update is lost)."""
+    def update_version(self, vid: int, change: Callable[[Record], bool | None]) -> Record:
+        """Apply ``change`` to version ``vid``'s record atomically (no concurrent update is lost); a change that
+        returns False finds nothing to change: the record is left as it is (and returned as read)."""
         result: list[Record] = []
 
-        def apply(old: bytes | None) -> bytes:
+        def apply(old: bytes | None) -> bytes | None:
             if old is None:
                 raise IntegrityError(f"version {vid} disappeared while being updated")
             rec = unseal(old, f"{keys.version(vid)} in {self.location}", required=False, legacy=LEGACY)
-            change(rec)
+            unchanged = change(rec) is False
             result[:] = [rec]
-            return seal(rec)
+            return None if unchanged else seal(rec)
 
         try:
             self.store.update(keys.version(vid), apply)

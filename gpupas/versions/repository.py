@@ -73,10 +73,6 @@ Progress = Callable[[str, int, int], None]
 _TAG_TRIES = 8  # a tag deleted between finding it and reading it is created again, this many times at most
 
 
-class _Unchanged(Exception):
-    """Raised by a record change that finds nothing to change: the record is left as it is."""
-
-
 def _check_distinct(names: list[str]) -> None:
     """Attached file names a checkout can write side by side on every file system: no name twice, none
     equal to another but for case (macOS and Windows see one file), no file where another's folder is."""
@@ -498,17 +494,19 @@ class Repository:
         self._say_if_tagged(name, [vid])
         return Version(self._record(vid))
 
-    def _update(self, ref: str | int | Version, change: Callable[[Record], None],
+    def _update(self, ref: str | int | Version, change: Callable[[Record], bool | None],
                 published: Callable[[], None] | None = None, snapshots: Iterable[str] = ()) -> Version:
         """Apply ``change`` to a version's record and publish it atomically (no concurrent update is lost);
         ``published`` runs as soon as the record is replaced, before anything else can fail; ``snapshots``:
         those the change adds."""
         vid = self.resolve(ref)
 
-        def bump(rec: Record) -> None:
-            change(rec)
+        def bump(rec: Record) -> bool | None:
+            if change(rec) is False:  # nothing to change: the record stays as it is (Records.update_version)
+                return False
             rec["rev"] = int(rec.get("rev", 0)) + 1
             rec["updated"] = now()
+            return None
 
         rec = self.records.update_version(vid, bump)
         if published is not None:
@@ -636,11 +634,11 @@ class Repository:
             return v, []
         gone: list[dict[str, Any]] = []
 
-        def change(rec: Record) -> None:
+        def change(rec: Record) -> bool | None:
             left = [s for s in rec["snapshots"] if s["id"] not in drop]
             gone[:] = [s for s in rec["snapshots"] if s["id"] in drop]
             if not gone:  # dropped meanwhile by another: the record stays as it is
-                raise _Unchanged
+                return False
             if not left and not allow_empty:
                 raise InvalidInputError(f"that drops every snapshot of version {rec['id']} ({len(gone)}); a version "
                                         "without snapshots keeps its metadata only: pass allow_empty=True "
@@ -653,15 +651,13 @@ class Repository:
                 rec["best"] = None
                 if left:
                     _repick(rec, best_by)
+            return None
 
         if dry_run:
             rec = v.to_dict()
             change(rec)
             return Version(rec), gone
-        try:
-            return self._update(v.id, change), gone
-        except _Unchanged:
-            return self.version(v.id), []
+        return self._update(v.id, change), gone
 
     def copy(self, ref: str | int | Version, name: str, *, message: str = "", author: str | None = None) -> Version:
         """Scaffold a new version from ``ref``: same network, hyperparameters, files and latest weights.
